@@ -1,0 +1,49 @@
+"""Every environment switch tritonadam reads, in one place.
+
+Values are read when asked for (not cached at import) so tests and launch scripts can
+change them between runs.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton decides this when a kernel is decorated, so it must be set before
+    ``tritonadam`` is imported.
+    """
+    return _flag("TRITON_INTERPRET")
+
+
+def autotune_mode() -> str | None:
+    """``TRITONADAM_AUTOTUNE``: ``off`` | ``on`` (tune on first use) | ``cache-only``; None = unset."""
+    value = os.environ.get("TRITONADAM_AUTOTUNE")
+    if value is None or value.strip() == "":
+        return None
+    return value.strip().lower()
+
+
+def autotune_budget_s() -> float | None:
+    """``TRITONADAM_AUTOTUNE_BUDGET``: seconds first-use tuning may spend per key; None = default."""
+    value = os.environ.get("TRITONADAM_AUTOTUNE_BUDGET")
+    return float(value) if value else None
+
+
+def autotune_verbose() -> bool:
+    """``TRITONADAM_AUTOTUNE_VERBOSE=1``: print what the tuner does and chooses."""
+    return _flag("TRITONADAM_AUTOTUNE_VERBOSE")
+
+
+def cache_dir() -> str | None:
+    """``TRITONADAM_CACHE_DIR``: where tuned configs live; None = the user's cache directory."""
+    value = os.environ.get("TRITONADAM_CACHE_DIR")
+    return value or None

@@ -1,0 +1,227 @@
+"""Group tensors into launch buckets, keep their device tables, launch the kernels.
+
+``step_tensors`` is what the optimizer classes call each step; ``adam`` and ``adamax``
+are stateless functional forms in the style of ``torch.optim.adam.adam``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import autotune
+from .autotune import LaunchConfig
+from .kernels import Hyper, build_bucket, launch, variant_key
+
+__all__ = ["StepCache", "step_tensors", "adam", "adamax", "local_tensor"]
+
+try:  # torch.distributed may be absent from some builds
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover
+    DTensor = None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel can address: a DTensor's local shard (FSDP2), else t itself."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t._local_tensor
+    return t
+
+
+class StepCache:
+    """Buckets of one param group, reused while the tensors they point at stay put."""
+
+    def __init__(self) -> None:
+        self.signature = None
+        self.buckets: list = []  # (bucket, positions into the group's active tensors)
+
+
+def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode) -> LaunchConfig:
+    if block_size is not None and num_warps is not None:
+        return LaunchConfig(block_size, num_warps)
+
+    def make_runner(config: LaunchConfig, numel: int) -> Callable[[], None]:
+        return make_scratch_runner(
+            kind, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
+            amsgrad=bucket.amsgrad, master=bucket.master, hyper=hyper,
+            config=config, numel=numel, device=bucket.device,
+        )
+
+    extra = {"mode": autotune_mode} if autotune_mode is not None else {}
+    chosen = autotune.select_config(
+        variant_key(kind, bucket, hyper), bucket.numel, bucket.device, make_runner, **extra
+    )
+    return LaunchConfig(
+        block_size if block_size is not None else chosen.block_size,
+        num_warps if num_warps is not None else chosen.num_warps,
+    )
+
+
+def make_scratch_runner(
+    kind: str,
+    *,
+    param_dtype: torch.dtype,
+    grad_dtype: torch.dtype,
+    amsgrad: bool,
+    master: bool,
+    hyper: Hyper,
+    config: LaunchConfig,
+    numel: int,
+    device: torch.device,
+) -> Callable[[], None]:
+    """A callable launching one step of the kernel on fresh scratch buffers (for timing).
+
+    The autotuner times these, never the user's tensors: an in-place step run several
+    times on live tensors would apply the update several times.
+    """
+    state_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    p = torch.randn(numel, device=device).to(param_dtype)
+    g = torch.randn(numel, device=device).to(grad_dtype)
+    m = torch.zeros(numel, dtype=state_dtype, device=device)
+    v = torch.zeros(numel, dtype=state_dtype, device=device)
+    vmax = [torch.zeros_like(v)] if amsgrad else None
+    w = [p.to(state_dtype)] if master else None
+    step = torch.zeros((), dtype=torch.float32, device=device)
+    bucket = build_bucket([p], [m], [v], vmax, w, [step], grad_dtype)
+    bucket.set_grads([g])
+
+    def run() -> None:
+        launch(kind, bucket, hyper, block_size=config.block_size,
+               num_warps=config.num_warps, count=False)
+
+    return run
+
+
+def step_tensors(
+    kind: str,
+    cache: StepCache,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    second: list[torch.Tensor],
+    max_second: list[torch.Tensor] | None,
+    masters: list[torch.Tensor | None],
+    steps: list[torch.Tensor],
+    hyper: Hyper,
+    *,
+    generation: int = 0,
+    block_size: int | None = None,
+    num_warps: int | None = None,
+    autotune_mode: str | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One optimizer step over already validated local tensors (no DTensors).
+
+    ``masters[i]`` is the fp32 master copy of ``params[i]`` or None. Launches once per
+    (device, param dtype, grad dtype, master) bucket.
+    """
+    signature = (
+        generation,
+        tuple(p.data_ptr() for p in params),
+        tuple(g.dtype for g in grads),
+        max_second is not None,
+    )
+    if signature != cache.signature:
+        groups: dict[tuple, list[int]] = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            key = (p.device, p.dtype, g.dtype, masters[i] is not None)
+            groups.setdefault(key, []).append(i)
+        cache.buckets = []
+        for (_, _, g_dtype, has_master), idx in groups.items():
+            bucket = build_bucket(
+                [params[i] for i in idx],
+                [exp_avgs[i] for i in idx],
+                [second[i] for i in idx],
+                [max_second[i] for i in idx] if max_second is not None else None,
+                [masters[i] for i in idx] if has_master else None,
+                [steps[i] for i in idx],
+                g_dtype,
+            )
+            cache.buckets.append((bucket, idx, None))
+        cache.signature = signature
+
+    for n, (bucket, idx, config) in enumerate(cache.buckets):
+        bucket.set_grads([grads[i] for i in idx] if len(idx) != len(grads) else grads)
+        if config is None or (block_size, num_warps) != config[1]:
+            chosen = _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode)
+            config = (chosen, (block_size, num_warps))
+            cache.buckets[n] = (bucket, idx, config)
+        launch(kind, bucket, hyper, block_size=config[0].block_size,
+               num_warps=config[0].num_warps, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _functional(kind, params, grads, exp_avgs, second, max_second, state_steps, masters,
+                hyper, block_size, num_warps, grad_scale, found_inf):
+    local = [local_tensor(t) for t in params]
+    step_tensors(
+        kind, StepCache(), local, [local_tensor(g) for g in grads],
+        [local_tensor(t) for t in exp_avgs], [local_tensor(t) for t in second],
+        [local_tensor(t) for t in max_second] if max_second is not None else None,
+        [local_tensor(t) if t is not None else None for t in masters]
+        if masters is not None else [None] * len(local),
+        list(state_steps), hyper, block_size=block_size, num_warps=num_warps,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def adam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    bias_correction: bool = True,
+    master_params: list[torch.Tensor | None] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    block_size: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Functional Adam/AdamW step, in place, like ``torch.optim.adam.adam``.
+
+    ``state_steps`` are 0-dim float32 tensors on the params' device; state tensors are
+    fp32 (fp64 for fp64 params) with the params' layout. Inputs are not validated here:
+    the optimizer classes do that.
+    """
+    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                  amsgrad, maximize, bias_correction)
+    _functional("adam", params, grads, exp_avgs, exp_avg_sqs,
+                max_exp_avg_sqs if amsgrad else None, state_steps, master_params,
+                hyper, block_size, num_warps, grad_scale, found_inf)
+
+
+def adamax(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_infs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    bias_correction: bool = True,
+    master_params: list[torch.Tensor | None] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    block_size: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Functional AdaMax step, in place, like ``torch.optim.adamax.adamax``."""
+    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, False, False, maximize, bias_correction)
+    _functional("adamax", params, grads, exp_avgs, exp_infs, None, state_steps,
+                master_params, hyper, block_size, num_warps, grad_scale, found_inf)

@@ -1,0 +1,119 @@
+"""AdaMax: Adam with the infinity norm (Kingma & Ba, section 7.1), torch.optim.Adamax's math."""
+import triton
+import triton.language as tl
+
+from .adam import lerp
+from .common import (
+    COL_EXP_AVG,
+    COL_MASTER,
+    COL_PARAM,
+    COL_STATE2,
+    begin_step,
+    end_step,
+    ieee_div,
+    load_ptr,
+    locate_block,
+    one_minus_pow,
+    scalar,
+)
+from .rounding import round_to
+
+
+@triton.jit
+def _adamax_block(
+    p_ptr, g_ptr, m_ptr, u_ptr, w_ptr, offs, mask,
+    w1, beta2, eps, weight_decay, inv_scale, clr,
+    P_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, HAS_WD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+):
+    g = tl.load(g_ptr + offs, mask=mask).to(CDTYPE)
+    if HAS_GRAD_SCALE:
+        g = g * inv_scale
+    if MASTER:
+        p = tl.load(w_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(CDTYPE)
+    m = tl.load(m_ptr + offs, mask=mask)
+    u = tl.load(u_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    if HAS_WD:
+        g = g + weight_decay * p
+    m = lerp(m, g, w1)
+    # torch takes amax over (u * beta2, |g| + eps), which propagates NaN.
+    u = tl.maximum(u * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
+    p = p - ieee_div(clr * m, u)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(u_ptr + offs, u, mask=mask)
+    if MASTER:
+        tl.store(w_ptr + offs, p, mask=mask)
+    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adamax_kernel(
+    table_ptr, grads_ptr, block_map_ptr, counters_ptr,
+    lr_hi, lr_lo, lr_ptr,
+    beta1_hi, beta1_lo, beta1_ptr,
+    beta2_hi, beta2_lo, beta2_ptr,
+    w1_hi, w1_lo, w2_hi, w2_lo,
+    log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+    eps_hi, eps_lo, wd_hi, wd_lo,
+    grad_scale_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, BETAS_ARE_TENSORS: tl.constexpr,
+    HAS_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Same signature as _adam_kernel so one launcher serves both; DECOUPLED_WD and
+    # AMSGRAD are always False here (torch's Adamax has neither).
+    t, row, numel, start = locate_block(table_ptr, block_map_ptr, BLOCK)
+    step_ptr, step, skip = begin_step(row, found_inf_ptr, HAS_FOUND_INF)
+    if not skip:
+        lr = scalar(lr_hi, lr_lo, lr_ptr, LR_IS_TENSOR, CDTYPE)
+        eps = scalar(eps_hi, eps_lo, eps_hi, False, CDTYPE)
+        weight_decay = scalar(wd_hi, wd_lo, wd_hi, False, CDTYPE)
+        if BETAS_ARE_TENSORS:
+            beta1 = tl.load(beta1_ptr).to(CDTYPE)
+            beta2 = tl.load(beta2_ptr).to(CDTYPE)
+            w1 = 1.0 - beta1
+            log_beta1 = tl.log(beta1)
+        else:
+            beta2 = scalar(beta2_hi, beta2_lo, beta2_ptr, False, CDTYPE)
+            w1 = scalar(w1_hi, w1_lo, w1_hi, False, CDTYPE)
+            log_beta1 = scalar(log_beta1_hi, log_beta1_lo, log_beta1_hi, False, CDTYPE)
+        inv_scale = 1.0
+        if HAS_GRAD_SCALE:
+            inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(CDTYPE)
+        if BIAS_CORRECTION:
+            clr = ieee_div(lr, one_minus_pow(log_beta1, step.to(CDTYPE)))
+        else:
+            clr = lr
+
+        p_addr, p_ptr = load_ptr(row, COL_PARAM, P_DTYPE)
+        m_addr, m_ptr = load_ptr(row, COL_EXP_AVG, CDTYPE)
+        u_addr, u_ptr = load_ptr(row, COL_STATE2, CDTYPE)
+        w_addr, w_ptr = load_ptr(row, COL_MASTER, CDTYPE)
+        g_addr = tl.load(grads_ptr + t)
+        g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
+        offs = start + tl.arange(0, BLOCK)
+        aligned = ((p_addr | g_addr | m_addr | u_addr | w_addr) & 15) == 0
+        if aligned & (start + BLOCK <= numel):
+            # See _adam_kernel: hints give 16-byte vector accesses on full aligned blocks.
+            _adamax_block(
+                tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16),
+                tl.multiple_of(m_ptr, 16), tl.multiple_of(u_ptr, 16),
+                tl.multiple_of(w_ptr, 16),
+                tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None,
+                w1, beta2, eps, weight_decay, inv_scale, clr,
+                P_DTYPE, CDTYPE, HAS_WD, MAXIMIZE, MASTER, HAS_GRAD_SCALE,
+            )
+        else:
+            _adamax_block(
+                p_ptr, g_ptr, m_ptr, u_ptr, w_ptr, offs, offs < numel,
+                w1, beta2, eps, weight_decay, inv_scale, clr,
+                P_DTYPE, CDTYPE, HAS_WD, MAXIMIZE, MASTER, HAS_GRAD_SCALE,
+            )
+        end_step(step_ptr, step, counters_ptr, t, numel, BLOCK)

@@ -1,0 +1,535 @@
+"""Adam, AdamW and Adamax as drop-in ``torch.optim`` optimizers backed by Triton kernels.
+
+The classes keep torch.optim's contract (constructor arguments and validation,
+``param_groups`` keys, state keys, ``state_dict``, hooks, LR schedulers, GradScaler)
+and add mixed-precision options: fp16/bf16 params always keep fp32 state, and with
+``master_weights=True`` an fp32 master copy as well.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import _env
+from .functional import StepCache, local_tensor, step_tensors
+from .kernels import KERNELS, Hyper
+
+__all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
+
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_WARPS = (1, 2, 4, 8, 16, 32)
+_AUTOTUNE_MODES = (None, "off", "on", "cache-only")
+
+
+def _interpreted() -> bool:
+    # Triton picks the interpreter when a kernel is decorated, so ask the kernel itself:
+    # setting TRITON_INTERPRET after import has no effect.
+    return type(KERNELS["adam"]).__name__ == "InterpretedFunction"
+
+
+def _is_dense(t: Tensor) -> bool:
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    from torch._prims_common import is_non_overlapping_and_dense
+
+    return is_non_overlapping_and_dense(t)
+
+
+def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class _TritonAdamBase(Optimizer):
+    """Shared machinery: validation, lazy state, state_dict, one launch per bucket."""
+
+    _kind = "adam"
+    _second_key = "exp_avg_sq"
+    _step_supports_amp_scaling = True  # grad_scale / found_inf are handled in the kernel
+
+    def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune):
+        if block_size is not None and (
+            not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)
+        ):
+            raise ValueError(f"Invalid block_size: {block_size} (a power of two >= 16, or None)")
+        if num_warps is not None and num_warps not in _WARPS:
+            raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
+        if autotune not in _AUTOTUNE_MODES:
+            raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
+        for group in self.param_groups:
+            if group.get("differentiable"):
+                raise RuntimeError(
+                    f"tritonadam.{type(self).__name__} does not support differentiable=True: "
+                    f"use torch.optim.{type(self).__name__} to differentiate through the step"
+                )
+        self.bias_correction = bool(bias_correction)
+        self.master_weights = bool(master_weights)
+        self.block_size = block_size
+        self.num_warps = num_warps
+        self.autotune = autotune
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._caches: dict[int, StepCache] = {}
+        self._generation = getattr(self, "_generation", 0) + 1
+
+    _EXTRAS = {
+        "bias_correction": True,
+        "master_weights": False,
+        "block_size": None,
+        "num_warps": None,
+        "autotune": None,
+    }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Device tables hold raw pointers into this optimizer's tensors: never copy them
+        # (a deepcopy would step the original's state).
+        state = super().__getstate__()
+        state.update({k: getattr(self, k, v) for k, v in self._EXTRAS.items()})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        extras = {k: state.pop(k, v) for k, v in self._EXTRAS.items()}
+        super().__setstate__(state)
+        for k, v in extras.items():
+            setattr(self, k, v)
+        self._set_group_defaults()
+        self._reset_caches()
+
+    def _set_group_defaults(self) -> None:
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+
+    # ---- state ---------------------------------------------------------------------
+
+    def _float_state_keys(self, group) -> tuple[str, ...]:
+        keys = ("exp_avg", self._second_key)
+        if group.get("amsgrad", False):
+            keys += ("max_exp_avg_sq",)
+        return keys
+
+    def _uses_master(self, p: Tensor) -> bool:
+        return self.master_weights and p.dtype in _LOW_PRECISION
+
+    def _init_state(self, p: Tensor, group) -> dict:
+        state = self.state[p]
+        sdtype = _state_dtype(p.dtype)
+        created = False
+        if len(state) == 0 or "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
+            created = True
+        for key in self._float_state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                created = True
+        if self._uses_master(p) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+            created = True
+        if created:
+            self._generation += 1
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from this class or from torch.optim's Adam/AdamW/Adamax.
+
+        torch's base class casts floating state to the param dtype; fp32 state of fp16/bf16
+        params is restored at full precision from ``state_dict`` afterwards, and step
+        counts become 0-dim float32 tensors on the param's device.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, p in zip(ids, params):
+            if saved_id not in saved_state or p not in self.state:
+                continue
+            src, dst = saved_state[saved_id], self.state[p]
+            sdtype = _state_dtype(p.dtype)
+            for key, value in src.items():
+                if key == "step":
+                    step = float(value.item() if torch.is_tensor(value) else value)
+                    dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
+                elif torch.is_tensor(value) and value.is_floating_point():
+                    # Same layout as the param: the kernels index param and state alike.
+                    fresh = torch.empty_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                    dst[key] = fresh.copy_(value)
+            if not self._uses_master(p):
+                dst.pop("master_param", None)
+            self._float_state_keys(group_of[id(p)])
+        self._reset_caches()
+
+    # ---- step ----------------------------------------------------------------------
+
+    def _validate(self, p: Tensor, g: Tensor) -> Tensor:
+        """The grad to step with (a dense copy if its layout differs), or raise."""
+        name = type(self).__name__
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(
+                f"{name} does not support sparse gradients, please consider SparseAdam instead"
+            )
+        if torch.is_complex(p) or torch.is_complex(g):
+            raise RuntimeError(
+                f"tritonadam.{name} does not support complex params: step "
+                "torch.view_as_real(param) instead, or use torch.optim"
+            )
+        if p.dtype not in _PARAM_DTYPES or g.dtype not in _PARAM_DTYPES:
+            raise RuntimeError(
+                f"tritonadam.{name} steps float32, float16, bfloat16 and float64 params and "
+                f"grads, got param {p.dtype} with grad {g.dtype}"
+            )
+        lp, lg = local_tensor(p), local_tensor(g)
+        if lg.device != lp.device:
+            raise RuntimeError(
+                f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
+                "params and their grads must be on the same device"
+            )
+        if lg.shape != lp.shape:
+            raise RuntimeError(
+                f"tritonadam.{name}: grad of shape {tuple(lg.shape)} for param of shape "
+                f"{tuple(lp.shape)}"
+            )
+        if lp.device.type == "cpu":
+            if not _interpreted():
+                raise RuntimeError(
+                    f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device: "
+                    "move the model to the GPU, or for a slow CPU check set TRITON_INTERPRET=1 "
+                    "before importing tritonadam"
+                )
+        elif _interpreted():
+            raise RuntimeError(
+                f"tritonadam.{name}: TRITON_INTERPRET=1 runs kernels on the CPU; params on "
+                f"{lp.device} need it unset"
+            )
+        if not _is_dense(lp):
+            raise RuntimeError(
+                f"tritonadam.{name} needs dense params (no gaps or overlaps): got a param "
+                f"with shape {tuple(lp.shape)} and strides {lp.stride()}; make it contiguous"
+            )
+        if lg.stride() != lp.stride() and lp.numel() > 1:
+            return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)  # never write into .grad
+        return lg
+
+    def _hyper(self, group) -> Hyper:
+        beta1, beta2 = group["betas"]
+        return Hyper(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            amsgrad=group.get("amsgrad", False),
+            maximize=group["maximize"],
+            bias_correction=self.bias_correction,
+        )
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check", None
+        )
+        if check is not None:
+            check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Validate every group before touching anything, so a bad grad anywhere leaves
+        # all params and state as they were.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(self._validate(p, p.grad))
+                    params.append(p)
+            if params:
+                work.append((index, group, params, grads))
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group, params, grads in work:
+            states = [self._init_state(p, group) for p in params]
+            amsgrad = group.get("amsgrad", False)
+            cache = self._caches.setdefault(index, StepCache())
+            step_tensors(
+                self._kind,
+                cache,
+                [local_tensor(p) for p in params],
+                grads,
+                [local_tensor(s["exp_avg"]) for s in states],
+                [local_tensor(s[self._second_key]) for s in states],
+                [local_tensor(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
+                [local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
+                [s["step"] for s in states],
+                self._hyper(group),
+                generation=self._generation,
+                block_size=self.block_size,
+                num_warps=self.num_warps,
+                autotune_mode=self.autotune,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+        return loss
+
+
+def _check_lr_betas(lr, betas, foreach, capturable):
+    """torch.optim.Adam's checks and messages, so callers see the same errors."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class Adam(_TritonAdamBase):
+    r"""Adam (and, with ``decoupled_weight_decay=True``, AdamW) with Triton multi-tensor kernels.
+
+    A drop-in replacement for :class:`torch.optim.Adam`: same arguments, defaults,
+    ``param_groups`` keys and state keys (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``), so state dicts move freely between the two.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                    \\
+            &\hspace{5mm} g_t \leftarrow \nabla_{\theta} f_t (\theta_{t-1})
+                \text{ (negated if maximize)}                                               \\
+            &\hspace{5mm}\textbf{if} \: \lambda \neq 0: \textbf{if} \text{ decoupled: }
+                \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+                \textbf{ else } g_t \leftarrow g_t + \lambda\theta_{t-1}                   \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t                \\
+            &\hspace{5mm} v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g^2_t                \\
+            &\hspace{5mm} \widehat{m_t} \leftarrow m_t/(1-\beta_1^t), \;
+                \widehat{v_t} \leftarrow v_t/(1-\beta_2^t)
+                \text{ (or } \max(\widehat{v_t}^{max}, \widehat{v_t}) \text{ with amsgrad)}  \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} - \gamma \widehat{m_t}/
+                \big(\sqrt{\widehat{v_t}} + \epsilon \big)                                  \\
+            &\textbf{return} \: \theta_t
+       \end{aligned}
+
+    Every tensor of a param group is updated by one kernel launch per (device, param
+    dtype, grad dtype) combination; the math runs in fp32 (fp64 for fp64 params).
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
+            differentiable, fused, decoupled_weight_decay: as in :class:`torch.optim.Adam`.
+            ``foreach`` and ``fused`` are accepted and stored for compatibility (every
+            step is fused here); ``differentiable=True`` is not supported. ``lr`` and
+            ``betas`` may be tensors; step counts always live on the params' device, so
+            ``capturable=True`` steps can be captured in CUDA graphs.
+        bias_correction (bool): apply Adam's bias correction (default True); False gives
+            the uncorrected update.
+        master_weights (bool): for fp16/bf16 params keep an fp32 copy in
+            ``state["master_param"]``, step it, and write the param as its rounded copy
+            (default False). Without it, fp16/bf16 params still keep fp32 ``exp_avg`` and
+            ``exp_avg_sq`` and are rounded to nearest even after each step.
+        block_size (int, optional): elements per Triton program; with ``num_warps`` fixes
+            the launch config instead of the autotuned one.
+        num_warps (int, optional): warps per Triton program.
+        autotune (str, optional): ``"on"``, ``"off"`` or ``"cache-only"``; default from
+            ``TRITONADAM_AUTOTUNE`` (tuning on first use on GPUs).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        bias_correction: bool = True,
+        master_weights: bool = False,
+        block_size: int | None = None,
+        num_warps: int | None = None,
+        autotune: str | None = None,
+    ) -> None:
+        _check_lr_betas(lr, betas, foreach, capturable)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i in (0, 1):
+            if isinstance(betas[i], Tensor):
+                if not capturable and foreach:
+                    raise ValueError(
+                        f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                    )
+                if betas[i].numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        # torch keeps 1-element tensor betas as they are but flattens them to 0-dim.
+        betas = tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in betas)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune)
+
+    def _set_group_defaults(self) -> None:
+        super()._set_group_defaults()
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+
+class AdamW(Adam):
+    r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter), Triton kernels.
+
+    A drop-in replacement for :class:`torch.optim.AdamW` (default ``weight_decay=1e-2``);
+    arguments and mixed-precision options as in :class:`tritonadam.Adam`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        bias_correction: bool = True,
+        master_weights: bool = False,
+        block_size: int | None = None,
+        num_warps: int | None = None,
+        autotune: str | None = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            bias_correction=bias_correction, master_weights=master_weights,
+            block_size=block_size, num_warps=num_warps, autotune=autotune,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class Adamax(_TritonAdamBase):
+    r"""AdaMax (Adam with the infinity norm, Kingma & Ba section 7.1) with Triton kernels.
+
+    A drop-in replacement for :class:`torch.optim.Adamax`: same arguments, defaults,
+    ``param_groups`` keys and state keys (``step``, ``exp_avg``, ``exp_inf``).
+
+    .. math::
+       \begin{aligned}
+            &\hspace{5mm} g_t \leftarrow \nabla_{\theta} f_t (\theta_{t-1})
+                \text{ (negated if maximize)} + \lambda\theta_{t-1}                        \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t                \\
+            &\hspace{5mm} u_t \leftarrow \max(\beta_2 u_{t-1}, |g_{t}|+\epsilon)            \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} - \frac{\gamma m_t}{(1-\beta^t_1) u_t}
+       \end{aligned}
+
+    Args:
+        params, lr, betas, eps, weight_decay, foreach, maximize, differentiable,
+            capturable: as in :class:`torch.optim.Adamax`.
+        bias_correction, master_weights, block_size, num_warps, autotune: as in
+            :class:`tritonadam.Adam`.
+    """
+
+    _kind = "adamax"
+    _second_key = "exp_inf"
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        bias_correction: bool = True,
+        master_weights: bool = False,
+        block_size: int | None = None,
+        num_warps: int | None = None,
+        autotune: str | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        super().__init__(params, defaults)
+        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune)
+
+
+AdaMax = Adamax
