@@ -51,7 +51,9 @@ def scalar(hi, lo, ptr, IS_TENSOR: tl.constexpr, CDTYPE: tl.constexpr):
     if IS_TENSOR:
         return tl.load(ptr).to(CDTYPE)
     elif CDTYPE == tl.float64:
-        return hi.to(tl.float64) + lo.to(tl.float64)
+        # Widen before adding ('+' of two fp32 scalars would round away lo).
+        zero = tl.zeros((), dtype=tl.float64)
+        return (zero + hi) + lo
     else:
         return hi
 

@@ -1,0 +1,47 @@
+"""Shared builders for the optimizer tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import tritonadam
+
+# Interpreter programs cost ~1 ms each whatever their size, so tests use big blocks;
+# shape tests pick sizes around this block.
+BLOCK = 1024
+LAUNCH = {"block_size": BLOCK, "num_warps": 4}
+
+PAIRS = {
+    "Adam": (tritonadam.Adam, torch.optim.Adam),
+    "AdamW": (tritonadam.AdamW, torch.optim.AdamW),
+    "Adamax": (tritonadam.Adamax, torch.optim.Adamax),
+}
+
+# Odd sizes around the block, 0-dim and empty tensors, a 2-D and a 3-D param.
+SHAPES = [(), (1,), (7,), (0,), (BLOCK - 1,), (BLOCK,), (BLOCK + 1,), (4097,), (3, 5), (2, 0, 3), (4, 3, 50)]
+
+
+def make_params(shapes, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float32).to(dtype).to(device))
+        for s in shapes
+    ]
+
+
+def clone_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def kwargs_copy(kwargs):
+    return {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in kwargs.items()}
+
+
+def random_grads(params, gen, dtype=None, scale=1.0):
+    return [
+        (torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale)
+        .to(dtype or p.dtype)
+        .to(p.device)
+        for p in params
+    ]

@@ -1,0 +1,104 @@
+"""A plain-torch fp32 (or fp64) Adam/AdaMax step in the kernels' exact op order.
+
+Used to check fp16/bf16 params bit for bit: the reference keeps fp32 math, rounds the
+param to its dtype with torch's own round-to-nearest-even after every step, and the
+kernel must produce the same bits. The per-tensor scalars (bias corrections) are
+computed with numpy in the same precision and formula as the kernel's prologue, so the
+comparison tests the elementwise update and the rounding, where bugs live.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _np(dtype: torch.dtype):
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def one_minus_pow(log_beta, step, f):
+    """The kernel's 1 - beta**step (Kahan's expm1 from exp and log), in numpy type f."""
+    x = f(step) * f(log_beta)
+    u = f(np.exp(x))
+    um1 = f(u - f(1.0))
+    if u == 1.0:
+        expm1 = x
+    elif um1 == -1.0:
+        expm1 = f(-1.0)
+    else:
+        expm1 = f(f(um1 * x) / f(np.log(u)))
+    return f(-expm1)
+
+
+def lerp(start, end, weight):
+    diff = end - start
+    if weight < 0.5:
+        return start + weight * diff
+    return end - diff * (1.0 - weight)
+
+
+class Reference:
+    """State of one param stepped in high precision (the kernel's compute dtype)."""
+
+    def __init__(self, param: torch.Tensor, kind: str, master: bool = False, amsgrad: bool = False):
+        self.dtype = param.dtype
+        self.cdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        self.kind = kind
+        self.master = master and param.dtype in (torch.float16, torch.bfloat16)
+        self.amsgrad = amsgrad
+        self.w = param.detach().to(self.cdtype).clone()
+        self.p = param.detach().clone()
+        self.m = torch.zeros_like(self.w)
+        self.v = torch.zeros_like(self.w)
+        self.vmax = torch.zeros_like(self.w)
+        self.step = 0
+
+    def update(self, grad, lr, beta1, beta2, eps, weight_decay, decoupled=False,
+               maximize=False, bias_correction=True):
+        f = _np(self.cdtype)
+        c = self.cdtype
+        self.step += 1
+        g = grad.detach().to(c)
+        p = self.w if self.master else self.p.to(c)
+        s = lambda x: torch.tensor(f(x), dtype=c)  # noqa: E731  a scalar in compute dtype
+        w1, w2 = s(1.0 - beta1), s(1.0 - beta2)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            if decoupled:
+                p = p * (s(1.0) - s(lr) * s(weight_decay))
+            else:
+                g = g + s(weight_decay) * p
+        self.m = lerp(self.m, g, w1)
+        log_b1 = math.log(beta1) if beta1 > 0 else -math.inf
+        if self.kind == "adam":
+            self.v = self.v * s(beta2) + w2 * g * g
+            vhat = self.v
+            if self.amsgrad:
+                self.vmax = torch.maximum(self.vmax, self.v)
+                vhat = self.vmax
+            # Correctly rounded sqrt, like the kernel's sqrt_rn: torch's fp32 CPU sqrt is
+            # off by one ulp in ~0.6% of elements on this machine; through fp64 it is exact.
+            denom = vhat.double().sqrt().to(c) if c == torch.float32 else vhat.sqrt()
+            if bias_correction:
+                log_b2 = math.log(beta2) if beta2 > 0 else -math.inf
+                bc1 = one_minus_pow(log_b1, self.step, f)
+                bc2_sqrt = f(np.sqrt(one_minus_pow(log_b2, self.step, f)))
+                step_size = f(f(lr) / bc1)
+                # A full tensor, not a 0-dim one: torch divides by a CPU scalar as a
+                # multiply by its reciprocal, which is not IEEE division.
+                denom = denom / torch.full_like(denom, float(bc2_sqrt))
+            else:
+                step_size = f(lr)
+            denom = denom + s(eps)
+            p = p - (s(step_size) * self.m) / denom
+        else:
+            self.v = torch.maximum(self.v * s(beta2), g.abs() + s(eps))
+            clr = f(f(lr) / one_minus_pow(log_b1, self.step, f)) if bias_correction else f(lr)
+            p = p - (s(clr) * self.m) / self.v
+        if self.master:
+            self.w = p
+        self.p = p.to(self.dtype)
+        return self.p

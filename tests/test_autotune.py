@@ -1,0 +1,598 @@
+"""The autotuner's logic on CPU: a fake GPU (injected timer, clock and device info) drives
+the choice, the budget, the modes and the disk cache. Nothing here times the interpreter."""
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from tritonadam import autotune
+from tritonadam.autotune import (
+    DEFAULTS,
+    GPU_DEFAULT,
+    INTERPRETER_DEFAULT,
+    AutotuneCacheWarning,
+    DeviceInfo,
+    DiskCache,
+    LaunchConfig,
+    Tuner,
+    arch_default,
+    candidate_configs,
+    config_space,
+    entry_key,
+    size_bucket,
+)
+from tritonadam.autotune.cache import FORMAT, FORMAT_VERSION
+from tritonadam.autotune.configs import space_hash, space_id
+
+FAKE_H100 = DeviceInfo(backend="cuda", name="Fake H100 80GB HBM3", arch="sm_90", capability="9.0", num_sms=132)
+KEY = ("adam", "decoupled=1", "amsgrad=0", "master=0", "p=float32", "g=float32", "s=float32")
+KEY2 = ("adam", "decoupled=1", "amsgrad=0", "master=1", "p=bfloat16", "g=bfloat16", "s=float32")
+CPU = torch.device("cpu")
+BEST = LaunchConfig(8192, 16)
+
+
+def prefer(target: LaunchConfig):
+    """Fake kernel times: 1 ms at ``target``, slower the further a config is from it."""
+
+    def times(c: LaunchConfig) -> float:
+        return (
+            1.0
+            + 0.1 * abs(math.log2(c.block_size / target.block_size))
+            + 0.03 * abs(math.log2(c.num_warps / target.num_warps))
+        )
+
+    return times
+
+
+class FakeGPU:
+    """An injected timer and clock. Each timing advances the fake clock by ``cost_s``."""
+
+    def __init__(self, times=prefer(BEST), cost_s: float = 0.5):
+        self.times = times
+        self.cost_s = cost_s
+        self.now = 0.0
+        self.timed: list[LaunchConfig] = []
+        self.runners: list[tuple[LaunchConfig, int]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def timer(self, fn) -> float:
+        self.now += self.cost_s
+        self.timed.append(fn.config)
+        return self.times(fn.config)
+
+    def make_runner(self, config: LaunchConfig, numel: int):
+        self.runners.append((config, numel))
+
+        def run():
+            raise AssertionError("the fake timer never runs kernels")
+
+        run.config = config
+        return run
+
+
+def make_tuner(cache_dir, fake: FakeGPU, **kw) -> Tuner:
+    kw.setdefault("device_info", lambda d: FAKE_H100)
+    kw.setdefault("free_bytes", lambda d: None)
+    kw.setdefault("stream", io.StringIO())
+    return Tuner(timer=fake.timer, clock=fake.clock, cache=DiskCache(cache_dir), time_any_device=True, **kw)
+
+
+def cache_file(tuner: Tuner):
+    return tuner.cache.path(tuner.identity(FAKE_H100))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("TRITONADAM_AUTOTUNE", "TRITONADAM_AUTOTUNE_BUDGET", "TRITONADAM_AUTOTUNE_VERBOSE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- config space, pruning, buckets ---------------------------------------------------
+
+
+def test_cuda_space_is_deterministic_and_obeys_elements_per_thread():
+    space = config_space("cuda")
+    assert space == sorted(space) == config_space("cuda")
+    assert {c.block_size for c in space} == {2**k for k in range(9, 15)}
+    assert {c.num_warps for c in space} == {1, 2, 4, 8, 16}
+    for c in space:
+        assert 4 <= c.block_size / (32 * c.num_warps) <= 64, c
+        assert not c.persistent
+    assert LaunchConfig(512, 8) not in space  # 2 elements per thread: no 16-byte vectors
+    assert LaunchConfig(4096, 1) not in space  # 128 elements per thread: spills
+    assert GPU_DEFAULT in space
+    assert len(space) == len(set(space)) == 21
+
+
+def test_rocm_space_is_kept_apart():
+    hip = config_space("hip")
+    assert max(c.num_warps for c in hip) == 8
+    for c in hip:
+        assert 4 <= c.block_size / (64 * c.num_warps) <= 64, c
+    assert hip != config_space("cuda")
+    assert space_hash("hip") != space_hash("cuda")
+    assert space_hash("cuda") == space_hash("cuda")
+    assert space_id("cuda") != space_id("cuda", allow_persistent=True)
+    with pytest.raises(ValueError, match="backend"):
+        config_space("metal")
+
+
+def test_persistent_configs_only_when_allowed():
+    assert not any(c.persistent for c in config_space("cuda"))
+    both = config_space("cuda", allow_persistent=True)
+    assert {c for c in both if not c.persistent} == set(config_space("cuda"))
+    assert sum(c.persistent for c in both) == 21
+    # One wave of blocks or less: a persistent grid is the same launch, so it is pruned.
+    small = candidate_configs("cuda", 2**16, num_sms=132, allow_persistent=True)
+    assert not any(c.persistent for c in small)
+    big = candidate_configs("cuda", 2**27, num_sms=132, allow_persistent=True)
+    assert any(c.persistent for c in big)
+    # Without the SM count, waves cannot be counted: no persistent candidates.
+    assert not any(c.persistent for c in candidate_configs("cuda", 2**27, allow_persistent=True))
+
+
+def test_pruning_drops_blocks_larger_than_the_launch():
+    cands = candidate_configs("cuda", 5000)  # rounds up to 8192
+    assert {c.block_size for c in cands} == {512, 1024, 2048, 4096, 8192}
+    assert {c.block_size for c in candidate_configs("cuda", 3)} == {512}
+
+
+def test_pruning_drops_blocks_that_leave_most_sms_idle():
+    # 2**20 elements on 132 SMs: 16384-element blocks give 64 programs (< 66), pruned.
+    cands = candidate_configs("cuda", 2**20, num_sms=132)
+    assert max(c.block_size for c in cands) == 8192
+    # Too small to fill anything: only the smallest block is left.
+    assert {c.block_size for c in candidate_configs("cuda", 4096, num_sms=132)} == {512}
+    # Large launches keep the whole space.
+    assert set(candidate_configs("cuda", 2**27, num_sms=132)) == set(config_space("cuda"))
+
+
+def test_candidates_start_at_the_default_then_its_neighbours():
+    cands = candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
+    assert cands[0] == GPU_DEFAULT
+    d = [abs(math.log2(c.block_size / 4096)) + abs(math.log2(c.num_warps / 8)) for c in cands]
+    assert d == sorted(d)
+    assert cands == candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "numel, bucket",
+    [(0, 12), (1, 12), (4096, 12), (4097, 13), (2**20, 20), (2**20 + 1, 21), (10**6, 20), (2**27, 27), (2**40, 27)],
+)
+def test_size_buckets(numel, bucket):
+    assert size_bucket(numel) == bucket
+
+
+def test_entry_keys_name_key_and_bucket():
+    assert entry_key(KEY, 20) == "adam|decoupled=1|amsgrad=0|master=0|p=float32|g=float32|s=float32|n<=2^20"
+    assert entry_key(("x", 3), 12) == "x|3|n<=2^12"
+
+
+def test_launch_config_stays_compatible():
+    c = LaunchConfig(4096, 8)
+    assert c.as_dict() == {"block_size": 4096, "num_warps": 8}
+    assert c == LaunchConfig(block_size=4096, num_warps=8, persistent=False)
+    assert LaunchConfig.from_json(c.to_json()) == c
+    for bad in ({"block_size": 4096.0, "num_warps": 8}, {"block_size": True, "num_warps": 8},
+                {"block_size": 4096}, {"block_size": 4096, "num_warps": 8, "evil": 1}, [4096, 8], "4096"):
+        assert LaunchConfig.from_json(bad) is None, bad
+
+
+def test_select_config_signature():
+    sig = inspect.signature(autotune.select_config)
+    assert list(sig.parameters)[:4] == ["key", "numel", "device", "make_runner"]
+    for name in ("mode", "source_hash", "bytes_per_elem", "allow_persistent"):
+        assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert sig.parameters[name].default in (None, False)
+
+
+# --- defaults table -------------------------------------------------------------------
+
+
+def test_defaults_are_honestly_unmeasured():
+    for row in DEFAULTS:
+        assert row.provenance is None and row.status == "unmeasured default", row
+        assert "unmeasured" in row.note
+        assert row.config in config_space(row.backend), row
+    assert arch_default("cuda", "sm_90").arch == "sm_90"
+    assert arch_default("cuda", "sm_75").arch == "*"  # generic fallback
+    assert arch_default("hip", "gfx942").arch == "gfx942"
+    assert arch_default("hip", "gfx1100").config in config_space("hip")
+
+
+def test_default_config_on_cpu_and_interpreter():
+    assert autotune.default_config(CPU) == INTERPRETER_DEFAULT
+    assert autotune.default_config(torch.device("cuda")) in (INTERPRETER_DEFAULT, GPU_DEFAULT)
+
+
+# --- choosing ---------------------------------------------------------------------------
+
+
+def test_picks_the_fastest_config_and_records_the_runner_up(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    cfg = tuner.select(KEY, 1_000_000, CPU, fake.make_runner, bytes_per_elem=28)
+    assert cfg == BEST
+    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    assert fake.timed == cands  # every candidate timed, in order, default first
+    assert {n for _, n in fake.runners} == {2**20}  # the bucket's representative size
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]
+    assert LaunchConfig.from_json(entry["config"]) == BEST
+    assert entry["time_ms"] == 1.0
+    assert entry["gbps"] == pytest.approx(28 * 2**20 / 1e-3 / 1e9)
+    ru = LaunchConfig.from_json(entry["runner_up"]["config"])
+    assert ru != BEST and entry["runner_up"]["time_ms"] == min(prefer(BEST)(c) for c in cands if c != BEST)
+    assert entry["default"]["config"] == GPU_DEFAULT.to_json()
+    assert entry["measured"]["complete"] is True and entry["measured"]["how"] == "first use"
+    assert entry["measured"]["configs_timed"] == len(cands)
+
+
+def test_ties_go_to_the_config_closer_to_the_default(tmp_path):
+    fake = FakeGPU(times=lambda c: 1.0)
+    assert make_tuner(tmp_path, fake).select(KEY, 2**22, CPU, fake.make_runner) == GPU_DEFAULT
+
+
+def test_second_call_is_a_memory_hit_and_a_new_process_reads_the_disk(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner) == BEST
+    n = len(fake.timed)
+    assert tuner.select(KEY, 900_000, CPU, fake.make_runner) == BEST  # same bucket
+    assert len(fake.timed) == n
+    fake2 = FakeGPU(times=prefer(LaunchConfig(1024, 2)))
+    fresh = make_tuner(tmp_path, fake2)  # "another process": same disk, empty memory
+    assert fresh.select(KEY, 2**20, CPU, fake2.make_runner) == BEST
+    assert fake2.timed == [] and fake2.runners == []
+    assert fresh.choices()[-1].source == "disk cache"
+    # Another bucket is another entry.
+    assert fresh.select(KEY, 2**24, CPU, fake2.make_runner) == LaunchConfig(1024, 2)
+    assert fake2.timed
+
+
+def test_entries_are_per_key_and_source_hash(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner, source_hash="aaaa")
+    n = len(fake.timed)
+    tuner.select(KEY2, 2**20, CPU, fake.make_runner, source_hash="aaaa")
+    assert len(fake.timed) == 2 * n
+    tuner.select(KEY, 2**20, CPU, fake.make_runner, source_hash="bbbb")  # edited kernels
+    assert len(fake.timed) == 3 * n
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(names) == 2  # one file per kernel source hash
+    a = tuner.cache.path(tuner.identity(FAKE_H100, "aaaa"))
+    assert set(json.loads(a.read_text())["entries"]) == {entry_key(KEY, 20), entry_key(KEY2, 20)}
+
+
+def test_empty_launch_is_never_tuned(tmp_path):
+    fake = FakeGPU()
+    make_tuner(tmp_path, fake).select(KEY, 0, CPU, fake.make_runner)
+    assert fake.runners == []
+
+
+# --- budget -----------------------------------------------------------------------------
+
+
+def test_budget_stops_timing_and_keeps_the_best_measured(tmp_path):
+    fake = FakeGPU(cost_s=3.0)
+    tuner = make_tuner(tmp_path, fake, budget_s=10)
+    cfg = tuner.select(KEY, 2**24, CPU, fake.make_runner)
+    assert len(fake.timed) == 3  # a 4th would end at 12 s > 10 s
+    assert fake.now <= 10
+    assert cfg == min(fake.timed, key=prefer(BEST))
+    assert fake.timed[0] == GPU_DEFAULT
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 24)]
+    assert entry["measured"]["complete"] is False and entry["measured"]["budget_s"] == 10
+
+
+def test_budget_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", "4")
+    fake = FakeGPU(cost_s=1.0)
+    make_tuner(tmp_path, fake).select(KEY, 2**24, CPU, fake.make_runner)
+    assert len(fake.timed) == 4
+
+
+def test_zero_budget_still_measures_the_default(tmp_path):
+    fake = FakeGPU()
+    assert make_tuner(tmp_path, fake, budget_s=0).select(KEY, 2**24, CPU, fake.make_runner) == GPU_DEFAULT
+    assert fake.timed == [GPU_DEFAULT]
+
+
+# --- failures and memory ------------------------------------------------------------------
+
+
+def test_failing_configs_are_skipped(tmp_path):
+    fake = FakeGPU()
+    make = fake.make_runner
+
+    def flaky(config, numel):
+        if config == BEST:
+            raise RuntimeError("out of resource: shared memory")
+        return make(config, numel)
+
+    cfg = make_tuner(tmp_path, fake).select(KEY, 2**20, CPU, flaky)
+    assert cfg != BEST and cfg == min(fake.timed, key=prefer(BEST))
+
+
+def test_nothing_timeable_gives_the_default_and_caches_nothing(tmp_path):
+    fake = FakeGPU(times=lambda c: float("nan"))
+    tuner = make_tuner(tmp_path, fake)
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner) == GPU_DEFAULT
+    assert not cache_file(tuner).exists()
+    assert tuner.choices()[-1].source == "default (tuning failed)"
+
+
+def test_out_of_memory_halves_the_scratch_size(tmp_path):
+    fake = FakeGPU()
+
+    def hungry(config, numel):
+        if numel > 2**18:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fake.make_runner(config, numel)
+
+    tuner = make_tuner(tmp_path, fake)
+    tuner.select(KEY, 2**22, CPU, hungry)
+    assert {n for _, n in fake.runners} == {2**18}
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 22)]
+    assert entry["numel_timed"] == 2**18
+
+
+def test_scratch_memory_is_capped(tmp_path):
+    fake = FakeGPU()
+    t = make_tuner(tmp_path, fake, max_scratch_bytes=32 * 2**20)
+    assert t.scratch_numel(25, CPU, None) == 2**20  # 32 B/elem assumed when unknown
+    assert t.scratch_numel(25, CPU, 16) == 2**21
+    assert t.scratch_numel(12, CPU, 16) == 2**12
+    t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**30)  # a quarter of 1 GiB free
+    assert t.scratch_numel(27, CPU, 32) == 2**23
+    t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**10)
+    assert t.scratch_numel(27, CPU, 32) == 0
+    assert t.select(KEY, 2**27, CPU, fake.make_runner) == GPU_DEFAULT and fake.runners == []
+
+
+# --- modes and devices ------------------------------------------------------------------
+
+
+def test_cpu_and_interpreter_never_tune(tmp_path, monkeypatch):
+    def boom(config, numel):
+        raise AssertionError("make_runner must not be called on CPU")
+
+    tuner = Tuner(cache=DiskCache(tmp_path), stream=io.StringIO())
+    assert tuner.select(KEY, 2**20, CPU, boom) == INTERPRETER_DEFAULT
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tuner.select(KEY, 2**20, torch.device("cuda"), boom) == INTERPRETER_DEFAULT
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE", "on")
+    assert tuner.select(KEY2, 2**20, CPU, boom) == INTERPRETER_DEFAULT
+    assert list(tmp_path.iterdir()) == []
+    assert all("not timed" in c.source for c in tuner.choices())
+    # The process-wide entry point too.
+    assert autotune.select_config(KEY, 2**20, CPU, boom) == INTERPRETER_DEFAULT
+
+
+def test_mode_off_uses_the_architecture_default(tmp_path, monkeypatch):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner, mode="off") == arch_default("cuda", "sm_90").config
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE", "off")
+    assert tuner.select(KEY2, 2**20, CPU, fake.make_runner) == arch_default("cuda", "sm_90").config
+    assert fake.runners == [] and not cache_file(tuner).exists()
+    assert "unmeasured default" in tuner.choices()[-1].source
+    # The keyword wins over the environment.
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner, mode="on") == BEST
+
+
+def test_cache_only_never_times(tmp_path, monkeypatch):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner, mode="cache-only") == GPU_DEFAULT
+    assert fake.runners == []
+    make_tuner(tmp_path, fake).select(KEY, 2**20, CPU, fake.make_runner)  # another run tunes
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE", "cache-only")
+    fake2 = FakeGPU()
+    assert make_tuner(tmp_path, fake2).select(KEY, 2**20, CPU, fake2.make_runner) == BEST
+    assert fake2.runners == []
+
+
+@pytest.mark.parametrize("mode", ["fast", "auto", ""])
+def test_invalid_modes_are_refused(tmp_path, monkeypatch, mode):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    if mode:
+        with pytest.raises(ValueError, match="off, on, cache-only"):
+            tuner.select(KEY, 2**20, CPU, fake.make_runner, mode=mode)
+        monkeypatch.setenv("TRITONADAM_AUTOTUNE", mode)
+        with pytest.raises(ValueError, match="TRITONADAM_AUTOTUNE"):
+            tuner.select(KEY, 2**20, CPU, fake.make_runner)
+    else:
+        monkeypatch.setenv("TRITONADAM_AUTOTUNE", mode)  # empty = unset = on
+        assert tuner.select(KEY, 2**20, CPU, fake.make_runner) == BEST
+
+
+# --- the disk cache under damage ------------------------------------------------------------
+
+
+def _count_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [w for w in caught if issubclass(w.category, AutotuneCacheWarning)]
+
+
+def _valid_file(tuner: Tuner, tmp_path) -> dict:
+    fake = FakeGPU()
+    other = make_tuner(tmp_path, fake)
+    other.select(KEY, 2**20, CPU, fake.make_runner)
+    other.select(KEY2, 2**20, CPU, fake.make_runner)
+    return json.loads(cache_file(other).read_text())
+
+
+def _damage_truncate(path):
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def _damage_garbage(path):
+    path.write_bytes(b"\x80\x04\x95 not json, and never unpickled \x00\xff")
+
+
+def _damage_format(path):
+    obj = json.loads(path.read_text())
+    obj["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(obj))
+
+
+def _damage_identity(path):
+    obj = json.loads(path.read_text())
+    obj["identity"]["triton"] = "2.0.0"
+    path.write_text(json.dumps(obj))
+
+
+def _damage_list(path):
+    path.write_text("[1, 2, 3]")
+
+
+@pytest.mark.parametrize(
+    "damage", [_damage_truncate, _damage_garbage, _damage_format, _damage_identity, _damage_list],
+    ids=["truncated", "corrupt", "stale-format", "stale-identity", "not-an-object"],
+)
+def test_bad_file_gives_one_warning_and_a_retune(tmp_path, damage):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    _valid_file(tuner, tmp_path)
+    path = cache_file(tuner)
+    damage(path)
+
+    def both():
+        return (
+            tuner.select(KEY, 2**20, CPU, fake.make_runner),
+            tuner.select(KEY2, 2**20, CPU, fake.make_runner),
+        )
+
+    (a, b), caught = _count_warnings(both)
+    assert a == b == BEST
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert str(path) in str(caught[0].message)
+    assert len(fake.timed) == 2 * len(candidate_configs("cuda", 2**20, num_sms=132))  # both re-tuned
+    obj = json.loads(path.read_text())  # rewritten whole and valid
+    assert obj["format"] == FORMAT and obj["identity"] == tuner.identity(FAKE_H100).to_json()
+    assert set(obj["entries"]) == {entry_key(KEY, 20), entry_key(KEY2, 20)}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("config", {"block_size": 3000, "num_warps": 8}),
+        ("config", {"block_size": 512, "num_warps": 16}),  # outside the space
+        ("config", {"block_size": 4096.0, "num_warps": 8}),
+        ("config", "__import__('os').system('echo pwned')"),
+        ("time_ms", float("nan")),
+        ("time_ms", -1.0),
+        ("bucket", 99),
+        ("runner_up", {"config": {"block_size": 7, "num_warps": 8}, "time_ms": 1.0}),
+    ],
+)
+def test_invalid_entries_are_ignored_and_retuned(tmp_path, field, value):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    obj = _valid_file(tuner, tmp_path)
+    obj["entries"][entry_key(KEY, 20)][field] = value
+    cache_file(tuner).write_text(json.dumps(obj))
+    (a, b), caught = _count_warnings(
+        lambda: (tuner.select(KEY, 2**20, CPU, fake.make_runner), tuner.select(KEY2, 2**20, CPU, fake.make_runner))
+    )
+    assert a == b == BEST
+    assert len(caught) == 1 and "invalid entr" in str(caught[0].message)
+    assert set(fake.timed)  # KEY re-tuned ...
+    assert len(fake.timed) == len(candidate_configs("cuda", 2**20, num_sms=132))  # ... KEY2 read from disk
+
+
+def test_entries_tuned_over_another_space_are_retuned_silently(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    tuner.select(KEY, 2**27, CPU, fake.make_runner)
+    n = len(fake.timed)
+    fresh = make_tuner(tmp_path, fake)
+    (_, caught) = _count_warnings(lambda: fresh.select(KEY, 2**27, CPU, fake.make_runner, allow_persistent=True))
+    assert caught == [] and len(fake.timed) > n
+    assert any(c.persistent for c in fake.timed[n:])
+
+
+def test_unwritable_cache_warns_once_and_keeps_the_choice(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    fake = FakeGPU()
+    tuner = make_tuner(blocker, fake)
+    (cfgs, caught) = _count_warnings(
+        lambda: [tuner.select(KEY, 2**20, CPU, fake.make_runner), tuner.select(KEY2, 2**20, CPU, fake.make_runner),
+                 tuner.select(KEY, 2**20, CPU, fake.make_runner)]
+    )
+    assert cfgs == [BEST] * 3
+    assert len(caught) == 1 and "could not write" in str(caught[0].message)
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(tmp_path / "here"))
+    assert DiskCache().directory == tmp_path / "here"
+    monkeypatch.delenv("TRITONADAM_CACHE_DIR")
+    assert DiskCache().directory.name == "autotune" and "tritonadam" in str(DiskCache().directory)
+
+
+def test_file_is_readable_json_with_identity(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner, bytes_per_elem=16)
+    path = cache_file(tuner)
+    assert "fake-h100-80gb-hbm3" in path.name and "cuda9.0" in path.name and "triton" in path.name
+    obj = json.loads(path.read_text())
+    ident = obj["identity"]
+    assert ident["gpu"] == FAKE_H100.name and ident["capability"] == "9.0"
+    assert ident["config_space_hash"] == space_hash("cuda")
+    import triton
+
+    assert ident["triton"] == triton.__version__
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [path.name]  # no temp files left
+
+
+# --- saying what it does ---------------------------------------------------------------------
+
+
+def test_verbose_prints_every_timing_and_choices_are_listed(tmp_path):
+    fake = FakeGPU()
+    out = io.StringIO()
+    tuner = make_tuner(tmp_path, fake, verbose=True, stream=out)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner, bytes_per_elem=28)
+    text = out.getvalue()
+    assert "tuning adam|" in text and "budget" in text
+    assert text.count(" ms") >= len(fake.timed)
+    assert "picked block=8192 warps=16" in text
+    table = autotune.format_choices(tuner.choices())
+    assert "block=8192 warps=16" in table and "tuned" in table and "2^20" in table
+
+
+def test_quiet_mode_still_announces_tuning(tmp_path):
+    fake = FakeGPU()
+    out = io.StringIO()
+    make_tuner(tmp_path, fake, verbose=False, stream=out).select(KEY, 2**20, CPU, fake.make_runner)
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2 and "tuning" in lines[0] and "picked" in lines[1]
+
+
+def test_process_wide_tuner_can_be_swapped(tmp_path):
+    fake = FakeGPU()
+    old = autotune.set_tuner(make_tuner(tmp_path, fake))
+    try:
+        assert autotune.select_config(KEY, 2**20, CPU, fake.make_runner) == BEST
+        assert autotune.choices()[-1].config == BEST
+        buf = io.StringIO()
+        autotune.print_choices(file=buf)
+        assert "block=8192" in buf.getvalue()
+    finally:
+        autotune.set_tuner(old)

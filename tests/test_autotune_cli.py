@@ -1,0 +1,147 @@
+"""``python -m tritonadam.autotune`` on a temporary cache directory (subprocesses)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonadam.autotune import DeviceInfo, DiskCache, LaunchConfig, Tuner, entry_key
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_GPU = DeviceInfo(backend="cuda", name="Fake H100 80GB HBM3", arch="sm_90", capability="9.0", num_sms=132)
+KEYS = [
+    ("adam", "decoupled=1", "amsgrad=0", "master=0", "p=float32", "g=float32", "s=float32"),
+    ("adamax", "decoupled=0", "amsgrad=0", "master=1", "p=bfloat16", "g=bfloat16", "s=float32"),
+]
+BEST = LaunchConfig(8192, 16)
+
+
+def cli(*args, cache_dir, check=True):
+    env = dict(os.environ, TRITONADAM_CACHE_DIR=str(cache_dir))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tritonadam.autotune", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def populate(cache_dir) -> Path:
+    def timer(fn):
+        return 1.0 if fn.config == BEST else 1.5 + fn.config.num_warps / 100
+
+    def make_runner(config, numel):
+        run = lambda: None  # noqa: E731
+        run.config = config
+        return run
+
+    tuner = Tuner(
+        timer=timer, cache=DiskCache(cache_dir), device_info=lambda d: FAKE_GPU,
+        free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(),
+    )
+    for key in KEYS:
+        tuner.select(key, 2**22, torch.device("cpu"), make_runner, bytes_per_elem=28)
+    tuner.select(KEYS[0], 2**14, torch.device("cpu"), make_runner, bytes_per_elem=28)
+    return tuner.cache.path(tuner.identity(FAKE_GPU))
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (each subprocess costs seconds of imports)."""
+    from tritonadam.autotune.__main__ import main
+
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_show_as_a_subprocess(tmp_path):
+    cache_dir = tmp_path / "cache"
+    populate(cache_dir)
+    shown = cli("show", cache_dir=cache_dir).stdout
+    assert FAKE_GPU.name in shown
+    for key in KEYS:
+        assert "|".join(key) in shown
+    assert "block=8192 warps=16" in shown  # chosen config
+    assert "2^22" in shown and "2^14" in shown
+    assert f"{28 * 2**22 / 1e-3 / 1e9:.0f}" in shown  # GB/s
+    assert "1.5" in shown  # a runner-up time
+
+
+def test_export_clear_import_roundtrip(tmp_path, monkeypatch, capsys):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(cache_dir))
+    path = populate(cache_dir)
+    original = json.loads(path.read_text())["entries"]
+    assert len(original) == 3
+
+    bundle = tmp_path / "bundle.json"
+    rc, out, _ = run_main(capsys, "export", str(bundle))
+    assert rc == 0 and "exported 3 entries" in out
+    assert json.loads(bundle.read_text())["files"][0]["entries"] == original
+
+    rc, out, _ = run_main(capsys, "clear")
+    assert rc == 0 and "removed 1 cache file" in out
+    assert not path.exists()
+    assert "no tuned configs" in run_main(capsys, "show")[1]
+
+    # A tampered entry in the bundle is skipped and reported; the rest comes back as it was.
+    obj = json.loads(bundle.read_text())
+    bad_name = entry_key(KEYS[1], 22)
+    obj["files"][0]["entries"][bad_name]["config"] = {"block_size": 12345, "num_warps": 8}
+    bundle.write_text(json.dumps(obj))
+    rc, out, _ = run_main(capsys, "import", str(bundle))
+    assert rc == 0 and "imported 2 entries" in out and "invalid entr" in out and "12345" in out
+    back = json.loads(path.read_text())["entries"]
+    assert back == {k: v for k, v in original.items() if k != bad_name}
+    assert "block=8192 warps=16" in run_main(capsys, "show")[1]
+
+
+def test_import_refuses_what_is_not_a_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(tmp_path / "cache"))
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"hello": "world"}')
+    rc, _, err = run_main(capsys, "import", str(junk))
+    assert rc == 1 and "not a tritonadam autotune cache" in err
+    junk.write_text('{"format": "tritonadam-autotune-bund')  # truncated
+    rc, _, err = run_main(capsys, "import", str(junk))
+    assert rc == 1 and "corrupt or truncated" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_import_a_single_cache_file(tmp_path, capsys):
+    path = populate(tmp_path / "a")
+    assert run_main(capsys, "--cache-dir", str(tmp_path / "b"), "import", str(path))[0] == 0
+    assert (tmp_path / "b" / path.name).read_text() != ""
+    assert json.loads((tmp_path / "b" / path.name).read_text())["entries"] == json.loads(path.read_text())["entries"]
+
+
+def test_path_and_help(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(tmp_path))
+    assert run_main(capsys, "path")[1].splitlines()[0] == str(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        run_main(capsys, "--help")
+    assert exc.value.code == 0
+    helptext = capsys.readouterr().out
+    for cmd in ("tune", "show", "export", "import", "clear", "path"):
+        assert cmd in helptext
+    with pytest.raises(SystemExit):
+        run_main(capsys, "tune", "--help")
+    tunehelp = capsys.readouterr().out
+    for opt in ("--optimizer", "--param-dtype", "--model-size", "--world-size", "--budget", "--force"):
+        assert opt in tunehelp
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message; a GPU would really tune")
+def test_tune_on_cpu_explains_and_exits_nonzero(tmp_path):
+    proc = cli("tune", "--model-size", "125M", cache_dir=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "GPU" in proc.stderr and "nothing tuned" in proc.stderr
+    assert not list(tmp_path.glob("*.json"))

@@ -1,0 +1,139 @@
+"""Step-by-step parity with torch.optim over torch's own optimizer configurations."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import (
+    optim_inputs_func_adam,
+    optim_inputs_func_adamax,
+    optim_inputs_func_adamw,
+)
+
+from helpers import LAUNCH, PAIRS, SHAPES, clone_params, kwargs_copy, make_params, random_grads
+
+INPUTS = {
+    "Adam": optim_inputs_func_adam,
+    "AdamW": optim_inputs_func_adamw,
+    "Adamax": optim_inputs_func_adamax,
+}
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-11)}
+STEPS = 6
+
+
+def _configs(device_type):
+    for name, func in INPUTS.items():
+        for dtype in (torch.float32, torch.float64):
+            for inp in func(device_type, dtype):
+                yield pytest.param(name, dtype, inp.kwargs, id=f"{name}-{inp.desc}-{str(dtype)[6:]}")
+
+
+def _state_keys(name, kwargs):
+    if name == "Adamax":
+        return ("exp_avg", "exp_inf")
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if kwargs.get("amsgrad") else ())
+
+
+@pytest.mark.parametrize("name,dtype,kwargs", list(_configs("cpu")))
+def test_matches_torch(name, dtype, kwargs, device):
+    """Params and state equal torch.optim(foreach=False) over several steps.
+
+    Includes a frozen param (never has a grad) and a param whose grad is None on some
+    steps: it is skipped then and keeps its own step count.
+    """
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params(SHAPES, dtype, device, seed=1)
+    ref = clone_params(params)
+    ours = ours_cls(params, **kwargs_copy(kwargs), **LAUNCH)
+    theirs = torch_cls(ref, **kwargs_copy(kwargs), foreach=False)
+    frozen, sometimes = 2, 4
+    gen = torch.Generator().manual_seed(2)
+    for step in range(STEPS):
+        for i, (g, p, q) in enumerate(zip(random_grads(params, gen), params, ref)):
+            has_grad = i != frozen and not (i == sometimes and step % 3 == 1)
+            p.grad = g.clone() if has_grad else None
+            q.grad = g.clone() if has_grad else None
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL[dtype])
+    assert params[frozen] not in ours.state
+    for p, q in zip(params, ref):
+        if q not in theirs.state:
+            continue
+        s, t = ours.state[p], theirs.state[q]
+        assert s["step"].item() == t["step"].item()
+        assert s["step"].dtype == torch.float32
+        for key in _state_keys(name, kwargs):
+            assert s[key].dtype == dtype
+            torch.testing.assert_close(s[key], t[key], **TOL[dtype])
+    assert ours.state[params[sometimes]]["step"].item() == STEPS - 2
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_param_groups_have_torch_keys(name):
+    ours_cls, torch_cls = PAIRS[name]
+    p = torch.nn.Parameter(torch.randn(3))
+    assert ours_cls([p]).param_groups[0].keys() == torch_cls([p]).param_groups[0].keys()
+    assert ours_cls.__name__ == name or (name == "Adamax" and ours_cls.__name__ == "Adamax")
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_grads_propagate_like_torch(name, bad, device):
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params([(64,), (5,)], torch.float32, device, seed=3)
+    ref = clone_params(params)
+    kw = {"amsgrad": True} if name == "Adam" else {}
+    ours, theirs = ours_cls(params, **kw, **LAUNCH), torch_cls(ref, **kw, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(3):
+        grads = random_grads(params, gen)
+        if step == 1:
+            grads[0][::7] = float(bad)
+            grads[0][3] = -float(bad)
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+def test_lr_scheduler_and_closure(device):
+    """Schedulers write lr into param_groups each step; the step reads it every time."""
+    params = make_params([(33,), (8, 8)], torch.float32, device, seed=5)
+    ref = clone_params(params)
+    ours = PAIRS["AdamW"][0](params, lr=0.1, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, lr=0.1, foreach=False)
+    s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.1, total_steps=10)
+    s2 = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=10)
+    x = torch.randn(8, device=device)
+    for _ in range(5):
+        def closure(ps=params):
+            for p in ps:
+                p.grad = None
+            loss = (ps[0].sum() * 0.1 + (ps[1] @ x).pow(2).sum())
+            loss.backward()
+            return loss
+
+        loss_a = ours.step(closure)
+        loss_b = theirs.step(lambda: closure(ref))
+        torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+        s1.step()
+        s2.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"]
+
+
+def test_grads_are_never_written(device):
+    params = make_params([(100,), (7,)], torch.float32, device, seed=6)
+    opt = PAIRS["Adam"][0](params, weight_decay=0.1, maximize=True, **LAUNCH)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        grads = random_grads(params, gen)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g)
