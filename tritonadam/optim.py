@@ -7,7 +7,6 @@ and add mixed-precision options: fp16/bf16 params always keep fp32 state, and wi
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -33,11 +32,15 @@ def _interpreted() -> bool:
 
 
 def _is_dense(t: Tensor) -> bool:
+    """True when the elements fill their memory span exactly once (any dim order)."""
     if t.is_contiguous() or t.numel() <= 1:
         return True
-    from torch._prims_common import is_non_overlapping_and_dense
-
-    return is_non_overlapping_and_dense(t)
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -93,7 +96,9 @@ class _TritonAdamBase(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        extras = {k: state.pop(k, v) for k, v in self._EXTRAS.items()}
+        # torch's load_state_dict calls __setstate__ without our options: keep the
+        # current ones then; unpickling a fresh object takes them from the pickle.
+        extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
         super().__setstate__(state)
         for k, v in extras.items():
             setattr(self, k, v)
@@ -148,7 +153,6 @@ class _TritonAdamBase(Optimizer):
         super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p in zip(ids, params):
             if saved_id not in saved_state or p not in self.state:
                 continue
@@ -164,7 +168,6 @@ class _TritonAdamBase(Optimizer):
                     dst[key] = fresh.copy_(value)
             if not self._uses_master(p):
                 dst.pop("master_param", None)
-            self._float_state_keys(group_of[id(p)])
         self._reset_caches()
 
     # ---- step ----------------------------------------------------------------------

@@ -1,0 +1,382 @@
+"""Worker side of tests/test_fsdp.py: scenarios run in 2 gloo processes on CPU.
+
+Not collected by pytest (no ``test_`` prefix). ``test_fsdp.py`` spawns ``entry`` in two
+processes; each scenario raises AssertionError on a mismatch, which the spawner reports
+with the rank's traceback. Several checks share one scenario because starting processes
+and importing torch costs seconds on a 2-core machine.
+
+Every comparison is against ``torch.optim`` (``foreach=False``) stepping an identical,
+identically wrapped model on the same data.
+"""
+from __future__ import annotations
+
+import os
+
+# Before tritonadam or triton is imported: kernels run in Triton's CPU interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import tritonadam  # noqa: E402
+
+LAUNCH = {"block_size": 16384, "num_warps": 4}
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+PAIRS = {
+    "AdamW": (tritonadam.AdamW, torch.optim.AdamW),
+    "Adam": (tritonadam.Adam, torch.optim.Adam),
+    "Adamax": (tritonadam.Adamax, torch.optim.Adamax),
+}
+# Per class: kwargs for both implementations (AMSGrad for Adam, so max_exp_avg_sq is
+# a sharded state too).
+KWARGS = {
+    "AdamW": {"betas": (0.9, 0.95)},
+    "Adam": {"amsgrad": True},
+    "Adamax": {},
+}
+
+
+def entry(rank: int, world: int, store: str, scenario: str, tmpdir: str) -> None:
+    """torch.multiprocessing.spawn target."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        SCENARIOS[scenario](rank, world, tmpdir)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- model, data, optimizers ------------------------------------------------------------
+
+class Net(nn.Module):
+    """Shards of every kind over 2 ranks: uneven (11 -> 6/5, 9 -> 5/4, 3 -> 2/1 rows)
+    and empty (``gain`` has dim0 = 1, so rank 1 holds a 0-element shard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.l1 = nn.Linear(6, 9)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 9).reshape(1, 9))
+        self.l2 = nn.Linear(9, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx).mean(1)
+        return self.l2(torch.tanh(self.l1(h)) * self.gain)
+
+
+def base_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def batch(step: int, rank: int):
+    """Different data on each rank (so grads are really reduced), same on every run."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 11, (4, 5), generator=gen), torch.randint(0, 3, (4,), generator=gen)
+
+
+def groups(model: nn.Module, lr: float = 1e-2) -> list[dict]:
+    """Two param groups: decayed matrices, and undecayed vectors at another lr."""
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    other = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    return [
+        {"params": decay, "weight_decay": 0.1},
+        {"params": other, "weight_decay": 0.0, "lr": lr / 2},
+    ]
+
+
+def make_opt(name: str, ours: bool, model: nn.Module, lr: float = 1e-2):
+    ours_cls, torch_cls = PAIRS[name]
+    extra = LAUNCH if ours else {"foreach": False}
+    return (ours_cls if ours else torch_cls)(groups(model, lr), lr=lr, **KWARGS[name], **extra)
+
+
+def fsdp2(model: nn.Module, **kw) -> nn.Module:
+    fully_shard(model.l1, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None) -> list[float]:
+    losses = []
+    for step in steps:
+        idx, target = batch(step, rank)
+        loss = nn.functional.cross_entropy(model(idx).float(), target)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def assert_close_dicts(a: dict, b: dict, what: str, exact: bool = False, **tol) -> None:
+    assert a.keys() == b.keys(), (what, a.keys(), b.keys())
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs: {(a[k] - b[k]).abs().max()}"
+        else:
+            torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{what}: {k}: {m}", **(tol or TOL))
+
+
+def compare_states(ours_opt, ref_opt, ours_model, ref_model, what: str) -> None:
+    """Local shards of every state tensor close to torch's; state keeps the param's type."""
+    for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        s, r = ours_opt.state[p], ref_opt.state[q]
+        assert s.keys() == r.keys(), (what, n, s.keys(), r.keys())
+        for key in s:
+            if key == "step":
+                assert not isinstance(s[key], DTensor) and s[key].dtype == torch.float32
+                assert s[key].item() == r[key].item(), (what, n, s[key], r[key])
+                continue
+            # State must stay a DTensor with the param's layout: full state dicts gather it.
+            assert type(s[key]) is type(p), (what, n, key, type(s[key]))
+            if isinstance(p, DTensor):
+                assert s[key].placements == p.placements, (what, n, key)
+                assert s[key].shape == p.shape, (what, n, key)
+            torch.testing.assert_close(
+                local(s[key]), local(r[key]), msg=lambda m, n=n, key=key: f"{what}: {n}.{key}: {m}",
+                **TOL,
+            )
+
+
+# ---- scenarios ---------------------------------------------------------------------------
+
+def fsdp2_parity(rank: int, world: int, tmpdir: str) -> None:
+    """FSDP2 (nested fully_shard): Adam(amsgrad), AdamW and Adamax track torch.optim over
+    6 steps with two param groups, gradient clipping (DTensor grads) and uneven and
+    empty local shards; state stays a DTensor sharded like its param."""
+    base = base_model()
+    shapes = {n: local(p).shape for n, p in fsdp2(copy.deepcopy(base)).named_parameters()}
+    assert shapes["gain"] == ((1, 9) if rank == 0 else (0, 9)), shapes  # an empty shard
+    assert shapes["emb.weight"][0] == (6 if rank == 0 else 5), shapes  # uneven shards
+    for name in PAIRS:
+        ours_model, ref_model = fsdp2(copy.deepcopy(base)), fsdp2(copy.deepcopy(base))
+        ours, ref = make_opt(name, True, ours_model), make_opt(name, False, ref_model)
+        l1 = train(ours_model, ours, rank, range(6), clip=1.0)
+        l2 = train(ref_model, ref, rank, range(6), clip=1.0)
+        torch.testing.assert_close(l1, l2, **TOL)
+        for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+            assert isinstance(p, DTensor)
+            torch.testing.assert_close(p.to_local(), q.to_local(), msg=lambda m, n=n: f"{name} {n}: {m}", **TOL)
+        compare_states(ours, ref, ours_model, ref_model, f"fsdp2 {name}")
+
+
+def fsdp2_mixed_precision(rank: int, world: int, tmpdir: str) -> None:
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): bf16 compute, fp32
+    sharded params and grads; ours stays with torch. Then bf16-stored params with
+    master_weights=True (fp32 master as a DTensor shard) stay close to the fp32 run."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    base = base_model()
+    ours_model = fsdp2(copy.deepcopy(base), mp_policy=policy)
+    ref_model = fsdp2(copy.deepcopy(base), mp_policy=policy)
+    ours, ref = make_opt("AdamW", True, ours_model), make_opt("AdamW", False, ref_model)
+    l1 = train(ours_model, ours, rank, range(5))
+    l2 = train(ref_model, ref, rank, range(5))
+    torch.testing.assert_close(l1, l2, **TOL)
+    for p, q in zip(ours_model.parameters(), ref_model.parameters()):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p.to_local(), q.to_local(), **TOL)
+    compare_states(ours, ref, ours_model, ref_model, "bf16 policy")
+
+    # bf16 storage + fp32 master copy: the forward sees the same bf16 values as above.
+    bf16_model = fsdp2(copy.deepcopy(base).to(torch.bfloat16),
+                       mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    master = tritonadam.AdamW(groups(bf16_model), lr=1e-2, betas=(0.9, 0.95),
+                              master_weights=True, **LAUNCH)
+    train(bf16_model, master, rank, range(5))
+    ref_full = full_params(ref_model)
+    for n, p in bf16_model.named_parameters():
+        state = master.state[p]
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert isinstance(state[key], DTensor) and state[key].dtype == torch.float32, (n, key)
+        full_master = state["master_param"].full_tensor()
+        assert full_master.shape == ref_full[n].shape
+        # bf16 grads vs fp32 grads: close, not equal.
+        torch.testing.assert_close(full_master, ref_full[n], atol=3e-2, rtol=0)
+        assert torch.equal(p.full_tensor(), full_master.to(torch.bfloat16))
+
+
+def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
+    """State dicts and checkpoints, FSDP2, ours and torch.optim in every direction.
+
+    3 steps, save, 3 more steps = the uninterrupted run. A fresh model (other init)
+    and fresh optimizer restored from the checkpoint and trained the same 3 steps must
+    match the uninterrupted run: bit for bit when saved and loaded by the same class,
+    to parity tolerance across classes. Ways to save/restore:
+      dcp      get_state_dict -> dcp.save / dcp.load -> set_state_dict (sharded)
+      full     get_*_state_dict(full_state_dict=True) -> set_*_state_dict (every rank)
+      rank0    full + cpu_offload on rank 0 only -> set_*(broadcast_from_rank0=True)
+    """
+    name = "AdamW"
+    base = base_model()
+    runs = {}
+    for ours in (True, False):
+        model = fsdp2(copy.deepcopy(base))
+        opt = make_opt(name, ours, model)
+        train(model, opt, rank, range(3))
+        tag = "ours" if ours else "torch"
+
+        # Sharded state dict: DTensor values, like torch's.
+        msd, osd = get_state_dict(model, opt)
+        assert all(isinstance(v, DTensor) for k, s in osd["state"].items()
+                   for key, v in s.items() if key != "step"), tag
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmpdir, f"dcp_{tag}"))
+
+        # Full state dict: full tensors (not this rank's shard) on every rank.
+        full_opts = StateDictOptions(full_state_dict=True)
+        full_osd = get_optimizer_state_dict(model, opt, options=full_opts)
+        full_msd = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in msd.items()}
+        for pname, pstate in full_osd["state"].items():
+            for key, v in pstate.items():
+                assert not isinstance(v, DTensor), (tag, pname, key)
+                if key != "step":
+                    assert v.shape == full_msd[pname].shape, (tag, pname, key, v.shape)
+        rank0_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        rank0_osd = get_optimizer_state_dict(model, opt, options=rank0_opts)
+        if rank != 0:
+            assert rank0_osd == {} or not rank0_osd.get("state"), "cpu_offload keeps rank 0 only"
+
+        train(model, opt, rank, range(3, 6))
+        runs[tag] = {
+            "final": full_params(model),
+            "full": (copy.deepcopy(full_msd), copy.deepcopy(full_osd)),
+            "rank0": (copy.deepcopy(full_msd) if rank == 0 else {},
+                      copy.deepcopy(rank0_osd) if rank == 0 else {}),
+        }
+
+    # Full optimizer state dicts of the two implementations agree, key for key.
+    o_full, t_full = runs["ours"]["full"][1], runs["torch"]["full"][1]
+    assert o_full["state"].keys() == t_full["state"].keys()
+    for pname in t_full["state"]:
+        assert_close_dicts(o_full["state"][pname], t_full["state"][pname], f"full osd {pname}")
+    assert [sorted(g) for g in o_full["param_groups"]] == [sorted(g) for g in t_full["param_groups"]]
+
+    tol = {"atol": 1e-6, "rtol": 1e-5}
+    for src in ("ours", "torch"):
+        for dst_ours in (True, False):
+            dst = "ours" if dst_ours else "torch"
+            for how in ("dcp", "full", "rank0"):
+                what = f"{src} -> {dst} via {how}"
+                model = fsdp2(base_model(seed=123))  # other init: the load must overwrite it
+                opt = make_opt(name, dst_ours, model, lr=0.5)  # and the group lrs
+                if how == "dcp":
+                    msd, osd = get_state_dict(model, opt)
+                    sd = {"model": msd, "optim": osd}
+                    dcp.load(sd, checkpoint_id=os.path.join(tmpdir, f"dcp_{src}"))
+                    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+                else:
+                    msd, osd = copy.deepcopy(runs[src][how])
+                    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=how == "rank0")
+                    set_model_state_dict(model, msd, options=opts)
+                    set_optimizer_state_dict(model, opt, osd, options=opts)
+                assert [g["lr"] for g in opt.param_groups] == [1e-2, 5e-3], what
+                for p in model.parameters():
+                    assert opt.state[p]["step"].item() == 3.0, what
+                    if dst_ours:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            v = opt.state[p][key]
+                            assert isinstance(v, DTensor) and v.placements == p.placements, (what, key)
+                            assert v.dtype == torch.float32 and v.to_local().is_contiguous(), (what, key)
+                train(model, opt, rank, range(3, 6))
+                got = full_params(model)
+                assert_close_dicts(got, runs[dst]["final"], what, exact=src == dst)
+                assert_close_dicts(got, runs[src]["final"], what, **tol)
+
+
+def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
+    """FSDP1 with use_orig_params=True: params are 1-D views of the flat shard, some
+    empty; ours tracks torch.optim, and full optimizer state dicts move between the two
+    (ours -> torch and torch -> ours) with training continuing identically."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    def wrap(model):
+        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
+                    auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+
+    base = base_model()
+    models, opts, finals, full_sds = {}, {}, {}, {}
+    for name in ("AdamW", "Adam"):
+        for ours in (True, False):
+            tag = ("ours" if ours else "torch", name)
+            model = wrap(copy.deepcopy(base))
+            opt = make_opt(name, ours, model)
+            train(model, opt, rank, range(4), clip=1.0)
+            models[tag], opts[tag] = model, opt
+        (o_model, o_opt), (t_model, t_opt) = [(models[(t, name)], opts[(t, name)]) for t in ("ours", "torch")]
+        sizes = [p.numel() for p in o_model.parameters()]
+        if rank == 1:
+            assert 0 in sizes, sizes  # some flat views are empty on some rank
+        for (n, p), q in zip(o_model.named_parameters(), t_model.parameters()):
+            assert p.dim() == 1 or p.numel() == 0, (n, p.shape)
+            torch.testing.assert_close(p, q, msg=lambda m, n=n: f"fsdp1 {name} {n}: {m}", **TOL)
+        for p, q in zip(o_model.parameters(), t_model.parameters()):
+            if q in t_opt.state:
+                s, r = o_opt.state[p], t_opt.state[q]
+                assert s.keys() == r.keys(), (s.keys(), r.keys())
+                for key in r:
+                    torch.testing.assert_close(s[key].float(), r[key].float(), **TOL)
+        opts_full = StateDictOptions(full_state_dict=True)
+        for tag in (("ours", name), ("torch", name)):
+            full_sds[tag] = get_optimizer_state_dict(models[tag], opts[tag], options=opts_full)
+        o_sd, t_sd = full_sds[("ours", name)], full_sds[("torch", name)]
+        for pname in t_sd["state"]:
+            for key, value in t_sd["state"][pname].items():
+                torch.testing.assert_close(o_sd["state"][pname][key], value, **TOL)
+                if key != "step":
+                    assert value.shape == full(dict(base.named_parameters())[pname]).shape
+        for tag in (("ours", name), ("torch", name)):
+            train(models[tag], opts[tag], rank, range(4, 6))
+            finals[tag] = [p.detach().clone() for p in models[tag].parameters()]
+
+        # Cross loads: the other class's full state dict, then the same 2 steps.
+        for src, dst in (("torch", "ours"), ("ours", "torch")):
+            # Restore the params as of step 4 from a fresh run of the source class.
+            src_model = wrap(copy.deepcopy(base))
+            src_opt = make_opt(name, src == "ours", src_model)
+            train(src_model, src_opt, rank, range(4), clip=1.0)
+            sd = get_optimizer_state_dict(src_model, src_opt, options=opts_full)
+            opt = make_opt(name, dst == "ours", src_model)
+            set_optimizer_state_dict(src_model, opt, sd, options=opts_full)
+            train(src_model, opt, rank, range(4, 6))
+            for p, q, r in zip(src_model.parameters(), finals[(src, name)], finals[(dst, name)]):
+                torch.testing.assert_close(p, q, **TOL)
+                torch.testing.assert_close(p, r, **TOL)
+
+
+SCENARIOS = {
+    "fsdp2_parity": fsdp2_parity,
+    "fsdp2_mixed_precision": fsdp2_mixed_precision,
+    "fsdp2_checkpoints": fsdp2_checkpoints,
+    "fsdp1_parity": fsdp1_parity,
+}

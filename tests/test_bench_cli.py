@@ -1,0 +1,289 @@
+"""``python -m tritonadam.bench`` end to end: the no-GPU path, formats, files, errors.
+
+Runs the CLI in subprocesses on the CPU (``--device cpu``, so a GPU machine runs the same
+thing) with small sizes; argument errors, ``--list`` and ``--load`` run in-process. One
+test, marked ``gpu``, runs a small bench on a CUDA device.
+"""
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonadam.bench import report as report_mod
+from tritonadam.bench.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--device", "cpu", "--profiles", "one-huge@20K,many-small@40K", "--setups",
+         "fp32,bf16-master", "--rep-ms", "5", "--warmup-ms", "1", "--min-reps", "3"]
+
+
+def _env(interpret: str | None = "1") -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+    env.pop("_TRITONADAM_BENCH_REEXEC", None)
+    if interpret is None:
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env["TRITON_INTERPRET"] = interpret
+    return env
+
+
+def _bench(args, interpret="1", timeout=120):
+    return subprocess.run([sys.executable, "-m", "tritonadam.bench", *args], cwd=ROOT,
+                          env=_env(interpret), capture_output=True, text=True, timeout=timeout)
+
+
+def _tritonadam_importable() -> bool:
+    try:
+        import tritonadam  # noqa: F401
+
+        return all(hasattr(tritonadam, c) for c in ("Adam", "AdamW", "Adamax"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ------------------------------------------------------------------------ no-GPU path
+
+def test_default_cpu_run_is_quick_and_plain():
+    """The default run with no GPU: plain statement, roofline, torch CPU timings,
+    tritonadam checked in the interpreter, exit 0, well under a minute. TRITON_INTERPRET
+    is left unset: the CLI sets it (re-executing itself if kernels were already loaded)."""
+    t0 = time.monotonic()
+    r = _bench(["--device", "cpu"], interpret=None)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert elapsed < 60, elapsed
+    out = r.stdout
+    assert "Triton kernels run only in Triton's interpreter" in out
+    assert "none of these numbers say anything about GPU performance" in out
+    assert "Analytic roofline" in out and "H100 SXM" in out and "3.35" in out
+    assert "llama2-7b" in out  # the roofline covers the GPU default workloads
+    for p in ("torch-fused", "torch-foreach", "torch-forloop"):
+        assert p in out
+    assert "Correctness checks" in out
+    if _tritonadam_importable():
+        lines = [ln for ln in out.splitlines() if ln.startswith("tritonadam ")]
+        assert len(lines) == 4, out  # fp32, bf16, fp16, bf16-master on check-small
+        assert all(" ok " in ln for ln in lines), lines
+    assert "[1/" in r.stderr  # progress
+
+
+def test_json_md_csv_outputs(tmp_path):
+    j, m, c = tmp_path / "r.json", tmp_path / "sub" / "r.md", tmp_path / "r.csv"
+    r = _bench(SMALL + ["--providers", "torch-fused,torch-foreach", "--out", str(j), "--out",
+                        str(m), "--out", str(c), "--format", "csv", "-q"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.strip() == "" or "[1/" not in r.stderr  # --quiet: no progress
+    rep = json.loads(j.read_text())
+    assert rep["schema"] == report_mod.SCHEMA and rep["mode"] == "cpu"
+    for key in ("date", "command", "torch", "triton", "device", "python"):
+        assert rep["header"][key]
+    assert "--providers" in rep["header"]["command"]
+    rows = rep["results"]
+    assert {(x["workload"], x["setup"], x["provider"]) for x in rows} == {
+        (w, s, p) for w in ("one-huge@20K", "many-small@40.96K") for s in ("fp32", "bf16-master")
+        for p in ("torch-fused", "torch-foreach")} or len(rows) == 8
+    for x in rows:
+        assert x["status"] == "ok", x
+        assert x["bytes_per_step"] == x["params"] * x["bytes_per_param"]
+        assert x["ms_p20"] <= x["ms"] <= x["ms_p80"]
+        assert x["reps"] >= 3 and x["host_ms"] > 0 and x["launches"] is None
+        assert x["gbps"] == pytest.approx(x["bytes_per_step"] / (x["ms"] * 1e-3) / 1e9)
+        assert x["check"].startswith("ok")
+        if x["provider"] == "torch-fused":
+            assert x["speedup"] == pytest.approx(1.0)
+    master = [x for x in rows if x["setup"] == "bf16-master"]
+    assert all("torch has no master weights" in x["label"] for x in master)
+    assert all(x["bytes_per_param"] == 40 for x in master)
+    assert rep["roofline"]["gpus"][0]["tb_per_s"] == 3.35
+    assert rep["goals"] == []  # goals are judged on GPU runs only
+
+    md = m.read_text()
+    assert md.startswith("# tritonadam bench") and "| workload" in md and "## Results" in md
+    table = list(csv.DictReader(io.StringIO(c.read_text())))
+    assert len(table) == len(rows) and {"ms", "gbps", "device", "torch"} <= set(table[0])
+    assert "Results" in r.stdout  # with --out, stdout shows the table
+
+
+def test_stdout_formats_and_load(tmp_path, capsys):
+    """Render a saved run in every format (in-process, nothing re-run)."""
+    j = tmp_path / "r.json"
+    r = _bench(SMALL + ["--providers", "torch-fused", "--setups", "bf16", "--format", "json", "-q"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)  # stdout is pure JSON
+    j.write_text(r.stdout)
+    assert rep["results"][0]["label"].startswith("bf16 state")
+
+    assert main(["--load", str(j), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [x["provider"] for x in rows] == ["torch-fused", "torch-fused"]
+    assert main(["--load", str(j), "--format", "md"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch-fused [1]" in out and "[1] bf16 state" in out
+    assert main(["--load", str(j)]) == 0
+    assert "Results\n-------" in capsys.readouterr().out
+
+
+def test_sigterm_writes_partial_results(tmp_path):
+    j = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tritonadam.bench", "--device", "cpu", "--profiles",
+         "one-huge@2M", "--sizes", "2M", "--providers", "torch-forloop", "--rep-ms", "2000",
+         "--min-reps", "50", "--max-reps", "50", "--no-check", "--out", str(j)],
+        cwd=ROOT, env=_env("1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "[1/" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    rep = json.loads(j.read_text())
+    assert rep["interrupted"] is True
+    assert "interrupted" in out
+
+
+# ----------------------------------------------------------------- in-process CLI parts
+
+@pytest.mark.parametrize("args,message", [
+    (["--providers", "nope"], "unknown provider nope"),
+    (["--setups", "fp8"], "unknown setup fp8"),
+    (["--profiles", "gpt3"], "unknown profile"),
+    (["--profiles", "gpt2-124m@1M"], "fixed shapes"),
+    (["--sizes", "lots"], "not a parameter count"),
+    (["--format", "xml"], "invalid choice"),
+    (["--optimizer", "sgd"], "invalid choice"),
+    (["--optimizer", "adamax", "--amsgrad"], "amsgrad"),
+    (["--min-reps", "0"], "--min-reps"),
+    (["--min-reps", "9", "--max-reps", "3"], "--min-reps"),
+    (["--baseline", "nope"], "--baseline"),
+    (["--load", "/nonexistent/run.json"], "No such file"),
+])
+def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_load_rejects_other_json(tmp_path, capsys):
+    p = tmp_path / "x.json"
+    p.write_text('{"hello": 1}')
+    with pytest.raises(SystemExit) as e:
+        main(["--load", str(p)])
+    assert e.value.code == 2
+    assert "not a tritonadam bench JSON" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gpt2-124m", "llama2-7b", "many-small", "bf16-master", "torch-compile", "te"):
+        assert name in out
+    assert "124439808" in out.replace(",", "") or "124.44M" in out
+
+
+def test_help_lists_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--providers", "--setups", "--profiles", "--sizes", "--format", "--out",
+                 "--plot", "--time-budget", "--load"):
+        assert flag in out
+
+
+def test_time_budget_zero_skips_everything(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    rc = main(["--device", "cpu", "--profiles", "one-huge@1K", "--providers", "torch-fused",
+               "--time-budget", "0.000001", "--no-check", "--format", "json", "-q"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["results"] and all("time budget" in x["reason"] for x in rep["results"])
+
+
+def test_plot_needs_matplotlib_or_draws(tmp_path, capsys):
+    j = tmp_path / "r.json"
+    j.write_text(report_mod.render_json(_fake_report()))
+    png = tmp_path / "r.png"
+    if report_mod.have_matplotlib():
+        assert main(["--load", str(j), "--plot", str(png)]) == 0
+        assert png.stat().st_size > 1000
+    else:
+        with pytest.raises(SystemExit) as e:
+            main(["--load", str(j), "--plot", str(png)])
+        assert e.value.code == 2
+        assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_goals_from_rows():
+    g = report_mod.goals(_fake_report()["results"])
+    by = {x["goal"].split(":")[0]: x for x in g}
+    llama = by["bf16 + fp32 state, llama-layers@400M"]
+    assert llama["status"] == "MISSED" and llama["shortfall"] == "short by 2.0 points"
+    small = [x for x in g if x["goal"].startswith("many-small@40.96M bf16: >= 3x")][0]
+    assert small["status"] == "met"
+    host = [x for x in g if "host time" in x["goal"]][0]
+    assert host["status"] == "met"
+    faster = [x for x in g if x["goal"].startswith("faster than")][0]
+    assert faster["status"] == "met"
+    text = report_mod.render_text(dict(_fake_report(), goals=g))
+    assert "Goals (issue 4)" in text and "MISSED" in text
+
+
+def _fake_report():
+    def row(workload, profile, params, tensors, provider, ms, pct, speedup, host=0.05):
+        return {"workload": workload, "profile": profile, "params": params, "tensors": tensors,
+                "setup": "bf16", "provider": provider, "status": "ok", "ms": ms, "ms_p20": ms,
+                "ms_p80": ms, "reps": 10, "bytes_per_param": 22, "bytes_per_step": params * 22,
+                "gbps": params * 22 / ms / 1e6, "pct_copy": pct, "launches": 1, "host_ms": host,
+                "state_bytes": params * 8, "speedup": speedup, "check": "ok (0 of tol)",
+                "label": ""}
+    rows = [row("llama-layers@400M", "llama-layers", 404_766_720, 18, "tritonadam", 3.2, 90.0, 1.2),
+            row("llama-layers@400M", "llama-layers", 404_766_720, 18, "torch-fused", 3.84, 75.0, 1.0),
+            row("many-small@40.96M", "many-small", 40_960_000, 10_000, "tritonadam", 0.4, 85.0, 4.0),
+            row("many-small@40.96M", "many-small", 40_960_000, 10_000, "torch-fused", 1.6, 20.0, 1.0)]
+    return {"schema": report_mod.SCHEMA, "mode": "gpu",
+            "header": {"date": "2026-01-01T00:00:00Z", "command": "python -m tritonadam.bench",
+                       "device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6"},
+            "config": {"baseline": "torch-fused"}, "copy_bandwidth": None, "results": rows,
+            "checks": [], "roofline": None, "goals": [], "notes": [], "elapsed_s": 1.0}
+
+
+# ------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_small_bench(tmp_path):
+    j = tmp_path / "r.json"
+    r = _bench(["--device", "cuda", "--profiles", "one-huge@1M,many-small@400K", "--setups",
+                "fp32,bf16,bf16-master", "--providers", "tritonadam,torch-fused",
+                "--rep-ms", "20", "--out", str(j)], interpret=None, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(j.read_text())
+    assert rep["mode"] == "gpu" and rep["copy_bandwidth"]["gbps"] > 0
+    assert rep["header"]["driver"] and rep["header"]["cuda"]
+    ok = [x for x in rep["results"] if x["status"] == "ok"]
+    assert len(ok) == 12, rep["results"]
+    for x in ok:
+        assert x["pct_copy"] > 0 and x["launches"] is not None and x["launches"] >= 1
+    ours = [x for x in ok if x["provider"] == "tritonadam"]
+    assert all(x["check"].startswith("ok") for x in ours)
+    assert rep["goals"]

@@ -1,0 +1,269 @@
+"""The bench's arithmetic: byte formulas, shape profiles against published parameter counts,
+size parsing, the float64 reference and the correctness comparison. CPU only, fast."""
+import math
+
+import pytest
+import torch
+
+from tritonadam.bench import check, workloads
+from tritonadam.bench.providers import PROVIDERS, HyperParams, observed_layout, state_bytes
+from tritonadam.bench.timing import quantile
+from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, SETUPS, Layout, bytes_per_param,
+                                        format_count, make_workload, parse_count,
+                                        parse_workloads, traffic)
+
+
+# ------------------------------------------------------------------------- byte formulas
+
+@pytest.mark.parametrize("setup,expected", [("fp32", 28), ("bf16", 22), ("fp16", 22),
+                                            ("bf16-master", 28)])
+def test_bytes_per_param_match_design(setup, expected):
+    # DESIGN.md section 3; AdaMax moves the same bytes as Adam; Adam == AdamW.
+    assert bytes_per_param(setup) == expected
+    assert bytes_per_param(setup, "adam") == expected
+    assert bytes_per_param(setup, "adamax") == expected
+    # amsgrad reads and writes max_exp_avg_sq in fp32: +8 B
+    assert bytes_per_param(setup, amsgrad=True) == expected + 8
+
+
+def test_bytes_by_hand():
+    # Written out tensor by tensor, independently of traffic(): (read, written) bytes.
+    fp32 = {"p": (4, 4), "g": (4, 0), "m": (4, 4), "v": (4, 4)}
+    bf16 = {"p": (2, 2), "g": (2, 0), "m": (4, 4), "v": (4, 4)}
+    master = {"master": (4, 4), "g": (2, 0), "m": (4, 4), "v": (4, 4), "p": (0, 2)}
+    for setup, table in (("fp32", fp32), ("bf16", bf16), ("fp16", bf16), ("bf16-master", master)):
+        t = traffic(SETUPS[setup].layout)
+        assert t.bytes_per_param == sum(r + w for r, w in table.values())
+        assert t.read == sum(r for r, _ in table.values())
+        assert t.written == sum(w for _, w in table.values())
+
+
+def test_traffic_items_sum_and_describe():
+    t = traffic(SETUPS["bf16-master"].layout)
+    assert t.bytes_per_param == sum(r + w for _, r, w in t.items)
+    assert t.describe().endswith("= 28 B")
+    assert "param w2" in t.describe()
+
+
+def test_substitute_layouts():
+    # torch's bf16 setup keeps bf16 state: p 2+2, g 2, m 2+2, v 2+2
+    assert traffic(Layout(param="bf16", grad="bf16", state="bf16")).bytes_per_param == 14
+    # torch master-weight emulation: 28 B fp32 step + bf16->fp32 grad copy + fp32->bf16 copy
+    b = DTYPE_BYTES
+    lay = Layout(param="fp32", grad="fp32", state="fp32",
+                 extra=(("grad copy", b["bf16"], b["fp32"]), ("param copy", b["fp32"], b["bf16"])))
+    assert traffic(lay).bytes_per_param == 28 + 6 + 6
+
+
+def test_traffic_rejects_bad_input():
+    with pytest.raises(ValueError):
+        traffic(SETUPS["fp32"].layout, "sgd")
+    with pytest.raises(ValueError):
+        traffic(SETUPS["fp32"].layout, "adamax", amsgrad=True)
+
+
+def test_workload_bytes_per_step():
+    w = make_workload("one-huge", 10_000_000)
+    assert w.bytes_per_step(SETUPS["bf16"].layout) == 10_000_000 * 22
+
+
+# ---------------------------------------------------------------------------- profiles
+
+@pytest.mark.parametrize("name,published,tensors", [
+    ("gpt2-124m", 124_439_808, 148),          # HF gpt2: 12 layers x 12 tensors + wte, wpe, ln_f x2
+    ("tinyllama-1.1b", 1_100_048_384, 201),   # 22 layers x 9 + embeddings, norm, output
+    ("llama2-7b", 6_738_415_616, 291),        # 32 layers x 9 + embeddings, norm, output
+])
+def test_profiles_match_published_counts(name, published, tensors):
+    w = make_workload(name)
+    assert PROFILES[name].published == published
+    assert w.params == published
+    assert w.tensors == tensors
+
+
+def test_llama2_7b_published_dimensions():
+    shapes = dict(make_workload("llama2-7b").shapes)
+    assert shapes["tok_embeddings.weight"] == (32000, 4096)
+    assert shapes["output.weight"] == (32000, 4096)          # untied
+    assert shapes["layers.31.feed_forward.w1.weight"] == (11008, 4096)
+    assert shapes["layers.0.attention_norm.weight"] == (4096,)
+    assert "layers.32.attention.wq.weight" not in shapes
+
+
+def test_gpt2_tied_and_shapes():
+    shapes = dict(make_workload("gpt2-124m").shapes)
+    assert shapes["wte"] == (50257, 768) and shapes["wpe"] == (1024, 768)
+    assert shapes["h.11.attn.c_attn.weight"] == (768, 2304)
+    assert not any("lm_head" in n for n in shapes)  # tied to wte
+
+
+def test_llama_layers_profile():
+    assert workloads.LLAMA2_7B_LAYER_PARAMS == 202_383_360
+    # the whole 7B model is 32 of these layers plus embeddings, output and the final norm
+    assert 32 * workloads.LLAMA2_7B_LAYER_PARAMS + 2 * 32000 * 4096 + 4096 == 6_738_415_616
+    assert make_workload("llama-layers", 400_000_000).params == 2 * 202_383_360
+    assert make_workload("llama-layers", 1).params == 202_383_360  # at least one layer
+    assert make_workload("llama-layers", 400_000_000).tensors == 18
+
+
+def test_many_small_and_one_huge():
+    w = make_workload("many-small")  # the issue's 10,000 x 4,096
+    assert w.tensors == 10_000 and w.params == 40_960_000
+    assert set(s for _, s in w.shapes) == {(4096,)}
+    assert PROFILES["many-small"].default_sizes == (40_960_000,)
+    assert make_workload("one-huge", 1_000_000_000).shapes == (("w", (1_000_000_000,)),)
+    assert PROFILES["one-huge"].default_sizes == (10_000_000, 100_000_000, 1_000_000_000)
+
+
+def test_check_small_has_edge_cases():
+    shapes = [s for _, s in make_workload("check-small").shapes]
+    assert () in shapes and (0,) in shapes and (1,) in shapes and (4097,) in shapes
+
+
+@pytest.mark.parametrize("text,n", [("4096", 4096), ("10M", 10_000_000), ("1.5B", 1_500_000_000),
+                                    ("1_000", 1000), ("64k", 64_000), ("1G", 10**9)])
+def test_parse_count(text, n):
+    assert parse_count(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.5", "-3", "0", "10X", "1.2345K"])
+def test_parse_count_rejects(text):
+    with pytest.raises(ValueError):
+        parse_count(text)
+
+
+@pytest.mark.parametrize("n", [1, 4096, 4097, 1000, 10_000_000, 40_960_000, 202_383_360,
+                               404_766_720, 10**9, 1_100_048_384])
+def test_format_count_round_trips(n):
+    assert parse_count(format_count(n)) == n
+
+
+def test_format_count_is_short():
+    assert format_count(10**9) == "1B"
+    assert format_count(40_960_000) == "40.96M"
+    assert format_count(404_766_720) == "404766720"
+
+
+def test_parse_workloads():
+    ws = parse_workloads(["gpt2-124m", "one-huge@1M", "many-small"], None, cpu=True)
+    assert [w.name for w in ws] == ["gpt2-124m", "one-huge@1M", "many-small@1M"]
+    ws = parse_workloads(["one-huge"], [10, 20], cpu=False)
+    assert [w.params for w in ws] == [10, 20]
+    assert [w.name for w in parse_workloads(["one-huge"], None, cpu=False)] == [
+        "one-huge@10M", "one-huge@100M", "one-huge@1B"]
+    with pytest.raises(ValueError, match="fixed shapes"):
+        parse_workloads(["gpt2-124m@1M"], None, cpu=True)
+    with pytest.raises(ValueError, match="unknown profile"):
+        parse_workloads(["gpt3"], None, cpu=True)
+
+
+# ------------------------------------------------------------------- reference and check
+
+def _torch_steps(algo, hp, p0, g, steps, dtype=torch.float64):
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}[algo]
+    p = p0.clone().to(dtype).requires_grad_(True)
+    p.grad = g.clone().to(dtype)
+    kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay, foreach=False)
+    if algo != "adamax":
+        kw["amsgrad"] = hp.amsgrad
+    opt = cls([p], **kw)
+    for _ in range(steps):
+        opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("algo,amsgrad", [("adam", False), ("adamw", False), ("adamw", True),
+                                          ("adam", True), ("adamax", False)])
+def test_reference_matches_torch_float64(algo, amsgrad):
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(2000, generator=gen, dtype=torch.float64)
+    g = torch.randn(2000, generator=gen, dtype=torch.float64)
+    hp = HyperParams(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    ref = check.reference(p0, g, 4, algo, hp, "fp64", "fp64", None)
+    torch.testing.assert_close(ref, _torch_steps(algo, hp, p0, g, 4), rtol=1e-12, atol=1e-14)
+
+
+def test_reference_matches_torch_fused_bf16_state():
+    # torch's fused AdamW on bf16 params keeps bf16 state and rounds after use, as modelled
+    gen = torch.Generator().manual_seed(2)
+    p0 = (torch.randn(5000, generator=gen) * 0.02).to(torch.bfloat16)
+    g = torch.randn(5000, generator=gen).to(torch.bfloat16)
+    hp = HyperParams()
+    p = p0.clone().requires_grad_(True)
+    p.grad = g.clone()
+    opt = torch.optim.AdamW([p], lr=hp.lr, betas=hp.betas, eps=hp.eps,
+                            weight_decay=hp.weight_decay, fused=True)
+    for _ in range(3):
+        opt.step()
+    ref = check.reference(p0.double(), g.double(), 3, "adamw", hp, "bf16", "bf16", None)
+    res = check.compare(p.detach().double(), ref, 3, "bf16", hp.lr)
+    assert res.ok, res.detail
+
+
+def test_compare_catches_skipped_and_doubled_updates():
+    gen = torch.Generator().manual_seed(3)
+    hp = HyperParams()
+    for dt in ("fp32", "bf16"):
+        p0 = (torch.randn(4096, generator=gen) * 0.02).to(workloads.torch_dtype(dt)).double()
+        g = torch.randn(4096, generator=gen).to(workloads.torch_dtype(dt)).double()
+        ref2 = check.reference(p0, g, 2, "adamw", hp, dt, "fp32", None)
+        assert check.compare(ref2, ref2, 2, dt, hp.lr).ok
+        ref1 = check.reference(p0, g, 1, "adamw", hp, dt, "fp32", None)
+        ref4 = check.reference(p0, g, 4, "adamw", hp, dt, "fp32", None)
+        assert not check.compare(ref1, ref2, 2, dt, hp.lr).ok      # one update missing
+        assert not check.compare(ref4, ref2, 2, dt, hp.lr).ok      # applied twice
+        nan = ref2.clone()
+        nan[5] = math.nan
+        assert not check.compare(nan, ref2, 2, dt, hp.lr).ok
+
+
+def test_sample_covers_ends_and_empty_tensors():
+    params = [torch.zeros(0), torch.arange(10.0), torch.arange(100_000.0), torch.tensor(3.0)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    s = check.choose_sample(params, per_tensor=16)
+    picked = dict(s.picks)
+    assert 0 not in picked                                  # empty tensor skipped
+    assert 99_999 in picked[2].tolist() and 0 in picked[2].tolist()
+    assert s.p0.numel() == s.g.numel() == sum(len(i) for _, i in s.picks)
+
+
+# ----------------------------------------------------------------------- torch providers
+
+@pytest.mark.parametrize("name", ["torch-fused", "torch-foreach", "torch-forloop"])
+@pytest.mark.parametrize("setup", ["fp32", "bf16", "bf16-master"])
+def test_torch_providers_are_labelled_and_correct(name, setup):
+    from tritonadam.bench.runner import make_tensors
+
+    s = SETUPS[setup]
+    w = make_workload("check-small")
+    params = make_tensors(w, s, torch.device("cpu"), seed=0)
+    sample = check.choose_sample(params)
+    hp = HyperParams()
+    built = PROVIDERS[name].build(params, s, "adamw", hp)
+    for _ in range(2):
+        built.step()
+    observed_layout(built)
+    res = check.check_after_steps(sample, built.params, 2, "adamw", hp, s, built.layout)
+    assert res.ok, res.detail
+    per = traffic(built.layout).bytes_per_param
+    if setup == "fp32":
+        assert built.label == "" and per == 28
+    elif setup == "bf16":
+        assert "bf16 state" in built.label and per == 14
+    else:
+        assert "torch has no master weights" in built.label and per == 40
+        assert state_bytes(built) >= w.params * (4 + 4 + 8)  # master, its grads, m, v
+
+
+def test_adamax_has_no_torch_fused():
+    why = PROVIDERS["torch-fused"].unsupported(SETUPS["fp32"], "adamax", HyperParams(),
+                                               make_workload("check-small"), torch.device("cpu"), {})
+    assert why and "fused" in why
+
+
+def test_quantile():
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert quantile([7.0], 0.8) == 7.0
+    assert math.isnan(quantile([], 0.5))

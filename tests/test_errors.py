@@ -1,0 +1,158 @@
+"""Bad input: torch's errors for hyper-parameters, clear errors for what we cannot step,
+and a failed step leaves params and state untouched."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    optim_error_inputs_func_adam,
+    optim_error_inputs_func_adamax,
+    optim_error_inputs_func_adamw,
+)
+
+from helpers import LAUNCH, PAIRS, make_params
+
+ERRORS = {
+    "Adam": optim_error_inputs_func_adam,
+    "AdamW": optim_error_inputs_func_adamw,
+    "Adamax": optim_error_inputs_func_adamax,
+}
+
+
+def _error_cases():
+    for name, func in ERRORS.items():
+        for case in func("cpu", torch.float32):
+            yield pytest.param(name, case, id=f"{name}-{case.optimizer_error_input.desc}")
+
+
+@pytest.mark.parametrize("name,case", list(_error_cases()))
+def test_torch_error_inputs(name, case):
+    """Each of torch's own error cases raises (or warns) as torch.optim does."""
+    cls = PAIRS[name][0]
+    inp = case.optimizer_error_input
+    params = inp.params if inp.params is not None else [torch.nn.Parameter(torch.randn(2, 2))]
+    if case.error_type is UserWarning or issubclass(case.error_type, Warning):
+        with pytest.warns(case.error_type, match=case.error_regex):
+            cls(params, **inp.kwargs)
+        return
+    with pytest.raises(case.error_type, match=case.error_regex):
+        opt = cls(params, **inp.kwargs)
+        if case.error_on == OptimizerErrorEnum.STEP_ERROR:
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.randn_like(p)
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_size=1000), "Invalid block_size"),
+        (dict(block_size=8), "Invalid block_size"),
+        (dict(num_warps=3), "Invalid num_warps"),
+        (dict(autotune="sometimes"), "Invalid autotune"),
+        (dict(differentiable=True), "does not support differentiable"),
+        (dict(lr=-1.0), "Invalid learning rate"),
+        (dict(eps=-1.0), "Invalid epsilon"),
+    ],
+)
+def test_invalid_options(kwargs, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        PAIRS["Adam"][0]([torch.nn.Parameter(torch.randn(2))], **kwargs)
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {
+        id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()
+    }
+
+
+def _assert_untouched(opt, params, snap):
+    before_params, before_state = snap
+    for p, b in zip(params, before_params):
+        assert torch.equal(p.detach(), b)
+    assert {id(p) for p in opt.state} == set(before_state)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, before_state[id(p)][k])
+
+
+@pytest.mark.parametrize("bad", ["sparse", "complex", "shape"])
+def test_bad_grad_raises_and_touches_nothing(bad, device):
+    good = make_params([(5,), (1030,)], torch.float32, device)
+    if bad == "complex":
+        odd = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64, device=device))
+    else:
+        odd = torch.nn.Parameter(torch.randn(4, 3, device=device))
+    opt = PAIRS["AdamW"][0]([{"params": good}, {"params": [odd], "lr": 1e-2}], **LAUNCH)
+    for p in good:
+        p.grad = torch.randn_like(p)
+    opt.step()  # a first good step so there is state to protect
+    snap = _snapshot(opt, good + [odd])
+    for p in good:
+        p.grad = torch.randn_like(p)
+    if bad == "sparse":
+        odd.grad = torch.randn(4, 3, device=device).to_sparse()
+        match = "does not support sparse gradients"
+    elif bad == "complex":
+        odd.grad = torch.randn_like(odd)
+        match = "complex"
+    else:
+        # The grad setter checks shapes, so go around it as a buggy hook might.
+        odd.grad = None
+        odd.grad = torch.randn(4, 3, device=device)
+        odd.grad.data = torch.randn(12, device=device)
+        match = "grad of shape"
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_untouched(opt, good + [odd], snap)
+
+
+def test_unsupported_dtype(device):
+    p = torch.nn.Parameter(torch.randn(3, device=device).to(torch.float8_e4m3fn), requires_grad=False)
+    p.grad = torch.zeros(3, device=device).to(torch.float8_e4m3fn)
+    opt = PAIRS["Adam"][0]([p], **LAUNCH)
+    with pytest.raises(RuntimeError, match="float32, float16, bfloat16 and float64"):
+        opt.step()
+
+
+def test_non_dense_param(device):
+    base = torch.randn(6, 4, device=device)
+    p = torch.nn.Parameter(base[:, :2])  # strided view: gaps between rows
+    if p.is_contiguous():
+        pytest.skip("this torch made the parameter contiguous")
+    p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="dense"):
+        PAIRS["Adam"][0]([p], **LAUNCH).step()
+
+
+def test_transposed_grad_is_read_correctly(device):
+    """A grad whose strides differ from the param's is stepped by value, not by memory."""
+    p = torch.nn.Parameter(torch.randn(5, 3, device=device))
+    q = torch.nn.Parameter(p.detach().clone())
+    g = torch.randn(3, 5, device=device).t()  # same shape, other strides
+    p.grad, q.grad = g, g.contiguous()
+    a, b = PAIRS["Adam"][0]([p], **LAUNCH), PAIRS["Adam"][0]([q], **LAUNCH)
+    a.step()
+    b.step()
+    assert torch.equal(p, q)
+    assert torch.equal(p.grad, g)
+
+
+def test_cpu_tensors_without_interpreter_say_what_to_do(tmp_path):
+    code = (
+        "import torch, tritonadam\n"
+        "p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)\n"
+        "tritonadam.Adam([p]).step()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "CUDA or ROCm device" in out.stderr and "TRITON_INTERPRET=1" in out.stderr

@@ -1,0 +1,110 @@
+"""state_dict / load_state_dict interchangeable with torch.optim in both directions."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from helpers import LAUNCH, PAIRS, clone_params, make_params, random_grads
+
+SHAPES = [(), (7,), (1025,), (3, 4)]
+
+
+def _train(opt, params, gen, steps):
+    for _ in range(steps):
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g
+        opt.step()
+
+
+@pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_round_trip_with_torch_then_more_steps(name, direction, device):
+    """Train 3 steps with one class, move the state to the other, train 3 more: the
+    result equals 6 uninterrupted steps of torch.optim."""
+    ours_cls, torch_cls = PAIRS[name]
+    kw = {"weight_decay": 0.1} | ({"amsgrad": True} if name != "Adamax" else {})
+    start = make_params(SHAPES, torch.float32, device, seed=3)
+    uninterrupted = clone_params(start)
+    baseline = torch_cls(uninterrupted, **kw, foreach=False)
+    _train(baseline, uninterrupted, torch.Generator().manual_seed(4), 6)
+
+    first_cls, second_cls = (torch_cls, ours_cls) if direction == "torch->ours" else (ours_cls, torch_cls)
+    extra = lambda cls: LAUNCH if cls is ours_cls else {"foreach": False}  # noqa: E731
+    params = clone_params(start)
+    gen = torch.Generator().manual_seed(4)
+    first = first_cls(params, **kw, **extra(first_cls))
+    _train(first, params, gen, 3)
+    saved = pickle.loads(pickle.dumps(first.state_dict()))
+    second = second_cls(params, **kw, **extra(second_cls))
+    second.load_state_dict(saved)
+    assert second.param_groups[0].keys() == first.param_groups[0].keys()
+    _train(second, params, gen, 3)
+    for p, q in zip(params, uninterrupted):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_fp32_state_of_bf16_params_survives_load(device):
+    """torch's load_state_dict casts state to the param dtype; ours keeps fp32 state."""
+    params = make_params(SHAPES, torch.bfloat16, device, seed=5)
+    opt = PAIRS["AdamW"][0](params, master_weights=True, **LAUNCH)
+    _train(opt, params, torch.Generator().manual_seed(6), 2)
+    saved = copy.deepcopy(opt.state_dict())
+    restored_params = clone_params(params)
+    restored = PAIRS["AdamW"][0](restored_params, master_weights=True, **LAUNCH)
+    restored.load_state_dict(saved)
+    for p, q in zip(params, restored_params):
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            a, b = opt.state[p][key], restored.state[q][key]
+            assert b.dtype == torch.float32
+            assert torch.equal(a, b)
+        assert restored.state[q]["step"].dtype == torch.float32
+        assert restored.state[q]["step"].device == q.device
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    _train(opt, params, g1, 2)
+    _train(restored, restored_params, g2, 2)
+    for p, q in zip(params, restored_params):
+        assert torch.equal(p, q)
+
+
+def test_bf16_state_from_torch_is_upcast(device):
+    """torch.optim keeps bf16 state for bf16 params; loading it gives fp32 state."""
+    params = make_params(SHAPES, torch.bfloat16, device, seed=8)
+    theirs = torch.optim.Adam(clone_params(params), foreach=False)
+    _train(theirs, theirs.param_groups[0]["params"], torch.Generator().manual_seed(9), 2)
+    ours = PAIRS["Adam"][0](params, **LAUNCH)
+    ours.load_state_dict(theirs.state_dict())
+    for p in params:
+        assert ours.state[p]["exp_avg"].dtype == torch.float32
+    _train(ours, params, torch.Generator().manual_seed(10), 2)
+    assert all(ours.state[p]["step"].item() == 4 for p in params)
+
+
+def test_deepcopy_and_pickle_keep_options_and_do_not_alias(device):
+    params = make_params(SHAPES, torch.float32, device, seed=11)
+    opt = PAIRS["Adam"][0](params, master_weights=True, bias_correction=False, **LAUNCH)
+    _train(opt, params, torch.Generator().manual_seed(12), 1)
+    clone = copy.deepcopy(opt)
+    assert (clone.master_weights, clone.bias_correction, clone.block_size) == (True, False, LAUNCH["block_size"])
+    before = [s["exp_avg"].clone() for s in opt.state.values()]
+    # Stepping the copy must not write into the original's state through cached pointers.
+    cparams = clone.param_groups[0]["params"]
+    _train(clone, cparams, torch.Generator().manual_seed(13), 1)
+    for s, b in zip(opt.state.values(), before):
+        assert torch.equal(s["exp_avg"], b)
+    unpickled = pickle.loads(pickle.dumps(opt))
+    assert unpickled.bias_correction is False
+
+
+def test_state_dict_keys_match_torch(device):
+    for name, (ours_cls, torch_cls) in PAIRS.items():
+        params = make_params([(5,)], torch.float32, device)
+        ref = clone_params(params)
+        a, b = ours_cls(params, **LAUNCH), torch_cls(ref, foreach=False)
+        _train(a, params, torch.Generator().manual_seed(0), 1)
+        _train(b, ref, torch.Generator().manual_seed(0), 1)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa["state"][0].keys() == sb["state"][0].keys(), name
+        assert sa["param_groups"][0].keys() == sb["param_groups"][0].keys(), name

@@ -1,0 +1,142 @@
+"""Per-GPU launch configs for the optimizer kernels: config space, tuner, on-disk cache.
+
+The optimizer asks ``select_config`` once per launch; the first call for a kernel variant
+and size bucket decides (built-in default, disk cache, or timing on scratch buffers within
+a budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
+``mode`` keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and
+Triton's interpreter never tune. In a distributed job rank 0 decides and broadcasts.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from .cache import AutotuneCacheWarning, CacheIdentity, DiskCache, entry_key
+from .configs import (
+    DEFAULTS,
+    GPU_DEFAULT,
+    INTERPRETER_DEFAULT,
+    DefaultRow,
+    DeviceInfo,
+    LaunchConfig,
+    Provenance,
+    arch_default,
+    candidate_configs,
+    config_space,
+    default_config,
+    size_bucket,
+)
+from .tuner import MODES, Choice, Tuner, TuneResult, resolve_mode
+
+__all__ = [
+    "LaunchConfig",
+    "DeviceInfo",
+    "Provenance",
+    "DefaultRow",
+    "DEFAULTS",
+    "INTERPRETER_DEFAULT",
+    "GPU_DEFAULT",
+    "MODES",
+    "AutotuneCacheWarning",
+    "CacheIdentity",
+    "DiskCache",
+    "Choice",
+    "Tuner",
+    "TuneResult",
+    "default_config",
+    "arch_default",
+    "config_space",
+    "candidate_configs",
+    "size_bucket",
+    "entry_key",
+    "resolve_mode",
+    "select_config",
+    "choices",
+    "format_choices",
+    "print_choices",
+    "get_tuner",
+    "set_tuner",
+]
+
+_tuner = Tuner()
+
+
+def get_tuner() -> Tuner:
+    """The process-wide tuner that ``select_config`` uses."""
+    return _tuner
+
+
+def set_tuner(tuner: Tuner) -> Tuner:
+    """Replace the process-wide tuner (tests, custom timers); returns the previous one."""
+    global _tuner
+    old, _tuner = _tuner, tuner
+    return old
+
+
+def select_config(
+    key: tuple,
+    numel: int,
+    device: torch.device,
+    make_runner: Callable[[LaunchConfig, int], Callable[[], None]],
+    *,
+    mode: str | None = None,
+    source_hash: str | None = None,
+    bytes_per_elem: float | None = None,
+    allow_persistent: bool = False,
+) -> LaunchConfig:
+    """The launch config for one kernel variant and launch size on ``device``.
+
+    ``key`` names the kernel variant and dtypes (a hashable tuple, built by the kernels
+    package; stored as strings); ``numel`` is the element count of the launch (bucketed in
+    powers of two); ``make_runner(config, numel)`` returns a zero-argument callable that
+    launches the kernel once on scratch buffers of ``numel`` elements (never the user's
+    tensors), for timing. It is called only when tuning, with the bucket's representative
+    size, possibly capped by the scratch-memory budget.
+
+    Keyword-only:
+    ``mode``: "on" | "cache-only" | "off"; None = ``TRITONADAM_AUTOTUNE``, else "on".
+    ``source_hash``: identifies the kernel source (part of the cache file's identity);
+    None = a hash of ``tritonadam/kernels/*.py``. ``bytes_per_elem``: bytes one step moves
+    per element, for GB/s in the cache and the scratch-memory cap. ``allow_persistent``:
+    the kernels accept ``LaunchConfig.persistent=True``, so persistent grids are tuned too.
+
+    After the first call for a (key, bucket, device, mode) this is a dictionary lookup.
+    """
+    return _tuner.select(
+        key, numel, device, make_runner,
+        mode=mode, source_hash=source_hash, bytes_per_elem=bytes_per_elem, allow_persistent=allow_persistent,
+    )
+
+
+def choices() -> list[Choice]:
+    """Every decision ``select_config`` made in this process, in order."""
+    return _tuner.choices()
+
+
+def format_choices(items: list[Choice] | None = None, *, tablefmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    items = choices() if items is None else items
+    rows = [
+        (
+            "|".join(str(k) for k in c.key),
+            f"2^{c.bucket}",
+            c.device,
+            c.config.short(),
+            c.source,
+            f"{c.time_ms:.4g}" if c.time_ms is not None else "",
+            f"{c.gbps:.0f}" if c.gbps is not None else "",
+            c.runner_up or "",
+        )
+        for c in items
+    ]
+    return tabulate(
+        rows, headers=["key", "n <=", "device", "config", "source", "ms", "GB/s", "runner-up"], tablefmt=tablefmt
+    )
+
+
+def print_choices(file=None) -> None:
+    """Print the decisions made in this process as a table."""
+    print(format_choices(), file=file or sys.stdout)

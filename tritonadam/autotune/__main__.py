@@ -1,0 +1,367 @@
+"""``python -m tritonadam.autotune``: pre-tune, show, export, import and clear the cache."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import sys
+
+from .configs import MIN_BUCKET
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+_EPILOG = """\
+The cache lives in $TRITONADAM_CACHE_DIR, else the user's cache directory (see `path`).
+One JSON file per GPU model + compute capability + triton version + kernel source and
+config-space hash; files for other GPUs or versions are left alone and never used.
+
+examples:
+  python -m tritonadam.autotune tune --optimizer adamw --param-dtype bf16 --master-weights --model-size 7B --world-size 8
+  python -m tritonadam.autotune show
+  python -m tritonadam.autotune export tuned.json     # on the GPU box
+  python -m tritonadam.autotune import tuned.json     # on another box with the same GPU
+"""
+
+
+def _parse_size(text: str) -> int:
+    """'7B', '125M', '64k', '1e6', '2^20', '2**20', '4096' -> elements."""
+    t = text.strip().replace("_", "")
+    m = re.fullmatch(r"2(?:\^|\*\*)(\d+)", t)
+    if m:
+        return 2 ** int(m.group(1))
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbBgGtT]?)", t)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4096, 1e6, 2^20, 125M, 7B)")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
+    n = int(float(m.group(1)) * scale)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
+
+
+def _cache(args):
+    from .cache import DiskCache
+
+    return DiskCache(args.cache_dir) if args.cache_dir else DiskCache()
+
+
+def _fmt_cfg(obj) -> str:
+    from .configs import LaunchConfig
+
+    cfg = LaunchConfig.from_json(obj)
+    return cfg.short() if cfg else "?"
+
+
+def _entry_rows(entries: dict) -> list:
+    rows = []
+    for name in sorted(entries, key=lambda n: (entries[n]["key"], entries[n]["bucket"])):
+        e = entries[name]
+        ru = e.get("runner_up")
+        d = e.get("default") or {}
+        meas = e.get("measured") or {}
+        how = ", ".join(
+            str(x)
+            for x in (
+                meas.get("at", ""),
+                meas.get("how", ""),
+                f"{meas.get('configs_timed', '?')}/{meas.get('configs_considered', '?')} timed"
+                + ("" if meas.get("complete", True) else " (budget ran out)"),
+            )
+            if x
+        )
+        dflt = ""
+        if isinstance(d, dict) and isinstance(d.get("time_ms"), (int, float)) and d.get("config") != e["config"]:
+            dflt = f"{_fmt_cfg(d.get('config'))} {d['time_ms']:.4g} ms"
+        rows.append(
+            (
+                "|".join(e["key"]),
+                f"2^{e['bucket']}",
+                _fmt_cfg(e["config"]),
+                f"{e['time_ms']:.4g}",
+                f"{e['gbps']:.0f}" if e.get("gbps") else "",
+                f"{_fmt_cfg(ru['config'])} {ru['time_ms']:.4g} ms" if ru else "",
+                dflt,
+                how,
+            )
+        )
+    return rows
+
+
+_HEADERS = ["key", "n <=", "config", "ms", "GB/s", "runner-up", "default (if slower)", "measured"]
+
+
+def cmd_show(args) -> int:
+    from tabulate import tabulate
+
+    cache = _cache(args)
+    files = cache.files()
+    if not files:
+        print(f"no tuned configs in {cache.directory}")
+        return 0
+    for path in files:
+        parsed = cache.read(path)
+        print(f"== {path}")
+        if parsed.identity is not None:
+            print(f"   {parsed.identity.describe()}")
+        if parsed.problem:
+            print(f"   ignored: {parsed.problem}" if not parsed.entries else f"   note: {parsed.problem}")
+        if parsed.entries:
+            print(tabulate(_entry_rows(parsed.entries), headers=_HEADERS, tablefmt=args.format))
+        print()
+    return 0
+
+
+def cmd_path(args) -> int:
+    cache = _cache(args)
+    print(cache.directory)
+    import torch
+
+    from .. import _env
+
+    if torch.cuda.is_available() and not _env.interpret():
+        from .tuner import Tuner
+
+        t = Tuner(cache=cache)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        print(cache.path(t.identity(t.device_info(dev), _kernels_source_hash())))
+    return 0
+
+
+def cmd_clear(args) -> int:
+    cache = _cache(args)
+    n = cache.clear()
+    print(f"removed {n} cache file{'s' if n != 1 else ''} from {cache.directory}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    cache = _cache(args)
+    n, notes = cache.export_bundle(args.file)
+    for note in notes:
+        print(note)
+    print(f"exported {n} entr{'y' if n == 1 else 'ies'} from {cache.directory} to {args.file}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    cache = _cache(args)
+    try:
+        n, notes = cache.import_file(args.file)
+    except (OSError, ValueError) as e:
+        print(f"cannot import {args.file}: {e}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(note)
+    print(f"imported {n} entr{'y' if n == 1 else 'ies'} into {cache.directory}")
+    return 0 if n or not notes else 1
+
+
+def _kernels_source_hash():
+    try:
+        import tritonadam.kernels as k
+    except Exception:
+        return None
+    return getattr(k, "SOURCE_HASH", None)
+
+
+def _call_with_supported(fn, kwargs: dict):
+    """Call ``fn`` with the subset of ``kwargs`` it accepts (all of them if it takes **kw)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from .. import _env
+
+    if not torch.cuda.is_available() or _env.interpret():
+        why = "TRITON_INTERPRET=1 is set" if _env.interpret() else "no CUDA or ROCm GPU is visible to torch"
+        print(
+            f"tritonadam.autotune tune: nothing tuned: {why}. Tuning times the kernels on a GPU; "
+            "on CPU the optimizer uses its built-in defaults and never tunes.",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        from tritonadam.kernels import autotune_key, make_scratch_runner
+    except Exception as e:
+        print(
+            "tritonadam.autotune tune: this install of tritonadam.kernels does not provide "
+            f"`autotune_key` and `make_scratch_runner` ({type(e).__name__}: {e}); cannot tune.",
+            file=sys.stderr,
+        )
+        return 1
+    import tritonadam.kernels as kernels
+
+    from .cache import entry_key
+    from .configs import size_bucket, space_id
+    from .tuner import Tuner
+
+    device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if args.numel:
+        sizes = list(args.numel)
+    else:
+        top = max(1, args.model_size // max(1, args.world_size))
+        lo, hi = size_bucket(args.min_numel), size_bucket(top)
+        sizes = [2**b for b in range(lo, hi + 1)]
+    buckets = sorted({size_bucket(n) for n in sizes})
+    source_hash = getattr(kernels, "SOURCE_HASH", None)
+    # Must match what the optimizer passes to select_config, or the entries go unused.
+    allow_persistent = bool(getattr(kernels, "ALLOW_PERSISTENT", False))
+    tuner = Tuner(cache=_cache(args), budget_s=args.budget, verbose=args.verbose or None)
+    rows = []
+    for opt in args.optimizer:
+        for pd in args.param_dtype:
+            gd = pd if args.grad_dtype == "same" else args.grad_dtype
+            kw = dict(
+                optimizer=opt,
+                param_dtype=getattr(torch, DTYPES[pd]),
+                grad_dtype=getattr(torch, DTYPES[gd]),
+                amsgrad=args.amsgrad,
+                master_weights=args.master_weights,
+            )
+            key = tuple(_call_with_supported(autotune_key, kw))
+            bpe_fn = getattr(kernels, "bytes_per_elem", None)
+            bpe = _call_with_supported(bpe_fn, kw) if bpe_fn else None
+
+            def make_runner(config, numel, _kw=kw):
+                return _call_with_supported(make_scratch_runner, {**_kw, "config": config, "numel": numel, "device": device})
+
+            info = tuner.device_info(device)
+            space = space_id(info.backend, allow_persistent=allow_persistent)
+            for b in buckets:
+                name = entry_key(key, b)
+                if not args.force:
+                    hit = tuner.cache.lookup(tuner.identity(info, source_hash), name, space)
+                    if hit is not None:
+                        rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "cached (use --force to re-tune)"))
+                        continue
+                res = tuner.tune(
+                    key, 2**b, device, make_runner, source_hash=source_hash, bytes_per_elem=bpe,
+                    allow_persistent=allow_persistent, how="cli tune",
+                )
+                if res is None:
+                    rows.append((name, "", "", "failed: no config could be timed"))
+                else:
+                    rows.append(
+                        (name, res.config.short(), f"{res.time_ms:.4g}",
+                         f"tuned {len([m for m in res.measurements if m.time_ms])}/{res.considered}")
+                    )
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=["entry", "config", "ms", "result"]))
+    print(f"cache: {tuner.cache.path(tuner.identity(tuner.device_info(device), source_hash))}")
+    return 0 if all(not r[3].startswith("failed") for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tritonadam.autotune",
+        description="Launch configs for tritonadam's optimizer kernels, tuned per GPU and cached on disk.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="cache directory to use instead of $TRITONADAM_CACHE_DIR / the user's cache directory",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser(
+        "tune",
+        help="time the configs now, on this GPU, for given optimizers, dtypes and sizes, and cache the winners",
+        description=(
+            "Pre-tune so that training does not pay for tuning on its first step. For every "
+            "optimizer x param dtype and every power-of-two size bucket from --min-numel up "
+            "to the largest launch (--numel, or --model-size / --world-size), time the "
+            "candidate configs on scratch buffers and store the fastest. Needs a GPU: on "
+            "CPU it says so and exits with status 1."
+        ),
+    )
+    t.add_argument("--optimizer", nargs="+", default=["adamw"], choices=["adam", "adamw", "adamax"],
+                   help="optimizer variants to tune (default: adamw)")
+    t.add_argument("--param-dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
+                   help="parameter dtypes (default: fp32 bf16)")
+    t.add_argument("--grad-dtype", default="same", choices=["same", *sorted(DTYPES)],
+                   help="gradient dtype (default: same as the parameter)")
+    t.add_argument("--master-weights", action="store_true", help="tune the fp32-master-weights variant")
+    t.add_argument("--amsgrad", action="store_true", help="tune the AMSGrad variant")
+    size = t.add_mutually_exclusive_group(required=True)
+    size.add_argument("--numel", nargs="+", type=_parse_size, metavar="N",
+                      help="elements per launch to tune for, e.g. 2^20 125M (each is rounded up to its bucket)")
+    size.add_argument("--model-size", type=_parse_size, metavar="N",
+                      help="parameters in the model (e.g. 7B): tunes every bucket from --min-numel up to N / --world-size")
+    t.add_argument("--world-size", type=int, default=1,
+                   help="ranks the model's parameters are sharded over (FSDP/ZeRO); default 1")
+    t.add_argument("--min-numel", type=_parse_size, default=2**MIN_BUCKET,
+                   help=f"smallest launch to tune with --model-size (default 2^{MIN_BUCKET})")
+    t.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
+    t.add_argument("--device", default=None, help="GPU to tune on (default: the current CUDA device)")
+    t.add_argument("--force", action="store_true", help="re-tune entries that are already cached")
+    t.add_argument("-v", "--verbose", action="store_true", help="print every config's time")
+    t.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser(
+        "show",
+        help="print the cache as tables: key, size bucket, chosen config, time, GB/s, runner-up, how measured",
+        description="Print every cache file in the cache directory with its identity (GPU, triton, hashes) and entries.",
+    )
+    s.add_argument("--format", default="simple", help="tabulate table format (simple, github, grid, ...)")
+    s.set_defaults(func=cmd_show)
+
+    e = sub.add_parser(
+        "export",
+        help="write every usable cache file into one JSON bundle FILE",
+        description="Write every usable cache file of the cache directory into one JSON bundle, to copy to other machines.",
+    )
+    e.add_argument("file", metavar="FILE")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser(
+        "import",
+        help="merge a bundle (from export) or a cache file into the cache, after validating it",
+        description=(
+            "Merge FILE (an export bundle or a single cache file) into the cache directory. "
+            "Every entry is checked like a cache read: unknown configs, bad numbers and files "
+            "for another config space are skipped and reported. Imported entries replace "
+            "local ones with the same key. Exit status 1 if nothing could be imported."
+        ),
+    )
+    i.add_argument("file", metavar="FILE")
+    i.set_defaults(func=cmd_import)
+
+    c = sub.add_parser(
+        "clear",
+        help="delete every tritonadam autotune cache file in the cache directory",
+        description="Delete every tritonadam-autotune-*.json file (and its lock) in the cache directory; nothing else.",
+    )
+    c.set_defaults(func=cmd_clear)
+
+    pa = sub.add_parser(
+        "path",
+        help="print the cache directory (and, on a GPU, this GPU's cache file)",
+        description="Print the cache directory; on a GPU also the file this GPU and install would use.",
+    )
+    pa.set_defaults(func=cmd_path)
+    return p
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Launch configurations: what the kernels accept, the space the tuner searches, and the
+built-in defaults used when tuning is off or impossible.
+
+Everything here is pure data and arithmetic (no GPU needed), so the tests can check the
+space, the pruning and the defaults table on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _env
+
+__all__ = [
+    "LaunchConfig",
+    "DeviceInfo",
+    "Provenance",
+    "DefaultRow",
+    "DEFAULTS",
+    "INTERPRETER_DEFAULT",
+    "GPU_DEFAULT",
+    "MIN_BUCKET",
+    "MAX_BUCKET",
+    "default_config",
+    "arch_default",
+    "config_space",
+    "candidate_configs",
+    "space_hash",
+    "space_id",
+    "size_bucket",
+    "bucket_numel",
+    "is_known_config",
+]
+
+
+@dataclass(frozen=True, order=True)
+class LaunchConfig:
+    """How one multi-tensor launch is shaped.
+
+    block_size: elements per program (a power of two); num_warps: warps per program.
+    persistent: False = one program per block (the grid covers every block); True = a grid of
+    about one wave of programs that loop over blocks. Only offered to the tuner when the
+    kernels say they support it (``select_config(..., allow_persistent=True)``).
+    """
+
+    block_size: int
+    num_warps: int
+    persistent: bool = False
+
+    def as_dict(self) -> dict:
+        # ``persistent`` only appears when set, so ``kernel[grid](..., **cfg.as_dict())`` keeps
+        # working for kernels that take just BLOCK_SIZE/num_warps.
+        d = {"block_size": self.block_size, "num_warps": self.num_warps}
+        if self.persistent:
+            d["persistent"] = True
+        return d
+
+    def to_json(self) -> dict:
+        return {"block_size": self.block_size, "num_warps": self.num_warps, "persistent": self.persistent}
+
+    @staticmethod
+    def from_json(obj) -> "LaunchConfig | None":
+        """Parse a config read from disk; None for anything not exactly the expected shape.
+
+        Strict on types on purpose: ``True`` is an int in Python and ``4096.0`` is not a
+        block size we launch, and a hand-edited file must not smuggle either in.
+        """
+        if not isinstance(obj, dict):
+            return None
+        if set(obj) - {"block_size", "num_warps", "persistent"}:
+            return None
+        b, w, p = obj.get("block_size"), obj.get("num_warps"), obj.get("persistent", False)
+        if type(b) is not int or type(w) is not int or type(p) is not bool:
+            return None
+        return LaunchConfig(b, w, p)
+
+    def short(self) -> str:
+        s = f"block={self.block_size} warps={self.num_warps}"
+        return s + " persistent" if self.persistent else s
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the tuner needs to know about a GPU. Injectable so CPU tests can pose as one.
+
+    backend: "cuda" or "hip"; arch: "sm_90", "gfx942", ...; capability: "9.0" / "gfx942".
+    """
+
+    backend: str
+    name: str
+    arch: str
+    capability: str
+    num_sms: int | None = None
+    warp_size: int = 32
+    l2_bytes: int | None = None
+
+
+# --- the search space -----------------------------------------------------------------
+
+# A block is at least 512 elements: below that a program moves too few bytes to cover its
+# launch and scheduling cost on any GPU we target. 16384 is where registers per thread start
+# to bite at 1-2 warps, and larger blocks only shrink the grid further.
+BLOCK_SIZES = tuple(2**k for k in range(9, 15))  # 512 .. 16384
+# Elements per thread: >= 4 so an fp32 thread can issue one 16-byte vector load; <= 64 so a
+# thread's live registers for p, g, m, v (and master) stay well below spilling.
+MIN_ELEMS_PER_THREAD = 4
+MAX_ELEMS_PER_THREAD = 64
+
+_BACKENDS = {
+    # NVIDIA: 32-thread warps, up to 1024 threads per program.
+    "cuda": {"warp_size": 32, "num_warps": (1, 2, 4, 8, 16)},
+    # AMD: 64-thread wavefronts; more than 8 wavefronts per program rarely helps an
+    # elementwise kernel and halves occupancy on CDNA, so the list stops at 8.
+    "hip": {"warp_size": 64, "num_warps": (1, 2, 4, 8)},
+}
+
+# Bump when the pruning or ordering rules change: it is part of the cache file identity,
+# because a different rule could have produced a different choice.
+RULES_VERSION = 1
+
+# Buckets are powers of two of the launch's element count, clamped: below 2**12 every config
+# costs one launch latency, and from 2**27 up (128M elements, >2 GiB of optimizer traffic) the
+# kernel is streaming at full bandwidth, so larger launches behave like 2**27.
+MIN_BUCKET = 12
+MAX_BUCKET = 27
+
+
+def _backend_spec(backend: str) -> dict:
+    try:
+        return _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_BACKENDS)}") from None
+
+
+def config_space(backend: str = "cuda", *, allow_persistent: bool = False) -> list[LaunchConfig]:
+    """Every config the tuner may pick on ``backend``, in a fixed order (sorted).
+
+    The order and content are deterministic so their hash can name the cache file.
+    """
+    spec = _backend_spec(backend)
+    out = []
+    for block in BLOCK_SIZES:
+        for warps in spec["num_warps"]:
+            per_thread = block / (spec["warp_size"] * warps)
+            if MIN_ELEMS_PER_THREAD <= per_thread <= MAX_ELEMS_PER_THREAD:
+                out.append(LaunchConfig(block, warps))
+                if allow_persistent:
+                    out.append(LaunchConfig(block, warps, True))
+    return sorted(out)
+
+
+def is_known_config(config: LaunchConfig, backend: str, *, allow_persistent: bool = False) -> bool:
+    return config in set(config_space(backend, allow_persistent=allow_persistent))
+
+
+def space_id(backend: str, *, allow_persistent: bool = False) -> str:
+    """Short hash of one searched list (stored with each entry: entries tuned over another
+    list are not reused)."""
+    cfgs = [c.to_json() for c in config_space(backend, allow_persistent=allow_persistent)]
+    blob = json.dumps({"backend": backend, "configs": cfgs, "rules": RULES_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def space_hash(backend: str) -> str:
+    """Hash of everything the tuner could search on ``backend`` (part of the cache identity)."""
+    blob = json.dumps(
+        {
+            "backend": backend,
+            "plain": space_id(backend, allow_persistent=False),
+            "persistent": space_id(backend, allow_persistent=True),
+            "buckets": [MIN_BUCKET, MAX_BUCKET],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def size_bucket(numel: int) -> int:
+    """The power-of-two bucket of a launch: ``numel`` rounded up to ``2**b``, b clamped to
+    [MIN_BUCKET, MAX_BUCKET]."""
+    n = int(numel)
+    b = (n - 1).bit_length() if n > 1 else 0  # exact for huge ints, unlike log2
+    return min(max(b, MIN_BUCKET), MAX_BUCKET)
+
+
+def bucket_numel(bucket: int) -> int:
+    """The representative launch size of a bucket (its upper edge), before memory capping."""
+    return 2**bucket
+
+
+def candidate_configs(
+    backend: str,
+    numel: int,
+    *,
+    num_sms: int | None = None,
+    allow_persistent: bool = False,
+    first: LaunchConfig | None = None,
+) -> list[LaunchConfig]:
+    """The configs worth timing for a launch of ``numel`` elements, most promising first.
+
+    Pruned (configs that cannot win):
+    - blocks larger than the launch rounded up to a power of two: the extra lanes are masked
+      off and only cost registers;
+    - with ``num_sms`` known, blocks that leave more than half the SMs without a program,
+      unless no block fills them (then the smallest block stays);
+    - persistent grids unless there are more than two waves of blocks: with fewer, a
+      persistent grid launches the same programs as a plain one.
+
+    Ordered by distance from ``first`` (the architecture default) in log2(block) and
+    log2(warps), so that a tuner that runs out of time has measured the default and its
+    neighbours; ties keep the space's sorted order.
+    """
+    numel = max(int(numel), 1)
+    space = config_space(backend, allow_persistent=allow_persistent)
+    smallest = min(c.block_size for c in space)
+    cap = max(smallest, 1 << (numel - 1).bit_length())
+    kept = [c for c in space if c.block_size <= cap]
+    if num_sms:
+        need = max(num_sms // 2, 1)
+        filled = [c for c in kept if math.ceil(numel / c.block_size) >= need]
+        smallest_kept = min(c.block_size for c in kept)
+        kept = filled or [c for c in kept if c.block_size == smallest_kept]
+        kept = [c for c in kept if not c.persistent or math.ceil(numel / c.block_size) > 2 * num_sms]
+    elif allow_persistent:
+        # Without the SM count we cannot tell one wave from many; keep only plain grids.
+        kept = [c for c in kept if not c.persistent]
+    if first is not None:
+        fb, fw = math.log2(first.block_size), math.log2(first.num_warps)
+
+        def distance(c: LaunchConfig) -> float:
+            return abs(math.log2(c.block_size) - fb) + abs(math.log2(c.num_warps) - fw) + (
+                0.5 if c.persistent != first.persistent else 0.0
+            )
+
+        kept = sorted(kept, key=distance)  # stable: ties stay in sorted order
+    return kept
+
+
+# --- built-in defaults ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a measured default came from: the GPU, the date (ISO) and the exact command."""
+
+    gpu: str
+    date: str
+    command: str
+
+
+@dataclass(frozen=True)
+class DefaultRow:
+    """One row of the defaults table.
+
+    ``arch`` is "sm_90", "gfx942", ... or "*" (any GPU of the backend). ``min_bucket`` lets
+    measured rows differ by launch size: the row with the largest ``min_bucket`` not above
+    the launch's bucket wins. A row without ``provenance`` was not measured.
+    """
+
+    backend: str
+    arch: str
+    config: LaunchConfig
+    min_bucket: int = 0
+    provenance: Provenance | None = None
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        return "measured" if self.provenance is not None else "unmeasured default"
+
+
+# The interpreter costs ~1-2 ms per program whatever the block size (measured on CPU,
+# DESIGN.md section 2), so CPU runs use few large programs.
+INTERPRETER_DEFAULT = LaunchConfig(block_size=16384, num_warps=4)
+GPU_DEFAULT = LaunchConfig(block_size=4096, num_warps=8)
+_HIP_DEFAULT = LaunchConfig(block_size=4096, num_warps=4)
+
+_UNMEASURED = (
+    "unmeasured default: no GPU measurement yet; 16 fp32 elements per thread "
+    "(4 x 16-byte vectors) and enough programs to fill the GPU from ~1M elements"
+)
+
+# No row has been measured yet, so none carries provenance. A measured row looks like
+#   DefaultRow("cuda", "sm_90", LaunchConfig(8192, 16), min_bucket=24,
+#              provenance=Provenance("NVIDIA H100 80GB HBM3", "2025-01-31",
+#                                    "python -m tritonadam.autotune tune --optimizer adamw ..."))
+DEFAULTS: tuple[DefaultRow, ...] = (
+    DefaultRow("cuda", "sm_80", GPU_DEFAULT, note=_UNMEASURED),
+    DefaultRow("cuda", "sm_90", GPU_DEFAULT, note=_UNMEASURED),
+    DefaultRow("cuda", "sm_100", GPU_DEFAULT, note=_UNMEASURED),
+    DefaultRow("cuda", "*", GPU_DEFAULT, note=_UNMEASURED),
+    DefaultRow("hip", "gfx90a", _HIP_DEFAULT, note=_UNMEASURED),
+    DefaultRow("hip", "gfx942", _HIP_DEFAULT, note=_UNMEASURED),
+    DefaultRow("hip", "*", _HIP_DEFAULT, note=_UNMEASURED),
+)
+
+
+def arch_default(backend: str, arch: str, bucket: int | None = None) -> DefaultRow:
+    """The defaults-table row for a GPU: exact architecture first, else the backend's "*"."""
+    b = MAX_BUCKET if bucket is None else bucket
+    for want in (arch, "*"):
+        rows = [r for r in DEFAULTS if r.backend == backend and r.arch == want and r.min_bucket <= b]
+        if rows:
+            return max(rows, key=lambda r: r.min_bucket)
+    return DefaultRow(backend, "*", GPU_DEFAULT, note=_UNMEASURED)
+
+
+_device_arch: dict = {}
+
+
+def default_config(device: torch.device, numel: int | None = None) -> LaunchConfig:
+    """The built-in config for ``device`` (no timing, no disk).
+
+    CPU and Triton's interpreter get INTERPRETER_DEFAULT; a GPU gets its architecture's row.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" or _env.interpret():
+        return INTERPRETER_DEFAULT
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return GPU_DEFAULT
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _device_arch.get(idx)
+    if arch is None:
+        from .device import device_info
+
+        info = device_info(device)
+        arch = _device_arch[idx] = (info.backend, info.arch)
+    bucket = size_bucket(numel) if numel is not None else None
+    return arch_default(arch[0], arch[1], bucket).config

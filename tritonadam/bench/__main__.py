@@ -1,0 +1,313 @@
+"""``python -m tritonadam.bench``: optimizer-step throughput against torch and the copy roofline.
+
+Examples::
+
+    python -m tritonadam.bench                                  # the default matrix (GPU or CPU)
+    python -m tritonadam.bench --profiles gpt2-124m,many-small --setups bf16 --format md
+    python -m tritonadam.bench --providers tritonadam,torch-fused --profiles one-huge@1B \\
+        --out run.json --out run.md --plot run.png
+    python -m tritonadam.bench --load run.json --format md      # re-render a saved run
+    python -m tritonadam.bench --list                           # profiles, setups, providers
+
+Exit status: 0 when every result checked is right; 1 when a provider's result disagrees with
+the float64 reference (or tritonadam raises); 2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from ._startup import prepare_interpreter
+
+_DEFAULT_GPU_PROFILES = ["gpt2-124m", "llama-layers", "tinyllama-1.1b", "llama2-7b", "many-small",
+                         "one-huge"]
+_DEFAULT_CPU_PROFILES = ["one-huge", "many-small"]
+_GPU_PROVIDERS = ["tritonadam", "torch-fused", "torch-foreach", "torch-forloop", "torch-compile",
+                  "apex", "te"]
+_CPU_PROVIDERS = ["torch-fused", "torch-foreach", "torch-forloop"]
+_CPU_TIME_BUDGET_S = 40.0
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .providers import PROVIDERS
+    from .report import FORMATS
+    from .workloads import ALGOS, PROFILES, SETUPS
+
+    p = argparse.ArgumentParser(
+        prog="python -m tritonadam.bench",
+        description="Time Adam/AdamW/AdaMax steps of tritonadam and PyTorch side by side, in "
+                    "bytes moved per second against this device's measured copy bandwidth.",
+        epilog="Without a GPU it runs torch's CPU optimizers on small sizes, checks tritonadam "
+               "in Triton's interpreter, and shows the analytic GPU roofline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sel = p.add_argument_group("what to run")
+    sel.add_argument("--providers", type=_csv_list, metavar="LIST",
+                     help=f"comma list of {', '.join(PROVIDERS)} or 'all' (default on a GPU: "
+                          "tritonadam, the torch ones and apex/te when installed; on CPU: the "
+                          "torch ones, tritonadam is checked only)")
+    sel.add_argument("--setups", "--dtypes", dest="setups", type=_csv_list, metavar="LIST",
+                     help=f"dtype setups: {', '.join(SETUPS)} or 'all' (default all)")
+    sel.add_argument("--profiles", type=_csv_list, metavar="LIST",
+                     help=f"shape profiles, NAME or NAME@SIZE: {', '.join(PROFILES)} "
+                          f"(default on a GPU: {','.join(_DEFAULT_GPU_PROFILES)}; on CPU: "
+                          f"{','.join(_DEFAULT_CPU_PROFILES)} at 1M)")
+    sel.add_argument("--sizes", type=_csv_list, metavar="LIST",
+                     help="parameter counts (e.g. 10M,100M,1B) for sized profiles given "
+                          "without @SIZE (default: each profile's own)")
+    sel.add_argument("--optimizer", choices=ALGOS, default="adamw")
+    sel.add_argument("--amsgrad", action="store_true")
+    sel.add_argument("--lr", type=float, default=1e-3)
+    sel.add_argument("--weight-decay", type=float, default=1e-2)
+    sel.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    sel.add_argument("--baseline", default="torch-fused",
+                     help="provider the speedup column divides by (default torch-fused)")
+    sel.add_argument("--compile-max-tensors", type=int, default=512, metavar="N",
+                     help="skip torch-compile on workloads with more tensors (compile time)")
+    tim = p.add_argument_group("timing")
+    tim.add_argument("--warmup-ms", type=float)
+    tim.add_argument("--rep-ms", type=float, help="time spent in timed reps per case")
+    tim.add_argument("--min-reps", type=int)
+    tim.add_argument("--max-reps", type=int)
+    tim.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
+    tim.add_argument("--no-check", action="store_true", help="skip correctness checks")
+    tim.add_argument("--check-steps", type=int, default=2, metavar="N",
+                     help="steps before the correctness check (default 2)")
+    tim.add_argument("--no-launch-count", action="store_true",
+                     help="skip the torch.profiler kernel-launch count")
+    tim.add_argument("--time-budget", type=float, metavar="S",
+                     help=f"start no new case after S seconds (default: none on a GPU, "
+                          f"{_CPU_TIME_BUDGET_S:g} on CPU)")
+    tim.add_argument("--seed", type=int, default=0)
+    out = p.add_argument_group("output")
+    out.add_argument("--format", choices=FORMATS,
+                     help="stdout format (default table); also for --out files whose "
+                          "extension is not .json/.md/.csv/.txt")
+    out.add_argument("--out", action="append", default=[], metavar="FILE",
+                     help="write the report to FILE (repeatable; format from the extension); "
+                          "stdout then shows the table")
+    out.add_argument("--plot", metavar="FILE.png", help="bar chart (needs matplotlib)")
+    out.add_argument("--roofline", action="store_true",
+                     help="show the analytic roofline table (always shown on CPU)")
+    out.add_argument("--load", metavar="FILE.json", help="render a saved JSON run; run nothing")
+    out.add_argument("--list", action="store_true", help="list profiles, setups and providers")
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    return p
+
+
+def _listing() -> str:
+    from tabulate import tabulate
+
+    from .providers import PROVIDERS
+    from .workloads import PROFILES, SETUPS, bytes_per_param, format_count, make_workload, traffic
+
+    rows = []
+    for name, prof in PROFILES.items():
+        if prof.sized:
+            sizes = ",".join(format_count(s) for s in prof.default_sizes)
+            rows.append([name, f"sized (default {sizes})", "", prof.description])
+        else:
+            w = make_workload(name)
+            rows.append([name, format_count(w.params), w.tensors, prof.description])
+    text = "Profiles\n" + tabulate(rows, headers=["name", "params", "tensors", "description"]) + "\n\n"
+    text += "Setups (AdamW bytes per parameter per step)\n" + tabulate(
+        [[s.name, bytes_per_param(s), traffic(s.layout).describe(), s.description]
+         for s in SETUPS.values()], headers=["name", "B/param", "traffic", "description"]) + "\n\n"
+    text += "Providers\n" + tabulate([[p.name, p.description] for p in PROVIDERS.values()],
+                                     headers=["name", "description"]) + "\n"
+    return text
+
+
+def _select(values, allowed, what, parser, default):
+    if not values:
+        return list(default)
+    if values == ["all"]:
+        return list(allowed)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        parser.error(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)} or all")
+    return list(dict.fromkeys(values))
+
+
+def _emit(report: dict, args, parser) -> None:
+    from .report import EXTENSIONS, plot, render
+
+    for path in args.out:
+        ext = os.path.splitext(path)[1].lower()
+        fmt = EXTENSIONS.get(ext) or args.format or "table"
+        if args.format and ext in EXTENSIONS and EXTENSIONS[ext] != args.format:
+            print(f"note: writing {path} as {fmt} (its extension), not --format {args.format}",
+                  file=sys.stderr)
+        d = os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(render(report, fmt))
+    stdout_fmt = "table" if args.out else (args.format or "table")
+    sys.stdout.write(render(report, stdout_fmt))
+    sys.stdout.flush()
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+def _exit_code(report: dict) -> int:
+    for r in report.get("results", []):
+        if r.get("status") == "failed" or (r.get("provider") == "tritonadam" and r.get("status") == "error"):
+            return 1
+    for c in report.get("checks", []):
+        if c.get("ok") is False and not c.get("tolerated") and (
+                c.get("result") != "error" or c.get("provider") == "tritonadam"):
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    if args.list:
+        sys.stdout.write(_listing())
+        return 0
+    if args.plot:
+        from .report import have_matplotlib
+
+        if not have_matplotlib():
+            parser.error("--plot needs matplotlib, an optional extra: pip install matplotlib "
+                         "(or pip install 'tritonadam[bench]')")
+    if args.load:
+        from .report import load
+
+        try:
+            report = load(args.load)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        _emit(report, args, parser)
+        return _exit_code(report)
+
+    import torch
+
+    cuda_ok = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda_ok:
+        parser.error("--device cuda: no CUDA device is available")
+    want_cpu = args.device == "cpu" or not cuda_ok
+    if allow_reexec:
+        prepare_interpreter(argv, want_cpu)
+    elif want_cpu and os.environ.get("TRITON_INTERPRET", "") == "":
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cpu" if want_cpu else "cuda", None if want_cpu else torch.cuda.current_device())
+
+    from .providers import PROVIDERS, HyperParams
+    from .report import CPU_STATEMENT, collect_header, goals, roofline
+    from .runner import Interrupted, Options, run, stderr_progress
+    from .timing import TimingConfig
+    from .workloads import PROFILES, SETUPS, make_workload, parse_count, parse_workloads
+
+    cpu = device.type == "cpu"
+    if args.providers:
+        providers = _select(args.providers, list(PROVIDERS), "provider", parser, [])
+    elif cpu:
+        providers = list(_CPU_PROVIDERS)
+    else:
+        providers = [p for p in _GPU_PROVIDERS
+                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(device) is None]
+    if args.baseline not in PROVIDERS:
+        parser.error(f"unknown --baseline {args.baseline}")
+    setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
+    if args.optimizer == "adamax" and args.amsgrad:
+        parser.error("--amsgrad does not apply to --optimizer adamax")
+    try:
+        sizes = [parse_count(s) for s in args.sizes] if args.sizes else None
+        profiles = args.profiles or (_DEFAULT_CPU_PROFILES if cpu else _DEFAULT_GPU_PROFILES)
+        if profiles == ["all"]:
+            profiles = [p for p in PROFILES if p != "check-small"]
+        workloads = parse_workloads(profiles, sizes, cpu=cpu)
+        roof_workloads = workloads if (args.profiles or not cpu) else parse_workloads(
+            _DEFAULT_GPU_PROFILES, None, cpu=False)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("warmup_ms", "rep_ms", "time_budget"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("min_reps", "max_reps", "check_steps"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    tcfg = TimingConfig(
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (10.0 if cpu else 50.0),
+        rep_ms=args.rep_ms if args.rep_ms is not None else (100.0 if cpu else 300.0),
+        min_reps=args.min_reps or (5 if cpu else 10),
+        max_reps=args.max_reps or (50 if cpu else 200),
+        flush=not args.no_flush)
+    if tcfg.min_reps > tcfg.max_reps:
+        parser.error("--min-reps is larger than --max-reps")
+    hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad)
+    budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
+    check_only = ()
+    if cpu and "tritonadam" not in providers and not args.no_check:
+        check_only = ("tritonadam",)
+    progress = None if args.quiet else stderr_progress()
+    opts = Options(device=device, providers=providers, setups=setups, workloads=workloads,
+                   algo=args.optimizer, hp=hp, timing=tcfg, baseline=args.baseline,
+                   check=not args.no_check, check_steps=args.check_steps,
+                   profile_launches=not args.no_launch_count, time_budget_s=budget or None,
+                   compile_max_tensors=args.compile_max_tensors, check_only=check_only,
+                   check_workload=make_workload("check-small"), seed=args.seed,
+                   progress=progress)
+
+    def on_term(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    try:
+        header = collect_header(device, argv)
+        runner = run(opts)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if progress is not None:
+            progress.done()
+
+    statement = CPU_STATEMENT if cpu else None
+    notes = list(runner.notes)
+    if cpu and "tritonadam" in providers:
+        notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
+                     "interpreter, not the kernels")
+    report = {
+        "schema": "tritonadam-bench/1",
+        "mode": "cpu" if cpu else "gpu",
+        "header": header,
+        "statement": statement,
+        "config": {
+            "providers": providers, "setups": setups, "workloads": [w.name for w in workloads],
+            "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
+            "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
+            "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
+            "max_reps": tcfg.max_reps, "flush": tcfg.flush, "check": not args.no_check,
+            "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
+        },
+        "copy_bandwidth": runner.copy,
+        "results": runner.rows,
+        "checks": runner.checks,
+        "roofline": roofline(roof_workloads, setups, args.optimizer, args.amsgrad),
+        "show_roofline": cpu or args.roofline,
+        "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
+        "notes": notes,
+        "interrupted": runner.interrupted,
+        "elapsed_s": time.monotonic() - t0,
+    }
+    _emit(report, args, parser)
+    return _exit_code(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main(allow_reexec=True))

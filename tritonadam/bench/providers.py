@@ -1,0 +1,343 @@
+"""The optimizers the bench compares, behind one small interface.
+
+A provider turns a list of model parameters (with ``.grad`` set) into a zero-argument
+``step`` callable. Where a provider cannot do a dtype setup the way it is asked (torch keeps
+Adam state in the parameter's dtype; torch has no master weights), it builds what its users
+do instead and says so in ``Built.label``; ``Built.layout`` describes the memory it really
+moves, which is what the bench's GB/s column is computed from.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .workloads import DTYPE_BYTES, Layout, Setup, Workload
+
+_DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+               torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    amsgrad: bool = False
+
+
+@dataclass
+class Built:
+    """One provider's optimizer over one workload, ready to step.
+
+    ``params``: the tensors whose values after a step are the result (the model's params).
+    ``held``: tensors the provider allocates beyond the optimizer state (counted as its
+    memory). ``label``: what it does differently from the setup asked for, or "".
+    """
+
+    step: Callable[[], None]
+    params: list[torch.Tensor]
+    layout: Layout
+    optimizer: object
+    label: str = ""
+    held: list[torch.Tensor] = field(default_factory=list)
+
+
+class Provider:
+    name = ""
+    description = ""
+    #: in the default provider list on a GPU / on CPU
+    default_gpu = True
+    default_cpu = False
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this provider cannot run at all on ``device`` (None if it can)."""
+        return None
+
+    def unsupported(self, setup: Setup, algo: str, hp: HyperParams, workload: Workload,
+                    device: torch.device, opts: dict) -> str | None:
+        """Why this provider skips this case (None if it runs it)."""
+        return None
+
+    def build(self, params: list[torch.Tensor], setup: Setup, algo: str,
+              hp: HyperParams) -> Built:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ tritonadam
+
+class TritonAdamProvider(Provider):
+    name = "tritonadam"
+    description = "tritonadam.{Adam,AdamW,Adamax}: one multi-tensor Triton launch per group"
+    default_cpu = False  # checked on CPU (interpreter), not timed: interpreter times mean nothing
+
+    def unavailable(self, device):
+        try:
+            mod = importlib.import_module("tritonadam")
+            for cls in ("Adam", "AdamW", "Adamax"):
+                getattr(mod, cls)
+        except Exception as e:  # the core may not exist yet in a checkout
+            return f"tritonadam optimizers not importable ({type(e).__name__}: {e})"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+            return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 before import)"
+        return None
+
+    def build(self, params, setup, algo, hp):
+        mod = importlib.import_module("tritonadam")
+        cls = {"adam": mod.Adam, "adamw": mod.AdamW, "adamax": mod.Adamax}[algo]
+        kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                  master_weights=setup.master is not None)
+        if algo != "adamax":
+            kw["amsgrad"] = hp.amsgrad
+        opt = cls(params, **kw)
+        return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt)
+
+
+# ----------------------------------------------------------------------------------- torch
+
+_TORCH_CLASSES = {"adam": "Adam", "adamw": "AdamW", "adamax": "Adamax"}
+
+
+class _TorchBase(Provider):
+    impl_kwargs: dict = {}
+    impl_text = ""
+
+    def _cls(self, algo):
+        return getattr(torch.optim, _TORCH_CLASSES[algo])
+
+    def _kwargs(self, algo, hp):
+        kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+        if algo != "adamax":
+            kw["amsgrad"] = hp.amsgrad
+        kw.update(self.impl_kwargs)
+        return kw
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if "fused" in self.impl_kwargs and algo == "adamax":
+            return "torch.optim.Adamax has no fused implementation"
+        return None
+
+    def _make_step(self, opt) -> Callable[[], None]:
+        return opt.step
+
+    def build(self, params, setup, algo, hp):
+        cls = self._cls(algo)
+        if setup.master is None:
+            opt = cls(params, **self._kwargs(algo, hp))
+            layout = Layout(param=setup.param, grad=setup.grad, state=setup.param)
+            label = ""
+            if setup.state != setup.param:
+                label = (f"{setup.param} state: torch keeps Adam state in the param dtype, "
+                         f"it cannot keep {setup.state} state for {setup.param} params")
+            return Built(step=self._make_step(opt), params=params, layout=layout,
+                         optimizer=opt, label=label)
+        # Master weights: what torch users do is keep fp32 params for the optimizer, copy
+        # the model's low-precision grads into their fp32 .grad, step, and copy the result
+        # back into the model's params (one foreach copy each way).
+        master = [p.detach().to(torch.float32).requires_grad_(True) for p in params]
+        mgrads = [torch.empty_like(m) for m in master]
+        for m, g in zip(master, mgrads):
+            m.grad = g
+        model_grads = [p.grad for p in params]
+        opt = cls(master, **self._kwargs(algo, hp))
+        inner = self._make_step(opt)
+
+        def step():
+            torch._foreach_copy_(mgrads, model_grads)
+            inner()
+            with torch.no_grad():
+                torch._foreach_copy_(params, master)
+
+        b = DTYPE_BYTES
+        layout = Layout(
+            param=setup.master, grad=setup.master, state=setup.master,
+            extra=((f"{setup.grad} grad -> {setup.master} grad copy", b[setup.grad], b[setup.master]),
+                   (f"{setup.master} -> {setup.param} param copy", b[setup.master], b[setup.param])))
+        label = (f"{setup.master} params stepped by torch{self.impl_text} + foreach copies "
+                 f"{setup.grad} grad -> {setup.master} and {setup.master} -> {setup.param} param "
+                 f"(torch has no master weights)")
+        return Built(step=step, params=params, layout=layout, optimizer=opt, label=label,
+                     held=master + mgrads)
+
+
+class TorchFused(_TorchBase):
+    name = "torch-fused"
+    description = "torch.optim.* with fused=True"
+    impl_kwargs = {"fused": True}
+    impl_text = " fused"
+    default_cpu = True
+
+
+class TorchForeach(_TorchBase):
+    name = "torch-foreach"
+    description = "torch.optim.* with foreach=True"
+    impl_kwargs = {"foreach": True}
+    impl_text = " foreach"
+    default_cpu = True
+
+
+class TorchForLoop(_TorchBase):
+    name = "torch-forloop"
+    description = "torch.optim.* with foreach=False (one tensor at a time)"
+    impl_kwargs = {"foreach": False}
+    impl_text = " for-loop"
+    default_cpu = True
+
+
+class TorchCompile(_TorchBase):
+    name = "torch-compile"
+    description = "torch.compile of a torch.optim.* (foreach) step, as in torch's compile-the-optimizer recipe"
+    impl_kwargs = {"foreach": True}
+    impl_text = " compiled"
+    default_cpu = False
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        limit = opts.get("compile_max_tensors", 512)
+        if workload.tensors > limit:
+            return (f"{workload.tensors} tensors > --compile-max-tensors {limit}: "
+                    "compile time grows with the tensor count")
+        return None
+
+    def _make_step(self, opt):
+        import torch._dynamo
+
+        torch._dynamo.reset()  # a fresh cache per optimizer: the recompile limit is per code object
+
+        @torch.compile(fullgraph=False)
+        def compiled_step():
+            opt.step()
+
+        return compiled_step
+
+
+# ------------------------------------------------------------------------- third party
+
+def _state_dtype_of(opt) -> str | None:
+    for st in getattr(opt, "state", {}).values():
+        t = st.get("exp_avg") if isinstance(st, dict) else None
+        if isinstance(t, torch.Tensor):
+            return _DTYPE_NAME.get(t.dtype)
+    return None
+
+
+class ApexFusedAdam(Provider):
+    name = "apex"
+    description = "apex.optimizers.FusedAdam (when installed)"
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "apex FusedAdam is CUDA-only"
+        try:
+            importlib.import_module("apex.optimizers")
+        except Exception as e:
+            return f"apex not installed ({type(e).__name__})"
+        return None
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if algo == "adamax":
+            return "apex has no FusedAdamax"
+        if hp.amsgrad:
+            return "apex FusedAdam does not support amsgrad"
+        return None
+
+    def build(self, params, setup, algo, hp):
+        from apex.optimizers import FusedAdam
+
+        kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                  adam_w_mode=(algo == "adamw"))
+        if setup.master:
+            kw.update(master_weights=True, capturable=True)  # apex needs capturable for master weights
+        opt = FusedAdam(params, **kw)
+        return Built(step=opt.step, params=params, optimizer=opt,
+                     layout=Layout(param=setup.param, grad=setup.grad, state=setup.param,
+                                   master=setup.master),
+                     label="state dtype as observed after the first step")
+
+
+class TransformerEngineFusedAdam(Provider):
+    name = "te"
+    description = "transformer_engine.pytorch.optimizers.FusedAdam (when installed)"
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return "TransformerEngine FusedAdam is CUDA-only"
+        try:
+            importlib.import_module("transformer_engine.pytorch.optimizers")
+        except Exception as e:
+            return f"transformer_engine not installed ({type(e).__name__})"
+        return None
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if algo == "adamax":
+            return "TransformerEngine has no fused AdaMax"
+        if hp.amsgrad:
+            return "TransformerEngine FusedAdam does not support amsgrad"
+        return None
+
+    def build(self, params, setup, algo, hp):
+        from transformer_engine.pytorch.optimizers import FusedAdam
+
+        kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                  adam_w_mode=(algo == "adamw"))
+        if setup.param != "fp32":
+            kw.update(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
+        if setup.master:
+            kw.update(master_weights=True)
+        opt = FusedAdam(params, **kw)
+        return Built(step=opt.step, params=params, optimizer=opt,
+                     layout=Layout(param=setup.param, grad=setup.grad, state=setup.state,
+                                   master=setup.master))
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (TritonAdamProvider(), TorchFused(), TorchForeach(), TorchForLoop(), TorchCompile(),
+              ApexFusedAdam(), TransformerEngineFusedAdam())
+}
+
+
+def observed_layout(built: Built) -> Built:
+    """Correct ``built.layout``'s state dtype from the optimizer's actual state (after a step)."""
+    seen = _state_dtype_of(built.optimizer)
+    if seen and seen != built.layout.state:
+        lay = built.layout
+        built.layout = Layout(param=lay.param, grad=lay.grad, state=seen, master=lay.master,
+                              extra=lay.extra, label=lay.label)
+        note = f"state observed in {seen}"
+        built.label = f"{built.label}; {note}" if built.label else note
+    elif built.label == "state dtype as observed after the first step":
+        built.label = ""
+    return built
+
+
+def state_bytes(built: Built) -> int:
+    """Bytes of every tensor in the optimizer's state plus the provider's own buffers
+    (deduplicated by storage)."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            try:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+            except Exception:
+                seen[id(t)] = t.numel() * t.element_size()
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            add(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(list(getattr(built.optimizer, "state", {}).values()))
+    for t in built.held:
+        add(t)
+    return sum(seen.values())

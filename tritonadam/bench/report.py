@@ -1,0 +1,466 @@
+"""Header, analytic roofline, goals, and rendering as a terminal table, markdown, CSV or JSON."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+from .workloads import SETUPS, Workload, format_count, traffic
+
+SCHEMA = "tritonadam-bench/1"
+
+#: Peak memory bandwidth of common GPUs from their vendors' datasheets, in TB/s. The
+#: analytic roofline divides bytes per step by these; a measured device-to-device copy
+#: reaches less (about 3.0 of H100 SXM's 3.35 TB/s, DESIGN.md section 3).
+GPU_PEAKS: list[tuple[str, float, str]] = [
+    ("H100 SXM", 3.35, "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM, 80 GB HBM3)"),
+    ("H100 PCIe", 2.0, "NVIDIA H100 Tensor Core GPU datasheet (H100 PCIe, 80 GB HBM2e)"),
+    ("H200 SXM", 4.8, "NVIDIA H200 Tensor Core GPU datasheet (141 GB HBM3e)"),
+    ("A100 80GB SXM", 2.039, "NVIDIA A100 Tensor Core GPU datasheet (80 GB HBM2e, SXM)"),
+    ("L40S", 0.864, "NVIDIA L40S datasheet (48 GB GDDR6)"),
+    ("RTX 4090", 1.008, "NVIDIA GeForce RTX 4090 specifications (24 GB GDDR6X)"),
+]
+
+CPU_STATEMENT = (
+    "No CUDA GPU: this run is on the CPU. Triton kernels run only in Triton's interpreter "
+    "here, so tritonadam is checked for correctness on a small case and not timed, and the "
+    "torch timings below are CPU timings: none of these numbers say anything about GPU "
+    "performance. The roofline table shows what the byte formulas predict on common GPUs."
+)
+
+
+# ------------------------------------------------------------------------------- header
+
+def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except Exception:  # noqa: BLE001 - tool missing or hung
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def collect_header(device, argv: list[str] | None = None) -> dict:
+    """Date, command, host software and device: what a results file must carry."""
+    import torch
+
+    h: dict = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python -m tritonadam.bench " + " ".join(shlex.quote(a) for a in (argv or [])),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+    try:
+        import triton
+
+        h["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        h["triton"] = f"unavailable ({type(e).__name__})"
+    try:
+        import tritonadam
+
+        h["tritonadam"] = getattr(tritonadam, "__version__", "unknown")
+    except Exception as e:  # noqa: BLE001
+        h["tritonadam"] = f"unavailable ({type(e).__name__})"
+    git = _run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
+                "HEAD"], timeout=5)
+    if git:
+        h["git_commit"] = git
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        h["device"] = torch.cuda.get_device_name(device)
+        h["capability"] = f"sm_{props.major}{props.minor}"
+        h["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                    f"--id={device.index or 0}"])
+        h["driver"] = smi.splitlines()[0].strip() if smi else "unknown (nvidia-smi unavailable)"
+    else:
+        h["device"] = "cpu"
+        h["driver"] = None
+    return h
+
+
+# ----------------------------------------------------------------------------- roofline
+
+def roofline(workloads: list[Workload], setups: list[str], algo: str, amsgrad: bool) -> dict:
+    """Bytes per step (from the setup's formula) and the time that takes at each GPU's
+    published peak bandwidth: the floor no implementation can beat."""
+    rows = []
+    for w in workloads:
+        for s in setups:
+            bpp = traffic(SETUPS[s].layout, algo, amsgrad).bytes_per_param
+            b = w.params * bpp
+            row = {"workload": w.name, "params": w.params, "tensors": w.tensors, "setup": s,
+                   "bytes_per_param": bpp, "bytes_per_step": b}
+            row["ms"] = {name: b / (tbps * 1e12) * 1e3 for name, tbps, _ in GPU_PEAKS}
+            rows.append(row)
+    return {"gpus": [{"name": n, "tb_per_s": t, "source": src} for n, t, src in GPU_PEAKS],
+            "rows": rows}
+
+
+# -------------------------------------------------------------------------------- goals
+
+GOAL_PCT = 92.0
+GOAL_SMALL_SPEEDUP = 3.0
+GOAL_HOST_MS = 1.0
+
+
+def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch-fused") -> list[dict]:
+    """Issue 4's goals, judged from this run's rows (GPU runs only)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    ours = [r for r in ok if r["provider"] == provider]
+    out = []
+
+    llama = [r for r in ours if r["setup"] == "bf16" and r["params"] >= 100_000_000
+             and r["profile"] in ("llama-layers", "tinyllama-1.1b", "llama2-7b")
+             and r.get("pct_copy") is not None]
+    for r in llama:
+        pct = r["pct_copy"]
+        out.append(_goal(f"bf16 + fp32 state, {r['workload']}: >= {GOAL_PCT:g}% of copy bandwidth",
+                         f"{pct:.1f}%", pct >= GOAL_PCT,
+                         "" if pct >= GOAL_PCT else f"short by {GOAL_PCT - pct:.1f} points"))
+    if not llama:
+        out.append(_goal(f"bf16 + fp32 state, Llama-like >= 100M params: >= {GOAL_PCT:g}% of copy",
+                         "not measured", None, "run a llama-layers / tinyllama-1.1b profile in bf16"))
+
+    vs = [r for r in ours if r.get("speedup") is not None]
+    if vs:
+        slower = [r for r in vs if r["speedup"] <= 1.0]
+        worst = min(vs, key=lambda r: r["speedup"])
+        out.append(_goal(f"faster than {baseline} on every workload it runs",
+                         f"{len(vs) - len(slower)} of {len(vs)} faster; slowest "
+                         f"{worst['speedup']:.2f}x ({worst['workload']} {worst['setup']})",
+                         not slower,
+                         "" if not slower else "slower on: " + ", ".join(
+                             f"{r['workload']} {r['setup']} ({r['speedup']:.2f}x)" for r in slower)))
+    else:
+        out.append(_goal(f"faster than {baseline} on every workload", "not measured", None, ""))
+
+    small = [r for r in ours if r["profile"] == "many-small" and r["tensors"] >= 10_000]
+    for r in small:
+        sp = r.get("speedup")
+        if sp is not None:
+            met = sp >= GOAL_SMALL_SPEEDUP
+            out.append(_goal(f"{r['workload']} {r['setup']}: >= {GOAL_SMALL_SPEEDUP:g}x {baseline} "
+                             "(host time included)", f"{sp:.2f}x", met,
+                             "" if met else f"short by {GOAL_SMALL_SPEEDUP - sp:.2f}x"))
+        host = r.get("host_ms")
+        if host is not None:
+            met = host < GOAL_HOST_MS
+            out.append(_goal(f"{r['workload']} {r['setup']}: host time well under {GOAL_HOST_MS:g} ms",
+                             f"{host:.3f} ms", met,
+                             "" if met else f"over by {host - GOAL_HOST_MS:.3f} ms"))
+    if not small:
+        out.append(_goal("many-small 10,000 x 4,096: >= 3x torch fused, host time < 1 ms",
+                         "not measured", None, "run the many-small profile at its default size"))
+    return out
+
+
+def _goal(goal, measured, met, by):
+    return {"goal": goal, "measured": measured,
+            "met": met, "status": {True: "met", False: "MISSED", None: "n/a"}[met], "shortfall": by}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _num(x, fmt="{:.3g}"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return fmt.format(x)
+
+
+def _ms(x):
+    if x is None:
+        return "n/a"
+    return f"{x:.4g}"
+
+
+def _bytes(n):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _footnotes(rows):
+    labels: dict[str, int] = {}
+    for r in rows:
+        lab = r.get("label")
+        if lab and lab not in labels:
+            labels[lab] = len(labels) + 1
+    return labels
+
+
+RESULT_HEADERS = ["workload", "params", "setup", "provider", "ms median", "p20-p80", "B/param",
+                  "GB/s", "% copy", "launches", "host ms", "state MiB", "speedup", "check"]
+
+
+def result_table_rows(report: dict) -> tuple[list[list], dict[str, int]]:
+    rows = [r for r in report["results"] if r.get("status") == "ok"]
+    notes = _footnotes(rows)
+    cuda = report.get("mode") == "gpu"
+    out = []
+    for r in rows:
+        mark = f" [{notes[r['label']]}]" if r.get("label") else ""
+        out.append([
+            r["workload"], format_count(r["params"]), r["setup"], r["provider"] + mark,
+            _ms(r["ms"]), f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}", r.get("bytes_per_param"),
+            _num(r.get("gbps"), "{:.1f}"), _num(r.get("pct_copy"), "{:.1f}"),
+            _num(r.get("launches"), "{}") if cuda else "n/a",
+            _ms(r.get("host_ms")), _num(r.get("state_bytes", 0) / 2**20, "{:.1f}"),
+            _num(r.get("speedup"), "{:.2f}x"), r.get("check", ""),
+        ])
+    return out, notes
+
+
+def _problem_rows(report):
+    return [r for r in report["results"] if r.get("status") != "ok"]
+
+
+def render_text(report: dict, md: bool = False) -> str:
+    from tabulate import tabulate
+
+    fmt = "github" if md else "simple"
+    out: list[str] = []
+
+    def title(t):
+        out.append("")
+        out.append(f"## {t}" if md else f"{t}\n{'-' * len(t)}")
+
+    h = report["header"]
+    if md:
+        out.append("# tritonadam bench")
+        out.append("")
+        out.append(f"`{h['command']}`")
+        out.append("")
+    else:
+        out.append("tritonadam bench")
+        out.append("================")
+    hdr = [("date", h.get("date")), ("device", h.get("device")),
+           ("capability", h.get("capability")), ("driver", h.get("driver")),
+           ("CUDA", h.get("cuda")), ("torch", h.get("torch")), ("triton", h.get("triton")),
+           ("tritonadam", h.get("tritonadam")), ("git", h.get("git_commit")),
+           ("python", h.get("python")), ("cpu", f"{h.get('cpu')} x{h.get('cpu_count')}")]
+    if not md:
+        hdr.append(("command", h.get("command")))
+    hdr = [(k, v) for k, v in hdr if v not in (None, "")]
+    out.append(tabulate(hdr, tablefmt="github" if md else "plain",
+                        headers=["", ""] if md else ()))
+    cfg = report.get("config", {})
+    out.append("")
+    out.append(f"optimizer {cfg.get('algo')} lr={cfg.get('lr')} betas={cfg.get('betas')} "
+               f"eps={cfg.get('eps')} weight_decay={cfg.get('weight_decay')} "
+               f"amsgrad={cfg.get('amsgrad')}; timing: warm-up {cfg.get('warmup_ms')} ms, "
+               f"{cfg.get('rep_ms')} ms of reps (min {cfg.get('min_reps')}, max "
+               f"{cfg.get('max_reps')})"
+               + (f", L2 flush {'on' if cfg.get('flush') else 'off'}"
+                  if report.get("mode") == "gpu" else ""))
+    if report.get("statement"):
+        out.append("")
+        out.append(("> " if md else "NOTE: ") + report["statement"])
+    cp = report.get("copy_bandwidth")
+    if cp:
+        out.append("")
+        out.append(f"Device-to-device copy bandwidth (this run, {_bytes(cp['bytes'])} read+written "
+                   f"per copy): {cp['gbps']:.1f} GB/s (median of {cp['reps']}, "
+                   f"{cp['ms']:.4g} ms). '% copy' is relative to this.")
+
+    rows, notes = result_table_rows(report)
+    title("Results")
+    if rows:
+        out.append(tabulate(rows, headers=RESULT_HEADERS, tablefmt=fmt, disable_numparse=True))
+        out.append("")
+        if report.get("mode") == "gpu":
+            ms_text = ("ms: median per step (CUDA events, each step from a flushed L2 and an "
+                       "idle GPU, host overhead included)")
+        else:
+            ms_text = "ms: median wall time of a step() call on the CPU"
+        out.append(ms_text + "; p20-p80: spread; B/param: bytes the provider moves per "
+                   "parameter (read + written); GB/s: bytes per step / median; % copy: of the "
+                   "copy bandwidth above; launches: CUDA kernels per step (torch.profiler); "
+                   "host ms: CPU time of the step() call; state MiB: optimizer state and "
+                   f"provider buffers; speedup: {cfg.get('baseline')} ms / ms; check: worst "
+                   "error after the first steps as a fraction of the tolerance.")
+    else:
+        out.append("(no timed results)")
+    if notes:
+        out.append("")
+        for lab, i in notes.items():
+            out.append(f"[{i}] {lab}")
+    probs = _problem_rows(report)
+    if probs:
+        title("Not timed")
+        out.append(tabulate([[r["workload"], r["setup"], r["provider"], r["status"], r.get("reason", "")]
+                             for r in probs],
+                            headers=["workload", "setup", "provider", "status", "why"],
+                            tablefmt=fmt, disable_numparse=True))
+    if report.get("checks"):
+        title("Correctness checks (float64 reference)")
+        out.append(tabulate([[c["provider"], c["setup"], c["workload"], c["steps"], c["result"],
+                              c.get("reason") or c.get("detail") or c.get("label") or ""]
+                             for c in report["checks"]],
+                            headers=["provider", "setup", "workload", "steps", "result", "note"],
+                            tablefmt=fmt, disable_numparse=True))
+    rl = report.get("roofline")
+    if rl and report.get("show_roofline"):
+        title("Analytic roofline: ms per step at published peak bandwidth")
+        gpus = [g["name"] for g in rl["gpus"]]
+        out.append(tabulate([[r["workload"], format_count(r["params"]), r["setup"],
+                              r["bytes_per_param"], _bytes(r["bytes_per_step"])]
+                             + [f"{r['ms'][g]:.3g}" for g in gpus] for r in rl["rows"]],
+                            headers=["workload", "params", "setup", "B/param", "bytes/step"]
+                            + [f"{g} ms" for g in gpus],
+                            tablefmt=fmt, disable_numparse=True))
+        out.append("")
+        out.append("Peak bandwidths (TB/s) from vendor datasheets: " + "; ".join(
+            f"{g['name']} {g['tb_per_s']:g} ({g['source']})" for g in rl["gpus"])
+            + ". A measured copy reaches less than the peak; on a GPU the bench measures it.")
+    if report.get("goals"):
+        title("Goals (issue 4)")
+        out.append(tabulate([[g["goal"], g["measured"], g["status"], g["shortfall"]]
+                             for g in report["goals"]],
+                            headers=["goal", "measured", "status", "shortfall"], tablefmt=fmt,
+                            disable_numparse=True))
+    if report.get("notes"):
+        title("Notes")
+        out += [f"- {n}" for n in report["notes"]]
+    out.append("")
+    out.append(f"elapsed {report.get('elapsed_s', 0):.1f} s"
+               + (" (interrupted)" if report.get("interrupted") else ""))
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = ["workload", "profile", "params", "tensors", "setup", "provider", "status", "ms",
+              "ms_p20", "ms_p80", "reps", "bytes_per_param", "bytes_per_step", "gbps", "pct_copy",
+              "launches", "host_ms", "state_bytes", "speedup", "check", "label", "reason"]
+CSV_HEADER_FIELDS = ["date", "device", "driver", "cuda", "torch", "triton"]
+
+
+def render_csv(report: dict) -> str:
+    """One row per case (timed or not), with the run's date, device and versions repeated
+    on every row so files from several runs can be concatenated."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS + CSV_HEADER_FIELDS)
+    h = report["header"]
+    for r in report["results"]:
+        w.writerow([_csv_value(r.get(k)) for k in CSV_FIELDS]
+                   + [_csv_value(h.get(k)) for k in CSV_HEADER_FIELDS])
+    return buf.getvalue()
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _json_default(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    return str(o)
+
+
+def _clean(o):
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def render_json(report: dict) -> str:
+    return json.dumps(_clean(report), indent=2, default=_json_default) + "\n"
+
+
+FORMATS = ("table", "md", "csv", "json")
+EXTENSIONS = {".md": "md", ".markdown": "md", ".csv": "csv", ".json": "json", ".txt": "table"}
+
+
+def render(report: dict, fmt: str) -> str:
+    if fmt == "table":
+        return render_text(report, md=False)
+    if fmt == "md":
+        return render_text(report, md=True)
+    if fmt == "csv":
+        return render_csv(report)
+    if fmt == "json":
+        return render_json(report)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        report = json.load(f)
+    if report.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a tritonadam bench JSON file (schema {report.get('schema')!r})")
+    return report
+
+
+# --------------------------------------------------------------------------------- plot
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def plot(report: dict, path: str) -> None:
+    """Bars per (workload, setup), one per provider: % of copy bandwidth on a GPU (GB/s
+    without a copy measurement)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("status") == "ok"]
+    use_pct = all(r.get("pct_copy") is not None for r in rows) and rows
+    key = "pct_copy" if use_pct else "gbps"
+    groups = []
+    for r in rows:
+        g = (r["workload"], r["setup"])
+        if g not in groups:
+            groups.append(g)
+    providers = []
+    for r in rows:
+        if r["provider"] not in providers:
+            providers.append(r["provider"])
+    width = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) + 2), 4.5))
+    for j, p in enumerate(providers):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            for r in rows:
+                if (r["workload"], r["setup"]) == g and r["provider"] == p:
+                    xs.append(i + j * width)
+                    ys.append(r.get(key) or 0.0)
+        ax.bar(xs, ys, width=width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{w}\n{s}" for w, s in groups], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("% of measured copy bandwidth" if use_pct else "GB/s")
+    if use_pct:
+        ax.axhline(100, color="gray", lw=0.8, ls="--")
+    h = report["header"]
+    ax.set_title(f"tritonadam bench: {h.get('device')} (torch {h.get('torch')}, "
+                 f"triton {h.get('triton')})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

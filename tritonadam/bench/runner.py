@@ -1,0 +1,377 @@
+"""The bench loop: for each workload, dtype setup and provider, allocate, check, time, free."""
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import check as checkmod
+from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes
+from .timing import FLUSH_BYTES, Timer, TimingConfig, copy_bandwidth, count_kernel_launches
+from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
+                        traffic)
+
+#: providers whose cases run after all others, so that a time budget drops them first
+SLOW_PROVIDERS = ("torch-compile",)
+
+
+class Interrupted(Exception):
+    """Raised from a signal handler: stop starting cases, report what is done."""
+
+
+@dataclass
+class Options:
+    device: torch.device
+    providers: list[str]
+    setups: list[str]
+    workloads: list[Workload]
+    algo: str = "adamw"
+    hp: HyperParams = field(default_factory=HyperParams)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    baseline: str = "torch-fused"
+    check: bool = True
+    check_steps: int = 2
+    profile_launches: bool = True
+    time_budget_s: float | None = None
+    compile_max_tensors: int = 512
+    check_only: tuple[str, ...] = ()  # providers checked on check-small but not timed
+    check_workload: Workload | None = None
+    seed: int = 0
+    mem_fraction: float = 0.9
+    copy_bytes: int | None = None
+    progress: object = None  # callable(str) or None
+
+
+def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: int):
+    """Params ~ N(0, 0.02^2) in the param dtype (a usual init scale) and grads ~ N(0, 1) in
+    the grad dtype, the same for every provider (same seed)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pdt, gdt = torch_dtype(setup.param), torch_dtype(setup.grad)
+    params = []
+    for _, shape in workload.shapes:
+        p = torch.randn(shape, generator=gen, device=device, dtype=pdt).mul_(0.02)
+        p.requires_grad_(True)
+        p.grad = torch.randn(shape, generator=gen, device=device, dtype=gdt)
+        params.append(p)
+    return params
+
+
+def resident_estimate(workload: Workload, setup: Setup, amsgrad: bool) -> int:
+    """Bytes a case needs on the device: the worst provider layout for this setup (torch's
+    master-weight emulation keeps fp32 params and grads besides the model's), plus slack."""
+    lay = setup.layout
+    per = resident_bytes_per_param(lay, amsgrad=amsgrad)
+    if setup.master:  # torch emulation: fp32 master + fp32 grads + fp32 m, v + model p, g
+        per = max(per, 2 + 2 + 4 * (4 + (1 if amsgrad else 0)))
+    return int(workload.params * per * 1.05) + 64 * 2**20 + workload.tensors * 2048
+
+
+def substituted(built, setup: Setup) -> bool:
+    """True when the provider keeps its state in another dtype than the setup asks for
+    (torch: state in the param dtype): a wrong result then comes from that dtype."""
+    return built.layout.state != setup.state
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def _fmt_gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+class Runner:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.rows: list[dict] = []
+        self.checks: list[dict] = []
+        self.notes: list[str] = []
+        self.copy: dict | None = None
+        self.interrupted = False
+        self.t0 = time.monotonic()
+        self.timer = Timer(opts.device, opts.timing)
+        self._launch_jobs: list = []
+
+    # ------------------------------------------------------------------ helpers
+    def _progress(self, text: str):
+        if self.opts.progress:
+            self.opts.progress(text)
+
+    def _deadline(self) -> float | None:
+        if not self.opts.time_budget_s:
+            return None
+        return self.t0 + self.opts.time_budget_s
+
+    def _out_of_time(self) -> bool:
+        d = self._deadline()
+        return d is not None and time.monotonic() > d
+
+    def _sync(self):
+        if self.opts.device.type == "cuda":
+            torch.cuda.synchronize(self.opts.device)
+
+    def _cleanup(self):
+        gc.collect()
+        if self.opts.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- the run
+    def cases(self) -> list[tuple[Workload, Setup, str]]:
+        o = self.opts
+        first, later = [], []
+        for w in o.workloads:
+            for s in o.setups:
+                for p in o.providers:
+                    (later if p in SLOW_PROVIDERS else first).append((w, SETUPS[s], p))
+        return first + later
+
+    def run(self):
+        o = self.opts
+        try:
+            self.measure_copy()
+            self.run_checks()
+            cases = self.cases()
+            for k, (w, s, p) in enumerate(cases):
+                if p in SLOW_PROVIDERS:
+                    self.count_launches()  # before the profiler first runs inline
+                if self._out_of_time():
+                    self.rows.append(self._skip_row(w, s, p, "time budget spent (--time-budget)"))
+                    continue
+                self._progress(f"[{k + 1}/{len(cases)}] {w.name} {s.name} {p}")
+                row = self.run_case(w, s, p)
+                self.rows.append(row)
+                if row["status"] == "ok":
+                    self._progress(f"[{k + 1}/{len(cases)}] {w.name} {s.name} {p}: "
+                                   f"{row['ms']:.3f} ms")
+            self.count_launches()
+        except (Interrupted, KeyboardInterrupt):
+            self.interrupted = True
+            self.notes.append("interrupted: results below are the cases finished before the signal")
+        finally:
+            self.timer.release()
+            self._cleanup()
+        self.add_speedups()
+        return self
+
+    def measure_copy(self):
+        o = self.opts
+        if o.copy_bytes == 0:
+            return
+        dev = o.device
+        if dev.type != "cuda":
+            # A CPU memcpy is no roofline for CPU optimizers whose data may sit in cache,
+            # and says nothing about a GPU: leave '% copy' empty.
+            return
+        free = free_device_bytes(dev) or 0
+        nbytes = o.copy_bytes or min(1 << 30, max(free // 4, 1 << 20))
+        self._progress(f"copy bandwidth: {nbytes / 2**20:.0f} MiB device-to-device copy_")
+        try:
+            self.copy = copy_bandwidth(dev, nbytes, o.timing)
+        except Exception as e:  # noqa: BLE001 - report, don't die
+            self.notes.append(f"copy bandwidth not measured: {type(e).__name__}: {e}")
+        self._cleanup()
+
+    def run_checks(self):
+        """Correctness of each provider on small odd-sized tensors (``check-small``)."""
+        o = self.opts
+        if not o.check or o.check_workload is None:
+            return
+        names = [p for p in o.providers if p not in SLOW_PROVIDERS] + [
+            p for p in o.check_only if p not in o.providers]
+        for pname in names:
+            prov = PROVIDERS[pname]
+            why = prov.unavailable(o.device)
+            for sname in o.setups:
+                s = SETUPS[sname]
+                entry = {"provider": pname, "workload": o.check_workload.name, "setup": sname,
+                         "steps": o.check_steps}
+                if why is None:
+                    why_case = prov.unsupported(s, o.algo, o.hp, o.check_workload, o.device,
+                                                {"compile_max_tensors": o.compile_max_tensors})
+                else:
+                    why_case = why
+                if why_case:
+                    entry.update(result="skipped", reason=why_case)
+                    self.checks.append(entry)
+                    continue
+                if self._out_of_time():
+                    entry.update(result="skipped", reason="time budget spent (--time-budget)")
+                    self.checks.append(entry)
+                    continue
+                self._progress(f"check {pname} {sname} on {o.check_workload.name}")
+                try:
+                    params = make_tensors(o.check_workload, s, o.device, o.seed)
+                    sample = checkmod.choose_sample(params, seed=o.seed)
+                    built = prov.build(params, s, o.algo, o.hp)
+                    for _ in range(o.check_steps):
+                        built.step()
+                    self._sync()
+                    observed_layout(built)
+                    res = checkmod.check_after_steps(sample, built.params, o.check_steps, o.algo,
+                                                     o.hp, s, built.layout)
+                    entry.update(result=res.text(), ok=res.ok, worst=res.worst,
+                                 elements=res.elements, detail=res.detail, label=built.label)
+                    if not res.ok and substituted(built, s):
+                        entry.update(tolerated=True, result=res.text() + f" with {built.layout.state} state")
+                except (Interrupted, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    entry.update(result="error", ok=False, reason=f"{type(e).__name__}: {e}")
+                finally:
+                    params = built = sample = None
+                    self._cleanup()
+                self.checks.append(entry)
+
+    def count_launches(self):
+        """Kernel launches per step, counted with torch.profiler after all timing is done.
+
+        Cases are rebuilt for it, so that the profiler (CUPTI) is never active in the
+        process before a case is timed.
+        """
+        o = self.opts
+        jobs, self._launch_jobs = self._launch_jobs, []
+        for i, (row, w, s, pname) in enumerate(jobs):
+            if self._out_of_time():
+                break
+            self._progress(f"launch count [{i + 1}/{len(jobs)}] {w.name} {s.name} {pname}")
+            params = built = None
+            try:
+                params = make_tensors(w, s, o.device, o.seed)
+                built = PROVIDERS[pname].build(params, s, o.algo, o.hp)
+                for _ in range(2):
+                    built.step()
+                row["launches"] = count_kernel_launches(built.step, o.device)
+            except (Interrupted, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001
+                row["launches_error"] = f"{type(e).__name__}: {e}"
+            finally:
+                params = built = None
+                self._cleanup()
+
+    def _base_row(self, w: Workload, s: Setup, p: str) -> dict:
+        return {"workload": w.name, "profile": w.profile, "params": w.params,
+                "tensors": w.tensors, "setup": s.name, "provider": p}
+
+    def _skip_row(self, w, s, p, reason, status="skipped") -> dict:
+        row = self._base_row(w, s, p)
+        row.update(status=status, reason=reason)
+        return row
+
+    def run_case(self, w: Workload, s: Setup, pname: str) -> dict:
+        o = self.opts
+        prov = PROVIDERS[pname]
+        why = prov.unavailable(o.device) or prov.unsupported(
+            s, o.algo, o.hp, w, o.device, {"compile_max_tensors": o.compile_max_tensors})
+        if why:
+            return self._skip_row(w, s, pname, why)
+        need = resident_estimate(w, s, o.hp.amsgrad) + (FLUSH_BYTES if o.timing.flush else 0)
+        free = free_device_bytes(o.device)
+        if free is not None and need > free * o.mem_fraction:
+            return self._skip_row(w, s, pname, f"needs about {_fmt_gib(need)}, "
+                                               f"{_fmt_gib(free)} free on the device")
+        row = self._base_row(w, s, pname)
+        params = built = sample = None
+        try:
+            if o.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(o.device)
+            params = make_tensors(w, s, o.device, o.seed)
+            sample = checkmod.choose_sample(params, seed=o.seed) if o.check else None
+            self._sync()
+            t_build = time.perf_counter()
+            built = prov.build(params, s, o.algo, o.hp)
+            for _ in range(o.check_steps):
+                built.step()
+            self._sync()
+            first_steps_s = time.perf_counter() - t_build
+            observed_layout(built)
+            row["label"] = built.label
+            if sample is not None:
+                res = checkmod.check_after_steps(sample, built.params, o.check_steps, o.algo,
+                                                 o.hp, s, built.layout)
+                row.update(check=res.text(), check_ok=res.ok, check_worst=res.worst)
+                if not res.ok:
+                    if substituted(built, s):
+                        # Not a bug in the provider: the dtype it had to use instead loses
+                        # the result (fp16 state). Time it anyway, and say so.
+                        row.update(check=res.text() + f" with {built.layout.state} state",
+                                   check_tolerated=True, check_detail=res.detail)
+                    else:
+                        row.update(status="failed", reason=f"wrong result after {o.check_steps} "
+                                                          f"steps: {res.detail}")
+                        return row
+            else:
+                row.update(check="not checked", check_ok=None)
+            tr = traffic(built.layout, o.algo, o.hp.amsgrad)
+            row.update(bytes_per_param=tr.bytes_per_param, traffic=tr.describe(),
+                       bytes_per_step=w.params * tr.bytes_per_param,
+                       state_bytes=state_bytes(built), first_steps_s=first_steps_s)
+            t = self.timer.time(built.step, deadline=self._deadline())
+            row.update(status="ok", ms=t.median, ms_p20=t.p20, ms_p80=t.p80, reps=t.reps,
+                       host_ms=t.host_median)
+            gbps = row["bytes_per_step"] / (t.median * 1e-3) / 1e9 if t.median > 0 else math.nan
+            row["gbps"] = gbps
+            if self.copy:
+                row["pct_copy"] = 100.0 * gbps / self.copy["gbps"]
+            row["launches"] = None
+            if o.profile_launches and o.device.type == "cuda":
+                if pname in SLOW_PROVIDERS:  # rebuilding would mean compiling again
+                    row["launches"] = count_kernel_launches(built.step, o.device)
+                else:
+                    self._launch_jobs.append((row, w, s, pname))
+            if o.device.type == "cuda":
+                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(o.device)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except torch.cuda.OutOfMemoryError as e:
+            row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0]}")
+        except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+            row.update(status="error", reason=f"{type(e).__name__}: {e}")
+        finally:
+            params = built = sample = None
+            self._cleanup()
+        return row
+
+    def add_speedups(self):
+        base = {(r["workload"], r["setup"]): r["ms"] for r in self.rows
+                if r["provider"] == self.opts.baseline and r.get("status") == "ok"}
+        for r in self.rows:
+            b = base.get((r["workload"], r["setup"]))
+            if r.get("status") == "ok" and b:
+                r["speedup"] = b / r["ms"]
+
+
+def run(opts: Options) -> Runner:
+    return Runner(opts).run()
+
+
+def stderr_progress(tty: bool | None = None):
+    """A progress printer: one rewritten line on a terminal, else a line per message."""
+    tty = sys.stderr.isatty() if tty is None else tty
+    width = [0]
+
+    def show(text: str):
+        if tty:
+            pad = max(0, width[0] - len(text))
+            sys.stderr.write("\r" + text + " " * pad)
+            width[0] = len(text)
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done():
+        if tty and width[0]:
+            sys.stderr.write("\r" + " " * width[0] + "\r")
+            sys.stderr.flush()
+
+    show.done = done
+    return show
