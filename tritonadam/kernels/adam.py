@@ -133,13 +133,21 @@ def _adam_kernel(
         offs = start + tl.arange(0, BLOCK)
         aligned = ((p_addr | g_addr | m_addr | v_addr | vmax_addr | w_addr) & 15) == 0
         if aligned & (start + BLOCK <= numel):
+            # Fast path: the compiler cannot know the alignment of a pointer read from
+            # memory; without these hints sm_90 gets 4-byte scalar accesses, with them
+            # 16-byte vector ones (DESIGN.md section 2). Each pointer is cast here, not
+            # reused from outside the branch: triton 3.6 merges identical int-to-pointer
+            # casts and the hint on the shared one is lost (checked in test_aot.py).
             # Fast path: the alignment of a pointer read from memory is unknown to the
             # compiler; without these hints sm_90 gets scalar 4-byte loads, with them
             # 16-byte vector loads (DESIGN.md section 2).
             _adam_block(
-                tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16),
-                tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16),
-                tl.multiple_of(vmax_ptr, 16), tl.multiple_of(w_ptr, 16),
+                tl.multiple_of(p_addr.to(tl.pointer_type(P_DTYPE)), 16),
+                tl.multiple_of(g_addr.to(tl.pointer_type(G_DTYPE)), 16),
+                tl.multiple_of(m_addr.to(tl.pointer_type(CDTYPE)), 16),
+                tl.multiple_of(v_addr.to(tl.pointer_type(CDTYPE)), 16),
+                tl.multiple_of(vmax_addr.to(tl.pointer_type(CDTYPE)), 16),
+                tl.multiple_of(w_addr.to(tl.pointer_type(CDTYPE)), 16),
                 tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None,
                 lr, w1, beta2, w2, eps, weight_decay, inv_scale, step_size, bc2_sqrt,
                 P_DTYPE, CDTYPE, HAS_WD, DECOUPLED_WD, AMSGRAD, MAXIMIZE, MASTER,

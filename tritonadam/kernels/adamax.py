@@ -101,11 +101,17 @@ def _adamax_kernel(
         offs = start + tl.arange(0, BLOCK)
         aligned = ((p_addr | g_addr | m_addr | u_addr | w_addr) & 15) == 0
         if aligned & (start + BLOCK <= numel):
-            # See _adam_kernel: hints give 16-byte vector accesses on full aligned blocks.
+            # Fast path: the compiler cannot know the alignment of a pointer read from
+            # memory; without these hints sm_90 gets 4-byte scalar accesses, with them
+            # 16-byte vector ones (DESIGN.md section 2). Each pointer is cast here, not
+            # reused from outside the branch: triton 3.6 merges identical int-to-pointer
+            # casts and the hint on the shared one is lost (checked in test_aot.py).
             _adamax_block(
-                tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16),
-                tl.multiple_of(m_ptr, 16), tl.multiple_of(u_ptr, 16),
-                tl.multiple_of(w_ptr, 16),
+                tl.multiple_of(p_addr.to(tl.pointer_type(P_DTYPE)), 16),
+                tl.multiple_of(g_addr.to(tl.pointer_type(G_DTYPE)), 16),
+                tl.multiple_of(m_addr.to(tl.pointer_type(CDTYPE)), 16),
+                tl.multiple_of(u_addr.to(tl.pointer_type(CDTYPE)), 16),
+                tl.multiple_of(w_addr.to(tl.pointer_type(CDTYPE)), 16),
                 tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None,
                 w1, beta2, eps, weight_decay, inv_scale, clr,
                 P_DTYPE, CDTYPE, HAS_WD, MAXIMIZE, MASTER, HAS_GRAD_SCALE,
