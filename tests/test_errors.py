@@ -156,3 +156,37 @@ def test_cpu_tensors_without_interpreter_say_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "CUDA or ROCm device" in out.stderr and "TRITON_INTERPRET=1" in out.stderr
+
+
+def test_cache_follows_changes_between_steps(device):
+    """The per-group launch cache must notice what changed since it was built: a param
+    whose storage moved (``p.data = ...``), a grad that is now non-contiguous or sparse,
+    a grad that disappears or appears."""
+    params = make_params([(6, 5), (9,)], torch.float32, device, seed=21)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["Adam"][0](params, **LAUNCH)
+    theirs = torch.optim.Adam(ref, foreach=False)
+    gen = torch.Generator().manual_seed(22)
+
+    def step(grads):
+        for p, q, g in zip(params, ref, grads):
+            p.grad = None if g is None else g.clone()
+            q.grad = None if g is None else g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+    rand = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    step([rand(6, 5), rand(9)])
+    step([rand(6, 5), rand(9)])
+    step([rand(5, 6).t(), rand(9)])  # non-contiguous grad
+    step([None, rand(9)])  # a grad gone
+    step([rand(6, 5), rand(9)])  # and back
+    fresh = rand(9)
+    params[1].data = fresh.clone()  # storage moved under the optimizer
+    ref[1].data = fresh.clone()
+    step([rand(6, 5), rand(9)])
+    params[0].grad = rand(6, 5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        ours.step()

@@ -1,7 +1,7 @@
 """Group tensors into launch buckets, keep their device tables, launch the kernels.
 
-``step_tensors`` is what the optimizer classes call each step; ``adam`` and ``adamax``
-are stateless functional forms in the style of ``torch.optim.adam.adam``.
+``build_cache`` / ``StepCache.run`` are what the optimizer classes use; ``adam`` and
+``adamax`` are stateless functional forms in the style of ``torch.optim.adam.adam``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from . import autotune
 from .autotune import LaunchConfig
 from .kernels import Hyper, build_bucket, launch, variant_key
 
-__all__ = ["StepCache", "step_tensors", "adam", "adamax", "local_tensor"]
+__all__ = ["StepCache", "build_cache", "make_scratch_runner", "adam", "adamax", "local_tensor"]
 
 try:  # torch.distributed may be absent from some builds
     from torch.distributed.tensor import DTensor
@@ -29,11 +29,76 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 class StepCache:
-    """Buckets of one param group, reused while the tensors they point at stay put."""
+    """What one param group's step reuses while its tensors stay put.
 
-    def __init__(self) -> None:
-        self.signature = None
-        self.buckets: list = []  # (bucket, positions into the group's active tensors)
+    Holds the launch buckets (device tables point at these tensors, so the cache also
+    keeps them alive: a freed and reused storage can never be written through a stale
+    pointer) and what the optimizer checks each step to know the cache still applies.
+    """
+
+    def __init__(self, entries: list, keep: tuple) -> None:
+        self.entries = entries  # [bucket, positions in the active list or None, config, key]
+        self._keep = keep
+        # Filled by the optimizer: see Optimizer._fast_grad_ptrs.
+        self.generation = None
+        self.params_list = None
+        self.n_params = 0
+        self.active: list[int] | None = None
+        self.inactive: list[int] = []
+        self.param_ptrs: list[int] = []
+        self.grad_dtypes: list = []
+        self.dtensor = False
+        self.fast = False
+
+    def run(
+        self,
+        kind: str,
+        grad_ptrs: list[int],
+        hyper: Hyper,
+        *,
+        block_size: int | None = None,
+        num_warps: int | None = None,
+        autotune_mode: str | None = None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        for entry in self.entries:
+            bucket, idx, config, config_key = entry
+            bucket.set_grad_ptrs(grad_ptrs if idx is None else [grad_ptrs[i] for i in idx])
+            if config is None or config_key != (block_size, num_warps, autotune_mode):
+                config = _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode)
+                entry[2], entry[3] = config, (block_size, num_warps, autotune_mode)
+            launch(kind, bucket, hyper, block_size=config.block_size, num_warps=config.num_warps,
+                   grad_scale=grad_scale, found_inf=found_inf)
+
+
+def build_cache(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    second: list[torch.Tensor],
+    max_second: list[torch.Tensor] | None,
+    masters: list[torch.Tensor | None],
+    steps: list[torch.Tensor],
+) -> StepCache:
+    """Buckets over validated local tensors (no DTensors): one per (device, param dtype,
+    grad dtype, master) combination, each stepped by one launch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.device, p.dtype, g.dtype, masters[i] is not None), []).append(i)
+    entries = []
+    for (_, _, g_dtype, has_master), idx in groups.items():
+        bucket = build_bucket(
+            [params[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [second[i] for i in idx],
+            [max_second[i] for i in idx] if max_second is not None else None,
+            [masters[i] for i in idx] if has_master else None,
+            [steps[i] for i in idx],
+            g_dtype,
+        )
+        entries.append([bucket, None if len(groups) == 1 else idx, None, None])
+    return StepCache(entries, (params, exp_avgs, second, max_second, masters, steps))
 
 
 def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode) -> LaunchConfig:
@@ -83,7 +148,8 @@ def make_scratch_runner(
     w = [p.to(state_dtype)] if master else None
     step = torch.zeros((), dtype=torch.float32, device=device)
     bucket = build_bucket([p], [m], [v], vmax, w, [step], grad_dtype)
-    bucket.set_grads([g])
+    bucket.set_grad_ptrs([g.data_ptr()])
+    bucket.keep = (p, g, m, v, vmax, w, step)
 
     def run() -> None:
         launch(kind, bucket, hyper, block_size=config.block_size,
@@ -92,77 +158,20 @@ def make_scratch_runner(
     return run
 
 
-def step_tensors(
-    kind: str,
-    cache: StepCache,
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    second: list[torch.Tensor],
-    max_second: list[torch.Tensor] | None,
-    masters: list[torch.Tensor | None],
-    steps: list[torch.Tensor],
-    hyper: Hyper,
-    *,
-    generation: int = 0,
-    block_size: int | None = None,
-    num_warps: int | None = None,
-    autotune_mode: str | None = None,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-) -> None:
-    """One optimizer step over already validated local tensors (no DTensors).
-
-    ``masters[i]`` is the fp32 master copy of ``params[i]`` or None. Launches once per
-    (device, param dtype, grad dtype, master) bucket.
-    """
-    signature = (
-        generation,
-        tuple(p.data_ptr() for p in params),
-        tuple(g.dtype for g in grads),
-        max_second is not None,
-    )
-    if signature != cache.signature:
-        groups: dict[tuple, list[int]] = {}
-        for i, (p, g) in enumerate(zip(params, grads)):
-            key = (p.device, p.dtype, g.dtype, masters[i] is not None)
-            groups.setdefault(key, []).append(i)
-        cache.buckets = []
-        for (_, _, g_dtype, has_master), idx in groups.items():
-            bucket = build_bucket(
-                [params[i] for i in idx],
-                [exp_avgs[i] for i in idx],
-                [second[i] for i in idx],
-                [max_second[i] for i in idx] if max_second is not None else None,
-                [masters[i] for i in idx] if has_master else None,
-                [steps[i] for i in idx],
-                g_dtype,
-            )
-            cache.buckets.append((bucket, idx, None))
-        cache.signature = signature
-
-    for n, (bucket, idx, config) in enumerate(cache.buckets):
-        bucket.set_grads([grads[i] for i in idx] if len(idx) != len(grads) else grads)
-        if config is None or (block_size, num_warps) != config[1]:
-            chosen = _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode)
-            config = (chosen, (block_size, num_warps))
-            cache.buckets[n] = (bucket, idx, config)
-        launch(kind, bucket, hyper, block_size=config[0].block_size,
-               num_warps=config[0].num_warps, grad_scale=grad_scale, found_inf=found_inf)
-
-
 def _functional(kind, params, grads, exp_avgs, second, max_second, state_steps, masters,
                 hyper, block_size, num_warps, grad_scale, found_inf):
     local = [local_tensor(t) for t in params]
-    step_tensors(
-        kind, StepCache(), local, [local_tensor(g) for g in grads],
+    local_grads = [local_tensor(g) for g in grads]
+    cache = build_cache(
+        local, local_grads,
         [local_tensor(t) for t in exp_avgs], [local_tensor(t) for t in second],
         [local_tensor(t) for t in max_second] if max_second is not None else None,
         [local_tensor(t) if t is not None else None for t in masters]
         if masters is not None else [None] * len(local),
-        list(state_steps), hyper, block_size=block_size, num_warps=num_warps,
-        grad_scale=grad_scale, found_inf=found_inf,
+        list(state_steps),
     )
+    cache.run(kind, [g.data_ptr() for g in local_grads], hyper, block_size=block_size,
+              num_warps=num_warps, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam(

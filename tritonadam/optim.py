@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import operator
+
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import _env
-from .functional import StepCache, local_tensor, step_tensors
+from .functional import StepCache, build_cache, local_tensor
 from .kernels import KERNELS, Hyper
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
@@ -23,6 +25,10 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _WARPS = (1, 2, 4, 8, 16, 32)
 _AUTOTUNE_MODES = (None, "off", "on", "cache-only")
+
+
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _interpreted() -> bool:
@@ -235,6 +241,77 @@ class _TritonAdamBase(Optimizer):
             bias_correction=self.bias_correction,
         )
 
+    def _fast_grad_ptrs(self, index: int, group) -> list[int] | None:
+        """This step's grad pointers if the group's cache still applies, else None.
+
+        The per-step host work for a group whose params, state and grad dtypes are as
+        when the cache was built: a few C-level maps over the tensors, no Python loop
+        body per tensor (host time per step is a benchmarked figure). Anything unusual
+        (a new grad dtype, a non-contiguous or sparse grad, a grad gone or appeared, a
+        param whose storage moved) returns None and takes the validating path.
+        """
+        cache = self._caches.get(index)
+        params = group["params"]
+        if (
+            cache is None
+            or not cache.fast
+            or cache.generation != self._generation
+            or cache.params_list is not params
+            or cache.n_params != len(params)
+        ):
+            return None
+        grads = list(map(_GRAD, params))
+        if cache.active is not None:
+            if any(grads[i] is not None for i in cache.inactive):
+                return None
+            grads = [grads[i] for i in cache.active]
+            params = [params[i] for i in cache.active]
+        if cache.dtensor:
+            grads = list(map(local_tensor, grads))
+            params = list(map(local_tensor, params))
+        try:
+            grad_ptrs = list(map(Tensor.data_ptr, grads))
+        except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
+            return None
+        if (
+            list(map(Tensor.data_ptr, params)) != cache.param_ptrs
+            or list(map(_DTYPE, grads)) != cache.grad_dtypes
+            or not all(map(Tensor.is_contiguous, grads))
+        ):
+            return None
+        return grad_ptrs
+
+    def _rebuild_cache(self, index, group, params, grads, active) -> list[int]:
+        """Create missing state, build the group's launch buckets; returns grad pointers."""
+        states = [self._init_state(p, group) for p in params]
+        amsgrad = group.get("amsgrad", False)
+        local_params = [local_tensor(p) for p in params]
+        cache = build_cache(
+            local_params,
+            grads,
+            [local_tensor(s["exp_avg"]) for s in states],
+            [local_tensor(s[self._second_key]) for s in states],
+            [local_tensor(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
+            [local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
+            [s["step"] for s in states],
+        )
+        all_params = group["params"]
+        cache.generation = self._generation
+        cache.params_list = all_params
+        cache.n_params = len(all_params)
+        if len(active) != len(all_params):
+            cache.active = active
+            taken = set(active)
+            cache.inactive = [i for i in range(len(all_params)) if i not in taken]
+        cache.param_ptrs = [p.data_ptr() for p in local_params]
+        cache.grad_dtypes = [g.dtype for g in grads]
+        cache.dtensor = any(p is not lp for p, lp in zip(params, local_params))
+        # The fast path checks grads for contiguity only, which matches the param
+        # layout when params are contiguous too.
+        cache.fast = all(p.is_contiguous() for p in local_params)
+        self._caches[index] = cache
+        return [g.data_ptr() for g in grads]
+
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
@@ -258,32 +335,30 @@ class _TritonAdamBase(Optimizer):
         # all params and state as they were.
         work = []
         for index, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for p in group["params"]:
+            grad_ptrs = self._fast_grad_ptrs(index, group)
+            if grad_ptrs is not None:
+                work.append((index, group, None, None, grad_ptrs))
+                continue
+            params, grads, active = [], [], []
+            for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     grads.append(self._validate(p, p.grad))
                     params.append(p)
-            if params:
-                work.append((index, group, params, grads))
+                    active.append(i)
+            work.append((index, group, params, (grads, active), None))
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group, params, grads in work:
-            states = [self._init_state(p, group) for p in params]
-            amsgrad = group.get("amsgrad", False)
-            cache = self._caches.setdefault(index, StepCache())
-            step_tensors(
+        for index, group, params, slow, grad_ptrs in work:
+            if grad_ptrs is None:
+                if not params:
+                    self._caches.pop(index, None)
+                    continue
+                grad_ptrs = self._rebuild_cache(index, group, params, *slow)
+            self._caches[index].run(
                 self._kind,
-                cache,
-                [local_tensor(p) for p in params],
-                grads,
-                [local_tensor(s["exp_avg"]) for s in states],
-                [local_tensor(s[self._second_key]) for s in states],
-                [local_tensor(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
-                [local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
-                [s["step"] for s in states],
+                grad_ptrs,
                 self._hyper(group),
-                generation=self._generation,
                 block_size=self.block_size,
                 num_warps=self.num_warps,
                 autotune_mode=self.autotune,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .common import TABLE_COLUMNS
@@ -42,7 +43,8 @@ class Bucket:
     table: torch.Tensor  # int64 [n, TABLE_COLUMNS], on device
     counters: torch.Tensor  # int32 [n]: programs done with each tensor in this launch
     grads: torch.Tensor  # int64 [n]: grad pointers of the current step
-    grad_ptrs: tuple = ()
+    grad_ptrs: list = field(default_factory=list)
+    keep: tuple = ()
     block_size: int = 0
     block_map: torch.Tensor | None = None
     num_blocks: int = 0
@@ -71,10 +73,17 @@ class Bucket:
         self.table[:, TABLE_COLUMNS - 1].copy_(first)
         self.block_size = block_size
 
-    def set_grads(self, grads: list[torch.Tensor]) -> None:
-        ptrs = tuple(g.data_ptr() for g in grads)
+    def set_grad_ptrs(self, ptrs: list[int]) -> None:
+        """Point the launch at this step's grads; copies to the device only on change.
+
+        The caching allocator usually hands back the same addresses step after step,
+        so the copy is rare.
+        """
         if ptrs != self.grad_ptrs:
-            self.grads.copy_(torch.tensor(ptrs, dtype=torch.int64), non_blocking=True)
+            host = torch.from_numpy(np.fromiter(ptrs, dtype=np.int64, count=len(ptrs)))
+            # Pageable memory: non_blocking returns once the data is staged, so the host
+            # buffer can go; no wait on the GPU.
+            self.grads.copy_(host, non_blocking=True)
             self.grad_ptrs = ptrs
 
 
