@@ -27,22 +27,26 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITONADAM_CACHE_DIR="${TRITONADAM_CACHE_DIR:-$OUT/autotune-cache}"
-export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-0}"
+# First-use tuning (tests, the bench's odd sizes) gets a short budget per entry.
+export TRITONADAM_AUTOTUNE_BUDGET="${TRITONADAM_AUTOTUNE_BUDGET:-2}"
 unset TRITON_INTERPRET
 PY="${PYTHON:-python}"
 
-T_PYTEST="${T_PYTEST:-130}"
-T_TUNE="${T_TUNE:-60}"
+T_PYTEST="${T_PYTEST:-120}"
+T_TUNE="${T_TUNE:-75}"
 T_TUNE_MASTER="${T_TUNE_MASTER:-30}"
 T_SHOW="${T_SHOW:-15}"
 T_BENCH="${T_BENCH:-180}"
 # Tune the launch sizes the bench uses (one launch per param group: its total elements).
-TUNE_SIZES="${TUNE_SIZES:-10M 41M 125M 405M 1B 1.1B}"
+TUNE_SIZES="${TUNE_SIZES:-60K 10M 41M 125M 405M 1B 1.1B}"
 TUNE_ARGS="${TUNE_ARGS:---optimizer adamw --param-dtype fp32 bf16 fp16 --numel $TUNE_SIZES --budget 2}"
 TUNE_MASTER_ARGS="${TUNE_MASTER_ARGS:---optimizer adamw --param-dtype bf16 --master-weights --numel $TUNE_SIZES --budget 2}"
-# The bench stops starting cases this long before its timeout, and still writes its files.
-BENCH_BUDGET=$(( T_BENCH > 60 ? T_BENCH - 35 : T_BENCH / 2 ))
-BENCH_ARGS="${BENCH_ARGS:---profiles llama-layers@400M,many-small,gpt2-124m,one-huge@1B,tinyllama-1.1b,one-huge@10M --rep-ms 200}"
+# The bench starts no case after BENCH_BUDGET s (launch counting may run ~20 s longer);
+# on the timeout's SIGTERM it still writes what it has.
+BENCH_BUDGET=$(( T_BENCH > 80 ? T_BENCH - 40 : T_BENCH / 2 ))
+# The workloads issue 4's goals are judged on (Llama-like 400M in bf16, 10,000 x 4,096 small
+# tensors), a real model's mix (GPT-2) and one huge tensor; torch-compile runs last.
+BENCH_ARGS="${BENCH_ARGS:---profiles llama-layers@400M,many-small,gpt2-124m,one-huge@1B --rep-ms 150}"
 
 : > "$OUT/summary.txt"
 FAILED=0

@@ -300,6 +300,14 @@ def test_budget_from_environment(tmp_path, monkeypatch):
     assert len(fake.timed) == 4
 
 
+@pytest.mark.parametrize("value", ["ten", "-1", "nan"])
+def test_malformed_budget_is_an_error(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", value)
+    fake = FakeGPU()
+    with pytest.raises(ValueError, match="TRITONADAM_AUTOTUNE_BUDGET"):
+        make_tuner(tmp_path, fake).select(KEY, 2**24, CPU, fake.make_runner)
+
+
 def test_zero_budget_still_measures_the_default(tmp_path):
     fake = FakeGPU()
     assert make_tuner(tmp_path, fake, budget_s=0).select(KEY, 2**24, CPU, fake.make_runner) == GPU_DEFAULT
@@ -356,6 +364,19 @@ def test_scratch_memory_is_capped(tmp_path):
     t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**10)
     assert t.scratch_numel(27, CPU, 32) == 0
     assert t.select(KEY, 2**27, CPU, fake.make_runner) == GPU_DEFAULT and fake.runners == []
+
+
+def test_tuning_leaves_the_users_random_stream_alone(tmp_path):
+    fake = FakeGPU()
+
+    def noisy(config, numel):
+        torch.randn(16)  # scratch buffers filled with random numbers
+        return fake.make_runner(config, numel)
+
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    make_tuner(tmp_path, fake).select(KEY, 2**20, CPU, noisy)
+    assert fake.runners and torch.equal(torch.get_rng_state(), before)
 
 
 # --- modes and devices ------------------------------------------------------------------
@@ -699,3 +720,40 @@ def test_tuning_never_touches_live_tensors_and_the_step_launches_the_choice(tmp_
     assert r["tuned_launch"] == [r["target"]["block_size"], r["target"]["num_warps"]]  # the step ran the choice
     assert r["plain_launch"] != r["tuned_launch"]
     assert r["params_equal"] and r["state_equal"]  # tuning left the live tensors alone
+
+
+# --- on a real GPU (skipped on CPU) ----------------------------------------------------------
+
+_no_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or autotune.tuner._env.interpret(),
+    reason="needs a CUDA/ROCm GPU outside Triton's interpreter",
+)
+
+
+@pytest.mark.gpu
+@_no_gpu
+def test_event_timer_measures_a_gpu_op():
+    from tritonadam.autotune.timing import cuda_event_timer
+
+    x = torch.zeros(2**24, device="cuda")
+    ms = cuda_event_timer(lambda: x.add_(1.0), warmup_ms=5, rep_ms=20)
+    assert math.isfinite(ms) and 0 < ms < 100
+
+
+@pytest.mark.gpu
+@_no_gpu
+def test_first_use_tuning_on_a_gpu_writes_a_valid_cache(tmp_path):
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def make_runner(config, numel):
+        buf = torch.zeros(numel, device=dev)  # the runner owns its scratch buffer
+        return lambda: buf.mul_(0.5)
+
+    tuner = Tuner(cache=DiskCache(tmp_path), budget_s=3, stream=io.StringIO())
+    cfg = tuner.select(KEY, 2**22, dev, make_runner, bytes_per_elem=8)
+    info = tuner.device_info(dev)
+    assert cfg in config_space(info.backend)
+    parsed = tuner.cache.read(tuner.cache.path(tuner.identity(info)), tuner.identity(info))
+    assert parsed.problem is None and entry_key(KEY, 22) in parsed.entries
+    assert tuner.choices()[-1].source == "tuned"
+    assert tuner.select(KEY, 2**22, dev, make_runner) == cfg  # memory hit

@@ -145,3 +145,64 @@ def test_tune_on_cpu_explains_and_exits_nonzero(tmp_path):
     assert proc.returncode == 1
     assert "GPU" in proc.stderr and "nothing tuned" in proc.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
+    """The body of `tune` (the GPU check aside) against the kernels-package contract."""
+    import types
+
+    from tritonadam.autotune.__main__ import build_parser, run_tune
+
+    calls = []
+
+    def autotune_key(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights):
+        return (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
+                f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
+
+    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numel, device):
+        calls.append((optimizer, param_dtype, numel, config))
+        run = lambda: None  # noqa: E731
+        run.config = config
+        return run
+
+    kernels = types.SimpleNamespace(
+        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner,
+        bytes_per_elem=lambda *, param_dtype, **_: 16 if param_dtype == torch.float32 else 12,
+    )
+    budget_clock = {"t": 0.0}
+
+    def timer(fn):
+        budget_clock["t"] += 1.0
+        return 1.0 if fn.config == BEST else 2.0
+
+    def tuner(budget):
+        return Tuner(
+            timer=timer, clock=lambda: budget_clock["t"], budget_s=budget, cache=DiskCache(tmp_path),
+            device_info=lambda d: FAKE_GPU, free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(),
+        )
+
+    argv = ["tune", "--optimizer", "adamw", "adamax", "--param-dtype", "fp32", "bf16",
+            "--model-size", "64M", "--world-size", "4", "--min-numel", "2^22"]
+    args = build_parser().parse_args(argv)
+    # First pass with a budget too small to finish: entries are stored as partial.
+    assert run_tune(args, tuner=tuner(budget=2), kernels=kernels, device=torch.device("cpu")) == 0
+    out = capsys.readouterr().out
+    assert out.count("tuned 2/") == 12  # 2 optimizers x 2 dtypes x buckets 2^22..2^24
+    assert {c[2] for c in calls} == {2**22, 2**23, 2**24}
+    # Second pass: partial entries are finished without --force.
+    calls.clear()
+    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    out = capsys.readouterr().out
+    assert "cached" not in out and "block=8192 warps=16" in out
+    # Third pass: complete entries are kept unless --force.
+    calls.clear()
+    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    assert capsys.readouterr().out.count("cached") == 12 and calls == []
+    args = build_parser().parse_args(argv + ["--force"])
+    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    assert calls
+    # What the tuner stored is what the optimizer would find for the same key.
+    entries = json.loads(next(tmp_path.glob("*.json")).read_text())["entries"]
+    assert len(entries) == 12
+    e = entries[entry_key(("adamw", "amsgrad=0", "master=0", "p=bfloat16", "g=bfloat16"), 23)]
+    assert e["config"] == BEST.to_json() and e["measured"]["how"] == "cli tune" and e["bytes_per_elem"] == 12

@@ -93,18 +93,32 @@ def _rank(rank: int, world: int, init_file: str, cache_dir: str, results) -> Non
             run.config = config
             return run
 
-        tuner = Tuner(
-            timer=timer, cache=DiskCache(cache_dir), device_info=lambda d: FAKE_GPU,
-            free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(),
-        )
-        got = [tuner.select(k, 2**22, torch.device("cpu"), make_runner).to_json() for k in KEYS]
-        again = [tuner.select(k, 2**22, torch.device("cpu"), make_runner).to_json() for k in KEYS]  # memory, no collective
-        sources = [c.source for c in tuner.choices()]
+        def tuner(agreement, sub):
+            return Tuner(
+                timer=timer, cache=DiskCache(f"{cache_dir}/{sub}"), device_info=lambda d: FAKE_GPU,
+                free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(), agreement=agreement,
+            )
+
+        cpu = torch.device("cpu")
+        out = {}
+        for agreement in ("store", "broadcast"):
+            t = tuner(agreement, agreement)
+            timed.clear()
+            got = [t.select(k, 2**22, cpu, make_runner).to_json() for k in KEYS]
+            again = [t.select(k, 2**22, cpu, make_runner).to_json() for k in KEYS]  # memory: no communication
+            out[agreement] = (got, again, len(timed), [c.source for c in t.choices()])
+            dist.barrier()
+        # Store agreement pairs nothing by call order: a rank that needs an entry no other
+        # rank needs (an uneven shard in another bucket) decides it alone, without a hang.
+        t = tuner("store", "uneven")
+        timed.clear()
+        extra = t.select(KEYS[0], 2**(20 + rank), cpu, make_runner).to_json()
+        out["uneven"] = (extra, len(timed))
         dist.barrier()
         dist.destroy_process_group()
-        results.put((rank, got, again, len(timed), sources))
+        results.put((rank, out))
     except BaseException:
-        results.put((rank, "error", traceback.format_exc(), 0, []))
+        results.put((rank, traceback.format_exc()))
 
 
 @pytest.mark.distributed
@@ -125,14 +139,25 @@ def test_ranks_agree_even_when_their_timings_disagree(tmp_path):
         p.start()
     out = {}
     for _ in range(world):
-        rank, got, again, ntimed, sources = results.get(timeout=120)
-        assert got != "error", again
-        out[rank] = (got, again, ntimed, sources)
+        rank, res = results.get(timeout=120)
+        assert not isinstance(res, str), res
+        out[rank] = res
     for p in procs:
         p.join(timeout=60)
-    fav0 = RANK_FAVOURITE[0].to_json()
-    assert out[0][0] == out[1][0] == [fav0] * len(KEYS)  # everyone runs rank 0's choice
-    assert out[0][1] == out[1][1] == out[0][0]
-    assert out[0][2] > 0 and out[1][2] == 0  # only rank 0 timed anything
-    assert out[1][3] == ["rank 0 (broadcast)"] * len(KEYS)
-    assert out[0][3] == ["tuned"] * len(KEYS)
+    for agreement in ("store", "broadcast"):
+        got = [out[r][agreement][0] for r in range(world)]
+        again = [out[r][agreement][1] for r in range(world)]
+        ntimed = [out[r][agreement][2] for r in range(world)]
+        sources = [out[r][agreement][3] for r in range(world)]
+        assert got[0] == got[1] and again[0] == again[1] == got[0], agreement  # everyone runs one choice
+        assert len(set(map(str, got[0]))) == 1 and got[0][0] in [c.to_json() for c in RANK_FAVOURITE.values()]
+        # Exactly one rank timed each entry, and the others took its choice.
+        assert sum(ntimed) == ntimed[0] + ntimed[1] > 0
+        for k in range(len(KEYS)):
+            srcs = sorted(s[k] for s in sources)
+            assert srcs.count("tuned") == 1, (agreement, srcs)
+    assert out[1]["broadcast"][2] == 0 and out[1]["broadcast"][3] == ["rank 0 (broadcast)"] * len(KEYS)
+    assert out[0]["broadcast"][0] == [RANK_FAVOURITE[0].to_json()] * len(KEYS)
+    for r in range(world):
+        extra, ntimed = out[r]["uneven"]
+        assert extra == RANK_FAVOURITE[r].to_json() and ntimed > 0

@@ -35,7 +35,15 @@ def autotune_mode() -> str | None:
 def autotune_budget_s() -> float | None:
     """``TRITONADAM_AUTOTUNE_BUDGET``: seconds first-use tuning may spend per key; None = default."""
     value = os.environ.get("TRITONADAM_AUTOTUNE_BUDGET")
-    return float(value) if value else None
+    if value is None or value.strip() == "":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"TRITONADAM_AUTOTUNE_BUDGET={value!r}: expected a number of seconds") from None
+    if not seconds >= 0:  # also refuses NaN
+        raise ValueError(f"TRITONADAM_AUTOTUNE_BUDGET={value!r}: expected a number of seconds >= 0")
+    return seconds
 
 
 def autotune_verbose() -> bool:

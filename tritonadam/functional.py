@@ -11,7 +11,7 @@ import torch
 
 from . import autotune
 from .autotune import LaunchConfig
-from .kernels import Hyper, build_bucket, launch, variant_key
+from .kernels import Hyper, autotune_key, build_bucket, bytes_per_elem, launch, make_scratch_runner
 
 __all__ = ["StepCache", "build_cache", "make_scratch_runner", "adam", "adamax", "local_tensor"]
 
@@ -104,58 +104,23 @@ def build_cache(
 def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode) -> LaunchConfig:
     if block_size is not None and num_warps is not None:
         return LaunchConfig(block_size, num_warps)
+    optimizer = "adamax" if kind == "adamax" else ("adamw" if hyper.decoupled_weight_decay else "adam")
+    setup = dict(optimizer=optimizer, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
+                 amsgrad=bucket.amsgrad, master_weights=bucket.master)
 
     def make_runner(config: LaunchConfig, numel: int) -> Callable[[], None]:
-        return make_scratch_runner(
-            kind, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
-            amsgrad=bucket.amsgrad, master=bucket.master, hyper=hyper,
-            config=config, numel=numel, device=bucket.device,
-        )
+        return make_scratch_runner(**setup, config=config, numel=numel, device=bucket.device,
+                                   hyper=hyper)
 
     extra = {"mode": autotune_mode} if autotune_mode is not None else {}
     chosen = autotune.select_config(
-        variant_key(kind, bucket, hyper), bucket.numel, bucket.device, make_runner, **extra
+        autotune_key(**setup), bucket.numel, bucket.device, make_runner,
+        bytes_per_elem=bytes_per_elem(**setup), **extra,
     )
     return LaunchConfig(
         block_size if block_size is not None else chosen.block_size,
         num_warps if num_warps is not None else chosen.num_warps,
     )
-
-
-def make_scratch_runner(
-    kind: str,
-    *,
-    param_dtype: torch.dtype,
-    grad_dtype: torch.dtype,
-    amsgrad: bool,
-    master: bool,
-    hyper: Hyper,
-    config: LaunchConfig,
-    numel: int,
-    device: torch.device,
-) -> Callable[[], None]:
-    """A callable launching one step of the kernel on fresh scratch buffers (for timing).
-
-    The autotuner times these, never the user's tensors: an in-place step run several
-    times on live tensors would apply the update several times.
-    """
-    state_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-    p = torch.randn(numel, device=device).to(param_dtype)
-    g = torch.randn(numel, device=device).to(grad_dtype)
-    m = torch.zeros(numel, dtype=state_dtype, device=device)
-    v = torch.zeros(numel, dtype=state_dtype, device=device)
-    vmax = [torch.zeros_like(v)] if amsgrad else None
-    w = [p.to(state_dtype)] if master else None
-    step = torch.zeros((), dtype=torch.float32, device=device)
-    bucket = build_bucket([p], [m], [v], vmax, w, [step], grad_dtype)
-    bucket.set_grad_ptrs([g.data_ptr()])
-    bucket.keep = (p, g, m, v, vmax, w, step)
-
-    def run() -> None:
-        launch(kind, bucket, hyper, block_size=config.block_size,
-               num_warps=config.num_warps, count=False)
-
-    return run
 
 
 def _functional(kind, params, grads, exp_avgs, second, max_second, state_steps, masters,

@@ -4,7 +4,8 @@ The optimizer asks ``select_config`` once per launch; the first call for a kerne
 and size bucket decides (built-in default, disk cache, or timing on scratch buffers within
 a budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
 ``mode`` keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and
-Triton's interpreter never tune. In a distributed job rank 0 decides and broadcasts.
+Triton's interpreter never tune. In a distributed job one rank decides each entry and every
+rank uses its choice (see ``select_config``).
 """
 from __future__ import annotations
 
@@ -103,6 +104,15 @@ def select_config(
     the kernels accept ``LaunchConfig.persistent=True``, so persistent grids are tuned too.
 
     After the first call for a (key, bucket, device, mode) this is a dictionary lookup.
+
+    Distributed (``torch.distributed`` initialized, more than one rank, GPU devices): the
+    first rank to need an entry decides it (cache or timing) and publishes it in the process
+    group's key-value store; other ranks wait for it and use it, so every rank launches the
+    same config for the same entry. Nothing is paired by call order, so ranks whose launches
+    differ (uneven shards, a rank with nothing to step) neither deadlock nor mix up entries,
+    and no collective or GPU sync is added. Where the store is unavailable the fallback is a
+    broadcast from rank 0, and then every rank must call ``select_config`` for the same
+    entries in the same order. CPU devices never tune, so they never communicate.
     """
     return _tuner.select(
         key, numel, device, make_runner,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import re
 import sys
 
@@ -53,6 +52,12 @@ def _fmt_cfg(obj) -> str:
     return cfg.short() if cfg else "?"
 
 
+def _fmt_gbps(x) -> str:
+    if not x:
+        return ""
+    return f"{x:.0f}" if x >= 10 else f"{x:.3g}"
+
+
 def _entry_rows(entries: dict) -> list:
     rows = []
     for name in sorted(entries, key=lambda n: (entries[n]["key"], entries[n]["bucket"])):
@@ -79,7 +84,7 @@ def _entry_rows(entries: dict) -> list:
                 f"2^{e['bucket']}",
                 _fmt_cfg(e["config"]),
                 f"{e['time_ms']:.4g}",
-                f"{e['gbps']:.0f}" if e.get("gbps") else "",
+                _fmt_gbps(e.get("gbps")),
                 f"{_fmt_cfg(ru['config'])} {ru['time_ms']:.4g} ms" if ru else "",
                 dflt,
                 how,
@@ -190,7 +195,9 @@ def cmd_tune(args) -> int:
         )
         return 1
     try:
-        from tritonadam.kernels import autotune_key, make_scratch_runner
+        import tritonadam.kernels as kernels
+
+        kernels.autotune_key, kernels.make_scratch_runner  # noqa: B018
     except Exception as e:
         print(
             "tritonadam.autotune tune: this install of tritonadam.kernels does not provide "
@@ -198,15 +205,22 @@ def cmd_tune(args) -> int:
             file=sys.stderr,
         )
         return 1
-    import tritonadam.kernels as kernels
-
-    from .cache import entry_key
-    from .configs import size_bucket, space_id
     from .tuner import Tuner
 
     device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    tuner = Tuner(cache=_cache(args), budget_s=args.budget, verbose=args.verbose or None)
+    return run_tune(args, tuner=tuner, kernels=kernels, device=device)
+
+
+def run_tune(args, *, tuner, kernels, device) -> int:
+    """The body of ``tune`` (separate so CPU tests can drive it with a fake GPU and kernels)."""
+    import torch
+
+    from .cache import entry_key
+    from .configs import size_bucket, space_id
+
     if args.numel:
         sizes = list(args.numel)
     else:
@@ -217,7 +231,9 @@ def cmd_tune(args) -> int:
     source_hash = getattr(kernels, "SOURCE_HASH", None)
     # Must match what the optimizer passes to select_config, or the entries go unused.
     allow_persistent = bool(getattr(kernels, "ALLOW_PERSISTENT", False))
-    tuner = Tuner(cache=_cache(args), budget_s=args.budget, verbose=args.verbose or None)
+    info = tuner.device_info(device)
+    identity = tuner.identity(info, source_hash)
+    space = space_id(info.backend, allow_persistent=allow_persistent)
     rows = []
     for opt in args.optimizer:
         for pd in args.param_dtype:
@@ -229,20 +245,21 @@ def cmd_tune(args) -> int:
                 amsgrad=args.amsgrad,
                 master_weights=args.master_weights,
             )
-            key = tuple(_call_with_supported(autotune_key, kw))
+            key = tuple(_call_with_supported(kernels.autotune_key, kw))
             bpe_fn = getattr(kernels, "bytes_per_elem", None)
             bpe = _call_with_supported(bpe_fn, kw) if bpe_fn else None
 
             def make_runner(config, numel, _kw=kw):
-                return _call_with_supported(make_scratch_runner, {**_kw, "config": config, "numel": numel, "device": device})
+                return _call_with_supported(
+                    kernels.make_scratch_runner, {**_kw, "config": config, "numel": numel, "device": device}
+                )
 
-            info = tuner.device_info(device)
-            space = space_id(info.backend, allow_persistent=allow_persistent)
             for b in buckets:
                 name = entry_key(key, b)
                 if not args.force:
-                    hit = tuner.cache.lookup(tuner.identity(info, source_hash), name, space)
-                    if hit is not None:
+                    hit = tuner.cache.lookup(identity, name, space)
+                    # An entry cut short by the first-use budget is worth finishing here.
+                    if hit is not None and (hit.get("measured") or {}).get("complete", True):
                         rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "cached (use --force to re-tune)"))
                         continue
                 res = tuner.tune(
@@ -252,14 +269,12 @@ def cmd_tune(args) -> int:
                 if res is None:
                     rows.append((name, "", "", "failed: no config could be timed"))
                 else:
-                    rows.append(
-                        (name, res.config.short(), f"{res.time_ms:.4g}",
-                         f"tuned {len([m for m in res.measurements if m.time_ms])}/{res.considered}")
-                    )
+                    timed = sum(1 for m in res.measurements if m.time_ms)
+                    rows.append((name, res.config.short(), f"{res.time_ms:.4g}", f"tuned {timed}/{res.considered}"))
     from tabulate import tabulate
 
     print(tabulate(rows, headers=["entry", "config", "ms", "result"]))
-    print(f"cache: {tuner.cache.path(tuner.identity(tuner.device_info(device), source_hash))}")
+    print(f"cache: {tuner.cache.path(identity)}")
     return 0 if all(not r[3].startswith("failed") for r in rows) else 1
 
 
@@ -308,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="time budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
     t.add_argument("--device", default=None, help="GPU to tune on (default: the current CUDA device)")
-    t.add_argument("--force", action="store_true", help="re-tune entries that are already cached")
+    t.add_argument("--force", action="store_true",
+                   help="re-tune entries that are already cached (entries whose first-use tuning ran out of budget are re-tuned anyway)")
     t.add_argument("-v", "--verbose", action="store_true", help="print every config's time")
     t.set_defaults(func=cmd_tune)
 
@@ -364,4 +380,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `show | head`: stop quietly, as other CLI tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

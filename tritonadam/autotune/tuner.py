@@ -25,6 +25,7 @@ from .configs import (
     arch_default,
     bucket_numel,
     candidate_configs,
+    config_space,
     default_config,
     size_bucket,
     space_hash,
@@ -42,10 +43,11 @@ __all__ = [
 ]
 
 MODES = ("off", "on", "cache-only")
+# Boolean spellings as elsewhere in _env; anything else unknown is an error, not a guess.
 _MODE_ALIASES = {
-    "0": "off", "false": "off", "no": "off", "none": "off", "default": "off", "defaults": "off",
-    "1": "on", "true": "on", "yes": "on", "tune": "on",
-    "cache": "cache-only", "cache_only": "cache-only", "cacheonly": "cache-only",
+    "0": "off", "false": "off", "no": "off",
+    "1": "on", "true": "on", "yes": "on",
+    "cache_only": "cache-only",
 }
 DEFAULT_BUDGET_S = 10.0
 # Scratch buffers are capped at 4 GiB and a quarter of the free memory: tuning happens on the
@@ -109,10 +111,6 @@ class Choice:
     runner_up: str | None = None
 
 
-class _OutOfMemory(Exception):
-    pass
-
-
 def _is_oom(e: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(e, oom):
@@ -129,6 +127,16 @@ def _dist_world():
     if not dist.is_available() or not dist.is_initialized():
         return None
     return dist if dist.get_world_size() > 1 else None
+
+
+def _default_store():
+    """The default process group's key-value store, or None (private torch API: guarded)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None
 
 
 def _capturing(device: torch.device) -> bool:
@@ -165,7 +173,13 @@ class Tuner:
         max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES,
         scratch_fraction: float = DEFAULT_SCRATCH_FRACTION,
         stream=None,
+        agreement: str = "auto",
+        agreement_timeout_s: float | None = None,
     ):
+        if agreement not in ("auto", "store", "broadcast"):
+            raise ValueError(f"agreement={agreement!r}: expected 'auto', 'store' or 'broadcast'")
+        self.agreement = agreement
+        self.agreement_timeout_s = agreement_timeout_s
         self._timer = timer
         self.clock = clock if clock is not None else time.perf_counter
         self._budget_s = budget_s
@@ -270,7 +284,8 @@ class Tuner:
         hit = self._memory.get(mkey)
         if hit is not None:
             return hit
-        if numel <= 0:
+        if numel <= 0 and (self.agreement != "broadcast" or _dist_world() is None):
+            # Nothing is launched. (With broadcast agreement every rank must still take part.)
             return default_config(dev)
         with self._lock:
             hit = self._memory.get(mkey)
@@ -281,7 +296,8 @@ class Tuner:
             )
             if keep:
                 self._memory[mkey] = choice.config
-            self._choices.append(choice)
+            if keep or not self._choices or self._choices[-1] != choice:
+                self._choices.append(choice)
             return choice.config
 
     def _select_slow(self, mode, key, bucket, dev, make_runner, source_hash, bpe, allow_persistent):
@@ -306,6 +322,8 @@ class Tuner:
             self._say(f"{name}: {default.short()} ({row.status} for {info.arch}; autotune off)")
             return choice(default, f"{row.status} (autotune off)"), True
 
+        _ = self.budget_s  # a malformed TRITONADAM_AUTOTUNE_BUDGET raises here, not inside the fallbacks
+
         def decide():
             try:
                 return self._decide(
@@ -318,9 +336,15 @@ class Tuner:
         dist = _dist_world()
         if dist is None:
             return decide(), True
-
-        # One rank decides for everyone: timings differ from rank to rank, and ranks running
-        # different configs would run different code for the same step.
+        # One rank decides for everyone: timings differ from rank to rank (Megatron-LM saw 13
+        # of 22 entries disagree across 8 ranks), and ranks must run the same code.
+        store = _default_store() if self.agreement in ("auto", "store") else None
+        if store is not None:
+            return self._agree_via_store(
+                store, dist, mode, name, allow_persistent, source_hash, info, default, decide, choice
+            ), True
+        if self.agreement == "store":
+            raise RuntimeError("tritonadam.autotune: agreement='store' but the process group has no store")
         rank = dist.get_rank()
         mine = decide() if rank == 0 else None
         cfg = _broadcast_config(dist, mine.config if mine is not None else None, dev)
@@ -328,6 +352,43 @@ class Tuner:
             return mine, True
         self._say(f"{name}: {cfg.short()} (from rank 0)")
         return choice(cfg, "rank 0 (broadcast)"), True
+
+    def _agree_via_store(self, store, dist, mode, name, allow_persistent, source_hash, info, default, decide, choice):
+        """The first rank to need an entry decides it and publishes it in the process group's
+        key-value store; every other rank that needs it waits for that value.
+
+        Unlike a broadcast, this pairs nothing by call order: a rank whose launch falls in
+        another bucket (uneven FSDP shards) or that skips a launch cannot deadlock the job or
+        receive another entry's config, and no GPU sync is added to the step.
+        """
+        skey = "/".join(("tritonadam/autotune/v1", mode, source_hash or "-", "p" if allow_persistent else "-", name))
+        rank = dist.get_rank()
+        if store.add(skey + "/claim", 1) == 1:
+            mine = None
+            try:
+                mine = decide()
+            finally:  # publish even if interrupted, so no rank waits for nothing
+                cfg = mine.config if mine is not None else default
+                store.set(skey, f"{cfg.block_size},{cfg.num_warps},{int(cfg.persistent)},{rank}")
+            return mine
+        import datetime
+
+        timeout = self.agreement_timeout_s
+        if timeout is None:
+            timeout = max(600.0, 10 * self.budget_s + 120.0)
+        self._say(f"{name}: waiting for the rank that claimed it")
+        try:
+            store.wait([skey], datetime.timedelta(seconds=timeout))
+            block, warps, persistent, owner = (int(x) for x in store.get(skey).decode().split(","))
+            cfg = LaunchConfig(block, warps, bool(persistent))
+        except Exception as e:
+            self._say(f"{name}: no config from the deciding rank ({type(e).__name__}: {e}); using {default.short()}", always=True)
+            return choice(default, "default (no answer from the deciding rank)")
+        if cfg not in set(config_space(info.backend, allow_persistent=allow_persistent)):
+            self._say(f"{name}: rank {owner} published {cfg.short()}, not in this rank's space; using {default.short()}", always=True)
+            return choice(default, "default (bad config from the deciding rank)")
+        self._say(f"{name}: {cfg.short()} (from rank {owner})")
+        return choice(cfg, f"rank {owner} (store)")
 
     def _decide(self, mode, key, bucket, dev, info, default, make_runner, source_hash, bpe, allow_persistent, choice):
         name = entry_key(key, bucket)
@@ -382,7 +443,7 @@ class Tuner:
         """Time the candidate configs for ``numel``'s bucket now (ignoring any cached
         choice) and store the winner. None if no config could be timed.
 
-        Not coordinated across ranks: ``select`` calls it on rank 0 only.
+        Not coordinated across ranks: ``select`` calls it on the deciding rank only.
         """
         dev = device if isinstance(device, torch.device) else torch.device(device)
         if not self.can_time(dev):
@@ -406,42 +467,13 @@ class Tuner:
             always=True,
         )
         start = self.clock()
-        measurements: list[Measurement] = []
-        costs: list[float] = []
-        i = 0
-        while i < len(cands):
-            elapsed = self.clock() - start
-            if i > 0:
-                # Stop before a config that would, at the average cost so far, overrun.
-                mean = sum(costs) / len(costs) if costs else 0.0
-                if elapsed >= budget or elapsed + mean > budget:
-                    self._say(f"  budget of {budget:g} s reached after {elapsed:.2f} s; {len(cands) - i} configs not timed")
-                    break
-            cfg = cands[i]
-            t0 = self.clock()
-            runner = None
-            try:
-                runner = make_runner(cfg, rep)
-                ms = float(self.timer(runner))
-                if not math.isfinite(ms) or ms <= 0:
-                    raise ValueError(f"timer returned {ms!r}")
-                measurements.append(Measurement(cfg, ms))
-                gb = f", {bytes_per_elem * rep / ms / 1e6:.0f} GB/s" if bytes_per_elem else ""
-                self._say(f"  {cfg.short()}: {ms:.4g} ms{gb}")
-            except Exception as e:
-                if _is_oom(e) and not any(m.time_ms for m in measurements) and rep > 2**MIN_BUCKET:
-                    # Nothing timed yet, so a smaller size keeps the timings comparable.
-                    rep //= 2
-                    self._say(f"  out of memory; retrying with {rep} scratch elements")
-                    runner = None
-                    costs.append(self.clock() - t0)
-                    continue
-                measurements.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
-                self._say(f"  {cfg.short()}: failed ({type(e).__name__}: {e})")
-            finally:
-                del runner
-            costs.append(self.clock() - t0)
-            i += 1
+        # Scratch runners may draw random numbers (torch.randn buffers): restore the user's
+        # RNG streams afterwards so a tuned run stays reproducible against an untuned one.
+        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
+            dev.type == "cuda" and torch.cuda.is_available()
+        ) else []
+        with torch.random.fork_rng(devices=rng_devices, device_type="cuda"), torch.no_grad():
+            measurements, rep = self._time_candidates(cands, make_runner, rep, budget, start, bytes_per_elem)
         elapsed = self.clock() - start
         order = {c: j for j, c in enumerate(cands)}
         ok = sorted((m for m in measurements if m.time_ms is not None), key=lambda m: (m.time_ms, order[m.config]))
@@ -503,6 +535,45 @@ class Tuner:
         if store:
             self.cache.store(self.identity(info, source_hash), name, entry)
         return result
+
+    def _time_candidates(self, cands, make_runner, rep, budget, start, bytes_per_elem):
+        measurements: list[Measurement] = []
+        costs: list[float] = []
+        i = 0
+        while i < len(cands):
+            elapsed = self.clock() - start
+            if i > 0:
+                # Stop before a config that would, at the average cost so far, overrun.
+                mean = sum(costs) / len(costs) if costs else 0.0
+                if elapsed >= budget or elapsed + mean > budget:
+                    self._say(f"  budget of {budget:g} s reached after {elapsed:.2f} s; {len(cands) - i} configs not timed")
+                    break
+            cfg = cands[i]
+            t0 = self.clock()
+            runner = None
+            try:
+                runner = make_runner(cfg, rep)
+                ms = float(self.timer(runner))
+                if not math.isfinite(ms) or ms <= 0:
+                    raise ValueError(f"timer returned {ms!r}")
+                measurements.append(Measurement(cfg, ms))
+                gb = f", {bytes_per_elem * rep / ms / 1e6:.0f} GB/s" if bytes_per_elem else ""
+                self._say(f"  {cfg.short()}: {ms:.4g} ms{gb}")
+            except Exception as e:
+                if _is_oom(e) and not any(m.time_ms for m in measurements) and rep > 2**MIN_BUCKET:
+                    # Nothing timed yet, so a smaller size keeps the timings comparable.
+                    rep //= 2
+                    self._say(f"  out of memory; retrying with {rep} scratch elements")
+                    runner = None
+                    costs.append(self.clock() - t0)
+                    continue
+                measurements.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
+                self._say(f"  {cfg.short()}: failed ({type(e).__name__}: {e})")
+            finally:
+                del runner
+            costs.append(self.clock() - t0)
+            i += 1
+        return measurements, rep
 
     # -- what happened ------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ _DEFAULT_CPU_PROFILES = ["one-huge", "many-small"]
 _GPU_PROVIDERS = ["tritonadam", "torch-fused", "torch-foreach", "torch-forloop", "torch-compile",
                   "apex", "te"]
 _CPU_PROVIDERS = ["torch-fused", "torch-foreach", "torch-forloop"]
-_CPU_TIME_BUDGET_S = 40.0
+_CPU_TIME_BUDGET_S = 30.0
+_CPU_TIMED_SETUPS = ["fp32", "bf16"]  # all four are checked and in the roofline
 
 
 def _csv_list(text: str) -> list[str]:
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "tritonadam, the torch ones and apex/te when installed; on CPU: the "
                           "torch ones, tritonadam is checked only)")
     sel.add_argument("--setups", "--dtypes", dest="setups", type=_csv_list, metavar="LIST",
-                     help=f"dtype setups: {', '.join(SETUPS)} or 'all' (default all)")
+                     help=f"dtype setups: {', '.join(SETUPS)} or 'all' (default all; on CPU "
+                          f"{','.join(_CPU_TIMED_SETUPS)} are timed and all are checked)")
     sel.add_argument("--profiles", type=_csv_list, metavar="LIST",
                      help=f"shape profiles, NAME or NAME@SIZE: {', '.join(PROFILES)} "
                           f"(default on a GPU: {','.join(_DEFAULT_GPU_PROFILES)}; on CPU: "
@@ -66,10 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--lr", type=float, default=1e-3)
     sel.add_argument("--weight-decay", type=float, default=1e-2)
     sel.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    sel.add_argument("--threads", type=int, metavar="N",
+                     help="torch CPU threads for a CPU run (default 1: with 2+ OpenMP threads "
+                          "on a busy machine, CPU steps stall for tens of ms at random)")
     sel.add_argument("--baseline", default="torch-fused",
                      help="provider the speedup column divides by (default torch-fused)")
-    sel.add_argument("--compile-max-tensors", type=int, default=512, metavar="N",
-                     help="skip torch-compile on workloads with more tensors (compile time)")
+    sel.add_argument("--compile-max-tensors", type=int, default=200, metavar="N",
+                     help="skip torch-compile on workloads with more tensors, as its compile "
+                          "time grows with them (default 200: GPT-2's 148 tensors are compiled, "
+                          "TinyLlama's 201 are not)")
+    sel.add_argument("--autotune", choices=["on", "off", "cache-only"],
+                     help="tritonadam's launch-config tuning for this run (sets "
+                          "TRITONADAM_AUTOTUNE; default: as set in the environment). First-use "
+                          "tuning happens in the untimed first steps")
     tim = p.add_argument_group("timing")
     tim.add_argument("--warmup-ms", type=float)
     tim.add_argument("--rep-ms", type=float, help="time spent in timed reps per case")
@@ -96,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--roofline", action="store_true",
                      help="show the analytic roofline table (always shown on CPU)")
     out.add_argument("--load", metavar="FILE.json", help="render a saved JSON run; run nothing")
+    out.add_argument("--note", action="append", default=[], metavar="TEXT",
+                     help="add a note to the report (repeatable); with --load, to annotate a "
+                          "saved run, e.g. why a goal was missed, and write it back with --out")
     out.add_argument("--list", action="store_true", help="list profiles, setups and providers")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     return p
@@ -169,6 +183,25 @@ def _exit_code(report: dict) -> int:
 
 
 def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
+    """Run the CLI. ``allow_reexec`` is set only for ``python -m``: called in-process
+    (tests), the environment variables and torch thread count it changes are restored."""
+    if allow_reexec:
+        return _main(argv, allow_reexec=True)
+    saved_env = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITONADAM_AUTOTUNE")}
+    saved_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    try:
+        return _main(argv, allow_reexec=False)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if saved_threads is not None:
+            sys.modules["torch"].set_num_threads(saved_threads)
+
+
+def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -189,8 +222,12 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
             report = load(args.load)
         except (OSError, ValueError) as e:
             parser.error(str(e))
+        report.setdefault("notes", []).extend(args.note)
         _emit(report, args, parser)
         return _exit_code(report)
+
+    if args.autotune:
+        os.environ["TRITONADAM_AUTOTUNE"] = args.autotune
 
     import torch
 
@@ -203,6 +240,11 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
     elif want_cpu and os.environ.get("TRITON_INTERPRET", "") == "":
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cpu" if want_cpu else "cuda", None if want_cpu else torch.cuda.current_device())
+
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if want_cpu:
+        torch.set_num_threads(args.threads or 1)
 
     from .providers import PROVIDERS, HyperParams
     from .report import CPU_STATEMENT, collect_header, goals, roofline
@@ -221,6 +263,9 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
     if args.baseline not in PROVIDERS:
         parser.error(f"unknown --baseline {args.baseline}")
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
+    all_setups = list(setups)  # checked and in the roofline
+    if cpu and not args.setups:
+        setups = list(_CPU_TIMED_SETUPS)
     if args.optimizer == "adamax" and args.amsgrad:
         parser.error("--amsgrad does not apply to --optimizer adamax")
     try:
@@ -243,10 +288,10 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     tcfg = TimingConfig(
-        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (10.0 if cpu else 50.0),
-        rep_ms=args.rep_ms if args.rep_ms is not None else (100.0 if cpu else 300.0),
-        min_reps=args.min_reps or (5 if cpu else 10),
-        max_reps=args.max_reps or (50 if cpu else 200),
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (5.0 if cpu else 50.0),
+        rep_ms=args.rep_ms if args.rep_ms is not None else (50.0 if cpu else 300.0),
+        min_reps=args.min_reps or (3 if cpu else 10),
+        max_reps=args.max_reps or (30 if cpu else 200),
         flush=not args.no_flush)
     if tcfg.min_reps > tcfg.max_reps:
         parser.error("--min-reps is larger than --max-reps")
@@ -261,7 +306,8 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
                    check=not args.no_check, check_steps=args.check_steps,
                    profile_launches=not args.no_launch_count, time_budget_s=budget or None,
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
-                   check_workload=make_workload("check-small"), seed=args.seed,
+                   check_workload=make_workload("check-small"), check_setups=all_setups,
+                   seed=args.seed,
                    progress=progress)
 
     def on_term(signum, frame):
@@ -278,7 +324,7 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
             progress.done()
 
     statement = CPU_STATEMENT if cpu else None
-    notes = list(runner.notes)
+    notes = list(runner.notes) + list(args.note)
     if cpu and "tritonadam" in providers:
         notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
                      "interpreter, not the kernels")
@@ -298,7 +344,7 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
         "copy_bandwidth": runner.copy,
         "results": runner.rows,
         "checks": runner.checks,
-        "roofline": roofline(roof_workloads, setups, args.optimizer, args.amsgrad),
+        "roofline": roofline(roof_workloads, all_setups, args.optimizer, args.amsgrad),
         "show_roofline": cpu or args.roofline,
         "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
         "notes": notes,

@@ -196,7 +196,7 @@ class TorchCompile(_TorchBase):
     default_cpu = False
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
-        limit = opts.get("compile_max_tensors", 512)
+        limit = opts.get("compile_max_tensors", 200)
         if workload.tensors > limit:
             return (f"{workload.tensors} tensors > --compile-max-tensors {limit}: "
                     "compile time grows with the tensor count")

@@ -10,7 +10,6 @@ import os
 import platform
 import shlex
 import subprocess
-import sys
 
 from .workloads import SETUPS, Workload, format_count, traffic
 
@@ -57,9 +56,12 @@ def collect_header(device, argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "tritonadam_autotune": os.environ.get("TRITONADAM_AUTOTUNE") or "unset (default)",
+        "tritonadam_cache_dir": os.environ.get("TRITONADAM_CACHE_DIR") or "unset (default)",
     }
     try:
         import triton
@@ -236,7 +238,7 @@ def render_text(report: dict, md: bool = False) -> str:
 
     def title(t):
         out.append("")
-        out.append(f"## {t}" if md else f"{t}\n{'-' * len(t)}")
+        out.append(f"## {t}\n" if md else f"{t}\n{'-' * len(t)}")
 
     h = report["header"]
     if md:
@@ -251,7 +253,8 @@ def render_text(report: dict, md: bool = False) -> str:
            ("capability", h.get("capability")), ("driver", h.get("driver")),
            ("CUDA", h.get("cuda")), ("torch", h.get("torch")), ("triton", h.get("triton")),
            ("tritonadam", h.get("tritonadam")), ("git", h.get("git_commit")),
-           ("python", h.get("python")), ("cpu", f"{h.get('cpu')} x{h.get('cpu_count')}")]
+           ("autotune", h.get("tritonadam_autotune")),
+           ("python", h.get("python")), ("cpu", f"{h.get('cpu')} x{h.get('cpu_count')}, torch threads {h.get('torch_threads')}")]
     if not md:
         hdr.append(("command", h.get("command")))
     hdr = [(k, v) for k, v in hdr if v not in (None, "")]
@@ -415,11 +418,9 @@ def load(path: str) -> dict:
 # --------------------------------------------------------------------------------- plot
 
 def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot(report: dict, path: str) -> None:

@@ -37,9 +37,10 @@ class Options:
     check_steps: int = 2
     profile_launches: bool = True
     time_budget_s: float | None = None
-    compile_max_tensors: int = 512
+    compile_max_tensors: int = 200
     check_only: tuple[str, ...] = ()  # providers checked on check-small but not timed
     check_workload: Workload | None = None
+    check_setups: list[str] | None = None  # default: ``setups``
     seed: int = 0
     mem_fraction: float = 0.9
     copy_bytes: int | None = None
@@ -135,7 +136,6 @@ class Runner:
         return first + later
 
     def run(self):
-        o = self.opts
         try:
             self.measure_copy()
             self.run_checks()
@@ -190,7 +190,7 @@ class Runner:
         for pname in names:
             prov = PROVIDERS[pname]
             why = prov.unavailable(o.device)
-            for sname in o.setups:
+            for sname in o.check_setups or o.setups:
                 s = SETUPS[sname]
                 entry = {"provider": pname, "workload": o.check_workload.name, "setup": sname,
                          "steps": o.check_steps}
@@ -239,9 +239,14 @@ class Runner:
         """
         o = self.opts
         jobs, self._launch_jobs = self._launch_jobs, []
+        # Counting completes rows already timed, so it may run a little past the budget.
+        deadline = self._deadline()
+        if deadline is not None:
+            deadline += max(20.0, 0.15 * (o.time_budget_s or 0))
         for i, (row, w, s, pname) in enumerate(jobs):
-            if self._out_of_time():
-                break
+            if deadline is not None and time.monotonic() > deadline:
+                row["launches_error"] = "not counted: time budget spent"
+                continue
             self._progress(f"launch count [{i + 1}/{len(jobs)}] {w.name} {s.name} {pname}")
             params = built = None
             try:

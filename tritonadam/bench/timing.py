@@ -162,7 +162,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, config: TimingConfig) -> d
     t = timer.time(lambda: dst.copy_(src))
     moved = 2 * n * 4
     gbps = moved / (t.median * 1e-3) / 1e9
-    del src, dst
     timer.release()
     return {"bytes": moved, "ms": t.median, "ms_p20": t.p20, "ms_p80": t.p80, "reps": t.reps,
             "gbps": gbps}

@@ -3,7 +3,11 @@
 Lives inside the package (``tritonadam.kernels``) rather than as a top-level ``kernels``
 import package, which would collide with the PyPI package of that name.
 """
-from .launch import KERNELS, Hyper, launch, launch_counts, variant_key
+from .launch import KERNELS, Hyper, launch, launch_counts
 from .plan import Bucket, build_bucket
+from .scratch import autotune_key, bytes_per_elem, make_scratch_runner, variant_key
 
-__all__ = ["KERNELS", "Hyper", "Bucket", "build_bucket", "launch", "launch_counts", "variant_key"]
+__all__ = [
+    "KERNELS", "Hyper", "Bucket", "build_bucket", "launch", "launch_counts",
+    "autotune_key", "bytes_per_elem", "make_scratch_runner", "variant_key",
+]

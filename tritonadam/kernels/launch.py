@@ -60,19 +60,6 @@ def _on(device: torch.device, t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(device, non_blocking=True)
 
 
-def variant_key(kind: str, bucket: Bucket, hyper: Hyper) -> tuple:
-    """What the tuned launch config depends on: kernel variant and dtypes."""
-    return (
-        kind,
-        f"decoupled={int(hyper.decoupled_weight_decay)}",
-        f"amsgrad={int(bucket.amsgrad)}",
-        f"master={int(bucket.master)}",
-        f"p={dtype_name(bucket.param_dtype)}",
-        f"g={dtype_name(bucket.grad_dtype)}",
-        f"s={dtype_name(bucket.compute_dtype)}",
-    )
-
-
 def launch(
     kind: str,
     bucket: Bucket,
