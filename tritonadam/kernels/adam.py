@@ -13,9 +13,9 @@ from .common import (
     ieee_div,
     ieee_sqrt,
     load_ptr,
+    load_hyper,
     locate_block,
     one_minus_pow,
-    scalar,
 )
 from .rounding import round_to
 
@@ -94,27 +94,12 @@ def _adam_kernel(
     t, row, numel, start = locate_block(table_ptr, block_map_ptr, BLOCK)
     step_ptr, step, skip = begin_step(row, found_inf_ptr, HAS_FOUND_INF)
     if not skip:
-        lr = scalar(lr_hi, lr_lo, lr_ptr, LR_IS_TENSOR, CDTYPE)
-        eps = scalar(eps_hi, eps_lo, eps_hi, False, CDTYPE)
-        weight_decay = scalar(wd_hi, wd_lo, wd_hi, False, CDTYPE)
-        if BETAS_ARE_TENSORS:
-            beta1 = tl.load(beta1_ptr).to(CDTYPE)
-            beta2 = tl.load(beta2_ptr).to(CDTYPE)
-            w1 = 1.0 - beta1
-            w2 = 1.0 - beta2
-            log_beta1 = tl.log(beta1)
-            log_beta2 = tl.log(beta2)
-        else:
-            # Derived on the host in double, as torch.optim does with Python floats.
-            beta2 = scalar(beta2_hi, beta2_lo, beta2_ptr, False, CDTYPE)
-            w1 = scalar(w1_hi, w1_lo, w1_hi, False, CDTYPE)
-            w2 = scalar(w2_hi, w2_lo, w2_hi, False, CDTYPE)
-            log_beta1 = scalar(log_beta1_hi, log_beta1_lo, log_beta1_hi, False, CDTYPE)
-            log_beta2 = scalar(log_beta2_hi, log_beta2_lo, log_beta2_hi, False, CDTYPE)
-        inv_scale = 1.0
-        if HAS_GRAD_SCALE:
-            # Same value GradScaler.unscale_ multiplies by.
-            inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(CDTYPE)
+        lr, beta2, w1, w2, log_beta1, log_beta2, eps, weight_decay, inv_scale = load_hyper(
+            lr_hi, lr_lo, lr_ptr, beta1_ptr, beta2_hi, beta2_lo, beta2_ptr,
+            w1_hi, w1_lo, w2_hi, w2_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+            eps_hi, eps_lo, wd_hi, wd_lo, grad_scale_ptr,
+            LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_GRAD_SCALE, CDTYPE,
+        )
         if BIAS_CORRECTION:
             cstep = step.to(CDTYPE)
             step_size = ieee_div(lr, one_minus_pow(log_beta1, cstep))
@@ -138,9 +123,6 @@ def _adam_kernel(
             # 16-byte vector ones (DESIGN.md section 2). Each pointer is cast here, not
             # reused from outside the branch: triton 3.6 merges identical int-to-pointer
             # casts and the hint on the shared one is lost (checked in test_aot.py).
-            # Fast path: the alignment of a pointer read from memory is unknown to the
-            # compiler; without these hints sm_90 gets scalar 4-byte loads, with them
-            # 16-byte vector loads (DESIGN.md section 2).
             _adam_block(
                 tl.multiple_of(p_addr.to(tl.pointer_type(P_DTYPE)), 16),
                 tl.multiple_of(g_addr.to(tl.pointer_type(G_DTYPE)), 16),

@@ -12,9 +12,9 @@ from .common import (
     end_step,
     ieee_div,
     load_ptr,
+    load_hyper,
     locate_block,
     one_minus_pow,
-    scalar,
 )
 from .rounding import round_to
 
@@ -72,21 +72,12 @@ def _adamax_kernel(
     t, row, numel, start = locate_block(table_ptr, block_map_ptr, BLOCK)
     step_ptr, step, skip = begin_step(row, found_inf_ptr, HAS_FOUND_INF)
     if not skip:
-        lr = scalar(lr_hi, lr_lo, lr_ptr, LR_IS_TENSOR, CDTYPE)
-        eps = scalar(eps_hi, eps_lo, eps_hi, False, CDTYPE)
-        weight_decay = scalar(wd_hi, wd_lo, wd_hi, False, CDTYPE)
-        if BETAS_ARE_TENSORS:
-            beta1 = tl.load(beta1_ptr).to(CDTYPE)
-            beta2 = tl.load(beta2_ptr).to(CDTYPE)
-            w1 = 1.0 - beta1
-            log_beta1 = tl.log(beta1)
-        else:
-            beta2 = scalar(beta2_hi, beta2_lo, beta2_ptr, False, CDTYPE)
-            w1 = scalar(w1_hi, w1_lo, w1_hi, False, CDTYPE)
-            log_beta1 = scalar(log_beta1_hi, log_beta1_lo, log_beta1_hi, False, CDTYPE)
-        inv_scale = 1.0
-        if HAS_GRAD_SCALE:
-            inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(CDTYPE)
+        lr, beta2, w1, w2, log_beta1, log_beta2, eps, weight_decay, inv_scale = load_hyper(
+            lr_hi, lr_lo, lr_ptr, beta1_ptr, beta2_hi, beta2_lo, beta2_ptr,
+            w1_hi, w1_lo, w2_hi, w2_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+            eps_hi, eps_lo, wd_hi, wd_lo, grad_scale_ptr,
+            LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_GRAD_SCALE, CDTYPE,
+        )
         if BIAS_CORRECTION:
             clr = ieee_div(lr, one_minus_pow(log_beta1, step.to(CDTYPE)))
         else:

@@ -77,6 +77,39 @@ def ieee_sqrt(x):
 
 
 @triton.jit
+def load_hyper(
+    lr_hi, lr_lo, lr_ptr, beta1_ptr, beta2_hi, beta2_lo, beta2_ptr,
+    w1_hi, w1_lo, w2_hi, w2_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+    eps_hi, eps_lo, wd_hi, wd_lo, grad_scale_ptr,
+    LR_IS_TENSOR: tl.constexpr, BETAS_ARE_TENSORS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, CDTYPE: tl.constexpr,
+):
+    """(lr, beta2, 1-beta1, 1-beta2, log beta1, log beta2, eps, weight decay, 1/grad scale)."""
+    lr = scalar(lr_hi, lr_lo, lr_ptr, LR_IS_TENSOR, CDTYPE)
+    eps = scalar(eps_hi, eps_lo, eps_hi, False, CDTYPE)
+    weight_decay = scalar(wd_hi, wd_lo, wd_hi, False, CDTYPE)
+    if BETAS_ARE_TENSORS:
+        beta1 = tl.load(beta1_ptr).to(CDTYPE)
+        beta2 = tl.load(beta2_ptr).to(CDTYPE)
+        w1 = 1.0 - beta1
+        w2 = 1.0 - beta2
+        log_beta1 = tl.log(beta1)
+        log_beta2 = tl.log(beta2)
+    else:
+        # Derived on the host in double, as torch.optim does with Python floats.
+        beta2 = scalar(beta2_hi, beta2_lo, beta2_ptr, False, CDTYPE)
+        w1 = scalar(w1_hi, w1_lo, w1_hi, False, CDTYPE)
+        w2 = scalar(w2_hi, w2_lo, w2_hi, False, CDTYPE)
+        log_beta1 = scalar(log_beta1_hi, log_beta1_lo, log_beta1_hi, False, CDTYPE)
+        log_beta2 = scalar(log_beta2_hi, log_beta2_lo, log_beta2_hi, False, CDTYPE)
+    inv_scale = 1.0
+    if HAS_GRAD_SCALE:
+        # The value GradScaler.unscale_ multiplies by: 1/scale in double, then rounded.
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(CDTYPE)
+    return lr, beta2, w1, w2, log_beta1, log_beta2, eps, weight_decay, inv_scale
+
+
+@triton.jit
 def one_minus_pow(log_beta, step):
     """1 - beta**step from log(beta), accurate where beta**step is close to 1.
 
