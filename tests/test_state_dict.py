@@ -108,3 +108,24 @@ def test_state_dict_keys_match_torch(device):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa["state"][0].keys() == sb["state"][0].keys(), name
         assert sa["param_groups"][0].keys() == sb["param_groups"][0].keys(), name
+
+
+def test_load_state_dict_pre_hooks_are_honoured(device):
+    """A user pre-hook that rewrites the state dict (here: scales exp_avg) is what loads,
+    fp32 precision included."""
+    params = make_params([(9,)], torch.bfloat16, device, seed=14)
+    opt = PAIRS["Adam"][0](params, **LAUNCH)
+    _train(opt, params, torch.Generator().manual_seed(15), 1)
+    saved = copy.deepcopy(opt.state_dict())
+    target = PAIRS["Adam"][0](clone_params(params), **LAUNCH)
+
+    def halve(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"] = state_dict["state"][0]["exp_avg"] / 3
+        return state_dict
+
+    target.register_load_state_dict_pre_hook(halve)
+    target.load_state_dict(saved)
+    (q,) = target.param_groups[0]["params"]
+    assert target.state[q]["exp_avg"].dtype == torch.float32
+    assert torch.equal(target.state[q]["exp_avg"], saved["state"][0]["exp_avg"] / 3)

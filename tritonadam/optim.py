@@ -154,9 +154,21 @@ class _TritonAdamBase(Optimizer):
         params is restored at full precision from ``state_dict`` afterwards, and step
         counts become 0-dim float32 tensors on the param's device.
         """
+        # Read the fp32 values from the state dict torch actually loads: the one user
+        # pre-hooks returned. A hook registered last, just for this call, sees it.
+        seen = {}
+
+        def capture(optimizer, final):
+            seen["state_dict"] = final
+
+        handle = self.register_load_state_dict_pre_hook(capture)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        state_dict = seen.get("state_dict", state_dict)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(ids, params):
