@@ -148,6 +148,12 @@ def assert_close_dicts(a: dict, b: dict, what: str, exact: bool = False, **tol) 
             torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{what}: {k}: {m}", **(tol or TOL))
 
 
+def assert_same_on_all_ranks(value, what: str) -> None:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    assert all(v == values[0] for v in values), f"{what}: ranks disagree: {values}"
+
+
 def compare_states(ours_opt, ref_opt, ours_model, ref_model, what: str) -> None:
     """Local shards of every state tensor close to torch's; state keeps the param's type."""
     for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
@@ -194,7 +200,8 @@ def fsdp2_parity(rank: int, world: int, tmpdir: str) -> None:
 def fsdp2_mixed_precision(rank: int, world: int, tmpdir: str) -> None:
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): bf16 compute, fp32
     sharded params and grads; ours stays with torch. Then bf16-stored params with
-    master_weights=True (fp32 master as a DTensor shard) stay close to the fp32 run."""
+    master_weights=True (fp32 master as a DTensor shard) stay close to the fp32 run, and
+    survive a DCP round trip bit for bit (master and state stay fp32 DTensors)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     base = base_model()
     ours_model = fsdp2(copy.deepcopy(base), mp_policy=policy)
@@ -225,6 +232,27 @@ def fsdp2_mixed_precision(rank: int, world: int, tmpdir: str) -> None:
         torch.testing.assert_close(full_master, ref_full[n], atol=3e-2, rtol=0)
         assert torch.equal(p.full_tensor(), full_master.to(torch.bfloat16))
 
+    # DCP round trip of bf16 params + fp32 master/state: a fresh model and optimizer
+    # restored from it continue bit for bit like the original.
+    path = os.path.join(tmpdir, "dcp_master")
+    msd, osd = get_state_dict(bf16_model, master)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    fresh = fsdp2(base_model(seed=7).to(torch.bfloat16), mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    fresh_opt = tritonadam.AdamW(groups(fresh), lr=1e-2, betas=(0.9, 0.95), master_weights=True, **LAUNCH)
+    msd, osd = get_state_dict(fresh, fresh_opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    for p in fresh.parameters():
+        state = fresh_opt.state[p]
+        assert state["master_param"].dtype == torch.float32 and isinstance(state["master_param"], DTensor)
+    train(bf16_model, master, rank, range(5, 7))
+    train(fresh, fresh_opt, rank, range(5, 7))
+    for (n, p), q in zip(bf16_model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), n
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert torch.equal(master.state[p][key].to_local(), fresh_opt.state[q][key].to_local()), (n, key)
+
 
 def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
     """State dicts and checkpoints, FSDP2, ours and torch.optim in every direction.
@@ -254,24 +282,24 @@ def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
 
         # Full state dict: full tensors (not this rank's shard) on every rank.
         full_opts = StateDictOptions(full_state_dict=True)
-        full_osd = get_optimizer_state_dict(model, opt, options=full_opts)
-        full_msd = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in msd.items()}
+        # deepcopy: in-memory state dicts alias live state (step counts, for one).
+        full_osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))
+        full_msd = {k: full(v).clone() for k, v in msd.items()}
         for pname, pstate in full_osd["state"].items():
             for key, v in pstate.items():
                 assert not isinstance(v, DTensor), (tag, pname, key)
                 if key != "step":
                     assert v.shape == full_msd[pname].shape, (tag, pname, key, v.shape)
         rank0_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        rank0_osd = get_optimizer_state_dict(model, opt, options=rank0_opts)
+        rank0_osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=rank0_opts))
         if rank != 0:
             assert rank0_osd == {} or not rank0_osd.get("state"), "cpu_offload keeps rank 0 only"
 
         train(model, opt, rank, range(3, 6))
         runs[tag] = {
             "final": full_params(model),
-            "full": (copy.deepcopy(full_msd), copy.deepcopy(full_osd)),
-            "rank0": (copy.deepcopy(full_msd) if rank == 0 else {},
-                      copy.deepcopy(rank0_osd) if rank == 0 else {}),
+            "full": (full_msd, full_osd),
+            "rank0": (full_msd if rank == 0 else {}, rank0_osd if rank == 0 else {}),
         }
 
     # Full optimizer state dicts of the two implementations agree, key for key.
@@ -316,7 +344,8 @@ def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
 def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     """FSDP1 with use_orig_params=True: params are 1-D views of the flat shard, some
     empty; ours tracks torch.optim, and full optimizer state dicts move between the two
-    (ours -> torch and torch -> ours) with training continuing identically."""
+    (ours -> torch and torch -> ours) with training continuing identically. Then DDP:
+    ours tracks torch.optim and params stay identical on every rank."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -373,10 +402,112 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
                 torch.testing.assert_close(p, q, **TOL)
                 torch.testing.assert_close(p, r, **TOL)
 
+    # DDP: full params and grads on every rank (averaged by DDP's all-reduce).
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = {ours: DDP(copy.deepcopy(base)) for ours in (True, False)}
+    ddp_opts = {ours: make_opt("AdamW", ours, m) for ours, m in ddp.items()}
+    for ours in (True, False):
+        train(ddp[ours], ddp_opts[ours], rank, range(4), clip=1.0)
+    for p, q in zip(ddp[True].parameters(), ddp[False].parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+    assert_same_on_all_ranks([p.detach().tolist() for p in ddp[True].parameters()], "DDP params")
+
+
+def _scaled_run(model, opt, scaler, rank, *, unscale_first, clip=None, steps=4, inf_step=1):
+    """GradScaler loop with an inf in rank 1's local grad shard only at ``inf_step``.
+    Returns per step (param shards changed?, scale) as seen by this rank."""
+    seen = []
+    for step in range(steps):
+        idx, target = batch(step, rank)
+        loss = nn.functional.cross_entropy(model(idx), target)
+        scaler.scale(loss).backward()
+        if step == inf_step and rank == 1:
+            g = next(local(p.grad) for p in model.parameters() if p.grad is not None and local(p.grad).numel())
+            g.view(-1)[0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+            if clip is not None:
+                clip(model)
+        before = [local(p).detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        changed = any(not torch.equal(local(p), b) for p, b in zip(model.parameters(), before) if b.numel())
+        seen.append((changed, scaler.get_scale()))
+        opt.zero_grad()
+    return seen
+
+
+def grad_scaler_fsdp(rank: int, world: int, tmpdir: str) -> None:
+    """GradScaler with an inf/NaN in one rank's grad shard only (every rank must skip).
+
+    FSDP2 + torch.amp.GradScaler, no unscale_ (the kernel unscales; DTensor grads make
+    the scaler's inf check a collective) and with unscale_ + clipping; FSDP1 +
+    ShardedGradScaler with unscale_ + FSDP.clip_grad_norm_ (its unscale_ all-reduces
+    found_inf). Ours tracks torch.optim.AdamW; skip decisions and scales agree across ranks.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    base = base_model()
+    cases = {
+        "fsdp2": (fsdp2, lambda: torch.amp.GradScaler("cpu", init_scale=1024.0), False, None),
+        "fsdp2+unscale_+clip": (fsdp2, lambda: torch.amp.GradScaler("cpu", init_scale=1024.0), True,
+                                lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
+        "fsdp1+unscale_+clip": (
+            lambda m: FSDP(m, use_orig_params=True, device_id=torch.device("cpu")),
+            lambda: ShardedGradScaler("cpu", init_scale=1024.0), True, lambda m: m.clip_grad_norm_(1.0),
+        ),
+    }
+    for what, (wrap, make_scaler, unscale_first, clip) in cases.items():
+        runs = {}
+        for ours in (True, False):
+            model = wrap(copy.deepcopy(base))
+            opt = make_opt("AdamW", ours, model)
+            seen = _scaled_run(model, opt, make_scaler(), rank, unscale_first=unscale_first, clip=clip)
+            assert [c for c, _ in seen] == [True, False, True, True], (what, ours, seen)
+            assert_same_on_all_ranks(seen, f"{what} ours={ours}")
+            runs[ours] = (model, opt, seen)
+        assert runs[True][2] == runs[False][2], what
+        for p, q in zip(runs[True][0].parameters(), runs[False][0].parameters()):
+            torch.testing.assert_close(local(p), local(q), **TOL)
+        states = [runs[True][1].state[p] for p in runs[True][0].parameters() if p in runs[True][1].state]
+        assert states and all(s["step"].item() == 3 for s in states), what
+
+
+def grad_scaler_fsdp1_without_unscale(rank: int, world: int, tmpdir: str) -> None:
+    """FSDP1 + ShardedGradScaler and scaler.step(opt) without unscale_: GradScaler.step's
+    inf check for optimizers with _step_supports_amp_scaling is rank-local (only
+    ShardedGradScaler.unscale_ all-reduces found_inf), so a rank without the inf steps
+    and grows its scale while the other skips and backs off. torch.optim.AdamW (which
+    GradScaler unscales through ShardedGradScaler.unscale_) stays consistent."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from tritonadam.amp import ShardedGradScaler as AgreeingShardedGradScaler
+
+    base = base_model()
+    for ours in (False, True):
+        model = FSDP(copy.deepcopy(base), use_orig_params=True, device_id=torch.device("cpu"))
+        opt = make_opt("AdamW", ours, model)
+        scaler_cls = AgreeingShardedGradScaler if ours else ShardedGradScaler
+        seen = _scaled_run(model, opt, scaler_cls("cpu", init_scale=1024.0), rank, unscale_first=False)
+        assert_same_on_all_ranks(seen, f"fsdp1 ShardedGradScaler without unscale_, ours={ours}")
+    # And the torch bug this class works around is still there (drop the class when not).
+    model = FSDP(copy.deepcopy(base), use_orig_params=True, device_id=torch.device("cpu"))
+    seen = _scaled_run(model, make_opt("AdamW", True, model), ShardedGradScaler("cpu", init_scale=1024.0),
+                       rank, unscale_first=False)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, seen)
+    assert gathered[0] != gathered[1], "torch's ShardedGradScaler now agrees across ranks"
+
 
 SCENARIOS = {
     "fsdp2_parity": fsdp2_parity,
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,
     "fsdp1_parity": fsdp1_parity,
+    "grad_scaler_fsdp": grad_scaler_fsdp,
+    "grad_scaler_fsdp1_without_unscale": grad_scaler_fsdp1_without_unscale,
 }
+

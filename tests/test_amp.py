@@ -1,0 +1,307 @@
+"""torch.amp.GradScaler and torch.compile with tritonadam (issue 5).
+
+Device-generic: Triton's CPU interpreter by default, a GPU with TRITONADAM_TEST_DEVICE=cuda.
+
+tritonadam sets ``_step_supports_amp_scaling = True``: GradScaler does not unscale the
+grads itself but sets ``optimizer.grad_scale`` (None after a user ``unscale_``) and
+``optimizer.found_inf`` before ``step()``. The kernel unscales on the fly and skips the
+whole update (params, state, step counts) when ``found_inf`` is set, without a host sync,
+and never writes ``.grad``. The reference is ``torch.optim`` (``foreach=False``) driven by
+a GradScaler of its own, which unscales that optimizer's grads in place.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tritonadam
+
+LAUNCH = {"block_size": 16384, "num_warps": 4}
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+
+VARIANTS = {
+    # id: (our class, torch class, kwargs for both, param dtype, our extra kwargs)
+    "AdamW": (tritonadam.AdamW, torch.optim.AdamW, {"weight_decay": 0.1}, torch.float32, {}),
+    "Adam-amsgrad": (tritonadam.Adam, torch.optim.Adam, {"amsgrad": True}, torch.float32, {}),
+    "Adamax": (tritonadam.Adamax, torch.optim.Adamax, {"weight_decay": 0.01}, torch.float32, {}),
+    "AdamW-bf16-master": (tritonadam.AdamW, torch.optim.AdamW, {}, torch.bfloat16,
+                          {"master_weights": True}),
+    "Adam-fp16": (tritonadam.Adam, torch.optim.Adam, {"weight_decay": 0.01}, torch.float16, {}),
+}
+
+
+def make_model(device, dtype=torch.float32, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    # Odd sizes; a 1-element bias: tensors of several shapes in one launch.
+    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 1)).to(device, dtype)
+
+
+def batch(step: int, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(step)
+    x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 1, generator=gen)
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def backward(model, scaler, step, *, poison=None, dtype=torch.float32):
+    """Scaled backward; ``poison`` = inf or nan written into one grad element."""
+    x, y = batch(step, dtype, next(model.parameters()).device)
+    loss = (model(x) - y).float().square().mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if poison is not None:
+        model[0].weight.grad[1, 2] = poison
+    return loss.detach()
+
+
+def snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy({i: opt.state[p] for i, p in enumerate(model.parameters()) if p in opt.state})
+    return params, state
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (torch.equal says NaN != NaN)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+def assert_same(model, opt, before, what=""):
+    params, state = before
+    for i, (p, q) in enumerate(zip(model.parameters(), params)):
+        assert same_bits(p.detach(), q), f"{what}: param {i} changed"
+        for key, value in state.get(i, {}).items():
+            assert same_bits(opt.state[p][key], value), f"{what}: state {i}.{key} changed"
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def watch_grads(opt, model) -> list[str]:
+    """Check, around every ``opt.step()``, that the step leaves ``.grad`` bit for bit as
+    it found it. (Hooks, not a copy taken before ``scaler.step``: GradScaler's own inf
+    check multiplies the grads by 1.0 in place, which may change a NaN's bits.)"""
+    errors: list[str] = []
+    taken: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: taken.append(grads(model)))
+
+    def post(o, args, kwargs):
+        for i, (p, g) in enumerate(zip(model.parameters(), taken.pop())):
+            if not same_bits(p.grad, g):
+                errors.append(f"grad {i} written by step()")
+
+    opt.register_step_post_hook(post)
+    return errors
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_found_inf_skips_the_whole_step(variant, poison, device):
+    ours_cls, _, kw, dtype, extra = VARIANTS[variant]
+    model = make_model(device, dtype)
+    opt = ours_cls(model.parameters(), lr=1e-2, **kw, **extra, **LAUNCH)
+    written = watch_grads(opt, model)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12)
+    for step in range(2):
+        opt.zero_grad()
+        backward(model, scaler, step, dtype=dtype)
+        scaler.step(opt)
+        scaler.update()
+    assert all(opt.state[p]["step"].item() == 2 for p in model.parameters())
+
+    opt.zero_grad()
+    backward(model, scaler, 2, poison=poison, dtype=dtype)
+    before = snapshot(model, opt)
+    scaler.step(opt)
+    assert_same(model, opt, before, f"{variant} skipped step")
+    assert sum(v.item() for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()) == 1
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # GradScaler cleans up
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11
+
+    # The next clean step goes through and counts as step 3.
+    opt.zero_grad()
+    backward(model, scaler, 3, dtype=dtype)
+    before = snapshot(model, opt)
+    scaler.step(opt)
+    scaler.update()
+    assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
+    assert not torch.equal(next(model.parameters()), before[0][0])
+    assert not written
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if VARIANTS[v][3] == torch.float32])
+def test_gradscaler_parity_with_torch(variant, device):
+    """8 steps with a growing scale that is not a power of two (so unscaling rounds) and
+    an inf at step 4; params, state and scale follow torch.optim + GradScaler."""
+    ours_cls, torch_cls, kw, dtype, extra = VARIANTS[variant]
+    model = make_model(device)
+    ref_model = copy.deepcopy(model)
+    opt = ours_cls(model.parameters(), lr=1e-2, **kw, **LAUNCH)
+    ref = torch_cls(ref_model.parameters(), lr=1e-2, **kw, foreach=False)
+    written = watch_grads(opt, model)
+    scalers = [torch.amp.GradScaler(device.type, init_scale=3000.0, growth_interval=2) for _ in range(2)]
+    for step in range(8):
+        poison = float("inf") if step == 4 else None
+        for m, o, s in ((model, opt, scalers[0]), (ref_model, ref, scalers[1])):
+            o.zero_grad()
+            backward(m, s, step, poison=poison)
+            s.step(o)
+            s.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+            for key, value in ref.state[q].items():
+                torch.testing.assert_close(opt.state[p][key], value, **TOL)
+    assert scalers[0].get_scale() != 3000.0  # it grew and backed off along the way
+    assert all(opt.state[p]["step"].item() == 7 for p in model.parameters())
+    assert not written
+
+
+@pytest.mark.parametrize("poison", [None, float("inf")], ids=["finite", "inf"])
+def test_unscale_first_then_clip_and_step(poison, device):
+    """scaler.unscale_(opt) + clip_grad_norm_ before scaler.step: GradScaler then passes
+    grad_scale=None (grads are already unscaled) and the step must not unscale again."""
+    model = make_model(device)
+    ref_model = copy.deepcopy(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    written = watch_grads(opt, model)
+    seen = []
+    opt.register_step_pre_hook(
+        lambda o, args, kwargs: seen.append((getattr(o, "grad_scale", "unset"), getattr(o, "found_inf", "unset")))
+    )
+    scalers = [torch.amp.GradScaler(device.type, init_scale=1024.0) for _ in range(2)]
+    for step in range(4):
+        for m, o, s in ((model, opt, scalers[0]), (ref_model, ref, scalers[1])):
+            o.zero_grad()
+            backward(m, s, step, poison=poison if step == 2 else None)
+            s.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            s.step(o)
+            s.update()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+    assert [s[0] for s in seen] == [None] * 4
+    assert all(torch.is_tensor(s[1]) for s in seen)
+    assert not written
+    expected = 3 if poison is not None else 4
+    assert all(opt.state[p]["step"].item() == expected for p in model.parameters())
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for key, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, **TOL)
+
+
+def test_instance_can_opt_out_of_in_kernel_unscaling(device):
+    """``opt._step_supports_amp_scaling = False`` on an instance (for frameworks that refuse
+    gradient clipping with such optimizers, or detect skipped steps by whether step() ran):
+    GradScaler then unscales .grad itself and skips step() on inf, like any optimizer."""
+    model = make_model(device)
+    ref_model = copy.deepcopy(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    opt._step_supports_amp_scaling = False
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(hasattr(o, "grad_scale")))
+    scalers = [torch.amp.GradScaler(device.type, init_scale=3000.0) for _ in range(2)]
+    for step in range(4):
+        for m, o, s in ((model, opt, scalers[0]), (ref_model, ref, scalers[1])):
+            o.zero_grad()
+            backward(m, s, step, poison=float("inf") if step == 1 else None)
+            s.step(o)
+            s.update()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+    assert calls == [False] * 3  # step() not called on the inf step; never given grad_scale
+    assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
+
+
+def test_no_scaler(device):
+    model = make_model(device)
+    ref_model = copy.deepcopy(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    written = watch_grads(opt, model)
+    for step in range(4):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            backward(m, None, step)
+            o.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert not written
+
+
+def test_disabled_scaler_is_a_plain_step(device):
+    """GradScaler(enabled=False) calls step() straight through: no attributes set."""
+    model = make_model(device)
+    ref_model = copy.deepcopy(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    for step in range(3):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            backward(m, scaler, step)
+            scaler.step(o)
+            scaler.update()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "gradscaler+sched"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_train_step(backend, with_scaler, device):
+    """A torch.compile'd function doing forward, backward, opt.step() (or scaler.step,
+    scaler.update and an LR scheduler step) and zero_grad(): Dynamo must not trace into
+    the Triton launch (step is torch.compiler.disable'd) and the result must track the
+    same function run eagerly."""
+    torch._dynamo.reset()
+    model = make_model(device)
+    eager_model = copy.deepcopy(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    eager_opt = tritonadam.AdamW(eager_model.parameters(), lr=1e-2, **LAUNCH)
+
+    def extras(o):
+        if not with_scaler:
+            return None, None
+        return (torch.amp.GradScaler(device.type, init_scale=1024.0, growth_interval=2),
+                torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)))
+
+    def train_step(m, o, scaler, sched, x, y):
+        loss = (m(x) - y).square().mean()
+        if scaler is None:
+            loss.backward()
+            o.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+            sched.step()
+        o.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step, backend=backend)
+    args, eager_args = extras(opt), extras(eager_opt)
+    for step in range(4):
+        x, y = batch(step, device=device)
+        try:
+            loss = compiled(model, opt, *args, x, y)
+        except Exception as err:  # noqa: BLE001 - only a missing toolchain is skipped
+            if backend == "inductor" and any(
+                word in str(err).lower() for word in ("compiler", "cpp", "gcc", "c++", "invalidcxx")
+            ):
+                pytest.skip(f"inductor cannot build CPU kernels here: {str(err)[:200]}")
+            raise
+        eager_loss = train_step(eager_model, eager_opt, *eager_args, x, y)
+        # Inductor may fuse the forward/backward differently from eager: not bitwise.
+        torch.testing.assert_close(loss, eager_loss, **TOL)
+        for p, q in zip(model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+    assert all(opt.state[p]["step"].item() == 4 for p in model.parameters())
+    if with_scaler:
+        assert args[0].get_scale() == 4096.0 and opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    torch._dynamo.reset()
