@@ -10,14 +10,21 @@
 #                                   python -m tritonadam.autotune tune (the bench's launch sizes,
 #                                   fp32/bf16/fp16, then bf16 master weights) and show, if that
 #                                   CLI exists; the bench then runs with the tuned cache
+#   tuning.json, tuning.md, tuning.log
+#                                   python -m tritonadam.bench --tuning: the first step's extra
+#                                   time with an empty autotune cache (each case in its own
+#                                   temporary cache dir), and the tuned step against every fixed
+#                                   config the tuner considers (best fixed, default, tuned/best)
 #   bench.json, bench.md, bench.csv, bench.log, bench.png (with matplotlib)
 #                                   python -m tritonadam.bench, json + md (+ csv, plot)
 #   summary.txt                     each step's exit status and seconds
 #
 # It downloads nothing and uses the checkout through PYTHONPATH. Each step is time-boxed
-# with `timeout` so a hang costs only its own step; the defaults add up to about 7 minutes
-# and can be changed: T_PYTEST, T_TUNE, T_SHOW, T_BENCH (seconds). BENCH_ARGS replaces the
-# bench's workload selection. Exit status: 0 when every step passed, else 1.
+# with `timeout` so a hang costs only its own step; the defaults add up to at most 7 min 20 s
+# (T_PYTEST 115 + T_TUNE 65 + T_TUNE_MASTER 25 + T_SHOW 10 + T_TUNING 60 + T_BENCH 165; the
+# earlier steps were shortened by 5-15 s each when the tuning step was added) and can be
+# changed (seconds). BENCH_ARGS / TUNING_ARGS replace the workload selections; STEPS picks
+# steps (default "pytest autotune tuning bench"). Exit status: 0 when every step passed, else 1.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,11 +39,12 @@ export TRITONADAM_AUTOTUNE_BUDGET="${TRITONADAM_AUTOTUNE_BUDGET:-2}"
 unset TRITON_INTERPRET
 PY="${PYTHON:-python}"
 
-T_PYTEST="${T_PYTEST:-120}"
-T_TUNE="${T_TUNE:-75}"
-T_TUNE_MASTER="${T_TUNE_MASTER:-30}"
-T_SHOW="${T_SHOW:-15}"
-T_BENCH="${T_BENCH:-180}"
+T_PYTEST="${T_PYTEST:-115}"
+T_TUNE="${T_TUNE:-65}"
+T_TUNE_MASTER="${T_TUNE_MASTER:-25}"
+T_SHOW="${T_SHOW:-10}"
+T_TUNING="${T_TUNING:-60}"
+T_BENCH="${T_BENCH:-165}"
 # Tune the launch sizes the bench uses (one launch per param group: its total elements).
 TUNE_SIZES="${TUNE_SIZES:-60K 10M 41M 125M 405M 1B 1.1B}"
 TUNE_ARGS="${TUNE_ARGS:---optimizer adamw --param-dtype fp32 bf16 fp16 --numel $TUNE_SIZES --budget 2}"
@@ -47,10 +55,15 @@ BENCH_BUDGET=$(( T_BENCH > 80 ? T_BENCH - 40 : T_BENCH / 2 ))
 # The workloads issue 4's goals are judged on (Llama-like 400M in bf16, 10,000 x 4,096 small
 # tensors), a real model's mix (GPT-2) and one huge tensor; torch-compile runs last.
 BENCH_ARGS="${BENCH_ARGS:---profiles llama-layers@400M,many-small,gpt2-124m,one-huge@1B --rep-ms 150}"
+# The tuning step: bf16 on the goal workloads (one dtype, so Triton compiles each config once);
+# it starts nothing new after TUNING_BUDGET s and writes what it has on the timeout's SIGTERM.
+# First-use tuning runs with TRITONADAM_AUTOTUNE_BUDGET (2 s here).
+TUNING_BUDGET=$(( T_TUNING > 40 ? T_TUNING - 20 : T_TUNING / 2 ))
+TUNING_ARGS="${TUNING_ARGS:---profiles llama-layers@400M,gpt2-124m,many-small --setups bf16 --rep-ms 60}"
 
 : > "$OUT/summary.txt"
 FAILED=0
-STEPS="${STEPS:-pytest autotune bench}"
+STEPS="${STEPS:-pytest autotune tuning bench}"
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 step() {  # step NAME SECONDS CMD... : run CMD with a time limit, log to $OUT/NAME.log
@@ -132,6 +145,13 @@ elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spe
 else
     echo "   autotune: skipped (tritonadam.autotune has no __main__ CLI in this checkout)" \
         | tee -a "$OUT/summary.txt" >&2
+fi
+
+# ---------------------------------------------------------------------------- tuning
+if want tuning; then
+    # shellcheck disable=SC2086 # TUNING_ARGS is a word list on purpose
+    step tuning "$T_TUNING" "$PY" -m tritonadam.bench --tuning $TUNING_ARGS \
+        --time-budget "$TUNING_BUDGET" --out "$OUT/tuning.json" --out "$OUT/tuning.md"
 fi
 
 # ----------------------------------------------------------------------------- bench

@@ -8,6 +8,8 @@ Examples::
         --out run.json --out run.md --plot run.png
     python -m tritonadam.bench --load run.json --format md      # re-render a saved run
     python -m tritonadam.bench --list                           # profiles, setups, providers
+    python -m tritonadam.bench --tuning --profiles gpt2-124m --setups bf16 \
+        --out tuning.json --out tuning.md                       # autotuner cost and benefit (GPU)
 
 Exit status: 0 when every result checked is right; 1 when a provider's result disagrees with
 the float64 reference (or tritonadam raises); 2 for a usage error.
@@ -81,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tritonadam's launch-config tuning for this run (sets "
                           "TRITONADAM_AUTOTUNE; default: as set in the environment). First-use "
                           "tuning happens in the untimed first steps")
+    sel.add_argument("--tuning", action="store_true",
+                     help="instead of comparing providers, measure tritonadam's autotuner on "
+                          "the selected workloads and setups: the first step's extra time with "
+                          "an empty autotune cache (tuning budget: TRITONADAM_AUTOTUNE_BUDGET), "
+                          "and the tuned step against every fixed config the tuner considers "
+                          "for that size (best fixed, default, tuned/best). Needs a GPU: "
+                          "without one it says so and exits 0")
     tim = p.add_argument_group("timing")
     tim.add_argument("--warmup-ms", type=float)
     tim.add_argument("--rep-ms", type=float, help="time spent in timed reps per case")
@@ -209,6 +218,13 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if args.list:
         sys.stdout.write(_listing())
         return 0
+    if args.tuning:
+        for flag, bad in (("--providers", args.providers and args.providers != ["tritonadam"]),
+                          ("--autotune", args.autotune), ("--plot", args.plot),
+                          ("--roofline", args.roofline)):
+            if bad:
+                parser.error(f"{flag} does not apply to --tuning (it measures tritonadam's "
+                             "first-use tuning, with an empty cache, against fixed configs)")
     if args.plot:
         from .report import have_matplotlib
 
@@ -223,6 +239,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         except (OSError, ValueError) as e:
             parser.error(str(e))
         report.setdefault("notes", []).extend(args.note)
+        if args.plot and report.get("schema") != "tritonadam-bench/1":
+            parser.error("--plot draws a provider comparison, not a --tuning run")
         _emit(report, args, parser)
         return _exit_code(report)
 
@@ -235,6 +253,13 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if args.device == "cuda" and not cuda_ok:
         parser.error("--device cuda: no CUDA device is available")
     want_cpu = args.device == "cpu" or not cuda_ok
+    if args.tuning and (want_cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
+        # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
+        # kernels could not step CUDA tensors either).
+        from .tuning import NO_GPU_MESSAGE
+
+        print(NO_GPU_MESSAGE, flush=True)
+        return 0
     if allow_reexec:
         prepare_interpreter(argv, want_cpu)
     elif want_cpu and os.environ.get("TRITON_INTERPRET", "") == "":
@@ -287,16 +312,23 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
+    if args.tuning:
+        from .tuning import DEFAULT_TIMING as dflt
+    else:
+        dflt = {"warmup_ms": 5.0 if cpu else 50.0, "rep_ms": 50.0 if cpu else 300.0,
+                "min_reps": 3 if cpu else 10, "max_reps": 30 if cpu else 200}
     tcfg = TimingConfig(
-        warmup_ms=args.warmup_ms if args.warmup_ms is not None else (5.0 if cpu else 50.0),
-        rep_ms=args.rep_ms if args.rep_ms is not None else (50.0 if cpu else 300.0),
-        min_reps=args.min_reps or (3 if cpu else 10),
-        max_reps=args.max_reps or (30 if cpu else 200),
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else dflt["warmup_ms"],
+        rep_ms=args.rep_ms if args.rep_ms is not None else dflt["rep_ms"],
+        min_reps=args.min_reps or dflt["min_reps"],
+        max_reps=args.max_reps or dflt["max_reps"],
         flush=not args.no_flush)
     if tcfg.min_reps > tcfg.max_reps:
         parser.error("--min-reps is larger than --max-reps")
     hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad)
     budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
+    if args.tuning:
+        return _tuning(args, parser, argv, device, setups, workloads, hp, tcfg, budget)
     check_only = ()
     if cpu and "tritonadam" not in providers and not args.no_check:
         check_only = ("tritonadam",)
@@ -349,6 +381,60 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
         "notes": notes,
         "interrupted": runner.interrupted,
+        "elapsed_s": time.monotonic() - t0,
+    }
+    _emit(report, args, parser)
+    return _exit_code(report)
+
+
+def _tuning(args, parser, argv, device, setups, workloads, hp, tcfg, budget) -> int:
+    """``--tuning``: first-use tuning cost and tuned vs fixed configs (GPU only; see tuning.py)."""
+    from .report import TUNING_SCHEMA, collect_header
+    from .runner import Interrupted, stderr_progress
+    from .tuning import LATER_STEPS, TuningOptions, run_tuning
+
+    try:
+        from ..autotune import Tuner
+
+        tuner_budget = Tuner().budget_s  # a malformed TRITONADAM_AUTOTUNE_BUDGET fails here
+    except ValueError as e:
+        parser.error(str(e))
+    progress = None if args.quiet else stderr_progress()
+    term = []
+    opts = TuningOptions(device=device, setups=setups, workloads=workloads, algo=args.optimizer,
+                         hp=hp, timing=tcfg, time_budget_s=budget or None, seed=args.seed,
+                         progress=progress, stop=lambda: bool(term))
+
+    def on_term(signum, frame):
+        term.append(signum)
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    try:
+        header = collect_header(device, argv)
+        header["tritonadam_autotune"] = "on (--tuning: each case from an empty temporary cache)"
+        header["tritonadam_cache_dir"] = "a temporary directory per case (--tuning)"
+        res = run_tuning(opts)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if progress is not None:
+            progress.done()
+    report = {
+        "schema": TUNING_SCHEMA,
+        "mode": "gpu",
+        "header": header,
+        "config": {
+            "setups": setups, "workloads": [w.name for w in workloads], "algo": args.optimizer,
+            "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay,
+            "amsgrad": hp.amsgrad, "tuner_budget_s": res.tuner_budget_s or tuner_budget,
+            "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
+            "max_reps": tcfg.max_reps, "flush": tcfg.flush, "later_steps": LATER_STEPS,
+            "time_budget_s": budget, "seed": args.seed,
+        },
+        "results": res.rows,
+        "notes": list(res.notes) + list(args.note),
+        "interrupted": res.interrupted,
         "elapsed_s": time.monotonic() - t0,
     }
     _emit(report, args, parser)

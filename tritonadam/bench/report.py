@@ -14,6 +14,8 @@ import subprocess
 from .workloads import SETUPS, Workload, format_count, traffic
 
 SCHEMA = "tritonadam-bench/1"
+#: ``--tuning`` runs (first-use tuning cost, tuned vs fixed configs): see ``tuning.py``
+TUNING_SCHEMA = "tritonadam-bench-tuning/1"
 
 #: Peak memory bandwidth of common GPUs from their vendors' datasheets, in TB/s. The
 #: analytic roofline divides bytes per step by these; a measured device-to-device copy
@@ -230,25 +232,19 @@ def _problem_rows(report):
     return [r for r in report["results"] if r.get("status") != "ok"]
 
 
-def render_text(report: dict, md: bool = False) -> str:
+def header_lines(h: dict, md: bool = False, title: str = "tritonadam bench") -> list[str]:
+    """The report's title and header table (device, driver, versions, command)."""
     from tabulate import tabulate
 
-    fmt = "github" if md else "simple"
     out: list[str] = []
-
-    def title(t):
-        out.append("")
-        out.append(f"## {t}\n" if md else f"{t}\n{'-' * len(t)}")
-
-    h = report["header"]
     if md:
-        out.append("# tritonadam bench")
+        out.append(f"# {title}")
         out.append("")
         out.append(f"`{h['command']}`")
         out.append("")
     else:
-        out.append("tritonadam bench")
-        out.append("================")
+        out.append(title)
+        out.append("=" * len(title))
     hdr = [("date", h.get("date")), ("device", h.get("device")),
            ("capability", h.get("capability")), ("driver", h.get("driver")),
            ("CUDA", h.get("cuda")), ("torch", h.get("torch")), ("triton", h.get("triton")),
@@ -260,6 +256,20 @@ def render_text(report: dict, md: bool = False) -> str:
     hdr = [(k, v) for k, v in hdr if v not in (None, "")]
     out.append(tabulate(hdr, tablefmt="github" if md else "plain",
                         headers=["", ""] if md else ()))
+    return out
+
+
+def render_text(report: dict, md: bool = False) -> str:
+    from tabulate import tabulate
+
+    fmt = "github" if md else "simple"
+    out: list[str] = []
+
+    def title(t):
+        out.append("")
+        out.append(f"## {t}\n" if md else f"{t}\n{'-' * len(t)}")
+
+    out += header_lines(report["header"], md)
     cfg = report.get("config", {})
     out.append("")
     out.append(f"optimizer {cfg.get('algo')} lr={cfg.get('lr')} betas={cfg.get('betas')} "
@@ -396,6 +406,10 @@ EXTENSIONS = {".md": "md", ".markdown": "md", ".csv": "csv", ".json": "json", ".
 
 
 def render(report: dict, fmt: str) -> str:
+    if report.get("schema") == TUNING_SCHEMA:
+        from .tuning import render_tuning
+
+        return render_tuning(report, fmt)
     if fmt == "table":
         return render_text(report, md=False)
     if fmt == "md":
@@ -410,7 +424,7 @@ def render(report: dict, fmt: str) -> str:
 def load(path: str) -> dict:
     with open(path) as f:
         report = json.load(f)
-    if report.get("schema") != SCHEMA:
+    if report.get("schema") not in (SCHEMA, TUNING_SCHEMA):
         raise ValueError(f"{path}: not a tritonadam bench JSON file (schema {report.get('schema')!r})")
     return report
 
