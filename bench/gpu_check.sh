@@ -5,7 +5,8 @@
 #
 # Everything it writes goes under ${OUT:-./out}:
 #   header.txt                      date, GPU, driver, CUDA, torch, triton, python, commit
-#   pytest.log, pytest.xml          python -m pytest -q tests  (TRITONADAM_TEST_DEVICE=cuda)
+#   pytest.log, pytest.xml          python -m pytest -q $GPU_TESTS  (TRITONADAM_TEST_DEVICE=cuda;
+#                                   the device-generic and GPU-marked test files)
 #   autotune-tune.log, autotune-tune-master.log, autotune-show.log, autotune-cache/
 #                                   python -m tritonadam.autotune tune (the bench's launch sizes,
 #                                   fp32/bf16/fp16, then bf16 master weights) and show, if that
@@ -40,6 +41,7 @@ unset TRITON_INTERPRET
 PY="${PYTHON:-python}"
 
 T_PYTEST="${T_PYTEST:-115}"
+GPU_TESTS="${GPU_TESTS:-tests/test_cuda_graphs.py tests/test_low_precision.py tests/test_parity.py tests/test_launches.py tests/test_amp.py tests/test_state_dict.py tests/test_errors.py tests/test_autotune.py tests/test_bench_cli.py}"
 T_TUNE="${T_TUNE:-65}"
 T_TUNE_MASTER="${T_TUNE_MASTER:-25}"
 T_SHOW="${T_SHOW:-10}"
@@ -129,8 +131,10 @@ cat "$OUT/header.txt" >&2
 
 # ----------------------------------------------------------------------------- tests
 if want pytest; then
+    # GPU-relevant files first (a time-out then still leaves their results in the log);
+    # the CPU-only rest of the suite is CI's job.
     step pytest "$T_PYTEST" env TRITONADAM_TEST_DEVICE=cuda \
-        "$PY" -m pytest -q tests -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+        "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest.xml" $GPU_TESTS
 fi
 
 # -------------------------------------------------------------------------- autotune

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import LAUNCH, PAIRS, SHAPES, make_params, random_grads
-from reference import Reference
+from reference import Reference, assert_same_bits
 
 CONFIGS = [
     ("Adam", dict(lr=1e-2)),
@@ -51,16 +51,14 @@ def _run(name, kwargs, dtype, master, device, grad_dtype=None, shapes=SHAPES):
             expected = r.update(g.cpu(), lr, beta1, beta2, 1e-8, wd, decoupled=name == "AdamW",
                                 maximize=maximize, bias_correction=bias_correction)
             assert p.dtype == dtype
-            assert torch.equal(p.detach().cpu(), expected), (
-                f"{(p.detach().cpu() != expected).sum().item()} of {p.numel()} elements differ"
-            )
+            assert_same_bits(p, expected)
     for p, r in zip(params, refs):
         state = opt.state[p]
         assert state["exp_avg"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert torch.equal(state["exp_avg"].cpu(), r.m)
+        assert_same_bits(state["exp_avg"], r.m)
         if master and dtype in (torch.float16, torch.bfloat16):
             assert state["master_param"].dtype == torch.float32
-            assert torch.equal(state["master_param"].cpu(), r.w)
+            assert_same_bits(state["master_param"], r.w)
         else:
             assert "master_param" not in state
     return params
