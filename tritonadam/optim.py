@@ -22,6 +22,8 @@ from .kernels import KERNELS, Hyper
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _WARPS = (1, 2, 4, 8, 16, 32)
 _AUTOTUNE_MODES = (None, "off", "on", "cache-only")
@@ -50,7 +52,13 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    if param_dtype in _COMPLEX_DTYPES:
+        return param_dtype  # complex state, as torch.optim keeps it (state_dict parity)
     return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def _as_real(t: Tensor | None) -> Tensor | None:
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
 
 class _TritonAdamBase(Optimizer):
@@ -70,10 +78,10 @@ class _TritonAdamBase(Optimizer):
         if autotune not in _AUTOTUNE_MODES:
             raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
         for group in self.param_groups:
-            if group.get("differentiable"):
+            if group.get("differentiable") and master_weights:
                 raise RuntimeError(
-                    f"tritonadam.{type(self).__name__} does not support differentiable=True: "
-                    f"use torch.optim.{type(self).__name__} to differentiate through the step"
+                    f"tritonadam.{type(self).__name__}: differentiable=True steps with "
+                    "torch.optim's implementation, which has no master_weights"
                 )
         self.bias_correction = bool(bias_correction)
         self.master_weights = bool(master_weights)
@@ -180,7 +188,7 @@ class _TritonAdamBase(Optimizer):
                 if key == "step":
                     step = float(value.item() if torch.is_tensor(value) else value)
                     dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
-                elif torch.is_tensor(value) and value.is_floating_point():
+                elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
                     # Same layout as the param: the kernels index param and state alike.
                     fresh = torch.empty_like(p, dtype=sdtype, memory_format=torch.preserve_format)
                     dst[key] = fresh.copy_(value)
@@ -190,7 +198,7 @@ class _TritonAdamBase(Optimizer):
 
     # ---- step ----------------------------------------------------------------------
 
-    def _validate(self, p: Tensor, g: Tensor) -> Tensor:
+    def _validate(self, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
         """The grad to step with (a dense copy if its layout differs), or raise."""
         name = type(self).__name__
         if g.is_sparse or g.layout != torch.strided:
@@ -198,11 +206,12 @@ class _TritonAdamBase(Optimizer):
                 f"{name} does not support sparse gradients, please consider SparseAdam instead"
             )
         if torch.is_complex(p) or torch.is_complex(g):
-            raise RuntimeError(
-                f"tritonadam.{name} does not support complex params: step "
-                "torch.view_as_real(param) instead, or use torch.optim"
-            )
-        if p.dtype not in _PARAM_DTYPES or g.dtype not in _PARAM_DTYPES:
+            if p.dtype not in _COMPLEX_DTYPES or g.dtype != p.dtype:
+                raise RuntimeError(
+                    f"tritonadam.{name} steps complex64 and complex128 params with grads of "
+                    f"the same dtype, got param {p.dtype} with grad {g.dtype}"
+                )
+        elif p.dtype not in _PARAM_DTYPES or g.dtype not in _PARAM_DTYPES:
             raise RuntimeError(
                 f"tritonadam.{name} steps float32, float16, bfloat16 and float64 params and "
                 f"grads, got param {p.dtype} with grad {g.dtype}"
@@ -218,26 +227,79 @@ class _TritonAdamBase(Optimizer):
                 f"tritonadam.{name}: grad of shape {tuple(lg.shape)} for param of shape "
                 f"{tuple(lp.shape)}"
             )
-        if lp.device.type == "cpu":
-            if not _interpreted():
-                raise RuntimeError(
-                    f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device: "
-                    "move the model to the GPU, or for a slow CPU check set TRITON_INTERPRET=1 "
-                    "before importing tritonadam"
-                )
-        elif _interpreted():
-            raise RuntimeError(
-                f"tritonadam.{name}: TRITON_INTERPRET=1 runs kernels on the CPU; params on "
-                f"{lp.device} need it unset"
-            )
+        supported = "cpu" if _interpreted() else "cuda"  # torch calls ROCm devices cuda too
+        if lp.device.type != supported:
+            if _interpreted():
+                msg = (f"tritonadam.{name}: TRITON_INTERPRET=1 runs kernels on the CPU; params "
+                       f"on {lp.device} need it unset")
+            else:
+                msg = (f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device "
+                       f"(got a param on {lp.device}): move the model to the GPU, or for a slow "
+                       "CPU check set TRITON_INTERPRET=1 before importing tritonadam")
+            if fused:
+                # torch.optim's wording for fused=True, which its test-suite matches
+                msg = ("`fused=True` requires all the params to be floating point Tensors of "
+                       f"supported devices: ['{supported}'] but {p.dtype} and {lp.device.type}. "
+                       + msg)
+            raise RuntimeError(msg)
         if not _is_dense(lp):
-            raise RuntimeError(
-                f"tritonadam.{name} needs dense params (no gaps or overlaps): got a param "
-                f"with shape {tuple(lp.shape)} and strides {lp.stride()}; make it contiguous"
-            )
+            # Stepped through a contiguous staging copy (see _rebuild_cache); its state is
+            # contiguous too (zeros_like/empty_like of a non-dense tensor are contiguous).
+            return lg if lg.is_contiguous() else lg.contiguous()
         if lg.stride() != lp.stride() and lp.numel() > 1:
             return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)  # never write into .grad
         return lg
+
+    def _torch_inputs(self, group):
+        """Params and grads of a differentiable=True group, validated (nothing written)."""
+        name = type(self).__name__
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{name} does not support sparse gradients, please consider SparseAdam instead"
+                )
+            if p.dtype in _LOW_PRECISION:
+                raise RuntimeError(
+                    f"tritonadam.{name}: differentiable=True steps with torch.optim's "
+                    f"implementation, which needs float32/float64 params, got {p.dtype}"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _torch_step(self, group, params, grads) -> None:
+        """differentiable=True: torch.optim's single-tensor step on this optimizer's state,
+        with autograd on, so the update can be differentiated through (as in torch.optim)."""
+        if not params:
+            return
+        states = [self._init_state(p, group) for p in params]
+        beta1, beta2 = group["betas"]
+        common = dict(
+            foreach=False, maximize=group["maximize"], differentiable=True, capturable=False,
+            has_complex=any(torch.is_complex(p) for p in params),
+            eps=group["eps"], beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"],
+        )
+        steps = [s["step"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states]
+        with torch.enable_grad():
+            if self._kind == "adamax":
+                from torch.optim.adamax import adamax as torch_adamax
+
+                torch_adamax(params, grads, exp_avgs, [s["exp_inf"] for s in states], steps, **common)
+            else:
+                from torch.optim.adam import adam as torch_adam
+
+                amsgrad = group.get("amsgrad", False)
+                torch_adam(
+                    params, grads, exp_avgs, [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps,
+                    fused=False, amsgrad=amsgrad,
+                    decoupled_weight_decay=group.get("decoupled_weight_decay", False), **common,
+                )
 
     def _hyper(self, group) -> Hyper:
         beta1, beta2 = group["betas"]
@@ -298,15 +360,25 @@ class _TritonAdamBase(Optimizer):
         states = [self._init_state(p, group) for p in params]
         amsgrad = group.get("amsgrad", False)
         local_params = [local_tensor(p) for p in params]
+        # Non-dense params (strided views) are stepped in a contiguous staging copy,
+        # copied in before and back after each launch.
+        staged = [
+            (lp, torch.empty(lp.shape, dtype=lp.dtype, device=lp.device))
+            for lp in local_params
+            if not _is_dense(lp)
+        ]
+        stage_of = {id(lp): buf for lp, buf in staged}
+        kernel_params = [stage_of.get(id(lp), lp) for lp in local_params]
         cache = build_cache(
-            local_params,
-            grads,
-            [local_tensor(s["exp_avg"]) for s in states],
-            [local_tensor(s[self._second_key]) for s in states],
-            [local_tensor(s["max_exp_avg_sq"]) for s in states] if amsgrad else None,
+            [_as_real(p) for p in kernel_params],
+            [_as_real(g) for g in grads],
+            [_as_real(local_tensor(s["exp_avg"])) for s in states],
+            [_as_real(local_tensor(s[self._second_key])) for s in states],
+            [_as_real(local_tensor(s["max_exp_avg_sq"])) for s in states] if amsgrad else None,
             [local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
             [s["step"] for s in states],
         )
+        cache.staged = staged
         all_params = group["params"]
         cache.generation = self._generation
         cache.params_list = all_params
@@ -347,6 +419,9 @@ class _TritonAdamBase(Optimizer):
         # all params and state as they were.
         work = []
         for index, group in enumerate(self.param_groups):
+            if group.get("differentiable", False):
+                work.append((index, group, self._torch_inputs(group), "torch", None))
+                continue
             grad_ptrs = self._fast_grad_ptrs(index, group)
             if grad_ptrs is not None:
                 work.append((index, group, None, None, grad_ptrs))
@@ -354,7 +429,7 @@ class _TritonAdamBase(Optimizer):
             params, grads, active = [], [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    grads.append(self._validate(p, p.grad))
+                    grads.append(self._validate(p, p.grad, group.get("fused")))
                     params.append(p)
                     active.append(i)
             work.append((index, group, params, (grads, active), None))
@@ -362,12 +437,19 @@ class _TritonAdamBase(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for index, group, params, slow, grad_ptrs in work:
+            if slow == "torch":
+                self._torch_step(group, *params)
+                continue
             if grad_ptrs is None:
                 if not params:
                     self._caches.pop(index, None)
                     continue
                 grad_ptrs = self._rebuild_cache(index, group, params, *slow)
-            self._caches[index].run(
+            cache = self._caches[index]
+            staged = getattr(cache, "staged", ())
+            for lp, buf in staged:
+                buf.copy_(lp)
+            cache.run(
                 self._kind,
                 grad_ptrs,
                 self._hyper(group),
@@ -377,6 +459,8 @@ class _TritonAdamBase(Optimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
+            for lp, buf in staged:
+                lp.copy_(buf)
         return loss
 
 
@@ -427,7 +511,8 @@ class Adam(_TritonAdamBase):
         params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
             differentiable, fused, decoupled_weight_decay: as in :class:`torch.optim.Adam`.
             ``foreach`` and ``fused`` are accepted and stored for compatibility (every
-            step is fused here); ``differentiable=True`` is not supported. ``lr`` and
+            step is fused here); ``differentiable=True`` groups run torch.optim's own
+            implementation so autograd can go through the step. ``lr`` and
             ``betas`` may be tensors; step counts always live on the params' device, so
             ``capturable=True`` steps can be captured in CUDA graphs.
         bias_correction (bool): apply Adam's bias correction (default True); False gives

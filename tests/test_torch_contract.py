@@ -1,0 +1,483 @@
+"""torch.optim's contract, checked with torch's own optimizer configurations.
+
+PyTorch's ``TestOptimRenewed`` (test/test_optim.py) drives every optimizer through the
+``OptimizerInfo`` entries in ``torch.testing._internal.common_optimizers.optim_db``: the
+hyper-parameter configs of each optimizer (``optim_inputs_func``), the same configs with
+the global flags (``foreach``/``fused``/``differentiable``) switched on, its LR scheduler
+combinations, and the flags old state dicts lack. This module takes those inputs for
+Adam, AdamW and Adamax from torch and checks the properties of that suite that a drop-in
+replacement must keep, on tritonadam's classes. The checks are written here (none of
+test_optim.py is copied).
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.nn import Parameter
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.testing._internal import common_optimizers as co
+
+import tritonadam
+
+NAMES = ["Adam", "AdamW", "Adamax"]
+OURS = {name: getattr(tritonadam, name) for name in NAMES}
+INFOS = {info.optim_cls.__name__: info for info in co.optim_db if info.optim_cls.__name__ in NAMES}
+
+
+def configs(name, device, skip=("differentiable",)):
+    """torch's configs for ``name``: each base config, then with each supported global flag
+    on (what ``_get_optim_inputs_including_global_cliquey_kwargs`` gives torch's tests)."""
+    return [
+        inp.kwargs
+        for inp in co._get_optim_inputs_including_global_cliquey_kwargs(
+            str(device), torch.float32, INFOS[name], skip=skip
+        )
+    ]
+
+
+def base_configs(name, device):
+    return [inp.kwargs for inp in INFOS[name].optim_inputs_func(device=str(device))]
+
+
+def linear_problem(device, contiguous=True, seed=0):
+    """torch's test problem: loss = |weight @ inpt + bias|^2; strided views if not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    if contiguous:
+        weight = torch.randn(10, 5, generator=gen).to(device)
+        bias = torch.randn(10, generator=gen).to(device)
+    else:  # slice after the move: .to() would make a copy contiguous
+        weight = torch.randn(10, 5, 2, generator=gen).to(device)[..., 0]
+        bias = torch.randn(10, 2, generator=gen).to(device)[..., 0]
+    inpt = torch.randn(5, generator=gen).to(device)
+    return Parameter(weight), Parameter(bias), inpt
+
+
+def loss_of(weight, bias, inpt):
+    return (weight.mv(inpt) + bias).pow(2).sum()
+
+
+def run_steps(opt, weight, bias, inpt, n, schedulers=()):
+    for _ in range(n):
+        opt.zero_grad()
+        loss = loss_of(weight, bias, inpt)
+        loss.backward()
+        opt.step()
+        for sched in schedulers:
+            sched.step(loss.detach()) if isinstance(sched, ReduceLROnPlateau) else sched.step()
+
+
+def assert_same(a, b, path="state_dict"):
+    """Exact equality of nested state dicts (tensors bit for bit, with dtype and device)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.device == b.device, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def fresh(kwargs):
+    """Deep copy of a config: tensor lr/betas must not carry mutations between runs."""
+    return copy.deepcopy(kwargs)
+
+
+# ---- the update goes the right way ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "contiguous", [True, False]
+)
+def test_configs_go_right_direction(name, contiguous, device):
+    for kwargs in base_configs(name, device):
+        weight, bias, inpt = linear_problem(device, contiguous)
+        before = loss_of(weight, bias, inpt).item()
+        opt = OURS[name]([weight, bias], **fresh(kwargs), foreach=False)
+        run_steps(opt, weight, bias, inpt, 10)
+        after = loss_of(weight, bias, inpt).item()
+        if kwargs.get("maximize", False):
+            assert after > before, kwargs
+        else:
+            assert after < before, kwargs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_schedulers_go_right_direction(name, device):
+    """Each of torch's scheduler combinations for this optimizer, on two param groups."""
+    for make_schedulers in INFOS[name].scheduler_inputs:
+        weight, bias, inpt = linear_problem(device)
+        opt = OURS[name]([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
+        schedulers = [make(opt) for make in make_schedulers]
+        before = loss_of(weight, bias, inpt).item()
+        run_steps(opt, weight, bias, inpt, 10, schedulers)
+        assert loss_of(weight, bias, inpt).item() < before
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_group_lr_and_weight_decay(name, device):
+    """Per-group options: a group with lr=1e-28 stays put, a group without decay is not
+    decayed (torch's test_param_groups_lr / _weight_decay)."""
+    for kwargs in base_configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        still = Parameter(torch.randn(2, device=device))
+        still_before = still.detach().clone()
+        group = fresh(kwargs)
+        group.setdefault("lr", 1e-3)
+        no_decay = {**fresh(kwargs), "weight_decay": 0.0}
+        opt = OURS[name](
+            [dict(params=[weight], **group), dict(params=[bias], **no_decay), dict(params=[still])],
+            lr=1e-28,
+        )
+        before = loss_of(weight, bias, inpt).item()
+        for _ in range(10):
+            opt.zero_grad()
+            loss_of(weight, bias, inpt).backward()
+            still.grad = torch.rand_like(still)
+            opt.step()
+        after = loss_of(weight, bias, inpt).item()
+        assert (after > before) if kwargs.get("maximize", False) else (after < before), kwargs
+        torch.testing.assert_close(still, still_before, rtol=0, atol=0)
+
+
+# ---- flags and tensor hyper-parameters ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_global_flags_do_not_change_the_step(name, flag, device):
+    """foreach/fused select torch's implementations; here every step is the same kernel,
+    so flag on and off must agree bit for bit (torch's *_matches_forloop tests)."""
+    if flag not in INFOS[name].supported_impls:
+        pytest.skip(f"torch.optim.{name} has no {flag} implementation")
+    for kwargs in base_configs(name, device):
+        results = []
+        for value in (False, True):
+            weight, bias, inpt = linear_problem(device)
+            opt = OURS[name]([weight, bias], **fresh(kwargs), **{flag: value})
+            run_steps(opt, weight, bias, inpt, 3)
+            results.append((weight.detach(), bias.detach(), opt.state_dict()["state"]))
+        assert_same(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_matches_float_lr(name, device):
+    for kwargs in configs(name, device):
+        kwargs = fresh(kwargs)
+        kwargs.pop("lr", None)
+        weight, bias, inpt = linear_problem(device)
+        weight_c = Parameter(weight.detach().clone())
+        bias_c = Parameter(bias.detach().clone())
+        opt = OURS[name]([weight, bias], lr=1e-3, **kwargs)
+        try:
+            opt_c = OURS[name]([weight_c, bias_c], lr=torch.tensor(1e-3), **kwargs)
+        except ValueError as e:  # torch's rule for foreach without capturable
+            assert "lr as a Tensor is not supported" in str(e)
+            continue
+        run_steps(opt, weight, bias, inpt, 3)
+        run_steps(opt_c, weight_c, bias_c, inpt, 3)
+        torch.testing.assert_close(weight, weight_c)
+        torch.testing.assert_close(bias, bias_c)
+
+
+# ---- no-op steps ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_without_grads_is_a_noop(name, device):
+    params = [torch.randn(2, 3, device=device) for _ in range(2)]
+    before = [p.clone() for p in params]
+    for kwargs in configs(name, device):
+        opt = OURS[name](params, **fresh(kwargs))
+        assert opt.step(lambda: torch.tensor([1.0])).item() == 1.0
+        assert len(opt.state) == 0
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_grads_leave_params_unchanged(name, device):
+    param = Parameter(torch.randn(5, 1, device=device))
+    before = param.detach().clone()
+    for kwargs in configs(name, device):
+        kwargs = fresh(kwargs)
+        if kwargs.get("weight_decay", 0) != 0:
+            continue
+        if name == "AdamW":  # AdamW's default decay moves params by lr * 1e-2
+            kwargs["lr"] = torch.tensor(1e-5) if torch.is_tensor(kwargs.get("lr")) else 1e-5
+        opt = OURS[name]([param], **kwargs)
+        param.grad = torch.zeros_like(param)
+        opt.step()
+        torch.testing.assert_close(param, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_filled_after_a_step(name, device):
+    model = torch.nn.Linear(5, 5).to(device)
+    for kwargs in base_configs(name, device):
+        opt = OURS[name](model.parameters(), **fresh(kwargs))
+        opt.zero_grad()
+        model(torch.rand(2, 5, device=device)).sum().backward()
+        opt.step()
+        assert all(len(s) > 0 for s in opt.state.values())
+
+
+# ---- state dicts ----------------------------------------------------------------------
+
+
+def _conv_model(device):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(4, 2, 1, stride=2), torch.nn.BatchNorm2d(2, eps=1e-05, momentum=0.1)
+    ).to(device)
+
+
+def _conv_step(opt, model, inpt):
+    opt.zero_grad()
+    model(inpt).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("named", [False, True], ids=["params", "named_params"])
+def test_state_dict_deterministic(name, named, device):
+    """A copy loaded from the state dict steps identically and saves an equal state dict;
+    repeated groups serialise identically (torch's test_state_dict_deterministic)."""
+
+    def maybe_named(params):
+        return [(f"name{i}", p) for i, p in enumerate(params)] if named else params
+
+    def strip(sd):
+        sd = copy.deepcopy(sd)
+        for group in sd["param_groups"]:
+            group.pop("param_names", None)
+        return sd
+
+    for kwargs in configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        opt = OURS[name](maybe_named([weight, bias]), **fresh(kwargs))
+        run_steps(opt, weight, bias, inpt, 3)
+        weight_c, bias_c = Parameter(weight.detach().clone()), Parameter(bias.detach().clone())
+        opt_c = OURS[name]([weight_c, bias_c], **fresh(kwargs))
+        opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for _ in range(3):
+            run_steps(opt, weight, bias, inpt, 1)
+            run_steps(opt_c, weight_c, bias_c, inpt, 1)
+            torch.testing.assert_close(weight, weight_c)
+            torch.testing.assert_close(bias, bias_c)
+        assert_same(strip(opt.state_dict()), strip(opt_c.state_dict()))
+        opt_c.param_groups.extend(opt_c.param_groups)
+        assert_same(
+            strip(opt.state_dict())["param_groups"][-1],
+            strip(opt_c.state_dict())["param_groups"][-1],
+        )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_older_and_nontensor_step_state_dicts(name, device):
+    """State dicts without the flags torch added later (not_og_supported_flags), and with
+    python-number steps, load and step."""
+    inpt = torch.rand(1, 4, 16, 16, device=device)
+    for kwargs in configs(name, device):
+        model = _conv_model(device)
+        opt = OURS[name](model.parameters(), **fresh(kwargs))
+        for _ in range(2):
+            _conv_step(opt, model, inpt)
+        old = copy.deepcopy(opt.state_dict())
+        for group in old["param_groups"]:
+            for flag in INFOS[name].not_og_supported_flags:
+                group.pop(flag, None)
+        for p_state in old["state"].values():
+            p_state["step"] = p_state["step"].item()
+        opt.load_state_dict(old)
+        _conv_step(opt, model, inpt)
+        assert all(torch.is_tensor(s["step"]) and s["step"].item() == 3 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_state_dict_loads_into_either_kind(name, device):
+    inpt = torch.rand(1, 4, 16, 16, device=device)
+    for named0, named1 in [(True, False), (False, True)]:
+        model = _conv_model(device)
+        opt = OURS[name](model.named_parameters() if named0 else model.parameters())
+        _conv_step(opt, model, inpt)
+        opt2 = OURS[name](model.named_parameters() if named1 else model.parameters())
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        _conv_step(opt2, model, inpt)
+        assert opt2.state_dict()["param_groups"][0]["param_names"] == [
+            "0.weight", "0.bias", "1.weight", "1.bias"
+        ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_saves_and_loads_weights_only(name, device):
+    for kwargs in configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        opt = OURS[name]([weight, bias], **fresh(kwargs))
+        run_steps(opt, weight, bias, inpt, 2)
+        sd = opt.state_dict()
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        assert_same(torch.load(buf, weights_only=True), sd)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_keeps_public_attrs(name, device):
+    params = [Parameter(torch.randn(2, 3, device=device)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.rand_like(p)
+    for kwargs in configs(name, device):
+        opt = OURS[name](params, **fresh(kwargs))
+        opt.step()
+
+        def public(obj):
+            return {k for k in obj.__dict__ if not k.startswith("_")}
+
+        assert public(opt) == public(copy.deepcopy(opt))
+
+
+# ---- hooks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_fire_in_order(name, device):
+    data = []
+    params = [torch.tensor([1.0, 1.0], device=device)]
+    opt = OURS[name](params)
+    other = torch.optim.SGD(params)
+    handles = [
+        register_optimizer_step_pre_hook(lambda *a: data.append(0)),
+        register_optimizer_step_post_hook(lambda *a: data.append(5)),
+        opt.register_step_pre_hook(lambda *a: data.append(1)),
+        opt.register_step_post_hook(lambda *a: data.append(2)),
+        other.register_step_pre_hook(lambda *a: data.append(1)),
+        other.register_step_post_hook(lambda *a: data.append(2)),
+    ]
+    try:
+        opt.step()
+        other.step()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    opt.step()
+    assert data == [0, 1, 2, 5] * 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_hooks(name, device):
+    param = torch.rand(2, 3, device=device, requires_grad=True)
+    opt = OURS[name]([param])
+
+    def pre(optimizer):
+        optimizer.state["test"] = 1
+
+    def post(optimizer, state_dict):
+        state_dict["ran_pre"] = state_dict["state"].pop("test", None) == 1
+        return state_dict
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert sd["ran_pre"] and "test" not in sd["state"]
+
+    opt = OURS[name]([param])
+    sd = opt.state_dict()
+
+    def set_lr(value):
+        def hook(optimizer, state_dict):
+            state_dict = copy.deepcopy(state_dict)
+            state_dict["param_groups"][0]["lr"] = value
+            return state_dict
+        return hook
+
+    ran = []
+    opt.register_load_state_dict_pre_hook(set_lr(0.002))
+    opt.register_load_state_dict_pre_hook(set_lr(0.003), prepend=True)
+    opt.register_load_state_dict_post_hook(lambda o: ran.append(o.param_groups[0]["lr"]))
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.002 and ran == [0.002]
+
+
+# ---- complex params, differentiable=True, unsupported devices -----------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_matches_view_as_real(name, device):
+    """torch's test_complex: a complex param steps like its view_as_real."""
+    gen = torch.Generator().manual_seed(0)
+    cplx = [torch.randn(10, 5, dtype=torch.complex64, generator=gen).to(device).requires_grad_(),
+            torch.randn(10, 5, generator=gen).to(device).requires_grad_()]
+    real = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone().requires_grad_()
+            for p in cplx]
+    opt_c, opt_r = OURS[name](cplx), OURS[name](real)
+    for _ in range(2):
+        for pc, pr in zip(cplx, real):
+            pr.grad = torch.randn(pr.shape, generator=gen).to(device)
+            pc.grad = torch.view_as_complex(pr.grad) if pc.is_complex() else pr.grad.clone()
+        opt_r.step()
+        opt_c.step()
+    for pc, pr in zip(cplx, real):
+        assert torch.equal(torch.view_as_real(pc) if pc.is_complex() else pc, pr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_differentiable_configs_construct_and_step(name, device):
+    """torch's hook/printing/no-op tests include differentiable=True configs."""
+    param = Parameter(torch.randn(5, 1, device=device)).clone()
+    opt = OURS[name]([param], differentiable=True)
+    repr(opt)
+    param.grad = torch.zeros_like(param)
+    opt.step()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "fused" in INFOS[n].supported_impls])
+def test_fused_step_on_meta_params_raises_torch_error(name, device):
+    if device.type != "cpu":
+        pytest.skip("meta params are only checked in interpreter runs")
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 3)
+    opt = OURS[name](model.parameters(), fused=True)
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    with pytest.raises(RuntimeError) as err:
+        opt.step()
+    assert "`fused=True` requires all the params to be floating point Tensors" in str(err.value)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_differentiable_step_matches_torch(name):
+    """differentiable=True steps through torch.optim's implementation: the update and the
+    gradients through it (w.r.t. the param and the grad) equal torch.optim's."""
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    g0 = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    kwargs = {"lr": 0.1, "weight_decay": 0.1}
+
+    def run(cls):
+        p = p0.clone()
+        p.grad = g0.clone()
+        opt = cls([p], differentiable=True, **kwargs)
+        opt.step()
+        return p, torch.autograd.grad(p.sum(), (p0, g0))
+
+    ours, d_ours = run(OURS[name])
+    theirs, d_theirs = run(getattr(torch.optim, name))
+    assert torch.equal(ours, theirs)
+    for a, b in zip(d_ours, d_theirs):
+        assert torch.equal(a, b)
