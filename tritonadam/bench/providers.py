@@ -224,25 +224,34 @@ def _state_dtype_of(opt) -> str | None:
     return None
 
 
-class ApexFusedAdam(Provider):
-    name = "apex"
-    description = "apex.optimizers.FusedAdam (when installed)"
+class _ThirdPartyFusedAdam(Provider):
+    """A CUDA-only fused Adam from another library, used when it is installed."""
+
+    module = ""  # what to import
+    library = ""  # its name in messages
 
     def unavailable(self, device):
         if device.type != "cuda":
-            return "apex FusedAdam is CUDA-only"
+            return f"{self.library} FusedAdam is CUDA-only"
         try:
-            importlib.import_module("apex.optimizers")
+            importlib.import_module(self.module)
         except Exception as e:
-            return f"apex not installed ({type(e).__name__})"
+            return f"{self.module.split('.')[0]} not installed ({type(e).__name__})"
         return None
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
         if algo == "adamax":
-            return "apex has no FusedAdamax"
+            return f"{self.library} has no fused AdaMax"
         if hp.amsgrad:
-            return "apex FusedAdam does not support amsgrad"
+            return f"{self.library} FusedAdam does not support amsgrad"
         return None
+
+
+class ApexFusedAdam(_ThirdPartyFusedAdam):
+    name = "apex"
+    description = "apex.optimizers.FusedAdam (when installed)"
+    module = "apex.optimizers"
+    library = "apex"
 
     def build(self, params, setup, algo, hp):
         from apex.optimizers import FusedAdam
@@ -258,25 +267,11 @@ class ApexFusedAdam(Provider):
                      label="state dtype as observed after the first step")
 
 
-class TransformerEngineFusedAdam(Provider):
+class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
     name = "te"
     description = "transformer_engine.pytorch.optimizers.FusedAdam (when installed)"
-
-    def unavailable(self, device):
-        if device.type != "cuda":
-            return "TransformerEngine FusedAdam is CUDA-only"
-        try:
-            importlib.import_module("transformer_engine.pytorch.optimizers")
-        except Exception as e:
-            return f"transformer_engine not installed ({type(e).__name__})"
-        return None
-
-    def unsupported(self, setup, algo, hp, workload, device, opts):
-        if algo == "adamax":
-            return "TransformerEngine has no fused AdaMax"
-        if hp.amsgrad:
-            return "TransformerEngine FusedAdam does not support amsgrad"
-        return None
+    module = "transformer_engine.pytorch.optimizers"
+    library = "TransformerEngine"
 
     def build(self, params, setup, algo, hp):
         from transformer_engine.pytorch.optimizers import FusedAdam
