@@ -478,6 +478,9 @@ def test_differentiable_step_matches_torch(name):
 
     ours, d_ours = run(OURS[name])
     theirs, d_theirs = run(getattr(torch.optim, name))
+    # torch's implementation does not unscale grads: GradScaler must do it, as for torch.optim.
+    assert not OURS[name]([p0.clone()], differentiable=True)._step_supports_amp_scaling
+    assert OURS[name]([Parameter(p0.detach().clone())])._step_supports_amp_scaling
     assert torch.equal(ours, theirs)
     for a, b in zip(d_ours, d_theirs):
         assert torch.equal(a, b)

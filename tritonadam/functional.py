@@ -49,6 +49,8 @@ class StepCache:
         self.grad_dtypes: list = []
         self.dtensor = False
         self.fast = False
+        # (param, contiguous buffer) for non-dense params: the kernel steps the buffer.
+        self.staged: list = []
 
     def run(
         self,

@@ -83,6 +83,10 @@ class _TritonAdamBase(Optimizer):
                     f"tritonadam.{type(self).__name__}: differentiable=True steps with "
                     "torch.optim's implementation, which has no master_weights"
                 )
+        if any(group.get("differentiable") for group in self.param_groups):
+            # torch.optim's implementation does not unscale: let GradScaler do it (and
+            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
+            self._step_supports_amp_scaling = False
         self.bias_correction = bool(bias_correction)
         self.master_weights = bool(master_weights)
         self.block_size = block_size
@@ -416,15 +420,17 @@ class _TritonAdamBase(Optimizer):
                 loss = closure()
 
         # Validate every group before touching anything, so a bad grad anywhere leaves
-        # all params and state as they were.
+        # all params and state as they were. Each group is stepped one of three ways:
+        # "torch" (differentiable=True), "cached" (its launch cache still applies) or
+        # "build" (validated afresh; state and launch cache are (re)built).
         work = []
         for index, group in enumerate(self.param_groups):
             if group.get("differentiable", False):
-                work.append((index, group, self._torch_inputs(group), "torch", None))
+                work.append(("torch", index, group, self._torch_inputs(group)))
                 continue
             grad_ptrs = self._fast_grad_ptrs(index, group)
             if grad_ptrs is not None:
-                work.append((index, group, None, None, grad_ptrs))
+                work.append(("cached", index, group, grad_ptrs))
                 continue
             params, grads, active = [], [], []
             for i, p in enumerate(group["params"]):
@@ -432,22 +438,23 @@ class _TritonAdamBase(Optimizer):
                     grads.append(self._validate(p, p.grad, group.get("fused")))
                     params.append(p)
                     active.append(i)
-            work.append((index, group, params, (grads, active), None))
+            work.append(("build", index, group, (params, grads, active)))
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group, params, slow, grad_ptrs in work:
-            if slow == "torch":
-                self._torch_step(group, *params)
+        for how, index, group, inputs in work:
+            if how == "torch":
+                self._torch_step(group, *inputs)
                 continue
-            if grad_ptrs is None:
-                if not params:
+            if how == "build":
+                if not inputs[0]:
                     self._caches.pop(index, None)
                     continue
-                grad_ptrs = self._rebuild_cache(index, group, params, *slow)
+                grad_ptrs = self._rebuild_cache(index, group, *inputs)
+            else:
+                grad_ptrs = inputs
             cache = self._caches[index]
-            staged = getattr(cache, "staged", ())
-            for lp, buf in staged:
+            for lp, buf in cache.staged:
                 buf.copy_(lp)
             cache.run(
                 self._kind,
@@ -459,7 +466,7 @@ class _TritonAdamBase(Optimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
-            for lp, buf in staged:
+            for lp, buf in cache.staged:
                 lp.copy_(buf)
         return loss
 
