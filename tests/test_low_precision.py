@@ -95,3 +95,35 @@ def test_master_weights_keep_small_updates(device):
     assert torch.all(q == 1.0)  # 1e-4 steps vanish under bf16's 2**-8 spacing at 1.0
     assert torch.all(p < 1.0)
     assert torch.allclose(with_master.state[p]["master_param"], torch.full_like(p, 1 - 60e-4, dtype=torch.float32), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,dtype,master",
+    [
+        ("AdamW", dict(lr=3e-3, weight_decay=0.1, amsgrad=True), torch.bfloat16, True),
+        ("Adam", dict(lr=3e-3, betas=(0.8, 0.95)), torch.float16, False),
+        ("Adamax", dict(lr=3e-3, weight_decay=0.01), torch.float32, False),
+    ],
+    ids=["AdamW-bf16-master-amsgrad", "Adam-fp16", "Adamax-fp32"],
+)
+def test_many_steps_stay_bitwise(name, kwargs, dtype, master, device):
+    """200 steps on odd sizes: rounding errors must not creep in over a long run."""
+    cls = PAIRS[name][0]
+    params = make_params([(1,), (7,), (1025,), (3, 5)], dtype, device, seed=31)
+    kind = "adamax" if name == "Adamax" else "adam"
+    refs = [Reference(p, kind, master=master, amsgrad=kwargs.get("amsgrad", False)) for p in params]
+    opt = cls(params, master_weights=master, **kwargs, **LAUNCH)
+    beta1, beta2 = kwargs.get("betas", (0.9, 0.999))
+    wd = kwargs.get("weight_decay", 0.0)
+    gen = torch.Generator().manual_seed(32)
+    for _ in range(200):
+        grads = random_grads(params, gen, scale=0.1)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for r, g in zip(refs, grads):
+            r.update(g.cpu(), kwargs["lr"], beta1, beta2, 1e-8, wd, decoupled=name == "AdamW")
+    for p, r in zip(params, refs):
+        assert_same_bits(p, r.p)
+        assert_same_bits(opt.state[p]["exp_avg"], r.m)
+        assert opt.state[p]["step"].item() == 200
