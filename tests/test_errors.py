@@ -3,10 +3,8 @@ and a failed step leaves params and state untouched."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

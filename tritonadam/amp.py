@@ -1,7 +1,6 @@
 """GradScaler companions for optimizers that unscale inside their step."""
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as _TorchShardedGradScaler
 

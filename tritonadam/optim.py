@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import _env
 from .functional import StepCache, build_cache, local_tensor
 from .kernels import KERNELS, Hyper
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .report import TUNING_SCHEMA, _clean, _csv_value, _json_default, header_lines
+from .report import _clean, _csv_value, _json_default, header_lines
 
 NO_GPU_MESSAGE = (
     "tritonadam bench --tuning: tuning benchmarks need a GPU. First-use tuning only runs on a "

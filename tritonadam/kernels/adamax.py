@@ -54,7 +54,7 @@ def _adamax_block(
 def _adamax_kernel(
     table_ptr, grads_ptr, block_map_ptr, counters_ptr,
     lr_hi, lr_lo, lr_ptr,
-    beta1_hi, beta1_lo, beta1_ptr,
+    beta1_ptr,
     beta2_hi, beta2_lo, beta2_ptr,
     w1_hi, w1_lo, w2_hi, w2_lo,
     log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,

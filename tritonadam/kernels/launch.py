@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .adam import _adam_kernel
 from .adamax import _adamax_kernel
-from .plan import Bucket, dtype_name
+from .plan import Bucket
 
 KERNELS = {"adam": _adam_kernel, "adamax": _adamax_kernel}
 
@@ -86,11 +86,11 @@ def launch(
         lr = _split(hyper.lr, fp64)
     if betas_are_tensors:
         b1_t, b2_t = _on(device, hyper.beta1), _on(device, hyper.beta2)
-        b1 = b2 = w1 = w2 = lb1 = lb2 = (0.0, 0.0)
+        b2 = w1 = w2 = lb1 = lb2 = (0.0, 0.0)
     else:
         b1_t = b2_t = bucket.table
         beta1, beta2 = float(hyper.beta1), float(hyper.beta2)
-        b1, b2 = _split(beta1, fp64), _split(beta2, fp64)
+        b2 = _split(beta2, fp64)  # beta1 enters only as 1 - beta1 and log(beta1)
         w1, w2 = _split(1.0 - beta1, fp64), _split(1.0 - beta2, fp64)
         lb1, lb2 = _split(_log(beta1), fp64), _split(_log(beta2), fp64)
     eps = _split(hyper.eps, fp64)
@@ -100,7 +100,7 @@ def launch(
 
     KERNELS[kind][(bucket.num_blocks,)](
         bucket.table, bucket.grads, bucket.block_map, bucket.counters,
-        *lr, lr_t, *b1, b1_t, *b2, b2_t, *w1, *w2, *lb1, *lb2, *eps, *wd,
+        *lr, lr_t, b1_t, *b2, b2_t, *w1, *w2, *lb1, *lb2, *eps, *wd,
         grad_scale if grad_scale is not None else bucket.table,
         found_inf if found_inf is not None else bucket.table,
         P_DTYPE=_TL[bucket.param_dtype],
