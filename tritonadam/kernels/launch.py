@@ -73,6 +73,11 @@ def launch(
 ) -> None:
     """Step every tensor of ``bucket`` with one launch of the ``kind`` kernel."""
     device = bucket.device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        # Triton launches on the current device and stream: switch for buckets on another GPU.
+        with torch.cuda.device(device):
+            return launch(kind, bucket, hyper, block_size=block_size, num_warps=num_warps,
+                          grad_scale=grad_scale, found_inf=found_inf, count=count)
     fp64 = bucket.compute_dtype == torch.float64
     bucket.set_block_size(block_size)
 
