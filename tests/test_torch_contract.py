@@ -439,10 +439,13 @@ def test_complex_matches_view_as_real(name, device):
 def test_differentiable_configs_construct_and_step(name, device):
     """torch's hook/printing/no-op tests include differentiable=True configs."""
     param = Parameter(torch.randn(5, 1, device=device)).clone()
-    opt = OURS[name]([param], differentiable=True)
-    repr(opt)
+    before = param.detach().clone()
+    opt = OURS[name]([param], differentiable=True, weight_decay=0)
+    assert "differentiable: True" in repr(opt)
     param.grad = torch.zeros_like(param)
     opt.step()
+    assert torch.equal(param.detach(), before)  # zero grads, no weight decay: a no-op
+    assert opt.state[param]["step"].item() == 1
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "fused" in INFOS[n].supported_impls])
