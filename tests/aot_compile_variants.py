@@ -27,11 +27,13 @@ VARIANTS = (
         ("adam", dict(P_DTYPE=FP32, MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
         ("adam", dict(P_DTYPE=FP32, LR_IS_TENSOR=True, BETAS_ARE_TENSORS=True, AMSGRAD=True)),
         ("adam", dict(P_DTYPE=FP64, AMSGRAD=True, BIAS_CORRECTION=False, HAS_WD=False)),
+        ("adam", dict(P_DTYPE=BF16, MASTER=True, DECOUPLED_WD=True, PERSISTENT=True)),
     ]
     + [("adamax", dict(P_DTYPE=d)) for d in (FP32, BF16, FP16, FP64)]
     + [
         ("adamax", dict(P_DTYPE=BF16, MASTER=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
         ("adamax", dict(P_DTYPE=FP32, LR_IS_TENSOR=True, MAXIMIZE=True, BIAS_CORRECTION=False)),
+        ("adamax", dict(P_DTYPE=FP16, PERSISTENT=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
     ]
 )
 

@@ -67,3 +67,22 @@ def test_hundreds_of_mixed_tensors_match_reference(device):
                 torch.testing.assert_close(p.detach().cpu(), expected, atol=1e-12, rtol=1e-11)
             else:
                 assert_same_bits(p, expected)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adamax"])
+def test_persistent_grid_gives_the_same_bits(name, device):
+    """A persistent grid (a few programs looping over all blocks) computes exactly what one
+    program per block does, step counts included, in one launch."""
+    cls = PAIRS[name][0]
+    shapes = [(1,), (0,), (4097,), (3, 700), ()] * 3
+    a = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(device))
+         for i, s in enumerate(shapes)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    launch = {"block_size": 1024, "num_warps": 4}
+    one_per_block = cls(a, master_weights=True, **launch)
+    persistent = cls(b, master_weights=True, persistent=True, **launch)
+    assert _launches_per_step(one_per_block, a) == [1, 1, 1]
+    assert _launches_per_step(persistent, b) == [1, 1, 1]
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        assert persistent.state[q]["step"].item() == 3

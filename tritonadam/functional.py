@@ -63,15 +63,17 @@ class StepCache:
         autotune_mode: str | None = None,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
+        persistent: bool | None = None,
     ) -> None:
+        wanted = (block_size, num_warps, autotune_mode, persistent)
         for entry in self.entries:
             bucket, idx, config, config_key = entry
             bucket.set_grad_ptrs(grad_ptrs if idx is None else [grad_ptrs[i] for i in idx])
-            if config is None or config_key != (block_size, num_warps, autotune_mode):
-                config = _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode)
-                entry[2], entry[3] = config, (block_size, num_warps, autotune_mode)
+            if config is None or config_key != wanted:
+                config = _fixed_or_tuned(kind, bucket, hyper, *wanted)
+                entry[2], entry[3] = config, wanted
             launch(kind, bucket, hyper, block_size=config.block_size, num_warps=config.num_warps,
-                   grad_scale=grad_scale, found_inf=found_inf)
+                   grad_scale=grad_scale, found_inf=found_inf, persistent=config.persistent)
 
 
 def build_cache(
@@ -103,9 +105,10 @@ def build_cache(
     return StepCache(entries, (params, exp_avgs, second, max_second, masters, steps))
 
 
-def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode) -> LaunchConfig:
+def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode,
+                    persistent=None) -> LaunchConfig:
     if block_size is not None and num_warps is not None:
-        return LaunchConfig(block_size, num_warps)
+        return LaunchConfig(block_size, num_warps, bool(persistent))
     optimizer = "adamax" if kind == "adamax" else ("adamw" if hyper.decoupled_weight_decay else "adam")
     setup = dict(optimizer=optimizer, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
                  amsgrad=bucket.amsgrad, master_weights=bucket.master)
@@ -117,11 +120,13 @@ def _fixed_or_tuned(kind, bucket, hyper, block_size, num_warps, autotune_mode) -
     extra = {"mode": autotune_mode} if autotune_mode is not None else {}
     chosen = autotune.select_config(
         autotune_key(**setup), bucket.numel, bucket.device, make_runner,
-        bytes_per_elem=bytes_per_elem(**setup), **extra,
+        bytes_per_elem=bytes_per_elem(**setup), allow_persistent=True, **extra,
     )
+    # What the user fixed wins; the rest comes from the choice.
     return LaunchConfig(
         block_size if block_size is not None else chosen.block_size,
         num_warps if num_warps is not None else chosen.num_warps,
+        chosen.persistent if persistent is None else persistent,
     )
 
 

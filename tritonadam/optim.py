@@ -67,7 +67,8 @@ class _TritonAdamBase(Optimizer):
     _second_key = "exp_avg_sq"
     _step_supports_amp_scaling = True  # grad_scale / found_inf are handled in the kernel
 
-    def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune):
+    def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune,
+                     persistent):
         if block_size is not None and (
             not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)
         ):
@@ -76,6 +77,8 @@ class _TritonAdamBase(Optimizer):
             raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
         if autotune not in _AUTOTUNE_MODES:
             raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
+        if persistent not in (None, True, False):
+            raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
         for group in self.param_groups:
             if group.get("differentiable") and master_weights:
                 raise RuntimeError(
@@ -91,6 +94,7 @@ class _TritonAdamBase(Optimizer):
         self.block_size = block_size
         self.num_warps = num_warps
         self.autotune = autotune
+        self.persistent = persistent
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -103,6 +107,7 @@ class _TritonAdamBase(Optimizer):
         "block_size": None,
         "num_warps": None,
         "autotune": None,
+        "persistent": None,
     }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -462,6 +467,7 @@ class _TritonAdamBase(Optimizer):
                 block_size=self.block_size,
                 num_warps=self.num_warps,
                 autotune_mode=self.autotune,
+                persistent=self.persistent,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
@@ -530,6 +536,9 @@ class Adam(_TritonAdamBase):
         block_size (int, optional): elements per Triton program; with ``num_warps`` fixes
             the launch config instead of the autotuned one.
         num_warps (int, optional): warps per Triton program.
+        persistent (bool, optional): True: a grid of a few programs per SM looping over the
+            blocks; False: one program per block; None (default): the autotuner's choice
+            (one program per block when ``block_size`` and ``num_warps`` are fixed).
         autotune (str, optional): ``"on"``, ``"off"`` or ``"cache-only"``; default from
             ``TRITONADAM_AUTOTUNE`` (tuning on first use on GPUs).
     """
@@ -554,6 +563,7 @@ class Adam(_TritonAdamBase):
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
+        persistent: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -591,7 +601,8 @@ class Adam(_TritonAdamBase):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults)
-        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune)
+        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
+                          persistent)
 
     def _set_group_defaults(self) -> None:
         super()._set_group_defaults()
@@ -627,6 +638,7 @@ class AdamW(Adam):
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
+        persistent: bool | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -634,6 +646,7 @@ class AdamW(Adam):
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             bias_correction=bias_correction, master_weights=master_weights,
             block_size=block_size, num_warps=num_warps, autotune=autotune,
+            persistent=persistent,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -684,6 +697,7 @@ class Adamax(_TritonAdamBase):
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
+        persistent: bool | None = None,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         defaults = {
@@ -697,7 +711,8 @@ class Adamax(_TritonAdamBase):
             "capturable": capturable,
         }
         super().__init__(params, defaults)
-        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune)
+        self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
+                          persistent)
 
 
 AdaMax = Adamax

@@ -11,7 +11,7 @@ For each workload and dtype setup of the bench (tritonadam only, one launch per 
 2. **Tuned vs fixed.** The step with the tuned config against every fixed config the tuner
    considered for that launch size (``candidate_configs`` over the scratch size it timed, the
    architecture default first), each as an optimizer built with ``block_size=``/
-   ``num_warps=``, all timed with the bench's timer (CUDA events, L2 flushed before each step).
+   ``num_warps=``/``persistent=``, all timed with the bench's timer (CUDA events, L2 flushed before each step).
 
 Needs a GPU: the CPU and Triton's interpreter are never tuned, so the CLI says so and exits
 0 there. The pure parts (the fixed-config list, best/ratio arithmetic, rendering) are tested
@@ -56,7 +56,8 @@ def fixed_configs(backend: str, numel: int, *, num_sms: int | None = None, defau
 
     if rep is None:
         rep = bucket_numel(size_bucket(numel))
-    out = candidate_configs(backend, rep, num_sms=num_sms, first=default)
+    # The optimizer lets the tuner consider persistent grids (tritonadam.kernels.ALLOW_PERSISTENT).
+    out = candidate_configs(backend, rep, num_sms=num_sms, first=default, allow_persistent=True)
     if default is not None and default not in out:
         out.append(default)
     return out
@@ -317,7 +318,7 @@ def run_tuning(opts: TuningOptions) -> TuningRun:
                     fixed.append(item)
                     try:
                         opt = _build(params, s, opts.algo, opts.hp, block_size=cfg.block_size,
-                                     num_warps=cfg.num_warps)
+                                     num_warps=cfg.num_warps, persistent=cfg.persistent)
                         opt.step()  # compiles this config if the tuner did not
                         sync()
                         t = timer.time(opt.step, deadline=deadline)

@@ -51,7 +51,8 @@ def _adamax_block(
 
 
 @triton.jit
-def _adamax_kernel(
+def _adamax_program(
+    pid,
     table_ptr, grads_ptr, block_map_ptr, counters_ptr,
     lr_hi, lr_lo, lr_ptr,
     beta1_ptr,
@@ -67,9 +68,9 @@ def _adamax_kernel(
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Same signature as _adam_kernel so one launcher serves both; DECOUPLED_WD and
-    # AMSGRAD are always False here (torch's Adamax has neither).
-    t, row, numel, start = locate_block(table_ptr, block_map_ptr, BLOCK)
+    # Same arguments as _adam_program so one launcher serves both kernels; DECOUPLED_WD
+    # and AMSGRAD are always False here (torch's Adamax has neither).
+    t, row, numel, start = locate_block(table_ptr, block_map_ptr, pid, BLOCK)
     step_ptr, step, skip = begin_step(row, found_inf_ptr, HAS_FOUND_INF)
     if not skip:
         lr, beta2, w1, w2, log_beta1, log_beta2, eps, weight_decay, inv_scale = load_hyper(
@@ -114,3 +115,46 @@ def _adamax_kernel(
                 P_DTYPE, CDTYPE, HAS_WD, MAXIMIZE, MASTER, HAS_GRAD_SCALE,
             )
         end_step(step_ptr, step, counters_ptr, t, numel, BLOCK)
+
+
+# num_blocks changes with the model: no recompiles for its value (1, multiple of 16).
+@triton.jit(do_not_specialize=["num_blocks"])
+def _adamax_kernel(
+    table_ptr, grads_ptr, block_map_ptr, counters_ptr,
+    lr_hi, lr_lo, lr_ptr,
+    beta1_ptr,
+    beta2_hi, beta2_lo, beta2_ptr,
+    w1_hi, w1_lo, w2_hi, w2_lo,
+    log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
+    eps_hi, eps_lo, wd_hi, wd_lo,
+    grad_scale_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, BETAS_ARE_TENSORS: tl.constexpr,
+    HAS_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    num_blocks, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if PERSISTENT:
+        # A grid of a few programs per SM, each looping over blocks: amortizes the
+        # per-program prologue; the autotuner decides whether it pays on a GPU.
+        for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+            _adamax_program(
+                pid,
+                table_ptr, grads_ptr, block_map_ptr, counters_ptr, lr_hi, lr_lo, lr_ptr,
+                beta1_ptr, beta2_hi, beta2_lo, beta2_ptr, w1_hi, w1_lo, w2_hi, w2_lo,
+                log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, eps_hi, eps_lo,
+                wd_hi, wd_lo, grad_scale_ptr, found_inf_ptr, P_DTYPE, G_DTYPE, CDTYPE,
+                LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_WD, DECOUPLED_WD, AMSGRAD,
+                MAXIMIZE, MASTER, BIAS_CORRECTION, HAS_GRAD_SCALE, HAS_FOUND_INF, BLOCK,
+            )
+    else:
+        _adamax_program(
+            tl.program_id(0),
+            table_ptr, grads_ptr, block_map_ptr, counters_ptr, lr_hi, lr_lo, lr_ptr,
+            beta1_ptr, beta2_hi, beta2_lo, beta2_ptr, w1_hi, w1_lo, w2_hi, w2_lo,
+            log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, eps_hi, eps_lo,
+            wd_hi, wd_lo, grad_scale_ptr, found_inf_ptr, P_DTYPE, G_DTYPE, CDTYPE,
+            LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_WD, DECOUPLED_WD, AMSGRAD,
+            MAXIMIZE, MASTER, BIAS_CORRECTION, HAS_GRAD_SCALE, HAS_FOUND_INF, BLOCK,
+        )

@@ -43,6 +43,7 @@ DEFAULT_FLAGS = {
     "BIAS_CORRECTION": True,
     "HAS_GRAD_SCALE": False,
     "HAS_FOUND_INF": False,
+    "PERSISTENT": False,
     "BLOCK": 4096,
 }
 
@@ -68,7 +69,7 @@ def compile_variant(kind: str, arch: int = 90, num_warps: int = 8, **flags):
         if param.is_constexpr:
             signature[param.name] = "constexpr"
         else:
-            signature[param.name] = _POINTER_ARGS.get(param.name, "fp32")
+            signature[param.name] = _POINTER_ARGS.get(param.name, "i32" if param.name == "num_blocks" else "fp32")
     source = ASTSource(
         fn=kernel,
         signature=signature,

@@ -28,9 +28,8 @@ def load_ptr(row_ptr, COL: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def locate_block(table_ptr, block_map_ptr, BLOCK: tl.constexpr):
-    """(tensor index, its table row, its numel, first element of this program's block)."""
-    pid = tl.program_id(0)
+def locate_block(table_ptr, block_map_ptr, pid, BLOCK: tl.constexpr):
+    """(tensor index, its table row, its numel, first element of block ``pid``)."""
     t = tl.load(block_map_ptr + pid).to(tl.int64)
     row = table_ptr + t * NCOL
     numel = tl.load(row + COL_NUMEL)

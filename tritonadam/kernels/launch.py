@@ -54,6 +54,20 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
+_PROGRAMS_PER_SM = 4
+_sm_counts: dict = {}
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs in a persistent grid: a few per SM (2 on the CPU interpreter, for tests)."""
+    if device.type != "cuda":
+        return 2
+    count = _sm_counts.get(device.index)
+    if count is None:
+        count = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROGRAMS_PER_SM * count
+
+
 def _on(device: torch.device, t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.device == device:
         return t
@@ -69,15 +83,21 @@ def launch(
     num_warps: int,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    persistent: bool = False,
     count: bool = True,
 ) -> None:
-    """Step every tensor of ``bucket`` with one launch of the ``kind`` kernel."""
+    """Step every tensor of ``bucket`` with one launch of the ``kind`` kernel.
+
+    ``persistent``: a grid of a few programs per SM looping over the blocks, instead of one
+    program per block.
+    """
     device = bucket.device
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         # Triton launches on the current device and stream: switch for buckets on another GPU.
         with torch.cuda.device(device):
             return launch(kind, bucket, hyper, block_size=block_size, num_warps=num_warps,
-                          grad_scale=grad_scale, found_inf=found_inf, count=count)
+                          grad_scale=grad_scale, found_inf=found_inf, persistent=persistent,
+                          count=count)
     fp64 = bucket.compute_dtype == torch.float64
     bucket.set_block_size(block_size)
 
@@ -103,7 +123,8 @@ def launch(
     grad_scale = _on(device, grad_scale)
     found_inf = _on(device, found_inf)
 
-    KERNELS[kind][(bucket.num_blocks,)](
+    programs = min(bucket.num_blocks, _persistent_programs(device)) if persistent else bucket.num_blocks
+    KERNELS[kind][(programs,)](
         bucket.table, bucket.grads, bucket.block_map, bucket.counters,
         *lr, lr_t, b1_t, *b2, b2_t, *w1, *w2, *lb1, *lb2, *eps, *wd,
         grad_scale if grad_scale is not None else bucket.table,
@@ -121,6 +142,8 @@ def launch(
         BIAS_CORRECTION=hyper.bias_correction,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        num_blocks=bucket.num_blocks,
+        PERSISTENT=persistent,
         BLOCK=block_size,
         num_warps=num_warps,
     )

@@ -103,7 +103,7 @@ def make_scratch_runner(
     bucket.keep = (p, g, m, v, vmax, w, step)  # the table points at these
 
     def run() -> None:
-        launch(kind, bucket, hyper, block_size=config.block_size,
-               num_warps=config.num_warps, count=False)
+        launch(kind, bucket, hyper, block_size=config.block_size, num_warps=config.num_warps,
+               persistent=getattr(config, "persistent", False), count=False)
 
     return run
