@@ -137,8 +137,10 @@ def _adamax_kernel(
 ):
     if PERSISTENT:
         # A grid of a few programs per SM, each looping over blocks: amortizes the
-        # per-program prologue; the autotuner decides whether it pays on a GPU.
-        for pid in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        # per-program prologue; the autotuner decides whether it pays on a GPU. A while
+        # loop: triton 3.6's interpreter cannot take range() bounds from program_id.
+        pid = tl.program_id(0)
+        while pid < num_blocks:
             _adamax_program(
                 pid,
                 table_ptr, grads_ptr, block_map_ptr, counters_ptr, lr_hi, lr_lo, lr_ptr,
@@ -148,6 +150,7 @@ def _adamax_kernel(
                 LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_WD, DECOUPLED_WD, AMSGRAD,
                 MAXIMIZE, MASTER, BIAS_CORRECTION, HAS_GRAD_SCALE, HAS_FOUND_INF, BLOCK,
             )
+            pid += tl.num_programs(0)
     else:
         _adamax_program(
             tl.program_id(0),
