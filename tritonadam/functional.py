@@ -175,8 +175,8 @@ def adam(
     fp32 (fp64 for fp64 params) with the params' layout. Inputs are not validated here:
     the optimizer classes do that.
     """
-    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                  amsgrad, maximize, bias_correction)
+    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
+                  bias_correction)
     _functional("adam", params, grads, exp_avgs, exp_avg_sqs,
                 max_exp_avg_sqs if amsgrad else None, state_steps, master_params,
                 hyper, block_size, num_warps, grad_scale, found_inf)
@@ -203,6 +203,6 @@ def adamax(
     num_warps: int | None = None,
 ) -> None:
     """Functional AdaMax step, in place, like ``torch.optim.adamax.adamax``."""
-    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, False, False, maximize, bias_correction)
+    hyper = Hyper(lr, beta1, beta2, eps, weight_decay, False, maximize, bias_correction)
     _functional("adamax", params, grads, exp_avgs, exp_infs, None, state_steps,
                 master_params, hyper, block_size, num_warps, grad_scale, found_inf)

@@ -318,7 +318,6 @@ class _TritonAdamBase(Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-            amsgrad=group.get("amsgrad", False),
             maximize=group["maximize"],
             bias_correction=self.bias_correction,
         )

@@ -31,7 +31,10 @@ launch_counts = {"adam": 0, "adamax": 0}
 
 @dataclass(frozen=True)
 class Hyper:
-    """One step's hyper-parameters; lr and betas may be 1-element tensors."""
+    """One step's hyper-parameters; lr and betas may be 1-element tensors.
+
+    AMSGrad is not here: whether a bucket has a max_exp_avg_sq table decides it.
+    """
 
     lr: float | torch.Tensor
     beta1: float | torch.Tensor
@@ -39,7 +42,6 @@ class Hyper:
     eps: float
     weight_decay: float
     decoupled_weight_decay: bool = False
-    amsgrad: bool = False
     maximize: bool = False
     bias_correction: bool = True
 
