@@ -1,7 +1,9 @@
-"""Compile every kernel variant for sm_80 and sm_90 and print what test_aot.py checks.
+"""Compile the kernels as a step launches them, for sm_80 and sm_90, and print what
+test_aot.py checks (one JSON line per compile).
 
-Run in its own process without TRITON_INTERPRET (the test suite's interpreter mode
-cannot compile for GPUs): ``python tests/aot_compile_variants.py`` prints JSON lines.
+Run in its own process without TRITON_INTERPRET (the test session's interpreter mode
+cannot compile for GPUs): ``python tests/aot_compile_variants.py``. The constexprs come
+from the launcher's own ``update_constexprs``, so what compiles here is what launches.
 """
 from __future__ import annotations
 
@@ -12,55 +14,82 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tritonadam.kernels.aot import compile_variant, global_access_widths, ptxas_spills  # noqa: E402
+from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
+from tritonadam.kernels import aot  # noqa: E402
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
 
-VARIANTS = (
-    [("adam", dict(P_DTYPE=d)) for d in (FP32, BF16, FP16, FP64)]
-    + [
-        ("adam", dict(P_DTYPE=BF16, DECOUPLED_WD=True, AMSGRAD=True)),
-        ("adam", dict(P_DTYPE=BF16, MASTER=True)),
-        ("adam", dict(P_DTYPE=FP16, MASTER=True, AMSGRAD=True, DECOUPLED_WD=True)),
-        ("adam", dict(P_DTYPE=BF16, G_DTYPE=FP32, MASTER=True)),
-        ("adam", dict(P_DTYPE=FP32, MAXIMIZE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
-        ("adam", dict(P_DTYPE=FP32, LR_IS_TENSOR=True, BETAS_ARE_TENSORS=True, AMSGRAD=True)),
-        ("adam", dict(P_DTYPE=FP64, AMSGRAD=True, BIAS_CORRECTION=False, HAS_WD=False)),
-        ("adam", dict(P_DTYPE=BF16, MASTER=True, DECOUPLED_WD=True, PERSISTENT=True)),
-    ]
-    + [("adamax", dict(P_DTYPE=d)) for d in (FP32, BF16, FP16, FP64)]
-    + [
-        ("adamax", dict(P_DTYPE=BF16, MASTER=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
-        ("adamax", dict(P_DTYPE=FP32, LR_IS_TENSOR=True, MAXIMIZE=True, BIAS_CORRECTION=False)),
-        ("adamax", dict(P_DTYPE=FP16, PERSISTENT=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)),
-    ]
-)
+# Every supported (param, grad) dtype pair, and each flag on and off somewhere.
+VARIANTS = [
+    dict(param_dtype=FP32, decoupled_wd=True),
+    dict(param_dtype=FP32, grad_dtype=BF16, coupled_wd=True, found_inf=True),
+    dict(param_dtype=FP32, grad_dtype=FP16, amsgrad=True),
+    dict(param_dtype=BF16, decoupled_wd=True),
+    dict(param_dtype=BF16, grad_dtype=FP32, master=True, decoupled_wd=True),
+    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=FP16, master=True, coupled_wd=True, decoupled_wd=True),
+    dict(param_dtype=FP16, grad_dtype=FP32, amsgrad=True, found_inf=True),
+    dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
+    dict(param_dtype=FP32, adamax=True, coupled_wd=True),
+    dict(param_dtype=BF16, adamax=True, master=True, found_inf=True),
+    dict(param_dtype=FP16, adamax=True),
+    dict(param_dtype=FP64, adamax=True, found_inf=True),
+    dict(param_dtype=BF16, master=True, decoupled_wd=True, persistent=True),
+    dict(param_dtype=FP32, adamax=True, persistent=True),
+]
+# Registers are bounded at 4096/8 (fp64: 2048/8, the same bytes per thread); the default
+# config must keep 32 warps resident.
+CONFIGS = [(4096, 8), (2048, 8), (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)]
+# The whole candidate space, on the heaviest variant of each width.
+SPACE_VARIANTS = [
+    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
+]
 
 
-def launch_shape(flags):
-    # fp64 moves twice the bytes per element: half the block keeps registers in check.
-    return (2048 if flags["P_DTYPE"] == FP64 else 4096), 8
+def _flags(flags):
+    return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
+
+
+def _report(kind, flags, arch, block, warps, compiled):
+    ptx = compiled.asm["ptx"]
+    report = aot.ptxas_report(ptx, arch)
+    print(json.dumps({
+        "kernel": kind,
+        "flags": _flags(flags),
+        "arch": arch,
+        "block": block,
+        "num_warps": warps,
+        "widths": aot.global_access_widths(ptx),
+        "ordering": aot.ordering_ops(ptx),
+        "shared_ops": aot.shared_memory_ops(ptx),
+        "resident_warps": aot.resident_warps(report["registers"], warps),
+        **report,
+    }), flush=True)
 
 
 def main():
-    for kind, flags in VARIANTS:
-        block, warps = launch_shape(flags)
-        for arch in (80, 90):
-            compiled = compile_variant(kind, arch=arch, num_warps=warps, BLOCK=block, **flags)
-            ptx = compiled.asm["ptx"]
-            spill_st, spill_ld = ptxas_spills(ptx, arch)
-            print(json.dumps({
-                "kind": kind,
-                "flags": {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()},
-                "arch": arch,
-                "block": block,
-                "num_warps": warps,
-                "widths": global_access_widths(ptx),
-                "cubin_bytes": len(compiled.asm["cubin"]),
-                "spill_stores": spill_st,
-                "spill_loads": spill_ld,
-            }), flush=True)
+    space = sorted({(c.block_size, c.num_warps) for c in config_space("cuda")})
+    for arch in (80, 90):
+        done = set()
+        for flags in VARIANTS:
+            for block, warps in CONFIGS:
+                if (block == 2048) != (flags["param_dtype"] == FP64):
+                    continue
+                key = (tuple(sorted(_flags(flags).items())), block, warps)
+                if key in done:
+                    continue
+                done.add(key)
+                compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
+                _report("update", flags, arch, block, warps, compiled)
+        for flags in SPACE_VARIANTS:
+            for block, warps in space:
+                compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
+                _report("update-space", flags, arch, block, warps, compiled)
+        for flags in ({}, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, LR_TENSORS=True,
+                               BETA_TENSORS=True)):
+            _report("prepare", flags, arch, 256, 4, aot.compile_prepare(arch=arch, **flags))
 
 
 if __name__ == "__main__":

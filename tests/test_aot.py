@@ -1,5 +1,13 @@
-"""Every kernel variant compiles for sm_80 and sm_90 with no GPU present; the aligned
-path's global loads and stores are 16 bytes wide; nothing spills.
+"""The kernels as a step launches them, compiled for sm_80 and sm_90 with no GPU present:
+what the compiler reports must fit a memory-bound kernel.
+
+- every variant and every candidate launch config compiles without spills;
+- the full-block path moves 4-byte (and 8-byte) data in 16-byte accesses;
+- the update kernel has no ordered atomics, fences or barriers across the GPU, and no
+  shared-memory staging;
+- at 4096/8 (fp64: 2048/8, the same bytes per thread) every variant without a master copy
+  fits in 128 registers, and the default config keeps at least 32 warps resident per SM
+  (fp64, which moves twice the bytes per element, at least 24).
 
 Compilation runs in a subprocess: this test session runs kernels in the interpreter,
 which cannot compile for a GPU.
@@ -13,6 +21,8 @@ import sys
 
 import pytest
 
+from tritonadam.autotune.configs import GPU_DEFAULT
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "aot_compile_variants.py")
 SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -21,41 +31,85 @@ SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # as users compile it
-    out = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def _expected_vector_accesses(row):
-    """16-byte accesses the aligned, unmasked path must make, array by array."""
+def _updates(rows):
+    return [r for r in rows if r["kernel"].startswith("update")]
+
+
+def _name(row):
+    return row["kernel"], row["flags"], row["arch"], f'{row["block"]}/{row["num_warps"]}'
+
+
+def _expected_16_byte_accesses(row):
+    """16-byte loads and stores of the full-block path, array by array.
+
+    4- and 8-byte arrays move in 16-byte vectors; 2-byte params and grads are hinted to
+    8-byte vectors so every array shares the fp32 state's register layout.
+    """
     f = row["flags"]
-    p = f["P_DTYPE"]
-    g = f.get("G_DTYPE") or p
+    p = f["param_dtype"]
+    g = f.get("grad_dtype") or p
     c = "fp64" if p == "fp64" else "fp32"
     per_thread = row["block"] // (32 * row["num_warps"])
-    vec = lambda dtype: per_thread * SIZES[dtype] // 16  # noqa: E731
-    master, amsgrad = f.get("MASTER", False), f.get("AMSGRAD", False) and row["kind"] == "adam"
-    loads = vec(g) + vec(c) * (2 + amsgrad + master) + (0 if master else vec(p))
-    stores = vec(c) * (2 + amsgrad + master) + vec(p)
+    wide = lambda dtype: per_thread * SIZES[dtype] // 16 if SIZES[dtype] >= 4 else 0  # noqa: E731
+    master = f.get("master", False)
+    amsgrad = f.get("amsgrad", False) and not f.get("adamax", False)
+    states = 2 + amsgrad + master
+    loads = wide(g) + wide(c) * states + (0 if master else wide(p))
+    stores = wide(c) * states + wide(p)
     return loads, stores
 
 
 def test_every_variant_compiles_for_sm80_and_sm90(compiled):
-    assert len(compiled) >= 2 * 19
-    assert any(r["flags"].get("PERSISTENT") for r in compiled)
     assert {r["arch"] for r in compiled} == {80, 90}
-    for row in compiled:
-        assert row["cubin_bytes"] > 0, row
+    updates = [r for r in compiled if r["kernel"] == "update"]
+    assert len(updates) >= 2 * 15 * 2 - 4
+    assert any(r["flags"].get("persistent") for r in updates)
+    assert sum(r["kernel"] == "prepare" for r in compiled) == 4
 
 
-def test_aligned_path_uses_16_byte_accesses(compiled):
+def test_no_spills(compiled):
     for row in compiled:
-        loads, stores = _expected_vector_accesses(row)
+        assert (row["spill_stores"], row["spill_loads"]) == (0, 0), _name(row)
+
+
+def test_full_block_path_uses_16_byte_accesses(compiled):
+    for row in _updates(compiled):
+        loads, stores = _expected_16_byte_accesses(row)
         got = row["widths"]
-        assert got["ld"].get("16", 0) == loads, (row["kind"], row["flags"], row["arch"], got)
-        assert got["st"].get("16", 0) == stores, (row["kind"], row["flags"], row["arch"], got)
+        assert got["ld"].get("16", 0) == loads, (_name(row), got)
+        assert got["st"].get("16", 0) == stores, (_name(row), got)
 
 
-def test_no_register_spills(compiled):
-    for row in compiled:
-        assert (row["spill_stores"], row["spill_loads"]) == (0, 0), (row["kind"], row["flags"], row["arch"])
+def test_no_ordering_or_shared_memory_in_the_update_kernel(compiled):
+    for row in _updates(compiled):
+        assert row["ordering"] == [], _name(row)
+        assert row["shared_ops"] == 0, _name(row)
+        assert row["shared_bytes"] == 0, _name(row)
+
+
+def test_registers_at_4096_by_8(compiled):
+    def bounded(r):
+        if r["kernel"] != "update":
+            return False
+        wide = r["flags"]["param_dtype"] == "fp64"
+        return (r["block"], r["num_warps"]) == ((2048 if wide else 4096), 8)
+
+    rows = [r for r in compiled if bounded(r)]
+    assert len(rows) == 2 * 15
+    for row in rows:
+        if not row["flags"].get("master"):
+            assert row["registers"] <= 128, (_name(row), row["registers"])
+
+
+def test_default_config_keeps_32_warps_resident(compiled):
+    default = (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)
+    rows = [r for r in compiled if r["kernel"] == "update" and (r["block"], r["num_warps"]) == default]
+    assert rows
+    for row in rows:
+        floor = 24 if row["flags"]["param_dtype"] == "fp64" else 32
+        assert row["resident_warps"] >= floor, (_name(row), row["registers"])

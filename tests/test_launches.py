@@ -1,8 +1,13 @@
-"""One launch per (param group, dtype combination, variant), whatever the tensor count."""
+"""Launches per step: one prepare launch per device plus one update launch per bucket
+(device, param dtype, grad dtype, state layout), whatever the number of tensors or param
+groups. Counted where Triton's interpreter launches a kernel, not by our own counters."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
+import triton.runtime.interpreter as interpreter
 
 from helpers import PAIRS, random_grads
 from reference import Reference, assert_same_bits
@@ -11,17 +16,41 @@ from tritonadam.kernels import launch_counts
 LAUNCH = {"block_size": 16384, "num_warps": 4}
 
 
+@contextlib.contextmanager
+def interpreter_launches():
+    """Kernel names of every launch Triton's interpreter runs inside the block."""
+    names = []
+    run = interpreter.InterpretedFunction.run
+
+    def counting(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = counting
+    try:
+        yield names
+    finally:
+        interpreter.InterpretedFunction.run = run
+
+
 def _launches_per_step(opt, params, steps=3):
     gen = torch.Generator().manual_seed(0)
-    kind = "adamax" if type(opt).__name__ == "Adamax" else "adam"
     counts = []
     for _ in range(steps):
         for p, g in zip(params, random_grads(params, gen)):
             p.grad = g
-        before = launch_counts[kind]
-        opt.step()
-        counts.append(launch_counts[kind] - before)
+        before = sum(launch_counts.values())
+        with interpreter_launches() as names:
+            opt.step()
+        assert len(names) == sum(launch_counts.values()) - before
+        counts.append(len(names))
     return counts
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only(device):
+    if device.type != "cpu":
+        pytest.skip("counts launches at Triton's interpreter")
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Adamax"])
@@ -29,11 +58,40 @@ def test_launches_do_not_grow_with_tensor_count(name, device):
     cls = PAIRS[name][0]
     one = [torch.nn.Parameter(torch.randn(64, device=device))]
     many = [torch.nn.Parameter(torch.randn(1 + i % 13, device=device)) for i in range(500)]
-    assert _launches_per_step(cls(one, **LAUNCH), one) == [1, 1, 1]
-    assert _launches_per_step(cls(many, **LAUNCH), many) == [1, 1, 1]
+    assert _launches_per_step(cls(one, **LAUNCH), one) == [2, 2, 2]
+    assert _launches_per_step(cls(many, **LAUNCH), many) == [2, 2, 2]
 
 
-def test_one_launch_per_dtype_combination_and_group(device):
+@pytest.mark.parametrize("groups", [1, 2, 48])
+def test_launches_do_not_grow_with_param_groups(groups, device):
+    """Layer-wise LR decay with 48 groups (distinct lr, weight decay on/off, betas, eps)
+    steps in the same two launches as one group, and each group keeps its own values."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(7 + 5 * i, generator=gen).to(device)) for i in range(48)]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    per_group = [params[i::groups] for i in range(groups)]
+    ref_groups = [refs[i::groups] for i in range(groups)]
+
+    def options(i):
+        return {"lr": 1e-3 * 0.9 ** i, "weight_decay": 0.0 if i % 2 else 0.1,
+                "betas": (0.9 - 0.001 * i, 0.999), "eps": 1e-8 * (1 + i)}
+
+    opt = PAIRS["AdamW"][0]([{"params": g, **options(i)} for i, g in enumerate(per_group)], **LAUNCH)
+    ref = torch.optim.AdamW([{"params": g, **options(i)} for i, g in enumerate(ref_groups)],
+                            foreach=False)
+    assert _launches_per_step(opt, params) == [2, 2, 2]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, g in zip(refs, random_grads(refs, gen)):
+            p.grad = g
+        ref.step()
+    for p, q in zip(params, refs):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_one_update_launch_per_dtype_combination(device):
+    """Four param dtypes in two groups: one prepare launch and four update launches
+    (groups share launches); AMSGrad in one group adds a bucket (another state layout)."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     groups = [
         {"params": [torch.nn.Parameter(torch.randn(5 + i, device=device).to(dtypes[i % 4]))
@@ -43,6 +101,8 @@ def test_one_launch_per_dtype_combination_and_group(device):
     opt = PAIRS["Adam"][0](groups, **LAUNCH)
     params = groups[0]["params"] + groups[1]["params"]
     assert _launches_per_step(opt, params) == [5, 5, 5]
+    opt.param_groups[1]["amsgrad"] = True
+    assert _launches_per_step(opt, params) == [6, 6, 6]
 
 
 def test_hundreds_of_mixed_tensors_match_reference(device):
@@ -72,7 +132,7 @@ def test_hundreds_of_mixed_tensors_match_reference(device):
 @pytest.mark.parametrize("name", ["AdamW", "Adamax"])
 def test_persistent_grid_gives_the_same_bits(name, device):
     """A persistent grid (a few programs looping over all blocks) computes exactly what one
-    program per block does, step counts included, in one launch."""
+    program per block does, step counts included, in the same launches."""
     cls = PAIRS[name][0]
     shapes = [(1,), (0,), (4097,), (3, 700), ()] * 3
     a = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(device))
@@ -81,8 +141,8 @@ def test_persistent_grid_gives_the_same_bits(name, device):
     launch = {"block_size": 1024, "num_warps": 4}
     one_per_block = cls(a, master_weights=True, **launch)
     persistent = cls(b, master_weights=True, persistent=True, **launch)
-    assert _launches_per_step(one_per_block, a) == [1, 1, 1]
-    assert _launches_per_step(persistent, b) == [1, 1, 1]
+    assert _launches_per_step(one_per_block, a) == [2, 2, 2]
+    assert _launches_per_step(persistent, b) == [2, 2, 2]
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         assert persistent.state[q]["step"].item() == 3

@@ -3,20 +3,20 @@
 The classes keep torch.optim's contract (constructor arguments and validation,
 ``param_groups`` keys, state keys, ``state_dict``, hooks, LR schedulers, GradScaler)
 and add mixed-precision options: fp16/bf16 params always keep fp32 state, and with
-``master_weights=True`` an fp32 master copy as well.
+``master_weights=True`` an fp32 master copy as well. A step gathers and validates each
+group's tensors (torch's ``_init_group``), creates missing state, and hands everything
+to a :class:`~tritonadam.step_cache.StepCache`, which launches the kernels.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import operator
-
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .functional import StepCache, build_cache, local_tensor
-from .kernels import KERNELS, Hyper
+from .kernels.launch import interpreted
+from .step_cache import Row, StepCache, group_hyper, local_tensor
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
 
@@ -24,18 +24,22 @@ _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The grad dtypes each param dtype steps with (README "Supported dtypes"): the param's
+# own, or fp32 grads for fp16/bf16 params (fp32 grad accumulation), or a low-precision
+# grad for fp32 params (autocast-style); the kernel widens to the compute dtype.
+_GRAD_DTYPES = {
+    torch.float32: (torch.float32, torch.float16, torch.bfloat16),
+    torch.bfloat16: (torch.bfloat16, torch.float32),
+    torch.float16: (torch.float16, torch.float32),
+    torch.float64: (torch.float64,),
+    torch.complex64: (torch.complex64,),
+    torch.complex128: (torch.complex128,),
+}
 _WARPS = (1, 2, 4, 8, 16, 32)
+# The update kernel indexes a block with int32 offsets in one program; Triton caps a
+# block at 2**20 elements, and beyond 2**16 every GPU config spills.
+_MAX_BLOCK = 1 << 16
 _AUTOTUNE_MODES = (None, "off", "on", "cache-only")
-
-
-_GRAD = operator.attrgetter("grad")
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _interpreted() -> bool:
-    # Triton picks the interpreter when a kernel is decorated, so ask the kernel itself:
-    # setting TRITON_INTERPRET after import has no effect.
-    return type(KERNELS["adam"]).__name__ == "InterpretedFunction"
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -50,56 +54,30 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same memory order for every element (strides of size-1 dims do not matter)."""
+    if a.numel() <= 1:
+        return True
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def _param_meta(t: Tensor) -> tuple:
+    """What a general row's launch relies on about its param (checked every step)."""
+    return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+
+
 def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     if param_dtype in _COMPLEX_DTYPES:
         return param_dtype  # complex state, as torch.optim keeps it (state_dict parity)
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _as_real(t: Tensor | None) -> Tensor | None:
-    return torch.view_as_real(t) if t is not None and t.is_complex() else t
-
-
 class _TritonAdamBase(Optimizer):
-    """Shared machinery: validation, lazy state, state_dict, one launch per bucket."""
+    """Shared machinery: validation, lazy state, state_dict, the step."""
 
     _kind = "adam"
     _second_key = "exp_avg_sq"
     _step_supports_amp_scaling = True  # grad_scale / found_inf are handled in the kernel
-
-    def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune,
-                     persistent):
-        if block_size is not None and (
-            not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)
-        ):
-            raise ValueError(f"Invalid block_size: {block_size} (a power of two >= 16, or None)")
-        if num_warps is not None and num_warps not in _WARPS:
-            raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
-        if autotune not in _AUTOTUNE_MODES:
-            raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
-        if persistent not in (None, True, False):
-            raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
-        for group in self.param_groups:
-            if group.get("differentiable") and master_weights:
-                raise RuntimeError(
-                    f"tritonadam.{type(self).__name__}: differentiable=True steps with "
-                    "torch.optim's implementation, which has no master_weights"
-                )
-        if any(group.get("differentiable") for group in self.param_groups):
-            # torch.optim's implementation does not unscale: let GradScaler do it (and
-            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
-            self._step_supports_amp_scaling = False
-        self.bias_correction = bool(bias_correction)
-        self.master_weights = bool(master_weights)
-        self.block_size = block_size
-        self.num_warps = num_warps
-        self.autotune = autotune
-        self.persistent = persistent
-        self._reset_caches()
-
-    def _reset_caches(self) -> None:
-        self._caches: dict[int, StepCache] = {}
-        self._generation = getattr(self, "_generation", 0) + 1
 
     _EXTRAS = {
         "bias_correction": True,
@@ -110,10 +88,47 @@ class _TritonAdamBase(Optimizer):
         "persistent": None,
     }
 
+    def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune,
+                     persistent):
+        if block_size is not None and (
+            not isinstance(block_size, int) or isinstance(block_size, bool)
+            or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
+        ):
+            raise ValueError(
+                f"Invalid block_size: {block_size} (a power of two from 16 to {_MAX_BLOCK}, or None)"
+            )
+        if num_warps is not None and num_warps not in _WARPS:
+            raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
+        if autotune not in _AUTOTUNE_MODES:
+            raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
+        if persistent not in (None, True, False):
+            raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
+        for name, value in (("bias_correction", bias_correction), ("master_weights", master_weights)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {name}: {value!r} (True or False)")
+        for group in self.param_groups:
+            if group.get("differentiable") and master_weights:
+                raise RuntimeError(
+                    f"tritonadam.{type(self).__name__}: differentiable=True steps with "
+                    "torch.optim's implementation, which has no master_weights"
+                )
+        if any(group.get("differentiable") for group in self.param_groups):
+            # torch.optim's implementation does not unscale: let GradScaler do it (and
+            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
+            self._step_supports_amp_scaling = False
+        self.bias_correction = bias_correction
+        self.master_weights = master_weights
+        self.block_size = block_size
+        self.num_warps = num_warps
+        self.autotune = autotune
+        self.persistent = persistent
+        self._cache: StepCache | None = None
+
     def __getstate__(self) -> dict[str, Any]:
-        # Device tables hold raw pointers into this optimizer's tensors: never copy them
-        # (a deepcopy would step the original's state).
+        # The cache holds raw pointers into this optimizer's tensors: never copy it (a
+        # deepcopy would step the original's state).
         state = super().__getstate__()
+        state.pop("_cache", None)
         state.update({k: getattr(self, k, v) for k, v in self._EXTRAS.items()})
         return state
 
@@ -121,11 +136,12 @@ class _TritonAdamBase(Optimizer):
         # torch's load_state_dict calls __setstate__ without our options: keep the
         # current ones then; unpickling a fresh object takes them from the pickle.
         extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
+        state.pop("_cache", None)
         super().__setstate__(state)
         for k, v in extras.items():
             setattr(self, k, v)
         self._set_group_defaults()
-        self._reset_caches()
+        self._cache = None
 
     def _set_group_defaults(self) -> None:
         for group in self.param_groups:
@@ -134,9 +150,14 @@ class _TritonAdamBase(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._cache = None
+
     # ---- state ---------------------------------------------------------------------
 
-    def _float_state_keys(self, group) -> tuple[str, ...]:
+    def _state_keys(self, group) -> tuple[str, ...]:
+        """The state tensors a param of ``group`` steps with, besides ``step``."""
         keys = ("exp_avg", self._second_key)
         if group.get("amsgrad", False):
             keys += ("max_exp_avg_sq",)
@@ -145,36 +166,94 @@ class _TritonAdamBase(Optimizer):
     def _uses_master(self, p: Tensor) -> bool:
         return self.master_weights and p.dtype in _LOW_PRECISION
 
-    def _init_state(self, p: Tensor, group) -> dict:
-        state = self.state[p]
+    def _check_state(self, p: Tensor, group, state: dict) -> list[str]:
+        """Raise if ``state`` cannot be stepped with ``p``; returns keys to re-lay out.
+
+        A param whose shape, dtype or device no longer matches its state (``p.data = ...``
+        after steps, a model moved without its optimizer) gets an error saying what to
+        do. A layout change alone (same shape, other strides) is what torch.optim steps
+        elementwise by index: the state is re-laid out to the param's strides, so the
+        kernel pairs the same elements torch pairs.
+        """
+        name = type(self).__name__
+        if not state:
+            return []
+        missing = [k for k in ("step", "exp_avg", self._second_key) if k not in state]
+        if missing:
+            raise RuntimeError(
+                f"tritonadam.{name}: the state of a param of shape {tuple(p.shape)} has "
+                f"{sorted(state)} but lacks {missing}; load a complete state dict, or clear "
+                "this param's state (`opt.state.pop(param)`) to restart it"
+            )
+        relayout = []
         sdtype = _state_dtype(p.dtype)
-        created = False
-        if len(state) == 0 or "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
-            created = True
-        for key in self._float_state_keys(group):
+        lp = local_tensor(p)
+        for key in (*self._state_keys(group), "master_param"):
+            value = state.get(key)
+            if value is None:
+                continue
+            want = torch.float32 if key == "master_param" else sdtype
+            if not isinstance(value, Tensor):
+                raise RuntimeError(f"tritonadam.{name}: state[{key!r}] is a {type(value).__name__}, "
+                                   "not a tensor")
+            lv = local_tensor(value)
+            problem = None
+            if value.shape != p.shape or lv.shape != lp.shape:
+                problem = f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
+            elif value.dtype != want:
+                problem = f"dtype {value.dtype} where a {p.dtype} param needs {want}"
+            elif lv.device != lp.device:
+                problem = f"device {lv.device} for a param on {lp.device}"
+            if problem is not None:
+                raise RuntimeError(
+                    f"tritonadam.{name}: state[{key!r}] has {problem}: the param changed after "
+                    "its optimizer state was created. Load a state dict that matches the "
+                    "params (`opt.load_state_dict(...)` also moves state to the params' "
+                    "device), or clear this param's state (`opt.state.pop(param)`) to restart it"
+                )
+            if _is_dense(lp) and not _same_layout(lv, lp) or not _is_dense(lp) and not lv.is_contiguous():
+                relayout.append(key)
+        return relayout
+
+    def _init_state(self, p: Tensor, group, relayout: list[str]) -> dict:
+        state = self.state[p]
+        lp = local_tensor(p)
+        sdtype = _state_dtype(p.dtype)
+        if "step" not in state or not (
+            isinstance(state["step"], Tensor) and state["step"].dtype == torch.float32
+            and state["step"].device == lp.device and state["step"].dim() == 0
+        ):
+            step = float(state["step"]) if "step" in state else 0.0
+            state["step"] = torch.tensor(step, dtype=torch.float32, device=lp.device)
+        # Dense params: state with the param's strides. Non-dense ones are stepped in a
+        # contiguous staging copy, and so is their state.
+        fmt = torch.preserve_format if _is_dense(lp) else torch.contiguous_format
+        for key in self._state_keys(group):
             if key not in state:
-                state[key] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-                created = True
+                state[key] = torch.zeros_like(p, dtype=sdtype, memory_format=fmt)
         if self._uses_master(p) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
-            created = True
-        if created:
-            self._generation += 1
+            state["master_param"] = p.detach().to(torch.float32, memory_format=fmt, copy=True)
+        elif not self._uses_master(p):
+            state.pop("master_param", None)
+        for key in relayout:
+            state[key] = torch.empty_like(p, dtype=state[key].dtype, memory_format=fmt).copy_(state[key])
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class or from torch.optim's Adam/AdamW/Adamax.
 
-        torch's base class casts floating state to the param dtype; fp32 state of fp16/bf16
-        params is restored at full precision from ``state_dict`` afterwards, and step
-        counts become 0-dim float32 tensors on the param's device.
+        The whole incoming state is checked (keys, shapes, dtypes) before anything
+        changes: a failed load leaves the optimizer as it was. torch's base class casts
+        floating state to the param dtype; fp32 state of fp16/bf16 params is restored at
+        full precision afterwards, and step counts become 0-dim float32 tensors on the
+        param's device.
         """
-        # Read the fp32 values from the state dict torch actually loads: the one user
-        # pre-hooks returned. A hook registered last, just for this call, sees it.
+        # Check and read the state dict torch actually loads: the one user pre-hooks
+        # returned. A hook registered last, just for this call, sees it.
         seen = {}
 
         def capture(optimizer, final):
+            self._check_loadable(final)
             seen["state_dict"] = final
 
         handle = self.register_load_state_dict_pre_hook(capture)
@@ -192,22 +271,72 @@ class _TritonAdamBase(Optimizer):
                 continue
             src, dst = saved_state[saved_id], self.state[p]
             sdtype = _state_dtype(p.dtype)
+            lp = local_tensor(p)
+            fmt = torch.preserve_format if _is_dense(lp) else torch.contiguous_format
             for key, value in src.items():
                 if key == "step":
-                    step = float(value.item() if torch.is_tensor(value) else value)
-                    dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
-                elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+                    step = float(value.item() if isinstance(value, Tensor) else value)
+                    dst[key] = torch.tensor(step, dtype=torch.float32, device=lp.device)
+                elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
                     # Same layout as the param: the kernels index param and state alike.
-                    fresh = torch.empty_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                    want = torch.float32 if key == "master_param" else sdtype
+                    fresh = torch.empty_like(p, dtype=want, memory_format=fmt)
                     dst[key] = fresh.copy_(value)
             if not self._uses_master(p):
                 dst.pop("master_param", None)
-        self._reset_caches()
+        self._cache = None
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Every param state in ``state_dict`` is one this optimizer can step, or raise."""
+        name = type(self).__name__
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's own check raises with its message
+        saved_state = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved_group["params"]):
+                return  # torch's own check raises with its message
+            amsgrad = saved_group.get("amsgrad", group.get("amsgrad", False))
+            required = ["step", "exp_avg", self._second_key]
+            if amsgrad and self._kind == "adam":
+                required.append("max_exp_avg_sq")
+            for saved_id, p in zip(saved_group["params"], group["params"]):
+                state = saved_state.get(saved_id)
+                if not state:
+                    continue
+                missing = [k for k in required if k not in state]
+                if missing:
+                    other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
+                    hint = f" (it looks like a state dict of {other})" if other and other != name else ""
+                    raise ValueError(
+                        f"tritonadam.{name}.load_state_dict: the state of param {saved_id} lacks "
+                        f"{missing}{hint}; a {name} state has {required}"
+                    )
+                step = state["step"]
+                if isinstance(step, Tensor) and step.numel() != 1:
+                    raise ValueError(
+                        f"tritonadam.{name}.load_state_dict: state 'step' of param {saved_id} has "
+                        f"{step.numel()} elements, expected one"
+                    )
+                for key, value in state.items():
+                    if key == "step" or not isinstance(value, Tensor):
+                        continue
+                    if value.shape != p.shape:
+                        raise ValueError(
+                            f"tritonadam.{name}.load_state_dict: state {key!r} of param {saved_id} "
+                            f"has shape {tuple(value.shape)}, but the param has shape "
+                            f"{tuple(p.shape)}"
+                        )
+                    if not (value.is_floating_point() or value.is_complex()):
+                        raise ValueError(
+                            f"tritonadam.{name}.load_state_dict: state {key!r} of param {saved_id} "
+                            f"has dtype {value.dtype}, expected a floating point tensor"
+                        )
 
     # ---- step ----------------------------------------------------------------------
 
     def _validate(self, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
-        """The grad to step with (a dense copy if its layout differs), or raise."""
+        """The grad to step with, in the param's layout (a dense copy if needed), or raise."""
         name = type(self).__name__
         if g.is_sparse or g.layout != torch.strided:
             raise RuntimeError(
@@ -224,20 +353,27 @@ class _TritonAdamBase(Optimizer):
                 f"tritonadam.{name} steps float32, float16, bfloat16 and float64 params and "
                 f"grads, got param {p.dtype} with grad {g.dtype}"
             )
+        elif g.dtype not in _GRAD_DTYPES[p.dtype]:
+            allowed = ", ".join(str(d).replace("torch.", "") for d in _GRAD_DTYPES[p.dtype])
+            raise RuntimeError(
+                f"tritonadam.{name}: a {str(p.dtype).replace('torch.', '')} param steps with "
+                f"{allowed} grads, got {str(g.dtype).replace('torch.', '')}; cast the grad "
+                "(or the param) so the pair is one of README's supported dtypes"
+            )
         lp, lg = local_tensor(p), local_tensor(g)
         if lg.device != lp.device:
             raise RuntimeError(
                 f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
                 "params and their grads must be on the same device"
             )
-        if lg.shape != lp.shape:
+        if lg.shape != lp.shape or g.shape != p.shape:
             raise RuntimeError(
-                f"tritonadam.{name}: grad of shape {tuple(lg.shape)} for param of shape "
-                f"{tuple(lp.shape)}"
+                f"tritonadam.{name}: grad of shape {tuple(g.shape)} for param of shape "
+                f"{tuple(p.shape)}"
             )
-        supported = "cpu" if _interpreted() else "cuda"  # torch calls ROCm devices cuda too
+        supported = "cpu" if interpreted() else "cuda"  # torch calls ROCm devices cuda too
         if lp.device.type != supported:
-            if _interpreted():
+            if interpreted():
                 msg = (f"tritonadam.{name}: TRITON_INTERPRET=1 runs kernels on the CPU; params "
                        f"on {lp.device} need it unset")
             else:
@@ -250,11 +386,17 @@ class _TritonAdamBase(Optimizer):
                        f"supported devices: ['{supported}'] but {p.dtype} and {lp.device.type}. "
                        + msg)
             raise RuntimeError(msg)
+        for what, t in (("param", lp), ("grad", lg)):
+            if t.numel() and t.data_ptr() == 0:
+                raise RuntimeError(
+                    f"tritonadam.{name}: a {what} of shape {tuple(t.shape)} has no storage (its "
+                    "memory was freed, e.g. by `untyped_storage().resize_(0)`); step only "
+                    "tensors whose storage is allocated"
+                )
         if not _is_dense(lp):
-            # Stepped through a contiguous staging copy (see _rebuild_cache); its state is
-            # contiguous too (zeros_like/empty_like of a non-dense tensor are contiguous).
+            # Stepped through a contiguous staging copy; its state is contiguous too.
             return lg if lg.is_contiguous() else lg.contiguous()
-        if lg.stride() != lp.stride() and lp.numel() > 1:
+        if not _same_layout(lg, lp):
             return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)  # never write into .grad
         return lg
 
@@ -283,7 +425,8 @@ class _TritonAdamBase(Optimizer):
         with autograd on, so the update can be differentiated through (as in torch.optim)."""
         if not params:
             return
-        states = [self._init_state(p, group) for p in params]
+        states = [self._init_state(p, group, self._check_state(p, group, self.state.get(p, {})))
+                  for p in params]
         beta1, beta2 = group["betas"]
         common = dict(
             foreach=False, maximize=group["maximize"], differentiable=True, capturable=False,
@@ -309,99 +452,75 @@ class _TritonAdamBase(Optimizer):
                     decoupled_weight_decay=group.get("decoupled_weight_decay", False), **common,
                 )
 
-    def _hyper(self, group) -> Hyper:
-        beta1, beta2 = group["betas"]
-        return Hyper(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-            maximize=group["maximize"],
-            bias_correction=self.bias_correction,
-        )
+    def _init_group(self, index: int, group, seen: dict, pending: list, inactive: list) -> None:
+        """torch's per-group gather: validate each param with a grad and its state.
 
-    def _fast_grad_ptrs(self, index: int, group) -> list[int] | None:
-        """This step's grad pointers if the group's cache still applies, else None.
-
-        The per-step host work for a group whose params, state and grad dtypes are as
-        when the cache was built: a few C-level maps over the tensors, no Python loop
-        body per tensor (host time per step is a benchmarked figure). Anything unusual
-        (a new grad dtype, a non-contiguous or sparse grad, a grad gone or appeared, a
-        param whose storage moved) returns None and takes the validating path.
+        Appends (param, grad to step with, group index, keys to re-lay out) to ``pending``
+        and params without grads to ``inactive``; writes nothing.
         """
-        cache = self._caches.get(index)
-        params = group["params"]
-        if (
-            cache is None
-            or not cache.fast
-            or cache.generation != self._generation
-            or cache.params_list is not params
-            or cache.n_params != len(params)
-        ):
-            return None
-        grads = list(map(_GRAD, params))
-        if cache.active is not None:
-            if any(grads[i] is not None for i in cache.inactive):
-                return None
-            grads = [grads[i] for i in cache.active]
-            params = [params[i] for i in cache.active]
-        if cache.dtensor:
-            grads = list(map(local_tensor, grads))
-            params = list(map(local_tensor, params))
-        try:
-            grad_ptrs = list(map(Tensor.data_ptr, grads))
-        except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
-            return None
-        if (
-            list(map(Tensor.data_ptr, params)) != cache.param_ptrs
-            or list(map(_DTYPE, grads)) != cache.grad_dtypes
-            or not all(map(Tensor.is_contiguous, grads))
-        ):
-            return None
-        return grad_ptrs
+        for p in group["params"]:
+            if seen.setdefault(id(p), index) != index:
+                # torch's add_param_group error, for params added to groups by hand
+                raise ValueError("some parameters appear in more than one parameter group")
+            if p.grad is None:
+                inactive.append(p)
+                continue
+            grad = self._validate(p, p.grad, group.get("fused"))
+            relayout = self._check_state(p, group, self.state.get(p, {}))
+            pending.append((p, grad, index, relayout))
 
-    def _rebuild_cache(self, index, group, params, grads, active) -> list[int]:
-        """Create missing state, build the group's launch buckets; returns grad pointers."""
-        states = [self._init_state(p, group) for p in params]
-        amsgrad = group.get("amsgrad", False)
-        local_params = [local_tensor(p) for p in params]
-        # Non-dense params (strided views) are stepped in a contiguous staging copy,
-        # copied in before and back after each launch.
-        staged = [
-            (lp, torch.empty(lp.shape, dtype=lp.dtype, device=lp.device))
-            for lp in local_params
-            if not _is_dense(lp)
-        ]
-        stage_of = {id(lp): buf for lp, buf in staged}
-        kernel_params = [stage_of.get(id(lp), lp) for lp in local_params]
-        cache = build_cache(
-            [_as_real(p) for p in kernel_params],
-            [_as_real(g) for g in grads],
-            [_as_real(local_tensor(s["exp_avg"])) for s in states],
-            [_as_real(local_tensor(s[self._second_key])) for s in states],
-            [_as_real(local_tensor(s["max_exp_avg_sq"])) for s in states] if amsgrad else None,
-            [local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
-            [s["step"] for s in states],
+    def _row(self, p: Tensor, grad: Tensor, index: int, group) -> Row:
+        state = self.state[p]
+        lp = local_tensor(p)
+        staging = None if _is_dense(lp) else torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
+        general = staging is not None or not lp.is_contiguous() or grad is not local_tensor(p.grad)
+        return Row(
+            param=p, grad=grad, group=index, param_meta=_param_meta(lp),
+            exp_avg=state["exp_avg"], second=state[self._second_key], step=state["step"],
+            max_second=state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None,
+            master=state.get("master_param"),
+            general=general or not grad.is_contiguous(), staging=staging,
         )
-        cache.staged = staged
-        all_params = group["params"]
-        cache.generation = self._generation
-        cache.params_list = all_params
-        cache.n_params = len(all_params)
-        if len(active) != len(all_params):
-            cache.active = active
-            taken = set(active)
-            cache.inactive = [i for i in range(len(all_params)) if i not in taken]
-        cache.param_ptrs = [p.data_ptr() for p in local_params]
-        cache.grad_dtypes = [g.dtype for g in grads]
-        cache.dtensor = any(p is not lp for p, lp in zip(params, local_params))
-        # The fast path checks grads for contiguity only, which matches the param
-        # layout when params are contiguous too.
-        cache.fast = all(p.is_contiguous() for p in local_params)
-        self._caches[index] = cache
-        return [g.data_ptr() for g in grads]
+
+    def _build(self, groups) -> StepCache:
+        """Validate every group, then create missing state and a fresh step cache."""
+        seen: dict[int, int] = {}
+        pending: list = []
+        inactive: list = []
+        for index, group in groups:
+            self._init_group(index, group, seen, pending, inactive)
+        if len({id(p) for p, *_ in pending}) != len(pending):
+            raise ValueError(
+                f"tritonadam.{type(self).__name__}: a parameter appears more than once in a "
+                "param group; list each parameter once"
+            )
+        rows = []
+        for p, grad, index, relayout in pending:
+            group = self.param_groups[index]
+            self._init_state(p, group, relayout)
+            rows.append(self._row(p, grad, index, group))
+        lists = [g["params"] for g in self.param_groups]
+        return StepCache(self._kind, rows, lists, inactive, self.state, self._layout())
+
+    def _layout(self) -> tuple:
+        """The options that decide which tensors a param steps with (compared every step)."""
+        return self.master_weights, tuple(
+            (bool(g.get("amsgrad", False)), bool(g.get("differentiable", False)))
+            for g in self.param_groups
+        )
+
+    def _general_grads(self, cache: StepCache) -> list[Tensor] | None:
+        """This step's grads for the rows checked one by one, or None to rebuild."""
+        grads = []
+        for row in cache.general_rows:
+            g = row.param.grad
+            if g is None or _param_meta(local_tensor(row.param)) != row.param_meta:
+                return None
+            grad = self._validate(row.param, g, self.param_groups[row.group].get("fused"))
+            if grad.dtype != row.grad.dtype:
+                return None
+            grads.append(grad)
+        return grads
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -422,56 +541,34 @@ class _TritonAdamBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Validate every group before touching anything, so a bad grad anywhere leaves
-        # all params and state as they were. Each group is stepped one of three ways:
-        # "torch" (differentiable=True), "cached" (its launch cache still applies) or
-        # "build" (validated afresh; state and launch cache are (re)built).
-        work = []
-        for index, group in enumerate(self.param_groups):
-            if group.get("differentiable", False):
-                work.append(("torch", index, group, self._torch_inputs(group)))
-                continue
-            grad_ptrs = self._fast_grad_ptrs(index, group)
-            if grad_ptrs is not None:
-                work.append(("cached", index, group, grad_ptrs))
-                continue
-            params, grads, active = [], [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    grads.append(self._validate(p, p.grad, group.get("fused")))
-                    params.append(p)
-                    active.append(i)
-            work.append(("build", index, group, (params, grads, active)))
+        # Check everything before writing anything, so a bad value or grad anywhere leaves
+        # every param and state as it was: group values, then the tensors (through the
+        # cache's per-step check, or full validation when the cache no longer applies).
+        kernel_groups = [(i, g) for i, g in enumerate(self.param_groups) if not g.get("differentiable")]
+        hypers = [group_hyper(g, self._kind, self.bias_correction) for g in self.param_groups]
+        torch_work = [(g, self._torch_inputs(g)) for g in self.param_groups if g.get("differentiable")]
+        cache = self._cache
+        ptrs = general = None
+        if cache is not None:
+            ptrs = cache.check(self.param_groups, self.state, self._layout())
+            if ptrs is not None:
+                general = self._general_grads(cache)
+        if ptrs is None or general is None:
+            self._cache = None
+            cache = self._build(kernel_groups)
+            self._cache = cache
+            ptrs, general = cache.fast_grad_ptrs(), [r.grad for r in cache.general_rows]
 
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for how, index, group, inputs in work:
-            if how == "torch":
-                self._torch_step(group, *inputs)
-                continue
-            if how == "build":
-                if not inputs[0]:
-                    self._caches.pop(index, None)
-                    continue
-                grad_ptrs = self._rebuild_cache(index, group, *inputs)
-            else:
-                grad_ptrs = inputs
-            cache = self._caches[index]
-            for lp, buf in cache.staged:
-                buf.copy_(lp)
-            cache.run(
-                self._kind,
-                grad_ptrs,
-                self._hyper(group),
-                block_size=self.block_size,
-                num_warps=self.num_warps,
-                autotune_mode=self.autotune,
-                persistent=self.persistent,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            )
-            for lp, buf in cache.staged:
-                lp.copy_(buf)
+        for group, inputs in torch_work:
+            self._torch_step(group, *inputs)
+        if cache.empty:
+            return loss
+        cache.launch(
+            ptrs, general, self.param_groups, hypers,
+            block_size=self.block_size, num_warps=self.num_warps, autotune_mode=self.autotune,
+            persistent=self.persistent, grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
         return loss
 
 

@@ -101,18 +101,20 @@ class DeviceInfo:
 
 # --- the search space -----------------------------------------------------------------
 
-# A block is at least 512 elements: below that a program moves too few bytes to cover its
-# launch and scheduling cost on any GPU we target. 16384 is where registers per thread start
-# to bite at 1-2 warps, and larger blocks only shrink the grid further.
-BLOCK_SIZES = tuple(2**k for k in range(9, 15))  # 512 .. 16384
-# Elements per thread: >= 4 so an fp32 thread can issue one 16-byte vector load; <= 64 so a
-# thread's live registers for p, g, m, v (and master) stay well below spilling.
-MIN_ELEMS_PER_THREAD = 4
-MAX_ELEMS_PER_THREAD = 64
+# From what ptxas reports for the update kernel (tests/aot_compile_variants.py, sm_80 and
+# sm_90; docs/performance.md): at 4 to 16 elements per thread every variant compiles
+# without spills (bf16 + master + AMSGrad: 52-126 registers); at 32 the fp32 variants need
+# 166-233 registers (8-12 resident warps), at 64 all of them spill. Programs of 16 warps
+# are capped at 128 registers and spill fp64 at 16 elements per thread, with nothing to
+# gain for a streaming kernel over 8 warps. A block is at least 512 elements: below that a
+# program moves too few bytes to cover its scheduling cost.
+BLOCK_SIZES = tuple(2**k for k in range(9, 13))  # 512 .. 4096
+MIN_ELEMS_PER_THREAD = 4  # one 16-byte vector of fp32 per thread and array
+MAX_ELEMS_PER_THREAD = 16
 
 _BACKENDS = {
     # NVIDIA: 32-thread warps, up to 1024 threads per program.
-    "cuda": {"warp_size": 32, "num_warps": (1, 2, 4, 8, 16)},
+    "cuda": {"warp_size": 32, "num_warps": (1, 2, 4, 8)},
     # AMD: 64-thread wavefronts; more than 8 wavefronts per program rarely helps an
     # elementwise kernel and halves occupancy on CDNA, so the list stops at 8.
     "hip": {"warp_size": 64, "num_warps": (1, 2, 4, 8)},
@@ -120,7 +122,7 @@ _BACKENDS = {
 
 # Bump when the pruning or ordering rules change: it is part of the cache file identity,
 # because a different rule could have produced a different choice.
-RULES_VERSION = 1
+RULES_VERSION = 2
 
 # Buckets are powers of two of the launch's element count, clamped: below 2**12 every config
 # costs one launch latency, and from 2**27 up (128M elements, >2 GiB of optimizer traffic) the
@@ -276,12 +278,15 @@ class DefaultRow:
 # The interpreter costs ~1-2 ms per program whatever the block size (measured on CPU,
 # DESIGN.md section 2), so CPU runs use few large programs.
 INTERPRETER_DEFAULT = LaunchConfig(block_size=16384, num_warps=4)
-GPU_DEFAULT = LaunchConfig(block_size=4096, num_warps=8)
-_HIP_DEFAULT = LaunchConfig(block_size=4096, num_warps=4)
+# 4 elements per thread: at most 52 registers for every variant but fp64 (ptxas, sm_80 and
+# sm_90), so at least 32 warps stay resident per SM to cover memory latency; the tuner
+# may trade occupancy for fewer, larger programs where that measures faster.
+GPU_DEFAULT = LaunchConfig(block_size=1024, num_warps=8)
+_HIP_DEFAULT = LaunchConfig(block_size=2048, num_warps=4)
 
 _UNMEASURED = (
-    "unmeasured default: no GPU measurement yet; 16 fp32 elements per thread "
-    "(4 x 16-byte vectors) and enough programs to fill the GPU from ~1M elements"
+    "unmeasured default: no GPU measurement yet; chosen from the compiler's report "
+    "(4 elements per thread, >= 32 resident warps per SM for every non-fp64 variant)"
 )
 
 # No row has been measured yet, so none carries provenance. A measured row looks like

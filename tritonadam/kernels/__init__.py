@@ -1,17 +1,18 @@
-"""The @triton.jit optimizer kernels and their launchers.
+"""The @triton.jit optimizer kernels, their device tables and launchers.
 
 Lives inside the package (``tritonadam.kernels``) rather than as a top-level ``kernels``
 import package, which would collide with the PyPI package of that name.
 """
-from .launch import KERNELS, Hyper, launch, launch_counts
-from .plan import Bucket, build_bucket
+from .launch import TL_DTYPES, device_guard, launch_counts, launch_prepare, launch_update
+from .plan import Bucket, BucketKey, DeviceTables
 from .scratch import autotune_key, bytes_per_elem, make_scratch_runner, variant_key
 
-# The kernels take LaunchConfig.persistent: the autotuner may time persistent grids too.
+# The update kernel takes LaunchConfig.persistent: the autotuner may time persistent grids.
 ALLOW_PERSISTENT = True
 
 __all__ = [
-    "ALLOW_PERSISTENT",
-    "KERNELS", "Hyper", "Bucket", "build_bucket", "launch", "launch_counts",
+    "ALLOW_PERSISTENT", "TL_DTYPES",
+    "Bucket", "BucketKey", "DeviceTables",
+    "device_guard", "launch_counts", "launch_prepare", "launch_update",
     "autotune_key", "bytes_per_elem", "make_scratch_runner", "variant_key",
 ]

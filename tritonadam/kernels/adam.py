@@ -1,23 +1,53 @@
-"""Adam / AdamW (L2 or decoupled weight decay, AMSGrad, maximize, master weights)."""
+"""The update kernel of Adam, AdamW and AdaMax: one source, variants as constexpr flags.
+
+One launch steps every tensor of a bucket (same device, param dtype, grad dtype and state
+layout) whatever param group it belongs to: per-tensor scalars (hyper-parameters, bias
+corrections, grad multiplier) come from the scalar table the prepare kernel fills, so
+groups differ in data, not in code.
+"""
 import triton
 import triton.language as tl
 
-from .common import (
+from .layout import (
+    BLOCK_INDEX_BITS,
+    BLOCK_INDEX_MASK,
     COL_EXP_AVG,
     COL_MASTER,
-    COL_MAX_EXP_AVG_SQ,
+    COL_MAX,
+    COL_NUMEL,
     COL_PARAM,
-    COL_STATE2,
-    begin_step,
-    end_step,
-    ieee_div,
-    ieee_sqrt,
-    load_ptr,
-    load_hyper,
-    locate_block,
-    one_minus_pow,
+    COL_SECOND,
+    S_BC2_SQRT,
+    S_BETA2,
+    S_DECAY,
+    S_EPS,
+    S_GMUL,
+    S_STEP_SIZE,
+    S_W1,
+    S_W2,
+    S_WD,
+    SCALAR_COLUMNS,
+    TABLE_COLUMNS,
 )
 from .rounding import round_to
+
+
+@triton.jit
+def ieee_div(a, b):
+    # '/' is approximate for fp32 on NVIDIA GPUs; div_rn is IEEE like torch's kernels.
+    # fp64 '/' is IEEE already (and has no _rn form).
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def ieee_sqrt(x):
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit
@@ -28,165 +58,158 @@ def lerp(start, end, weight):
 
 
 @triton.jit
-def _adam_block(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask,
-    lr, w1, beta2, w2, eps, weight_decay, inv_scale, step_size, bc2_sqrt,
-    P_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
-    HAS_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
+def _scalar(srow, COL: tl.constexpr, CDTYPE: tl.constexpr):
+    return tl.load(srow + COL).to(CDTYPE)
+
+
+@triton.jit
+def _update(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow,
+    CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
+    AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    COUPLED_WD: tl.constexpr,
 ):
-    g = tl.load(g_ptr + offs, mask=mask).to(CDTYPE)
-    if HAS_GRAD_SCALE:
-        g = g * inv_scale
+    # Data loads first: the scalars below come from one row already in flight, and
+    # nothing the loads need waits on arithmetic.
+    g = tl.load(g_ptr + offs, mask=mask)
     if MASTER:
         p = tl.load(w_ptr + offs, mask=mask)
     else:
-        p = tl.load(p_ptr + offs, mask=mask).to(CDTYPE)
+        p = tl.load(p_ptr + offs, mask=mask)
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
-    if MAXIMIZE:
-        g = -g
-    if HAS_WD:
-        if DECOUPLED_WD:
-            p = p * (1.0 - lr * weight_decay)
-        else:
-            g = g + weight_decay * p
-    m = lerp(m, g, w1)
-    v = v * beta2 + w2 * g * g
     if AMSGRAD:
-        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(vmax_ptr + offs, vmax, mask=mask)
-        vhat = vmax
+        vmax = tl.load(vmax_ptr + offs, mask=mask)
+
+    g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
+    p = p.to(CDTYPE)
+    w1 = _scalar(srow, S_W1, CDTYPE)
+    beta2 = _scalar(srow, S_BETA2, CDTYPE)
+    eps = _scalar(srow, S_EPS, CDTYPE)
+    step_size = _scalar(srow, S_STEP_SIZE, CDTYPE)
+    if DECOUPLED_WD:
+        p = p * _scalar(srow, S_DECAY, CDTYPE)
+    if COUPLED_WD:
+        g = g + _scalar(srow, S_WD, CDTYPE) * p
+    m = lerp(m, g, w1)
+    if ADAMAX:
+        # torch takes amax over (u * beta2, |g| + eps), which propagates NaN.
+        v = tl.maximum(v * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
+        p = p - ieee_div(step_size * m, v)
     else:
+        v = v * beta2 + _scalar(srow, S_W2, CDTYPE) * g * g
         vhat = v
-    # IEEE sqrt and division (the GPU default for '/' and tl.sqrt is approximate) so the
-    # step follows torch's op sequence: denom = sqrt(v) / sqrt(bc2) + eps.
-    denom = ieee_sqrt(vhat)
-    if BIAS_CORRECTION:
-        denom = ieee_div(denom, bc2_sqrt)
-    denom = denom + eps
-    p = p - ieee_div(step_size * m, denom)
+        if AMSGRAD:
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            vhat = vmax
+        # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
+        denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
+        p = p - ieee_div(step_size * m, denom)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, vmax, mask=mask)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
     tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
 
 
 @triton.jit
-def _adam_program(
-    pid,
-    table_ptr, grads_ptr, block_map_ptr, counters_ptr,
-    lr_hi, lr_lo, lr_ptr,
-    beta1_ptr,
-    beta2_hi, beta2_lo, beta2_ptr,
-    w1_hi, w1_lo, w2_hi, w2_lo,
-    log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
-    eps_hi, eps_lo, wd_hi, wd_lo,
-    grad_scale_ptr, found_inf_ptr,
+def _hinted(addr, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), ALIGN)
+
+
+@triton.jit
+def _program(
+    pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, BETAS_ARE_TENSORS: tl.constexpr,
-    HAS_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
 ):
-    t, row, numel, start = locate_block(table_ptr, block_map_ptr, pid, BLOCK)
-    step_ptr, step, skip = begin_step(row, found_inf_ptr, HAS_FOUND_INF)
-    if not skip:
-        lr, beta2, w1, w2, log_beta1, log_beta2, eps, weight_decay, inv_scale = load_hyper(
-            lr_hi, lr_lo, lr_ptr, beta1_ptr, beta2_hi, beta2_lo, beta2_ptr,
-            w1_hi, w1_lo, w2_hi, w2_lo, log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
-            eps_hi, eps_lo, wd_hi, wd_lo, grad_scale_ptr,
-            LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_GRAD_SCALE, CDTYPE,
+    # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
+    # scalar row), all three addressed by the row index.
+    entry = tl.load(block_map_ptr + pid)
+    t = entry >> BLOCK_INDEX_BITS
+    row = table_ptr + t * TABLE_COLUMNS
+    srow = scalars_ptr + t * SCALAR_COLUMNS
+    g_addr = tl.load(grads_ptr + t)
+    p_addr = tl.load(row + COL_PARAM)
+    m_addr = tl.load(row + COL_EXP_AVG)
+    v_addr = tl.load(row + COL_SECOND)
+    x_addr = tl.load(row + COL_MAX) if AMSGRAD else p_addr
+    w_addr = tl.load(row + COL_MASTER) if MASTER else p_addr
+    numel = tl.load(row + COL_NUMEL)
+    # int64: tensors beyond 2**31 elements index correctly.
+    start = (entry & BLOCK_INDEX_MASK) * BLOCK
+    # Offsets within the block stay int32; the block's start goes into the pointers.
+    offs = tl.arange(0, BLOCK)
+    aligned = ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0
+    if aligned & (start + BLOCK <= numel):
+        # Full, 16-byte-aligned block: unmasked, with alignment hints (a pointer read from
+        # memory has none, and without them sm_90 gets 4-byte accesses). Every array is
+        # hinted to the same 4 elements per access, 16 bytes for fp32 state and 8 for
+        # fp16/bf16 params and grads, so all share one register layout: wider 2-byte
+        # accesses would put every fp32 array through shared memory to change layouts.
+        # Each pointer is cast here, not reused from outside the branch: triton 3.6
+        # merges identical int-to-pointer casts and the hint on the shared one is lost.
+        _update(
+            _hinted(p_addr, P_DTYPE, 4 * P_DTYPE.primitive_bitwidth // 8) + start,
+            _hinted(g_addr, G_DTYPE, 4 * G_DTYPE.primitive_bitwidth // 8) + start,
+            _hinted(m_addr, CDTYPE, 16) + start,
+            _hinted(v_addr, CDTYPE, 16) + start,
+            _hinted(x_addr, CDTYPE, 16) + start,
+            _hinted(w_addr, CDTYPE, 16) + start,
+            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow,
+            CDTYPE, P_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
         )
-        if BIAS_CORRECTION:
-            cstep = step.to(CDTYPE)
-            step_size = ieee_div(lr, one_minus_pow(log_beta1, cstep))
-            bc2_sqrt = ieee_sqrt(one_minus_pow(log_beta2, cstep))
-        else:
-            step_size = lr
-            bc2_sqrt = lr  # unused
-
-        p_addr, p_ptr = load_ptr(row, COL_PARAM, P_DTYPE)
-        m_addr, m_ptr = load_ptr(row, COL_EXP_AVG, CDTYPE)
-        v_addr, v_ptr = load_ptr(row, COL_STATE2, CDTYPE)
-        vmax_addr, vmax_ptr = load_ptr(row, COL_MAX_EXP_AVG_SQ, CDTYPE)
-        w_addr, w_ptr = load_ptr(row, COL_MASTER, CDTYPE)
-        g_addr = tl.load(grads_ptr + t)
-        g_ptr = g_addr.to(tl.pointer_type(G_DTYPE))
-        offs = start + tl.arange(0, BLOCK)
-        aligned = ((p_addr | g_addr | m_addr | v_addr | vmax_addr | w_addr) & 15) == 0
-        if aligned & (start + BLOCK <= numel):
-            # Fast path: the compiler cannot know the alignment of a pointer read from
-            # memory; without these hints sm_90 gets 4-byte scalar accesses, with them
-            # 16-byte vector ones (DESIGN.md section 2). Each pointer is cast here, not
-            # reused from outside the branch: triton 3.6 merges identical int-to-pointer
-            # casts and the hint on the shared one is lost (checked in test_aot.py).
-            _adam_block(
-                tl.multiple_of(p_addr.to(tl.pointer_type(P_DTYPE)), 16),
-                tl.multiple_of(g_addr.to(tl.pointer_type(G_DTYPE)), 16),
-                tl.multiple_of(m_addr.to(tl.pointer_type(CDTYPE)), 16),
-                tl.multiple_of(v_addr.to(tl.pointer_type(CDTYPE)), 16),
-                tl.multiple_of(vmax_addr.to(tl.pointer_type(CDTYPE)), 16),
-                tl.multiple_of(w_addr.to(tl.pointer_type(CDTYPE)), 16),
-                tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None,
-                lr, w1, beta2, w2, eps, weight_decay, inv_scale, step_size, bc2_sqrt,
-                P_DTYPE, CDTYPE, HAS_WD, DECOUPLED_WD, AMSGRAD, MAXIMIZE, MASTER,
-                HAS_GRAD_SCALE, BIAS_CORRECTION,
+    else:
+        # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
+        # one element per thread so this path needs fewer registers than the full one
+        # (masked accesses are scalar whatever the block, and every element would hold
+        # its own address and predicate).
+        left = tl.minimum(numel - start, BLOCK).to(tl.int32)
+        sub = tl.arange(0, SUB)
+        first = 0
+        while first < left:
+            _update(
+                p_addr.to(tl.pointer_type(P_DTYPE)) + start + first,
+                g_addr.to(tl.pointer_type(G_DTYPE)) + start + first,
+                m_addr.to(tl.pointer_type(CDTYPE)) + start + first,
+                v_addr.to(tl.pointer_type(CDTYPE)) + start + first,
+                x_addr.to(tl.pointer_type(CDTYPE)) + start + first,
+                w_addr.to(tl.pointer_type(CDTYPE)) + start + first,
+                sub, sub < left - first, srow,
+                CDTYPE, P_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
             )
-        else:
-            _adam_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, offs < numel,
-                lr, w1, beta2, w2, eps, weight_decay, inv_scale, step_size, bc2_sqrt,
-                P_DTYPE, CDTYPE, HAS_WD, DECOUPLED_WD, AMSGRAD, MAXIMIZE, MASTER,
-                HAS_GRAD_SCALE, BIAS_CORRECTION,
-            )
-        end_step(step_ptr, step, counters_ptr, t, numel, BLOCK)
+            first += SUB
 
 
-# num_blocks changes with the model: no recompiles for its value (1, multiple of 16).
+# num_blocks changes with the model: no recompiles for its value.
 @triton.jit(do_not_specialize=["num_blocks"])
 def _adam_kernel(
-    table_ptr, grads_ptr, block_map_ptr, counters_ptr,
-    lr_hi, lr_lo, lr_ptr,
-    beta1_ptr,
-    beta2_hi, beta2_lo, beta2_ptr,
-    w1_hi, w1_lo, w2_hi, w2_lo,
-    log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo,
-    eps_hi, eps_lo, wd_hi, wd_lo,
-    grad_scale_ptr, found_inf_ptr,
+    table_ptr, grads_ptr, scalars_ptr, block_map_ptr, found_inf_ptr, num_blocks,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, BETAS_ARE_TENSORS: tl.constexpr,
-    HAS_WD: tl.constexpr, DECOUPLED_WD: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    num_blocks, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
+    ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    PERSISTENT: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
 ):
-    if PERSISTENT:
-        # A grid of a few programs per SM, each looping over blocks: amortizes the
-        # per-program prologue; the autotuner decides whether it pays on a GPU. A while
-        # loop: triton 3.6's interpreter cannot take range() bounds from program_id.
-        pid = tl.program_id(0)
-        while pid < num_blocks:
-            _adam_program(
-                pid,
-                table_ptr, grads_ptr, block_map_ptr, counters_ptr, lr_hi, lr_lo, lr_ptr,
-                beta1_ptr, beta2_hi, beta2_lo, beta2_ptr, w1_hi, w1_lo, w2_hi, w2_lo,
-                log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, eps_hi, eps_lo,
-                wd_hi, wd_lo, grad_scale_ptr, found_inf_ptr, P_DTYPE, G_DTYPE, CDTYPE,
-                LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_WD, DECOUPLED_WD, AMSGRAD,
-                MAXIMIZE, MASTER, BIAS_CORRECTION, HAS_GRAD_SCALE, HAS_FOUND_INF, BLOCK,
-            )
-            pid += tl.num_programs(0)
-    else:
-        _adam_program(
-            tl.program_id(0),
-            table_ptr, grads_ptr, block_map_ptr, counters_ptr, lr_hi, lr_lo, lr_ptr,
-            beta1_ptr, beta2_hi, beta2_lo, beta2_ptr, w1_hi, w1_lo, w2_hi, w2_lo,
-            log_beta1_hi, log_beta1_lo, log_beta2_hi, log_beta2_lo, eps_hi, eps_lo,
-            wd_hi, wd_lo, grad_scale_ptr, found_inf_ptr, P_DTYPE, G_DTYPE, CDTYPE,
-            LR_IS_TENSOR, BETAS_ARE_TENSORS, HAS_WD, DECOUPLED_WD, AMSGRAD,
-            MAXIMIZE, MASTER, BIAS_CORRECTION, HAS_GRAD_SCALE, HAS_FOUND_INF, BLOCK,
-        )
+    skip = False
+    if HAS_FOUND_INF:
+        # GradScaler found inf/NaN in some grad: the whole step is skipped on the device
+        # (the prepare kernel leaves step counts alone too), with no host sync.
+        skip = tl.load(found_inf_ptr) != 0
+    if not skip:
+        if PERSISTENT:
+            # A few programs per SM looping over the blocks. A while loop: triton 3.6's
+            # interpreter takes no range() bounds from program_id.
+            pid = tl.program_id(0)
+            while pid < num_blocks:
+                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
+                         G_DTYPE, CDTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
+                         BLOCK, SUB)
+                pid += tl.num_programs(0)
+        else:
+            _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
+                     P_DTYPE, G_DTYPE, CDTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
+                     COUPLED_WD, BLOCK, SUB)

@@ -1,8 +1,12 @@
-"""Ahead-of-time compilation of kernel variants for a GPU target, with no GPU present.
+"""Ahead-of-time compilation of the kernels for a GPU target, with no GPU present.
 
-Used by the tests as a CPU-side check of code quality (every variant compiles for sm_80
-and sm_90, the aligned path uses 16-byte accesses, nothing spills) and handy for
-inspecting PTX: ``compile_variant("adam", arch=90, P_DTYPE=torch.bfloat16).asm["ptx"]``.
+The tests use it as a CPU-side check of code quality (every variant compiles for sm_80
+and sm_90, the full-block path uses 16-byte accesses, nothing spills, no ordered atomics
+or fences in the update kernel, registers within bounds), and it is how the candidate
+launch configs were derived. Handy for reading PTX:
+``compile_update(arch=90, P_DTYPE=torch.bfloat16).asm["ptx"]``.
+
+Needs compiled (not interpreted) kernels: run it in a process without ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 
@@ -16,79 +20,86 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .launch import _TL, KERNELS
+from .launch import TL_DTYPES, update_constexprs
+from .adam import _adam_kernel
+from .prepare import _prepare_kernel
 
-_POINTER_ARGS = {
+_POINTERS = {
     "table_ptr": "*i64",
     "grads_ptr": "*i64",
-    "block_map_ptr": "*i32",
-    "counters_ptr": "*i32",
-    "lr_ptr": "*fp32",
-    "beta1_ptr": "*fp32",
-    "beta2_ptr": "*fp32",
-    "grad_scale_ptr": "*fp32",
+    "scalars_ptr": "*fp64",
+    "block_map_ptr": "*i64",
     "found_inf_ptr": "*fp32",
-}
-
-DEFAULT_FLAGS = {
-    "P_DTYPE": torch.float32,
-    "G_DTYPE": None,  # same as P_DTYPE
-    "LR_IS_TENSOR": False,
-    "BETAS_ARE_TENSORS": False,
-    "HAS_WD": True,
-    "DECOUPLED_WD": False,
-    "AMSGRAD": False,
-    "MAXIMIZE": False,
-    "MASTER": False,
-    "BIAS_CORRECTION": True,
-    "HAS_GRAD_SCALE": False,
-    "HAS_FOUND_INF": False,
-    "PERSISTENT": False,
-    "BLOCK": 4096,
+    "grad_scale_ptr": "*fp32",
+    "group_of_ptr": "*i32",
+    "groups_ptr": "*fp64",
+    "group_ptrs_ptr": "*i64",
 }
 
 
-def compile_variant(kind: str, arch: int = 90, num_warps: int = 8, **flags):
-    """Compile one kernel variant for ``cuda:sm_<arch>``; returns Triton's compiled kernel."""
-    kernel = KERNELS[kind]
+def _compile(kernel, constexprs: dict, arch: int, num_warps: int):
     if not hasattr(kernel, "params"):
         raise RuntimeError(
             "ahead-of-time compilation needs compiled kernels: run without TRITON_INTERPRET=1"
         )
-    values = {**DEFAULT_FLAGS, **flags}
-    if values["G_DTYPE"] is None:
-        values["G_DTYPE"] = values["P_DTYPE"]
-    cdtype = torch.float64 if values["P_DTYPE"] == torch.float64 else torch.float32
-    constexprs = {
-        name: (_TL[v] if isinstance(v, torch.dtype) else v) for name, v in values.items()
-    }
-    constexprs["CDTYPE"] = _TL[cdtype]
     names = list(kernel.arg_names)
     signature = {}
     for param in kernel.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
         else:
-            signature[param.name] = _POINTER_ARGS.get(param.name, "i32" if param.name == "num_blocks" else "fp32")
+            signature[param.name] = _POINTERS.get(param.name, "i32")
     source = ASTSource(
         fn=kernel,
         signature=signature,
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
     )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
+                   param_dtype=torch.float32, grad_dtype=None, **flags):
+    """Compile one variant of the update kernel for ``cuda:sm_<arch>``.
+
+    ``flags``: the launcher's variant flags (``adamax``, ``amsgrad``, ``master``,
+    ``decoupled_wd``, ``coupled_wd``, ``found_inf``, ``persistent``).
+    """
+    constexprs = update_constexprs(param_dtype, grad_dtype or param_dtype,
+                                   block_size=block_size, num_warps=num_warps, **flags)
+    return _compile(_adam_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
+
+
+def compile_prepare(arch: int = 90, num_warps: int = 4, block: int = 256, **flags):
+    constexprs = {"HAS_GRAD_SCALE": False, "HAS_FOUND_INF": False, "LR_TENSORS": False,
+                  "BETA_TENSORS": False, "BLOCK": block, **flags}
+    return _compile(_prepare_kernel, constexprs, arch, num_warps)
+
+
+def _tl(value):
+    return TL_DTYPES[value] if isinstance(value, torch.dtype) else value
 
 
 def global_access_widths(ptx: str) -> dict[str, dict[int, int]]:
-    """Count global loads and stores in PTX by access width in bytes."""
+    """Global loads and stores in PTX, counted by access width in bytes."""
     widths = {"ld": {}, "st": {}}
-    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+    for op, vec, bits in re.findall(r"\b(ld|st)\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
         nbytes = int(vec or 1) * int(bits) // 8
         widths[op][nbytes] = widths[op].get(nbytes, 0) + 1
     return widths
 
 
-def ptxas_spills(ptx: str, arch: int) -> tuple[int, int]:
-    """(spill store bytes, spill load bytes) that ptxas reports for ``ptx``."""
+def ordering_ops(ptx: str) -> list[str]:
+    """Atomics with acquire/release order, fences and barriers across the GPU in PTX."""
+    return re.findall(r"\b(?:atom|red)\.[^\s;]*(?:acq|rel|sc)[^\s;]*|\bfence\.[^\s;]+|\bmembar\.[^\s;]+", ptx)
+
+
+def shared_memory_ops(ptx: str) -> int:
+    return len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
+
+
+def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, spill bytes and shared memory that ``ptxas -v`` reports for ``ptx``."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(arch).path  # the ptxas Triton itself uses for this PTX version
@@ -101,7 +112,23 @@ def ptxas_spills(ptx: str, arch: int) -> tuple[int, int]:
             [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True, text=True, check=True,
         )
-    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr + out.stdout)
-    if not found:
-        raise RuntimeError(f"no spill report from ptxas:\n{out.stderr}")
-    return sum(int(s) for s, _ in found), sum(int(l) for _, l in found)
+    text = out.stderr + out.stdout
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    smem = re.findall(r"(\d+) bytes smem", text)
+    if not regs or not spills:
+        raise RuntimeError(f"no register report from ptxas:\n{text}")
+    return {
+        "registers": max(int(r) for r in regs),
+        "spill_stores": sum(int(s) for s, _ in spills),
+        "spill_loads": sum(int(l) for _, l in spills),
+        "shared_bytes": max((int(s) for s in smem), default=0),
+    }
+
+
+def resident_warps(registers: int, num_warps: int) -> int:
+    """Warps per SM that fit on sm_80/sm_90: 64K registers per SM, allocated per warp in
+    units of 256; at most 64 warps and 32 programs per SM (shared memory is unused)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    programs = min(65536 // (per_warp * num_warps), 64 // num_warps, 32)
+    return programs * num_warps

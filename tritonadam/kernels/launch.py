@@ -1,66 +1,58 @@
-"""Plain launchers: tensors and scalars in, one kernel launch per bucket out.
+"""Plain launchers: device tables and flags in, kernel launches out.
 
-Nothing here touches optimizer state dicts; ``tritonadam.functional`` builds the buckets.
+Nothing here touches optimizer state dicts; ``tritonadam.step_cache`` builds the tables.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import contextlib
 
-import numpy as np
 import torch
+import triton
 import triton.language as tl
 
 from .adam import _adam_kernel
-from .adamax import _adamax_kernel
-from .plan import Bucket
+from .plan import Bucket, DeviceTables
+from .prepare import _prepare_kernel
 
-KERNELS = {"adam": _adam_kernel, "adamax": _adamax_kernel}
-
-_TL = {
+TL_DTYPES = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
 
-# Launches issued by this process, per kernel name: lets tests and the bench check that
-# launches per step do not grow with the number of tensors.
-launch_counts = {"adam": 0, "adamax": 0}
+# Kernel launches issued by this process, per kernel: tests and the bench check that
+# launches per step do not grow with the number of tensors or param groups.
+launch_counts = {"prepare": 0, "update": 0}
 
+# Tensors per program of the prepare kernel: a step touches each tensor's scalars once.
+PREPARE_BLOCK = 256
 
-@dataclass(frozen=True)
-class Hyper:
-    """One step's hyper-parameters; lr and betas may be 1-element tensors.
-
-    AMSGrad is not here: whether a bucket has a max_exp_avg_sq table decides it.
-    """
-
-    lr: float | torch.Tensor
-    beta1: float | torch.Tensor
-    beta2: float | torch.Tensor
-    eps: float
-    weight_decay: float
-    decoupled_weight_decay: bool = False
-    maximize: bool = False
-    bias_correction: bool = True
-
-
-def _split(x: float, fp64: bool) -> tuple[float, float]:
-    # Triton passes Python floats as fp32; fp64 steps get the rounding error as a 2nd fp32.
-    hi = float(np.float32(x))
-    return (hi, float(np.float32(x - hi))) if fp64 else (hi, 0.0)
-
-
-def _log(beta: float) -> float:
-    return math.log(beta) if beta > 0 else -math.inf
-
+# Elements per thread per iteration of the masked path (tails, misaligned tensors).
+TAIL_ELEMS_PER_THREAD = 1
 
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
 
-def _persistent_programs(device: torch.device) -> int:
+def tail_sub_block(block_size: int, num_warps: int) -> int:
+    """Elements per iteration of the masked path. The interpreter pays per iteration, not
+    per register, so it takes a quarter block (still looping, so the loop is tested)."""
+    if interpreted():
+        return max(block_size // 4, 1)
+    return min(block_size, 32 * num_warps * TAIL_ELEMS_PER_THREAD)
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter.
+
+    Triton decides when a kernel is decorated, so ask the kernel itself: setting
+    TRITON_INTERPRET after import has no effect.
+    """
+    return type(_adam_kernel).__name__ == "InterpretedFunction"
+
+
+def persistent_programs(device: torch.device) -> int:
     """Programs in a persistent grid: a few per SM (2 on the CPU interpreter, for tests)."""
     if device.type != "cuda":
         return 2
@@ -70,84 +62,70 @@ def _persistent_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * count
 
 
-def _on(device: torch.device, t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or t.device == device:
-        return t
-    return t.to(device, non_blocking=True)
+def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, adamax=False, amsgrad=False,
+                      master=False, decoupled_wd=False, coupled_wd=False, found_inf=False,
+                      persistent=False) -> dict:
+    """The update kernel's constexpr arguments for one variant (torch dtypes as given)."""
+    return {
+        "P_DTYPE": param_dtype,
+        "G_DTYPE": grad_dtype,
+        "CDTYPE": torch.float64 if param_dtype == torch.float64 else torch.float32,
+        "ADAMAX": adamax,
+        "AMSGRAD": amsgrad and not adamax,
+        "MASTER": master,
+        "DECOUPLED_WD": decoupled_wd,
+        "COUPLED_WD": coupled_wd,
+        "HAS_FOUND_INF": found_inf,
+        "PERSISTENT": persistent,
+        "BLOCK": block_size,
+        "SUB": tail_sub_block(block_size, num_warps),
+    }
 
 
-def launch(
-    kind: str,
-    bucket: Bucket,
-    hyper: Hyper,
-    *,
-    block_size: int,
-    num_warps: int,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    persistent: bool = False,
-    count: bool = True,
-) -> None:
-    """Step every tensor of ``bucket`` with one launch of the ``kind`` kernel.
-
-    ``persistent``: a grid of a few programs per SM looping over the blocks, instead of one
-    program per block.
-    """
-    device = bucket.device
+def device_guard(device: torch.device):
+    """Triton launches on the current device: switch to the tables' GPU if it is not."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        # Triton launches on the current device and stream: switch for buckets on another GPU.
-        with torch.cuda.device(device):
-            return launch(kind, bucket, hyper, block_size=block_size, num_warps=num_warps,
-                          grad_scale=grad_scale, found_inf=found_inf, persistent=persistent,
-                          count=count)
-    fp64 = bucket.compute_dtype == torch.float64
-    bucket.set_block_size(block_size)
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
-    lr_is_tensor = isinstance(hyper.lr, torch.Tensor)
-    betas_are_tensors = isinstance(hyper.beta1, torch.Tensor)
-    if lr_is_tensor:
-        lr_t = _on(device, hyper.lr)
-        lr = (0.0, 0.0)
-    else:
-        lr_t = bucket.table
-        lr = _split(hyper.lr, fp64)
-    if betas_are_tensors:
-        b1_t, b2_t = _on(device, hyper.beta1), _on(device, hyper.beta2)
-        b2 = w1 = w2 = lb1 = lb2 = (0.0, 0.0)
-    else:
-        b1_t = b2_t = bucket.table
-        beta1, beta2 = float(hyper.beta1), float(hyper.beta2)
-        b2 = _split(beta2, fp64)  # beta1 enters only as 1 - beta1 and log(beta1)
-        w1, w2 = _split(1.0 - beta1, fp64), _split(1.0 - beta2, fp64)
-        lb1, lb2 = _split(_log(beta1), fp64), _split(_log(beta2), fp64)
-    eps = _split(hyper.eps, fp64)
-    wd = _split(hyper.weight_decay, fp64)
-    grad_scale = _on(device, grad_scale)
-    found_inf = _on(device, found_inf)
 
-    programs = min(bucket.num_blocks, _persistent_programs(device)) if persistent else bucket.num_blocks
-    KERNELS[kind][(programs,)](
-        bucket.table, bucket.grads, bucket.block_map, bucket.counters,
-        *lr, lr_t, b1_t, *b2, b2_t, *w1, *w2, *lb1, *lb2, *eps, *wd,
-        grad_scale if grad_scale is not None else bucket.table,
-        found_inf if found_inf is not None else bucket.table,
-        P_DTYPE=_TL[bucket.param_dtype],
-        G_DTYPE=_TL[bucket.grad_dtype],
-        CDTYPE=_TL[bucket.compute_dtype],
-        LR_IS_TENSOR=lr_is_tensor,
-        BETAS_ARE_TENSORS=betas_are_tensors,
-        HAS_WD=hyper.weight_decay != 0,
-        DECOUPLED_WD=hyper.decoupled_weight_decay,
-        AMSGRAD=bucket.amsgrad,
-        MAXIMIZE=hyper.maximize,
-        MASTER=bucket.master,
-        BIAS_CORRECTION=hyper.bias_correction,
+def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None,
+                   lr_tensors=False, beta_tensors=False, count=True) -> None:
+    """Advance every tensor's step count and fill its scalar row (one launch)."""
+    n = tables.num_rows
+    _prepare_kernel[(triton.cdiv(n, PREPARE_BLOCK),)](
+        tables.table, tables.group_of, tables.groups, tables.group_ptrs, tables.scalars,
+        grad_scale if grad_scale is not None else tables.scalars,
+        found_inf if found_inf is not None else tables.scalars,
+        n,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        num_blocks=bucket.num_blocks,
-        PERSISTENT=persistent,
-        BLOCK=block_size,
-        num_warps=num_warps,
+        LR_TENSORS=lr_tensors,
+        BETA_TENSORS=beta_tensors,
+        BLOCK=PREPARE_BLOCK,
+        num_warps=4,
     )
     if count:
-        launch_counts[kind] += 1
+        launch_counts["prepare"] += 1
+
+
+def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
+                  persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
+                  coupled_wd: bool = False, found_inf=None, count=True) -> None:
+    """Step every tensor of ``bucket`` with one launch of the update kernel."""
+    block_map, num_blocks = bucket.block_map(block_size)
+    programs = min(num_blocks, persistent_programs(tables.device)) if persistent else num_blocks
+    flags = update_constexprs(
+        bucket.param_dtype, bucket.grad_dtype, block_size=block_size, num_warps=num_warps,
+        adamax=adamax,
+        amsgrad=bucket.amsgrad, master=bucket.master, decoupled_wd=decoupled_wd,
+        coupled_wd=coupled_wd, found_inf=found_inf is not None, persistent=persistent,
+    )
+    flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
+    _adam_kernel[(programs,)](
+        tables.table, tables.grads, tables.scalars, block_map,
+        found_inf if found_inf is not None else tables.scalars,
+        num_blocks, num_warps=num_warps, **flags,
+    )
+    if count:
+        launch_counts["update"] += 1

@@ -1,10 +1,11 @@
-"""Device tables for multi-tensor launches, built once and reused while pointers hold.
+"""Device tables for multi-tensor launches, built once and reused while tensors stay put.
 
-A Bucket is the set of tensors one launch updates: same device, param dtype, grad dtype
-and variant. Param, state and step pointers are stable between steps, so their table is
-built once; grad pointers change whenever grads are re-allocated
-(``zero_grad(set_to_none=True)``) and live in their own small table, re-copied only when
-they change.
+Per optimizer and device: one tensor table (pointers, sizes; stable between steps), one
+grad-pointer array (re-copied only when grads move: ``zero_grad(set_to_none=True)``
+re-allocates them, though the caching allocator mostly hands back the same addresses),
+one scalar table the prepare kernel fills, and the group tables (hyper-parameter values,
+re-copied only when a value changed; pointers to tensor hyper-parameters). Rows are
+ordered by bucket, so a bucket is a range of rows.
 """
 from __future__ import annotations
 
@@ -13,115 +14,114 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .common import TABLE_COLUMNS
+from . import layout
+from .prepare import GROUP_POINTER_COLUMNS
 
-_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
+BLOCK_INDEX_BITS = layout.BLOCK_INDEX_BITS.value
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPES[dtype]
+@dataclass(frozen=True)
+class BucketKey:
+    """What one update launch shares: dtypes and state layout."""
+
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    amsgrad: bool = False
+    master: bool = False
+
+
+@dataclass
+class Bucket:
+    key: BucketKey
+    device: torch.device
+    lo: int  # first row in the device tables
+    numels: np.ndarray  # int64, one per row
+    _block_maps: dict = field(default_factory=dict)
+
+    param_dtype = property(lambda self: self.key.param_dtype)
+    grad_dtype = property(lambda self: self.key.grad_dtype)
+    amsgrad = property(lambda self: self.key.amsgrad)
+    master = property(lambda self: self.key.master)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.key.param_dtype == torch.float64 else torch.float32
+
+    @property
+    def numel(self) -> int:
+        return int(self.numels.sum())
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.numels)
+
+    def block_map(self, block_size: int) -> tuple[torch.Tensor, int]:
+        """(program -> (row, block) map on the device, number of programs), per block size."""
+        cached = self._block_maps.get(block_size)
+        if cached is None:
+            # Every tensor gets at least one program: an empty one still has its scalars
+            # read, which keeps the kernel free of special cases.
+            blocks = np.maximum((self.numels + block_size - 1) // block_size, 1)
+            if int(blocks.max()) >= 1 << BLOCK_INDEX_BITS:
+                raise ValueError(f"a tensor of {int(self.numels.max())} elements needs more than "
+                                 f"2**{BLOCK_INDEX_BITS} blocks of {block_size}")
+            rows = np.repeat(np.arange(self.lo, self.hi, dtype=np.int64), blocks)
+            first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+            within = np.arange(len(rows), dtype=np.int64) - first
+            entries = torch.from_numpy((rows << BLOCK_INDEX_BITS) | within)
+            cached = (entries.to(self.device), len(rows))
+            self._block_maps[block_size] = cached
+        return cached
 
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-@dataclass
-class Bucket:
-    device: torch.device
-    param_dtype: torch.dtype
-    grad_dtype: torch.dtype
-    compute_dtype: torch.dtype
-    master: bool
-    amsgrad: bool
-    numels: list[int]
-    table: torch.Tensor  # int64 [n, TABLE_COLUMNS], on device
-    counters: torch.Tensor  # int32 [n]: programs done with each tensor in this launch
-    grads: torch.Tensor  # int64 [n]: grad pointers of the current step
-    grad_ptrs: list = field(default_factory=list)
-    keep: tuple = ()
-    block_size: int = 0
-    block_map: torch.Tensor | None = None
-    num_blocks: int = 0
-    _block_maps: dict = field(default_factory=dict)
+class DeviceTables:
+    """The tables of every tensor an optimizer steps on one device."""
 
-    @property
-    def numel(self) -> int:
-        return sum(self.numels)
+    def __init__(self, device: torch.device, rows: list[list[int]], group_of: list[int],
+                 num_groups: int) -> None:
+        n = len(rows)
+        self.device = device
+        self.num_rows = n
+        host = torch.tensor(rows, dtype=torch.int64).reshape(n, layout.TABLE_COLUMNS.value)
+        self.table = host.to(device)
+        self.grads = torch.zeros(n, dtype=torch.int64, device=device)
+        self.scalars = torch.zeros(n, layout.SCALAR_COLUMNS.value, dtype=torch.float64, device=device)
+        self.group_of = torch.tensor(group_of, dtype=torch.int32).to(device)
+        self.groups = torch.zeros(num_groups, layout.GROUP_COLUMNS.value, dtype=torch.float64, device=device)
+        self.group_ptrs = torch.zeros(num_groups, GROUP_POINTER_COLUMNS.value, dtype=torch.int64,
+                                      device=device)
+        self._group_values = None
+        self._group_pointers = None
 
-    def set_block_size(self, block_size: int) -> None:
-        """Point the launch at the block map for ``block_size`` (built once per size)."""
-        if block_size == self.block_size:
-            return
-        cached = self._block_maps.get(block_size)
-        if cached is None:
-            numel = torch.tensor(self.numels, dtype=torch.int64)
-            # Every tensor gets at least one program, so empty tensors still count a step.
-            blocks = torch.clamp((numel + block_size - 1) // block_size, min=1)
-            first = torch.cumsum(blocks, 0) - blocks
-            block_map = torch.repeat_interleave(
-                torch.arange(len(self.numels), dtype=torch.int32), blocks
+    @staticmethod
+    def row(param, exp_avg, second, max_second, master, step) -> list[int]:
+        return [param.data_ptr(), exp_avg.data_ptr(), second.data_ptr(), _ptr(max_second),
+                _ptr(master), param.numel(), step.data_ptr(), 0]
+
+    def set_grad_ptrs(self, ptrs: np.ndarray) -> None:
+        """Point the launches at this step's grads (int64, one per row)."""
+        self._upload(self.grads, ptrs)
+
+    def set_groups(self, values: tuple, pointers: tuple) -> None:
+        """Group hyper-parameter values (float64 rows) and tensor pointers, on change."""
+        if values != self._group_values:
+            self._upload(self.groups, np.array(values, dtype=np.float64).reshape(self.groups.shape))
+            self._group_values = values
+        if pointers != self._group_pointers:
+            self._upload(self.group_ptrs, np.array(pointers, dtype=np.int64).reshape(self.group_ptrs.shape))
+            self._group_pointers = pointers
+
+    def _upload(self, dst: torch.Tensor, host: np.ndarray) -> None:
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "tritonadam: a hyper-parameter, grad or param moved while a CUDA graph is being "
+                "captured; keep them fixed during capture (use tensor lr/betas to change them "
+                "between replays)"
             )
-            cached = (first, block_map.to(self.device), int(blocks.sum()))
-            self._block_maps[block_size] = cached
-        first, self.block_map, self.num_blocks = cached
-        self.table[:, TABLE_COLUMNS - 1].copy_(first)
-        self.block_size = block_size
-
-    def set_grad_ptrs(self, ptrs: list[int]) -> None:
-        """Point the launch at this step's grads; copies to the device only on change.
-
-        The caching allocator usually hands back the same addresses step after step,
-        so the copy is rare.
-        """
-        if ptrs != self.grad_ptrs:
-            host = torch.from_numpy(np.fromiter(ptrs, dtype=np.int64, count=len(ptrs)))
-            # Pageable memory: non_blocking returns once the data is staged, so the host
-            # buffer can go; no wait on the GPU.
-            self.grads.copy_(host, non_blocking=True)
-            self.grad_ptrs = ptrs
-
-
-def build_bucket(
-    params: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    second: list[torch.Tensor],
-    max_second: list[torch.Tensor] | None,
-    masters: list[torch.Tensor] | None,
-    steps: list[torch.Tensor],
-    grad_dtype: torch.dtype,
-) -> Bucket:
-    """A bucket over local (non-DTensor), dense tensors that share device and dtypes."""
-    n = len(params)
-    device = params[0].device
-    rows = [
-        [
-            p.data_ptr(),
-            m.data_ptr(),
-            s.data_ptr(),
-            _ptr(max_second[i] if max_second is not None else None),
-            _ptr(masters[i] if masters is not None else None),
-            st.data_ptr(),
-            p.numel(),
-            0,
-        ]
-        for i, (p, m, s, st) in enumerate(zip(params, exp_avgs, second, steps))
-    ]
-    table = torch.tensor(rows, dtype=torch.int64).reshape(n, TABLE_COLUMNS)
-    return Bucket(
-        device=device,
-        param_dtype=params[0].dtype,
-        grad_dtype=grad_dtype,
-        compute_dtype=exp_avgs[0].dtype,
-        master=masters is not None,
-        amsgrad=max_second is not None,
-        numels=[r[6] for r in rows],
-        table=table.to(device),
-        counters=torch.zeros(n, dtype=torch.int32, device=device),
-        grads=torch.zeros(n, dtype=torch.int64, device=device),
-    )
+        # Pageable memory: non_blocking returns once the data is staged, so the host
+        # buffer can go; no wait on the GPU.
+        dst.copy_(torch.from_numpy(host), non_blocking=True)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .launch import Hyper, launch
-from .plan import build_bucket, dtype_name
+from . import layout
+from .launch import launch_prepare, launch_update
+from .plan import Bucket, BucketKey, DeviceTables
 
-# Hyper-parameters for timing runs: representative, and finite from the first step.
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+# Hyper-parameters for timing runs (lr, beta1, beta2, eps, weight decay, decoupled):
+# representative, and finite from the first step.
 _TIMING_HYPER = {
-    "adam": Hyper(1e-3, 0.9, 0.999, 1e-8, 0.0),
-    "adamw": Hyper(1e-3, 0.9, 0.999, 1e-8, 1e-2, decoupled_weight_decay=True),
-    "adamax": Hyper(2e-3, 0.9, 0.999, 1e-8, 0.0),
+    "adam": (1e-3, 0.9, 0.999, 1e-8, 0.0, False),
+    "adamw": (1e-3, 0.9, 0.999, 1e-8, 1e-2, True),
+    "adamax": (2e-3, 0.9, 0.999, 1e-8, 0.0, False),
 }
 
 
@@ -21,6 +31,10 @@ def _kind(optimizer: str) -> str:
     if optimizer not in _TIMING_HYPER:
         raise ValueError(f"optimizer must be one of {sorted(_TIMING_HYPER)}, got {optimizer!r}")
     return "adamax" if optimizer == "adamax" else "adam"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +72,7 @@ def autotune_key(*, optimizer: str, param_dtype: torch.dtype, grad_dtype: torch.
 def bytes_per_elem(*, optimizer: str = "adam", param_dtype: torch.dtype,
                    grad_dtype: torch.dtype, amsgrad: bool = False,
                    master_weights: bool = False) -> int:
-    """Bytes one step reads and writes per element (DESIGN.md section 3).
+    """Bytes one step reads and writes per element.
 
     fp32: 28; bf16 params + fp32 state: 22; bf16 + fp32 master: 28; AMSGrad +8.
     """
@@ -78,32 +92,59 @@ def make_scratch_runner(
     amsgrad: bool = False,
     master_weights: bool = False,
     config,
-    numel: int,
+    numel: int | None = None,
+    numels: list[int] | None = None,
     device: torch.device,
-    hyper: Hyper | None = None,
 ) -> Callable[[], None]:
-    """A callable launching one step of the kernel on fresh scratch buffers (for timing).
+    """A callable launching one update on fresh scratch buffers (for timing).
 
-    An in-place step timed on live tensors would apply the update several times, so the
-    tuner only ever runs these.
+    ``numels``: the tensor sizes of the bucket being tuned (its size mix decides how many
+    programs are tails); ``numel`` alone means one tensor. An in-place step timed on live
+    tensors would apply the update several times, so the tuner only ever runs these.
     """
     kind = _kind(optimizer)
-    if hyper is None:
-        hyper = _TIMING_HYPER[optimizer]
+    if numels is None:
+        if numel is None:
+            raise ValueError("make_scratch_runner needs numel or numels")
+        numels = [numel]
+    total = int(sum(numels))
     sdtype = state_dtype(param_dtype)
-    p = torch.randn(numel, device=device).to(param_dtype)
-    g = torch.randn(numel, device=device).to(grad_dtype)
-    m = torch.zeros(numel, dtype=sdtype, device=device)
-    v = torch.zeros(numel, dtype=sdtype, device=device)
-    vmax = [torch.zeros_like(v)] if amsgrad and kind == "adam" else None
-    w = [p.to(sdtype)] if uses_master(param_dtype, master_weights) else None
-    step = torch.ones((), dtype=torch.float32, device=device)
-    bucket = build_bucket([p], [m], [v], vmax, w, [step], grad_dtype)
-    bucket.set_grad_ptrs([g.data_ptr()])
-    bucket.keep = (p, g, m, v, vmax, w, step)  # the table points at these
+    adam_amsgrad = amsgrad and kind == "adam"
+    master = uses_master(param_dtype, master_weights)
+    # One allocation per array, split into the bucket's tensors: the launch sees the same
+    # tensor boundaries (hence tails and alignment) as the real bucket.
+    p = torch.randn(total, device=device).to(param_dtype)
+    g = torch.randn(total, device=device).to(grad_dtype)
+    m = torch.zeros(total, dtype=sdtype, device=device)
+    v = torch.zeros(total, dtype=sdtype, device=device)
+    vmax = torch.zeros(total, dtype=sdtype, device=device) if adam_amsgrad else None
+    w = p.to(sdtype) if master else None
+    steps = torch.zeros(len(numels), dtype=torch.float32, device=device)
+    sizes = [int(n) for n in numels]
+
+    def parts(t):
+        return list(torch.split(t, sizes)) if t is not None else [None] * len(sizes)
+
+    rows = [
+        DeviceTables.row(pi, mi, vi, xi, wi, steps[i])
+        for i, (pi, mi, vi, xi, wi) in enumerate(zip(parts(p), parts(m), parts(v), parts(vmax), parts(w)))
+    ]
+    tables = DeviceTables(torch.device(device), rows, [0] * len(rows), 1)
+    lr, beta1, beta2, eps, wd, decoupled = _TIMING_HYPER[optimizer]
+    group = (lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, wd, float(decoupled), 1.0, 1.0)
+    assert len(group) == layout.GROUP_COLUMNS.value
+    tables.set_groups(group, (0,) * 6)
+    tables.set_grad_ptrs(np.asarray([t.data_ptr() for t in parts(g)], dtype=np.int64))
+    launch_prepare(tables, count=False)
+    bucket = Bucket(BucketKey(param_dtype, grad_dtype, adam_amsgrad, master), torch.device(device), 0,
+                    np.asarray(sizes, dtype=np.int64))
+    keep = (p, g, m, v, vmax, w, steps)
 
     def run() -> None:
-        launch(kind, bucket, hyper, block_size=config.block_size, num_warps=config.num_warps,
-               persistent=getattr(config, "persistent", False), count=False)
+        launch_update(tables, bucket, block_size=config.block_size, num_warps=config.num_warps,
+                      persistent=getattr(config, "persistent", False), adamax=kind == "adamax",
+                      decoupled_wd=decoupled and wd != 0, coupled_wd=not decoupled and wd != 0,
+                      count=False)
 
+    run.keep = keep  # the tables point at these
     return run

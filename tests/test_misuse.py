@@ -1,0 +1,388 @@
+"""Misuse that real training code does by accident. The kernels write through raw
+pointers, so every step re-checks what a launch relies on, on the cached path too: each
+case gets torch.optim's result or a clear error, and a raising step or load leaves every
+param and state tensor bit for bit as it was. Each case runs on the first step and after
+several cached steps. Cases that could corrupt memory run in a subprocess, so a crash
+fails the test instead of killing the run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from collections import defaultdict
+
+import pytest
+import torch
+
+from helpers import LAUNCH, PAIRS, random_grads
+
+AFTER = [0, 3]  # good steps before the misuse: the first step, and the cached path
+
+
+def _params(device, shapes=((4, 6), (24,), (5,)), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+
+
+def _steps(opt, params, n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g
+        opt.step()
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for p, s in opt.state.items()})
+
+
+def _assert_untouched(opt, params, snap):
+    before_params, before_state = snap
+    for p, b in zip(params, before_params):
+        assert torch.equal(p.detach(), b)
+    assert {id(p) for p in opt.state} == set(before_state)
+    for p, s in opt.state.items():
+        assert set(s) == set(before_state[id(p)])
+        for k, v in s.items():
+            assert torch.equal(v, before_state[id(p)][k]), k
+
+
+def _fresh_grads(params, seed=7):
+    for p, g in zip(params, random_grads(params, torch.Generator().manual_seed(seed))):
+        p.grad = g
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), ".."), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ---- grads that do not fit their param --------------------------------------------
+
+
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("bad", ["shape", "numel", "dtype", "non-contiguous-view"])
+def test_bad_grad_after_good_steps(bad, after, device):
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, after)
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    g = params[1].grad
+    if bad == "shape":  # the grad setter checks sizes; .data does not
+        g.data = torch.randn(5, device=device)
+        match = "grad of shape"
+    elif bad == "numel":
+        g.resize_(5)
+        match = "grad of shape"
+    elif bad == "dtype":
+        g.data = torch.randn(24, device=device, dtype=torch.float64)
+        match = "float32 param steps with float32, float16, bfloat16 grads, got float64"
+    else:  # same shape, other memory order: stepped by value, as torch does
+        g.data = torch.randn(48, device=device)[::2]
+        match = None
+    if match is None:
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        theirs = torch.optim.AdamW(ref, foreach=False)
+        theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for p, q in zip(params, ref):
+            q.grad = p.grad.clone()
+        opt.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        return
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("after", AFTER)
+def test_grad_on_another_gpu_is_refused(after):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    params = _params(torch.device("cuda:0"))
+    opt = PAIRS["AdamW"][0](params)
+    _steps(opt, params, after)
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    params[1].grad.data = torch.randn(24, device="cuda:1")
+    with pytest.raises(RuntimeError, match="grad on cuda:1 but param on cuda:0"):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.parametrize("after", AFTER)
+def test_grad_with_freed_storage_is_refused_not_read(after):
+    """A grad whose storage was freed (null pointer, as FSDP-style resize_(0) leaves it)
+    crashed the process before; now it is a clear error."""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        p = [torch.nn.Parameter(torch.randn(24)), torch.nn.Parameter(torch.randn(3))]
+        opt = tritonadam.AdamW(p, block_size=1024, num_warps=4)
+        for _ in range({after}):
+            for q in p: q.grad = torch.randn_like(q)
+            opt.step()
+        for q in p: q.grad = torch.randn_like(q)
+        before = p[0].detach().clone()
+        p[0].grad.untyped_storage().resize_(0)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "has no storage" in str(e), e
+            assert torch.equal(p[0].detach(), before)
+            print("refused")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused" in out.stdout
+
+
+@pytest.mark.parametrize("pair", [("float32", "float64"), ("float16", "bfloat16"),
+                                  ("bfloat16", "float16"), ("float64", "float32")])
+def test_grad_dtype_pairs_outside_the_table_are_refused(pair, device):
+    pdt, gdt = (getattr(torch, n) for n in pair)
+    p = torch.nn.Parameter(torch.randn(8, device=device).to(pdt))
+    p.grad_dtype = None  # allow any grad dtype, as mixed-precision code does
+    p.grad = torch.randn(8, device=device).to(gdt)
+    with pytest.raises(RuntimeError, match=f"{pair[0]} param steps with .* got {pair[1]}"):
+        PAIRS["Adam"][0]([p], **LAUNCH).step()
+
+
+# ---- params changed under their state ----------------------------------------------
+
+
+@pytest.mark.parametrize("after", [1, 3])
+@pytest.mark.parametrize("change,match", [
+    ("bigger", "state\\['exp_avg'\\] has shape"),
+    ("double", "state\\['exp_avg'\\] has dtype torch.float32 where a torch.float64 param"),
+])
+def test_param_replaced_under_its_state(change, match, after, device):
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, after)
+    if change == "bigger":
+        params[1].data = torch.randn(40, device=device)
+    else:
+        params[1].data = params[1].data.double()
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+    assert "opt.state.pop(param)" in str(pytest.raises(RuntimeError, opt.step).value)
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_param_storage_too_small_never_written_past_its_end(after):
+    """State smaller than its param was written past its end before (SIGSEGV/SIGABRT)."""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        p = [torch.nn.Parameter(torch.randn(16)) for _ in range(3)]
+        opt = tritonadam.Adam(p, block_size=1024, num_warps=4)
+        for _ in range({after}):
+            for q in p: q.grad = torch.randn_like(q)
+            opt.step()
+        p[0].data = torch.randn(100000)
+        for q in p: q.grad = torch.randn_like(q)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "has shape (16,) for a param of shape (100000,)" in str(e), e
+            print("refused")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused" in out.stdout
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_column_major_param_steps_like_torch(after, device):
+    """A param re-laid out under its state (same shape, other strides) is stepped as
+    torch.optim steps it: element by element, by index."""
+    params = _params(device, shapes=((16, 48),))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["AdamW"][0](params, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for i in range(after + 3):
+        if i == after:
+            for p in params + ref:
+                p.data = p.data.t().contiguous().t()
+            assert not params[0].is_contiguous()
+        grads = random_grads(params, gen)
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(params[0], ref[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.state[params[0]]["exp_avg"], theirs.state[ref[0]]["exp_avg"])
+
+
+# ---- load_state_dict is all or nothing -----------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel"])
+def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    if bad == "shape":
+        sd["state"][2]["exp_avg"] = torch.zeros(3, device=device)
+        match = "state 'exp_avg' of param 2 has shape \\(3,\\), but the param has shape \\(5,\\)"
+    elif bad == "missing-step":
+        del sd["state"][1]["step"]
+        match = "lacks \\['step'\\]"
+    elif bad == "step-numel":
+        sd["state"][1]["step"] = torch.tensor([1.0, 2.0])
+        match = "has 2 elements"
+    else:
+        other = PAIRS["Adamax"][0](params, **LAUNCH)
+        _steps(other, params, 1)
+        sd = copy.deepcopy(other.state_dict())
+        match = "state dict of Adamax"
+    snap = _snapshot(opt, params)
+    groups = copy.deepcopy(opt.param_groups)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_untouched(opt, params, snap)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    _steps(opt, params, 1)  # still steps
+
+
+# ---- group values changed after construction ----------------------------------------
+
+
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", "two-element", "Tensor lr must be 1-element"),
+    ("lr", -1.0, "Invalid learning rate"),
+    ("betas", (-0.5, 0.999), "Invalid beta parameter at index 0"),
+    ("betas", (0.9, 1.0), "Invalid beta parameter at index 1"),
+    ("eps", -1e-8, "Invalid epsilon value"),
+    ("weight_decay", -0.1, "Invalid weight_decay value"),
+])
+def test_group_values_changed_by_hand_are_checked_each_step(key, value, match, after, device):
+    params = _params(device)
+    opt = PAIRS["AdamW"][0]([{"params": params[:2]}, {"params": params[2:], "lr": 1e-2}], **LAUNCH)
+    _steps(opt, params, after)
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    if value == "two-element":
+        value = torch.tensor([1e-3, 2e-3], device=device)
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+# ---- the same param twice ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("where", ["same-group", "other-group", "add_param_group"])
+def test_a_param_listed_twice_is_refused(where, after, device):
+    """Two rows of one launch would update the same memory concurrently on a GPU."""
+    params = _params(device)
+    opt = PAIRS["Adam"][0]([{"params": params[:2]}, {"params": params[2:]}], **LAUNCH)
+    _steps(opt, params, after)
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    if where == "same-group":
+        opt.param_groups[0]["params"].append(params[0])
+        match = "appears more than once in a param group"
+    elif where == "other-group":
+        opt.param_groups[1]["params"].append(params[0])
+        match = "some parameters appear in more than one parameter group"
+    else:
+        with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+            opt.add_param_group({"params": [params[1]]})
+        return
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+# ---- state and groups edited between steps, as torch.optim allows ---------------------
+
+
+@pytest.mark.parametrize("reset", ["new-defaultdict", "clear", "pop-one", "empty-dict-one"])
+def test_state_reset_by_hand_restarts_like_torch(reset, device):
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["AdamW"][0](params, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    gen = torch.Generator().manual_seed(5)
+
+    def step():
+        grads = random_grads(params, gen)
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+    for _ in range(3):
+        step()
+    for opt, ps in ((ours, params), (theirs, ref)):
+        if reset == "new-defaultdict":
+            opt.state = defaultdict(dict)
+        elif reset == "clear":
+            opt.state.clear()
+        elif reset == "pop-one":
+            opt.state.pop(ps[1])
+        else:
+            opt.state[ps[1]] = {}
+    for _ in range(2):
+        step()
+    assert ours.state[params[1]]["step"].item() == theirs.state[ref[1]]["step"].item()
+
+
+def test_param_swapped_in_a_group_is_stepped(device):
+    params = _params(device)
+    opt = PAIRS["Adam"][0](params, **LAUNCH)
+    _steps(opt, params, 2)
+    swapped = torch.nn.Parameter(torch.randn(24, device=device))
+    opt.param_groups[0]["params"][1] = swapped
+    before = swapped.detach().clone()
+    _fresh_grads([params[0], swapped, params[2]])
+    opt.step()
+    assert not torch.equal(swapped.detach(), before)
+    assert opt.state[swapped]["step"].item() == 1
+
+
+def test_amsgrad_switched_on_after_steps(device):
+    params = _params(device)
+    opt = PAIRS["Adam"][0](params, **LAUNCH)
+    _steps(opt, params, 2)
+    opt.param_groups[0]["amsgrad"] = True
+    _steps(opt, params, 1)
+    for p in params:
+        s = opt.state[p]
+        assert torch.equal(s["max_exp_avg_sq"], s["exp_avg_sq"])  # started at zeros
+
+
+# ---- our own options ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_size=2**40), "Invalid block_size"),
+    (dict(block_size=2**17), "Invalid block_size"),
+    (dict(block_size=True), "Invalid block_size"),
+    (dict(num_warps=64), "Invalid num_warps"),
+    (dict(master_weights="yes"), "Invalid master_weights"),
+    (dict(bias_correction=None), "Invalid bias_correction"),
+    (dict(persistent="sometimes"), "Invalid persistent"),
+])
+def test_options_are_bounded_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3))], **kwargs)

@@ -1,0 +1,52 @@
+"""Column layout of the device tables the kernels read (shared by host and kernels).
+
+Every launch covers many tensors. Per optimizer and device the host keeps one int64
+*tensor table* (a row per tensor: its pointers and size) and a float64 *scalar table* (a
+row per tensor: this step's hyper-parameters, bias corrections and grad multiplier,
+written on the device by the prepare kernel). A launch of the update kernel covers the
+rows of one bucket (same dtypes and state layout) through a block map: program id ->
+(row, block of that tensor).
+
+The ``tl.constexpr`` values are usable in kernels; host code reads ``.value``.
+"""
+import triton.language as tl
+
+# Tensor table (int64). Pointers are raw data_ptr() values; 0 where a column is unused.
+COL_PARAM = tl.constexpr(0)
+COL_EXP_AVG = tl.constexpr(1)
+COL_SECOND = tl.constexpr(2)  # exp_avg_sq (Adam) or exp_inf (AdaMax)
+COL_MAX = tl.constexpr(3)  # max_exp_avg_sq (AMSGrad)
+COL_MASTER = tl.constexpr(4)  # fp32 master copy
+COL_NUMEL = tl.constexpr(5)
+COL_STEP = tl.constexpr(6)  # this param's 0-dim float32 step tensor
+TABLE_COLUMNS = tl.constexpr(8)  # padded: rows start on 64-byte boundaries
+
+# Block map entries (int64): the program's table row in the high half, the block's index
+# within its tensor in the low half; one map per bucket and block size.
+BLOCK_INDEX_BITS = tl.constexpr(32)
+BLOCK_INDEX_MASK = tl.constexpr((1 << 32) - 1)
+
+# Scalar table (float64), one row per tensor, filled by the prepare kernel each step.
+S_GMUL = tl.constexpr(0)  # grad multiplier: 1/grad scale, -1 for maximize
+S_W1 = tl.constexpr(1)  # 1 - beta1 (lerp weight)
+S_BETA2 = tl.constexpr(2)
+S_W2 = tl.constexpr(3)  # 1 - beta2
+S_EPS = tl.constexpr(4)
+S_STEP_SIZE = tl.constexpr(5)  # lr / (1 - beta1**t), or lr without bias correction
+S_BC2_SQRT = tl.constexpr(6)  # sqrt(1 - beta2**t), or 1
+S_DECAY = tl.constexpr(7)  # 1 - lr * weight_decay (decoupled), or 1
+S_WD = tl.constexpr(8)  # L2 weight decay added to the grad (coupled), or 0
+SCALAR_COLUMNS = tl.constexpr(16)  # padded: rows start on 128-byte boundaries
+
+# Group table (float64), one row per param group, written by the host when values change.
+G_LR = tl.constexpr(0)
+G_BETA1 = tl.constexpr(1)
+G_BETA2 = tl.constexpr(2)
+G_W1 = tl.constexpr(3)
+G_W2 = tl.constexpr(4)
+G_EPS = tl.constexpr(5)
+G_WD = tl.constexpr(6)
+G_DECOUPLED = tl.constexpr(7)  # 1.0: weight decay is decoupled (AdamW)
+G_SIGN = tl.constexpr(8)  # -1.0 for maximize
+G_BIAS_CORRECTION = tl.constexpr(9)  # 1.0 or 0.0
+GROUP_COLUMNS = tl.constexpr(10)

@@ -1,0 +1,136 @@
+"""The prepare kernel: advance step counts and fill the per-tensor scalar table.
+
+Launched once per step and device, before the update kernels, over every tensor of the
+optimizer on that device. Keeping step counts out of the update kernel means the update
+kernel needs no atomics or fences (the last program of a tensor would otherwise have to
+know it is last), and the bias corrections, computed here in fp64 like torch.optim's
+Python floats, cost the update kernel nothing.
+"""
+import triton
+import triton.language as tl
+
+from .layout import (
+    COL_STEP,
+    G_BETA1,
+    G_BETA2,
+    G_BIAS_CORRECTION,
+    G_DECOUPLED,
+    G_EPS,
+    G_LR,
+    G_SIGN,
+    G_W1,
+    G_W2,
+    G_WD,
+    GROUP_COLUMNS,
+    S_BC2_SQRT,
+    S_BETA2,
+    S_DECAY,
+    S_EPS,
+    S_GMUL,
+    S_STEP_SIZE,
+    S_W1,
+    S_W2,
+    S_WD,
+    SCALAR_COLUMNS,
+    TABLE_COLUMNS,
+)
+
+# Group pointer table (int64), one row per group: a tensor hyper-parameter is read where
+# it lives on every step, so in-place updates (schedulers, CUDA graph replays) are seen.
+GP_LR = tl.constexpr(0)
+GP_BETA1 = tl.constexpr(2)
+GP_BETA2 = tl.constexpr(4)
+GROUP_POINTER_COLUMNS = tl.constexpr(6)  # (pointer, 1 if it points at float64 else float32) per value
+
+
+@triton.jit
+def one_minus_pow(log_beta, step):
+    """1 - beta**step from log(beta), accurate where beta**step is close to 1.
+
+    1 - exp(x) cancels badly for beta2 = 0.999 at small steps; Kahan's expm1 trick keeps
+    full relative precision with only exp and log, which the interpreter and every GPU
+    backend have.
+    """
+    x = step * log_beta
+    u = tl.exp(x)
+    um1 = u - 1.0
+    expm1 = tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, (um1 * x) / tl.log(u)))
+    return -expm1
+
+
+@triton.jit
+def _group_tensor(gptrs, gprow, COL: tl.constexpr, mask):
+    """(whether the group's value is a tensor, its current value as float64)."""
+    addr = tl.load(gptrs + gprow + COL, mask=mask, other=0)
+    is64 = tl.load(gptrs + gprow + COL + 1, mask=mask, other=0) != 0
+    f32 = tl.load(addr.to(tl.pointer_type(tl.float32)), mask=mask & (addr != 0) & ~is64)
+    f64 = tl.load(addr.to(tl.pointer_type(tl.float64)), mask=mask & (addr != 0) & is64)
+    return addr != 0, tl.where(is64, f64, f32.to(tl.float64))
+
+
+@triton.jit
+def _prepare_kernel(
+    table_ptr, group_of_ptr, groups_ptr, group_ptrs_ptr, scalars_ptr,
+    grad_scale_ptr, found_inf_ptr, n,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_TENSORS: tl.constexpr, BETA_TENSORS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    step_ptr = tl.load(table_ptr + idx.to(tl.int64) * TABLE_COLUMNS + COL_STEP, mask=mask, other=0)
+    step_ptr = step_ptr.to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr, mask=mask, other=1.0)
+    if HAS_FOUND_INF:
+        # GradScaler found inf/NaN: no step is taken, step counts included.
+        if tl.load(found_inf_ptr) == 0:
+            step = step + 1.0
+            tl.store(step_ptr, step, mask=mask)
+    else:
+        step = step + 1.0
+        tl.store(step_ptr, step, mask=mask)
+
+    grow = tl.load(group_of_ptr + idx, mask=mask, other=0).to(tl.int64) * GROUP_COLUMNS
+    lr = tl.load(groups_ptr + grow + G_LR, mask=mask, other=0.0)
+    # Lanes past the last tensor compute with harmless values and store nothing.
+    beta1 = tl.load(groups_ptr + grow + G_BETA1, mask=mask, other=0.5)
+    beta2 = tl.load(groups_ptr + grow + G_BETA2, mask=mask, other=0.5)
+    w1 = tl.load(groups_ptr + grow + G_W1, mask=mask, other=0.0)
+    w2 = tl.load(groups_ptr + grow + G_W2, mask=mask, other=0.0)
+    gprow = (grow // GROUP_COLUMNS) * GROUP_POINTER_COLUMNS
+    if LR_TENSORS:
+        is_tensor, value = _group_tensor(group_ptrs_ptr, gprow, GP_LR, mask)
+        lr = tl.where(is_tensor, value, lr)
+    if BETA_TENSORS:
+        is_tensor, value = _group_tensor(group_ptrs_ptr, gprow, GP_BETA1, mask)
+        beta1 = tl.where(is_tensor, value, beta1)
+        w1 = tl.where(is_tensor, 1.0 - value, w1)
+        is_tensor, value = _group_tensor(group_ptrs_ptr, gprow, GP_BETA2, mask)
+        beta2 = tl.where(is_tensor, value, beta2)
+        w2 = tl.where(is_tensor, 1.0 - value, w2)
+    eps = tl.load(groups_ptr + grow + G_EPS, mask=mask, other=0.0)
+    wd = tl.load(groups_ptr + grow + G_WD, mask=mask, other=0.0)
+    decoupled = tl.load(groups_ptr + grow + G_DECOUPLED, mask=mask, other=0.0) != 0
+    gmul = tl.load(groups_ptr + grow + G_SIGN, mask=mask, other=1.0)
+    corrected = tl.load(groups_ptr + grow + G_BIAS_CORRECTION, mask=mask, other=0.0) != 0
+
+    t = step.to(tl.float64)
+    # fp64, like torch.optim's Python-float scalars; the update kernel rounds once.
+    bc1 = one_minus_pow(tl.log(beta1), t)
+    bc2 = one_minus_pow(tl.log(beta2), t)
+    step_size = tl.where(corrected, lr / bc1, lr)
+    bc2_sqrt = tl.where(corrected, tl.sqrt(bc2), 1.0)
+    if HAS_GRAD_SCALE:
+        # What GradScaler.unscale_ multiplies by: 1/scale in double, rounded to fp32.
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+        gmul = gmul * inv_scale.to(tl.float64)
+
+    srow = scalars_ptr + idx.to(tl.int64) * SCALAR_COLUMNS
+    tl.store(srow + S_GMUL, gmul, mask=mask)
+    tl.store(srow + S_W1, w1, mask=mask)
+    tl.store(srow + S_BETA2, beta2, mask=mask)
+    tl.store(srow + S_W2, w2, mask=mask)
+    tl.store(srow + S_EPS, eps, mask=mask)
+    tl.store(srow + S_STEP_SIZE, step_size, mask=mask)
+    tl.store(srow + S_BC2_SQRT, bc2_sqrt, mask=mask)
+    tl.store(srow + S_DECAY, tl.where(decoupled, 1.0 - lr * wd, 1.0), mask=mask)
+    tl.store(srow + S_WD, tl.where(decoupled, 0.0, wd), mask=mask)
