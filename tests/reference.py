@@ -41,21 +41,81 @@ def lerp(start, end, weight):
     return end - diff * (1.0 - weight)
 
 
-class Reference:
-    """State of one param stepped in high precision (the kernel's compute dtype)."""
+def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox-4x32 as Triton's ``tl.philox``: four uint32 numpy arrays of random bits."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) & mask for x in np.broadcast_arrays(c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(rounds):
+        p0, p2 = a * c[0], b * c[2]  # fit in 64 bits: both factors < 2**32
+        c = [((p2 >> np.uint64(32)) ^ c[1] ^ k0) & mask, p2 & mask,
+             ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & mask, p0 & mask]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+    return [x.astype(np.uint32) for x in c]
 
-    def __init__(self, param: torch.Tensor, kind: str, master: bool = False, amsgrad: bool = False):
+
+def stochastic_round(x: torch.Tensor, bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's stochastic rounding of fp32 ``x`` with 32 random ``bits`` per element."""
+    r = torch.from_numpy(bits.astype(np.int64)).reshape(x.shape)
+    if dtype == torch.bfloat16:
+        b = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.where(torch.isnan(x), b | 0x400000, b + (r & 0xFFFF))
+        return ((b >> 16) & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    lo = _toward_zero_fp16(x)
+    hi = (lo.view(torch.int16).to(torch.int32) + 1).to(torch.int16).view(torch.float16)
+    below = x.abs() - lo.float().abs()
+    step = hi.float().abs() - lo.float().abs()
+    uniform = (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return torch.where(uniform * step < below, hi, lo)
+
+
+def _toward_zero_fp16(x: torch.Tensor) -> torch.Tensor:
+    nearest = x.to(torch.float16)
+    away = nearest.float().abs() > x.abs()
+    back = (nearest.view(torch.int16).to(torch.int32) - 1).to(torch.int16).view(torch.float16)
+    return torch.where(away & torch.isfinite(x), back, nearest)
+
+
+def round_master(x: torch.Tensor) -> torch.Tensor:
+    """bf16 nearest, ties away from zero (the master modes' rounding)."""
+    b = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.where(torch.isnan(x), b | 0x400000, b + 0x8000)
+    return ((b >> 16) & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+class Reference:
+    """State of one param stepped in high precision (the kernel's compute dtype).
+
+    ``master``: False, True or "remainder" (the same numbers as True); ``state_dtype``:
+    moments stored in that dtype between steps; ``stochastic_rounding`` with ``seed`` and
+    ``stream`` (the param's index in its optimizer).
+    """
+
+    def __init__(self, param: torch.Tensor, kind: str, master=False, amsgrad: bool = False,
+                 state_dtype=None, stochastic_rounding=False, seed=0, stream=0):
         self.dtype = param.dtype
         self.cdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.kind = kind
-        self.master = master and param.dtype in (torch.float16, torch.bfloat16)
+        self.master = bool(master) and param.dtype in (torch.float16, torch.bfloat16)
         self.amsgrad = amsgrad
+        self.sdtype = state_dtype or self.cdtype
+        self.sr = stochastic_rounding
+        self.seed, self.stream = seed, stream
         self.w = param.detach().to(self.cdtype).clone()
         self.p = param.detach().clone()
         self.m = torch.zeros_like(self.w)
         self.v = torch.zeros_like(self.w)
         self.vmax = torch.zeros_like(self.w)
         self.step = 0
+
+    def _store(self, x, bits, dtype):
+        if dtype in (torch.float32, torch.float64):
+            return x.to(dtype)
+        if self.sr:
+            return stochastic_round(x, bits, dtype)
+        return x.to(dtype)
 
     def update(self, grad, lr, beta1, beta2, eps, weight_decay, decoupled=False,
                maximize=False, bias_correction=True):
@@ -64,6 +124,7 @@ class Reference:
         self.step += 1
         g = grad.detach().to(c)
         p = self.w if self.master else self.p.to(c)
+        m, v, vmax = self.m.to(c), self.v.to(c), self.vmax.to(c)
         s = lambda x: torch.tensor(f(x), dtype=c)  # noqa: E731  a scalar in compute dtype
         w1, w2 = s(1.0 - beta1), s(1.0 - beta2)
         if maximize:
@@ -73,13 +134,13 @@ class Reference:
                 p = p * s(1.0 - lr * weight_decay)
             else:
                 g = g + s(weight_decay) * p
-        self.m = lerp(self.m, g, w1)
+        m = lerp(m, g, w1)
         if self.kind == "adam":
-            self.v = self.v * s(beta2) + w2 * g * g
-            vhat = self.v
+            v = v * s(beta2) + w2 * g * g
+            vhat = v
             if self.amsgrad:
-                self.vmax = torch.maximum(self.vmax, self.v)
-                vhat = self.vmax
+                vmax = torch.maximum(vmax, v)
+                vhat = vmax
             # Correctly rounded sqrt, like the kernel's sqrt_rn: torch's fp32 CPU sqrt is
             # off by one ulp in ~0.6% of elements on this machine; through fp64 it is exact.
             denom = vhat.double().sqrt().to(c) if c == torch.float32 else vhat.sqrt()
@@ -93,14 +154,23 @@ class Reference:
             else:
                 step_size = f(lr)
             denom = denom + s(eps)
-            p = p - (s(step_size) * self.m) / denom
+            p = p - (s(step_size) * m) / denom
         else:
-            self.v = torch.maximum(self.v * s(beta2), g.abs() + s(eps))
+            v = torch.maximum(v * s(beta2), g.abs() + s(eps))
             clr = f(lr / one_minus_pow(beta1, self.step)) if bias_correction else f(lr)
-            p = p - (s(clr) * self.m) / self.v
+            p = p - (s(clr) * m) / v
+        bits = [None] * 4
+        if self.sr:
+            index = np.arange(p.numel(), dtype=np.uint64)
+            bits = philox(self.seed, index, index >> np.uint64(32), self.stream, self.step)
+        self.m = self._store(m, bits[1], self.sdtype)
+        self.v = self._store(v, bits[2], self.sdtype)
+        self.vmax = self._store(vmax, bits[3], self.sdtype)
         if self.master:
             self.w = p
-        self.p = p.to(self.dtype)
+            self.p = round_master(p) if self.dtype == torch.bfloat16 else p.to(self.dtype)
+        else:
+            self.p = self._store(p, bits[0], self.dtype)
         return self.p
 
 

@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from .kernels.launch import interpreted
+from .kernels.layout import MASTER_FP32, MASTER_REMAINDER
+from .precision import MASTER_KEY, REMAINDER_KEY, SEED_KEY, Precision, join_master, split_master
 from .step_cache import Row, StepCache, group_hyper, local_tensor
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
@@ -61,15 +63,30 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
 
 
+def _in_layout(value: Tensor, param: Tensor) -> bool:
+    """Whether a (local) state tensor sits where the kernel steps it with ``param``: same
+    device, same strides (a contiguous copy for non-dense params, which are staged)."""
+    if value.device != param.device:
+        return False
+    return _same_layout(value, param) if _is_dense(param) else value.is_contiguous()
+
+
+def _like(p: Tensor, dtype: torch.dtype, fmt, local_value: Tensor) -> Tensor:
+    """A tensor like param ``p`` (a DTensor for a DTensor) holding ``local_value``."""
+    out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
+    local_tensor(out).copy_(local_value)
+    return out
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
 def _param_meta(t: Tensor) -> tuple:
     """What a general row's launch relies on about its param (checked every step)."""
     return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
-
-
-def _state_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    if param_dtype in _COMPLEX_DTYPES:
-        return param_dtype  # complex state, as torch.optim keeps it (state_dict parity)
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 class _TritonAdamBase(Optimizer):
@@ -82,6 +99,9 @@ class _TritonAdamBase(Optimizer):
     _EXTRAS = {
         "bias_correction": True,
         "master_weights": False,
+        "state_dtype": None,
+        "stochastic_rounding": False,
+        "seed": None,
         "block_size": None,
         "num_warps": None,
         "autotune": None,
@@ -89,7 +109,7 @@ class _TritonAdamBase(Optimizer):
     }
 
     def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune,
-                     persistent):
+                     persistent, state_dtype=None, stochastic_rounding=False, seed=None):
         if block_size is not None and (
             not isinstance(block_size, int) or isinstance(block_size, bool)
             or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
@@ -103,21 +123,34 @@ class _TritonAdamBase(Optimizer):
             raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
         if persistent not in (None, True, False):
             raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
-        for name, value in (("bias_correction", bias_correction), ("master_weights", master_weights)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Invalid {name}: {value!r} (True or False)")
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"Invalid bias_correction: {bias_correction!r} (True or False)")
+        name = type(self).__name__
+        precision = Precision.checked(master_weights, state_dtype, stochastic_rounding, name)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                                 or not 0 <= seed < 2**63):
+            raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**63), or None)")
         for group in self.param_groups:
-            if group.get("differentiable") and master_weights:
+            if group.get("differentiable") and (master_weights or state_dtype is not None
+                                                or stochastic_rounding):
                 raise RuntimeError(
-                    f"tritonadam.{type(self).__name__}: differentiable=True steps with "
-                    "torch.optim's implementation, which has no master_weights"
+                    f"tritonadam.{name}: differentiable=True steps with torch.optim's "
+                    "implementation, which has no master_weights, state_dtype or "
+                    "stochastic_rounding"
                 )
+            for p in group["params"]:
+                precision.check_param(p, name)
         if any(group.get("differentiable") for group in self.param_groups):
             # torch.optim's implementation does not unscale: let GradScaler do it (and
             # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
             self._step_supports_amp_scaling = False
         self.bias_correction = bias_correction
         self.master_weights = master_weights
+        self.state_dtype = precision.state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        # Reproducible from torch.manual_seed; saved in the state of every param that is
+        # rounded stochastically, so a resumed run draws the same numbers.
+        self.seed = seed if seed is not None else int(torch.randint(0, 2**62, ()))
         self.block_size = block_size
         self.num_warps = num_warps
         self.autotune = autotune
@@ -156,28 +189,31 @@ class _TritonAdamBase(Optimizer):
 
     # ---- state ---------------------------------------------------------------------
 
+    @property
+    def _precision(self) -> Precision:
+        return Precision(self.master_weights, self.state_dtype, self.stochastic_rounding)
+
     def _state_keys(self, group) -> tuple[str, ...]:
-        """The state tensors a param of ``group`` steps with, besides ``step``."""
+        """The moment tensors a param of ``group`` steps with."""
         keys = ("exp_avg", self._second_key)
         if group.get("amsgrad", False):
             keys += ("max_exp_avg_sq",)
         return keys
 
-    def _uses_master(self, p: Tensor) -> bool:
-        return self.master_weights and p.dtype in _LOW_PRECISION
-
-    def _check_state(self, p: Tensor, group, state: dict) -> list[str]:
-        """Raise if ``state`` cannot be stepped with ``p``; returns keys to re-lay out.
+    def _check_state(self, p: Tensor, group, state: dict) -> bool:
+        """Raise if ``state`` cannot be stepped with ``p``; True if it needs converting.
 
         A param whose shape, dtype or device no longer matches its state (``p.data = ...``
         after steps, a model moved without its optimizer) gets an error saying what to
-        do. A layout change alone (same shape, other strides) is what torch.optim steps
-        elementwise by index: the state is re-laid out to the param's strides, so the
-        kernel pairs the same elements torch pairs.
+        do. What the modes can convert is converted instead: a layout change alone (same
+        shape, other strides: torch.optim steps elementwise by index, so the state is
+        re-laid out to the param's strides and the kernel pairs what torch pairs), moments
+        in fp32 or bf16, a master copy in either form.
         """
         name = type(self).__name__
+        self._precision.check_param(p, name)
         if not state:
-            return []
+            return True
         missing = [k for k in ("step", "exp_avg", self._second_key) if k not in state]
         if missing:
             raise RuntimeError(
@@ -185,14 +221,17 @@ class _TritonAdamBase(Optimizer):
                 f"{sorted(state)} but lacks {missing}; load a complete state dict, or clear "
                 "this param's state (`opt.state.pop(param)`) to restart it"
             )
-        relayout = []
-        sdtype = _state_dtype(p.dtype)
+        moment = self._precision.moment_dtype(p)
+        moments = (moment,) if moment in (torch.float64, *_COMPLEX_DTYPES) else (torch.float32, torch.bfloat16)
+        wanted = {k: moments for k in self._state_keys(group)}
+        wanted.update({MASTER_KEY: (torch.float32,), REMAINDER_KEY: (torch.int16,)})
         lp = local_tensor(p)
-        for key in (*self._state_keys(group), "master_param"):
+        convert = False
+        for key, dtypes in wanted.items():
             value = state.get(key)
             if value is None:
+                convert = True
                 continue
-            want = torch.float32 if key == "master_param" else sdtype
             if not isinstance(value, Tensor):
                 raise RuntimeError(f"tritonadam.{name}: state[{key!r}] is a {type(value).__name__}, "
                                    "not a tensor")
@@ -200,8 +239,8 @@ class _TritonAdamBase(Optimizer):
             problem = None
             if value.shape != p.shape or lv.shape != lp.shape:
                 problem = f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
-            elif value.dtype != want:
-                problem = f"dtype {value.dtype} where a {p.dtype} param needs {want}"
+            elif value.dtype not in dtypes:
+                problem = f"dtype {value.dtype} where a {p.dtype} param needs {dtypes[0]}"
             elif lv.device != lp.device:
                 problem = f"device {lv.device} for a param on {lp.device}"
             if problem is not None:
@@ -211,42 +250,101 @@ class _TritonAdamBase(Optimizer):
                     "params (`opt.load_state_dict(...)` also moves state to the params' "
                     "device), or clear this param's state (`opt.state.pop(param)`) to restart it"
                 )
-            if _is_dense(lp) and not _same_layout(lv, lp) or not _is_dense(lp) and not lv.is_contiguous():
-                relayout.append(key)
-        return relayout
+            convert |= value.dtype != dtypes[0] or not _in_layout(lv, lp)
+        return convert or not self._state_in_mode(p, group, state)
 
-    def _init_state(self, p: Tensor, group, relayout: list[str]) -> dict:
+    def _state_in_mode(self, p: Tensor, group, state: dict) -> bool:
+        """Whether ``state`` holds exactly what this optimizer's modes step ``p`` with."""
+        master = self._precision.master(p)
+        step = state.get("step")
+        return (
+            isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
+            and step.device == local_tensor(p).device
+            and (MASTER_KEY in state) == (master == MASTER_FP32)
+            and (REMAINDER_KEY in state) == (master == MASTER_REMAINDER)
+            and (SEED_KEY in state) == self._precision.rounds_stochastically(p)
+            and all(k in state for k in self._state_keys(group))
+        )
+
+    def _init_state(self, p: Tensor, group, convert: bool) -> dict:
+        """Create missing state and convert what the modes store differently."""
         state = self.state[p]
+        if not convert:
+            return state
         lp = local_tensor(p)
-        sdtype = _state_dtype(p.dtype)
-        if "step" not in state or not (
-            isinstance(state["step"], Tensor) and state["step"].dtype == torch.float32
-            and state["step"].device == lp.device and state["step"].dim() == 0
-        ):
-            step = float(state["step"]) if "step" in state else 0.0
-            state["step"] = torch.tensor(step, dtype=torch.float32, device=lp.device)
+        precision = self._precision
+        step = state.get("step", 0.0)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=lp.device)
         # Dense params: state with the param's strides. Non-dense ones are stepped in a
         # contiguous staging copy, and so is their state.
         fmt = torch.preserve_format if _is_dense(lp) else torch.contiguous_format
+
+        def fit(value, dtype):
+            if value.dtype == dtype and _in_layout(local_tensor(value), lp):
+                return value
+            return torch.empty_like(p, dtype=dtype, memory_format=fmt).copy_(value)
+
+        moment = precision.moment_dtype(p)
         for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=sdtype, memory_format=fmt)
-        if self._uses_master(p) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, memory_format=fmt, copy=True)
-        elif not self._uses_master(p):
-            state.pop("master_param", None)
-        for key in relayout:
-            state[key] = torch.empty_like(p, dtype=state[key].dtype, memory_format=fmt).copy_(state[key])
+            value = state.get(key)
+            state[key] = torch.zeros_like(p, dtype=moment, memory_format=fmt) if value is None else fit(value, moment)
+        master = precision.master(p)
+        if master == MASTER_FP32:
+            if MASTER_KEY not in state:
+                if REMAINDER_KEY in state:
+                    joined = join_master(local_tensor(p), local_tensor(state[REMAINDER_KEY]))
+                    state[MASTER_KEY] = _like(p, torch.float32, fmt, joined)
+                else:
+                    state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=fmt, copy=True)
+            state[MASTER_KEY] = fit(state[MASTER_KEY], torch.float32)
+            state.pop(REMAINDER_KEY, None)
+        elif master == MASTER_REMAINDER:
+            if MASTER_KEY in state:
+                # The exact pair for this master: the param becomes its high half.
+                high, low = split_master(local_tensor(state.pop(MASTER_KEY)))
+                local_tensor(p).copy_(high)
+                state[REMAINDER_KEY] = _like(p, torch.int16, fmt, low)
+            elif REMAINDER_KEY not in state:
+                state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=fmt)
+            state[REMAINDER_KEY] = fit(state[REMAINDER_KEY], torch.int16)
+        else:
+            state.pop(MASTER_KEY, None)
+            state.pop(REMAINDER_KEY, None)
+        if precision.rounds_stochastically(p):
+            state[SEED_KEY] = torch.tensor(self.seed, dtype=torch.int64)
+        else:
+            state.pop(SEED_KEY, None)
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict; a ``master_weights="remainder"`` master is exported
+        as the fp32 ``master_param`` it stands for, so the checkpoint loads into either
+        master mode (and torch.optim keeps it)."""
+        sd = super().state_dict()
+        if self.master_weights != "remainder":
+            return sd
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for index, value in sd["state"].items():
+            if REMAINDER_KEY in value and index < len(params):
+                p = params[index]
+                value = {k: v for k, v in value.items() if k != REMAINDER_KEY}
+                joined = join_master(local_tensor(p), local_tensor(self.state[p][REMAINDER_KEY]))
+                value[MASTER_KEY] = _like(p, torch.float32, torch.preserve_format, joined)
+            state[index] = value
+        return {"state": state, "param_groups": sd["param_groups"]}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from this class or from torch.optim's Adam/AdamW/Adamax.
+        """Load a state dict from this class (any precision mode) or from torch.optim's
+        Adam/AdamW/Adamax.
 
         The whole incoming state is checked (keys, shapes, dtypes) before anything
         changes: a failed load leaves the optimizer as it was. torch's base class casts
-        floating state to the param dtype; fp32 state of fp16/bf16 params is restored at
-        full precision afterwards, and step counts become 0-dim float32 tensors on the
-        param's device.
+        floating state to the param dtype; the state is restored at full precision
+        afterwards and converted to this optimizer's modes (moment dtype, master form;
+        loading an fp32 master into ``master_weights="remainder"`` sets each bf16 param to
+        its master's high half, so the pair is exact), and step counts become 0-dim
+        float32 tensors on the param's device.
         """
         # Check and read the state dict torch actually loads: the one user pre-hooks
         # returned. A hook registered last, just for this call, sees it.
@@ -264,26 +362,27 @@ class _TritonAdamBase(Optimizer):
         state_dict = seen.get("state_dict", state_dict)
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(ids, params):
+        pairs = [
+            (saved_id, p, group)
+            for group, saved in zip(self.param_groups, saved_groups)
+            for saved_id, p in zip(saved["params"], group["params"])
+        ]
+        for saved_id, p, group in pairs:
             if saved_id not in saved_state or p not in self.state:
                 continue
             src, dst = saved_state[saved_id], self.state[p]
-            sdtype = _state_dtype(p.dtype)
-            lp = local_tensor(p)
-            fmt = torch.preserve_format if _is_dense(lp) else torch.contiguous_format
             for key, value in src.items():
                 if key == "step":
                     step = float(value.item() if isinstance(value, Tensor) else value)
-                    dst[key] = torch.tensor(step, dtype=torch.float32, device=lp.device)
-                elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
-                    # Same layout as the param: the kernels index param and state alike.
-                    want = torch.float32 if key == "master_param" else sdtype
-                    fresh = torch.empty_like(p, dtype=want, memory_format=fmt)
-                    dst[key] = fresh.copy_(value)
-            if not self._uses_master(p):
-                dst.pop("master_param", None)
+                    dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
+                elif key == SEED_KEY:
+                    self.seed = int(value)
+                elif isinstance(value, Tensor):
+                    # Full precision, then converted to this optimizer's form below.
+                    dst[key] = value.detach().clone()
+        for saved_id, p, group in pairs:
+            if p in self.state and self.state[p]:
+                self._init_state(p, group, True)
         self._cache = None
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
@@ -319,7 +418,7 @@ class _TritonAdamBase(Optimizer):
                         f"{step.numel()} elements, expected one"
                     )
                 for key, value in state.items():
-                    if key == "step" or not isinstance(value, Tensor):
+                    if key in ("step", SEED_KEY) or not isinstance(value, Tensor):
                         continue
                     if value.shape != p.shape:
                         raise ValueError(
@@ -327,7 +426,7 @@ class _TritonAdamBase(Optimizer):
                             f"has shape {tuple(value.shape)}, but the param has shape "
                             f"{tuple(p.shape)}"
                         )
-                    if not (value.is_floating_point() or value.is_complex()):
+                    if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
                         raise ValueError(
                             f"tritonadam.{name}.load_state_dict: state {key!r} of param {saved_id} "
                             f"has dtype {value.dtype}, expected a floating point tensor"
@@ -466,20 +565,23 @@ class _TritonAdamBase(Optimizer):
                 inactive.append(p)
                 continue
             grad = self._validate(p, p.grad, group.get("fused"))
-            relayout = self._check_state(p, group, self.state.get(p, {}))
-            pending.append((p, grad, index, relayout))
+            convert = self._check_state(p, group, self.state.get(p, {}))
+            pending.append((p, grad, index, convert))
 
-    def _row(self, p: Tensor, grad: Tensor, index: int, group) -> Row:
+    def _row(self, p: Tensor, grad: Tensor, index: int, group, stream: int) -> Row:
         state = self.state[p]
         lp = local_tensor(p)
         staging = None if _is_dense(lp) else torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
         general = staging is not None or not lp.is_contiguous() or grad is not local_tensor(p.grad)
+        precision = self._precision
+        master = precision.master(p)
         return Row(
             param=p, grad=grad, group=index, param_meta=_param_meta(lp),
             exp_avg=state["exp_avg"], second=state[self._second_key], step=state["step"],
             max_second=state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None,
-            master=state.get("master_param"),
-            general=general or not grad.is_contiguous(), staging=staging,
+            master=state.get(REMAINDER_KEY if master == MASTER_REMAINDER else MASTER_KEY),
+            master_kind=master, stochastic_rounding=precision.rounds_stochastically(p),
+            stream=stream, general=general or not grad.is_contiguous(), staging=staging,
         )
 
     def _build(self, groups) -> StepCache:
@@ -494,17 +596,22 @@ class _TritonAdamBase(Optimizer):
                 f"tritonadam.{type(self).__name__}: a parameter appears more than once in a "
                 "param group; list each parameter once"
             )
+        # A tensor's random stream: its index in the optimizer (as in state_dict), and on
+        # a sharded run its rank, so shards of one param draw different numbers.
+        index_of = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        rank = _rank() << 24
         rows = []
-        for p, grad, index, relayout in pending:
+        for p, grad, index, convert in pending:
             group = self.param_groups[index]
-            self._init_state(p, group, relayout)
-            rows.append(self._row(p, grad, index, group))
+            self._init_state(p, group, convert)
+            stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
+            rows.append(self._row(p, grad, index, group, stream & 0xFFFFFFFF))
         lists = [g["params"] for g in self.param_groups]
         return StepCache(self._kind, rows, lists, inactive, self.state, self._layout())
 
     def _layout(self) -> tuple:
         """The options that decide which tensors a param steps with (compared every step)."""
-        return self.master_weights, tuple(
+        return (self.master_weights, self.state_dtype, self.stochastic_rounding), tuple(
             (bool(g.get("amsgrad", False)), bool(g.get("differentiable", False)))
             for g in self.param_groups
         )
@@ -564,7 +671,7 @@ class _TritonAdamBase(Optimizer):
         if cache.empty:
             return loss
         cache.launch(
-            ptrs, general, self.param_groups, hypers,
+            ptrs, general, self.param_groups, hypers, seed=self.seed,
             block_size=self.block_size, num_warps=self.num_warps, autotune_mode=self.autotune,
             persistent=self.persistent, grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
@@ -625,10 +732,22 @@ class Adam(_TritonAdamBase):
             ``capturable=True`` steps can be captured in CUDA graphs.
         bias_correction (bool): apply Adam's bias correction (default True); False gives
             the uncorrected update.
-        master_weights (bool): for fp16/bf16 params keep an fp32 copy in
-            ``state["master_param"]``, step it, and write the param as its rounded copy
-            (default False). Without it, fp16/bf16 params still keep fp32 ``exp_avg`` and
-            ``exp_avg_sq`` and are rounded to nearest even after each step.
+        master_weights (bool or "remainder"): True: for fp16/bf16 params keep an fp32
+            copy in ``state["master_param"]``, step it, and write the param as its
+            rounded copy (bf16: to nearest, ties away from zero). ``"remainder"`` (bf16
+            params): the same fp32 master, bit for bit, kept as the param plus its low 16
+            bits in ``state["master_param_remainder"]`` (2 bytes instead of 4; exported
+            as ``master_param`` by ``state_dict()``). False (default): fp16/bf16 params
+            are rounded to nearest even after each step (or stochastically).
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores ``exp_avg``,
+            ``exp_avg_sq`` (and ``max_exp_avg_sq``) in bf16; the math stays fp32.
+            Low-precision second moments are where quality is lost first.
+        stochastic_rounding (bool): round values stored in 16 bits without a master
+            copy (fp16/bf16 params, bf16 state) stochastically instead of to nearest:
+            unbiased, so updates smaller than half a unit in the last place are not lost
+            on average. Counter-based random numbers: reproducible, graph-safe.
+        seed (int, optional): of the stochastic rounding (default: drawn from torch's
+            global generator, so ``torch.manual_seed`` fixes it); saved in the state dict.
         block_size (int, optional): elements per Triton program; with ``num_warps`` fixes
             the launch config instead of the autotuned one.
         num_warps (int, optional): warps per Triton program.
@@ -655,7 +774,10 @@ class Adam(_TritonAdamBase):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         bias_correction: bool = True,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
@@ -698,7 +820,7 @@ class Adam(_TritonAdamBase):
         }
         super().__init__(params, defaults)
         self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
-                          persistent)
+                          persistent, state_dtype, stochastic_rounding, seed)
 
     def _set_group_defaults(self) -> None:
         super()._set_group_defaults()
@@ -730,7 +852,10 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         bias_correction: bool = True,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
@@ -741,6 +866,7 @@ class AdamW(Adam):
             foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             bias_correction=bias_correction, master_weights=master_weights,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
             block_size=block_size, num_warps=num_warps, autotune=autotune,
             persistent=persistent,
         )
@@ -769,8 +895,8 @@ class Adamax(_TritonAdamBase):
     Args:
         params, lr, betas, eps, weight_decay, foreach, maximize, differentiable,
             capturable: as in :class:`torch.optim.Adamax`.
-        bias_correction, master_weights, block_size, num_warps, autotune: as in
-            :class:`tritonadam.Adam`.
+        bias_correction, master_weights, state_dtype, stochastic_rounding, seed,
+            block_size, num_warps, autotune, persistent: as in :class:`tritonadam.Adam`.
     """
 
     _kind = "adamax"
@@ -789,7 +915,10 @@ class Adamax(_TritonAdamBase):
         differentiable: bool = False,
         capturable: bool = False,
         bias_correction: bool = True,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
         block_size: int | None = None,
         num_warps: int | None = None,
         autotune: str | None = None,
@@ -808,7 +937,7 @@ class Adamax(_TritonAdamBase):
         }
         super().__init__(params, defaults)
         self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
-                          persistent)
+                          persistent, state_dtype, stochastic_rounding, seed)
 
 
 AdaMax = Adamax

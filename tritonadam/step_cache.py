@@ -72,7 +72,10 @@ class Row:
     second: Tensor  # exp_avg_sq or exp_inf
     step: Tensor
     max_second: Tensor | None = None
-    master: Tensor | None = None
+    master: Tensor | None = None  # fp32 master, or the int16 remainder of one
+    master_kind: int = 0  # kernels.layout.MASTER_*
+    stochastic_rounding: bool = False
+    stream: int = 0  # random stream for stochastic rounding
     # Re-validated on every step instead of by the C-level passes: non-dense params (the
     # kernel steps a contiguous staging copy) and grads read through a dense copy.
     general: bool = False
@@ -243,7 +246,9 @@ class StepCache:
         for i, row in enumerate(self._order):
             p = self._kernel_param(row)
             g = _as_real(row.grad)
-            key = BucketKey(p.dtype, g.dtype, row.max_second is not None, row.master is not None)
+            state_dtype = _as_real(local_tensor(row.exp_avg)).dtype
+            key = BucketKey(p.dtype, g.dtype, row.max_second is not None, row.master_kind,
+                            state_dtype, row.stochastic_rounding)
             by_device.setdefault(p.device, {}).setdefault(key, []).append(i)
         for device, buckets in by_device.items():
             order = [i for idx in buckets.values() for i in idx]
@@ -255,6 +260,7 @@ class StepCache:
                     _as_real(local_tensor(r.second)),
                     _as_real(local_tensor(r.max_second)) if r.max_second is not None else None,
                     local_tensor(r.master) if r.master is not None else None, local_tensor(r.step),
+                    r.stream,
                 ))
             tables = DeviceTables(device, table_rows, [self._order[i].group for i in order], num_groups)
             dev = _Device(tables)
@@ -333,8 +339,8 @@ class StepCache:
     # ---- launching ------------------------------------------------------------------
 
     def launch(self, fast_grad_ptrs: list[int], general_grads: list[Tensor], param_groups: list[dict],
-               hypers: list[GroupHyper], *, block_size=None, num_warps=None, autotune_mode=None,
-               persistent=None, grad_scale=None, found_inf=None) -> None:
+               hypers: list[GroupHyper], *, seed: int = 0, block_size=None, num_warps=None,
+               autotune_mode=None, persistent=None, grad_scale=None, found_inf=None) -> None:
         """Step every tensor: one prepare launch per device, one update launch per bucket.
 
         ``general_grads``: this step's validated grads of the general rows, in order;
@@ -379,7 +385,7 @@ class StepCache:
                     launch_update(tables, item.bucket, block_size=item.config.block_size,
                                   num_warps=item.config.num_warps, persistent=item.config.persistent,
                                   adamax=self.kind == "adamax", decoupled_wd=decoupled,
-                                  coupled_wd=coupled, found_inf=inf)
+                                  coupled_wd=coupled, found_inf=inf, seed=seed)
         for row in self._general:
             if row.staging is not None:
                 _as_real(local_tensor(row.param)).copy_(row.staging)

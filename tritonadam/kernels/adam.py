@@ -1,4 +1,6 @@
-"""The update kernel of Adam, AdamW and AdaMax: one source, variants as constexpr flags.
+"""The update kernel of Adam, AdamW and AdaMax: one source, variants as constexpr flags
+(algorithm, dtypes of param, grad and state, master copy: none, fp32 or a 16-bit
+remainder, stochastic rounding).
 
 One launch steps every tensor of a bucket (same device, param dtype, grad dtype and state
 layout) whatever param group it belongs to: per-tensor scalars (hyper-parameters, bias
@@ -9,6 +11,9 @@ import triton
 import triton.language as tl
 
 from .layout import (
+    MASTER_FP32,
+    MASTER_NONE,
+    MASTER_REMAINDER,
     BLOCK_INDEX_BITS,
     BLOCK_INDEX_MASK,
     COL_EXP_AVG,
@@ -17,11 +22,13 @@ from .layout import (
     COL_NUMEL,
     COL_PARAM,
     COL_SECOND,
+    COL_STREAM,
     S_BC2_SQRT,
     S_BETA2,
     S_DECAY,
     S_EPS,
     S_GMUL,
+    S_STEP,
     S_STEP_SIZE,
     S_W1,
     S_W2,
@@ -29,7 +36,7 @@ from .layout import (
     SCALAR_COLUMNS,
     TABLE_COLUMNS,
 )
-from .rounding import round_to
+from .rounding import join_master, round_master, round_stochastic, round_to, split_master
 
 
 @triton.jit
@@ -63,26 +70,38 @@ def _scalar(srow, COL: tl.constexpr, CDTYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_rounded(ptr, offs, x, mask, random, DTYPE: tl.constexpr, SR: tl.constexpr):
+    if SR and DTYPE != tl.float32 and DTYPE != tl.float64:
+        tl.store(ptr + offs, round_stochastic(x, random, DTYPE), mask=mask)
+    else:
+        tl.store(ptr + offs, round_to(x, DTYPE), mask=mask)
+
+
+@triton.jit
 def _update(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow,
-    CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow, first, stream, seed,
+    CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
     AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-    COUPLED_WD: tl.constexpr,
+    COUPLED_WD: tl.constexpr, SR: tl.constexpr,
 ):
     # Data loads first: the scalars below come from one row already in flight, and
     # nothing the loads need waits on arithmetic.
     g = tl.load(g_ptr + offs, mask=mask)
-    if MASTER:
+    if MASTER == MASTER_FP32:
         p = tl.load(w_ptr + offs, mask=mask)
     else:
         p = tl.load(p_ptr + offs, mask=mask)
+        if MASTER == MASTER_REMAINDER:
+            p = join_master(p, tl.load(w_ptr + offs, mask=mask))
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
     if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask)
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(CDTYPE)
 
     g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
     p = p.to(CDTYPE)
+    m = m.to(CDTYPE)
+    v = v.to(CDTYPE)
     w1 = _scalar(srow, S_W1, CDTYPE)
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
     eps = _scalar(srow, S_EPS, CDTYPE)
@@ -105,27 +124,49 @@ def _update(
         # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
         denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
         p = p - ieee_div(step_size * m, denom)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+
+    r0 = 0
+    r1 = 0
+    r2 = 0
+    r3 = 0
+    if SR:
+        # Counter-based: the same (seed, element, tensor, step) draws the same bits on
+        # every backend and every replay of a CUDA graph, and the step count (advanced on
+        # the device) moves the stream on.
+        index = first + offs
+        r0, r1, r2, r3 = tl.philox(seed, index.to(tl.uint32), (index >> 32).to(tl.uint32),
+                                   stream, _scalar(srow, S_STEP, tl.float32).to(tl.uint32))
+    _store_rounded(m_ptr, offs, m, mask, r1, S_DTYPE, SR)
+    _store_rounded(v_ptr, offs, v, mask, r2, S_DTYPE, SR)
     if AMSGRAD:
-        tl.store(vmax_ptr + offs, vmax, mask=mask)
-    if MASTER:
+        _store_rounded(vmax_ptr, offs, vmax, mask, r3, S_DTYPE, SR)
+    if MASTER == MASTER_FP32:
         tl.store(w_ptr + offs, p, mask=mask)
-    tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+        if P_DTYPE == tl.bfloat16:
+            tl.store(p_ptr + offs, round_master(p), mask=mask)
+        else:
+            tl.store(p_ptr + offs, round_to(p, P_DTYPE), mask=mask)
+    elif MASTER == MASTER_REMAINDER:
+        high, low = split_master(p)
+        tl.store(p_ptr + offs, high, mask=mask)
+        tl.store(w_ptr + offs, low, mask=mask)
+    else:
+        _store_rounded(p_ptr, offs, p, mask, r0, P_DTYPE, SR)
 
 
 @triton.jit
-def _hinted(addr, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
-    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), ALIGN)
+def _hinted(addr, DTYPE: tl.constexpr):
+    # One access covers 4 elements of every array: 16 bytes of 4-byte data, 8 of 2-byte.
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 4 * DTYPE.primitive_bitwidth // 8)
 
 
 @triton.jit
 def _program(
-    pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
+    pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, BLOCK: tl.constexpr,
-    SUB: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr,
 ):
     # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
     # scalar row), all three addressed by the row index.
@@ -138,30 +179,32 @@ def _program(
     m_addr = tl.load(row + COL_EXP_AVG)
     v_addr = tl.load(row + COL_SECOND)
     x_addr = tl.load(row + COL_MAX) if AMSGRAD else p_addr
-    w_addr = tl.load(row + COL_MASTER) if MASTER else p_addr
+    w_addr = tl.load(row + COL_MASTER) if MASTER != MASTER_NONE else p_addr
+    stream = tl.load(row + COL_STREAM).to(tl.uint32) if SR else 0
     numel = tl.load(row + COL_NUMEL)
     # int64: tensors beyond 2**31 elements index correctly.
     start = (entry & BLOCK_INDEX_MASK) * BLOCK
     # Offsets within the block stay int32; the block's start goes into the pointers.
     offs = tl.arange(0, BLOCK)
+    W_DTYPE: tl.constexpr = tl.int16 if MASTER == MASTER_REMAINDER else CDTYPE
     aligned = ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0
     if aligned & (start + BLOCK <= numel):
         # Full, 16-byte-aligned block: unmasked, with alignment hints (a pointer read from
         # memory has none, and without them sm_90 gets 4-byte accesses). Every array is
-        # hinted to the same 4 elements per access, 16 bytes for fp32 state and 8 for
-        # fp16/bf16 params and grads, so all share one register layout: wider 2-byte
-        # accesses would put every fp32 array through shared memory to change layouts.
-        # Each pointer is cast here, not reused from outside the branch: triton 3.6
-        # merges identical int-to-pointer casts and the hint on the shared one is lost.
+        # hinted to the same 4 elements per access so all share one register layout:
+        # 16-byte accesses of 2-byte arrays would put every fp32 array through shared
+        # memory to change layouts. Each pointer is cast here, not reused from outside the
+        # branch: triton 3.6 merges identical int-to-pointer casts and the hint on the
+        # shared one is lost.
         _update(
-            _hinted(p_addr, P_DTYPE, 4 * P_DTYPE.primitive_bitwidth // 8) + start,
-            _hinted(g_addr, G_DTYPE, 4 * G_DTYPE.primitive_bitwidth // 8) + start,
-            _hinted(m_addr, CDTYPE, 16) + start,
-            _hinted(v_addr, CDTYPE, 16) + start,
-            _hinted(x_addr, CDTYPE, 16) + start,
-            _hinted(w_addr, CDTYPE, 16) + start,
-            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow,
-            CDTYPE, P_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
+            _hinted(p_addr, P_DTYPE) + start,
+            _hinted(g_addr, G_DTYPE) + start,
+            _hinted(m_addr, S_DTYPE) + start,
+            _hinted(v_addr, S_DTYPE) + start,
+            _hinted(x_addr, S_DTYPE) + start,
+            _hinted(w_addr, W_DTYPE) + start,
+            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, stream, seed,
+            CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
         )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
@@ -172,27 +215,29 @@ def _program(
         sub = tl.arange(0, SUB)
         first = 0
         while first < left:
+            at = start + first
             _update(
-                p_addr.to(tl.pointer_type(P_DTYPE)) + start + first,
-                g_addr.to(tl.pointer_type(G_DTYPE)) + start + first,
-                m_addr.to(tl.pointer_type(CDTYPE)) + start + first,
-                v_addr.to(tl.pointer_type(CDTYPE)) + start + first,
-                x_addr.to(tl.pointer_type(CDTYPE)) + start + first,
-                w_addr.to(tl.pointer_type(CDTYPE)) + start + first,
-                sub, sub < left - first, srow,
-                CDTYPE, P_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
+                p_addr.to(tl.pointer_type(P_DTYPE)) + at,
+                g_addr.to(tl.pointer_type(G_DTYPE)) + at,
+                m_addr.to(tl.pointer_type(S_DTYPE)) + at,
+                v_addr.to(tl.pointer_type(S_DTYPE)) + at,
+                x_addr.to(tl.pointer_type(S_DTYPE)) + at,
+                w_addr.to(tl.pointer_type(W_DTYPE)) + at,
+                sub, sub < left - first, srow, at, stream, seed,
+                CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
             )
             first += SUB
 
 
-# num_blocks changes with the model: no recompiles for its value.
-@triton.jit(do_not_specialize=["num_blocks"])
+# num_blocks and seed change with the model and run: no recompiles for their values.
+@triton.jit(do_not_specialize=["num_blocks", "seed"])
 def _adam_kernel(
-    table_ptr, grads_ptr, scalars_ptr, block_map_ptr, found_inf_ptr, num_blocks,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr,
+    table_ptr, grads_ptr, scalars_ptr, block_map_ptr, found_inf_ptr, num_blocks, seed,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
-    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    PERSISTENT: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     skip = False
     if HAS_FOUND_INF:
@@ -205,11 +250,11 @@ def _adam_kernel(
             # interpreter takes no range() bounds from program_id.
             pid = tl.program_id(0)
             while pid < num_blocks:
-                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
-                         G_DTYPE, CDTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD,
-                         BLOCK, SUB)
+                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed, P_DTYPE,
+                         G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
+                         COUPLED_WD, SR, BLOCK, SUB)
                 pid += tl.num_programs(0)
         else:
-            _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
-                     P_DTYPE, G_DTYPE, CDTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, BLOCK, SUB)
+            _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed,
+                     P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
+                     COUPLED_WD, SR, BLOCK, SUB)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .adam import _adam_kernel
+from .layout import MASTER_NONE
 from .plan import Bucket, DeviceTables
 from .prepare import _prepare_kernel
 
@@ -62,19 +63,27 @@ def persistent_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * count
 
 
-def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, adamax=False, amsgrad=False,
-                      master=False, decoupled_wd=False, coupled_wd=False, found_inf=False,
+def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, state_dtype=None,
+                      adamax=False, amsgrad=False, master=MASTER_NONE, decoupled_wd=False,
+                      coupled_wd=False, stochastic_rounding=False, found_inf=False,
                       persistent=False) -> dict:
-    """The update kernel's constexpr arguments for one variant (torch dtypes as given)."""
+    """The update kernel's constexpr arguments for one variant (torch dtypes as given).
+
+    ``master``: MASTER_NONE, MASTER_FP32 or MASTER_REMAINDER (True means MASTER_FP32);
+    ``state_dtype``: of the moments, default the compute dtype.
+    """
+    cdtype = torch.float64 if param_dtype == torch.float64 else torch.float32
     return {
         "P_DTYPE": param_dtype,
         "G_DTYPE": grad_dtype,
-        "CDTYPE": torch.float64 if param_dtype == torch.float64 else torch.float32,
+        "CDTYPE": cdtype,
+        "S_DTYPE": state_dtype or cdtype,
         "ADAMAX": adamax,
         "AMSGRAD": amsgrad and not adamax,
-        "MASTER": master,
+        "MASTER": int(master),
         "DECOUPLED_WD": decoupled_wd,
         "COUPLED_WD": coupled_wd,
+        "SR": stochastic_rounding,
         "HAS_FOUND_INF": found_inf,
         "PERSISTENT": persistent,
         "BLOCK": block_size,
@@ -111,21 +120,25 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None,
 
 def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
                   persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
-                  coupled_wd: bool = False, found_inf=None, count=True) -> None:
-    """Step every tensor of ``bucket`` with one launch of the update kernel."""
+                  coupled_wd: bool = False, found_inf=None, seed: int = 0, count=True) -> None:
+    """Step every tensor of ``bucket`` with one launch of the update kernel.
+
+    ``seed``: of the stochastic rounding's random streams, when the bucket rounds so.
+    """
     block_map, num_blocks = bucket.block_map(block_size)
     programs = min(num_blocks, persistent_programs(tables.device)) if persistent else num_blocks
     flags = update_constexprs(
         bucket.param_dtype, bucket.grad_dtype, block_size=block_size, num_warps=num_warps,
-        adamax=adamax,
-        amsgrad=bucket.amsgrad, master=bucket.master, decoupled_wd=decoupled_wd,
-        coupled_wd=coupled_wd, found_inf=found_inf is not None, persistent=persistent,
+        state_dtype=bucket.state_dtype, adamax=adamax, amsgrad=bucket.amsgrad,
+        master=bucket.master, decoupled_wd=decoupled_wd, coupled_wd=coupled_wd,
+        stochastic_rounding=bucket.stochastic_rounding, found_inf=found_inf is not None,
+        persistent=persistent,
     )
     flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
     _adam_kernel[(programs,)](
         tables.table, tables.grads, tables.scalars, block_map,
         found_inf if found_inf is not None else tables.scalars,
-        num_blocks, num_warps=num_warps, **flags,
+        num_blocks, seed, num_warps=num_warps, **flags,
     )
     if count:
         launch_counts["update"] += 1

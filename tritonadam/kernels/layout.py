@@ -16,10 +16,11 @@ COL_PARAM = tl.constexpr(0)
 COL_EXP_AVG = tl.constexpr(1)
 COL_SECOND = tl.constexpr(2)  # exp_avg_sq (Adam) or exp_inf (AdaMax)
 COL_MAX = tl.constexpr(3)  # max_exp_avg_sq (AMSGrad)
-COL_MASTER = tl.constexpr(4)  # fp32 master copy
+COL_MASTER = tl.constexpr(4)  # fp32 master copy, or the int16 remainder of one
 COL_NUMEL = tl.constexpr(5)
 COL_STEP = tl.constexpr(6)  # this param's 0-dim float32 step tensor
-TABLE_COLUMNS = tl.constexpr(8)  # padded: rows start on 64-byte boundaries
+COL_STREAM = tl.constexpr(7)  # random stream of this tensor (its index in the optimizer)
+TABLE_COLUMNS = tl.constexpr(8)  # rows start on 64-byte boundaries
 
 # Block map entries (int64): the program's table row in the high half, the block's index
 # within its tensor in the low half; one map per bucket and block size.
@@ -36,6 +37,7 @@ S_STEP_SIZE = tl.constexpr(5)  # lr / (1 - beta1**t), or lr without bias correct
 S_BC2_SQRT = tl.constexpr(6)  # sqrt(1 - beta2**t), or 1
 S_DECAY = tl.constexpr(7)  # 1 - lr * weight_decay (decoupled), or 1
 S_WD = tl.constexpr(8)  # L2 weight decay added to the grad (coupled), or 0
+S_STEP = tl.constexpr(9)  # the step being taken (counts random draws)
 SCALAR_COLUMNS = tl.constexpr(16)  # padded: rows start on 128-byte boundaries
 
 # Group table (float64), one row per param group, written by the host when values change.
@@ -50,3 +52,8 @@ G_DECOUPLED = tl.constexpr(7)  # 1.0: weight decay is decoupled (AdamW)
 G_SIGN = tl.constexpr(8)  # -1.0 for maximize
 G_BIAS_CORRECTION = tl.constexpr(9)  # 1.0 or 0.0
 GROUP_COLUMNS = tl.constexpr(10)
+
+# Master copies (the MASTER flag of the update kernel).
+MASTER_NONE = tl.constexpr(0)
+MASTER_FP32 = tl.constexpr(1)  # fp32 master weights
+MASTER_REMAINDER = tl.constexpr(2)  # bf16 param + int16 low half: the exact fp32 master

@@ -27,7 +27,9 @@ class BucketKey:
     param_dtype: torch.dtype
     grad_dtype: torch.dtype
     amsgrad: bool = False
-    master: bool = False
+    master: int = 0  # layout.MASTER_NONE / MASTER_FP32 / MASTER_REMAINDER
+    state_dtype: torch.dtype | None = None  # None: the compute dtype
+    stochastic_rounding: bool = False
 
 
 @dataclass
@@ -42,6 +44,11 @@ class Bucket:
     grad_dtype = property(lambda self: self.key.grad_dtype)
     amsgrad = property(lambda self: self.key.amsgrad)
     master = property(lambda self: self.key.master)
+    stochastic_rounding = property(lambda self: self.key.stochastic_rounding)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.key.state_dtype or self.compute_dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -98,9 +105,9 @@ class DeviceTables:
         self._group_pointers = None
 
     @staticmethod
-    def row(param, exp_avg, second, max_second, master, step) -> list[int]:
+    def row(param, exp_avg, second, max_second, master, step, stream: int = 0) -> list[int]:
         return [param.data_ptr(), exp_avg.data_ptr(), second.data_ptr(), _ptr(max_second),
-                _ptr(master), param.numel(), step.data_ptr(), 0]
+                _ptr(master), param.numel(), step.data_ptr(), stream]
 
     def set_grad_ptrs(self, ptrs: np.ndarray) -> None:
         """Point the launches at this step's grads (int64, one per row)."""

@@ -27,6 +27,7 @@ from .layout import (
     S_DECAY,
     S_EPS,
     S_GMUL,
+    S_STEP,
     S_STEP_SIZE,
     S_W1,
     S_W2,
@@ -134,3 +135,4 @@ def _prepare_kernel(
     tl.store(srow + S_BC2_SQRT, bc2_sqrt, mask=mask)
     tl.store(srow + S_DECAY, tl.where(decoupled, 1.0 - lr * wd, 1.0), mask=mask)
     tl.store(srow + S_WD, tl.where(decoupled, 0.0, wd), mask=mask)
+    tl.store(srow + S_STEP, t, mask=mask)

@@ -1,24 +1,88 @@
-"""Rounding from the fp32 compute type to the stored param dtype."""
+"""Rounding from the fp32 compute type to what is stored in 16 bits.
+
+Every function here gives the same bits on the GPU and in Triton's interpreter (the
+interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even, so bf16 is
+rounded by hand).
+"""
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def _bf16_from_bits(bits):
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _rne_bf16(x):
-    # Triton's interpreter truncates fp32 -> bf16 (numpy has no bf16, it drops the low
-    # half), while the GPU rounds to nearest even. Rounding the bits by hand gives the same
-    # bf16 on both, equal to torch's .to(torch.bfloat16).
     bits = x.to(tl.uint32, bitcast=True)
     rounded = bits + 0x7FFF + ((bits >> 16) & 1)
     # A NaN whose payload lives only in the low bits would round to inf: keep it quiet NaN.
     rounded = tl.where(x != x, bits | 0x400000, rounded)
-    return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return _bf16_from_bits(rounded)
 
 
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr):
-    """x converted to DTYPE with round-to-nearest-even, identical on GPU and interpreter."""
+    """x in DTYPE, rounded to nearest even (torch's ``.to(dtype)``)."""
     if DTYPE == tl.bfloat16:
         return _rne_bf16(x)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def round_master(x):
+    """The bf16 half of an fp32 master: nearest, ties away from zero.
+
+    The only rounding whose error a 16-bit remainder can always undo: with ties to even,
+    both neighbours of an even bf16 value round to it at an exact tie, one state too many
+    for 16 bits. ``master_weights=True`` rounds this way too, so it and
+    ``master_weights="remainder"`` step bit for bit alike.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = tl.where(x != x, bits | 0x400000, bits + 0x8000)
+    return _bf16_from_bits(rounded)
+
+
+@triton.jit
+def split_master(x):
+    """(bf16 param, int16 remainder) holding the fp32 value ``x`` exactly."""
+    bits = x.to(tl.uint32, bitcast=True)
+    low = (bits & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
+    return round_master(x), low
+
+
+@triton.jit
+def join_master(param, remainder):
+    """The fp32 value ``split_master`` split: undo the round-up the remainder records."""
+    high = param.to(tl.uint16, bitcast=True).to(tl.uint32)
+    low = remainder.to(tl.uint16, bitcast=True).to(tl.uint32)
+    # uint32 wrap-around keeps this exact for the NaN patterns whose high half overflowed.
+    high = tl.where(low >= 0x8000, high - 1, high)
+    return ((high << 16) | low).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_stochastic(x, random, DTYPE: tl.constexpr):
+    """x in DTYPE, rounded up in magnitude with probability (|x| - |lo|) / (|hi| - |lo|),
+    where lo and hi are its neighbours in DTYPE: unbiased, E[result] = x.
+
+    ``random``: 32 uniformly random bits per element.
+    """
+    if DTYPE == tl.bfloat16:
+        # Adding 16 random bits below the kept half carries into it with exactly that
+        # probability (the low half counts units of the fp32 spacing inside one bf16 step).
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = tl.where(x != x, bits | 0x400000, bits + (random & 0xFFFF))
+        return _bf16_from_bits(rounded)
+    else:
+        tl.static_assert(DTYPE == tl.float16, "stochastic rounding to bf16 or fp16")
+        lo = x.to(tl.float16, fp_downcast_rounding="rtz")
+        # The next fp16 away from zero: one more unit in the magnitude bits.
+        hi = (lo.to(tl.uint16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+        below = tl.abs(x) - tl.abs(lo.to(tl.float32))
+        step = tl.abs(hi.to(tl.float32)) - tl.abs(lo.to(tl.float32))
+        # 24 random bits as a uniform float in [0, 1).
+        uniform = (random >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        return tl.where(uniform * step < below, hi, lo)

@@ -136,7 +136,7 @@ def make_scratch_runner(
     tables.set_groups(group, (0,) * 6)
     tables.set_grad_ptrs(np.asarray([t.data_ptr() for t in parts(g)], dtype=np.int64))
     launch_prepare(tables, count=False)
-    bucket = Bucket(BucketKey(param_dtype, grad_dtype, adam_amsgrad, master), torch.device(device), 0,
+    bucket = Bucket(BucketKey(param_dtype, grad_dtype, adam_amsgrad, int(master)), torch.device(device), 0,
                     np.asarray(sizes, dtype=np.int64))
     keep = (p, g, m, v, vmax, w, steps)
 
