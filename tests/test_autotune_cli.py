@@ -35,8 +35,8 @@ def cli(*args, cache_dir, check=True):
 
 
 def populate(cache_dir) -> Path:
-    def timer(fn):
-        return 1.0 if fn.config == BEST else 1.5 + fn.config.num_warps / 100
+    def timer(fn):  # ms of one timed unit of fn.n launches
+        return (1.0 if fn.config == BEST else 1.5 + fn.config.num_warps / 100) * fn.n
 
     def make_runner(config, numel):
         run = lambda: None  # noqa: E731
@@ -159,21 +159,23 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
         return (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
                 f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
 
-    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numel, device):
-        calls.append((optimizer, param_dtype, numel, config))
+    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numels, device):
+        calls.append((optimizer, param_dtype, sum(numels), config))
         run = lambda: None  # noqa: E731
         run.config = config
         return run
 
+    from tritonadam.kernels.scratch import scaled_mix
+
     kernels = types.SimpleNamespace(
-        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner,
+        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner, scaled_mix=scaled_mix,
         bytes_per_elem=lambda *, param_dtype, **_: 16 if param_dtype == torch.float32 else 12,
     )
     budget_clock = {"t": 0.0}
 
     def timer(fn):
         budget_clock["t"] += 1.0
-        return 1.0 if fn.config == BEST else 2.0
+        return (1.0 if fn.config == BEST else 2.0) * fn.n
 
     def tuner(budget):
         return Tuner(
@@ -206,3 +208,29 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
     assert len(entries) == 12
     e = entries[entry_key(("adamw", "amsgrad=0", "master=0", "p=bfloat16", "g=bfloat16"), 23)]
     assert e["config"] == BEST.to_json() and e["measured"]["how"] == "cli tune" and e["bytes_per_elem"] == 12
+
+
+def test_tune_times_scratch_launches_with_the_models_tensor_sizes(tmp_path, capsys):
+    """--tensor-numel 4096: each scratch launch is made of 4096-element tensors, like the
+    10,000 x 4,096 workload, rather than one tensor as large as the bucket."""
+    import types
+
+    from tritonadam.autotune.__main__ import build_parser, run_tune
+    from tritonadam.kernels import scratch
+
+    mixes = []
+
+    def make_scratch_runner(*, config, numels, **_):
+        mixes.append(numels)
+        run = lambda: None  # noqa: E731
+        run.config = config
+        return run
+
+    kernels = types.SimpleNamespace(autotune_key=scratch.autotune_key, bytes_per_elem=scratch.bytes_per_elem,
+                                    scaled_mix=scratch.scaled_mix, make_scratch_runner=make_scratch_runner)
+    tuner = Tuner(timer=lambda fn: 1.0 * fn.n, cache=DiskCache(tmp_path), device_info=lambda d: FAKE_GPU,
+                  free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO())
+    args = build_parser().parse_args(["tune", "--param-dtype", "bf16", "--numel", "2^16", "--tensor-numel", "4096"])
+    assert run_tune(args, tuner=tuner, kernels=kernels, device=torch.device("cpu")) == 0
+    assert mixes and all(m == [4096] * 16 for m in mixes)
+    capsys.readouterr()

@@ -2,11 +2,13 @@
 runners that launch one step on scratch buffers (never the user's tensors)."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 
-from .launch import Hyper, launch
+from .. import _env
+from .launch import KERNELS, Hyper, launch
 from .plan import build_bucket, dtype_name
 
 # Hyper-parameters for timing runs: representative, and finite from the first step.
@@ -70,6 +72,45 @@ def bytes_per_elem(*, optimizer: str = "adam", param_dtype: torch.dtype,
     return g + 2 * s * moments + (p + 2 * s if master else 2 * p)
 
 
+def scaled_mix(numels: list[int], total: int) -> list[int]:
+    """Tensor sizes for a scratch launch of about ``total`` elements shaped like a launch
+    over ``numels``: the same sizes when they fit, else as many tensors of the same sizes as
+    fit (the mix repeated or cut). Block boundaries, tails and the block -> tensor map
+    then look like the real launch's, which a single tensor of ``total`` would not."""
+    sizes = [int(n) for n in numels if n > 0] or [int(total)]
+    out, i = [], 0
+    room = int(total)
+    while room > 0:
+        n = min(sizes[i % len(sizes)], room)
+        out.append(n)
+        room -= n
+        i += 1
+    return out
+
+
+class _CompileOnly:
+    """Stands in for a kernel during one launch from the compiling thread: compiles it and
+    launches nothing; other threads launching meanwhile get the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.thread, self.compiled = kernel, threading.get_ident(), None
+
+    def __getitem__(self, grid):
+        if threading.get_ident() != self.thread:
+            return self.kernel[grid]
+
+        def compile_only(*args, **kwargs):
+            self.compiled = self.kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+        return compile_only
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+_compile_lock = threading.Lock()  # one stand-in at a time, so swaps never nest
+
+
 def make_scratch_runner(
     *,
     optimizer: str,
@@ -78,32 +119,59 @@ def make_scratch_runner(
     amsgrad: bool = False,
     master_weights: bool = False,
     config,
-    numel: int,
+    numel: int | None = None,
+    numels: list[int] | None = None,
     device: torch.device,
     hyper: Hyper | None = None,
 ) -> Callable[[], None]:
     """A callable launching one step of the kernel on fresh scratch buffers (for timing).
 
-    An in-place step timed on live tensors would apply the update several times, so the
-    tuner only ever runs these.
+    ``numels``: the tensor sizes of the scratch launch (a bucket's size mix, see
+    ``scaled_mix``); ``numel`` alone is one tensor. An in-place step timed on live tensors
+    would apply the update several times, so the tuner only ever runs these.
+
+    ``run.compile()`` compiles the launch without running it and returns the compiler's
+    report, ``{"registers", "spills", "shared"}`` (per thread, per thread, bytes per
+    program), or None where the compiler cannot say (Triton's interpreter).
     """
+    if numels is None:
+        if numel is None:
+            raise TypeError("make_scratch_runner needs numel or numels")
+        numels = [numel]
     kind = _kind(optimizer)
     if hyper is None:
         hyper = _TIMING_HYPER[optimizer]
     sdtype = state_dtype(param_dtype)
-    p = torch.randn(numel, device=device).to(param_dtype)
-    g = torch.randn(numel, device=device).to(grad_dtype)
-    m = torch.zeros(numel, dtype=sdtype, device=device)
-    v = torch.zeros(numel, dtype=sdtype, device=device)
-    vmax = [torch.zeros_like(v)] if amsgrad and kind == "adam" else None
-    w = [p.to(sdtype)] if uses_master(param_dtype, master_weights) else None
-    step = torch.ones((), dtype=torch.float32, device=device)
-    bucket = build_bucket([p], [m], [v], vmax, w, [step], grad_dtype)
-    bucket.set_grad_ptrs([g.data_ptr()])
+    p = [torch.randn(n, device=device).to(param_dtype) for n in numels]
+    g = [torch.randn(n, device=device).to(grad_dtype) for n in numels]
+    m = [torch.zeros(n, dtype=sdtype, device=device) for n in numels]
+    v = [torch.zeros(n, dtype=sdtype, device=device) for n in numels]
+    vmax = [torch.zeros_like(t) for t in v] if amsgrad and kind == "adam" else None
+    w = [t.to(sdtype) for t in p] if uses_master(param_dtype, master_weights) else None
+    step = [torch.ones((), dtype=torch.float32, device=device) for _ in numels]
+    bucket = build_bucket(p, m, v, vmax, w, step, grad_dtype)
+    bucket.set_grad_ptrs([t.data_ptr() for t in g])
     bucket.keep = (p, g, m, v, vmax, w, step)  # the table points at these
 
     def run() -> None:
         launch(kind, bucket, hyper, block_size=config.block_size, num_warps=config.num_warps,
-               persistent=getattr(config, "persistent", False), count=False)
+               persistent=config.persistent, count=False)
 
+    def compile() -> dict | None:
+        if _env.interpret():
+            return None
+        with _compile_lock:
+            real = KERNELS[kind]
+            stand_in = KERNELS[kind] = _CompileOnly(real)
+            try:
+                run()
+            finally:
+                KERNELS[kind] = real
+        kernel = stand_in.compiled
+        kernel._init_handles()  # loads the binary: the driver reports registers and spills
+        return {"registers": int(kernel.n_regs), "spills": int(kernel.n_spills),
+                "shared": int(kernel.metadata.shared)}
+
+    run.compile = compile
+    run.numels = numels
     return run
