@@ -896,7 +896,40 @@ def test_scratch_mix_and_runner():
     assert scaled_mix([2**30], 2**20) == [2**20] and scaled_mix([], 5) == [5]
     if not autotune.tuner._env.interpret():
         pytest.skip("runs the scratch launch in Triton's interpreter")
-    run = make_scratch_runner(optimizer="adamw", param_dtype=torch.bfloat16, grad_dtype=torch.bfloat16,
+    run = make_scratch_runner(optimizer="adamw", param_dtype=torch.float32, grad_dtype=torch.bfloat16,
                               config=LaunchConfig(1024, 4, True), numels=[4096, 7, 3000], device=CPU)
+    before = [t.clone() for t in run.params]
     run()
+    assert all(not torch.equal(a, b) for a, b in zip(before, run.params))  # every tensor stepped
     assert run.numels == [4096, 7, 3000] and run.compile() is None  # the interpreter reports nothing
+
+
+def test_compile_only_launches_nothing_and_only_in_its_thread():
+    import threading
+
+    from tritonadam.kernels import scratch
+    from tritonadam.kernels.launch import KERNELS
+
+    real = KERNELS["adam"]
+    run = scratch.make_scratch_runner(optimizer="adam", param_dtype=torch.float32, grad_dtype=torch.float32,
+                                      config=LaunchConfig(1024, 4), numel=3000, device=CPU)
+    before = run.params[0].clone()
+    scratch.compile_only("adam", run)  # the interpreter's "compile" is a no-op, and nothing runs
+    assert torch.equal(run.params[0], before) and KERNELS["adam"] is real
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(("launch", grid))
+
+        def run(self, *a, grid, warmup, **k):
+            launched.append(("compile" if warmup else "launch", grid))
+            return "compiled"
+
+    stand_in = scratch._CompileOnly(Kernel())
+    stand_in[(4,)]()
+    other = threading.Thread(target=lambda: stand_in[(8,)]())
+    other.start()
+    other.join()
+    assert launched == [("compile", (4,)), ("launch", (8,))] and stand_in.compiled == "compiled"

@@ -1,8 +1,8 @@
 """Per-GPU launch configs for the optimizer kernels: config space, tuner, on-disk cache.
 
 The optimizer asks ``select_config`` once per launch; the first call for a kernel variant
-and size bucket decides (built-in default, disk cache, or timing on scratch buffers within
-a budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
+and size bucket decides (built-in default, disk cache, or compiling and timing candidates
+on scratch buffers, each within its budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
 ``mode`` keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and
 Triton's interpreter never tune. In a distributed job one rank decides each entry and every
 rank uses its choice (see ``select_config``).
@@ -92,10 +92,10 @@ def select_config(
     package; stored as strings); ``numel`` is the element count of the launch (bucketed in
     powers of two); ``make_runner(config, numel)`` returns a zero-argument callable that
     launches the kernel once on scratch buffers of ``numel`` elements in all (never the
-    user's tensors; ``kernels.scaled_mix`` spreads them like the launch's tensors), for
-    timing, and may offer ``.compile()`` returning the compiler's report. It is called only
-    when tuning, with the bucket's representative size, possibly capped by the
-    scratch-memory budget.
+    user's tensors; ``tritonadam.kernels.scratch.scaled_mix`` spreads them over tensors
+    sized like the launch's), for timing, and may offer ``.compile()`` returning the
+    compiler's report. It is called only when tuning, with the bucket's representative
+    size, possibly capped by the scratch-memory budget.
 
     Keyword-only:
     ``mode``: "on" | "cache-only" | "off"; None = ``TRITONADAM_AUTOTUNE``, else "on".

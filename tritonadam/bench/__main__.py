@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", action="append", default=[], metavar="FILE",
                      help="write the report to FILE (repeatable; format from the extension); "
                           "stdout then shows the table")
+    out.add_argument("--summary", metavar="FILE.md",
+                     help="also write the one-page markdown summary (goals, key results, launch "
+                          "configs) to FILE, like --out")
     out.add_argument("--plot", metavar="FILE.png", help="bar chart (needs matplotlib)")
     out.add_argument("--roofline", action="store_true",
                      help="show the analytic roofline table (always shown on CPU)")
@@ -126,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a note to the report (repeatable); with --load, to annotate a "
                           "saved run, e.g. why a goal was missed, and write it back with --out")
     out.add_argument("--list", action="store_true", help="list profiles, setups and providers")
+    out.add_argument("--plan", action="store_true",
+                     help="check the arguments, print the cases the run would time (as on a GPU "
+                          "unless --device cpu) and exit without running anything")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     return p
 
@@ -153,6 +159,20 @@ def _listing() -> str:
     return text
 
 
+def _print_plan(args, device: str, providers, setups, workloads) -> None:
+    from .workloads import format_count
+
+    print(f"on {device}: {len(workloads)} workloads x {len(setups)} setups ({', '.join(setups)})")
+    for w in workloads:
+        print(f"  {w.name}: {format_count(w.params)} params in {w.tensors} tensors")
+    print("providers: " + (", ".join(providers) or "none"))
+    if args.tuning:
+        print("tritonadam first use: the first step with an empty autotune cache, then tuned")
+    if args.sweep or args.tuning:
+        print("tritonadam sweep: every candidate launch config"
+              + (f", at most {args.sweep_max}" if args.sweep_max else "") + " per workload and setup")
+
+
 def _select(values, allowed, what, parser, default):
     if not values:
         return list(default)
@@ -167,9 +187,11 @@ def _select(values, allowed, what, parser, default):
 def _write_files(report: dict, args) -> None:
     from .report import EXTENSIONS, render
 
-    for path in args.out:
-        ext = os.path.splitext(path)[1].lower()
-        fmt = EXTENSIONS.get(ext) or args.format or "table"
+    outs = [(path, EXTENSIONS.get(os.path.splitext(path)[1].lower()) or args.format or "table")
+            for path in args.out]
+    if args.summary:
+        outs.append((args.summary, "summary"))
+    for path, fmt in outs:
         d = os.path.dirname(path)
         if d:
             os.makedirs(d, exist_ok=True)
@@ -184,7 +206,7 @@ def _emit(report: dict, args, parser) -> None:
     from .report import plot, render
 
     _write_files(report, args)
-    stdout_fmt = "table" if args.out else (args.format or "table")
+    stdout_fmt = "table" if args.out or args.summary else (args.format or "table")
     sys.stdout.write(render(report, stdout_fmt))
     sys.stdout.flush()
     if args.plot:
@@ -260,26 +282,12 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     import torch
 
     cuda_ok = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda_ok:
+    if args.device == "cuda" and not cuda_ok and not args.plan:
         parser.error("--device cuda: no CUDA device is available")
-    want_cpu = args.device == "cpu" or not cuda_ok
-    if args.tuning and (want_cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
-        # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
-        # kernels could not step CUDA tensors either).
-        from .tuning import NO_GPU_MESSAGE
-
-        print(NO_GPU_MESSAGE, flush=True)
-        return 0
-    if allow_reexec:
-        prepare_interpreter(argv, want_cpu)
-    elif want_cpu and os.environ.get("TRITON_INTERPRET", "") == "":
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cpu" if want_cpu else "cuda", None if want_cpu else torch.cuda.current_device())
-
+    # --plan shows a GPU run's cases on any machine unless --device cpu says otherwise.
+    cpu = args.device == "cpu" or (not cuda_ok and not args.plan)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if want_cpu:
-        torch.set_num_threads(args.threads or 1)
 
     from .providers import PROVIDERS, HyperParams
     from .report import CPU_STATEMENT, SCHEMA, collect_header, goals, roofline
@@ -287,14 +295,13 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     from .timing import TimingConfig
     from .workloads import PROFILES, SETUPS, make_workload, parse_count, parse_workloads
 
-    cpu = device.type == "cpu"
     if args.providers:
         providers = _select(args.providers, list(PROVIDERS), "provider", parser, [])
     elif cpu:
         providers = list(_CPU_PROVIDERS)
     else:
         providers = [p for p in _GPU_PROVIDERS
-                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(device) is None]
+                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(torch.device("cuda")) is None]
     if args.baseline not in PROVIDERS:
         parser.error(f"unknown --baseline {args.baseline}")
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
@@ -321,6 +328,24 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    if args.plan:
+        _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads)
+        return 0
+    if args.tuning and (cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
+        # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
+        # kernels could not step CUDA tensors either).
+        from .tuning import NO_GPU_MESSAGE
+
+        print(NO_GPU_MESSAGE, flush=True)
+        return 0
+    if allow_reexec:
+        prepare_interpreter(argv, cpu)
+    elif cpu and os.environ.get("TRITON_INTERPRET", "") == "":
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cpu" if cpu else "cuda", None if cpu else torch.cuda.current_device())
+    if cpu:
+        torch.set_num_threads(args.threads or 1)
 
     # A sweep times ~20-40 configs per workload: shorter reps than a provider comparison.
     many = args.sweep or args.tuning

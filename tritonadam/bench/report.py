@@ -539,6 +539,8 @@ def render_summary(report: dict) -> str:
            f"{h.get('date')}; torch {h.get('torch')}, triton {h.get('triton')}, CUDA {h.get('cuda')}, "
            f"driver {h.get('driver')}; commit {h.get('git_commit') or 'unknown'}", "",
            f"`{h.get('command')}`", ""]
+    if report.get("statement"):
+        out += ["> " + report["statement"], ""]
     cp = report.get("copy_bandwidth")
     if cp:
         out += [f"Device-to-device copy: {cp['gbps']:.1f} GB/s (read + written; '% copy' is relative to it).", ""]
@@ -561,6 +563,24 @@ def render_summary(report: dict) -> str:
                                                       f"vs {report.get('config', {}).get('baseline')}",
                                                       "host ms", "launches", "best fixed config: ms"],
                                       tablefmt="github", disable_numparse=True) if rows else "(nothing timed yet)"]
+    sums = config_summaries(report)
+    if sums:
+        out += ["", "## Launch configs", "", tabulate([[
+            x["workload"], x["setup"], f"{config_text(x['default'])}: {_ms(x.get('default_ms'))}",
+            f"{config_text(x.get('best_fixed'))}: {_ms(x.get('best_fixed_ms'))}", _ratio(x.get("default_over_best")),
+            f"{config_text(x['tuned'])}: {_ms(x.get('tuned_ms'))}" if x.get("tuned") else "",
+            _ratio(x.get("tuned_over_best")), f"{x['fixed_timed']} of {x['considered']}"] for x in sums],
+            headers=["workload", "setup", "default: ms", "best fixed: ms", "default/best", "tuned: ms",
+                     "tuned/best", "configs timed"], tablefmt="github", disable_numparse=True)]
+    first = [r for r in ok if r.get("variant") == "first-use"]
+    if first:
+        out += ["", "## First use (empty autotune cache)", "", tabulate([[
+            r["workload"], r["setup"], config_text(r.get("config")), _ms(r.get("extra_ms")),
+            _num(r.get("compile_s"), "{:.3g}"), _num(r.get("tune_s"), "{:.3g}"),
+            f"{r.get('configs_timed')} of {r.get('configs_considered')}"
+            + (f", {r['configs_pruned']} pruned" if r.get("configs_pruned") else "")] for r in first],
+            headers=["workload", "setup", "tuned", "first step extra ms", "compile s", "tuning s",
+                     "configs timed"], tablefmt="github", disable_numparse=True)]
     not_ok = [r for r in report["results"] if r.get("status") != "ok"]
     if not_ok:
         out += ["", f"{len(not_ok)} case(s) not timed: " + "; ".join(

@@ -111,6 +111,19 @@ class _CompileOnly:
 _compile_lock = threading.Lock()  # one stand-in at a time, so swaps never nest
 
 
+def compile_only(kind: str, launch_once: Callable[[], None]):
+    """Call ``launch_once`` with the ``kind`` kernel compiling instead of launching; returns
+    the compiled kernel (None in Triton's interpreter, which compiles nothing)."""
+    with _compile_lock:
+        real = KERNELS[kind]
+        stand_in = KERNELS[kind] = _CompileOnly(real)
+        try:
+            launch_once()
+        finally:
+            KERNELS[kind] = real
+    return stand_in.compiled
+
+
 def make_scratch_runner(
     *,
     optimizer: str,
@@ -160,18 +173,11 @@ def make_scratch_runner(
     def compile() -> dict | None:
         if _env.interpret():
             return None
-        with _compile_lock:
-            real = KERNELS[kind]
-            stand_in = KERNELS[kind] = _CompileOnly(real)
-            try:
-                run()
-            finally:
-                KERNELS[kind] = real
-        kernel = stand_in.compiled
+        kernel = compile_only(kind, run)
         kernel._init_handles()  # loads the binary: the driver reports registers and spills
         return {"registers": int(kernel.n_regs), "spills": int(kernel.n_spills),
                 "shared": int(kernel.metadata.shared)}
 
     run.compile = compile
-    run.numels = numels
+    run.numels, run.params = numels, p
     return run
