@@ -126,8 +126,9 @@ RULES_VERSION = 2
 
 # A streaming kernel hides memory latency with loads in flight from several resident
 # programs; a config whose registers or shared memory leave fewer warps than this on an SM
-# cannot keep enough bytes in flight (DESIGN.md section 9: 4096/8 at ~200 registers fits one
-# 8-warp program per SM). Compiled candidates below it, or spilling, are not timed.
+# cannot keep enough bytes in flight (compiled for sm_90, 4096/8 at ~200 registers fits one
+# 8-warp program per SM; 1024/8 at ~60, four). Compiled candidates below it, or spilling,
+# are not timed.
 MIN_RESIDENT_WARPS = 16
 
 # Buckets are powers of two of the launch's element count, clamped: below 2**12 every config
