@@ -23,6 +23,14 @@
 # Exit status: 0 when every step exited 0, else 1.
 set -u
 
+# The exact command: the script and every variable it reads that was set.
+COMMAND=""
+for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS TRITONADAM_AUTOTUNE_BUDGET \
+        TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
+    [ -n "${!var+x}" ] && COMMAND="$COMMAND$var=$(printf '%q' "${!var}") "
+done
+COMMAND="${COMMAND}bash bench/gpu_check.sh"
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-./out}"
@@ -32,7 +40,6 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/tritonadam-gpu-check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 PY="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
-COMMAND="${GPU_CHECK_COMMAND:-TRITONADAM_COMMIT=${TRITONADAM_COMMIT:-} OUT=$OUT${DRY_RUN:+ DRY_RUN=$DRY_RUN} bash bench/gpu_check.sh}"
 START=$(date +%s)
 TOTAL_S="${TOTAL_S:-350}"
 

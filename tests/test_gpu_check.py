@@ -77,7 +77,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert re.search(r"^=+ .*collected", pytest_txt, re.M) and "not found" not in pytest_txt
 
     header = (out / "header.txt").read_text()
-    assert "commit:  0123abc" in header and "DRY_RUN=1 bash bench/gpu_check.sh" in header
+    command = next(line for line in header.splitlines() if line.startswith("command: "))
+    assert "commit:  0123abc" in header and command.endswith(" bash bench/gpu_check.sh")
+    assert "TRITONADAM_COMMIT=0123abc " in command and "DRY_RUN=1 " in command
     assert "torch:" in header and "triton:" in header and "expecttest no" in header
 
     results = json.loads((out / "results.json").read_text())

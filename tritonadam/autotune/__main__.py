@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
     t.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
                    help="compile budget per entry, spent before timing "
-                        "(default: $TRITONADAM_AUTOTUNE_COMPILE_BUDGET, else 60)")
+                        "(default: $TRITONADAM_AUTOTUNE_COMPILE_BUDGET, else 30)")
     t.add_argument("--device", default=None, help="GPU to tune on (default: the current CUDA device)")
     t.add_argument("--force", action="store_true",
                    help="re-tune entries that are already cached (entries whose first-use tuning ran out of budget are re-tuned anyway)")

@@ -55,7 +55,7 @@ _MODE_ALIASES = {
 DEFAULT_BUDGET_S = 10.0
 # Compiling a config takes 0.5-11 s (more when it spills): it gets its own budget, spent
 # before timing starts, so that the timing budget buys timings.
-DEFAULT_COMPILE_BUDGET_S = 60.0
+DEFAULT_COMPILE_BUDGET_S = 30.0
 # A timed unit repeats a small launch until it moves about this many bytes, so that the
 # GPU's work, not the event pair's resolution, decides its time (at most MAX_LAUNCHES_PER_TIMING).
 TIMED_BYTES = 256 << 20

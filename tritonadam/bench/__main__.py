@@ -7,6 +7,7 @@ Examples::
     python -m tritonadam.bench --providers tritonadam,torch-fused --profiles one-huge@1B \\
         --out run.json --out run.md --plot run.png
     python -m tritonadam.bench --load run.json --format md      # re-render a saved run
+    python -m tritonadam.bench --plan --profiles many-small     # check arguments, show the cases
     python -m tritonadam.bench --list                           # profiles, setups, providers
     python -m tritonadam.bench --sweep --profiles many-small    # also every candidate launch config
     python -m tritonadam.bench --tuning --profiles gpt2-124m --setups bf16 \
@@ -293,6 +294,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     from .report import CPU_STATEMENT, SCHEMA, collect_header, goals, roofline
     from .runner import Interrupted, Options, run, stderr_progress
     from .timing import TimingConfig
+    from .tuning import LATER_STEPS
     from .workloads import PROFILES, SETUPS, make_workload, parse_count, parse_workloads
 
     if args.providers:
@@ -386,6 +388,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     header = collect_header(device, argv)
     if args.tuning:
         header["tritonadam_autotune"] = "on (first use: each case from an empty temporary cache)"
+        header["tritonadam_cache_dir"] = "a temporary directory per first-use case"
 
     def report_of(runner, final: bool) -> dict:
         statement = CPU_STATEMENT if cpu else None
@@ -406,6 +409,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                 "max_reps": tcfg.max_reps, "flush": tcfg.flush, "check": not args.no_check,
                 "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
                 "sweep": opts.sweep, "sweep_max": args.sweep_max, "first_use": opts.first_use,
+                "later_steps": LATER_STEPS if opts.first_use else None,
             },
             "copy_bandwidth": runner.copy,
             "results": runner.rows,

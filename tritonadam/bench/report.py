@@ -395,12 +395,6 @@ def _csv_value(v):
     return v
 
 
-def _json_default(o):
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    return str(o)
-
-
 def _clean(o):
     if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
         return None
@@ -412,7 +406,7 @@ def _clean(o):
 
 
 def render_json(report: dict) -> str:
-    return json.dumps(_clean(report), indent=2, default=_json_default) + "\n"
+    return json.dumps(_clean(report), indent=2, default=str) + "\n"
 
 
 FORMATS = ("table", "md", "csv", "json", "summary")
@@ -462,7 +456,8 @@ def _ratio(x):
     return _num(x, "{:.3f}")
 
 
-def _tuning_sections(report: dict, md: bool) -> list[str]:
+def _tuning_sections(report: dict, md: bool, detail: bool = True) -> list[str]:
+    """First use, the launch-config table and (``detail``) every fixed config's time."""
     from tabulate import tabulate
 
     fmt = "github" if md else "simple"
@@ -508,7 +503,9 @@ def _tuning_sections(report: dict, md: bool) -> list[str]:
             "looping over blocks). ms: median per step, the same timer as the results above; "
             "default: the built-in config for this GPU and size; tuned: first use's choice, its "
             "rank among the fixed configs when it was one of them."]
-    detail = []
+    if not detail:
+        return out
+    rows = []
     marks_of = {(s["workload"], s["setup"]): s for s in sums}
     for r in report["results"]:
         if r.get("variant") != "fixed":
@@ -517,14 +514,14 @@ def _tuning_sections(report: dict, md: bool) -> list[str]:
         marks = [m for m, c in (("tuned", s.get("tuned")), ("default", s.get("default")), ("best", s.get("best_fixed")))
                  if c is not None and config_key(c) == config_key(r["config"])]
         ok = r.get("status") == "ok"
-        detail.append([r["workload"], r["setup"], config_text(r["config"]),
+        rows.append([r["workload"], r["setup"], config_text(r["config"]),
                        _ms(r.get("ms")) if ok else r.get("status"),
                        f"{_ms(r.get('ms_p20'))}-{_ms(r.get('ms_p80'))}" if ok else r.get("reason", ""),
                        _num(r.get("pct_copy"), "{:.1f}") if ok else "",
                        _ratio(r["ms"] / s["best_fixed_ms"]) if ok and s.get("best_fixed_ms") else "",
                        ", ".join(marks)])
     title("Every fixed config")
-    out.append(tabulate(detail, headers=["workload", "setup", "config", "ms", "p20-p80", "% copy", "/ best", ""],
+    out.append(tabulate(rows, headers=["workload", "setup", "config", "ms", "p20-p80", "% copy", "/ best", ""],
                         tablefmt=fmt, disable_numparse=True))
     return out
 
@@ -559,28 +556,13 @@ def render_summary(report: dict) -> str:
         rows.append([r["workload"], r["setup"], r["provider"], _ms(r["ms"]), _num(r.get("pct_copy"), "{:.1f}"),
                      _num(r.get("speedup"), "{:.2f}x"), _ms(r.get("host_ms")), _num(r.get("launches"), "{}"),
                      f"{config_text(b['best_fixed'])}: {_ms(b['best_fixed_ms'])}" if b and b.get("best_fixed") else ""])
-    out += ["## Results", "", tabulate(rows, headers=["workload", "setup", "provider", "ms", "% copy",
-                                                      f"vs {report.get('config', {}).get('baseline')}",
-                                                      "host ms", "launches", "best fixed config: ms"],
-                                      tablefmt="github", disable_numparse=True) if rows else "(nothing timed yet)"]
-    sums = config_summaries(report)
-    if sums:
-        out += ["", "## Launch configs", "", tabulate([[
-            x["workload"], x["setup"], f"{config_text(x['default'])}: {_ms(x.get('default_ms'))}",
-            f"{config_text(x.get('best_fixed'))}: {_ms(x.get('best_fixed_ms'))}", _ratio(x.get("default_over_best")),
-            f"{config_text(x['tuned'])}: {_ms(x.get('tuned_ms'))}" if x.get("tuned") else "",
-            _ratio(x.get("tuned_over_best")), f"{x['fixed_timed']} of {x['considered']}"] for x in sums],
-            headers=["workload", "setup", "default: ms", "best fixed: ms", "default/best", "tuned: ms",
-                     "tuned/best", "configs timed"], tablefmt="github", disable_numparse=True)]
-    first = [r for r in ok if r.get("variant") == "first-use"]
-    if first:
-        out += ["", "## First use (empty autotune cache)", "", tabulate([[
-            r["workload"], r["setup"], config_text(r.get("config")), _ms(r.get("extra_ms")),
-            _num(r.get("compile_s"), "{:.3g}"), _num(r.get("tune_s"), "{:.3g}"),
-            f"{r.get('configs_timed')} of {r.get('configs_considered')}"
-            + (f", {r['configs_pruned']} pruned" if r.get("configs_pruned") else "")] for r in first],
-            headers=["workload", "setup", "tuned", "first step extra ms", "compile s", "tuning s",
-                     "configs timed"], tablefmt="github", disable_numparse=True)]
+    if rows:
+        out += ["## Results", "", tabulate(rows, headers=["workload", "setup", "provider", "ms", "% copy",
+                                                          f"vs {report.get('config', {}).get('baseline')}",
+                                                          "host ms", "launches", "best fixed config: ms"],
+                                          tablefmt="github", disable_numparse=True)]
+    tuned = _tuning_sections(report, md=True, detail=False)
+    out += tuned if rows or tuned else ["(nothing timed yet)"]
     not_ok = [r for r in report["results"] if r.get("status") != "ok"]
     if not_ok:
         out += ["", f"{len(not_ok)} case(s) not timed: " + "; ".join(
