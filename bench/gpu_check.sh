@@ -1,115 +1,186 @@
 #!/usr/bin/env bash
-# One-shot GPU check for tritonadam: the test suite on the GPU, the autotuner, the bench.
+# The GPU check: the key numbers first, then correctness on the GPU, then the autotuner, then
+# the full bench while time remains; at most TOTAL_S (350 s) in all, each step time-boxed,
+# and everything it has measured written as soon as it is measured.
 #
-#   OUT=./out bash bench/gpu_check.sh          # from anywhere; runs from the checkout root
+#   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash bench/gpu_check.sh
 #
-# Everything it writes goes under ${OUT:-./out}:
-#   header.txt                      date, GPU, driver, CUDA, torch, triton, python, commit
-#   pytest.log, pytest.xml          python -m pytest -q $GPU_TESTS  (TRITONADAM_TEST_DEVICE=cuda;
-#                                   the device-generic and GPU-marked test files)
-#   autotune-tune.log, autotune-tune-master.log, autotune-show.log, autotune-cache/
-#                                   python -m tritonadam.autotune tune (the bench's launch sizes,
-#                                   fp32/bf16/fp16, then bf16 master weights) and show, if that
-#                                   CLI exists; the bench then runs with the tuned cache
-#   tuning.json, tuning.md, tuning.log
-#                                   python -m tritonadam.bench --tuning: the first step's extra
-#                                   time with an empty autotune cache (each case in its own
-#                                   temporary cache dir), and the tuned step against every fixed
-#                                   config the tuner considers (best fixed, default, tuned/best)
-#   bench.json, bench.md, bench.csv, bench.log, bench.png (with matplotlib)
-#                                   python -m tritonadam.bench, json + md (+ csv, plot)
-#   summary.txt                     each step's exit status and seconds
+# It runs the checkout in place (PYTHONPATH, no pip install, nothing downloaded) with
+# python3, torch, triton, pytest, tabulate, numpy and filelock; pytest-timeout and matplotlib
+# are used when present. $OUT receives five files (a GPU machine hands back at most 8):
+#   header.txt    GPU, driver, CUDA, torch, triton, python, commit, the exact command
+#   results.json  step 2: copy bandwidth; tritonadam (default config) vs torch fused=True
+#                 vs foreach; every candidate launch config: rewritten after every case
+#   pytest.txt    step 3: the GPU tests, -v -rA, streamed as they run
+#   summary.md    the goals, key results, launch configs, each step's status, test counts,
+#                 the tuner's first use: rewritten after every step
+#   all.tgz       everything else (logs, the tuner's and the full bench's reports, the
+#                 autotune cache, junit XML): rewritten after every step
 #
-# It downloads nothing and uses the checkout through PYTHONPATH. Each step is time-boxed
-# with `timeout` so a hang costs only its own step; the defaults add up to at most 7 min 20 s
-# (T_PYTEST 115 + T_TUNE 65 + T_TUNE_MASTER 25 + T_SHOW 10 + T_TUNING 60 + T_BENCH 165; the
-# earlier steps were shortened by 5-15 s each when the tuning step was added) and can be
-# changed (seconds). BENCH_ARGS / TUNING_ARGS replace the workload selections; STEPS picks
-# steps (default "pytest autotune tuning bench"). Exit status: 0 when every step passed, else 1.
+# DRY_RUN=1 runs the same steps on the CPU in Triton's interpreter with tiny sizes, after
+# checking each GPU command line with `--plan`, and the GPU tests with --collect-only
+# (tests/test_gpu_check.py does this in CI).
+# Exit status: 0 when every step exited 0, else 1.
 set -u
+
+# The exact command: the script and every variable it reads that was set.
+COMMAND=""
+for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS TRITONADAM_AUTOTUNE_BUDGET \
+        TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
+    [ -n "${!var+x}" ] && COMMAND="$COMMAND$var=$(printf '%q' "${!var}") "
+done
+COMMAND="${COMMAND}bash bench/gpu_check.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/tritonadam-gpu-check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+PY="${PYTHON:-python3}"
+DRY_RUN="${DRY_RUN:-0}"
+START=$(date +%s)
+TOTAL_S="${TOTAL_S:-350}"
+
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export TRITONADAM_CACHE_DIR="${TRITONADAM_CACHE_DIR:-$OUT/autotune-cache}"
-# First-use tuning (tests, the bench's odd sizes) gets a short budget per entry.
+export PYTHONUNBUFFERED=1
+export TRITONADAM_CACHE_DIR="$WORK/autotune-cache"
+# First use tunes inside the timed run: short budgets, so a workload costs seconds.
 export TRITONADAM_AUTOTUNE_BUDGET="${TRITONADAM_AUTOTUNE_BUDGET:-2}"
-unset TRITON_INTERPRET
-PY="${PYTHON:-python}"
+export TRITONADAM_AUTOTUNE_COMPILE_BUDGET="${TRITONADAM_AUTOTUNE_COMPILE_BUDGET:-15}"
+export TRITON_DEFAULT_FP_FUSION=0
+if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1
+else
+    unset TRITON_INTERPRET
+fi
 
-T_PYTEST="${T_PYTEST:-115}"
-GPU_TESTS="${GPU_TESTS:-tests/test_cuda_graphs.py tests/test_low_precision.py tests/test_parity.py tests/test_launches.py tests/test_amp.py tests/test_state_dict.py tests/test_errors.py tests/test_autotune.py tests/test_bench_cli.py}"
-T_TUNE="${T_TUNE:-65}"
-T_TUNE_MASTER="${T_TUNE_MASTER:-25}"
-T_SHOW="${T_SHOW:-10}"
-T_TUNING="${T_TUNING:-60}"
-T_BENCH="${T_BENCH:-165}"
-# Tune the launch sizes the bench uses (one launch per param group: its total elements).
-TUNE_SIZES="${TUNE_SIZES:-60K 10M 41M 125M 405M 1B 1.1B}"
-TUNE_ARGS="${TUNE_ARGS:---optimizer adamw --param-dtype fp32 bf16 fp16 --numel $TUNE_SIZES --budget 2}"
-TUNE_MASTER_ARGS="${TUNE_MASTER_ARGS:---optimizer adamw --param-dtype bf16 --master-weights --numel $TUNE_SIZES --budget 2}"
-# The bench starts no case after BENCH_BUDGET s (launch counting may run ~20 s longer);
-# on the timeout's SIGTERM it still writes what it has.
-BENCH_BUDGET=$(( T_BENCH > 80 ? T_BENCH - 40 : T_BENCH / 2 ))
-# The workloads issue 4's goals are judged on (Llama-like 400M in bf16, 10,000 x 4,096 small
-# tensors), a real model's mix (GPT-2) and one huge tensor; torch-compile runs last.
-BENCH_ARGS="${BENCH_ARGS:---profiles llama-layers@400M,many-small,gpt2-124m,one-huge@1B --rep-ms 150}"
-# The tuning step: bf16 on the goal workloads (one dtype, so Triton compiles each config once);
-# it starts nothing new after TUNING_BUDGET s and writes what it has on the timeout's SIGTERM.
-# First-use tuning runs with TRITONADAM_AUTOTUNE_BUDGET (2 s here).
-TUNING_BUDGET=$(( T_TUNING > 40 ? T_TUNING - 20 : T_TUNING / 2 ))
-TUNING_ARGS="${TUNING_ARGS:---profiles llama-layers@400M,gpt2-124m,many-small --setups bf16 --rep-ms 60}"
+# ------------------------------------------------------------------ what each step runs
+# The goal workloads: Llama-like layers in bf16 and fp32, 10,000 x 4,096, one huge tensor.
+CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups bf16,fp32
+      --providers tritonadam,torch-fused,torch-foreach --autotune off --sweep --sweep-max 8)
+CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
+          --providers tritonadam,torch-fused,torch-foreach --sweep --sweep-max 2
+          --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2 --check-steps 1)
+# Parity, bf16/fp16 bit-exactness, CUDA graphs, GradScaler's skip, one launch per step,
+# state_dict round trips: most important first, so a time-out still leaves their results.
+GPU_TESTS="${GPU_TESTS:-tests/test_parity.py tests/test_low_precision.py tests/test_cuda_graphs.py tests/test_amp.py tests/test_launches.py tests/test_state_dict.py}"
+TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --sweep-max 6)
+TUNING_DRY=()  # on the CPU --tuning checks its arguments, says it needs a GPU and exits 0
+BENCH=()  # the default matrix: every profile, setup and provider
+BENCH_DRY=(--device cpu --profiles one-huge@10K --setups fp32 --providers torch-fused,torch-foreach
+           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2)
 
-: > "$OUT/summary.txt"
+# ------------------------------------------------------------------------------ helpers
 FAILED=0
-STEPS="${STEPS:-pytest autotune tuning bench}"
-want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+printf 'step\trc\tseconds\tnote\n' > "$WORK/steps.tsv"
 
-step() {  # step NAME SECONDS CMD... : run CMD with a time limit, log to $OUT/NAME.log
-    local name="$1" limit="$2"
-    shift 2
-    local t0 rc
-    t0=$(date +%s)
-    echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.txt" >&2
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    local msg="rc=$rc"
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && msg="$msg (timed out after ${limit}s)"
-    echo "   $name: $msg, $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt" >&2
-    [ "$rc" -eq 0 ] || FAILED=1
-    tail -n 5 "$OUT/$name.log" >&2
-    return 0
+left() { echo $(( START + TOTAL_S - $(date +%s) )); }
+
+pack() {  # everything but the files $OUT already holds, as one archive
+    tar -czf "$OUT/all.tgz.part" -C "$WORK" . 2> /dev/null && mv "$OUT/all.tgz.part" "$OUT/all.tgz"
 }
 
-# ---------------------------------------------------------------------------- header
+summarize() {  # summary.md from what exists now (no Python: a step costs no extra start-up)
+    {
+        if [ -s "$WORK/core-summary.md" ]; then
+            cat "$WORK/core-summary.md"
+        else
+            echo "# tritonadam GPU check"
+            echo
+            echo "No results yet: see the steps below."
+        fi
+        echo
+        echo "## Steps"
+        echo
+        echo "| step | exit | seconds | note |"
+        echo "|------|------|---------|------|"
+        tail -n +2 "$WORK/steps.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
+        if [ -s "$OUT/pytest.txt" ]; then
+            echo
+            echo "## GPU tests"
+            echo
+            grep -E '^=+ .*(passed|failed|error|no tests ran|collected).* =+$' "$OUT/pytest.txt" | tail -n 1 \
+                || echo "(no pytest summary line: the run was cut short; pytest.txt lists what ran)"
+            grep -E '^(FAILED|ERROR) ' "$OUT/pytest.txt" | head -n 30 | sed 's/^/    /'
+        fi
+        if [ -s "$WORK/tuning-summary.md" ]; then
+            echo
+            echo "## Autotuner"
+            sed -n '/^## /,$p' "$WORK/tuning-summary.md" | sed 's/^## /### /'
+        fi
+        echo
+        echo "Everything else is in all.tgz. Command: \`$COMMAND\`"
+    } > "$WORK/summary.md.part"
+    mv "$WORK/summary.md.part" "$OUT/summary.md"
+}
+
+finish_step() {  # finish_step NAME RC T0 NOTE
+    local seconds=$(( $(date +%s) - $3 )) note="$4"
+    [ "$2" -eq 124 ] || [ "$2" -eq 137 ] && note="timed out${note:+; $note}"
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$seconds" "$note" >> "$WORK/steps.tsv"
+    echo "== $1: exit $2, ${seconds}s${note:+ ($note)}" >&2
+    [ "$2" -eq 0 ] || FAILED=1
+    summarize
+    pack
+}
+
+limit_for() {  # limit_for WANTED: seconds a step may take, keeping RESERVE for the end
+    local l=$(( $(left) - 15 ))
+    [ "$l" -gt "$1" ] && l=$1
+    echo "$l"
+}
+
+bench_step() {  # bench_step NAME WANTED_S GPU_ARGS_VAR DRY_ARGS_VAR OUT_ARGS...
+    local name="$1" wanted="$2" gpu_var="$3[@]" dry_var="$4[@]"
+    shift 4
+    local limit t0 rc=0 note=""
+    limit=$(limit_for "$wanted")
+    t0=$(date +%s)
+    if [ "$limit" -lt 20 ]; then
+        finish_step "$name" 0 "$t0" "skipped: no time left"
+        return
+    fi
+    echo "== $name (limit ${limit}s)" >&2
+    local args=("${!gpu_var}")
+    if [ "$DRY_RUN" = 1 ] && [ -z "${!dry_var+x}" ]; then
+        args+=(--device cpu)
+    elif [ "$DRY_RUN" = 1 ]; then
+        # The GPU command line must parse and name real workloads: checked here, in CI.
+        "$PY" -m tritonadam.bench ${args[@]+"${args[@]}"} --plan > "$WORK/$name.plan.txt" 2>&1 || rc=$?
+        if [ "$rc" -ne 0 ]; then
+            finish_step "$name" "$rc" "$t0" "the GPU arguments do not parse: see $name.plan.txt"
+            return
+        fi
+        args=("${!dry_var}")
+    fi
+    # The bench stops starting cases 20 s before its limit and writes what it has on SIGTERM.
+    timeout -k 10 "$limit" "$PY" -m tritonadam.bench ${args[@]+"${args[@]}"} \
+        --time-budget $(( limit > 40 ? limit - 20 : limit / 2 )) "$@" > "$WORK/$name.log" 2>&1 || rc=$?
+    finish_step "$name" "$rc" "$t0" "$note"
+}
+
+# ------------------------------------------------------------------------- 1. header
+t0=$(date +%s)
 {
     echo "tritonadam GPU check"
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "host:    $(uname -srm)"
-    echo "command: OUT=$OUT bash bench/gpu_check.sh"
-    if command -v git > /dev/null 2>&1 && git -C "$ROOT" rev-parse HEAD > /dev/null 2>&1; then
-        echo "commit:  $(git -C "$ROOT" rev-parse HEAD)$(git -C "$ROOT" diff --quiet 2> /dev/null || echo ' (dirty)')"
-    else
-        echo "commit:  unknown (no git metadata in this copy)"
-    fi
+    echo "command: $COMMAND"
+    echo "commit:  ${TRITONADAM_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo 'unknown (set TRITONADAM_COMMIT)')}"
+    echo "host:    $(uname -srm), $(nproc 2> /dev/null || echo '?') CPUs"
     echo
     if command -v nvidia-smi > /dev/null 2>&1; then
-        timeout 20 nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.memory,power.limit \
+        timeout 20 nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit \
             --format=csv || echo "nvidia-smi query failed"
-        echo
-        timeout 20 nvidia-smi || true
     else
         echo "nvidia-smi: not found"
     fi
     echo
     timeout 60 "$PY" - << 'EOF' || echo "python version probe failed"
-import platform, torch
+import importlib.util, platform, torch
 print("python:", platform.python_version())
-print("torch:", torch.__version__, "| CUDA (torch build):", torch.version.cuda,
-      "| cuDNN:", torch.backends.cudnn.version())
+print("torch:", torch.__version__, "| CUDA (torch build):", torch.version.cuda)
 try:
     import triton
     print("triton:", triton.__version__)
@@ -120,53 +191,59 @@ for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"device {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
           f"{p.multi_processor_count} SMs")
-try:
-    import tritonadam
-    print("tritonadam:", tritonadam.__version__)
-except Exception as e:
-    print("tritonadam: import failed:", e)
+def have(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+print("optional:", ", ".join(f"{m} {'yes' if have(m) else 'no'}"
+                             for m in ("pytest_timeout", "matplotlib", "expecttest", "platformdirs")))
 EOF
 } > "$OUT/header.txt" 2>&1
-cat "$OUT/header.txt" >&2
+finish_step header 0 "$t0" ""
 
-# ----------------------------------------------------------------------------- tests
-if want pytest; then
-    # GPU-relevant files first (a time-out then still leaves their results in the log);
-    # the CPU-only rest of the suite is CI's job.
-    step pytest "$T_PYTEST" env TRITONADAM_TEST_DEVICE=cuda \
-        "$PY" -m pytest -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest.xml" $GPU_TESTS
-fi
+# ---------------------------------------------------------- 2. the goal workloads first
+bench_step core 170 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
+    --summary "$WORK/core-summary.md"
 
-# -------------------------------------------------------------------------- autotune
-if ! want autotune; then
-    :
-elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('tritonadam.autotune.__main__') else 1)" 2> /dev/null; then
-    # shellcheck disable=SC2086 # TUNE_ARGS is a word list on purpose
-    step autotune-tune "$T_TUNE" "$PY" -m tritonadam.autotune tune $TUNE_ARGS
-    # shellcheck disable=SC2086
-    step autotune-tune-master "$T_TUNE_MASTER" "$PY" -m tritonadam.autotune tune $TUNE_MASTER_ARGS
-    step autotune-show "$T_SHOW" "$PY" -m tritonadam.autotune show
+# --------------------------------------------------------------------- 3. GPU tests
+t0=$(date +%s)
+limit=$(limit_for 80)
+if [ "$limit" -lt 20 ]; then
+    finish_step pytest 0 "$t0" "skipped: no time left"
 else
-    echo "   autotune: skipped (tritonadam.autotune has no __main__ CLI in this checkout)" \
-        | tee -a "$OUT/summary.txt" >&2
+    echo "== pytest (limit ${limit}s)" >&2
+    rc=0
+    missing=""
+    tests=""
+    for f in $GPU_TESTS; do
+        if [ -e "$f" ]; then tests="$tests $f"; else missing="$missing $f"; fi
+    done
+    extra=()
+    if "$PY" -c "import pytest_timeout" 2> /dev/null; then extra+=(--timeout=45); fi
+    [ "$DRY_RUN" = 1 ] && extra+=(--collect-only)
+    # shellcheck disable=SC2086 # $tests is a word list on purpose
+    timeout -k 10 "$limit" env TRITONADAM_TEST_DEVICE="$([ "$DRY_RUN" = 1 ] && echo cpu || echo cuda)" \
+        TRITONADAM_AUTOTUNE=off "$PY" -u -m pytest -v -rA -p no:cacheprovider --continue-on-collection-errors \
+        --junitxml="$WORK/pytest.xml" ${extra[@]+"${extra[@]}"} $tests > "$OUT/pytest.txt" 2>&1 || rc=$?
+    finish_step pytest "$rc" "$t0" "${missing:+missing test files:$missing}"
 fi
 
-# ---------------------------------------------------------------------------- tuning
-if want tuning; then
-    # shellcheck disable=SC2086 # TUNING_ARGS is a word list on purpose
-    step tuning "$T_TUNING" "$PY" -m tritonadam.bench --tuning $TUNING_ARGS \
-        --time-budget "$TUNING_BUDGET" --out "$OUT/tuning.json" --out "$OUT/tuning.md"
-fi
+# -------------------------------------------------------------------- 4. the autotuner
+bench_step tuning 60 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
+    --summary "$WORK/tuning-summary.md"
 
-# ----------------------------------------------------------------------------- bench
-if want bench; then
-    PLOT=()
-    if "$PY" -c "import matplotlib" 2> /dev/null; then PLOT=(--plot "$OUT/bench.png"); fi
-    # shellcheck disable=SC2086 # BENCH_ARGS is a word list on purpose
-    step bench "$T_BENCH" "$PY" -m tritonadam.bench $BENCH_ARGS --time-budget "$BENCH_BUDGET" \
-        --out "$OUT/bench.json" --out "$OUT/bench.md" --out "$OUT/bench.csv" ${PLOT[@]+"${PLOT[@]}"}
-fi
+# ------------------------------------------------------- 5. the full bench, time allowing
+PLOT=()
+if "$PY" -c "import matplotlib" 2> /dev/null; then PLOT=(--plot "$WORK/bench.png"); fi
+bench_step bench 600 BENCH BENCH_DRY --out "$WORK/bench.json" --out "$WORK/bench.md" \
+    --out "$WORK/bench.csv" ${PLOT[@]+"${PLOT[@]}"}
 
-echo "== done: $( [ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'some step FAILED' ); files in $OUT" \
-    | tee -a "$OUT/summary.txt" >&2
+if [ -d "$TRITONADAM_CACHE_DIR" ]; then  # what first use tuned, with the compiler's reports
+    t0=$(date +%s)
+    rc=0
+    timeout 20 "$PY" -m tritonadam.autotune show > "$WORK/autotune-show.log" 2>&1 || rc=$?
+    finish_step autotune-show "$rc" "$t0" ""
+fi
+echo "== done in $(( $(date +%s) - START ))s: $([ "$FAILED" -eq 0 ] && echo 'every step exited 0' || echo 'some step FAILED'); files in $OUT" >&2
 exit "$FAILED"

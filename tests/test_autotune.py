@@ -1,5 +1,6 @@
-"""The autotuner's logic on CPU: a fake GPU (injected timer, clock and device info) drives
-the choice, the budget, the modes and the disk cache. Nothing here times the interpreter."""
+"""The autotuner's logic on CPU: a fake GPU (injected timer, clock, compiler reports and
+device info) drives the choice, the budgets, the pruning, the modes and the disk cache.
+Nothing here times the interpreter."""
 from __future__ import annotations
 
 import inspect
@@ -28,13 +29,14 @@ from tritonadam.autotune import (
     size_bucket,
 )
 from tritonadam.autotune.cache import FORMAT, FORMAT_VERSION
-from tritonadam.autotune.configs import space_hash, space_id
+from tritonadam.autotune.configs import MIN_RESIDENT_WARPS, resident_warps, space_hash, space_id
+from tritonadam.autotune.tuner import MAX_LAUNCHES_PER_TIMING
 
 FAKE_H100 = DeviceInfo(backend="cuda", name="Fake H100 80GB HBM3", arch="sm_90", capability="9.0", num_sms=132)
 KEY = ("adam", "decoupled=1", "amsgrad=0", "master=0", "p=float32", "g=float32", "s=float32")
 KEY2 = ("adam", "decoupled=1", "amsgrad=0", "master=1", "p=bfloat16", "g=bfloat16", "s=float32")
 CPU = torch.device("cpu")
-BEST = LaunchConfig(8192, 16)
+BEST = LaunchConfig(2048, 4)  # in the space, not the default
 
 
 def prefer(target: LaunchConfig):
@@ -51,22 +53,29 @@ def prefer(target: LaunchConfig):
 
 
 class FakeGPU:
-    """An injected timer and clock. Each timing advances the fake clock by ``cost_s``."""
+    """An injected timer and clock. Each timing advances the fake clock by ``cost_s``.
 
-    def __init__(self, times=prefer(BEST), cost_s: float = 0.5):
+    With ``reports`` (config -> compiler report), runners offer ``compile()``, which
+    advances the clock by ``compile_s`` and records the config in ``compiled``."""
+
+    def __init__(self, times=prefer(BEST), cost_s: float = 0.5, reports=None, compile_s: float = 0.0):
         self.times = times
         self.cost_s = cost_s
+        self.reports = reports
+        self.compile_s = compile_s
         self.now = 0.0
         self.timed: list[LaunchConfig] = []
+        self.compiled: list[LaunchConfig] = []
         self.runners: list[tuple[LaunchConfig, int]] = []
 
     def clock(self) -> float:
         return self.now
 
     def timer(self, fn) -> float:
+        """The time of one timed unit: ``fn.n`` launches of the config."""
         self.now += self.cost_s
         self.timed.append(fn.config)
-        return self.times(fn.config)
+        return self.times(fn.config) * fn.n
 
     def make_runner(self, config: LaunchConfig, numel: int):
         self.runners.append((config, numel))
@@ -75,10 +84,19 @@ class FakeGPU:
             raise AssertionError("the fake timer never runs kernels")
 
         run.config = config
+        if self.reports is not None:
+
+            def compile():
+                self.now += self.compile_s
+                self.compiled.append(config)
+                return self.reports(config)
+
+            run.compile = compile
         return run
 
 
 def make_tuner(cache_dir, fake: FakeGPU, **kw) -> Tuner:
+    kw.setdefault("budget_s", 100)  # time every candidate unless a test is about the budget
     kw.setdefault("device_info", lambda d: FAKE_H100)
     kw.setdefault("free_bytes", lambda d: None)
     kw.setdefault("stream", io.StringIO())
@@ -101,15 +119,14 @@ def _clean_env(monkeypatch):
 def test_cuda_space_is_deterministic_and_obeys_elements_per_thread():
     space = config_space("cuda")
     assert space == sorted(space) == config_space("cuda")
-    assert {c.block_size for c in space} == {2**k for k in range(9, 15)}
-    assert {c.num_warps for c in space} == {1, 2, 4, 8, 16}
+    assert {c.block_size for c in space} == {2**k for k in range(9, 13)}
+    assert {c.num_warps for c in space} == {1, 2, 4, 8}
     for c in space:
-        assert 4 <= c.block_size / (32 * c.num_warps) <= 64, c
-        assert not c.persistent
+        assert 4 <= c.block_size / (32 * c.num_warps) <= 16, c
     assert LaunchConfig(512, 8) not in space  # 2 elements per thread: no 16-byte vectors
-    assert LaunchConfig(4096, 1) not in space  # 128 elements per thread: spills
+    assert LaunchConfig(4096, 4) not in space  # 32 elements per thread: 8-12 warps resident
     assert GPU_DEFAULT in space
-    assert len(space) == len(set(space)) == 21
+    assert len(space) == len(set(space)) == 18
 
 
 def test_rocm_space_is_kept_apart():
@@ -120,45 +137,45 @@ def test_rocm_space_is_kept_apart():
     assert hip != config_space("cuda")
     assert space_hash("hip") != space_hash("cuda")
     assert space_hash("cuda") == space_hash("cuda")
-    assert space_id("cuda") != space_id("cuda", allow_persistent=True)
+    assert space_id("hip") != space_id("cuda")
     with pytest.raises(ValueError, match="backend"):
         config_space("metal")
 
 
-def test_persistent_configs_only_when_allowed():
-    assert not any(c.persistent for c in config_space("cuda"))
-    both = config_space("cuda", allow_persistent=True)
-    assert {c for c in both if not c.persistent} == set(config_space("cuda"))
-    assert sum(c.persistent for c in both) == 21
+def test_every_config_has_a_persistent_twin():
+    space = config_space("cuda")
+    plain = {c for c in space if not c.persistent}
+    assert {LaunchConfig(c.block_size, c.num_warps, True) for c in plain} == {c for c in space if c.persistent}
+    assert len(plain) == 9
     # One wave of blocks or less: a persistent grid is the same launch, so it is pruned.
-    small = candidate_configs("cuda", 2**16, num_sms=132, allow_persistent=True)
-    assert not any(c.persistent for c in small)
-    big = candidate_configs("cuda", 2**27, num_sms=132, allow_persistent=True)
-    assert any(c.persistent for c in big)
+    assert not any(c.persistent for c in candidate_configs("cuda", 2**16, num_sms=132))
+    assert any(c.persistent for c in candidate_configs("cuda", 2**27, num_sms=132))
     # Without the SM count, waves cannot be counted: no persistent candidates.
-    assert not any(c.persistent for c in candidate_configs("cuda", 2**27, allow_persistent=True))
+    assert not any(c.persistent for c in candidate_configs("cuda", 2**27))
 
 
 def test_pruning_drops_blocks_larger_than_the_launch():
-    cands = candidate_configs("cuda", 5000)  # rounds up to 8192
-    assert {c.block_size for c in cands} == {512, 1024, 2048, 4096, 8192}
+    cands = candidate_configs("cuda", 1500)  # rounds up to 2048
+    assert {c.block_size for c in cands} == {512, 1024, 2048}
+    assert not any(c.persistent for c in cands)
     assert {c.block_size for c in candidate_configs("cuda", 3)} == {512}
 
 
 def test_pruning_drops_blocks_that_leave_most_sms_idle():
-    # 2**20 elements on 132 SMs: 16384-element blocks give 64 programs (< 66), pruned.
-    cands = candidate_configs("cuda", 2**20, num_sms=132)
-    assert max(c.block_size for c in cands) == 8192
+    # 2**18 elements on 132 SMs: 4096-element blocks give 64 programs (< 66), pruned.
+    cands = candidate_configs("cuda", 2**18, num_sms=132)
+    assert max(c.block_size for c in cands) == 2048
     # Too small to fill anything: only the smallest block is left.
     assert {c.block_size for c in candidate_configs("cuda", 4096, num_sms=132)} == {512}
-    # Large launches keep the whole space.
+    # Large launches keep the whole space, persistent grids included.
     assert set(candidate_configs("cuda", 2**27, num_sms=132)) == set(config_space("cuda"))
 
 
 def test_candidates_start_at_the_default_then_its_neighbours():
     cands = candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
     assert cands[0] == GPU_DEFAULT
-    d = [abs(math.log2(c.block_size / 4096)) + abs(math.log2(c.num_warps / 8)) for c in cands]
+    d = [abs(math.log2(c.block_size / GPU_DEFAULT.block_size)) + abs(math.log2(c.num_warps / GPU_DEFAULT.num_warps))
+         + 0.5 * c.persistent for c in cands]
     assert d == sorted(d)
     assert cands == candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
 
@@ -189,9 +206,9 @@ def test_launch_config_stays_compatible():
 def test_select_config_signature():
     sig = inspect.signature(autotune.select_config)
     assert list(sig.parameters)[:4] == ["key", "numel", "device", "make_runner"]
-    for name in ("mode", "source_hash", "bytes_per_elem", "allow_persistent"):
+    for name in ("mode", "bytes_per_elem"):
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
-        assert sig.parameters[name].default in (None, False)
+        assert sig.parameters[name].default is None
 
 
 # --- defaults table -------------------------------------------------------------------
@@ -218,7 +235,7 @@ def test_default_config_on_cpu_and_interpreter():
 
 def test_picks_the_fastest_config_and_records_the_runner_up(tmp_path):
     fake = FakeGPU()
-    tuner = make_tuner(tmp_path, fake)
+    tuner = make_tuner(tmp_path, fake, budget_s=100)
     cfg = tuner.select(KEY, 1_000_000, CPU, fake.make_runner, bytes_per_elem=28)
     assert cfg == BEST
     cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
@@ -259,16 +276,16 @@ def test_second_call_is_a_memory_hit_and_a_new_process_reads_the_disk(tmp_path):
 
 def test_entries_are_per_key_and_source_hash(tmp_path):
     fake = FakeGPU()
-    tuner = make_tuner(tmp_path, fake)
-    tuner.select(KEY, 2**20, CPU, fake.make_runner, source_hash="aaaa")
+    tuner = make_tuner(tmp_path, fake, source_hash="aaaa")
+    tuner.select(KEY, 2**20, CPU, fake.make_runner)
     n = len(fake.timed)
-    tuner.select(KEY2, 2**20, CPU, fake.make_runner, source_hash="aaaa")
+    tuner.select(KEY2, 2**20, CPU, fake.make_runner)
     assert len(fake.timed) == 2 * n
-    tuner.select(KEY, 2**20, CPU, fake.make_runner, source_hash="bbbb")  # edited kernels
+    make_tuner(tmp_path, fake, source_hash="bbbb").select(KEY, 2**20, CPU, fake.make_runner)  # edited kernels
     assert len(fake.timed) == 3 * n
     names = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(names) == 2  # one file per kernel source hash
-    a = tuner.cache.path(tuner.identity(FAKE_H100, "aaaa"))
+    a = tuner.cache.path(tuner.identity(FAKE_H100))
     assert set(json.loads(a.read_text())["entries"]) == {entry_key(KEY, 20), entry_key(KEY2, 20)}
 
 
@@ -296,7 +313,7 @@ def test_budget_stops_timing_and_keeps_the_best_measured(tmp_path):
 def test_budget_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", "4")
     fake = FakeGPU(cost_s=1.0)
-    make_tuner(tmp_path, fake).select(KEY, 2**24, CPU, fake.make_runner)
+    make_tuner(tmp_path, fake, budget_s=None).select(KEY, 2**24, CPU, fake.make_runner)
     assert len(fake.timed) == 4
 
 
@@ -305,13 +322,125 @@ def test_malformed_budget_is_an_error(tmp_path, monkeypatch, value):
     monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", value)
     fake = FakeGPU()
     with pytest.raises(ValueError, match="TRITONADAM_AUTOTUNE_BUDGET"):
-        make_tuner(tmp_path, fake).select(KEY, 2**24, CPU, fake.make_runner)
+        make_tuner(tmp_path, fake, budget_s=None).select(KEY, 2**24, CPU, fake.make_runner)
 
 
 def test_zero_budget_still_measures_the_default(tmp_path):
     fake = FakeGPU()
     assert make_tuner(tmp_path, fake, budget_s=0).select(KEY, 2**24, CPU, fake.make_runner) == GPU_DEFAULT
     assert fake.timed == [GPU_DEFAULT]
+
+
+# --- compiling first, pruning by the compiler's report, small launches --------------------
+
+
+def _report(registers=64, spills=0, shared=0):
+    return {"registers": registers, "spills": spills, "shared": shared}
+
+
+def test_compiling_is_not_charged_to_the_timing_budget(tmp_path):
+    fake = FakeGPU(cost_s=0.5, reports=lambda c: _report(), compile_s=5.0)
+    tuner = make_tuner(tmp_path, fake, budget_s=100, compile_budget_s=1000)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner)
+    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    # 5 s per compile adds up to far more than the timing budget; every config is timed.
+    assert fake.compiled == cands and fake.timed == cands
+    measured = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]["measured"]
+    assert measured["compile_s"] == 5.0 * len(cands) and measured["timing_s"] == 0.5 * len(cands)
+    assert measured["complete"] is True
+
+
+def test_compile_budget_limits_what_is_compiled_and_timed(tmp_path):
+    fake = FakeGPU(cost_s=0.1, reports=lambda c: _report(), compile_s=5.0)
+    tuner = make_tuner(tmp_path, fake, budget_s=100, compile_budget_s=12)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner)
+    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    assert fake.compiled == cands[:3]  # a 4th compile would start after 15 s > 12 s
+    assert fake.timed == cands[:3]
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]
+    assert entry["measured"]["complete"] is False
+
+
+def test_compiler_report_prunes_spilling_and_low_occupancy_configs(tmp_path):
+    spilling = LaunchConfig(4096, 8)
+    crowded = LaunchConfig(2048, 8)  # 255 registers: one 8-warp program per SM
+
+    def reports(c):
+        if c == spilling:
+            return _report(registers=255, spills=12)
+        if c == crowded or c == GPU_DEFAULT:
+            return _report(registers=255)
+        return _report(registers=32)
+
+    fake = FakeGPU(times=prefer(spilling), reports=reports)
+    tuner = make_tuner(tmp_path, fake)
+    cfg = tuner.select(KEY, 2**20, CPU, fake.make_runner)
+    assert spilling not in fake.timed and crowded not in fake.timed
+    assert cfg != spilling
+    assert fake.timed[0] == GPU_DEFAULT  # the default is timed whatever its report says
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]
+    why = {json.dumps(c["config"], sort_keys=True): c["pruned"] for c in entry["compiled"]}
+    assert "spills 12" in why[json.dumps(spilling.to_json(), sort_keys=True)]
+    assert "resident warps" in why[json.dumps(crowded.to_json(), sort_keys=True)]
+    assert why[json.dumps(GPU_DEFAULT.to_json(), sort_keys=True)] is None
+    assert entry["measured"]["configs_pruned"] == 2
+
+
+def test_resident_warps_from_registers_and_shared_memory():
+    # Compiled for sm_90: 4096/8 at ~200 registers fits one program per SM, 1024/8 at ~60 four.
+    assert resident_warps(LaunchConfig(4096, 8), _report(registers=202), FAKE_H100) == 8
+    assert resident_warps(LaunchConfig(1024, 8), _report(registers=62), FAKE_H100) == 32
+    assert resident_warps(LaunchConfig(512, 1), _report(registers=16), FAKE_H100) == FAKE_H100.max_warps_per_sm
+    small_smem = DeviceInfo("cuda", "x", "sm_90", "9.0", num_sms=132, shared_per_sm=64 * 1024)
+    assert resident_warps(LaunchConfig(1024, 4), _report(registers=32, shared=32 * 1024), small_smem) == 8
+    assert 8 < MIN_RESIDENT_WARPS <= 32
+
+
+def test_no_compiler_report_prunes_nothing(tmp_path):
+    fake = FakeGPU(reports=lambda c: None)
+    make_tuner(tmp_path, fake).select(KEY, 2**20, CPU, fake.make_runner)
+    assert fake.timed == candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+
+
+def test_small_launches_are_timed_many_per_timing(tmp_path):
+    """A small launch is repeated inside one timed unit (one event pair, or one CUDA graph
+    replay), and the unit's time is divided by the repeats."""
+    launches = []
+
+    def make_runner(config, numel):
+        def run():
+            launches.append(config)
+
+        run.config = config
+        return run
+
+    def timer(unit):
+        before = len(launches)
+        unit()
+        n = len(launches) - before
+        return n * (1.0 if unit.config == BEST else 2.0)  # ms per launch, times the launches
+
+    tuner = Tuner(timer=timer, cache=DiskCache(tmp_path), time_any_device=True, device_info=lambda d: FAKE_H100,
+                  free_bytes=lambda d: None, stream=io.StringIO())
+    assert tuner.select(KEY, 4096, CPU, make_runner, bytes_per_elem=28) == LaunchConfig(512, 4)
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 12)]
+    assert entry["launches_per_timing"] == MAX_LAUNCHES_PER_TIMING
+    assert len(launches) == MAX_LAUNCHES_PER_TIMING * entry["measured"]["configs_timed"]
+    assert entry["time_ms"] == 2.0  # per launch, not per unit
+    launches.clear()
+    tuner.select(KEY, 2**27, CPU, make_runner, bytes_per_elem=28)
+    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 27)]
+    assert entry["launches_per_timing"] == 1 and entry["time_ms"] == 1.0
+
+
+def test_a_persistent_choice_survives_the_disk_round_trip(tmp_path):
+    target = LaunchConfig(4096, 8, True)
+    fake = FakeGPU(times=lambda c: 1.0 if c == target else 2.0)
+    assert make_tuner(tmp_path, fake).select(KEY, 2**27, CPU, fake.make_runner) == target
+    fake2 = FakeGPU()
+    fresh = make_tuner(tmp_path, fake2)
+    assert fresh.select(KEY, 2**27, CPU, fake2.make_runner) == target and fake2.timed == []
+    assert fresh.choices()[-1].config.persistent
 
 
 # --- failures and memory ------------------------------------------------------------------
@@ -540,10 +669,12 @@ def test_entries_tuned_over_another_space_are_retuned_silently(tmp_path):
     tuner = make_tuner(tmp_path, fake)
     tuner.select(KEY, 2**27, CPU, fake.make_runner)
     n = len(fake.timed)
+    obj = json.loads(cache_file(tuner).read_text())
+    obj["entries"][entry_key(KEY, 27)]["space"] = "an-older-space"
+    cache_file(tuner).write_text(json.dumps(obj))
     fresh = make_tuner(tmp_path, fake)
-    (_, caught) = _count_warnings(lambda: fresh.select(KEY, 2**27, CPU, fake.make_runner, allow_persistent=True))
-    assert caught == [] and len(fake.timed) > n
-    assert any(c.persistent for c in fake.timed[n:])
+    (_, caught) = _count_warnings(lambda: fresh.select(KEY, 2**27, CPU, fake.make_runner))
+    assert caught == [] and len(fake.timed) == 2 * n
 
 
 def test_unwritable_cache_warns_once_and_keeps_the_choice(tmp_path):
@@ -593,9 +724,9 @@ def test_verbose_prints_every_timing_and_choices_are_listed(tmp_path):
     text = out.getvalue()
     assert "tuning adam|" in text and "budget" in text
     assert text.count(" ms") >= len(fake.timed)
-    assert "picked block=8192 warps=16" in text
+    assert "picked block=2048 warps=4" in text
     table = autotune.format_choices(tuner.choices())
-    assert "block=8192 warps=16" in table and "tuned" in table and "2^20" in table
+    assert "block=2048 warps=4" in table and "tuned" in table and "2^20" in table
 
 
 def test_quiet_mode_still_announces_tuning(tmp_path):
@@ -614,12 +745,12 @@ def test_process_wide_tuner_can_be_swapped(tmp_path):
         assert autotune.choices()[-1].config == BEST
         buf = io.StringIO()
         autotune.print_choices(file=buf)
-        assert "block=8192" in buf.getvalue()
+        assert "block=2048" in buf.getvalue()
     finally:
         autotune.set_tuner(old)
 
 
-# --- with the real optimizer (the lead's integration; skipped if it is not there) -------------
+# --- with the real optimizer ------------------------------------------------------------------
 
 
 def _tuned_vs_untuned_step(cache_dir: str) -> dict:
@@ -627,23 +758,23 @@ def _tuned_vs_untuned_step(cache_dir: str) -> dict:
     (interpreter) several times per config; returns what the step launched and whether the
     params and state after one tuned step are bit-identical to an untuned step."""
     import tritonadam
-    import tritonadam.functional as functional
+    import tritonadam.step_cache as step_cache
 
     target = LaunchConfig(512, 2)  # not the default, so the tuned choice is visible
 
-    def timer(fn):
-        for _ in range(3):  # like a real timer: the kernel runs repeatedly on scratch
-            fn()
-        return 1.0 if fn.config == target else 2.0
+    def timer(unit):
+        for _ in range(3):  # like a real timer: the kernel runs repeatedly on scratch (one launch
+            unit.fn()  # of the unit's unit.n each, to keep the interpreter's time down)
+        return (1.0 if unit.config == target else 2.0) * unit.n
 
     launched = []
-    real_launch = functional.launch
+    real_launch = step_cache.launch_update
 
     def spy(*args, **kw):
         launched.append((kw.get("block_size"), kw.get("num_warps")))
         return real_launch(*args, **kw)
 
-    functional.launch = spy
+    step_cache.launch_update = spy
 
     class TaggingTuner(Tuner):
         # The fake timer needs to know which config a runner is for.
@@ -667,7 +798,7 @@ def _tuned_vs_untuned_step(cache_dir: str) -> dict:
         return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
 
     tuner = TaggingTuner(
-        timer=timer, cache=DiskCache(cache_dir), device_info=lambda d: FAKE_H100,
+        timer=timer, cache=DiskCache(cache_dir), device_info=lambda d: FAKE_H100, budget_s=600,
         free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(),
     )
     autotune.set_tuner(tuner)
@@ -694,12 +825,8 @@ def test_tuning_never_touches_live_tensors_and_the_step_launches_the_choice(tmp_
     import sys
     from pathlib import Path
 
-    try:
-        import tritonadam.functional as functional
-    except Exception as e:  # the optimizer is not there (yet)
-        pytest.skip(f"tritonadam.functional not importable: {e}")
-    if not hasattr(functional, "launch") or not autotune.tuner._env.interpret():
-        pytest.skip("needs tritonadam.functional.launch and Triton's interpreter")
+    if not autotune.tuner._env.interpret():
+        pytest.skip("needs Triton's interpreter")
     here = Path(__file__).resolve().parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), str(here), env.get("PYTHONPATH")]))
@@ -757,3 +884,33 @@ def test_first_use_tuning_on_a_gpu_writes_a_valid_cache(tmp_path):
     assert parsed.problem is None and entry_key(KEY, 22) in parsed.entries
     assert tuner.choices()[-1].source == "tuned"
     assert tuner.select(KEY, 2**22, dev, make_runner) == cfg  # memory hit
+
+
+def test_scratch_mix_and_runner():
+    from tritonadam.kernels.scratch import make_scratch_runner, scaled_mix
+
+    assert scaled_mix([4096] * 10_000, 2**14) == [4096] * 4  # a mix of small tensors is cut
+    assert scaled_mix([100, 30], 250) == [100, 30, 100, 20]  # or repeated, to the scratch size
+    assert scaled_mix([2**30], 2**20) == [2**20] and scaled_mix([], 5) == [5]
+    if not autotune.tuner._env.interpret():
+        pytest.skip("runs the scratch launch in Triton's interpreter")
+    run = make_scratch_runner(optimizer="adamw", param_dtype=torch.float32, grad_dtype=torch.bfloat16,
+                              config=LaunchConfig(1024, 4, True), numels=[4096, 7, 3000], device=CPU)
+    before = [t.clone() for t in run.params]
+    run()
+    assert all(not torch.equal(a, b) for a, b in zip(before, run.params))  # every tensor stepped
+    assert run.numels == [4096, 7, 3000] and run.compile() is None  # the interpreter reports nothing
+
+
+def test_compile_only_launches_nothing():
+    """The tuner reads the compiler's report through a launch that compiles and runs
+    nothing (in the interpreter, which compiles nothing, it returns None)."""
+    from tritonadam.kernels import scratch
+
+    run = scratch.make_scratch_runner(optimizer="adam", param_dtype=torch.float32, grad_dtype=torch.float32,
+                                      config=LaunchConfig(1024, 4), numel=3000, device=CPU)
+    before = run.params[0].clone()
+    assert run.compile() is None
+    assert torch.equal(run.params[0], before)
+    run()
+    assert not torch.equal(run.params[0], before)

@@ -19,7 +19,7 @@ KEYS = [
     ("adam", "decoupled=1", "amsgrad=0", "master=0", "p=float32", "g=float32", "s=float32"),
     ("adamax", "decoupled=0", "amsgrad=0", "master=1", "p=bfloat16", "g=bfloat16", "s=float32"),
 ]
-BEST = LaunchConfig(8192, 16)
+BEST = LaunchConfig(2048, 4)
 
 
 def cli(*args, cache_dir, check=True):
@@ -35,8 +35,8 @@ def cli(*args, cache_dir, check=True):
 
 
 def populate(cache_dir) -> Path:
-    def timer(fn):
-        return 1.0 if fn.config == BEST else 1.5 + fn.config.num_warps / 100
+    def timer(fn):  # ms of one timed unit of fn.n launches
+        return (1.0 if fn.config == BEST else 1.5 + fn.config.num_warps / 100) * fn.n
 
     def make_runner(config, numel):
         run = lambda: None  # noqa: E731
@@ -69,7 +69,7 @@ def test_show_as_a_subprocess(tmp_path):
     assert FAKE_GPU.name in shown
     for key in KEYS:
         assert "|".join(key) in shown
-    assert "block=8192 warps=16" in shown  # chosen config
+    assert "block=2048 warps=4" in shown  # chosen config
     assert "2^22" in shown and "2^14" in shown
     assert f"{28 * 2**22 / 1e-3 / 1e9:.0f}" in shown  # GB/s
     assert "1.5" in shown  # a runner-up time
@@ -101,7 +101,7 @@ def test_export_clear_import_roundtrip(tmp_path, monkeypatch, capsys):
     assert rc == 0 and "imported 2 entries" in out and "invalid entr" in out and "12345" in out
     back = json.loads(path.read_text())["entries"]
     assert back == {k: v for k, v in original.items() if k != bad_name}
-    assert "block=8192 warps=16" in run_main(capsys, "show")[1]
+    assert "block=2048 warps=4" in run_main(capsys, "show")[1]
 
 
 def test_import_refuses_what_is_not_a_cache(tmp_path, monkeypatch, capsys):
@@ -159,21 +159,23 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
         return (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
                 f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
 
-    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numel, device):
-        calls.append((optimizer, param_dtype, numel, config))
+    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numels, device):
+        calls.append((optimizer, param_dtype, sum(numels), config))
         run = lambda: None  # noqa: E731
         run.config = config
         return run
 
+    from tritonadam.kernels.scratch import scaled_mix
+
     kernels = types.SimpleNamespace(
-        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner,
+        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner, scaled_mix=scaled_mix,
         bytes_per_elem=lambda *, param_dtype, **_: 16 if param_dtype == torch.float32 else 12,
     )
     budget_clock = {"t": 0.0}
 
     def timer(fn):
         budget_clock["t"] += 1.0
-        return 1.0 if fn.config == BEST else 2.0
+        return (1.0 if fn.config == BEST else 2.0) * fn.n
 
     def tuner(budget):
         return Tuner(
@@ -193,7 +195,7 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
     calls.clear()
     assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
     out = capsys.readouterr().out
-    assert "cached" not in out and "block=8192 warps=16" in out
+    assert "cached" not in out and "block=2048 warps=4" in out
     # Third pass: complete entries are kept unless --force.
     calls.clear()
     assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
@@ -206,3 +208,29 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
     assert len(entries) == 12
     e = entries[entry_key(("adamw", "amsgrad=0", "master=0", "p=bfloat16", "g=bfloat16"), 23)]
     assert e["config"] == BEST.to_json() and e["measured"]["how"] == "cli tune" and e["bytes_per_elem"] == 12
+
+
+def test_tune_times_scratch_launches_with_the_models_tensor_sizes(tmp_path, capsys):
+    """--tensor-numel 4096: each scratch launch is made of 4096-element tensors, like the
+    10,000 x 4,096 workload, rather than one tensor as large as the bucket."""
+    import types
+
+    from tritonadam.autotune.__main__ import build_parser, run_tune
+    from tritonadam.kernels import scratch
+
+    mixes = []
+
+    def make_scratch_runner(*, config, numels, **_):
+        mixes.append(numels)
+        run = lambda: None  # noqa: E731
+        run.config = config
+        return run
+
+    kernels = types.SimpleNamespace(autotune_key=scratch.autotune_key, bytes_per_elem=scratch.bytes_per_elem,
+                                    scaled_mix=scratch.scaled_mix, make_scratch_runner=make_scratch_runner)
+    tuner = Tuner(timer=lambda fn: 1.0 * fn.n, cache=DiskCache(tmp_path), device_info=lambda d: FAKE_GPU,
+                  free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO())
+    args = build_parser().parse_args(["tune", "--param-dtype", "bf16", "--numel", "2^16", "--tensor-numel", "4096"])
+    assert run_tune(args, tuner=tuner, kernels=kernels, device=torch.device("cpu")) == 0
+    assert mixes and all(m == [4096] * 16 for m in mixes)
+    capsys.readouterr()

@@ -73,7 +73,7 @@ def test_eight_processes_writing_one_cache(tmp_path):
 
 KEYS = [("adam", "k0"), ("adamax", "k1"), ("adam", "k2")]
 # Each rank's fake GPU disagrees about which config is fastest.
-RANK_FAVOURITE = {0: LaunchConfig(8192, 16), 1: LaunchConfig(1024, 2)}
+RANK_FAVOURITE = {0: LaunchConfig(4096, 8), 1: LaunchConfig(512, 2)}
 
 
 def _rank(rank: int, world: int, init_file: str, cache_dir: str, results) -> None:

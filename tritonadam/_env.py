@@ -32,18 +32,29 @@ def autotune_mode() -> str | None:
     return value.strip().lower()
 
 
-def autotune_budget_s() -> float | None:
-    """``TRITONADAM_AUTOTUNE_BUDGET``: seconds first-use tuning may spend per key; None = default."""
-    value = os.environ.get("TRITONADAM_AUTOTUNE_BUDGET")
+def _seconds(name: str) -> float | None:
+    value = os.environ.get(name)
     if value is None or value.strip() == "":
         return None
     try:
         seconds = float(value)
     except ValueError:
-        raise ValueError(f"TRITONADAM_AUTOTUNE_BUDGET={value!r}: expected a number of seconds") from None
+        raise ValueError(f"{name}={value!r}: expected a number of seconds") from None
     if not seconds >= 0:  # also refuses NaN
-        raise ValueError(f"TRITONADAM_AUTOTUNE_BUDGET={value!r}: expected a number of seconds >= 0")
+        raise ValueError(f"{name}={value!r}: expected a number of seconds >= 0")
     return seconds
+
+
+def autotune_budget_s() -> float | None:
+    """``TRITONADAM_AUTOTUNE_BUDGET``: seconds first-use tuning may spend timing configs per
+    key (compiling them is not counted); None = default."""
+    return _seconds("TRITONADAM_AUTOTUNE_BUDGET")
+
+
+def autotune_compile_budget_s() -> float | None:
+    """``TRITONADAM_AUTOTUNE_COMPILE_BUDGET``: seconds first-use tuning may spend compiling
+    candidate configs per key, before timing starts; None = default."""
+    return _seconds("TRITONADAM_AUTOTUNE_COMPILE_BUDGET")
 
 
 def autotune_verbose() -> bool:

@@ -36,6 +36,8 @@ from .kernels import (
     launch_update,
     make_scratch_runner,
 )
+from .kernels.layout import MASTER_FP32, MASTER_REMAINDER
+from .kernels.scratch import scaled_mix
 
 __all__ = ["GroupHyper", "Row", "StepCache", "group_hyper", "local_tensor"]
 
@@ -419,19 +421,22 @@ class StepCache:
                 persistent) -> LaunchConfig:
         if block_size is not None and num_warps is not None:
             return LaunchConfig(block_size, num_warps, bool(persistent))
-        decoupled = any(param_groups[g].get("decoupled_weight_decay", False) for g in range(len(param_groups)))
+        decoupled = any(g.get("decoupled_weight_decay", False) for g in param_groups)
         optimizer = "adamax" if self.kind == "adamax" else ("adamw" if decoupled else "adam")
+        master = {int(MASTER_FP32): True, int(MASTER_REMAINDER): "remainder"}.get(bucket.master, False)
         setup = dict(optimizer=optimizer, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
-                     amsgrad=bucket.amsgrad, master_weights=bucket.master)
+                     amsgrad=bucket.amsgrad, master_weights=master, state_dtype=bucket.state_dtype,
+                     stochastic_rounding=bucket.stochastic_rounding)
         numels = [int(n) for n in bucket.numels]
 
         def make_runner(config: LaunchConfig, numel: int) -> Callable[[], None]:
-            return make_scratch_runner(**setup, config=config, numel=numel, device=bucket.device)
+            return make_scratch_runner(**setup, config=config, numels=scaled_mix(numels, numel),
+                                       device=bucket.device)
 
         extra = {"mode": autotune_mode} if autotune_mode is not None else {}
         chosen = autotune.select_config(
             autotune_key(**setup), sum(numels), bucket.device, make_runner,
-            bytes_per_elem=bytes_per_elem(**setup), allow_persistent=True, **extra,
+            bytes_per_elem=bytes_per_elem(**setup), **extra,
         )
         return LaunchConfig(
             block_size if block_size is not None else chosen.block_size,

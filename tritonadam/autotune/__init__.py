@@ -1,8 +1,8 @@
 """Per-GPU launch configs for the optimizer kernels: config space, tuner, on-disk cache.
 
 The optimizer asks ``select_config`` once per launch; the first call for a kernel variant
-and size bucket decides (built-in default, disk cache, or timing on scratch buffers within
-a budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
+and size bucket decides (built-in default, disk cache, or compiling and timing candidates
+on scratch buffers, each within its budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
 ``mode`` keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and
 Triton's interpreter never tune. In a distributed job one rank decides each entry and every
 rank uses its choice (see ``select_config``).
@@ -26,9 +26,9 @@ from .configs import (
     arch_default,
     candidate_configs,
     config_space,
-    default_config,
     size_bucket,
 )
+from .device import default_config
 from .tuner import MODES, Choice, Tuner, TuneResult, resolve_mode
 
 __all__ = [
@@ -83,25 +83,24 @@ def select_config(
     make_runner: Callable[[LaunchConfig, int], Callable[[], None]],
     *,
     mode: str | None = None,
-    source_hash: str | None = None,
     bytes_per_elem: float | None = None,
-    allow_persistent: bool = False,
 ) -> LaunchConfig:
     """The launch config for one kernel variant and launch size on ``device``.
 
     ``key`` names the kernel variant and dtypes (a hashable tuple, built by the kernels
     package; stored as strings); ``numel`` is the element count of the launch (bucketed in
     powers of two); ``make_runner(config, numel)`` returns a zero-argument callable that
-    launches the kernel once on scratch buffers of ``numel`` elements (never the user's
-    tensors), for timing. It is called only when tuning, with the bucket's representative
+    launches the kernel once on scratch buffers of ``numel`` elements in all (never the
+    user's tensors; ``tritonadam.kernels.scratch.scaled_mix`` spreads them over tensors
+    sized like the launch's), for timing, and may offer ``.compile()`` returning the
+    compiler's report. It is called only when tuning, with the bucket's representative
     size, possibly capped by the scratch-memory budget.
 
     Keyword-only:
     ``mode``: "on" | "cache-only" | "off"; None = ``TRITONADAM_AUTOTUNE``, else "on".
-    ``source_hash``: identifies the kernel source (part of the cache file's identity);
-    None = a hash of ``tritonadam/kernels/*.py``. ``bytes_per_elem``: bytes one step moves
-    per element, for GB/s in the cache and the scratch-memory cap. ``allow_persistent``:
-    the kernels accept ``LaunchConfig.persistent=True``, so persistent grids are tuned too.
+    ``bytes_per_elem``: bytes one step moves per element, for GB/s in the cache, the
+    scratch-memory cap and how many launches one timing repeats. Persistent grids are
+    always candidates.
 
     After the first call for a (key, bucket, device, mode) this is a dictionary lookup.
 
@@ -114,10 +113,7 @@ def select_config(
     broadcast from rank 0, and then every rank must call ``select_config`` for the same
     entries in the same order. CPU devices never tune, so they never communicate.
     """
-    return _tuner.select(
-        key, numel, device, make_runner,
-        mode=mode, source_hash=source_hash, bytes_per_elem=bytes_per_elem, allow_persistent=allow_persistent,
-    )
+    return _tuner.select(key, numel, device, make_runner, mode=mode, bytes_per_elem=bytes_per_elem)
 
 
 def choices() -> list[Choice]:

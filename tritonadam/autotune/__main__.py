@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 
@@ -71,6 +70,7 @@ def _entry_rows(entries: dict) -> list:
                 meas.get("at", ""),
                 meas.get("how", ""),
                 f"{meas.get('configs_timed', '?')}/{meas.get('configs_considered', '?')} timed"
+                + (f", {meas['configs_pruned']} pruned by the compiler's report" if meas.get("configs_pruned") else "")
                 + ("" if meas.get("complete", True) else " (budget ran out)"),
             )
             if x
@@ -129,7 +129,7 @@ def cmd_path(args) -> int:
 
         t = Tuner(cache=cache)
         dev = torch.device("cuda", torch.cuda.current_device())
-        print(cache.path(t.identity(t.device_info(dev), _kernels_source_hash())))
+        print(cache.path(t.identity(t.device_info(dev))))
     return 0
 
 
@@ -162,25 +162,6 @@ def cmd_import(args) -> int:
     return 0 if n or not notes else 1
 
 
-def _kernels_source_hash():
-    try:
-        import tritonadam.kernels as k
-    except Exception:
-        return None
-    return getattr(k, "SOURCE_HASH", None)
-
-
-def _call_with_supported(fn, kwargs: dict):
-    """Call ``fn`` with the subset of ``kwargs`` it accepts (all of them if it takes **kw)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(**kwargs)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
 def cmd_tune(args) -> int:
     import torch
 
@@ -194,28 +175,22 @@ def cmd_tune(args) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        import tritonadam.kernels as kernels
-
-        kernels.autotune_key, kernels.make_scratch_runner  # noqa: B018
-    except Exception as e:
-        print(
-            "tritonadam.autotune tune: this install of tritonadam.kernels does not provide "
-            f"`autotune_key` and `make_scratch_runner` ({type(e).__name__}: {e}); cannot tune.",
-            file=sys.stderr,
-        )
-        return 1
+    from ..kernels import scratch
     from .tuner import Tuner
 
     device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    tuner = Tuner(cache=_cache(args), budget_s=args.budget, verbose=args.verbose or None)
-    return run_tune(args, tuner=tuner, kernels=kernels, device=device)
+    tuner = Tuner(cache=_cache(args), budget_s=args.budget, compile_budget_s=args.compile_budget,
+                  verbose=args.verbose or None)
+    return run_tune(args, tuner=tuner, kernels=scratch, device=device)
 
 
 def run_tune(args, *, tuner, kernels, device) -> int:
-    """The body of ``tune`` (separate so CPU tests can drive it with a fake GPU and kernels)."""
+    """The body of ``tune`` (separate so CPU tests can drive it with a fake GPU and kernels).
+
+    ``kernels``: ``tritonadam.kernels.scratch`` or a stand-in with its ``autotune_key``,
+    ``bytes_per_elem``, ``scaled_mix`` and ``make_scratch_runner``."""
     import torch
 
     from .cache import entry_key
@@ -228,12 +203,9 @@ def run_tune(args, *, tuner, kernels, device) -> int:
         lo, hi = size_bucket(args.min_numel), size_bucket(top)
         sizes = [2**b for b in range(lo, hi + 1)]
     buckets = sorted({size_bucket(n) for n in sizes})
-    source_hash = getattr(kernels, "SOURCE_HASH", None)
-    # Must match what the optimizer passes to select_config, or the entries go unused.
-    allow_persistent = bool(getattr(kernels, "ALLOW_PERSISTENT", False))
     info = tuner.device_info(device)
-    identity = tuner.identity(info, source_hash)
-    space = space_id(info.backend, allow_persistent=allow_persistent)
+    identity = tuner.identity(info)
+    space = space_id(info.backend)
     rows = []
     for opt in args.optimizer:
         for pd in args.param_dtype:
@@ -245,14 +217,12 @@ def run_tune(args, *, tuner, kernels, device) -> int:
                 amsgrad=args.amsgrad,
                 master_weights=args.master_weights,
             )
-            key = tuple(_call_with_supported(kernels.autotune_key, kw))
-            bpe_fn = getattr(kernels, "bytes_per_elem", None)
-            bpe = _call_with_supported(bpe_fn, kw) if bpe_fn else None
+            key = tuple(kernels.autotune_key(**kw))
+            bpe = kernels.bytes_per_elem(**kw)
 
             def make_runner(config, numel, _kw=kw):
-                return _call_with_supported(
-                    kernels.make_scratch_runner, {**_kw, "config": config, "numel": numel, "device": device}
-                )
+                numels = [numel] if args.tensor_numel is None else kernels.scaled_mix([args.tensor_numel], numel)
+                return kernels.make_scratch_runner(**_kw, config=config, numels=numels, device=device)
 
             for b in buckets:
                 name = entry_key(key, b)
@@ -262,10 +232,7 @@ def run_tune(args, *, tuner, kernels, device) -> int:
                     if hit is not None and (hit.get("measured") or {}).get("complete", True):
                         rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "cached (use --force to re-tune)"))
                         continue
-                res = tuner.tune(
-                    key, 2**b, device, make_runner, source_hash=source_hash, bytes_per_elem=bpe,
-                    allow_persistent=allow_persistent, how="cli tune",
-                )
+                res = tuner.tune(key, 2**b, device, make_runner, bytes_per_elem=bpe, how="cli tune")
                 if res is None:
                     rows.append((name, "", "", "failed: no config could be timed"))
                 else:
@@ -320,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks the model's parameters are sharded over (FSDP/ZeRO); default 1")
     t.add_argument("--min-numel", type=_parse_size, default=2**MIN_BUCKET,
                    help=f"smallest launch to tune with --model-size (default 2^{MIN_BUCKET})")
+    t.add_argument("--tensor-numel", type=_parse_size, default=None, metavar="N",
+                   help="time scratch launches made of tensors of N elements, like a model of many "
+                        "tensors that size (default: one tensor per launch)")
     t.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="time budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
+                   help="timing budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
+    t.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+                   help="compile budget per entry, spent before timing "
+                        "(default: $TRITONADAM_AUTOTUNE_COMPILE_BUDGET, else 30)")
     t.add_argument("--device", default=None, help="GPU to tune on (default: the current CUDA device)")
     t.add_argument("--force", action="store_true",
                    help="re-tune entries that are already cached (entries whose first-use tuning ran out of budget are re-tuned anyway)")

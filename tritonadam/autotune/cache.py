@@ -51,9 +51,13 @@ def default_cache_dir() -> Path:
     explicit = _env.cache_dir()
     if explicit:
         return Path(explicit).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("tritonadam")) / "autotune"
+    try:
+        import platformdirs
+    except ImportError:  # minimal images (a GPU box's stock python): the XDG location
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonadam"
+    else:
+        base = Path(platformdirs.user_cache_dir("tritonadam"))
+    return base / "autotune"
 
 
 def entry_key(key: tuple, bucket: int) -> str:
@@ -120,7 +124,7 @@ def validate_entry(name: str, entry, backend: str) -> str | None:
     if not isinstance(entry.get("space"), str):
         return "no config-space id"
     cfg = LaunchConfig.from_json(entry.get("config"))
-    if cfg is None or not is_known_config(cfg, backend, allow_persistent=True):
+    if cfg is None or not is_known_config(cfg, backend):
         return f"unknown config {entry.get('config')!r}"
     if not _finite_pos(entry.get("time_ms")):
         return "bad time_ms"
@@ -129,7 +133,7 @@ def validate_entry(name: str, entry, backend: str) -> str | None:
         if not isinstance(ru, dict):
             return "bad runner_up"
         rcfg = LaunchConfig.from_json(ru.get("config"))
-        if rcfg is None or not is_known_config(rcfg, backend, allow_persistent=True):
+        if rcfg is None or not is_known_config(rcfg, backend):
             return f"unknown runner-up config {ru.get('config')!r}"
         if not _finite_pos(ru.get("time_ms")):
             return "bad runner_up time_ms"
@@ -296,7 +300,7 @@ class DiskCache:
     def lookup(self, identity: CacheIdentity, name: str, space: str) -> dict | None:
         entry = self.load(identity).get(name)
         if entry is None or entry.get("space") != space:
-            # Tuned over another list (e.g. before the kernels offered persistent grids).
+            # Tuned over another list or under other pruning rules.
             return None
         return entry
 

@@ -11,10 +11,6 @@ import json
 import math
 from dataclasses import dataclass
 
-import torch
-
-from .. import _env
-
 __all__ = [
     "LaunchConfig",
     "DeviceInfo",
@@ -25,7 +21,7 @@ __all__ = [
     "GPU_DEFAULT",
     "MIN_BUCKET",
     "MAX_BUCKET",
-    "default_config",
+    "MIN_RESIDENT_WARPS",
     "arch_default",
     "config_space",
     "candidate_configs",
@@ -34,6 +30,8 @@ __all__ = [
     "size_bucket",
     "bucket_numel",
     "is_known_config",
+    "resident_warps",
+    "report_prune_reason",
 ]
 
 
@@ -43,8 +41,7 @@ class LaunchConfig:
 
     block_size: elements per program (a power of two); num_warps: warps per program.
     persistent: False = one program per block (the grid covers every block); True = a grid of
-    about one wave of programs that loop over blocks. Only offered to the tuner when the
-    kernels say they support it (``select_config(..., allow_persistent=True)``).
+    about one wave of programs that loop over blocks.
     """
 
     block_size: int
@@ -88,6 +85,8 @@ class DeviceInfo:
     """What the tuner needs to know about a GPU. Injectable so CPU tests can pose as one.
 
     backend: "cuda" or "hip"; arch: "sm_90", "gfx942", ...; capability: "9.0" / "gfx942".
+    The per-SM limits decide how many programs of a compiled config fit on one SM; the
+    defaults are those of sm_80 and sm_90.
     """
 
     backend: str
@@ -97,6 +96,9 @@ class DeviceInfo:
     num_sms: int | None = None
     warp_size: int = 32
     l2_bytes: int | None = None
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    shared_per_sm: int | None = None
 
 
 # --- the search space -----------------------------------------------------------------
@@ -124,6 +126,12 @@ _BACKENDS = {
 # because a different rule could have produced a different choice.
 RULES_VERSION = 2
 
+# A streaming kernel hides memory latency with loads in flight from several resident
+# programs: a compiled candidate that leaves fewer warps than this on an SM, or spills, is
+# not timed. Compiled for sm_80/sm_90 (docs/performance.md), every variant but fp64 keeps
+# at least 16 warps resident across the space; fp64 at 16 elements per thread keeps 8.
+MIN_RESIDENT_WARPS = 16
+
 # Buckets are powers of two of the launch's element count, clamped: below 2**12 every config
 # costs one launch latency, and from 2**27 up (128M elements, >2 GiB of optimizer traffic) the
 # kernel is streaming at full bandwidth, so larger launches behave like 2**27.
@@ -138,10 +146,10 @@ def _backend_spec(backend: str) -> dict:
         raise ValueError(f"unknown backend {backend!r}; expected one of {sorted(_BACKENDS)}") from None
 
 
-def config_space(backend: str = "cuda", *, allow_persistent: bool = False) -> list[LaunchConfig]:
-    """Every config the tuner may pick on ``backend``, in a fixed order (sorted).
-
-    The order and content are deterministic so their hash can name the cache file.
+def config_space(backend: str = "cuda") -> list[LaunchConfig]:
+    """Every config the tuner may pick on ``backend``, plain and persistent grids, in a fixed
+    order (sorted). The order and content are deterministic so their hash can name the
+    cache file.
     """
     spec = _backend_spec(backend)
     out = []
@@ -149,35 +157,28 @@ def config_space(backend: str = "cuda", *, allow_persistent: bool = False) -> li
         for warps in spec["num_warps"]:
             per_thread = block / (spec["warp_size"] * warps)
             if MIN_ELEMS_PER_THREAD <= per_thread <= MAX_ELEMS_PER_THREAD:
-                out.append(LaunchConfig(block, warps))
-                if allow_persistent:
-                    out.append(LaunchConfig(block, warps, True))
+                out += [LaunchConfig(block, warps), LaunchConfig(block, warps, True)]
     return sorted(out)
 
 
-def is_known_config(config: LaunchConfig, backend: str, *, allow_persistent: bool = False) -> bool:
-    return config in set(config_space(backend, allow_persistent=allow_persistent))
+def is_known_config(config: LaunchConfig, backend: str) -> bool:
+    return config in set(config_space(backend))
 
 
-def space_id(backend: str, *, allow_persistent: bool = False) -> str:
-    """Short hash of one searched list (stored with each entry: entries tuned over another
-    list are not reused)."""
-    cfgs = [c.to_json() for c in config_space(backend, allow_persistent=allow_persistent)]
-    blob = json.dumps({"backend": backend, "configs": cfgs, "rules": RULES_VERSION}, sort_keys=True)
+def space_id(backend: str) -> str:
+    """Short hash of the searched list and its rules (stored with each entry: entries tuned
+    over another list are not reused)."""
+    cfgs = [c.to_json() for c in config_space(backend)]
+    blob = json.dumps(
+        {"backend": backend, "configs": cfgs, "rules": RULES_VERSION, "min_resident_warps": MIN_RESIDENT_WARPS},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def space_hash(backend: str) -> str:
     """Hash of everything the tuner could search on ``backend`` (part of the cache identity)."""
-    blob = json.dumps(
-        {
-            "backend": backend,
-            "plain": space_id(backend, allow_persistent=False),
-            "persistent": space_id(backend, allow_persistent=True),
-            "buckets": [MIN_BUCKET, MAX_BUCKET],
-        },
-        sort_keys=True,
-    )
+    blob = json.dumps({"space": space_id(backend), "buckets": [MIN_BUCKET, MAX_BUCKET]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -199,7 +200,6 @@ def candidate_configs(
     numel: int,
     *,
     num_sms: int | None = None,
-    allow_persistent: bool = False,
     first: LaunchConfig | None = None,
 ) -> list[LaunchConfig]:
     """The configs worth timing for a launch of ``numel`` elements, most promising first.
@@ -217,7 +217,7 @@ def candidate_configs(
     neighbours; ties keep the space's sorted order.
     """
     numel = max(int(numel), 1)
-    space = config_space(backend, allow_persistent=allow_persistent)
+    space = config_space(backend)
     smallest = min(c.block_size for c in space)
     cap = max(smallest, 1 << (numel - 1).bit_length())
     kept = [c for c in space if c.block_size <= cap]
@@ -227,7 +227,7 @@ def candidate_configs(
         smallest_kept = min(c.block_size for c in kept)
         kept = filled or [c for c in kept if c.block_size == smallest_kept]
         kept = [c for c in kept if not c.persistent or math.ceil(numel / c.block_size) > 2 * num_sms]
-    elif allow_persistent:
+    else:
         # Without the SM count we cannot tell one wave from many; keep only plain grids.
         kept = [c for c in kept if not c.persistent]
     if first is not None:
@@ -314,25 +314,32 @@ def arch_default(backend: str, arch: str, bucket: int | None = None) -> DefaultR
     return DefaultRow(backend, "*", GPU_DEFAULT, note=_UNMEASURED)
 
 
-_device_arch: dict = {}
+# --- what the compiler says -------------------------------------------------------------
 
 
-def default_config(device: torch.device, numel: int | None = None) -> LaunchConfig:
-    """The built-in config for ``device`` (no timing, no disk).
+def resident_warps(config: LaunchConfig, report: dict, info: DeviceInfo) -> int:
+    """Warps of ``config`` that fit on one SM at once, from the compiler's report
+    (``registers`` per thread, ``shared`` bytes per program) and the SM's limits.
 
-    CPU and Triton's interpreter get INTERPRETER_DEFAULT; a GPU gets its architecture's row.
+    Registers are allocated per warp in units of 256 (sm_80/sm_90 allocation granularity).
     """
-    device = torch.device(device)
-    if device.type == "cpu" or _env.interpret():
-        return INTERPRETER_DEFAULT
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return GPU_DEFAULT
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    arch = _device_arch.get(idx)
-    if arch is None:
-        from .device import device_info
+    warps = config.num_warps
+    per_warp = math.ceil(max(int(report.get("registers") or 0), 1) * info.warp_size / 256) * 256
+    programs = min(info.regs_per_sm // (per_warp * warps), info.max_warps_per_sm // warps)
+    shared = int(report.get("shared") or 0)
+    if shared and info.shared_per_sm:
+        programs = min(programs, info.shared_per_sm // shared)
+    return programs * warps
 
-        info = device_info(device)
-        arch = _device_arch[idx] = (info.backend, info.arch)
-    bucket = size_bucket(numel) if numel is not None else None
-    return arch_default(arch[0], arch[1], bucket).config
+
+def report_prune_reason(config: LaunchConfig, report: dict | None, info: DeviceInfo) -> str | None:
+    """Why a compiled candidate is not worth timing, or None. No report (the compiler could
+    not say) prunes nothing."""
+    if not report:
+        return None
+    if int(report.get("spills") or 0) > 0:
+        return f"spills {report['spills']} registers"
+    resident = resident_warps(config, report, info)
+    if resident < MIN_RESIDENT_WARPS:
+        return f"{resident} resident warps per SM < {MIN_RESIDENT_WARPS}"
+    return None

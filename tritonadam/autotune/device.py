@@ -1,4 +1,4 @@
-"""Facts about the running GPU and software that name a cache file."""
+"""Facts about the running GPU and software: what the tuner needs, and what names a cache file."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +8,10 @@ import os
 
 import torch
 
-from .configs import DeviceInfo
+from .. import _env
+from .configs import GPU_DEFAULT, INTERPRETER_DEFAULT, DeviceInfo, LaunchConfig, arch_default, size_bucket
 
-__all__ = ["device_info", "free_bytes", "triton_version", "kernel_source_hash"]
+__all__ = ["device_info", "default_config", "free_bytes", "triton_version", "kernel_source_hash"]
 
 _info: dict = {}
 
@@ -24,6 +25,17 @@ def device_info(device: torch.device) -> DeviceInfo:
     info = _info.get(idx)
     if info is None:
         props = torch.cuda.get_device_properties(idx)
+        warp = int(getattr(props, "warp_size", 0) or (64 if torch.version.hip is not None else 32))
+        # Older torch builds lack the per-SM limits; DeviceInfo's defaults (sm_80/sm_90) stand in.
+        limits = {
+            k: v
+            for k, v in (
+                ("regs_per_sm", getattr(props, "regs_per_multiprocessor", None)),
+                ("max_warps_per_sm", (getattr(props, "max_threads_per_multi_processor", 0) or 0) // warp or None),
+                ("shared_per_sm", getattr(props, "shared_memory_per_multiprocessor", None)),
+            )
+            if v
+        }
         if torch.version.hip is not None:
             # "gfx942:sramecc+:xnack-": the feature flags do not change the code we run.
             arch = str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
@@ -33,8 +45,9 @@ def device_info(device: torch.device) -> DeviceInfo:
                 arch=arch,
                 capability=arch,
                 num_sms=props.multi_processor_count,
-                warp_size=int(getattr(props, "warp_size", 64) or 64),
+                warp_size=warp,
                 l2_bytes=getattr(props, "L2_cache_size", None),
+                **limits,
             )
         else:
             info = DeviceInfo(
@@ -43,11 +56,26 @@ def device_info(device: torch.device) -> DeviceInfo:
                 arch=f"sm_{props.major}{props.minor}",
                 capability=f"{props.major}.{props.minor}",
                 num_sms=props.multi_processor_count,
-                warp_size=int(getattr(props, "warp_size", 32) or 32),
+                warp_size=warp,
                 l2_bytes=getattr(props, "L2_cache_size", None),
+                **limits,
             )
         _info[idx] = info
     return info
+
+
+def default_config(device: torch.device, numel: int | None = None) -> LaunchConfig:
+    """The built-in config for ``device`` (no timing, no disk).
+
+    CPU and Triton's interpreter get INTERPRETER_DEFAULT; a GPU gets its architecture's row.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" or _env.interpret():
+        return INTERPRETER_DEFAULT
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return GPU_DEFAULT
+    info = device_info(device)
+    return arch_default(info.backend, info.arch, size_bucket(numel) if numel is not None else None).config
 
 
 def free_bytes(device: torch.device) -> int | None:

@@ -26,15 +26,18 @@ from .configs import (
     bucket_numel,
     candidate_configs,
     config_space,
-    default_config,
+    report_prune_reason,
+    resident_warps,
     size_bucket,
     space_hash,
     space_id,
 )
+from .device import default_config
 
 __all__ = [
     "MODES",
     "DEFAULT_BUDGET_S",
+    "DEFAULT_COMPILE_BUDGET_S",
     "Measurement",
     "TuneResult",
     "Choice",
@@ -50,6 +53,13 @@ _MODE_ALIASES = {
     "cache_only": "cache-only",
 }
 DEFAULT_BUDGET_S = 10.0
+# Compiling a config takes 0.5-11 s (more when it spills): it gets its own budget, spent
+# before timing starts, so that the timing budget buys timings.
+DEFAULT_COMPILE_BUDGET_S = 30.0
+# A timed unit repeats a small launch until it moves about this many bytes, so that the
+# GPU's work, not the event pair's resolution, decides its time (at most MAX_LAUNCHES_PER_TIMING).
+TIMED_BYTES = 256 << 20
+MAX_LAUNCHES_PER_TIMING = 100
 # Scratch buffers are capped at 4 GiB and a quarter of the free memory: tuning happens on the
 # first step, when the user's model, activations and optimizer state are already resident.
 DEFAULT_MAX_SCRATCH_BYTES = 4 << 30
@@ -95,6 +105,26 @@ class TuneResult:
     complete: bool
     elapsed_s: float
     entry: dict = field(repr=False, default_factory=dict)
+
+
+class _Repeat:
+    """``fn`` run ``n`` times per call, as one timed unit; attributes read through to ``fn``."""
+
+    def __init__(self, fn: Runner, n: int):
+        self.fn, self.n = fn, n
+
+    def __call__(self) -> None:
+        for _ in range(self.n):
+            self.fn()
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def launches_per_timing(numel: int, bytes_per_elem: float | None) -> int:
+    """How many launches of ``numel`` elements one timing repeats (see TIMED_BYTES)."""
+    moved = max(numel * (bytes_per_elem or _FALLBACK_BYTES_PER_ELEM), 1)
+    return int(min(MAX_LAUNCHES_PER_TIMING, max(1, math.ceil(TIMED_BYTES / moved))))
 
 
 @dataclass(frozen=True)
@@ -153,10 +183,15 @@ class Tuner:
 
     Every collaborator is injectable so the choice logic runs on CPU in tests:
     ``timer(fn) -> ms`` (default: CUDA events, warm-up, median), ``clock() -> s`` (measures
-    the budget), ``cache`` (a DiskCache), ``device_info(device) -> DeviceInfo``,
-    ``free_bytes(device) -> int | None``. ``time_any_device=True`` lets a CPU device be
-    "timed" (only meaningful with a fake timer); by default CPU and Triton's interpreter
-    never tune.
+    the budgets), ``cache`` (a DiskCache), ``device_info(device) -> DeviceInfo``,
+    ``free_bytes(device) -> int | None``, ``source_hash`` (names the kernel source in the
+    cache identity; default: a hash of ``tritonadam/kernels/*.py``). ``time_any_device=True``
+    lets a CPU device be "timed" (only meaningful with a fake timer); by default CPU and
+    Triton's interpreter never tune.
+
+    Tuning an entry has two phases: compile every candidate (``make_runner(...).compile()``
+    when the runner has it) within the compile budget and drop those the compiler's report
+    rules out (spills, too few resident warps), then time the rest within the budget.
     """
 
     def __init__(
@@ -165,7 +200,9 @@ class Tuner:
         timer: Callable[[Runner], float] | None = None,
         clock: Callable[[], float] | None = None,
         budget_s: float | None = None,
+        compile_budget_s: float | None = None,
         cache: DiskCache | None = None,
+        source_hash: str | None = None,
         device_info: Callable[[torch.device], DeviceInfo] | None = None,
         free_bytes: Callable[[torch.device], int | None] | None = None,
         time_any_device: bool = False,
@@ -183,7 +220,9 @@ class Tuner:
         self._timer = timer
         self.clock = clock if clock is not None else time.perf_counter
         self._budget_s = budget_s
+        self._compile_budget_s = compile_budget_s
         self.cache = cache if cache is not None else DiskCache()
+        self.source_hash = source_hash
         self._device_info = device_info
         self._free_bytes = free_bytes
         self.time_any_device = time_any_device
@@ -209,6 +248,13 @@ class Tuner:
         return float(env) if env is not None else DEFAULT_BUDGET_S
 
     @property
+    def compile_budget_s(self) -> float:
+        if self._compile_budget_s is not None:
+            return float(self._compile_budget_s)
+        env = _env.autotune_compile_budget_s()
+        return float(env) if env is not None else DEFAULT_COMPILE_BUDGET_S
+
+    @property
     def timer(self) -> Callable[[Runner], float]:
         if self._timer is None:
             from .timing import cuda_event_timer
@@ -232,7 +278,7 @@ class Tuner:
 
         return device_info(device)
 
-    def identity(self, info: DeviceInfo, source_hash: str | None = None) -> CacheIdentity:
+    def identity(self, info: DeviceInfo) -> CacheIdentity:
         from .device import kernel_source_hash, triton_version
 
         return CacheIdentity(
@@ -240,7 +286,7 @@ class Tuner:
             gpu=info.name,
             capability=info.capability,
             triton=triton_version(),
-            kernel_source_hash=source_hash or kernel_source_hash(),
+            kernel_source_hash=self.source_hash or kernel_source_hash(),
             config_space_hash=space_hash(info.backend),
         )
 
@@ -272,15 +318,13 @@ class Tuner:
         make_runner: MakeRunner,
         *,
         mode: str | None = None,
-        source_hash: str | None = None,
         bytes_per_elem: float | None = None,
-        allow_persistent: bool = False,
     ) -> LaunchConfig:
         """See ``tritonadam.autotune.select_config``."""
         mode = resolve_mode(mode)
         dev = device if isinstance(device, torch.device) else torch.device(device)
         bucket = size_bucket(numel)
-        mkey = (mode, dev.type, dev.index, key, bucket, allow_persistent, source_hash)
+        mkey = (mode, dev.type, dev.index, key, bucket)
         hit = self._memory.get(mkey)
         if hit is not None:
             return hit
@@ -291,16 +335,14 @@ class Tuner:
             hit = self._memory.get(mkey)
             if hit is not None:
                 return hit
-            choice, keep = self._select_slow(
-                mode, key, bucket, dev, make_runner, source_hash, bytes_per_elem, allow_persistent
-            )
+            choice, keep = self._select_slow(mode, key, bucket, dev, make_runner, bytes_per_elem)
             if keep:
                 self._memory[mkey] = choice.config
             if keep or not self._choices or self._choices[-1] != choice:
                 self._choices.append(choice)
             return choice.config
 
-    def _select_slow(self, mode, key, bucket, dev, make_runner, source_hash, bpe, allow_persistent):
+    def _select_slow(self, mode, key, bucket, dev, make_runner, bpe):
         def choice(cfg, source, time_ms=None, gbps=None, runner_up=None):
             return Choice(tuple(key), bucket, str(dev), cfg, source, time_ms, gbps, runner_up)
 
@@ -322,13 +364,12 @@ class Tuner:
             self._say(f"{name}: {default.short()} ({row.status} for {info.arch}; autotune off)")
             return choice(default, f"{row.status} (autotune off)"), True
 
-        _ = self.budget_s  # a malformed TRITONADAM_AUTOTUNE_BUDGET raises here, not inside the fallbacks
+        # A malformed budget variable raises here, not inside the fallbacks.
+        _ = self.budget_s, self.compile_budget_s
 
         def decide():
             try:
-                return self._decide(
-                    mode, key, bucket, dev, info, default, make_runner, source_hash, bpe, allow_persistent, choice
-                )
+                return self._decide(mode, key, bucket, dev, info, default, make_runner, bpe, choice)
             except Exception as e:  # never take the step down, and never leave ranks waiting
                 self._say(f"{name}: {type(e).__name__}: {e}; using {default.short()}", always=True)
                 return choice(default, "default (error while deciding)")
@@ -340,9 +381,7 @@ class Tuner:
         # of 22 entries disagree across 8 ranks), and ranks must run the same code.
         store = _default_store() if self.agreement in ("auto", "store") else None
         if store is not None:
-            return self._agree_via_store(
-                store, dist, mode, name, allow_persistent, source_hash, info, default, decide, choice
-            ), True
+            return self._agree_via_store(store, dist, mode, name, info, default, decide, choice), True
         if self.agreement == "store":
             raise RuntimeError("tritonadam.autotune: agreement='store' but the process group has no store")
         rank = dist.get_rank()
@@ -353,7 +392,7 @@ class Tuner:
         self._say(f"{name}: {cfg.short()} (from rank 0)")
         return choice(cfg, "rank 0 (broadcast)"), True
 
-    def _agree_via_store(self, store, dist, mode, name, allow_persistent, source_hash, info, default, decide, choice):
+    def _agree_via_store(self, store, dist, mode, name, info, default, decide, choice):
         """The first rank to need an entry decides it and publishes it in the process group's
         key-value store; every other rank that needs it waits for that value.
 
@@ -361,7 +400,7 @@ class Tuner:
         another bucket (uneven FSDP shards) or that skips a launch cannot deadlock the job or
         receive another entry's config, and no GPU sync is added to the step.
         """
-        skey = "/".join(("tritonadam/autotune/v1", mode, source_hash or "-", "p" if allow_persistent else "-", name))
+        skey = "/".join(("tritonadam/autotune/v2", mode, self.source_hash or "-", name))
         rank = dist.get_rank()
         if store.add(skey + "/claim", 1) == 1:
             mine = None
@@ -384,16 +423,16 @@ class Tuner:
         except Exception as e:
             self._say(f"{name}: no config from the deciding rank ({type(e).__name__}: {e}); using {default.short()}", always=True)
             return choice(default, "default (no answer from the deciding rank)")
-        if cfg not in set(config_space(info.backend, allow_persistent=allow_persistent)):
+        if cfg not in set(config_space(info.backend)):
             self._say(f"{name}: rank {owner} published {cfg.short()}, not in this rank's space; using {default.short()}", always=True)
             return choice(default, "default (bad config from the deciding rank)")
         self._say(f"{name}: {cfg.short()} (from rank {owner})")
         return choice(cfg, f"rank {owner} (store)")
 
-    def _decide(self, mode, key, bucket, dev, info, default, make_runner, source_hash, bpe, allow_persistent, choice):
+    def _decide(self, mode, key, bucket, dev, info, default, make_runner, bpe, choice):
         name = entry_key(key, bucket)
-        identity = self.identity(info, source_hash)
-        space = space_id(info.backend, allow_persistent=allow_persistent)
+        identity = self.identity(info)
+        space = space_id(info.backend)
         try:
             entry = self.cache.lookup(identity, name, space)
         except Exception as e:  # the cache must never take the optimizer down
@@ -409,11 +448,7 @@ class Tuner:
             self._say(f"{name}: {default.short()} (default; not in cache, cache-only mode)")
             return choice(default, "default (cache-only: not in cache)")
         try:
-            result = self.tune(
-                key, bucket_numel(bucket), dev, make_runner,
-                source_hash=source_hash, bytes_per_elem=bpe, allow_persistent=allow_persistent,
-                how="first use", _info=info,
-            )
+            result = self.tune(key, bucket_numel(bucket), dev, make_runner, bytes_per_elem=bpe, how="first use", _info=info)
         except Exception as e:
             self._say(f"{name}: tuning failed ({type(e).__name__}: {e}); using {default.short()}", always=True)
             result = None
@@ -432,16 +467,15 @@ class Tuner:
         device: torch.device,
         make_runner: MakeRunner,
         *,
-        source_hash: str | None = None,
         bytes_per_elem: float | None = None,
-        allow_persistent: bool = False,
         budget_s: float | None = None,
+        compile_budget_s: float | None = None,
         store: bool = True,
         how: str = "explicit",
         _info: DeviceInfo | None = None,
     ) -> TuneResult | None:
-        """Time the candidate configs for ``numel``'s bucket now (ignoring any cached
-        choice) and store the winner. None if no config could be timed.
+        """Compile, prune and time the candidate configs for ``numel``'s bucket now (ignoring
+        any cached choice) and store the winner. None if no config could be timed.
 
         Not coordinated across ranks: ``select`` calls it on the deciding rank only.
         """
@@ -453,17 +487,16 @@ class Tuner:
         name = entry_key(key, bucket)
         default = arch_default(info.backend, info.arch, bucket).config
         budget = self.budget_s if budget_s is None else float(budget_s)
+        compile_budget = self.compile_budget_s if compile_budget_s is None else float(compile_budget_s)
         rep = self.scratch_numel(bucket, dev, bytes_per_elem)
         if rep == 0:
             self._say(f"{name}: not enough free memory for scratch buffers; not tuned", always=True)
             return None
-        cands = candidate_configs(
-            info.backend, rep, num_sms=info.num_sms, allow_persistent=allow_persistent, first=default
-        )
+        cands = candidate_configs(info.backend, rep, num_sms=info.num_sms, first=default)
         self._say(
             f"tuning {name} on {info.name}: {len(cands)} configs on {rep} scratch elements, "
-            f"budget {budget:g} s (pre-tune with `python -m tritonadam.autotune tune`, "
-            "or TRITONADAM_AUTOTUNE=off)",
+            f"budget {compile_budget:g} s compiling + {budget:g} s timing (pre-tune with "
+            "`python -m tritonadam.autotune tune`, or TRITONADAM_AUTOTUNE=off)",
             always=True,
         )
         start = self.clock()
@@ -473,7 +506,12 @@ class Tuner:
             dev.type == "cuda" and torch.cuda.is_available()
         ) else []
         with torch.random.fork_rng(devices=rng_devices, device_type="cuda"), torch.no_grad():
-            measurements, rep = self._time_candidates(cands, make_runner, rep, budget, start, bytes_per_elem)
+            compiled, failed, rep = self._compile_candidates(cands, make_runner, rep, compile_budget, info)
+            compile_s = self.clock() - start
+            timed_start = self.clock()
+            todo = [c["config"] for c in compiled if c["pruned"] is None]
+            measurements, rep, launches = self._time_candidates(todo, make_runner, rep, budget, bytes_per_elem)
+        measurements = failed + measurements
         elapsed = self.clock() - start
         order = {c: j for j, c in enumerate(cands)}
         ok = sorted((m for m in measurements if m.time_ms is not None), key=lambda m: (m.time_ms, order[m.config]))
@@ -484,26 +522,33 @@ class Tuner:
         runner_up = ok[1] if len(ok) > 1 else None
         dflt = next((m for m in ok if m.config == default), None)
         gbps = bytes_per_elem * rep / best.time_ms / 1e6 if bytes_per_elem else None
+        complete = len(measurements) - len(failed) == len(todo) and len(compiled) + len(failed) == len(cands)
         entry = {
             "key": [str(k) for k in key],
             "bucket": bucket,
-            "space": space_id(info.backend, allow_persistent=allow_persistent),
+            "space": space_id(info.backend),
             "config": best.config.to_json(),
             "time_ms": best.time_ms,
             "gbps": gbps,
             "bytes_per_elem": bytes_per_elem,
             "numel_timed": rep,
+            "launches_per_timing": launches,
             "runner_up": {"config": runner_up.config.to_json(), "time_ms": runner_up.time_ms} if runner_up else None,
             "default": {"config": default.to_json(), "time_ms": dflt.time_ms if dflt else None},
+            "compiled": [dict(c, config=c["config"].to_json()) for c in compiled],
             "measured": {
                 "at": _now(),
                 "how": how,
                 "timer": getattr(self.timer, "__name__", type(self.timer).__name__),
                 "configs_timed": len(ok),
                 "configs_failed": sum(1 for m in measurements if m.time_ms is None),
+                "configs_pruned": sum(1 for c in compiled if c["pruned"] is not None),
                 "configs_considered": len(cands),
-                "complete": len(measurements) == len(cands),
+                "complete": complete,
                 "budget_s": budget,
+                "compile_budget_s": compile_budget,
+                "compile_s": round(compile_s, 3),
+                "timing_s": round(elapsed - (timed_start - start), 3),
                 "elapsed_s": round(elapsed, 3),
                 "torch": torch.__version__,
             },
@@ -517,7 +562,7 @@ class Tuner:
             measurements=measurements,
             numel_timed=rep,
             considered=len(cands),
-            complete=len(measurements) == len(cands),
+            complete=complete,
             elapsed_s=elapsed,
             entry=entry,
         )
@@ -529,18 +574,74 @@ class Tuner:
             + (f" ({gbps:.0f} GB/s)" if gbps else "")
             + (f", runner-up {runner_up.config.short()} {runner_up.time_ms:.4g} ms" if runner_up else "")
             + vs
-            + f"; {len(ok)}/{len(cands)} configs timed in {elapsed:.1f} s",
+            + f"; {len(ok)}/{len(cands)} configs timed in {elapsed:.1f} s ({compile_s:.1f} s compiling)",
             always=True,
         )
         if store:
-            self.cache.store(self.identity(info, source_hash), name, entry)
+            self.cache.store(self.identity(info), name, entry)
         return result
 
-    def _time_candidates(self, cands, make_runner, rep, budget, start, bytes_per_elem):
+    def _runner(self, make_runner, cfg, rep):
+        """``make_runner(cfg, rep)``, halving ``rep`` on out-of-memory while it can.
+
+        Returns (runner, rep); the caller keeps the smaller rep for every later config, so
+        all timings of an entry are over the same size."""
+        while True:
+            try:
+                return make_runner(cfg, rep), rep
+            except Exception as e:
+                if not _is_oom(e) or rep <= 2**MIN_BUCKET:
+                    raise
+                rep //= 2
+                self._say(f"  out of memory; retrying with {rep} scratch elements")
+
+    def _compile_candidates(self, cands, make_runner, rep, budget, info):
+        """Compile each candidate, in order, until the compile budget is spent.
+
+        Returns (compiled, failed, rep): ``compiled`` holds one record per compiled config
+        (its report and why it is pruned, or None); ``failed`` the configs that did not
+        compile, as failed measurements. The first candidate (the architecture default) is
+        never pruned, so every entry records the default's time.
+        """
+        compiled: list[dict] = []
+        failed: list[Measurement] = []
+        start = self.clock()
+        for i, cfg in enumerate(cands):
+            if i > 0 and self.clock() - start >= budget:
+                self._say(f"  compile budget of {budget:g} s spent; {len(cands) - i} configs not compiled")
+                break
+            runner = None
+            try:
+                runner, rep = self._runner(make_runner, cfg, rep)
+                compile_fn = getattr(runner, "compile", None)
+                report = compile_fn() if compile_fn is not None else None
+            except Exception as e:
+                failed.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
+                self._say(f"  {cfg.short()}: does not compile ({type(e).__name__}: {e})")
+                continue
+            finally:
+                del runner
+            record = {"config": cfg, "report": report, "pruned": None}
+            if report:
+                record["resident_warps"] = resident_warps(cfg, report, info)
+                if i > 0:
+                    record["pruned"] = report_prune_reason(cfg, report, info)
+                self._say(
+                    f"  {cfg.short()}: {report.get('registers')} registers, {report.get('spills')} spills, "
+                    f"{report.get('shared')} B shared, {record['resident_warps']} warps/SM"
+                    + (f": pruned ({record['pruned']})" if record["pruned"] else "")
+                )
+            compiled.append(record)
+        return compiled, failed, rep
+
+    def _time_candidates(self, cands, make_runner, rep, budget, bytes_per_elem):
+        """Time ``cands`` in order within ``budget``; returns (measurements, rep, launches
+        per timed unit)."""
         measurements: list[Measurement] = []
         costs: list[float] = []
-        i = 0
-        while i < len(cands):
+        launches = launches_per_timing(rep, bytes_per_elem)
+        start = self.clock()
+        for i, cfg in enumerate(cands):
             elapsed = self.clock() - start
             if i > 0:
                 # Stop before a config that would, at the average cost so far, overrun.
@@ -548,32 +649,27 @@ class Tuner:
                 if elapsed >= budget or elapsed + mean > budget:
                     self._say(f"  budget of {budget:g} s reached after {elapsed:.2f} s; {len(cands) - i} configs not timed")
                     break
-            cfg = cands[i]
             t0 = self.clock()
             runner = None
             try:
-                runner = make_runner(cfg, rep)
-                ms = float(self.timer(runner))
+                runner, new_rep = self._runner(make_runner, cfg, rep)
+                if new_rep != rep and any(m.time_ms for m in measurements):
+                    raise RuntimeError("out of memory at the size the other configs were timed at")
+                if new_rep != rep:
+                    rep, launches = new_rep, launches_per_timing(new_rep, bytes_per_elem)
+                ms = float(self.timer(_Repeat(runner, launches))) / launches
                 if not math.isfinite(ms) or ms <= 0:
                     raise ValueError(f"timer returned {ms!r}")
                 measurements.append(Measurement(cfg, ms))
                 gb = f", {bytes_per_elem * rep / ms / 1e6:.0f} GB/s" if bytes_per_elem else ""
                 self._say(f"  {cfg.short()}: {ms:.4g} ms{gb}")
             except Exception as e:
-                if _is_oom(e) and not any(m.time_ms for m in measurements) and rep > 2**MIN_BUCKET:
-                    # Nothing timed yet, so a smaller size keeps the timings comparable.
-                    rep //= 2
-                    self._say(f"  out of memory; retrying with {rep} scratch elements")
-                    runner = None
-                    costs.append(self.clock() - t0)
-                    continue
                 measurements.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
                 self._say(f"  {cfg.short()}: failed ({type(e).__name__}: {e})")
             finally:
                 del runner
             costs.append(self.clock() - t0)
-            i += 1
-        return measurements, rep
+        return measurements, rep, launches
 
     # -- what happened ------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Modules: ``workloads`` (dtype setups, byte formulas, shape profiles), ``providers`` (the
 optimizers compared), ``check`` (float64 reference), ``timing`` (events, flushes, launch
-counts), ``runner`` (the loop), ``report`` (header, roofline, goals, table/md/csv/json/plot),
-``tuning`` (``--tuning``: first-use tuning cost and tuned vs fixed configs, GPU only).
+counts), ``tuning`` (launch-config sweeps and first-use tuning: config lists, ranking),
+``runner`` (the loop over cases), ``report`` (header, roofline, goals, table/md/csv/json/
+summary/plot). Data flows workloads/providers -> runner -> report; nothing imports back.
 Importing this package imports neither torch nor triton.
 """

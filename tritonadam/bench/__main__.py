@@ -7,7 +7,9 @@ Examples::
     python -m tritonadam.bench --providers tritonadam,torch-fused --profiles one-huge@1B \\
         --out run.json --out run.md --plot run.png
     python -m tritonadam.bench --load run.json --format md      # re-render a saved run
+    python -m tritonadam.bench --plan --profiles many-small     # check arguments, show the cases
     python -m tritonadam.bench --list                           # profiles, setups, providers
+    python -m tritonadam.bench --sweep --profiles many-small    # also every candidate launch config
     python -m tritonadam.bench --tuning --profiles gpt2-124m --setups bf16 \
         --out tuning.json --out tuning.md                       # autotuner cost and benefit (GPU)
 
@@ -83,13 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tritonadam's launch-config tuning for this run (sets "
                           "TRITONADAM_AUTOTUNE; default: as set in the environment). First-use "
                           "tuning happens in the untimed first steps")
+    sel.add_argument("--sweep", action="store_true",
+                     help="also time tritonadam at every launch config the tuner considers for "
+                          "each workload (block_size/num_warps/persistent), nearest the default "
+                          "first, after the providers")
+    sel.add_argument("--sweep-max", type=int, metavar="N",
+                     help="with --sweep, at most N configs per workload and setup")
     sel.add_argument("--tuning", action="store_true",
-                     help="instead of comparing providers, measure tritonadam's autotuner on "
-                          "the selected workloads and setups: the first step's extra time with "
-                          "an empty autotune cache (tuning budget: TRITONADAM_AUTOTUNE_BUDGET), "
-                          "and the tuned step against every fixed config the tuner considers "
-                          "for that size (best fixed, default, tuned/best). Needs a GPU: "
-                          "without one it says so and exits 0")
+                     help="measure tritonadam's autotuner instead of comparing providers: the "
+                          "first step's extra time with an empty autotune cache (budgets: "
+                          "TRITONADAM_AUTOTUNE_COMPILE_BUDGET, TRITONADAM_AUTOTUNE_BUDGET), and "
+                          "the tuned step against the sweep's fixed configs (implies --sweep and "
+                          "--providers tritonadam). Needs a GPU: without one it says so and exits 0")
     tim = p.add_argument_group("timing")
     tim.add_argument("--warmup-ms", type=float)
     tim.add_argument("--rep-ms", type=float, help="time spent in timed reps per case")
@@ -112,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", action="append", default=[], metavar="FILE",
                      help="write the report to FILE (repeatable; format from the extension); "
                           "stdout then shows the table")
+    out.add_argument("--summary", metavar="FILE.md",
+                     help="also write the one-page markdown summary (goals, key results, launch "
+                          "configs) to FILE, like --out")
     out.add_argument("--plot", metavar="FILE.png", help="bar chart (needs matplotlib)")
     out.add_argument("--roofline", action="store_true",
                      help="show the analytic roofline table (always shown on CPU)")
@@ -120,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a note to the report (repeatable); with --load, to annotate a "
                           "saved run, e.g. why a goal was missed, and write it back with --out")
     out.add_argument("--list", action="store_true", help="list profiles, setups and providers")
+    out.add_argument("--plan", action="store_true",
+                     help="check the arguments, print the cases the run would time (as on a GPU "
+                          "unless --device cpu) and exit without running anything")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     return p
 
@@ -147,6 +160,20 @@ def _listing() -> str:
     return text
 
 
+def _print_plan(args, device: str, providers, setups, workloads) -> None:
+    from .workloads import format_count
+
+    print(f"on {device}: {len(workloads)} workloads x {len(setups)} setups ({', '.join(setups)})")
+    for w in workloads:
+        print(f"  {w.name}: {format_count(w.params)} params in {w.tensors} tensors")
+    print("providers: " + (", ".join(providers) or "none"))
+    if args.tuning:
+        print("tritonadam first use: the first step with an empty autotune cache, then tuned")
+    if args.sweep or args.tuning:
+        print("tritonadam sweep: every candidate launch config"
+              + (f", at most {args.sweep_max}" if args.sweep_max else "") + " per workload and setup")
+
+
 def _select(values, allowed, what, parser, default):
     if not values:
         return list(default)
@@ -158,21 +185,29 @@ def _select(values, allowed, what, parser, default):
     return list(dict.fromkeys(values))
 
 
-def _emit(report: dict, args, parser) -> None:
-    from .report import EXTENSIONS, plot, render
+def _write_files(report: dict, args) -> None:
+    from .report import EXTENSIONS, render
 
-    for path in args.out:
-        ext = os.path.splitext(path)[1].lower()
-        fmt = EXTENSIONS.get(ext) or args.format or "table"
-        if args.format and ext in EXTENSIONS and EXTENSIONS[ext] != args.format:
-            print(f"note: writing {path} as {fmt} (its extension), not --format {args.format}",
-                  file=sys.stderr)
+    outs = [(path, EXTENSIONS.get(os.path.splitext(path)[1].lower()) or args.format or "table")
+            for path in args.out]
+    if args.summary:
+        outs.append((args.summary, "summary"))
+    for path, fmt in outs:
         d = os.path.dirname(path)
         if d:
             os.makedirs(d, exist_ok=True)
-        with open(path, "w") as f:
+        # A whole new file, then a rename: a reader (or a kill) never sees half a report.
+        tmp = f"{path}.part"
+        with open(tmp, "w") as f:
             f.write(render(report, fmt))
-    stdout_fmt = "table" if args.out else (args.format or "table")
+        os.replace(tmp, path)
+
+
+def _emit(report: dict, args, parser) -> None:
+    from .report import plot, render
+
+    _write_files(report, args)
+    stdout_fmt = "table" if args.out or args.summary else (args.format or "table")
     sys.stdout.write(render(report, stdout_fmt))
     sys.stdout.flush()
     if args.plot:
@@ -239,8 +274,6 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         except (OSError, ValueError) as e:
             parser.error(str(e))
         report.setdefault("notes", []).extend(args.note)
-        if args.plot and report.get("schema") != "tritonadam-bench/1":
-            parser.error("--plot draws a provider comparison, not a --tuning run")
         _emit(report, args, parser)
         return _exit_code(report)
 
@@ -250,41 +283,27 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     import torch
 
     cuda_ok = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda_ok:
+    if args.device == "cuda" and not cuda_ok and not args.plan:
         parser.error("--device cuda: no CUDA device is available")
-    want_cpu = args.device == "cpu" or not cuda_ok
-    if args.tuning and (want_cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
-        # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
-        # kernels could not step CUDA tensors either).
-        from .tuning import NO_GPU_MESSAGE
-
-        print(NO_GPU_MESSAGE, flush=True)
-        return 0
-    if allow_reexec:
-        prepare_interpreter(argv, want_cpu)
-    elif want_cpu and os.environ.get("TRITON_INTERPRET", "") == "":
-        os.environ["TRITON_INTERPRET"] = "1"
-    device = torch.device("cpu" if want_cpu else "cuda", None if want_cpu else torch.cuda.current_device())
-
+    # --plan shows a GPU run's cases on any machine unless --device cpu says otherwise.
+    cpu = args.device == "cpu" or (not cuda_ok and not args.plan)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if want_cpu:
-        torch.set_num_threads(args.threads or 1)
 
     from .providers import PROVIDERS, HyperParams
-    from .report import CPU_STATEMENT, collect_header, goals, roofline
+    from .report import CPU_STATEMENT, SCHEMA, collect_header, goals, roofline
     from .runner import Interrupted, Options, run, stderr_progress
     from .timing import TimingConfig
+    from .tuning import LATER_STEPS
     from .workloads import PROFILES, SETUPS, make_workload, parse_count, parse_workloads
 
-    cpu = device.type == "cpu"
     if args.providers:
         providers = _select(args.providers, list(PROVIDERS), "provider", parser, [])
     elif cpu:
         providers = list(_CPU_PROVIDERS)
     else:
         providers = [p for p in _GPU_PROVIDERS
-                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(device) is None]
+                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(torch.device("cuda")) is None]
     if args.baseline not in PROVIDERS:
         parser.error(f"unknown --baseline {args.baseline}")
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
@@ -307,16 +326,34 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         v = getattr(args, name)
         if v is not None and v < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("min_reps", "max_reps", "check_steps"):
+    for name in ("min_reps", "max_reps", "check_steps", "sweep_max"):
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    if args.tuning:
-        from .tuning import DEFAULT_TIMING as dflt
-    else:
-        dflt = {"warmup_ms": 5.0 if cpu else 50.0, "rep_ms": 50.0 if cpu else 300.0,
-                "min_reps": 3 if cpu else 10, "max_reps": 30 if cpu else 200}
+    if args.plan:
+        _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads)
+        return 0
+    if args.tuning and (cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
+        # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
+        # kernels could not step CUDA tensors either).
+        from .tuning import NO_GPU_MESSAGE
+
+        print(NO_GPU_MESSAGE, flush=True)
+        return 0
+    if allow_reexec:
+        prepare_interpreter(argv, cpu)
+    elif cpu and os.environ.get("TRITON_INTERPRET", "") == "":
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cpu" if cpu else "cuda", None if cpu else torch.cuda.current_device())
+    if cpu:
+        torch.set_num_threads(args.threads or 1)
+
+    # A sweep times ~20-40 configs per workload: shorter reps than a provider comparison.
+    many = args.sweep or args.tuning
+    dflt = {"warmup_ms": 5.0 if cpu else (20.0 if many else 50.0),
+            "rep_ms": 50.0 if cpu else (100.0 if many else 300.0),
+            "min_reps": 3 if cpu else 10, "max_reps": 30 if cpu else (100 if many else 200)}
     tcfg = TimingConfig(
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else dflt["warmup_ms"],
         rep_ms=args.rep_ms if args.rep_ms is not None else dflt["rep_ms"],
@@ -328,7 +365,13 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad)
     budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
     if args.tuning:
-        return _tuning(args, parser, argv, device, setups, workloads, hp, tcfg, budget)
+        from .. import _env
+
+        try:  # a malformed budget variable is a usage error, not a failed case
+            _env.autotune_budget_s(), _env.autotune_compile_budget_s()
+        except ValueError as e:
+            parser.error(str(e))
+        providers = []
     check_only = ()
     if cpu and "tritonadam" not in providers and not args.no_check:
         check_only = ("tritonadam",)
@@ -339,104 +382,62 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                    profile_launches=not args.no_launch_count, time_budget_s=budget or None,
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
                    check_workload=make_workload("check-small"), check_setups=all_setups,
-                   seed=args.seed,
-                   progress=progress)
+                   seed=args.seed, progress=progress, sweep=args.sweep or args.tuning,
+                   sweep_max=args.sweep_max, first_use=args.tuning)
+    t0 = time.monotonic()
+    header = collect_header(device, argv)
+    if args.tuning:
+        header["tritonadam_autotune"] = "on (first use: each case from an empty temporary cache)"
+        header["tritonadam_cache_dir"] = "a temporary directory per first-use case"
+
+    def report_of(runner, final: bool) -> dict:
+        statement = CPU_STATEMENT if cpu else None
+        notes = list(runner.notes) + list(args.note)
+        if cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else []):
+            notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
+                         "interpreter, not the kernels")
+        return {
+            "schema": SCHEMA,
+            "mode": "cpu" if cpu else "gpu",
+            "header": header,
+            "statement": statement,
+            "config": {
+                "providers": providers, "setups": setups, "workloads": [w.name for w in workloads],
+                "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
+                "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
+                "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
+                "max_reps": tcfg.max_reps, "flush": tcfg.flush, "check": not args.no_check,
+                "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
+                "sweep": opts.sweep, "sweep_max": args.sweep_max, "first_use": opts.first_use,
+                "later_steps": LATER_STEPS if opts.first_use else None,
+            },
+            "copy_bandwidth": runner.copy,
+            "results": runner.rows,
+            "checks": runner.checks,
+            "sweeps": runner.sweeps,
+            "roofline": roofline(roof_workloads, all_setups, args.optimizer, args.amsgrad),
+            "show_roofline": cpu or args.roofline,
+            "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
+            "notes": notes,
+            "interrupted": runner.interrupted,
+            "complete": final,
+            "elapsed_s": time.monotonic() - t0,
+        }
+
+    # Every finished case rewrites the --out files: a run killed later keeps what it measured.
+    opts.on_row = lambda runner: _write_files(report_of(runner, final=False), args)
 
     def on_term(signum, frame):
         raise Interrupted()
 
     old = signal.signal(signal.SIGTERM, on_term)
-    t0 = time.monotonic()
     try:
-        header = collect_header(device, argv)
         runner = run(opts)
     finally:
         signal.signal(signal.SIGTERM, old)
         if progress is not None:
             progress.done()
-
-    statement = CPU_STATEMENT if cpu else None
-    notes = list(runner.notes) + list(args.note)
-    if cpu and "tritonadam" in providers:
-        notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
-                     "interpreter, not the kernels")
-    report = {
-        "schema": "tritonadam-bench/1",
-        "mode": "cpu" if cpu else "gpu",
-        "header": header,
-        "statement": statement,
-        "config": {
-            "providers": providers, "setups": setups, "workloads": [w.name for w in workloads],
-            "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
-            "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
-            "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
-            "max_reps": tcfg.max_reps, "flush": tcfg.flush, "check": not args.no_check,
-            "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
-        },
-        "copy_bandwidth": runner.copy,
-        "results": runner.rows,
-        "checks": runner.checks,
-        "roofline": roofline(roof_workloads, all_setups, args.optimizer, args.amsgrad),
-        "show_roofline": cpu or args.roofline,
-        "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
-        "notes": notes,
-        "interrupted": runner.interrupted,
-        "elapsed_s": time.monotonic() - t0,
-    }
-    _emit(report, args, parser)
-    return _exit_code(report)
-
-
-def _tuning(args, parser, argv, device, setups, workloads, hp, tcfg, budget) -> int:
-    """``--tuning``: first-use tuning cost and tuned vs fixed configs (GPU only; see tuning.py)."""
-    from .report import TUNING_SCHEMA, collect_header
-    from .runner import Interrupted, stderr_progress
-    from .tuning import LATER_STEPS, TuningOptions, run_tuning
-
-    try:
-        from ..autotune import Tuner
-
-        tuner_budget = Tuner().budget_s  # a malformed TRITONADAM_AUTOTUNE_BUDGET fails here
-    except ValueError as e:
-        parser.error(str(e))
-    progress = None if args.quiet else stderr_progress()
-    term = []
-    opts = TuningOptions(device=device, setups=setups, workloads=workloads, algo=args.optimizer,
-                         hp=hp, timing=tcfg, time_budget_s=budget or None, seed=args.seed,
-                         progress=progress, stop=lambda: bool(term))
-
-    def on_term(signum, frame):
-        term.append(signum)
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    t0 = time.monotonic()
-    try:
-        header = collect_header(device, argv)
-        header["tritonadam_autotune"] = "on (--tuning: each case from an empty temporary cache)"
-        header["tritonadam_cache_dir"] = "a temporary directory per case (--tuning)"
-        res = run_tuning(opts)
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        if progress is not None:
-            progress.done()
-    report = {
-        "schema": TUNING_SCHEMA,
-        "mode": "gpu",
-        "header": header,
-        "config": {
-            "setups": setups, "workloads": [w.name for w in workloads], "algo": args.optimizer,
-            "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay,
-            "amsgrad": hp.amsgrad, "tuner_budget_s": res.tuner_budget_s or tuner_budget,
-            "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
-            "max_reps": tcfg.max_reps, "flush": tcfg.flush, "later_steps": LATER_STEPS,
-            "time_budget_s": budget, "seed": args.seed,
-        },
-        "results": res.rows,
-        "notes": list(res.notes) + list(args.note),
-        "interrupted": res.interrupted,
-        "elapsed_s": time.monotonic() - t0,
-    }
+    report = report_of(runner, final=True)
     _emit(report, args, parser)
     return _exit_code(report)
 

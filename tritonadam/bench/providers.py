@@ -50,9 +50,6 @@ class Built:
 class Provider:
     name = ""
     description = ""
-    #: in the default provider list on a GPU / on CPU
-    default_gpu = True
-    default_cpu = False
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this provider cannot run at all on ``device`` (None if it can)."""
@@ -73,26 +70,26 @@ class Provider:
 class TritonAdamProvider(Provider):
     name = "tritonadam"
     description = "tritonadam.{Adam,AdamW,Adamax}: one multi-tensor Triton launch per group"
-    default_cpu = False  # checked on CPU (interpreter), not timed: interpreter times mean nothing
 
     def unavailable(self, device):
-        try:
-            mod = importlib.import_module("tritonadam")
-            for cls in ("Adam", "AdamW", "Adamax"):
-                getattr(mod, cls)
-        except Exception as e:  # the core may not exist yet in a checkout
-            return f"tritonadam optimizers not importable ({type(e).__name__}: {e})"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
             return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 before import)"
         return None
 
-    def build(self, params, setup, algo, hp):
-        mod = importlib.import_module("tritonadam")
-        cls = {"adam": mod.Adam, "adamw": mod.AdamW, "adamax": mod.Adamax}[algo]
+    def build(self, params, setup, algo, hp, config=None, autotune=None):
+        """``config``: a fixed LaunchConfig instead of the tuned one; ``autotune``: the
+        optimizer's autotune mode (default: as the environment says)."""
+        import tritonadam
+
+        cls = {"adam": tritonadam.Adam, "adamw": tritonadam.AdamW, "adamax": tritonadam.Adamax}[algo]
         kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
                   master_weights=setup.master is not None)
         if algo != "adamax":
             kw["amsgrad"] = hp.amsgrad
+        if config is not None:
+            kw.update(block_size=config.block_size, num_warps=config.num_warps, persistent=config.persistent)
+        if autotune is not None:
+            kw["autotune"] = autotune
         opt = cls(params, **kw)
         return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt)
 
@@ -169,7 +166,6 @@ class TorchFused(_TorchBase):
     description = "torch.optim.* with fused=True"
     impl_kwargs = {"fused": True}
     impl_text = " fused"
-    default_cpu = True
 
 
 class TorchForeach(_TorchBase):
@@ -177,7 +173,6 @@ class TorchForeach(_TorchBase):
     description = "torch.optim.* with foreach=True"
     impl_kwargs = {"foreach": True}
     impl_text = " foreach"
-    default_cpu = True
 
 
 class TorchForLoop(_TorchBase):
@@ -185,7 +180,6 @@ class TorchForLoop(_TorchBase):
     description = "torch.optim.* with foreach=False (one tensor at a time)"
     impl_kwargs = {"foreach": False}
     impl_text = " for-loop"
-    default_cpu = True
 
 
 class TorchCompile(_TorchBase):
@@ -193,7 +187,6 @@ class TorchCompile(_TorchBase):
     description = "torch.compile of a torch.optim.* (foreach) step, as in torch's compile-the-optimizer recipe"
     impl_kwargs = {"foreach": True}
     impl_text = " compiled"
-    default_cpu = False
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
         limit = opts.get("compile_max_tensors", 200)

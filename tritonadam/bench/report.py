@@ -1,4 +1,5 @@
-"""Header, analytic roofline, goals, and rendering as a terminal table, markdown, CSV or JSON."""
+"""Header, analytic roofline, goals, launch-config sweeps, and rendering as a terminal table,
+markdown, CSV, JSON or a one-page markdown summary."""
 from __future__ import annotations
 
 import csv
@@ -11,11 +12,10 @@ import platform
 import shlex
 import subprocess
 
+from .tuning import config_key, config_text, summarize
 from .workloads import SETUPS, Workload, format_count, traffic
 
-SCHEMA = "tritonadam-bench/1"
-#: ``--tuning`` runs (first-use tuning cost, tuned vs fixed configs): see ``tuning.py``
-TUNING_SCHEMA = "tritonadam-bench-tuning/1"
+SCHEMA = "tritonadam-bench/2"
 
 #: Peak memory bandwidth of common GPUs from their vendors' datasheets, in TB/s. The
 #: analytic roofline divides bytes per step by these; a measured device-to-device copy
@@ -48,7 +48,8 @@ def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
 
 
 def collect_header(device, argv: list[str] | None = None) -> dict:
-    """Date, command, host software and device: what a results file must carry."""
+    """Date, command, host software and device: what a results file must carry. The commit
+    comes from ``TRITONADAM_COMMIT`` where set (a checkout copied without ``.git``), else git."""
     import torch
 
     h: dict = {
@@ -77,8 +78,8 @@ def collect_header(device, argv: list[str] | None = None) -> dict:
         h["tritonadam"] = getattr(tritonadam, "__version__", "unknown")
     except Exception as e:  # noqa: BLE001
         h["tritonadam"] = f"unavailable ({type(e).__name__})"
-    git = _run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
-                "HEAD"], timeout=5)
+    git = os.environ.get("TRITONADAM_COMMIT") or _run(
+        ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"], timeout=5)
     if git:
         h["git_commit"] = git
     if device.type == "cuda":
@@ -121,8 +122,9 @@ GOAL_HOST_MS = 1.0
 
 
 def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch-fused") -> list[dict]:
-    """Issue 4's goals, judged from this run's rows (GPU runs only)."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    """The project's performance goals, judged from this run's rows (GPU runs only), for
+    each provider at its default (not the config sweep or first use)."""
+    ok = [r for r in rows if r.get("status") == "ok" and not r.get("variant")]
     ours = [r for r in ok if r["provider"] == provider]
     out = []
 
@@ -210,15 +212,22 @@ RESULT_HEADERS = ["workload", "params", "setup", "provider", "ms median", "p20-p
                   "GB/s", "% copy", "launches", "host ms", "state MiB", "speedup", "check"]
 
 
+def _provider_text(r: dict) -> str:
+    if r.get("variant") == "first-use":
+        return f"{r['provider']} tuned {config_text(r.get('config'))}"
+    return r["provider"]
+
+
 def result_table_rows(report: dict) -> tuple[list[list], dict[str, int]]:
-    rows = [r for r in report["results"] if r.get("status") == "ok"]
+    """Every provider at its default and the tuned tritonadam (the sweep has its own table)."""
+    rows = [r for r in report["results"] if r.get("status") == "ok" and r.get("variant") != "fixed"]
     notes = _footnotes(rows)
     cuda = report.get("mode") == "gpu"
     out = []
     for r in rows:
         mark = f" [{notes[r['label']]}]" if r.get("label") else ""
         out.append([
-            r["workload"], format_count(r["params"]), r["setup"], r["provider"] + mark,
+            r["workload"], format_count(r["params"]), r["setup"], _provider_text(r) + mark,
             _ms(r["ms"]), f"{_ms(r['ms_p20'])}-{_ms(r['ms_p80'])}", r.get("bytes_per_param"),
             _num(r.get("gbps"), "{:.1f}"), _num(r.get("pct_copy"), "{:.1f}"),
             _num(r.get("launches"), "{}") if cuda else "n/a",
@@ -314,7 +323,9 @@ def render_text(report: dict, md: bool = False) -> str:
     probs = _problem_rows(report)
     if probs:
         title("Not timed")
-        out.append(tabulate([[r["workload"], r["setup"], r["provider"], r["status"], r.get("reason", "")]
+        out.append(tabulate([[r["workload"], r["setup"], _provider_text(r)
+                              + (f" {config_text(r.get('config'))}" if r.get("variant") == "fixed" else ""),
+                              r["status"], r.get("reason", "")]
                              for r in probs],
                             headers=["workload", "setup", "provider", "status", "why"],
                             tablefmt=fmt, disable_numparse=True))
@@ -339,8 +350,9 @@ def render_text(report: dict, md: bool = False) -> str:
         out.append("Peak bandwidths (TB/s) from vendor datasheets: " + "; ".join(
             f"{g['name']} {g['tb_per_s']:g} ({g['source']})" for g in rl["gpus"])
             + ". A measured copy reaches less than the peak; on a GPU the bench measures it.")
+    out += _tuning_sections(report, md)
     if report.get("goals"):
-        title("Goals (issue 4)")
+        title("Goals")
         out.append(tabulate([[g["goal"], g["measured"], g["status"], g["shortfall"]]
                              for g in report["goals"]],
                             headers=["goal", "measured", "status", "shortfall"], tablefmt=fmt,
@@ -354,9 +366,11 @@ def render_text(report: dict, md: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
-CSV_FIELDS = ["workload", "profile", "params", "tensors", "setup", "provider", "status", "ms",
-              "ms_p20", "ms_p80", "reps", "bytes_per_param", "bytes_per_step", "gbps", "pct_copy",
-              "launches", "host_ms", "state_bytes", "speedup", "check", "label", "reason"]
+CSV_FIELDS = ["workload", "profile", "params", "tensors", "setup", "provider", "variant", "config",
+              "status", "ms", "ms_p20", "ms_p80", "reps", "bytes_per_param", "bytes_per_step", "gbps",
+              "pct_copy", "launches", "host_ms", "state_bytes", "speedup", "check", "label",
+              "first_step_ms", "later_step_ms", "extra_ms", "tuner_budget_s", "compile_budget_s",
+              "tune_s", "compile_s", "configs_timed", "configs_pruned", "configs_considered", "reason"]
 CSV_HEADER_FIELDS = ["date", "device", "driver", "cuda", "torch", "triton"]
 
 
@@ -368,8 +382,8 @@ def render_csv(report: dict) -> str:
     w.writerow(CSV_FIELDS + CSV_HEADER_FIELDS)
     h = report["header"]
     for r in report["results"]:
-        w.writerow([_csv_value(r.get(k)) for k in CSV_FIELDS]
-                   + [_csv_value(h.get(k)) for k in CSV_HEADER_FIELDS])
+        w.writerow([config_text(r[k]) if k == "config" and r.get(k) else _csv_value(r.get(k))
+                    for k in CSV_FIELDS] + [_csv_value(h.get(k)) for k in CSV_HEADER_FIELDS])
     return buf.getvalue()
 
 
@@ -379,12 +393,6 @@ def _csv_value(v):
     if isinstance(v, float):
         return f"{v:.6g}"
     return v
-
-
-def _json_default(o):
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    return str(o)
 
 
 def _clean(o):
@@ -398,18 +406,16 @@ def _clean(o):
 
 
 def render_json(report: dict) -> str:
-    return json.dumps(_clean(report), indent=2, default=_json_default) + "\n"
+    return json.dumps(_clean(report), indent=2, default=str) + "\n"
 
 
-FORMATS = ("table", "md", "csv", "json")
+FORMATS = ("table", "md", "csv", "json", "summary")
 EXTENSIONS = {".md": "md", ".markdown": "md", ".csv": "csv", ".json": "json", ".txt": "table"}
 
 
 def render(report: dict, fmt: str) -> str:
-    if report.get("schema") == TUNING_SCHEMA:
-        from .tuning import render_tuning
-
-        return render_tuning(report, fmt)
+    if fmt == "summary":
+        return render_summary(report)
     if fmt == "table":
         return render_text(report, md=False)
     if fmt == "md":
@@ -424,9 +430,146 @@ def render(report: dict, fmt: str) -> str:
 def load(path: str) -> dict:
     with open(path) as f:
         report = json.load(f)
-    if report.get("schema") not in (SCHEMA, TUNING_SCHEMA):
+    if report.get("schema") != SCHEMA:
         raise ValueError(f"{path}: not a tritonadam bench JSON file (schema {report.get('schema')!r})")
     return report
+
+
+# ------------------------------------------------------------------- configs and first use
+
+def config_summaries(report: dict) -> list[dict]:
+    """Per swept (workload, setup): the fixed configs' times summarized (``tuning.summarize``)
+    and, where first use was measured, the tuned config ranked among them."""
+    out = []
+    for sw in report.get("sweeps") or []:
+        mine = [r for r in report["results"] if (r["workload"], r["setup"]) == (sw["workload"], sw["setup"])]
+        fixed = [{"config": r["config"], "ms": r.get("ms") if r.get("status") == "ok" else None}
+                 for r in mine if r.get("variant") == "fixed"]
+        first = next((r for r in mine if r.get("variant") == "first-use" and r.get("status") == "ok"), None)
+        tuned_ms, tuned = (first["ms"], first.get("config")) if first else (None, None)
+        out.append(dict(sw, tuned=tuned, tuned_ms=tuned_ms,
+                        **summarize(tuned_ms, fixed, sw["default"], tuned)))
+    return out
+
+
+def _ratio(x):
+    return _num(x, "{:.3f}")
+
+
+def _tuning_sections(report: dict, md: bool, detail: bool = True) -> list[str]:
+    """First use, the launch-config table and (``detail``) every fixed config's time."""
+    from tabulate import tabulate
+
+    fmt = "github" if md else "simple"
+    out: list[str] = []
+
+    def title(t):
+        out.append("")
+        out.append(f"## {t}\n" if md else f"{t}\n{'-' * len(t)}")
+    first = [r for r in report["results"] if r.get("variant") == "first-use" and r.get("status") == "ok"]
+    if first:
+        title("First use: the step that tunes (empty autotune cache)")
+        out.append(tabulate([[
+            r["workload"], r["setup"], config_text(r.get("config")), r.get("tuned_source") or "n/a",
+            f"{_num(r.get('compile_budget_s'), '{:g}')} + {_num(r.get('tuner_budget_s'), '{:g}')}",
+            f"{_num(r.get('compile_s'), '{:.3g}')} / {_num(r.get('tune_s'), '{:.3g}')}",
+            f"{r.get('configs_timed')} of {r.get('configs_considered')}"
+            + (f", {r['configs_pruned']} pruned" if r.get("configs_pruned") else "")
+            + ("" if r.get("tune_complete") in (True, None) else " (budget)"),
+            _ms(r.get("first_step_ms")), _ms(r.get("later_step_ms")), _ms(r.get("extra_ms"))]
+            for r in first],
+            headers=["workload", "setup", "tuned config", "source", "budget s (compile + time)",
+                     "compile s / tuning s", "configs timed", "step 1 ms", "later step ms",
+                     "extra ms"], tablefmt=fmt, disable_numparse=True))
+        out += ["", "Each case starts from an empty autotune cache and a fresh in-process tuner. "
+                "step 1 ms: wall time of the first step() (synchronised; includes state allocation, "
+                "compiling and timing candidates on scratch buffers); later step ms: median wall "
+                "time of later synchronised steps; extra ms: the difference."]
+    sums = config_summaries(report)
+    if not sums:
+        return out
+    title("Launch configs: every candidate as a fixed config")
+    out.append(tabulate([[
+        s["workload"], s["setup"], config_text(s.get("default")), _ms(s.get("default_ms")),
+        config_text(s.get("best_fixed")), _ms(s.get("best_fixed_ms")), _ratio(s.get("default_over_best")),
+        config_text(s.get("tuned")) if s.get("tuned") else "n/a", _ms(s.get("tuned_ms")),
+        _ratio(s.get("tuned_over_best")),
+        f"{s['tuned_rank']} of {s['fixed_timed']}" if s.get("tuned_rank") else "n/a",
+        f"{s['fixed_timed']} of {s['considered']}"] for s in sums],
+        headers=["workload", "setup", "default", "default ms", "best fixed", "best ms", "default/best",
+                 "tuned", "tuned ms", "tuned/best", "tuned rank", "configs timed"],
+        tablefmt=fmt, disable_numparse=True))
+    out += ["", "Configs are block_size/num_warps (persistent: a grid of a few programs per SM "
+            "looping over blocks). ms: median per step, the same timer as the results above; "
+            "default: the built-in config for this GPU and size; tuned: first use's choice, its "
+            "rank among the fixed configs when it was one of them."]
+    if not detail:
+        return out
+    rows = []
+    marks_of = {(s["workload"], s["setup"]): s for s in sums}
+    for r in report["results"]:
+        if r.get("variant") != "fixed":
+            continue
+        s = marks_of.get((r["workload"], r["setup"]), {})
+        marks = [m for m, c in (("tuned", s.get("tuned")), ("default", s.get("default")), ("best", s.get("best_fixed")))
+                 if c is not None and config_key(c) == config_key(r["config"])]
+        ok = r.get("status") == "ok"
+        rows.append([r["workload"], r["setup"], config_text(r["config"]),
+                       _ms(r.get("ms")) if ok else r.get("status"),
+                       f"{_ms(r.get('ms_p20'))}-{_ms(r.get('ms_p80'))}" if ok else r.get("reason", ""),
+                       _num(r.get("pct_copy"), "{:.1f}") if ok else "",
+                       _ratio(r["ms"] / s["best_fixed_ms"]) if ok and s.get("best_fixed_ms") else "",
+                       ", ".join(marks)])
+    title("Every fixed config")
+    out.append(tabulate(rows, headers=["workload", "setup", "config", "ms", "p20-p80", "% copy", "/ best", ""],
+                        tablefmt=fmt, disable_numparse=True))
+    return out
+
+
+def render_summary(report: dict) -> str:
+    """One page of markdown: the goals and, per workload and setup, tritonadam against torch
+    (% of copy, speedup over the baseline, host ms, launches) with the sweep's best config."""
+    from tabulate import tabulate
+
+    h = report["header"]
+    out = [f"# tritonadam on {h.get('device')}", "",
+           f"{h.get('date')}; torch {h.get('torch')}, triton {h.get('triton')}, CUDA {h.get('cuda')}, "
+           f"driver {h.get('driver')}; commit {h.get('git_commit') or 'unknown'}", "",
+           f"`{h.get('command')}`", ""]
+    if report.get("statement"):
+        out += ["> " + report["statement"], ""]
+    cp = report.get("copy_bandwidth")
+    if cp:
+        out += [f"Device-to-device copy: {cp['gbps']:.1f} GB/s (read + written; '% copy' is relative to it).", ""]
+    if report.get("goals"):
+        out += ["## Goals", "", tabulate([[g["goal"], g["measured"], g["status"], g["shortfall"]]
+                                           for g in report["goals"]],
+                                          headers=["goal", "measured", "status", "shortfall"],
+                                          tablefmt="github", disable_numparse=True), ""]
+    ok = [r for r in report["results"] if r.get("status") == "ok"]
+    best = {(s["workload"], s["setup"]): s for s in config_summaries(report)}
+    rows = []
+    for r in ok:
+        if r.get("variant"):
+            continue
+        b = best.get((r["workload"], r["setup"])) if r["provider"] == "tritonadam" else None
+        rows.append([r["workload"], r["setup"], r["provider"], _ms(r["ms"]), _num(r.get("pct_copy"), "{:.1f}"),
+                     _num(r.get("speedup"), "{:.2f}x"), _ms(r.get("host_ms")), _num(r.get("launches"), "{}"),
+                     f"{config_text(b['best_fixed'])}: {_ms(b['best_fixed_ms'])}" if b and b.get("best_fixed") else ""])
+    if rows:
+        out += ["## Results", "", tabulate(rows, headers=["workload", "setup", "provider", "ms", "% copy",
+                                                          f"vs {report.get('config', {}).get('baseline')}",
+                                                          "host ms", "launches", "best fixed config: ms"],
+                                          tablefmt="github", disable_numparse=True)]
+    tuned = _tuning_sections(report, md=True, detail=False)
+    out += tuned if rows or tuned else ["(nothing timed yet)"]
+    not_ok = [r for r in report["results"] if r.get("status") != "ok"]
+    if not_ok:
+        out += ["", f"{len(not_ok)} case(s) not timed: " + "; ".join(
+            sorted({f"{r['status']}: {r.get('reason', '')}" for r in not_ok}))]
+    if report.get("interrupted"):
+        out += ["", "The run was interrupted: the cases above are those finished before the signal."]
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------- plot
@@ -445,7 +588,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["results"] if r.get("status") == "ok"]
+    rows = [r for r in report["results"] if r.get("status") == "ok" and not r.get("variant")]
     use_pct = all(r.get("pct_copy") is not None for r in rows) and rows
     key = "pct_copy" if use_pct else "gbps"
     groups = []

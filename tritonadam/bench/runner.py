@@ -1,15 +1,25 @@
-"""The bench loop: for each workload, dtype setup and provider, allocate, check, time, free."""
+"""The bench loop: for each case (workload, dtype setup, provider, and for tritonadam
+optionally a fixed launch config or first use with an empty autotune cache), allocate,
+check, time, free.
+
+Cases run most important first, so that a time budget or a signal cuts the least useful
+ones: every provider at its default, then first use, then the config sweep (the configs
+nearest the default first, across all workloads), then the slow providers.
+"""
 from __future__ import annotations
 
 import gc
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
 from . import check as checkmod
+from . import tuning
 from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes
 from .timing import FLUSH_BYTES, Timer, TimingConfig, copy_bandwidth, count_kernel_launches
 from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
@@ -19,8 +29,17 @@ from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch
 SLOW_PROVIDERS = ("torch-compile",)
 
 
-class Interrupted(Exception):
-    """Raised from a signal handler: stop starting cases, report what is done."""
+class Case(NamedTuple):
+    workload: Workload
+    setup: Setup
+    provider: str
+    config: object = None  # a LaunchConfig: tritonadam with this fixed config
+    variant: str = ""  # "" | "first-use" | "fixed"
+
+
+class Interrupted(BaseException):
+    """Raised from a signal handler: stop starting cases, report what is done. Not an
+    Exception, so that code which turns errors into fallbacks (the tuner) lets it through."""
 
 
 @dataclass
@@ -45,6 +64,12 @@ class Options:
     mem_fraction: float = 0.9
     copy_bytes: int | None = None
     progress: object = None  # callable(str) or None
+    sweep: bool = False  # time tritonadam at each candidate launch config too
+    sweep_max: int | None = None  # at most this many configs per workload (nearest the default)
+    first_use: bool = False  # tritonadam's first step with an empty autotune cache, then tuned
+    tuner_factory: Callable | None = None  # () -> Tuner for first use (tests inject a fake GPU)
+    device_info: Callable | None = None  # (device) -> DeviceInfo for the sweep (tests)
+    on_row: Callable | None = None  # (Runner) -> None after every finished case
 
 
 def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: int):
@@ -97,6 +122,7 @@ class Runner:
         self.checks: list[dict] = []
         self.notes: list[str] = []
         self.copy: dict | None = None
+        self.sweeps: list[dict] = []  # per (workload, setup): default config, configs considered
         self.interrupted = False
         self.t0 = time.monotonic()
         self.timer = Timer(opts.device, opts.timing)
@@ -126,32 +152,67 @@ class Runner:
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- the run
-    def cases(self) -> list[tuple[Workload, Setup, str]]:
+    def cases(self) -> list[Case]:
         o = self.opts
-        first, later = [], []
-        for w in o.workloads:
-            for s in o.setups:
-                for p in o.providers:
-                    (later if p in SLOW_PROVIDERS else first).append((w, SETUPS[s], p))
-        return first + later
+        pairs = [(w, SETUPS[s]) for w in o.workloads for s in o.setups]
+        main = [Case(w, s, p) for w, s in pairs for p in o.providers if p not in SLOW_PROVIDERS]
+        first = [Case(w, s, "tritonadam", variant="first-use") for w, s in pairs] if o.first_use else []
+        sweep: list[tuple[int, int, Case]] = []
+        if o.sweep:
+            for k, (w, s) in enumerate(pairs):
+                for rank, cfg in enumerate(self.sweep_configs(w, s)):
+                    sweep.append((rank, k, Case(w, s, "tritonadam", cfg, "fixed")))
+        slow = [Case(w, s, p) for w, s in pairs for p in o.providers if p in SLOW_PROVIDERS]
+        return main + first + [c for *_, c in sorted(sweep, key=lambda t: t[:2])] + slow
+
+    def sweep_configs(self, w: Workload, s: Setup) -> list:
+        """The configs the sweep times for ``w``, recorded in ``self.sweeps``. On the CPU
+        (interpreter) the CUDA space without SM-count pruning stands in for a GPU's."""
+        from ..autotune.configs import DeviceInfo, arch_default, size_bucket
+
+        o = self.opts
+        if o.device_info is not None:
+            info = o.device_info(o.device)
+        elif o.device.type == "cuda":
+            from ..autotune.device import device_info
+
+            info = device_info(o.device)
+        else:
+            info = DeviceInfo("cuda", "cpu", "*", "-")
+        default = arch_default(info.backend, info.arch, size_bucket(w.params)).config
+        cfgs = tuning.fixed_configs(info.backend, w.params, num_sms=info.num_sms, default=default)
+        considered = len(cfgs)
+        if o.sweep_max and len(cfgs) > o.sweep_max:
+            cfgs = cfgs[: o.sweep_max]
+            if default not in cfgs:
+                cfgs[-1] = default
+        self.sweeps.append({"workload": w.name, "setup": s.name, "default": default.to_json(),
+                            "bucket": size_bucket(w.params), "considered": considered,
+                            "swept": len(cfgs)})
+        return cfgs
 
     def run(self):
         try:
             self.measure_copy()
             self.run_checks()
             cases = self.cases()
-            for k, (w, s, p) in enumerate(cases):
-                if p in SLOW_PROVIDERS:
-                    self.count_launches()  # before the profiler first runs inline
+            for k, case in enumerate(cases):
+                if case.variant or case.provider in SLOW_PROVIDERS:
+                    # The providers' launch counts complete the key rows before the long
+                    # tail of cases starts (and before the profiler first runs inline).
+                    self.count_launches()
+                tag = f"[{k + 1}/{len(cases)}] {case_name(case)}"
                 if self._out_of_time():
-                    self.rows.append(self._skip_row(w, s, p, "time budget spent (--time-budget)"))
+                    self.rows.append(self._skip_row(case, "time budget spent (--time-budget)"))
                     continue
-                self._progress(f"[{k + 1}/{len(cases)}] {w.name} {s.name} {p}")
-                row = self.run_case(w, s, p)
+                self._progress(tag)
+                row = self.run_case(case)
                 self.rows.append(row)
                 if row["status"] == "ok":
-                    self._progress(f"[{k + 1}/{len(cases)}] {w.name} {s.name} {p}: "
-                                   f"{row['ms']:.3f} ms")
+                    self._progress(f"{tag}: {row['ms']:.3f} ms")
+                if self.opts.on_row:
+                    self.add_speedups()
+                    self.opts.on_row(self)
             self.count_launches()
         except (Interrupted, KeyboardInterrupt):
             self.interrupted = True
@@ -263,28 +324,49 @@ class Runner:
                 params = built = None
                 self._cleanup()
 
-    def _base_row(self, w: Workload, s: Setup, p: str) -> dict:
-        return {"workload": w.name, "profile": w.profile, "params": w.params,
-                "tensors": w.tensors, "setup": s.name, "provider": p}
+    def _base_row(self, case: Case) -> dict:
+        w, s = case.workload, case.setup
+        row = {"workload": w.name, "profile": w.profile, "params": w.params,
+               "tensors": w.tensors, "setup": s.name, "provider": case.provider}
+        if case.variant:
+            row["variant"] = case.variant
+        if case.config is not None:
+            row["config"] = case.config.to_json()
+        return row
 
-    def _skip_row(self, w, s, p, reason, status="skipped") -> dict:
-        row = self._base_row(w, s, p)
+    def _skip_row(self, case: Case, reason, status="skipped") -> dict:
+        row = self._base_row(case)
         row.update(status=status, reason=reason)
         return row
 
-    def run_case(self, w: Workload, s: Setup, pname: str) -> dict:
+    def _build_first_use(self, prov, params, s):
+        """The optimizer after first use with an empty autotune cache; (built, measured, steps)."""
         o = self.opts
+        box = {}
+
+        def build():
+            box["built"] = prov.build(params, s, o.algo, o.hp, autotune="on")
+            return box["built"].optimizer
+
+        from ..autotune import Tuner
+
+        with tempfile.TemporaryDirectory(prefix="tritonadam-bench-first-use-") as cache_dir:
+            _, measured = tuning.first_use(build, self._sync, cache_dir, o.tuner_factory or Tuner)
+        return box["built"], measured, 1 + tuning.LATER_STEPS
+
+    def run_case(self, case: Case) -> dict:
+        o = self.opts
+        w, s, pname = case.workload, case.setup, case.provider
         prov = PROVIDERS[pname]
         why = prov.unavailable(o.device) or prov.unsupported(
             s, o.algo, o.hp, w, o.device, {"compile_max_tensors": o.compile_max_tensors})
         if why:
-            return self._skip_row(w, s, pname, why)
+            return self._skip_row(case, why)
         need = resident_estimate(w, s, o.hp.amsgrad) + (FLUSH_BYTES if o.timing.flush else 0)
         free = free_device_bytes(o.device)
         if free is not None and need > free * o.mem_fraction:
-            return self._skip_row(w, s, pname, f"needs about {_fmt_gib(need)}, "
-                                               f"{_fmt_gib(free)} free on the device")
-        row = self._base_row(w, s, pname)
+            return self._skip_row(case, f"needs about {_fmt_gib(need)}, {_fmt_gib(free)} free on the device")
+        row = self._base_row(case)
         params = built = sample = None
         try:
             if o.device.type == "cuda":
@@ -293,16 +375,22 @@ class Runner:
             sample = checkmod.choose_sample(params, seed=o.seed) if o.check else None
             self._sync()
             t_build = time.perf_counter()
-            built = prov.build(params, s, o.algo, o.hp)
-            for _ in range(o.check_steps):
-                built.step()
+            if case.variant == "first-use":
+                built, measured, steps = self._build_first_use(prov, params, s)
+                row.update(measured, config=measured["tuned"])
+            else:
+                extra = {"config": case.config} if case.config is not None else {}
+                built = prov.build(params, s, o.algo, o.hp, **extra)
+                steps = o.check_steps
+                for _ in range(steps):
+                    built.step()
             self._sync()
             first_steps_s = time.perf_counter() - t_build
             observed_layout(built)
             row["label"] = built.label
             if sample is not None:
-                res = checkmod.check_after_steps(sample, built.params, o.check_steps, o.algo,
-                                                 o.hp, s, built.layout)
+                res = checkmod.check_after_steps(sample, built.params, steps, o.algo, o.hp, s,
+                                                 built.layout)
                 row.update(check=res.text(), check_ok=res.ok, check_worst=res.worst)
                 if not res.ok:
                     if substituted(built, s):
@@ -311,7 +399,7 @@ class Runner:
                         row.update(check=res.text() + f" with {built.layout.state} state",
                                    check_tolerated=True, check_detail=res.detail)
                     else:
-                        row.update(status="failed", reason=f"wrong result after {o.check_steps} "
+                        row.update(status="failed", reason=f"wrong result after {steps} "
                                                           f"steps: {res.detail}")
                         return row
             else:
@@ -328,7 +416,7 @@ class Runner:
             if self.copy:
                 row["pct_copy"] = 100.0 * gbps / self.copy["gbps"]
             row["launches"] = None
-            if o.profile_launches and o.device.type == "cuda":
+            if o.profile_launches and o.device.type == "cuda" and not case.variant:
                 if pname in SLOW_PROVIDERS:  # rebuilding would mean compiling again
                     row["launches"] = count_kernel_launches(built.step, o.device)
                 else:
@@ -348,7 +436,7 @@ class Runner:
 
     def add_speedups(self):
         base = {(r["workload"], r["setup"]): r["ms"] for r in self.rows
-                if r["provider"] == self.opts.baseline and r.get("status") == "ok"}
+                if r["provider"] == self.opts.baseline and not r.get("variant") and r.get("status") == "ok"}
         for r in self.rows:
             b = base.get((r["workload"], r["setup"]))
             if r.get("status") == "ok" and b:
@@ -357,6 +445,15 @@ class Runner:
 
 def run(opts: Options) -> Runner:
     return Runner(opts).run()
+
+
+def case_name(case: Case) -> str:
+    what = case.provider
+    if case.variant == "first-use":
+        what += " first use"
+    elif case.config is not None:
+        what += " " + tuning.config_text(case.config)
+    return f"{case.workload.name} {case.setup.name} {what}"
 
 
 def stderr_progress(tty: bool | None = None):

@@ -307,9 +307,9 @@ PROFILES: dict[str, Profile] = {
                 "shapes of Llama-2 7B", _llama_layers, sized=True,
                 default_sizes=(400_000_000,), cpu_default_sizes=()),
         Profile("many-small", f"many tensors of {SMALL_NUMEL} elements (size / {SMALL_NUMEL} of them)",
-                "issue 4: 10,000 x 4,096", _many_small, sized=True,
+                "10,000 x 4,096: a model of many small tensors", _many_small, sized=True,
                 default_sizes=(10_000 * SMALL_NUMEL,), cpu_default_sizes=(1_000_000,)),
-        Profile("one-huge", "one flat tensor of `size` elements", "issue 4", _one_huge, sized=True,
+        Profile("one-huge", "one flat tensor of `size` elements", "-", _one_huge, sized=True,
                 default_sizes=(10_000_000, 100_000_000, 1_000_000_000),
                 cpu_default_sizes=(1_000_000,)),
         Profile("check-small", "odd sizes for correctness checks: 0-dim, empty, 1, 7, 4097, "

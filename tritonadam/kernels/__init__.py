@@ -7,11 +7,8 @@ from .launch import TL_DTYPES, device_guard, launch_counts, launch_prepare, laun
 from .plan import Bucket, BucketKey, DeviceTables
 from .scratch import autotune_key, bytes_per_elem, make_scratch_runner, variant_key
 
-# The update kernel takes LaunchConfig.persistent: the autotuner may time persistent grids.
-ALLOW_PERSISTENT = True
-
 __all__ = [
-    "ALLOW_PERSISTENT", "TL_DTYPES",
+    "TL_DTYPES",
     "Bucket", "BucketKey", "DeviceTables",
     "device_guard", "launch_counts", "launch_prepare", "launch_update",
     "autotune_key", "bytes_per_elem", "make_scratch_runner", "variant_key",

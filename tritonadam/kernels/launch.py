@@ -120,10 +120,13 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None,
 
 def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
                   persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
-                  coupled_wd: bool = False, found_inf=None, seed: int = 0, count=True) -> None:
+                  coupled_wd: bool = False, found_inf=None, seed: int = 0, count=True,
+                  compile_only: bool = False):
     """Step every tensor of ``bucket`` with one launch of the update kernel.
 
     ``seed``: of the stochastic rounding's random streams, when the bucket rounds so.
+    ``compile_only``: compile this launch's kernel and return it, launching nothing (the
+    tuner reads the compiler's report before timing).
     """
     block_map, num_blocks = bucket.block_map(block_size)
     programs = min(num_blocks, persistent_programs(tables.device)) if persistent else num_blocks
@@ -135,10 +138,10 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
         persistent=persistent,
     )
     flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
-    _adam_kernel[(programs,)](
-        tables.table, tables.grads, tables.scalars, block_map,
-        found_inf if found_inf is not None else tables.scalars,
-        num_blocks, seed, num_warps=num_warps, **flags,
-    )
+    args = (tables.table, tables.grads, tables.scalars, block_map,
+            found_inf if found_inf is not None else tables.scalars, num_blocks, seed)
+    if compile_only:
+        return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps, **flags)
+    _adam_kernel[(programs,)](*args, num_warps=num_warps, **flags)
     if count:
         launch_counts["update"] += 1
