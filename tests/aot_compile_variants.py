@@ -18,6 +18,7 @@ from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+REMAINDER = 2  # tritonadam.kernels.layout.MASTER_REMAINDER
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
 
 # Every supported (param, grad) dtype pair, and each flag on and off somewhere.
@@ -37,6 +38,19 @@ VARIANTS = [
     dict(param_dtype=FP64, adamax=True, found_inf=True),
     dict(param_dtype=BF16, master=True, decoupled_wd=True, persistent=True),
     dict(param_dtype=FP32, adamax=True, persistent=True),
+    # Precision modes: exact master in 2 bytes, stochastic rounding, bf16 state.
+    dict(param_dtype=BF16, master=REMAINDER, decoupled_wd=True),
+    dict(param_dtype=BF16, grad_dtype=FP32, master=REMAINDER, amsgrad=True, found_inf=True),
+    dict(param_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
+    dict(param_dtype=FP16, stochastic_rounding=True, coupled_wd=True, found_inf=True),
+    dict(param_dtype=FP32, state_dtype=BF16, decoupled_wd=True),
+    dict(param_dtype=BF16, state_dtype=BF16, decoupled_wd=True),
+    dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
+    dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
+    dict(param_dtype=BF16, master=REMAINDER, state_dtype=BF16, stochastic_rounding=True,
+         decoupled_wd=True),
+    dict(param_dtype=BF16, master=True, state_dtype=BF16, stochastic_rounding=True, adamax=True),
+    dict(param_dtype=FP16, master=True, state_dtype=BF16, persistent=True),
 ]
 # Registers are bounded at 4096/8 (fp64: 2048/8, the same bytes per thread); the default
 # config must keep 32 warps resident.
@@ -44,6 +58,7 @@ CONFIGS = [(4096, 8), (2048, 8), (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)
 # The whole candidate space, on the heaviest variant of each width.
 SPACE_VARIANTS = [
     dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
     dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
 ]
 
@@ -75,7 +90,8 @@ def main():
         done = set()
         for flags in VARIANTS:
             for block, warps in CONFIGS:
-                if (block == 2048) != (flags["param_dtype"] == FP64):
+                wide = flags["param_dtype"] == FP64
+                if (block, wide) in ((4096, True), (2048, False)):
                     continue
                 key = (tuple(sorted(_flags(flags).items())), block, warps)
                 if key in done:

@@ -41,23 +41,20 @@ def lerp(start, end, weight):
     return end - diff * (1.0 - weight)
 
 
-def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
-    """Philox-4x32 as Triton's ``tl.philox``: four uint32 numpy arrays of random bits."""
+def philox2x32(key: int, c0, c1, rounds: int = 10):
+    """Philox-2x32 as the kernel's ``philox2x32``: two uint32 numpy arrays of random bits."""
     mask = np.uint64(0xFFFFFFFF)
-    c = [np.asarray(x, dtype=np.uint64) & mask for x in np.broadcast_arrays(c0, c1, c2, c3)]
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    c0, c1 = (np.asarray(x, dtype=np.uint64) & mask for x in np.broadcast_arrays(c0, c1))
+    k = np.uint64(key)
     for _ in range(rounds):
-        p0, p2 = a * c[0], b * c[2]  # fit in 64 bits: both factors < 2**32
-        c = [((p2 >> np.uint64(32)) ^ c[1] ^ k0) & mask, p2 & mask,
-             ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & mask, p0 & mask]
-        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
-        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
-    return [x.astype(np.uint32) for x in c]
+        prod = c0 * np.uint64(0xD256D193)  # fits in 64 bits: both factors < 2**32
+        c0, c1 = ((prod >> np.uint64(32)) ^ k ^ c1) & mask, prod & mask
+        k = (k + np.uint64(0x9E3779B9)) & mask
+    return c0.astype(np.uint32), c1.astype(np.uint32)
 
 
 def stochastic_round(x: torch.Tensor, bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The kernel's stochastic rounding of fp32 ``x`` with 32 random ``bits`` per element."""
+    """The kernel's stochastic rounding of fp32 ``x`` with 16 random ``bits`` per element."""
     r = torch.from_numpy(bits.astype(np.int64)).reshape(x.shape)
     if dtype == torch.bfloat16:
         b = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -67,7 +64,7 @@ def stochastic_round(x: torch.Tensor, bits: np.ndarray, dtype: torch.dtype) -> t
     hi = (lo.view(torch.int16).to(torch.int32) + 1).to(torch.int16).view(torch.float16)
     below = x.abs() - lo.float().abs()
     step = hi.float().abs() - lo.float().abs()
-    uniform = (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    uniform = (r & 0xFFFF).to(torch.float32) * (1.0 / 65536.0)
     return torch.where(uniform * step < below, hi, lo)
 
 
@@ -89,12 +86,12 @@ class Reference:
     """State of one param stepped in high precision (the kernel's compute dtype).
 
     ``master``: False, True or "remainder" (the same numbers as True); ``state_dtype``:
-    moments stored in that dtype between steps; ``stochastic_rounding`` with ``seed`` and
-    ``stream`` (the param's index in its optimizer).
+    moments stored in that dtype between steps; ``stochastic_rounding`` with the tensor's
+    Philox ``key`` (``tritonadam.kernels.plan.rounding_key(seed, index in optimizer)``).
     """
 
     def __init__(self, param: torch.Tensor, kind: str, master=False, amsgrad: bool = False,
-                 state_dtype=None, stochastic_rounding=False, seed=0, stream=0):
+                 state_dtype=None, stochastic_rounding=False, key=0):
         self.dtype = param.dtype
         self.cdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         self.kind = kind
@@ -102,7 +99,7 @@ class Reference:
         self.amsgrad = amsgrad
         self.sdtype = state_dtype or self.cdtype
         self.sr = stochastic_rounding
-        self.seed, self.stream = seed, stream
+        self.key = key
         self.w = param.detach().to(self.cdtype).clone()
         self.p = param.detach().clone()
         self.m = torch.zeros_like(self.w)
@@ -162,7 +159,8 @@ class Reference:
         bits = [None] * 4
         if self.sr:
             index = np.arange(p.numel(), dtype=np.uint64)
-            bits = philox(self.seed, index, index >> np.uint64(32), self.stream, self.step)
+            r0, r1 = philox2x32(self.key, index, (index >> np.uint64(32) << np.uint64(24)) ^ np.uint64(self.step))
+            bits = [r0, r1, r1 >> np.uint32(16), r0 >> np.uint32(16)]
         self.m = self._store(m, bits[1], self.sdtype)
         self.v = self._store(v, bits[2], self.sdtype)
         self.vmax = self._store(vmax, bits[3], self.sdtype)

@@ -6,8 +6,9 @@ what the compiler reports must fit a memory-bound kernel.
 - the update kernel has no ordered atomics, fences or barriers across the GPU, and no
   shared-memory staging;
 - at 4096/8 (fp64: 2048/8, the same bytes per thread) every variant without a master copy
-  fits in 128 registers, and the default config keeps at least 32 warps resident per SM
-  (fp64, which moves twice the bytes per element, at least 24).
+  fits in 128 registers (but AMSGrad with stochastically rounded bf16 state: 160), and
+  the default config keeps at least 32 warps resident per SM (fp64, which moves twice
+  the bytes per element, at least 24).
 
 Compilation runs in a subprocess: this test session runs kernels in the interpreter,
 which cannot compile for a GPU.
@@ -47,27 +48,35 @@ def _name(row):
 def _expected_16_byte_accesses(row):
     """16-byte loads and stores of the full-block path, array by array.
 
-    4- and 8-byte arrays move in 16-byte vectors; 2-byte params and grads are hinted to
-    8-byte vectors so every array shares the fp32 state's register layout.
+    Every array moves the same number of elements per access, so all share one register
+    layout: 4 (16 bytes of 4- and 8-byte data, 8 of 2-byte data), or 8 when every array
+    is 2 bytes wide (then 16 bytes each).
     """
     f = row["flags"]
     p = f["param_dtype"]
     g = f.get("grad_dtype") or p
     c = "fp64" if p == "fp64" else "fp32"
+    s = f.get("state_dtype") or c
+    master = int(f.get("master", 0))  # 0 none, 1 fp32 copy, 2 int16 remainder
+    w = {1: "fp32", 2: "bf16"}.get(master)  # an int16 remainder moves like a 2-byte array
+    narrow = all(SIZES[d] == 2 for d in (p, g, s)) and master != 1
     per_thread = row["block"] // (32 * row["num_warps"])
-    wide = lambda dtype: per_thread * SIZES[dtype] // 16 if SIZES[dtype] >= 4 else 0  # noqa: E731
-    master = f.get("master", False)
+    vec = 8 if narrow else 4
+
+    def wide(dtype):
+        return per_thread * SIZES[dtype] // 16 if SIZES[dtype] * vec >= 16 else 0
+
     amsgrad = f.get("amsgrad", False) and not f.get("adamax", False)
-    states = 2 + amsgrad + master
-    loads = wide(g) + wide(c) * states + (0 if master else wide(p))
-    stores = wide(c) * states + wide(p)
+    moments = 2 + amsgrad
+    loads = wide(g) + wide(s) * moments + (wide(w) if w else 0) + (0 if master == 1 else wide(p))
+    stores = wide(s) * moments + (wide(w) if w else 0) + wide(p)
     return loads, stores
 
 
 def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert {r["arch"] for r in compiled} == {80, 90}
     updates = [r for r in compiled if r["kernel"] == "update"]
-    assert len(updates) >= 2 * 15 * 2 - 4
+    assert len(updates) == 2 * 26 * 2
     assert any(r["flags"].get("persistent") for r in updates)
     assert sum(r["kernel"] == "prepare" for r in compiled) == 4
 
@@ -100,10 +109,15 @@ def test_registers_at_4096_by_8(compiled):
         return (r["block"], r["num_warps"]) == ((2048 if wide else 4096), 8)
 
     rows = [r for r in compiled if bounded(r)]
-    assert len(rows) == 2 * 15
+    assert len(rows) == 2 * 26
     for row in rows:
-        if not row["flags"].get("master"):
-            assert row["registers"] <= 128, (_name(row), row["registers"])
+        f = row["flags"]
+        if f.get("master"):
+            continue
+        # AMSGrad with stochastically rounded bf16 state keeps three random fields per
+        # element live: 147-160 registers (8 warps resident) at this size.
+        sr_amsgrad = f.get("stochastic_rounding") and f.get("amsgrad") and f.get("state_dtype")
+        assert row["registers"] <= (160 if sr_amsgrad else 128), (_name(row), row["registers"])
 
 
 def test_default_config_keeps_32_warps_resident(compiled):

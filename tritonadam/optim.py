@@ -17,6 +17,7 @@ from torch.optim.optimizer import Optimizer
 
 from .kernels.launch import interpreted
 from .kernels.layout import MASTER_FP32, MASTER_REMAINDER
+from .kernels.plan import rounding_key
 from .precision import MASTER_KEY, REMAINDER_KEY, SEED_KEY, Precision, join_master, split_master
 from .step_cache import Row, StepCache, group_hyper, local_tensor
 
@@ -184,6 +185,12 @@ class _TritonAdamBase(Optimizer):
             group.setdefault("differentiable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "master_weights"):  # not during torch's __init__: checked after it
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for p in params:
+                if isinstance(p, Tensor):
+                    self._precision.check_param(p, type(self).__name__)
         super().add_param_group(param_group)
         self._cache = None
 
@@ -380,9 +387,10 @@ class _TritonAdamBase(Optimizer):
                 elif isinstance(value, Tensor):
                     # Full precision, then converted to this optimizer's form below.
                     dst[key] = value.detach().clone()
-        for saved_id, p, group in pairs:
-            if p in self.state and self.state[p]:
-                self._init_state(p, group, True)
+        with torch.no_grad():  # converting a master can set the param to its high half
+            for saved_id, p, group in pairs:
+                if p in self.state and self.state[p]:
+                    self._init_state(p, group, True)
         self._cache = None
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
@@ -568,7 +576,7 @@ class _TritonAdamBase(Optimizer):
             convert = self._check_state(p, group, self.state.get(p, {}))
             pending.append((p, grad, index, convert))
 
-    def _row(self, p: Tensor, grad: Tensor, index: int, group, stream: int) -> Row:
+    def _row(self, p: Tensor, grad: Tensor, index: int, group, key: int) -> Row:
         state = self.state[p]
         lp = local_tensor(p)
         staging = None if _is_dense(lp) else torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
@@ -581,7 +589,7 @@ class _TritonAdamBase(Optimizer):
             max_second=state.get("max_exp_avg_sq") if group.get("amsgrad", False) else None,
             master=state.get(REMAINDER_KEY if master == MASTER_REMAINDER else MASTER_KEY),
             master_kind=master, stochastic_rounding=precision.rounds_stochastically(p),
-            stream=stream, general=general or not grad.is_contiguous(), staging=staging,
+            key=key, general=general or not grad.is_contiguous(), staging=staging,
         )
 
     def _build(self, groups) -> StepCache:
@@ -605,7 +613,7 @@ class _TritonAdamBase(Optimizer):
             group = self.param_groups[index]
             self._init_state(p, group, convert)
             stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
-            rows.append(self._row(p, grad, index, group, stream & 0xFFFFFFFF))
+            rows.append(self._row(p, grad, index, group, rounding_key(self.seed, stream)))
         lists = [g["params"] for g in self.param_groups]
         return StepCache(self._kind, rows, lists, inactive, self.state, self._layout())
 
@@ -671,7 +679,7 @@ class _TritonAdamBase(Optimizer):
         if cache.empty:
             return loss
         cache.launch(
-            ptrs, general, self.param_groups, hypers, seed=self.seed,
+            ptrs, general, self.param_groups, hypers,
             block_size=self.block_size, num_warps=self.num_warps, autotune_mode=self.autotune,
             persistent=self.persistent, grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),

@@ -99,7 +99,8 @@ class Precision:
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
     """(bf16 high half rounded to nearest, ties away from zero; int16 low half) of fp32
     ``master``: what ``master_weights="remainder"`` keeps, bit for bit as the kernel."""
-    bits = master.detach().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    master = master.detach().to(torch.float32).contiguous()
+    bits = master.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     rounded = torch.where(torch.isnan(master), bits | 0x400000, bits + 0x8000)
     high = ((rounded >> 16) & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16)
     low = (bits & 0xFFFF).to(torch.int32).to(torch.int16)

@@ -77,7 +77,7 @@ class Row:
     master: Tensor | None = None  # fp32 master, or the int16 remainder of one
     master_kind: int = 0  # kernels.layout.MASTER_*
     stochastic_rounding: bool = False
-    stream: int = 0  # random stream for stochastic rounding
+    key: int = 0  # Philox key of its stochastic rounding (kernels.plan.rounding_key)
     # Re-validated on every step instead of by the C-level passes: non-dense params (the
     # kernel steps a contiguous staging copy) and grads read through a dense copy.
     general: bool = False
@@ -262,7 +262,7 @@ class StepCache:
                     _as_real(local_tensor(r.second)),
                     _as_real(local_tensor(r.max_second)) if r.max_second is not None else None,
                     local_tensor(r.master) if r.master is not None else None, local_tensor(r.step),
-                    r.stream,
+                    r.key,
                 ))
             tables = DeviceTables(device, table_rows, [self._order[i].group for i in order], num_groups)
             dev = _Device(tables)
@@ -341,7 +341,7 @@ class StepCache:
     # ---- launching ------------------------------------------------------------------
 
     def launch(self, fast_grad_ptrs: list[int], general_grads: list[Tensor], param_groups: list[dict],
-               hypers: list[GroupHyper], *, seed: int = 0, block_size=None, num_warps=None,
+               hypers: list[GroupHyper], *, block_size=None, num_warps=None,
                autotune_mode=None, persistent=None, grad_scale=None, found_inf=None) -> None:
         """Step every tensor: one prepare launch per device, one update launch per bucket.
 
@@ -387,7 +387,7 @@ class StepCache:
                     launch_update(tables, item.bucket, block_size=item.config.block_size,
                                   num_warps=item.config.num_warps, persistent=item.config.persistent,
                                   adamax=self.kind == "adamax", decoupled_wd=decoupled,
-                                  coupled_wd=coupled, found_inf=inf, seed=seed)
+                                  coupled_wd=coupled, found_inf=inf)
         for row in self._general:
             if row.staging is not None:
                 _as_real(local_tensor(row.param)).copy_(row.staging)

@@ -22,7 +22,7 @@ from .layout import (
     COL_NUMEL,
     COL_PARAM,
     COL_SECOND,
-    COL_STREAM,
+    COL_KEY,
     S_BC2_SQRT,
     S_BETA2,
     S_DECAY,
@@ -36,7 +36,7 @@ from .layout import (
     SCALAR_COLUMNS,
     TABLE_COLUMNS,
 )
-from .rounding import join_master, round_master, round_stochastic, round_to, split_master
+from .rounding import join_master, philox2x32, round_master, round_stochastic, round_to, split_master
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def _store_rounded(ptr, offs, x, mask, random, DTYPE: tl.constexpr, SR: tl.const
 
 @triton.jit
 def _update(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow, first, stream, seed,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow, first, key,
     CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
     AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     COUPLED_WD: tl.constexpr, SR: tl.constexpr,
@@ -127,19 +127,21 @@ def _update(
 
     r0 = 0
     r1 = 0
-    r2 = 0
-    r3 = 0
     if SR:
-        # Counter-based: the same (seed, element, tensor, step) draws the same bits on
-        # every backend and every replay of a CUDA graph, and the step count (advanced on
-        # the device) moves the stream on.
-        index = first + offs
-        r0, r1, r2, r3 = tl.philox(seed, index.to(tl.uint32), (index >> 32).to(tl.uint32),
-                                   stream, _scalar(srow, S_STEP, tl.float32).to(tl.uint32))
+        # Counter-based, 16 random bits per rounded value: the same (seed, tensor, element,
+        # step) draws the same bits on every backend and every replay of a CUDA graph, and
+        # the step count (advanced on the device) moves the stream on. Blocks are aligned
+        # to their power-of-two size, so one never crosses a multiple of 2**32 elements.
+        # The (g != g) term, 0 unless the update is NaN anyway, ties the counter to loaded
+        # data so the compiler gives the random bits the data's register layout; from the
+        # index alone it picks another and moves the bits through shared memory.
+        low = (first & 0xFFFFFFFF).to(tl.uint32) + offs.to(tl.uint32) + (g != g).to(tl.uint32)
+        step = _scalar(srow, S_STEP, tl.float32).to(tl.uint32) ^ ((first >> 32).to(tl.uint32) << 24)
+        r0, r1 = philox2x32(key, low, step)
     _store_rounded(m_ptr, offs, m, mask, r1, S_DTYPE, SR)
-    _store_rounded(v_ptr, offs, v, mask, r2, S_DTYPE, SR)
+    _store_rounded(v_ptr, offs, v, mask, r1 >> 16, S_DTYPE, SR)
     if AMSGRAD:
-        _store_rounded(vmax_ptr, offs, vmax, mask, r3, S_DTYPE, SR)
+        _store_rounded(vmax_ptr, offs, vmax, mask, r0 >> 16, S_DTYPE, SR)
     if MASTER == MASTER_FP32:
         tl.store(w_ptr + offs, p, mask=mask)
         if P_DTYPE == tl.bfloat16:
@@ -155,14 +157,15 @@ def _update(
 
 
 @triton.jit
-def _hinted(addr, DTYPE: tl.constexpr):
-    # One access covers 4 elements of every array: 16 bytes of 4-byte data, 8 of 2-byte.
-    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), 4 * DTYPE.primitive_bitwidth // 8)
+def _hinted(addr, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    # One access covers VEC elements of every array, at most 16 bytes.
+    ALIGN: tl.constexpr = min(16, VEC * DTYPE.primitive_bitwidth // 8)
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE)), ALIGN)
 
 
 @triton.jit
 def _program(
-    pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed,
+    pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
@@ -180,30 +183,33 @@ def _program(
     v_addr = tl.load(row + COL_SECOND)
     x_addr = tl.load(row + COL_MAX) if AMSGRAD else p_addr
     w_addr = tl.load(row + COL_MASTER) if MASTER != MASTER_NONE else p_addr
-    stream = tl.load(row + COL_STREAM).to(tl.uint32) if SR else 0
+    key = tl.load(row + COL_KEY).to(tl.uint32) if SR else 0
     numel = tl.load(row + COL_NUMEL)
     # int64: tensors beyond 2**31 elements index correctly.
     start = (entry & BLOCK_INDEX_MASK) * BLOCK
     # Offsets within the block stay int32; the block's start goes into the pointers.
     offs = tl.arange(0, BLOCK)
     W_DTYPE: tl.constexpr = tl.int16 if MASTER == MASTER_REMAINDER else CDTYPE
+    # Elements per access, the same for every array so all share one register layout
+    # (16-byte accesses of 2-byte arrays beside 4-byte ones would put every 4-byte array
+    # through shared memory to change layouts): 4, or 8 when every array is 2 bytes.
+    NARROW: tl.constexpr = (P_DTYPE.primitive_bitwidth == 16 and G_DTYPE.primitive_bitwidth == 16
+                            and S_DTYPE.primitive_bitwidth == 16 and MASTER != MASTER_FP32)
+    VEC: tl.constexpr = 8 if NARROW else 4
     aligned = ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0
     if aligned & (start + BLOCK <= numel):
         # Full, 16-byte-aligned block: unmasked, with alignment hints (a pointer read from
-        # memory has none, and without them sm_90 gets 4-byte accesses). Every array is
-        # hinted to the same 4 elements per access so all share one register layout:
-        # 16-byte accesses of 2-byte arrays would put every fp32 array through shared
-        # memory to change layouts. Each pointer is cast here, not reused from outside the
-        # branch: triton 3.6 merges identical int-to-pointer casts and the hint on the
-        # shared one is lost.
+        # memory has none, and without them sm_90 gets 4-byte accesses). Each pointer is
+        # cast here, not reused from outside the branch: triton 3.6 merges identical
+        # int-to-pointer casts and the hint on the shared one is lost.
         _update(
-            _hinted(p_addr, P_DTYPE) + start,
-            _hinted(g_addr, G_DTYPE) + start,
-            _hinted(m_addr, S_DTYPE) + start,
-            _hinted(v_addr, S_DTYPE) + start,
-            _hinted(x_addr, S_DTYPE) + start,
-            _hinted(w_addr, W_DTYPE) + start,
-            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, stream, seed,
+            _hinted(p_addr, P_DTYPE, VEC) + start,
+            _hinted(g_addr, G_DTYPE, VEC) + start,
+            _hinted(m_addr, S_DTYPE, VEC) + start,
+            _hinted(v_addr, S_DTYPE, VEC) + start,
+            _hinted(x_addr, S_DTYPE, VEC) + start,
+            _hinted(w_addr, W_DTYPE, VEC) + start,
+            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, key,
             CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
         )
     else:
@@ -223,16 +229,16 @@ def _program(
                 v_addr.to(tl.pointer_type(S_DTYPE)) + at,
                 x_addr.to(tl.pointer_type(S_DTYPE)) + at,
                 w_addr.to(tl.pointer_type(W_DTYPE)) + at,
-                sub, sub < left - first, srow, at, stream, seed,
+                sub, sub < left - first, srow, at, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
             )
             first += SUB
 
 
-# num_blocks and seed change with the model and run: no recompiles for their values.
-@triton.jit(do_not_specialize=["num_blocks", "seed"])
+# num_blocks changes with the model: no recompiles for its value.
+@triton.jit(do_not_specialize=["num_blocks"])
 def _adam_kernel(
-    table_ptr, grads_ptr, scalars_ptr, block_map_ptr, found_inf_ptr, num_blocks, seed,
+    table_ptr, grads_ptr, scalars_ptr, block_map_ptr, found_inf_ptr, num_blocks,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
@@ -250,11 +256,11 @@ def _adam_kernel(
             # interpreter takes no range() bounds from program_id.
             pid = tl.program_id(0)
             while pid < num_blocks:
-                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed, P_DTYPE,
+                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                          G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
                          COUPLED_WD, SR, BLOCK, SUB)
                 pid += tl.num_programs(0)
         else:
-            _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr, seed,
+            _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
                      COUPLED_WD, SR, BLOCK, SUB)

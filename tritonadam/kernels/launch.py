@@ -29,19 +29,21 @@ launch_counts = {"prepare": 0, "update": 0}
 # Tensors per program of the prepare kernel: a step touches each tensor's scalars once.
 PREPARE_BLOCK = 256
 
-# Elements per thread per iteration of the masked path (tails, misaligned tensors).
-TAIL_ELEMS_PER_THREAD = 1
+# Elements per thread per iteration of the masked path (tails, misaligned tensors): as
+# many as keep that path within the full-block path's registers (ptxas, sm_80/sm_90: one
+# fp32 element spilled a little in one variant at 1024/8, two fp64 spill).
+TAIL_ELEMS_PER_THREAD = {4: 2, 8: 1}
 
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
 
-def tail_sub_block(block_size: int, num_warps: int) -> int:
+def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32) -> int:
     """Elements per iteration of the masked path. The interpreter pays per iteration, not
     per register, so it takes a quarter block (still looping, so the loop is tested)."""
     if interpreted():
         return max(block_size // 4, 1)
-    return min(block_size, 32 * num_warps * TAIL_ELEMS_PER_THREAD)
+    return min(block_size, 32 * num_warps * TAIL_ELEMS_PER_THREAD[compute_dtype.itemsize])
 
 
 def interpreted() -> bool:
@@ -87,7 +89,7 @@ def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, state_d
         "HAS_FOUND_INF": found_inf,
         "PERSISTENT": persistent,
         "BLOCK": block_size,
-        "SUB": tail_sub_block(block_size, num_warps),
+        "SUB": tail_sub_block(block_size, num_warps, cdtype),
     }
 
 
@@ -120,11 +122,10 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None,
 
 def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
                   persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
-                  coupled_wd: bool = False, found_inf=None, seed: int = 0, count=True,
+                  coupled_wd: bool = False, found_inf=None, count=True,
                   compile_only: bool = False):
     """Step every tensor of ``bucket`` with one launch of the update kernel.
 
-    ``seed``: of the stochastic rounding's random streams, when the bucket rounds so.
     ``compile_only``: compile this launch's kernel and return it, launching nothing (the
     tuner reads the compiler's report before timing).
     """
@@ -139,7 +140,7 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     )
     flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
     args = (tables.table, tables.grads, tables.scalars, block_map,
-            found_inf if found_inf is not None else tables.scalars, num_blocks, seed)
+            found_inf if found_inf is not None else tables.scalars, num_blocks)
     if compile_only:
         return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps, **flags)
     _adam_kernel[(programs,)](*args, num_warps=num_warps, **flags)

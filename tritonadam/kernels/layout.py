@@ -19,7 +19,7 @@ COL_MAX = tl.constexpr(3)  # max_exp_avg_sq (AMSGrad)
 COL_MASTER = tl.constexpr(4)  # fp32 master copy, or the int16 remainder of one
 COL_NUMEL = tl.constexpr(5)
 COL_STEP = tl.constexpr(6)  # this param's 0-dim float32 step tensor
-COL_STREAM = tl.constexpr(7)  # random stream of this tensor (its index in the optimizer)
+COL_KEY = tl.constexpr(7)  # Philox key of this tensor's stochastic rounding
 TABLE_COLUMNS = tl.constexpr(8)  # rows start on 64-byte boundaries
 
 # Block map entries (int64): the program's table row in the high half, the block's index

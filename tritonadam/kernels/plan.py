@@ -105,9 +105,11 @@ class DeviceTables:
         self._group_pointers = None
 
     @staticmethod
-    def row(param, exp_avg, second, max_second, master, step, stream: int = 0) -> list[int]:
+    def row(param, exp_avg, second, max_second, master, step, key: int = 0) -> list[int]:
+        """``key``: the tensor's stochastic-rounding Philox key (``rounding_key``)."""
         return [param.data_ptr(), exp_avg.data_ptr(), second.data_ptr(), _ptr(max_second),
-                _ptr(master), param.numel(), step.data_ptr(), stream]
+                _ptr(master), param.numel(), step.data_ptr(), key]
+
 
     def set_grad_ptrs(self, ptrs: np.ndarray) -> None:
         """Point the launches at this step's grads (int64, one per row)."""
@@ -132,3 +134,10 @@ class DeviceTables:
         # Pageable memory: non_blocking returns once the data is staged, so the host
         # buffer can go; no wait on the GPU.
         dst.copy_(torch.from_numpy(host), non_blocking=True)
+
+
+def rounding_key(seed: int, stream: int) -> int:
+    """One Philox key per tensor: the seed's two halves and the tensor's stream (its index in
+    the optimizer) mixed by odd multipliers, so distinct tensors draw independent streams."""
+    mask = 0xFFFFFFFF
+    return ((seed & mask) ^ (stream * 0x9E3779B9 & mask) ^ ((seed >> 32) * 0x85EBCA6B & mask)) & mask

@@ -115,9 +115,10 @@ def _prepare_kernel(
     corrected = tl.load(groups_ptr + grow + G_BIAS_CORRECTION, mask=mask, other=0.0) != 0
 
     t = step.to(tl.float64)
-    # fp64, like torch.optim's Python-float scalars; the update kernel rounds once.
-    bc1 = one_minus_pow(tl.log(beta1), t)
-    bc2 = one_minus_pow(tl.log(beta2), t)
+    # fp64, like torch.optim's Python-float scalars; the update kernel rounds once. A beta
+    # of 0 is taken as the least normal double: the same 1 - beta**t, and no log(0).
+    bc1 = one_minus_pow(tl.log(tl.maximum(beta1, 2.2250738585072014e-308)), t)
+    bc2 = one_minus_pow(tl.log(tl.maximum(beta2, 2.2250738585072014e-308)), t)
     step_size = tl.where(corrected, lr / bc1, lr)
     bc2_sqrt = tl.where(corrected, tl.sqrt(bc2), 1.0)
     if HAS_GRAD_SCALE:

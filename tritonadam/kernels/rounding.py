@@ -64,11 +64,30 @@ def join_master(param, remainder):
 
 
 @triton.jit
+def philox2x32(key, c0, c1):
+    """Philox-2x32-10 (Salmon et al., Random123): 64 random bits per counter (c0, c1)
+    under a 32-bit key, as two uint32.
+
+    Half the state of ``tl.philox`` (4x32): the update kernel keeps 16 elements per thread
+    in flight, and with four words each the stochastic-rounding variants needed 150-160
+    registers at 4096/8 (8 resident warps); with two, at most 114.
+    """
+    for _ in tl.static_range(10):
+        hi = tl.math.umulhi(c0, 0xD256D193)
+        lo = c0 * 0xD256D193
+        c0 = hi ^ key ^ c1
+        c1 = lo
+        key = key + 0x9E3779B9
+    return c0, c1
+
+
+@triton.jit
 def round_stochastic(x, random, DTYPE: tl.constexpr):
     """x in DTYPE, rounded up in magnitude with probability (|x| - |lo|) / (|hi| - |lo|),
-    where lo and hi are its neighbours in DTYPE: unbiased, E[result] = x.
+    where lo and hi are its neighbours in DTYPE: E[result] = x (for fp16, to within 2**-16
+    of a unit in the last place: the probability is resolved in 16 bits).
 
-    ``random``: 32 uniformly random bits per element.
+    ``random``: 16 uniformly random bits per element (the low half of a uint32).
     """
     if DTYPE == tl.bfloat16:
         # Adding 16 random bits below the kept half carries into it with exactly that
@@ -83,6 +102,5 @@ def round_stochastic(x, random, DTYPE: tl.constexpr):
         hi = (lo.to(tl.uint16, bitcast=True) + 1).to(tl.float16, bitcast=True)
         below = tl.abs(x) - tl.abs(lo.to(tl.float32))
         step = tl.abs(hi.to(tl.float32)) - tl.abs(lo.to(tl.float32))
-        # 24 random bits as a uniform float in [0, 1).
-        uniform = (random >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        uniform = (random & 0xFFFF).to(tl.float32) * (1.0 / 65536.0)
         return tl.where(uniform * step < below, hi, lo)

@@ -187,7 +187,7 @@ def make_scratch_runner(
     flags = dict(block_size=config.block_size, num_warps=config.num_warps,
                  persistent=getattr(config, "persistent", False), adamax=kind == "adamax",
                  decoupled_wd=decoupled and wd != 0, coupled_wd=not decoupled and wd != 0,
-                 seed=1234, count=False)
+                 count=False)
 
     def run() -> None:
         launch_update(tables, bucket, **flags)
