@@ -1,0 +1,84 @@
+"""Command line and sizes of every figure's presets.
+
+``smoke`` checks the code paths in seconds (CI); ``quick`` shows each figure's result on
+a 2-core CPU in Triton's interpreter in a few minutes (the committed plots); ``full`` is
+the paper's sizes, for a GPU. As the paper takes the best step size of a grid, each
+optimizer's was picked from powers of ten and three times them by the training cost at
+the end of a quick run (full-preset runs use the same; ``--lr NAME=VALUE`` overrides one).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+
+from .optimizers import IMPLS
+
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "paper"
+PRESETS: dict[str, dict[str, dict]] = {
+    "fig1": {
+        "smoke": dict(seed=0, points_per_epoch=1, l2=1e-4, vocab_size=10_000, mnist_train=256, mnist_epochs=2,
+                      bow_train=512, bow_epochs=2),
+        "quick": dict(seed=0, points_per_epoch=2, l2=1e-4, vocab_size=10_000, mnist_train=None, mnist_epochs=15,
+                      bow_train=None, bow_epochs=10),
+        # The paper's lengths; it used all of MNIST's and IMDB's training sets.
+        "full": dict(seed=0, points_per_epoch=2, l2=1e-4, vocab_size=10_000, mnist_train=None, mnist_epochs=45,
+                     bow_train=None, bow_epochs=160),
+    },
+    "fig2": {
+        "smoke": dict(seed=0, points_per_epoch=1, n_train=512, hidden=16, epochs=3, early_epochs=1),
+        "quick": dict(seed=0, points_per_epoch=4, n_train=None, hidden=256, epochs=10, early_epochs=3),
+        "full": dict(seed=0, points_per_epoch=1, n_train=None, hidden=1000, epochs=200, early_epochs=10),
+    },
+    "fig3": {
+        "smoke": dict(seed=0, points_per_epoch=1, n_train=384, channels=(4, 4, 8), hidden=16, epochs=2,
+                      early_epochs=1),
+        "quick": dict(seed=0, points_per_epoch=4, n_train=None, channels=(16, 16, 32), hidden=64, epochs=5,
+                      early_epochs=2),
+        "full": dict(seed=0, points_per_epoch=4, n_train=None, channels=(64, 64, 128), hidden=1000, epochs=45,
+                     early_epochs=3),
+    },
+    "fig4": {
+        "smoke": dict(seed=0, n_train=256, hidden=8, latent=2, beta1=(0.9,), beta2=(0.9999,),
+                      log10_lr=(-3.0, -1.0), budgets=(1, 2)),
+        # One epoch is 32 steps here, ~470 in the paper: budgets are far shorter than its 10 and
+        # 100 epochs, and the net far smaller (500 hidden units, 50 latent in the paper).
+        "quick": dict(seed=0, n_train=None, hidden=40, latent=10, beta1=(0.0, 0.9), beta2=(0.99, 0.999, 0.9999),
+                      log10_lr=(-5.0, -4.0, -3.0, -2.0, -1.0), budgets=(1, 3)),
+        "full": dict(seed=0, n_train=None, hidden=500, latent=50, beta1=(0.0, 0.9), beta2=(0.99, 0.999, 0.9999),
+                     log10_lr=(-5.0, -4.5, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0), budgets=(10, 100)),
+    },
+}
+# Step sizes per optimizer (fig 1: per panel), the same in every preset of a figure.
+LR = {
+    "fig1": dict(mnist_adam=0.3, mnist_adamax=0.1, mnist_sgd_nesterov=0.3, mnist_adagrad=0.3,
+                 bow_adam=0.3, bow_adamax=3.0, bow_sgd_nesterov=0.3, bow_adagrad=0.3, bow_rmsprop=0.01),
+    "fig2": dict(adam=3e-3, adamax=1e-2, sgd_nesterov=0.1, adagrad=0.03, rmsprop=3e-3, adadelta=3.0),
+    "fig3": dict(adam=3e-3, adamax=3e-3, sgd_nesterov=0.03, adagrad=0.01),
+}
+
+
+def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The scripts' shared options; ``args.settings`` holds the chosen preset's sizes
+    (with ``--lr`` overrides applied to ``settings.lr``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS[figure]), default="quick")
+    parser.add_argument("--impl", choices=IMPLS, default="tritonadam",
+                        help="who steps Adam and AdaMax (the baselines are always torch.optim)")
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder for the .png and .json (default: %(default)s)")
+    lr = dict(LR.get(figure, {}))
+    if lr:
+        parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
+                            help=f"step size of one optimizer ({', '.join(lr)})")
+    args = parser.parse_args(argv)
+    for item in getattr(args, "lr", []):
+        name, _, value = item.partition("=")
+        if name not in lr:
+            parser.error(f"--lr {item}: this figure's optimizers are {', '.join(lr)}")
+        try:
+            lr[name] = float(value)
+        except ValueError:
+            parser.error(f"--lr {item}: {value!r} is not a number")
+    settings = dict(PRESETS[figure][args.preset], **({"lr": lr} if lr else {}))
+    args.settings = SimpleNamespace(**settings)
+    return args

