@@ -65,7 +65,7 @@ CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2 --check-steps 1)
 # Parity, bf16/fp16 bit-exactness, CUDA graphs, GradScaler's skip, one launch per step,
 # state_dict round trips: most important first, so a time-out still leaves their results.
-GPU_TESTS="${GPU_TESTS:-tests/test_parity.py tests/test_low_precision.py tests/test_cuda_graphs.py tests/test_amp.py tests/test_launches.py tests/test_state_dict.py}"
+GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py}"
 TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --sweep-max 6)
 TUNING_DRY=()  # on the CPU --tuning checks its arguments, says it needs a GPU and exits 0
 BENCH=()  # the default matrix: every profile, setup and provider

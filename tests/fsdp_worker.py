@@ -502,7 +502,54 @@ def grad_scaler_fsdp1_without_unscale(rank: int, world: int, tmpdir: str) -> Non
     assert gathered[0] != gathered[1], "torch's ShardedGradScaler now agrees across ranks"
 
 
+def fsdp2_precision_modes(rank: int, world: int, tmpdir: str) -> None:
+    """bf16 params under FSDP2 (uneven and empty shards): master_weights="remainder"
+    steps bit for bit like master_weights=True; its sharded state holds int16 DTensor
+    remainders and exports an fp32 DTensor master, which a dcp checkpoint carries into a
+    master_weights=True optimizer that continues bit for bit. Stochastic rounding with
+    bf16 state keeps bf16 DTensor state and repeats itself run to run."""
+    base = base_model().to(torch.bfloat16)
+
+    def run(steps, **kw):
+        model = fsdp2(copy.deepcopy(base))
+        opt = tritonadam.AdamW(groups(model), lr=1e-2, **kw, seed=5, **LAUNCH)
+        train(model, opt, rank, steps)
+        return model, opt
+
+    master_model, master = run(range(4), master_weights=True)
+    rem_model, rem = run(range(4), master_weights="remainder")
+    assert_close_dicts(full_params(master_model), full_params(rem_model), "remainder vs master", exact=True)
+    for p in rem_model.parameters():
+        r = rem.state[p]["master_param_remainder"]
+        assert isinstance(r, DTensor) and r.dtype == torch.int16 and r.placements == p.placements
+    msd, osd = get_state_dict(rem_model, rem)
+    for pstate in osd["state"].values():
+        assert "master_param_remainder" not in pstate
+        assert isinstance(pstate["master_param"], DTensor) and pstate["master_param"].dtype == torch.float32
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmpdir, "dcp_remainder"))
+    train(master_model, master, rank, range(4, 6))
+
+    restored_model = fsdp2(base_model(seed=1).to(torch.bfloat16))
+    restored = tritonadam.AdamW(groups(restored_model), lr=1e-2, master_weights=True, **LAUNCH)
+    msd2, osd2 = get_state_dict(restored_model, restored)
+    loaded = {"model": msd2, "optim": osd2}
+    dcp.load(loaded, checkpoint_id=os.path.join(tmpdir, "dcp_remainder"))
+    set_state_dict(restored_model, restored, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optim"])
+    train(restored_model, restored, rank, range(4, 6))
+    assert_close_dicts(full_params(master_model), full_params(restored_model), "dcp remainder -> master",
+                       exact=True)
+
+    a_model, a = run(range(3), stochastic_rounding=True, state_dtype=torch.bfloat16)
+    b_model, _ = run(range(3), stochastic_rounding=True, state_dtype=torch.bfloat16)
+    assert_close_dicts(full_params(a_model), full_params(b_model), "stochastic rounding rerun", exact=True)
+    for p in a_model.parameters():
+        m = a.state[p]["exp_avg"]
+        assert isinstance(m, DTensor) and m.dtype == torch.bfloat16 and m.placements == p.placements
+
+
 SCENARIOS = {
+    "fsdp2_precision_modes": fsdp2_precision_modes,
     "fsdp2_parity": fsdp2_parity,
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,

@@ -45,3 +45,33 @@ def random_grads(params, gen, dtype=None, scale=1.0):
         .to(p.device)
         for p in params
     ]
+
+
+# torch.optim's own configurations of each optimizer, from torch's test helpers. Those
+# import expecttest, which not every machine has (GPU images often lack it): there the
+# configurations below, which cover the same options, stand in.
+_FALLBACK_INPUTS = {
+    "Adam": [("default", {}), ("weight_decay", {"weight_decay": 0.1}),
+             ("amsgrad", {"amsgrad": True, "weight_decay": 0.1}),
+             ("maximize", {"maximize": True, "weight_decay": 0.1, "amsgrad": True}),
+             ("non-zero betas, lr", {"lr": 0.01, "betas": (0.8, 0.95)}),
+             ("decoupled", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+             ("tensor lr", {"lr": "tensor"})],
+    "AdamW": [("default", {}), ("weight_decay", {"weight_decay": 0.1}),
+              ("amsgrad", {"amsgrad": True}), ("maximize", {"maximize": True, "amsgrad": True}),
+              ("tensor lr", {"lr": "tensor", "weight_decay": 0.1})],
+    "Adamax": [("default", {}), ("weight_decay", {"weight_decay": 0.1}),
+               ("maximize", {"maximize": True, "weight_decay": 0.1}), ("lr", {"lr": 0.1})],
+}
+
+
+def optim_inputs(name: str, device: str, dtype: torch.dtype) -> list[tuple[str, dict]]:
+    """(description, constructor kwargs) of torch.optim's configurations for ``name``."""
+    try:
+        from torch.testing._internal import common_optimizers as common
+    except ImportError:
+        return [(desc, {k: (torch.tensor(0.01, dtype=dtype, device=device) if v == "tensor" else v)
+                        for k, v in kw.items()}) for desc, kw in _FALLBACK_INPUTS[name]]
+    func = {"Adam": common.optim_inputs_func_adam, "AdamW": common.optim_inputs_func_adamw,
+            "Adamax": common.optim_inputs_func_adamax}[name]
+    return [(inp.desc, inp.kwargs) for inp in func(device, dtype)]

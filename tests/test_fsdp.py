@@ -68,6 +68,13 @@ def test_fsdp2_state_dicts_and_dcp_cross_loads(tmp_path):
     assert (tmp_path / "dcp_ours" / ".metadata").exists()
 
 
+def test_fsdp2_precision_modes(tmp_path):
+    """bf16 params under FSDP2: remainder == master bit for bit, sharded int16 remainders
+    exported as an fp32 master that a dcp checkpoint carries into master_weights=True;
+    stochastic rounding with bf16 state is sharded and reproducible."""
+    run_scenario("fsdp2_precision_modes", tmp_path)
+
+
 def test_fsdp1_use_orig_params_and_ddp(tmp_path):
     """FSDP1 use_orig_params=True (flat 1-D views, some empty): AdamW and Adam(amsgrad)
     track torch.optim; full optimizer state dicts move between the two classes. DDP:

@@ -3,28 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing._internal.common_optimizers import (
-    optim_inputs_func_adam,
-    optim_inputs_func_adamax,
-    optim_inputs_func_adamw,
-)
 
-from helpers import LAUNCH, PAIRS, SHAPES, clone_params, kwargs_copy, make_params, random_grads
-
-INPUTS = {
-    "Adam": optim_inputs_func_adam,
-    "AdamW": optim_inputs_func_adamw,
-    "Adamax": optim_inputs_func_adamax,
-}
+from helpers import LAUNCH, PAIRS, SHAPES, clone_params, kwargs_copy, make_params, optim_inputs, random_grads
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-11)}
 STEPS = 6
 
 
 def _configs(device_type):
-    for name, func in INPUTS.items():
+    for name in PAIRS:
         for dtype in (torch.float32, torch.float64):
-            for inp in func(device_type, dtype):
-                yield pytest.param(name, dtype, inp.kwargs, id=f"{name}-{inp.desc}-{str(dtype)[6:]}")
+            for desc, kwargs in optim_inputs(name, device_type, dtype):
+                yield pytest.param(name, dtype, kwargs, id=f"{name}-{desc}-{str(dtype)[6:]}")
 
 
 def _state_keys(name, kwargs):

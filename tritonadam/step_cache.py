@@ -229,8 +229,12 @@ class StepCache:
         # Table order: fast rows first (their grad pointers come from the C-level pass),
         # then general ones; within a device, rows are sorted into buckets.
         self._order = fast + self._general
-        self._keep = [(r.param, local_tensor(r.param), r.exp_avg, r.second, r.max_second, r.master,
+        # The tables hold raw pointers: keep what they point at alive, param storages
+        # included (a detached alias survives ``p.data = ...``, so a stale row never
+        # writes freed memory; the next check sees the new pointer and rebuilds).
+        self._keep = [(self._kernel_param(r).detach(), r.exp_avg, r.second, r.max_second, r.master,
                        r.step, r.staging) for r in self._order]
+        self._hyper_staging: dict = {}
         self._devices: dict[torch.device, _Device] = {}
         # Per device: the positions in self._order of its table rows (None: all, in order).
         self._rows_of: dict[torch.device, np.ndarray | None] = {}
@@ -359,7 +363,7 @@ class StepCache:
         if ptrs != self._uploaded:
             host = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
             self._uploaded = ptrs
-        for row, grad in zip(self._general, general_grads):
+        for row in self._general:
             if row.staging is not None:
                 row.staging.copy_(_as_real(local_tensor(row.param)))
         wanted = (block_size, num_warps, autotune_mode, persistent)
@@ -411,11 +415,10 @@ class StepCache:
         return tuple(out)
 
     def _staged_hyper(self, device, gi: int, j: int) -> Tensor:
-        store = self.__dict__.setdefault("_hyper_staging", {})
         key = (device, gi, j)
-        if key not in store:
-            store[key] = torch.zeros((), dtype=torch.float64, device=device)
-        return store[key]
+        if key not in self._hyper_staging:
+            self._hyper_staging[key] = torch.zeros((), dtype=torch.float64, device=device)
+        return self._hyper_staging[key]
 
     def _config(self, bucket: Bucket, param_groups, block_size, num_warps, autotune_mode,
                 persistent) -> LaunchConfig:
