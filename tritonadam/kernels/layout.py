@@ -50,3 +50,9 @@ G_DECOUPLED = tl.constexpr(7)  # 1.0: weight decay is decoupled (AdamW)
 G_SIGN = tl.constexpr(8)  # -1.0 for maximize
 G_BIAS_CORRECTION = tl.constexpr(9)  # 1.0 or 0.0
 GROUP_COLUMNS = tl.constexpr(10)
+
+# Clip buffer (float64), one per optimizer: what clip_grad_norm_ leaves for the next step.
+CLIP_COEF = tl.constexpr(0)  # min(1, max_norm / (norm + 1e-6)), folded into S_GMUL
+CLIP_MAX_NORM = tl.constexpr(1)
+CLIP_P = tl.constexpr(2)  # the norm's order (read for orders other than 1, 2 and inf)
+CLIP_COLUMNS = tl.constexpr(4)
