@@ -502,7 +502,70 @@ def grad_scaler_fsdp1_without_unscale(rank: int, world: int, tmpdir: str) -> Non
     assert gathered[0] != gathered[1], "torch's ShardedGradScaler now agrees across ranks"
 
 
+class Gain(nn.Module):
+    """One (1, 9) param: over 2 ranks, rank 1 holds nothing of this model at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 9).reshape(1, 9))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (idx.float().mean(1, keepdim=True) * self.gain)[:, :3]
+
+
+def fsdp2_fused_clip(rank: int, world: int, tmpdir: str) -> None:
+    """tritonadam's fused clipping under FSDP2 (uneven and empty shards; then a model of
+    which rank 1 holds no element): ``clip_grad_norm_`` and ``max_grad_norm=``, 2-norm and
+    inf-norm. The norm is global (one all-reduce of the partial), returned as a replicated
+    DTensor with the same bits on every rank, and norm and params match one process
+    training the unsharded model on both ranks' data with torch's clip_grad_norm_ and
+    torch.optim.AdamW."""
+    from torch.distributed.tensor import Replicate
+
+    for make in (base_model, Gain):
+        base = make()
+        for norm_type, max_norm in ((2.0, 0.5), (float("inf"), 0.1)):
+            for how in ("explicit", "max_grad_norm"):
+                what = f"{make.__name__} {how} p={norm_type}"
+                model = fsdp2(copy.deepcopy(base)) if make is base_model else copy.deepcopy(base)
+                if make is Gain:
+                    fully_shard(model)
+                kw = {"max_grad_norm": max_norm, "grad_norm_type": norm_type} if how != "explicit" else {}
+                opt = tritonadam.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), **kw, **LAUNCH)
+                ref_model = copy.deepcopy(base)
+                ref = torch.optim.AdamW(groups(ref_model), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+                clipped = []
+                for step in range(4):
+                    idx, target = batch(step, rank)
+                    nn.functional.cross_entropy(model(idx).float(), target).backward()
+                    if how == "explicit":
+                        norm = opt.clip_grad_norm_(max_norm, norm_type)
+                    opt.step()
+                    if how != "explicit":
+                        norm = opt.last_grad_norm
+                    opt.zero_grad()
+                    # FSDP averages the ranks' grads: the mean of the ranks' losses here.
+                    losses = [nn.functional.cross_entropy(ref_model(i).float(), t)
+                              for i, t in (batch(step, r) for r in range(world))]
+                    (sum(losses) / world).backward()
+                    expected = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm, norm_type)
+                    ref.step()
+                    ref.zero_grad()
+
+                    assert isinstance(norm, DTensor) and norm.placements == (Replicate(),), (what, norm)
+                    value = norm.to_local()
+                    assert_same_on_all_ranks(value.view(torch.int32).item(), f"{what}: norm bits")
+                    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0,
+                                               msg=lambda m: f"{what} step {step}: {m}")
+                    clipped.append(bool(expected > max_norm))
+                    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                        torch.testing.assert_close(full(p.detach()), q.detach(), **TOL,
+                                                   msg=lambda m, n=n: f"{what} step {step} {n}: {m}")
+                assert any(clipped), f"{what}: max_norm never took effect"
+
+
 SCENARIOS = {
+    "fsdp2_fused_clip": fsdp2_fused_clip,
     "fsdp2_parity": fsdp2_parity,
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,
