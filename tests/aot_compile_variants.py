@@ -16,6 +16,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
+from tritonadam.kernels.launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config  # noqa: E402
+
+NORM_CONFIG = norm_config()  # the GPU config: this process does not interpret
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
@@ -48,6 +51,20 @@ SPACE_VARIANTS = [
 ]
 
 
+# The norm kernel runs one fixed config (its bits must not depend on tuning): every grad
+# dtype with the 2- and inf-norm, the 1-norm and a general p on both compute widths.
+NORM_VARIANTS = (
+    [dict(grad_dtype=d, norm=n) for d in (FP32, BF16, FP16, FP64) for n in (2, 3)]
+    + [dict(grad_dtype=d, norm=n) for d in (FP32, FP64) for n in (1, 4)]
+)
+REDUCE_VARIANTS = [
+    {},
+    dict(NORM=3, HAS_GRAD_SCALE=True, COMPOUND=True, CHECK_FINITE=True),
+    dict(FINALIZE=False),
+    dict(NORM=4, REDUCE=False, HAS_GRAD_SCALE=True, out_dtype=FP64),
+]
+
+
 def _flags(flags):
     return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
 
@@ -64,6 +81,7 @@ def _report(kind, flags, arch, block, warps, compiled):
         "widths": aot.global_access_widths(ptx),
         "ordering": aot.ordering_ops(ptx),
         "shared_ops": aot.shared_memory_ops(ptx),
+        "atomics": aot.atomic_ops(ptx),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
     }), flush=True)
@@ -87,9 +105,16 @@ def main():
             for block, warps in space:
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
                 _report("update-space", flags, arch, block, warps, compiled)
-        for flags in ({}, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, LR_TENSORS=True,
-                               BETA_TENSORS=True)):
+        for flags in ({}, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True,
+                               LR_TENSORS=True, BETA_TENSORS=True)):
             _report("prepare", flags, arch, 256, 4, aot.compile_prepare(arch=arch, **flags))
+        block, warps = NORM_CONFIG
+        for flags in NORM_VARIANTS:
+            compiled = aot.compile_norm(arch=arch, num_warps=warps, block_size=block, **flags)
+            _report("norm", flags, arch, block, warps, compiled)
+        for flags in REDUCE_VARIANTS:
+            compiled = aot.compile_norm_reduce(arch=arch, **flags)
+            _report("norm-reduce", flags, arch, NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, compiled)
 
 
 if __name__ == "__main__":

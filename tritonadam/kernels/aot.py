@@ -114,6 +114,11 @@ def ordering_ops(ptx: str) -> list[str]:
     return re.findall(r"\b(?:atom|red)\.[^\s;]*(?:acq|rel|sc)[^\s;]*|\bfence\.[^\s;]+|\bmembar\.[^\s;]+", ptx)
 
 
+def atomic_ops(ptx: str) -> list[str]:
+    """Every atomic read-modify-write in PTX (float ones make sums order-dependent)."""
+    return re.findall(r"\b(?:atom|red)\.[^\s;]+", ptx)
+
+
 def shared_memory_ops(ptx: str) -> int:
     return len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
 
