@@ -113,13 +113,17 @@ def fsdp2(model: nn.Module, **kw) -> nn.Module:
     return model
 
 
-def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None) -> list[float]:
+def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None,
+          fused_clip: bool = False) -> list[float]:
+    """``clip``: torch's clip_grad_norm_, or with ``fused_clip`` tritonadam's."""
     losses = []
     for step in steps:
         idx, target = batch(step, rank)
         loss = nn.functional.cross_entropy(model(idx).float(), target)
         loss.backward()
-        if clip is not None:
+        if clip is not None and fused_clip:
+            opt.clip_grad_norm_(clip)
+        elif clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
@@ -344,8 +348,11 @@ def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
 def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     """FSDP1 with use_orig_params=True: params are 1-D views of the flat shard, some
     empty; ours tracks torch.optim, and full optimizer state dicts move between the two
-    (ours -> torch and torch -> ours) with training continuing identically. Then DDP:
-    ours tracks torch.optim and params stay identical on every rank."""
+    (ours -> torch and torch -> ours) with training continuing identically.
+    tritonadam's fused clipping refuses FSDP1 shards (their norm would be rank-local).
+    Then DDP: ours tracks torch.optim, with torch's or its own fused clipping (DDP grads
+    are whole, so the local norm is the global one), and params stay identical on every
+    rank."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -401,6 +408,12 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
             for p, q, r in zip(src_model.parameters(), finals[(src, name)], finals[(dst, name)]):
                 torch.testing.assert_close(p, q, **TOL)
                 torch.testing.assert_close(p, r, **TOL)
+    try:
+        train(models[("ours", "AdamW")], opts[("ours", "AdamW")], rank, range(1), clip=1.0, fused_clip=True)
+    except NotImplementedError as err:
+        assert "model.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("fused clipping of FSDP1 shards did not raise")
 
     # DDP: full params and grads on every rank (averaged by DDP's all-reduce).
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -412,6 +425,13 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     for p, q in zip(ddp[True].parameters(), ddp[False].parameters()):
         torch.testing.assert_close(p, q, **TOL)
     assert_same_on_all_ranks([p.detach().tolist() for p in ddp[True].parameters()], "DDP params")
+    fused = {ours: DDP(copy.deepcopy(base)) for ours in (True, False)}
+    fused_opts = {ours: make_opt("AdamW", ours, m) for ours, m in fused.items()}
+    for ours in (True, False):
+        train(fused[ours], fused_opts[ours], rank, range(4), clip=0.3, fused_clip=ours)
+    for p, q in zip(fused[True].parameters(), fused[False].parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+    assert_same_on_all_ranks([p.detach().tolist() for p in fused[True].parameters()], "DDP params, fused clip")
 
 
 def _scaled_run(model, opt, scaler, rank, *, unscale_first, clip=None, steps=4, inf_step=1):

@@ -78,6 +78,12 @@ def norm_reduction(params: list[Tensor]):
         from torch.distributed.tensor import DTensor
     except Exception:  # pragma: no cover - builds without torch.distributed
         return None, []
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise NotImplementedError(
+            "clip_grad_norm_: these params are FSDP1 (FullyShardedDataParallel) shards, plain "
+            "tensors whose norm would be this rank's alone; use FSDP1's own "
+            "model.clip_grad_norm_(max_norm)"
+        )
     grads = [p.grad for p in params]
     kinds = {isinstance(g, DTensor) for g in grads}
     if kinds == {True, False}:
