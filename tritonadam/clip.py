@@ -24,7 +24,6 @@ from .kernels.plan import upload
 __all__ = ["ClipState", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction"]
 
 _GRAD = operator.attrgetter("_grad")
-_CALL = operator.methodcaller("__call__")
 
 
 def norm_order(norm_type) -> float:
@@ -124,10 +123,11 @@ class ClipState:
     """One optimizer's clip buffer on its device, and what its coefficient belongs to.
 
     A coefficient is *pending* from a clip until the next step consumes it. It belongs
-    to the grads it measured: the same tensor objects (compared by identity, through weak
-    references so discarded grads are freed). A clip or step that finds other grads
-    (``zero_grad`` and a new backward) drops it, as torch's in-place clip would be lost
-    with the grads it scaled.
+    to the grads it measured: the same tensor objects. A clip or step that finds other
+    grads (``zero_grad`` and a new backward) drops it, as torch's in-place clip would be
+    lost with the grads it scaled. Identity is checked by ``id()`` (one C-level pass) and,
+    since a freed grad's id can be reused, a weak reference to the first grad, which a
+    new backward after ``zero_grad(set_to_none=True)`` always replaces.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -137,11 +137,12 @@ class ClipState:
         self.pending = False
         self.scaled = False  # every pending clip folded in GradScaler's scale
         self._params: list[Tensor] = []
-        self._grads: list = []
+        self._grad_ids: list[int] = []
+        self._first = None
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
         self.last_norm: Tensor | None = None
-        self.mesh = None
+        self.mesh = None  # the DTensor mesh last_norm is returned on
 
     def set_args(self, max_norm: float, p: float) -> None:
         """max_norm and the norm's order in device memory, copied only on change."""
@@ -159,20 +160,25 @@ class ClipState:
 
     def holds(self, params: list[Tensor]) -> bool:
         """Whether the pending coefficient belongs to these params' current grads."""
+        if not self.pending or len(params) != len(self._params):
+            return False
+        grads = list(map(_GRAD, params))
         return (
-            self.pending
-            and len(params) == len(self._params)
-            and all(map(operator.is_, params, self._params))
-            and all(map(operator.is_, map(_GRAD, params), map(_CALL, self._grads)))
+            (params is self._params or all(map(operator.is_, params, self._params)))
+            and list(map(id, grads)) == self._grad_ids
+            and (not grads or self._first() is grads[0])
         )
 
     def set_pending(self, params: list[Tensor], scaled: bool) -> None:
+        grads = list(map(_GRAD, params))
         self.pending = True
         self.scaled = scaled
         self._params = params
-        self._grads = list(map(weakref.ref, map(_GRAD, params)))
+        self._grad_ids = list(map(id, grads))
+        self._first = weakref.ref(grads[0]) if grads else None
 
     def clear(self) -> None:
         self.pending = False
         self._params = []
-        self._grads = []
+        self._grad_ids = []
+        self._first = None

@@ -734,7 +734,10 @@ class _TritonAdamBase(Optimizer):
                 "it cannot be clipped. To disable this error and scale the gradients by the "
                 "non-finite norm anyway, set `error_if_nonfinite=False`"
             )
-        clip.set_pending(params, scaled=grad_scale is not None and (not compound or clip.scaled))
+        if auto:
+            clip.pending = True  # this very step consumes it: no need to remember the grads
+        else:
+            clip.set_pending(params, scaled=grad_scale is not None and (not compound or clip.scaled))
         clip.last_norm, clip.mesh = out, mesh
         return out
 

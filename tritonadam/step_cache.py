@@ -228,6 +228,7 @@ class StepCache:
         # Table order: fast rows first (their grad pointers come from the C-level pass),
         # then general ones; within a device, rows are sorted into buckets.
         self._order = fast + self._general
+        self._params = [r.param for r in self._order]
         self._keep = [(r.param, local_tensor(r.param), r.exp_avg, r.second, r.max_second, r.master,
                        r.step, r.staging) for r in self._order]
         self._devices: dict[torch.device, _Device] = {}
@@ -237,7 +238,7 @@ class StepCache:
         self._grad_ptrs = self._pointers_of([r.grad for r in self._order])
         self._uploaded: list[int] | None = None
         self._norm_reduction = None  # (mesh, process groups), found on the first clip
-        self.has_complex = any(r.param.is_complex() for r in self._order)
+        self.has_complex = any(p.is_complex() for p in self._params)
 
     # ---- building -------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ class StepCache:
     @property
     def params(self) -> list[Tensor]:
         """Every param the step launches on (the ones with grads), in table order."""
-        return [r.param for r in self._order]
+        return self._params
 
     # ---- gradient norm ----------------------------------------------------------------
 
