@@ -12,6 +12,8 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
@@ -65,6 +67,17 @@ REDUCE_VARIANTS = [
 ]
 
 
+@triton.jit
+def _sum_per_trip(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A control for the loop check: a cross-warp reduction on every trip of a loop."""
+    total = 0.0
+    i = 0
+    while i < n:
+        total += tl.sum(tl.load(x_ptr + i + tl.arange(0, BLOCK)), axis=0)
+        i += BLOCK
+    tl.store(out_ptr, total)
+
+
 def _flags(flags):
     return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
 
@@ -81,6 +94,7 @@ def _report(kind, flags, arch, block, warps, compiled):
         "widths": aot.global_access_widths(ptx),
         "ordering": aot.ordering_ops(ptx),
         "shared_ops": aot.shared_memory_ops(ptx),
+        "shared_ops_in_loops": aot.shared_memory_ops_in_loops(ptx),
         "atomics": aot.atomic_ops(ptx),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
@@ -115,6 +129,9 @@ def main():
         for flags in REDUCE_VARIANTS:
             compiled = aot.compile_norm_reduce(arch=arch, **flags)
             _report("norm-reduce", flags, arch, NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, compiled)
+        control = aot.compile_kernel(_sum_per_trip, {"BLOCK": 4096}, arch=arch, num_warps=8,
+                                     pointers={"x_ptr": "*fp32", "out_ptr": "*fp32"})
+        _report("control", {}, arch, 4096, 8, control)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ _POINTERS = {
 }
 
 
+def compile_kernel(kernel, constexprs: dict, *, arch: int, num_warps: int, pointers: dict | None = None):
+    """Compile any @triton.jit kernel: constexprs by name, pointer types of its pointer
+    arguments by name (other arguments are i32)."""
+    return _compile(kernel, constexprs, arch, num_warps, pointers)
+
+
 def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict | None = None):
     if not hasattr(kernel, "params"):
         raise RuntimeError(
@@ -121,6 +127,22 @@ def atomic_ops(ptx: str) -> list[str]:
 
 def shared_memory_ops(ptx: str) -> int:
     return len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
+
+
+def shared_memory_ops_in_loops(ptx: str) -> int:
+    """Shared-memory loads and stores inside a loop: between a backward branch and the
+    label it jumps to (a reduction across warps there would cost a barrier per trip)."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L\w+):", line))}
+    spans = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            spans.append((labels[m.group(1)], i))
+    return sum(
+        1 for i, line in enumerate(lines)
+        if re.search(r"\b(?:ld|st)\.shared\b", line) and any(a <= i <= b for a, b in spans)
+    )
 
 
 def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
