@@ -6,10 +6,11 @@ groups) and writes one partial per *chunk*: a fixed number of consecutive block-
 entries, summed in a fixed order. The reduction kernel, one program, adds the partials
 in index order, takes the root, and writes the total norm and the clip coefficient that
 the next step's prepare kernel folds into each tensor's grad multiplier. No atomics: the
-same grads give the same bits on every run, and the chunking depends only on the tensor
-sizes, not on the GPU or the optimizer's launch config.
+same grads give the same bits on every run, and the chunking depends only on the tensors
+(their sizes and order in the tables), not on the GPU or the optimizer's launch config.
 
-Sums are per element in fp32 (fp64 for fp64 grads), per chunk and across chunks in fp64.
+Each lane accumulates its elements of a chunk in fp32 (fp64 for fp64 grads); a chunk's
+lanes are summed once, and the partials added, in fp64.
 """
 import triton
 import triton.language as tl
