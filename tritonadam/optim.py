@@ -584,6 +584,7 @@ class _TritonAdamBase(Optimizer):
         self._check_pending_clip(cache, grad_scale)
         clip = self._clip
         if self.max_grad_norm is not None and not cache.empty:
+            self._check_clip_supported(self.grad_norm_type, complex_grads=cache.has_complex)
             self._clip_grads(cache, ptrs, general, self.max_grad_norm, self.grad_norm_type,
                              grad_scale=grad_scale, check_finite=False, auto=True)
             clip = self._clip
@@ -655,6 +656,8 @@ class _TritonAdamBase(Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         grad_scale = grad_scaler_scale(scaler, self)
+        self._check_clip_supported(p, complex_grads=p != 2.0 and any(
+            q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
         cache, ptrs, general = self._ready()
         if cache.empty:
             return torch.tensor(0.0)  # torch's value for no grads
@@ -697,10 +700,8 @@ class _TritonAdamBase(Optimizer):
                 "max_grad_norm=... and let step() clip"
             )
 
-    def _clip_grads(self, cache: StepCache, ptrs, general, max_norm: float, p: float, *,
-                    grad_scale, check_finite: bool, auto: bool) -> Tensor:
-        """Launch the norm of the grads ``cache`` will step and leave the coefficient;
-        returns the norm's local tensor (``auto``: the fixed one of the step path)."""
+    def _check_clip_supported(self, p: float, *, complex_grads: bool) -> None:
+        """Refuse what the fused clip does not cover."""
         if any(g.get("differentiable") and any(q.grad is not None for q in g["params"])
                for g in self.param_groups):
             raise NotImplementedError(
@@ -708,11 +709,16 @@ class _TritonAdamBase(Optimizer):
                 "differentiable=True groups (torch.optim steps them); use "
                 "torch.nn.utils.clip_grad_norm_"
             )
-        if p != 2.0 and cache.has_complex:
+        if p != 2.0 and complex_grads:
             raise ValueError(
                 f"tritonadam.{type(self).__name__}: complex grads are clipped by their 2-norm "
                 f"only (got norm_type={p}); use torch.nn.utils.clip_grad_norm_"
             )
+
+    def _clip_grads(self, cache: StepCache, ptrs, general, max_norm: float, p: float, *,
+                    grad_scale, check_finite: bool, auto: bool) -> Tensor:
+        """Launch the norm of the grads ``cache`` will step and leave the coefficient;
+        returns the norm's local tensor (``auto``: the fixed one of the step path)."""
         if grad_scale is not None and not (grad_scale.numel() == 1 and grad_scale.is_floating_point()):
             raise ValueError("the GradScaler scale must be a 1-element floating point tensor")
         device = cache.norm_device
