@@ -45,8 +45,15 @@ def _same_grads(params, before):
     return all(p.grad is None and b is None or torch.equal(p.grad, b) for p, b in zip(params, before))
 
 
+OPTIMIZERS = {
+    "AdamW": (tritonadam.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "Adamax-maximize": (tritonadam.Adamax, torch.optim.Adamax, {"lr": 1e-2, "maximize": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
-def test_matches_torch_clip_and_adamw(norm_type):
+def test_matches_torch_clip_and_step(norm_type, name):
     """Several steps, alternating grads far above and far below max_norm, so clipping takes
     effect on some steps and not on others; a frozen param, one without a grad every other
     step, a misaligned grad, odd sizes and (2-norm; torch's inf norm refuses them) empty
@@ -54,9 +61,9 @@ def test_matches_torch_clip_and_adamw(norm_type):
     shapes = [s for s in SHAPES if norm_type != INF or math.prod(s) > 0]
     params = _params(shapes)
     ref = [nn.Parameter(p.detach().clone()) for p in params]
-    kw = {"lr": 1e-2, "weight_decay": 0.1}
-    opt = tritonadam.AdamW(params, **kw, **LAUNCH)
-    torch_opt = torch.optim.AdamW(ref, **kw, foreach=False)
+    ours_cls, torch_cls, kw = OPTIMIZERS[name]
+    opt = ours_cls(params, **kw, **LAUNCH)
+    torch_opt = torch_cls(ref, **kw, foreach=False)
     gen = torch.Generator().manual_seed(1)
     max_norm, clipped = 1.0, []
     for step in range(4):
@@ -83,6 +90,30 @@ def test_matches_torch_clip_and_adamw(norm_type):
     assert clipped == [True, False, True, False]
     assert params[FROZEN] not in opt.state
     assert opt.state[params[SOMETIMES]]["step"].item() == 2
+
+
+def test_grads_read_through_copies_are_measured():
+    """Rows the step reads through a copy: a non-dense param (strided, stepped in a
+    staging copy) and a grad laid out unlike its param (read through a dense copy) are
+    measured like the rest, and stepped like torch."""
+    gen = torch.Generator().manual_seed(15)
+    params = [nn.Parameter(torch.randn(6, 10, generator=gen)[:, ::2]),  # gaps: not dense
+              nn.Parameter(torch.randn(4, 5, generator=gen)), nn.Parameter(torch.randn(300, generator=gen))]
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    for step in range(2):
+        grads = [_grad((6, 5), gen, 3.0), _grad((5, 4), gen, 3.0).t(), _grad((300,), gen, 3.0)]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g, g.clone()
+        norm = opt.clip_grad_norm_(1.0)
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+        assert norm > 1.0
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
