@@ -12,10 +12,15 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
+from tritonadam.kernels.launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config  # noqa: E402
+
+NORM_CONFIG = norm_config()  # the GPU config: this process does not interpret
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 REMAINDER = 2  # tritonadam.kernels.layout.MASTER_REMAINDER
@@ -63,6 +68,31 @@ SPACE_VARIANTS = [
 ]
 
 
+# The norm kernel runs one fixed config (its bits must not depend on tuning): every grad
+# dtype with the 2- and inf-norm, the 1-norm and a general p on both compute widths.
+NORM_VARIANTS = (
+    [dict(grad_dtype=d, norm=n) for d in (FP32, BF16, FP16, FP64) for n in (2, 3)]
+    + [dict(grad_dtype=d, norm=n) for d in (FP32, FP64) for n in (1, 4)]
+)
+REDUCE_VARIANTS = [
+    {},
+    dict(NORM=3, HAS_GRAD_SCALE=True, COMPOUND=True, CHECK_FINITE=True),
+    dict(FINALIZE=False),
+    dict(NORM=4, REDUCE=False, HAS_GRAD_SCALE=True, out_dtype=FP64),
+]
+
+
+@triton.jit
+def _sum_per_trip(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A control for the loop check: a cross-warp reduction on every trip of a loop."""
+    total = 0.0
+    i = 0
+    while i < n:
+        total += tl.sum(tl.load(x_ptr + i + tl.arange(0, BLOCK)), axis=0)
+        i += BLOCK
+    tl.store(out_ptr, total)
+
+
 def _flags(flags):
     return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
 
@@ -79,6 +109,8 @@ def _report(kind, flags, arch, block, warps, compiled):
         "widths": aot.global_access_widths(ptx),
         "ordering": aot.ordering_ops(ptx),
         "shared_ops": aot.shared_memory_ops(ptx),
+        "shared_ops_in_loops": aot.shared_memory_ops_in_loops(ptx),
+        "atomics": aot.atomic_ops(ptx),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
     }), flush=True)
@@ -103,9 +135,19 @@ def main():
             for block, warps in space:
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
                 _report("update-space", flags, arch, block, warps, compiled)
-        for flags in ({}, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, LR_TENSORS=True,
-                               BETA_TENSORS=True)):
+        for flags in ({}, dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HAS_CLIP=True,
+                               LR_TENSORS=True, BETA_TENSORS=True)):
             _report("prepare", flags, arch, 256, 4, aot.compile_prepare(arch=arch, **flags))
+        block, warps = NORM_CONFIG
+        for flags in NORM_VARIANTS:
+            compiled = aot.compile_norm(arch=arch, num_warps=warps, block_size=block, **flags)
+            _report("norm", flags, arch, block, warps, compiled)
+        for flags in REDUCE_VARIANTS:
+            compiled = aot.compile_norm_reduce(arch=arch, **flags)
+            _report("norm-reduce", flags, arch, NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, compiled)
+        control = aot.compile_kernel(_sum_per_trip, {"BLOCK": 4096}, arch=arch, num_warps=8,
+                                     pointers={"x_ptr": "*fp32", "out_ptr": "*fp32"})
+        _report("control", {}, arch, 4096, 8, control)
 
 
 if __name__ == "__main__":

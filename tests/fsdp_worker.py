@@ -113,13 +113,17 @@ def fsdp2(model: nn.Module, **kw) -> nn.Module:
     return model
 
 
-def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None) -> list[float]:
+def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None,
+          fused_clip: bool = False) -> list[float]:
+    """``clip``: torch's clip_grad_norm_, or with ``fused_clip`` tritonadam's."""
     losses = []
     for step in steps:
         idx, target = batch(step, rank)
         loss = nn.functional.cross_entropy(model(idx).float(), target)
         loss.backward()
-        if clip is not None:
+        if clip is not None and fused_clip:
+            opt.clip_grad_norm_(clip)
+        elif clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
@@ -344,8 +348,11 @@ def fsdp2_checkpoints(rank: int, world: int, tmpdir: str) -> None:
 def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     """FSDP1 with use_orig_params=True: params are 1-D views of the flat shard, some
     empty; ours tracks torch.optim, and full optimizer state dicts move between the two
-    (ours -> torch and torch -> ours) with training continuing identically. Then DDP:
-    ours tracks torch.optim and params stay identical on every rank."""
+    (ours -> torch and torch -> ours) with training continuing identically.
+    tritonadam's fused clipping refuses FSDP1 shards (their norm would be rank-local).
+    Then DDP: ours tracks torch.optim, with torch's or its own fused clipping (DDP grads
+    are whole, so the local norm is the global one), and params stay identical on every
+    rank."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -401,6 +408,12 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
             for p, q, r in zip(src_model.parameters(), finals[(src, name)], finals[(dst, name)]):
                 torch.testing.assert_close(p, q, **TOL)
                 torch.testing.assert_close(p, r, **TOL)
+    try:
+        train(models[("ours", "AdamW")], opts[("ours", "AdamW")], rank, range(1), clip=1.0, fused_clip=True)
+    except NotImplementedError as err:
+        assert "model.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("fused clipping of FSDP1 shards did not raise")
 
     # DDP: full params and grads on every rank (averaged by DDP's all-reduce).
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -412,6 +425,13 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     for p, q in zip(ddp[True].parameters(), ddp[False].parameters()):
         torch.testing.assert_close(p, q, **TOL)
     assert_same_on_all_ranks([p.detach().tolist() for p in ddp[True].parameters()], "DDP params")
+    fused = {ours: DDP(copy.deepcopy(base)) for ours in (True, False)}
+    fused_opts = {ours: make_opt("AdamW", ours, m) for ours, m in fused.items()}
+    for ours in (True, False):
+        train(fused[ours], fused_opts[ours], rank, range(4), clip=0.3, fused_clip=ours)
+    for p, q in zip(fused[True].parameters(), fused[False].parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+    assert_same_on_all_ranks([p.detach().tolist() for p in fused[True].parameters()], "DDP params, fused clip")
 
 
 def _scaled_run(model, opt, scaler, rank, *, unscale_first, clip=None, steps=4, inf_step=1):
@@ -548,8 +568,71 @@ def fsdp2_precision_modes(rank: int, world: int, tmpdir: str) -> None:
         assert isinstance(m, DTensor) and m.dtype == torch.bfloat16 and m.placements == p.placements
 
 
+class Gain(nn.Module):
+    """One (1, 9) param: over 2 ranks, rank 1 holds nothing of this model at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 9).reshape(1, 9))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (idx.float().mean(1, keepdim=True) * self.gain)[:, :3]
+
+
+def fsdp2_fused_clip(rank: int, world: int, tmpdir: str) -> None:
+    """tritonadam's fused clipping under FSDP2 (uneven and empty shards; then a model of
+    which rank 1 holds no element): ``clip_grad_norm_`` and ``max_grad_norm=``, 2-norm and
+    inf-norm. The norm is global (one all-reduce of the partial), returned as a replicated
+    DTensor with the same bits on every rank, and norm and params match one process
+    training the unsharded model on both ranks' data with torch's clip_grad_norm_ and
+    torch.optim.AdamW."""
+    from torch.distributed.tensor import Replicate
+
+    for make in (base_model, Gain):
+        base = make()
+        for norm_type, max_norm in ((2.0, 0.5), (float("inf"), 0.1)):
+            for how in ("explicit", "max_grad_norm"):
+                what = f"{make.__name__} {how} p={norm_type}"
+                model = fsdp2(copy.deepcopy(base)) if make is base_model else copy.deepcopy(base)
+                if make is Gain:
+                    fully_shard(model)
+                kw = {"max_grad_norm": max_norm, "grad_norm_type": norm_type} if how != "explicit" else {}
+                opt = tritonadam.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), **kw, **LAUNCH)
+                ref_model = copy.deepcopy(base)
+                ref = torch.optim.AdamW(groups(ref_model), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+                clipped = []
+                for step in range(4):
+                    idx, target = batch(step, rank)
+                    nn.functional.cross_entropy(model(idx).float(), target).backward()
+                    if how == "explicit":
+                        norm = opt.clip_grad_norm_(max_norm, norm_type)
+                    opt.step()
+                    if how != "explicit":
+                        norm = opt.last_grad_norm
+                    opt.zero_grad()
+                    # FSDP averages the ranks' grads: the mean of the ranks' losses here.
+                    losses = [nn.functional.cross_entropy(ref_model(i).float(), t)
+                              for i, t in (batch(step, r) for r in range(world))]
+                    (sum(losses) / world).backward()
+                    expected = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm, norm_type)
+                    ref.step()
+                    ref.zero_grad()
+
+                    assert isinstance(norm, DTensor) and norm.placements == (Replicate(),), (what, norm)
+                    value = norm.to_local()
+                    assert_same_on_all_ranks(value.view(torch.int32).item(), f"{what}: norm bits")
+                    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0,
+                                               msg=lambda m: f"{what} step {step}: {m}")
+                    clipped.append(bool(expected > max_norm))
+                    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+                        torch.testing.assert_close(full(p.detach()), q.detach(), **TOL,
+                                                   msg=lambda m, n=n: f"{what} step {step} {n}: {m}")
+                assert any(clipped), f"{what}: max_norm never took effect"
+
+
 SCENARIOS = {
     "fsdp2_precision_modes": fsdp2_precision_modes,
+    "fsdp2_fused_clip": fsdp2_fused_clip,
     "fsdp2_parity": fsdp2_parity,
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,

@@ -8,7 +8,11 @@ what the compiler reports must fit a memory-bound kernel.
 - at 4096/8 (fp64: 2048/8, the same bytes per thread) every variant without a master copy
   fits in 128 registers (but AMSGrad with stochastically rounded bf16 state: 160), and
   the default config keeps at least 32 warps resident per SM (fp64, which moves twice
-  the bytes per element, at least 24).
+  the bytes per element, at least 24);
+- the gradient-norm kernels (norm pass and reduction): no spills, the norm pass reads
+  full aligned blocks in 16-byte loads, one cross-warp reduction (shared memory) per
+  program rather than per block, and no atomics in any kernel: the norm's sums have
+  a fixed order, so its bits repeat run to run.
 
 Compilation runs in a subprocess: this test session runs kernels in the interpreter,
 which cannot compile for a GPU.
@@ -79,6 +83,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert len(updates) == 2 * 26 * 2
     assert any(r["flags"].get("persistent") for r in updates)
     assert sum(r["kernel"] == "prepare" for r in compiled) == 4
+    assert sum(r["kernel"] == "norm" for r in compiled) == 2 * 12
+    assert sum(r["kernel"] == "norm-reduce" for r in compiled) == 2 * 4
 
 
 def test_no_spills(compiled):
@@ -127,3 +133,26 @@ def test_default_config_keeps_32_warps_resident(compiled):
     for row in rows:
         floor = 24 if row["flags"]["param_dtype"] == "fp64" else 32
         assert row["resident_warps"] >= floor, (_name(row), row["registers"])
+
+
+def test_norm_pass_reads_full_blocks_in_16_byte_loads(compiled):
+    """Each thread's share of a block (block / (32 * warps) elements) in 16-byte loads,
+    whatever the grad dtype; the only other loads are the table lookups and the masked
+    path's scalar loads. The norm kernel stores one partial per program."""
+    rows = [r for r in compiled if r["kernel"] == "norm"]
+    for row in rows:
+        per_thread = row["block"] // (32 * row["num_warps"])
+        size = SIZES[row["flags"]["grad_dtype"]]
+        assert row["widths"]["ld"].get("16", 0) == per_thread * size // 16, (_name(row), row["widths"])
+        assert row["widths"]["st"] == {"8": 1}, (_name(row), row["widths"])
+
+
+def test_norm_kernels_reduce_across_warps_once_and_use_no_atomics(compiled):
+    control = [r for r in compiled if r["kernel"] == "control"]
+    assert len(control) == 2 and all(r["shared_ops_in_loops"] > 0 for r in control), control
+    for row in compiled:
+        assert row["atomics"] == [], _name(row)
+    for row in compiled:
+        if row["kernel"].startswith("norm"):
+            assert row["ordering"] == [], _name(row)
+            assert row["shared_ops_in_loops"] == 0, (_name(row), row["shared_ops"])

@@ -169,3 +169,105 @@ def test_gradscaler_step_does_not_sync():
         changed = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
         assert changed == (step != 2)
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
+
+
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "max_grad_norm"])
+def test_captured_clip_and_step_replay_like_eager(how):
+    """Fused clipping in the graph: the norm launches, the reduction writing the clip
+    coefficient to device memory, and the step that reads it are captured together.
+    Replays (grads alternately far above and below max_norm) equal eager clip + step bit
+    for bit, norm included, and track torch's clip_grad_norm_ + AdamW."""
+    kw = {"betas": (0.9, 0.99), "weight_decay": 0.1}
+    extra = {"max_grad_norm": 1.0} if how == "max_grad_norm" else {}
+    params, eager_params, ref_params = _params(), _params(), _params()
+    lr = torch.tensor(LRS[0], device="cuda")
+    eager_lr = torch.tensor(LRS[0], device="cuda")
+    opt = tritonadam.AdamW(params, lr=lr, capturable=True, **extra, **kw)
+    eager = tritonadam.AdamW(eager_params, lr=eager_lr, capturable=True, **extra, **kw)
+    ref = torch.optim.AdamW(ref_params, lr=LRS[0], foreach=False, **kw)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def set_grads(step):
+        scale = 5.0 if step % 2 == 0 else 1e-3
+        for p, q, r, g in zip(params, eager_params, ref_params, _grads(step)):
+            p.grad.copy_(g * scale)
+            q.grad = g * scale
+            r.grad = g * scale
+
+    def clip_and_step(o):
+        norm = o.clip_grad_norm_(1.0) if how == "clip_grad_norm_" else None
+        o.step()
+        return norm if norm is not None else o.last_grad_norm
+
+    def torch_clip_and_step():
+        norm = torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        ref.step()
+        return norm
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):
+            set_grads(step)
+            clip_and_step(opt)
+            clip_and_step(eager)
+            torch_clip_and_step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    before = [p.detach().clone() for p in params]
+    with torch.cuda.graph(graph):
+        captured_norm = clip_and_step(opt)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b), "capturing must not run the step"
+
+    clipped = []
+    for i, new_lr in enumerate(LRS):
+        step = 3 + i
+        set_grads(step)
+        lr.fill_(new_lr)
+        eager_lr.fill_(new_lr)
+        ref.param_groups[0]["lr"] = new_lr
+        graph.replay()
+        eager_norm = clip_and_step(eager)
+        torch_norm = torch_clip_and_step()
+        assert torch.equal(captured_norm, eager_norm), f"replay {i}: norm differs from eager"
+        torch.testing.assert_close(captured_norm, torch_norm, rtol=1e-5, atol=0)
+        clipped.append(bool(torch_norm > 1.0))
+        for p, q, r in zip(params, eager_params, ref_params):
+            assert torch.equal(p, q), f"replay {i} differs from the eager step"
+            torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-5)
+    assert True in clipped and False in clipped
+
+
+@pytest.mark.parametrize("how", ["scaler-argument", "max_grad_norm"])
+def test_gradscaler_clip_and_step_do_not_sync(how):
+    """Clipping with GradScaler's scale folded in (clip_grad_norm_(scaler=...) or
+    max_grad_norm=) adds no host sync to the step, including the step skipped on inf."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    extra = {"max_grad_norm": 0.5} if how == "max_grad_norm" else {}
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-3, block_size=1024, num_warps=4, **extra)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**14)
+    x = torch.randn(16, 64, device="cuda")
+    for step in range(4):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        if step == 2:
+            model[0].weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        if step > 0:  # the first step builds tables, state and the clip buffer
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            if how == "scaler-argument":
+                opt.clip_grad_norm_(0.5, scaler=scaler)
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        changed = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert changed == (step != 2)
+        assert torch.isfinite(opt.last_grad_norm).item() == (step != 2)
+    assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())

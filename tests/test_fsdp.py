@@ -54,6 +54,14 @@ def test_fsdp2_parity_with_torch(tmp_path):
     run_scenario("fsdp2_parity", tmp_path)
 
 
+def test_fsdp2_fused_clipping(tmp_path):
+    """opt.clip_grad_norm_ and max_grad_norm= with uneven and empty shards (and a rank
+    holding nothing): the global norm via one all-reduce, a replicated DTensor with the
+    same bits on both ranks, norm and params equal to the single-process run with torch's
+    clip_grad_norm_ + torch.optim.AdamW."""
+    run_scenario("fsdp2_fused_clip", tmp_path)
+
+
 def test_fsdp2_bf16_mixed_precision(tmp_path):
     """MixedPrecisionPolicy(bf16 params, fp32 reduce) tracks torch; bf16-stored params
     with master_weights keep fp32 DTensor state and stay close to the fp32 run."""

@@ -33,17 +33,22 @@ def interpreter_launches():
         interpreter.InterpretedFunction.run = run
 
 
-def _launches_per_step(opt, params, steps=3):
+def _launches_per_step(opt, params, steps=3, clip=None, names_seen=None):
+    """Launches of each step (``clip``: called with the optimizer just before it)."""
     gen = torch.Generator().manual_seed(0)
     counts = []
     for _ in range(steps):
-        for p, g in zip(params, random_grads(params, gen)):
-            p.grad = g
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(getattr(p, "grad_dtype", None) or p.dtype)
         before = sum(launch_counts.values())
         with interpreter_launches() as names:
+            if clip is not None:
+                clip(opt)
             opt.step()
         assert len(names) == sum(launch_counts.values()) - before
         counts.append(len(names))
+        if names_seen is not None:
+            names_seen.append(names)
     return counts
 
 
@@ -146,3 +151,30 @@ def test_persistent_grid_gives_the_same_bits(name, device):
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         assert persistent.state[q]["step"].item() == 3
+
+
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "max_grad_norm"])
+def test_clipping_adds_a_norm_launch_per_grad_dtype_and_one_reduction(how, device):
+    """Clip + step: one norm launch per grad dtype (across buckets and param groups), one
+    reduction, then the step's prepare and update launches, whatever the number of
+    tensors; the explicit call and the constructor option launch the same kernels."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    clip = (lambda opt: opt.clip_grad_norm_(1.0)) if how == "clip_grad_norm_" else None
+    extra = {"max_grad_norm": 1.0} if how == "max_grad_norm" else {}
+    one = [torch.nn.Parameter(torch.randn(64, device=device))]
+    many = [torch.nn.Parameter(torch.randn(1 + i % 13, device=device)) for i in range(60)]
+    for params in (one, many):
+        names = []
+        opt = PAIRS["AdamW"][0](params, **extra, **LAUNCH)
+        assert _launches_per_step(opt, params, steps=2, clip=clip, names_seen=names) == [4, 4]
+        assert names[-1] == ["_norm_kernel", "_norm_reduce_kernel", "_prepare_kernel", "_adam_kernel"]
+
+    # Grad dtypes fp32, bf16, fp64 over buckets (fp32, fp32), (bf16 master, fp32 grads),
+    # (bf16 master, bf16), (fp64, fp64), in two param groups: 3 + 1 + 1 + 4.
+    pairs = [(f32, f32), (bf16, f32), (bf16, bf16), (torch.float64, torch.float64)] * 2
+    params = [torch.nn.Parameter(torch.randn(5 + i, device=device).to(p)) for i, (p, _) in enumerate(pairs)]
+    for p, (_, g) in zip(params, pairs):
+        p.grad_dtype = g
+    groups = [{"params": params[::2]}, {"params": params[1::2], "lr": 1e-2}]
+    opt = PAIRS["AdamW"][0](groups, master_weights=True, **extra, **LAUNCH)
+    assert _launches_per_step(opt, params, steps=2, clip=clip) == [9, 9]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from .clip import ClipState, check_max_norm, grad_scaler_scale, norm_order, replicated
 from .kernels.launch import interpreted
 from .kernels.layout import MASTER_FP32, MASTER_REMAINDER
 from .kernels.plan import rounding_key
@@ -107,10 +108,13 @@ class _TritonAdamBase(Optimizer):
         "num_warps": None,
         "autotune": None,
         "persistent": None,
+        "max_grad_norm": None,
+        "grad_norm_type": 2.0,
     }
 
     def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune,
-                     persistent, state_dtype=None, stochastic_rounding=False, seed=None):
+                     persistent, state_dtype=None, stochastic_rounding=False, seed=None,
+                     max_grad_norm=None, grad_norm_type=2.0):
         if block_size is not None and (
             not isinstance(block_size, int) or isinstance(block_size, bool)
             or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
@@ -131,6 +135,9 @@ class _TritonAdamBase(Optimizer):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                                  or not 0 <= seed < 2**63):
             raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**63), or None)")
+        if max_grad_norm is not None:
+            max_grad_norm = check_max_norm(max_grad_norm)
+        grad_norm_type = norm_order(grad_norm_type)
         for group in self.param_groups:
             if group.get("differentiable") and (master_weights or state_dtype is not None
                                                 or stochastic_rounding):
@@ -156,13 +163,17 @@ class _TritonAdamBase(Optimizer):
         self.num_warps = num_warps
         self.autotune = autotune
         self.persistent = persistent
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm_type = grad_norm_type
         self._cache: StepCache | None = None
+        self._clip: ClipState | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The cache holds raw pointers into this optimizer's tensors: never copy it (a
         # deepcopy would step the original's state).
         state = super().__getstate__()
         state.pop("_cache", None)
+        state.pop("_clip", None)  # device buffers and references to this optimizer's grads
         state.update({k: getattr(self, k, v) for k, v in self._EXTRAS.items()})
         return state
 
@@ -171,11 +182,13 @@ class _TritonAdamBase(Optimizer):
         # current ones then; unpickling a fresh object takes them from the pickle.
         extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
         state.pop("_cache", None)
+        state.pop("_clip", None)
         super().__setstate__(state)
         for k, v in extras.items():
             setattr(self, k, v)
         self._set_group_defaults()
         self._cache = None
+        self._clip = getattr(self, "_clip", None)
 
     def _set_group_defaults(self) -> None:
         for group in self.param_groups:
@@ -637,10 +650,31 @@ class _TritonAdamBase(Optimizer):
             grads.append(grad)
         return grads
 
+    def _ready(self) -> tuple[StepCache, list[int], list[Tensor]]:
+        """The step cache for the current grads, and their pointers and general grads: the
+        cache's per-step check, or full validation and a new cache when it no longer
+        applies (which raises, writing nothing, on a bad grad)."""
+        cache = self._cache
+        ptrs = general = None
+        if cache is not None:
+            ptrs = cache.check(self.param_groups, self.state, self._layout())
+            if ptrs is not None:
+                general = self._general_grads(cache)
+        if ptrs is None or general is None:
+            self._cache = None
+            kernel_groups = [(i, g) for i, g in enumerate(self.param_groups) if not g.get("differentiable")]
+            cache = self._build(kernel_groups)
+            self._cache = cache
+            ptrs, general = cache.fast_grad_ptrs(), [r.grad for r in cache.general_rows]
+        return cache, ptrs, general
+
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
+
+        With ``max_grad_norm`` set, the step first clips as ``clip_grad_norm_`` does; a
+        coefficient left by ``clip_grad_norm_`` for these grads is applied too.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
@@ -657,34 +691,177 @@ class _TritonAdamBase(Optimizer):
                 loss = closure()
 
         # Check everything before writing anything, so a bad value or grad anywhere leaves
-        # every param and state as it was: group values, then the tensors (through the
-        # cache's per-step check, or full validation when the cache no longer applies).
-        kernel_groups = [(i, g) for i, g in enumerate(self.param_groups) if not g.get("differentiable")]
+        # every param and state as it was: group values, a pending clip, then the tensors
+        # (through the cache's per-step check, or full validation).
         hypers = [group_hyper(g, self._kind, self.bias_correction) for g in self.param_groups]
         torch_work = [(g, self._torch_inputs(g)) for g in self.param_groups if g.get("differentiable")]
-        cache = self._cache
-        ptrs = general = None
-        if cache is not None:
-            ptrs = cache.check(self.param_groups, self.state, self._layout())
-            if ptrs is not None:
-                general = self._general_grads(cache)
-        if ptrs is None or general is None:
-            self._cache = None
-            cache = self._build(kernel_groups)
-            self._cache = cache
-            ptrs, general = cache.fast_grad_ptrs(), [r.grad for r in cache.general_rows]
+        grad_scale = getattr(self, "grad_scale", None)
+        cache, ptrs, general = self._ready()
+        self._check_pending_clip(cache, grad_scale)
+        clip = self._clip
+        if self.max_grad_norm is not None and not cache.empty:
+            self._check_clip_supported(self.grad_norm_type, complex_grads=cache.has_complex)
+            self._clip_grads(cache, ptrs, general, self.max_grad_norm, self.grad_norm_type,
+                             grad_scale=grad_scale, check_finite=False, auto=True)
+            clip = self._clip
 
         for group, inputs in torch_work:
             self._torch_step(group, *inputs)
+        pending = clip is not None and clip.pending
+        if pending:
+            clip.clear()  # consumed by this step, or by nothing when there is nothing to step
         if cache.empty:
             return loss
         cache.launch(
             ptrs, general, self.param_groups, hypers,
             block_size=self.block_size, num_warps=self.num_warps, autotune_mode=self.autotune,
-            persistent=self.persistent, grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
+            persistent=self.persistent, grad_scale=grad_scale,
+            found_inf=getattr(self, "found_inf", None), clip=clip.buffer if pending else None,
         )
         return loss
+
+    # ---- gradient clipping --------------------------------------------------------------
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None, *, scaler=None) -> Tensor:
+        r"""Clip the gradient norm of this optimizer's params, fused into the next step.
+
+        Call it where you would call :func:`torch.nn.utils.clip_grad_norm_` (after the
+        backward, before :meth:`step`), with the same arguments. The norm is taken over
+        the grads of every param of this optimizer that has one, as if they were
+        concatenated into one vector, and returned as a device tensor (for DTensor grads,
+        a replicated DTensor) with no host sync. Unlike torch's function this does *not*
+        write ``.grad``: the coefficient :math:`\min(1, \mathrm{max\_norm} / (\mathrm{norm} +
+        10^{-6}))` waits in device memory and the next :meth:`step` multiplies the grads it
+        reads by it. ``.grad`` keeps the unclipped values. For torch's in-place behaviour
+        (to inspect clipped grads), call torch's function instead, which this optimizer
+        steps like any other grads:
+        ``torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)``.
+
+        The coefficient belongs to the grads it measured. ``zero_grad()``, or grads
+        replaced before the step (a new backward after ``set_to_none``), drop it, as the
+        grads torch's in-place clip scaled would be gone. A second call before the step
+        measures the grads as already clipped by the first and compounds, as a second
+        in-place clip would. Changing the grads in place after the call is not seen.
+
+        GradScaler: the norm must be of unscaled grads. Either call
+        ``scaler.unscale_(opt)`` first (torch's recipe; it rewrites the grads), or pass
+        ``scaler=scaler`` here: the scale is folded into the norm and the step unscales
+        in its kernel, so the grads are never rewritten. A clip of scaled grads without
+        either makes the step raise. Inf/NaN grads make the norm non-finite; GradScaler's
+        ``found_inf`` then skips the whole step on the device as usual.
+
+        Args:
+            max_norm (float): max norm of the gradients (``inf``: measure only).
+            norm_type (float): order of the norm: any ``p > 0``, or ``inf``. The norm is
+                computed in fp32 (fp64 when any grad is fp64) from grads of any dtype.
+            error_if_nonfinite (bool): raise if the total norm is NaN or inf, as torch
+                does (the check syncs with the device); the coefficient is then unchanged.
+            foreach: accepted for torch's signature (the norm is always one fused pass).
+            scaler (torch.amp.GradScaler, optional): the scaler whose scale the grads
+                carry (ignored when disabled, or after ``scaler.unscale_(opt)``).
+
+        Returns:
+            Total norm of the grads (viewed as a single vector), of the unscaled grads
+            when ``scaler`` is given.
+        """
+        max_norm = check_max_norm(max_norm)
+        p = norm_order(norm_type)
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        grad_scale = grad_scaler_scale(scaler, self)
+        self._check_clip_supported(p, complex_grads=p != 2.0 and any(
+            q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
+        cache, ptrs, general = self._ready()
+        if cache.empty:
+            return torch.tensor(0.0)  # torch's value for no grads
+        norm = self._clip_grads(cache, ptrs, general, max_norm, p, grad_scale=grad_scale,
+                                check_finite=bool(error_if_nonfinite), auto=False)
+        return replicated(norm, cache.norm_mesh)
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The total grad norm of the latest clip (``clip_grad_norm_`` or ``max_grad_norm``)
+        as ``clip_grad_norm_`` returns it, or None before any. With ``max_grad_norm`` it is
+        one fixed tensor that each step overwrites (CUDA-graph safe): ``.item()`` or
+        ``.clone()`` it to keep a value."""
+        clip = self._clip
+        if clip is None or clip.last_norm is None:
+            return None
+        return replicated(clip.last_norm, clip.mesh)
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops a clip coefficient waiting for these grads."""
+        super().zero_grad(set_to_none)
+        if getattr(self, "_clip", None) is not None:
+            self._clip.clear()  # the grads a clip measured are gone
+
+    def _check_pending_clip(self, cache: StepCache, grad_scale) -> None:
+        """Drop a pending coefficient whose grads are gone; refuse one of scaled grads."""
+        clip = self._clip
+        if clip is None or not clip.pending:
+            return
+        if not clip.holds(cache.params):
+            clip.clear()
+            return
+        if grad_scale is not None and not clip.scaled:
+            raise RuntimeError(
+                f"tritonadam.{type(self).__name__}: clip_grad_norm_ measured grads that "
+                "GradScaler still scales (this step got its scale), so it clipped by the norm "
+                "of scaled grads. Call scaler.unscale_(opt) before clip_grad_norm_, pass "
+                "clip_grad_norm_(..., scaler=scaler), or construct the optimizer with "
+                "max_grad_norm=... and let step() clip"
+            )
+
+    def _check_clip_supported(self, p: float, *, complex_grads: bool) -> None:
+        """Refuse what the fused clip does not cover."""
+        if any(g.get("differentiable") and any(q.grad is not None for q in g["params"])
+               for g in self.param_groups):
+            raise NotImplementedError(
+                f"tritonadam.{type(self).__name__}: fused clipping does not cover "
+                "differentiable=True groups (torch.optim steps them); use "
+                "torch.nn.utils.clip_grad_norm_"
+            )
+        if p != 2.0 and complex_grads:
+            raise ValueError(
+                f"tritonadam.{type(self).__name__}: complex grads are clipped by their 2-norm "
+                f"only (got norm_type={p}); use torch.nn.utils.clip_grad_norm_"
+            )
+
+    def _clip_grads(self, cache: StepCache, ptrs, general, max_norm: float, p: float, *,
+                    grad_scale, check_finite: bool, auto: bool) -> Tensor:
+        """Launch the norm of the grads ``cache`` will step and leave the coefficient;
+        returns the norm's local tensor (``auto``: the fixed one of the step path)."""
+        if grad_scale is not None and not (grad_scale.numel() == 1 and grad_scale.is_floating_point()):
+            raise ValueError("the GradScaler scale must be a 1-element floating point tensor")
+        device = cache.norm_device
+        clip = self._clip
+        if clip is None or clip.device != device:
+            clip = ClipState(device)
+        params = cache.params
+        compound = clip.holds(params)
+        out = (clip.auto_out(cache.norm_dtype) if auto
+               else torch.empty((), dtype=cache.norm_dtype, device=device))
+        mesh = cache.norm_mesh
+        clip.set_args(max_norm, p)
+        cache.grad_norm(ptrs, general, clip.buffer, out, norm_type=p, grad_scale=grad_scale,
+                        compound=compound, check_finite=check_finite)
+        self._clip = clip
+        if check_finite and not torch.isfinite(out).item():
+            raise RuntimeError(
+                f"The total norm of order {p} for gradients from `parameters` is non-finite, so "
+                "it cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        if auto:
+            clip.pending = True  # this very step consumes it: no need to remember the grads
+        else:
+            clip.set_pending(params, scaled=grad_scale is not None and (not compound or clip.scaled))
+        clip.last_norm, clip.mesh = out, mesh
+        return out
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -764,6 +941,11 @@ class Adam(_TritonAdamBase):
             (one program per block when ``block_size`` and ``num_warps`` are fixed).
         autotune (str, optional): ``"on"``, ``"off"`` or ``"cache-only"``; default from
             ``TRITONADAM_AUTOTUNE`` (tuning on first use on GPUs).
+        max_grad_norm (float, optional): clip the grads' total norm to this in every
+            :meth:`step`, as :meth:`clip_grad_norm_` does (for trainers that only call
+            ``step()``); GradScaler's scale is folded in. The norm is in
+            :attr:`last_grad_norm`. Default None: no clipping.
+        grad_norm_type (float): the norm's order for ``max_grad_norm`` (default 2.0).
     """
 
     def __init__(
@@ -790,6 +972,8 @@ class Adam(_TritonAdamBase):
         num_warps: int | None = None,
         autotune: str | None = None,
         persistent: bool | None = None,
+        max_grad_norm: float | None = None,
+        grad_norm_type: float = 2.0,
     ) -> None:
         if isinstance(lr, Tensor) and foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
@@ -828,7 +1012,8 @@ class Adam(_TritonAdamBase):
         }
         super().__init__(params, defaults)
         self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
-                          persistent, state_dtype, stochastic_rounding, seed)
+                          persistent, state_dtype, stochastic_rounding, seed, max_grad_norm,
+                          grad_norm_type)
 
     def _set_group_defaults(self) -> None:
         super()._set_group_defaults()
@@ -868,6 +1053,8 @@ class AdamW(Adam):
         num_warps: int | None = None,
         autotune: str | None = None,
         persistent: bool | None = None,
+        max_grad_norm: float | None = None,
+        grad_norm_type: float = 2.0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad,
@@ -876,7 +1063,7 @@ class AdamW(Adam):
             bias_correction=bias_correction, master_weights=master_weights,
             state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
             block_size=block_size, num_warps=num_warps, autotune=autotune,
-            persistent=persistent,
+            persistent=persistent, max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -904,7 +1091,8 @@ class Adamax(_TritonAdamBase):
         params, lr, betas, eps, weight_decay, foreach, maximize, differentiable,
             capturable: as in :class:`torch.optim.Adamax`.
         bias_correction, master_weights, state_dtype, stochastic_rounding, seed,
-            block_size, num_warps, autotune, persistent: as in :class:`tritonadam.Adam`.
+            block_size, num_warps, autotune, persistent, max_grad_norm, grad_norm_type: as in
+            :class:`tritonadam.Adam`.
     """
 
     _kind = "adamax"
@@ -931,6 +1119,8 @@ class Adamax(_TritonAdamBase):
         num_warps: int | None = None,
         autotune: str | None = None,
         persistent: bool | None = None,
+        max_grad_norm: float | None = None,
+        grad_norm_type: float = 2.0,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         defaults = {
@@ -945,7 +1135,8 @@ class Adamax(_TritonAdamBase):
         }
         super().__init__(params, defaults)
         self._init_extras(bias_correction, master_weights, block_size, num_warps, autotune,
-                          persistent, state_dtype, stochastic_rounding, seed)
+                          persistent, state_dtype, stochastic_rounding, seed, max_grad_norm,
+                          grad_norm_type)
 
 
 AdaMax = Adamax

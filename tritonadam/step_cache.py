@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import autotune
 from .autotune import LaunchConfig
+from .clip import norm_reduction
 from .kernels import (
     Bucket,
     BucketKey,
@@ -38,6 +39,8 @@ from .kernels import (
 )
 from .kernels.layout import MASTER_FP32, MASTER_REMAINDER
 from .kernels.scratch import scaled_mix
+from .kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind, norm_max_chunks
+from .kernels.plan import NormPlan
 
 __all__ = ["GroupHyper", "Row", "StepCache", "group_hyper", "local_tensor"]
 
@@ -199,6 +202,7 @@ class _Launch:
 class _Device:
     tables: DeviceTables
     launches: list[_Launch] = field(default_factory=list)
+    norm_plan: NormPlan | None = None  # built on the first clip
 
 
 class StepCache:
@@ -229,6 +233,7 @@ class StepCache:
         # Table order: fast rows first (their grad pointers come from the C-level pass),
         # then general ones; within a device, rows are sorted into buckets.
         self._order = fast + self._general
+        self._params = [r.param for r in self._order]
         # The tables hold raw pointers: keep what they point at alive, param storages
         # included (a detached alias survives ``p.data = ...``, so a stale row never
         # writes freed memory; the next check sees the new pointer and rebuilds).
@@ -241,6 +246,8 @@ class StepCache:
         self._build_tables(len(group_lists))
         self._grad_ptrs = self._pointers_of([r.grad for r in self._order])
         self._uploaded: list[int] | None = None
+        self._norm_reduction = None  # (mesh, process groups), found on the first clip
+        self.has_complex = any(p.is_complex() for p in self._params)
 
     # ---- building -------------------------------------------------------------------
 
@@ -342,27 +349,105 @@ class StepCache:
         """The fast rows' grad pointers the cache was built with."""
         return self._grad_ptrs[: len(self._fast_params)]
 
+    @property
+    def params(self) -> list[Tensor]:
+        """Every param the step launches on (the ones with grads), in table order."""
+        return self._params
+
+    # ---- gradient norm ----------------------------------------------------------------
+
+    @property
+    def norm_device(self) -> torch.device:
+        if len(self._devices) != 1:
+            raise NotImplementedError(
+                f"clip_grad_norm_ over params on several devices ({', '.join(map(str, self._devices))}) "
+                "is not supported; use torch.nn.utils.clip_grad_norm_, or one optimizer per device"
+            )
+        return next(iter(self._devices))
+
+    @property
+    def norm_dtype(self) -> torch.dtype:
+        """fp32, or fp64 if any grad is fp64: what torch's total norm promotes to, except
+        that fp16/bf16 grads get an fp32 norm here (torch returns theirs in fp16/bf16)."""
+        wide = any(item.bucket.grad_dtype == torch.float64
+                   for dev in self._devices.values() for item in dev.launches)
+        return torch.float64 if wide else torch.float32
+
+    @property
+    def norm_mesh(self):
+        """The DTensor mesh the grads live on, or None for plain tensors."""
+        return self._reduction()[0]
+
+    def _reduction(self):
+        if self._norm_reduction is None:
+            self._norm_reduction = norm_reduction(self.params)
+        return self._norm_reduction
+
+    def grad_norm(self, fast_grad_ptrs: list[int], general_grads: list[Tensor], clip: Tensor,
+                  out: Tensor, *, norm_type: float, grad_scale=None, compound=False,
+                  check_finite=False) -> None:
+        """Measure the grads the next step reads: their total norm into ``out`` and the clip
+        coefficient into the clip buffer ``clip`` (whose max_norm and order are set).
+
+        One norm launch per grad dtype and one reduction launch; for DTensor grads sharded
+        over a mesh, the reduction is split around an all-reduce of this rank's partial
+        total (every rank must call this, empty shards included, as for any collective).
+        """
+        device = self.norm_device
+        dev = self._devices[device]
+        _, groups = self._reduction()
+        if dev.norm_plan is None:
+            block_size, num_warps = norm_config()
+            dev.norm_plan = NormPlan(device, [item.bucket for item in dev.launches], block_size=block_size,
+                                     num_warps=num_warps, max_chunks=norm_max_chunks())
+        plan = dev.norm_plan
+        kind = norm_kind(norm_type)
+        flags = dict(norm=kind, grad_scale=_on(device, grad_scale), compound=compound,
+                     check_finite=check_finite)
+        with device_guard(device):
+            self._set_grads(fast_grad_ptrs, general_grads)
+            launch_norm(dev.tables, plan, clip, norm=kind)
+            if not groups:
+                launch_norm_reduce(plan, clip, out, reduce=True, finalize=True, **flags)
+                return
+            import torch.distributed as dist
+
+            launch_norm_reduce(plan, clip, None, norm=kind, reduce=True, finalize=False)
+            op = dist.ReduceOp.MAX if norm_type == float("inf") else dist.ReduceOp.SUM
+            for group in groups:
+                dist.all_reduce(plan.total, op=op, group=group)
+            launch_norm_reduce(plan, clip, out, reduce=False, finalize=True, **flags)
+
     # ---- launching ------------------------------------------------------------------
 
+    def _set_grads(self, fast_grad_ptrs: list[int], general_grads: list[Tensor]) -> None:
+        """Point every device's tables at this step's grads."""
+        ptrs = fast_grad_ptrs + self._pointers_of(general_grads) if general_grads else fast_grad_ptrs
+        # The caching allocator mostly hands grads the same addresses step after step:
+        # compare as a list (C level) and touch numpy and the device only on change.
+        if ptrs == self._uploaded:
+            return
+        host = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
+        for device, dev in self._devices.items():
+            rows = self._rows_of[device]
+            with device_guard(device):
+                dev.tables.set_grad_ptrs(host if rows is None else host[rows])
+        self._uploaded = ptrs
+
     def launch(self, fast_grad_ptrs: list[int], general_grads: list[Tensor], param_groups: list[dict],
-               hypers: list[GroupHyper], *, block_size=None, num_warps=None,
-               autotune_mode=None, persistent=None, grad_scale=None, found_inf=None) -> None:
+               hypers: list[GroupHyper], *, block_size=None, num_warps=None, autotune_mode=None,
+               persistent=None, grad_scale=None, found_inf=None, clip=None) -> None:
         """Step every tensor: one prepare launch per device, one update launch per bucket.
 
         ``general_grads``: this step's validated grads of the general rows, in order;
-        ``hypers``: every group's checked values (``group_hyper``).
+        ``hypers``: every group's checked values (``group_hyper``); ``clip``: the clip
+        buffer whose coefficient scales every grad (see ``grad_norm``), or None.
         """
         values = tuple(v for h in hypers for v in h.values)
         pointers = tuple(p for h in hypers for p in h.pointers)
         lr_tensors = any(h.lr_tensor for h in hypers)
         beta_tensors = any(h.beta_tensors for h in hypers)
-        ptrs = fast_grad_ptrs + self._pointers_of(general_grads) if general_grads else fast_grad_ptrs
-        # The caching allocator mostly hands grads the same addresses step after step:
-        # compare as a list (C level) and touch numpy and the device only on change.
-        host = None
-        if ptrs != self._uploaded:
-            host = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
-            self._uploaded = ptrs
+        self._set_grads(fast_grad_ptrs, general_grads)
         for row in self._general:
             if row.staging is not None:
                 row.staging.copy_(_as_real(local_tensor(row.param)))
@@ -370,13 +455,10 @@ class StepCache:
         for device, dev in self._devices.items():
             tables = dev.tables
             with device_guard(device):
-                if host is not None:
-                    rows = self._rows_of[device]
-                    tables.set_grad_ptrs(host if rows is None else host[rows])
                 tables.set_groups(values, self._device_pointers(device, param_groups, pointers))
                 scale = _on(device, grad_scale)
                 inf = _on(device, found_inf)
-                launch_prepare(tables, grad_scale=scale, found_inf=inf,
+                launch_prepare(tables, grad_scale=scale, found_inf=inf, clip=clip,
                                lr_tensors=lr_tensors, beta_tensors=beta_tensors)
                 for item in dev.launches:
                     if item.config is None or item.wanted != wanted:

@@ -20,8 +20,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .launch import TL_DTYPES, update_constexprs
 from .adam import _adam_kernel
+from .launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, TL_DTYPES, norm_constexprs, update_constexprs
+from .norm import _norm_kernel, _norm_reduce_kernel
 from .prepare import _prepare_kernel
 
 _POINTERS = {
@@ -34,10 +35,19 @@ _POINTERS = {
     "group_of_ptr": "*i32",
     "groups_ptr": "*fp64",
     "group_ptrs_ptr": "*i64",
+    "clip_ptr": "*fp64",
+    "partials_ptr": "*fp64",
+    "total_ptr": "*fp64",
 }
 
 
-def _compile(kernel, constexprs: dict, arch: int, num_warps: int):
+def compile_kernel(kernel, constexprs: dict, *, arch: int, num_warps: int, pointers: dict | None = None):
+    """Compile any @triton.jit kernel: constexprs by name, pointer types of its pointer
+    arguments by name (other arguments are i32)."""
+    return _compile(kernel, constexprs, arch, num_warps, pointers)
+
+
+def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict | None = None):
     if not hasattr(kernel, "params"):
         raise RuntimeError(
             "ahead-of-time compilation needs compiled kernels: run without TRITON_INTERPRET=1"
@@ -48,7 +58,7 @@ def _compile(kernel, constexprs: dict, arch: int, num_warps: int):
         if param.is_constexpr:
             signature[param.name] = "constexpr"
         else:
-            signature[param.name] = _POINTERS.get(param.name, "i32")
+            signature[param.name] = {**_POINTERS, **(pointers or {})}.get(param.name, "i32")
     source = ASTSource(
         fn=kernel,
         signature=signature,
@@ -71,9 +81,25 @@ def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *
 
 
 def compile_prepare(arch: int = 90, num_warps: int = 4, block: int = 256, **flags):
-    constexprs = {"HAS_GRAD_SCALE": False, "HAS_FOUND_INF": False, "LR_TENSORS": False,
+    constexprs = {"HAS_GRAD_SCALE": False, "HAS_FOUND_INF": False, "HAS_CLIP": False, "LR_TENSORS": False,
                   "BETA_TENSORS": False, "BLOCK": block, **flags}
     return _compile(_prepare_kernel, constexprs, arch, num_warps)
+
+
+def compile_norm(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
+                 grad_dtype=torch.float32, norm: int = 2):
+    """Compile one variant of the norm kernel (``norm``: the launcher's NORM kind)."""
+    constexprs = norm_constexprs(grad_dtype, norm, block_size=block_size, num_warps=num_warps)
+    return _compile(_norm_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
+
+
+def compile_norm_reduce(arch: int = 90, *, out_dtype=torch.float32, **flags):
+    """Compile the norm reduction; ``flags``: its constexpr flags (NORM, REDUCE, ...)."""
+    constexprs = {"NORM": 2, "REDUCE": True, "FINALIZE": True, "HAS_GRAD_SCALE": False,
+                  "COMPOUND": False, "CHECK_FINITE": False, "OUT_DTYPE": _tl(out_dtype),
+                  "BLOCK": NORM_REDUCE_BLOCK, **flags}
+    norm_ptr = "*fp64" if out_dtype == torch.float64 else "*fp32"
+    return _compile(_norm_reduce_kernel, constexprs, arch, NORM_REDUCE_WARPS, {"norm_ptr": norm_ptr})
 
 
 def _tl(value):
@@ -94,8 +120,29 @@ def ordering_ops(ptx: str) -> list[str]:
     return re.findall(r"\b(?:atom|red)\.[^\s;]*(?:acq|rel|sc)[^\s;]*|\bfence\.[^\s;]+|\bmembar\.[^\s;]+", ptx)
 
 
+def atomic_ops(ptx: str) -> list[str]:
+    """Every atomic read-modify-write in PTX (float ones make sums order-dependent)."""
+    return re.findall(r"\b(?:atom|red)\.[^\s;]+", ptx)
+
+
 def shared_memory_ops(ptx: str) -> int:
     return len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
+
+
+def shared_memory_ops_in_loops(ptx: str) -> int:
+    """Shared-memory loads and stores inside a loop: between a backward branch and the
+    label it jumps to (a reduction across warps there would cost a barrier per trip)."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L\w+):", line))}
+    spans = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            spans.append((labels[m.group(1)], i))
+    return sum(
+        1 for i, line in enumerate(lines)
+        if re.search(r"\b(?:ld|st)\.shared\b", line) and any(a <= i <= b for a, b in spans)
+    )
 
 
 def ptxas_report(ptx: str, arch: int) -> dict[str, int]:

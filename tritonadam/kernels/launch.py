@@ -12,7 +12,8 @@ import triton.language as tl
 
 from .adam import _adam_kernel
 from .layout import MASTER_NONE
-from .plan import Bucket, DeviceTables
+from .norm import NORM_INF, NORM_L1, NORM_L2, NORM_P, _norm_kernel, _norm_reduce_kernel
+from .plan import Bucket, DeviceTables, NormPlan
 from .prepare import _prepare_kernel
 
 TL_DTYPES = {
@@ -24,10 +25,14 @@ TL_DTYPES = {
 
 # Kernel launches issued by this process, per kernel: tests and the bench check that
 # launches per step do not grow with the number of tensors or param groups.
-launch_counts = {"prepare": 0, "update": 0}
+launch_counts = {"prepare": 0, "update": 0, "norm": 0, "norm_reduce": 0}
 
 # Tensors per program of the prepare kernel: a step touches each tensor's scalars once.
 PREPARE_BLOCK = 256
+
+# The norm reduction is one program: enough lanes to read every partial in a few trips.
+NORM_REDUCE_BLOCK = 4096
+NORM_REDUCE_WARPS = 16
 
 # Elements per thread per iteration of the masked path (tails, misaligned tensors): as
 # many as keep that path within the full-block path's registers (ptxas, sm_80/sm_90: one
@@ -93,6 +98,38 @@ def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, state_d
     }
 
 
+def norm_kind(norm_type: float) -> int:
+    """The norm kernels' NORM constexpr for a norm order (checked by the caller)."""
+    if norm_type == float("inf"):
+        return NORM_INF.value
+    return {1.0: NORM_L1.value, 2.0: NORM_L2.value}.get(norm_type, NORM_P.value)
+
+
+def norm_config() -> tuple[int, int]:
+    """(elements per block, warps) of the norm kernel: fixed, not tuned, so the norm's bits
+    never depend on a tuning result. The interpreter pays per block, not per element."""
+    return (16384, 4) if interpreted() else (4096, 8)
+
+
+def norm_max_chunks() -> int:
+    """Partials per norm launch at most (and programs): plenty to fill a GPU, while the
+    one-program reduction still reads them all in a few trips. The interpreter pays per
+    program: a few programs there, each looping over many blocks."""
+    return 4 if interpreted() else 8192
+
+
+def norm_constexprs(grad_dtype, norm: int, *, block_size: int, num_warps: int) -> dict:
+    """The norm kernel's constexpr arguments for one variant (torch dtypes as given)."""
+    cdtype = torch.float64 if grad_dtype == torch.float64 else torch.float32
+    return {
+        "G_DTYPE": grad_dtype,
+        "CDTYPE": cdtype,
+        "NORM": norm,
+        "BLOCK": block_size,
+        "SUB": tail_sub_block(block_size, num_warps, cdtype),
+    }
+
+
 def device_guard(device: torch.device):
     """Triton launches on the current device: switch to the tables' GPU if it is not."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -100,17 +137,20 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None,
+def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, clip=None,
                    lr_tensors=False, beta_tensors=False, count=True) -> None:
-    """Advance every tensor's step count and fill its scalar row (one launch)."""
+    """Advance every tensor's step count and fill its scalar row (one launch); ``clip``:
+    the clip buffer whose coefficient scales every grad."""
     n = tables.num_rows
     _prepare_kernel[(triton.cdiv(n, PREPARE_BLOCK),)](
         tables.table, tables.group_of, tables.groups, tables.group_ptrs, tables.scalars,
         grad_scale if grad_scale is not None else tables.scalars,
         found_inf if found_inf is not None else tables.scalars,
+        clip if clip is not None else tables.scalars,
         n,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        HAS_CLIP=clip is not None,
         LR_TENSORS=lr_tensors,
         BETA_TENSORS=beta_tensors,
         BLOCK=PREPARE_BLOCK,
@@ -146,3 +186,36 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     _adam_kernel[(programs,)](*args, num_warps=num_warps, **flags)
     if count:
         launch_counts["update"] += 1
+
+
+def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, norm: int,
+                count=True) -> None:
+    """Per-chunk partial norms of every grad on the tables' device: one launch per grad
+    dtype, each writing its chunks' partials into its slice of ``plan.partials``."""
+    block_size, num_warps = plan.block_size, plan.num_warps
+    for launch in plan.launches:
+        flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps)
+        flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
+        _norm_kernel[(launch.num_chunks,)](
+            tables.table, tables.grads, launch.block_map, launch.partials, clip,
+            launch.num_blocks, launch.chunk, num_warps=num_warps, **flags,
+        )
+        if count:
+            launch_counts["norm"] += 1
+
+
+def launch_norm_reduce(plan: NormPlan, clip: torch.Tensor, out: torch.Tensor | None, *, norm: int,
+                       reduce: bool, finalize: bool, grad_scale=None, compound=False,
+                       check_finite=False, count=True) -> None:
+    """One program: ``reduce`` adds the partials into ``plan.total``; ``finalize`` turns the
+    total into the norm (written to ``out``) and the clip coefficient (into ``clip``)."""
+    _norm_reduce_kernel[(1,)](
+        plan.partials, plan.num_partials, plan.total, out if out is not None else plan.total, clip,
+        grad_scale if grad_scale is not None else clip,
+        NORM=norm, REDUCE=reduce, FINALIZE=finalize, HAS_GRAD_SCALE=grad_scale is not None,
+        COMPOUND=compound, CHECK_FINITE=check_finite,
+        OUT_DTYPE=TL_DTYPES[out.dtype] if out is not None else tl.float32,
+        BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS,
+    )
+    if count:
+        launch_counts["norm_reduce"] += 1

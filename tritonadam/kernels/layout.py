@@ -57,3 +57,9 @@ GROUP_COLUMNS = tl.constexpr(10)
 MASTER_NONE = tl.constexpr(0)
 MASTER_FP32 = tl.constexpr(1)  # fp32 master weights
 MASTER_REMAINDER = tl.constexpr(2)  # bf16 param + int16 low half: the exact fp32 master
+
+# Clip buffer (float64), one per optimizer: what clip_grad_norm_ leaves for the next step.
+CLIP_COEF = tl.constexpr(0)  # min(1, max_norm / (norm + 1e-6)), folded into S_GMUL
+CLIP_MAX_NORM = tl.constexpr(1)
+CLIP_P = tl.constexpr(2)  # the norm's order (read for orders other than 1, 2 and inf)
+CLIP_COLUMNS = tl.constexpr(4)

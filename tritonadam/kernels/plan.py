@@ -68,17 +68,71 @@ class Bucket:
         if cached is None:
             # Every tensor gets at least one program: an empty one still has its scalars
             # read, which keeps the kernel free of special cases.
-            blocks = np.maximum((self.numels + block_size - 1) // block_size, 1)
-            if int(blocks.max()) >= 1 << BLOCK_INDEX_BITS:
-                raise ValueError(f"a tensor of {int(self.numels.max())} elements needs more than "
-                                 f"2**{BLOCK_INDEX_BITS} blocks of {block_size}")
-            rows = np.repeat(np.arange(self.lo, self.hi, dtype=np.int64), blocks)
-            first = np.repeat(np.cumsum(blocks) - blocks, blocks)
-            within = np.arange(len(rows), dtype=np.int64) - first
-            entries = torch.from_numpy((rows << BLOCK_INDEX_BITS) | within)
-            cached = (entries.to(self.device), len(rows))
+            entries = block_entries(self.lo, self.numels, block_size, min_blocks=1)
+            cached = (torch.from_numpy(entries).to(self.device), len(entries))
             self._block_maps[block_size] = cached
         return cached
+
+
+def block_entries(lo: int, numels: np.ndarray, block_size: int, *, min_blocks: int) -> np.ndarray:
+    """Block-map entries (row << 32 | block within the tensor) of rows lo, lo + 1, ...,
+    with at least ``min_blocks`` entries per row."""
+    blocks = np.maximum((numels + block_size - 1) // block_size, min_blocks)
+    if len(blocks) and int(blocks.max()) >= 1 << BLOCK_INDEX_BITS:
+        raise ValueError(f"a tensor of {int(numels.max())} elements needs more than "
+                         f"2**{BLOCK_INDEX_BITS} blocks of {block_size}")
+    rows = np.repeat(np.arange(lo, lo + len(numels), dtype=np.int64), blocks)
+    first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    within = np.arange(len(rows), dtype=np.int64) - first
+    return (rows << BLOCK_INDEX_BITS) | within
+
+
+@dataclass(frozen=True)
+class NormLaunch:
+    """One launch of the norm kernel: every grad of one dtype on a device."""
+
+    grad_dtype: torch.dtype
+    block_map: torch.Tensor  # int64 block-map entries on the device
+    num_blocks: int
+    chunk: int  # block-map entries summed into one partial, in order
+    num_chunks: int  # programs, and partials written
+    partials: torch.Tensor  # this launch's slice of NormPlan.partials
+
+
+class NormPlan:
+    """The norm launches of one device's tables and the buffer of their partials.
+
+    Partials are per chunk of block-map entries, and the chunk length depends only on the
+    tensor sizes (at most ``max_chunks`` partials per launch): the partials, and so the
+    norm's bits, do not depend on the GPU or on the optimizer's launch config. Empty
+    tensors get no entries. The partials buffer is written in full by every norm pass.
+    """
+
+    def __init__(self, device: torch.device, buckets: list[Bucket], *, block_size: int,
+                 num_warps: int, max_chunks: int) -> None:
+        self.block_size = block_size
+        self.num_warps = num_warps
+        by_dtype: dict[torch.dtype, list[np.ndarray]] = {}
+        for bucket in buckets:
+            by_dtype.setdefault(bucket.grad_dtype, []).append(
+                block_entries(bucket.lo, bucket.numels, block_size, min_blocks=0))
+        specs = []
+        for dtype, parts in by_dtype.items():
+            entries = np.concatenate(parts)
+            if len(entries) == 0:
+                continue
+            chunk = -(-len(entries) // max_chunks)
+            specs.append((dtype, entries, chunk, -(-len(entries) // chunk)))
+        self.num_partials = sum(spec[3] for spec in specs)
+        self.partials = torch.zeros(max(self.num_partials, 1), dtype=torch.float64, device=device)
+        self.total = torch.zeros(1, dtype=torch.float64, device=device)
+        self.launches = []
+        first = 0
+        for dtype, entries, chunk, num_chunks in specs:
+            self.launches.append(NormLaunch(
+                dtype, torch.from_numpy(entries).to(device), len(entries), chunk, num_chunks,
+                self.partials[first:first + num_chunks]))
+            first += num_chunks
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -125,15 +179,21 @@ class DeviceTables:
             self._group_pointers = pointers
 
     def _upload(self, dst: torch.Tensor, host: np.ndarray) -> None:
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "tritonadam: a hyper-parameter, grad or param moved while a CUDA graph is being "
-                "captured; keep them fixed during capture (use tensor lr/betas to change them "
-                "between replays)"
-            )
-        # Pageable memory: non_blocking returns once the data is staged, so the host
-        # buffer can go; no wait on the GPU.
-        dst.copy_(torch.from_numpy(host), non_blocking=True)
+        upload(dst, host)
+
+
+def upload(dst: torch.Tensor, host: np.ndarray) -> None:
+    """Copy host values into a device table, refusing during CUDA graph capture (a graph
+    would bake in the copy's source)."""
+    if dst.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "tritonadam: a hyper-parameter, clipping argument, grad or param moved while a CUDA "
+            "graph is being captured; keep them fixed during capture (use tensor lr/betas to "
+            "change them between replays)"
+        )
+    # Pageable memory: non_blocking returns once the data is staged, so the host
+    # buffer can go; no wait on the GPU.
+    dst.copy_(torch.from_numpy(host), non_blocking=True)
 
 
 def rounding_key(seed: int, stream: int) -> int:

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .layout import (
+    CLIP_COEF,
     COL_STEP,
     G_BETA1,
     G_BETA2,
@@ -72,8 +73,8 @@ def _group_tensor(gptrs, gprow, COL: tl.constexpr, mask):
 @triton.jit
 def _prepare_kernel(
     table_ptr, group_of_ptr, groups_ptr, group_ptrs_ptr, scalars_ptr,
-    grad_scale_ptr, found_inf_ptr, n,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    grad_scale_ptr, found_inf_ptr, clip_ptr, n,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr,
     LR_TENSORS: tl.constexpr, BETA_TENSORS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -125,6 +126,10 @@ def _prepare_kernel(
         # What GradScaler.unscale_ multiplies by: 1/scale in double, rounded to fp32.
         inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
         gmul = gmul * inv_scale.to(tl.float64)
+    if HAS_CLIP:
+        # Gradient clipping without touching the grads: clip_grad_norm_ left its
+        # coefficient in device memory, and every grad element is multiplied by gmul.
+        gmul = gmul * tl.load(clip_ptr + CLIP_COEF)
 
     srow = scalars_ptr + idx.to(tl.int64) * SCALAR_COLUMNS
     tl.store(srow + S_GMUL, gmul, mask=mask)

@@ -1,0 +1,449 @@
+"""Gradient-norm clipping fused into the step: ``opt.clip_grad_norm_`` and ``max_grad_norm=``.
+
+The reference is ``torch.nn.utils.clip_grad_norm_`` (which scales ``.grad`` in place)
+followed by ``torch.optim.AdamW(foreach=False)``; for fp16/bf16 params, the plain-torch
+reference of tests/reference.py fed the grads times the coefficient torch's formula gives
+for our norm (bit for bit). Ours must return the same total norm, never write ``.grad``,
+and step to the same params. Launch counts are in test_launches.py, FSDP2 in
+test_fsdp.py, CUDA graphs in test_cuda_graphs.py, compiled code in test_aot.py.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tritonadam
+from reference import Reference, assert_same_bits
+
+LAUNCH = {"block_size": 16384, "num_warps": 4}
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+INF = float("inf")
+# Odd sizes, several norm blocks (16384 in the interpreter) plus a tail, 0-dim and empty.
+SHAPES = [(), (1,), (7,), (0,), (3, 5), (16384,), (40000,), (2, 0, 3), (4, 3, 50)]
+FROZEN, SOMETIMES, MISALIGNED = 1, 2, 6  # no grad ever; no grad every other step; odd view
+
+
+def _params(shapes, seed=0, dtypes=None):
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = dtypes or [torch.float32] * len(shapes)
+    return [nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+
+
+def _grad(shape, gen, scale, dtype=torch.float32, misaligned=False):
+    numel = math.prod(shape)
+    if misaligned:
+        # A view one element into its storage: the norm kernel's masked path, full blocks too.
+        return (torch.randn(numel + 1, generator=gen) * scale).to(dtype)[1:].view(shape)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def _same_grads(params, before):
+    return all(p.grad is None and b is None or torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+OPTIMIZERS = {
+    "AdamW": (tritonadam.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    "Adamax-maximize": (tritonadam.Adamax, torch.optim.Adamax, {"lr": 1e-2, "maximize": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+def test_matches_torch_clip_and_step(norm_type, name):
+    """Several steps, alternating grads far above and far below max_norm, so clipping takes
+    effect on some steps and not on others; a frozen param, one without a grad every other
+    step, a misaligned grad, odd sizes and (2-norm; torch's inf norm refuses them) empty
+    tensors."""
+    shapes = [s for s in SHAPES if norm_type != INF or math.prod(s) > 0]
+    params = _params(shapes)
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    ours_cls, torch_cls, kw = OPTIMIZERS[name]
+    opt = ours_cls(params, **kw, **LAUNCH)
+    torch_opt = torch_cls(ref, **kw, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    max_norm, clipped = 1.0, []
+    for step in range(4):
+        scale = 3.0 if step % 2 == 0 else 1e-4
+        for i, (p, q) in enumerate(zip(params, ref)):
+            has = i != FROZEN and not (i == SOMETIMES and step % 2)
+            g = _grad(p.shape, gen, scale, misaligned=i == MISALIGNED) if has else None
+            p.grad, q.grad = g, None if g is None else g.clone()
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        norm = opt.clip_grad_norm_(max_norm, norm_type)
+        expected = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
+        assert norm.dtype == torch.float32 and norm.shape == () and opt.last_grad_norm is norm
+        if norm_type == INF:
+            assert torch.equal(norm, expected)  # a max is exact
+        else:
+            torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+        assert _same_grads(params, before), "clip_grad_norm_ wrote .grad"
+        clipped.append(bool(norm > max_norm))
+        opt.step()
+        torch_opt.step()
+        assert _same_grads(params, before), "step wrote .grad"
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL)
+    assert clipped == [True, False, True, False]
+    assert params[FROZEN] not in opt.state
+    assert opt.state[params[SOMETIMES]]["step"].item() == 2
+
+
+def test_grads_read_through_copies_are_measured():
+    """Rows the step reads through a copy: a non-dense param (strided, stepped in a
+    staging copy) and a grad laid out unlike its param (read through a dense copy) are
+    measured like the rest, and stepped like torch."""
+    gen = torch.Generator().manual_seed(15)
+    params = [nn.Parameter(torch.randn(6, 10, generator=gen)[:, ::2]),  # gaps: not dense
+              nn.Parameter(torch.randn(4, 5, generator=gen)), nn.Parameter(torch.randn(300, generator=gen))]
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    for step in range(2):
+        grads = [_grad((6, 5), gen, 3.0), _grad((5, 4), gen, 3.0).t(), _grad((300,), gen, 3.0)]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g, g.clone()
+        norm = opt.clip_grad_norm_(1.0)
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+        assert norm > 1.0
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+def test_mixed_dtypes_step_bit_for_bit(norm_type):
+    """fp32, bf16 and fp16 params, fp32 grads on bf16/fp16 params, bf16 grads on an fp32
+    param, master weights, a frozen param: the norm is the fp64 norm of all grads to fp32
+    accuracy (exact for inf), and every param equals the reference fed ``g * coef``."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    pairs = [(f32, f32), (f32, bf16), (bf16, bf16), (bf16, f32), (f16, f16), (f16, f32), (bf16, bf16)]
+    frozen = len(pairs) - 1
+    shapes = [(33,), (5, 7), (16385,), (300,), (1,), (20000,), (9,)]
+    params = _params(shapes, seed=3, dtypes=[p for p, _ in pairs])
+    for p, (_, g) in zip(params, pairs):
+        p.grad_dtype = g  # torch refuses a grad of another dtype otherwise
+    kw = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+    opt = tritonadam.AdamW(params, master_weights=True, **kw, **LAUNCH)
+    refs = [Reference(p, "adam", master=True) for p in params]
+    gen = torch.Generator().manual_seed(4)
+    max_norm = 2.0
+    for step in range(3):
+        scale = 5.0 if step != 1 else 1e-3
+        grads = [None if i == frozen else _grad(p.shape, gen, scale, g) for i, (p, (_, g)) in
+                 enumerate(zip(params, pairs))]
+        for p, g in zip(params, grads):
+            p.grad = g
+        norm = opt.clip_grad_norm_(max_norm, norm_type)
+        flat = torch.cat([g.double().reshape(-1) for g in grads if g is not None])
+        exact = flat.abs().max() if norm_type == INF else flat.norm()
+        if norm_type == INF:
+            assert norm.item() == exact.item()
+        else:
+            torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+        assert (norm > max_norm) == (step != 1)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's formula, fp32
+        opt.step()
+        for i, (p, r, g) in enumerate(zip(params, refs, grads)):
+            if g is not None:
+                expected = r.update(g.float() * coef, 1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
+                assert_same_bits(p, expected)
+        assert params[frozen] not in opt.state
+
+
+def test_norm_bits_are_deterministic_and_ignore_the_launch_config():
+    """Many tensors of two grad dtypes (several chunks of blocks per launch): the same
+    grads give the same norm bits on every call, whatever the optimizer's update launch
+    config (block size, warps, persistent grid), for the 2-norm and a general p."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(int(n),) for n in torch.randint(1, 3000, (40,), generator=gen)] + [(50000,)]
+    base = _params(shapes, seed=6, dtypes=[torch.float32, torch.bfloat16] * 20 + [torch.float32])
+    grads = [_grad(p.shape, gen, 1.0, p.dtype) for p in base]
+    configs = [LAUNCH, {"block_size": 1024, "num_warps": 2, "persistent": True}]
+    flat = torch.cat([g.double().reshape(-1) for g in grads])
+    for norm_type in (2.0, 3.0):
+        seen = []
+        for config in configs:
+            params = [nn.Parameter(p.detach().clone()) for p in base]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = tritonadam.AdamW(params, **config)
+            seen += [opt.clip_grad_norm_(INF, norm_type) for _ in range(2)]
+        bits = {n.view(torch.int32).item() for n in seen}
+        assert len(bits) == 1, f"norm_type {norm_type}: {[n.item() for n in seen]}"
+        exact = flat.abs().pow(norm_type).sum().pow(1 / norm_type)
+        torch.testing.assert_close(seen[0].double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+def test_max_grad_norm_clips_in_step(norm_type):
+    """``max_grad_norm=`` (trainers that only call step()): bit for bit what an explicit
+    clip_grad_norm_ before each step gives; ``last_grad_norm`` is one fixed tensor holding
+    the latest norm; the option survives a deepcopy."""
+    auto_params, explicit_params = _params([(30,), (16385,), (4, 5)], seed=7), _params([(30,), (16385,), (4, 5)], seed=7)
+    auto = tritonadam.AdamW(auto_params, lr=1e-2, max_grad_norm=0.5, grad_norm_type=norm_type, **LAUNCH)
+    explicit = tritonadam.AdamW(explicit_params, lr=1e-2, **LAUNCH)
+    assert auto.last_grad_norm is None
+    gen = torch.Generator().manual_seed(8)
+    fixed = None
+    for step in range(3):
+        for p, q in zip(auto_params, explicit_params):
+            p.grad = _grad(p.shape, gen, 2.0 if step != 1 else 1e-4)
+            q.grad = p.grad.clone()
+        auto.step()
+        norm = explicit.clip_grad_norm_(0.5, norm_type)
+        explicit.step()
+        fixed = fixed if fixed is not None else auto.last_grad_norm
+        assert auto.last_grad_norm is fixed
+        assert torch.equal(fixed, norm)
+        for p, q in zip(auto_params, explicit_params):
+            assert torch.equal(p, q)
+    copied = copy.deepcopy(auto)
+    assert (copied.max_grad_norm, copied.grad_norm_type) == (0.5, norm_type)
+    assert copied.last_grad_norm is None
+
+
+def test_dropped_and_compounded_coefficients():
+    """A coefficient belongs to the grads it measured: zero_grad(), or new grad tensors
+    before the step, drop it (the step is unclipped, as torch's would be for grads its
+    clip never saw); a second clip of the same grads compounds, like a second in-place
+    clip with torch."""
+    shapes = [(40,), (7, 3)]
+
+    def run(script):
+        params = _params(shapes, seed=9)
+        opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+        gen = torch.Generator().manual_seed(10)
+        grads = [_grad(p.shape, gen, 3.0) for p in params]
+        norms = script(opt, params, grads)
+        return params, norms
+
+    def fresh(params, grads):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+
+    def torch_run(clips):
+        params = _params(shapes, seed=9)
+        opt = torch.optim.AdamW(params, lr=1e-2, foreach=False)
+        gen = torch.Generator().manual_seed(10)
+        fresh(params, [_grad(p.shape, gen, 3.0) for p in params])
+        norms = [torch.nn.utils.clip_grad_norm_(params, m) for m in clips]
+        opt.step()
+        return params, norms
+
+    def zero_grad_then_new(opt, params, grads):
+        fresh(params, grads)
+        opt.clip_grad_norm_(1e-3)
+        opt.zero_grad()
+        fresh(params, grads)
+        opt.step()
+
+    def replaced(opt, params, grads):
+        fresh(params, grads)
+        opt.clip_grad_norm_(1e-3)
+        fresh(params, grads)  # a new backward after model.zero_grad(): new tensors
+        opt.step()
+
+    def twice(opt, params, grads):
+        fresh(params, grads)
+        norms = [opt.clip_grad_norm_(2.0), opt.clip_grad_norm_(0.7)]
+        opt.step()
+        return norms
+
+    unclipped, _ = torch_run([])
+    for script in (zero_grad_then_new, replaced):
+        params, _ = run(script)
+        for p, q in zip(params, unclipped):
+            torch.testing.assert_close(p, q, **TOL)
+    params, norms = run(twice)
+    expected_params, expected = torch_run([2.0, 0.7])
+    torch.testing.assert_close(torch.stack(norms), torch.stack(expected), rtol=2e-6, atol=0)
+    assert norms[1].item() == pytest.approx(2.0, rel=1e-5)  # measured after the first clip
+    for p, q in zip(params, expected_params):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 1))
+
+
+def _backward(model, scaler, step, poison=False):
+    gen = torch.Generator().manual_seed(step)
+    x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 1, generator=gen)
+    loss = (model(x) - y).square().mean() * 20  # grads well above max_norm
+    scaler.scale(loss).backward()
+    if poison:
+        model[0].weight.grad[1, 2] = INF
+
+
+@pytest.mark.parametrize("recipe", ["scaler-argument", "max_grad_norm", "unscale-first"])
+def test_grad_scaler_recipes_match_torch(recipe):
+    """fp16-style loss scaling with a scale that grows and an inf at step 2; reference:
+    torch's recipe (unscale_, clip_grad_norm_, scaler.step) with torch.optim.AdamW.
+      scaler-argument  clip_grad_norm_(..., scaler=scaler): the scale folds into the norm
+      max_grad_norm    step() clips with the scale GradScaler hands it
+      unscale-first    scaler.unscale_(opt) then clip_grad_norm_ (grads rewritten by torch)
+    The norm is of the unscaled grads; the inf step is skipped on the device, scale backs off."""
+    model, ref_model = _model(), _model()
+    extra = {"max_grad_norm": 0.5} if recipe == "max_grad_norm" else {}
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **extra, **LAUNCH)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=3000.0, growth_interval=1) for _ in range(2)]
+    for step in range(5):
+        poison = step == 2
+        for o in (opt, ref):
+            o.zero_grad()
+        _backward(ref_model, scalers[1], step, poison)
+        scalers[1].unscale_(ref)
+        expected = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+        scalers[1].step(ref)
+        scalers[1].update()
+
+        _backward(model, scalers[0], step, poison)
+        before = [p.grad.clone() for p in model.parameters()]
+        if recipe == "scaler-argument":
+            norm = opt.clip_grad_norm_(0.5, scaler=scalers[0])
+            assert _same_grads(model.parameters(), before)
+        elif recipe == "unscale-first":
+            scalers[0].unscale_(opt)
+            norm = opt.clip_grad_norm_(0.5)
+        scalers[0].step(opt)
+        scalers[0].update()
+        if recipe == "max_grad_norm":
+            norm = opt.last_grad_norm
+        if poison:
+            assert norm.item() == INF and expected.item() == INF
+        else:
+            torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, **TOL)
+    assert scalers[0].get_scale() != 3000.0
+    assert all(opt.state[p]["step"].item() == 4 for p in model.parameters())
+
+
+def test_clip_of_scaled_grads_is_refused():
+    """clip_grad_norm_ without scaler= on grads GradScaler still scales would clip by a
+    norm thousands of times too large: the step raises and writes nothing."""
+    model = _model()
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    _backward(model, scaler, 0)
+    opt.clip_grad_norm_(0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="scaler.unscale_"):
+        scaler.step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for state in opt.state.values():  # created by the clip, never stepped
+        assert state["step"].item() == 0 and not state["exp_avg"].any()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+def test_error_if_nonfinite(norm_type):
+    """error_if_nonfinite=True raises torch's error on an inf or NaN norm and leaves no
+    coefficient (the next step is unclipped, as torch's raising clip leaves the grads);
+    False returns the non-finite norm and the step does what torch's clip + step does
+    (a NaN norm makes every grad NaN; an inf one makes inf grads NaN and the others 0)."""
+    shapes = [(6,), (16385,)]
+
+    def setup(grads, bad):
+        params = _params(shapes, seed=11)
+        ref = [nn.Parameter(p.detach().clone()) for p in params]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        params[0].grad[2] = ref[0].grad[2] = bad
+        return (params, tritonadam.AdamW(params, lr=1e-2, **LAUNCH),
+                ref, torch.optim.AdamW(ref, lr=1e-2, foreach=False))
+
+    for bad in (INF, float("nan")):
+        ok = [_grad(s, torch.Generator().manual_seed(12), 3.0) for s in shapes]
+        params, opt, ref, torch_opt = setup(ok, bad)
+        with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+            torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type, error_if_nonfinite=True)
+        with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+            opt.clip_grad_norm_(1.0, norm_type, error_if_nonfinite=True)
+        params[0].grad[2] = ref[0].grad[2] = ok[0][2]  # in place: the grads the clip measured
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL)
+
+        params, opt, ref, torch_opt = setup(ok, bad)
+        norm = opt.clip_grad_norm_(1.0, norm_type)
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
+        assert torch.equal(norm, expected) or norm.isnan() and expected.isnan()
+        assert norm.isnan() == math.isnan(bad)
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, equal_nan=True, **TOL)
+        assert params[1].isnan().all() == math.isnan(bad)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda o: o.clip_grad_norm_(-1.0), ValueError, "max_norm must be >= 0"),
+    (lambda o: o.clip_grad_norm_(float("nan")), ValueError, "max_norm must be >= 0"),
+    (lambda o: o.clip_grad_norm_(torch.tensor(1.0)), TypeError, "Python number"),
+    (lambda o: o.clip_grad_norm_(1.0, 0), ValueError, "order p > 0 or inf"),
+    (lambda o: o.clip_grad_norm_(1.0, -INF), ValueError, "order p > 0 or inf"),
+    (lambda o: o.clip_grad_norm_(1.0, "fro"), ValueError, "norm_type"),
+    (lambda o: o.clip_grad_norm_(1.0, foreach="yes"), ValueError, "foreach"),
+    (lambda o: o.clip_grad_norm_(1.0, scaler=object()), TypeError, "GradScaler"),
+    (lambda o: tritonadam.AdamW(o.param_groups[0]["params"], max_grad_norm=-2.0), ValueError, "max_norm"),
+    (lambda o: tritonadam.Adam(o.param_groups[0]["params"], grad_norm_type=0.0), ValueError, "order p > 0"),
+], ids=["negative", "nan", "tensor", "p=0", "p=-inf", "fro", "foreach", "scaler", "ctor-max", "ctor-p"])
+def test_bad_arguments_are_refused_and_change_nothing(call, error, match):
+    params = _params([(5,), (3, 4)], seed=13)
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    gen = torch.Generator().manual_seed(14)
+    for p in params:
+        p.grad = _grad(p.shape, gen, 1.0)
+    opt.step()
+    for p in params:
+        p.grad = _grad(p.shape, gen, 1.0)
+    before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        call(opt)
+    opt.step()  # nothing pending: unclipped, like torch.optim on the same grads
+    ref = [nn.Parameter(b.clone()) for b in before[0]]
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    torch_opt.load_state_dict(before[1])
+    for p, q in zip(params, ref):
+        q.grad = p.grad.clone()
+    torch_opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+def test_unsupported_cases_say_what_to_do():
+    """Complex grads by a norm other than 2 (the kernels read their real view), and
+    differentiable=True groups (stepped by torch.optim): clear errors naming torch's function."""
+    z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    z.grad = torch.randn(4, dtype=torch.complex64)
+    opt = tritonadam.Adam([z], **LAUNCH)
+    with pytest.raises(ValueError, match="2-norm only"):
+        opt.clip_grad_norm_(1.0, INF)
+    norm = opt.clip_grad_norm_(INF)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(z.grad), rtol=1e-6, atol=0)
+
+    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    p.grad, q.grad = torch.randn(3), torch.randn(3)
+    opt = tritonadam.Adam([{"params": [p]}, {"params": [q], "differentiable": True}], **LAUNCH)
+    with pytest.raises(NotImplementedError, match="torch.nn.utils.clip_grad_norm_"):
+        opt.clip_grad_norm_(1.0)
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        tritonadam.Adam([{"params": [p]}, {"params": [q], "differentiable": True}],
+                        max_grad_norm=1.0, **LAUNCH).step()
+
+
+def test_no_grads_returns_torchs_zero():
+    p = nn.Parameter(torch.randn(3))
+    opt = tritonadam.AdamW([p], **LAUNCH)
+    norm = opt.clip_grad_norm_(1.0)
+    assert norm.item() == 0.0 and torch.nn.utils.clip_grad_norm_([p], 1.0).item() == 0.0
