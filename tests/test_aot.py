@@ -6,7 +6,7 @@ what the compiler reports must fit a memory-bound kernel.
 - the update kernel has no ordered atomics, fences or barriers across the GPU, and no
   shared-memory staging;
 - at 4096/8 (fp64: 2048/8, the same bytes per thread) every variant without a master copy
-  fits in 128 registers (but AMSGrad with stochastically rounded bf16 state: 160), and
+  fits in 128 registers (but stochastically rounded bf16 state: up to 168), and
   the default config keeps at least 32 warps resident per SM (fp64, which moves twice
   the bytes per element, at least 24);
 - the gradient-norm kernels (norm pass and reduction): no spills, the norm pass reads
@@ -120,10 +120,11 @@ def test_registers_at_4096_by_8(compiled):
         f = row["flags"]
         if f.get("master"):
             continue
-        # AMSGrad with stochastically rounded bf16 state keeps three random fields per
-        # element live: 147-160 registers (8 warps resident) at this size.
-        sr_amsgrad = f.get("stochastic_rounding") and f.get("amsgrad") and f.get("state_dtype")
-        assert row["registers"] <= (160 if sr_amsgrad else 128), (_name(row), row["registers"])
+        # Stochastically rounded bf16 state keeps its random fields live beside the data:
+        # 112-166 registers at this size (8-16 warps resident), by variant and Triton
+        # version; the default config keeps 32 (test below).
+        sr_state = f.get("stochastic_rounding") and f.get("state_dtype")
+        assert row["registers"] <= (168 if sr_state else 128), (_name(row), row["registers"])
 
 
 def test_default_config_keeps_32_warps_resident(compiled):
