@@ -10,7 +10,8 @@
 # are used when present. $OUT receives five files (a GPU machine hands back at most 8):
 #   header.txt    GPU, driver, CUDA, torch, triton, python, commit, the exact command
 #   results.json  step 2: copy bandwidth; tritonadam (default config) vs torch fused=True
-#                 vs foreach; every candidate launch config: rewritten after every case
+#                 vs foreach, each also with clip + step in bf16; every candidate launch
+#                 config: rewritten after every case
 #   pytest.txt    step 3: the GPU tests, -v -rA, streamed as they run
 #   summary.md    the goals, key results, launch configs, each step's status, test counts,
 #                 the tuner's first use: rewritten after every step
@@ -57,10 +58,11 @@ else
 fi
 
 # ------------------------------------------------------------------ what each step runs
-# The goal workloads: Llama-like layers in bf16 and fp32, 10,000 x 4,096, one huge tensor.
-CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups bf16,fp32
+# The goal workloads: Llama-like layers in bf16 and fp32, 10,000 x 4,096, one huge tensor;
+# in bf16 also clip + step (9 more cases, before the sweep).
+CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups bf16,fp32 --clip bf16
       --providers tritonadam,torch-fused,torch-foreach --autotune off --sweep --sweep-max 8)
-CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
+CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16 --clip bf16
           --providers tritonadam,torch-fused,torch-foreach --sweep --sweep-max 2
           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2 --check-steps 1)
 # Parity, bf16/fp16 bit-exactness, CUDA graphs, GradScaler's skip, one launch per step,
@@ -68,7 +70,7 @@ CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
 GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py}"
 TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --sweep-max 6)
 TUNING_DRY=()  # on the CPU --tuning checks its arguments, says it needs a GPU and exits 0
-BENCH=()  # the default matrix: every profile, setup and provider
+BENCH=()  # the default matrix: every profile, setup and provider, clip + step in fp32 and bf16
 BENCH_DRY=(--device cpu --profiles one-huge@10K --setups fp32 --providers torch-fused,torch-foreach
            --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2)
 

@@ -6,10 +6,12 @@
 tritonadam's step with its kernel launches stubbed out: what remains is the per-step host
 work (finding grads, checking what the launches rely on, refreshing the pointer tables).
 It is reported next to the *floor*: one plain Python pass reading every grad's
-``data_ptr()``, the least any optimizer that launches on raw pointers must do. Both are
-timed in the same loop, interleaved, with fresh grads every step as
-``zero_grad(set_to_none=True)`` training gives, so machine noise hits both alike. A GPU
-run of ``python -m tritonadam.bench`` measures the real host time, launches included.
+``data_ptr()``, the least any optimizer that launches on raw pointers must do. Also timed:
+``clip_grad_norm_(1.0)`` then the step (the norm's launches stubbed too), as a training
+loop that clips calls them. All are timed in the same loop, interleaved, with fresh grads
+before each step as ``zero_grad(set_to_none=True)`` training gives, so machine noise hits
+them alike. A GPU run of ``python -m tritonadam.bench`` measures the real host time,
+launches included.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ import tritonadam  # noqa: E402
 import tritonadam.step_cache as step_cache  # noqa: E402
 
 
+#: the launchers a step and a clip call, as step_cache imported them
+STUBBED = ("launch_prepare", "launch_update", "launch_norm", "launch_norm_reduce")
+
+
 def floor_pass(params) -> None:
     for p in params:
         p.grad.data_ptr()
@@ -40,12 +46,14 @@ def measure(tensors: int, numel: int, reps: int) -> dict:
             p.grad = torch.empty_like(p)
 
     opt = tritonadam.AdamW(params, block_size=4096, num_warps=4)
-    launches = step_cache.launch_prepare, step_cache.launch_update
-    step_cache.launch_prepare = step_cache.launch_update = lambda *a, **k: None
+    launches = {name: getattr(step_cache, name) for name in STUBBED}
+    for name in STUBBED:
+        setattr(step_cache, name, lambda *a, **k: None)
     try:
         fresh(0)
-        opt.step()  # builds the cache (and state) once
-        floor, step = [], []
+        opt.clip_grad_norm_(1.0)
+        opt.step()  # builds the cache, the norm's plan and the state once
+        floor, step, clip_step = [], [], []
         for i in range(reps):
             fresh(i)
             t0 = time.perf_counter()
@@ -53,13 +61,21 @@ def measure(tensors: int, numel: int, reps: int) -> dict:
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
+            fresh(i)
+            t3 = time.perf_counter()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            t4 = time.perf_counter()
             floor.append((t1 - t0) * 1e3)
             step.append((t2 - t1) * 1e3)
+            clip_step.append((t4 - t3) * 1e3)
     finally:
-        step_cache.launch_prepare, step_cache.launch_update = launches
+        for name, launch in launches.items():
+            setattr(step_cache, name, launch)
     floor_ms, step_ms = statistics.median(floor), statistics.median(step)
+    clip_ms = statistics.median(clip_step)
     return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
-            "ratio": step_ms / floor_ms}
+            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
 
 
 def main() -> None:
@@ -71,10 +87,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"host time per step, launches stubbed, fresh grads each step; median of {args.reps} "
           f"({os.cpu_count()} CPUs, torch {torch.__version__})")
-    print(f"  {'tensors':>8} {'floor ms':>10} {'step ms':>10} {'step/floor':>11}")
+    print(f"  {'tensors':>8} {'floor ms':>10} {'step ms':>10} {'step/floor':>11} "
+          f"{'clip+step ms':>13} {'clip+step/floor':>16}")
     for n in args.tensors:
         r = measure(n, args.numel, args.reps)
-        print(f"  {r['tensors']:>8} {r['floor_ms']:>10.3f} {r['step_ms']:>10.3f} {r['ratio']:>11.2f}")
+        print(f"  {r['tensors']:>8} {r['floor_ms']:>10.3f} {r['step_ms']:>10.3f} {r['ratio']:>11.2f} "
+              f"{r['clip_step_ms']:>13.3f} {r['clip_ratio']:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from tritonadam.bench import report as report_mod
 from tritonadam.bench.__main__ import main
+from tritonadam.bench.workloads import SETUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--profiles", "one-huge@20K,many-small@40K", "--setups",
@@ -75,8 +76,14 @@ def test_default_cpu_run_is_quick_and_plain():
     if _tritonadam_importable():
         lines = [ln for ln in out.splitlines()
                  if ln.startswith("tritonadam ") and "check-small" in ln]
-        assert len(lines) == 4, out  # fp32, bf16, fp16, bf16-master on check-small
+        assert len(lines) == len(SETUPS) + 2, out  # every setup, and clip + step in fp32 and bf16
         assert all(" ok " in ln for ln in lines), lines
+        by = {tuple(ln.split()[:2]): ln for ln in lines if "clip" not in ln}
+        assert "bit for bit as master_weights=True" in by["tritonadam", "bf16-remainder"]
+        assert all("off nearest" in by["tritonadam", s] for s in ("bf16-sr", "bf16-sr-bf16state"))
+        assert sum("tritonadam clip + step" in ln and "norm" in ln for ln in lines) == 2
+    for p in ("torch-fused", "torch-foreach", "torch-forloop"):  # timed with clipping too
+        assert f"{p} clip + step" in out
     assert "[1/" in r.stderr  # progress
 
 
@@ -92,10 +99,12 @@ def test_json_md_csv_outputs(tmp_path):
         assert rep["header"][key]
     assert "--providers" in rep["header"]["command"]
     rows = rep["results"]
-    assert {(x["workload"], x["setup"], x["provider"]) for x in rows} == {
-        (w, s, p) for w in ("one-huge@20K", "many-small@40K") for s in ("fp32", "bf16-master")
-        for p in ("torch-fused", "torch-foreach")}
-    assert len(rows) == 8
+    assert {(x["workload"], x["setup"], x["provider"], x.get("clip")) for x in rows} == {
+        (w, s, p, c) for w in ("one-huge@20K", "many-small@40K") for s in ("fp32", "bf16-master")
+        for p in ("torch-fused", "torch-foreach")
+        for c in ((None, 1.0) if s == "fp32" else (None,))}  # clip + step in fp32 by default
+    assert len(rows) == 12
+    assert rep["config"]["clip_setups"] == ["fp32"] and rep["config"]["max_norm"] == 1.0
     for x in rows:
         assert x["status"] == "ok", x
         assert x["bytes_per_step"] == x["params"] * x["bytes_per_param"]
@@ -108,20 +117,85 @@ def test_json_md_csv_outputs(tmp_path):
     master = [x for x in rows if x["setup"] == "bf16-master"]
     assert all("torch has no master weights" in x["label"] for x in master)
     assert all(x["bytes_per_param"] == 40 for x in master)
+    clipped = [x for x in rows if x.get("clip")]
+    # clip_grad_norm_ reads the fp32 grads, then reads and writes them: 28 + 12
+    assert all(x["bytes_per_param"] == 40 and "norm" in x["check"] for x in clipped)
+    assert [x["speedup"] for x in clipped if x["provider"] == "torch-fused"] == [1.0, 1.0]
     assert rep["roofline"]["gpus"][0]["tb_per_s"] == 3.35
     assert rep["goals"] == []  # goals are judged on GPU runs only
 
     md = m.read_text()
     assert md.startswith("# tritonadam bench") and "| workload" in md and "## Results" in md
+    assert "| torch-foreach clip + step" in md
+    assert "clip + step: the grads' total norm clipped to 1.0" in md
     table = list(csv.DictReader(io.StringIO(c.read_text())))
-    assert len(table) == len(rows) and {"ms", "gbps", "device", "torch"} <= set(table[0])
+    assert len(table) == len(rows) and {"ms", "gbps", "device", "torch", "clip"} <= set(table[0])
     assert "Results" in r.stdout  # with --out, stdout shows the table
+
+
+# bytes per param by (setup, provider, clip + step): the precision modes natively for
+# tritonadam, torch's stand-ins otherwise; the clip adds a grad read for tritonadam (2 B in
+# bf16), a read and a read + write for torch's clip_grad_norm_ (6 B)
+MODES_BYTES = {
+    ("bf16-remainder", "tritonadam", False): 26, ("bf16-remainder", "torch-fused", False): 40,
+    ("bf16-remainder", "tritonadam", True): 28, ("bf16-remainder", "torch-fused", True): 46,
+    ("bf16-sr", "tritonadam", False): 22, ("bf16-sr", "torch-fused", False): 14,
+    ("bf16-bf16state", "tritonadam", False): 14, ("bf16-bf16state", "torch-fused", False): 14,
+    ("bf16-bf16state", "tritonadam", True): 16, ("bf16-bf16state", "torch-fused", True): 20,
+    ("bf16-sr-bf16state", "tritonadam", False): 14, ("bf16-sr-bf16state", "torch-fused", False): 14,
+}
+
+
+@pytest.mark.skipif(not _tritonadam_importable(), reason="needs tritonadam's kernels")
+def test_precision_modes_and_clip_rows(tmp_path):
+    """The precision-mode setups and clip + step rows through the CLI, tritonadam timed in
+    Triton's interpreter on a tiny workload: checked, with the bytes, state memory, labels
+    and speedups each row must have."""
+    j = tmp_path / "r.json"
+    r = _bench(["--device", "cpu", "--profiles", "one-huge@4K", "--providers", "tritonadam,torch-fused",
+                "--setups", "bf16-remainder,bf16-sr,bf16-bf16state,bf16-sr-bf16state",
+                "--clip", "bf16-remainder,bf16-bf16state", "--max-norm", "0.5", "--rep-ms", "1",
+                "--warmup-ms", "0", "--min-reps", "1", "--max-reps", "2", "--out", str(j)],
+               timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(j.read_text())
+    rows = {(x["setup"], x["provider"], bool(x.get("clip"))): x for x in rep["results"]}
+    assert set(rows) == set(MODES_BYTES)
+    for key, x in rows.items():
+        assert x["status"] == "ok" and x["check"].startswith("ok"), x
+        assert x["bytes_per_param"] == MODES_BYTES[key], (key, x["traffic"])
+        assert x.get("clip") in (None, 0.5) and ("norm" in x["check"]) == key[2]
+    ours = {k[0]: x for k, x in rows.items() if k[1] == "tritonadam" and not k[2]}
+    assert {s: x["state_bytes"] for s, x in ours.items()} == {  # + a step count (and seed)
+        "bf16-remainder": 4000 * 10 + 4, "bf16-sr": 4000 * 8 + 4 + 8,
+        "bf16-bf16state": 4000 * 4 + 4, "bf16-sr-bf16state": 4000 * 4 + 4 + 8}
+    assert "off nearest" in ours["bf16-sr"]["check"]
+    torch_rows = {k[0]: x for k, x in rows.items() if k[1] == "torch-fused" and not k[2]}
+    assert "torch has no master weights" in torch_rows["bf16-remainder"]["label"]
+    assert "rounded to nearest" in torch_rows["bf16-sr"]["label"]
+    assert torch_rows["bf16-bf16state"]["label"] == ""  # the same setup: a fair comparison
+    assert rows["bf16-bf16state", "torch-fused", True]["speedup"] == 1.0  # against its clip row
+    checks = {(c["provider"], c["setup"], c.get("clip")): c for c in rep["checks"]}
+    assert "bit for bit as master_weights=True" in checks["tritonadam", "bf16-remainder", None]["result"]
+    assert all(c["ok"] for c in checks.values())
+    assert ("tritonadam", "bf16-remainder", 0.5) in checks and len(checks) == 12
+    assert "tritonadam clip + step" in r.stdout and "torch-fused clip + step" in r.stdout
+    assert "clipped to 0.5" in r.stdout
+
+
+def test_plan_shows_clip_rows(capsys):
+    assert main(["--plan", "--profiles", "many-small", "--setups", "bf16,fp16", "--clip", "all",
+                 "--max-norm", "2"]) == 0
+    assert "clip + step (max_norm 2) for each provider: bf16, fp16" in capsys.readouterr().out
+    assert main(["--plan", "--profiles", "many-small", "--setups", "bf16-sr"]) == 0
+    assert "clip + step" not in capsys.readouterr().out  # fp32 and bf16 by default, where run
 
 
 def test_stdout_formats_and_load(tmp_path, capsys):
     """Render a saved run in every format (in-process, nothing re-run)."""
     j = tmp_path / "r.json"
-    r = _bench(SMALL + ["--providers", "torch-fused", "--setups", "bf16", "--format", "json", "-q"])
+    r = _bench(SMALL + ["--providers", "torch-fused", "--setups", "bf16", "--clip", "none",
+                        "--format", "json", "-q"])
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)  # stdout is pure JSON
     j.write_text(r.stdout)
@@ -182,6 +256,9 @@ def test_sigterm_writes_partial_results(tmp_path):
     (["--min-reps", "0"], "--min-reps"),
     (["--min-reps", "9", "--max-reps", "3"], "--min-reps"),
     (["--baseline", "nope"], "--baseline"),
+    (["--clip", "fp8"], "unknown --clip setup fp8"),
+    (["--setups", "bf16", "--clip", "fp32"], "unknown --clip setup fp32; choose from bf16"),
+    (["--max-norm", "0"], "--max-norm must be > 0"),
     (["--load", "/nonexistent/run.json"], "No such file"),
 ])
 def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
@@ -204,8 +281,11 @@ def test_load_rejects_other_json(tmp_path, capsys):
 def test_list(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("gpt2-124m", "llama2-7b", "many-small", "bf16-master", "torch-compile", "te"):
+    for name in ("gpt2-124m", "llama2-7b", "many-small", "bf16-master", "torch-compile", "te", *SETUPS):
         assert name in out
+    assert "remainder 2+2" in out  # the traffic of each setup
+    remainder = next(ln for ln in out.splitlines() if ln.startswith("bf16-remainder "))
+    assert remainder.split()[1:3] == ["26", "14"]  # bytes moved per step, bytes held
     assert "124439808" in out.replace(",", "") or "124.44M" in out
 
 
@@ -288,6 +368,26 @@ def test_startup_only_touches_cpu_runs(monkeypatch):
     assert count_kernel_launches(lambda: None, torch.device("cpu")) is None
 
 
+def test_host_time_stubs_every_launch():
+    """bench/host_time.py times the step and clip + step with all four launchers stubbed:
+    no kernel is launched (the real launchers count every launch), and they are restored."""
+    import importlib.util
+
+    from tritonadam import step_cache
+    from tritonadam.kernels import launch_counts
+
+    spec = importlib.util.spec_from_file_location("host_time", ROOT / "bench" / "host_time.py")
+    host_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host_time)
+    before = dict(launch_counts)
+    real = {name: getattr(step_cache, name) for name in host_time.STUBBED}
+    r = host_time.measure(tensors=30, numel=8, reps=3)
+    assert launch_counts == before
+    assert {name: getattr(step_cache, name) for name in host_time.STUBBED} == real
+    assert min(r["floor_ms"], r["step_ms"], r["clip_step_ms"]) > 0
+    assert r["clip_ratio"] == pytest.approx(r["clip_step_ms"] / r["floor_ms"])
+
+
 # ------------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -303,9 +403,13 @@ def test_gpu_small_bench(tmp_path):
     assert rep["mode"] == "gpu" and rep["copy_bandwidth"]["gbps"] > 0
     assert rep["header"]["driver"] and rep["header"]["cuda"]
     ok = [x for x in rep["results"] if x["status"] == "ok"]
-    assert len(ok) == 12, rep["results"]
+    assert len(ok) == 12 + 8, rep["results"]  # and clip + step in fp32 and bf16
     for x in ok:
         assert x["pct_copy"] > 0 and x["launches"] is not None and x["launches"] >= 1
+    plain = {(x["workload"], x["setup"], x["provider"]): x["launches"] for x in ok if not x.get("clip")}
+    for x in ok:  # the clip launches its norm kernels besides the step's
+        if x.get("clip"):
+            assert x["launches"] > plain[x["workload"], x["setup"], x["provider"]], x
     ours = [x for x in ok if x["provider"] == "tritonadam"]
     assert all(x["check"].startswith("ok") for x in ours)
     assert rep["goals"]

@@ -64,6 +64,7 @@ def test_tuning_without_gpu_subprocess_default_device():
     (["--providers", "torch-fused"], "--providers does not apply to --tuning"),
     (["--autotune", "off"], "--autotune does not apply to --tuning"),
     (["--plot", "x.png"], "--plot does not apply to --tuning"),
+    (["--clip", "bf16"], "--clip does not apply to --tuning"),
 ])
 def test_conflicting_flags_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as e:

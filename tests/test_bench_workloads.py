@@ -16,14 +16,57 @@ from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, SETUPS, Layout, b
 # ------------------------------------------------------------------------- byte formulas
 
 @pytest.mark.parametrize("setup,expected", [("fp32", 28), ("bf16", 22), ("fp16", 22),
-                                            ("bf16-master", 28)])
+                                            ("bf16-master", 28), ("bf16-remainder", 26),
+                                            ("bf16-sr", 22), ("bf16-bf16state", 14),
+                                            ("bf16-sr-bf16state", 14)])
 def test_bytes_per_param_match_design(setup, expected):
-    # DESIGN.md section 3; AdaMax moves the same bytes as Adam; Adam == AdamW.
+    # DESIGN.md section 3, README's precision modes; AdaMax moves the same bytes as Adam;
+    # Adam == AdamW.
     assert bytes_per_param(setup) == expected
     assert bytes_per_param(setup, "adam") == expected
     assert bytes_per_param(setup, "adamax") == expected
-    # amsgrad reads and writes max_exp_avg_sq in fp32: +8 B
-    assert bytes_per_param(setup, amsgrad=True) == expected + 8
+    # amsgrad reads and writes max_exp_avg_sq in the state dtype: +8 B in fp32, +4 in bf16
+    assert bytes_per_param(setup, amsgrad=True) == expected + 2 * DTYPE_BYTES[SETUPS[setup].state]
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("algo,amsgrad", [("adamw", False), ("adam", True), ("adamax", False)])
+def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
+    # the bench's formula against the one the autotuner uses, for the options the bench
+    # gives tritonadam
+    from tritonadam.bench.providers import tritonadam_modes
+    from tritonadam.kernels import bytes_per_elem
+
+    s = SETUPS[setup]
+    assert bytes_per_param(setup, algo, amsgrad) == bytes_per_elem(
+        optimizer=algo, param_dtype=workloads.torch_dtype(s.param),
+        grad_dtype=workloads.torch_dtype(s.grad), amsgrad=amsgrad, **tritonadam_modes(s))
+
+
+@pytest.mark.parametrize("setup,expected", [("fp32", 16), ("bf16", 12), ("fp16", 12),
+                                            ("bf16-master", 16), ("bf16-remainder", 14),
+                                            ("bf16-sr", 12), ("bf16-bf16state", 8),
+                                            ("bf16-sr-bf16state", 8)])
+def test_resident_bytes_match_readme(setup, expected):
+    # param + grad + state per param, as README's precision-mode table states them
+    assert workloads.resident_bytes_per_param(SETUPS[setup].layout) == expected
+    extra = DTYPE_BYTES[SETUPS[setup].state]
+    assert workloads.resident_bytes_per_param(SETUPS[setup].layout, amsgrad=True) == expected + extra
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_state_memory_column_is_what_tritonadam_holds(setup):
+    # the optimizer's real state bytes (the "state MiB" column) are the resident formula
+    # less param and grad, plus a step count (and a rounding seed) per tensor
+    from tritonadam.bench.runner import make_tensors
+
+    s = SETUPS[setup]
+    w = make_workload("one-huge", 5000)
+    built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, "adamw",
+                                          HyperParams())
+    built.step()
+    held = workloads.resident_bytes_per_param(s.layout) - DTYPE_BYTES[s.param] - DTYPE_BYTES[s.grad]
+    assert state_bytes(built) == w.params * held + 4 + (8 if s.stochastic else 0)
 
 
 def test_bytes_by_hand():
@@ -31,7 +74,11 @@ def test_bytes_by_hand():
     fp32 = {"p": (4, 4), "g": (4, 0), "m": (4, 4), "v": (4, 4)}
     bf16 = {"p": (2, 2), "g": (2, 0), "m": (4, 4), "v": (4, 4)}
     master = {"master": (4, 4), "g": (2, 0), "m": (4, 4), "v": (4, 4), "p": (0, 2)}
-    for setup, table in (("fp32", fp32), ("bf16", bf16), ("fp16", bf16), ("bf16-master", master)):
+    remainder = {"p": (2, 2), "remainder": (2, 2), "g": (2, 0), "m": (4, 4), "v": (4, 4)}
+    bf16_state = {"p": (2, 2), "g": (2, 0), "m": (2, 2), "v": (2, 2)}
+    for setup, table in (("fp32", fp32), ("bf16", bf16), ("fp16", bf16), ("bf16-master", master),
+                         ("bf16-remainder", remainder), ("bf16-sr", bf16),
+                         ("bf16-bf16state", bf16_state), ("bf16-sr-bf16state", bf16_state)):
         t = traffic(SETUPS[setup].layout)
         assert t.bytes_per_param == sum(r + w for r, w in table.values())
         assert t.read == sum(r for r, _ in table.values())
@@ -217,6 +264,78 @@ def test_compare_catches_skipped_and_doubled_updates():
         assert not check.compare(nan, ref2, 2, dt, hp.lr).ok
 
 
+def _bf16_neighbours(x: torch.Tensor):
+    """The bf16 values either side of float64 ``x``: (toward zero, away from zero), and
+    where ``x`` lies between them (0: on the first)."""
+    bits = x.to(torch.float32).view(torch.int32)
+    low = (bits & ~0xFFFF).view(torch.float32).double()
+    high = (bits + 0x10000 & ~0xFFFF).view(torch.float32).double()
+    return low, high, ((x - low) / (high - low)).abs()
+
+
+def test_stochastic_rounding_check():
+    """Rounding to either neighbour with probability by distance passes; a rounding stuck
+    one way, or rounding to nearest, fails, though both are within the tolerance."""
+    gen = torch.Generator().manual_seed(5)
+    hp = HyperParams()
+    p0 = (torch.randn(20000, generator=gen) * 0.02).to(torch.bfloat16).double()
+    g = torch.randn(20000, generator=gen).to(torch.bfloat16).double()
+    exact = check.reference(p0, g, 1, "adamw", hp, "fp64", "fp32", None)
+    nearest = check.reference(p0, g, 1, "adamw", hp, "bf16", "fp32", None)
+    toward_zero, away, frac = _bf16_neighbours(exact)
+    moves = check.off_nearest_chance(exact, "bf16")
+    torch.testing.assert_close(moves, torch.minimum(frac, 1 - frac), rtol=0, atol=1e-9)
+    stochastic = torch.where(torch.rand(20000, generator=gen, dtype=torch.float64) < frac, away,
+                             toward_zero)
+    res = check.compare(stochastic, nearest, 1, "bf16", hp.lr, moves)
+    assert res.ok and "off nearest" in res.note, res.detail
+    for stuck in (toward_zero, away, nearest):
+        assert check.compare(stuck, nearest, 1, "bf16", hp.lr).ok  # the tolerance alone passes
+        res = check.compare(stuck, nearest, 1, "bf16", hp.lr, moves)
+        assert not res.ok and "stochastic rounding" in res.detail
+
+
+def test_stochastic_rounding_check_with_updates_far_below_an_ulp():
+    """Where the first step should move too few elements to tell, rounding that moves none
+    is not judged on it (only on its bias)."""
+    gen = torch.Generator().manual_seed(6)
+    hp = HyperParams(lr=1e-9)
+    p0 = (torch.randn(20000, generator=gen) * 0.02).to(torch.bfloat16).double()
+    g = torch.randn(20000, generator=gen).to(torch.bfloat16).double()
+    exact = check.reference(p0, g, 1, "adamw", hp, "fp64", "fp32", None)
+    nearest = check.reference(p0, g, 1, "adamw", hp, "bf16", "fp32", None)
+    moves = check.off_nearest_chance(exact, "bf16")
+    assert float(moves.sum()) < check.SR_MIN_MOVES
+    assert check.compare(nearest, nearest, 1, "bf16", hp.lr, moves).ok
+
+
+def test_differing_elements_compares_bits():
+    a = torch.tensor([1.0, 0.0, float("nan"), 3.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0, -0.0, float("nan"), 3.015625], dtype=torch.bfloat16)
+    assert check.differing_elements([a, torch.tensor(2.0)], [a.clone(), torch.tensor(2.0)]) == 0
+    assert check.differing_elements([a], [b]) == 2  # -0.0 and the next bf16 after 3
+
+
+def test_remainder_check_catches_different_bits(monkeypatch):
+    """tritonadam's remainder setup is checked bit for bit against master_weights=True; a
+    twin that steps differently fails the check."""
+    from dataclasses import replace
+
+    from tritonadam.bench.runner import Options, Runner
+
+    opts = Options(device=torch.device("cpu"), providers=["tritonadam"], setups=["bf16-remainder"],
+                   workloads=[], check_workload=make_workload("check-small"))
+    runner = Runner(opts)
+    runner.run_checks()
+    assert runner.checks[0]["ok"] and "bit for bit as master_weights=True" in runner.checks[0]["result"]
+    plain = replace(SETUPS["bf16-remainder"], name="bf16 without a master", master=None, remainder=False)
+    monkeypatch.setattr(PROVIDERS["tritonadam"], "exact_twin", lambda setup: plain)
+    runner = Runner(opts)
+    runner.run_checks()
+    entry = runner.checks[0]
+    assert entry["ok"] is False and "differ in their bits from bf16 without a master" in entry["detail"]
+
+
 def test_sample_covers_ends_and_empty_tensors():
     params = [torch.zeros(0), torch.arange(10.0), torch.arange(100_000.0), torch.tensor(3.0)]
     for p in params:
@@ -230,8 +349,21 @@ def test_sample_covers_ends_and_empty_tensors():
 
 # ----------------------------------------------------------------------- torch providers
 
+# torch's stand-in for each setup: bytes per param and what its label must say ("" for none)
+TORCH_DOES = {
+    "fp32": (28, ""),
+    "bf16": (14, "bf16 state"),
+    "bf16-master": (40, "torch has no master weights"),
+    "bf16-remainder": (40, "torch has no master weights"),
+    "bf16-sr": (14, "bf16 state: torch keeps Adam state in the param dtype, it cannot keep fp32 "
+                    "state for bf16 params; rounded to nearest: torch has no stochastic rounding"),
+    "bf16-bf16state": (14, ""),  # torch's own bf16 state: the same setup
+    "bf16-sr-bf16state": (14, "rounded to nearest: torch has no stochastic rounding"),
+}
+
+
 @pytest.mark.parametrize("name", ["torch-fused", "torch-foreach", "torch-forloop"])
-@pytest.mark.parametrize("setup", ["fp32", "bf16", "bf16-master"])
+@pytest.mark.parametrize("setup", [s for s in SETUPS if s != "fp16"])  # fp16 state overflows
 def test_torch_providers_are_labelled_and_correct(name, setup):
     from tritonadam.bench.runner import make_tensors
 
@@ -246,14 +378,85 @@ def test_torch_providers_are_labelled_and_correct(name, setup):
     observed_layout(built)
     res = check.check_after_steps(sample, built.params, 2, "adamw", hp, s, built.layout)
     assert res.ok, res.detail
-    per = traffic(built.layout).bytes_per_param
-    if setup == "fp32":
-        assert built.label == "" and per == 28
-    elif setup == "bf16":
-        assert "bf16 state" in built.label and per == 14
-    else:
-        assert "torch has no master weights" in built.label and per == 40
+    per, label = TORCH_DOES[setup]
+    assert traffic(built.layout).bytes_per_param == per
+    assert label in built.label and bool(label) == bool(built.label)
+    assert not built.layout.stochastic and not built.layout.remainder
+    if s.master:
         assert state_bytes(built) >= w.params * (4 + 4 + 8)  # master, its grads, m, v
+
+
+@pytest.mark.parametrize("name,setup,why", [
+    ("apex", "bf16-remainder", "2 bytes"), ("apex", "bf16-sr", "stochastic rounding"),
+    ("te", "bf16-sr", "stochastic rounding"), ("te", "bf16-bf16state", "bf16 moments"),
+    ("te", "bf16-sr-bf16state", "bf16 moments"),
+])
+def test_third_party_providers_skip_modes_they_lack(name, setup, why):
+    args = (HyperParams(), make_workload("check-small"), torch.device("cuda"), {})
+    assert why in PROVIDERS[name].unsupported(SETUPS[setup], "adamw", *args)
+    # TransformerEngine keeps its fp32 master as a remainder itself
+    assert PROVIDERS["te"].unsupported(SETUPS["bf16-remainder"], "adamw", *args) is None
+
+
+@pytest.mark.parametrize("name", ["tritonadam", "torch-fused", "torch-foreach"])
+@pytest.mark.parametrize("setup", ["fp32", "bf16", "bf16-master", "bf16-remainder"])
+def test_clip_and_step(name, setup):
+    """A clip + step case clips before every step, as each library's users do, returns the
+    norm, and adds its passes over the grads: one read for tritonadam's norm, a read and a
+    read + write for torch's clip_grad_norm_. Its result matches the clipped reference."""
+    from tritonadam.bench.providers import with_clip
+    from tritonadam.bench.runner import make_tensors
+
+    s = SETUPS[setup]
+    w = make_workload("check-small")
+    params = make_tensors(w, s, torch.device("cpu"), seed=0)
+    sample = check.choose_sample(params)
+    norm = check.grad_norm(params)
+    hp = HyperParams()
+    prov = PROVIDERS[name]
+    plain = traffic(prov.build(make_tensors(w, s, torch.device("cpu"), seed=0), s, "adamw", hp).layout)
+    built = with_clip(prov, prov.build(params, s, "adamw", hp), s, 1.0)
+    returned = [float(built.step()) for _ in range(2)]
+    g = DTYPE_BYTES[s.grad]
+    added = g if name == "tritonadam" else 3 * g
+    assert traffic(built.layout).bytes_per_param == plain.bytes_per_param + added
+    assert returned[0] == pytest.approx(norm, rel=1e-2)
+    if name == "tritonadam":  # grads are never rewritten: the same norm every step
+        assert returned[1] == returned[0]
+        assert all(torch.equal(p.grad, p0.grad) for p, p0 in zip(
+            params, make_tensors(w, s, torch.device("cpu"), seed=0)))
+    else:  # torch's clip scaled them in place to the max norm
+        assert returned[1] == pytest.approx(1.0, rel=1e-2)
+    observed_layout(built)
+    res = check.check_after_steps(sample, built.params, 2, "adamw", hp, s, built.layout,
+                                  check.Clipped(1.0, norm, returned[0]))
+    assert res.ok and "norm" in res.note, (res.detail, res.note)
+    wrong = check.check_after_steps(sample, built.params, 2, "adamw", hp, s, built.layout,
+                                    check.Clipped(1.0, norm, returned[0] * 1.05))
+    assert not wrong.ok and "total grad norm" in wrong.detail
+
+
+def test_reference_clip_matches_torch():
+    """The clipped reference against torch's clip_grad_norm_ + AdamW in float64, with a max
+    norm small enough that the coefficient changes the result through eps."""
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(3000, generator=gen, dtype=torch.float64)
+    g = torch.randn(3000, generator=gen, dtype=torch.float64)
+    hp = HyperParams(lr=1e-2)
+    max_norm = 1e-8 * 3000 ** 0.5  # clipped grads of about eps
+    p = p0.clone().requires_grad_(True)
+    p.grad = g.clone()
+    opt = torch.optim.AdamW([p], lr=hp.lr, betas=hp.betas, eps=hp.eps,
+                            weight_decay=hp.weight_decay, foreach=False)
+    torch.nn.utils.clip_grad_norm_([p], max_norm)
+    opt.step()
+    q = p0.clone()
+    q.grad = g.clone()
+    coef = check.clip_coef(max_norm, check.grad_norm([q]))
+    ref = check.reference(p0, g, 1, "adamw", hp, "fp64", "fp64", None, coef)
+    torch.testing.assert_close(ref, p.detach(), rtol=1e-12, atol=1e-14)
+    unclipped = check.reference(p0, g, 1, "adamw", hp, "fp64", "fp64", None)
+    assert not torch.allclose(unclipped, p.detach(), rtol=1e-3, atol=1e-3 * hp.lr)
 
 
 def test_adamax_has_no_torch_fused():

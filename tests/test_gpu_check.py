@@ -86,6 +86,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert results["complete"] is True and results["header"]["git_commit"] == "0123abc"
     ok = [r for r in results["results"] if r["status"] == "ok"]
     assert {r["provider"] for r in ok if not r.get("variant")} == {"tritonadam", "torch-fused", "torch-foreach"}
+    assert {r["provider"] for r in ok if r.get("clip")} == {"tritonadam", "torch-fused", "torch-foreach"}
     assert any(r.get("variant") == "fixed" for r in ok) and results["sweeps"]
 
     summary = (out / "summary.md").read_text()

@@ -10,6 +10,7 @@ Examples::
     python -m tritonadam.bench --plan --profiles many-small     # check arguments, show the cases
     python -m tritonadam.bench --list                           # profiles, setups, providers
     python -m tritonadam.bench --sweep --profiles many-small    # also every candidate launch config
+    python -m tritonadam.bench --setups all --clip all --max-norm 0.5  # clip + step for every setup
     python -m tritonadam.bench --tuning --profiles gpt2-124m --setups bf16 \
         --out tuning.json --out tuning.md                       # autotuner cost and benefit (GPU)
 
@@ -33,7 +34,8 @@ _GPU_PROVIDERS = ["tritonadam", "torch-fused", "torch-foreach", "torch-forloop",
                   "apex", "te"]
 _CPU_PROVIDERS = ["torch-fused", "torch-foreach", "torch-forloop"]
 _CPU_TIME_BUDGET_S = 30.0
-_CPU_TIMED_SETUPS = ["fp32", "bf16"]  # all four are checked and in the roofline
+_CPU_TIMED_SETUPS = ["fp32", "bf16"]  # all setups are checked and in the roofline
+_DEFAULT_CLIP_SETUPS = ["fp32", "bf16"]  # clip + step adds the same passes to any setup
 
 
 def _csv_list(text: str) -> list[str]:
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--sizes", type=_csv_list, metavar="LIST",
                      help="parameter counts (e.g. 10M,100M,1B) for sized profiles given "
                           "without @SIZE (default: each profile's own)")
+    sel.add_argument("--clip", type=_csv_list, metavar="LIST",
+                     help="setups that also get a 'clip + step' case per provider: the grads' "
+                          "total norm clipped to --max-norm before each step (torch's "
+                          "clip_grad_norm_(foreach=True) for all but tritonadam, whose "
+                          "clip_grad_norm_ is applied in the step), or 'all' or 'none' "
+                          f"(default {','.join(_DEFAULT_CLIP_SETUPS)} where run)")
+    sel.add_argument("--max-norm", type=float, default=1.0, metavar="X",
+                     help="max_norm of the clip + step cases (default 1.0)")
     sel.add_argument("--optimizer", choices=ALGOS, default="adamw")
     sel.add_argument("--amsgrad", action="store_true")
     sel.add_argument("--lr", type=float, default=1e-3)
@@ -111,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help=f"start no new case after S seconds (default: none on a GPU, "
                           f"{_CPU_TIME_BUDGET_S:g} on CPU)")
-    tim.add_argument("--seed", type=int, default=0)
+    tim.add_argument("--seed", type=int, default=0,
+                     help="of the params' and grads' values and of stochastic rounding (default 0)")
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=FORMATS,
                      help="stdout format (default table); also for --out files whose "
@@ -141,7 +152,8 @@ def _listing() -> str:
     from tabulate import tabulate
 
     from .providers import PROVIDERS
-    from .workloads import PROFILES, SETUPS, bytes_per_param, format_count, make_workload, traffic
+    from .workloads import (PROFILES, SETUPS, bytes_per_param, format_count, make_workload,
+                            resident_bytes_per_param, traffic)
 
     rows = []
     for name, prof in PROFILES.items():
@@ -152,21 +164,25 @@ def _listing() -> str:
             w = make_workload(name)
             rows.append([name, format_count(w.params), w.tensors, prof.description])
     text = "Profiles\n" + tabulate(rows, headers=["name", "params", "tensors", "description"]) + "\n\n"
-    text += "Setups (AdamW bytes per parameter per step)\n" + tabulate(
-        [[s.name, bytes_per_param(s), traffic(s.layout).describe(), s.description]
-         for s in SETUPS.values()], headers=["name", "B/param", "traffic", "description"]) + "\n\n"
+    text += ("Setups (AdamW bytes per parameter: moved per step, and held: param + grad + "
+             "state)\n") + tabulate(
+        [[s.name, bytes_per_param(s), resident_bytes_per_param(s.layout),
+          traffic(s.layout).describe(), s.description] for s in SETUPS.values()],
+        headers=["name", "B/param", "held", "traffic", "description"]) + "\n\n"
     text += "Providers\n" + tabulate([[p.name, p.description] for p in PROVIDERS.values()],
                                      headers=["name", "description"]) + "\n"
     return text
 
 
-def _print_plan(args, device: str, providers, setups, workloads) -> None:
+def _print_plan(args, device: str, providers, setups, workloads, clip_setups) -> None:
     from .workloads import format_count
 
     print(f"on {device}: {len(workloads)} workloads x {len(setups)} setups ({', '.join(setups)})")
     for w in workloads:
         print(f"  {w.name}: {format_count(w.params)} params in {w.tensors} tensors")
     print("providers: " + (", ".join(providers) or "none"))
+    if clip_setups:
+        print(f"clip + step (max_norm {args.max_norm:g}) for each provider: {', '.join(clip_setups)}")
     if args.tuning:
         print("tritonadam first use: the first step with an empty autotune cache, then tuned")
     if args.sweep or args.tuning:
@@ -256,7 +272,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if args.tuning:
         for flag, bad in (("--providers", args.providers and args.providers != ["tritonadam"]),
                           ("--autotune", args.autotune), ("--plot", args.plot),
-                          ("--roofline", args.roofline)):
+                          ("--roofline", args.roofline),
+                          ("--clip", args.clip and args.clip != ["none"])):
             if bad:
                 parser.error(f"{flag} does not apply to --tuning (it measures tritonadam's "
                              "first-use tuning, with an empty cache, against fixed configs)")
@@ -310,6 +327,11 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     all_setups = list(setups)  # checked and in the roofline
     if cpu and not args.setups:
         setups = list(_CPU_TIMED_SETUPS)
+    clip_setups = [] if args.clip == ["none"] else _select(
+        args.clip, all_setups, "--clip setup", parser,
+        [s for s in _DEFAULT_CLIP_SETUPS if s in all_setups])
+    if not args.max_norm > 0:
+        parser.error("--max-norm must be > 0")
     if args.optimizer == "adamax" and args.amsgrad:
         parser.error("--amsgrad does not apply to --optimizer adamax")
     try:
@@ -332,7 +354,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     if args.plan:
-        _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads)
+        _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads,
+                    [] if args.tuning else clip_setups)
         return 0
     if args.tuning and (cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
         # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
@@ -362,7 +385,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         flush=not args.no_flush)
     if tcfg.min_reps > tcfg.max_reps:
         parser.error("--min-reps is larger than --max-reps")
-    hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad)
+    hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
+                     seed=args.seed)
     budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
     if args.tuning:
         from .. import _env
@@ -382,6 +406,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                    profile_launches=not args.no_launch_count, time_budget_s=budget or None,
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
                    check_workload=make_workload("check-small"), check_setups=all_setups,
+                   clip_setups=[] if args.tuning else clip_setups, max_norm=args.max_norm,
                    seed=args.seed, progress=progress, sweep=args.sweep or args.tuning,
                    sweep_max=args.sweep_max, first_use=args.tuning)
     t0 = time.monotonic()
@@ -403,6 +428,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
             "statement": statement,
             "config": {
                 "providers": providers, "setups": setups, "workloads": [w.name for w in workloads],
+                "clip_setups": opts.clip_setups, "max_norm": args.max_norm,
                 "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
                 "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
                 "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,

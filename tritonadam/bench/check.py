@@ -11,10 +11,24 @@ units in the last place of the param dtype per step (float32: 1e-5 per step) and
 of one update (``lr``) per step (a few ulps of tiny values). That passes rounding-order
 differences and catches a skipped update, a doubled one, or a wrong formula, which all move
 params by a whole update (lr).
+
+Stochastic rounding lands on either neighbour of the exact value, under one ulp from it (the
+per-step ``rtol`` is at least one ulp), so it passes that tolerance too; what it must also
+be is unbiased and really random. So for it the sample must, on average, err neither toward
+larger nor smaller magnitudes (a rounding stuck one way errs by about 0.2 of the tolerance)
+and must leave elements off the round-to-nearest reference: at least half as many as the
+first step alone is expected to (rounding to nearest leaves none).
+
+A clip + step case scales the reference's grads by torch's coefficient
+``min(1, max_norm / (norm + 1e-6))`` from the float64 norm of all grads (:func:`grad_norm`),
+and the norm the first clip returned is checked against it. Adam's update hardly depends on
+the grads' scale (eps aside), so the params alone would not show a missing coefficient.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +37,17 @@ from .workloads import Layout, Setup, torch_dtype
 
 #: relative tolerance per step by param dtype (two bf16/fp16 ulps at the value's exponent)
 RTOL_PER_STEP = {"fp32": 1e-5, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
+#: relative tolerance of a clip's total norm by grad dtype: torch returns it in that dtype
+#: (two bf16/fp16 ulps), and fp32 sums over millions of elements drift (torch on a CPU:
+#: 1e-5 over 1M elements)
+NORM_RTOL = {"fp32": 1e-4, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
+#: stochastic rounding: largest mean error toward larger magnitudes, in tolerances, judged
+#: on at least SR_MIN_ELEMENTS (unbiased rounding: 0 give or take 0.02 over 100 elements);
+#: elements off the round-to-nearest reference, judged where the first step is expected
+#: to move at least SR_MIN_MOVES (at most a 1e-7 chance that half as many move)
+SR_MAX_BIAS = 0.1
+SR_MIN_ELEMENTS = 100
+SR_MIN_MOVES = 100
 
 
 @dataclass
@@ -72,9 +97,10 @@ def gather(tensors: list[torch.Tensor], picks) -> torch.Tensor:
 
 
 def reference(p0: torch.Tensor, g: torch.Tensor, steps: int, algo: str, hp: HyperParams,
-              param: str, state: str, master: str | None) -> torch.Tensor:
+              param: str, state: str, master: str | None, coef: float = 1.0) -> torch.Tensor:
     """``steps`` steps of torch's Adam / AdamW / Adamax on float64 values, rounding the
-    stored tensors (param or master, moments) to their dtypes after every step."""
+    stored tensors (param or master, moments) to their dtypes after every step; the grads
+    scaled by the clip coefficient ``coef``."""
     f64 = torch.float64
 
     def rd(x, dt):
@@ -86,7 +112,7 @@ def reference(p0: torch.Tensor, g: torch.Tensor, steps: int, algo: str, hp: Hype
     v = torch.zeros_like(w)
     vmax = torch.zeros_like(w)
     for t in range(1, steps + 1):
-        grad = g
+        grad = g * coef
         if algo == "adamw":
             w = w * (1 - lr * wd)
         elif wd:
@@ -118,36 +144,118 @@ class CheckResult:
     worst: float  # max |out - ref| / (atol + rtol |ref|): <= 1 passes
     elements: int
     detail: str = ""
+    note: str = ""  # what was checked besides the tolerance, for the result text
+
+    def add(self, note: str, failure: str = "") -> None:
+        """Record one more thing checked: ``note`` for the text; ``failure``, if it failed."""
+        self.note = f"{self.note}; {note}" if self.note else note
+        if failure and self.ok:
+            self.ok, self.detail = False, failure
 
     def text(self) -> str:
         if self.elements == 0:
             return "ok (no elements)"
-        return ("ok" if self.ok else "FAIL") + f" ({self.worst:.2g} of tol)"
+        note = f"; {self.note}" if self.note else ""
+        return ("ok" if self.ok else "FAIL") + f" ({self.worst:.2g} of tol{note})"
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, steps: int, param: str, lr: float) -> CheckResult:
+def compare(out: torch.Tensor, ref: torch.Tensor, steps: int, param: str, lr: float,
+            moves: torch.Tensor | None = None) -> CheckResult:
+    """``out`` against ``ref`` within the tolerance; ``moves``: for stochastic rounding,
+    each element's chance that the first step lands it off the nearest value
+    (:func:`off_nearest_chance`), for the statistical checks."""
     if out.numel() == 0:
         return CheckResult(True, 0.0, 0)
     rtol = RTOL_PER_STEP[param] * steps
     atol = 0.05 * lr * steps
+    tol = atol + rtol * ref.abs().nan_to_num(0.0)
     bad_nan = torch.isnan(out) != torch.isnan(ref)
-    err = (out - ref).abs().nan_to_num(0.0) / (atol + rtol * ref.abs().nan_to_num(0.0))
+    err = (out - ref).abs().nan_to_num(0.0) / tol
     err = torch.where(bad_nan, torch.full_like(err, float("inf")), err)
     worst = float(err.max())
-    detail = ""
+    detail = note = ""
     if worst > 1:
         i = int(err.argmax())
         detail = f"element {i}: got {float(out[i]):.8g}, reference {float(ref[i]):.8g}"
-    return CheckResult(worst <= 1.0, worst, out.numel(), detail)
+    ok = worst <= 1.0
+    if moves is not None and ok and out.numel() >= SR_MIN_ELEMENTS:
+        bias = float((torch.sign(ref) * (out - ref) / tol).mean())
+        moved, expected = int((out != ref).sum()), float(moves.sum())
+        note = f"bias {bias:+.3f} of tol, {moved / out.numel():.0%} off nearest"
+        if abs(bias) > SR_MAX_BIAS or (expected >= SR_MIN_MOVES and moved < expected / 2):
+            ok = False
+            detail = (f"stochastic rounding: mean error {bias:+.3f} of tol toward larger "
+                      f"magnitudes (at most {SR_MAX_BIAS:g}); {moved} elements off the "
+                      f"round-to-nearest reference, where the first step alone should move "
+                      f"{expected:.0f}")
+    return CheckResult(ok, worst, out.numel(), detail, note)
+
+
+def off_nearest_chance(exact: torch.Tensor, param: str) -> torch.Tensor:
+    """Per element, the chance that stochastic rounding of float64 ``exact`` to ``param``
+    gives the neighbour that is not the nearest: its distance to the nearest over the gap."""
+    dt = torch_dtype(param)
+    nearest = exact.to(dt)
+    away = exact - nearest.double()
+    toward = torch.where(away > 0, float("inf"), float("-inf")).to(dt)
+    gap = (torch.nextafter(nearest, toward).double() - nearest.double()).abs()
+    return (away.abs() / gap).nan_to_num(0.0)
+
+
+def grad_norm(params: list[torch.Tensor]) -> float:
+    """The 2-norm of all grads as one vector, in float64, chunk by chunk (a float64 copy of
+    a 1B-element grad would not fit beside it), with one sync."""
+    total = None
+    for p in params:
+        for chunk in p.grad.detach().reshape(-1).split(1 << 24):
+            part = chunk.double().square().sum()
+            total = part if total is None else total + part
+    return 0.0 if total is None else math.sqrt(float(total))
+
+
+def differing_elements(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> int:
+    """How many elements of ``xs`` differ from those of ``ys`` in their bits."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return sum(int((x.detach().reshape(-1).view(ints[x.element_size()])
+                    != y.detach().reshape(-1).view(ints[y.element_size()])).sum())
+               for x, y in zip(xs, ys, strict=True))
+
+
+def clip_coef(max_norm: float, norm: float) -> float:
+    """torch's clip coefficient, clamped to 1."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+class Clipped(NamedTuple):
+    """A clip + step case's clipping: its ``max_norm``, the float64 ``norm`` of the grads
+    before the first step (:func:`grad_norm`) and the norm the first clip ``returned``."""
+
+    max_norm: float
+    norm: float
+    returned: float
 
 
 def check_after_steps(sample: Sample, params: list[torch.Tensor], steps: int, algo: str,
-                      hp: HyperParams, setup: Setup, layout: Layout) -> CheckResult:
+                      hp: HyperParams, setup: Setup, layout: Layout,
+                      clip: Clipped | None = None) -> CheckResult:
     """Compare ``params`` (after ``steps`` steps) with the reference on the sample.
 
     The reference keeps the moments in the dtype the provider really uses
-    (``layout.state``), so torch's bf16/fp16 state is checked against bf16/fp16 state.
+    (``layout.state``), so torch's bf16/fp16 state is checked against bf16/fp16 state, and
+    rounds as it does (``layout.stochastic``). With ``clip``, the returned norm must match
+    the float64 one within ``NORM_RTOL``.
     """
     out = gather(params, sample.picks)
-    ref = reference(sample.p0, sample.g, steps, algo, hp, setup.param, layout.state, setup.master)
-    return compare(out, ref, steps, setup.param, hp.lr)
+    coef = clip_coef(clip.max_norm, clip.norm) if clip else 1.0
+    ref = reference(sample.p0, sample.g, steps, algo, hp, setup.param, layout.state, setup.master,
+                    coef)
+    moves = None
+    if layout.stochastic and not setup.master:  # params rounded stochastically
+        exact = reference(sample.p0, sample.g, 1, algo, hp, "fp64", layout.state, None, coef)
+        moves = off_nearest_chance(exact, setup.param)
+    res = compare(out, ref, steps, setup.param, hp.lr, moves)
+    if clip:
+        err = abs(clip.returned - clip.norm) / (NORM_RTOL[setup.grad] * clip.norm)
+        res.add(f"norm {err:.2g} of tol", "" if err <= 1 else
+                f"total grad norm: got {clip.returned:.8g}, reference {clip.norm:.8g}")
+    return res

@@ -5,17 +5,21 @@ A provider turns a list of model parameters (with ``.grad`` set) into a zero-arg
 Adam state in the parameter's dtype; torch has no master weights), it builds what its users
 do instead and says so in ``Built.label``; ``Built.layout`` describes the memory it really
 moves, which is what the bench's GB/s column is computed from.
+
+A "clip + step" case (:func:`with_clip`) clips the grads' total norm before every step the
+way the provider's users do (:meth:`Provider.clip`): torch's ``clip_grad_norm_`` for all but
+tritonadam, whose ``clip_grad_norm_`` leaves the coefficient for the step's kernel.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from .workloads import DTYPE_BYTES, Layout, Setup, Workload
+from .workloads import DTYPE_BYTES, Layout, Setup, Workload, torch_dtype
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
@@ -28,6 +32,7 @@ class HyperParams:
     eps: float = 1e-8
     weight_decay: float = 1e-2
     amsgrad: bool = False
+    seed: int = 0  # of stochastic rounding, so that a run's checks are reproducible
 
 
 @dataclass
@@ -37,9 +42,10 @@ class Built:
     ``params``: the tensors whose values after a step are the result (the model's params).
     ``held``: tensors the provider allocates beyond the optimizer state (counted as its
     memory). ``label``: what it does differently from the setup asked for, or "".
+    ``step`` returns None, or for a clip + step case the total grad norm its clip measured.
     """
 
-    step: Callable[[], None]
+    step: Callable[[], torch.Tensor | None]
     params: list[torch.Tensor]
     layout: Layout
     optimizer: object
@@ -64,12 +70,50 @@ class Provider:
               hp: HyperParams) -> Built:
         raise NotImplementedError
 
+    def clip(self, built: Built, max_norm: float, grad_bytes: int):
+        """``(call, passes)``: the call that clips the grads ``built`` steps, as this
+        provider's users do before each step (returning the total norm), and the
+        per-parameter passes over grads of ``grad_bytes`` it adds (``Layout.extra``).
+
+        torch's ``clip_grad_norm_`` reads every grad for the norm, then multiplies every
+        grad in place by the coefficient (a read and a write) before the step reads them.
+        """
+        params = built.params
+
+        def call():
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+        return call, (("clip_grad_norm_ norm", grad_bytes, 0),
+                      ("clip_grad_norm_ grad *= coef", grad_bytes, grad_bytes))
+
+    def exact_twin(self, setup: Setup) -> Setup | None:
+        """A setup whose params this provider must leave bit for bit equal to ``setup``'s
+        after the same steps from the same values, or None."""
+        return None
+
+
+def with_clip(provider: Provider, built: Built, setup: Setup, max_norm: float) -> Built:
+    """``built`` made a clip + step case: every step first clips the grads' total norm to
+    ``max_norm`` (``Provider.clip``) and returns that norm; the layout gains the clip's
+    passes over the grads."""
+    clip, passes = provider.clip(built, max_norm, DTYPE_BYTES[setup.grad])
+    step = built.step
+
+    def clip_and_step():
+        norm = clip()
+        step()
+        return norm
+
+    built.step = clip_and_step
+    built.layout = replace(built.layout, extra=built.layout.extra + passes)
+    return built
+
 
 # ------------------------------------------------------------------------------ tritonadam
 
 class TritonAdamProvider(Provider):
     name = "tritonadam"
-    description = "tritonadam.{Adam,AdamW,Adamax}: one multi-tensor Triton launch per group"
+    description = "tritonadam.{Adam,AdamW,Adamax}: one multi-tensor Triton launch per dtype mix, across param groups"
 
     def unavailable(self, device):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
@@ -83,7 +127,7 @@ class TritonAdamProvider(Provider):
 
         cls = {"adam": tritonadam.Adam, "adamw": tritonadam.AdamW, "adamax": tritonadam.Adamax}[algo]
         kw = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
-                  master_weights=setup.master is not None)
+                  seed=hp.seed, **tritonadam_modes(setup))
         if algo != "adamax":
             kw["amsgrad"] = hp.amsgrad
         if config is not None:
@@ -92,6 +136,26 @@ class TritonAdamProvider(Provider):
             kw["autotune"] = autotune
         opt = cls(params, **kw)
         return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt)
+
+    def clip(self, built, max_norm, grad_bytes):
+        """``opt.clip_grad_norm_``: one read of every grad for the norm; the step's kernel
+        applies the coefficient as it reads the grads, which are never rewritten."""
+        opt = built.optimizer
+
+        def call():
+            return opt.clip_grad_norm_(max_norm)
+
+        return call, (("grad norm", grad_bytes, 0),)
+
+    def exact_twin(self, setup):
+        # The remainder is the fp32 master, split: the same steps bit for bit.
+        return replace(setup, name="master_weights=True", remainder=False) if setup.remainder else None
+
+
+def tritonadam_modes(setup: Setup) -> dict:
+    """The tritonadam optimizer options that keep what ``setup`` asks for."""
+    return dict(master_weights="remainder" if setup.remainder else setup.master is not None,
+                state_dtype=torch_dtype(setup.state), stochastic_rounding=setup.stochastic)
 
 
 # ----------------------------------------------------------------------------------- torch
@@ -126,15 +190,18 @@ class _TorchBase(Provider):
         if setup.master is None:
             opt = cls(params, **self._kwargs(algo, hp))
             layout = Layout(param=setup.param, grad=setup.grad, state=setup.param)
-            label = ""
+            notes = []
             if setup.state != setup.param:
-                label = (f"{setup.param} state: torch keeps Adam state in the param dtype, "
-                         f"it cannot keep {setup.state} state for {setup.param} params")
+                notes.append(f"{setup.param} state: torch keeps Adam state in the param dtype, "
+                             f"it cannot keep {setup.state} state for {setup.param} params")
+            if setup.stochastic:
+                notes.append("rounded to nearest: torch has no stochastic rounding")
             return Built(step=self._make_step(opt), params=params, layout=layout,
-                         optimizer=opt, label=label)
+                         optimizer=opt, label="; ".join(notes))
         # Master weights: what torch users do is keep fp32 params for the optimizer, copy
         # the model's low-precision grads into their fp32 .grad, step, and copy the result
-        # back into the model's params (one foreach copy each way).
+        # back into the model's params (one foreach copy each way). For the remainder setup
+        # too: without master weights there is no 2-byte form of them either.
         master = [p.detach().to(torch.float32).requires_grad_(True) for p in params]
         mgrads = [torch.empty_like(m) for m in master]
         for m, g in zip(master, mgrads):
@@ -237,6 +304,9 @@ class _ThirdPartyFusedAdam(Provider):
             return f"{self.library} has no fused AdaMax"
         if hp.amsgrad:
             return f"{self.library} FusedAdam does not support amsgrad"
+        if setup.stochastic:
+            return (f"{self.library} has no stochastic rounding (its rounding to nearest is "
+                    "timed in the bf16 setups)")
         return None
 
 
@@ -245,6 +315,11 @@ class ApexFusedAdam(_ThirdPartyFusedAdam):
     description = "apex.optimizers.FusedAdam (when installed)"
     module = "apex.optimizers"
     library = "apex"
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if setup.remainder:
+            return "apex keeps no master weights in 2 bytes (its fp32 master is timed in bf16-master)"
+        return super().unsupported(setup, algo, hp, workload, device, opts)
 
     def build(self, params, setup, algo, hp):
         from apex.optimizers import FusedAdam
@@ -266,6 +341,14 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
     module = "transformer_engine.pytorch.optimizers"
     library = "TransformerEngine"
 
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if setup.state == "bf16":
+            # Some versions step bf16 moments through fp32 copies made in Python around the
+            # kernel: bytes this bench cannot state for an unknown version.
+            return ("TransformerEngine's bf16 moments are not timed: how it moves them depends "
+                    "on its version")
+        return super().unsupported(setup, algo, hp, workload, device, opts)
+
     def build(self, params, setup, algo, hp):
         from transformer_engine.pytorch.optimizers import FusedAdam
 
@@ -275,10 +358,12 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
             kw.update(exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
         if setup.master:
             kw.update(master_weights=True)
+        if setup.remainder:
+            kw.update(store_param_remainders=True)
         opt = FusedAdam(params, **kw)
         return Built(step=opt.step, params=params, optimizer=opt,
                      layout=Layout(param=setup.param, grad=setup.grad, state=setup.state,
-                                   master=setup.master))
+                                   master=setup.master, remainder=setup.remainder))
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -292,9 +377,7 @@ def observed_layout(built: Built) -> Built:
     """Correct ``built.layout``'s state dtype from the optimizer's actual state (after a step)."""
     seen = _state_dtype_of(built.optimizer)
     if seen and seen != built.layout.state:
-        lay = built.layout
-        built.layout = Layout(param=lay.param, grad=lay.grad, state=seen, master=lay.master,
-                              extra=lay.extra, label=lay.label)
+        built.layout = replace(built.layout, state=seen)
         note = f"state observed in {seen}"
         built.label = f"{built.label}; {note}" if built.label else note
     elif built.label == "state dtype as observed after the first step":

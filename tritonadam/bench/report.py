@@ -123,8 +123,8 @@ GOAL_HOST_MS = 1.0
 
 def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch-fused") -> list[dict]:
     """The project's performance goals, judged from this run's rows (GPU runs only), for
-    each provider at its default (not the config sweep or first use)."""
-    ok = [r for r in rows if r.get("status") == "ok" and not r.get("variant")]
+    each provider at its default (not the config sweep, first use or clip + step)."""
+    ok = [r for r in rows if r.get("status") == "ok" and not r.get("variant") and not r.get("clip")]
     ours = [r for r in ok if r["provider"] == provider]
     out = []
 
@@ -215,6 +215,8 @@ RESULT_HEADERS = ["workload", "params", "setup", "provider", "ms median", "p20-p
 def _provider_text(r: dict) -> str:
     if r.get("variant") == "first-use":
         return f"{r['provider']} tuned {config_text(r.get('config'))}"
+    if r.get("clip"):
+        return f"{r['provider']} clip + step"
     return r["provider"]
 
 
@@ -314,6 +316,14 @@ def render_text(report: dict, md: bool = False) -> str:
                    "host ms: CPU time of the step() call; state MiB: optimizer state and "
                    f"provider buffers; speedup: {cfg.get('baseline')} ms / ms; check: worst "
                    "error after the first steps as a fraction of the tolerance.")
+        if any(r.get("clip") for r in report["results"]):
+            out.append("")
+            out.append(f"clip + step: the grads' total norm clipped to {cfg.get('max_norm')} before "
+                       "each step, with torch.nn.utils.clip_grad_norm_(foreach=True) (a read of "
+                       "every grad for the norm, a read and a write to scale it) for every "
+                       "provider but tritonadam, whose clip_grad_norm_ reads the grads once and "
+                       "leaves the coefficient to the step's kernel; its speedup is against "
+                       f"{cfg.get('baseline')}'s clip + step.")
     else:
         out.append("(no timed results)")
     if notes:
@@ -331,7 +341,7 @@ def render_text(report: dict, md: bool = False) -> str:
                             tablefmt=fmt, disable_numparse=True))
     if report.get("checks"):
         title("Correctness checks (float64 reference)")
-        out.append(tabulate([[c["provider"], c["setup"], c["workload"], c["steps"], c["result"],
+        out.append(tabulate([[_provider_text(c), c["setup"], c["workload"], c["steps"], c["result"],
                               c.get("reason") or c.get("detail") or c.get("label") or ""]
                              for c in report["checks"]],
                             headers=["provider", "setup", "workload", "steps", "result", "note"],
@@ -366,8 +376,8 @@ def render_text(report: dict, md: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
-CSV_FIELDS = ["workload", "profile", "params", "tensors", "setup", "provider", "variant", "config",
-              "status", "ms", "ms_p20", "ms_p80", "reps", "bytes_per_param", "bytes_per_step", "gbps",
+CSV_FIELDS = ["workload", "profile", "params", "tensors", "setup", "provider", "clip", "variant",
+              "config", "status", "ms", "ms_p20", "ms_p80", "reps", "bytes_per_param", "bytes_per_step", "gbps",
               "pct_copy", "launches", "host_ms", "state_bytes", "speedup", "check", "label",
               "first_step_ms", "later_step_ms", "extra_ms", "tuner_budget_s", "compile_budget_s",
               "tune_s", "compile_s", "configs_timed", "configs_pruned", "configs_considered", "reason"]
@@ -552,8 +562,9 @@ def render_summary(report: dict) -> str:
     for r in ok:
         if r.get("variant"):
             continue
-        b = best.get((r["workload"], r["setup"])) if r["provider"] == "tritonadam" else None
-        rows.append([r["workload"], r["setup"], r["provider"], _ms(r["ms"]), _num(r.get("pct_copy"), "{:.1f}"),
+        plain_ours = r["provider"] == "tritonadam" and not r.get("clip")
+        b = best.get((r["workload"], r["setup"])) if plain_ours else None
+        rows.append([r["workload"], r["setup"], _provider_text(r), _ms(r["ms"]), _num(r.get("pct_copy"), "{:.1f}"),
                      _num(r.get("speedup"), "{:.2f}x"), _ms(r.get("host_ms")), _num(r.get("launches"), "{}"),
                      f"{config_text(b['best_fixed'])}: {_ms(b['best_fixed_ms'])}" if b and b.get("best_fixed") else ""])
     if rows:
@@ -581,8 +592,8 @@ def have_matplotlib() -> bool:
 
 
 def plot(report: dict, path: str) -> None:
-    """Bars per (workload, setup), one per provider: % of copy bandwidth on a GPU (GB/s
-    without a copy measurement)."""
+    """Bars per (workload, setup, and clip + step or not), one per provider: % of copy
+    bandwidth on a GPU (GB/s without a copy measurement)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -591,9 +602,13 @@ def plot(report: dict, path: str) -> None:
     rows = [r for r in report["results"] if r.get("status") == "ok" and not r.get("variant")]
     use_pct = all(r.get("pct_copy") is not None for r in rows) and rows
     key = "pct_copy" if use_pct else "gbps"
+
+    def group(r):
+        return r["workload"], r["setup"] + (" clip + step" if r.get("clip") else "")
+
     groups = []
     for r in rows:
-        g = (r["workload"], r["setup"])
+        g = group(r)
         if g not in groups:
             groups.append(g)
     providers = []
@@ -606,7 +621,7 @@ def plot(report: dict, path: str) -> None:
         xs, ys = [], []
         for i, g in enumerate(groups):
             for r in rows:
-                if (r["workload"], r["setup"]) == g and r["provider"] == p:
+                if group(r) == g and r["provider"] == p:
                     xs.append(i + j * width)
                     ys.append(r.get(key) or 0.0)
         ax.bar(xs, ys, width=width, label=p)

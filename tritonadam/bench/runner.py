@@ -1,10 +1,11 @@
-"""The bench loop: for each case (workload, dtype setup, provider, and for tritonadam
-optionally a fixed launch config or first use with an empty autotune cache), allocate,
-check, time, free.
+"""The bench loop: for each case (workload, dtype setup, provider, optionally clipping the
+grads' norm before each step, and for tritonadam optionally a fixed launch config or first
+use with an empty autotune cache), allocate, check, time, free.
 
 Cases run most important first, so that a time budget or a signal cuts the least useful
-ones: every provider at its default, then first use, then the config sweep (the configs
-nearest the default first, across all workloads), then the slow providers.
+ones: every provider at its default, then clip + step, then first use, then the config
+sweep (the configs nearest the default first, across all workloads), then the slow
+providers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from . import check as checkmod
 from . import tuning
-from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes
+from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes, with_clip
 from .timing import FLUSH_BYTES, Timer, TimingConfig, copy_bandwidth, count_kernel_launches
 from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
                         traffic)
@@ -35,6 +36,7 @@ class Case(NamedTuple):
     provider: str
     config: object = None  # a LaunchConfig: tritonadam with this fixed config
     variant: str = ""  # "" | "first-use" | "fixed"
+    clip: float | None = None  # clip + step: the grads' total norm clipped to this first
 
 
 class Interrupted(BaseException):
@@ -60,6 +62,8 @@ class Options:
     check_only: tuple[str, ...] = ()  # providers checked on check-small but not timed
     check_workload: Workload | None = None
     check_setups: list[str] | None = None  # default: ``setups``
+    clip_setups: list[str] = field(default_factory=list)  # also timed as clip + step
+    max_norm: float = 1.0  # of clip + step cases
     seed: int = 0
     mem_fraction: float = 0.9
     copy_bytes: int | None = None
@@ -156,6 +160,9 @@ class Runner:
         o = self.opts
         pairs = [(w, SETUPS[s]) for w in o.workloads for s in o.setups]
         main = [Case(w, s, p) for w, s in pairs for p in o.providers if p not in SLOW_PROVIDERS]
+        clipped = [Case(w, s, p, clip=o.max_norm) for w, s in pairs if s.name in o.clip_setups
+                   for p in o.providers]
+        main += [c for c in clipped if c.provider not in SLOW_PROVIDERS]
         first = [Case(w, s, "tritonadam", variant="first-use") for w, s in pairs] if o.first_use else []
         sweep: list[tuple[int, int, Case]] = []
         if o.sweep:
@@ -163,6 +170,7 @@ class Runner:
                 for rank, cfg in enumerate(self.sweep_configs(w, s)):
                     sweep.append((rank, k, Case(w, s, "tritonadam", cfg, "fixed")))
         slow = [Case(w, s, p) for w, s in pairs for p in o.providers if p in SLOW_PROVIDERS]
+        slow += [c for c in clipped if c.provider in SLOW_PROVIDERS]
         return main + first + [c for *_, c in sorted(sweep, key=lambda t: t[:2])] + slow
 
     def sweep_configs(self, w: Workload, s: Setup) -> list:
@@ -253,44 +261,85 @@ class Runner:
             why = prov.unavailable(o.device)
             for sname in o.check_setups or o.setups:
                 s = SETUPS[sname]
-                entry = {"provider": pname, "workload": o.check_workload.name, "setup": sname,
-                         "steps": o.check_steps}
-                if why is None:
-                    why_case = prov.unsupported(s, o.algo, o.hp, o.check_workload, o.device,
-                                                {"compile_max_tensors": o.compile_max_tensors})
+                for clip in (None, o.max_norm) if sname in o.clip_setups else (None,):
+                    entry = {"provider": pname, "workload": o.check_workload.name, "setup": sname,
+                             "steps": o.check_steps}
+                    if clip is not None:
+                        entry["clip"] = clip
+                    if why is None:
+                        why_case = prov.unsupported(s, o.algo, o.hp, o.check_workload, o.device,
+                                                    {"compile_max_tensors": o.compile_max_tensors})
+                    else:
+                        why_case = why
+                    if why_case:
+                        entry.update(result="skipped", reason=why_case)
+                    elif self._out_of_time():
+                        entry.update(result="skipped", reason="time budget spent (--time-budget)")
+                    else:
+                        what = f"{pname} clip + step" if clip is not None else pname
+                        self._progress(f"check {what} {sname} on {o.check_workload.name}")
+                        self._check_one(entry, prov, s, clip)
+                    self.checks.append(entry)
+
+    def _check_one(self, entry: dict, prov, s: Setup, clip: float | None):
+        """One correctness check on ``check-small``, recorded in ``entry``."""
+        o = self.opts
+        params = built = sample = None
+        try:
+            params = make_tensors(o.check_workload, s, o.device, o.seed)
+            sample = checkmod.choose_sample(params, seed=o.seed)
+            norm = self._norm_before(params, clip, sample)
+            built, returned = self._first_steps(prov, params, s, clip)
+            observed_layout(built)
+            res = self._check(sample, built, o.check_steps, s, clip, norm, returned)
+            twin = prov.exact_twin(s) if clip is None else None
+            if twin is not None:
+                twin_params = make_tensors(o.check_workload, twin, o.device, o.seed)
+                self._first_steps(prov, twin_params, twin, None)
+                differ = checkmod.differing_elements(built.params, twin_params)
+                if differ:
+                    res.add(f"{differ} elements off {twin.name}",
+                            f"{differ} elements differ in their bits from {twin.name}")
                 else:
-                    why_case = why
-                if why_case:
-                    entry.update(result="skipped", reason=why_case)
-                    self.checks.append(entry)
-                    continue
-                if self._out_of_time():
-                    entry.update(result="skipped", reason="time budget spent (--time-budget)")
-                    self.checks.append(entry)
-                    continue
-                self._progress(f"check {pname} {sname} on {o.check_workload.name}")
-                try:
-                    params = make_tensors(o.check_workload, s, o.device, o.seed)
-                    sample = checkmod.choose_sample(params, seed=o.seed)
-                    built = prov.build(params, s, o.algo, o.hp)
-                    for _ in range(o.check_steps):
-                        built.step()
-                    self._sync()
-                    observed_layout(built)
-                    res = checkmod.check_after_steps(sample, built.params, o.check_steps, o.algo,
-                                                     o.hp, s, built.layout)
-                    entry.update(result=res.text(), ok=res.ok, worst=res.worst,
-                                 elements=res.elements, detail=res.detail, label=built.label)
-                    if not res.ok and substituted(built, s):
-                        entry.update(tolerated=True, result=res.text() + f" with {built.layout.state} state")
-                except (Interrupted, KeyboardInterrupt):
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    entry.update(result="error", ok=False, reason=f"{type(e).__name__}: {e}")
-                finally:
-                    params = built = sample = None
-                    self._cleanup()
-                self.checks.append(entry)
+                    res.add(f"bit for bit as {twin.name}")
+            entry.update(result=res.text(), ok=res.ok, worst=res.worst, elements=res.elements,
+                         detail=res.detail, label=built.label)
+            if not res.ok and substituted(built, s):
+                entry.update(tolerated=True, result=res.text() + f" with {built.layout.state} state")
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001
+            entry.update(result="error", ok=False, reason=f"{type(e).__name__}: {e}")
+        finally:
+            params = built = sample = None
+            self._cleanup()
+
+    def _build(self, prov, params, s: Setup, clip: float | None, **extra):
+        """``prov``'s optimizer over ``params``, clipping first when ``clip`` is a max norm."""
+        built = prov.build(params, s, self.opts.algo, self.opts.hp, **extra)
+        return with_clip(prov, built, s, clip) if clip is not None else built
+
+    def _first_steps(self, prov, params, s: Setup, clip: float | None, **extra):
+        """Build and take the ``check_steps`` steps that precede the check and the timing;
+        returns ``(built, what the first step returned)``."""
+        built = self._build(prov, params, s, clip, **extra)
+        returned = [built.step() for _ in range(self.opts.check_steps)][0]
+        self._sync()
+        return built, returned
+
+    @staticmethod
+    def _norm_before(params, clip: float | None, sample) -> float | None:
+        """For a checked clip + step case, the grads' float64 norm before any step (torch's
+        clip rewrites them)."""
+        return checkmod.grad_norm(params) if clip is not None and sample is not None else None
+
+    def _check(self, sample, built, steps: int, s: Setup, clip: float | None, norm, returned):
+        """``built``'s params after ``steps`` steps against the reference on ``sample``;
+        ``norm``, ``returned``: a clip + step case's norms (``_norm_before``, first step's)."""
+        o = self.opts
+        clipped = checkmod.Clipped(clip, norm, float(returned)) if clip is not None else None
+        return checkmod.check_after_steps(sample, built.params, steps, o.algo, o.hp, s,
+                                          built.layout, clipped)
 
     def count_launches(self):
         """Kernel launches per step, counted with torch.profiler after all timing is done.
@@ -304,15 +353,15 @@ class Runner:
         deadline = self._deadline()
         if deadline is not None:
             deadline += max(20.0, 0.15 * (o.time_budget_s or 0))
-        for i, (row, w, s, pname) in enumerate(jobs):
+        for i, (row, case) in enumerate(jobs):
             if deadline is not None and time.monotonic() > deadline:
                 row["launches_error"] = "not counted: time budget spent"
                 continue
-            self._progress(f"launch count [{i + 1}/{len(jobs)}] {w.name} {s.name} {pname}")
+            self._progress(f"launch count [{i + 1}/{len(jobs)}] {case_name(case)}")
             params = built = None
             try:
-                params = make_tensors(w, s, o.device, o.seed)
-                built = PROVIDERS[pname].build(params, s, o.algo, o.hp)
+                params = make_tensors(case.workload, case.setup, o.device, o.seed)
+                built = self._build(PROVIDERS[case.provider], params, case.setup, case.clip)
                 for _ in range(2):
                     built.step()
                 row["launches"] = count_kernel_launches(built.step, o.device)
@@ -328,6 +377,8 @@ class Runner:
         w, s = case.workload, case.setup
         row = {"workload": w.name, "profile": w.profile, "params": w.params,
                "tensors": w.tensors, "setup": s.name, "provider": case.provider}
+        if case.clip is not None:
+            row["clip"] = case.clip
         if case.variant:
             row["variant"] = case.variant
         if case.config is not None:
@@ -373,24 +424,23 @@ class Runner:
                 torch.cuda.reset_peak_memory_stats(o.device)
             params = make_tensors(w, s, o.device, o.seed)
             sample = checkmod.choose_sample(params, seed=o.seed) if o.check else None
+            norm = self._norm_before(params, case.clip, sample)
             self._sync()
             t_build = time.perf_counter()
+            returned = None
             if case.variant == "first-use":
                 built, measured, steps = self._build_first_use(prov, params, s)
                 row.update(measured, config=measured["tuned"])
             else:
                 extra = {"config": case.config} if case.config is not None else {}
-                built = prov.build(params, s, o.algo, o.hp, **extra)
+                built, returned = self._first_steps(prov, params, s, case.clip, **extra)
                 steps = o.check_steps
-                for _ in range(steps):
-                    built.step()
             self._sync()
             first_steps_s = time.perf_counter() - t_build
             observed_layout(built)
             row["label"] = built.label
             if sample is not None:
-                res = checkmod.check_after_steps(sample, built.params, steps, o.algo, o.hp, s,
-                                                 built.layout)
+                res = self._check(sample, built, steps, s, case.clip, norm, returned)
                 row.update(check=res.text(), check_ok=res.ok, check_worst=res.worst)
                 if not res.ok:
                     if substituted(built, s):
@@ -420,7 +470,7 @@ class Runner:
                 if pname in SLOW_PROVIDERS:  # rebuilding would mean compiling again
                     row["launches"] = count_kernel_launches(built.step, o.device)
                 else:
-                    self._launch_jobs.append((row, w, s, pname))
+                    self._launch_jobs.append((row, case))
             if o.device.type == "cuda":
                 row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(o.device)
         except (Interrupted, KeyboardInterrupt):
@@ -435,10 +485,11 @@ class Runner:
         return row
 
     def add_speedups(self):
-        base = {(r["workload"], r["setup"]): r["ms"] for r in self.rows
+        # clip + step rows are compared with the baseline's clip + step
+        base = {(r["workload"], r["setup"], r.get("clip")): r["ms"] for r in self.rows
                 if r["provider"] == self.opts.baseline and not r.get("variant") and r.get("status") == "ok"}
         for r in self.rows:
-            b = base.get((r["workload"], r["setup"]))
+            b = base.get((r["workload"], r["setup"], r.get("clip")))
             if r.get("status") == "ok" and b:
                 r["speedup"] = b / r["ms"]
 
@@ -449,6 +500,8 @@ def run(opts: Options) -> Runner:
 
 def case_name(case: Case) -> str:
     what = case.provider
+    if case.clip is not None:
+        what += " clip + step"
     if case.variant == "first-use":
         what += " first use"
     elif case.config is not None:

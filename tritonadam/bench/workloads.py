@@ -16,6 +16,9 @@ setup                                  reads + writes per parameter             
 fp32 p, g, m, v                        p 4+4, g 4, m 4+4, v 4+4                               28 B
 bf16 (or fp16) p, g + fp32 m, v        p 2+2, g 2, m 4+4, v 4+4                               22 B
 bf16 g + fp32 master, m, v -> bf16 p   master 4+4, g 2, m 4+4, v 4+4, p 0+2                   28 B
+bf16 p + int16 remainder + fp32 m, v   p 2+2, remainder 2+2, g 2, m 4+4, v 4+4                26 B
+bf16 p, g + bf16 m, v                  p 2+2, g 2, m 2+2, v 2+2                               14 B
+stochastic rounding                    the same bytes as rounding to nearest                  same
 amsgrad                                + max_exp_avg_sq in the state dtype, read + write      +8 B
 AdaMax                                 exp_inf replaces exp_avg_sq: same bytes as Adam        same
 =====================================  =====================================================  ======
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 
 #: bytes per element of the dtypes the bench uses, by short name.
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+#: bytes per element of the int16 low half that stands in for an fp32 master
+REMAINDER_BYTES = 2
 
 
 def torch_dtype(name: str):
@@ -52,7 +57,9 @@ class Setup:
 
     ``param``/``grad``: dtype of the model's parameters and gradients. ``state``: dtype of
     Adam's moments. ``master``: dtype of a master copy of the weights the optimizer steps
-    (then writes back, rounded, to the model's parameters), or None.
+    (then writes back, rounded, to the model's parameters), or None. ``remainder``: the fp32
+    master is kept as its low 16 bits beside the bf16 param, which holds the high half.
+    ``stochastic``: values kept in 16 bits without a master copy are rounded stochastically.
     """
 
     name: str
@@ -61,10 +68,13 @@ class Setup:
     state: str
     master: str | None
     description: str
+    remainder: bool = False
+    stochastic: bool = False
 
     @property
     def layout(self) -> "Layout":
-        return Layout(param=self.param, grad=self.grad, state=self.state, master=self.master)
+        return Layout(param=self.param, grad=self.grad, state=self.state, master=self.master,
+                      remainder=self.remainder, stochastic=self.stochastic)
 
 
 SETUPS: dict[str, Setup] = {
@@ -75,6 +85,15 @@ SETUPS: dict[str, Setup] = {
         Setup("fp16", "fp16", "fp16", "fp32", None, "fp16 params and grads, fp32 state"),
         Setup("bf16-master", "bf16", "bf16", "fp32", "fp32",
               "bf16 params and grads, fp32 master weights and state"),
+        Setup("bf16-remainder", "bf16", "bf16", "fp32", "fp32",
+              "bf16 params and grads, the fp32 master kept as an int16 remainder, fp32 state",
+              remainder=True),
+        Setup("bf16-sr", "bf16", "bf16", "fp32", None,
+              "bf16 params and grads, fp32 state, params rounded stochastically", stochastic=True),
+        Setup("bf16-bf16state", "bf16", "bf16", "bf16", None,
+              "bf16 params, grads and state, rounded to nearest"),
+        Setup("bf16-sr-bf16state", "bf16", "bf16", "bf16", None,
+              "bf16 params, grads and state, rounded stochastically", stochastic=True),
     )
 }
 
@@ -87,7 +106,8 @@ class Layout:
     passes a provider makes around the step: ``(name, bytes read, bytes written)``.
 
     Without a master copy the step reads and writes the param. With one it reads and writes
-    the master and only writes the param (rounded).
+    the master and only writes the param (rounded); with the master kept as a remainder it
+    reads and writes the param and the remainder (2 bytes) instead.
     """
 
     param: str
@@ -95,7 +115,8 @@ class Layout:
     state: str
     master: str | None = None
     extra: tuple[tuple[str, int, int], ...] = ()
-    label: str = ""
+    remainder: bool = False
+    stochastic: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +155,11 @@ def traffic(layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> Traff
         raise ValueError(f"unknown algorithm {algo!r}; expected one of {sorted(ALGOS)}")
     b = DTYPE_BYTES
     items: list[tuple[str, int, int]] = list(layout.extra)
-    if layout.master:
+    if layout.remainder:
+        items.append(("param", b[layout.param], b[layout.param]))
+        items.append(("remainder", REMAINDER_BYTES, REMAINDER_BYTES))
+        items.append(("grad", b[layout.grad], 0))
+    elif layout.master:
         items.append(("master", b[layout.master], b[layout.master]))
         items.append(("grad", b[layout.grad], 0))
         items.append(("param", 0, b[layout.param]))
@@ -167,7 +192,9 @@ def resident_bytes_per_param(layout: Layout, algo: str = "adamw", amsgrad: bool 
     n = b[layout.param] + b[layout.grad] + 2 * b[layout.state]
     if amsgrad:
         n += b[layout.state]
-    if layout.master:
+    if layout.remainder:
+        n += REMAINDER_BYTES
+    elif layout.master:
         n += b[layout.master]
     n += sum(w for _, _, w in layout.extra)
     return n
