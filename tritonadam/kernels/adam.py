@@ -169,7 +169,7 @@ def _program(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
-    BLOCK: tl.constexpr, SUB: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, FULL: tl.constexpr,
 ):
     # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
     # scalar row), all three addressed by the row index.
@@ -202,16 +202,28 @@ def _program(
         # memory has none, and without them sm_90 gets 4-byte accesses). Each pointer is
         # cast here, not reused from outside the branch: triton 3.6 merges identical
         # int-to-pointer casts and the hint on the shared one is lost.
-        _update(
-            _hinted(p_addr, P_DTYPE, VEC) + start,
-            _hinted(g_addr, G_DTYPE, VEC) + start,
-            _hinted(m_addr, S_DTYPE, VEC) + start,
-            _hinted(v_addr, S_DTYPE, VEC) + start,
-            _hinted(x_addr, S_DTYPE, VEC) + start,
-            _hinted(w_addr, W_DTYPE, VEC) + start,
-            tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, key,
-            CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-        )
+        p_full = _hinted(p_addr, P_DTYPE, VEC) + start
+        g_full = _hinted(g_addr, G_DTYPE, VEC) + start
+        m_full = _hinted(m_addr, S_DTYPE, VEC) + start
+        v_full = _hinted(v_addr, S_DTYPE, VEC) + start
+        x_full = _hinted(x_addr, S_DTYPE, VEC) + start
+        w_full = _hinted(w_addr, W_DTYPE, VEC) + start
+        if FULL == BLOCK:
+            _update(
+                p_full, g_full, m_full, v_full, x_full, w_full,
+                tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, key,
+                CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
+            )
+        else:
+            # Stochastic rounding: the block in a loop of FULL elements, so the random
+            # fields of a whole block are never live at once (register bound).
+            chunk = tl.max_contiguous(tl.multiple_of(tl.arange(0, FULL), FULL), FULL)
+            for c in range(0, BLOCK, FULL):
+                _update(
+                    p_full + c, g_full + c, m_full + c, v_full + c, x_full + c, w_full + c,
+                    chunk, None, srow, start + c, key,
+                    CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
+                )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
         # one element per thread so this path needs fewer registers than the full one
@@ -243,7 +255,7 @@ def _adam_kernel(
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
-    SUB: tl.constexpr,
+    SUB: tl.constexpr, FULL: tl.constexpr,
 ):
     skip = False
     if HAS_FOUND_INF:
@@ -258,9 +270,9 @@ def _adam_kernel(
             while pid < num_blocks:
                 _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                          G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                         COUPLED_WD, SR, BLOCK, SUB)
+                         COUPLED_WD, SR, BLOCK, SUB, FULL)
                 pid += tl.num_programs(0)
         else:
             _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, SR, BLOCK, SUB)
+                     COUPLED_WD, SR, BLOCK, SUB, FULL)

@@ -39,6 +39,11 @@ NORM_REDUCE_WARPS = 16
 # fp32 element spilled a little in one variant at 1024/8, two fp64 spill).
 TAIL_ELEMS_PER_THREAD = {4: 2, 8: 1}
 
+# Elements per thread per iteration of the full-block path with stochastic rounding: the
+# random fields of every element stay live beside its data, and a 4096/8 block in one
+# iteration (16 per thread) needed 128-166 registers (ptxas, sm_80/sm_90, triton 3.6/3.9).
+SR_ELEMS_PER_THREAD = 8
+
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
@@ -49,6 +54,17 @@ def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32)
     if interpreted():
         return max(block_size // 4, 1)
     return min(block_size, 32 * num_warps * TAIL_ELEMS_PER_THREAD[compute_dtype.itemsize])
+
+
+def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool) -> int:
+    """Elements per iteration of the full-block path: the whole block, except with
+    stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread). The interpreter
+    takes half a block so the loop is tested."""
+    if not stochastic_rounding:
+        return block_size
+    if interpreted():
+        return max(block_size // 2, 1)
+    return min(block_size, 32 * num_warps * SR_ELEMS_PER_THREAD)
 
 
 def interpreted() -> bool:
@@ -95,6 +111,7 @@ def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, state_d
         "PERSISTENT": persistent,
         "BLOCK": block_size,
         "SUB": tail_sub_block(block_size, num_warps, cdtype),
+        "FULL": full_sub_block(block_size, num_warps, stochastic_rounding),
     }
 
 

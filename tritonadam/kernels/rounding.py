@@ -68,11 +68,9 @@ def philox2x32(key, c0, c1):
     """Philox-2x32-10 (Salmon et al., Random123): 64 random bits per counter (c0, c1)
     under a 32-bit key, as two uint32.
 
-    Half the state of ``tl.philox`` (4x32): the update kernel keeps up to 16 elements per
-    thread in flight, and with four words each the stochastic-rounding variants needed
-    150-163 registers at 4096/8 (8 resident warps); with two, 112-128 under triton 3.9
-    (ptxas of triton 3.6 still gives one variant 159-166). 16 bits per rounded value
-    suffice: a bf16 rounding consumes exactly 16, an fp16 one resolves its probability in 16.
+    Half the state of ``tl.philox`` (4x32), whose four words per element took the
+    stochastic-rounding variants to 150-163 registers at 4096/8 (8 resident warps). 16
+    bits per rounded value suffice: a bf16 rounding consumes exactly 16, an fp16 one resolves its probability in 16.
     """
     for _ in tl.static_range(10):
         hi = tl.math.umulhi(c0, 0xD256D193)
