@@ -225,6 +225,139 @@ def test_column_major_param_steps_like_torch(after, device):
     torch.testing.assert_close(ours.state[params[0]]["exp_avg"], theirs.state[ref[0]]["exp_avg"])
 
 
+# ---- state tensors moved or replaced between steps -----------------------------------
+
+
+def test_state_moved_under_the_same_tensors_is_followed():
+    """State-offloading code moves each state tensor with ``t.data = t.data.to(...)``: the
+    same tensor objects, new storage. The cached tables pointed at the old storage
+    (freed: a write after free), and the tensors the user holds were never updated."""
+    out = _run_isolated("""
+        import gc, torch, tritonadam
+        gen = torch.Generator().manual_seed(0)
+        p = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (24, 4096, 7)]
+        q = [torch.nn.Parameter(x.detach().clone()) for x in p]
+        ours = tritonadam.AdamW(p, block_size=1024, num_warps=4)
+        theirs = torch.optim.AdamW(q, foreach=False)
+        for i in range(6):
+            for a, b in zip(p, q):
+                g = torch.randn(a.shape, generator=gen)
+                a.grad, b.grad = g.clone(), g.clone()
+            if i == 3:  # offload and restore, as a memory-saving eval loop does
+                for opt in (ours, theirs):
+                    for s in opt.state.values():
+                        for v in s.values():
+                            v.data = v.data.clone()  # new storage; the old one is freed
+                gc.collect()
+                [torch.full((n,), float("nan")) for n in (24, 4096, 7)]  # reuse freed memory
+            ours.step()
+            theirs.step()
+        for a, b in zip(p, q):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(ours.state[a][k], theirs.state[b][k], atol=1e-6, rtol=1e-5)
+        print("followed")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "followed" in out.stdout
+
+
+@pytest.mark.parametrize("after", [1, 3])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step"])
+def test_state_tensor_replaced_in_its_dict_is_stepped(key, after, device):
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["AdamW"][0](params, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for i in range(after + 2):
+        if i == after:
+            for opt, ps in ((ours, params), (theirs, ref)):
+                s = opt.state[ps[1]]
+                s[key] = s[key] * (1 if key == "step" else 0.5)  # a new tensor in the same dict
+        grads = random_grads(params, gen)
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours.state[p][k], theirs.state[q][k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit", ["entry", "reset-one"])
+def test_state_edits_are_seen_without_dict_version_tags(edit, device, monkeypatch):
+    """Where torch or Python lacks dict version tags, the check compares the dicts and
+    their values by identity instead."""
+    import tritonadam.step_cache as step_cache
+
+    monkeypatch.setattr(step_cache, "_dict_version", None)
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["Adam"][0](params, **LAUNCH)
+    theirs = torch.optim.Adam(ref, foreach=False)
+    gen = torch.Generator().manual_seed(8)
+    for i in range(5):
+        if i == 3:
+            for opt, ps in ((ours, params), (theirs, ref)):
+                if edit == "entry":
+                    opt.state[ps[2]]["exp_avg_sq"] = opt.state[ps[2]]["exp_avg_sq"] * 2
+                else:
+                    opt.state[ps[2]] = {}
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(ours.state[p][k], theirs.state[q][k], atol=1e-6, rtol=1e-5)
+
+
+# ---- params that share memory --------------------------------------------------------
+
+
+@pytest.mark.parametrize("how,after", [("same-data", 0), ("overlapping-views", 0),
+                                       ("data-assigned", 0), ("data-assigned", 3)])
+def test_params_sharing_memory_are_refused(how, after, device):
+    """Two Parameter objects over one storage (weights tied by value) would be two rows
+    of one launch updating the same memory concurrently on a GPU."""
+    params = _params(device, shapes=((4, 6), (24,), (12,)))
+    if how == "same-data":
+        params[2] = torch.nn.Parameter(params[1].data[:12])
+    elif how == "overlapping-views":
+        base = torch.randn(30, device=device)
+        params[1], params[2] = torch.nn.Parameter(base[:24]), torch.nn.Parameter(base[18:])
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, after)
+    if how == "data-assigned":
+        params[2].data = params[1].data[6:18]
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match="share memory .* one nn.Parameter object"):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+def test_disjoint_views_of_one_buffer_step_like_torch(device):
+    """Params that are disjoint views of one buffer (a flattened-parameter layout) are fine."""
+    base = torch.randn(40, device=device)
+    params = [torch.nn.Parameter(base[:16]), torch.nn.Parameter(base[16:40].view(4, 6))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["AdamW"][0](params, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert params[0].data_ptr() == base.data_ptr()  # stepped in place
+
+
 # ---- load_state_dict is all or nothing -----------------------------------------------
 
 

@@ -9,6 +9,8 @@ to a :class:`~tritonadam.step_cache.StepCache`, which launches the kernels.
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Any
 
 import torch
@@ -84,6 +86,50 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def _span(t: Tensor) -> tuple[int, int]:
+    """The bytes [lo, hi) a tensor's elements can touch (strides are never negative)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + extent * t.element_size()
+
+
+def _check_no_shared_memory(name: str, entries: list) -> None:
+    """Raise if two tensors a step writes share memory: two rows of one launch would
+    update it concurrently on a GPU (the interpreter, running programs one after
+    another, would hide it). ``entries``: (param, its state dict) pairs.
+
+    Distinct Parameter objects over one storage come from tying weights by value
+    (``nn.Parameter(other.data)``) or from hand-made views; torch.optim steps them one
+    after the other, each with its own state.
+    """
+    spans: dict = {}
+    for i, (p, state) in enumerate(entries):
+        tensors = [("param", local_tensor(p))] + [
+            (f"state[{key!r}]", local_tensor(v)) for key, v in state.items() if isinstance(v, Tensor)
+        ]
+        for what, t in tensors:
+            if t.numel() == 0 or t.data_ptr() == 0:
+                continue
+            spans.setdefault(t.device, []).append((*_span(t), i, what))
+    for device, items in spans.items():
+        items.sort(key=operator.itemgetter(0))
+        hi, owner = items[0][1], items[0]
+        for item in items[1:]:
+            if item[0] < hi:
+                a, b = sorted((owner, item), key=operator.itemgetter(2))
+                params = [p for p, _ in entries]
+                raise ValueError(
+                    f"tritonadam.{name}: the {a[3]} of a param of shape {tuple(params[a[2]].shape)} "
+                    f"and the {b[3]} of a param of shape {tuple(params[b[2]].shape)} share memory "
+                    f"on {device}; one launch steps every tensor at once, so shared memory would "
+                    "be updated concurrently. Tie weights by sharing one nn.Parameter object "
+                    "(e.g. `decoder.weight = encoder.weight`), not by wrapping the same data in "
+                    "two, and give each param its own state tensors"
+                )
+            if item[1] > hi:
+                hi, owner = item[1], item
 
 
 def _param_meta(t: Tensor) -> tuple:
@@ -617,6 +663,7 @@ class _TritonAdamBase(Optimizer):
                 f"tritonadam.{type(self).__name__}: a parameter appears more than once in a "
                 "param group; list each parameter once"
             )
+        _check_no_shared_memory(type(self).__name__, [(p, self.state.get(p, {})) for p, *_ in pending])
         # A tensor's random stream: its index in the optimizer (as in state_dict), and on
         # a sharded run its rank, so shards of one param draw different numbers.
         index_of = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}

@@ -153,6 +153,29 @@ def _check_group(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _dict_versions():
+    """CPython's per-dict version tag (any write to a dict changes it), through
+    torch.compile's guard helpers; None where this torch or Python lacks it."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+
+        probe = {"k": 0}
+        before = dict_version(probe)
+        probe["k"] = 1
+        return dict_version if dict_version(probe) != before else None
+    except Exception:
+        return None
+
+
+_dict_version = _dict_versions()
+
+
+def _local_alias(t: Tensor | None) -> Tensor | None:
+    """A new tensor object over ``t``'s memory (its local shard for a DTensor): it keeps
+    that memory alive even if ``t.data`` is later replaced."""
+    return None if t is None else _as_real(local_tensor(t)).detach()
+
+
 class _GradMeta:
     """Checks that grads have the dtype, device, size and (contiguous) layout the tables
     were built with, in one C++ pass where torch offers one.
@@ -217,7 +240,15 @@ class StepCache:
         self._group_lens = [len(params) for params in group_lists]
         self._all_params = [p for params in group_lists for p in params]
         self._state = state
+        # State edited between steps: a per-param dict replaced (identity), an entry
+        # replaced in one (its version), or the moments moved under the same tensor
+        # objects (``t.data = t.data.to(...)``, as state-offloading code does: each row's
+        # exp_avg pointer stands for its state).
         self._state_values = list(state.values())
+        self._state_version = _dict_version(state) if _dict_version is not None else None
+        self._state_versions = self._versions(self._state_values)
+        self._moments = [local_tensor(r.exp_avg) for r in rows]
+        self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
         self._inactive = inactive
         fast = [r for r in rows if not r.general]
         self._general = [r for r in rows if r.general]
@@ -237,8 +268,9 @@ class StepCache:
         # The tables hold raw pointers: keep what they point at alive, param storages
         # included (a detached alias survives ``p.data = ...``, so a stale row never
         # writes freed memory; the next check sees the new pointer and rebuilds).
-        self._keep = [(self._kernel_param(r).detach(), r.exp_avg, r.second, r.max_second, r.master,
-                       r.step, r.staging) for r in self._order]
+        self._keep = [(self._kernel_param(r).detach(), _local_alias(r.exp_avg), _local_alias(r.second),
+                       _local_alias(r.max_second), _local_alias(r.master), _local_alias(r.step),
+                       r.staging) for r in self._order]
         self._hyper_staging: dict = {}
         self._devices: dict[torch.device, _Device] = {}
         # Per device: the positions in self._order of its table rows (None: all, in order).
@@ -306,9 +338,9 @@ class StepCache:
         if (
             layout != self.layout
             or state is not self._state
-            or len(state) != len(self._state_values)
-            # Per-param state dicts replaced (a reset) show in the values, no hashing.
-            or not all(map(operator.is_, state.values(), self._state_values))
+            or not self._same_state_dicts(state)
+            or self._versions(self._state_values) != self._state_versions
+            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
             or any(map(operator.is_not, map(_GRAD, self._inactive), repeat(None)))
@@ -336,6 +368,19 @@ class StepCache:
         ]:
             return None  # a freed storage (null pointer) under a non-empty grad
         return ptrs
+
+    def _same_state_dicts(self, state: dict) -> bool:
+        if self._state_version is not None:  # any entry set, popped or cleared changes it
+            return _dict_version(state) == self._state_version
+        return len(state) == len(self._state_values) and all(
+            map(operator.is_, state.values(), self._state_values))
+
+    @staticmethod
+    def _versions(dicts: list) -> list | None:
+        if _dict_version is not None:
+            return list(map(_dict_version, dicts))
+        # Without version tags: the dicts' values by identity (slower, same answer).
+        return list(map(id, chain.from_iterable(map(dict.values, dicts))))
 
     @property
     def general_rows(self) -> list[Row]:
