@@ -9,10 +9,9 @@ to a :class:`~tritonadam.step_cache.StepCache`, which launches the kernels.
 """
 from __future__ import annotations
 
-import operator
-
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
@@ -104,32 +103,44 @@ def _check_no_shared_memory(name: str, entries: list) -> None:
     (``nn.Parameter(other.data)``) or from hand-made views; torch.optim steps them one
     after the other, each with its own state.
     """
-    spans: dict = {}
+    tensors, owners, labels = [], [], []
     for i, (p, state) in enumerate(entries):
-        tensors = [("param", local_tensor(p))] + [
-            (f"state[{key!r}]", local_tensor(v)) for key, v in state.items() if isinstance(v, Tensor)
-        ]
-        for what, t in tensors:
-            if t.numel() == 0 or t.data_ptr() == 0:
-                continue
-            spans.setdefault(t.device, []).append((*_span(t), i, what))
-    for device, items in spans.items():
-        items.sort(key=operator.itemgetter(0))
-        hi, owner = items[0][1], items[0]
-        for item in items[1:]:
-            if item[0] < hi:
-                a, b = sorted((owner, item), key=operator.itemgetter(2))
-                params = [p for p, _ in entries]
-                raise ValueError(
-                    f"tritonadam.{name}: the {a[3]} of a param of shape {tuple(params[a[2]].shape)} "
-                    f"and the {b[3]} of a param of shape {tuple(params[b[2]].shape)} share memory "
-                    f"on {device}; one launch steps every tensor at once, so shared memory would "
-                    "be updated concurrently. Tie weights by sharing one nn.Parameter object "
-                    "(e.g. `decoder.weight = encoder.weight`), not by wrapping the same data in "
-                    "two, and give each param its own state tensors"
-                )
-            if item[1] > hi:
-                hi, owner = item[1], item
+        tensors.append(local_tensor(p))
+        owners.append(i)
+        labels.append("param")
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors.append(local_tensor(value))
+                owners.append(i)
+                labels.append(f"state[{key!r}]")
+    if len(tensors) < 2:
+        return
+    count = len(tensors)
+    lo = np.fromiter(map(Tensor.data_ptr, tensors), dtype=np.int64, count=count)
+    hi = lo + (np.fromiter(map(Tensor.numel, tensors), dtype=np.int64, count=count)
+               * np.fromiter(map(Tensor.element_size, tensors), dtype=np.int64, count=count))
+    for j in np.flatnonzero(~np.fromiter(map(Tensor.is_contiguous, tensors), dtype=bool, count=count)):
+        hi[j] = _span(tensors[j])[1]
+    device = np.fromiter(map(Tensor.get_device, tensors), dtype=np.int64, count=count)
+    for dev in np.unique(device):
+        idx = np.flatnonzero((device == dev) & (hi > lo) & (lo != 0))
+        idx = idx[np.argsort(lo[idx], kind="stable")]
+        reach = np.maximum.accumulate(hi[idx])
+        clash = np.flatnonzero(lo[idx[1:]] < reach[:-1])
+        if clash.size == 0:
+            continue
+        later = idx[clash[0] + 1]
+        earlier = idx[np.argmax(hi[idx[: clash[0] + 1]])]
+        a, b = sorted((earlier, later), key=lambda k: owners[k])
+        shape = [tuple(entries[owners[k]][0].shape) for k in (a, b)]
+        raise ValueError(
+            f"tritonadam.{name}: the {labels[a]} of a param of shape {shape[0]} and the "
+            f"{labels[b]} of a param of shape {shape[1]} share memory on {tensors[a].device}; "
+            "one launch steps every tensor at once, so shared memory would be updated "
+            "concurrently. Tie weights by sharing one nn.Parameter object (e.g. "
+            "`decoder.weight = encoder.weight`), not by wrapping the same data in two, and "
+            "give each param its own state tensors"
+        )
 
 
 def _param_meta(t: Tensor) -> tuple:
