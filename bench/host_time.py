@@ -2,6 +2,7 @@
 
     python bench/host_time.py                      # 10,000 and 300 tensors
     python bench/host_time.py --tensors 2000 --numel 64
+    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone
 
 tritonadam's step with its kernel launches stubbed out: what remains is the per-step host
 work (finding grads, checking what the launches rely on, refreshing the pointer tables).
@@ -78,13 +79,72 @@ def measure(tensors: int, numel: int, reps: int) -> dict:
             "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
 
 
+def breakdown(tensors: int, numel: int, reps: int) -> dict:
+    """Each of the step's per-tensor passes timed alone, right after fresh grads (what
+    the step's check does, pass by pass; reaches into the step cache's fields)."""
+    import operator
+    from itertools import chain
+
+    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors)]
+
+    def fresh():
+        for p in params:
+            p.grad = None
+            p.grad = torch.empty_like(p)
+
+    opt = tritonadam.AdamW(params, block_size=4096, num_warps=4)
+    launches = {name: getattr(step_cache, name) for name in STUBBED}
+    for name in STUBBED:
+        setattr(step_cache, name, lambda *a, **k: None)
+    try:
+        fresh()
+        opt.step()
+        cache = opt._cache
+        grad = operator.attrgetter("_grad")
+        passes = {
+            "floor (p.grad.data_ptr() loop)": lambda: floor_pass(params),
+            "grads (_grad)": lambda: list(map(grad, params)),
+            "grad pointers": lambda: list(map(torch.Tensor.data_ptr, map(grad, params))),
+            "tensor guards": lambda: cache._grad_meta.same(list(map(grad, params))),
+            "param pointers": lambda: list(map(torch.Tensor.data_ptr, params)),
+            "exp_avg pointers": lambda: list(map(torch.Tensor.data_ptr, cache._moments)),
+            "state dict versions": lambda: cache._versions(cache._state_values),
+            "group membership": lambda: all(map(operator.is_, chain.from_iterable(
+                g["params"] for g in opt.param_groups), cache._all_params)),
+            "whole step": opt.step,
+        }
+        times = {name: [] for name in passes}
+        for _ in range(reps):
+            for name, run in passes.items():
+                fresh()
+                t0 = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for name, launch in launches.items():
+            setattr(step_cache, name, launch)
+    # The grads pass is inside the pointers and guards passes: report them without it.
+    out = {name: statistics.median(t) for name, t in times.items()}
+    for name in ("grad pointers", "tensor guards"):
+        out[name] -= out["grads (_grad)"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[10000, 300])
     parser.add_argument("--numel", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time each of the step's per-tensor passes alone instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.breakdown:
+        for n in args.tensors:
+            print(f"{n} tensors: each pass alone after fresh grads, median ms of {args.reps}")
+            for name, ms in breakdown(n, args.numel, args.reps).items():
+                print(f"  {name:<32} {ms:8.3f}")
+        return
     print(f"host time per step, launches stubbed, fresh grads each step; median of {args.reps} "
           f"({os.cpu_count()} CPUs, torch {torch.__version__})")
     print(f"  {'tensors':>8} {'floor ms':>10} {'step ms':>10} {'step/floor':>11} "

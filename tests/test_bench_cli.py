@@ -386,6 +386,12 @@ def test_host_time_stubs_every_launch():
     assert {name: getattr(step_cache, name) for name in host_time.STUBBED} == real
     assert min(r["floor_ms"], r["step_ms"], r["clip_step_ms"]) > 0
     assert r["clip_ratio"] == pytest.approx(r["clip_step_ms"] / r["floor_ms"])
+    # --breakdown reaches into the step cache's fields: it must keep up with them.
+    passes = host_time.breakdown(tensors=30, numel=8, reps=2)
+    assert launch_counts == before
+    assert {"tensor guards", "param pointers", "exp_avg pointers", "state dict versions",
+            "whole step"} <= set(passes)
+    assert passes["whole step"] > 0
 
 
 # ------------------------------------------------------------------------------- GPU
