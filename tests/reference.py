@@ -100,8 +100,9 @@ class Reference:
         self.sdtype = state_dtype or self.cdtype
         self.sr = stochastic_rounding
         self.key = key
-        self.w = param.detach().to(self.cdtype).clone()
-        self.p = param.detach().clone()
+        # Computed on the CPU whatever the param's device (GPU runs compare against it).
+        self.w = param.detach().cpu().to(self.cdtype).clone()
+        self.p = param.detach().cpu().clone()
         self.m = torch.zeros_like(self.w)
         self.v = torch.zeros_like(self.w)
         self.vmax = torch.zeros_like(self.w)
@@ -182,4 +183,4 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
         assert not differ.any(), f"{int(differ.sum())} of {actual.numel()} elements differ"
     else:
         eps = torch.finfo(expected.dtype).eps
-        torch.testing.assert_close(actual.cpu(), expected, rtol=eps, atol=eps * 1e-3)
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=eps, atol=eps * 1e-3)

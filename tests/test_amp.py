@@ -100,6 +100,9 @@ def watch_grads(opt, model) -> list[str]:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_found_inf_skips_the_whole_step(variant, poison, device):
     ours_cls, _, kw, dtype, extra = VARIANTS[variant]
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        pytest.skip("torch's GradScaler cannot check bf16 grads on CUDA "
+                    "(_amp_foreach_non_finite_check_and_unscale_cuda has no BFloat16 kernel)")
     model = make_model(device, dtype)
     opt = ours_cls(model.parameters(), lr=1e-2, **kw, **extra, **LAUNCH)
     written = watch_grads(opt, model)
@@ -154,7 +157,7 @@ def test_gradscaler_parity_with_torch(variant, device):
         for p, q in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(p, q, **TOL)
             for key, value in ref.state[q].items():
-                torch.testing.assert_close(opt.state[p][key], value, **TOL)
+                torch.testing.assert_close(opt.state[p][key].cpu(), value.cpu(), **TOL)
     assert scalers[0].get_scale() != 3000.0  # it grew and backed off along the way
     assert all(opt.state[p]["step"].item() == 7 for p in model.parameters())
     assert not written
@@ -191,7 +194,7 @@ def test_unscale_first_then_clip_and_step(poison, device):
     assert all(opt.state[p]["step"].item() == expected for p in model.parameters())
     for p, q in zip(model.parameters(), ref_model.parameters()):
         for key, value in ref.state[q].items():
-            torch.testing.assert_close(opt.state[p][key], value, **TOL)
+            torch.testing.assert_close(opt.state[p][key].cpu(), value.cpu(), **TOL)
 
 
 def test_instance_can_opt_out_of_in_kernel_unscaling(device):

@@ -57,6 +57,24 @@ def _fresh_grads(params, seed=7):
         p.grad = g
 
 
+def _step_both(ours, theirs, params, ref, gen):
+    """One step of ours and of torch.optim with the same fresh grads."""
+    for p, q, g in zip(params, ref, random_grads(params, gen)):
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    theirs.step()
+
+
+def _assert_like_torch(ours, theirs, params, ref, keys=("exp_avg", "exp_avg_sq", "step")):
+    """Params and state as torch.optim's (compared on the CPU: torch keeps non-capturable
+    step counts there, ours live on the param's device)."""
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        for k in keys:
+            torch.testing.assert_close(ours.state[p][k].cpu(), theirs.state[q][k].cpu(),
+                                       atol=1e-6, rtol=1e-5)
+
+
 def _run_isolated(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [os.path.join(os.path.dirname(__file__), ".."), os.environ.get("PYTHONPATH", "")]))
@@ -216,13 +234,9 @@ def test_column_major_param_steps_like_torch(after, device):
             for p in params + ref:
                 p.data = p.data.t().contiguous().t()
             assert not params[0].is_contiguous()
-        grads = random_grads(params, gen)
-        for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+        _step_both(ours, theirs, params, ref, gen)
         torch.testing.assert_close(params[0], ref[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(ours.state[params[0]]["exp_avg"], theirs.state[ref[0]]["exp_avg"])
+    _assert_like_torch(ours, theirs, params, ref, keys=("exp_avg",))
 
 
 # ---- state tensors moved or replaced between steps -----------------------------------
@@ -275,15 +289,8 @@ def test_state_tensor_replaced_in_its_dict_is_stepped(key, after, device):
             for opt, ps in ((ours, params), (theirs, ref)):
                 s = opt.state[ps[1]]
                 s[key] = s[key] * (1 if key == "step" else 0.5)  # a new tensor in the same dict
-        grads = random_grads(params, gen)
-        for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(ours.state[p][k], theirs.state[q][k], atol=1e-6, rtol=1e-5)
+        _step_both(ours, theirs, params, ref, gen)
+    _assert_like_torch(ours, theirs, params, ref)
 
 
 @pytest.mark.parametrize("edit", ["entry", "reset-one"])
@@ -305,14 +312,8 @@ def test_state_edits_are_seen_without_dict_version_tags(edit, device, monkeypatc
                     opt.state[ps[2]]["exp_avg_sq"] = opt.state[ps[2]]["exp_avg_sq"] * 2
                 else:
                     opt.state[ps[2]] = {}
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(ours.state[p][k], theirs.state[q][k], atol=1e-6, rtol=1e-5)
+        _step_both(ours, theirs, params, ref, gen)
+    _assert_like_torch(ours, theirs, params, ref)
 
 
 # ---- params that share memory --------------------------------------------------------
@@ -349,12 +350,8 @@ def test_disjoint_views_of_one_buffer_step_like_torch(device):
     theirs = torch.optim.AdamW(ref, foreach=False)
     gen = torch.Generator().manual_seed(6)
     for _ in range(3):
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-    for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        _step_both(ours, theirs, params, ref, gen)
+    _assert_like_torch(ours, theirs, params, ref)
     assert params[0].data_ptr() == base.data_ptr()  # stepped in place
 
 
@@ -456,13 +453,8 @@ def test_state_reset_by_hand_restarts_like_torch(reset, device):
     gen = torch.Generator().manual_seed(5)
 
     def step():
-        grads = random_grads(params, gen)
-        for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
-        for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        _step_both(ours, theirs, params, ref, gen)
+        _assert_like_torch(ours, theirs, params, ref, keys=())
 
     for _ in range(3):
         step()
