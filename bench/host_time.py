@@ -17,6 +17,7 @@ launches included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -38,53 +39,10 @@ def floor_pass(params) -> None:
         p.grad.data_ptr()
 
 
-def measure(tensors: int, numel: int, reps: int) -> dict:
-    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors)]
-
-    def fresh(i):  # set_to_none=True training: new grad tensors every step
-        for p in params:
-            p.grad = None
-            p.grad = torch.empty_like(p)
-
-    opt = tritonadam.AdamW(params, block_size=4096, num_warps=4)
-    launches = {name: getattr(step_cache, name) for name in STUBBED}
-    for name in STUBBED:
-        setattr(step_cache, name, lambda *a, **k: None)
-    try:
-        fresh(0)
-        opt.clip_grad_norm_(1.0)
-        opt.step()  # builds the cache, the norm's plan and the state once
-        floor, step, clip_step = [], [], []
-        for i in range(reps):
-            fresh(i)
-            t0 = time.perf_counter()
-            floor_pass(params)
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
-            fresh(i)
-            t3 = time.perf_counter()
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-            t4 = time.perf_counter()
-            floor.append((t1 - t0) * 1e3)
-            step.append((t2 - t1) * 1e3)
-            clip_step.append((t4 - t3) * 1e3)
-    finally:
-        for name, launch in launches.items():
-            setattr(step_cache, name, launch)
-    floor_ms, step_ms = statistics.median(floor), statistics.median(step)
-    clip_ms = statistics.median(clip_step)
-    return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
-            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
-
-
-def breakdown(tensors: int, numel: int, reps: int) -> dict:
-    """Each of the step's per-tensor passes timed alone, right after fresh grads (what
-    the step's check does, pass by pass; reaches into the step cache's fields)."""
-    import operator
-    from itertools import chain
-
+@contextlib.contextmanager
+def stubbed_optimizer(tensors: int, numel: int):
+    """(params, fresh, optimizer) with every launcher stubbed, restored on exit.
+    ``fresh()`` gives new grad tensors, as ``zero_grad(set_to_none=True)`` training does."""
     params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors)]
 
     def fresh():
@@ -97,6 +55,46 @@ def breakdown(tensors: int, numel: int, reps: int) -> dict:
     for name in STUBBED:
         setattr(step_cache, name, lambda *a, **k: None)
     try:
+        yield params, fresh, opt
+    finally:
+        for name, launch in launches.items():
+            setattr(step_cache, name, launch)
+
+
+def measure(tensors: int, numel: int, reps: int) -> dict:
+    with stubbed_optimizer(tensors, numel) as (params, fresh, opt):
+        fresh()
+        opt.clip_grad_norm_(1.0)
+        opt.step()  # builds the cache, the norm's plan and the state once
+        floor, step, clip_step = [], [], []
+        for _ in range(reps):
+            fresh()
+            t0 = time.perf_counter()
+            floor_pass(params)
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            fresh()
+            t3 = time.perf_counter()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            t4 = time.perf_counter()
+            floor.append((t1 - t0) * 1e3)
+            step.append((t2 - t1) * 1e3)
+            clip_step.append((t4 - t3) * 1e3)
+    floor_ms, step_ms = statistics.median(floor), statistics.median(step)
+    clip_ms = statistics.median(clip_step)
+    return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
+            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
+
+
+def breakdown(tensors: int, numel: int, reps: int) -> dict:
+    """Each of the step's per-tensor passes timed alone, right after fresh grads (what
+    the step's check does, pass by pass; reaches into the step cache's fields)."""
+    import operator
+    from itertools import chain
+
+    with stubbed_optimizer(tensors, numel) as (params, fresh, opt):
         fresh()
         opt.step()
         cache = opt._cache
@@ -120,9 +118,6 @@ def breakdown(tensors: int, numel: int, reps: int) -> dict:
                 t0 = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        for name, launch in launches.items():
-            setattr(step_cache, name, launch)
     # The grads pass is inside the pointers and guards passes: report them without it.
     out = {name: statistics.median(t) for name, t in times.items()}
     for name in ("grad pointers", "tensor guards"):
