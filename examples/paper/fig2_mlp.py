@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 
 import matplotlib.pyplot as plt
-import torch.nn.functional as F
 import adampaper
 from adampaper import DEVICE, data, presets, report
 from adampaper.experiment import Run, run_classifier
+from adampaper.training import cross_entropy
 from torch import nn
 
 FIGURE = "fig2_mlp"
@@ -32,10 +32,6 @@ def mlp(hidden: int, dropout: bool) -> nn.Sequential:
         nn.Dropout(p_hidden), nn.Linear(hidden, hidden), nn.ReLU(),
         nn.Dropout(p_hidden), nn.Linear(hidden, 10),
     )
-
-
-def cross_entropy(model, x, y):
-    return F.cross_entropy(model(x), y)
 
 
 def main(argv: list[str] | None = None) -> dict:

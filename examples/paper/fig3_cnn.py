@@ -15,10 +15,10 @@ import time
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
-import torch.nn.functional as F
 import adampaper
 from adampaper import DEVICE, data, presets, report
 from adampaper.experiment import Run, run_classifier
+from adampaper.training import cross_entropy
 from torch import nn
 
 FIGURE = "fig3_cnn"
@@ -44,10 +44,6 @@ def standardised(train: data.Dataset, test: data.Dataset) -> tuple[data.Dataset,
     whitens CIFAR-10's colour images; for grey digits this is the simple analogue)."""
     mean, std = train.inputs.mean(), train.inputs.std()
     return tuple(replace(d, inputs=(d.inputs - mean) / std) for d in (train, test))
-
-
-def cross_entropy(model, x, y):
-    return F.cross_entropy(model(x), y)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,11 @@ from .flat import Flat
 LossFn = Callable[[Flat, Tensor, Tensor], Tensor]
 
 
+def cross_entropy(model: Flat, x: Tensor, y: Tensor) -> Tensor:
+    """The classifiers' loss (Figs 2 and 3): softmax cross-entropy of the model's logits."""
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
 class Trainer:
     """Steps ``optimizer`` on ``loss_fn`` over shuffled minibatches of ``data``.
 
