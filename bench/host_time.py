@@ -27,11 +27,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import tritonadam  # noqa: E402
+import tritonadam.clip as clip  # noqa: E402
 import tritonadam.step_cache as step_cache  # noqa: E402
 
 
-#: the launchers a step and a clip call, as step_cache imported them
-STUBBED = ("launch_prepare", "launch_update", "launch_norm", "launch_norm_reduce")
+#: the launchers a step and a clip call, as the modules that call them imported them
+STUBBED = ((step_cache, "launch_prepare"), (step_cache, "launch_update"),
+           (clip, "launch_norm"), (clip, "launch_norm_reduce"))
 
 
 def floor_pass(params) -> None:
@@ -51,14 +53,14 @@ def stubbed_optimizer(tensors: int, numel: int):
             p.grad = torch.empty_like(p)
 
     opt = tritonadam.AdamW(params, block_size=4096, num_warps=4)
-    launches = {name: getattr(step_cache, name) for name in STUBBED}
-    for name in STUBBED:
-        setattr(step_cache, name, lambda *a, **k: None)
+    launches = {(module, name): getattr(module, name) for module, name in STUBBED}
+    for module, name in STUBBED:
+        setattr(module, name, lambda *a, **k: None)
     try:
         yield params, fresh, opt
     finally:
-        for name, launch in launches.items():
-            setattr(step_cache, name, launch)
+        for (module, name), launch in launches.items():
+            setattr(module, name, launch)
 
 
 def measure(tensors: int, numel: int, reps: int) -> dict:

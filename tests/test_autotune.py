@@ -888,13 +888,14 @@ def test_first_use_tuning_on_a_gpu_writes_a_valid_cache(tmp_path):
 
 def test_scratch_mix_and_runner():
     from tritonadam.kernels.scratch import make_scratch_runner, scaled_mix
+    from tritonadam.state import variant
 
     assert scaled_mix([4096] * 10_000, 2**14) == [4096] * 4  # a mix of small tensors is cut
     assert scaled_mix([100, 30], 250) == [100, 30, 100, 20]  # or repeated, to the scratch size
     assert scaled_mix([2**30], 2**20) == [2**20] and scaled_mix([], 5) == [5]
     if not autotune.tuner._env.interpret():
         pytest.skip("runs the scratch launch in Triton's interpreter")
-    run = make_scratch_runner(optimizer="adamw", param_dtype=torch.float32, grad_dtype=torch.bfloat16,
+    run = make_scratch_runner(variant("adamw", torch.float32, torch.bfloat16),
                               config=LaunchConfig(1024, 4, True), numels=[4096, 7, 3000], device=CPU)
     before = [t.clone() for t in run.params]
     run()
@@ -906,9 +907,10 @@ def test_compile_only_launches_nothing():
     """The tuner reads the compiler's report through a launch that compiles and runs
     nothing (in the interpreter, which compiles nothing, it returns None)."""
     from tritonadam.kernels import scratch
+    from tritonadam.state import variant
 
-    run = scratch.make_scratch_runner(optimizer="adam", param_dtype=torch.float32, grad_dtype=torch.float32,
-                                      config=LaunchConfig(1024, 4), numel=3000, device=CPU)
+    run = scratch.make_scratch_runner(variant("adam", torch.float32), config=LaunchConfig(1024, 4),
+                                      numels=[3000], device=CPU)
     before = run.params[0].clone()
     assert run.compile() is None
     assert torch.equal(run.params[0], before)

@@ -155,22 +155,19 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
 
     calls = []
 
-    def autotune_key(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights):
-        return (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
-                f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
+    def variant_of(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights):
+        key = (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
+               f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
+        return types.SimpleNamespace(autotune_key=lambda: key, optimizer=optimizer, param_dtype=param_dtype,
+                                     bytes_per_elem=lambda: 16 if param_dtype == torch.float32 else 12)
 
-    def make_scratch_runner(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, config, numels, device):
-        calls.append((optimizer, param_dtype, sum(numels), config))
+    def make_scratch_runner(variant, *, config, numels, device):
+        calls.append((variant.optimizer, variant.param_dtype, sum(numels), config))
         run = lambda: None  # noqa: E731
         run.config = config
         return run
 
-    from tritonadam.kernels.scratch import scaled_mix
-
-    kernels = types.SimpleNamespace(
-        autotune_key=autotune_key, make_scratch_runner=make_scratch_runner, scaled_mix=scaled_mix,
-        bytes_per_elem=lambda *, param_dtype, **_: 16 if param_dtype == torch.float32 else 12,
-    )
+    kernels = dict(variant_of=variant_of, make_scratch_runner=make_scratch_runner)
     budget_clock = {"t": 0.0}
 
     def timer(fn):
@@ -187,21 +184,21 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
             "--model-size", "64M", "--world-size", "4", "--min-numel", "2^22"]
     args = build_parser().parse_args(argv)
     # First pass with a budget too small to finish: entries are stored as partial.
-    assert run_tune(args, tuner=tuner(budget=2), kernels=kernels, device=torch.device("cpu")) == 0
+    assert run_tune(args, tuner=tuner(budget=2), device=torch.device("cpu"), **kernels) == 0
     out = capsys.readouterr().out
     assert out.count("tuned 2/") == 12  # 2 optimizers x 2 dtypes x buckets 2^22..2^24
     assert {c[2] for c in calls} == {2**22, 2**23, 2**24}
     # Second pass: partial entries are finished without --force.
     calls.clear()
-    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
     out = capsys.readouterr().out
     assert "cached" not in out and "block=2048 warps=4" in out
     # Third pass: complete entries are kept unless --force.
     calls.clear()
-    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
     assert capsys.readouterr().out.count("cached") == 12 and calls == []
     args = build_parser().parse_args(argv + ["--force"])
-    assert run_tune(args, tuner=tuner(budget=100), kernels=kernels, device=torch.device("cpu")) == 0
+    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
     assert calls
     # What the tuner stored is what the optimizer would find for the same key.
     entries = json.loads(next(tmp_path.glob("*.json")).read_text())["entries"]
@@ -216,21 +213,20 @@ def test_tune_times_scratch_launches_with_the_models_tensor_sizes(tmp_path, caps
     import types
 
     from tritonadam.autotune.__main__ import build_parser, run_tune
-    from tritonadam.kernels import scratch
+    from tritonadam.state import variant
 
     mixes = []
 
-    def make_scratch_runner(*, config, numels, **_):
+    def make_scratch_runner(variant, *, config, numels, device):
         mixes.append(numels)
         run = lambda: None  # noqa: E731
         run.config = config
         return run
 
-    kernels = types.SimpleNamespace(autotune_key=scratch.autotune_key, bytes_per_elem=scratch.bytes_per_elem,
-                                    scaled_mix=scratch.scaled_mix, make_scratch_runner=make_scratch_runner)
+    kernels = dict(variant_of=variant, make_scratch_runner=make_scratch_runner)
     tuner = Tuner(timer=lambda fn: 1.0 * fn.n, cache=DiskCache(tmp_path), device_info=lambda d: FAKE_GPU,
                   free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO())
     args = build_parser().parse_args(["tune", "--param-dtype", "bf16", "--numel", "2^16", "--tensor-numel", "4096"])
-    assert run_tune(args, tuner=tuner, kernels=kernels, device=torch.device("cpu")) == 0
+    assert run_tune(args, tuner=tuner, device=torch.device("cpu"), **kernels) == 0
     assert mixes and all(m == [4096] * 16 for m in mixes)
     capsys.readouterr()

@@ -35,12 +35,12 @@ def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
     # the bench's formula against the one the autotuner uses, for the options the bench
     # gives tritonadam
     from tritonadam.bench.providers import tritonadam_modes
-    from tritonadam.kernels import bytes_per_elem
+    from tritonadam.state import variant
 
     s = SETUPS[setup]
-    assert bytes_per_param(setup, algo, amsgrad) == bytes_per_elem(
-        optimizer=algo, param_dtype=workloads.torch_dtype(s.param),
-        grad_dtype=workloads.torch_dtype(s.grad), amsgrad=amsgrad, **tritonadam_modes(s))
+    assert bytes_per_param(setup, algo, amsgrad) == variant(
+        algo, workloads.torch_dtype(s.param), workloads.torch_dtype(s.grad), amsgrad=amsgrad,
+        **tritonadam_modes(s)).bytes_per_elem()
 
 
 @pytest.mark.parametrize("setup,expected", [("fp32", 16), ("bf16", 12), ("fp16", 12),

@@ -13,7 +13,7 @@ import torch
 from helpers import BLOCK, LAUNCH, PAIRS, SHAPES, make_params, random_grads
 from reference import Reference, assert_same_bits
 from tritonadam.kernels.plan import rounding_key
-from tritonadam.precision import join_master, split_master
+from tritonadam.state import join_master, split_master
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)

@@ -1,29 +1,30 @@
-"""Host side of fused gradient clipping (``clip_grad_norm_`` and ``max_grad_norm=``).
+"""Fused gradient clipping (``clip_grad_norm_`` and ``max_grad_norm=``).
 
-A clip measures the norm of the grads the next step will read (the step cache launches
-the norm kernels) and leaves the clip coefficient in a small device buffer owned by the
-optimizer; the next step's prepare kernel multiplies every tensor's grad multiplier by
-it. ``.grad`` is never written. Here: argument checks, that buffer and which grads its
-coefficient belongs to, GradScaler's scale, and the process groups over which a sharded
-(DTensor) norm is reduced.
+A clip measures the norm of the grads the next step will read, over the step cache's
+device tables (one norm launch per grad dtype, one reduction launch, and for sharded
+DTensor grads an all-reduce between them), and leaves the clip coefficient in a small
+device buffer owned by the optimizer; the next step's prepare kernel multiplies every
+tensor's grad multiplier by it. ``.grad`` is never written. Everything about clipping
+lives here: argument checks, that buffer and which grads its coefficient belongs to,
+GradScaler's scale, the norm launches and the reduction across ranks.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
-import weakref
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import layout
-from .kernels.plan import upload
+from .kernels import device_guard, layout
+from .kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind, norm_max_chunks
+from .kernels.plan import NormPlan, upload
+from .step_cache import StepCache
+from .tensors import GRAD
 
-__all__ = ["ClipState", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction"]
-
-_GRAD = operator.attrgetter("_grad")
+__all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
 
 
 def norm_order(norm_type) -> float:
@@ -119,32 +120,155 @@ def replicated(norm: Tensor, mesh) -> Tensor:
     return DTensor.from_local(norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-class ClipState:
-    """One optimizer's clip buffer on its device, and what its coefficient belongs to.
+class Clipper:
+    """One optimizer's fused clipping: its clip buffer and what the coefficient in it
+    belongs to.
 
     A coefficient is *pending* from a clip until the next step consumes it. It belongs
-    to the grads it measured: the same tensor objects. A clip or step that finds other
-    grads (``zero_grad`` and a new backward) drops it, as torch's in-place clip would be
-    lost with the grads it scaled. Identity is checked by ``id()`` (one C-level pass) and,
-    since a freed grad's id can be reused, a weak reference to the first grad, which a
-    new backward after ``zero_grad(set_to_none=True)`` always replaces.
+    to the grads it measured: the same tensor objects, held (as the step cache holds
+    them from its check to its launch) until the step, ``zero_grad`` or a clip that finds
+    other grads lets them go. A clip or step that finds other grads (``zero_grad`` and a
+    new backward) drops it, as torch's in-place clip would be lost with the grads it
+    scaled.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.buffer = torch.zeros(layout.CLIP_COLUMNS.value, dtype=torch.float64, device=device)
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.device: torch.device | None = None
+        self.buffer: Tensor | None = None
         self._args: tuple | None = None
         self.pending = False
         self.scaled = False  # every pending clip folded in GradScaler's scale
         self._params: list[Tensor] = []
-        self._grad_ids: list[int] = []
-        self._first = None
+        self._grads: list[Tensor] = []
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
         self.last_norm: Tensor | None = None
         self.mesh = None  # the DTensor mesh last_norm is returned on
+        self._reduction: tuple | None = None  # (cache, (mesh, process groups))
 
-    def set_args(self, max_norm: float, p: float) -> None:
+    # ---- checks -------------------------------------------------------------------
+
+    def check_supported(self, param_groups: list[dict], p: float, *, complex_grads: bool) -> None:
+        """Refuse what the fused clip does not cover."""
+        if any(g.get("differentiable") and any(q.grad is not None for q in g["params"])
+               for g in param_groups):
+            raise NotImplementedError(
+                f"tritonadam.{self.name}: fused clipping does not cover differentiable=True "
+                "groups (torch.optim steps them); use torch.nn.utils.clip_grad_norm_"
+            )
+        if p != 2.0 and complex_grads:
+            raise ValueError(
+                f"tritonadam.{self.name}: complex grads are clipped by their 2-norm only (got "
+                f"norm_type={p}); use torch.nn.utils.clip_grad_norm_"
+            )
+
+    def before_step(self, cache: StepCache, grad_scale, *, holds: bool | None = None) -> None:
+        """Drop a pending coefficient whose grads are gone; refuse one of scaled grads.
+        ``holds``: whether it belongs to the current grads, if the caller knows."""
+        if not self.pending:
+            return
+        if not (self.holds(cache.params) if holds is None else holds):
+            self.clear()
+            return
+        if grad_scale is not None and not self.scaled:
+            raise RuntimeError(
+                f"tritonadam.{self.name}: clip_grad_norm_ measured grads that GradScaler still "
+                "scales (this step got its scale), so it clipped by the norm of scaled grads. "
+                "Call scaler.unscale_(opt) before clip_grad_norm_, pass clip_grad_norm_(..., "
+                "scaler=scaler), or construct the optimizer with max_grad_norm=... and let "
+                "step() clip"
+            )
+
+    # ---- measuring ----------------------------------------------------------------
+
+    def clip(self, cache: StepCache, max_norm: float, p: float, *, grad_scale, check_finite: bool,
+             auto: bool) -> Tensor:
+        """Measure the norm of the grads ``cache`` took and leave the coefficient; returns
+        the norm's local tensor (``auto``: the fixed one of the max_grad_norm path, which
+        the very step that called it consumes)."""
+        if grad_scale is not None and not (grad_scale.numel() == 1 and grad_scale.is_floating_point()):
+            raise ValueError("the GradScaler scale must be a 1-element floating point tensor")
+        device = self._norm_device(cache)
+        if self.device != device:
+            self.device, self._args, self._auto_out = device, None, {}
+            self.buffer = torch.zeros(layout.CLIP_COLUMNS.value, dtype=torch.float64, device=device)
+        params = cache.params
+        compound = self.holds(params)
+        dtype = self._norm_dtype(cache)
+        out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
+        mesh = self._mesh_and_groups(cache)[0]
+        self._set_args(max_norm, p)
+        self._measure(cache, device, out, p, grad_scale=grad_scale, compound=compound,
+                      check_finite=check_finite)
+        if check_finite and not torch.isfinite(out).item():
+            raise RuntimeError(
+                f"The total norm of order {p} for gradients from `parameters` is non-finite, so "
+                "it cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`"
+            )
+        if auto:
+            self.pending = True  # this very step consumes it: no need to remember the grads
+        else:
+            self._set_pending(params, cache.taken, scaled=grad_scale is not None and (not compound or self.scaled))
+        self.last_norm, self.mesh = out, mesh
+        return out
+
+    def _measure(self, cache: StepCache, device, out: Tensor, p: float, *, grad_scale, compound,
+                 check_finite) -> None:
+        """The norm into ``out`` and the coefficient into the buffer (whose max_norm and
+        order are set). For DTensor grads sharded over a mesh, the reduction is split
+        around an all-reduce of this rank's partial total (every rank must call this,
+        empty shards included, as for any collective)."""
+        dev = cache.devices[device]
+        _, groups = self._mesh_and_groups(cache)
+        if dev.norm_plan is None:
+            block_size, num_warps = norm_config()
+            dev.norm_plan = NormPlan(device, dev.buckets, block_size=block_size, num_warps=num_warps,
+                                     max_chunks=norm_max_chunks())
+        plan = dev.norm_plan
+        kind = norm_kind(p)
+        flags = dict(norm=kind, grad_scale=_on(device, grad_scale), compound=compound,
+                     check_finite=check_finite)
+        with device_guard(device):
+            cache.upload_grads()
+            launch_norm(dev.tables, plan, self.buffer, norm=kind)
+            if not groups:
+                launch_norm_reduce(plan, self.buffer, out, reduce=True, finalize=True, **flags)
+                return
+            import torch.distributed as dist
+
+            launch_norm_reduce(plan, self.buffer, None, norm=kind, reduce=True, finalize=False)
+            op = dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM
+            for group in groups:
+                dist.all_reduce(plan.total, op=op, group=group)
+            launch_norm_reduce(plan, self.buffer, out, reduce=False, finalize=True, **flags)
+
+    def _norm_device(self, cache: StepCache) -> torch.device:
+        if len(cache.devices) != 1:
+            raise NotImplementedError(
+                f"clip_grad_norm_ over params on several devices ({', '.join(map(str, cache.devices))}) "
+                "is not supported; use torch.nn.utils.clip_grad_norm_, or one optimizer per device"
+            )
+        return next(iter(cache.devices))
+
+    @staticmethod
+    def _norm_dtype(cache: StepCache) -> torch.dtype:
+        """fp32, or fp64 if any grad is fp64: what torch's total norm promotes to, except
+        that fp16/bf16 grads get an fp32 norm here (torch returns theirs in fp16/bf16)."""
+        wide = any(b.key.grad_dtype == torch.float64 for dev in cache.devices.values() for b in dev.buckets)
+        return torch.float64 if wide else torch.float32
+
+    def _mesh_and_groups(self, cache: StepCache):
+        if self._reduction is None or self._reduction[0] is not cache:
+            self._reduction = (cache, norm_reduction(cache.params))
+        return self._reduction[1]
+
+    def mesh_of(self, cache: StepCache):
+        """The DTensor mesh ``cache``'s grads live on, or None for plain tensors."""
+        return self._mesh_and_groups(cache)[0]
+
+    def _set_args(self, max_norm: float, p: float) -> None:
         """max_norm and the norm's order in device memory, copied only on change."""
         args = (max_norm, p)
         if args != self._args:
@@ -152,33 +276,47 @@ class ClipState:
             upload(self.buffer[lo:hi], np.array(args, dtype=np.float64))
             self._args = args
 
-    def auto_out(self, dtype: torch.dtype) -> Tensor:
+    def _auto(self, dtype: torch.dtype) -> Tensor:
         out = self._auto_out.get(dtype)
         if out is None:
             out = self._auto_out[dtype] = torch.zeros((), dtype=dtype, device=self.device)
         return out
 
+    # ---- the pending coefficient ---------------------------------------------------
+
     def holds(self, params: list[Tensor]) -> bool:
         """Whether the pending coefficient belongs to these params' current grads."""
         if not self.pending or len(params) != len(self._params):
             return False
-        grads = list(map(_GRAD, params))
-        return (
-            (params is self._params or all(map(operator.is_, params, self._params)))
-            and list(map(id, grads)) == self._grad_ids
-            and (not grads or self._first() is grads[0])
-        )
+        return ((params is self._params or all(map(operator.is_, params, self._params)))
+                and all(map(operator.is_, map(GRAD, params), self._grads)))
 
-    def set_pending(self, params: list[Tensor], scaled: bool) -> None:
-        grads = list(map(_GRAD, params))
+    def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
+        """``grads``: the params' grads, as the check before this clip took them."""
         self.pending = True
         self.scaled = scaled
         self._params = params
-        self._grad_ids = list(map(id, grads))
-        self._first = weakref.ref(grads[0]) if grads else None
+        self._grads = grads
+
+    def take(self) -> Tensor | None:
+        """The buffer whose coefficient this step applies, or None; consumed either way."""
+        if not self.pending:
+            return None
+        self.clear()
+        return self.buffer
 
     def clear(self) -> None:
         self.pending = False
         self._params = []
-        self._grad_ids = []
-        self._first = None
+        self._grads = []
+
+    def last_grad_norm(self) -> Tensor | None:
+        if self.last_norm is None:
+            return None
+        return replicated(self.last_norm, self.mesh)
+
+
+def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)

@@ -175,7 +175,8 @@ def cmd_tune(args) -> int:
             file=sys.stderr,
         )
         return 1
-    from ..kernels import scratch
+    from ..kernels.scratch import make_scratch_runner
+    from ..state import variant
     from .tuner import Tuner
 
     device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
@@ -183,16 +184,20 @@ def cmd_tune(args) -> int:
         torch.cuda.set_device(device)
     tuner = Tuner(cache=_cache(args), budget_s=args.budget, compile_budget_s=args.compile_budget,
                   verbose=args.verbose or None)
-    return run_tune(args, tuner=tuner, kernels=scratch, device=device)
+    return run_tune(args, tuner=tuner, device=device, variant_of=variant,
+                    make_scratch_runner=make_scratch_runner)
 
 
-def run_tune(args, *, tuner, kernels, device) -> int:
+def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     """The body of ``tune`` (separate so CPU tests can drive it with a fake GPU and kernels).
 
-    ``kernels``: ``tritonadam.kernels.scratch`` or a stand-in with its ``autotune_key``,
-    ``bytes_per_elem``, ``scaled_mix`` and ``make_scratch_runner``."""
+    ``variant_of(optimizer=..., param_dtype=..., ...)``: the kernel variant of those
+    options (``tritonadam.state.variant``), with ``autotune_key()`` and
+    ``bytes_per_elem()``; ``make_scratch_runner(variant, config=, numels=, device=)``:
+    ``tritonadam.kernels.scratch``'s, or a stand-in."""
     import torch
 
+    from ..kernels.scratch import scaled_mix
     from .cache import entry_key
     from .configs import size_bucket, space_id
 
@@ -217,12 +222,13 @@ def run_tune(args, *, tuner, kernels, device) -> int:
                 amsgrad=args.amsgrad,
                 master_weights=args.master_weights,
             )
-            key = tuple(kernels.autotune_key(**kw))
-            bpe = kernels.bytes_per_elem(**kw)
+            variant = variant_of(**kw)
+            key = tuple(variant.autotune_key())
+            bpe = variant.bytes_per_elem()
 
-            def make_runner(config, numel, _kw=kw):
-                numels = [numel] if args.tensor_numel is None else kernels.scaled_mix([args.tensor_numel], numel)
-                return kernels.make_scratch_runner(**_kw, config=config, numels=numels, device=device)
+            def make_runner(config, numel, _variant=variant):
+                numels = [numel] if args.tensor_numel is None else scaled_mix([args.tensor_numel], numel)
+                return make_scratch_runner(_variant, config=config, numels=numels, device=device)
 
             for b in buckets:
                 name = entry_key(key, b)

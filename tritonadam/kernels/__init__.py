@@ -4,12 +4,13 @@ Lives inside the package (``tritonadam.kernels``) rather than as a top-level ``k
 import package, which would collide with the PyPI package of that name.
 """
 from .launch import TL_DTYPES, device_guard, launch_counts, launch_prepare, launch_update
-from .plan import Bucket, BucketKey, DeviceTables
-from .scratch import autotune_key, bytes_per_elem, make_scratch_runner, variant_key
+from .plan import Bucket, DeviceTables
+from .scratch import make_scratch_runner, scaled_mix
+from .variant import BucketKey, Master, Variant
 
 __all__ = [
     "TL_DTYPES",
-    "Bucket", "BucketKey", "DeviceTables",
+    "Bucket", "BucketKey", "DeviceTables", "Master", "Variant",
     "device_guard", "launch_counts", "launch_prepare", "launch_update",
-    "autotune_key", "bytes_per_elem", "make_scratch_runner", "variant_key",
+    "make_scratch_runner", "scaled_mix",
 ]

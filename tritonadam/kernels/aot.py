@@ -24,6 +24,7 @@ from .adam import _adam_kernel
 from .launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, TL_DTYPES, norm_constexprs, update_constexprs
 from .norm import _norm_kernel, _norm_reduce_kernel
 from .prepare import _prepare_kernel
+from .variant import BucketKey, Master, dtype_name
 
 _POINTERS = {
     "table_ptr": "*i64",
@@ -69,14 +70,18 @@ def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict
 
 
 def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
-                   param_dtype=torch.float32, grad_dtype=None, **flags):
+                   param_dtype=torch.float32, grad_dtype=None, state_dtype=None, amsgrad=False,
+                   master=Master.NONE, stochastic_rounding=False, **flags):
     """Compile one variant of the update kernel for ``cuda:sm_<arch>``.
 
-    ``flags``: the launcher's variant flags (``adamax``, ``amsgrad``, ``master``,
-    ``decoupled_wd``, ``coupled_wd``, ``found_inf``, ``persistent``).
+    The bucket's dtypes and state (``state_dtype``: of the moments, default the compute
+    dtype; ``master``: a ``Master``, True meaning FP32), and the launcher's flags
+    (``adamax``, ``decoupled_wd``, ``coupled_wd``, ``found_inf``, ``persistent``).
     """
-    constexprs = update_constexprs(param_dtype, grad_dtype or param_dtype,
-                                   block_size=block_size, num_warps=num_warps, **flags)
+    compute = torch.float64 if param_dtype == torch.float64 else torch.float32
+    key = BucketKey(param_dtype, grad_dtype or param_dtype, dtype_name(state_dtype or compute),
+                    amsgrad and not flags.get("adamax", False), Master(int(master)), stochastic_rounding)
+    constexprs = update_constexprs(key, block_size=block_size, num_warps=num_warps, **flags)
     return _compile(_adam_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
 
 

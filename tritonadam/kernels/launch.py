@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from .adam import _adam_kernel
-from .layout import MASTER_NONE
 from .norm import NORM_INF, NORM_L1, NORM_L2, NORM_P, _norm_kernel, _norm_reduce_kernel
 from .plan import Bucket, DeviceTables, NormPlan
+from .variant import BucketKey
 from .prepare import _prepare_kernel
 
 TL_DTYPES = {
@@ -86,32 +86,27 @@ def persistent_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * count
 
 
-def update_constexprs(param_dtype, grad_dtype, *, block_size, num_warps, state_dtype=None,
-                      adamax=False, amsgrad=False, master=MASTER_NONE, decoupled_wd=False,
-                      coupled_wd=False, stochastic_rounding=False, found_inf=False,
-                      persistent=False) -> dict:
-    """The update kernel's constexpr arguments for one variant (torch dtypes as given).
-
-    ``master``: MASTER_NONE, MASTER_FP32 or MASTER_REMAINDER (True means MASTER_FP32);
-    ``state_dtype``: of the moments, default the compute dtype.
-    """
-    cdtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax: bool = False,
+                      decoupled_wd: bool = False, coupled_wd: bool = False, found_inf: bool = False,
+                      persistent: bool = False) -> dict:
+    """The update kernel's constexpr arguments for one variant (torch dtypes as given)."""
+    cdtype = key.compute_dtype
     return {
-        "P_DTYPE": param_dtype,
-        "G_DTYPE": grad_dtype,
+        "P_DTYPE": key.param_dtype,
+        "G_DTYPE": key.grad_dtype,
         "CDTYPE": cdtype,
-        "S_DTYPE": state_dtype or cdtype,
+        "S_DTYPE": key.state_dtype,
         "ADAMAX": adamax,
-        "AMSGRAD": amsgrad and not adamax,
-        "MASTER": int(master),
+        "AMSGRAD": key.amsgrad and not adamax,
+        "MASTER": int(key.master),
         "DECOUPLED_WD": decoupled_wd,
         "COUPLED_WD": coupled_wd,
-        "SR": stochastic_rounding,
+        "SR": key.stochastic_rounding,
         "HAS_FOUND_INF": found_inf,
         "PERSISTENT": persistent,
         "BLOCK": block_size,
         "SUB": tail_sub_block(block_size, num_warps, cdtype),
-        "FULL": full_sub_block(block_size, num_warps, stochastic_rounding),
+        "FULL": full_sub_block(block_size, num_warps, key.stochastic_rounding),
     }
 
 
@@ -189,10 +184,8 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     block_map, num_blocks = bucket.block_map(block_size)
     programs = min(num_blocks, persistent_programs(tables.device)) if persistent else num_blocks
     flags = update_constexprs(
-        bucket.param_dtype, bucket.grad_dtype, block_size=block_size, num_warps=num_warps,
-        state_dtype=bucket.state_dtype, adamax=adamax, amsgrad=bucket.amsgrad,
-        master=bucket.master, decoupled_wd=decoupled_wd, coupled_wd=coupled_wd,
-        stochastic_rounding=bucket.stochastic_rounding, found_inf=found_inf is not None,
+        bucket.key, block_size=block_size, num_warps=num_warps, adamax=adamax,
+        decoupled_wd=decoupled_wd, coupled_wd=coupled_wd, found_inf=found_inf is not None,
         persistent=persistent,
     )
     flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}

@@ -53,7 +53,15 @@ G_SIGN = tl.constexpr(8)  # -1.0 for maximize
 G_BIAS_CORRECTION = tl.constexpr(9)  # 1.0 or 0.0
 GROUP_COLUMNS = tl.constexpr(10)
 
-# Master copies (the MASTER flag of the update kernel).
+# Group pointer table (int64), one row per group: a tensor hyper-parameter is read where
+# it lives on every step, so in-place updates (schedulers, CUDA graph replays) are seen.
+# Each value takes two columns: its address (0 for a float) and 1 if it is float64.
+GP_LR = tl.constexpr(0)
+GP_BETA1 = tl.constexpr(2)
+GP_BETA2 = tl.constexpr(4)
+GROUP_POINTER_COLUMNS = tl.constexpr(6)
+
+# Master copies (the MASTER flag of the update kernel; kernels.variant.Master on the host).
 MASTER_NONE = tl.constexpr(0)
 MASTER_FP32 = tl.constexpr(1)  # fp32 master weights
 MASTER_REMAINDER = tl.constexpr(2)  # bf16 param + int16 low half: the exact fp32 master

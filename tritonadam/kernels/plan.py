@@ -15,44 +15,20 @@ import numpy as np
 import torch
 
 from . import layout
-from .prepare import GROUP_POINTER_COLUMNS
+from .variant import BucketKey
 
 BLOCK_INDEX_BITS = layout.BLOCK_INDEX_BITS.value
 
 
-@dataclass(frozen=True)
-class BucketKey:
-    """What one update launch shares: dtypes and state layout."""
-
-    param_dtype: torch.dtype
-    grad_dtype: torch.dtype
-    amsgrad: bool = False
-    master: int = 0  # layout.MASTER_NONE / MASTER_FP32 / MASTER_REMAINDER
-    state_dtype: torch.dtype | None = None  # None: the compute dtype
-    stochastic_rounding: bool = False
-
-
 @dataclass
 class Bucket:
+    """The rows of one update launch: a range of a device's tables sharing a key."""
+
     key: BucketKey
     device: torch.device
     lo: int  # first row in the device tables
     numels: np.ndarray  # int64, one per row
     _block_maps: dict = field(default_factory=dict)
-
-    param_dtype = property(lambda self: self.key.param_dtype)
-    grad_dtype = property(lambda self: self.key.grad_dtype)
-    amsgrad = property(lambda self: self.key.amsgrad)
-    master = property(lambda self: self.key.master)
-    stochastic_rounding = property(lambda self: self.key.stochastic_rounding)
-
-    @property
-    def state_dtype(self) -> torch.dtype:
-        return self.key.state_dtype or self.compute_dtype
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.key.param_dtype == torch.float64 else torch.float32
 
     @property
     def numel(self) -> int:
@@ -114,7 +90,7 @@ class NormPlan:
         self.num_warps = num_warps
         by_dtype: dict[torch.dtype, list[np.ndarray]] = {}
         for bucket in buckets:
-            by_dtype.setdefault(bucket.grad_dtype, []).append(
+            by_dtype.setdefault(bucket.key.grad_dtype, []).append(
                 block_entries(bucket.lo, bucket.numels, block_size, min_blocks=0))
         specs = []
         for dtype, parts in by_dtype.items():
@@ -135,6 +111,36 @@ class NormPlan:
             first += num_chunks
 
 
+def group_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, *,
+              decoupled: bool, maximize: bool, bias_correction: bool) -> tuple[float, ...]:
+    """One row of the group table (float64, in ``layout.G_*`` order). A tensor lr or beta
+    is passed as 0.0: the prepare kernel reads the tensor through the group pointers."""
+    row = [0.0] * layout.GROUP_COLUMNS.value
+    row[layout.G_LR.value] = lr
+    row[layout.G_BETA1.value] = beta1
+    row[layout.G_BETA2.value] = beta2
+    # 1 - beta in double, as torch.optim computes it from Python floats.
+    row[layout.G_W1.value] = 1.0 - beta1
+    row[layout.G_W2.value] = 1.0 - beta2
+    row[layout.G_EPS.value] = eps
+    row[layout.G_WD.value] = weight_decay
+    row[layout.G_DECOUPLED.value] = float(decoupled)
+    row[layout.G_SIGN.value] = -1.0 if maximize else 1.0
+    row[layout.G_BIAS_CORRECTION.value] = float(bias_correction)
+    return tuple(row)
+
+
+def group_pointer_row(lr=None, beta1=None, beta2=None) -> tuple[int, ...]:
+    """One row of the group pointer table: (address, 1 if float64) of each tensor
+    hyper-parameter, in ``layout.GP_*`` order; (0, 0) where the value is a float."""
+    row = [0] * layout.GROUP_POINTER_COLUMNS.value
+    for col, t in ((layout.GP_LR, lr), (layout.GP_BETA1, beta1), (layout.GP_BETA2, beta2)):
+        if t is not None:
+            row[col.value] = t.data_ptr()
+            row[col.value + 1] = int(t.dtype == torch.float64)
+    return tuple(row)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -153,17 +159,25 @@ class DeviceTables:
         self.scalars = torch.zeros(n, layout.SCALAR_COLUMNS.value, dtype=torch.float64, device=device)
         self.group_of = torch.tensor(group_of, dtype=torch.int32).to(device)
         self.groups = torch.zeros(num_groups, layout.GROUP_COLUMNS.value, dtype=torch.float64, device=device)
-        self.group_ptrs = torch.zeros(num_groups, GROUP_POINTER_COLUMNS.value, dtype=torch.int64,
+        self.group_ptrs = torch.zeros(num_groups, layout.GROUP_POINTER_COLUMNS.value, dtype=torch.int64,
                                       device=device)
         self._group_values = None
         self._group_pointers = None
 
     @staticmethod
     def row(param, exp_avg, second, max_second, master, step, key: int = 0) -> list[int]:
-        """``key``: the tensor's stochastic-rounding Philox key (``rounding_key``)."""
-        return [param.data_ptr(), exp_avg.data_ptr(), second.data_ptr(), _ptr(max_second),
-                _ptr(master), param.numel(), step.data_ptr(), key]
-
+        """One tensor table row (``layout.COL_*``); ``key``: the tensor's
+        stochastic-rounding Philox key (``rounding_key``)."""
+        row = [0] * layout.TABLE_COLUMNS.value
+        row[layout.COL_PARAM.value] = param.data_ptr()
+        row[layout.COL_EXP_AVG.value] = exp_avg.data_ptr()
+        row[layout.COL_SECOND.value] = second.data_ptr()
+        row[layout.COL_MAX.value] = _ptr(max_second)
+        row[layout.COL_MASTER.value] = _ptr(master)
+        row[layout.COL_NUMEL.value] = param.numel()
+        row[layout.COL_STEP.value] = step.data_ptr()
+        row[layout.COL_KEY.value] = key
+        return row
 
     def set_grad_ptrs(self, ptrs: np.ndarray) -> None:
         """Point the launches at this step's grads (int64, one per row)."""

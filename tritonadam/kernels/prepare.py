@@ -22,7 +22,11 @@ from .layout import (
     G_W1,
     G_W2,
     G_WD,
+    GP_BETA1,
+    GP_BETA2,
+    GP_LR,
     GROUP_COLUMNS,
+    GROUP_POINTER_COLUMNS,
     S_BC2_SQRT,
     S_BETA2,
     S_DECAY,
@@ -36,14 +40,6 @@ from .layout import (
     SCALAR_COLUMNS,
     TABLE_COLUMNS,
 )
-
-# Group pointer table (int64), one row per group: a tensor hyper-parameter is read where
-# it lives on every step, so in-place updates (schedulers, CUDA graph replays) are seen.
-GP_LR = tl.constexpr(0)
-GP_BETA1 = tl.constexpr(2)
-GP_BETA2 = tl.constexpr(4)
-GROUP_POINTER_COLUMNS = tl.constexpr(6)  # (pointer, 1 if it points at float64 else float32) per value
-
 
 @triton.jit
 def one_minus_pow(log_beta, step):

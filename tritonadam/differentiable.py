@@ -1,0 +1,69 @@
+"""``differentiable=True`` groups: stepped by torch.optim's own single-tensor
+implementation on this optimizer's state, with autograd on, so the update can be
+differentiated through (as in torch.optim). No kernel runs for them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .state import LOW_PRECISION, StatePolicy, moment_keys
+
+__all__ = ["inputs", "step"]
+
+
+def inputs(name: str, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+    """The group's params with grads and their grads, validated (nothing written)."""
+    params, grads = [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{name} does not support sparse gradients, please consider SparseAdam instead"
+            )
+        if p.dtype in LOW_PRECISION:
+            raise RuntimeError(
+                f"tritonadam.{name}: differentiable=True steps with torch.optim's "
+                f"implementation, which needs float32/float64 params, got {p.dtype}"
+            )
+        params.append(p)
+        grads.append(p.grad)
+    return params, grads
+
+
+def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dict,
+         params: list[Tensor], grads: list[Tensor]) -> None:
+    """One torch.optim step of ``group`` (``algorithm``: "adam" or "adamax")."""
+    if not params:
+        return
+    keys = moment_keys(algorithm, group.get("amsgrad", False))
+    states = []
+    for p in params:
+        fmt = policy.format(p)
+        if fmt.check(p, state.get(p, {}), keys, name):
+            fmt.prepare(p, state[p], keys, None)
+        states.append(state[p])
+    beta1, beta2 = group["betas"]
+    common = dict(
+        foreach=False, maximize=group["maximize"], differentiable=True, capturable=False,
+        has_complex=any(torch.is_complex(p) for p in params),
+        eps=group["eps"], beta1=beta1, beta2=beta2, lr=group["lr"],
+        weight_decay=group["weight_decay"],
+    )
+    steps = [s["step"] for s in states]
+    exp_avgs = [s["exp_avg"] for s in states]
+    with torch.enable_grad():
+        if algorithm == "adamax":
+            from torch.optim.adamax import adamax
+
+            adamax(params, grads, exp_avgs, [s["exp_inf"] for s in states], steps, **common)
+        else:
+            from torch.optim.adam import adam
+
+            amsgrad = group.get("amsgrad", False)
+            adam(
+                params, grads, exp_avgs, [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps,
+                fused=False, amsgrad=amsgrad,
+                decoupled_weight_decay=group.get("decoupled_weight_decay", False), **common,
+            )

@@ -1,0 +1,112 @@
+"""Gathering a step's tensors: each param with a grad, validated with its state, then
+state created or converted and the rows of a new step cache built.
+
+Runs when the step cache no longer applies (first step, params or state changed, a bad
+grad): everything is checked before anything is written, so an error leaves every param
+and state as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .kernels.plan import rounding_key
+from .state import StatePolicy, moment_keys
+from .step_cache import Row, StepCache, param_meta
+from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
+from .validate import check_grad
+
+__all__ = ["Gathered", "build", "init_group"]
+
+
+@dataclass
+class Gathered:
+    """What a full gathering found, group by group; nothing written yet."""
+
+    # (param, grad to step with, group index, whether its state must be prepared)
+    pending: list = field(default_factory=list)
+    inactive: list = field(default_factory=list)  # params without grads
+    meta: list = field(default_factory=list)  # (param, group index): stepped shape-only
+    seen: dict = field(default_factory=dict)  # id(param) -> its group
+
+
+def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, index: int, group: dict,
+               gathered: Gathered) -> None:
+    """torch's per-group gather: validate each param with a grad and its state."""
+    keys = moment_keys(algorithm, group.get("amsgrad", False))
+    for p in group["params"]:
+        if gathered.seen.setdefault(id(p), index) != index:
+            # torch's add_param_group error, for params added to groups by hand
+            raise ValueError("some parameters appear in more than one parameter group")
+        if p.grad is None:
+            gathered.inactive.append(p)
+            continue
+        policy.check_param(p, name)
+        if local_tensor(p).is_meta and not group.get("fused"):
+            # torch.optim steps meta params shape-only (model-size dry runs): state
+            # tensors on meta, nothing launched. With fused=True it refuses them, and so
+            # does check_grad below, in torch's words.
+            gathered.meta.append((p, index))
+            continue
+        grad = check_grad(name, p, p.grad, group.get("fused"))
+        convert = policy.format(p).check(p, state.get(p, {}), keys, name)
+        gathered.pending.append((p, grad, index, convert))
+
+
+def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, param_groups: list[dict],
+          state: dict, gathered: Gathered, options: tuple) -> StepCache:
+    """Create missing state, convert what other formats left, and build the step cache."""
+    pending = gathered.pending
+    if len({id(p) for p, *_ in pending}) != len(pending):
+        raise ValueError(
+            f"tritonadam.{name}: a parameter appears more than once in a param group; list "
+            "each parameter once"
+        )
+    check_no_shared_memory(name, [(p, state.get(p, {})) for p, *_ in pending])
+    for p, index in gathered.meta:
+        if not state.get(p):
+            keys = moment_keys(algorithm, param_groups[index].get("amsgrad", False))
+            policy.format(p).prepare(p, state[p], keys, seed)
+    # A tensor's random stream: its index in the optimizer (as in state_dict), and on a
+    # sharded run its rank, so shards of one param draw different numbers.
+    index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+    rank = _rank() << 24
+    rows = []
+    for p, grad, index, convert in pending:
+        group = param_groups[index]
+        amsgrad = bool(group.get("amsgrad", False))
+        keys = moment_keys(algorithm, amsgrad)
+        fmt = policy.format(p)
+        if convert:
+            fmt.prepare(p, state[p], keys, seed)
+        stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
+        rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
+                         rounding_key(seed, stream) if fmt.stochastic else 0))
+    lists = [g["params"] for g in param_groups]
+    return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options)
+
+
+def _row(p: Tensor, grad: Tensor, index: int, state: dict, fmt, keys, amsgrad: bool, key: int) -> Row:
+    lp = local_tensor(p)
+    # Non-dense params are stepped in a contiguous staging copy (of the real view).
+    real = as_real(lp)
+    staging = None if is_dense(lp) else torch.empty(real.shape, dtype=real.dtype, device=real.device)
+    revalidated = (staging is not None or not lp.is_contiguous() or grad is not local_tensor(p.grad)
+                   or not grad.is_contiguous())
+    exp_avg, second, maximum, master = fmt.tensors(state, keys)
+    kernel_param = staging if staging is not None else real
+    return Row(
+        param=p, grad=grad, group=index,
+        key=fmt.bucket_key(kernel_param.dtype, as_real(grad).dtype, amsgrad),
+        exp_avg=exp_avg, exp_avg_sq=second, step=state["step"], max_exp_avg_sq=maximum,
+        master=master, rounding_key=key, revalidated=revalidated, staging=staging,
+        param_meta=param_meta(lp),
+    )
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0

@@ -1,0 +1,87 @@
+"""The options tritonadam's optimizers add to torch.optim's, checked at construction with
+errors (or, for options that would change nothing, a warning) that say what to do."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+from . import autotune
+from .clip import check_max_norm, norm_order
+from .state import StatePolicy
+
+__all__ = ["checked_extras"]
+
+_WARPS = (1, 2, 4, 8, 16, 32)
+# The update kernel indexes a block with int32 offsets in one program; Triton caps a
+# block at 2**20 elements, and beyond 2**16 every GPU config spills.
+_MAX_BLOCK = 1 << 16
+_AUTOTUNE_MODES = (None, "off", "on", "cache-only")
+
+
+def checked_extras(name: str, param_groups: list[dict], *, bias_correction, master_weights, state_dtype,
+                   stochastic_rounding, seed, block_size, num_warps, autotune, persistent,
+                   max_grad_norm, grad_norm_type) -> dict:
+    """The options, normalized, or a ValueError naming the bad one."""
+    if block_size is not None and (
+        not isinstance(block_size, int) or isinstance(block_size, bool)
+        or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"Invalid block_size: {block_size} (a power of two from 16 to {_MAX_BLOCK}, or None)"
+        )
+    if num_warps is not None and num_warps not in _WARPS:
+        raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
+    if autotune not in _AUTOTUNE_MODES:
+        raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
+    _resolve_mode(autotune)  # a bad TRITONADAM_AUTOTUNE fails here, not mid-step
+    if persistent not in (None, True, False):
+        raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
+    if not isinstance(bias_correction, bool):
+        raise ValueError(f"Invalid bias_correction: {bias_correction!r} (True or False)")
+    policy = StatePolicy.checked(master_weights, state_dtype, stochastic_rounding, name)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**63), or None)")
+    if max_grad_norm is not None:
+        max_grad_norm = check_max_norm(max_grad_norm)
+    grad_norm_type = norm_order(grad_norm_type)
+    for group in param_groups:
+        if group.get("differentiable") and (master_weights or state_dtype is not None or stochastic_rounding):
+            raise RuntimeError(
+                f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
+                "which has no master_weights, state_dtype or stochastic_rounding"
+            )
+        for p in group["params"]:
+            policy.check_param(p, name)
+    idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
+    if idle:
+        warnings.warn(
+            f"tritonadam.{name}: {' and '.join(idle)} {'change' if len(idle) > 1 else 'changes'} "
+            "nothing for these params (float32/float64, with float32 state); drop "
+            f"{'them' if len(idle) > 1 else 'it'}, or use {'them' if len(idle) > 1 else 'it'} with "
+            "fp16/bf16 params or state_dtype=torch.bfloat16", UserWarning, stacklevel=_caller_level())
+    # Only stochastic rounding draws random numbers. Its default seed is the one
+    # torch.manual_seed set, read without drawing from the global generator (a drop-in
+    # leaves torch's random stream as it found it); saved in the state of every param
+    # rounded stochastically, so a resumed run draws the same numbers.
+    if seed is None and stochastic_rounding:
+        seed = torch.initial_seed() % 2**63
+    return dict(bias_correction=bias_correction, master_weights=master_weights,
+                state_dtype=policy.state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
+                block_size=block_size, num_warps=num_warps, autotune=autotune, persistent=persistent,
+                max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
+
+
+_resolve_mode = autotune.resolve_mode
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside this package (the user's constructor call,
+    however many of our classes' __init__ lie between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

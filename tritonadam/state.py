@@ -1,0 +1,426 @@
+"""Optimizer state formats: one object per way a param's state is stored.
+
+A param's state is its step count, its moments (``exp_avg`` and ``exp_avg_sq``, or
+AdaMax's ``exp_inf``, plus AMSGrad's ``max_exp_avg_sq``), and depending on the options:
+
+- moments stored in fp32 (the default; fp64 for fp64 params, complex for complex ones)
+  or in bf16 (``state_dtype=torch.bfloat16``); the math is fp32 either way;
+- ``master_weights=True``: an fp32 copy of each fp16/bf16 param (``master_param``);
+- ``master_weights="remainder"``: for bf16 params, the low 16 bits of the fp32 master
+  (``master_param_remainder``, int16) beside the param, which holds the high half rounded
+  to nearest (ties away from zero): the exact fp32 master in 2 extra bytes, exported by
+  ``state_dict()`` as the fp32 ``master_param`` it stands for;
+- ``stochastic_rounding=True``: what is kept in 16 bits without a master copy (fp16/bf16
+  params, bf16 state) is rounded stochastically from counter-based random numbers keyed
+  by ``rounding_seed`` (kept in each such param's state), the tensor, the element and the
+  step count.
+
+:class:`StatePolicy` holds an optimizer's options and gives each param its
+:class:`ParamFormat`: which tensors it holds, how to create them and convert any other
+format's (a state dict from torch.optim, another mode) into them, how to export them, and
+the kernel variant and bytes they make. The optimizer never branches on a mode.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
+from .tensors import in_layout, is_dense, like, local_tensor
+
+__all__ = [
+    "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
+    "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
+]
+
+MASTER_KEY = "master_param"
+REMAINDER_KEY = "master_param_remainder"
+SEED_KEY = "rounding_seed"
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+COMPLEX = (torch.complex64, torch.complex128)
+_MASTER_KEYS = {Master.FP32: MASTER_KEY, Master.REMAINDER: REMAINDER_KEY}
+_MASTER_DTYPES = {MASTER_KEY: torch.float32, REMAINDER_KEY: torch.int16}
+
+
+def moment_keys(algorithm: str, amsgrad: bool) -> tuple[str, ...]:
+    """The moments a param of ``algorithm`` steps with (torch.optim's state keys)."""
+    if algorithm == "adamax":
+        return ("exp_avg", "exp_inf")
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def _memory_format(lp: Tensor):
+    """Dense params: state with the param's strides. Non-dense ones are stepped in a
+    contiguous staging copy, and so is their state."""
+    return torch.preserve_format if is_dense(lp) else torch.contiguous_format
+
+
+def _fit(p: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` as ``dtype`` where the kernel steps it with ``p`` (itself if it is)."""
+    lp = local_tensor(p)
+    if value.dtype == dtype and in_layout(local_tensor(value), lp):
+        return value
+    return torch.empty_like(p, dtype=dtype, memory_format=_memory_format(lp)).copy_(value)
+
+
+def _stale(key: str, problem: str, name: str) -> RuntimeError:
+    return RuntimeError(
+        f"tritonadam.{name}: state[{key!r}] has {problem}: the param changed after its "
+        "optimizer state was created. Load a state dict that matches the params "
+        "(`opt.load_state_dict(...)` also moves state to the params' device), or clear "
+        "this param's state (`opt.state.pop(param)`) to restart it"
+    )
+
+
+def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
+    """Why ``value`` cannot stand for ``state[key]`` of ``p``, or None."""
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"tritonadam.{name}: state[{key!r}] is a {type(value).__name__}, not a tensor")
+    lp, lv = local_tensor(p), local_tensor(value)
+    if value.shape != p.shape or lv.shape != lp.shape:
+        return f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
+    if value.dtype not in dtypes:
+        return f"dtype {value.dtype} where a {p.dtype} param needs {dtypes[0]}"
+    if lv.device != lp.device:
+        return f"device {lv.device} for a param on {lp.device}"
+    return None
+
+
+@dataclass(frozen=True)
+class DenseMoments:
+    """Moments stored as plain tensors shaped like the param, in ``dtype``."""
+
+    dtype: torch.dtype
+    accepts: tuple  # dtypes a stored moment may have and still be converted
+
+    @property
+    def name(self) -> str:
+        """The kernel's name for this format (``BucketKey.state``)."""
+        return {torch.complex64: "float32", torch.complex128: "float64"}.get(
+            self.dtype, str(self.dtype).replace("torch.", ""))
+
+    def check(self, p: Tensor, key: str, state: dict, name: str) -> bool:
+        """Raise if ``state[key]`` cannot be stepped with ``p``; True if it must be
+        created or converted."""
+        value = state.get(key)
+        if value is None:
+            return True
+        problem = _tensor_problem(p, key, value, self.accepts, name)
+        if problem is not None:
+            raise _stale(key, problem, name)
+        return value.dtype != self.dtype or not in_layout(local_tensor(value), local_tensor(p))
+
+    def prepare(self, p: Tensor, key: str, state: dict) -> None:
+        value = state.get(key)
+        if value is None:
+            state[key] = torch.zeros_like(p, dtype=self.dtype, memory_format=_memory_format(local_tensor(p)))
+        else:
+            state[key] = _fit(p, value, self.dtype)
+
+    def bytes_per_elem(self) -> float:
+        return STATE_BYTES[self.name] * (2 if self.dtype.is_complex else 1)
+
+
+@dataclass(frozen=True)
+class ParamFormat:
+    """How one param's state is stored: its moments, its master copy, and whether any of
+    its 16-bit values are rounded stochastically."""
+
+    moments: DenseMoments
+    master: Master = Master.NONE
+    stochastic: bool = False
+
+    @property
+    def master_key(self) -> str | None:
+        return _MASTER_KEYS.get(self.master)
+
+    def check(self, p: Tensor, state: dict, keys: tuple[str, ...], name: str) -> bool:
+        """Raise if ``state`` cannot be stepped with ``p``; True if it needs creating or
+        converting.
+
+        A param whose shape, dtype or device no longer matches its state (``p.data = ...``
+        after steps, a model moved without its optimizer) gets an error saying what to
+        do. What the formats can convert is converted instead: a layout change alone
+        (same shape, other strides: torch.optim steps elementwise by index, so the state
+        is re-laid out to the param's strides), moments in fp32 or bf16, a master copy in
+        either form.
+        """
+        if not state:
+            return True
+        missing = [k for k in ("step",) + keys[:2] if k not in state]
+        if missing:
+            raise RuntimeError(
+                f"tritonadam.{name}: the state of a param of shape {tuple(p.shape)} has "
+                f"{sorted(state)} but lacks {missing}; load a complete state dict, or clear "
+                "this param's state (`opt.state.pop(param)`) to restart it"
+            )
+        convert = False
+        for key in keys:
+            convert |= self.moments.check(p, key, state, name)
+        for key, dtype in _MASTER_DTYPES.items():
+            if key in state:
+                problem = _tensor_problem(p, key, state[key], (dtype,), name)
+                if problem is not None:
+                    raise _stale(key, problem, name)
+                convert |= not in_layout(local_tensor(state[key]), local_tensor(p))
+        return convert or not self._complete(p, state)
+
+    def _complete(self, p: Tensor, state: dict) -> bool:
+        """Whether ``state`` holds exactly the entries this format keeps (besides the
+        moments, which ``check`` looked at)."""
+        step = state.get("step")
+        return (
+            isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
+            and step.device == local_tensor(p).device
+            and (MASTER_KEY in state) == (self.master == Master.FP32)
+            and (REMAINDER_KEY in state) == (self.master == Master.REMAINDER)
+            and (SEED_KEY in state) == self.stochastic
+        )
+
+    def prepare(self, p: Tensor, state: dict, keys: tuple[str, ...], seed: int | None) -> None:
+        """Create missing entries and convert what other formats store into this one.
+
+        Converting a master can write the param (a remainder's param holds the master's
+        high half): call under ``torch.no_grad()``.
+        """
+        lp = local_tensor(p)
+        step = state.get("step", 0.0)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=lp.device)
+        for key in keys:
+            self.moments.prepare(p, key, state)
+        if self.master == Master.FP32:
+            if MASTER_KEY not in state:
+                if REMAINDER_KEY in state:
+                    joined = join_master(lp, local_tensor(state[REMAINDER_KEY]))
+                    state[MASTER_KEY] = like(p, torch.float32, _memory_format(lp), joined)
+                else:
+                    state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=_memory_format(lp), copy=True)
+            state[MASTER_KEY] = _fit(p, state[MASTER_KEY], torch.float32)
+            state.pop(REMAINDER_KEY, None)
+        elif self.master == Master.REMAINDER:
+            if MASTER_KEY in state:
+                # The exact pair for this master: the param becomes its high half.
+                high, low = split_master(local_tensor(state.pop(MASTER_KEY)))
+                lp.copy_(high)
+                state[REMAINDER_KEY] = like(p, torch.int16, _memory_format(lp), low)
+            elif REMAINDER_KEY not in state:
+                state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=_memory_format(lp))
+            state[REMAINDER_KEY] = _fit(p, state[REMAINDER_KEY], torch.int16)
+        else:
+            state.pop(MASTER_KEY, None)
+            state.pop(REMAINDER_KEY, None)
+        if self.stochastic:
+            state[SEED_KEY] = torch.tensor(seed, dtype=torch.int64)
+        else:
+            state.pop(SEED_KEY, None)
+
+    def export(self, p: Tensor, saved: dict) -> dict:
+        """``saved`` (this param's entry of torch's state dict) as ``state_dict()`` gives
+        it: a remainder becomes the fp32 master it stands for, so the checkpoint loads
+        into either master mode and into torch.optim."""
+        if self.master != Master.REMAINDER or REMAINDER_KEY not in saved:
+            return saved
+        out = {k: v for k, v in saved.items() if k != REMAINDER_KEY}
+        joined = join_master(local_tensor(p), local_tensor(saved[REMAINDER_KEY]))
+        out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
+        return out
+
+    def tensors(self, state: dict, keys: tuple[str, ...]) -> tuple:
+        """(exp_avg, second moment, max_exp_avg_sq or None, master or None) of ``state``."""
+        return (state[keys[0]], state[keys[1]], state[keys[2]] if len(keys) > 2 else None,
+                state[self.master_key] if self.master_key else None)
+
+    def bucket_key(self, param_dtype: torch.dtype, grad_dtype: torch.dtype, amsgrad: bool) -> BucketKey:
+        """The launch this param's tensors join (dtypes of the real views for complex)."""
+        return BucketKey(param_dtype, grad_dtype, self.moments.name, amsgrad, self.master, self.stochastic)
+
+
+def export_state(policy: "StatePolicy", params: list[Tensor], saved: dict) -> dict:
+    """torch's ``state_dict()["state"]`` with each param's state in its format's exported
+    form (``saved`` is keyed by the params' indices)."""
+    return {i: policy.format(params[i]).export(params[i], value) if i < len(params) else value
+            for i, value in saved.items()}
+
+
+def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_dict: dict) -> None:
+    """Raise unless every param state in ``state_dict`` is one these params can load."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        return  # torch's own check raises with its message
+    saved_state = state_dict["state"]
+    where = f"tritonadam.{name}.load_state_dict"
+    for group, saved_group in zip(param_groups, saved_groups):
+        if len(group["params"]) != len(saved_group["params"]):
+            return  # torch's own check raises with its message
+        amsgrad = saved_group.get("amsgrad", group.get("amsgrad", False))
+        required = ["step", *moment_keys(algorithm, amsgrad)]
+        for saved_id, p in zip(saved_group["params"], group["params"]):
+            state = saved_state.get(saved_id)
+            if not state:
+                continue
+            missing = [k for k in required if k not in state]
+            if missing:
+                other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
+                hint = f" (it looks like a state dict of {other})" if other and other != name else ""
+                article = "an" if name[0] in "AEIOU" else "a"
+                raise ValueError(f"{where}: the state of param {saved_id} lacks {missing}{hint}; "
+                                 f"{article} {name} state has {required}")
+            step = state["step"]
+            if isinstance(step, Tensor) and step.numel() != 1:
+                raise ValueError(f"{where}: state 'step' of param {saved_id} has {step.numel()} "
+                                 "elements, expected one")
+            for key, value in state.items():
+                if key in ("step", SEED_KEY) or not isinstance(value, Tensor):
+                    continue
+                if value.shape != p.shape:
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
+                                     f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+                if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
+                                     f"{value.dtype}, expected a floating point tensor")
+
+
+def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
+                   state_dict: dict, state: dict) -> int | None:
+    """After torch's ``load_state_dict`` (which cast floating state to the param dtype):
+    restore what ``state_dict`` held at full precision and convert it to these params'
+    formats. Returns the rounding seed it held, if any."""
+    saved_state = state_dict["state"]
+    pairs = [
+        (saved_id, p, group)
+        for group, saved in zip(param_groups, state_dict["param_groups"])
+        for saved_id, p in zip(saved["params"], group["params"])
+    ]
+    loaded_seed = None
+    for saved_id, p, _ in pairs:
+        if saved_id not in saved_state or p not in state:
+            continue
+        src, dst = saved_state[saved_id], state[p]
+        for key, value in src.items():
+            if key == "step":
+                step = float(value.item() if isinstance(value, Tensor) else value)
+                dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
+            elif key == SEED_KEY:
+                loaded_seed = int(value)
+            elif isinstance(value, Tensor):
+                dst[key] = value.detach().clone()  # converted to this format below
+    seed = loaded_seed if loaded_seed is not None else seed
+    with torch.no_grad():  # converting a master can set the param to its high half
+        for _, p, group in pairs:
+            if state.get(p):
+                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed)
+    return loaded_seed
+
+
+@dataclass(frozen=True)
+class StatePolicy:
+    """An optimizer's state options, and the :class:`ParamFormat` each param gets."""
+
+    master_weights: bool | str = False  # False, True or "remainder"
+    state_dtype: torch.dtype | None = None  # None: fp32 (fp64 for fp64 params)
+    stochastic_rounding: bool = False
+
+    @classmethod
+    def checked(cls, master_weights, state_dtype, stochastic_rounding, name: str) -> "StatePolicy":
+        """The options, or a ValueError saying which combination cannot work and why."""
+        if master_weights not in (False, True, "remainder"):
+            raise ValueError(f"Invalid master_weights: {master_weights!r} (False, True or 'remainder')")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (None for float32, or torch.bfloat16)"
+            )
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (True or False)")
+        if stochastic_rounding and master_weights and state_dtype != torch.bfloat16:
+            raise ValueError(
+                f"tritonadam.{name}: stochastic_rounding=True rounds what is kept in 16 bits "
+                f"without a master copy (params, bf16 state); with master_weights={master_weights!r} "
+                "and float32 state nothing is: drop one of the two, or add "
+                "state_dtype=torch.bfloat16"
+            )
+        return cls(master_weights, state_dtype if state_dtype != torch.float32 else None,
+                   stochastic_rounding)
+
+    def check_param(self, p: Tensor, name: str) -> None:
+        """Raise for a param these options cannot step."""
+        if self.master_weights == "remainder" and p.dtype == torch.float16:
+            raise ValueError(
+                f"tritonadam.{name}: master_weights='remainder' keeps the fp32 master of bf16 "
+                "params in 2 extra bytes; float16 params cannot split that way: use "
+                "master_weights=True for them"
+            )
+        if self.state_dtype is not None and (p.dtype == torch.float64 or p.dtype in COMPLEX):
+            raise ValueError(
+                f"tritonadam.{name}: state_dtype={self.state_dtype} is for float32/16 and bfloat16 "
+                f"params, got {p.dtype}"
+            )
+
+    def idle_options(self, dtypes) -> list[str]:
+        """The options that change nothing for params of ``dtypes`` (to warn about)."""
+        if not dtypes:
+            return []
+        idle = []
+        if self.master_weights and not any(d in LOW_PRECISION for d in dtypes):
+            idle.append(f"master_weights={self.master_weights!r}")
+        if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
+            idle.append("stochastic_rounding=True")
+        return idle
+
+    def format(self, p: Tensor) -> ParamFormat:
+        return self.format_for(p.dtype)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - a few dtypes per (immutable) policy
+    def format_for(self, dtype: torch.dtype) -> ParamFormat:
+        if dtype in COMPLEX:
+            moments = DenseMoments(dtype, (dtype,))  # complex state, as torch.optim keeps it
+        elif dtype == torch.float64:
+            moments = DenseMoments(torch.float64, (torch.float64,))
+        else:
+            moments = DenseMoments(self.state_dtype or torch.float32, (torch.float32, torch.bfloat16))
+        master = Master.NONE
+        if self.master_weights and dtype in LOW_PRECISION:
+            master = Master.REMAINDER if self.master_weights == "remainder" else Master.FP32
+        param_rounded = dtype in LOW_PRECISION and master == Master.NONE
+        stochastic = self.stochastic_rounding and (param_rounded or moments.dtype == torch.bfloat16)
+        return ParamFormat(moments, master, stochastic)
+
+
+def variant(optimizer: str, param_dtype: torch.dtype, grad_dtype: torch.dtype | None = None, *,
+            amsgrad: bool = False, master_weights=False, state_dtype=None,
+            stochastic_rounding: bool = False) -> Variant:
+    """The kernel variant ``tritonadam.<optimizer>`` ("adam", "adamw" or "adamax") with
+    these constructor options steps a param of ``param_dtype`` with: what its launch is
+    tuned by (``.autotune_key()``), the bytes one step moves per param (``.traffic()``,
+    ``.bytes_per_elem()``) and the bytes of state kept per param
+    (``.state_bytes_per_elem()``)."""
+    policy = StatePolicy.checked(master_weights, state_dtype, stochastic_rounding, optimizer)
+    policy.check_param(torch.empty(0, dtype=param_dtype), optimizer)
+    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+    grad_dtype = grad_dtype or param_dtype
+    key = policy.format_for(param_dtype).bucket_key(
+        real.get(param_dtype, param_dtype), real.get(grad_dtype, grad_dtype), amsgrad and optimizer != "adamax")
+    return Variant(optimizer, key)
+
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """(bf16 high half rounded to nearest, ties away from zero; int16 low half) of fp32
+    ``master``: what ``master_weights="remainder"`` keeps, bit for bit as the kernel."""
+    master = master.detach().to(torch.float32).contiguous()
+    bits = master.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = torch.where(torch.isnan(master), bits | 0x400000, bits + 0x8000)
+    high = ((rounded >> 16) & 0xFFFF).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    low = (bits & 0xFFFF).to(torch.int32).to(torch.int16)
+    return high.view_as(master), low.view_as(master)
+
+
+def join_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The fp32 master that ``split_master`` split, exactly."""
+    high = param.detach().contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    low = remainder.detach().contiguous().to(torch.int64) & 0xFFFF
+    high = torch.where(low >= 0x8000, high - 1, high) & 0xFFFF
+    bits = ((high << 16) | low).to(torch.int32)  # wraps into the sign bit as intended
+    return bits.view(torch.float32).view_as(param)

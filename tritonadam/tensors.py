@@ -1,0 +1,141 @@
+"""Tensor facts the launches rely on: local shards, memory layout and spans, shared memory.
+
+The ground floor of the package: plain functions over tensors, used by the state
+formats, the gathering of a step's tensors and the step cache alike.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRAD", "LOCAL", "as_real", "check_no_shared_memory", "in_layout", "is_dense",
+    "like", "local_tensor", "same_layout", "span",
+]
+
+try:  # torch.distributed may be absent from some builds
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover
+    DTensor = None
+
+# The raw attribute: .grad's getter also checks for non-leaf access, at twice the cost.
+# Its C descriptor called directly skips the attribute lookup through a Parameter's type
+# (about a fifth of a pass over many params).
+try:
+    GRAD = torch._C.TensorBase.__dict__["_grad"].__get__
+except (AttributeError, KeyError):  # pragma: no cover - older or changed torch
+    GRAD = operator.attrgetter("_grad")
+LOCAL = operator.attrgetter("_local_tensor")
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The tensor a kernel can address: a DTensor's local shard (FSDP2), else t itself."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t._local_tensor
+    return t
+
+
+def as_real(t: Tensor | None) -> Tensor | None:
+    """Complex tensors are stepped elementwise on their real view, as torch.optim does."""
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when the elements fill their memory span exactly once (any dim order)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same memory order for every element (strides of size-1 dims do not matter)."""
+    if a.numel() <= 1:
+        return True
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def in_layout(value: Tensor, param: Tensor) -> bool:
+    """Whether a (local) state tensor sits where the kernel steps it with ``param``: same
+    device, same strides (a contiguous copy for non-dense params, which are staged)."""
+    if value.device != param.device:
+        return False
+    return same_layout(value, param) if is_dense(param) else value.is_contiguous()
+
+
+def like(p: Tensor, dtype: torch.dtype, fmt, local_value: Tensor) -> Tensor:
+    """A tensor like param ``p`` (a DTensor for a DTensor) holding ``local_value``."""
+    out = torch.empty_like(p, dtype=dtype, memory_format=fmt)
+    local_tensor(out).copy_(local_value)
+    return out
+
+
+def span(t: Tensor) -> tuple[int, int]:
+    """The bytes [lo, hi) a tensor's elements can touch (strides are never negative)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + extent * t.element_size()
+
+
+def check_no_shared_memory(name: str, entries: list) -> None:
+    """Raise if two tensors a step writes share memory: two rows of one launch would
+    update it concurrently on a GPU (the interpreter, running programs one after
+    another, would hide it). ``entries``: (param, its state dict) pairs.
+
+    Distinct Parameter objects over one storage come from tying weights by value
+    (``nn.Parameter(other.data)``) or from hand-made views; torch.optim steps them one
+    after the other, each with its own state.
+    """
+    tensors, owners, labels = [], [], []
+    for i, (p, state) in enumerate(entries):
+        tensors.append(local_tensor(p))
+        owners.append(i)
+        labels.append("param")
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors.append(local_tensor(value))
+                owners.append(i)
+                labels.append(f"state[{key!r}]")
+    if len(tensors) < 2:
+        return
+    count = len(tensors)
+    lo = np.fromiter(map(Tensor.data_ptr, tensors), dtype=np.int64, count=count)
+    hi = lo + (np.fromiter(map(Tensor.numel, tensors), dtype=np.int64, count=count)
+               * np.fromiter(map(Tensor.element_size, tensors), dtype=np.int64, count=count))
+    for j in np.flatnonzero(~np.fromiter(map(Tensor.is_contiguous, tensors), dtype=bool, count=count)):
+        hi[j] = span(tensors[j])[1]
+    device = np.fromiter(map(Tensor.get_device, tensors), dtype=np.int64, count=count)
+    for dev in np.unique(device):
+        idx = np.flatnonzero((device == dev) & (hi > lo) & (lo != 0))
+        idx = idx[np.argsort(lo[idx], kind="stable")]
+        reach = np.maximum.accumulate(hi[idx])
+        clash = np.flatnonzero(lo[idx[1:]] < reach[:-1])
+        if clash.size == 0:
+            continue
+        later = idx[clash[0] + 1]
+        earlier = idx[np.argmax(hi[idx[: clash[0] + 1]])]
+        a, b = sorted((earlier, later), key=lambda k: owners[k])
+        what = [_describe(labels[k], entries[owners[k]][0]) for k in (a, b)]
+        if owners[a] == owners[b]:
+            what[1] = f"its {labels[b]}"
+        raise ValueError(
+            f"tritonadam.{name}: {what[0]} and {what[1]} share memory on {tensors[a].device}; "
+            "one launch steps every tensor at once, so shared memory would be updated "
+            "concurrently. Tie weights by sharing one nn.Parameter object (e.g. "
+            "`decoder.weight = encoder.weight`), not by wrapping the same data in two, and "
+            "give each param its own state tensors"
+        )
+
+
+def _describe(label: str, param: Tensor) -> str:
+    shape = tuple(param.shape)
+    if label == "param":
+        return f"a param of shape {shape}"
+    return f"the {label} of a param of shape {shape}"

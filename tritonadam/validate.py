@@ -1,0 +1,109 @@
+"""What a launch relies on about a param and its grad, checked with errors that say what
+to do. Used when a step's tensors are gathered and, for the rows the step cache cannot
+check in one C-level pass, on every step."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels.launch import interpreted
+from .tensors import is_dense, local_tensor, same_layout
+
+__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "grad_dtypes"]
+
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+# The grad dtypes each param dtype steps with (README "Supported dtypes"): the param's
+# own, or fp32 grads for fp16/bf16 params (fp32 grad accumulation), or a low-precision
+# grad for fp32 params (autocast-style); the kernel widens to the compute dtype.
+_GRAD_DTYPES = {
+    torch.float32: (torch.float32, torch.float16, torch.bfloat16),
+    torch.bfloat16: (torch.bfloat16, torch.float32),
+    torch.float16: (torch.float16, torch.float32),
+    torch.float64: (torch.float64,),
+    torch.complex64: (torch.complex64,),
+    torch.complex128: (torch.complex128,),
+}
+
+
+def grad_dtypes(param_dtype: torch.dtype) -> tuple:
+    return _GRAD_DTYPES.get(param_dtype, ())
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
+    """The grad to step ``p`` with, in the param's layout (a dense copy if needed), or
+    raise. Nothing is written: ``.grad`` is never modified."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(
+            f"{name} does not support sparse gradients, please consider SparseAdam instead"
+        )
+    if torch.is_complex(p) or torch.is_complex(g):
+        if p.dtype not in COMPLEX_DTYPES or g.dtype != p.dtype:
+            raise RuntimeError(
+                f"tritonadam.{name} steps complex64 and complex128 params with grads of "
+                f"the same dtype, got param {p.dtype} with grad {g.dtype}"
+            )
+    elif p.dtype not in PARAM_DTYPES or g.dtype not in PARAM_DTYPES:
+        raise RuntimeError(
+            f"tritonadam.{name} steps float32, float16, bfloat16 and float64 params and "
+            f"grads, got param {p.dtype} with grad {g.dtype}"
+        )
+    elif g.dtype not in _GRAD_DTYPES[p.dtype]:
+        allowed = ", ".join(map(_short, _GRAD_DTYPES[p.dtype]))
+        raise RuntimeError(
+            f"tritonadam.{name}: a {_short(p.dtype)} param steps with {allowed} grads, got "
+            f"{_short(g.dtype)}; cast the grad (or the param) so the pair is one of README's "
+            "supported dtypes"
+        )
+    lp, lg = local_tensor(p), local_tensor(g)
+    if lg.device != lp.device:
+        raise RuntimeError(
+            f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
+            "params and their grads must be on the same device"
+        )
+    if lg.shape != lp.shape or g.shape != p.shape:
+        raise RuntimeError(
+            f"tritonadam.{name}: grad of shape {tuple(g.shape)} for param of shape "
+            f"{tuple(p.shape)}"
+        )
+    check_device(name, p, fused)
+    for what, t in (("param", lp), ("grad", lg)):
+        if t.numel() and t.data_ptr() == 0:
+            raise RuntimeError(
+                f"tritonadam.{name}: a {what} of shape {tuple(t.shape)} has no storage (its "
+                "memory was freed, e.g. by `untyped_storage().resize_(0)`); step only "
+                "tensors whose storage is allocated"
+            )
+    if not is_dense(lp):
+        # Stepped through a contiguous staging copy; its state is contiguous too.
+        return lg if lg.is_contiguous() else lg.contiguous()
+    if not same_layout(lg, lp):
+        return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)
+    return lg
+
+
+def check_device(name: str, p: Tensor, fused: bool | None = None) -> None:
+    """Raise unless the kernels can run where ``p`` lives (meta params are stepped
+    shape-only, as torch.optim does, and never reach a launch)."""
+    device = local_tensor(p).device
+    supported = "cpu" if interpreted() else "cuda"  # torch calls ROCm devices cuda too
+    if device.type == supported:
+        return
+    if interpreted():
+        msg = (f"tritonadam.{name}: kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 "
+               f"was set when tritonadam was imported), so params must be on the CPU, got one "
+               f"on {device}")
+    else:
+        msg = (f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device (got "
+               f"a param on {device}): move the model to the GPU, or for a slow CPU check set "
+               "TRITON_INTERPRET=1 before importing tritonadam")
+    if fused:
+        # torch.optim's wording for fused=True, which its test-suite matches
+        msg = ("`fused=True` requires all the params to be floating point Tensors of "
+               f"supported devices: ['{supported}'] but {p.dtype} and {device.type}. " + msg)
+    raise RuntimeError(msg)
