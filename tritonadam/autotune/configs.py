@@ -22,6 +22,7 @@ __all__ = [
     "MIN_BUCKET",
     "MAX_BUCKET",
     "MIN_RESIDENT_WARPS",
+    "PERSISTENT_DISTANCE",
     "arch_default",
     "config_space",
     "candidate_configs",
@@ -122,9 +123,19 @@ _BACKENDS = {
     "hip": {"warp_size": 64, "num_warps": (1, 2, 4, 8)},
 }
 
-# Bump when the pruning or ordering rules change: it is part of the cache file identity,
+# Bump when the pruning or ordering rules, or the tuner's decision rule (tuner.py: the
+# incumbent default, its margin and rounds), change: it is part of the cache file identity,
 # because a different rule could have produced a different choice.
-RULES_VERSION = 2
+# 3: the default is the incumbent and a challenger must beat it beyond noise; persistent
+#    grids are ordered after every plain neighbour.
+RULES_VERSION = 3
+
+# How far a persistent grid is from a plain one, in the candidates' order (log2 steps of
+# block or warps count 1 each). On the H200 run (2026-11-30) persistent grids lost to their
+# plain twins by 1-22% on every workload that was not host-bound (llama-layers, a 1B
+# tensor; bf16 and fp32) and never placed in the tuner's top two at 2^27, so the budget
+# reaches them after every plain config one step away.
+PERSISTENT_DISTANCE = 2.0
 
 # A streaming kernel hides memory latency with loads in flight from several resident
 # programs: a compiled candidate that leaves fewer warps than this on an SM, or spills, is
@@ -213,8 +224,9 @@ def candidate_configs(
       persistent grid launches the same programs as a plain one.
 
     Ordered by distance from ``first`` (the architecture default) in log2(block) and
-    log2(warps), so that a tuner that runs out of time has measured the default and its
-    neighbours; ties keep the space's sorted order.
+    log2(warps), a persistent twin counting PERSISTENT_DISTANCE, so that a tuner that runs
+    out of time has measured the default's nearest plain neighbours; ties keep the space's
+    sorted order.
     """
     numel = max(int(numel), 1)
     space = config_space(backend)
@@ -235,7 +247,7 @@ def candidate_configs(
 
         def distance(c: LaunchConfig) -> float:
             return abs(math.log2(c.block_size) - fb) + abs(math.log2(c.num_warps) - fw) + (
-                0.5 if c.persistent != first.persistent else 0.0
+                PERSISTENT_DISTANCE if c.persistent != first.persistent else 0.0
             )
 
         kept = sorted(kept, key=distance)  # stable: ties stay in sorted order
