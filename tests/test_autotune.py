@@ -270,11 +270,22 @@ def test_select_config_signature():
 # --- defaults table -------------------------------------------------------------------
 
 
-def test_defaults_are_honestly_unmeasured():
+def test_defaults_are_measured_only_with_provenance():
     for row in DEFAULTS:
-        assert row.provenance is None and row.status == "unmeasured default", row
-        assert "unmeasured" in row.note
         assert row.config in config_space(row.backend), row
+        if row.provenance is None:
+            assert row.status == "unmeasured default" and "unmeasured" in row.note, row
+        else:
+            p = row.provenance
+            assert row.status == "measured" and p.gpu and p.date and p.command and p.commit and p.results, row
+    measured = [r for r in DEFAULTS if r.provenance is not None]
+    # The first H200 run (commit ecf1ade) measured large launches only.
+    assert [(r.arch, r.min_bucket, r.config) for r in measured] == [("sm_90", 27, LaunchConfig(1024, 4))]
+    assert measured[0].provenance.commit == "ecf1ade" and "H200" in measured[0].provenance.gpu
+    assert arch_default("cuda", "sm_90", 27).config == LaunchConfig(1024, 4)
+    assert arch_default("cuda", "sm_90", 26).config == GPU_DEFAULT  # smaller launches: unmeasured
+    assert arch_default("cuda", "sm_90").config == LaunchConfig(1024, 4)  # no bucket: the largest
+    assert arch_default("cuda", "sm_80", 27).config == GPU_DEFAULT  # no data for other GPUs
     assert arch_default("cuda", "sm_90").arch == "sm_90"
     assert arch_default("cuda", "sm_75").arch == "*"  # generic fallback
     assert arch_default("hip", "gfx942").arch == "gfx942"
