@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import math
+import random
 import warnings
 
 import pytest
@@ -29,8 +30,21 @@ from tritonadam.autotune import (
     size_bucket,
 )
 from tritonadam.autotune.cache import FORMAT, FORMAT_VERSION
-from tritonadam.autotune.configs import MIN_RESIDENT_WARPS, resident_warps, space_hash, space_id
-from tritonadam.autotune.tuner import MAX_LAUNCHES_PER_TIMING
+from tritonadam.autotune.configs import (
+    MIN_RESIDENT_WARPS,
+    PERSISTENT_DISTANCE,
+    resident_warps,
+    space_hash,
+    space_id,
+)
+from tritonadam.autotune.tuner import (
+    CONFIRM_PAIRS,
+    CONFIRM_TOP,
+    MAX_LAUNCHES_PER_TIMING,
+    MIN_MARGIN,
+    SCREEN_PAIRS,
+    WARMUP_S,
+)
 
 FAKE_H100 = DeviceInfo(backend="cuda", name="Fake H100 80GB HBM3", arch="sm_90", capability="9.0", num_sms=132)
 KEY = ("adam", "decoupled=1", "amsgrad=0", "master=0", "p=float32", "g=float32", "s=float32")
@@ -55,14 +69,21 @@ def prefer(target: LaunchConfig):
 class FakeGPU:
     """An injected timer and clock. Each timing advances the fake clock by ``cost_s``.
 
+    A timing is ``times(config)``, then ``script(config, k, t)`` if given (k: the config's
+    k-th timing, from 1), then ``ramp`` times slower while the fake clock is at most
+    ``ramp_s`` (clocks ramping up), then multiplied by ``1 + N(0, noise)`` (seeded).
     With ``reports`` (config -> compiler report), runners offer ``compile()``, which
     advances the clock by ``compile_s`` and records the config in ``compiled``."""
 
-    def __init__(self, times=prefer(BEST), cost_s: float = 0.5, reports=None, compile_s: float = 0.0):
+    def __init__(self, times=prefer(BEST), cost_s: float = 0.5, reports=None, compile_s: float = 0.0,
+                 noise: float = 0.0, seed: int = 0, ramp_s: float = 0.0, ramp: float = 1.0, script=None):
         self.times = times
         self.cost_s = cost_s
         self.reports = reports
         self.compile_s = compile_s
+        self.noise, self.rng = noise, random.Random(seed)
+        self.ramp_s, self.ramp = ramp_s, ramp
+        self.script = script
         self.now = 0.0
         self.timed: list[LaunchConfig] = []
         self.compiled: list[LaunchConfig] = []
@@ -74,8 +95,20 @@ class FakeGPU:
     def timer(self, fn) -> float:
         """The time of one timed unit: ``fn.n`` launches of the config."""
         self.now += self.cost_s
-        self.timed.append(fn.config)
-        return self.times(fn.config) * fn.n
+        cfg = fn.config
+        self.timed.append(cfg)
+        t = self.times(cfg)
+        if self.script is not None:
+            t = self.script(cfg, self.timed.count(cfg), t)
+        if self.now <= self.ramp_s:
+            t *= self.ramp
+        if self.noise:
+            t *= 1.0 + self.rng.gauss(0.0, self.noise)
+        return t * fn.n
+
+    def order(self) -> list[LaunchConfig]:
+        """Configs in the order they were first timed."""
+        return list(dict.fromkeys(self.timed))
 
     def make_runner(self, config: LaunchConfig, numel: int):
         self.runners.append((config, numel))
@@ -105,6 +138,25 @@ def make_tuner(cache_dir, fake: FakeGPU, **kw) -> Tuner:
 
 def cache_file(tuner: Tuner):
     return tuner.cache.path(tuner.identity(FAKE_H100))
+
+
+def entry_of(tuner: Tuner, key=KEY, bucket=20) -> dict:
+    return json.loads(cache_file(tuner).read_text())["entries"][entry_key(key, bucket)]
+
+
+def challengers(numel=2**20, default=GPU_DEFAULT) -> list[LaunchConfig]:
+    """The challengers the tuner times for ``numel`` on FAKE_H100, in its order."""
+    return [c for c in candidate_configs("cuda", numel, num_sms=132, first=default) if c != default]
+
+
+def timings_per_tune(numel=2**20, **fake_kw) -> int:
+    """How many timings one tune takes on a fresh fake GPU (for counting tunes)."""
+    import tempfile
+
+    fake = FakeGPU(**fake_kw)
+    with tempfile.TemporaryDirectory() as d:
+        make_tuner(d, fake).select(KEY, numel, CPU, fake.make_runner)
+    return len(fake.timed)
 
 
 @pytest.fixture(autouse=True)
@@ -171,13 +223,17 @@ def test_pruning_drops_blocks_that_leave_most_sms_idle():
     assert set(candidate_configs("cuda", 2**27, num_sms=132)) == set(config_space("cuda"))
 
 
-def test_candidates_start_at_the_default_then_its_neighbours():
+def test_candidates_start_at_the_default_then_its_plain_neighbours():
     cands = candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
     assert cands[0] == GPU_DEFAULT
     d = [abs(math.log2(c.block_size / GPU_DEFAULT.block_size)) + abs(math.log2(c.num_warps / GPU_DEFAULT.num_warps))
-         + 0.5 * c.persistent for c in cands]
+         + PERSISTENT_DISTANCE * c.persistent for c in cands]
     assert d == sorted(d)
     assert cands == candidate_configs("cuda", 2**24, num_sms=132, first=GPU_DEFAULT)
+    # Persistent grids lost to their plain twins on every large H200 workload: every plain
+    # config one step from the default comes before any persistent one.
+    first_persistent = next(i for i, c in enumerate(cands) if c.persistent)
+    assert {c for c in cands[:first_persistent]} >= {LaunchConfig(1024, 4), LaunchConfig(512, 4), LaunchConfig(2048, 8)}
 
 
 @pytest.mark.parametrize(
@@ -214,11 +270,22 @@ def test_select_config_signature():
 # --- defaults table -------------------------------------------------------------------
 
 
-def test_defaults_are_honestly_unmeasured():
+def test_defaults_are_measured_only_with_provenance():
     for row in DEFAULTS:
-        assert row.provenance is None and row.status == "unmeasured default", row
-        assert "unmeasured" in row.note
         assert row.config in config_space(row.backend), row
+        if row.provenance is None:
+            assert row.status == "unmeasured default" and "unmeasured" in row.note, row
+        else:
+            p = row.provenance
+            assert row.status == "measured" and p.gpu and p.date and p.command and p.commit and p.results, row
+    measured = [r for r in DEFAULTS if r.provenance is not None]
+    # The first H200 run (commit ecf1ade) measured large launches only.
+    assert [(r.arch, r.min_bucket, r.config) for r in measured] == [("sm_90", 27, LaunchConfig(1024, 4))]
+    assert measured[0].provenance.commit == "ecf1ade" and "H200" in measured[0].provenance.gpu
+    assert arch_default("cuda", "sm_90", 27).config == LaunchConfig(1024, 4)
+    assert arch_default("cuda", "sm_90", 26).config == GPU_DEFAULT  # smaller launches: unmeasured
+    assert arch_default("cuda", "sm_90").config == LaunchConfig(1024, 4)  # no bucket: the largest
+    assert arch_default("cuda", "sm_80", 27).config == GPU_DEFAULT  # no data for other GPUs
     assert arch_default("cuda", "sm_90").arch == "sm_90"
     assert arch_default("cuda", "sm_75").arch == "*"  # generic fallback
     assert arch_default("hip", "gfx942").arch == "gfx942"
@@ -233,28 +300,270 @@ def test_default_config_on_cpu_and_interpreter():
 # --- choosing ---------------------------------------------------------------------------
 
 
-def test_picks_the_fastest_config_and_records_the_runner_up(tmp_path):
+def test_a_clearly_faster_challenger_wins_and_the_entry_says_by_how_much(tmp_path):
     fake = FakeGPU()
     tuner = make_tuner(tmp_path, fake, budget_s=100)
     cfg = tuner.select(KEY, 1_000_000, CPU, fake.make_runner, bytes_per_elem=28)
     assert cfg == BEST
-    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
-    assert fake.timed == cands  # every candidate timed, in order, default first
+    assert fake.order() == [GPU_DEFAULT] + challengers()  # every candidate timed, default first
     assert {n for _, n in fake.runners} == {2**20}  # the bucket's representative size
-    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]
-    assert LaunchConfig.from_json(entry["config"]) == BEST
-    assert entry["time_ms"] == 1.0
+    entry = entry_of(tuner)
+    d_ms = prefer(BEST)(GPU_DEFAULT)
+    assert LaunchConfig.from_json(entry["config"]) == BEST and entry["time_ms"] == 1.0
     assert entry["gbps"] == pytest.approx(28 * 2**20 / 1e-3 / 1e9)
-    ru = LaunchConfig.from_json(entry["runner_up"]["config"])
-    assert ru != BEST and entry["runner_up"]["time_ms"] == min(prefer(BEST)(c) for c in cands if c != BEST)
-    assert entry["default"]["config"] == GPU_DEFAULT.to_json()
-    assert entry["measured"]["complete"] is True and entry["measured"]["how"] == "first use"
-    assert entry["measured"]["configs_timed"] == len(cands)
+    assert entry["default"]["config"] == GPU_DEFAULT.to_json() and entry["default"]["time_ms"] == d_ms
+    assert entry["vs_default"]["ratio"] == pytest.approx(1.0 / d_ms) and entry["vs_default"]["pairs"] == CONFIRM_PAIRS
+    assert entry["vs_default"]["spread"] == 0.0  # a noiseless fake
+    assert entry["decision"]["kept_default"] is False and entry["decision"]["min_margin"] == MIN_MARGIN
+    assert "faster than the default" in entry["decision"]["reason"]
+    # The closest other config, by its ratio to the default.
+    ru = entry["runner_up"]
+    others = [c for c in challengers() if c != BEST]
+    assert ru["ratio"] == pytest.approx(min(prefer(BEST)(c) for c in others) / d_ms)
+    # Every challenger has a first-round measurement; the best CONFIRM_TOP a second one.
+    rounds = [(LaunchConfig.from_json(m["config"]), m["round"]) for m in entry["measurements"]]
+    assert [c for c, r in rounds if r == "screen"] == challengers()
+    confirmed = [c for c, r in rounds if r == "confirm"]
+    assert len(confirmed) == CONFIRM_TOP and confirmed[0] == BEST
+    for m in entry["measurements"]:
+        assert m["default_ms"] == d_ms and m["ratio"] == pytest.approx(m["time_ms"] / d_ms)
+    assert entry["untimed"] == [] and entry["measured"]["complete"] is True
+    assert entry["measured"]["how"] == "first use" and entry["measured"]["configs_timed"] == 1 + len(challengers())
+    # choices() carries the same comparison, from the same pairs.
+    c = tuner.choices()[-1]
+    assert (c.source, c.config, c.default, c.default_ms, c.pairs) == ("tuned", BEST, GPU_DEFAULT, d_ms, CONFIRM_PAIRS)
+    assert c.ratio == pytest.approx(1.0 / d_ms) and c.untimed == 0
 
 
-def test_ties_go_to_the_config_closer_to_the_default(tmp_path):
+def test_equal_configs_keep_the_default(tmp_path):
     fake = FakeGPU(times=lambda c: 1.0)
-    assert make_tuner(tmp_path, fake).select(KEY, 2**22, CPU, fake.make_runner) == GPU_DEFAULT
+    tuner = make_tuner(tmp_path, fake)
+    assert tuner.select(KEY, 2**22, CPU, fake.make_runner) == GPU_DEFAULT
+    entry = entry_of(tuner, bucket=22)
+    assert entry["decision"]["kept_default"] is True and entry["vs_default"] is None
+    assert "no challenger was faster" in entry["decision"]["reason"]
+    assert not any(m["round"] == "confirm" for m in entry["measurements"])  # nothing to confirm
+    assert tuner.choices()[-1].ratio is None and "default kept" in autotune.format_choices(tuner.choices())
+
+
+# --- the incumbent rule ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise", [0.002, 0.01, 0.03])
+@pytest.mark.parametrize("edge", [0.0, 0.01], ids=["equal", "1%-faster"])
+def test_a_challenger_within_noise_never_replaces_the_default(tmp_path, noise, edge):
+    """Every challenger is as fast as the default, or 1% faster (less than the margin);
+    each timing carries Gaussian noise. Over 100 seeds the default always stays."""
+    kept = []
+    for seed in range(100):
+        fake = FakeGPU(times=lambda c: 1.0 if c == GPU_DEFAULT else 1.0 - edge, noise=noise, seed=seed, cost_s=0.01)
+        res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+        kept.append(res.config == GPU_DEFAULT)
+        assert any(m.round == "confirm" for m in res.measurements)  # the rule had its chance
+    assert all(kept), f"the default lost in {kept.count(False)} of 100 seeds"
+
+
+def test_a_clearly_faster_challenger_wins_through_noise(tmp_path):
+    """5% faster with 0.3% noise per timing (the H200's tuner timings of equal configs
+    differed by 0.1-0.4%): it wins every time."""
+    for seed in range(30):
+        fake = FakeGPU(times=lambda c: 0.95 if c == BEST else 1.0, noise=0.003, seed=seed, cost_s=0.01)
+        res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+        assert res.config == BEST, (seed, res.reason)
+        assert res.vs_default.ratio == pytest.approx(0.95, abs=0.01) and res.noise > 0
+
+
+@pytest.mark.parametrize(
+    "speedup, margin, wins",
+    [(0.015, MIN_MARGIN, False), (0.025, MIN_MARGIN, True), (0.015, 0.01, True), (0.05, 0.06, False)],
+)
+def test_the_minimum_margin_is_honoured(tmp_path, speedup, margin, wins):
+    fake = FakeGPU(times=lambda c: 1.0 - speedup if c == BEST else 1.0, cost_s=0.01)
+    res = make_tuner(tmp_path, fake, min_margin=margin).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    assert (res.config == BEST) is wins
+    assert res.entry["decision"]["min_margin"] == margin
+    assert f"{100 * margin:g}% margin" in res.reason
+
+
+def test_the_margin_is_measured_spread_plus_the_minimum(tmp_path):
+    """3% faster clears the 2% margin alone, but not once the pairs disagree by 2%: the
+    challenger must win at the slow end of its spread."""
+    def alternating(c, k, t):  # this challenger's timings alternate 2% apart
+        return t * (1.01 if k % 2 else 0.99) if c == BEST else t
+
+    fake = FakeGPU(times=lambda c: 0.97 if c == BEST else 1.0, script=alternating, cost_s=0.01)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    confirm = next(m for m in res.measurements if m.config == BEST and m.round == "confirm")
+    assert confirm.ratio == pytest.approx(0.97) and confirm.spread == pytest.approx(0.0194, abs=1e-3)
+    assert res.config == GPU_DEFAULT and "spread" in res.reason
+    fake = FakeGPU(times=lambda c: 0.97 if c == BEST else 1.0, cost_s=0.01)
+    assert make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False).config == BEST
+
+
+def test_the_defaults_own_noise_is_a_floor_for_the_spread(tmp_path):
+    """A challenger whose own pairs happen to agree still has to clear the default's noise
+    (its successive timings' ratios over the whole run)."""
+    from tritonadam.autotune.tuner import Measurement, _pick
+
+    lucky = Measurement(BEST, 0.96, ratio=0.96, spread=0.001, pairs=8, round="confirm")
+    assert _pick([lucky], None, MIN_MARGIN)[0] is lucky
+    assert _pick([lucky], 0.01, MIN_MARGIN)[0] is lucky  # 4% > 2% + 1%
+    winner, why = _pick([lucky], 0.03, MIN_MARGIN)
+    assert winner is None and "2% margin + 3.0% spread" in why
+    # With a noisy default the run measures that noise and records it.
+    fake = FakeGPU(times=lambda c: 1.0, noise=0.02, cost_s=0.01, seed=3)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    assert 0.01 < res.noise < 0.06 and res.entry["decision"]["noise"] == res.noise
+    assert res.default.spread == res.noise
+
+
+def test_winners_within_noise_of_each_other_go_to_the_nearest_the_default(tmp_path):
+    """The incumbent rule again, among winners: 1024/2 must beat 1024/4 (nearer the
+    default) beyond the margin and spread to be chosen over it."""
+    from tritonadam.autotune.tuner import Measurement, _pick
+
+    near, far = LaunchConfig(1024, 4), LaunchConfig(1024, 2)
+    order = {GPU_DEFAULT: 0, near: 1, far: 2}
+
+    def m(cfg, ratio, spread=0.0):
+        return Measurement(cfg, ratio, ratio=ratio, spread=spread, pairs=8, round="confirm")
+
+    w, why = _pick([m(far, 0.94), m(near, 0.95)], 0.003, MIN_MARGIN, order)
+    assert w.config == near and "block=1024 warps=2, 6.0% faster, is not faster than it" in why
+    assert _pick([m(far, 0.90), m(near, 0.95)], 0.003, MIN_MARGIN, order)[0].config == far  # 5% apart
+    assert _pick([m(far, 0.92), m(near, 0.95, spread=0.02)], 0.0, MIN_MARGIN, order)[0].config == near
+    assert _pick([], 0.0, MIN_MARGIN) == (None, "")
+    # Through the tuner: both 5-6% faster than the default, 1% apart.
+    fake = FakeGPU(times=lambda c: {near: 0.95, far: 0.94}.get(c, 1.0), cost_s=0.01)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    assert res.config == near and {m.config for m in res.measurements if m.round == "confirm"} >= {near, far}
+
+
+def test_the_default_is_warmed_up_before_anything_counts(tmp_path):
+    """Clocks ramp up: every timing in the first 0.15 s is 30% slower. The default, timed
+    first, pays for nothing: all configs are equal, so it stays, at its real time."""
+    fake = FakeGPU(times=lambda c: 1.0, ramp_s=0.15, ramp=1.3, cost_s=0.05)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    first_challenger = next(i for i, c in enumerate(fake.timed) if c != GPU_DEFAULT)
+    n_warm = first_challenger - 1  # then the first pair: default, challenger
+    assert n_warm * 0.05 >= WARMUP_S - 1e-9 and fake.timed[:first_challenger] == [GPU_DEFAULT] * first_challenger
+    assert res.config == GPU_DEFAULT and res.default.time_ms == 1.0
+    assert res.default.pairs == fake.timed.count(GPU_DEFAULT) - n_warm  # warm-up timings left out
+    assert all(m.ratio == 1.0 for m in res.measurements)
+
+
+def test_pairs_alternate_default_first_and_challenger_first(tmp_path):
+    fake = FakeGPU(times=lambda c: 0.9 if c == BEST else 1.0)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    d = GPU_DEFAULT
+    seq = fake.timed[1:]  # cost_s 0.5: one warm-up timing
+    cs = challengers()
+    screen = [x for c in cs for x in [d, c, c, d][: 2 * SCREEN_PAIRS]]
+    assert seq[: len(screen)] == screen
+    confirm = seq[len(screen):]
+    top = [m.config for m in res.measurements if m.round == "confirm"]
+    assert confirm == [x for c in top for _ in range(CONFIRM_PAIRS // 2) for x in (d, c, c, d)]
+
+
+def test_interleaving_cancels_a_drift(tmp_path):
+    """Each timing 1% faster than the one before, whatever the config (a GPU's clocks
+    still rising): timed one after the other, every config would beat the one before it,
+    and the last one timed would win by far. In alternating pairs, no one wins."""
+    fake = FakeGPU(times=lambda c: 1.0, cost_s=0.01)
+    fake.script = lambda c, k, t: t * 0.99 ** len(fake.timed)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    assert res.config == GPU_DEFAULT
+    assert all(m.ratio == pytest.approx(1.0, abs=1e-3) for m in res.measurements)
+
+
+def test_the_confirmation_round_overturns_a_lucky_first_round(tmp_path):
+    lucky = LaunchConfig(1024, 4)
+
+    def luck(c, k, t):  # its first round's timings come out 10% fast, then it is as fast as the default
+        return t * 0.9 if c == lucky and k <= SCREEN_PAIRS else t
+
+    fake = FakeGPU(times=lambda c: 1.0 if c in (GPU_DEFAULT, lucky) else 1.01, script=luck, cost_s=0.01)
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
+    rounds = {m.round: m for m in res.measurements if m.config == lucky}
+    assert rounds["screen"].ratio == pytest.approx(0.9) and rounds["confirm"].ratio == pytest.approx(1.0)
+    assert res.config == GPU_DEFAULT and res.vs_default is None
+    assert res.runner_up.config == lucky and res.runner_up.round == "confirm"  # its latest round counts
+
+
+def test_untimed_candidates_are_reported_never_dropped(tmp_path):
+    """A compile budget, pruning and a timing budget each leave candidates untimed; every
+    candidate ends up timed or in ``untimed`` with its reason."""
+    spilling = LaunchConfig(2048, 8)
+
+    def reports(c):
+        return _report(registers=255, spills=3) if c == spilling else _report()
+
+    fake = FakeGPU(times=prefer(BEST), reports=reports, compile_s=1.0, cost_s=0.1)
+    tuner = make_tuner(tmp_path, fake, budget_s=8, compile_budget_s=12)
+    res = tuner.tune(KEY, 2**20, CPU, fake.make_runner)
+    cands = [GPU_DEFAULT] + challengers()
+    why = {c: w for c, w in res.untimed}
+    timed = set(fake.timed)
+    assert timed | set(why) == set(cands) and not timed & set(why)
+    assert why[spilling].startswith("pruned: spills 3")
+    assert {c for c, w in why.items() if w == "compile budget"} == set(cands[12:])  # 12 s of 1 s compiles
+    budget = [c for c, w in why.items() if w == "timing budget"]
+    assert budget and budget == [c for c in cands[:12] if c not in timed and c != spilling]
+    assert res.complete is False
+    entry = res.entry
+    assert [LaunchConfig.from_json(u["config"]) for u in entry["untimed"]] == [c for c, _ in res.untimed]
+    assert entry["measured"]["configs_untimed"] == len(res.untimed)
+    # The budget kept room for the confirmation round, and stayed within itself.
+    assert any(m.round == "confirm" for m in res.measurements)
+    assert entry["measured"]["timing_s"] <= 8
+    # The estimate of a full tune covers every challenger's two rounds.
+    assert entry["measured"]["full_tune_s"] > 8
+    # choices() says how many went untimed.
+    fake2 = FakeGPU(cost_s=0.1)
+    tuner2 = make_tuner(tmp_path / "b", fake2, budget_s=3)
+    tuner2.select(KEY, 2**20, CPU, fake2.make_runner)
+    assert tuner2.choices()[-1].untimed == len(challengers())  # 3 s leaves no room to confirm anyone
+
+
+def test_challengers_that_won_elsewhere_on_this_gpu_go_first(tmp_path):
+    """Budget is spent on the likeliest winners first: configs that beat the default in
+    this GPU's other entries of this or a neighbouring bucket."""
+    fake = FakeGPU(times=prefer(BEST))
+    tuner = make_tuner(tmp_path, fake)
+    tuner.select(KEY, 2**20, CPU, fake.make_runner)  # BEST wins here
+    fake2 = FakeGPU(times=prefer(BEST))
+    make_tuner(tmp_path, fake2).select(KEY2, 2**21, CPU, fake2.make_runner)
+    assert fake2.order()[:2] == [GPU_DEFAULT, BEST]
+    assert fake2.order()[2:] == [c for c in challengers(2**21) if c != BEST]
+    fake3 = FakeGPU(times=prefer(BEST))
+    make_tuner(tmp_path, fake3).select(KEY2, 2**24, CPU, fake3.make_runner)  # too far from 2^20, 2^21
+    assert fake3.order()[1:] == challengers(2**24)
+
+
+def test_the_default_is_the_incumbent_even_where_its_size_is_pruned(tmp_path):
+    """At 2^12 on 132 SMs the size rules keep only 512-element blocks, but without tuning
+    the default runs, so the default is what they have to beat."""
+    fake = FakeGPU(times=lambda c: 1.0 if c == LaunchConfig(512, 4) else 1.5)
+    tuner = make_tuner(tmp_path, fake)
+    assert GPU_DEFAULT not in candidate_configs("cuda", 2**12, num_sms=132)
+    assert tuner.select(KEY, 2**12, CPU, fake.make_runner) == LaunchConfig(512, 4)
+    assert fake.timed[0] == GPU_DEFAULT
+    assert entry_of(tuner, bucket=12)["default"]["config"] == GPU_DEFAULT.to_json()
+
+
+def test_a_default_that_fails_hands_the_incumbency_on(tmp_path):
+    fake = FakeGPU(times=lambda c: 1.0)
+
+    def broken_default(config, numel):
+        if config == GPU_DEFAULT:
+            raise RuntimeError("out of resource: registers")
+        return fake.make_runner(config, numel)
+
+    res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, broken_default, store=False)
+    first = challengers()[0]
+    assert res.config == first and res.default.config == first
+    assert "the default block=1024 warps=8 failed" in res.reason
+    assert any(m.config == GPU_DEFAULT and "out of resource" in m.error for m in res.measurements)
 
 
 def test_second_call_is_a_memory_hit_and_a_new_process_reads_the_disk(tmp_path):
@@ -298,23 +607,30 @@ def test_empty_launch_is_never_tuned(tmp_path):
 # --- budget -----------------------------------------------------------------------------
 
 
-def test_budget_stops_timing_and_keeps_the_best_measured(tmp_path):
-    fake = FakeGPU(cost_s=3.0)
-    tuner = make_tuner(tmp_path, fake, budget_s=10)
-    cfg = tuner.select(KEY, 2**24, CPU, fake.make_runner)
-    assert len(fake.timed) == 3  # a 4th would end at 12 s > 10 s
-    assert fake.now <= 10
-    assert cfg == min(fake.timed, key=prefer(BEST))
-    assert fake.timed[0] == GPU_DEFAULT
-    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 24)]
-    assert entry["measured"]["complete"] is False and entry["measured"]["budget_s"] == 10
+def test_budget_stops_the_first_round_and_keeps_room_to_confirm(tmp_path):
+    fake = FakeGPU(cost_s=0.5)
+    tuner = make_tuner(tmp_path, fake, budget_s=40)
+    res = tuner.tune(KEY, 2**24, CPU, fake.make_runner)
+    # 0.5 s warm-up; 2 s per challenger's first round; 3 confirmations of 8 s kept in reserve.
+    screened = [m.config for m in res.measurements if m.round == "screen"]
+    assert screened == challengers(2**24)[:7]
+    assert [c for c, why in res.untimed] == challengers(2**24)[7:]
+    assert {why for _, why in res.untimed} == {"timing budget"}
+    assert fake.now <= 40 and res.complete is False
+    assert len([m for m in res.measurements if m.round == "confirm"]) == CONFIRM_TOP
+    assert res.config == min(screened, key=prefer(BEST))  # here the best screened config also wins
+    entry = entry_of(tuner, bucket=24)
+    assert entry["measured"]["complete"] is False and entry["measured"]["budget_s"] == 40
+    assert entry["measured"]["full_tune_s"] == pytest.approx(0.5 + len(challengers(2**24)) * 2 + 3 * 8)
 
 
 def test_budget_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", "4")
+    monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", "30")
     fake = FakeGPU(cost_s=1.0)
-    make_tuner(tmp_path, fake, budget_s=None).select(KEY, 2**24, CPU, fake.make_runner)
-    assert len(fake.timed) == 4
+    tuner = make_tuner(tmp_path, fake, budget_s=None)
+    tuner.select(KEY, 2**24, CPU, fake.make_runner)
+    measured = entry_of(tuner, bucket=24)["measured"]
+    assert measured["budget_s"] == 30 and measured["timing_s"] <= 30 and not measured["complete"]
 
 
 @pytest.mark.parametrize("value", ["ten", "-1", "nan"])
@@ -327,8 +643,12 @@ def test_malformed_budget_is_an_error(tmp_path, monkeypatch, value):
 
 def test_zero_budget_still_measures_the_default(tmp_path):
     fake = FakeGPU()
-    assert make_tuner(tmp_path, fake, budget_s=0).select(KEY, 2**24, CPU, fake.make_runner) == GPU_DEFAULT
-    assert fake.timed == [GPU_DEFAULT]
+    tuner = make_tuner(tmp_path, fake, budget_s=0)
+    assert tuner.select(KEY, 2**24, CPU, fake.make_runner) == GPU_DEFAULT
+    assert fake.timed == [GPU_DEFAULT]  # its warm-up
+    entry = entry_of(tuner, bucket=24)
+    assert entry["default"]["time_ms"] == prefer(BEST)(GPU_DEFAULT) and entry["default"]["pairs"] == 0
+    assert len(entry["untimed"]) == len(challengers(2**24)) and "within the budget" in entry["decision"]["reason"]
 
 
 # --- compiling first, pruning by the compiler's report, small launches --------------------
@@ -342,11 +662,11 @@ def test_compiling_is_not_charged_to_the_timing_budget(tmp_path):
     fake = FakeGPU(cost_s=0.5, reports=lambda c: _report(), compile_s=5.0)
     tuner = make_tuner(tmp_path, fake, budget_s=100, compile_budget_s=1000)
     tuner.select(KEY, 2**20, CPU, fake.make_runner)
-    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    cands = [GPU_DEFAULT] + challengers()
     # 5 s per compile adds up to far more than the timing budget; every config is timed.
-    assert fake.compiled == cands and fake.timed == cands
-    measured = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]["measured"]
-    assert measured["compile_s"] == 5.0 * len(cands) and measured["timing_s"] == 0.5 * len(cands)
+    assert fake.compiled == cands and fake.order() == cands
+    measured = entry_of(tuner)["measured"]
+    assert measured["compile_s"] == 5.0 * len(cands) and measured["timing_s"] == 0.5 * len(fake.timed)
     assert measured["complete"] is True
 
 
@@ -354,11 +674,13 @@ def test_compile_budget_limits_what_is_compiled_and_timed(tmp_path):
     fake = FakeGPU(cost_s=0.1, reports=lambda c: _report(), compile_s=5.0)
     tuner = make_tuner(tmp_path, fake, budget_s=100, compile_budget_s=12)
     tuner.select(KEY, 2**20, CPU, fake.make_runner)
-    cands = candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    cands = [GPU_DEFAULT] + challengers()
     assert fake.compiled == cands[:3]  # a 4th compile would start after 15 s > 12 s
-    assert fake.timed == cands[:3]
-    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 20)]
+    assert fake.order() == cands[:3]
+    entry = entry_of(tuner)
     assert entry["measured"]["complete"] is False
+    assert [(LaunchConfig.from_json(u["config"]), u["why"]) for u in entry["untimed"]] == [
+        (c, "compile budget") for c in cands[3:]]
 
 
 def test_compiler_report_prunes_spilling_and_low_occupancy_configs(tmp_path):
@@ -399,7 +721,7 @@ def test_resident_warps_from_registers_and_shared_memory():
 def test_no_compiler_report_prunes_nothing(tmp_path):
     fake = FakeGPU(reports=lambda c: None)
     make_tuner(tmp_path, fake).select(KEY, 2**20, CPU, fake.make_runner)
-    assert fake.timed == candidate_configs("cuda", 2**20, num_sms=132, first=GPU_DEFAULT)
+    assert fake.order() == [GPU_DEFAULT] + challengers()
 
 
 def test_small_launches_are_timed_many_per_timing(tmp_path):
@@ -420,17 +742,21 @@ def test_small_launches_are_timed_many_per_timing(tmp_path):
         n = len(launches) - before
         return n * (1.0 if unit.config == BEST else 2.0)  # ms per launch, times the launches
 
-    tuner = Tuner(timer=timer, cache=DiskCache(tmp_path), time_any_device=True, device_info=lambda d: FAKE_H100,
-                  free_bytes=lambda d: None, stream=io.StringIO())
-    assert tuner.select(KEY, 4096, CPU, make_runner, bytes_per_elem=28) == LaunchConfig(512, 4)
-    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 12)]
+    timings = []
+    tuner = Tuner(timer=lambda unit: timings.append(unit) or timer(unit), cache=DiskCache(tmp_path),
+                  time_any_device=True, device_info=lambda d: FAKE_H100, free_bytes=lambda d: None,
+                  stream=io.StringIO())
+    assert tuner.select(KEY, 4096, CPU, make_runner, bytes_per_elem=28) == GPU_DEFAULT  # all 2.0: kept
+    entry = entry_of(tuner, bucket=12)
     assert entry["launches_per_timing"] == MAX_LAUNCHES_PER_TIMING
-    assert len(launches) == MAX_LAUNCHES_PER_TIMING * entry["measured"]["configs_timed"]
+    assert len(launches) == MAX_LAUNCHES_PER_TIMING * len(timings)
     assert entry["time_ms"] == 2.0  # per launch, not per unit
     launches.clear()
-    tuner.select(KEY, 2**27, CPU, make_runner, bytes_per_elem=28)
-    entry = json.loads(cache_file(tuner).read_text())["entries"][entry_key(KEY, 27)]
+    assert tuner.select(KEY, 2**27, CPU, make_runner, bytes_per_elem=28) == BEST
+    entry = entry_of(tuner, bucket=27)
     assert entry["launches_per_timing"] == 1 and entry["time_ms"] == 1.0
+    assert entry["default"]["config"] == arch_default("cuda", "sm_90", 27).config.to_json()
+    assert entry["default"]["time_ms"] == 2.0
 
 
 def test_a_persistent_choice_survives_the_disk_round_trip(tmp_path):
@@ -484,15 +810,17 @@ def test_out_of_memory_halves_the_scratch_size(tmp_path):
 
 def test_scratch_memory_is_capped(tmp_path):
     fake = FakeGPU()
-    t = make_tuner(tmp_path, fake, max_scratch_bytes=32 * 2**20)
+    # The cap is for two runners alive at once: the default's and a challenger's.
+    t = make_tuner(tmp_path, fake, max_scratch_bytes=64 * 2**20)
     assert t.scratch_numel(25, CPU, None) == 2**20  # 32 B/elem assumed when unknown
     assert t.scratch_numel(25, CPU, 16) == 2**21
     assert t.scratch_numel(12, CPU, 16) == 2**12
-    t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**30)  # a quarter of 1 GiB free
+    t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**31)  # a quarter of 2 GiB free
     assert t.scratch_numel(27, CPU, 32) == 2**23
     t = make_tuner(tmp_path, fake, free_bytes=lambda d: 2**10)
     assert t.scratch_numel(27, CPU, 32) == 0
-    assert t.select(KEY, 2**27, CPU, fake.make_runner) == GPU_DEFAULT and fake.runners == []
+    assert t.select(KEY, 2**27, CPU, fake.make_runner) == arch_default("cuda", "sm_90", 27).config
+    assert fake.runners == []
 
 
 def test_tuning_leaves_the_users_random_stream_alone(tmp_path):
@@ -530,9 +858,9 @@ def test_cpu_and_interpreter_never_tune(tmp_path, monkeypatch):
 def test_mode_off_uses_the_architecture_default(tmp_path, monkeypatch):
     fake = FakeGPU()
     tuner = make_tuner(tmp_path, fake)
-    assert tuner.select(KEY, 2**20, CPU, fake.make_runner, mode="off") == arch_default("cuda", "sm_90").config
+    assert tuner.select(KEY, 2**20, CPU, fake.make_runner, mode="off") == arch_default("cuda", "sm_90", 20).config
     monkeypatch.setenv("TRITONADAM_AUTOTUNE", "off")
-    assert tuner.select(KEY2, 2**20, CPU, fake.make_runner) == arch_default("cuda", "sm_90").config
+    assert tuner.select(KEY2, 2**20, CPU, fake.make_runner) == arch_default("cuda", "sm_90", 20).config
     assert fake.runners == [] and not cache_file(tuner).exists()
     assert "unmeasured default" in tuner.choices()[-1].source
     # The keyword wins over the environment.
@@ -609,9 +937,22 @@ def _damage_list(path):
     path.write_text("[1, 2, 3]")
 
 
+def _damage_old_format(path):
+    """A version-1 file (picked by a strict minimum, without the comparison to the default)
+    under this identity."""
+    obj = json.loads(path.read_text())
+    obj["format_version"] = 1
+    for e in obj["entries"].values():
+        for k in ("vs_default", "decision", "untimed"):
+            e.pop(k)
+        e["default"].pop("pairs")
+    path.write_text(json.dumps(obj))
+
+
 @pytest.mark.parametrize(
-    "damage", [_damage_truncate, _damage_garbage, _damage_format, _damage_identity, _damage_list],
-    ids=["truncated", "corrupt", "stale-format", "stale-identity", "not-an-object"],
+    "damage",
+    [_damage_truncate, _damage_garbage, _damage_format, _damage_old_format, _damage_identity, _damage_list],
+    ids=["truncated", "corrupt", "stale-format", "version-1", "stale-identity", "not-an-object"],
 )
 def test_bad_file_gives_one_warning_and_a_retune(tmp_path, damage):
     fake = FakeGPU()
@@ -630,7 +971,7 @@ def test_bad_file_gives_one_warning_and_a_retune(tmp_path, damage):
     assert a == b == BEST
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert str(path) in str(caught[0].message)
-    assert len(fake.timed) == 2 * len(candidate_configs("cuda", 2**20, num_sms=132))  # both re-tuned
+    assert len(fake.timed) == 2 * timings_per_tune()  # both re-tuned
     obj = json.loads(path.read_text())  # rewritten whole and valid
     assert obj["format"] == FORMAT and obj["identity"] == tuner.identity(FAKE_H100).to_json()
     assert set(obj["entries"]) == {entry_key(KEY, 20), entry_key(KEY2, 20)}
@@ -646,7 +987,14 @@ def test_bad_file_gives_one_warning_and_a_retune(tmp_path, damage):
         ("time_ms", float("nan")),
         ("time_ms", -1.0),
         ("bucket", 99),
-        ("runner_up", {"config": {"block_size": 7, "num_warps": 8}, "time_ms": 1.0}),
+        ("runner_up", {"config": {"block_size": 7, "num_warps": 8}, "time_ms": 1.0, "ratio": 1.0, "pairs": 2}),
+        ("runner_up", {"config": {"block_size": 1024, "num_warps": 4}, "time_ms": 1.0}),  # no ratio
+        ("default", {"config": {"block_size": 1024, "num_warps": 8}, "time_ms": None, "pairs": 3}),
+        ("default", None),
+        ("vs_default", {"ratio": float("inf"), "spread": 0.0, "pairs": 8}),
+        ("vs_default", {"ratio": 0.9, "spread": -0.1, "pairs": 8}),
+        ("decision", {"reason": "x"}),
+        ("untimed", [{"config": "block=1"}]),
     ],
 )
 def test_invalid_entries_are_ignored_and_retuned(tmp_path, field, value):
@@ -660,8 +1008,7 @@ def test_invalid_entries_are_ignored_and_retuned(tmp_path, field, value):
     )
     assert a == b == BEST
     assert len(caught) == 1 and "invalid entr" in str(caught[0].message)
-    assert set(fake.timed)  # KEY re-tuned ...
-    assert len(fake.timed) == len(candidate_configs("cuda", 2**20, num_sms=132))  # ... KEY2 read from disk
+    assert len(fake.timed) == timings_per_tune()  # KEY re-tuned, KEY2 read from disk
 
 
 def test_entries_tuned_over_another_space_are_retuned_silently(tmp_path):
@@ -716,17 +1063,19 @@ def test_file_is_readable_json_with_identity(tmp_path):
 # --- saying what it does ---------------------------------------------------------------------
 
 
-def test_verbose_prints_every_timing_and_choices_are_listed(tmp_path):
+def test_verbose_prints_every_round_and_choices_are_listed(tmp_path):
     fake = FakeGPU()
     out = io.StringIO()
     tuner = make_tuner(tmp_path, fake, verbose=True, stream=out)
     tuner.select(KEY, 2**20, CPU, fake.make_runner, bytes_per_elem=28)
     text = out.getvalue()
-    assert "tuning adam|" in text and "budget" in text
-    assert text.count(" ms") >= len(fake.timed)
-    assert "picked block=2048 warps=4" in text
+    assert "tuning adam|" in text and "budget" in text and "the incumbent, warmed up" in text
+    assert text.count("[screen]") == len(challengers()) and text.count("[confirm]") == CONFIRM_TOP
+    assert "picked block=2048 warps=4" in text and "faster than the default" in text
     table = autotune.format_choices(tuner.choices())
     assert "block=2048 warps=4" in table and "tuned" in table and "2^20" in table
+    d_ms = prefer(BEST)(GPU_DEFAULT)
+    assert f"{1 / d_ms:.3f} (IQR 0.000, {CONFIRM_PAIRS} pairs)" in table and f"{d_ms:.4g}" in table
 
 
 def test_quiet_mode_still_announces_tuning(tmp_path):
@@ -763,8 +1112,10 @@ def _tuned_vs_untuned_step(cache_dir: str) -> dict:
     target = LaunchConfig(512, 2)  # not the default, so the tuned choice is visible
 
     def timer(unit):
-        for _ in range(3):  # like a real timer: the kernel runs repeatedly on scratch (one launch
-            unit.fn()  # of the unit's unit.n each, to keep the interpreter's time down)
+        # Like a real timer, the kernel runs on scratch at every timing, and each config is
+        # timed many times (pairs against the default); one launch of the unit's unit.n, to
+        # keep the interpreter's time down.
+        unit.fn()
         return (1.0 if unit.config == target else 2.0) * unit.n
 
     launched = []
@@ -776,17 +1127,6 @@ def _tuned_vs_untuned_step(cache_dir: str) -> dict:
 
     step_cache.launch_update = spy
 
-    class TaggingTuner(Tuner):
-        # The fake timer needs to know which config a runner is for.
-        def select(self, key, numel, device, make_runner, **kw):
-            def tagged(config, n):
-                run = make_runner(config, n)
-                box = lambda: run()  # noqa: E731
-                box.config = config
-                return box
-
-            return super().select(key, numel, device, tagged, **kw)
-
     torch.manual_seed(0)
     init, grad = torch.randn(5000), torch.randn(5000)
 
@@ -797,7 +1137,7 @@ def _tuned_vs_untuned_step(cache_dir: str) -> dict:
         opt.step()
         return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
 
-    tuner = TaggingTuner(
+    tuner = Tuner(  # the timer tells configs apart by unit.config
         timer=timer, cache=DiskCache(cache_dir), device_info=lambda d: FAKE_H100, budget_s=600,
         free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO(),
     )

@@ -72,7 +72,14 @@ def test_show_as_a_subprocess(tmp_path):
     assert "block=2048 warps=4" in shown  # chosen config
     assert "2^22" in shown and "2^14" in shown
     assert f"{28 * 2**22 / 1e-3 / 1e9:.0f}" in shown  # GB/s
-    assert "1.5" in shown  # a runner-up time
+    # Against the default, from the same pairs: its ms, and the choice's time ratio to it.
+    d_ms = 1.5 + 8 / 100
+    assert f"block=1024 warps=8 {d_ms:.4g} ms" in shown
+    assert f"{1 / d_ms:.3f} (IQR 0.000, 8 pairs)" in shown
+    assert "margin 2%" in shown and "noise 0.000" in shown
+    assert "faster than the default" not in shown  # the reasons only with --details
+    details = cli("show", "--details", cache_dir=cache_dir).stdout
+    assert "faster than the default" in details
 
 
 def test_export_clear_import_roundtrip(tmp_path, monkeypatch, capsys):
@@ -183,22 +190,24 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
     argv = ["tune", "--optimizer", "adamw", "adamax", "--param-dtype", "fp32", "bf16",
             "--model-size", "64M", "--world-size", "4", "--min-numel", "2^22"]
     args = build_parser().parse_args(argv)
-    # First pass with a budget too small to finish: entries are stored as partial.
+    # First pass with a budget too small to finish (1 s per timing: the default's warm-up
+    # alone): entries are stored as partial, with the default kept.
     assert run_tune(args, tuner=tuner(budget=2), device=torch.device("cpu"), **kernels) == 0
     out = capsys.readouterr().out
-    assert out.count("tuned 2/") == 12  # 2 optimizers x 2 dtypes x buckets 2^22..2^24
+    assert out.count("tuned 1/") == 12 and out.count("(budget ran out)") == 12  # 2 x 2 x buckets 2^22..2^24
+    assert out.count("default kept") == 12
     assert {c[2] for c in calls} == {2**22, 2**23, 2**24}
     # Second pass: partial entries are finished without --force.
     calls.clear()
-    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
+    assert run_tune(args, tuner=tuner(budget=1000), device=torch.device("cpu"), **kernels) == 0
     out = capsys.readouterr().out
-    assert "cached" not in out and "block=2048 warps=4" in out
+    assert "cached" not in out and "block=2048 warps=4" in out and "0.500 (IQR 0.000, 8 pairs)" in out
     # Third pass: complete entries are kept unless --force.
     calls.clear()
-    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
+    assert run_tune(args, tuner=tuner(budget=1000), device=torch.device("cpu"), **kernels) == 0
     assert capsys.readouterr().out.count("cached") == 12 and calls == []
     args = build_parser().parse_args(argv + ["--force"])
-    assert run_tune(args, tuner=tuner(budget=100), device=torch.device("cpu"), **kernels) == 0
+    assert run_tune(args, tuner=tuner(budget=1000), device=torch.device("cpu"), **kernels) == 0
     assert calls
     # What the tuner stored is what the optimizer would find for the same key.
     entries = json.loads(next(tmp_path.glob("*.json")).read_text())["entries"]

@@ -37,7 +37,11 @@ def _entry(writer: int, i: int) -> tuple[str, dict]:
         "config": LaunchConfig(4096, 8).to_json(),
         "time_ms": 1.0 + writer + i / 10,
         "gbps": None,
+        "default": {"config": LaunchConfig(1024, 8).to_json(), "time_ms": 2.0 + writer, "pairs": 24},
+        "vs_default": {"ratio": 0.5, "spread": 0.01, "pairs": 8},
         "runner_up": None,
+        "decision": {"kept_default": False, "reason": "faster", "min_margin": 0.02, "noise": None},
+        "untimed": [],
     }
 
 

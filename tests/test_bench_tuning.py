@@ -230,12 +230,13 @@ def test_first_use_and_sweep_on_cpu_with_a_fake_tuner(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(tmp_path / "user-cache"))
     seen_dirs = []
-    times = iter(range(1000, 0, -1))  # each config timed faster than the last: the last wins
+    expect = candidate_configs("cuda", 2**13, num_sms=132, first=D)
 
-    def factory():
+    def factory():  # the last candidate is clearly faster than the default
         seen_dirs.append(os.environ["TRITONADAM_CACHE_DIR"])
-        return Tuner(timer=lambda fn: float(next(times)), time_any_device=True, budget_s=30,
-                     device_info=lambda d: FAKE_H100, free_bytes=lambda d: None, stream=io.StringIO())
+        return Tuner(timer=lambda fn: (1.0 if fn.config == expect[-1] else 2.0) * fn.n, time_any_device=True,
+                     budget_s=30, device_info=lambda d: FAKE_H100, free_bytes=lambda d: None,
+                     stream=io.StringIO())
 
     before = get_tuner()
     written = []
@@ -245,12 +246,11 @@ def test_first_use_and_sweep_on_cpu_with_a_fake_tuner(monkeypatch, tmp_path):
     assert os.environ["TRITONADAM_CACHE_DIR"] == str(tmp_path / "user-cache")
     assert not (tmp_path / "user-cache").exists()  # never written: each case had its own dir
     assert len(set(seen_dirs)) == 2 and not any(os.path.exists(d) for d in seen_dirs)
-    expect = candidate_configs("cuda", 2**13, num_sms=132, first=D)
     first = [r for r in runner.rows if r.get("variant") == "first-use"]
     fixed = [r for r in runner.rows if r.get("variant") == "fixed"]
     assert [r["status"] for r in first + fixed] == ["ok"] * len(first + fixed), runner.rows
     for r in first:
-        assert r["tuned_source"] == "tuned" and r["configs_considered"] == len(expect)
+        assert r["tuned_source"] == "tuned" and r["configs_considered"] == len(expect) + 1
         assert r["config"] == expect[-1].to_json() and r["check"].startswith("ok")
         assert r["first_step_ms"] > 0 and r["later_step_ms"] > 0 and r["ms"] > 0
     # the sweep: the tuner's candidates, then the default (pruned at this size, timed anyway),

@@ -1,11 +1,14 @@
 """Per-GPU launch configs for the optimizer kernels: config space, tuner, on-disk cache.
 
 The optimizer asks ``select_config`` once per launch; the first call for a kernel variant
-and size bucket decides (built-in default, disk cache, or compiling and timing candidates
-on scratch buffers, each within its budget), later calls are a dictionary lookup. Modes (``TRITONADAM_AUTOTUNE`` or the
-``mode`` keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and
-Triton's interpreter never tune. In a distributed job one rank decides each entry and every
-rank uses its choice (see ``select_config``).
+and size bucket decides (built-in default, disk cache, or compiling candidates and timing
+them against the default on scratch buffers, each within its budget), later calls are a
+dictionary lookup. Tuning keeps the architecture's default unless a challenger beats it,
+in interleaved pairs and a confirmation round, by more than ``MIN_MARGIN`` plus the
+measured spread (docs/autotune.md). Modes (``TRITONADAM_AUTOTUNE`` or the ``mode``
+keyword): ``on`` (default: tune on first use), ``cache-only``, ``off``. CPU and Triton's
+interpreter never tune. In a distributed job one rank decides each entry and every rank
+uses its choice (see ``select_config``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .configs import (
     size_bucket,
 )
 from .device import default_config
-from .tuner import MODES, Choice, Tuner, TuneResult, resolve_mode
+from .tuner import MIN_MARGIN, MODES, Choice, Measurement, Tuner, TuneResult, ratio_text, resolve_mode
 
 __all__ = [
     "LaunchConfig",
@@ -40,6 +43,8 @@ __all__ = [
     "INTERPRETER_DEFAULT",
     "GPU_DEFAULT",
     "MODES",
+    "MIN_MARGIN",
+    "Measurement",
     "AutotuneCacheWarning",
     "CacheIdentity",
     "DiskCache",
@@ -122,11 +127,21 @@ def choices() -> list[Choice]:
 
 
 def format_choices(items: list[Choice] | None = None, *, tablefmt: str = "simple") -> str:
+    """The decisions as a table: the choice and its ms, the default's ms from the same
+    pairs, the choice's time ratio to the default (median of the pairs, with its
+    inter-quartile range; empty when the default was kept) and the closest other config."""
     from tabulate import tabulate
 
     items = choices() if items is None else items
-    rows = [
-        (
+    rows = []
+    for c in items:
+        if c.default is None:
+            vs = ""
+        elif c.config == c.default:
+            vs = "default kept" if c.time_ms is not None else ""
+        else:
+            vs = ratio_text(c.ratio, c.spread, c.pairs)
+        rows.append((
             "|".join(str(k) for k in c.key),
             f"2^{c.bucket}",
             c.device,
@@ -134,12 +149,16 @@ def format_choices(items: list[Choice] | None = None, *, tablefmt: str = "simple
             c.source,
             f"{c.time_ms:.4g}" if c.time_ms is not None else "",
             f"{c.gbps:.0f}" if c.gbps is not None else "",
+            f"{c.default_ms:.4g}" if c.default_ms is not None and c.config != c.default else "",
+            vs,
             c.runner_up or "",
-        )
-        for c in items
-    ]
+            str(c.untimed) if c.untimed else "",
+        ))
     return tabulate(
-        rows, headers=["key", "n <=", "device", "config", "source", "ms", "GB/s", "runner-up"], tablefmt=tablefmt
+        rows,
+        headers=["key", "n <=", "device", "config", "source", "ms", "GB/s", "default ms", "vs default",
+                 "runner-up", "untimed"],
+        tablefmt=tablefmt,
     )
 
 

@@ -58,12 +58,18 @@ def _fmt_gbps(x) -> str:
 
 
 def _entry_rows(entries: dict) -> list:
+    from .tuner import ratio_text
+
     rows = []
-    for name in sorted(entries, key=lambda n: (entries[n]["key"], entries[n]["bucket"])):
+    for name in _sorted_names(entries):
         e = entries[name]
         ru = e.get("runner_up")
-        d = e.get("default") or {}
+        d = e["default"]
+        vs = e.get("vs_default")
         meas = e.get("measured") or {}
+        dec = e.get("decision") or {}
+        untimed = e.get("untimed") or []
+        short = sum(1 for u in untimed if u["why"].endswith("budget"))
         how = ", ".join(
             str(x)
             for x in (
@@ -71,29 +77,49 @@ def _entry_rows(entries: dict) -> list:
                 meas.get("how", ""),
                 f"{meas.get('configs_timed', '?')}/{meas.get('configs_considered', '?')} timed"
                 + (f", {meas['configs_pruned']} pruned by the compiler's report" if meas.get("configs_pruned") else "")
-                + ("" if meas.get("complete", True) else " (budget ran out)"),
+                + (
+                    f", {short} not timed for lack of budget (a full tune: about {meas['full_tune_s']:.3g} s)"
+                    if short and isinstance(meas.get("full_tune_s"), (int, float)) else
+                    (f", {short} not timed for lack of budget" if short else "")
+                ),
+                f"margin {100 * dec['min_margin']:g}%" if isinstance(dec.get("min_margin"), (int, float)) else "",
+                f"noise {dec['noise']:.3f}" if isinstance(dec.get("noise"), (int, float)) else "",
             )
             if x
         )
-        dflt = ""
-        if isinstance(d, dict) and isinstance(d.get("time_ms"), (int, float)) and d.get("config") != e["config"]:
-            dflt = f"{_fmt_cfg(d.get('config'))} {d['time_ms']:.4g} ms"
+        kept = d["config"] == e["config"]
         rows.append(
             (
                 "|".join(e["key"]),
                 f"2^{e['bucket']}",
-                _fmt_cfg(e["config"]),
+                _fmt_cfg(e["config"]) + (" (default)" if kept else ""),
                 f"{e['time_ms']:.4g}",
                 _fmt_gbps(e.get("gbps")),
-                f"{_fmt_cfg(ru['config'])} {ru['time_ms']:.4g} ms" if ru else "",
-                dflt,
+                "" if kept else f"{_fmt_cfg(d['config'])} {d['time_ms']:.4g} ms",
+                ratio_text(vs["ratio"], vs["spread"], vs["pairs"]) if vs else "",
+                f"{_fmt_cfg(ru['config'])} {ratio_text(ru['ratio'], ru['spread'], ru['pairs'])}" if ru else "",
                 how,
             )
         )
     return rows
 
 
-_HEADERS = ["key", "n <=", "config", "ms", "GB/s", "runner-up", "default (if slower)", "measured"]
+def _sorted_names(entries: dict) -> list:
+    return sorted(entries, key=lambda n: (entries[n]["key"], entries[n]["bucket"]))
+
+
+def _entry_details(entries: dict) -> list[str]:
+    """Per entry: the decision in words, then every candidate left untimed and why."""
+    lines = []
+    for name in _sorted_names(entries):
+        e = entries[name]
+        lines.append(f"{name}: {(e.get('decision') or {}).get('reason', '')}")
+        for u in e.get("untimed") or []:
+            lines.append(f"    untimed: {_fmt_cfg(u['config'])}: {u['why']}")
+    return lines
+
+
+_HEADERS = ["key", "n <=", "config", "ms", "GB/s", "default (if not kept)", "vs default", "runner-up", "measured"]
 
 
 def cmd_show(args) -> int:
@@ -113,6 +139,8 @@ def cmd_show(args) -> int:
             print(f"   ignored: {parsed.problem}" if not parsed.entries else f"   note: {parsed.problem}")
         if parsed.entries:
             print(tabulate(_entry_rows(parsed.entries), headers=_HEADERS, tablefmt=args.format))
+            if args.details:
+                print("\n".join(_entry_details(parsed.entries)))
         print()
     return 0
 
@@ -200,6 +228,7 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     from ..kernels.scratch import scaled_mix
     from .cache import entry_key
     from .configs import size_bucket, space_id
+    from .tuner import ratio_text
 
     if args.numel:
         sizes = list(args.numel)
@@ -236,17 +265,23 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
                     hit = tuner.cache.lookup(identity, name, space)
                     # An entry cut short by the first-use budget is worth finishing here.
                     if hit is not None and (hit.get("measured") or {}).get("complete", True):
-                        rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "cached (use --force to re-tune)"))
+                        rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "", "",
+                                     "cached (use --force to re-tune)"))
                         continue
                 res = tuner.tune(key, 2**b, device, make_runner, bytes_per_elem=bpe, how="cli tune")
                 if res is None:
-                    rows.append((name, "", "", "failed: no config could be timed"))
-                else:
-                    timed = sum(1 for m in res.measurements if m.time_ms)
-                    rows.append((name, res.config.short(), f"{res.time_ms:.4g}", f"tuned {timed}/{res.considered}"))
+                    rows.append((name, "", "", "", "", "failed: not even the default could be timed"))
+                    continue
+                vs = res.vs_default
+                timed = res.entry["measured"]["configs_timed"]
+                rows.append((
+                    name, res.config.short(), f"{res.time_ms:.4g}", f"{res.default.time_ms:.4g}",
+                    ratio_text(vs.ratio, vs.spread, vs.pairs) if vs else "default kept",
+                    f"tuned {timed}/{res.considered}" + ("" if res.complete else " (budget ran out)"),
+                ))
     from tabulate import tabulate
 
-    print(tabulate(rows, headers=["entry", "config", "ms", "result"]))
+    print(tabulate(rows, headers=["entry", "config", "ms", "default ms", "vs default", "result"]))
     print(f"cache: {tuner.cache.path(identity)}")
     return 0 if all(not r[3].startswith("failed") for r in rows) else 1
 
@@ -272,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Pre-tune so that training does not pay for tuning on its first step. For every "
             "optimizer x param dtype and every power-of-two size bucket from --min-numel up "
             "to the largest launch (--numel, or --model-size / --world-size), time the "
-            "candidate configs on scratch buffers and store the fastest. Needs a GPU: on "
+            "candidate configs against the default on scratch buffers and store the decision "
+            "(the default stays unless a challenger beats it beyond noise). Needs a GPU: on "
             "CPU it says so and exits with status 1."
         ),
     )
@@ -309,10 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "show",
-        help="print the cache as tables: key, size bucket, chosen config, time, GB/s, runner-up, how measured",
-        description="Print every cache file in the cache directory with its identity (GPU, triton, hashes) and entries.",
+        help="print the cache as tables: the chosen config against the default, with its spread",
+        description=(
+            "Print every cache file in the cache directory with its identity (GPU, triton, hashes) and "
+            "entries: the chosen config and its ms; the default and its ms from the same interleaved "
+            "pairs when a challenger replaced it; 'vs default', the chosen config's time ratio to the "
+            "default (median of the pairs, below 1 = faster) with the ratios' inter-quartile range; "
+            "the closest other config the same way; and how it was measured (candidates timed, "
+            "pruned, left untimed for lack of budget, the margin and the default's own noise). "
+            "See docs/autotune.md."
+        ),
     )
     s.add_argument("--format", default="simple", help="tabulate table format (simple, github, grid, ...)")
+    s.add_argument("--details", action="store_true",
+                   help="after each table, every entry's decision in words and the candidates it left untimed")
     s.set_defaults(func=cmd_show)
 
     e = sub.add_parser(

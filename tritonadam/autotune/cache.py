@@ -37,7 +37,9 @@ __all__ = [
 
 FORMAT = "tritonadam-autotune"
 BUNDLE_FORMAT = "tritonadam-autotune-bundle"
-FORMAT_VERSION = 1
+# 2: entries record the decision against the default (incumbent rule, paired ratios and
+# their spread, what went untimed); version-1 entries, picked by a strict minimum, lack them.
+FORMAT_VERSION = 2
 FILE_PREFIX = "tritonadam-autotune-"
 # A cache for every key and bucket is a few hundred KiB; anything far larger is not ours.
 MAX_FILE_BYTES = 32 * 1024 * 1024
@@ -110,6 +112,32 @@ def _finite_pos(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def _finite_nonneg(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _config_problem(obj, backend: str, what: str) -> str | None:
+    cfg = LaunchConfig.from_json(obj)
+    if cfg is None or not is_known_config(cfg, backend):
+        return f"unknown {what} {obj!r}"
+    return None
+
+
+def _comparison_problem(obj, what: str) -> str | None:
+    """A ratio to the default with its spread and pair count, as the tuner writes them."""
+    if not _finite_pos(obj.get("ratio")):
+        return f"bad {what} ratio"
+    if obj.get("spread") is not None and not _finite_nonneg(obj.get("spread")):
+        return f"bad {what} spread"
+    if not _count(obj.get("pairs")):
+        return f"bad {what} pairs"
+    return None
+
+
 def validate_entry(name: str, entry, backend: str) -> str | None:
     """None if ``entry`` is usable, else why not."""
     if not isinstance(entry, dict):
@@ -123,23 +151,51 @@ def validate_entry(name: str, entry, backend: str) -> str | None:
         return "name does not match key and bucket"
     if not isinstance(entry.get("space"), str):
         return "no config-space id"
-    cfg = LaunchConfig.from_json(entry.get("config"))
-    if cfg is None or not is_known_config(cfg, backend):
-        return f"unknown config {entry.get('config')!r}"
+    why = _config_problem(entry.get("config"), backend, "config")
+    if why:
+        return why
     if not _finite_pos(entry.get("time_ms")):
         return "bad time_ms"
+    gbps = entry.get("gbps")
+    if gbps is not None and not _finite_pos(gbps):
+        return "bad gbps"
+    d = entry.get("default")
+    if not isinstance(d, dict):
+        return "no default measurement"
+    why = _config_problem(d.get("config"), backend, "default config")
+    if why:
+        return why
+    if not _finite_pos(d.get("time_ms")) or not _count(d.get("pairs")):
+        return "bad default measurement"
+    vs = entry.get("vs_default")
+    if vs is not None:
+        if not isinstance(vs, dict):
+            return "bad vs_default"
+        why = _comparison_problem(vs, "vs_default")
+        if why:
+            return why
     ru = entry.get("runner_up")
     if ru is not None:
         if not isinstance(ru, dict):
             return "bad runner_up"
-        rcfg = LaunchConfig.from_json(ru.get("config"))
-        if rcfg is None or not is_known_config(rcfg, backend):
-            return f"unknown runner-up config {ru.get('config')!r}"
+        why = _config_problem(ru.get("config"), backend, "runner-up config") or _comparison_problem(ru, "runner_up")
+        if why:
+            return why
         if not _finite_pos(ru.get("time_ms")):
             return "bad runner_up time_ms"
-    gbps = entry.get("gbps")
-    if gbps is not None and not _finite_pos(gbps):
-        return "bad gbps"
+    dec = entry.get("decision")
+    if not isinstance(dec, dict) or not isinstance(dec.get("reason"), str) or type(dec.get("kept_default")) is not bool:
+        return "no decision"
+    if dec.get("noise") is not None and not _finite_nonneg(dec.get("noise")):
+        return "bad noise"
+    if not _finite_nonneg(dec.get("min_margin")):
+        return "bad min_margin"
+    untimed = entry.get("untimed")
+    if not isinstance(untimed, list) or not all(
+        isinstance(u, dict) and isinstance(u.get("why"), str) and LaunchConfig.from_json(u.get("config")) is not None
+        for u in untimed
+    ):
+        return "bad untimed list"
     return None
 
 

@@ -2,10 +2,15 @@
 
 Kept apart from the tuner so tests can inject a fake timer (``timer(fn) -> ms``) and never
 time anything on CPU, where Triton's interpreter makes timings meaningless.
+
+The tuner times each config many times, alternating with the default (see ``tuner.py``),
+so one call here is short (``rep_ms``) and what a unit needs only once (its CUDA graph, the
+estimate that sizes the repetitions, the first warm-up) is kept for the unit's lifetime.
 """
 from __future__ import annotations
 
 import statistics
+import weakref
 from typing import Callable
 
 import torch
@@ -16,6 +21,11 @@ __all__ = ["cuda_event_timer"]
 # backward passes have just evicted the optimizer's tensors. Twice L2 evicts it whatever the
 # replacement policy; Triton's do_bench uses a fixed 256 MB.
 _FLUSH_FALLBACK_BYTES = 256 * 1024 * 1024
+
+# unit -> (its graph's replay, or None to run it eagerly; estimated ms per run). Weak keys:
+# the tuner drops a challenger's unit after its pairs, and its graph goes with it. (A value
+# must not hold its key, or the entry never goes: hence None rather than the unit itself.)
+_prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -46,48 +56,66 @@ def _as_graph(fn: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def cuda_event_timer(
-    fn: Callable[[], None],
-    *,
-    warmup_ms: float = 25.0,
-    rep_ms: float = 100.0,
-    max_reps: int = 1000,
-    min_reps: int = 10,
-    graph: bool = True,
-) -> float:
-    """Median milliseconds of one ``fn()`` on the current CUDA stream.
-
-    Like ``triton.testing.do_bench``: the first call compiles and is not timed; a short
-    estimate sizes the warm-up and the repetitions; each timed run follows an L2 flush and
-    is bracketed by its own pair of events; the median resists the odd slow run.
-    With ``graph`` the launches are replayed from a CUDA graph: a small launch takes less
-    GPU time than the host needs to issue it (50-70 us), and the tuner compares GPU time.
-    """
-    device = torch.device("cuda", torch.cuda.current_device())
+def _prepare(fn, graph: bool, flush: torch.Tensor, warmup_ms: float):
+    """First call for ``fn``: compile (one untimed run), capture, estimate, warm up.
+    Returns (the graph's replay or None, estimated ms per run)."""
     fn()
     torch.cuda.synchronize()
-    if graph:
-        fn = _as_graph(fn)
-    flush = _flush_buffer(device)
+    run = _as_graph(fn) if graph else fn
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
         flush.zero_()
-        fn()
+        run()
     end.record()
     torch.cuda.synchronize()
     # The estimate includes the flush, so it errs towards fewer repetitions.
     estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    n_warmup = max(1, int(warmup_ms / estimate))
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        run()
+    return (None if run is fn else run), estimate
+
+
+def cuda_event_timer(
+    fn: Callable[[], None],
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 20.0,
+    max_reps: int = 500,
+    min_reps: int = 5,
+    graph: bool = True,
+) -> float:
+    """Median milliseconds of one ``fn()`` on the current CUDA stream.
+
+    Like ``triton.testing.do_bench``: the first call for ``fn`` compiles (an untimed run),
+    captures it, sizes the repetitions from a short estimate and warms up for ``warmup_ms``;
+    every call then times about ``rep_ms`` of runs, each after an L2 flush and bracketed by
+    its own pair of events, and returns their median (which resists the odd slow run).
+    Later calls for the same ``fn`` object reuse what the first prepared.
+    With ``graph`` the launches are replayed from a CUDA graph: a small launch takes less
+    GPU time than the host needs to issue it (50-70 us), and the tuner compares GPU time.
+    """
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = _flush_buffer(device)
+    try:
+        replay, estimate = _prepared[fn]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable, prepare every call
+        replay, estimate = _prepare(fn, graph, flush, warmup_ms)
+        try:
+            _prepared[fn] = (replay, estimate)
+        except TypeError:
+            pass
+        run = replay or fn
+    else:
+        run = replay or fn
+        run()  # one untimed run after switching units: its first loads are not the steady state
     n_rep = min(max(min_reps, int(rep_ms / estimate)), max_reps)
-    for _ in range(n_warmup):
-        fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for i in range(n_rep):
         flush.zero_()
         starts[i].record()
-        fn()
+        run()
         ends[i].record()
     torch.cuda.synchronize()
     del flush

@@ -4,10 +4,23 @@ across the ranks of a distributed job.
 The tuner only ever runs callables from ``make_runner(config, numel)``, which launch the
 kernel on scratch buffers: it has no way to reach the user's tensors, so tuning cannot
 apply an optimizer step twice (the ``triton.autotune`` trap, DESIGN.md section 6).
+
+The decision (docs/autotune.md): the architecture's default is the incumbent. After a
+warm-up on it, each challenger is timed in pairs interleaved with it (D C, C D, D C, ...),
+and each pair gives the ratio of the challenger's time to the default's. A first round
+ranks every challenger on a few pairs; the best few are timed again on more pairs, and
+only that second round decides, because the first round's best are partly its luckiest.
+A challenger replaces the default only if its median ratio is faster by more than
+``MIN_MARGIN`` plus the measured spread: the inter-quartile range of its own ratios, or of
+the default's ratios to itself over the whole run if that is wider. Winners that the
+fastest does not beat by as much are a tie, which goes to the one nearest the default.
+The optimizer step is elementwise, so every config gives bit-identical results: only time
+is at stake.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import threading
 import time
@@ -38,10 +51,15 @@ __all__ = [
     "MODES",
     "DEFAULT_BUDGET_S",
     "DEFAULT_COMPILE_BUDGET_S",
+    "MIN_MARGIN",
+    "SCREEN_PAIRS",
+    "CONFIRM_PAIRS",
+    "CONFIRM_TOP",
     "Measurement",
     "TuneResult",
     "Choice",
     "Tuner",
+    "ratio_text",
     "resolve_mode",
 ]
 
@@ -60,13 +78,46 @@ DEFAULT_COMPILE_BUDGET_S = 30.0
 # GPU's work, not the event pair's resolution, decides its time (at most MAX_LAUNCHES_PER_TIMING).
 TIMED_BYTES = 256 << 20
 MAX_LAUNCHES_PER_TIMING = 100
-# Scratch buffers are capped at 4 GiB and a quarter of the free memory: tuning happens on the
-# first step, when the user's model, activations and optimizer state are already resident.
-DEFAULT_MAX_SCRATCH_BYTES = 4 << 30
+# Scratch buffers are capped at 8 GiB and a quarter of the free memory, for the two runners
+# alive at once (the default's and one challenger's): tuning happens on the first step, when
+# the user's model, activations and optimizer state are already resident.
+DEFAULT_MAX_SCRATCH_BYTES = 8 << 30
+_LIVE_RUNNERS = 2
 DEFAULT_SCRATCH_FRACTION = 0.25
 # Used for the memory cap when the caller does not say: more than any Adam variant keeps
 # per element (bf16 p + g, fp32 master, m, v, max_v = 20 B).
 _FALLBACK_BYTES_PER_ELEM = 32
+
+# --- the decision rule (docs/autotune.md) ----------------------------------------------
+# A challenger must be faster than the default by more than this, on top of the measured
+# spread. On the first H200 run (bench/results/2026-11-30_h200_ecf1ade.all) the tuner's
+# timings of configs that the bench then found equal on real workloads differed by
+# 0.1-0.4% (1024/2 vs 1024/4 in bf16: 0.14%; 512/4 vs 1024/4 in fp32: 0.4%), and a
+# difference on scratch buffers carried over to the real workloads only to within a point
+# or more (1024/4 over 1024/8 in bf16: 3.3% on scratch, 2.5-3.0% on llama-layers and a 1B
+# tensor; in fp32: 0.2% on scratch, 0% and 5.3% for real). The gains worth having there
+# were 2.5-6%; below 2% a difference is within what scratch buffers cannot promise.
+MIN_MARGIN = 0.02
+# Pairs per challenger in the first round (ranking only) and in the confirmation round
+# (deciding). Even counts: D C + C D cancels a linear drift within every two pairs. With
+# these, 16 challengers and Gaussian noise of 0.2-5% on every timing (500 seeds each, the
+# fake timer of tests/test_autotune.py), no equal or 1%-faster challenger ever won; a
+# 3%-faster one won 500 of 500 times at 0.2% noise (H200-like), 255 at 0.5%; a 5%-faster
+# one 500 at 0.5%, 456 at 1%. Noisier timings keep the default, as they should.
+SCREEN_PAIRS = 2
+CONFIRM_PAIRS = 8
+# Challengers re-timed in the confirmation round: the best of the first round that were
+# faster than the default at all. The budget keeps room for this many confirmations.
+CONFIRM_TOP = 3
+# Timing the default before anything counts: GPU clocks ramp up under load, and a config
+# timed first pays for the ramp (the old tuner timed the default first, so the ramp counted
+# against it). At least one timing, then until this much time has passed (bounded in
+# calls, for a clock that does not move).
+WARMUP_S = 0.2
+WARMUP_MAX_TIMINGS = 20
+# The default's ratios to itself (one pair of its timings to the next) estimate the noise
+# of the whole run once there are this many.
+MIN_NOISE_SAMPLES = 4
 
 Runner = Callable[[], None]
 MakeRunner = Callable[[LaunchConfig, int], Runner]
@@ -87,13 +138,51 @@ def resolve_mode(mode: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Measurement:
+    """One config's timings in one round against the default.
+
+    ``time_ms``: its median ms per launch over the round (None: it failed, see ``error``);
+    ``default_ms``: the default's median over the same pairs; ``ratio``: the median of the
+    pairs' time ratios config / default (below 1: faster); ``spread``: their inter-quartile
+    range; ``round``: "screen" (first round) or "confirm". For the default itself,
+    ``round`` is "default", ``ratio`` 1 and ``pairs`` counts its timings in every round.
+    """
+
     config: LaunchConfig
-    time_ms: float | None  # None: the config failed (see error)
+    time_ms: float | None
     error: str | None = None
+    ratio: float | None = None
+    spread: float | None = None
+    pairs: int = 0
+    round: str = ""
+    default_ms: float | None = None
+
+    def to_json(self) -> dict:
+        if self.time_ms is None:
+            return {"config": self.config.to_json(), "error": self.error}
+        return {
+            "config": self.config.to_json(),
+            "round": self.round,
+            "pairs": self.pairs,
+            "time_ms": self.time_ms,
+            "default_ms": self.default_ms,
+            "ratio": self.ratio,
+            "spread": self.spread,
+        }
 
 
 @dataclass
 class TuneResult:
+    """What one tune measured and decided (``entry`` is what the disk cache stores).
+
+    ``config``/``time_ms``: the choice and its median ms, from the same pairs as the
+    default's; ``default``: the incumbent's measurement; ``vs_default``: the winning
+    challenger's deciding measurement (None when the default stayed); ``runner_up``: the
+    best challenger that did not win; ``measurements``: every round of every config, the
+    failed ones included; ``untimed``: (config, why) for every candidate without a
+    measurement (pruned, not compiled, out of budget); ``noise``: the inter-quartile range
+    of the default's ratios to itself; ``reason``: the decision in words.
+    """
+
     config: LaunchConfig
     time_ms: float
     gbps: float | None
@@ -105,13 +194,18 @@ class TuneResult:
     complete: bool
     elapsed_s: float
     entry: dict = field(repr=False, default_factory=dict)
+    vs_default: Measurement | None = None
+    untimed: list = field(default_factory=list)
+    noise: float | None = None
+    reason: str = ""
 
 
 class _Repeat:
-    """``fn`` run ``n`` times per call, as one timed unit; attributes read through to ``fn``."""
+    """``fn`` run ``n`` times per call, as one timed unit of ``config``; other attributes
+    read through to ``fn``. (An injected timer can tell configs apart by ``unit.config``.)"""
 
-    def __init__(self, fn: Runner, n: int):
-        self.fn, self.n = fn, n
+    def __init__(self, fn: Runner, n: int, config: LaunchConfig):
+        self.fn, self.n, self.config = fn, n, config
 
     def __call__(self) -> None:
         for _ in range(self.n):
@@ -129,7 +223,13 @@ def launches_per_timing(numel: int, bytes_per_elem: float | None) -> int:
 
 @dataclass(frozen=True)
 class Choice:
-    """One decision made in this process (see ``choices()``)."""
+    """One decision made in this process (see ``choices()``).
+
+    ``default``/``default_ms``: the architecture default and its time from the same pairs
+    as ``time_ms``; ``ratio``/``spread``/``pairs``: the chosen config against the default
+    (None when the default was kept or nothing was timed); ``untimed``: candidates the
+    tuning left untimed (pruned, out of budget).
+    """
 
     key: tuple
     bucket: int
@@ -139,6 +239,28 @@ class Choice:
     time_ms: float | None = None
     gbps: float | None = None
     runner_up: str | None = None
+    default: LaunchConfig | None = None
+    default_ms: float | None = None
+    ratio: float | None = None
+    spread: float | None = None
+    pairs: int | None = None
+    untimed: int = 0
+
+
+def _iqr(xs: list[float]) -> float:
+    """Inter-quartile range (0 for fewer than two values)."""
+    if len(xs) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q3 - q1
+
+
+def ratio_text(ratio: float | None, spread: float | None, pairs: int | None) -> str:
+    """"0.966 (IQR 0.004, 8 pairs)": a time ratio to the default, with its spread."""
+    if ratio is None:
+        return ""
+    extra = ([f"IQR {spread:.3f}"] if spread is not None else []) + ([f"{pairs} pairs"] if pairs else [])
+    return f"{ratio:.3f}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -182,7 +304,8 @@ class Tuner:
     """Picks and remembers launch configs.
 
     Every collaborator is injectable so the choice logic runs on CPU in tests:
-    ``timer(fn) -> ms`` (default: CUDA events, warm-up, median), ``clock() -> s`` (measures
+    ``timer(unit) -> ms`` (one timing of ``unit()``, which runs ``unit.n`` launches of
+    ``unit.config``; default: CUDA events, warm-up, median), ``clock() -> s`` (measures
     the budgets), ``cache`` (a DiskCache), ``device_info(device) -> DeviceInfo``,
     ``free_bytes(device) -> int | None``, ``source_hash`` (names the kernel source in the
     cache identity; default: a hash of ``tritonadam/kernels/*.py``). ``time_any_device=True``
@@ -191,7 +314,8 @@ class Tuner:
 
     Tuning an entry has two phases: compile every candidate (``make_runner(...).compile()``
     when the runner has it) within the compile budget and drop those the compiler's report
-    rules out (spills, too few resident warps), then time the rest within the budget.
+    rules out (spills, too few resident warps), then time the rest against the default
+    within the budget (see the module's docstring). ``min_margin`` overrides MIN_MARGIN.
     """
 
     def __init__(
@@ -212,9 +336,13 @@ class Tuner:
         stream=None,
         agreement: str = "auto",
         agreement_timeout_s: float | None = None,
+        min_margin: float = MIN_MARGIN,
     ):
         if agreement not in ("auto", "store", "broadcast"):
             raise ValueError(f"agreement={agreement!r}: expected 'auto', 'store' or 'broadcast'")
+        if not 0 <= min_margin < 1:
+            raise ValueError(f"min_margin={min_margin!r}: expected a fraction in [0, 1)")
+        self.min_margin = float(min_margin)
         self.agreement = agreement
         self.agreement_timeout_s = agreement_timeout_s
         self._timer = timer
@@ -292,7 +420,8 @@ class Tuner:
 
     def scratch_numel(self, bucket: int, device: torch.device, bytes_per_elem: float | None) -> int:
         """Elements of the scratch launch for ``bucket``: the bucket's upper edge, capped by
-        the scratch-memory budget (rounded down to a power of two). 0 = not enough memory."""
+        the scratch-memory budget shared by the two runners alive at once (rounded down to a
+        power of two). 0 = not enough memory."""
         limit = self.max_scratch_bytes
         free = self._free_bytes(device) if self._free_bytes is not None else None
         if free is None and self._free_bytes is None and device.type == "cuda" and not self.time_any_device:
@@ -302,7 +431,7 @@ class Tuner:
         if free is not None:
             limit = min(limit, int(free * self.scratch_fraction))
         per = bytes_per_elem or _FALLBACK_BYTES_PER_ELEM
-        cap = int(limit // per)
+        cap = int(limit // (per * _LIVE_RUNNERS))
         if cap < 2**MIN_BUCKET:
             return 0
         cap = 1 << (cap.bit_length() - 1)
@@ -343,8 +472,8 @@ class Tuner:
             return choice.config
 
     def _select_slow(self, mode, key, bucket, dev, make_runner, bpe):
-        def choice(cfg, source, time_ms=None, gbps=None, runner_up=None):
-            return Choice(tuple(key), bucket, str(dev), cfg, source, time_ms, gbps, runner_up)
+        def choice(cfg, source, **measured):
+            return Choice(tuple(key), bucket, str(dev), cfg, source, **measured)
 
         if not self.can_time(dev):
             why = "Triton interpreter" if _env.interpret() else f"{dev.type} device"
@@ -440,10 +569,8 @@ class Tuner:
             entry = None
         if entry is not None:
             cfg = LaunchConfig.from_json(entry["config"])
-            ru = entry.get("runner_up")
-            ru_s = LaunchConfig.from_json(ru["config"]).short() if ru else None
             self._say(f"{name}: {cfg.short()} (cache {self.cache.path(identity)})")
-            return choice(cfg, "disk cache", entry.get("time_ms"), entry.get("gbps"), ru_s)
+            return choice(cfg, "disk cache", **_choice_fields(entry))
         if mode == "cache-only":
             self._say(f"{name}: {default.short()} (default; not in cache, cache-only mode)")
             return choice(default, "default (cache-only: not in cache)")
@@ -454,11 +581,7 @@ class Tuner:
             result = None
         if result is None:
             return choice(default, "default (tuning failed)")
-        ru = result.runner_up
-        return choice(
-            result.config, "tuned", result.time_ms, result.gbps,
-            f"{ru.config.short()} {ru.time_ms:.4g} ms" if ru else None,
-        )
+        return choice(result.config, "tuned", **_choice_fields(result.entry))
 
     def tune(
         self,
@@ -474,8 +597,9 @@ class Tuner:
         how: str = "explicit",
         _info: DeviceInfo | None = None,
     ) -> TuneResult | None:
-        """Compile, prune and time the candidate configs for ``numel``'s bucket now (ignoring
-        any cached choice) and store the winner. None if no config could be timed.
+        """Compile and prune the candidate configs for ``numel``'s bucket, time them against
+        the default now (ignoring any cached choice), decide, and store the decision. None if
+        not even the default could be timed.
 
         Not coordinated across ranks: ``select`` calls it on the deciding rank only.
         """
@@ -492,11 +616,15 @@ class Tuner:
         if rep == 0:
             self._say(f"{name}: not enough free memory for scratch buffers; not tuned", always=True)
             return None
-        cands = candidate_configs(info.backend, rep, num_sms=info.num_sms, first=default)
+        identity = self.identity(info)
+        # The default is the incumbent even where the size rules would prune it: it is what
+        # runs without tuning, so it is what a challenger has to beat.
+        challengers = [c for c in candidate_configs(info.backend, rep, num_sms=info.num_sms, first=default) if c != default]
+        cands = [default] + self._likeliest_first(challengers, identity, bucket)
         self._say(
-            f"tuning {name} on {info.name}: {len(cands)} configs on {rep} scratch elements, "
-            f"budget {compile_budget:g} s compiling + {budget:g} s timing (pre-tune with "
-            "`python -m tritonadam.autotune tune`, or TRITONADAM_AUTOTUNE=off)",
+            f"tuning {name} on {info.name}: the default {default.short()} against {len(challengers)} "
+            f"challengers on {rep} scratch elements, budget {compile_budget:g} s compiling + {budget:g} s "
+            "timing (pre-tune with `python -m tritonadam.autotune tune`, or TRITONADAM_AUTOTUNE=off)",
             always=True,
         )
         start = self.clock()
@@ -508,78 +636,131 @@ class Tuner:
         with torch.random.fork_rng(devices=rng_devices, device_type="cuda"), torch.no_grad():
             compiled, failed, rep = self._compile_candidates(cands, make_runner, rep, compile_budget, info)
             compile_s = self.clock() - start
-            timed_start = self.clock()
             todo = [c["config"] for c in compiled if c["pruned"] is None]
-            measurements, rep, launches = self._time_candidates(todo, make_runner, rep, budget, bytes_per_elem)
-        measurements = failed + measurements
+            duels = _Duels(self, make_runner, rep, bytes_per_elem, budget)
+            duels.run(todo)
         elapsed = self.clock() - start
-        order = {c: j for j, c in enumerate(cands)}
-        ok = sorted((m for m in measurements if m.time_ms is not None), key=lambda m: (m.time_ms, order[m.config]))
-        if not ok:
-            self._say(f"{name}: no config could be timed; using the default", always=True)
+        reached = {c["config"] for c in compiled} | {m.config for m in failed}
+        untimed = (
+            [(c["config"], f"pruned: {c['pruned']}") for c in compiled if c["pruned"] is not None]
+            + [(c, "compile budget") for c in cands if c not in reached]
+            + duels.untimed
+        )
+        failed = failed + duels.failed
+        if duels.incumbent is None:
+            self._say(f"{name}: not even the default could be timed; using it untuned", always=True)
             return None
-        best = ok[0]
-        runner_up = ok[1] if len(ok) > 1 else None
-        dflt = next((m for m in ok if m.config == default), None)
-        gbps = bytes_per_elem * rep / best.time_ms / 1e6 if bytes_per_elem else None
-        complete = len(measurements) - len(failed) == len(todo) and len(compiled) + len(failed) == len(cands)
+        incumbent = duels.incumbent_measurement()
+        winner, reason = duels.decide(self.min_margin, had_challengers=bool(challengers))
+        if incumbent.config != default:
+            why = next((m.error for m in failed if m.config == default), "failed")
+            reason = f"the default {default.short()} failed ({why}), so {incumbent.config.short()} was the incumbent; " + reason
+        chosen = winner or incumbent
+        runner_up = duels.runner_up(chosen.config)
+        rep = duels.rep
+        gbps = bytes_per_elem * rep / chosen.time_ms / 1e6 if bytes_per_elem else None
+        complete = not any(why.endswith("budget") for _, why in untimed)
+        timed = {m.config for m in [incumbent] + duels.screened}
         entry = {
             "key": [str(k) for k in key],
             "bucket": bucket,
             "space": space_id(info.backend),
-            "config": best.config.to_json(),
-            "time_ms": best.time_ms,
+            "config": chosen.config.to_json(),
+            "time_ms": chosen.time_ms,
             "gbps": gbps,
             "bytes_per_elem": bytes_per_elem,
             "numel_timed": rep,
-            "launches_per_timing": launches,
-            "runner_up": {"config": runner_up.config.to_json(), "time_ms": runner_up.time_ms} if runner_up else None,
-            "default": {"config": default.to_json(), "time_ms": dflt.time_ms if dflt else None},
+            "launches_per_timing": duels.launches,
+            "default": {"config": incumbent.config.to_json(), "time_ms": incumbent.time_ms, "pairs": incumbent.pairs},
+            "vs_default": (
+                {"ratio": winner.ratio, "spread": winner.spread, "pairs": winner.pairs, "default_ms": winner.default_ms}
+                if winner else None
+            ),
+            "runner_up": (
+                {"config": runner_up.config.to_json(), "time_ms": runner_up.time_ms, "ratio": runner_up.ratio,
+                 "spread": runner_up.spread, "pairs": runner_up.pairs, "round": runner_up.round}
+                if runner_up else None
+            ),
+            "decision": {
+                "kept_default": winner is None,
+                "reason": reason,
+                "min_margin": self.min_margin,
+                "noise": duels.noise,
+                "screen_pairs": SCREEN_PAIRS,
+                "confirm_pairs": CONFIRM_PAIRS,
+                "confirm_top": CONFIRM_TOP,
+            },
+            "measurements": [m.to_json() for m in duels.screened + duels.confirmed + failed],
+            "untimed": [{"config": c.to_json(), "why": why} for c, why in untimed],
             "compiled": [dict(c, config=c["config"].to_json()) for c in compiled],
             "measured": {
                 "at": _now(),
                 "how": how,
                 "timer": getattr(self.timer, "__name__", type(self.timer).__name__),
-                "configs_timed": len(ok),
-                "configs_failed": sum(1 for m in measurements if m.time_ms is None),
+                "configs_timed": len(timed),
+                "configs_failed": len({m.config for m in failed}),
                 "configs_pruned": sum(1 for c in compiled if c["pruned"] is not None),
+                "configs_untimed": len(untimed),
                 "configs_considered": len(cands),
                 "complete": complete,
                 "budget_s": budget,
+                "full_tune_s": round(duels.full_tune_s(), 3),
                 "compile_budget_s": compile_budget,
                 "compile_s": round(compile_s, 3),
-                "timing_s": round(elapsed - (timed_start - start), 3),
+                "timing_s": round(elapsed - compile_s, 3),
                 "elapsed_s": round(elapsed, 3),
                 "torch": torch.__version__,
             },
         }
         result = TuneResult(
-            config=best.config,
-            time_ms=best.time_ms,
+            config=chosen.config,
+            time_ms=chosen.time_ms,
             gbps=gbps,
             runner_up=runner_up,
-            default=dflt,
-            measurements=measurements,
+            default=incumbent,
+            measurements=duels.screened + duels.confirmed + failed,
             numel_timed=rep,
             considered=len(cands),
             complete=complete,
             elapsed_s=elapsed,
             entry=entry,
+            vs_default=winner,
+            untimed=untimed,
+            noise=duels.noise,
+            reason=reason,
         )
-        vs = ""
-        if dflt is not None and dflt.config != best.config:
-            vs = f", default {dflt.config.short()} {dflt.time_ms:.4g} ms"
+        short = [why for _, why in untimed if why.endswith("budget")]
         self._say(
-            f"{name}: picked {best.config.short()} {best.time_ms:.4g} ms"
+            f"{name}: {'picked' if winner else 'kept the default'} {chosen.config.short()} {chosen.time_ms:.4g} ms"
             + (f" ({gbps:.0f} GB/s)" if gbps else "")
-            + (f", runner-up {runner_up.config.short()} {runner_up.time_ms:.4g} ms" if runner_up else "")
-            + vs
-            + f"; {len(ok)}/{len(cands)} configs timed in {elapsed:.1f} s ({compile_s:.1f} s compiling)",
+            + (f", default {incumbent.config.short()} {incumbent.time_ms:.4g} ms" if winner else "")
+            + f": {reason}; {len(timed)}/{len(cands)} configs timed in {elapsed:.1f} s ({compile_s:.1f} s compiling)"
+            + (
+                f"; {len(short)} not timed for lack of budget (a full tune takes about "
+                f"{duels.full_tune_s():.1f} s of timing)"
+                if short else ""
+            ),
             always=True,
         )
         if store:
-            self.cache.store(self.identity(info), name, entry)
+            self.cache.store(identity, name, entry)
         return result
+
+    def _likeliest_first(self, challengers: list, identity: CacheIdentity, bucket: int) -> list:
+        """``challengers`` (nearest the default first) with the configs that beat the default
+        in this GPU's other entries of this bucket or a neighbouring one moved to the front,
+        most wins first: on one GPU the same few configs tend to win across kernel variants
+        (on the H200 run, 1024/2, 1024/4 and 512/4 won all seven entries of 2^27)."""
+        try:
+            entries = self.cache.load(identity)
+        except Exception:  # the order is a heuristic; never fail a tune over it
+            entries = {}
+        wins: dict = {}
+        for e in entries.values():
+            if abs(e["bucket"] - bucket) <= 1 and e["config"] != e["default"]["config"]:
+                cfg = LaunchConfig.from_json(e["config"])
+                wins[cfg] = wins.get(cfg, 0) + 1
+        return sorted(challengers, key=lambda c: -wins.get(c, 0))  # stable: ties keep their order
 
     def _runner(self, make_runner, cfg, rep):
         """``make_runner(cfg, rep)``, halving ``rep`` on out-of-memory while it can.
@@ -634,43 +815,6 @@ class Tuner:
             compiled.append(record)
         return compiled, failed, rep
 
-    def _time_candidates(self, cands, make_runner, rep, budget, bytes_per_elem):
-        """Time ``cands`` in order within ``budget``; returns (measurements, rep, launches
-        per timed unit)."""
-        measurements: list[Measurement] = []
-        costs: list[float] = []
-        launches = launches_per_timing(rep, bytes_per_elem)
-        start = self.clock()
-        for i, cfg in enumerate(cands):
-            elapsed = self.clock() - start
-            if i > 0:
-                # Stop before a config that would, at the average cost so far, overrun.
-                mean = sum(costs) / len(costs) if costs else 0.0
-                if elapsed >= budget or elapsed + mean > budget:
-                    self._say(f"  budget of {budget:g} s reached after {elapsed:.2f} s; {len(cands) - i} configs not timed")
-                    break
-            t0 = self.clock()
-            runner = None
-            try:
-                runner, new_rep = self._runner(make_runner, cfg, rep)
-                if new_rep != rep and any(m.time_ms for m in measurements):
-                    raise RuntimeError("out of memory at the size the other configs were timed at")
-                if new_rep != rep:
-                    rep, launches = new_rep, launches_per_timing(new_rep, bytes_per_elem)
-                ms = float(self.timer(_Repeat(runner, launches))) / launches
-                if not math.isfinite(ms) or ms <= 0:
-                    raise ValueError(f"timer returned {ms!r}")
-                measurements.append(Measurement(cfg, ms))
-                gb = f", {bytes_per_elem * rep / ms / 1e6:.0f} GB/s" if bytes_per_elem else ""
-                self._say(f"  {cfg.short()}: {ms:.4g} ms{gb}")
-            except Exception as e:
-                measurements.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
-                self._say(f"  {cfg.short()}: failed ({type(e).__name__}: {e})")
-            finally:
-                del runner
-            costs.append(self.clock() - t0)
-        return measurements, rep, launches
-
     # -- what happened ------------------------------------------------------------------
 
     def choices(self) -> list[Choice]:
@@ -682,6 +826,249 @@ class Tuner:
         with self._lock:
             self._memory.clear()
             self._choices.clear()
+
+
+class _Duels:
+    """The timing phase of one tune: warm up on the incumbent (the default), then time each
+    challenger in pairs interleaved with it, within the budget.
+
+    Two runners are alive at once: the incumbent's, for the whole phase, and one
+    challenger's. ``run`` fills ``screened`` (first round, every challenger the budget
+    allows, in the given order), ``confirmed`` (the best few again), ``failed`` and
+    ``untimed``; ``noise`` is the inter-quartile range of the incumbent's ratios to itself.
+    """
+
+    def __init__(self, tuner: Tuner, make_runner: MakeRunner, rep: int, bytes_per_elem: float | None, budget: float):
+        self.tuner, self.make_runner, self.bpe, self.budget = tuner, make_runner, bytes_per_elem, budget
+        self.rep = rep
+        self.launches = launches_per_timing(rep, bytes_per_elem)
+        self.start = tuner.clock()
+        self.incumbent: tuple | None = None  # (config, timed unit)
+        self.warmup_s = 0.0
+        self.last_warmup_ms: float | None = None
+        self.default_ms: list[float] = []  # the incumbent's timings in every pair
+        self.self_ratios: list[float] = []  # each of its timings over the one before, per challenger
+        self.screened: list[Measurement] = []
+        self.confirmed: list[Measurement] = []
+        self.failed: list[Measurement] = []
+        self.untimed: list[tuple] = []
+        self.n_challengers = 0
+        self.order: dict = {}  # config -> position in the candidates' order
+        self._timings, self._timing_s = 0, 0.0
+        self._setups, self._setup_s = 0, 0.0
+
+    # -- costs ----------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.tuner.clock() - self.start
+
+    def cost(self, pairs: int) -> float:
+        """Estimated seconds to time one challenger on ``pairs`` pairs (from what this
+        phase has spent so far on each timing and on building each runner)."""
+        per_timing = self._timing_s / self._timings if self._timings else 0.0
+        per_setup = self._setup_s / self._setups if self._setups else 0.0
+        return 2 * pairs * per_timing + per_setup
+
+    def full_tune_s(self) -> float:
+        """Estimated seconds of timing for every challenger, confirmation included."""
+        n = self.n_challengers
+        return self.warmup_s + n * self.cost(SCREEN_PAIRS) + min(CONFIRM_TOP, n) * self.cost(CONFIRM_PAIRS)
+
+    @property
+    def noise(self) -> float | None:
+        return _iqr(self.self_ratios) if len(self.self_ratios) >= MIN_NOISE_SAMPLES else None
+
+    # -- timing ---------------------------------------------------------------------------
+
+    def _time(self, unit: _Repeat) -> float:
+        """One timing of ``unit``, in ms per launch."""
+        t0 = self.tuner.clock()
+        raw = float(self.tuner.timer(unit))
+        self._timings += 1
+        self._timing_s += self.tuner.clock() - t0
+        if not math.isfinite(raw) or raw <= 0:
+            raise ValueError(f"timer returned {raw!r}")
+        return raw / unit.n
+
+    def _seat(self, cfg: LaunchConfig) -> None:
+        """Make ``cfg`` the incumbent: build its runner (halving the scratch size on
+        out-of-memory) and warm up on it; nothing timed here counts."""
+        runner, rep = self.tuner._runner(self.make_runner, cfg, self.rep)
+        if rep != self.rep:
+            self.rep, self.launches = rep, launches_per_timing(rep, self.bpe)
+        unit = _Repeat(runner, self.launches, cfg)
+        t0 = self.tuner.clock()
+        for n in range(1, WARMUP_MAX_TIMINGS + 1):
+            self.last_warmup_ms = self._time(unit)
+            if self.tuner.clock() - t0 >= WARMUP_S:
+                break
+        self.warmup_s = self.tuner.clock() - t0
+        self.incumbent = (cfg, unit)
+        self.tuner._say(f"  {cfg.short()}: the incumbent, warmed up with {n} timings ({self.last_warmup_ms:.4g} ms last)")
+
+    def _duel(self, cfg: LaunchConfig, pairs: int, round_: str) -> Measurement:
+        """``pairs`` pairs of ``cfg`` against the incumbent, alternately D C and C D so
+        that a drift in clocks or temperature falls on both sides alike."""
+        t0 = self.tuner.clock()
+        try:
+            unit = _Repeat(self.make_runner(cfg, self.rep), self.launches, cfg)
+        except Exception as e:  # out of memory included: every config is timed at one size
+            return Measurement(cfg, None, f"{type(e).__name__}: {e}", round=round_)
+        self._setups += 1
+        self._setup_s += self.tuner.clock() - t0
+        d_unit = self.incumbent[1]
+        d: list[float] = []
+        c: list[float] = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                d.append(self._time(d_unit))  # the incumbent's failure propagates: nothing to compare with
+            try:
+                c.append(self._time(unit))
+            except Exception as e:
+                return Measurement(cfg, None, f"{type(e).__name__}: {e}", round=round_)
+            if i % 2 == 1:
+                d.append(self._time(d_unit))
+        ratios = [ci / di for ci, di in zip(c, d)]
+        self.default_ms += d
+        self.self_ratios += [b / a for a, b in zip(d, d[1:])]
+        return Measurement(
+            cfg, statistics.median(c), ratio=statistics.median(ratios), spread=_iqr(ratios),
+            pairs=pairs, round=round_, default_ms=statistics.median(d),
+        )
+
+    def _record(self, m: Measurement, into: list) -> None:
+        if m.time_ms is None:
+            self.failed.append(m)
+            self.tuner._say(f"  {m.config.short()}: failed ({m.error})")
+            return
+        into.append(m)
+        self.tuner._say(
+            f"  {m.config.short()} [{m.round}]: {m.time_ms:.4g} ms, default {m.default_ms:.4g} ms, "
+            f"ratio {ratio_text(m.ratio, m.spread, m.pairs)}"
+        )
+
+    def run(self, todo: list) -> None:
+        """Time ``todo`` (the incumbent first, then the challengers, likeliest first)."""
+        rest = list(todo)
+        self.order = {c: i for i, c in enumerate(todo)}
+        while rest and self.incumbent is None:
+            cfg = rest.pop(0)
+            try:
+                self._seat(cfg)
+            except Exception as e:  # then the next candidate that runs is the incumbent
+                self.failed.append(Measurement(cfg, None, f"{type(e).__name__}: {e}"))
+                self.tuner._say(f"  {cfg.short()}: failed ({type(e).__name__}: {e})")
+        self.n_challengers = len(rest)
+        # Room is kept to confirm the best few, so the budget never ends with a first
+        # round's lucky winner unconfirmed.
+        n_confirm = min(CONFIRM_TOP, len(rest))
+        for i, cfg in enumerate(rest):
+            if self.elapsed() + self.cost(SCREEN_PAIRS) + n_confirm * self.cost(CONFIRM_PAIRS) > self.budget:
+                self.untimed += [(c, "timing budget") for c in rest[i:]]
+                self.tuner._say(
+                    f"  timing budget of {self.budget:g} s: {len(rest) - i} of {len(rest)} challengers not "
+                    f"timed (room kept to confirm {n_confirm})"
+                )
+                break
+            self._record(self._duel(cfg, SCREEN_PAIRS, "screen"), self.screened)
+        # Only a challenger that was faster at all goes on; the second round decides alone,
+        # because the first round's best are partly its luckiest.
+        promising = sorted((m for m in self.screened if m.ratio < 1.0), key=lambda m: m.ratio)[:CONFIRM_TOP]
+        for m in promising:
+            if self.elapsed() + self.cost(CONFIRM_PAIRS) > self.budget:
+                self.untimed.append((m.config, "confirmation round: timing budget"))
+                continue
+            self._record(self._duel(m.config, CONFIRM_PAIRS, "confirm"), self.confirmed)
+
+    def decide(self, min_margin: float, *, had_challengers: bool) -> tuple[Measurement | None, str]:
+        """The winning challenger (None: keep the incumbent) and why, in words."""
+        winner, reason = _pick(self.confirmed, self.noise, min_margin, self.order)
+        if reason:
+            return winner, reason
+        if not self.n_challengers:
+            return None, "no challenger to time" + (" (see untimed)" if had_challengers else " at this size")
+        if not self.screened:
+            return None, "no challenger was timed" + (" within the budget" if self.untimed else ": every one failed")
+        if not any(m.ratio < 1.0 for m in self.screened):
+            return None, "no challenger was faster than the default in the first round"
+        return None, "no challenger faster in the first round could be confirmed"
+
+    def runner_up(self, chosen: LaunchConfig) -> Measurement | None:
+        """The closest other timed challenger, by the ratio of its latest round."""
+        latest = {m.config: m for m in self.screened + self.confirmed}  # confirm overrides screen
+        others = [m for c, m in latest.items() if c != chosen]
+        return min(others, key=lambda m: m.ratio) if others else None
+
+    def incumbent_measurement(self) -> Measurement:
+        """The incumbent over every pair it was in (its last warm-up timing if none ran)."""
+        cfg = self.incumbent[0]
+        if not self.default_ms:
+            return Measurement(cfg, self.last_warmup_ms, ratio=1.0, pairs=0, round="default")
+        return Measurement(
+            cfg, statistics.median(self.default_ms), ratio=1.0, spread=self.noise,
+            pairs=len(self.default_ms), round="default", default_ms=statistics.median(self.default_ms),
+        )
+
+
+def _pick(
+    confirmed: list[Measurement], noise: float | None, min_margin: float, order: dict | None = None
+) -> tuple[Measurement | None, str]:
+    """The confirmed challenger that beats the default beyond noise (None: keep the
+    default), and why, in words ("" when nothing was confirmed).
+
+    A challenger wins if ``1 - ratio > min_margin + spread``, its spread being the wider of
+    its own ratios' inter-quartile range and the default's against itself (``noise``): even
+    at the slow end of its spread it is faster than the default by the margin. Winners
+    that the fastest one does not beat by as much are a tie, settled for the earliest in
+    ``order`` (config -> position in the candidates' order: nearest the default first),
+    by the same rule that keeps the default: on the H200, 1024/2 and 1024/4 timed within
+    0.1% of each other on scratch buffers, and 1024/2 was then 4-5% slower in fp32 on
+    real workloads.
+    """
+    def threshold(m: Measurement, *others: Measurement) -> float:
+        return min_margin + max(m.spread, *(o.spread for o in others), noise or 0.0)
+
+    winners = [m for m in confirmed if 1.0 - m.ratio > threshold(m)]
+    if winners:
+        best = min(winners, key=lambda m: m.ratio)
+        tied = [m for m in winners if m.ratio - best.ratio <= threshold(m, best)]
+        w = min(tied, key=lambda m: (order or {}).get(m.config, 0))
+        why = (
+            f"{w.config.short()} is {100 * (1 - w.ratio):.1f}% faster than the default over "
+            f"{w.pairs} pairs, beyond the {100 * min_margin:g}% margin + {100 * (threshold(w) - min_margin):.1f}% spread"
+        )
+        if w is not best:
+            why += f" ({best.config.short()}, {100 * (1 - best.ratio):.1f}% faster, is not faster than it beyond the same)"
+        return w, why
+    if not confirmed:
+        return None, ""
+    b = min(confirmed, key=lambda m: m.ratio)
+    how = f"{100 * abs(1 - b.ratio):.1f}% {'faster' if b.ratio < 1 else 'slower'}"
+    return None, (
+        f"the closest, {b.config.short()}, is {how} over {b.pairs} pairs: "
+        f"not beyond the {100 * min_margin:g}% margin + {100 * (threshold(b) - min_margin):.1f}% spread"
+    )
+
+
+def _choice_fields(entry: dict) -> dict:
+    """A cache entry's measurements, as ``Choice`` fields."""
+    ru = entry.get("runner_up")
+    vs = entry.get("vs_default") or {}
+    d = entry["default"]
+    return {
+        "time_ms": entry["time_ms"],
+        "gbps": entry.get("gbps"),
+        "runner_up": (
+            f"{LaunchConfig.from_json(ru['config']).short()} {ratio_text(ru['ratio'], ru['spread'], ru['pairs'])}"
+            if ru else None
+        ),
+        "default": LaunchConfig.from_json(d["config"]),
+        "default_ms": d["time_ms"],
+        "ratio": vs.get("ratio"),
+        "spread": vs.get("spread"),
+        "pairs": vs.get("pairs"),
+        "untimed": len(entry.get("untimed") or ()),
+    }
 
 
 def _broadcast_config(dist, config: LaunchConfig | None, device: torch.device) -> LaunchConfig:
