@@ -1,0 +1,112 @@
+"""The step cache (tritonadam/step_cache.py): what its per-step check notices, what it
+keeps between steps (never a grad: ``zero_grad(set_to_none=True)`` must free them), and
+the clip-then-step path that confirms the clip's check instead of repeating it."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from helpers import LAUNCH, PAIRS, make_params, random_grads
+from tritonadam.kernels.plan import DeviceTables
+
+
+def _setup(device, n=3):
+    params = make_params([(40,), (7,), (3, 5)][:n], torch.float32, device, seed=1)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    return params, opt
+
+
+def _grads(params, seed):
+    for p, g in zip(params, random_grads(params, torch.Generator().manual_seed(seed))):
+        p.grad = g
+
+
+@pytest.mark.parametrize("change", ["none", "param-data", "state-entry", "moment-data", "grad-dtype",
+                                    "inactive-gains-grad", "param-swapped", "group-added", "option"])
+def test_the_check_sees_what_changed_since_the_tables_were_built(change, device):
+    params, opt = _setup(device)
+    extra = torch.nn.Parameter(torch.randn(4, device=device))
+    opt.add_param_group({"params": [extra]})
+    _grads(params, 2)
+    opt.step()
+    cache = opt._cache
+    _grads(params, 3)
+    if change == "param-data":
+        params[0].data = params[0].detach().clone()
+    elif change == "state-entry":
+        opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone()
+    elif change == "moment-data":
+        opt.state[params[1]]["exp_avg"].data = opt.state[params[1]]["exp_avg"].clone()
+    elif change == "grad-dtype":
+        params[2].grad.data = params[2].grad.to(torch.bfloat16)  # around the setter, as hooks do
+    elif change == "inactive-gains-grad":
+        extra.grad = torch.randn_like(extra)
+    elif change == "param-swapped":
+        opt.param_groups[0]["params"][1] = torch.nn.Parameter(torch.randn(7, device=device))
+        opt.param_groups[0]["params"][1].grad = torch.randn(7, device=device)
+    elif change == "group-added":
+        opt.param_groups[1]["params"].append(torch.nn.Parameter(torch.randn(2, device=device)))
+    elif change == "option":
+        opt.param_groups[0]["amsgrad"] = True
+    same = cache.check(opt.param_groups, opt.state, opt._options())
+    assert same == (change == "none")
+    opt.step()
+    assert (opt._cache is cache) == (change == "none")
+
+
+@pytest.mark.parametrize("path", ["build", "cached", "clip"])
+def test_no_grad_outlives_its_step(path, device):
+    """After the step and zero_grad(set_to_none=True), nothing of ours holds a grad: the
+    first step's rows, the check's taken grads and a consumed clip all let them go."""
+    params, opt = _setup(device)
+    if path != "build":
+        _grads(params, 4)
+        opt.step()
+        opt.zero_grad()
+    _grads(params, 5)
+    refs = [weakref.ref(p.grad) for p in params]
+    if path == "clip":
+        opt.clip_grad_norm_(1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_a_step_after_a_clip_confirms_its_check_instead_of_repeating_it(device, monkeypatch):
+    params, opt = _setup(device)
+    _grads(params, 6)
+    opt.step()
+    cache = opt._cache
+    checks = []
+    real = type(cache).check
+    monkeypatch.setattr(type(cache), "check", lambda self, *a: checks.append(1) or real(self, *a))
+    _grads(params, 7)
+    opt.clip_grad_norm_(1.0)
+    opt.step()
+    assert len(checks) == 1  # the clip's; the step only confirmed it
+    _grads(params, 8)
+    opt.clip_grad_norm_(1.0)
+    params[1].grad = torch.randn_like(params[1])  # replaced between the clip and the step
+    opt.step()
+    assert len(checks) == 3  # the clip's, then the step's own full check
+    assert not opt._clipper.pending
+
+
+def test_grad_pointers_are_uploaded_only_when_grads_move(device, monkeypatch):
+    params, opt = _setup(device)
+    uploads = []
+    real = DeviceTables.set_grad_ptrs
+    monkeypatch.setattr(DeviceTables, "set_grad_ptrs", lambda self, ptrs: uploads.append(1) or real(self, ptrs))
+    _grads(params, 9)
+    opt.step()
+    for p in params:  # the same grad tensors, written in place: nothing to upload
+        p.grad.mul_(0.5)
+    opt.step()
+    assert len(uploads) == 1
+    _grads(params, 10)  # new grad tensors
+    opt.step()
+    assert len(uploads) == 2
