@@ -416,7 +416,7 @@ class Runner:
             entry.update(result=res.text(), ok=res.ok, worst=res.worst, elements=res.elements,
                          detail=res.detail, label=built.label)
             if not res.ok and substituted(built, s):
-                entry.update(tolerated=True, result=f"{res.text()}: {built.layout.state} state",
+                entry.update(tolerated=True, result=not_counted(res, built.layout.state),
                              detail=torch_limit_note(prov.name, s, built.layout.state, res.detail))
         except (Interrupted, KeyboardInterrupt):
             raise
@@ -581,7 +581,7 @@ class Runner:
                     if substituted(built, s):
                         # Not a bug in the provider: the dtype it had to use instead loses
                         # the result (fp16 state). Time it anyway, and say so.
-                        row.update(check=f"{res.text()}: {built.layout.state} state",
+                        row.update(check=not_counted(res, built.layout.state),
                                    check_tolerated=True,
                                    check_detail=torch_limit_note(pname, s, built.layout.state,
                                                                  res.detail))
@@ -723,6 +723,11 @@ class Runner:
 
 def _cfg_key(cfg):
     return tuning.config_key(cfg)
+
+
+def not_counted(res, state: str) -> str:
+    """A check result that misses the reference through the state a provider keeps."""
+    return f"not counted ({res.worst:.2g} of tol with {state} state)"
 
 
 def torch_limit_note(provider: str, setup: Setup, state: str, detail: str) -> str:
