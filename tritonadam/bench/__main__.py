@@ -36,7 +36,7 @@ _GPU_PROVIDERS = ["tritonadam", "torch-fused", "torch-foreach", "torch-forloop",
 #: run by default only where installed
 _OPTIONAL_PROVIDERS = ("apex", "te", "torchao-8bit", "torchao-4bit", "flashoptim", "bnb-8bit")
 _CPU_PROVIDERS = ["torch-fused", "torch-foreach", "torch-forloop"]
-_CPU_TIME_BUDGET_S = 30.0
+_CPU_TIME_BUDGET_S = 15.0  # of timed cases, after the checks
 _CPU_TIMED_SETUPS = ["fp32", "bf16"]  # all setups are checked and in the roofline
 _DEFAULT_CLIP_SETUPS = ["fp32", "bf16"]  # clip + step adds the same passes to any setup
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the torch.profiler kernel-launch count")
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help=f"start no new case after S seconds (default: none on a GPU, "
-                          f"{_CPU_TIME_BUDGET_S:g} on CPU)")
+                          f"{_CPU_TIME_BUDGET_S:g} on CPU, counted after the correctness checks)")
     tim.add_argument("--seed", type=int, default=0,
                      help="of the params' and grads' values and of stochastic rounding (default 0)")
     out = p.add_argument_group("output")
@@ -202,9 +202,15 @@ def _print_plan(args, device: str, providers, setups, workloads, clip_setups) ->
         print(f"clip + step (max_norm {args.max_norm:g}) for each provider: {', '.join(clip_setups)}")
     if args.tuning:
         print("tritonadam first use: the first step with an empty autotune cache, then tuned")
-    if args.sweep or args.tuning:
+    if args.first_use:
+        print(f"tritonadam first use for: {', '.join(args.first_use)}")
+    if args.sweep_from:
+        print(f"tuned configs ranked among the fixed configs swept in {args.sweep_from}")
+    elif args.sweep or args.tuning:
         print("tritonadam sweep: every candidate launch config"
               + (f", at most {args.sweep_max}" if args.sweep_max else "") + " per workload and setup")
+    print("timer: device, host and steady-state time per case, in interleaved rounds per "
+          "workload and setup" + (f" ({args.rounds} rounds)" if args.rounds else ""))
 
 
 def _select(values, allowed, what, parser, default):
@@ -438,7 +444,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                    seed=args.seed, progress=progress,
                    sweep=args.sweep or (args.tuning and not args.sweep_from),
                    sweep_max=args.sweep_max, first_use=args.tuning or bool(first_use_setups),
-                   first_use_setups=first_use_setups)
+                   first_use_setups=first_use_setups,
+                   budget_after_checks=cpu and args.time_budget is None)
     t0 = time.monotonic()
     header = collect_header(device, argv)
     if args.tuning:

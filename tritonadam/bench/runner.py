@@ -90,6 +90,7 @@ class Options:
     on_row: Callable | None = None  # (Runner) -> None after every finished group
     reuse_default: bool | None = None  # None: when autotuning is off
     monitor: bool = True  # sample GPU clocks, power and temperature
+    budget_after_checks: bool = False  # the time budget counts from the end of the checks
 
 
 def make_params(workload: Workload, setup: Setup, device: torch.device, seed: int):
@@ -200,8 +201,8 @@ class Runner:
             torch.cuda.synchronize(self.opts.device)
 
     def _cleanup(self):
-        gc.collect()
-        if self.opts.device.type == "cuda":
+        if self.opts.device.type == "cuda":  # device memory back before the next case
+            gc.collect()
             torch.cuda.empty_cache()
 
     def _reuse_default(self) -> bool:
@@ -307,7 +308,13 @@ class Runner:
             if o.monitor:
                 self.monitor = GpuMonitor(o.device)
             self.measure_copy()
-            self.run_checks()
+            if o.budget_after_checks:
+                self.t0, budget = time.monotonic(), o.time_budget_s
+                o.time_budget_s = None
+                self.run_checks()
+                o.time_budget_s, self.t0 = budget, time.monotonic()
+            else:
+                self.run_checks()
             cases = self.cases()
             batches = self.batches(cases)
             done = 0
