@@ -2,7 +2,7 @@
 
     python bench/host_time.py                      # 10,000 and 300 tensors
     python bench/host_time.py --tensors 2000 --numel 64
-    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone
+    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone, too
     python bench/host_time.py --device cuda        # on a GPU: real launches, CUDA tensors
 
 tritonadam's step with its kernel launches stubbed out: what remains is the per-step host
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--breakdown", action="store_true",
-                        help="time each of the step's per-tensor passes alone instead")
+                        help="first time each of the step's per-tensor passes alone, then the step")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: CUDA tensors and real launches (a GPU machine); cpu (default): "
                              "CPU tensors, launches stubbed")
@@ -192,7 +192,7 @@ def main() -> None:
             print(f"{n} tensors: each pass alone after fresh grads, median ms of {args.reps}")
             for name, ms in breakdown(n, args.numel, args.reps).items():
                 print(f"  {name:<32} {ms:8.3f}")
-        return
+        print()
     where = ("CUDA tensors, real launches" if args.device == "cuda" else
              "CPU tensors, launches stubbed")
     print(f"host time per step ({where}), fresh grads each step; median of {args.reps} "

@@ -510,7 +510,7 @@ class _Peer(Provider):
         layout = Layout(param=setup.param, grad=setup.grad, state=self.state,
                         extra=tuple(self.extra_for(setup)))
         return Built(step=opt.step, params=params, layout=layout, optimizer=opt,
-                     label=f"{self.library}: {self.what}", check_lr_tol=0.5, observe_state=False)
+                     label=f"{self.library}: {self.what}", check_lr_tol=0.75, observe_state=False)
 
     what = ""
 

@@ -229,7 +229,7 @@ def _footnotes(rows):
 
 RESULT_HEADERS = ["workload", "params", "setup", "provider", "B/param", "device ms", "p20-p80",
                   "GB/s", "% copy", "host ms", "p20-p80", "steady ms", "p20-p80", "speedup",
-                  "steady speedup", "launches", "state MiB", "check"]
+                  "steady speedup", "launches", "state MiB", "peak MiB", "check"]
 
 
 def _provider_text(r: dict) -> str:
@@ -268,7 +268,9 @@ def result_table_rows(report: dict) -> tuple[list[list], dict[str, int]]:
             _ms(r.get("steady_ms")), _spread(r, "steady"),
             _speedup(r, "speedup"), _speedup(r, "speedup_steady"),
             _num(r.get("launches"), "{}") if cuda else "n/a",
-            _num(r.get("state_bytes", 0) / 2**20, "{:.1f}"), r.get("check", ""),
+            _num(r.get("state_bytes", 0) / 2**20, "{:.1f}"),
+            _num(r["peak_mem_bytes"] / 2**20, "{:.0f}") if r.get("peak_mem_bytes") is not None else "n/a",
+            r.get("check", ""),
         ])
     return out, notes
 
@@ -291,8 +293,9 @@ COLUMNS_TEXT = (
     "GB/s and % copy: bytes per step over device time, and that against the copy bandwidth "
     "above; speedup, steady speedup: {baseline}'s device (steady) time over the row's, '*' where "
     "the two move different bytes per param; launches: CUDA kernels per step (torch.profiler); "
-    "state MiB: optimizer state and provider buffers; check: worst error after the first steps "
-    "as a fraction of the tolerance.")
+    "state MiB: optimizer state and provider buffers; peak MiB: device memory the optimizer's "
+    "build and first steps added at their peak; check: worst error after the first steps as a "
+    "fraction of the tolerance.")
 
 
 def _problem_rows(report):

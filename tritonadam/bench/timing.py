@@ -496,7 +496,7 @@ class GpuMonitor:
         try:
             self._proc = subprocess.Popen(
                 ["nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}", "--format=csv,noheader,nounits",
-                 f"-lms={interval_ms}", f"--id={idx}"],
+                 f"--loop-ms={interval_ms}", f"--id={idx}"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except Exception:  # noqa: BLE001 - no nvidia-smi
             self._proc = None
