@@ -22,8 +22,8 @@
 #   all.tgz         everything else (logs, the tuner's, peers' and the full bench's reports,
 #                   the autotune cache, junit XML)
 #
-# Budget (seconds, each a cap; a step ends early when done): header 10, core 130,
-# host_time 20, pytest 120, tuning 30, peers 50, bench the rest (usually none).
+# Budget (seconds, each a cap; a step ends early when done): header 10, core 150,
+# host_time 20, pytest 100, tuning 35, peers 45, bench the rest (usually none).
 #
 # DRY_RUN=1 runs the same steps on the CPU in Triton's interpreter with tiny sizes, after
 # checking each GPU command line with `--plan`, and the GPU tests with --collect-only
@@ -79,7 +79,7 @@ fi
 # (CUDA graph) steps, clip + step in bf16, and the configs nearest the default.
 CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups core --clip bf16
       --providers tritonadam,torch-fused,tritonadam-graph,torch-fused-graph --autotune off
-      --sweep --sweep-max 4 --rounds 5)
+      --sweep --sweep-max 3 --rounds 5 --rep-ms 100)
 CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16 --clip bf16
           --providers tritonadam,torch-fused --sweep --sweep-max 2 --rounds 2
           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 1 --check-steps 1)
@@ -263,7 +263,7 @@ fi
 finish_step header 0 "$t0" ""
 
 # ------------------------------------------------------------------ 2. the core figures
-bench_step core 130 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
+bench_step core 150 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
     --summary "$WORK/core-summary.md"
 
 # ------------------------------------------------------------------ 3. host time, floor
@@ -286,7 +286,7 @@ fi
 
 # --------------------------------------------------------------------- 4. GPU tests
 t0=$(date +%s)
-limit=$(limit_for 120)
+limit=$(limit_for 100)
 if [ "$limit" -lt 20 ]; then
     finish_step pytest 0 "$t0" "skipped: no time left"
 else
@@ -313,7 +313,7 @@ else
 fi
 
 # -------------------------------------------------------------------- 5. the autotuner
-bench_step tuning 30 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
+bench_step tuning 35 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
     --summary "$WORK/tuning-summary.md"
 
 # ------------------------------------------------------------------------ 6. peers
@@ -328,7 +328,7 @@ else
         "$PY" -m pip install -q --no-index --no-deps --target "$WORK/peers" $wheels > "$WORK/peers-install.log" 2>&1 \
             || echo "pip install of the wheelhouse failed: see peers-install.log" >&2
     fi
-    PYTHONPATH="$WORK/peers:$PYTHONPATH" bench_step peers 50 PEERS PEERS_DRY --out "$WORK/peers.json" \
+    PYTHONPATH="$WORK/peers:$PYTHONPATH" bench_step peers 45 PEERS PEERS_DRY --out "$WORK/peers.json" \
         --out "$WORK/peers.md" --summary "$WORK/peers-summary.md"
 fi
 

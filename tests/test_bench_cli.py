@@ -273,6 +273,9 @@ def test_sigterm_writes_partial_results(tmp_path):
     (["--clip", "fp8"], "unknown --clip setup fp8"),
     (["--setups", "bf16", "--clip", "fp32"], "unknown --clip setup fp32; choose from bf16"),
     (["--max-norm", "0"], "--max-norm must be > 0"),
+    (["--sweep-from", "x.json"], "--sweep-from applies to --tuning"),
+    (["--setups", "bf16", "--first-use", "fp32"], "unknown --first-use setup fp32"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--load", "/nonexistent/run.json"], "No such file"),
 ])
 def test_invalid_options_exit_2(args, message, capsys, monkeypatch):

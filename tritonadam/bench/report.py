@@ -718,7 +718,7 @@ def render_summary(report: dict) -> str:
                                                           f"vs {base}", f"steady vs {base}",
                                                           "launches", "best fixed config: ms"],
                                           tablefmt="github", disable_numparse=True), "",
-                FIGURES_GPU if report.get("mode") == "gpu" else FIGURES_CPU,
+                FIGURES_GPU if report.get("mode") == "gpu" else FIGURES_CPU, "",
                 "'*': the baseline moves other bytes per param than the row (torch keeps bf16 "
                 "state for bf16 params)."]
     gpu = gpu_conditions(report)

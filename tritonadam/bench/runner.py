@@ -179,8 +179,8 @@ class Runner:
         self.t0 = time.monotonic()
         self.timer = Timer(opts.device, opts.timing)
         self.monitor: GpuMonitor | None = None
-        self._launch_jobs: list = []
         self._reused: list[tuple[Case, Case]] = []  # (sweep case, the case whose row it reuses)
+        self._failed: list = []  # cases whose timing raised
 
     # ------------------------------------------------------------------ helpers
     def _progress(self, text: str):
@@ -319,16 +319,11 @@ class Runner:
             batches = self.batches(cases)
             done = 0
             for batch in batches:
-                if phase_of(batch[0]) != PHASE_MAIN:
-                    # The providers' launch counts complete the key rows before the long
-                    # tail of cases starts (and before the profiler first runs inline).
-                    self.count_launches()
                 self.run_batch(batch, done, len(cases))
                 done += len(batch)
                 if o.on_row:
                     self._finish_rows()
                     o.on_row(self)
-            self.count_launches()
         except (Interrupted, KeyboardInterrupt):
             self.interrupted = True
             self.notes.append("interrupted: results below are the cases finished before the signal")
@@ -461,37 +456,26 @@ class Runner:
         return checkmod.check_after_steps(sample, built.params, steps + built.pre_steps, o.algo, o.hp,
                                           s, built.layout, clipped, lr_tol=built.check_lr_tol)
 
-    def count_launches(self):
-        """Kernel launches per step, counted with torch.profiler after all timing is done.
-
-        Cases are rebuilt for it, so that the profiler (CUPTI) is never active in the
-        process before a case is timed.
-        """
+    def count_launches(self, timed: list) -> None:
+        """Kernel launches per step of each provider's default case, from torch.profiler,
+        on the live optimizer once its group's rounds are done (the profiler never runs
+        while a group is timed)."""
         o = self.opts
-        jobs, self._launch_jobs = self._launch_jobs, []
-        # Counting completes rows already timed, so it may run a little past the budget.
-        deadline = self._deadline()
-        if deadline is not None:
-            deadline += max(20.0, 0.15 * (o.time_budget_s or 0))
-        for i, (row, case) in enumerate(jobs):
-            if deadline is not None and time.monotonic() > deadline:
-                row["launches_error"] = "not counted: time budget spent"
+        if not o.profile_launches or o.device.type != "cuda":
+            return
+        for t in timed:
+            if t.row.get("variant"):
                 continue
-            self._progress(f"launch count [{i + 1}/{len(jobs)}] {case_name(case)}")
-            params = built = None
+            if self._out_of_time():
+                t.row["launches_error"] = "not counted: time budget spent"
+                continue
             try:
-                params = make_tensors(case.workload, case.setup, o.device, o.seed)
-                built = self._build(PROVIDERS[case.provider], params, case.setup, case.clip)
-                for _ in range(2):
-                    built.step()
-                row["launches"] = count_kernel_launches(built.step, o.device)
+                t.subject.rewrite_grads()
+                t.row["launches"] = count_kernel_launches(t.subject.step, o.device)
             except (Interrupted, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001
-                row["launches_error"] = f"{type(e).__name__}: {e}"
-            finally:
-                params = built = None
-                self._cleanup()
+                t.row["launches_error"] = f"{type(e).__name__}: {e}"
 
     # ------------------------------------------------------------------ rows
     def _base_row(self, case: Case) -> dict:
@@ -603,11 +587,6 @@ class Runner:
                        bytes_per_step=w.params * tr.bytes_per_param, state_bytes=state_bytes(built),
                        grads="static (rewritten in place)" if built.static_grads else "fresh")
             subject = Subject(built.step, params, feed, static_grads=built.static_grads)
-            if o.profile_launches and o.device.type == "cuda" and not case.variant:
-                if pname in SLOW_PROVIDERS:  # rebuilding would mean compiling again
-                    row["launches"] = count_kernel_launches(built.step, o.device)
-                else:
-                    self._launch_jobs.append((row, case))
             return row, _Timed(row, subject, built), feed
         except (Interrupted, KeyboardInterrupt):
             raise
@@ -640,9 +619,10 @@ class Runner:
             if not timed:
                 return
             deadline = self._deadline()
-            for t in timed:
-                self.timer.warm_up(t.subject, deadline)
+            timed = [t for t in timed if self._guarded(t, self.timer.warm_up, t.subject, deadline)]
             for r in range(o.timing.rounds):
+                if not timed:
+                    break
                 if r and self._out_of_time():
                     self.notes.append(f"{batch[0].workload.name} {batch[0].setup.name}: {r} of "
                                       f"{o.timing.rounds} rounds (time budget)")
@@ -651,12 +631,13 @@ class Runner:
                                f"{batch[0].workload.name} {batch[0].setup.name}")
                 w_ms = self.timer.write_ms(feed)
                 write.append(w_ms)
-                for t in timed:
-                    self.timer.round(t.subject, w_ms)
+                timed = [t for t in timed if self._guarded(t, self.timer.round, t.subject, w_ms)]
+            self.count_launches(timed)
         finally:
             gpu = self.monitor.window(t_start, time.monotonic()) if self.monitor else None
             for t in timed:
                 self._finish_timed(t, write, gpu)
+            self._failed = []
             for row in rows:
                 if row.get("status") == "ok" and row.get("device_ms") is not None:
                     self._progress(f"{row['workload']} {row['setup']} {row['provider']}: device "
@@ -667,8 +648,22 @@ class Runner:
             feed = None
             self._cleanup()
 
+    def _guarded(self, t: _Timed, fn, *args) -> bool:
+        """``fn(*args)`` for one case; an error ends that case (its row says why), not the run."""
+        try:
+            fn(*args)
+            return True
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001
+            t.row.update(status="error", reason=f"while timing: {type(e).__name__}: {e}")
+            self._failed.append(t)
+            return False
+
     def _finish_timed(self, t: _Timed, write: list[float], gpu: dict | None) -> None:
         row, s = t.row, t.subject
+        if row.get("status") == "error":
+            return
         for name in FIGURES:
             row.update(s.figures[name].as_row(name))
         row.update(rounds=len(s.figures["host"].rounds), reps=s.reps, steady_n=s.steady_n,
