@@ -422,7 +422,11 @@ def render_text(report: dict, md: bool = False) -> str:
     rows, notes = result_table_rows(report)
     title("Results")
     if rows:
-        out.append(tabulate(rows, headers=RESULT_HEADERS, tablefmt=fmt, disable_numparse=True))
+        # columns with nothing in them here (% copy, launches, peak memory on a CPU) go
+        keep = [i for i, h in enumerate(RESULT_HEADERS) if any(r[i] != "n/a" for r in rows)]
+        out.append(tabulate([[r[i] for i in keep] for r in rows],
+                            headers=[RESULT_HEADERS[i] for i in keep], tablefmt=fmt,
+                            disable_numparse=True))
         out.append("")
         out.append(FIGURES_GPU if report.get("mode") == "gpu" else FIGURES_CPU)
         out.append("")
