@@ -280,12 +280,11 @@ class _TorchBase(Provider):
         mgrads = [torch.empty_like(m) for m in master]
         for m, g in zip(master, mgrads):
             m.grad = g
-        model_grads = [p.grad for p in params]
         opt = cls(master, **self._kwargs(algo, hp))
         inner = self._make_step(opt)
 
         def step():
-            torch._foreach_copy_(mgrads, model_grads)
+            torch._foreach_copy_(mgrads, [p.grad for p in params])  # this step's grads
             inner()
             with torch.no_grad():
                 torch._foreach_copy_(params, master)
