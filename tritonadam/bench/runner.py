@@ -15,7 +15,6 @@ autotuning off), the sweep reuses that row.
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import tempfile
 import time
