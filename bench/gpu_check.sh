@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check: the key numbers first, then correctness on the GPU, then the autotuner, then
-# the full bench while time remains; at most TOTAL_S (350 s) in all, each step time-boxed,
-# and everything it has measured written as soon as it is measured.
+# The GPU check, v2: the core figures first (device, host and steady-state time for every
+# provider, with the pairs that move the same bytes), then host time against its floor, then
+# every test that can run on a GPU, then first-use tuning (ranked against the core's sweep,
+# not sweeping again), then peers' optimizers from a wheelhouse, then the full bench while
+# time remains. At most TOTAL_S (360 s) in all, each step time-boxed, and every file
+# rewritten as soon as its step ends, so a run cut short returns what it measured.
 #
 #   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash bench/gpu_check.sh
 #
-# It runs the checkout in place (PYTHONPATH, no pip install, nothing downloaded) with
-# python3, torch, triton, pytest, tabulate, numpy and filelock; pytest-timeout and matplotlib
-# are used when present. $OUT receives five files (a GPU machine hands back at most 8):
-#   header.txt    GPU, driver, CUDA, torch, triton, python, commit, the exact command
-#   results.json  step 2: copy bandwidth; tritonadam (default config) vs torch fused=True
-#                 vs foreach, each also with clip + step in bf16; every candidate launch
-#                 config: rewritten after every case
-#   pytest.txt    step 3: the GPU tests, -v -rA, streamed as they run
-#   summary.md    the goals, key results, launch configs, each step's status, test counts,
-#                 the tuner's first use: rewritten after every step
-#   all.tgz       everything else (logs, the tuner's and the full bench's reports, the
-#                 autotune cache, junit XML): rewritten after every step
+# It runs the checkout in place (PYTHONPATH, no pip install from the network) with python3,
+# torch, triton, pytest, tabulate, numpy and filelock; pytest-timeout, pytest-xdist and
+# matplotlib are used when present. $OUT receives seven files (a GPU machine hands back 8):
+#   header.txt      GPU, driver, CUDA, torch, triton, python, commit, the exact command
+#   results.json    step core: copy bandwidth; every provider's three figures; rewritten
+#                   after every group of cases
+#   nvidia-smi.csv  SM and memory clocks, power, temperature every second, the whole run
+#   host_time.txt   step host_time: the step's host time against the one-pass floor (CPU
+#                   tensors, launches stubbed; and CUDA tensors, real launches), per pass
+#   pytest.txt      step pytest: the GPU tests, -rA --durations=30, streamed as they run
+#   summary.md      goals, key results, each step's status, test counts, first use, peers
+#   all.tgz         everything else (logs, the tuner's, peers' and the full bench's reports,
+#                   the autotune cache, junit XML)
+#
+# Budget (seconds, each a cap; a step ends early when done): header 10, core 150,
+# host_time 20, pytest 100, tuning 35, peers 45, bench the rest (usually none).
 #
 # DRY_RUN=1 runs the same steps on the CPU in Triton's interpreter with tiny sizes, after
 # checking each GPU command line with `--plan`, and the GPU tests with --collect-only
@@ -26,8 +33,8 @@ set -u
 
 # The exact command: the script and every variable it reads that was set.
 COMMAND=""
-for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS TRITONADAM_AUTOTUNE_BUDGET \
-        TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
+for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS PYTEST_WORKERS WHEELHOUSE \
+        TRITONADAM_AUTOTUNE_BUDGET TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
     [ -n "${!var+x}" ] && COMMAND="$COMMAND$var=$(printf '%q' "${!var}") "
 done
 COMMAND="${COMMAND}bash bench/gpu_check.sh"
@@ -38,41 +45,67 @@ OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/tritonadam-gpu-check.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+SMI_PID=""
+cleanup() {
+    [ -n "$SMI_PID" ] && kill "$SMI_PID" 2> /dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 PY="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 START=$(date +%s)
-TOTAL_S="${TOTAL_S:-350}"
+TOTAL_S="${TOTAL_S:-360}"
+WHEELHOUSE="${WHEELHOUSE:-$ROOT/bench/wheelhouse}"
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITONADAM_CACHE_DIR="$WORK/autotune-cache"
+export TRITON_CACHE_DIR="$WORK/triton-cache"  # shared by the test workers: compile once
 # First use tunes inside the timed run: short budgets, so a workload costs seconds.
 export TRITONADAM_AUTOTUNE_BUDGET="${TRITONADAM_AUTOTUNE_BUDGET:-2}"
 export TRITONADAM_AUTOTUNE_COMPILE_BUDGET="${TRITONADAM_AUTOTUNE_COMPILE_BUDGET:-15}"
 export TRITON_DEFAULT_FP_FUSION=0
 if [ "$DRY_RUN" = 1 ]; then
     export TRITON_INTERPRET=1
+    export TRITONADAM_BENCH_NO_SMI=1
 else
     unset TRITON_INTERPRET
 fi
 
 # ------------------------------------------------------------------ what each step runs
-# The goal workloads: Llama-like layers in bf16 and fp32, 10,000 x 4,096, one huge tensor;
-# in bf16 also clip + step (9 more cases, before the sweep).
-CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups bf16,fp32 --clip bf16
-      --providers tritonadam,torch-fused,torch-foreach --autotune off --sweep --sweep-max 8)
+# The goal workloads (Llama-like layers, 10,000 x 4,096, one huge tensor) in the core setups
+# (fp32; bf16 with fp32 state; bf16 state, which torch's fused bf16 step keeps: the same
+# bytes; quantized setups once marked core), each provider's three figures, the captured
+# (CUDA graph) steps, clip + step in bf16, and the configs nearest the default.
+CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups core --clip bf16
+      --providers tritonadam,torch-fused,tritonadam-graph,torch-fused-graph --autotune off
+      --sweep --sweep-max 3 --rounds 5 --rep-ms 100)
 CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16 --clip bf16
-          --providers tritonadam,torch-fused,torch-foreach --sweep --sweep-max 2
-          --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2 --check-steps 1)
-# Parity, bf16/fp16 bit-exactness, CUDA graphs, GradScaler's skip, one launch per step,
-# state_dict round trips: most important first, so a time-out still leaves their results.
-GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py}"
-TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --sweep-max 6)
+          --providers tritonadam,torch-fused --sweep --sweep-max 2 --rounds 2
+          --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 1 --check-steps 1)
+# Every test module that can run on a GPU (TRITONADAM_TEST_DEVICE=cuda), most important
+# first; extend the list as modules become device-portable. Modules that import torch's
+# internal test helpers need expecttest: without it they are reported as collection errors.
+GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py
+    tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py
+    tests/test_launches.py tests/test_errors.py tests/test_torch_contract.py
+    tests/test_autotune.py::test_event_timer_measures_a_gpu_op
+    tests/test_autotune.py::test_first_use_tuning_on_a_gpu_writes_a_valid_cache
+    tests/test_bench_cli.py::test_gpu_small_bench tests/test_bench_cli.py::test_gpu_captured_step_host_time}"
+PYTEST_WORKERS="${PYTEST_WORKERS:-4}"
+# First use with an empty cache, ranked among the fixed configs the core step swept.
+TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --rounds 3
+        --sweep-from "$OUT/results.json")
 TUNING_DRY=()  # on the CPU --tuning checks its arguments, says it needs a GPU and exits 0
+# Peers from the wheelhouse, in bf16, one tensor shape per workload (torchao compiles its
+# step per shape: tens of seconds each).
+PEERS=(--profiles one-huge@400M,many-small --setups bf16 --clip none --rounds 3
+       --providers tritonadam,torch-fused,torchao-8bit,torchao-4bit,flashoptim,bnb-8bit)
+PEERS_DRY=(--device cpu --profiles one-huge@4K --setups bf16 --clip none --providers torch-fused
+           --rounds 1 --warmup-ms 0 --rep-ms 1 --max-reps 1)
 BENCH=()  # the default matrix: every profile, setup and provider, clip + step in fp32 and bf16
 BENCH_DRY=(--device cpu --profiles one-huge@10K --setups fp32 --providers torch-fused,torch-foreach
-           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 2)
+           --rounds 1 --warmup-ms 0 --rep-ms 1 --max-reps 1)
 
 # ------------------------------------------------------------------------------ helpers
 FAILED=0
@@ -81,7 +114,8 @@ printf 'step\trc\tseconds\tnote\n' > "$WORK/steps.tsv"
 left() { echo $(( START + TOTAL_S - $(date +%s) )); }
 
 pack() {  # everything but the files $OUT already holds, as one archive
-    tar -czf "$OUT/all.tgz.part" -C "$WORK" . 2> /dev/null && mv "$OUT/all.tgz.part" "$OUT/all.tgz"
+    tar -czf "$OUT/all.tgz.part" -C "$WORK" --exclude=./triton-cache --exclude=./peers . 2> /dev/null \
+        && mv "$OUT/all.tgz.part" "$OUT/all.tgz"
 }
 
 summarize() {  # summary.md from what exists now (no Python: a step costs no extra start-up)
@@ -99,6 +133,14 @@ summarize() {  # summary.md from what exists now (no Python: a step costs no ext
         echo "| step | exit | seconds | note |"
         echo "|------|------|---------|------|"
         tail -n +2 "$WORK/steps.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
+        if [ -s "$OUT/host_time.txt" ]; then
+            echo
+            echo "## Host time against the floor"
+            echo
+            echo '```'
+            cat "$OUT/host_time.txt"
+            echo '```'
+        fi
         if [ -s "$OUT/pytest.txt" ]; then
             echo
             echo "## GPU tests"
@@ -111,6 +153,11 @@ summarize() {  # summary.md from what exists now (no Python: a step costs no ext
             echo
             echo "## Autotuner"
             sed -n '/^## /,$p' "$WORK/tuning-summary.md" | sed 's/^## /### /'
+        fi
+        if [ -s "$WORK/peers-summary.md" ]; then
+            echo
+            echo "## Peers (other libraries' AdamW)"
+            sed -n '/^## Results/,/^## [^R]/p' "$WORK/peers-summary.md" | sed '$d' | sed 's/^## /### /'
         fi
         echo
         echo "Everything else is in all.tgz. Command: \`$COMMAND\`"
@@ -128,8 +175,8 @@ finish_step() {  # finish_step NAME RC T0 NOTE
     pack
 }
 
-limit_for() {  # limit_for WANTED: seconds a step may take, keeping RESERVE for the end
-    local l=$(( $(left) - 15 ))
+limit_for() {  # limit_for WANTED: seconds a step may take, keeping 10 s for the end
+    local l=$(( $(left) - 10 ))
     [ "$l" -gt "$1" ] && l=$1
     echo "$l"
 }
@@ -157,9 +204,9 @@ bench_step() {  # bench_step NAME WANTED_S GPU_ARGS_VAR DRY_ARGS_VAR OUT_ARGS...
         fi
         args=("${!dry_var}")
     fi
-    # The bench stops starting cases 20 s before its limit and writes what it has on SIGTERM.
+    # The bench stops starting cases 15 s before its limit and writes what it has on SIGTERM.
     timeout -k 10 "$limit" "$PY" -m tritonadam.bench ${args[@]+"${args[@]}"} \
-        --time-budget $(( limit > 40 ? limit - 20 : limit / 2 )) "$@" > "$WORK/$name.log" 2>&1 || rc=$?
+        --time-budget $(( limit > 40 ? limit - 15 : limit / 2 )) "$@" > "$WORK/$name.log" 2>&1 || rc=$?
     finish_step "$name" "$rc" "$t0" "$note"
 }
 
@@ -199,18 +246,47 @@ def have(module):
     except ImportError:
         return False
 print("optional:", ", ".join(f"{m} {'yes' if have(m) else 'no'}"
-                             for m in ("pytest_timeout", "matplotlib", "expecttest", "platformdirs")))
+                             for m in ("pytest_timeout", "xdist", "matplotlib", "expecttest", "platformdirs")))
 EOF
+    echo "wheelhouse: $(ls "$WHEELHOUSE"/*.whl 2> /dev/null | xargs -r -n1 basename | tr '\n' ' ')"
 } > "$OUT/header.txt" 2>&1
+# Clocks, power and temperature beside the results, the whole run (the bench also samples
+# them per group of cases into its reports).
+if [ "$DRY_RUN" != 1 ] && command -v nvidia-smi > /dev/null 2>&1; then
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+        --format=csv -l 1 > "$OUT/nvidia-smi.csv" 2> /dev/null &
+    SMI_PID=$!
+else
+    echo "timestamp, note" > "$OUT/nvidia-smi.csv"
+    echo "$(date -u +%Y/%m/%d\ %H:%M:%S), no nvidia-smi sampling (dry run or no nvidia-smi)" >> "$OUT/nvidia-smi.csv"
+fi
 finish_step header 0 "$t0" ""
 
-# ---------------------------------------------------------- 2. the goal workloads first
-bench_step core 170 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
+# ------------------------------------------------------------------ 2. the core figures
+bench_step core 150 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
     --summary "$WORK/core-summary.md"
 
-# --------------------------------------------------------------------- 3. GPU tests
+# ------------------------------------------------------------------ 3. host time, floor
 t0=$(date +%s)
-limit=$(limit_for 80)
+limit=$(limit_for 20)
+if [ "$limit" -lt 10 ]; then
+    finish_step host_time 0 "$t0" "skipped: no time left"
+else
+    rc=0
+    {
+        if [ "$DRY_RUN" = 1 ]; then
+            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 30 --reps 2 --numel 8
+        else
+            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 10000 300 --reps 20 &&
+                timeout -k 5 "$limit" "$PY" bench/host_time.py --device cuda --tensors 10000 300 --reps 20
+        fi
+    } > "$OUT/host_time.txt" 2>&1 || rc=$?
+    finish_step host_time "$rc" "$t0" ""
+fi
+
+# --------------------------------------------------------------------- 4. GPU tests
+t0=$(date +%s)
+limit=$(limit_for 100)
 if [ "$limit" -lt 20 ]; then
     finish_step pytest 0 "$t0" "skipped: no time left"
 else
@@ -219,23 +295,44 @@ else
     missing=""
     tests=""
     for f in $GPU_TESTS; do
-        if [ -e "$f" ]; then tests="$tests $f"; else missing="$missing $f"; fi
+        if [ -e "${f%%::*}" ]; then tests="$tests $f"; else missing="$missing $f"; fi
     done
     extra=()
-    if "$PY" -c "import pytest_timeout" 2> /dev/null; then extra+=(--timeout=45); fi
-    [ "$DRY_RUN" = 1 ] && extra+=(--collect-only)
+    if "$PY" -c "import pytest_timeout" 2> /dev/null; then extra+=(--timeout=60); fi
+    if [ "$DRY_RUN" = 1 ]; then
+        extra+=(--collect-only)
+    elif [ "$PYTEST_WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2> /dev/null; then
+        extra+=(-n "$PYTEST_WORKERS")  # one GPU, several processes: compiling dominates
+    fi
     # shellcheck disable=SC2086 # $tests is a word list on purpose
     timeout -k 10 "$limit" env TRITONADAM_TEST_DEVICE="$([ "$DRY_RUN" = 1 ] && echo cpu || echo cuda)" \
-        TRITONADAM_AUTOTUNE=off "$PY" -u -m pytest -v -rA -p no:cacheprovider --continue-on-collection-errors \
-        --junitxml="$WORK/pytest.xml" ${extra[@]+"${extra[@]}"} $tests > "$OUT/pytest.txt" 2>&1 || rc=$?
+        TRITONADAM_AUTOTUNE=off "$PY" -u -m pytest -rA --durations=30 -p no:cacheprovider \
+        --continue-on-collection-errors --junitxml="$WORK/pytest.xml" ${extra[@]+"${extra[@]}"} $tests \
+        > "$OUT/pytest.txt" 2>&1 || rc=$?
     finish_step pytest "$rc" "$t0" "${missing:+missing test files:$missing}"
 fi
 
-# -------------------------------------------------------------------- 4. the autotuner
-bench_step tuning 60 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
+# -------------------------------------------------------------------- 5. the autotuner
+bench_step tuning 35 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
     --summary "$WORK/tuning-summary.md"
 
-# ------------------------------------------------------- 5. the full bench, time allowing
+# ------------------------------------------------------------------------ 6. peers
+t0=$(date +%s)
+wheels=$(ls "$WHEELHOUSE"/*.whl 2> /dev/null || true)
+if [ -z "$wheels" ] && [ "$DRY_RUN" != 1 ]; then
+    finish_step peers 0 "$t0" "skipped: no wheels in bench/wheelhouse (bash bench/wheelhouse.sh where PyPI is reachable, then bring bench/wheelhouse along)"
+else
+    if [ -n "$wheels" ]; then
+        # No network: the wheels alone, without their dependencies (torch is there).
+        # shellcheck disable=SC2086
+        "$PY" -m pip install -q --no-index --no-deps --target "$WORK/peers" $wheels > "$WORK/peers-install.log" 2>&1 \
+            || echo "pip install of the wheelhouse failed: see peers-install.log" >&2
+    fi
+    PYTHONPATH="$WORK/peers:$PYTHONPATH" bench_step peers 45 PEERS PEERS_DRY --out "$WORK/peers.json" \
+        --out "$WORK/peers.md" --summary "$WORK/peers-summary.md"
+fi
+
+# ------------------------------------------------------- 7. the full bench, time allowing
 PLOT=()
 if "$PY" -c "import matplotlib" 2> /dev/null; then PLOT=(--plot "$WORK/bench.png"); fi
 bench_step bench 600 BENCH BENCH_DRY --out "$WORK/bench.json" --out "$WORK/bench.md" \

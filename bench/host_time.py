@@ -2,7 +2,8 @@
 
     python bench/host_time.py                      # 10,000 and 300 tensors
     python bench/host_time.py --tensors 2000 --numel 64
-    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone
+    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone, too
+    python bench/host_time.py --device cuda        # on a GPU: real launches, CUDA tensors
 
 tritonadam's step with its kernel launches stubbed out: what remains is the per-step host
 work (finding grads, checking what the launches rely on, refreshing the pointer tables).
@@ -11,8 +12,10 @@ It is reported next to the *floor*: one plain Python pass reading every grad's
 ``clip_grad_norm_(1.0)`` then the step (the norm's launches stubbed too), as a training
 loop that clips calls them. All are timed in the same loop, interleaved, with fresh grads
 before each step as ``zero_grad(set_to_none=True)`` training gives, so machine noise hits
-them alike. A GPU run of ``python -m tritonadam.bench`` measures the real host time,
-launches included.
+them alike. With ``--device cuda`` (on a GPU machine) the tensors are CUDA tensors and
+nothing is stubbed: the step's host time with its real launches (and the grad-pointer
+upload fresh grads need), against the same floor; the GPU is synchronised outside the timed
+calls. ``python -m tritonadam.bench`` reports the same figure per case as ``host ms``.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "cuda" not in sys.argv[1:]:  # stubbed launches on CPU tensors: the interpreter is enough
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -90,6 +95,47 @@ def measure(tensors: int, numel: int, reps: int) -> dict:
             "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
 
 
+def measure_cuda(tensors: int, numel: int, reps: int) -> dict:
+    """On a GPU, nothing stubbed: ``step()``'s host time with real launches and fresh grads
+    (new CUDA tensors, allocated while the old ones live, so at new addresses), against the
+    floor; the GPU synchronised before each timed call."""
+    dev = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(numel, device=dev)) for _ in range(tensors)]
+    src = [torch.randn(numel, device=dev) for _ in range(tensors)]
+
+    def fresh():
+        for p, g in zip(params, src):
+            p.grad = g.clone()  # allocated before the old grad is freed: a new address
+
+    opt = tritonadam.AdamW(params, block_size=4096, num_warps=4, autotune="off")
+    fresh()
+    opt.clip_grad_norm_(1.0)
+    opt.step()
+    floor, step, clip_step = [], [], []
+    for _ in range(reps):
+        fresh()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        floor_pass(params)
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        fresh()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        t4 = time.perf_counter()
+        floor.append((t1 - t0) * 1e3)
+        step.append((t2 - t1) * 1e3)
+        clip_step.append((t4 - t3) * 1e3)
+    torch.cuda.synchronize()
+    floor_ms, step_ms = statistics.median(floor), statistics.median(step)
+    clip_ms = statistics.median(clip_step)
+    return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
+            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
+
+
 def breakdown(tensors: int, numel: int, reps: int) -> dict:
     """Each of the step's per-tensor passes timed alone, right after fresh grads (what
     the step's check does, pass by pass; reaches into the step cache's fields)."""
@@ -133,21 +179,30 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--breakdown", action="store_true",
-                        help="time each of the step's per-tensor passes alone instead")
+                        help="first time each of the step's per-tensor passes alone, then the step")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: CUDA tensors and real launches (a GPU machine); cpu (default): "
+                             "CPU tensors, launches stubbed")
     args = parser.parse_args()
+    if args.device == "cuda" and args.breakdown:
+        parser.error("--breakdown runs on CPU tensors with the launches stubbed")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(1)
     if args.breakdown:
         for n in args.tensors:
             print(f"{n} tensors: each pass alone after fresh grads, median ms of {args.reps}")
             for name, ms in breakdown(n, args.numel, args.reps).items():
                 print(f"  {name:<32} {ms:8.3f}")
-        return
-    print(f"host time per step, launches stubbed, fresh grads each step; median of {args.reps} "
+        print()
+    where = ("CUDA tensors, real launches" if args.device == "cuda" else
+             "CPU tensors, launches stubbed")
+    print(f"host time per step ({where}), fresh grads each step; median of {args.reps} "
           f"({os.cpu_count()} CPUs, torch {torch.__version__})")
     print(f"  {'tensors':>8} {'floor ms':>10} {'step ms':>10} {'step/floor':>11} "
           f"{'clip+step ms':>13} {'clip+step/floor':>16}")
     for n in args.tensors:
-        r = measure(n, args.numel, args.reps)
+        r = (measure_cuda if args.device == "cuda" else measure)(n, args.numel, args.reps)
         print(f"  {r['tensors']:>8} {r['floor_ms']:>10.3f} {r['step_ms']:>10.3f} {r['ratio']:>11.2f} "
               f"{r['clip_step_ms']:>13.3f} {r['clip_ratio']:>16.2f}")
 

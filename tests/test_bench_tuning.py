@@ -142,9 +142,10 @@ def test_first_step_overhead():
 
 def _row(provider, ms, variant="", config=None, **extra):
     r = {"workload": "llama-layers@400M", "profile": "llama-layers", "params": 404_766_720, "tensors": 18,
-         "setup": "bf16", "provider": provider, "status": "ok", "ms": ms, "ms_p20": ms, "ms_p80": ms,
-         "reps": 10, "bytes_per_param": 22, "bytes_per_step": 404_766_720 * 22, "gbps": 1.0, "pct_copy": 90.0,
-         "launches": 1, "host_ms": 0.05, "state_bytes": 1, "check": "ok (0 of tol)", "label": ""}
+         "setup": "bf16", "provider": provider, "status": "ok", "device_ms": ms, "device_p20": ms,
+         "device_p80": ms, "host_ms": 0.05, "host_p20": 0.05, "host_p80": 0.05, "steady_ms": ms,
+         "steady_p20": ms, "steady_p80": ms, "rounds": 7, "reps": 3, "bytes_per_param": 22, "bytes_per_step": 404_766_720 * 22, "gbps": 1.0, "pct_copy": 90.0,
+         "launches": 1, "state_bytes": 1, "check": "ok (0 of tol)", "label": ""}
     if variant:
         r["variant"] = variant
     if config is not None:
@@ -216,7 +217,7 @@ def _options(**kw):
 
     base = dict(device=torch.device("cpu"), providers=[], setups=["fp32", "bf16"],
                 workloads=[make_workload("one-huge", 5000)], hp=HyperParams(),
-                timing=TimingConfig(warmup_ms=0, rep_ms=0, min_reps=1, max_reps=1, flush=False),
+                timing=TimingConfig(warmup_ms=0, rep_ms=0, min_reps=1, max_reps=1, rounds=1, flush=False),
                 check_workload=None, profile_launches=False, device_info=lambda d: FAKE_H100)
     base.update(kw)
     return Options(**base)
@@ -252,11 +253,13 @@ def test_first_use_and_sweep_on_cpu_with_a_fake_tuner(monkeypatch, tmp_path):
     for r in first:
         assert r["tuned_source"] == "tuned" and r["configs_considered"] == len(expect) + 1
         assert r["config"] == expect[-1].to_json() and r["check"].startswith("ok")
-        assert r["first_step_ms"] > 0 and r["later_step_ms"] > 0 and r["ms"] > 0
+        assert r["first_step_ms"] > 0 and r["later_step_ms"] > 0 and r["device_ms"] > 0
+        assert r["host_ms"] > 0 and r["steady_ms"] > 0
     # the sweep: the tuner's candidates, then the default (pruned at this size, timed anyway),
     # the nearest-to-default configs of every workload and setup first
     assert [r["config"] for r in fixed[::2]] == [c.to_json() for c in expect + [D]]
-    assert written == list(range(1, len(runner.rows) + 1))  # reported after every case
+    # reported after every group of cases (one workload and setup, one phase)
+    assert written == sorted(written) and written[-1] == len(runner.rows) and len(written) >= 4
     sums = report_mod.config_summaries({"results": runner.rows, "sweeps": runner.sweeps})
     assert len(sums) == 2 and all(s["tuned_rank"] is not None and s["default_ms"] for s in sums)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"header.txt", "results.json", "pytest.txt", "summary.md", "all.tgz"}
+EXPECTED = {"header.txt", "results.json", "pytest.txt", "summary.md", "all.tgz", "nvidia-smi.csv",
+            "host_time.txt"}
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20  # what a GPU machine hands back from $OUT
 
 # Stands in for the image: importing these fails there.
@@ -34,6 +35,11 @@ sys.meta_path.insert(0, _NotOnTheImage())
 '''
 
 
+def tgz_text(out: Path, name: str) -> str:
+    with tarfile.open(out / "all.tgz") as tgz:
+        return tgz.extractfile(name).read().decode()
+
+
 def _imports_torch_test_internals(path: Path) -> bool:
     """A test file importing torch's internal test helpers at module level (they need expecttest)."""
     return re.search(r"^from torch\.testing\._internal|^import torch\.testing\._internal",
@@ -48,26 +54,26 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON", "_TRITONADAM"))}
     env.update(DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, TRITONADAM_COMMIT="0123abc",
-               PYTHONPATH=str(site), TMPDIR=str(tmp_path))
+               PYTHONPATH=str(site), TMPDIR=str(tmp_path), WHEELHOUSE=str(tmp_path / "no-wheels"))
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    # $OUT: the five files, nothing else, each within the limits
+    # $OUT: the seven files, nothing else, each within the limits
     files = sorted(p for p in out.rglob("*"))
     assert {p.name for p in files} == EXPECTED and all(p.is_file() for p in files), (files, log)
     assert len(files) <= MAX_FILES and all(p.stat().st_size < MAX_BYTES for p in files)
     with tarfile.open(out / "all.tgz") as tgz:
         packed = {Path(m.name).name for m in tgz.getmembers() if m.isfile()}
         steps = tgz.extractfile("./steps.tsv").read().decode()
-    assert {"core.log", "core.plan.txt", "tuning.log", "bench.log", "bench.json", "bench.md",
-            "pytest.xml", "steps.tsv"} <= packed, packed
+    assert {"core.log", "core.plan.txt", "tuning.log", "peers.plan.txt", "peers.log", "bench.log",
+            "bench.json", "bench.md", "pytest.xml", "steps.tsv"} <= packed, packed
     assert not list(tmp_path.glob("tritonadam-gpu-check.*")), "the work directory is left behind"
 
     # every step ran and exited 0, except pytest, which may only fail to collect test files
     # that import torch's internal test helpers (they need expecttest, absent on the image)
     rcs = {line.split("\t")[0]: int(line.split("\t")[1]) for line in steps.splitlines()[1:]}
-    assert list(rcs) == ["header", "core", "pytest", "tuning", "bench"], steps
+    assert list(rcs) == ["header", "core", "host_time", "pytest", "tuning", "peers", "bench"], steps
     assert all(rc == 0 for name, rc in rcs.items() if name != "pytest"), steps
     pytest_txt = (out / "pytest.txt").read_text()
     uncollected = set(re.findall(r"^ERROR (tests/\S+\.py)", pytest_txt, re.M))
@@ -85,12 +91,21 @@ def test_gpu_check_dry_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is True and results["header"]["git_commit"] == "0123abc"
     ok = [r for r in results["results"] if r["status"] == "ok"]
-    assert {r["provider"] for r in ok if not r.get("variant")} == {"tritonadam", "torch-fused", "torch-foreach"}
-    assert {r["provider"] for r in ok if r.get("clip")} == {"tritonadam", "torch-fused", "torch-foreach"}
+    assert {r["provider"] for r in ok if not r.get("variant")} == {"tritonadam", "torch-fused"}
+    assert {r["provider"] for r in ok if r.get("clip")} == {"tritonadam", "torch-fused"}
     assert any(r.get("variant") == "fixed" for r in ok) and results["sweeps"]
+    for r in ok:  # the three figures on every row
+        assert r["device_ms"] > 0 and r["host_ms"] > 0 and r["steady_ms"] > 0, r
+    # the GPU core line: the core setups (the same-bytes pairs), the captured steps
+    core_plan = tgz_text(out, "./core.plan.txt")
+    assert "fp32, bf16, bf16-bf16state" in core_plan and "tritonadam-graph" in core_plan
+    assert "torchao-8bit" in tgz_text(out, "./peers.plan.txt")  # parsed, though no wheels here
+    host = (out / "host_time.txt").read_text()
+    assert "floor ms" in host and "whole step" in host
 
     summary = (out / "summary.md").read_text()
-    for section in ("# tritonadam on cpu", "## Results", "## Launch configs", "## Steps", "## GPU tests"):
+    for section in ("# tritonadam on cpu", "## Results", "## Launch configs", "## Steps", "## GPU tests",
+                    "## Host time against the floor"):
         assert section in summary, summary
     for step in rcs:
         assert f"| {step} | {rcs[step]} |" in summary

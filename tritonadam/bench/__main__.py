@@ -31,9 +31,12 @@ _DEFAULT_GPU_PROFILES = ["gpt2-124m", "llama-layers", "tinyllama-1.1b", "llama2-
                          "one-huge"]
 _DEFAULT_CPU_PROFILES = ["one-huge", "many-small"]
 _GPU_PROVIDERS = ["tritonadam", "torch-fused", "torch-foreach", "torch-forloop", "torch-compile",
-                  "apex", "te"]
+                  "tritonadam-graph", "torch-fused-graph", "apex", "te", "torchao-8bit",
+                  "torchao-4bit", "flashoptim", "bnb-8bit"]
+#: run by default only where installed
+_OPTIONAL_PROVIDERS = ("apex", "te", "torchao-8bit", "torchao-4bit", "flashoptim", "bnb-8bit")
 _CPU_PROVIDERS = ["torch-fused", "torch-foreach", "torch-forloop"]
-_CPU_TIME_BUDGET_S = 30.0
+_CPU_TIME_BUDGET_S = 15.0  # of timed cases, after the checks
 _CPU_TIMED_SETUPS = ["fp32", "bf16"]  # all setups are checked and in the roofline
 _DEFAULT_CLIP_SETUPS = ["fp32", "bf16"]  # clip + step adds the same passes to any setup
 
@@ -45,7 +48,7 @@ def _csv_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .providers import PROVIDERS
     from .report import FORMATS
-    from .workloads import ALGOS, PROFILES, SETUPS
+    from .workloads import ALGOS, PROFILES, SETUPS, core_setups
 
     p = argparse.ArgumentParser(
         prog="python -m tritonadam.bench",
@@ -60,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "tritonadam, the torch ones and apex/te when installed; on CPU: the "
                           "torch ones, tritonadam is checked only)")
     sel.add_argument("--setups", "--dtypes", dest="setups", type=_csv_list, metavar="LIST",
-                     help=f"dtype setups: {', '.join(SETUPS)} or 'all' (default all; on CPU "
+                     help=f"dtype setups: {', '.join(SETUPS)}, 'core' (the GPU check's: "
+                          f"{','.join(core_setups())}, the pairs that move the same bytes as "
+                          f"torch) or 'all' (default all; on CPU "
                           f"{','.join(_CPU_TIMED_SETUPS)} are timed and all are checked)")
     sel.add_argument("--profiles", type=_csv_list, metavar="LIST",
                      help=f"shape profiles, NAME or NAME@SIZE: {', '.join(PROFILES)} "
@@ -101,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "first, after the providers")
     sel.add_argument("--sweep-max", type=int, metavar="N",
                      help="with --sweep, at most N configs per workload and setup")
+    sel.add_argument("--first-use", type=_csv_list, metavar="SETUPS",
+                     help="also time tritonadam's first use (the first step with an empty "
+                          "autotune cache, then the tuned step) for these setups ('all')")
+    sel.add_argument("--sweep-from", metavar="FILE.json",
+                     help="with --tuning: rank the tuned configs among the fixed configs another "
+                          "run swept (its rows are copied into this report, marked) instead of "
+                          "sweeping again")
     sel.add_argument("--tuning", action="store_true",
                      help="measure tritonadam's autotuner instead of comparing providers: the "
                           "first step's extra time with an empty autotune cache (budgets: "
@@ -109,9 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "--providers tritonadam). Needs a GPU: without one it says so and exits 0")
     tim = p.add_argument_group("timing")
     tim.add_argument("--warmup-ms", type=float)
-    tim.add_argument("--rep-ms", type=float, help="time spent in timed reps per case")
-    tim.add_argument("--min-reps", type=int)
-    tim.add_argument("--max-reps", type=int)
+    tim.add_argument("--rep-ms", type=float,
+                     help="time spent on each figure of a case, over all rounds (sets the reps "
+                          "per round)")
+    tim.add_argument("--rounds", type=int,
+                     help="interleaved rounds: each round times every case of a workload and "
+                          "setup once, in turn (default 7 on a GPU, 3 on CPU)")
+    tim.add_argument("--min-reps", type=int, help="reps per round and figure, at least")
+    tim.add_argument("--max-reps", type=int, help="reps per round and figure, at most")
     tim.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
     tim.add_argument("--no-check", action="store_true", help="skip correctness checks")
     tim.add_argument("--check-steps", type=int, default=2, metavar="N",
@@ -120,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the torch.profiler kernel-launch count")
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help=f"start no new case after S seconds (default: none on a GPU, "
-                          f"{_CPU_TIME_BUDGET_S:g} on CPU)")
+                          f"{_CPU_TIME_BUDGET_S:g} on CPU, counted after the correctness checks)")
     tim.add_argument("--seed", type=int, default=0,
                      help="of the params' and grads' values and of stochastic rounding (default 0)")
     out = p.add_argument_group("output")
@@ -185,9 +202,15 @@ def _print_plan(args, device: str, providers, setups, workloads, clip_setups) ->
         print(f"clip + step (max_norm {args.max_norm:g}) for each provider: {', '.join(clip_setups)}")
     if args.tuning:
         print("tritonadam first use: the first step with an empty autotune cache, then tuned")
-    if args.sweep or args.tuning:
+    if args.first_use:
+        print(f"tritonadam first use for: {', '.join(args.first_use)}")
+    if args.sweep_from:
+        print(f"tuned configs ranked among the fixed configs swept in {args.sweep_from}")
+    elif args.sweep or args.tuning:
         print("tritonadam sweep: every candidate launch config"
               + (f", at most {args.sweep_max}" if args.sweep_max else "") + " per workload and setup")
+    print("timer: device, host and steady-state time per case, in interleaved rounds per "
+          "workload and setup" + (f" ({args.rounds} rounds)" if args.rounds else ""))
 
 
 def _select(values, allowed, what, parser, default):
@@ -319,10 +342,14 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     elif cpu:
         providers = list(_CPU_PROVIDERS)
     else:
-        providers = [p for p in _GPU_PROVIDERS
-                     if p not in ("apex", "te") or PROVIDERS[p].unavailable(torch.device("cuda")) is None]
+        providers = [p for p in _GPU_PROVIDERS if p not in _OPTIONAL_PROVIDERS
+                     or PROVIDERS[p].unavailable(torch.device("cuda")) is None]
     if args.baseline not in PROVIDERS:
         parser.error(f"unknown --baseline {args.baseline}")
+    from .workloads import core_setups
+
+    if args.setups == ["core"]:
+        args.setups = core_setups()
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
     all_setups = list(setups)  # checked and in the roofline
     if cpu and not args.setups:
@@ -348,7 +375,13 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         v = getattr(args, name)
         if v is not None and v < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("min_reps", "max_reps", "check_steps", "sweep_max"):
+    first_use_setups = None
+    if args.first_use:
+        first_use_setups = setups if args.first_use == ["all"] else _select(
+            args.first_use, setups, "--first-use setup", parser, setups)
+    if args.sweep_from and not args.tuning:
+        parser.error("--sweep-from applies to --tuning")
+    for name in ("min_reps", "max_reps", "check_steps", "sweep_max", "rounds"):
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -374,14 +407,15 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
 
     # A sweep times ~20-40 configs per workload: shorter reps than a provider comparison.
     many = args.sweep or args.tuning
-    dflt = {"warmup_ms": 5.0 if cpu else (20.0 if many else 50.0),
-            "rep_ms": 50.0 if cpu else (100.0 if many else 300.0),
-            "min_reps": 3 if cpu else 10, "max_reps": 30 if cpu else (100 if many else 200)}
+    dflt = {"warmup_ms": 5.0 if cpu else (20.0 if many else 30.0),
+            "rep_ms": 30.0 if cpu else (60.0 if many else 150.0),
+            "min_reps": 1, "max_reps": 3 if cpu else 5, "rounds": 3 if cpu else (5 if many else 7)}
     tcfg = TimingConfig(
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else dflt["warmup_ms"],
         rep_ms=args.rep_ms if args.rep_ms is not None else dflt["rep_ms"],
         min_reps=args.min_reps or dflt["min_reps"],
-        max_reps=args.max_reps or dflt["max_reps"],
+        max_reps=args.max_reps or max(dflt["max_reps"], args.min_reps or 0),
+        rounds=args.rounds or dflt["rounds"],
         flush=not args.no_flush)
     if tcfg.min_reps > tcfg.max_reps:
         parser.error("--min-reps is larger than --max-reps")
@@ -389,10 +423,10 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                      seed=args.seed)
     budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
     if args.tuning:
-        from .. import _env
+        from ..autotune import Tuner
 
         try:  # a malformed budget variable is a usage error, not a failed case
-            _env.autotune_budget_s(), _env.autotune_compile_budget_s()
+            Tuner().budget_s, Tuner().compile_budget_s
         except ValueError as e:
             parser.error(str(e))
         providers = []
@@ -407,13 +441,31 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
                    check_workload=make_workload("check-small"), check_setups=all_setups,
                    clip_setups=[] if args.tuning else clip_setups, max_norm=args.max_norm,
-                   seed=args.seed, progress=progress, sweep=args.sweep or args.tuning,
-                   sweep_max=args.sweep_max, first_use=args.tuning)
+                   seed=args.seed, progress=progress,
+                   sweep=args.sweep or (args.tuning and not args.sweep_from),
+                   sweep_max=args.sweep_max, first_use=args.tuning or bool(first_use_setups),
+                   first_use_setups=first_use_setups,
+                   budget_after_checks=cpu and args.time_budget is None)
     t0 = time.monotonic()
     header = collect_header(device, argv)
     if args.tuning:
         header["tritonadam_autotune"] = "on (first use: each case from an empty temporary cache)"
         header["tritonadam_cache_dir"] = "a temporary directory per first-use case"
+
+    swept_elsewhere: tuple[list, list] = ([], [])
+    if args.sweep_from:
+        from .report import load
+
+        try:
+            other = load(args.sweep_from)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        names = {(w.name, s) for w in workloads for s in setups}
+        swept_elsewhere = (
+            [dict(r, swept_in=args.sweep_from) for r in other.get("results", [])
+             if r.get("variant") == "fixed" and (r["workload"], r["setup"]) in names],
+            [dict(sw, swept_in=args.sweep_from) for sw in other.get("sweeps") or []
+             if (sw["workload"], sw["setup"]) in names])
 
     def report_of(runner, final: bool) -> dict:
         statement = CPU_STATEMENT if cpu else None
@@ -432,17 +484,18 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                 "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
                 "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
                 "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
-                "max_reps": tcfg.max_reps, "flush": tcfg.flush, "check": not args.no_check,
+                "max_reps": tcfg.max_reps, "rounds": tcfg.rounds, "flush": tcfg.flush,
+                "timer": "cpu-wall" if cpu else "cuda-events", "check": not args.no_check,
                 "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
                 "sweep": opts.sweep, "sweep_max": args.sweep_max, "first_use": opts.first_use,
                 "later_steps": LATER_STEPS if opts.first_use else None,
             },
             "copy_bandwidth": runner.copy,
-            "results": runner.rows,
+            "results": runner.rows + swept_elsewhere[0],
             "checks": runner.checks,
-            "sweeps": runner.sweeps,
+            "sweeps": runner.sweeps + swept_elsewhere[1],
             "roofline": roofline(roof_workloads, all_setups, args.optimizer, args.amsgrad),
-            "show_roofline": cpu or args.roofline,
+            "show_roofline": "full" if args.roofline else cpu,
             "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
             "notes": notes,
             "interrupted": runner.interrupted,

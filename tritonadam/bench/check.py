@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .providers import HyperParams
-from .workloads import Layout, Setup, torch_dtype
+from .workloads import FLOAT_DTYPES, Layout, Setup, torch_dtype
 
 #: relative tolerance per step by param dtype (two bf16/fp16 ulps at the value's exponent)
 RTOL_PER_STEP = {"fp32": 1e-5, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
@@ -46,6 +46,9 @@ NORM_RTOL = {"fp32": 1e-4, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
 #: elements off the round-to-nearest reference, judged where the first step is expected
 #: to move at least SR_MIN_MOVES (at most a 1e-7 chance that half as many move)
 SR_MAX_BIAS = 0.1
+#: absolute tolerance per step as a fraction of lr (a provider with quantized state, whose
+#: moments the reference cannot emulate, gets a looser one: see ``Built.check_lr_tol``)
+LR_TOL = 0.05
 SR_MIN_ELEMENTS = 100
 SR_MIN_MOVES = 100
 
@@ -160,14 +163,14 @@ class CheckResult:
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor, steps: int, param: str, lr: float,
-            moves: torch.Tensor | None = None) -> CheckResult:
+            moves: torch.Tensor | None = None, lr_tol: float = LR_TOL) -> CheckResult:
     """``out`` against ``ref`` within the tolerance; ``moves``: for stochastic rounding,
     each element's chance that the first step lands it off the nearest value
     (:func:`off_nearest_chance`), for the statistical checks."""
     if out.numel() == 0:
         return CheckResult(True, 0.0, 0)
     rtol = RTOL_PER_STEP[param] * steps
-    atol = 0.05 * lr * steps
+    atol = lr_tol * lr * steps
     tol = atol + rtol * ref.abs().nan_to_num(0.0)
     bad_nan = torch.isnan(out) != torch.isnan(ref)
     err = (out - ref).abs().nan_to_num(0.0) / tol
@@ -237,7 +240,7 @@ class Clipped(NamedTuple):
 
 def check_after_steps(sample: Sample, params: list[torch.Tensor], steps: int, algo: str,
                       hp: HyperParams, setup: Setup, layout: Layout,
-                      clip: Clipped | None = None) -> CheckResult:
+                      clip: Clipped | None = None, lr_tol: float = LR_TOL) -> CheckResult:
     """Compare ``params`` (after ``steps`` steps) with the reference on the sample.
 
     The reference keeps the moments in the dtype the provider really uses
@@ -247,13 +250,13 @@ def check_after_steps(sample: Sample, params: list[torch.Tensor], steps: int, al
     """
     out = gather(params, sample.picks)
     coef = clip_coef(clip.max_norm, clip.norm) if clip else 1.0
-    ref = reference(sample.p0, sample.g, steps, algo, hp, setup.param, layout.state, setup.master,
-                    coef)
+    state = layout.state if layout.state in FLOAT_DTYPES else "fp32"  # quantized: not emulated
+    ref = reference(sample.p0, sample.g, steps, algo, hp, setup.param, state, setup.master, coef)
     moves = None
     if layout.stochastic and not setup.master:  # params rounded stochastically
-        exact = reference(sample.p0, sample.g, 1, algo, hp, "fp64", layout.state, None, coef)
+        exact = reference(sample.p0, sample.g, 1, algo, hp, "fp64", state, None, coef)
         moves = off_nearest_chance(exact, setup.param)
-    res = compare(out, ref, steps, setup.param, hp.lr, moves)
+    res = compare(out, ref, steps, setup.param, hp.lr, moves, lr_tol)
     if clip:
         err = abs(clip.returned - clip.norm) / (NORM_RTOL[setup.grad] * clip.norm)
         res.add(f"norm {err:.2g} of tol", "" if err <= 1 else

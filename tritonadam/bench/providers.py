@@ -51,6 +51,14 @@ class Built:
     optimizer: object
     label: str = ""
     held: list[torch.Tensor] = field(default_factory=list)
+    #: steps the build itself took (a CUDA graph's warm-up before capture)
+    pre_steps: int = 0
+    #: the grads must stay the same tensors, rewritten in place (a captured graph)
+    static_grads: bool = False
+    #: the check's absolute tolerance per step, as a fraction of lr (quantized state: looser)
+    check_lr_tol: float = 0.05
+    #: correct ``layout.state`` from the dtype of the optimizer's ``exp_avg`` after a step
+    observe_state: bool = True
 
 
 class Provider:
@@ -63,7 +71,8 @@ class Provider:
 
     def unsupported(self, setup: Setup, algo: str, hp: HyperParams, workload: Workload,
                     device: torch.device, opts: dict) -> str | None:
-        """Why this provider skips this case (None if it runs it)."""
+        """Why this provider skips this case (None if it runs it). ``opts``: the run's
+        ``compile_max_tensors`` and the case's ``clip`` (a max norm, or None)."""
         return None
 
     def build(self, params: list[torch.Tensor], setup: Setup, algo: str,
@@ -152,6 +161,71 @@ class TritonAdamProvider(Provider):
         return replace(setup, name="master_weights=True", remainder=False) if setup.remainder else None
 
 
+# --------------------------------------------------------------------------- CUDA graphs
+
+#: eager steps before capture (tables, state, any tuning), on a side stream
+GRAPH_WARMUP_STEPS = 3
+
+
+def capture_step(step: Callable[[], None], warmup: int = GRAPH_WARMUP_STEPS):
+    """``step`` warmed up on a side stream, then captured once: returns the graph's replay
+    (torch's CUDA-graph recipe; docs/integration.md). The warm-up steps are real steps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _graph_unsupported(setup: Setup, opts: dict) -> str | None:
+    if opts.get("clip") is not None:
+        return "clip + step is not captured in this bench (the plain step's graph is timed)"
+    return None
+
+
+def _graph_unavailable(device) -> str | None:
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return "TRITON_INTERPRET=1: kernels run on the CPU, nothing to capture"
+    return None
+
+
+class TritonAdamGraph(TritonAdamProvider):
+    name = "tritonadam-graph"
+    description = ("tritonadam with capturable=True and lr a device tensor, the step captured "
+                   "once in a CUDA graph and replayed (host cost independent of the tensor count)")
+
+    def unavailable(self, device):
+        return _graph_unavailable(device)
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        return _graph_unsupported(setup, opts)
+
+    def build(self, params, setup, algo, hp, config=None, autotune=None):
+        import tritonadam
+
+        cls = {"adam": tritonadam.Adam, "adamw": tritonadam.AdamW, "adamax": tritonadam.Adamax}[algo]
+        kw = dict(lr=torch.tensor(hp.lr, device=params[0].device), betas=hp.betas, eps=hp.eps,
+                  weight_decay=hp.weight_decay, seed=hp.seed, capturable=True, **tritonadam_modes(setup))
+        if algo != "adamax":
+            kw["amsgrad"] = hp.amsgrad
+        if config is not None:
+            kw.update(block_size=config.block_size, num_warps=config.num_warps, persistent=config.persistent)
+        if autotune is not None:
+            kw["autotune"] = autotune
+        opt = cls(params, **kw)
+        replay = capture_step(opt.step)
+        return Built(step=replay, params=params, layout=setup.layout, optimizer=opt,
+                     label="one CUDA graph replay per step; static grads rewritten in place",
+                     pre_steps=GRAPH_WARMUP_STEPS, static_grads=True)
+
+
 def tritonadam_modes(setup: Setup) -> dict:
     """The tritonadam optimizer options that keep what ``setup`` asks for."""
     return dict(master_weights="remainder" if setup.remainder else setup.master is not None,
@@ -206,12 +280,11 @@ class _TorchBase(Provider):
         mgrads = [torch.empty_like(m) for m in master]
         for m, g in zip(master, mgrads):
             m.grad = g
-        model_grads = [p.grad for p in params]
         opt = cls(master, **self._kwargs(algo, hp))
         inner = self._make_step(opt)
 
         def step():
-            torch._foreach_copy_(mgrads, model_grads)
+            torch._foreach_copy_(mgrads, [p.grad for p in params])  # this step's grads
             inner()
             with torch.no_grad():
                 torch._foreach_copy_(params, master)
@@ -247,6 +320,38 @@ class TorchForLoop(_TorchBase):
     description = "torch.optim.* with foreach=False (one tensor at a time)"
     impl_kwargs = {"foreach": False}
     impl_text = " for-loop"
+
+
+class TorchFusedGraph(TorchFused):
+    name = "torch-fused-graph"
+    description = ("torch.optim.* with fused=True, capturable=True and lr a device tensor, the "
+                   "step captured once in a CUDA graph and replayed")
+    impl_text = " fused, captured"
+
+    def unavailable(self, device):
+        return _graph_unavailable(device)
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if setup.master is not None:
+            return "the master-weight emulation is not captured in this bench"
+        return _graph_unsupported(setup, opts) or super().unsupported(setup, algo, hp, workload,
+                                                                        device, opts)
+
+    def _kwargs(self, algo, hp):
+        kw = super()._kwargs(algo, hp)
+        kw.update(capturable=True, lr=torch.tensor(hp.lr, device="cuda"))
+        return kw
+
+    def _make_step(self, opt):
+        return capture_step(opt.step)
+
+    def build(self, params, setup, algo, hp):
+        built = super().build(params, setup, algo, hp)
+        note = "one CUDA graph replay per step; static grads rewritten in place"
+        built.label = f"{built.label}; {note}" if built.label else note
+        built.pre_steps = GRAPH_WARMUP_STEPS
+        built.static_grads = True
+        return built
 
 
 class TorchCompile(_TorchBase):
@@ -366,16 +471,132 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
                                    master=setup.master, remainder=setup.remainder))
 
 
+# ------------------------------------------------------------------------------- peers
+
+class _Peer(Provider):
+    """Another library's AdamW with quantized state, timed where it is installed (the GPU
+    check installs them from a wheelhouse: bench/wheelhouse.sh). Its state is not the
+    setup's: the row is labelled with what it keeps and the bytes that moves, and checked
+    with a loose tolerance (the float64 reference keeps fp32 moments)."""
+
+    module = ""
+    library = ""
+    #: bytes per element of the two moments, read + written, and per-element extras
+    state = "int8"
+    extra: tuple = ()
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return f"{self.library} is timed on a GPU only"
+        try:
+            importlib.import_module(self.module)
+        except Exception as e:  # noqa: BLE001
+            return f"{self.module.split('.')[0]} not installed ({type(e).__name__})"
+        return None
+
+    def unsupported(self, setup, algo, hp, workload, device, opts):
+        if algo != "adamw" or hp.amsgrad:
+            return f"{self.library}: AdamW without amsgrad only in this bench"
+        if setup.name not in ("bf16", "fp32"):
+            return f"{self.library}: timed in the bf16 and fp32 setups only"
+        return None
+
+    def _make(self, params, hp):
+        raise NotImplementedError
+
+    def build(self, params, setup, algo, hp):
+        opt = self._make(params, hp)
+        layout = Layout(param=setup.param, grad=setup.grad, state=self.state,
+                        extra=tuple(self.extra_for(setup)))
+        return Built(step=opt.step, params=params, layout=layout, optimizer=opt,
+                     label=f"{self.library}: {self.what}", check_lr_tol=0.75, observe_state=False)
+
+    what = ""
+
+    def extra_for(self, setup):
+        return self.extra
+
+
+class TorchaoAdamW8bit(_Peer):
+    name = "torchao-8bit"
+    description = "torchao.optim.AdamW8bit (when installed): 8-bit blockwise moments, block 256"
+    module = "torchao.optim"
+    library = "torchao AdamW8bit"
+    state = "int8"
+    what = "8-bit moments, an fp32 scale per 256 elements (tensors under 4096 elements: full precision)"
+    extra = (("m, v scales fp32/256", 8 / 256, 8 / 256),)
+
+    def _make(self, params, hp):
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+
+
+class TorchaoAdamW4bit(TorchaoAdamW8bit):
+    name = "torchao-4bit"
+    description = "torchao.optim.AdamW4bit (when installed): 4-bit blockwise moments, block 128"
+    library = "torchao AdamW4bit"
+    state = "int4"
+    what = "4-bit moments, an fp32 scale per 128 elements (tensors under 4096 elements: full precision)"
+    extra = (("m, v scales fp32/128", 8 / 128, 8 / 128),)
+
+    def _make(self, params, hp):
+        from torchao.optim import AdamW4bit
+
+        return AdamW4bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+
+
+class FlashOptimAdamW(_Peer):
+    name = "flashoptim"
+    description = ("flashoptim.FlashAdamW (when installed): int8 m, uint8 sqrt(v), fp16 scale per "
+                   "32; bf16 params get an int8 correction (24-bit master)")
+    module = "flashoptim"
+    library = "FlashOptim FlashAdamW"
+    state = "int8"
+    what = "int8 m, uint8 sqrt(v), an fp16 scale per 32 elements"
+
+    def extra_for(self, setup):
+        out = [("m, v scales fp16/32", 4 / 32, 4 / 32)]
+        if setup.param != "fp32":
+            out.append(("master correction int8", 1, 1))
+        return out
+
+    def _make(self, params, hp):
+        from flashoptim import FlashAdamW
+
+        return FlashAdamW(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+
+
+class BnbAdamW8bit(_Peer):
+    name = "bnb-8bit"
+    description = "bitsandbytes.optim.AdamW8bit (when installed): 8-bit blockwise moments, block 256"
+    module = "bitsandbytes"
+    library = "bitsandbytes AdamW8bit"
+    state = "int8"
+    what = "8-bit moments, an fp32 absmax per 256 elements (tensors under 4096 elements: fp32)"
+    extra = (("m, v absmax fp32/256", 8 / 256, 8 / 256),)
+
+    def _make(self, params, hp):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps,
+                                   weight_decay=hp.weight_decay)
+
+
+PEERS = ("torchao-8bit", "torchao-4bit", "flashoptim", "bnb-8bit")
+
+
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (TritonAdamProvider(), TorchFused(), TorchForeach(), TorchForLoop(), TorchCompile(),
-              ApexFusedAdam(), TransformerEngineFusedAdam())
+              TritonAdamGraph(), TorchFusedGraph(), ApexFusedAdam(), TransformerEngineFusedAdam(),
+              TorchaoAdamW8bit(), TorchaoAdamW4bit(), FlashOptimAdamW(), BnbAdamW8bit())
 }
 
 
 def observed_layout(built: Built) -> Built:
     """Correct ``built.layout``'s state dtype from the optimizer's actual state (after a step)."""
-    seen = _state_dtype_of(built.optimizer)
+    seen = _state_dtype_of(built.optimizer) if built.observe_state else None
     if seen and seen != built.layout.state:
         built.layout = replace(built.layout, state=seen)
         note = f"state observed in {seen}"
@@ -398,15 +619,29 @@ def state_bytes(built: Built) -> int:
             except Exception:
                 seen[id(t)] = t.numel() * t.element_size()
 
-    def walk(obj):
+    def walk(obj, depth=0):
+        if depth > 4:
+            return
         if isinstance(obj, torch.Tensor):
+            flatten = getattr(obj, "__tensor_flatten__", None)
+            if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter and flatten:
+                # a tensor subclass holding quantized data and scales (torchao's states)
+                try:
+                    for name in flatten()[0]:
+                        walk(getattr(obj, name), depth + 1)
+                    return
+                except Exception:  # noqa: BLE001
+                    pass
             add(obj)
         elif isinstance(obj, dict):
             for v in obj.values():
-                walk(v)
+                walk(v, depth + 1)
         elif isinstance(obj, (list, tuple)):
             for v in obj:
-                walk(v)
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for v in vars(obj).values():  # a wrapper object (FlashOptim's quantized moments)
+                walk(v, depth + 1)
 
     walk(list(getattr(built.optimizer, "state", {}).values()))
     for t in built.held:

@@ -1,16 +1,20 @@
 """The bench loop: for each case (workload, dtype setup, provider, optionally clipping the
 grads' norm before each step, and for tritonadam optionally a fixed launch config or first
-use with an empty autotune cache), allocate, check, time, free.
+use with an empty autotune cache), build, check, then time it in interleaved rounds with the
+other cases of its group.
 
-Cases run most important first, so that a time budget or a signal cuts the least useful
-ones: every provider at its default, then clip + step, then first use, then the config
-sweep (the configs nearest the default first, across all workloads), then the slow
-providers.
+A *group* is the cases of one workload and setup in one phase; they share one set of grads
+(:class:`~tritonadam.bench.timing.GradFeed`) and stay allocated together (split into
+batches that fit in device memory), and every round times each of them once, in turn, so
+that drift and noise hit them alike. Phases run most important first, so that a time budget
+or a signal cuts the least useful ones: every provider at its default with clip + step, then
+first use, then the config sweep (the configs nearest the default first), then the slow
+providers. The default launch config is timed once: where tritonadam's own row ran it (with
+autotuning off), the sweep reuses that row.
 """
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import tempfile
 import time
@@ -22,12 +26,14 @@ import torch
 from . import check as checkmod
 from . import tuning
 from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes, with_clip
-from .timing import FLUSH_BYTES, Timer, TimingConfig, copy_bandwidth, count_kernel_launches
+from .timing import (FIGURES, FLUSH_BYTES, GpuMonitor, GradFeed, Subject, Timer, TimingConfig,
+                     copy_bandwidth, count_kernel_launches)
 from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
                         traffic)
 
 #: providers whose cases run after all others, so that a time budget drops them first
 SLOW_PROVIDERS = ("torch-compile",)
+PHASE_MAIN, PHASE_FIRST_USE, PHASE_SWEEP, PHASE_SLOW = range(4)
 
 
 class Case(NamedTuple):
@@ -37,6 +43,12 @@ class Case(NamedTuple):
     config: object = None  # a LaunchConfig: tritonadam with this fixed config
     variant: str = ""  # "" | "first-use" | "fixed"
     clip: float | None = None  # clip + step: the grads' total norm clipped to this first
+
+
+def phase_of(case: Case) -> int:
+    if case.provider in SLOW_PROVIDERS:
+        return PHASE_SLOW
+    return {"first-use": PHASE_FIRST_USE, "fixed": PHASE_SWEEP}.get(case.variant, PHASE_MAIN)
 
 
 class Interrupted(BaseException):
@@ -71,14 +83,29 @@ class Options:
     sweep: bool = False  # time tritonadam at each candidate launch config too
     sweep_max: int | None = None  # at most this many configs per workload (nearest the default)
     first_use: bool = False  # tritonadam's first step with an empty autotune cache, then tuned
+    first_use_setups: list[str] | None = None  # default: every setup
     tuner_factory: Callable | None = None  # () -> Tuner for first use (tests inject a fake GPU)
     device_info: Callable | None = None  # (device) -> DeviceInfo for the sweep (tests)
-    on_row: Callable | None = None  # (Runner) -> None after every finished case
+    on_row: Callable | None = None  # (Runner) -> None after every finished group
+    reuse_default: bool | None = None  # None: when autotuning is off
+    monitor: bool = True  # sample GPU clocks, power and temperature
+    budget_after_checks: bool = False  # the time budget counts from the end of the checks
+
+
+def make_params(workload: Workload, setup: Setup, device: torch.device, seed: int):
+    """Params ~ N(0, 0.02^2) in the param dtype (a usual init scale), without grads."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pdt = torch_dtype(setup.param)
+    params = []
+    for _, shape in workload.shapes:
+        p = torch.randn(shape, generator=gen, device=device, dtype=pdt).mul_(0.02)
+        params.append(p.requires_grad_(True))
+    return params
 
 
 def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: int):
-    """Params ~ N(0, 0.02^2) in the param dtype (a usual init scale) and grads ~ N(0, 1) in
-    the grad dtype, the same for every provider (same seed)."""
+    """Params ~ N(0, 0.02^2) in the param dtype and grads ~ N(0, 1) in the grad dtype, each
+    grad its own tensor (the correctness checks and launch counts)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     pdt, gdt = torch_dtype(setup.param), torch_dtype(setup.grad)
     params = []
@@ -90,14 +117,28 @@ def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: i
     return params
 
 
+def grad_bytes(workload: Workload, setup: Setup) -> int:
+    from .workloads import DTYPE_BYTES
+
+    return workload.params * DTYPE_BYTES[setup.grad]
+
+
 def resident_estimate(workload: Workload, setup: Setup, amsgrad: bool) -> int:
-    """Bytes a case needs on the device: the worst provider layout for this setup (torch's
-    master-weight emulation keeps fp32 params and grads besides the model's), plus slack."""
+    """Bytes one case needs on the device besides its group's grads: the worst provider
+    layout for this setup (torch's master-weight emulation keeps fp32 params and grads
+    besides the model's), plus slack."""
+    from .workloads import DTYPE_BYTES
+
     lay = setup.layout
-    per = resident_bytes_per_param(lay, amsgrad=amsgrad)
-    if setup.master:  # torch emulation: fp32 master + fp32 grads + fp32 m, v + model p, g
-        per = max(per, 2 + 2 + 4 * (4 + (1 if amsgrad else 0)))
+    per = resident_bytes_per_param(lay, amsgrad=amsgrad) - DTYPE_BYTES[setup.grad]
+    if setup.master:  # torch emulation: fp32 master + fp32 grads + fp32 m, v + model p
+        per = max(per, 2 + 4 * (4 + (1 if amsgrad else 0)))
     return int(workload.params * per * 1.05) + 64 * 2**20 + workload.tensors * 2048
+
+
+def feed_estimate(workload: Workload, setup: Setup) -> int:
+    """A group's grads: the pristine values and the two buffers fresh grads alternate in."""
+    return 3 * grad_bytes(workload, setup)
 
 
 def substituted(built, setup: Setup) -> bool:
@@ -119,6 +160,12 @@ def _fmt_gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+class _Timed(NamedTuple):
+    row: dict
+    subject: Subject
+    built: object
+
+
 class Runner:
     def __init__(self, opts: Options):
         self.opts = opts
@@ -130,7 +177,9 @@ class Runner:
         self.interrupted = False
         self.t0 = time.monotonic()
         self.timer = Timer(opts.device, opts.timing)
-        self._launch_jobs: list = []
+        self.monitor: GpuMonitor | None = None
+        self._reused: list[tuple[Case, Case]] = []  # (sweep case, the case whose row it reuses)
+        self._failed: list = []  # cases whose timing raised
 
     # ------------------------------------------------------------------ helpers
     def _progress(self, text: str):
@@ -151,9 +200,20 @@ class Runner:
             torch.cuda.synchronize(self.opts.device)
 
     def _cleanup(self):
-        gc.collect()
-        if self.opts.device.type == "cuda":
+        if self.opts.device.type == "cuda":  # device memory back before the next case
+            gc.collect()
             torch.cuda.empty_cache()
+
+    def _reuse_default(self) -> bool:
+        o = self.opts
+        if o.reuse_default is not None:
+            return o.reuse_default
+        from ..autotune import resolve_mode
+
+        try:
+            return resolve_mode(None) == "off"
+        except ValueError:
+            return False
 
     # ---------------------------------------------------------------- the run
     def cases(self) -> list[Case]:
@@ -163,31 +223,50 @@ class Runner:
         clipped = [Case(w, s, p, clip=o.max_norm) for w, s in pairs if s.name in o.clip_setups
                    for p in o.providers]
         main += [c for c in clipped if c.provider not in SLOW_PROVIDERS]
-        first = [Case(w, s, "tritonadam", variant="first-use") for w, s in pairs] if o.first_use else []
+        fu_setups = o.first_use_setups
+        first = [Case(w, s, "tritonadam", variant="first-use") for w, s in pairs
+                 if fu_setups is None or s.name in fu_setups] if o.first_use else []
         sweep: list[tuple[int, int, Case]] = []
+        self._reused = []
         if o.sweep:
+            reuse = "tritonadam" in o.providers and self._reuse_default()
             for k, (w, s) in enumerate(pairs):
+                default = None
                 for rank, cfg in enumerate(self.sweep_configs(w, s)):
-                    sweep.append((rank, k, Case(w, s, "tritonadam", cfg, "fixed")))
+                    case = Case(w, s, "tritonadam", cfg, "fixed")
+                    if reuse and default is None and cfg == self._default_of(w, s):
+                        default = cfg
+                        self._reused.append((case, Case(w, s, "tritonadam")))
+                        continue
+                    sweep.append((rank, k, case))
         slow = [Case(w, s, p) for w, s in pairs for p in o.providers if p in SLOW_PROVIDERS]
         slow += [c for c in clipped if c.provider in SLOW_PROVIDERS]
         return main + first + [c for *_, c in sorted(sweep, key=lambda t: t[:2])] + slow
 
-    def sweep_configs(self, w: Workload, s: Setup) -> list:
-        """The configs the sweep times for ``w``, recorded in ``self.sweeps``. On the CPU
-        (interpreter) the CUDA space without SM-count pruning stands in for a GPU's."""
-        from ..autotune.configs import DeviceInfo, arch_default, size_bucket
+    def _device_info(self):
+        from ..autotune import DeviceInfo, get_tuner
 
         o = self.opts
         if o.device_info is not None:
-            info = o.device_info(o.device)
-        elif o.device.type == "cuda":
-            from ..autotune.device import device_info
+            return o.device_info(o.device)
+        if o.device.type == "cuda":
+            return get_tuner().device_info(o.device)
+        return DeviceInfo("cuda", "cpu", "*", "-")
 
-            info = device_info(o.device)
-        else:
-            info = DeviceInfo("cuda", "cpu", "*", "-")
-        default = arch_default(info.backend, info.arch, size_bucket(w.params)).config
+    def _default_of(self, w: Workload, s: Setup):
+        from ..autotune import arch_default, size_bucket
+
+        info = self._device_info()
+        return arch_default(info.backend, info.arch, size_bucket(w.params)).config
+
+    def sweep_configs(self, w: Workload, s: Setup) -> list:
+        """The configs the sweep times for ``w``, recorded in ``self.sweeps``. On the CPU
+        (interpreter) the CUDA space without SM-count pruning stands in for a GPU's."""
+        from ..autotune import size_bucket
+
+        o = self.opts
+        info = self._device_info()
+        default = self._default_of(w, s)
         cfgs = tuning.fixed_configs(info.backend, w.params, num_sms=info.num_sms, default=default)
         considered = len(cfgs)
         if o.sweep_max and len(cfgs) > o.sweep_max:
@@ -199,37 +278,65 @@ class Runner:
                             "swept": len(cfgs)})
         return cfgs
 
-    def run(self):
-        try:
-            self.measure_copy()
-            self.run_checks()
-            cases = self.cases()
-            for k, case in enumerate(cases):
-                if case.variant or case.provider in SLOW_PROVIDERS:
-                    # The providers' launch counts complete the key rows before the long
-                    # tail of cases starts (and before the profiler first runs inline).
-                    self.count_launches()
-                tag = f"[{k + 1}/{len(cases)}] {case_name(case)}"
-                if self._out_of_time():
-                    self.rows.append(self._skip_row(case, "time budget spent (--time-budget)"))
+    def batches(self, cases: list[Case]) -> list[list[Case]]:
+        """Consecutive cases of one phase, workload and setup, split so that each batch
+        (its cases and their shared grads) fits in the device memory free now."""
+        o = self.opts
+        free = free_device_bytes(o.device)
+        out: list[list[Case]] = []
+        used = 0
+        for case in cases:
+            key = (phase_of(case), case.workload.name, case.setup.name)
+            need = resident_estimate(case.workload, case.setup, o.hp.amsgrad)
+            if out and (phase_of(out[-1][0]), out[-1][0].workload.name, out[-1][0].setup.name) == key:
+                if free is None or used + need <= self._budget(free, case):
+                    out[-1].append(case)
+                    used += need
                     continue
-                self._progress(tag)
-                row = self.run_case(case)
-                self.rows.append(row)
-                if row["status"] == "ok":
-                    self._progress(f"{tag}: {row['ms']:.3f} ms")
-                if self.opts.on_row:
-                    self.add_speedups()
-                    self.opts.on_row(self)
-            self.count_launches()
+            out.append([case])
+            used = need
+        return out
+
+    def _budget(self, free: int, case: Case) -> int:
+        flush = FLUSH_BYTES if self.opts.timing.flush else 0
+        return int(free * self.opts.mem_fraction) - flush - feed_estimate(case.workload, case.setup)
+
+    def run(self):
+        o = self.opts
+        try:
+            if o.monitor:
+                self.monitor = GpuMonitor(o.device)
+            self.measure_copy()
+            if o.budget_after_checks:
+                self.t0, budget = time.monotonic(), o.time_budget_s
+                o.time_budget_s = None
+                self.run_checks()
+                o.time_budget_s, self.t0 = budget, time.monotonic()
+            else:
+                self.run_checks()
+            cases = self.cases()
+            batches = self.batches(cases)
+            done = 0
+            for batch in batches:
+                self.run_batch(batch, done, len(cases))
+                done += len(batch)
+                if o.on_row:
+                    self._finish_rows()
+                    o.on_row(self)
         except (Interrupted, KeyboardInterrupt):
             self.interrupted = True
             self.notes.append("interrupted: results below are the cases finished before the signal")
         finally:
             self.timer.release()
+            if self.monitor is not None:
+                self.monitor.close()
             self._cleanup()
-        self.add_speedups()
+        self._finish_rows()
         return self
+
+    def _finish_rows(self):
+        self.add_reused_rows()
+        self.add_speedups()
 
     def measure_copy(self):
         o = self.opts
@@ -244,11 +351,15 @@ class Runner:
         nbytes = o.copy_bytes or min(1 << 30, max(free // 4, 1 << 20))
         self._progress(f"copy bandwidth: {nbytes / 2**20:.0f} MiB device-to-device copy_")
         try:
+            t0 = time.monotonic()
             self.copy = copy_bandwidth(dev, nbytes, o.timing)
+            if self.monitor is not None:
+                self.copy["gpu"] = self.monitor.window(t0, time.monotonic())
         except Exception as e:  # noqa: BLE001 - report, don't die
             self.notes.append(f"copy bandwidth not measured: {type(e).__name__}: {e}")
         self._cleanup()
 
+    # ------------------------------------------------------------------ checks
     def run_checks(self):
         """Correctness of each provider on small odd-sized tensors (``check-small``)."""
         o = self.opts
@@ -268,7 +379,8 @@ class Runner:
                         entry["clip"] = clip
                     if why is None:
                         why_case = prov.unsupported(s, o.algo, o.hp, o.check_workload, o.device,
-                                                    {"compile_max_tensors": o.compile_max_tensors})
+                                                    {"compile_max_tensors": o.compile_max_tensors,
+                                                     "clip": clip})
                     else:
                         why_case = why
                     if why_case:
@@ -305,7 +417,8 @@ class Runner:
             entry.update(result=res.text(), ok=res.ok, worst=res.worst, elements=res.elements,
                          detail=res.detail, label=built.label)
             if not res.ok and substituted(built, s):
-                entry.update(tolerated=True, result=res.text() + f" with {built.layout.state} state")
+                entry.update(tolerated=True, result=not_counted(res, built.layout.state),
+                             detail=torch_limit_note(prov.name, s, built.layout.state, res.detail))
         except (Interrupted, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001
@@ -334,45 +447,36 @@ class Runner:
         return checkmod.grad_norm(params) if clip is not None and sample is not None else None
 
     def _check(self, sample, built, steps: int, s: Setup, clip: float | None, norm, returned):
-        """``built``'s params after ``steps`` steps against the reference on ``sample``;
-        ``norm``, ``returned``: a clip + step case's norms (``_norm_before``, first step's)."""
+        """``built``'s params after ``steps`` steps (and those its build took) against the
+        reference on ``sample``; ``norm``, ``returned``: a clip + step case's norms
+        (``_norm_before``, first step's)."""
         o = self.opts
         clipped = checkmod.Clipped(clip, norm, float(returned)) if clip is not None else None
-        return checkmod.check_after_steps(sample, built.params, steps, o.algo, o.hp, s,
-                                          built.layout, clipped)
+        return checkmod.check_after_steps(sample, built.params, steps + built.pre_steps, o.algo, o.hp,
+                                          s, built.layout, clipped, lr_tol=built.check_lr_tol)
 
-    def count_launches(self):
-        """Kernel launches per step, counted with torch.profiler after all timing is done.
-
-        Cases are rebuilt for it, so that the profiler (CUPTI) is never active in the
-        process before a case is timed.
-        """
+    def count_launches(self, timed: list) -> None:
+        """Kernel launches per step of each provider's default case, from torch.profiler,
+        on the live optimizer once its group's rounds are done (the profiler never runs
+        while a group is timed)."""
         o = self.opts
-        jobs, self._launch_jobs = self._launch_jobs, []
-        # Counting completes rows already timed, so it may run a little past the budget.
-        deadline = self._deadline()
-        if deadline is not None:
-            deadline += max(20.0, 0.15 * (o.time_budget_s or 0))
-        for i, (row, case) in enumerate(jobs):
-            if deadline is not None and time.monotonic() > deadline:
-                row["launches_error"] = "not counted: time budget spent"
+        if not o.profile_launches or o.device.type != "cuda":
+            return
+        for t in timed:
+            if t.row.get("variant"):
                 continue
-            self._progress(f"launch count [{i + 1}/{len(jobs)}] {case_name(case)}")
-            params = built = None
+            if self._out_of_time():
+                t.row["launches_error"] = "not counted: time budget spent"
+                continue
             try:
-                params = make_tensors(case.workload, case.setup, o.device, o.seed)
-                built = self._build(PROVIDERS[case.provider], params, case.setup, case.clip)
-                for _ in range(2):
-                    built.step()
-                row["launches"] = count_kernel_launches(built.step, o.device)
+                t.subject.rewrite_grads()
+                t.row["launches"] = count_kernel_launches(t.subject.step, o.device)
             except (Interrupted, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001
-                row["launches_error"] = f"{type(e).__name__}: {e}"
-            finally:
-                params = built = None
-                self._cleanup()
+                t.row["launches_error"] = f"{type(e).__name__}: {e}"
 
+    # ------------------------------------------------------------------ rows
     def _base_row(self, case: Case) -> dict:
         w, s = case.workload, case.setup
         row = {"workload": w.name, "profile": w.profile, "params": w.params,
@@ -405,27 +509,46 @@ class Runner:
             _, measured = tuning.first_use(build, self._sync, cache_dir, o.tuner_factory or Tuner)
         return box["built"], measured, 1 + tuning.LATER_STEPS
 
-    def run_case(self, case: Case) -> dict:
+    def _why_not(self, case: Case) -> str | None:
+        o = self.opts
+        prov = PROVIDERS[case.provider]
+        return prov.unavailable(o.device) or prov.unsupported(
+            case.setup, o.algo, o.hp, case.workload, o.device,
+            {"compile_max_tensors": o.compile_max_tensors, "clip": case.clip})
+
+    def prepare_case(self, case: Case, feed: GradFeed | None) -> tuple[dict, _Timed | None, GradFeed | None]:
+        """Build and check one case. Returns its row, what the timer needs (None when the
+        case is not timed: skipped, failed, error) and the group's grads (made here on the
+        first case that needs them)."""
         o = self.opts
         w, s, pname = case.workload, case.setup, case.provider
         prov = PROVIDERS[pname]
-        why = prov.unavailable(o.device) or prov.unsupported(
-            s, o.algo, o.hp, w, o.device, {"compile_max_tensors": o.compile_max_tensors})
+        why = self._why_not(case)
         if why:
-            return self._skip_row(case, why)
+            return self._skip_row(case, why), None, feed
         need = resident_estimate(w, s, o.hp.amsgrad) + (FLUSH_BYTES if o.timing.flush else 0)
+        if feed is None:
+            need += feed_estimate(w, s)
         free = free_device_bytes(o.device)
         if free is not None and need > free * o.mem_fraction:
-            return self._skip_row(case, f"needs about {_fmt_gib(need)}, {_fmt_gib(free)} free on the device")
+            return self._skip_row(case, f"needs about {_fmt_gib(need)}, {_fmt_gib(free)} free on "
+                                        "the device"), None, feed
         row = self._base_row(case)
         params = built = sample = None
         try:
-            if o.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(o.device)
-            params = make_tensors(w, s, o.device, o.seed)
+            if feed is None:
+                feed = GradFeed([shape for _, shape in w.shapes], torch_dtype(s.grad), o.device,
+                                o.seed + 1)
+            params = make_params(w, s, o.device, o.seed)
+            for p, g in zip(params, feed.views(feed.bufs[0])):
+                p.grad = g
             sample = checkmod.choose_sample(params, seed=o.seed) if o.check else None
             norm = self._norm_before(params, case.clip, sample)
             self._sync()
+            mem0 = None
+            if o.device.type == "cuda":
+                mem0 = torch.cuda.memory_allocated(o.device)
+                torch.cuda.reset_peak_memory_stats(o.device)
             t_build = time.perf_counter()
             returned = None
             if case.variant == "first-use":
@@ -436,7 +559,9 @@ class Runner:
                 built, returned = self._first_steps(prov, params, s, case.clip, **extra)
                 steps = o.check_steps
             self._sync()
-            first_steps_s = time.perf_counter() - t_build
+            row["first_steps_s"] = time.perf_counter() - t_build
+            if mem0 is not None:
+                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(o.device) - mem0
             observed_layout(built)
             row["label"] = built.label
             if sample is not None:
@@ -446,52 +571,177 @@ class Runner:
                     if substituted(built, s):
                         # Not a bug in the provider: the dtype it had to use instead loses
                         # the result (fp16 state). Time it anyway, and say so.
-                        row.update(check=res.text() + f" with {built.layout.state} state",
-                                   check_tolerated=True, check_detail=res.detail)
+                        row.update(check=not_counted(res, built.layout.state),
+                                   check_tolerated=True,
+                                   check_detail=torch_limit_note(pname, s, built.layout.state,
+                                                                 res.detail))
                     else:
                         row.update(status="failed", reason=f"wrong result after {steps} "
                                                           f"steps: {res.detail}")
-                        return row
+                        return row, None, feed
             else:
                 row.update(check="not checked", check_ok=None)
             tr = traffic(built.layout, o.algo, o.hp.amsgrad)
             row.update(bytes_per_param=tr.bytes_per_param, traffic=tr.describe(),
-                       bytes_per_step=w.params * tr.bytes_per_param,
-                       state_bytes=state_bytes(built), first_steps_s=first_steps_s)
-            t = self.timer.time(built.step, deadline=self._deadline())
-            row.update(status="ok", ms=t.median, ms_p20=t.p20, ms_p80=t.p80, reps=t.reps,
-                       host_ms=t.host_median)
-            gbps = row["bytes_per_step"] / (t.median * 1e-3) / 1e9 if t.median > 0 else math.nan
-            row["gbps"] = gbps
-            if self.copy:
-                row["pct_copy"] = 100.0 * gbps / self.copy["gbps"]
-            row["launches"] = None
-            if o.profile_launches and o.device.type == "cuda" and not case.variant:
-                if pname in SLOW_PROVIDERS:  # rebuilding would mean compiling again
-                    row["launches"] = count_kernel_launches(built.step, o.device)
-                else:
-                    self._launch_jobs.append((row, case))
-            if o.device.type == "cuda":
-                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(o.device)
+                       bytes_per_step=w.params * tr.bytes_per_param, state_bytes=state_bytes(built),
+                       grads="static (rewritten in place)" if built.static_grads else "fresh")
+            subject = Subject(built.step, params, feed, static_grads=built.static_grads)
+            return row, _Timed(row, subject, built), feed
         except (Interrupted, KeyboardInterrupt):
             raise
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0]}")
         except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
             row.update(status="error", reason=f"{type(e).__name__}: {e}")
+        params = built = sample = None
+        return row, None, feed
+
+    def run_batch(self, batch: list[Case], done: int, total: int) -> None:
+        """Build and check every case of ``batch``, then time them in interleaved rounds."""
+        o = self.opts
+        rows: list[dict] = []
+        timed: list[_Timed] = []
+        feed = None
+        t_start = time.monotonic()
+        write: list[float] = []
+        try:
+            for k, case in enumerate(batch):
+                tag = f"[{done + k + 1}/{total}] {case_name(case)}"
+                if self._out_of_time():
+                    rows.append(self._skip_row(case, "time budget spent (--time-budget)"))
+                    continue
+                self._progress(tag)
+                row, t, feed = self.prepare_case(case, feed)
+                rows.append(row)
+                if t is not None:
+                    timed.append(t)
+            if not timed:
+                return
+            deadline = self._deadline()
+            timed = [t for t in timed if self._guarded(t, self.timer.warm_up, t.subject, deadline)]
+            for r in range(o.timing.rounds):
+                if not timed:
+                    break
+                if r and self._out_of_time():
+                    self.notes.append(f"{batch[0].workload.name} {batch[0].setup.name}: {r} of "
+                                      f"{o.timing.rounds} rounds (time budget)")
+                    break
+                self._progress(f"round {r + 1}/{o.timing.rounds}: {len(timed)} cases of "
+                               f"{batch[0].workload.name} {batch[0].setup.name}")
+                w_ms = self.timer.write_ms(feed)
+                write.append(w_ms)
+                timed = [t for t in timed if self._guarded(t, self.timer.round, t.subject, w_ms)]
+            self.count_launches(timed)
         finally:
-            params = built = sample = None
+            gpu = self.monitor.window(t_start, time.monotonic()) if self.monitor else None
+            for t in timed:
+                self._finish_timed(t, write, gpu)
+            self._failed = []
+            for row in rows:
+                if row.get("status") == "ok" and row.get("device_ms") is not None:
+                    self._progress(f"{row['workload']} {row['setup']} {row['provider']}: device "
+                                   f"{row['device_ms']:.4g} ms, host {row['host_ms']:.4g} ms, "
+                                   f"steady {row['steady_ms']:.4g} ms")
+            self.rows.extend(rows)
+            timed = []
+            feed = None
             self._cleanup()
-        return row
+
+    def _guarded(self, t: _Timed, fn, *args) -> bool:
+        """``fn(*args)`` for one case; an error ends that case (its row says why), not the run."""
+        try:
+            fn(*args)
+            return True
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001
+            t.row.update(status="error", reason=f"while timing: {type(e).__name__}: {e}")
+            self._failed.append(t)
+            return False
+
+    def _finish_timed(self, t: _Timed, write: list[float], gpu: dict | None) -> None:
+        row, s = t.row, t.subject
+        if row.get("status") == "error":
+            return
+        for name in FIGURES:
+            row.update(s.figures[name].as_row(name))
+        row.update(rounds=len(s.figures["host"].rounds), reps=s.reps, steady_n=s.steady_n,
+                   sleep_short=s.sleep_short, steady_raw_ms=s.steady_raw.median if s.steady_raw.rounds else None,
+                   grad_write_ms=sorted(write)[len(write) // 2] if write else None,
+                   timer=self.timer.kind)
+        if gpu:
+            row["gpu"] = gpu
+        if not s.figures["host"].rounds:
+            row.update(status="skipped", reason="not timed: interrupted or out of time")
+            return
+        row["status"] = "ok"
+        dev = row.get("device_ms")
+        gbps = row["bytes_per_step"] / (dev * 1e-3) / 1e9 if dev else None
+        row["gbps"] = gbps
+        if self.copy and gbps is not None:
+            row["pct_copy"] = 100.0 * gbps / self.copy["gbps"]
+        if dev is None:
+            row["device_note"] = ("no device time: the host was still enqueuing the step when "
+                                  "the sleep before it ran out, at every rep")
+
+    def add_reused_rows(self):
+        """The sweep's default config: tritonadam's own row, where it ran that config."""
+        if not self._reused:
+            return
+        have = {(r["workload"], r["setup"], r.get("variant"), _cfg_key(r.get("config"))) for r in self.rows}
+        for sweep_case, source in self._reused:
+            key = (sweep_case.workload.name, sweep_case.setup.name, "fixed",
+                   _cfg_key(sweep_case.config.to_json()))
+            if key in have:
+                continue
+            src = next((r for r in self.rows if r["workload"] == source.workload.name
+                        and r["setup"] == source.setup.name and r["provider"] == "tritonadam"
+                        and not r.get("variant") and not r.get("clip")), None)
+            if src is None:
+                continue
+            row = dict(src, variant="fixed", config=sweep_case.config.to_json(),
+                       reused_from="tritonadam (the default config, autotuning off)")
+            row.pop("speedup", None)
+            row.pop("speedup_steady", None)
+            self.rows.append(row)
+            have.add(key)
 
     def add_speedups(self):
-        # clip + step rows are compared with the baseline's clip + step
-        base = {(r["workload"], r["setup"], r.get("clip")): r["ms"] for r in self.rows
+        """Against the baseline's row of the same workload, setup and clip: on device time
+        and steady-state time, with whether both move the same bytes per param."""
+        base = {(r["workload"], r["setup"], r.get("clip")): r for r in self.rows
                 if r["provider"] == self.opts.baseline and not r.get("variant") and r.get("status") == "ok"}
         for r in self.rows:
             b = base.get((r["workload"], r["setup"], r.get("clip")))
-            if r.get("status") == "ok" and b:
-                r["speedup"] = b / r["ms"]
+            if r.get("status") != "ok" or not b:
+                continue
+            if b.get("device_ms") and r.get("device_ms"):
+                r["speedup"] = b["device_ms"] / r["device_ms"]
+            if b.get("steady_ms") and r.get("steady_ms"):
+                r["speedup_steady"] = b["steady_ms"] / r["steady_ms"]
+            r["same_bytes"] = r.get("bytes_per_param") == b.get("bytes_per_param")
+
+
+def _cfg_key(cfg):
+    return tuning.config_key(cfg)
+
+
+def not_counted(res, state: str) -> str:
+    """A check result that misses the reference through the state a provider keeps."""
+    return f"not counted ({res.worst:.2g} of tol with {state} state)"
+
+
+def torch_limit_note(provider: str, setup: Setup, state: str, detail: str) -> str:
+    """Why a provider keeping its state in another dtype than asked misses the reference,
+    and that this is no failure of the run."""
+    inf = "inf" in detail
+    why = (f"{provider} keeps Adam state in the param dtype ({state}), not {setup.state}, and "
+           f"computes in it")
+    if inf and state == "fp16":
+        why += ("; in fp16 eps=1e-8 rounds to 0 and exp_avg_sq underflows for small grads, so "
+                "m / (sqrt(v) + eps) divides by 0")
+    return (f"{why}: {detail}. This is the provider's own numerics with the state it keeps, "
+            "not a tritonadam result, and does not fail the run")
 
 
 def run(opts: Options) -> Runner:

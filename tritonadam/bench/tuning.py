@@ -45,9 +45,10 @@ def fixed_configs(backend: str, numel: int, *, num_sms: int | None = None, defau
     """The configs a sweep times for a launch of ``numel`` elements: the tuner's candidates
     at that size (the default first, then its neighbours), plus ``default`` at the end if
     the pruning dropped it (so the default's time is always known)."""
-    from ..autotune.configs import bucket_numel, candidate_configs, size_bucket
+    from ..autotune import candidate_configs, size_bucket
 
-    out = candidate_configs(backend, bucket_numel(size_bucket(numel)), num_sms=num_sms, first=default)
+    # a bucket's representative launch is its upper edge, 2**bucket (as the tuner times it)
+    out = candidate_configs(backend, 1 << size_bucket(numel), num_sms=num_sms, first=default)
     if default is not None and default not in out:
         out.append(default)
     return out

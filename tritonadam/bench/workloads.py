@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 # ----------------------------------------------------------------------------------- dtypes
 
 #: bytes per element of the dtypes the bench uses, by short name.
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "int8": 1, "int4": 0.5}
+#: the dtypes a float64 reference can round to (quantized state is not emulated)
+FLOAT_DTYPES = ("fp32", "bf16", "fp16", "fp64")
 #: bytes per element of the int16 low half that stands in for an fp32 master
 REMAINDER_BYTES = 2
 
@@ -60,6 +62,9 @@ class Setup:
     (then writes back, rounded, to the model's parameters), or None. ``remainder``: the fp32
     master is kept as its low 16 bits beside the bf16 param, which holds the high half.
     ``stochastic``: values kept in 16 bits without a master copy are rounded stochastically.
+    ``core``: timed by the GPU check's core step (``--setups core``): the setups where a
+    provider of torch moves the same bytes as ours (fp32; bf16 state against torch's fused
+    bf16), the plain bf16 setup, and quantized-state setups (mark new ones core too).
     """
 
     name: str
@@ -70,6 +75,7 @@ class Setup:
     description: str
     remainder: bool = False
     stochastic: bool = False
+    core: bool = False
 
     @property
     def layout(self) -> "Layout":
@@ -80,8 +86,8 @@ class Setup:
 SETUPS: dict[str, Setup] = {
     s.name: s
     for s in (
-        Setup("fp32", "fp32", "fp32", "fp32", None, "fp32 params, grads and state"),
-        Setup("bf16", "bf16", "bf16", "fp32", None, "bf16 params and grads, fp32 state"),
+        Setup("fp32", "fp32", "fp32", "fp32", None, "fp32 params, grads and state", core=True),
+        Setup("bf16", "bf16", "bf16", "fp32", None, "bf16 params and grads, fp32 state", core=True),
         Setup("fp16", "fp16", "fp16", "fp32", None, "fp16 params and grads, fp32 state"),
         Setup("bf16-master", "bf16", "bf16", "fp32", "fp32",
               "bf16 params and grads, fp32 master weights and state"),
@@ -91,11 +97,16 @@ SETUPS: dict[str, Setup] = {
         Setup("bf16-sr", "bf16", "bf16", "fp32", None,
               "bf16 params and grads, fp32 state, params rounded stochastically", stochastic=True),
         Setup("bf16-bf16state", "bf16", "bf16", "bf16", None,
-              "bf16 params, grads and state, rounded to nearest"),
+              "bf16 params, grads and state, rounded to nearest", core=True),
         Setup("bf16-sr-bf16state", "bf16", "bf16", "bf16", None,
               "bf16 params, grads and state, rounded stochastically", stochastic=True),
     )
 }
+
+
+def core_setups() -> list[str]:
+    """The setups ``--setups core`` names, in SETUPS order."""
+    return [s.name for s in SETUPS.values() if s.core]
 
 
 # ------------------------------------------------------------------------------- traffic
