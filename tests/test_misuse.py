@@ -17,12 +17,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-from torch.testing._internal.common_optimizers import (
-    OptimizerErrorEnum,
-    optim_error_inputs_func_adam,
-    optim_error_inputs_func_adamax,
-    optim_error_inputs_func_adamw,
-)
 
 from helpers import LAUNCH, PAIRS, make_params, random_grads
 
@@ -92,15 +86,17 @@ def _run_isolated(code: str) -> subprocess.CompletedProcess:
 # ---- torch's own error cases ---------------------------------------------------------
 
 
-ERRORS = {
-    "Adam": optim_error_inputs_func_adam,
-    "AdamW": optim_error_inputs_func_adamw,
-    "Adamax": optim_error_inputs_func_adamax,
-}
-
-
 def _error_cases():
-    for name, func in ERRORS.items():
+    """torch's own error cases for each optimizer (its test helpers import expecttest,
+    which GPU images often lack: there these are skipped, saying so)."""
+    try:
+        from torch.testing._internal import common_optimizers as common
+    except ImportError as e:
+        yield pytest.param(None, None, marks=pytest.mark.skip(reason=f"torch's test helpers: {e}"))
+        return
+    funcs = {"Adam": common.optim_error_inputs_func_adam, "AdamW": common.optim_error_inputs_func_adamw,
+             "Adamax": common.optim_error_inputs_func_adamax}
+    for name, func in funcs.items():
         for case in func("cpu", torch.float32):
             yield pytest.param(name, case, id=f"{name}-{case.optimizer_error_input.desc}")
 
@@ -117,7 +113,7 @@ def test_torch_error_inputs(name, case):
         return
     with pytest.raises(case.error_type, match=case.error_regex):
         opt = cls(params, **inp.kwargs)
-        if case.error_on == OptimizerErrorEnum.STEP_ERROR:
+        if case.error_on.name == "STEP_ERROR":
             for p in opt.param_groups[0]["params"]:
                 p.grad = torch.randn_like(p)
             opt.step()
