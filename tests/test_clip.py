@@ -6,6 +6,13 @@ reference of tests/reference.py fed the grads times the coefficient torch's form
 for our norm (bit for bit). Ours must return the same total norm, never write ``.grad``,
 and step to the same params. Launch counts are in test_launches.py, FSDP2 in
 test_fsdp.py, CUDA graphs in test_cuda_graphs.py, compiled code in test_aot.py.
+
+Device-generic: Triton's CPU interpreter by default, a GPU with TRITONADAM_TEST_DEVICE=cuda
+(the ``device`` fixture). Random values are drawn on the CPU and moved, so both runs see
+the same numbers. torch's references for plain params and grads run on the CPU from CPU
+copies (one fixed oracle on every machine) and results are compared there; the GradScaler
+tests, whose grads come from a model's backward, run torch's model on the same device as
+ours so that both get the same grads bit for bit (as in test_amp.py).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 import tritonadam
 from reference import Reference, assert_same_bits
@@ -22,23 +30,42 @@ from reference import Reference, assert_same_bits
 LAUNCH = {"block_size": 16384, "num_warps": 4}
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 INF = float("inf")
-# Odd sizes, several norm blocks (16384 in the interpreter) plus a tail, 0-dim and empty.
+# Odd sizes, several norm blocks (16384 elements in the interpreter, 4096 on a GPU) plus a
+# tail, 0-dim and empty.
 SHAPES = [(), (1,), (7,), (0,), (3, 5), (16384,), (40000,), (2, 0, 3), (4, 3, 50)]
 FROZEN, SOMETIMES, MISALIGNED = 1, 2, 6  # no grad ever; no grad every other step; odd view
 
 
-def _params(shapes, seed=0, dtypes=None):
+def _params(shapes, device, seed=0, dtypes=None):
     gen = torch.Generator().manual_seed(seed)
     dtypes = dtypes or [torch.float32] * len(shapes)
-    return [nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+    return [nn.Parameter(torch.randn(s, generator=gen).to(d).to(device)) for s, d in zip(shapes, dtypes)]
 
 
-def _grad(shape, gen, scale, dtype=torch.float32, misaligned=False):
+def _grad(shape, gen, scale, dtype=torch.float32, misaligned=False, device="cpu"):
+    """Drawn on the CPU (``gen`` is a CPU generator), then moved to ``device``."""
     numel = math.prod(shape)
     if misaligned:
         # A view one element into its storage: the norm kernel's masked path, full blocks too.
-        return (torch.randn(numel + 1, generator=gen) * scale).to(dtype)[1:].view(shape)
-    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+        # Moved before slicing, so the view is misaligned on the device too.
+        return (torch.randn(numel + 1, generator=gen) * scale).to(dtype).to(device)[1:].view(shape)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+
+
+def _cpu_params(params):
+    """torch's reference params: CPU copies."""
+    return [nn.Parameter(p.detach().cpu().clone()) for p in params]
+
+
+def _cpu_grad(g):
+    """A CPU copy of a grad for torch's reference (a copy on the CPU too: torch's clip
+    scales it in place)."""
+    return None if g is None else g.cpu().clone()
+
+
+def _assert_close(actual, expected, **kw):
+    """torch.testing.assert_close, compared on the CPU (ours may live on the GPU)."""
+    torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), **kw)
 
 
 def _same_grads(params, before):
@@ -53,14 +80,14 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
-def test_matches_torch_clip_and_step(norm_type, name):
+def test_matches_torch_clip_and_step(norm_type, name, device):
     """Several steps, alternating grads far above and far below max_norm, so clipping takes
     effect on some steps and not on others; a frozen param, one without a grad every other
     step, a misaligned grad, odd sizes and (2-norm; torch's inf norm refuses them) empty
     tensors."""
     shapes = [s for s in SHAPES if norm_type != INF or math.prod(s) > 0]
-    params = _params(shapes)
-    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    params = _params(shapes, device)
+    ref = _cpu_params(params)
     ours_cls, torch_cls, kw = OPTIMIZERS[name]
     opt = ours_cls(params, **kw, **LAUNCH)
     torch_opt = torch_cls(ref, **kw, foreach=False)
@@ -70,54 +97,57 @@ def test_matches_torch_clip_and_step(norm_type, name):
         scale = 3.0 if step % 2 == 0 else 1e-4
         for i, (p, q) in enumerate(zip(params, ref)):
             has = i != FROZEN and not (i == SOMETIMES and step % 2)
-            g = _grad(p.shape, gen, scale, misaligned=i == MISALIGNED) if has else None
-            p.grad, q.grad = g, None if g is None else g.clone()
+            g = _grad(p.shape, gen, scale, misaligned=i == MISALIGNED, device=device) if has else None
+            p.grad, q.grad = g, _cpu_grad(g)
         before = [None if p.grad is None else p.grad.clone() for p in params]
         norm = opt.clip_grad_norm_(max_norm, norm_type)
         expected = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
         assert norm.dtype == torch.float32 and norm.shape == () and opt.last_grad_norm is norm
+        assert norm.device == params[0].device
         if norm_type == INF:
-            assert torch.equal(norm, expected)  # a max is exact
+            assert torch.equal(norm.cpu(), expected)  # a max is exact
         else:
-            torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+            _assert_close(norm, expected, rtol=2e-6, atol=0)
         assert _same_grads(params, before), "clip_grad_norm_ wrote .grad"
         clipped.append(bool(norm > max_norm))
         opt.step()
         torch_opt.step()
         assert _same_grads(params, before), "step wrote .grad"
         for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, **TOL)
+            _assert_close(p, q, **TOL)
     assert clipped == [True, False, True, False]
     assert params[FROZEN] not in opt.state
     assert opt.state[params[SOMETIMES]]["step"].item() == 2
 
 
-def test_grads_read_through_copies_are_measured():
+def test_grads_read_through_copies_are_measured(device):
     """Rows the step reads through a copy: a non-dense param (strided, stepped in a
     staging copy) and a grad laid out unlike its param (read through a dense copy) are
     measured like the rest, and stepped like torch."""
     gen = torch.Generator().manual_seed(15)
-    params = [nn.Parameter(torch.randn(6, 10, generator=gen)[:, ::2]),  # gaps: not dense
-              nn.Parameter(torch.randn(4, 5, generator=gen)), nn.Parameter(torch.randn(300, generator=gen))]
-    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    params = [nn.Parameter(torch.randn(6, 10, generator=gen).to(device)[:, ::2]),  # gaps: not dense
+              nn.Parameter(torch.randn(4, 5, generator=gen).to(device)),
+              nn.Parameter(torch.randn(300, generator=gen).to(device))]
+    ref = _cpu_params(params)
     opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
     torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
     for step in range(2):
-        grads = [_grad((6, 5), gen, 3.0), _grad((5, 4), gen, 3.0).t(), _grad((300,), gen, 3.0)]
+        grads = [_grad((6, 5), gen, 3.0, device=device), _grad((5, 4), gen, 3.0, device=device).t(),
+                 _grad((300,), gen, 3.0, device=device)]
         for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g, g.clone()
+            p.grad, q.grad = g, _cpu_grad(g)
         norm = opt.clip_grad_norm_(1.0)
         expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-        torch.testing.assert_close(norm, expected, rtol=2e-6, atol=0)
+        _assert_close(norm, expected, rtol=2e-6, atol=0)
         assert norm > 1.0
         opt.step()
         torch_opt.step()
         for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, **TOL)
+            _assert_close(p, q, **TOL)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
-def test_mixed_dtypes_step_bit_for_bit(norm_type):
+def test_mixed_dtypes_step_bit_for_bit(norm_type, device):
     """fp32, bf16 and fp16 params, fp32 grads on bf16/fp16 params, bf16 grads on an fp32
     param, master weights, a frozen param: the norm is the fp64 norm of all grads to fp32
     accuracy (exact for inf), and every param equals the reference fed ``g * coef``."""
@@ -125,7 +155,7 @@ def test_mixed_dtypes_step_bit_for_bit(norm_type):
     pairs = [(f32, f32), (f32, bf16), (bf16, bf16), (bf16, f32), (f16, f16), (f16, f32), (bf16, bf16)]
     frozen = len(pairs) - 1
     shapes = [(33,), (5, 7), (16385,), (300,), (1,), (20000,), (9,)]
-    params = _params(shapes, seed=3, dtypes=[p for p, _ in pairs])
+    params = _params(shapes, device, seed=3, dtypes=[p for p, _ in pairs])
     for p, (_, g) in zip(params, pairs):
         p.grad_dtype = g  # torch refuses a grad of another dtype otherwise
     kw = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
@@ -135,37 +165,37 @@ def test_mixed_dtypes_step_bit_for_bit(norm_type):
     max_norm = 2.0
     for step in range(3):
         scale = 5.0 if step != 1 else 1e-3
-        grads = [None if i == frozen else _grad(p.shape, gen, scale, g) for i, (p, (_, g)) in
+        grads = [None if i == frozen else _grad(p.shape, gen, scale, g, device=device) for i, (p, (_, g)) in
                  enumerate(zip(params, pairs))]
         for p, g in zip(params, grads):
             p.grad = g
         norm = opt.clip_grad_norm_(max_norm, norm_type)
-        flat = torch.cat([g.double().reshape(-1) for g in grads if g is not None])
+        flat = torch.cat([g.cpu().double().reshape(-1) for g in grads if g is not None])
         exact = flat.abs().max() if norm_type == INF else flat.norm()
         if norm_type == INF:
             assert norm.item() == exact.item()
         else:
-            torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+            _assert_close(norm.double(), exact, rtol=1e-6, atol=0)
         assert (norm > max_norm) == (step != 1)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's formula, fp32
+        coef = torch.clamp(max_norm / (norm.cpu() + 1e-6), max=1.0)  # torch's formula, fp32
         opt.step()
         for i, (p, r, g) in enumerate(zip(params, refs, grads)):
             if g is not None:
-                expected = r.update(g.float() * coef, 1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
+                expected = r.update(g.cpu().float() * coef, 1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
                 assert_same_bits(p, expected)
         assert params[frozen] not in opt.state
 
 
-def test_norm_bits_are_deterministic_and_ignore_the_launch_config():
+def test_norm_bits_are_deterministic_and_ignore_the_launch_config(device):
     """Many tensors of two grad dtypes (several chunks of blocks per launch): the same
     grads give the same norm bits on every call, whatever the optimizer's update launch
     config (block size, warps, persistent grid), for the 2-norm and a general p."""
     gen = torch.Generator().manual_seed(5)
     shapes = [(int(n),) for n in torch.randint(1, 3000, (40,), generator=gen)] + [(50000,)]
-    base = _params(shapes, seed=6, dtypes=[torch.float32, torch.bfloat16] * 20 + [torch.float32])
-    grads = [_grad(p.shape, gen, 1.0, p.dtype) for p in base]
+    base = _params(shapes, device, seed=6, dtypes=[torch.float32, torch.bfloat16] * 20 + [torch.float32])
+    grads = [_grad(p.shape, gen, 1.0, p.dtype, device=device) for p in base]
     configs = [LAUNCH, {"block_size": 1024, "num_warps": 2, "persistent": True}]
-    flat = torch.cat([g.double().reshape(-1) for g in grads])
+    flat = torch.cat([g.cpu().double().reshape(-1) for g in grads])
     for norm_type in (2.0, 3.0):
         seen = []
         for config in configs:
@@ -177,15 +207,16 @@ def test_norm_bits_are_deterministic_and_ignore_the_launch_config():
         bits = {n.view(torch.int32).item() for n in seen}
         assert len(bits) == 1, f"norm_type {norm_type}: {[n.item() for n in seen]}"
         exact = flat.abs().pow(norm_type).sum().pow(1 / norm_type)
-        torch.testing.assert_close(seen[0].double(), exact, rtol=1e-5, atol=0)
+        _assert_close(seen[0].double(), exact, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
-def test_max_grad_norm_clips_in_step(norm_type):
+def test_max_grad_norm_clips_in_step(norm_type, device):
     """``max_grad_norm=`` (trainers that only call step()): bit for bit what an explicit
     clip_grad_norm_ before each step gives; ``last_grad_norm`` is one fixed tensor holding
     the latest norm; the option survives a deepcopy."""
-    auto_params, explicit_params = _params([(30,), (16385,), (4, 5)], seed=7), _params([(30,), (16385,), (4, 5)], seed=7)
+    shapes = [(30,), (16385,), (4, 5)]
+    auto_params, explicit_params = _params(shapes, device, seed=7), _params(shapes, device, seed=7)
     auto = tritonadam.AdamW(auto_params, lr=1e-2, max_grad_norm=0.5, grad_norm_type=norm_type, **LAUNCH)
     explicit = tritonadam.AdamW(explicit_params, lr=1e-2, **LAUNCH)
     assert auto.last_grad_norm is None
@@ -193,7 +224,7 @@ def test_max_grad_norm_clips_in_step(norm_type):
     fixed = None
     for step in range(3):
         for p, q in zip(auto_params, explicit_params):
-            p.grad = _grad(p.shape, gen, 2.0 if step != 1 else 1e-4)
+            p.grad = _grad(p.shape, gen, 2.0 if step != 1 else 1e-4, device=device)
             q.grad = p.grad.clone()
         auto.step()
         norm = explicit.clip_grad_norm_(0.5, norm_type)
@@ -208,7 +239,7 @@ def test_max_grad_norm_clips_in_step(norm_type):
     assert copied.last_grad_norm is None
 
 
-def test_dropped_and_compounded_coefficients():
+def test_dropped_and_compounded_coefficients(device):
     """A coefficient belongs to the grads it measured: zero_grad(), or new grad tensors
     before the step, drop it (the step is unclipped, as torch's would be for grads its
     clip never saw); a second clip of the same grads compounds, like a second in-place
@@ -216,10 +247,10 @@ def test_dropped_and_compounded_coefficients():
     shapes = [(40,), (7, 3)]
 
     def run(script):
-        params = _params(shapes, seed=9)
+        params = _params(shapes, device, seed=9)
         opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
         gen = torch.Generator().manual_seed(10)
-        grads = [_grad(p.shape, gen, 3.0) for p in params]
+        grads = [_grad(p.shape, gen, 3.0, device=device) for p in params]
         norms = script(opt, params, grads)
         return params, norms
 
@@ -227,8 +258,8 @@ def test_dropped_and_compounded_coefficients():
         for p, g in zip(params, grads):
             p.grad = g.clone()
 
-    def torch_run(clips):
-        params = _params(shapes, seed=9)
+    def torch_run(clips):  # on the CPU
+        params = _params(shapes, "cpu", seed=9)
         opt = torch.optim.AdamW(params, lr=1e-2, foreach=False)
         gen = torch.Generator().manual_seed(10)
         fresh(params, [_grad(p.shape, gen, 3.0) for p in params])
@@ -259,23 +290,24 @@ def test_dropped_and_compounded_coefficients():
     for script in (zero_grad_then_new, replaced):
         params, _ = run(script)
         for p, q in zip(params, unclipped):
-            torch.testing.assert_close(p, q, **TOL)
+            _assert_close(p, q, **TOL)
     params, norms = run(twice)
     expected_params, expected = torch_run([2.0, 0.7])
-    torch.testing.assert_close(torch.stack(norms), torch.stack(expected), rtol=2e-6, atol=0)
+    _assert_close(torch.stack(norms), torch.stack(expected), rtol=2e-6, atol=0)
     assert norms[1].item() == pytest.approx(2.0, rel=1e-5)  # measured after the first clip
     for p, q in zip(params, expected_params):
-        torch.testing.assert_close(p, q, **TOL)
+        _assert_close(p, q, **TOL)
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 1))
+def _model(device, seed=0):
+    torch.manual_seed(seed)  # built on the CPU, then moved: the same weights on every device
+    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 1)).to(device)
 
 
 def _backward(model, scaler, step, poison=False):
     gen = torch.Generator().manual_seed(step)
-    x, y = torch.randn(5, 7, generator=gen), torch.randn(5, 1, generator=gen)
+    device = next(model.parameters()).device
+    x, y = torch.randn(5, 7, generator=gen).to(device), torch.randn(5, 1, generator=gen).to(device)
     loss = (model(x) - y).square().mean() * 20  # grads well above max_norm
     scaler.scale(loss).backward()
     if poison:
@@ -283,18 +315,20 @@ def _backward(model, scaler, step, poison=False):
 
 
 @pytest.mark.parametrize("recipe", ["scaler-argument", "max_grad_norm", "unscale-first"])
-def test_grad_scaler_recipes_match_torch(recipe):
+def test_grad_scaler_recipes_match_torch(recipe, device):
     """fp16-style loss scaling with a scale that grows and an inf at step 2; reference:
     torch's recipe (unscale_, clip_grad_norm_, scaler.step) with torch.optim.AdamW.
       scaler-argument  clip_grad_norm_(..., scaler=scaler): the scale folds into the norm
       max_grad_norm    step() clips with the scale GradScaler hands it
       unscale-first    scaler.unscale_(opt) then clip_grad_norm_ (grads rewritten by torch)
-    The norm is of the unscaled grads; the inf step is skipped on the device, scale backs off."""
-    model, ref_model = _model(), _model()
+    The norm is of the unscaled grads; the inf step is skipped on the device, scale backs off.
+    torch's model, optimizer and scaler run on the same device as ours: the grads come from
+    a backward, which must give both sides the same grads."""
+    model, ref_model = _model(device), _model(device)
     extra = {"max_grad_norm": 0.5} if recipe == "max_grad_norm" else {}
     opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **extra, **LAUNCH)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=3000.0, growth_interval=1) for _ in range(2)]
+    scalers = [torch.amp.GradScaler(device.type, init_scale=3000.0, growth_interval=1) for _ in range(2)]
     for step in range(5):
         poison = step == 2
         for o in (opt, ref):
@@ -328,12 +362,12 @@ def test_grad_scaler_recipes_match_torch(recipe):
     assert all(opt.state[p]["step"].item() == 4 for p in model.parameters())
 
 
-def test_clip_of_scaled_grads_is_refused():
+def test_clip_of_scaled_grads_is_refused(device):
     """clip_grad_norm_ without scaler= on grads GradScaler still scales would clip by a
     norm thousands of times too large: the step raises and writes nothing."""
-    model = _model()
+    model = _model(device)
     opt = tritonadam.AdamW(model.parameters(), lr=1e-2, **LAUNCH)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
     _backward(model, scaler, 0)
     opt.clip_grad_norm_(0.5)
     before = [p.detach().clone() for p in model.parameters()]
@@ -345,18 +379,18 @@ def test_clip_of_scaled_grads_is_refused():
 
 
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
-def test_error_if_nonfinite(norm_type):
+def test_error_if_nonfinite(norm_type, device):
     """error_if_nonfinite=True raises torch's error on an inf or NaN norm and leaves no
     coefficient (the next step is unclipped, as torch's raising clip leaves the grads);
     False returns the non-finite norm and the step does what torch's clip + step does
     (a NaN norm makes every grad NaN; an inf one makes inf grads NaN and the others 0)."""
     shapes = [(6,), (16385,)]
 
-    def setup(grads, bad):
-        params = _params(shapes, seed=11)
-        ref = [nn.Parameter(p.detach().clone()) for p in params]
+    def setup(grads, bad):  # grads: CPU tensors; ours get device copies, torch's CPU ones
+        params = _params(shapes, device, seed=11)
+        ref = _cpu_params(params)
         for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = g.clone().to(device), g.clone()
         params[0].grad[2] = ref[0].grad[2] = bad
         return (params, tritonadam.AdamW(params, lr=1e-2, **LAUNCH),
                 ref, torch.optim.AdamW(ref, lr=1e-2, foreach=False))
@@ -368,28 +402,29 @@ def test_error_if_nonfinite(norm_type):
             torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type, error_if_nonfinite=True)
         with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
             opt.clip_grad_norm_(1.0, norm_type, error_if_nonfinite=True)
-        params[0].grad[2] = ref[0].grad[2] = ok[0][2]  # in place: the grads the clip measured
+        params[0].grad[2] = ref[0].grad[2] = ok[0][2].item()  # in place: the grads the clip measured
         opt.step()
         torch_opt.step()
         for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, **TOL)
+            _assert_close(p, q, **TOL)
 
         params, opt, ref, torch_opt = setup(ok, bad)
         norm = opt.clip_grad_norm_(1.0, norm_type)
         expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type)
-        assert torch.equal(norm, expected) or norm.isnan() and expected.isnan()
+        assert torch.equal(norm.cpu(), expected) or norm.isnan() and expected.isnan()
         assert norm.isnan() == math.isnan(bad)
         opt.step()
         torch_opt.step()
         for p, q in zip(params, ref):
-            torch.testing.assert_close(p, q, equal_nan=True, **TOL)
+            _assert_close(p, q, equal_nan=True, **TOL)
         assert params[1].isnan().all() == math.isnan(bad)
 
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda o: o.clip_grad_norm_(-1.0), ValueError, "max_norm must be >= 0"),
     (lambda o: o.clip_grad_norm_(float("nan")), ValueError, "max_norm must be >= 0"),
-    (lambda o: o.clip_grad_norm_(torch.tensor(1.0)), TypeError, "Python number"),
+    (lambda o: o.clip_grad_norm_(torch.ones((), device=o.param_groups[0]["params"][0].device)), TypeError,
+     "Python number"),
     (lambda o: o.clip_grad_norm_(1.0, 0), ValueError, "order p > 0 or inf"),
     (lambda o: o.clip_grad_norm_(1.0, -INF), ValueError, "order p > 0 or inf"),
     (lambda o: o.clip_grad_norm_(1.0, "fro"), ValueError, "norm_type"),
@@ -398,42 +433,43 @@ def test_error_if_nonfinite(norm_type):
     (lambda o: tritonadam.AdamW(o.param_groups[0]["params"], max_grad_norm=-2.0), ValueError, "max_norm"),
     (lambda o: tritonadam.Adam(o.param_groups[0]["params"], grad_norm_type=0.0), ValueError, "order p > 0"),
 ], ids=["negative", "nan", "tensor", "p=0", "p=-inf", "fro", "foreach", "scaler", "ctor-max", "ctor-p"])
-def test_bad_arguments_are_refused_and_change_nothing(call, error, match):
-    params = _params([(5,), (3, 4)], seed=13)
+def test_bad_arguments_are_refused_and_change_nothing(call, error, match, device):
+    params = _params([(5,), (3, 4)], device, seed=13)
     opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
     gen = torch.Generator().manual_seed(14)
     for p in params:
-        p.grad = _grad(p.shape, gen, 1.0)
+        p.grad = _grad(p.shape, gen, 1.0, device=device)
     opt.step()
     for p in params:
-        p.grad = _grad(p.shape, gen, 1.0)
+        p.grad = _grad(p.shape, gen, 1.0, device=device)
     before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     with pytest.raises(error, match=match):
         call(opt)
     opt.step()  # nothing pending: unclipped, like torch.optim on the same grads
-    ref = [nn.Parameter(b.clone()) for b in before[0]]
+    # torch on the CPU, from CPU copies of the params and of our state (step counts included).
+    ref = _cpu_params(before[0])
     torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
-    torch_opt.load_state_dict(before[1])
+    torch_opt.load_state_dict(tree_map_only(torch.Tensor, lambda t: t.cpu(), before[1]))
     for p, q in zip(params, ref):
-        q.grad = p.grad.clone()
+        q.grad = _cpu_grad(p.grad)
     torch_opt.step()
     for p, q in zip(params, ref):
-        torch.testing.assert_close(p, q, **TOL)
+        _assert_close(p, q, **TOL)
 
 
-def test_unsupported_cases_say_what_to_do():
+def test_unsupported_cases_say_what_to_do(device):
     """Complex grads by a norm other than 2 (the kernels read their real view), and
     differentiable=True groups (stepped by torch.optim): clear errors naming torch's function."""
-    z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
-    z.grad = torch.randn(4, dtype=torch.complex64)
+    z = nn.Parameter(torch.randn(4, dtype=torch.complex64).to(device))
+    z.grad = torch.randn(4, dtype=torch.complex64).to(device)
     opt = tritonadam.Adam([z], **LAUNCH)
     with pytest.raises(ValueError, match="2-norm only"):
         opt.clip_grad_norm_(1.0, INF)
     norm = opt.clip_grad_norm_(INF)
-    torch.testing.assert_close(norm, torch.linalg.vector_norm(z.grad), rtol=1e-6, atol=0)
+    _assert_close(norm, torch.linalg.vector_norm(z.grad.cpu()), rtol=1e-6, atol=0)
 
-    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
-    p.grad, q.grad = torch.randn(3), torch.randn(3)
+    p, q = nn.Parameter(torch.randn(3).to(device)), nn.Parameter(torch.randn(3).to(device))
+    p.grad, q.grad = torch.randn(3).to(device), torch.randn(3).to(device)
     opt = tritonadam.Adam([{"params": [p]}, {"params": [q], "differentiable": True}], **LAUNCH)
     with pytest.raises(NotImplementedError, match="torch.nn.utils.clip_grad_norm_"):
         opt.clip_grad_norm_(1.0)
@@ -442,8 +478,8 @@ def test_unsupported_cases_say_what_to_do():
                         max_grad_norm=1.0, **LAUNCH).step()
 
 
-def test_no_grads_returns_torchs_zero():
-    p = nn.Parameter(torch.randn(3))
+def test_no_grads_returns_torchs_zero(device):
+    p = nn.Parameter(torch.randn(3).to(device))
     opt = tritonadam.AdamW([p], **LAUNCH)
     norm = opt.clip_grad_norm_(1.0)
     assert norm.item() == 0.0 and torch.nn.utils.clip_grad_norm_([p], 1.0).item() == 0.0
