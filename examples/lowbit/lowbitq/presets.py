@@ -21,12 +21,14 @@ PRESETS = {
         lm=dict(MLP, lr=3e-3, d=16, layers=1, heads=2, context=16, batch=8, steps=12, eval_windows=32,
                 eval_points=3, curve_bins=12),
     ),
-    # MLP: the paper's quick size (examples/paper), 5 epochs of the 4,000 digits.
+    # MLP: the paper's quick size (examples/paper), 4 epochs of the 4,000 digits; LM: 150 steps
+    # of 32 windows of 64 bytes (307,200 bytes seen). Sized for tritonadam in Triton's
+    # interpreter on a busy 2-core CPU: about 0.1-0.2 s per tritonadam step.
     "quick": dict(
         seeds=[0, 1, 2], layout="flat", pad_multiple=1024,
-        mlp=dict(MLP, hidden=256, n_train=None, batch=128, steps=155, eval_points=5, curve_bins=31),
-        lm=dict(LM, d=64, layers=2, heads=4, context=64, batch=16, steps=250, eval_windows=256,
-                eval_points=5, curve_bins=25),
+        mlp=dict(MLP, hidden=256, n_train=None, batch=128, steps=124, eval_points=4, curve_bins=31),
+        lm=dict(LM, d=64, layers=2, heads=4, context=64, batch=32, steps=150, eval_windows=256,
+                eval_points=5, curve_bins=30),
     ),
     "full": dict(
         seeds=[0, 1, 2], layout="modules", pad_multiple=1024,

@@ -164,6 +164,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from adampaper.report import log_scale  # plain-text labels on a log axis
 
     tasks = list(results["tasks"].values())
     fig, axes = plt.subplots(2, len(tasks), figsize=(6.2 * len(tasks), 8.2), squeeze=False)
@@ -185,8 +186,9 @@ def plot(results: dict, path: Path) -> None:
                 gap = [100 * (v - r) / r for v, r in zip(y, ref_eval)]
                 axes[1][col].plot(x, gap, marker="o", markersize=3, **style)
         axes[0][col].set_title(task["title"], fontsize=9)
-        axes[0][col].set_ylabel(f"training loss (minibatch, mean of {len(results['seeds'])} seeds)")
-        axes[0][col].set_yscale("log")
+        seeds = len(results["seeds"])
+        axes[0][col].set_ylabel(f"training loss (minibatch, mean of {seeds} seed{'s' * (seeds > 1)})")
+        log_scale(axes[0][col])
         axes[0][col].grid(alpha=0.3, which="both")
         axes[1][col].axhline(0, color="black", linewidth=0.8)
         axes[1][col].set_ylabel("held-out loss vs torch AdamW fp32 (%)")
