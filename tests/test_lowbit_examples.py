@@ -61,7 +61,7 @@ def sweep(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((out / "lowbit.json").read_text())
-    return results, saved, out, before, git_status()
+    return results, saved, out, before, git_status(), module
 
 
 def ok_runs(saved: dict):
@@ -90,8 +90,11 @@ def test_results_file_has_every_field(sweep):
         for name, row in task["summary"].items():
             if row["status"] == "ok":
                 assert SUMMARY_KEYS <= set(row), SUMMARY_KEYS - set(row)
+                # bf16-param rows: also against bf16 params with fp32 state and the exact master
+                assert ("held_out_gap_vs_bf16_baseline" in row) == (row["param_dtype"] == "bfloat16")
             else:
                 assert row["reason"]
+        assert task["summary"]["ta-bf16-remainder"]["held_out_gap_vs_bf16_baseline"] == [0.0, 0.0]
     assert (out / "lowbit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "lowbit.md").read_text()
     assert saved["command"] in md and md.count("| `torch`") == 2
@@ -153,6 +156,14 @@ def test_unavailable_optimizers_are_reported_and_the_sweep_goes_on(sweep):
         # every optimizer has its record, in order: an unavailable one did not stop the sweep
         assert [r["optimizer"] for r in task["runs"]] == OPTIMIZERS
         assert task["summary"]["ta-bf16-remainder"]["ok_runs"] == 1
+
+
+def test_render_rebuilds_the_report_from_the_results_file(sweep, tmp_path):
+    saved, out, module = sweep[1], sweep[2], sweep[5]
+    again = module.main(["--render", str(out / "lowbit.json"), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "lowbit.json").read_text()) == saved
+    assert (tmp_path / "lowbit.md").read_text() == (out / "lowbit.md").read_text()
+    assert again["command"] == saved["command"]
 
 
 def test_nothing_written_into_the_repository(sweep):

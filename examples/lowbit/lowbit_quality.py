@@ -6,6 +6,7 @@ the 8-bit/4-bit AdamW of bitsandbytes, torchao and flashoptim.
     python examples/lowbit/lowbit_quality.py --preset quick                     # results in a scratch dir
     python examples/lowbit/lowbit_quality.py --preset quick --regenerate-docs   # docs/lowbit.{md,png,json}
     python examples/lowbit/lowbit_quality.py --preset smoke --out /tmp/lb --optimizers torch ta-fp32
+    python examples/lowbit/lowbit_quality.py --render docs/lowbit.json --out /tmp/lb   # tables and plot again, no training
 
 Tasks: ``mlp`` (the Adam paper's MLP on 4,000 MNIST digits, examples/paper's data) and
 ``lm`` (a byte-level transformer on the Python standard library's sources). An
@@ -16,6 +17,7 @@ written into the repository unless ``--regenerate-docs`` is given.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=("flat", "modules"),
                         help="flat: one padded tensor per model (the preset default for smoke and quick); "
                              "modules: the model's own parameters")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="no training: summarise, tabulate and plot the runs of a results file again")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="folder for lowbit.json, lowbit.png, lowbit.md (default: a new "
                                                 "scratch folder)")
@@ -61,14 +65,8 @@ def write_docs_markdown(path: Path, section: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    preset = presets.PRESETS[args.preset]
-    seeds = args.seeds or preset["seeds"]
-    layout = args.layout or preset["layout"]
-    out = DOCS if args.regenerate_docs else (args.out or Path(tempfile.mkdtemp(prefix="lowbit-")))
-    out.mkdir(parents=True, exist_ok=True)
+def sweep(args: argparse.Namespace, argv: list[str], preset: dict, seeds: list[int], layout: str) -> dict:
+    """Every task x optimizer x seed run, and their summaries."""
     start = time.perf_counter()
     results = {"command": shlex.join(["python", "examples/lowbit/lowbit_quality.py", *argv]),
                "preset": args.preset, "seeds": seeds, "layout": layout, "optimizers": args.optimizers,
@@ -95,6 +93,23 @@ def main(argv: list[str] | None = None) -> dict:
             "summary": report.summarize(runs), "runs": runs}
     results["wall_seconds"] = time.perf_counter() - start
     results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    preset = presets.PRESETS[args.preset]
+    seeds = args.seeds or preset["seeds"]
+    layout = args.layout or preset["layout"]
+    out = DOCS if args.regenerate_docs else (args.out or Path(tempfile.mkdtemp(prefix="lowbit-")))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        for task in results["tasks"].values():
+            task["summary"] = report.summarize(task["runs"])
+    else:
+        results = sweep(args, argv, preset, seeds, layout)
     report.save_json(out / "lowbit.json", results)
     report.plot(results, out / "lowbit.png")
     section = report.markdown(results)

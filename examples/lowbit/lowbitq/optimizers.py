@@ -136,6 +136,7 @@ DEFAULT = ["torch", "ta-fp32", "ta-bf16state", "ta-8bit", "ta-4bit", "bnb-8bit",
            "ta-bf16-remainder", "ta-bf16-remainder-8bit", "ta-bf16-remainder-4bit", "ao-8bit-bf16-sr",
            "flash-bf16-8bit"]
 REFERENCE = "torch"
+BF16_BASELINE = "ta-bf16-remainder"  # bf16 params, fp32 state, exact fp32 master: what bf16 rows lose to state
 INSTALL = {"bitsandbytes": "pip install bitsandbytes==0.50.2", "torchao": "pip install torchao==0.18.0",
            "flashoptim": "pip install flashoptim==0.1.4"}
 

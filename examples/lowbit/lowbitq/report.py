@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import DEVICE
-from .optimizers import REFERENCE, REGISTRY
+from .optimizers import BF16_BASELINE, REFERENCE, REGISTRY
 
 BYTES_NOTE = "optimizer state bytes per stepped element, counted from the allocated state tensors"
 
@@ -38,10 +38,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired_gaps(runs: list[dict], baseline: dict[int, dict]) -> list[float]:
+    """Each finite run's held-out loss relative to the baseline run of the same seed."""
+    return [(r["final_held_out_loss"] - baseline[r["seed"]]["final_held_out_loss"])
+            / baseline[r["seed"]]["final_held_out_loss"] for r in runs if r["seed"] in baseline]
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """Per optimizer: status, mean and std over seeds, and the held-out gap to fp32 AdamW
-    (paired by seed: each seed's loss against the reference's of the same seed)."""
-    ref = {r["seed"]: r for r in runs if r["optimizer"] == REFERENCE and r["status"] == "ok"}
+    (paired by seed: each seed's loss against the reference's of the same seed). Rows
+    with bf16 params also get their gap to the bf16 run with fp32 state and the exact
+    master (``BF16_BASELINE``): what the state's precision costs, apart from bf16 params."""
+    def ok_by_seed(name):
+        return {r["seed"]: r for r in runs if r["optimizer"] == name and r["status"] == "ok" and not r["diverged"]}
+
+    ref, bf16_ref = ok_by_seed(REFERENCE), ok_by_seed(BF16_BASELINE)
     out = {}
     for name in dict.fromkeys(r["optimizer"] for r in runs):
         spec, mine = REGISTRY[name], [r for r in runs if r["optimizer"] == name]
@@ -62,10 +73,11 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             row[key] = mean_std([r[key] for r in (finite if "loss" in key else ok)])
         row["param_bytes_per_param"] = ok[0]["param_bytes_per_param"]
         row["diverged"] = sum(r["diverged"] for r in ok)
-        gaps = [(r["final_held_out_loss"] - ref[r["seed"]]["final_held_out_loss"]) / ref[r["seed"]]["final_held_out_loss"]
-                for r in finite if r["seed"] in ref]
+        gaps = paired_gaps(finite, ref)
         row["held_out_gap"] = mean_std(gaps)
         row["held_out_gap_per_seed"] = gaps
+        if spec.param_dtype == torch.bfloat16 and bf16_ref:
+            row["held_out_gap_vs_bf16_baseline"] = mean_std(paired_gaps(finite, bf16_ref))
         if spec.target is not None and gaps:
             row["within_target"] = row["held_out_gap"][0] <= spec.target and row["diverged"] == 0
         out[name] = row
@@ -99,13 +111,13 @@ def _pm(pair, fmt: str, scale: float = 1.0) -> str:
 
 def table(summary: dict[str, dict]) -> str:
     head = ("| optimizer | params | state | state B/param | train loss | held-out loss | held-out vs fp32 AdamW "
-            "| target | diverged | s per run | ms per step |")
-    lines = [head, "|" + "---|" * 11]
+            f"| target | bf16 params: vs `{BF16_BASELINE}` | diverged | s per run | ms per step |")
+    lines = [head, "|" + "---|" * 12]
     for name, r in summary.items():
         first = f"`{name}`: {r['label']}"
         if r["status"] in ("unavailable", "error"):
             why = r["reason"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {first} | {r['param_dtype']} | {r['state']} | {r['status']}: {why} |" + " |" * 7)
+            lines.append(f"| {first} | {r['param_dtype']} | {r['state']} | {r['status']}: {why} |" + " |" * 8)
             continue
         target = "–" if r["target"] is None else f"≤ {100 * r['target']:.1f}%"
         if "within_target" in r:
@@ -113,9 +125,15 @@ def table(summary: dict[str, dict]) -> str:
         gap = "(reference)" if name == REFERENCE else _pm(r["held_out_gap"], "+.2f", 100) + "%"
         if r["status"] != "ok":
             first += f" ({r['ok_runs']} of {len(r['seeds'])} runs; {r['reason']})"
+        if name == BF16_BASELINE:
+            bf16 = "(bf16 baseline)"
+        elif "held_out_gap_vs_bf16_baseline" in r:
+            bf16 = _pm(r["held_out_gap_vs_bf16_baseline"], "+.2f", 100) + "%"
+        else:
+            bf16 = ""
         lines.append(
             f"| {first} | {r['param_dtype']} | {r['state']} | {r['state_bytes_per_param'][0]:.2f} "
-            f"| {_pm(r['final_train_loss'], '.4f')} | {_pm(r['final_held_out_loss'], '.4f')} | {gap} | {target} "
+            f"| {_pm(r['final_train_loss'], '.4f')} | {_pm(r['final_held_out_loss'], '.4f')} | {gap} | {target} | {bf16} "
             f"| {r['diverged']} of {r['ok_runs']} | {r['seconds'][0]:.1f} | {r['step_ms_median'][0]:.1f} |")
     return "\n".join(lines)
 

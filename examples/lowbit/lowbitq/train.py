@@ -7,9 +7,15 @@ import time
 
 import torch
 
-from . import memory, optimizers
+from . import DEVICE, memory, optimizers
 from .optimizers import HyperParams, Spec
 from .tasks import Task
+
+
+def sync() -> None:
+    """Waits for the GPU (step times on a GPU would otherwise be launch times)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int, final_ratio: float) -> float:
@@ -72,8 +78,10 @@ def run(task: Task, spec: Spec, seed: int, settings: dict, layout: str, pad_mult
             loss = task.loss(model, x, y, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             step_seconds.append(time.perf_counter() - t0)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
