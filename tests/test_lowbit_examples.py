@@ -3,7 +3,8 @@ in-process (tiny models, Triton's interpreter), and its parts: the optimizer reg
 "unavailable" path, the divergence check, the state-bytes count, the stdlib corpus.
 
 One torchao optimizer is run (each costs a torch.compile of 10-30 s on a CPU the first
-time); the others in the default list are. About 40-60 s on 2 cores.
+time, cached on disk by Inductor after that); the others in the default list are. About
+30 s on 2 cores with that cache warm (17 s of CPU), more on a cold cache or a busy machine.
 """
 from __future__ import annotations
 
