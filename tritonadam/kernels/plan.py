@@ -30,6 +30,7 @@ class BucketKey:
     master: int = 0  # layout.MASTER_NONE / MASTER_FP32 / MASTER_REMAINDER
     state_dtype: torch.dtype | None = None  # None: the compute dtype
     stochastic_rounding: bool = False
+    quant: int = 0  # 8 or 4: blockwise-quantized moments (codes + bf16 scales), else 0
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Bucket:
     amsgrad = property(lambda self: self.key.amsgrad)
     master = property(lambda self: self.key.master)
     stochastic_rounding = property(lambda self: self.key.stochastic_rounding)
+    quant = property(lambda self: self.key.quant)
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -159,10 +161,17 @@ class DeviceTables:
         self._group_pointers = None
 
     @staticmethod
-    def row(param, exp_avg, second, max_second, master, step, key: int = 0) -> list[int]:
-        """``key``: the tensor's stochastic-rounding Philox key (``rounding_key``)."""
+    def row(param, exp_avg, second, max_second, master, step, key: int = 0, scales=None) -> list[int]:
+        """``key``: the tensor's stochastic-rounding Philox key (``rounding_key``).
+
+        Quantized state: ``exp_avg``, ``second`` and ``max_second`` are the moments' uint8
+        codes and ``scales`` their bf16 scales, ``(exp_avg, second, max_second or None)``
+        (``tritonadam.quantize``; every one 16-byte aligned for the full-block path).
+        """
+        s_m, s_v, s_x = scales if scales is not None else (None, None, None)
         return [param.data_ptr(), exp_avg.data_ptr(), second.data_ptr(), _ptr(max_second),
-                _ptr(master), param.numel(), step.data_ptr(), key]
+                _ptr(master), param.numel(), step.data_ptr(), key,
+                _ptr(s_m), _ptr(s_v), _ptr(s_x)] + [0] * (layout.TABLE_COLUMNS.value - 11)
 
 
     def set_grad_ptrs(self, ptrs: np.ndarray) -> None:
