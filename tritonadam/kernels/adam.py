@@ -1,6 +1,6 @@
 """The update kernel of Adam, AdamW and AdaMax: one source, variants as constexpr flags
 (algorithm, dtypes of param, grad and state, master copy: none, fp32 or a 16-bit
-remainder, stochastic rounding).
+remainder, stochastic rounding, 8-bit or 4-bit blockwise-quantized moments).
 
 One launch steps every tensor of a bucket (same device, param dtype, grad dtype and state
 layout) whatever param group it belongs to: per-tensor scalars (hyper-parameters, bias
@@ -17,12 +17,16 @@ from .layout import (
     BLOCK_INDEX_BITS,
     BLOCK_INDEX_MASK,
     COL_EXP_AVG,
+    COL_EXP_AVG_SCALE,
     COL_MASTER,
     COL_MAX,
+    COL_MAX_SCALE,
     COL_NUMEL,
     COL_PARAM,
     COL_SECOND,
+    COL_SECOND_SCALE,
     COL_KEY,
+    QUANT_BLOCK,
     S_BC2_SQRT,
     S_BETA2,
     S_DECAY,
@@ -36,6 +40,7 @@ from .layout import (
     SCALAR_COLUMNS,
     TABLE_COLUMNS,
 )
+from .quant import full_offsets, load_moment, store_moment, tail_offsets
 from .rounding import join_master, philox2x32, round_master, round_stochastic, round_to, split_master
 
 
@@ -78,53 +83,26 @@ def _store_rounded(ptr, offs, x, mask, random, DTYPE: tl.constexpr, SR: tl.const
 
 
 @triton.jit
-def _update(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, srow, first, key,
-    CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
-    AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
-    COUPLED_WD: tl.constexpr, SR: tl.constexpr,
-):
-    # Data loads first: the scalars below come from one row already in flight, and
-    # nothing the loads need waits on arithmetic.
-    g = tl.load(g_ptr + offs, mask=mask)
-    if MASTER == MASTER_FP32:
-        p = tl.load(w_ptr + offs, mask=mask)
+def _load_state(ptr, scale_ptr, offs, mask, n, CDTYPE: tl.constexpr, QUANT: tl.constexpr,
+                SIGNED: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr):
+    if QUANT:
+        return load_moment(ptr, scale_ptr, offs, n, QUANT, SIGNED, TAIL, VEC)
     else:
-        p = tl.load(p_ptr + offs, mask=mask)
-        if MASTER == MASTER_REMAINDER:
-            p = join_master(p, tl.load(w_ptr + offs, mask=mask))
-    m = tl.load(m_ptr + offs, mask=mask)
-    v = tl.load(v_ptr + offs, mask=mask)
-    if AMSGRAD:
-        vmax = tl.load(vmax_ptr + offs, mask=mask).to(CDTYPE)
+        return tl.load(ptr + offs, mask=mask).to(CDTYPE)
 
-    g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
-    p = p.to(CDTYPE)
-    m = m.to(CDTYPE)
-    v = v.to(CDTYPE)
-    w1 = _scalar(srow, S_W1, CDTYPE)
-    beta2 = _scalar(srow, S_BETA2, CDTYPE)
-    eps = _scalar(srow, S_EPS, CDTYPE)
-    step_size = _scalar(srow, S_STEP_SIZE, CDTYPE)
-    if DECOUPLED_WD:
-        p = p * _scalar(srow, S_DECAY, CDTYPE)
-    if COUPLED_WD:
-        g = g + _scalar(srow, S_WD, CDTYPE) * p
-    m = lerp(m, g, w1)
-    if ADAMAX:
-        # torch takes amax over (u * beta2, |g| + eps), which propagates NaN.
-        v = tl.maximum(v * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
-        p = p - ieee_div(step_size * m, v)
+
+@triton.jit
+def _store_state(ptr, scale_ptr, x, offs, mask, n, random, S_DTYPE: tl.constexpr,
+                 SR: tl.constexpr, QUANT: tl.constexpr, SIGNED: tl.constexpr,
+                 TAIL: tl.constexpr, VEC: tl.constexpr):
+    if QUANT:
+        store_moment(ptr, scale_ptr, x, offs, n, random, QUANT, SIGNED, TAIL, VEC, SR)
     else:
-        v = v * beta2 + _scalar(srow, S_W2, CDTYPE) * g * g
-        vhat = v
-        if AMSGRAD:
-            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            vhat = vmax
-        # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
-        denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
-        p = p - ieee_div(step_size * m, denom)
+        _store_rounded(ptr, offs, x, mask, random, S_DTYPE, SR)
 
+
+@triton.jit
+def _random(g, offs, srow, first, key, SR: tl.constexpr):
     r0 = 0
     r1 = 0
     if SR:
@@ -138,10 +116,87 @@ def _update(
         low = (first & 0xFFFFFFFF).to(tl.uint32) + offs.to(tl.uint32) + (g != g).to(tl.uint32)
         step = _scalar(srow, S_STEP, tl.float32).to(tl.uint32) ^ ((first >> 32).to(tl.uint32) << 24)
         r0, r1 = philox2x32(key, low, step)
-    _store_rounded(m_ptr, offs, m, mask, r1, S_DTYPE, SR)
-    _store_rounded(v_ptr, offs, v, mask, r1 >> 16, S_DTYPE, SR)
+    return r0, r1
+
+
+@triton.jit
+def _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
+                   r0, r1, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr,
+                   QUANT: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr):
+    # 16 random bits each: m the low half of r1, v its high half, vmax the high half of r0
+    # (the param takes r0's low half).
+    _store_state(m_ptr, ms_ptr, m, offs, mask, n, r1, S_DTYPE, SR, QUANT, True, TAIL, VEC)
+    _store_state(v_ptr, vs_ptr, v, offs, mask, n, r1 >> 16, S_DTYPE, SR, QUANT, False, TAIL, VEC)
     if AMSGRAD:
-        _store_rounded(vmax_ptr, offs, vmax, mask, r0 >> 16, S_DTYPE, SR)
+        _store_state(vmax_ptr, xs_ptr, vmax, offs, mask, n, r0 >> 16, S_DTYPE, SR, QUANT, False,
+                     TAIL, VEC)
+
+
+@triton.jit
+def _update(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, ms_ptr, vs_ptr, xs_ptr, offs, mask, n, srow,
+    first, key,
+    CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
+    AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    COUPLED_WD: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr, TAIL: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    # Data loads first: the scalars below come from one row already in flight, and
+    # nothing the loads need waits on arithmetic.
+    g = tl.load(g_ptr + offs, mask=mask)
+    if MASTER == MASTER_FP32:
+        p = tl.load(w_ptr + offs, mask=mask)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask)
+        if MASTER == MASTER_REMAINDER:
+            p = join_master(p, tl.load(w_ptr + offs, mask=mask))
+    # Quantized moments (QUANT): ptr -> codes, *s_ptr -> block scales; m is signed, v and
+    # vmax (and AdaMax's exp_inf) use the map without a zero.
+    m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC)
+    v = _load_state(v_ptr, vs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC)
+    vmax = m
+    if AMSGRAD:
+        vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC)
+
+    g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
+    p = p.to(CDTYPE)
+    w1 = _scalar(srow, S_W1, CDTYPE)
+    beta2 = _scalar(srow, S_BETA2, CDTYPE)
+    eps = _scalar(srow, S_EPS, CDTYPE)
+    step_size = _scalar(srow, S_STEP_SIZE, CDTYPE)
+    if DECOUPLED_WD:
+        p = p * _scalar(srow, S_DECAY, CDTYPE)
+    if COUPLED_WD:
+        g = g + _scalar(srow, S_WD, CDTYPE) * p
+    m = lerp(m, g, w1)
+    if ADAMAX:
+        # torch takes amax over (u * beta2, |g| + eps), which propagates NaN.
+        v = tl.maximum(v * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
+        vhat = v
+    else:
+        v = v * beta2 + _scalar(srow, S_W2, CDTYPE) * g * g
+        vhat = v
+        if AMSGRAD:
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            vhat = vmax
+    if QUANT:
+        # Moments encoded and stored before the step's IEEE divisions and square roots:
+        # their slow-path subroutines are shared by both paths, and every register live at
+        # any call site is kept from them, so fewer live values there cost fewer registers
+        # (ptxas, sm_90, 1024/8: 78 -> 64 with AMSGrad and a remainder).
+        r0, r1 = _random(g, offs, srow, first, key, SR)
+        _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
+    if ADAMAX:
+        p = p - ieee_div(step_size * m, vhat)
+    else:
+        # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
+        denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
+        p = p - ieee_div(step_size * m, denom)
+    if not QUANT:
+        r0, r1 = _random(g, offs, srow, first, key, SR)
+        _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
     if MASTER == MASTER_FP32:
         tl.store(w_ptr + offs, p, mask=mask)
         if P_DTYPE == tl.bfloat16:
@@ -164,12 +219,30 @@ def _hinted(addr, DTYPE: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _codes(addr, at, S_DTYPE: tl.constexpr, QUANT: tl.constexpr, VEC: tl.constexpr, HINT: tl.constexpr):
+    """The moment's storage at element ``at``: values, or codes (4-bit: two per byte)."""
+    if QUANT == 4:
+        ptr = _hinted(addr, S_DTYPE, VEC // 2) if HINT else addr.to(tl.pointer_type(S_DTYPE))
+        return ptr + at // 2
+    else:
+        ptr = _hinted(addr, S_DTYPE, VEC) if HINT else addr.to(tl.pointer_type(S_DTYPE))
+        return ptr + at
+
+
+@triton.jit
+def _scales(addr, at, VEC: tl.constexpr, HINT: tl.constexpr):
+    ptr = _hinted(addr, tl.bfloat16, VEC) if HINT else addr.to(tl.pointer_type(tl.bfloat16))
+    return ptr + at // QUANT_BLOCK
+
+
+@triton.jit
 def _program(
     pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
-    BLOCK: tl.constexpr, SUB: tl.constexpr, FULL: tl.constexpr,
+    QUANT: tl.constexpr, QVEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+    FULL: tl.constexpr,
 ):
     # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
     # scalar row), all three addressed by the row index.
@@ -183,20 +256,28 @@ def _program(
     v_addr = tl.load(row + COL_SECOND)
     x_addr = tl.load(row + COL_MAX) if AMSGRAD else p_addr
     w_addr = tl.load(row + COL_MASTER) if MASTER != MASTER_NONE else p_addr
+    ms_addr = tl.load(row + COL_EXP_AVG_SCALE) if QUANT else p_addr
+    vs_addr = tl.load(row + COL_SECOND_SCALE) if QUANT else p_addr
+    xs_addr = tl.load(row + COL_MAX_SCALE) if QUANT and AMSGRAD else p_addr
     key = tl.load(row + COL_KEY).to(tl.uint32) if SR else 0
     numel = tl.load(row + COL_NUMEL)
     # int64: tensors beyond 2**31 elements index correctly.
     start = (entry & BLOCK_INDEX_MASK) * BLOCK
-    # Offsets within the block stay int32; the block's start goes into the pointers.
-    offs = tl.arange(0, BLOCK)
     W_DTYPE: tl.constexpr = tl.int16 if MASTER == MASTER_REMAINDER else CDTYPE
-    # Elements per access, the same for every array so all share one register layout
-    # (16-byte accesses of 2-byte arrays beside 4-byte ones would put every 4-byte array
-    # through shared memory to change layouts): 4, or 8 when every array is 2 bytes.
-    NARROW: tl.constexpr = (P_DTYPE.primitive_bitwidth == 16 and G_DTYPE.primitive_bitwidth == 16
-                            and S_DTYPE.primitive_bitwidth == 16 and MASTER != MASTER_FP32)
-    VEC: tl.constexpr = 8 if NARROW else 4
-    aligned = ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr) & 15) == 0
+    if QUANT:
+        # Elements per access, chosen by the launcher: it knows the warps (the blockwise
+        # scales are read and written in groups of VEC, which must be one thread's).
+        VEC: tl.constexpr = QVEC
+    else:
+        # Elements per access, the same for every array so all share one register layout
+        # (16-byte accesses of 2-byte arrays beside 4-byte ones would put every 4-byte
+        # array through shared memory to change layouts): 4, or 8 when every array is 2
+        # bytes.
+        NARROW: tl.constexpr = (P_DTYPE.primitive_bitwidth == 16 and G_DTYPE.primitive_bitwidth == 16
+                                and S_DTYPE.primitive_bitwidth == 16 and MASTER != MASTER_FP32)
+        VEC: tl.constexpr = 8 if NARROW else 4
+    aligned = ((p_addr | g_addr | m_addr | v_addr | x_addr | w_addr | ms_addr | vs_addr | xs_addr)
+               & 15) == 0
     if aligned & (start + BLOCK <= numel):
         # Full, 16-byte-aligned block: unmasked, with alignment hints (a pointer read from
         # memory has none, and without them sm_90 gets 4-byte accesses). Each pointer is
@@ -204,25 +285,41 @@ def _program(
         # int-to-pointer casts and the hint on the shared one is lost.
         p_full = _hinted(p_addr, P_DTYPE, VEC) + start
         g_full = _hinted(g_addr, G_DTYPE, VEC) + start
-        m_full = _hinted(m_addr, S_DTYPE, VEC) + start
-        v_full = _hinted(v_addr, S_DTYPE, VEC) + start
-        x_full = _hinted(x_addr, S_DTYPE, VEC) + start
+        m_full = _codes(m_addr, start, S_DTYPE, QUANT, VEC, True)
+        v_full = _codes(v_addr, start, S_DTYPE, QUANT, VEC, True)
+        x_full = _codes(x_addr, start, S_DTYPE, QUANT, VEC, True)
         w_full = _hinted(w_addr, W_DTYPE, VEC) + start
+        ms_full = _scales(ms_addr, start, VEC, True)
+        vs_full = _scales(vs_addr, start, VEC, True)
+        xs_full = _scales(xs_addr, start, VEC, True)
         if FULL == BLOCK:
+            if QUANT:
+                offs = full_offsets(BLOCK)
+            else:
+                offs = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK)
             _update(
-                p_full, g_full, m_full, v_full, x_full, w_full,
-                tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK), None, srow, start, key,
+                p_full, g_full, m_full, v_full, x_full, w_full, ms_full, vs_full, xs_full,
+                offs, None, BLOCK, srow, start, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
+                QUANT, False, VEC,
             )
         else:
-            # Stochastic rounding: the block in a loop of FULL elements, so the random
-            # fields of a whole block are never live at once (register bound).
-            chunk = tl.max_contiguous(tl.multiple_of(tl.arange(0, FULL), FULL), FULL)
+            # Stochastic rounding and quantized state: the block in a loop of FULL
+            # elements, so the random fields and the codecs' temporaries of a whole block
+            # are never live at once (register bound).
+            if QUANT:
+                chunk = full_offsets(FULL)
+            else:
+                chunk = tl.max_contiguous(tl.multiple_of(tl.arange(0, FULL), FULL), FULL)
             for c in range(0, BLOCK, FULL):
+                cc = c // 2 if QUANT == 4 else c
+                cs = c // QUANT_BLOCK
                 _update(
-                    p_full + c, g_full + c, m_full + c, v_full + c, x_full + c, w_full + c,
-                    chunk, None, srow, start + c, key,
+                    p_full + c, g_full + c, m_full + cc, v_full + cc, x_full + cc, w_full + c,
+                    ms_full + cs, vs_full + cs, xs_full + cs,
+                    chunk, None, FULL, srow, start + c, key,
                     CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
+                    QUANT, False, VEC,
                 )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
@@ -230,19 +327,25 @@ def _program(
         # (masked accesses are scalar whatever the block, and every element would hold
         # its own address and predicate).
         left = tl.minimum(numel - start, BLOCK).to(tl.int32)
-        sub = tl.arange(0, SUB)
+        if QUANT:
+            sub = tail_offsets(SUB, QUANT)
+        else:
+            sub = tl.arange(0, SUB)
         first = 0
         while first < left:
             at = start + first
             _update(
                 p_addr.to(tl.pointer_type(P_DTYPE)) + at,
                 g_addr.to(tl.pointer_type(G_DTYPE)) + at,
-                m_addr.to(tl.pointer_type(S_DTYPE)) + at,
-                v_addr.to(tl.pointer_type(S_DTYPE)) + at,
-                x_addr.to(tl.pointer_type(S_DTYPE)) + at,
+                _codes(m_addr, at, S_DTYPE, QUANT, VEC, False),
+                _codes(v_addr, at, S_DTYPE, QUANT, VEC, False),
+                _codes(x_addr, at, S_DTYPE, QUANT, VEC, False),
                 w_addr.to(tl.pointer_type(W_DTYPE)) + at,
-                sub, sub < left - first, srow, at, key,
+                _scales(ms_addr, at, VEC, False), _scales(vs_addr, at, VEC, False),
+                _scales(xs_addr, at, VEC, False),
+                sub, sub < left - first, left - first, srow, at, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
+                QUANT, True, VEC,
             )
             first += SUB
 
@@ -255,7 +358,7 @@ def _adam_kernel(
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
-    SUB: tl.constexpr, FULL: tl.constexpr,
+    SUB: tl.constexpr, FULL: tl.constexpr, QUANT: tl.constexpr = 0, QVEC: tl.constexpr = 0,
 ):
     skip = False
     if HAS_FOUND_INF:
@@ -270,9 +373,9 @@ def _adam_kernel(
             while pid < num_blocks:
                 _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                          G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                         COUPLED_WD, SR, BLOCK, SUB, FULL)
+                         COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL)
                 pid += tl.num_programs(0)
         else:
             _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, SR, BLOCK, SUB, FULL)
+                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL)

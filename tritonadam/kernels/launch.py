@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .adam import _adam_kernel
+from .layout import MASTER_FP32, QUANT_BLOCK
 from .norm import NORM_INF, NORM_L1, NORM_L2, NORM_P, _norm_kernel, _norm_reduce_kernel
 from .plan import Bucket, DeviceTables, NormPlan
 from .variant import BucketKey
@@ -21,6 +22,7 @@ TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
+    torch.uint8: tl.uint8,
 }
 
 # Kernel launches issued by this process, per kernel: tests and the bench check that
@@ -48,23 +50,53 @@ _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
 
-def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32) -> int:
+# Quantized state (kernels/quant.py): the full path works on whole blocks of
+# QUANT_BLOCK elements and reads scales in groups of up to 8 rows, so its iterations
+# cover at least this many elements; the masked path's layout puts a row of 64 elements
+# in each warp, at least two rows per iteration.
+QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
+
+# Elements per thread per iteration of a quantized variant's full path (ptxas, sm_90,
+# triton 3.9): 4 keeps every variant within 80 registers at any block; 8 needed up to
+# 128 at 4096/8 and spilled in two, for 16-byte instead of 8-byte accesses of 2-byte
+# arrays (the same bytes per warp either way).
+QUANT_ELEMS_PER_THREAD = 4
+
+
+def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32,
+                   quant: int = 0) -> int:
     """Elements per iteration of the masked path. The interpreter pays per iteration, not
     per register, so it takes a quarter block (still looping, so the loop is tested)."""
     if interpreted():
-        return max(block_size // 4, 1)
+        return max(block_size // 4, 2 * QUANT_BLOCK.value if quant else 1)
+    if quant:
+        return min(block_size, QUANT_BLOCK.value * max(num_warps, 2))
     return min(block_size, 32 * num_warps * TAIL_ELEMS_PER_THREAD[compute_dtype.itemsize])
 
 
-def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool) -> int:
+def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
+                   quant: int = 0) -> int:
     """Elements per iteration of the full-block path: the whole block, except with
-    stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread). The interpreter
-    takes half a block so the loop is tested."""
+    stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread) and quantized state
+    (``QUANT_ELEMS_PER_THREAD``). The interpreter takes half a block so the loop is
+    tested."""
+    if quant:
+        # The interpreter takes half a block so the loop is tested.
+        full = block_size // 2 if interpreted() else 32 * num_warps * QUANT_ELEMS_PER_THREAD
+        return min(block_size, max(full, QUANT_MIN_FULL))
     if not stochastic_rounding:
         return block_size
     if interpreted():
         return max(block_size // 2, 1)
     return min(block_size, 32 * num_warps * SR_ELEMS_PER_THREAD)
+
+
+def quant_vec(param_dtype, grad_dtype, master, full: int, num_warps: int) -> int:
+    """Elements per access of a quantized variant's full path: 8 when params, grads and
+    the master's remainder are 2 bytes wide (16-byte accesses), else 4; never more than a
+    thread holds (its scales are read and written as one group per thread)."""
+    narrow = param_dtype.itemsize == 2 and grad_dtype.itemsize == 2 and int(master) != MASTER_FP32
+    return min(8 if narrow else 4, max(full // (32 * num_warps), 1))
 
 
 def interpreted() -> bool:
@@ -90,8 +122,15 @@ def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax
                       decoupled_wd: bool = False, coupled_wd: bool = False, found_inf: bool = False,
                       persistent: bool = False) -> dict:
     """The update kernel's constexpr arguments for one variant (torch dtypes as given)."""
+    quant = key.quant
+    if quant and key.param_dtype == torch.float64:
+        raise ValueError("quantized state is for float32, float16 and bfloat16 params")
+    if quant and block_size % QUANT_MIN_FULL:
+        raise ValueError(f"quantized state needs blocks of a multiple of {QUANT_MIN_FULL} elements, "
+                         f"got {block_size}")
     cdtype = key.compute_dtype
-    return {
+    full = full_sub_block(block_size, num_warps, key.stochastic_rounding, quant)
+    flags = {
         "P_DTYPE": key.param_dtype,
         "G_DTYPE": key.grad_dtype,
         "CDTYPE": cdtype,
@@ -105,9 +144,14 @@ def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax
         "HAS_FOUND_INF": found_inf,
         "PERSISTENT": persistent,
         "BLOCK": block_size,
-        "SUB": tail_sub_block(block_size, num_warps, cdtype),
-        "FULL": full_sub_block(block_size, num_warps, key.stochastic_rounding),
+        "SUB": tail_sub_block(block_size, num_warps, cdtype, quant),
+        "FULL": full,
     }
+    if quant:
+        # Left out otherwise: the unquantized variants compile (and cache) as before.
+        flags["QUANT"] = quant
+        flags["QVEC"] = quant_vec(key.param_dtype, key.grad_dtype, key.master, full, num_warps)
+    return flags
 
 
 def norm_kind(norm_type: float) -> int:

@@ -20,7 +20,12 @@ COL_MASTER = tl.constexpr(4)  # fp32 master copy, or the int16 remainder of one
 COL_NUMEL = tl.constexpr(5)
 COL_STEP = tl.constexpr(6)  # this param's 0-dim float32 step tensor
 COL_KEY = tl.constexpr(7)  # Philox key of this tensor's stochastic rounding
-TABLE_COLUMNS = tl.constexpr(8)  # rows start on 64-byte boundaries
+# Quantized state (QUANT = 8 or 4): COL_EXP_AVG, COL_SECOND and COL_MAX point at uint8
+# codes, these at the bf16 scales of the same moments (one per QUANT_BLOCK elements).
+COL_EXP_AVG_SCALE = tl.constexpr(8)
+COL_SECOND_SCALE = tl.constexpr(9)
+COL_MAX_SCALE = tl.constexpr(10)
+TABLE_COLUMNS = tl.constexpr(16)  # rows start on 128-byte boundaries
 
 # Block map entries (int64): the program's table row in the high half, the block's index
 # within its tensor in the low half; one map per bucket and block size.
@@ -65,6 +70,12 @@ GROUP_POINTER_COLUMNS = tl.constexpr(6)
 MASTER_NONE = tl.constexpr(0)
 MASTER_FP32 = tl.constexpr(1)  # fp32 master weights
 MASTER_REMAINDER = tl.constexpr(2)  # bf16 param + int16 low half: the exact fp32 master
+
+# Quantized state: elements per scale, counted from each tensor's element 0 (so from each
+# local shard's, under FSDP). Fixed, not tuned: every launch config gives the same bits.
+# It divides every block of the config space (512..4096), and the masked path's layout
+# assumes this value (kernels/quant.py).
+QUANT_BLOCK = tl.constexpr(64)
 
 # Clip buffer (float64), one per optimizer: what clip_grad_norm_ leaves for the next step.
 CLIP_COEF = tl.constexpr(0)  # min(1, max_norm / (norm + 1e-6)), folded into S_GMUL

@@ -1,0 +1,259 @@
+"""Blockwise 8-bit and 4-bit optimizer state, decoded and re-encoded in registers by the
+update kernel (``QUANT`` = 8 or 4). ``tritonadam.quantize`` is the same codec in plain
+torch, bit for bit; docs/quantization.md has the format, the measurements behind the
+maps, and how a state format allocates the tensors.
+
+Per moment: codes (uint8; 4-bit: two per byte, element 2i in the low nibble of byte i)
+and one bf16 scale per ``QUANT_BLOCK`` elements, counted from the tensor's element 0.
+
+The maps are written so that the bits never depend on how the compiler schedules the
+arithmetic (FMA contraction) or on approximate functions: decoding is an integer
+polynomial of the code times constants, and encoding counts the thresholds below the
+value, each made exactly from integers (nearest: the midpoint between two codes'
+values; stochastic: a point drawn between them).
+"""
+import triton
+import triton.language as tl
+
+from .layout import QUANT_BLOCK
+
+
+@triton.jit
+def magnitude_bits(x):
+    """|x| as int32 bits: for non-negative floats integer order is float order, and a NaN
+    sorts above inf, so an integer max over a block is its absmax with NaN propagated
+    (a float max drops NaN on the GPU and keeps it in the interpreter)."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def round_scale(absmax_bits):
+    """The block's scale from its absmax's bits: rounded up to bf16 (so every |x| / scale
+    <= 1), as fp32. NaN becomes the quiet NaN (the block then decodes to NaN), 0 stays 0."""
+    up = tl.where(absmax_bits > 0x7F800000, 0x7FC00000, (absmax_bits + 0xFFFF) & 0x7FFF0000)
+    return up.to(tl.float32, bitcast=True)
+
+
+# ---- maps -------------------------------------------------------------------------------
+# Signed (exp_avg): code k in -K..K, |value| = scale * k^2 / K^2 (sqrt companding).
+# Positive (exp_avg_sq, exp_inf, max_exp_avg_sq): code c in 0..N-1, no zero:
+#   value = scale * (c + 1)^2 / N^2.
+# K = 127, N = 256 (8-bit); K = 7, N = 16 (4-bit).
+# Codes travel as fp32 holding small integers: their arithmetic is exact there, and
+# integer arithmetic costs the interpreter an overflow check per operation.
+
+
+@triton.jit
+def decode(codes, scale, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 values of ``codes`` (fp32 integers; signed: -K..K, positive: 0..N-1) in blocks
+    of ``scale`` (fp32, broadcast to the codes' shape). Scale 0 decodes to 0."""
+    L: tl.constexpr = (1 << (BITS - 1)) - 1 if SIGNED else 1 << BITS
+    # q^2 is exact; 1 / N^2 is a power of two, 1 / K^2 is rounded once to fp32 (the host
+    # multiplies by the same float).
+    if SIGNED:
+        mag = (codes * codes) * (1.0 / (L * L)) * scale
+        return tl.where(codes < 0, -mag, mag)
+    else:
+        q = codes + 1.0
+        return (q * q) * (1.0 / (L * L)) * scale
+
+
+@triton.jit
+def _above(a, scale, q, weight, L: tl.constexpr):
+    """1.0 where ``a`` lies above the threshold between levels q and q + 1 (values q^2 / L^2
+    of the scale), weight / 2**17 of the way up the gap. q^2 is exact, the product
+    weight * (2q + 1) is rounded once and its scaling by 2**-17 is exact, so the sum's one
+    rounding is the same fused or not; the rest are single products compared."""
+    frac = (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
+    thr = q * q + frac
+    return tl.where(a > scale * (thr * (1.0 / (L * L))), 1.0, 0.0)
+
+
+@triton.jit
+def encode(x, scale, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """Codes (fp32 integers) of fp32 ``x`` in blocks of ``scale`` (``inv`` ~ 1 / scale, 0
+    where the scale is 0; both broadcast to x's shape).
+
+    ``weight``: where between two neighbouring codes' values the value must lie to take
+    the upper one, in units of 2**-17 of the gap, as fp32 (2r + 1 for 16 random bits r:
+    stochastic, unbiased in the value domain to within 2**-17 of a gap; 2**16: nearest,
+    ties down).
+
+    The code is the number of thresholds below |x|. Companding (an approximate square
+    root: no IEEE slow paths, whose subroutines cost registers) only finds the bracket,
+    always within one code of the answer, and two exact comparisons settle it: the bits
+    never depend on the square root, the reciprocal or how they are rounded.
+    """
+    L: tl.constexpr = (1 << (BITS - 1)) - 1 if SIGNED else 1 << BITS
+    Q0: tl.constexpr = 0 if SIGNED else 1  # the level of code 0
+    TOP: tl.constexpr = L if SIGNED else L - 1  # the highest code
+    a = tl.abs(x)
+    y = a * inv
+    # NaN (a NaN block, or inf / inf) lands on the top code; the NaN scale decodes it.
+    y = tl.where(y < 1.0, y, 1.0)
+    near = tl.floor(tl.sqrt(y) * L) - Q0
+    lo = tl.minimum(tl.maximum(near, 1.0), TOP - 1.0)
+    code = (lo - 1.0) + _above(a, scale, lo + (Q0 - 1.0), weight, L) + _above(a, scale, lo + Q0, weight, L)
+    if SIGNED:
+        code = tl.where(x < 0, -code, code)
+    return code
+
+
+# ---- moments in memory ------------------------------------------------------------------
+# Two layouts of the elements a program steps at once:
+# - full path (aligned, unmasked): (R, QUANT_BLOCK), each thread VEC contiguous elements
+#   of one row, a row within one warp: the block's absmax is a warp reduction (shuffles).
+# - masked path (tails, misaligned views; scalar accesses): (2, R, 32), one element per
+#   lane and access, a row of 64 per warp with its two halves in registers (8-bit: the
+#   halves of the row; 4-bit: the two elements of each byte). A row of one element per
+#   lane would span two warps, and its reduction would go through shared memory.
+# Scales are read and written as VEC-groups (see _group): a pointer to one scale per row,
+# broadcast along the row, makes Triton pick another layout for it and move every value
+# through shared memory to match.
+
+
+@triton.jit
+def _group(R: tl.constexpr, C: tl.constexpr, G: tl.constexpr):
+    """(R, C) offsets into the scales where row r's G-group of lanes reads or writes the
+    G scales of rows G*(r // G) .. G*(r // G) + G - 1 (contiguous, so the access keeps the
+    rows' layout), and where row r's own scale sits in it."""
+    row = tl.arange(0, R)[:, None]
+    col = tl.arange(0, C)[None, :]
+    return (row // G) * G + col % G, (col % G) == (row % G)
+
+
+@triton.jit
+def _tail_offsets(R: tl.constexpr, BITS: tl.constexpr):
+    """Element offsets (2, R, 32) of the masked path's layout (see above)."""
+    tl.static_assert(QUANT_BLOCK == 64, "the masked path's layout is written for 64-element blocks")
+    r = tl.arange(0, R)[None, :, None]
+    lane = tl.arange(0, 32)[None, None, :]
+    if BITS == 8:
+        return r * 64 + tl.arange(0, 2)[:, None, None] * 32 + lane
+    else:
+        # The pair index, through an integer division Triton's axis analysis does not see
+        # through: seen as contiguous it would become the fastest dimension (across lanes).
+        k = (tl.arange(0, 2) * 2) // 2
+        return r * 64 + lane * 2 + k[:, None, None]
+
+
+@triton.jit
+def full_offsets(CHUNK: tl.constexpr):
+    """Element offsets (R, QUANT_BLOCK) of CHUNK aligned elements."""
+    col = tl.max_contiguous(tl.multiple_of(tl.arange(0, QUANT_BLOCK), QUANT_BLOCK), QUANT_BLOCK)
+    return tl.arange(0, CHUNK // QUANT_BLOCK)[:, None] * QUANT_BLOCK + col[None, :]
+
+
+@triton.jit
+def tail_offsets(SUB: tl.constexpr, BITS: tl.constexpr):
+    return _tail_offsets(SUB // QUANT_BLOCK, BITS)
+
+
+@triton.jit
+def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.constexpr,
+                TAIL: tl.constexpr, VEC: tl.constexpr):
+    """fp32 values of the moment's elements at ``offs`` (full_offsets or tail_offsets;
+    ``n``: elements valid from offset 0, masked path only). Pointers are at the chunk's
+    first element, byte and scale."""
+    if TAIL:
+        R: tl.constexpr = offs.shape[1]
+        mask = offs < n
+        if BITS == 8:
+            codes = tl.load(codes_ptr + offs, mask=mask)
+        else:
+            b_offs = tl.arange(0, R)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            byte = tl.load(codes_ptr + b_offs, mask=b_offs * 2 < n)
+            codes = _unpack_tail(byte, offs)
+        # The row index through a division: seen as contiguous across rows, Triton would
+        # give the broadcast pointer a layout of its own.
+        scale = tl.load(scale_ptr + offs // QUANT_BLOCK, mask=mask).to(tl.float32)
+    else:
+        R: tl.constexpr = offs.shape[0]
+        if BITS == 8:
+            codes = tl.load(codes_ptr + offs)
+        else:
+            half = tl.max_contiguous(tl.multiple_of(tl.arange(0, QUANT_BLOCK // 2), QUANT_BLOCK // 2),
+                                     QUANT_BLOCK // 2)
+            byte = tl.load(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :])
+            codes = _unpack_full(byte, R)
+        s_offs, own = _group(R, QUANT_BLOCK, VEC)
+        group = tl.where(own, tl.load(scale_ptr + s_offs).to(tl.float32), 0.0)
+        # Each thread holds its row's VEC-group: picking its own scale is a sum in registers.
+        group = tl.reshape(group, (R, QUANT_BLOCK // VEC, VEC))
+        scale = tl.broadcast_to(tl.sum(group, axis=2)[:, :, None], (R, QUANT_BLOCK // VEC, VEC))
+        scale = tl.reshape(scale, (R, QUANT_BLOCK))
+    return decode(_code_values(codes, BITS, SIGNED), scale, BITS, SIGNED)
+
+
+@triton.jit
+def _code_values(codes, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 codes from stored bits (8-bit: uint8, signed as int8; 4-bit: a nibble in an
+    int32, signed as 4-bit two's complement)."""
+    if BITS == 8:
+        if SIGNED:
+            return codes.to(tl.int8, bitcast=True).to(tl.float32)
+        else:
+            return codes.to(tl.float32)
+    else:
+        if SIGNED:
+            return (codes ^ 8).to(tl.float32) - 8.0
+        else:
+            return codes.to(tl.float32)
+
+
+@triton.jit
+def _unpack_full(byte, R: tl.constexpr):
+    byte = byte.to(tl.int32)
+    return tl.reshape(tl.join(byte & 15, byte >> 4), (R, QUANT_BLOCK))
+
+
+@triton.jit
+def _unpack_tail(byte, offs):
+    byte = byte.to(tl.int32)[None, :, :]
+    return tl.where((offs & 1) == 0, byte & 15, byte >> 4)
+
+
+@triton.jit
+def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
+                 SIGNED: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr,
+                 SR: tl.constexpr):
+    """Encode fp32 ``x`` (at ``offs``, as in load_moment) with fresh block scales and store
+    codes and scales. ``random``: 16 random bits per element (SR), else unused."""
+    if SR:
+        weight = (random & 0xFFFF).to(tl.float32) * 2.0 + 1.0
+    else:
+        weight = 65536.0
+    if TAIL:
+        R: tl.constexpr = offs.shape[1]
+        mask = offs < n
+        # Elements past the end count for nothing (their loads are undefined).
+        mag = tl.where(mask, magnitude_bits(x), 0)
+        scale = round_scale(tl.max(tl.max(mag, axis=0), axis=1))
+        inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+        codes = encode(x, scale[None, :, None], inv[None, :, None], weight, BITS, SIGNED).to(tl.int32)
+        if BITS == 8:
+            tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8), mask=mask)
+        else:
+            codes = tl.where(mask, codes & 15, 0)
+            byte = tl.sum(tl.where((offs & 1) == 0, codes, codes << 4), axis=0)
+            b_offs = tl.arange(0, R)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            tl.store(codes_ptr + b_offs, byte.to(tl.uint8), mask=b_offs * 2 < n)
+        s_offs, own = _group(R, 32, 2)
+        s_own = own & (tl.arange(0, R)[:, None] * QUANT_BLOCK < n)
+        tl.store(scale_ptr + s_offs, tl.broadcast_to(scale[:, None], (R, 32)).to(tl.bfloat16), mask=s_own)
+    else:
+        R: tl.constexpr = offs.shape[0]
+        scale = round_scale(tl.max(magnitude_bits(x), axis=1))
+        inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+        codes = encode(x, scale[:, None], inv[:, None], weight, BITS, SIGNED).to(tl.int32)
+        if BITS == 8:
+            tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8))
+        else:
+            lo, hi = tl.split(tl.reshape(codes & 15, (R, QUANT_BLOCK // 2, 2)))
+            half = tl.max_contiguous(tl.multiple_of(tl.arange(0, QUANT_BLOCK // 2), QUANT_BLOCK // 2),
+                                     QUANT_BLOCK // 2)
+            tl.store(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :],
+                     (lo | (hi << 4)).to(tl.uint8))
+        s_offs, own = _group(R, QUANT_BLOCK, VEC)
+        tl.store(scale_ptr + s_offs, tl.broadcast_to(scale[:, None], (R, QUANT_BLOCK)).to(tl.bfloat16),
+                 mask=own)

@@ -1,0 +1,167 @@
+"""Blockwise 8-bit and 4-bit optimizer state in plain torch: the update kernel's codec
+(``tritonadam/kernels/quant.py``), bit for bit, for converting state on load and export
+and as the tests' reference.
+
+A quantized moment of ``numel`` elements is two flat tensors:
+
+- ``codes``: uint8, ``numel`` bytes (8-bit) or ``(numel + 1) // 2`` (4-bit: element 2i in
+  the low nibble of byte i, element 2i + 1 in the high nibble; the high nibble of an odd
+  tensor's last byte is 0);
+- ``scales``: bfloat16, one per ``QUANT_BLOCK`` elements counted from element 0 (the last
+  block may be partial): the block's absmax rounded up to bf16.
+
+Two maps (docs/quantization.md has the measurements behind them):
+
+- signed (``exp_avg``): code k in -K..K (int8 two's complement; 4-bit: a 4-bit two's
+  complement nibble), value = scale * sign(k) * k**2 / K**2, K = 127 or 7;
+- positive (``exp_avg_sq``, ``max_exp_avg_sq``, AdaMax's ``exp_inf``): code c in 0..N-1,
+  value = scale * (c + 1)**2 / N**2, N = 256 or 16: no code decodes to 0, so a second
+  moment is never 0 unless its whole block is (scale 0, as a fresh state).
+
+Encoding rounds to the nearest code in the value domain (ties down), or stochastically
+with 16 random bits per element: up with probability (x - lo) / (hi - lo) to within
+2**-17, so E[decode(encode(x))] = x (unbiased in the value domain). Values are encoded
+from fp32; a NaN in a block makes its scale NaN and the block decodes to NaN.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels.layout import QUANT_BLOCK as _QB
+
+__all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "dequantize"]
+
+QUANT_BLOCK = _QB.value
+_F32 = torch.float32
+
+
+def code_bytes(numel: int, bits: int) -> int:
+    """Bytes of codes for ``numel`` elements."""
+    _check_bits(bits)
+    return numel if bits == 8 else (numel + 1) // 2
+
+
+def num_scales(numel: int) -> int:
+    return -(-numel // QUANT_BLOCK)
+
+
+def state_bytes(numel: int, bits: int) -> int:
+    """Bytes one quantized moment of ``numel`` elements holds (codes and scales)."""
+    return code_bytes(numel, bits) + 2 * num_scales(numel)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+
+
+def _levels(bits: int, signed: bool) -> int:
+    return (1 << (bits - 1)) - 1 if signed else 1 << bits
+
+
+def _magnitude_bits(x: Tensor) -> Tensor:
+    return x.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def round_scale(absmax_bits: Tensor) -> Tensor:
+    """The kernel's scale from the int bits of a block's absmax (see ``quantize``):
+    rounded up to bf16, NaN as the quiet NaN, as fp32."""
+    up = torch.where(absmax_bits > 0x7F800000, 0x7FC00000, (absmax_bits + 0xFFFF) & 0x7FFF0000)
+    return up.to(torch.int32).view(_F32)
+
+
+def _blocks(x: Tensor) -> tuple[Tensor, int]:
+    flat = x.detach().reshape(-1).to(_F32)
+    numel = flat.numel()
+    pad = (-numel) % QUANT_BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, QUANT_BLOCK), numel
+
+
+def _above(a: Tensor, scale: Tensor, q: Tensor, weight, levels: int) -> Tensor:
+    frac = (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
+    thr = q * q + frac
+    return (a > scale * (thr * (1.0 / (levels * levels)))).to(_F32)
+
+
+def encode(x: Tensor, scale: Tensor, inv: Tensor, weight, bits: int, signed: bool) -> Tensor:
+    """Codes (fp32 integers) of fp32 ``x`` given broadcastable fp32 ``scale`` and ``inv``
+    (~1 / scale, 0 where scale is 0) and ``weight`` (2**16: nearest; 2r + 1 per element for
+    16 random bits r: stochastic): the number of thresholds below |x|, the kernel's
+    ``encode``."""
+    levels = _levels(bits, signed)
+    q0 = 0 if signed else 1
+    top = levels if signed else levels - 1
+    a = x.abs()
+    y = a * inv
+    y = torch.where(y < 1.0, y, torch.ones_like(y))
+    near = torch.floor(y.sqrt() * levels) - q0
+    lo = near.clamp(1.0, top - 1.0)
+    code = (lo - 1.0) + _above(a, scale, lo + (q0 - 1.0), weight, levels) + _above(a, scale, lo + q0, weight, levels)
+    if signed:
+        code = torch.where(x < 0, -code, code)
+    return code
+
+
+def decode(codes: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
+    """fp32 values of integer ``codes`` in blocks of broadcastable fp32 ``scale``."""
+    levels = _levels(bits, signed)
+    q = codes.to(_F32) if signed else codes.to(_F32) + 1.0
+    mag = (q * q) * (1.0 / (levels * levels)) * scale
+    return torch.where(q < 0, -mag, mag) if signed else mag
+
+
+def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of ``x`` (any shape, flattened; encoded from fp32).
+
+    ``random``: None to round to nearest, or 16 random bits per element (integers in
+    [0, 65536), ``x``'s number of elements) to round stochastically as the kernel does with
+    the same bits.
+    """
+    _check_bits(bits)
+    xb, numel = _blocks(x)
+    # The max of |x|'s bits: float order for non-negative values, NaN above inf.
+    absmax = _magnitude_bits(xb).amax(dim=1) if xb.numel() else torch.zeros(0, dtype=torch.int64)
+    scale = round_scale(absmax)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    inv = torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+    if random is None:
+        weight = 65536.0
+    else:
+        r = random.reshape(-1).to(torch.int64) & 0xFFFF
+        if r.numel() != numel:
+            raise ValueError(f"random has {r.numel()} values for {numel} elements")
+        weight = torch.cat([r, r.new_zeros(xb.numel() - numel)]).reshape(xb.shape).to(_F32) * 2.0 + 1.0
+    codes = encode(xb, scale[:, None], inv[:, None], weight, bits, signed).reshape(-1)[:numel]
+    codes = codes.to(torch.int64)
+    return _pack(codes, bits), scale.to(torch.bfloat16)
+
+
+def dequantize(codes: Tensor, scales: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
+    """The fp32 values (flat, ``numel``) that ``codes`` and ``scales`` hold."""
+    _check_bits(bits)
+    if codes.numel() != code_bytes(numel, bits) or scales.numel() != num_scales(numel):
+        raise ValueError(f"{codes.numel()} code bytes and {scales.numel()} scales do not hold "
+                         f"{numel} elements at {bits} bits")
+    k = _unpack(codes.reshape(-1), numel, bits, signed)
+    scale = scales.reshape(-1).to(_F32).repeat_interleave(QUANT_BLOCK)[:numel]
+    return decode(k, scale, bits, signed)
+
+
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    if bits == 8:
+        return (codes & 0xFF).to(torch.uint8)
+    nib = codes & 15
+    if nib.numel() % 2:
+        nib = torch.cat([nib, nib.new_zeros(1)])
+    return (nib[0::2] | (nib[1::2] << 4)).to(torch.uint8)
+
+
+def _unpack(codes: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
+    c = codes.to(torch.int64)
+    if bits == 8:
+        return torch.where(c >= 128, c - 256, c) if signed else c
+    nib = torch.stack([c & 15, c >> 4], dim=1).reshape(-1)[:numel]
+    return ((nib ^ 8) - 8) if signed else nib
