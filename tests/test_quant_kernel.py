@@ -17,7 +17,8 @@ from reference import Reference, assert_same_bits
 from tritonadam import quantize as Q
 from tritonadam.kernels import layout
 from tritonadam.kernels.launch import launch_prepare, launch_update
-from tritonadam.kernels.plan import Bucket, BucketKey, DeviceTables, rounding_key
+from tritonadam.kernels.plan import Bucket, DeviceTables, group_pointer_row, group_row, rounding_key
+from tritonadam.kernels.variant import BucketKey, Master
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 QB = Q.QUANT_BLOCK
@@ -250,14 +251,13 @@ class Run:
                 st["w"] = torch.zeros(n, dtype=torch.int16)
             self.state.append(st)
             vmax = st.get("vmax", (None, None))
-            rows.append(DeviceTables.row(p, st["m"][0], st["v"][0], vmax[0], st.get("w"), self.steps[i],
-                                         rounding_key(seed, i),
-                                         scales=(st["m"][1], st["v"][1], vmax[1])))
+            rows.append(DeviceTables.row(p, (st["m"][0], st["v"][0], vmax[0]), (st["m"][1], st["v"][1], vmax[1]),
+                                         st.get("w"), self.steps[i], rounding_key(seed, i)))
         self.tables = DeviceTables(torch.device("cpu"), rows, [0] * len(rows), 1)
         b1, b2 = HYPER["beta1"], HYPER["beta2"]
-        self.tables.set_groups((HYPER["lr"], b1, b2, 1 - b1, 1 - b2, HYPER["eps"], wd, float(decoupled),
-                                -1.0 if maximize else 1.0, 1.0), (0,) * 6)
-        key = BucketKey(dtype, self.grad_dtype, self.amsgrad, master, None, sr, quant=bits)
+        self.tables.set_groups(group_row(HYPER["lr"], b1, b2, HYPER["eps"], wd, decoupled=decoupled,
+                                         maximize=maximize, bias_correction=True), group_pointer_row())
+        key = BucketKey(dtype, self.grad_dtype, f"{bits}bit", self.amsgrad, Master(master), sr)
         self.bucket = Bucket(key, torch.device("cpu"), 0, np.asarray([p.numel() for p in params], dtype=np.int64))
         self.refs = [QuantReference(p, kind, bits, master=bool(master), amsgrad=self.amsgrad,
                                     stochastic_rounding=sr, key=rounding_key(seed, i))
@@ -295,7 +295,7 @@ class Run:
                 if st["w"].dtype == FP32:
                     assert_same_bits(st["w"], r.w)
                 else:
-                    from tritonadam.precision import join_master
+                    from tritonadam.state import join_master
                     assert_same_bits(join_master(p.detach(), st["w"]), r.w)
 
     def snapshot(self):

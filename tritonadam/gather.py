@@ -95,13 +95,14 @@ def _row(p: Tensor, grad: Tensor, index: int, state: dict, fmt, keys, amsgrad: b
     staging = None if is_dense(lp) else torch.empty(real.shape, dtype=real.dtype, device=real.device)
     revalidated = (staging is not None or not lp.is_contiguous() or grad is not local_tensor(p.grad)
                    or not grad.is_contiguous())
-    exp_avg, second, maximum, master = fmt.tensors(state, keys)
+    moments, master = fmt.tensors(state, keys)
+    data = tuple(m[0] for m in moments) + (None,) * (3 - len(moments))
+    scales = tuple(m[1] for m in moments) + (None,) * (3 - len(moments))
     kernel_param = staging if staging is not None else real
     return Row(
         param=p, grad=grad, group=index,
         key=fmt.bucket_key(kernel_param.dtype, as_real(grad).dtype, amsgrad),
-        exp_avg=exp_avg, exp_avg_sq=second, step=state["step"], max_exp_avg_sq=maximum,
-        master=master, rounding_key=key, revalidated=revalidated, staging=staging,
+        moments=data, scales=scales, step=state["step"], master=master, rounding_key=key, revalidated=revalidated, staging=staging,
         param_meta=param_meta(lp),
     )
 

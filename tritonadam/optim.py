@@ -19,7 +19,7 @@ from . import autotune, differentiable, gather
 from .clip import Clipper, check_max_norm, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import checked_extras
-from .state import StatePolicy, check_loadable, export_state, restore_loaded
+from .state import StatePolicy, check_loadable, export_full_state, export_state, restore_loaded
 from .step_cache import StepCache
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
@@ -123,6 +123,15 @@ class _TritonAdamBase(Optimizer):
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         sd["state"] = export_state(self._policy, params, sd["state"])
+        return sd
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The state dict with every moment at full precision (fp32) under torch.optim's
+        keys, whatever this optimizer stores: ``torch.optim.Adam``/``AdamW``/``Adamax``
+        (and any tritonadam optimizer) load it. Quantized moments are decoded; a master
+        copy is kept as ``master_param``."""
+        sd = super().state_dict()
+        sd["state"] = export_full_state(self._policy, self._algorithm, self.param_groups, sd["state"])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import quantize
 from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
 from .tensors import in_layout, is_dense, like, local_tensor
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
-    "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
+    "export_full_state", "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
 ]
 
 MASTER_KEY = "master_param"
@@ -90,6 +91,92 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
     return None
 
 
+QUANTIZED = {"8bit": 8, "4bit": 4}
+
+
+def codes_key(key: str, bits: int) -> str:
+    """The state key of moment ``key``'s codes at ``bits`` bits (e.g. ``exp_avg_8bit``)."""
+    return f"{key}_{bits}bit"
+
+
+def scales_key(key: str) -> str:
+    """The state key of moment ``key``'s block scales (``exp_avg_scales``)."""
+    return f"{key}_scales"
+
+
+def _quantized_bits(state: dict, key: str) -> int | None:
+    """The bits of the quantized form of moment ``key`` that ``state`` holds, if any."""
+    for bits in QUANTIZED.values():
+        if codes_key(key, bits) in state:
+            return bits
+    return None
+
+
+def _drop_forms(state: dict, key: str, keep: str | None = None) -> None:
+    """Remove every stored form of moment ``key`` but ``keep`` ("dense", or a bit count)."""
+    if keep != "dense":
+        state.pop(key, None)
+    for bits in QUANTIZED.values():
+        if keep != bits:
+            state.pop(codes_key(key, bits), None)
+    if keep in (None, "dense"):
+        state.pop(scales_key(key), None)
+
+
+def _signed(key: str) -> bool:
+    return key == "exp_avg"  # the others (second moments, their max) are never negative
+
+
+def _memory_order(lp: Tensor, value: Tensor) -> Tensor:
+    """``value`` (shaped like local param ``lp``) as a flat fp32 tensor in the order the
+    kernel steps ``lp``'s elements: its memory order (a non-dense param is stepped
+    through a contiguous staging copy: logical order)."""
+    if not is_dense(lp):
+        return value.detach().to(torch.float32).reshape(-1)
+    out = torch.empty_strided(lp.shape, lp.stride(), dtype=torch.float32, device=value.device)
+    out.copy_(value.detach())
+    return out.as_strided((lp.numel(),), (1,))
+
+
+def _logical(lp: Tensor, flat: Tensor) -> Tensor:
+    """The inverse of ``_memory_order``: a tensor shaped (and strided) like ``lp``."""
+    if not is_dense(lp):
+        return flat.reshape(lp.shape)
+    out = torch.empty_strided(lp.shape, lp.stride(), dtype=flat.dtype, device=flat.device)
+    out.as_strided((lp.numel(),), (1,)).copy_(flat)
+    return out
+
+
+def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | None:
+    """Why the quantized form of ``key`` cannot stand for ``p``'s moment, or None."""
+    codes, scales = state.get(codes_key(key, bits)), state.get(scales_key(key))
+    if not isinstance(codes, Tensor) or not isinstance(scales, Tensor):
+        return f"{codes_key(key, bits)} without {scales_key(key)}"
+    n = local_tensor(p).numel()
+    lc, ls = local_tensor(codes), local_tensor(scales)
+    if lc.numel() != quantize.code_bytes(n, bits) or ls.numel() != quantize.num_scales(n):
+        return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements "
+                f"(shape {tuple(p.shape)})")
+    if lc.dtype != torch.uint8 or not ls.is_floating_point():
+        return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
+    return None
+
+
+def read_moment(p: Tensor, key: str, state: dict) -> Tensor | None:
+    """Moment ``key`` of ``p`` at full precision, shaped like ``p``'s local tensor,
+    whichever form ``state`` holds it in (None if none)."""
+    lp = local_tensor(p)
+    if isinstance(state.get(key), Tensor):
+        return local_tensor(state[key]).detach()
+    bits = _quantized_bits(state, key)
+    if bits is None:
+        return None
+    codes = local_tensor(state[codes_key(key, bits)]).reshape(-1).to(lp.device)
+    scales = local_tensor(state[scales_key(key)]).reshape(-1).to(lp.device)
+    flat = quantize.dequantize(codes, scales, lp.numel(), bits, _signed(key))
+    return _logical(lp, flat)
+
+
 @dataclass(frozen=True)
 class DenseMoments:
     """Moments stored as plain tensors shaped like the param, in ``dtype``."""
@@ -104,10 +191,14 @@ class DenseMoments:
             self.dtype, str(self.dtype).replace("torch.", ""))
 
     def check(self, p: Tensor, key: str, state: dict, name: str) -> bool:
-        """Raise if ``state[key]`` cannot be stepped with ``p``; True if it must be
-        created or converted."""
+        """Raise if moment ``key`` of ``state`` cannot be stepped with ``p``; True if it
+        must be created or converted."""
         value = state.get(key)
         if value is None:
+            bits = _quantized_bits(state, key)
+            problem = None if bits is None else _quantized_problem(p, key, state, bits)
+            if problem is not None:
+                raise _stale(codes_key(key, bits), problem, name)
             return True
         problem = _tensor_problem(p, key, value, self.accepts, name)
         if problem is not None:
@@ -116,13 +207,118 @@ class DenseMoments:
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         value = state.get(key)
+        fmt = _memory_format(local_tensor(p))
         if value is None:
-            state[key] = torch.zeros_like(p, dtype=self.dtype, memory_format=_memory_format(local_tensor(p)))
+            full = read_moment(p, key, state)
+            if full is None:
+                state[key] = torch.zeros_like(p, dtype=self.dtype, memory_format=fmt)
+            else:
+                state[key] = like(p, self.dtype, fmt, full)
         else:
             state[key] = _fit(p, value, self.dtype)
+        _drop_forms(state, key, keep="dense")
+
+    def kernel_tensors(self, state: dict, key: str) -> tuple[Tensor, None]:
+        return state[key], None
+
+    def export(self, p: Tensor, key: str, saved: dict, out: dict) -> None:
+        out[key] = saved[key]
 
     def bytes_per_elem(self) -> float:
         return STATE_BYTES[self.name] * (2 if self.dtype.is_complex else 1)
+
+
+@dataclass(frozen=True)
+class QuantizedMoments:
+    """Moments stored as blockwise-quantized codes (``<key>_8bit`` or ``<key>_4bit``,
+    uint8, flat in the order the kernel steps the param's elements) and one bf16 scale
+    per ``QUANT_BLOCK`` elements (``<key>_scales``); see ``tritonadam.quantize``."""
+
+    bits: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.bits}bit"
+
+    def check(self, p: Tensor, key: str, state: dict, name: str) -> bool:
+        ck = codes_key(key, self.bits)
+        if ck in state:
+            problem = _quantized_problem(p, key, state, self.bits)
+            if problem is not None:
+                raise _stale(ck, problem, name)
+            lp = local_tensor(p)
+            return not all(
+                isinstance(t, Tensor) and t.device == lp.device and t.dim() == 1 and t.is_contiguous()
+                for t in (state[ck], state[scales_key(key)])
+            ) or state[scales_key(key)].dtype != torch.bfloat16
+        return DenseMoments(torch.float32, (torch.float32, torch.bfloat16)).check(p, key, state, name)
+
+    def prepare(self, p: Tensor, key: str, state: dict) -> None:
+        lp = local_tensor(p)
+        ck, sk = codes_key(key, self.bits), scales_key(key)
+        if ck in state:
+            state[ck] = local_tensor(state[ck]).detach().reshape(-1).to(lp.device).contiguous()
+            state[sk] = local_tensor(state[sk]).detach().reshape(-1).to(lp.device, torch.bfloat16).contiguous()
+        else:
+            full = read_moment(p, key, state)
+            if full is None:  # a fresh moment: every scale 0 decodes to exactly 0
+                codes = torch.zeros(quantize.code_bytes(lp.numel(), self.bits), dtype=torch.uint8, device=lp.device)
+                scales = torch.zeros(quantize.num_scales(lp.numel()), dtype=torch.bfloat16, device=lp.device)
+            else:
+                codes, scales = quantize.quantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
+            state[ck], state[sk] = codes, scales
+        _drop_forms(state, key, keep=self.bits)
+
+    def kernel_tensors(self, state: dict, key: str) -> tuple[Tensor, Tensor]:
+        return state[codes_key(key, self.bits)], state[scales_key(key)]
+
+    def export(self, p: Tensor, key: str, saved: dict, out: dict) -> None:
+        """Codes and scales shaped by the param's rows where blocks fall on row boundaries
+        (then any sharding along dim 0 splits them where it splits the param: DCP
+        reshards them with it); otherwise, and only for DTensor params, whose blocks
+        start at each shard, the moment at full precision (fp32, like the param)."""
+        ck, sk = codes_key(key, self.bits), scales_key(key)
+        codes, scales = saved[ck], saved[sk]
+        lp = local_tensor(p)
+        rows = _block_rows(p)
+        if rows is None:
+            if lp is p:
+                out[ck], out[sk] = codes, scales
+            else:
+                flat = quantize.dequantize(codes, scales, lp.numel(), self.bits, _signed(key))
+                out[key] = like(p, torch.float32, torch.preserve_format, _logical(lp, flat))
+            return
+        local_rows, global_rows = lp.shape[0] if lp.dim() else 1, rows
+        per_row = lp.numel() // max(local_rows, 1) if local_rows else p.numel() // max(global_rows, 1)
+        shapes = {ck: per_row // (8 // self.bits), sk: per_row // quantize.QUANT_BLOCK}
+        for k, t in ((ck, codes), (sk, scales)):
+            local = t.reshape(local_rows, shapes[k])
+            out[k] = local if lp is p else _as_dtensor(p, local, (global_rows, shapes[k]))
+
+    def bytes_per_elem(self) -> float:
+        return STATE_BYTES[self.name]
+
+
+def _block_rows(p: Tensor) -> int | None:
+    """Dim 0 of ``p`` when quantization blocks fall on its row boundaries (rows of a
+    multiple of QUANT_BLOCK elements, a contiguous local tensor, sharded along dim 0 at
+    most), else None."""
+    lp = local_tensor(p)
+    if p.dim() == 0 or p.shape[0] == 0 or not lp.is_contiguous():
+        return None
+    per_row = p.numel() // p.shape[0]
+    if per_row % quantize.QUANT_BLOCK:
+        return None
+    if lp is not p and any(pl.is_shard() and pl.dim != 0 or pl.is_partial() for pl in p.placements):
+        return None
+    return p.shape[0]
+
+
+def _as_dtensor(p: Tensor, local: Tensor, shape: tuple) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    stride = (shape[1], 1)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
 @dataclass(frozen=True)
@@ -151,7 +347,8 @@ class ParamFormat:
         """
         if not state:
             return True
-        missing = [k for k in ("step",) + keys[:2] if k not in state]
+        missing = [k for k in ("step",) + keys[:2]
+                   if k not in state and (k == "step" or _quantized_bits(state, k) is None)]
         if missing:
             raise RuntimeError(
                 f"tritonadam.{name}: the state of a param of shape {tuple(p.shape)} has "
@@ -221,18 +418,35 @@ class ParamFormat:
     def export(self, p: Tensor, saved: dict) -> dict:
         """``saved`` (this param's entry of torch's state dict) as ``state_dict()`` gives
         it: a remainder becomes the fp32 master it stands for, so the checkpoint loads
-        into either master mode and into torch.optim."""
-        if self.master != Master.REMAINDER or REMAINDER_KEY not in saved:
-            return saved
-        out = {k: v for k, v in saved.items() if k != REMAINDER_KEY}
-        joined = join_master(local_tensor(p), local_tensor(saved[REMAINDER_KEY]))
-        out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
+        into either master mode and into torch.optim; quantized moments keep their codes
+        and scales, shaped so that DCP can reshard them (``QuantizedMoments.export``)."""
+        out = dict(saved)
+        if isinstance(self.moments, QuantizedMoments):
+            suffix = f"_{self.moments.bits}bit"
+            for ck in [k for k in saved if k.endswith(suffix)]:
+                key = ck[: -len(suffix)]
+                out.pop(ck), out.pop(scales_key(key), None)
+                self.moments.export(p, key, saved, out)
+        if self.master == Master.REMAINDER and REMAINDER_KEY in saved:
+            del out[REMAINDER_KEY]
+            joined = join_master(local_tensor(p), local_tensor(saved[REMAINDER_KEY]))
+            out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
+        return out
+
+    def export_full(self, p: Tensor, state: dict, keys: tuple[str, ...]) -> dict:
+        """This param's state as torch.optim keeps it: every moment at full precision
+        (fp32) under torch's keys, the master as ``master_param``."""
+        out = {k: v for k, v in self.export(p, state).items()
+               if not (k.endswith("bit") or k.endswith("_scales"))}
+        for key in keys:
+            full = read_moment(p, key, state)
+            out[key] = like(p, torch.float32, torch.preserve_format, full) if full is not None else out.get(key)
         return out
 
     def tensors(self, state: dict, keys: tuple[str, ...]) -> tuple:
-        """(exp_avg, second moment, max_exp_avg_sq or None, master or None) of ``state``."""
-        return (state[keys[0]], state[keys[1]], state[keys[2]] if len(keys) > 2 else None,
-                state[self.master_key] if self.master_key else None)
+        """(data, scales or None) of each moment in ``keys`` order, and the master or None."""
+        moments = tuple(self.moments.kernel_tensors(state, key) for key in keys)
+        return moments, state[self.master_key] if self.master_key else None
 
     def bucket_key(self, param_dtype: torch.dtype, grad_dtype: torch.dtype, amsgrad: bool) -> BucketKey:
         """The launch this param's tensors join (dtypes of the real views for complex)."""
@@ -244,6 +458,20 @@ def export_state(policy: "StatePolicy", params: list[Tensor], saved: dict) -> di
     form (``saved`` is keyed by the params' indices)."""
     return {i: policy.format(params[i]).export(params[i], value) if i < len(params) else value
             for i, value in saved.items()}
+
+
+def export_full_state(policy: "StatePolicy", algorithm: str, param_groups: list[dict], saved: dict) -> dict:
+    """torch's ``state_dict()["state"]`` with every moment at full precision under
+    torch.optim's keys (see ``ParamFormat.export_full``)."""
+    pairs = [(p, g) for g in param_groups for p in g["params"]]
+    out = {}
+    for i, value in saved.items():
+        if i < len(pairs):
+            p, group = pairs[i]
+            value = policy.format(p).export_full(p, value, moment_keys(algorithm, group.get("amsgrad", False)))
+            value.pop(SEED_KEY, None)
+        out[i] = value
+    return out
 
 
 def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_dict: dict) -> None:
@@ -262,7 +490,7 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
             state = saved_state.get(saved_id)
             if not state:
                 continue
-            missing = [k for k in required if k not in state]
+            missing = [k for k in required if k not in state and (k == "step" or _quantized_bits(state, k) is None)]
             if missing:
                 other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
                 hint = f" (it looks like a state dict of {other})" if other and other != name else ""
@@ -276,12 +504,29 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
             for key, value in state.items():
                 if key in ("step", SEED_KEY) or not isinstance(value, Tensor):
                     continue
+                expected = _saved_numel(key, p.numel())
+                if expected is not None:
+                    if value.numel() != expected:
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
+                                         f"elements where a param of shape {tuple(p.shape)} needs {expected}")
+                    continue
                 if value.shape != p.shape:
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
                 if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
                                      f"{value.dtype}, expected a floating point tensor")
+
+
+def _saved_numel(key: str, numel: int) -> int | None:
+    """The elements a quantized moment's codes or scales hold for ``numel`` params, or
+    None when ``key`` is not one of theirs."""
+    if key.endswith("_scales"):
+        return quantize.num_scales(numel)
+    for bits in QUANTIZED.values():
+        if key.endswith(f"_{bits}bit"):
+            return quantize.code_bytes(numel, bits)
+    return None
 
 
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
@@ -321,7 +566,7 @@ class StatePolicy:
     """An optimizer's state options, and the :class:`ParamFormat` each param gets."""
 
     master_weights: bool | str = False  # False, True or "remainder"
-    state_dtype: torch.dtype | None = None  # None: fp32 (fp64 for fp64 params)
+    state_dtype: torch.dtype | str | None = None  # None: fp32 (fp64 for fp64 params); "8bit", "4bit"
     stochastic_rounding: bool = False
 
     @classmethod
@@ -329,18 +574,19 @@ class StatePolicy:
         """The options, or a ValueError saying which combination cannot work and why."""
         if master_weights not in (False, True, "remainder"):
             raise ValueError(f"Invalid master_weights: {master_weights!r} (False, True or 'remainder')")
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
+        if state_dtype not in (None, torch.float32, torch.bfloat16, *QUANTIZED):
             raise ValueError(
-                f"Invalid state_dtype: {state_dtype!r} (None for float32, or torch.bfloat16)"
+                f"Invalid state_dtype: {state_dtype!r} (None for float32, torch.bfloat16, "
+                "or '8bit' / '4bit' for blockwise-quantized moments)"
             )
         if not isinstance(stochastic_rounding, bool):
             raise ValueError(f"Invalid stochastic_rounding: {stochastic_rounding!r} (True or False)")
-        if stochastic_rounding and master_weights and state_dtype != torch.bfloat16:
+        if stochastic_rounding and master_weights and state_dtype in (None, torch.float32):
             raise ValueError(
-                f"tritonadam.{name}: stochastic_rounding=True rounds what is kept in 16 bits "
-                f"without a master copy (params, bf16 state); with master_weights={master_weights!r} "
-                "and float32 state nothing is: drop one of the two, or add "
-                "state_dtype=torch.bfloat16"
+                f"tritonadam.{name}: stochastic_rounding=True rounds what is kept in 16 bits or "
+                f"fewer without a master copy (params, bf16 or quantized state); with "
+                f"master_weights={master_weights!r} and float32 state nothing is: drop one of the "
+                "two, or add state_dtype=torch.bfloat16, '8bit' or '4bit'"
             )
         return cls(master_weights, state_dtype if state_dtype != torch.float32 else None,
                    stochastic_rounding)
@@ -379,13 +625,15 @@ class StatePolicy:
             moments = DenseMoments(dtype, (dtype,))  # complex state, as torch.optim keeps it
         elif dtype == torch.float64:
             moments = DenseMoments(torch.float64, (torch.float64,))
+        elif self.state_dtype in QUANTIZED:
+            moments = QuantizedMoments(QUANTIZED[self.state_dtype])
         else:
             moments = DenseMoments(self.state_dtype or torch.float32, (torch.float32, torch.bfloat16))
         master = Master.NONE
         if self.master_weights and dtype in LOW_PRECISION:
             master = Master.REMAINDER if self.master_weights == "remainder" else Master.FP32
         param_rounded = dtype in LOW_PRECISION and master == Master.NONE
-        stochastic = self.stochastic_rounding and (param_rounded or moments.dtype == torch.bfloat16)
+        stochastic = self.stochastic_rounding and (param_rounded or moments.name != "float32")
         return ParamFormat(moments, master, stochastic)
 
 

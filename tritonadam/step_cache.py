@@ -44,10 +44,11 @@ class Row:
     grad: Tensor  # local grad, in the param's layout
     group: int  # index into param_groups
     key: BucketKey  # the launch it joins
-    exp_avg: Tensor
-    exp_avg_sq: Tensor  # the second-moment slot: exp_avg_sq, or AdaMax's exp_inf
+    # exp_avg, the second moment (exp_avg_sq, or AdaMax's exp_inf), and AMSGrad's
+    # max_exp_avg_sq: the tensors themselves, or their codes where they are quantized
+    moments: tuple
+    scales: tuple  # the quantized moments' scales, one per moment, else Nones
     step: Tensor
-    max_exp_avg_sq: Tensor | None = None  # AMSGrad
     master: Tensor | None = None  # fp32 master, or the int16 remainder of one
     rounding_key: int = 0  # Philox key of its stochastic rounding (kernels.plan.rounding_key)
     # Checked one by one on every step instead of by the C-level passes: non-dense params
@@ -169,7 +170,7 @@ class StepCache:
         self._state_values = list(state.values())
         self._state_version = _dict_version(state) if _dict_version is not None else None
         self._state_versions = self._versions(self._state_values)
-        self._moments = [local_tensor(r.exp_avg) for r in rows]
+        self._moments = [local_tensor(r.moments[0]) for r in rows]
         self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
         self._inactive = inactive
         batch = [r for r in rows if not r.revalidated]
@@ -189,9 +190,8 @@ class StepCache:
         # The tables hold raw pointers: keep what they point at alive, param storages
         # included (a detached alias survives ``p.data = ...``, so a stale row never
         # writes freed memory; the next check sees the new pointer and rebuilds).
-        self._keep = [(self._kernel_param(r).detach(), _local_alias(r.exp_avg), _local_alias(r.exp_avg_sq),
-                       _local_alias(r.max_exp_avg_sq), _local_alias(r.master), _local_alias(r.step),
-                       r.staging) for r in self._order]
+        self._keep = [(self._kernel_param(r).detach(), *map(_local_alias, r.moments + r.scales),
+                       _local_alias(r.master), _local_alias(r.step), r.staging) for r in self._order]
         self._hyper_staging: dict = {}
         self.devices: dict[torch.device, DeviceLaunches] = {}
         self._build_tables(len(group_lists))
@@ -223,8 +223,8 @@ class StepCache:
             order = [i for idx in buckets.values() for i in idx]
             rows = [self._order[i] for i in order]
             table_rows = [DeviceTables.row(
-                self._kernel_param(r), _kernel_view(r.exp_avg), _kernel_view(r.exp_avg_sq),
-                _kernel_view(r.max_exp_avg_sq), _kernel_view(r.master), local_tensor(r.step), r.rounding_key,
+                self._kernel_param(r), tuple(map(_kernel_view, r.moments)), tuple(map(_kernel_view, r.scales)),
+                _kernel_view(r.master), local_tensor(r.step), r.rounding_key,
             ) for r in rows]
             numels = np.asarray([self._kernel_param(r).numel() for r in rows], dtype=np.int64)
             dev = DeviceLaunches(DeviceTables(device, table_rows, [r.group for r in rows], num_groups))

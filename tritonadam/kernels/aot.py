@@ -71,15 +71,17 @@ def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict
 
 def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
                    param_dtype=torch.float32, grad_dtype=None, state_dtype=None, amsgrad=False,
-                   master=Master.NONE, stochastic_rounding=False, **flags):
+                   master=Master.NONE, stochastic_rounding=False, quant=0, **flags):
     """Compile one variant of the update kernel for ``cuda:sm_<arch>``.
 
     The bucket's dtypes and state (``state_dtype``: of the moments, default the compute
-    dtype; ``master``: a ``Master``, True meaning FP32), and the launcher's flags
+    dtype; ``quant``: 8 or 4 for blockwise-quantized moments instead; ``master``: a
+    ``Master``, True meaning FP32), and the launcher's flags
     (``adamax``, ``decoupled_wd``, ``coupled_wd``, ``found_inf``, ``persistent``).
     """
     compute = torch.float64 if param_dtype == torch.float64 else torch.float32
-    key = BucketKey(param_dtype, grad_dtype or param_dtype, dtype_name(state_dtype or compute),
+    state = f"{quant}bit" if quant else dtype_name(state_dtype or compute)
+    key = BucketKey(param_dtype, grad_dtype or param_dtype, state,
                     amsgrad and not flags.get("adamax", False), Master(int(master)), stochastic_rounding)
     constexprs = update_constexprs(key, block_size=block_size, num_warps=num_warps, **flags)
     return _compile(_adam_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)

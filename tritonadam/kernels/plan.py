@@ -165,18 +165,22 @@ class DeviceTables:
         self._group_pointers = None
 
     @staticmethod
-    def row(param, exp_avg, second, max_second, master, step, key: int = 0) -> list[int]:
-        """One tensor table row (``layout.COL_*``); ``key``: the tensor's
-        stochastic-rounding Philox key (``rounding_key``)."""
+    def row(param, moments: tuple, scales: tuple, master, step, key: int = 0) -> list[int]:
+        """One tensor table row (``layout.COL_*``). ``moments``: (exp_avg, the second
+        moment, max_exp_avg_sq or None); ``scales``: their scales where the moments are
+        quantized (uint8 codes), else Nones; ``key``: the tensor's stochastic-rounding
+        Philox key (``rounding_key``)."""
         row = [0] * layout.TABLE_COLUMNS.value
         row[layout.COL_PARAM.value] = param.data_ptr()
-        row[layout.COL_EXP_AVG.value] = exp_avg.data_ptr()
-        row[layout.COL_SECOND.value] = second.data_ptr()
-        row[layout.COL_MAX.value] = _ptr(max_second)
-        row[layout.COL_MASTER.value] = _ptr(master)
         row[layout.COL_NUMEL.value] = param.numel()
+        row[layout.COL_MASTER.value] = _ptr(master)
         row[layout.COL_STEP.value] = step.data_ptr()
         row[layout.COL_KEY.value] = key
+        columns = ((layout.COL_EXP_AVG, layout.COL_EXP_AVG_SCALE), (layout.COL_SECOND, layout.COL_SECOND_SCALE),
+                   (layout.COL_MAX, layout.COL_MAX_SCALE))
+        for (data_col, scale_col), data, scale in zip(columns, moments, scales):
+            row[data_col.value] = _ptr(data)
+            row[scale_col.value] = _ptr(scale)
         return row
 
     def set_grad_ptrs(self, ptrs: np.ndarray) -> None:

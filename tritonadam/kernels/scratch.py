@@ -72,7 +72,7 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
         return list(torch.split(t, sizes)) if t is not None else [None] * len(sizes)
 
     rows = [
-        DeviceTables.row(pi, mi, vi, xi, wi, steps[i], i)
+        DeviceTables.row(pi, (mi, vi, xi), (None, None, None), wi, steps[i], i)
         for i, (pi, mi, vi, xi, wi) in enumerate(zip(parts(p), parts(m), parts(v), parts(vmax), parts(w)))
     ]
     tables = DeviceTables(device, rows, [0] * len(rows), 1)

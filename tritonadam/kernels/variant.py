@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import QUANT_BLOCK
+
 __all__ = ["ALGORITHMS", "BucketKey", "Master", "Variant", "dtype_name"]
 
 ALGORITHMS = ("adam", "adamw", "adamax")
@@ -32,8 +34,11 @@ _DTYPE_NAMES = {
     torch.float64: "float64",
 }
 _DENSE_STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# Bytes per element of one stored moment, by state format.
-STATE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8}
+QUANT_BITS = {"8bit": 8, "4bit": 4}
+# Bytes per element of one stored moment, by state format: quantized moments hold their
+# codes and a bf16 scale per QUANT_BLOCK elements.
+STATE_BYTES = {"float32": 4, "bfloat16": 2, "float64": 8,
+               **{name: bits / 8 + 2 / QUANT_BLOCK.value for name, bits in QUANT_BITS.items()}}
 _MASTER_BYTES = {Master.FP32: 4, Master.REMAINDER: 2}
 
 
@@ -46,8 +51,8 @@ class BucketKey:
     """What one update launch shares, whatever param group its tensors belong to.
 
     ``state``: how the moments are stored, as a format name (``"float32"``,
-    ``"bfloat16"``, ``"float64"``); complex params are stepped as their real views, so
-    their key names real dtypes.
+    ``"bfloat16"``, ``"float64"``, or blockwise-quantized ``"8bit"``, ``"4bit"``);
+    complex params are stepped as their real views, so their key names real dtypes.
     """
 
     param_dtype: torch.dtype
@@ -67,9 +72,14 @@ class BucketKey:
         return torch.float64 if self.param_dtype == torch.float64 else torch.float32
 
     @property
+    def quant(self) -> int:
+        """Bits per quantized moment (8 or 4), or 0 for moments stored as floats."""
+        return QUANT_BITS.get(self.state, 0)
+
+    @property
     def state_dtype(self) -> torch.dtype:
-        """The dtype the moments are stored in."""
-        return _DENSE_STATES[self.state]
+        """The dtype the moments are stored in (uint8 codes for quantized ones)."""
+        return torch.uint8 if self.quant else _DENSE_STATES[self.state]
 
 
 @dataclass(frozen=True)
