@@ -42,6 +42,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
     if not isinstance(bias_correction, bool):
         raise ValueError(f"Invalid bias_correction: {bias_correction!r} (True or False)")
     policy = StatePolicy.checked(master_weights, state_dtype, stochastic_rounding, name)
+    policy.check_block_size(block_size, name)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**63), or None)")
     if max_grad_norm is not None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import quantize
+from .kernels.launch import QUANT_MIN_FULL
 from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
 from .tensors import in_layout, is_dense, like, local_tensor
 
@@ -590,6 +591,15 @@ class StatePolicy:
             )
         return cls(master_weights, state_dtype if state_dtype != torch.float32 else None,
                    stochastic_rounding)
+
+    def check_block_size(self, block_size: int | None, name: str) -> None:
+        """Quantized moments are stepped in whole groups of quantization blocks."""
+        if block_size is not None and self.state_dtype in QUANTIZED and block_size % QUANT_MIN_FULL:
+            raise ValueError(
+                f"tritonadam.{name}: state_dtype={self.state_dtype!r} steps whole groups of "
+                f"{QUANT_MIN_FULL} elements per program; use a block_size that is a multiple of "
+                f"{QUANT_MIN_FULL}, or None (autotuned)"
+            )
 
     def check_param(self, p: Tensor, name: str) -> None:
         """Raise for a param these options cannot step."""
