@@ -375,11 +375,16 @@ class Adam(_TritonAdamBase):
             bits in ``state["master_param_remainder"]`` (2 bytes instead of 4; exported
             as ``master_param`` by ``state_dict()``). False (default): fp16/bf16 params
             are rounded to nearest even after each step (or stochastically).
-        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores ``exp_avg``,
-            ``exp_avg_sq`` (and ``max_exp_avg_sq``) in bf16; the math stays fp32.
-            Low-precision second moments are where quality is lost first.
-        stochastic_rounding (bool): round values stored in 16 bits without a master
-            copy (fp16/bf16 params, bf16 state) stochastically instead of to nearest:
+        state_dtype (torch.dtype or str, optional): ``torch.bfloat16`` stores
+            ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) in bf16; ``"8bit"`` and
+            ``"4bit"`` store each moment blockwise-quantized (uint8 codes under
+            ``<moment>_8bit``/``<moment>_4bit`` and a bf16 scale per 64 elements under
+            ``<moment>_scales``; ``torch_state_dict()`` exports fp32 moments for
+            torch.optim). The math stays fp32. Low-precision second moments are where
+            quality is lost first.
+        stochastic_rounding (bool): round values stored in 16 bits or fewer without a
+            master copy (fp16/bf16 params, bf16 or quantized state) stochastically instead
+            of to nearest:
             unbiased, so updates smaller than half a unit in the last place are not lost
             on average. Counter-based random numbers: reproducible, graph-safe.
         seed (int, optional): of the stochastic rounding (default: ``torch.initial_seed()``,

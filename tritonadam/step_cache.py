@@ -309,8 +309,8 @@ class StepCache:
         if taken is None or not all(map(operator.is_, map(GRAD, self._params), taken)):
             return False
         batch = taken[: len(self._batch_params)]
-        local_grads = list(map(local_tensor, batch)) if self._dtensor else batch
-        return list(map(Tensor.data_ptr, local_grads)) == self._grad_ptrs and all(
+        local_grads = map(local_tensor, batch) if self._dtensor else batch
+        return all(map(operator.eq, map(Tensor.data_ptr, local_grads), self._grad_ptrs)) and all(
             param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
 
     def release(self) -> None:
