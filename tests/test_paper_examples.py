@@ -3,15 +3,22 @@
 Every figure's script runs its smoke preset in-process (tiny data and epochs, Triton's
 interpreter); the data loaders are checked against what the packages ship; tritonadam's
 Adam and AdaMax are checked against torch.optim's, in lockstep on a ReLU network and as
-whole training curves on logistic regression. About 35 s on 2 cores.
+whole training curves on logistic regression. A run without ``--out`` writes into a new
+temporary folder, says where, and leaves the checkout as it was (only
+``--regenerate-docs`` writes ``docs/paper/``). About 40 s on 2 cores.
 """
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.metadata
 import json
 import math
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,7 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-PAPER = Path(__file__).resolve().parents[1] / "examples" / "paper"
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "examples" / "paper"
 sys.path.insert(0, str(PAPER))
 
 import fig1_logreg  # noqa: E402
@@ -27,7 +35,7 @@ import fig2_mlp  # noqa: E402
 import fig3_cnn  # noqa: E402
 import fig4_vae  # noqa: E402
 import tritonadam  # noqa: E402
-from adampaper import data, optimizers  # noqa: E402
+from adampaper import data, optimizers, presets  # noqa: E402
 from adampaper.flat import Flat  # noqa: E402
 
 FIGURES = {"fig1_logreg": fig1_logreg, "fig2_mlp": fig2_mlp, "fig3_cnn": fig3_cnn, "fig4_vae": fig4_vae}
@@ -215,6 +223,44 @@ def test_fig4_with_torch_skips_uncorrected_adam(smoke):
     results, _ = smoke("fig4_vae", impl="torch")
     assert {r["bias_correction"] for r in results["runs"]} == {True}
     assert results["notes"] == ["torch.optim has no Adam without bias correction"]
+
+
+# --- where the scripts write ---------------------------------------------------------
+
+def checkout_state() -> tuple[str | None, dict[str, str]]:
+    """``git status --porcelain`` (None outside a git checkout) and the committed plots' hashes."""
+    status = None
+    if shutil.which("git") and (ROOT / ".git").exists():
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    docs = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted((ROOT / "docs" / "paper").glob("*")) if path.is_file()}
+    return status, docs
+
+
+def test_default_run_writes_to_a_temp_folder_and_leaves_the_checkout_unchanged(tmp_path, monkeypatch, capsys):
+    """The smallest run there is (fig 4's smoke preset), without --out: its files go to the
+    new temporary folder it prints, and nothing in the checkout changes."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts its folder
+    before = checkout_state()
+    fig4_vae.main(["--preset", "smoke"])
+    assert checkout_state() == before
+    said = re.findall(r"^writing the \.png and \.json to (.+)$", capsys.readouterr().out, re.MULTILINE)
+    assert len(said) == 1
+    out = Path(said[0])
+    assert out.parent == tmp_path and list(tmp_path.iterdir()) == [out]
+    assert sorted(path.name for path in out.iterdir()) == ["fig4_vae_smoke.json", "fig4_vae_smoke.png"]
+    assert json.loads((out / "fig4_vae_smoke.json").read_text())["preset"] == "smoke"
+
+
+def test_regenerate_docs_is_the_only_way_to_the_committed_plots(capsys):
+    assert presets.DOCS == ROOT / "docs" / "paper"
+    args = presets.parse_args("fig4", "", ["--preset", "smoke", "--regenerate-docs"])
+    assert args.out == presets.DOCS  # (parsing writes nothing)
+    assert presets.parse_args("fig4", "", ["--out", "somewhere"]).out == Path("somewhere")
+    with pytest.raises(SystemExit):  # argparse: --out and --regenerate-docs exclude each other
+        presets.parse_args("fig4", "", ["--out", "somewhere", "--regenerate-docs"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # --- tritonadam against torch.optim -------------------------------------------------------

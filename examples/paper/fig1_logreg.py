@@ -9,7 +9,7 @@
 Adam's and AdaMax's step size decays as α/√t (the paper's schedule for these runs); the
 baselines keep theirs.
 
-    python examples/paper/fig1_logreg.py --preset quick [--impl torch] [--out DIR]
+    python examples/paper/fig1_logreg.py --preset quick [--impl torch] [--out DIR | --regenerate-docs]
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ against AdaGrad, RMSProp, SGD with Nesterov momentum and AdaDelta. The paper fin
 converging faster than the others. (Its Fig 2b compares with the sum-of-functions
 optimizer SFO, which has no PyTorch implementation; it is left out.)
 
-    python examples/paper/fig2_mlp.py --preset quick [--impl torch] [--out DIR]
+    python examples/paper/fig2_mlp.py --preset quick [--impl torch] [--out DIR | --regenerate-docs]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ MNIST digits (standardised), with narrower layers in the quick preset. The paper
 AdaGrad lower the cost fastest at first, then Adam and SGD with Nesterov momentum overtake
 AdaGrad; Adam is marginally better than SGD with momentum.
 
-    python examples/paper/fig3_cnn.py --preset quick [--impl torch] [--out DIR]
+    python examples/paper/fig3_cnn.py --preset quick [--impl torch] [--out DIR | --regenerate-docs]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ without bias correction, β2 close to 1 makes training unstable, most at large s
 and early on. torch.optim has no Adam without bias correction, so ``--impl torch`` draws
 the corrected curves only.
 
-    python examples/paper/fig4_vae.py --preset quick [--impl torch] [--out DIR]
+    python examples/paper/fig4_vae.py --preset quick [--impl torch] [--out DIR | --regenerate-docs]
 """
 from __future__ import annotations
 

@@ -5,10 +5,15 @@ a 2-core CPU in Triton's interpreter in a few minutes (the committed plots); ``f
 the paper's sizes, for a GPU. As the paper takes the best step size of a grid, each
 optimizer's was picked from powers of ten and three times them by the training cost at
 the end of a quick run (full-preset runs use the same; ``--lr NAME=VALUE`` overrides one).
+
+Output: ``--out DIR``, by default a new temporary folder whose path the script prints;
+only ``--regenerate-docs`` writes the committed copies in ``docs/paper/`` (the quick
+preset's, with tritonadam).
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +70,10 @@ def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse
     parser.add_argument("--preset", choices=sorted(PRESETS[figure]), default="quick")
     parser.add_argument("--impl", choices=IMPLS, default="tritonadam",
                         help="who steps Adam and AdaMax (the baselines are always torch.optim)")
-    parser.add_argument("--out", type=Path, default=DOCS, help="folder for the .png and .json (default: %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="folder for the .png and .json (default: a new temporary folder)")
+    where.add_argument("--regenerate-docs", action="store_true",
+                       help=f"write the committed copies in {DOCS} (they are the quick preset's, with tritonadam)")
     lr = dict(LR.get(figure, {}))
     if lr:
         parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
@@ -81,4 +89,9 @@ def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse
             parser.error(f"--lr {item}: {value!r} is not a number")
     settings = dict(PRESETS[figure][args.preset], **({"lr": lr} if lr else {}))
     args.settings = SimpleNamespace(**settings)
+    if args.regenerate_docs:
+        args.out = DOCS
+    elif args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix=f"adampaper-{figure}-"))
+    print(f"writing the .png and .json to {args.out}", flush=True)
     return args
