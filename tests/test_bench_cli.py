@@ -401,15 +401,12 @@ def test_startup_only_touches_cpu_runs(monkeypatch):
 
 
 def test_host_time_stubs_every_launch():
-    """bench/host_time.py times the step and clip + step with all four launchers stubbed:
-    no kernel is launched (the real launchers count every launch), and they are restored."""
-    import importlib.util
-
+    """``python -m tritonadam.bench.host_time`` times the step and clip + step with all four
+    launchers stubbed: no kernel is launched (the real launchers count every launch), and
+    they are restored."""
+    from tritonadam.bench import host_time
     from tritonadam.kernels import launch_counts
 
-    spec = importlib.util.spec_from_file_location("host_time", ROOT / "bench" / "host_time.py")
-    host_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_time)
     before = dict(launch_counts)
     real = {name: getattr(module, name) for module, name in host_time.STUBBED}
     r = host_time.measure(tensors=30, numel=8, reps=3)

@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh, dry: the same script on the CPU (Triton's interpreter, tiny sizes),
+"""tritonadam/bench/gpu_check.sh, dry: the same script on the CPU (Triton's interpreter, tiny sizes),
 in an environment without the packages the GPU machine's image lacks (expecttest,
 platformdirs). A typo in the script or in a command line it runs must fail here, not cost
 the GPU run: every step must finish, the GPU command lines must parse (``--plan``), and $OUT
@@ -55,7 +55,7 @@ def test_gpu_check_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON", "_TRITONADAM"))}
     env.update(DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, TRITONADAM_COMMIT="0123abc",
                PYTHONPATH=str(site), TMPDIR=str(tmp_path), WHEELHOUSE=str(tmp_path / "no-wheels"))
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", str(ROOT / "tritonadam" / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -84,7 +84,7 @@ def test_gpu_check_dry_run(tmp_path):
 
     header = (out / "header.txt").read_text()
     command = next(line for line in header.splitlines() if line.startswith("command: "))
-    assert "commit:  0123abc" in header and command.endswith(" bash bench/gpu_check.sh")
+    assert "commit:  0123abc" in header and command.endswith(" bash tritonadam/bench/gpu_check.sh")
     assert "TRITONADAM_COMMIT=0123abc " in command and "DRY_RUN=1 " in command
     assert "torch:" in header and "triton:" in header and "expecttest no" in header
 

@@ -475,7 +475,7 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
 
 class _Peer(Provider):
     """Another library's AdamW with quantized state, timed where it is installed (the GPU
-    check installs them from a wheelhouse: bench/wheelhouse.sh). Its state is not the
+    check installs them from a wheelhouse: tritonadam/bench/wheelhouse.sh). Its state is not the
     setup's: the row is labelled with what it keeps and the bytes that moves, and checked
     with a loose tolerance (the float64 reference keeps fp32 moments)."""
 

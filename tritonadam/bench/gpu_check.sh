@@ -6,7 +6,7 @@
 # time remains. At most TOTAL_S (360 s) in all, each step time-boxed, and every file
 # rewritten as soon as its step ends, so a run cut short returns what it measured.
 #
-#   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash bench/gpu_check.sh
+#   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash tritonadam/bench/gpu_check.sh
 #
 # It runs the checkout in place (PYTHONPATH, no pip install from the network) with python3,
 # torch, triton, pytest, tabulate, numpy and filelock; pytest-timeout, pytest-xdist and
@@ -37,9 +37,9 @@ for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS PYTEST_WORKERS
         TRITONADAM_AUTOTUNE_BUDGET TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
     [ -n "${!var+x}" ] && COMMAND="$COMMAND$var=$(printf '%q' "${!var}") "
 done
-COMMAND="${COMMAND}bash bench/gpu_check.sh"
+COMMAND="${COMMAND}bash tritonadam/bench/gpu_check.sh"
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # the checkout
 cd "$ROOT"
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
@@ -276,10 +276,10 @@ else
     rc=0
     {
         if [ "$DRY_RUN" = 1 ]; then
-            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 30 --reps 2 --numel 8
+            timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 30 --reps 2 --numel 8
         else
-            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 10000 300 --reps 20 &&
-                timeout -k 5 "$limit" "$PY" bench/host_time.py --device cuda --tensors 10000 300 --reps 20
+            timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 10000 300 --reps 20 &&
+                timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --device cuda --tensors 10000 300 --reps 20
         fi
     } > "$OUT/host_time.txt" 2>&1 || rc=$?
     finish_step host_time "$rc" "$t0" ""
@@ -321,7 +321,7 @@ bench_step tuning 35 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tu
 t0=$(date +%s)
 wheels=$(ls "$WHEELHOUSE"/*.whl 2> /dev/null || true)
 if [ -z "$wheels" ] && [ "$DRY_RUN" != 1 ]; then
-    finish_step peers 0 "$t0" "skipped: no wheels in bench/wheelhouse (bash bench/wheelhouse.sh where PyPI is reachable, then bring bench/wheelhouse along)"
+    finish_step peers 0 "$t0" "skipped: no wheels in bench/wheelhouse (bash tritonadam/bench/wheelhouse.sh where PyPI is reachable, then bring bench/wheelhouse along)"
 else
     if [ -n "$wheels" ]; then
         # No network: the wheels alone, without their dependencies (torch is there).
