@@ -6,11 +6,20 @@ import pytest
 import torch
 
 from tritonadam.bench import check, workloads
-from tritonadam.bench.providers import PROVIDERS, HyperParams, observed_layout, state_bytes
+from tritonadam.bench.providers import (PROVIDERS, HyperParams, built_traffic, observed_layout,
+                                        state_bytes, tritonadam_held, tritonadam_modes,
+                                        tritonadam_traffic, tritonadam_variant)
 from tritonadam.bench.timing import quantile
-from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, SETUPS, Layout, bytes_per_param,
+from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, QUANT_STATES, SETUPS, Layout,
                                         format_count, make_workload, parse_count,
                                         parse_workloads, traffic)
+
+DENSE = [s for s in SETUPS if SETUPS[s].state not in QUANT_STATES]
+
+
+def bytes_per_param(setup, algo="adamw", amsgrad=False):
+    """tritonadam's bytes per param in ``setup``: the library's bytes model."""
+    return tritonadam_traffic(SETUPS[setup], algo, amsgrad).bytes_per_param
 
 
 # ------------------------------------------------------------------------- byte formulas
@@ -31,16 +40,29 @@ def test_bytes_per_param_match_design(setup, expected):
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("algo,amsgrad", [("adamw", False), ("adam", True), ("adamax", False)])
-def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
-    # the bench's formula against the one the autotuner uses, for the options the bench
-    # gives tritonadam
-    from tritonadam.bench.providers import tritonadam_modes
+def test_one_bytes_model_for_tritonadam(setup, algo, amsgrad):
+    """tritonadam's rows take their bytes from the library (tritonadam.state.variant with the
+    options the bench constructs the optimizer with); workloads.traffic, the formula of the
+    other providers' rows, agrees with it item for item wherever both apply (dense state),
+    and refuses tritonadam's quantized formats rather than guess their bytes."""
     from tritonadam.state import variant
 
     s = SETUPS[setup]
-    assert bytes_per_param(setup, algo, amsgrad) == variant(
-        algo, workloads.torch_dtype(s.param), workloads.torch_dtype(s.grad), amsgrad=amsgrad,
-        **tritonadam_modes(s)).bytes_per_elem()
+    ours = tritonadam_traffic(s, algo, amsgrad)
+    assert ours.items == variant(algo, workloads.torch_dtype(s.param), workloads.torch_dtype(s.grad),
+                                 amsgrad=amsgrad, **tritonadam_modes(s)).traffic()
+    if s.state in QUANT_STATES:
+        with pytest.raises(ValueError, match="tritonadam.state.variant"):
+            traffic(s.layout, algo, amsgrad)
+    else:
+        assert traffic(s.layout, algo, amsgrad).items == ours.items
+    # and the row of a built optimizer says the same (plus the passes around the step)
+    from tritonadam.bench.runner import make_tensors
+
+    w = make_workload("one-huge", 64)
+    built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, algo,
+                                          HyperParams(amsgrad=amsgrad))
+    assert built_traffic(built, algo, amsgrad) == ours
 
 
 @pytest.mark.parametrize("setup,expected", [("fp32", 16), ("bf16", 12), ("fp16", 12),
@@ -49,9 +71,9 @@ def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
                                             ("bf16-sr-bf16state", 8)])
 def test_resident_bytes_match_readme(setup, expected):
     # param + grad + state per param, as README's precision-mode table states them
-    assert workloads.resident_bytes_per_param(SETUPS[setup].layout) == expected
+    assert tritonadam_held(SETUPS[setup]) == expected
     extra = DTYPE_BYTES[SETUPS[setup].state]
-    assert workloads.resident_bytes_per_param(SETUPS[setup].layout, amsgrad=True) == expected + extra
+    assert tritonadam_held(SETUPS[setup], amsgrad=True) == expected + extra
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
@@ -65,7 +87,7 @@ def test_state_memory_column_is_what_tritonadam_holds(setup):
     built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, "adamw",
                                           HyperParams())
     built.step()
-    held = workloads.resident_bytes_per_param(s.layout) - DTYPE_BYTES[s.param] - DTYPE_BYTES[s.grad]
+    held = tritonadam_variant(s).state_bytes_per_elem()
     assert state_bytes(built) == w.params * held + 4 + (8 if s.stochastic else 0)
 
 

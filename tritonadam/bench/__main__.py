@@ -168,9 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _listing() -> str:
     from tabulate import tabulate
 
-    from .providers import PROVIDERS
-    from .workloads import (PROFILES, SETUPS, bytes_per_param, format_count, make_workload,
-                            resident_bytes_per_param, traffic)
+    from .providers import PROVIDERS, tritonadam_held, tritonadam_traffic
+    from .workloads import PROFILES, SETUPS, format_count, make_workload
 
     rows = []
     for name, prof in PROFILES.items():
@@ -181,11 +180,12 @@ def _listing() -> str:
             w = make_workload(name)
             rows.append([name, format_count(w.params), w.tensors, prof.description])
     text = "Profiles\n" + tabulate(rows, headers=["name", "params", "tensors", "description"]) + "\n\n"
-    text += ("Setups (AdamW bytes per parameter: moved per step, and held: param + grad + "
-             "state)\n") + tabulate(
-        [[s.name, bytes_per_param(s), resident_bytes_per_param(s.layout),
-          traffic(s.layout).describe(), s.description] for s in SETUPS.values()],
-        headers=["name", "B/param", "held", "traffic", "description"]) + "\n\n"
+    text += ("Setups (tritonadam AdamW bytes per parameter, from tritonadam.state.variant: "
+             "moved per step, and held: param + grad + state)\n") + tabulate(
+        [[s.name, f"{tritonadam_traffic(s).bytes_per_param:g}", f"{tritonadam_held(s):g}",
+          tritonadam_traffic(s).describe(), s.description] for s in SETUPS.values()],
+        headers=["name", "B/param", "held", "traffic", "description"],
+        disable_numparse=True) + "\n\n"
     text += "Providers\n" + tabulate([[p.name, p.description] for p in PROVIDERS.values()],
                                      headers=["name", "description"]) + "\n"
     return text

@@ -4,7 +4,9 @@ A provider turns a list of model parameters (with ``.grad`` set) into a zero-arg
 ``step`` callable. Where a provider cannot do a dtype setup the way it is asked (torch keeps
 Adam state in the parameter's dtype; torch has no master weights), it builds what its users
 do instead and says so in ``Built.label``; ``Built.layout`` describes the memory it really
-moves, which is what the bench's GB/s column is computed from.
+moves, which is what the bench's GB/s column is computed from (:func:`built_traffic`):
+tritonadam's bytes come from the library's own bytes model (``tritonadam.state.variant``,
+:func:`tritonadam_traffic`), every other provider's from ``workloads.traffic`` of its layout.
 
 A "clip + step" case (:func:`with_clip`) clips the grads' total norm before every step the
 way the provider's users do (:meth:`Provider.clip`): torch's ``clip_grad_norm_`` for all but
@@ -19,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from .workloads import DTYPE_BYTES, Layout, Setup, Workload, torch_dtype
+from .workloads import (DTYPE_BYTES, QUANT_STATES, Layout, Setup, Traffic, Workload, torch_dtype,
+                        traffic)
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
@@ -59,6 +62,18 @@ class Built:
     check_lr_tol: float = 0.05
     #: correct ``layout.state`` from the dtype of the optimizer's ``exp_avg`` after a step
     observe_state: bool = True
+    #: the step's own ``(tensor, read, written)`` bytes per param where the provider has a
+    #: bytes model of its own (tritonadam's); None: ``workloads.traffic(layout)``
+    own_traffic: tuple | None = None
+
+
+def built_traffic(built: Built, algo: str, amsgrad: bool) -> Traffic:
+    """What one step of ``built`` moves per param: its own bytes model where it has one
+    (tritonadam), else ``workloads.traffic`` of its layout; with the passes around the step
+    (``layout.extra``: a clip, copies) first, as ``workloads.traffic`` lists them."""
+    if built.own_traffic is not None:
+        return Traffic(tuple(built.layout.extra) + tuple(built.own_traffic))
+    return traffic(built.layout, algo, amsgrad)
 
 
 class Provider:
@@ -144,7 +159,8 @@ class TritonAdamProvider(Provider):
         if autotune is not None:
             kw["autotune"] = autotune
         opt = cls(params, **kw)
-        return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt)
+        return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt,
+                     own_traffic=tritonadam_traffic(setup, algo, hp.amsgrad).items)
 
     def clip(self, built, max_norm, grad_bytes):
         """``opt.clip_grad_norm_``: one read of every grad for the norm; the step's kernel
@@ -223,13 +239,41 @@ class TritonAdamGraph(TritonAdamProvider):
         replay = capture_step(opt.step)
         return Built(step=replay, params=params, layout=setup.layout, optimizer=opt,
                      label="one CUDA graph replay per step; static grads rewritten in place",
-                     pre_steps=GRAPH_WARMUP_STEPS, static_grads=True)
+                     pre_steps=GRAPH_WARMUP_STEPS, static_grads=True,
+                     own_traffic=tritonadam_traffic(setup, algo, hp.amsgrad).items)
 
 
 def tritonadam_modes(setup: Setup) -> dict:
     """The tritonadam optimizer options that keep what ``setup`` asks for."""
+    state = setup.state if setup.state in QUANT_STATES else torch_dtype(setup.state)
     return dict(master_weights="remainder" if setup.remainder else setup.master is not None,
-                state_dtype=torch_dtype(setup.state), stochastic_rounding=setup.stochastic)
+                state_dtype=state, stochastic_rounding=setup.stochastic)
+
+
+def tritonadam_variant(setup: Setup, algo: str = "adamw", amsgrad: bool = False):
+    """The library's kernel variant for ``setup``'s params under the options the bench gives
+    the optimizer (:func:`tritonadam_modes`): ``tritonadam.state.variant``, the one bytes
+    model of tritonadam's steps."""
+    from tritonadam.state import variant
+
+    return variant(algo, torch_dtype(setup.param), torch_dtype(setup.grad), amsgrad=amsgrad,
+                   **tritonadam_modes(setup))
+
+
+def tritonadam_traffic(setup: Setup, algo: str = "adamw", amsgrad: bool = False) -> Traffic:
+    """Bytes per param one tritonadam step moves in ``setup`` (the setup's floor: the
+    roofline and ``--list`` use it too), from the library's bytes model."""
+    if algo == "adamax" and amsgrad:
+        raise ValueError("AdaMax has no amsgrad variant")
+    return Traffic(tuple(tritonadam_variant(setup, algo, amsgrad).traffic()))
+
+
+def tritonadam_held(setup: Setup, algo: str = "adamw", amsgrad: bool = False) -> float:
+    """Bytes per param resident while tritonadam steps ``setup``: param, grad and the
+    optimizer's state (moments with their scales, master copy) from the library's bytes
+    model (the "state MiB" column counts the tensors the optimizer really allocated)."""
+    kept = tritonadam_variant(setup, algo, amsgrad).state_bytes_per_elem()
+    return DTYPE_BYTES[setup.param] + DTYPE_BYTES[setup.grad] + kept
 
 
 # ----------------------------------------------------------------------------------- torch

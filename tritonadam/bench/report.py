@@ -13,7 +13,7 @@ import shlex
 import subprocess
 
 from .tuning import config_key, config_text, summarize
-from .workloads import SETUPS, Workload, format_count, traffic
+from .workloads import SETUPS, Workload, format_count
 
 SCHEMA = "tritonadam-bench/3"
 #: an earlier schema --load still renders: its single ``ms`` is host enqueue + device time
@@ -102,12 +102,15 @@ def collect_header(device, argv: list[str] | None = None) -> dict:
 # ----------------------------------------------------------------------------- roofline
 
 def roofline(workloads: list[Workload], setups: list[str], algo: str, amsgrad: bool) -> dict:
-    """Bytes per step (from the setup's formula) and the time that takes at each GPU's
-    published peak bandwidth: the floor no implementation can beat."""
+    """Bytes per step (tritonadam's in each setup, from the library's bytes model) and the
+    time that takes at each GPU's published peak bandwidth: the floor no implementation of
+    the setup can beat."""
+    from .providers import tritonadam_traffic
+
     rows = []
     for w in workloads:
         for s in setups:
-            bpp = traffic(SETUPS[s].layout, algo, amsgrad).bytes_per_param
+            bpp = tritonadam_traffic(SETUPS[s], algo, amsgrad).bytes_per_param
             b = w.params * bpp
             row = {"workload": w.name, "params": w.params, "tensors": w.tensors, "setup": s,
                    "bytes_per_param": bpp, "bytes_per_step": b}

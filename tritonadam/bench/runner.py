@@ -25,11 +25,11 @@ import torch
 
 from . import check as checkmod
 from . import tuning
-from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes, with_clip
+from .providers import (PROVIDERS, HyperParams, built_traffic, observed_layout, state_bytes,
+                        tritonadam_held, with_clip)
 from .timing import (FIGURES, FLUSH_BYTES, GpuMonitor, GradFeed, Subject, Timer, TimingConfig,
                      copy_bandwidth, count_kernel_launches)
-from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
-                        traffic)
+from .workloads import DTYPE_BYTES, SETUPS, Setup, Workload, torch_dtype
 
 #: providers whose cases run after all others, so that a time budget drops them first
 SLOW_PROVIDERS = ("torch-compile",)
@@ -118,21 +118,19 @@ def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: i
 
 
 def grad_bytes(workload: Workload, setup: Setup) -> int:
-    from .workloads import DTYPE_BYTES
-
     return workload.params * DTYPE_BYTES[setup.grad]
 
 
 def resident_estimate(workload: Workload, setup: Setup, amsgrad: bool) -> int:
-    """Bytes one case needs on the device besides its group's grads: the worst provider
-    layout for this setup (torch's master-weight emulation keeps fp32 params and grads
-    besides the model's), plus slack."""
-    from .workloads import DTYPE_BYTES
-
-    lay = setup.layout
-    per = resident_bytes_per_param(lay, amsgrad=amsgrad) - DTYPE_BYTES[setup.grad]
+    """Bytes one case needs on the device besides its group's grads, plus slack: the worst
+    provider for this setup, of tritonadam (its bytes model: param and state) and torch
+    (state in the param dtype; for master weights, its emulation keeps fp32 params, grads
+    and state besides the model's params). Peers keep less than torch."""
+    p = DTYPE_BYTES[setup.param]
+    moments = 2 + (1 if amsgrad else 0)
+    per = max(tritonadam_held(setup, amsgrad=amsgrad) - DTYPE_BYTES[setup.grad], p + moments * p)
     if setup.master:  # torch emulation: fp32 master + fp32 grads + fp32 m, v + model p
-        per = max(per, 2 + 4 * (4 + (1 if amsgrad else 0)))
+        per = max(per, p + 4 * (2 + moments))
     return int(workload.params * per * 1.05) + 64 * 2**20 + workload.tensors * 2048
 
 
@@ -581,7 +579,7 @@ class Runner:
                         return row, None, feed
             else:
                 row.update(check="not checked", check_ok=None)
-            tr = traffic(built.layout, o.algo, o.hp.amsgrad)
+            tr = built_traffic(built, o.algo, o.hp.amsgrad)
             row.update(bytes_per_param=tr.bytes_per_param, traffic=tr.describe(),
                        bytes_per_step=w.params * tr.bytes_per_param, state_bytes=state_bytes(built),
                        grads="static (rewritten in place)" if built.static_grads else "fresh")
