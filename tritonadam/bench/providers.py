@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from .workloads import (DTYPE_BYTES, QUANT_STATES, Layout, Setup, Traffic, Workload, torch_dtype,
-                        traffic)
+from .workloads import (DTYPE_BYTES, QUANT_STATES, Layout, Setup, Traffic, Workload, dense_twin,
+                        torch_dtype, traffic)
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
@@ -131,6 +131,17 @@ def with_clip(provider: Provider, built: Built, setup: Setup, max_norm: float) -
     built.step = clip_and_step
     built.layout = replace(built.layout, extra=built.layout.extra + passes)
     return built
+
+
+def no_quantized_state(library: str, setup: Setup) -> str | None:
+    """Why a provider without quantized state skips a quantized setup: its stand-in (the
+    same step with fp32 state) is timed in the dense twin setup, so a row here would repeat
+    that one."""
+    if setup.state not in QUANT_STATES:
+        return None
+    twin = dense_twin(setup)
+    return (f"{library} has no {setup.state} state: its step with fp32 state is the "
+            f"{twin.name if twin else 'dense'} setup's row")
 
 
 # ------------------------------------------------------------------------------ tritonadam
@@ -298,7 +309,7 @@ class _TorchBase(Provider):
     def unsupported(self, setup, algo, hp, workload, device, opts):
         if "fused" in self.impl_kwargs and algo == "adamax":
             return "torch.optim.Adamax has no fused implementation"
-        return None
+        return no_quantized_state("torch.optim", setup)
 
     def _make_step(self, opt) -> Callable[[], None]:
         return opt.step
@@ -376,7 +387,7 @@ class TorchFusedGraph(TorchFused):
         return _graph_unavailable(device)
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
-        if setup.master is not None:
+        if setup.master is not None and setup.state not in QUANT_STATES:
             return "the master-weight emulation is not captured in this bench"
         return _graph_unsupported(setup, opts) or super().unsupported(setup, algo, hp, workload,
                                                                         device, opts)
@@ -409,7 +420,7 @@ class TorchCompile(_TorchBase):
         if workload.tensors > limit:
             return (f"{workload.tensors} tensors > --compile-max-tensors {limit}: "
                     "compile time grows with the tensor count")
-        return None
+        return super().unsupported(setup, algo, hp, workload, device, opts)
 
     def _make_step(self, opt):
         import torch._dynamo
@@ -449,6 +460,8 @@ class _ThirdPartyFusedAdam(Provider):
         return None
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
+        if setup.state in QUANT_STATES:
+            return no_quantized_state(f"{self.library} FusedAdam", setup)
         if algo == "adamax":
             return f"{self.library} has no fused AdaMax"
         if hp.amsgrad:
@@ -466,7 +479,7 @@ class ApexFusedAdam(_ThirdPartyFusedAdam):
     library = "apex"
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
-        if setup.remainder:
+        if setup.remainder and setup.state not in QUANT_STATES:
             return "apex keeps no master weights in 2 bytes (its fp32 master is timed in bf16-master)"
         return super().unsupported(setup, algo, hp, workload, device, opts)
 
@@ -519,15 +532,22 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
 
 class _Peer(Provider):
     """Another library's AdamW with quantized state, timed where it is installed (the GPU
-    check installs them from a wheelhouse: tritonadam/bench/wheelhouse.sh). Its state is not the
-    setup's: the row is labelled with what it keeps and the bytes that moves, and checked
-    with a loose tolerance (the float64 reference keeps fp32 moments)."""
+    check installs them from a wheelhouse: tritonadam/bench/wheelhouse.sh): the same task
+    as tritonadam's quantized setups of its bits (8-bit or 4-bit moments), and for
+    comparison in the bf16 and fp32 setups. Its format is not tritonadam's (other blocks,
+    other scales): the row is labelled with what it keeps, with what it does instead of a
+    master copy or stochastic rounding it lacks, and the bytes that moves; it is checked with
+    a loose tolerance (the float64 reference keeps fp32 moments)."""
 
     module = ""
     library = ""
+    #: bits per moment: the quantized setups it is timed in
+    bits = 8
     #: bytes per element of the two moments, read + written, and per-element extras
     state = "int8"
     extra: tuple = ()
+    #: rounds bf16 params stochastically when asked (torchao's bf16_stochastic_round)
+    stochastic_rounding = False
 
     def unavailable(self, device):
         if device.type != "cuda":
@@ -541,24 +561,37 @@ class _Peer(Provider):
     def unsupported(self, setup, algo, hp, workload, device, opts):
         if algo != "adamw" or hp.amsgrad:
             return f"{self.library}: AdamW without amsgrad only in this bench"
-        if setup.name not in ("bf16", "fp32"):
-            return f"{self.library}: timed in the bf16 and fp32 setups only"
+        if QUANT_STATES.get(setup.state, self.bits) != self.bits or (
+                setup.state not in QUANT_STATES and setup.name not in ("bf16", "fp32")):
+            return f"{self.library}: timed in the bf16, fp32 and {self.bits}-bit setups only"
         return None
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic: bool):
         raise NotImplementedError
 
     def build(self, params, setup, algo, hp):
-        opt = self._make(params, hp)
+        sr = setup.stochastic and self.stochastic_rounding and setup.param == "bf16"
+        opt = self._make(params, hp, sr)
+        notes = [f"{self.library}: {self.what}"]
+        if setup.master:
+            notes.append(self.master_note(setup))
+        if setup.stochastic and not sr:
+            notes.append(self.rounding_note(setup))
         layout = Layout(param=setup.param, grad=setup.grad, state=self.state,
-                        extra=tuple(self.extra_for(setup)))
+                        extra=tuple(self.extra_for(setup)), stochastic=sr)
         return Built(step=opt.step, params=params, layout=layout, optimizer=opt,
-                     label=f"{self.library}: {self.what}", check_lr_tol=0.75, observe_state=False)
+                     label="; ".join(notes), check_lr_tol=0.75, observe_state=False)
 
     what = ""
 
     def extra_for(self, setup):
         return self.extra
+
+    def master_note(self, setup) -> str:
+        return f"no master weights: {setup.param} params rounded to nearest"
+
+    def rounding_note(self, setup) -> str:
+        return f"rounded to nearest: {self.library} has no stochastic rounding"
 
 
 class TorchaoAdamW8bit(_Peer):
@@ -569,25 +602,29 @@ class TorchaoAdamW8bit(_Peer):
     state = "int8"
     what = "8-bit moments, an fp32 scale per 256 elements (tensors under 4096 elements: full precision)"
     extra = (("m, v scales fp32/256", 8 / 256, 8 / 256),)
+    stochastic_rounding = True
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         from torchao.optim import AdamW8bit
 
-        return AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+        return AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                         bf16_stochastic_round=stochastic)
 
 
 class TorchaoAdamW4bit(TorchaoAdamW8bit):
     name = "torchao-4bit"
     description = "torchao.optim.AdamW4bit (when installed): 4-bit blockwise moments, block 128"
     library = "torchao AdamW4bit"
+    bits = 4
     state = "int4"
     what = "4-bit moments, an fp32 scale per 128 elements (tensors under 4096 elements: full precision)"
     extra = (("m, v scales fp32/128", 8 / 128, 8 / 128),)
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         from torchao.optim import AdamW4bit
 
-        return AdamW4bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+        return AdamW4bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                         bf16_stochastic_round=stochastic)
 
 
 class FlashOptimAdamW(_Peer):
@@ -605,7 +642,13 @@ class FlashOptimAdamW(_Peer):
             out.append(("master correction int8", 1, 1))
         return out
 
-    def _make(self, params, hp):
+    def master_note(self, setup):
+        return "a 24-bit master (an int8 correction per param) for the fp32 one"
+
+    def rounding_note(self, setup):
+        return "a 24-bit master (an int8 correction per param) instead of stochastic rounding"
+
+    def _make(self, params, hp, stochastic):
         from flashoptim import FlashAdamW
 
         return FlashAdamW(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
@@ -620,7 +663,7 @@ class BnbAdamW8bit(_Peer):
     what = "8-bit moments, an fp32 absmax per 256 elements (tensors under 4096 elements: fp32)"
     extra = (("m, v absmax fp32/256", 8 / 256, 8 / 256),)
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps,

@@ -67,9 +67,11 @@ class Setup:
     (then writes back, rounded, to the model's parameters), or None. ``remainder``: the fp32
     master is kept as its low 16 bits beside the bf16 param, which holds the high half.
     ``stochastic``: values kept in 16 bits without a master copy are rounded stochastically.
-    ``core``: timed by the GPU check's core step (``--setups core``): the setups where a
-    provider of torch moves the same bytes as ours (fp32; bf16 state against torch's fused
-    bf16), the plain bf16 setup, and quantized-state setups (mark new ones core too).
+    ``core``: named by ``--setups core``, what the GPU check's core step times: the setups
+    where a provider of torch moves the same bytes as ours (fp32; bf16 state against
+    torch's fused bf16), the plain bf16 setup, and the key quantized-state setups (8-bit
+    moments with an exact master in 2 bytes: the issue's headline; 8-bit with fp32 params,
+    against torch's fp32 step; 4-bit with stochastic rounding, the least memory).
     """
 
     name: str
@@ -105,6 +107,22 @@ SETUPS: dict[str, Setup] = {
               "bf16 params, grads and state, rounded to nearest", core=True),
         Setup("bf16-sr-bf16state", "bf16", "bf16", "bf16", None,
               "bf16 params, grads and state, rounded stochastically", stochastic=True),
+        # tritonadam's blockwise-quantized moments: codes + a bf16 scale per 64 elements
+        Setup("bf16-8bit-remainder", "bf16", "bf16", "8bit", "fp32",
+              "bf16 params and grads, the fp32 master as an int16 remainder, 8-bit moments",
+              remainder=True, core=True),
+        Setup("bf16-8bit-sr", "bf16", "bf16", "8bit", None,
+              "bf16 params and grads, 8-bit moments, params and moments rounded stochastically",
+              stochastic=True),
+        Setup("bf16-4bit-remainder", "bf16", "bf16", "4bit", "fp32",
+              "bf16 params and grads, the fp32 master as an int16 remainder, 4-bit moments",
+              remainder=True),
+        Setup("bf16-4bit-sr", "bf16", "bf16", "4bit", None,
+              "bf16 params and grads, 4-bit moments, params and moments rounded stochastically",
+              stochastic=True, core=True),
+        Setup("fp32-8bit", "fp32", "fp32", "8bit", None, "fp32 params and grads, 8-bit moments",
+              core=True),
+        Setup("fp32-4bit", "fp32", "fp32", "4bit", None, "fp32 params and grads, 4-bit moments"),
     )
 }
 
@@ -112,6 +130,16 @@ SETUPS: dict[str, Setup] = {
 def core_setups() -> list[str]:
     """The setups ``--setups core`` names, in SETUPS order."""
     return [s.name for s in SETUPS.values() if s.core]
+
+
+def dense_twin(setup: Setup) -> Setup | None:
+    """For a quantized-state setup, the setup that is the same with fp32 state (what a
+    provider without quantized state does in its place), else None."""
+    if setup.state not in QUANT_STATES:
+        return None
+    want = (setup.param, setup.grad, "fp32", setup.master, setup.remainder, setup.stochastic)
+    return next((s for s in SETUPS.values()
+                 if (s.param, s.grad, s.state, s.master, s.remainder, s.stochastic) == want), None)
 
 
 # ------------------------------------------------------------------------------- traffic
