@@ -96,10 +96,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(r.get("variant") == "fixed" for r in ok) and results["sweeps"]
     for r in ok:  # the three figures on every row
         assert r["device_ms"] > 0 and r["host_ms"] > 0 and r["steady_ms"] > 0, r
-    # the GPU core line: the core setups (the same-bytes pairs), the captured steps
+    # quantized state in the dry core too: tritonadam's row checked against the emulated
+    # format; torch has none (its row is the dense twin setup's)
+    quant = [r for r in ok if r["setup"] == "bf16-8bit-remainder" and not r.get("variant")]
+    assert {r["provider"] for r in quant} == {"tritonadam"} and quant[0]["bytes_per_param"] == 14.125
+    assert "8bit moments emulated" in quant[0]["check"] and quant[0]["state_bytes"] > 0
+    # the GPU core line: the dense core setups (the same-bytes pairs) on every workload, the
+    # quantized core setups and bf16-remainder on the Llama layers, the captured steps
     core_plan = tgz_text(out, "./core.plan.txt")
     assert "fp32, bf16, bf16-bf16state" in core_plan and "tritonadam-graph" in core_plan
-    assert "torchao-8bit" in tgz_text(out, "./peers.plan.txt")  # parsed, though no wheels here
+    llama = next(ln for ln in core_plan.splitlines() if ln.strip().startswith("llama-layers@400M"))
+    assert llama.endswith("setups fp32, bf16, bf16-bf16state, bf16-8bit-remainder, bf16-4bit-sr, "
+                          "fp32-8bit, bf16-remainder"), llama
+    peers_plan = tgz_text(out, "./peers.plan.txt")  # parsed, though no wheels here
+    assert "torchao-8bit" in peers_plan and "bf16-8bit-remainder, bf16-4bit-sr" in peers_plan
     host = (out / "host_time.txt").read_text()
     assert "floor ms" in host and "whole step" in host
 
