@@ -2,7 +2,7 @@
 
 Triton decides interpreter mode when kernels are decorated, so the environment is set
 here, before any test module imports tritonadam. ``TRITONADAM_TEST_DEVICE=cuda`` runs the
-suite's device-generic tests on a GPU (see bench/gpu_check.sh).
+suite's device-generic tests on a GPU (see tritonadam/bench/gpu_check.sh).
 """
 import os
 

@@ -205,6 +205,58 @@ def test_plan_shows_clip_rows(capsys):
     assert "clip + step" not in capsys.readouterr().out  # fp32 and bf16 by default, where run
 
 
+def test_setups_for_one_workload(capsys):
+    """--setups-for gives one workload its own setups ('core' expands there too); the
+    others keep --setups, and every setup named anywhere is checked."""
+    from tritonadam.bench.runner import Options, Runner
+    from tritonadam.bench.workloads import core_setups, make_workload
+
+    assert main(["--plan", "--profiles", "llama-layers@400M,many-small", "--setups", "fp32",
+                 "--setups-for", "llama-layers@400M=core,bf16-remainder"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("llama-layers@400M"))
+    assert line.endswith("setups " + ", ".join(core_setups() + ["bf16-remainder"]))
+    assert "bf16-8bit-remainder" in line and "fp32-8bit" in line
+    small = next(ln for ln in out.splitlines() if ln.strip().startswith("many-small"))
+    assert "setups" not in small
+    a, b = make_workload("one-huge", 1000), make_workload("one-huge", 2000)
+    runner = Runner(Options(device=torch.device("cpu"), providers=["torch-fused"], setups=["fp32"],
+                            setups_for={a.name: ["bf16", "fp32-8bit"]}, workloads=[a, b]))
+    assert [(c.workload.name, c.setup.name) for c in runner.cases()] == [
+        (a.name, "bf16"), (a.name, "fp32-8bit"), (b.name, "fp32")]
+
+
+@pytest.mark.skipif(not _tritonadam_importable(), reason="needs tritonadam's kernels")
+def test_quantized_setups_through_the_cli(tmp_path):
+    """tritonadam's quantized setups end to end (Triton's interpreter, a tiny workload): the
+    bytes from the library's model, the state per param counted from the codes and scales
+    the optimizer allocated, the check emulating the format, clip + step; torch, which has
+    no quantized state, skipped in favour of its row in the dense twin setup."""
+    j = tmp_path / "r.json"
+    r = _bench(["--device", "cpu", "--profiles", "one-huge@4K", "--providers", "tritonadam,torch-fused",
+                "--setups", "bf16-8bit-remainder,fp32-4bit", "--clip", "bf16-8bit-remainder",
+                "--rep-ms", "1", "--warmup-ms", "0", "--min-reps", "1", "--max-reps", "1",
+                "--rounds", "1", "--out", str(j)], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(j.read_text())
+    rows = {(x["setup"], x["provider"], bool(x.get("clip"))): x for x in rep["results"]}
+    ours = {k: x for k, x in rows.items() if k[1] == "tritonadam"}
+    assert {k: x["bytes_per_param"] for k, x in ours.items()} == {
+        ("bf16-8bit-remainder", "tritonadam", False): 14.125,
+        ("bf16-8bit-remainder", "tritonadam", True): 16.125,  # + tritonadam's norm read of bf16 grads
+        ("fp32-4bit", "tritonadam", False): 14.125}
+    for x in ours.values():
+        assert x["status"] == "ok" and x["check"].startswith("ok") and "moments emulated" in x["check"], x
+    # 4000 elements: 63 bf16 scales per moment (the last block partial), + a step count
+    assert ours["fp32-4bit", "tritonadam", False]["state_bytes"] == 2 * (2000 + 63 * 2) + 4
+    assert ours["bf16-8bit-remainder", "tritonadam", False]["state_bytes"] == 2 * (4000 + 63 * 2) + 8000 + 4
+    skipped = {k[0]: x for k, x in rows.items() if k[1] == "torch-fused"}
+    assert skipped["bf16-8bit-remainder"]["status"] == "skipped"
+    assert "the bf16-remainder setup's row" in skipped["bf16-8bit-remainder"]["reason"]
+    assert "the fp32 setup's row" in skipped["fp32-4bit"]["reason"]
+    assert "state B/param" in r.stdout and "8bit moments emulated" in r.stdout
+
+
 def test_stdout_formats_and_load(tmp_path, capsys):
     """Render a saved run in every format (in-process, nothing re-run)."""
     j = tmp_path / "r.json"
@@ -277,6 +329,10 @@ def test_sigterm_writes_partial_results(tmp_path):
     (["--setups", "bf16", "--first-use", "fp32"], "unknown --first-use setup fp32"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--load", "/nonexistent/run.json"], "No such file"),
+    (["--setups-for", "one-huge@1K"], "expected WORKLOAD=LIST"),
+    (["--profiles", "one-huge@1K", "--setups-for", "one-huge@2K=fp32"], "not a workload of this run"),
+    (["--profiles", "one-huge@1K", "--setups-for", "one-huge@1K=fp8"], "unknown setup fp8"),
+    (["--profiles", "one-huge@1K", "--setups-for", "gpt3=fp32"], "unknown profile"),
 ])
 def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
@@ -361,6 +417,42 @@ def test_goals_from_rows():
     assert "1.20x*" in text  # bf16 against torch's bf16-state step: different bytes, marked
 
 
+def test_quantized_goals():
+    """The quantized-state goals, from device time, like with like: each quantized setup at
+    >= 85% of copy for its own bytes; bf16-8bit-remainder against torch fused fp32 (>= 1.6x)
+    and against our bf16-remainder (the same exact master with fp32 state, >= 1.5x), each on
+    the same workload."""
+    rows = [r for r in _fake_report()["results"] if r["setup"] != "bf16"]
+    L = ("llama-layers@400M", "llama-layers", 404_766_720, 18)
+
+    def row(setup, provider, ms, pct, bpp):
+        return {"workload": L[0], "profile": L[1], "params": L[2], "tensors": L[3], "setup": setup,
+                "provider": provider, "status": "ok", "device_ms": ms, "pct_copy": pct,
+                "bytes_per_param": bpp, "host_ms": 0.1}
+
+    base = [row("fp32", "torch-fused", 2.8, 95.0, 28), row("bf16-remainder", "tritonadam", 2.5, 99.0, 26),
+            row("fp32-8bit", "tritonadam", 1.9, 80.0, 16.125)]
+    g = {x["goal"]: x for x in report_mod.goals(rows + base + [
+        row("bf16-8bit-remainder", "tritonadam", 1.5, 90.0, 14.125)])}
+    pct = g["bf16-8bit-remainder (14.125 B/param), llama-layers@400M: >= 85% of copy bandwidth for "
+            "the bytes it moves (device time)"]
+    assert pct["status"] == "met" and pct["measured"] == "90.0%"
+    miss = g["fp32-8bit (16.125 B/param), llama-layers@400M: >= 85% of copy bandwidth for the bytes "
+             "it moves (device time)"]
+    assert miss["status"] == "MISSED" and miss["shortfall"] == "short by 5.0 points"
+    torch_goal = next(x for k, x in g.items() if ">= 1.6x torch-fused fp32" in k)
+    assert torch_goal["status"] == "met" and torch_goal["measured"].startswith("1.87x")
+    assert "(28 B/param; device time)" in next(k for k in g if ">= 1.6x" in k)
+    ours = next(x for k, x in g.items() if ">= 1.5x our bf16-remainder" in k)
+    assert ours["status"] == "met" and ours["measured"].startswith("1.67x")
+    slow = {x["goal"]: x for x in report_mod.goals(rows + base + [
+        row("bf16-8bit-remainder", "tritonadam", 2.0, 67.0, 14.125)])}
+    assert next(x for k, x in slow.items() if ">= 1.6x" in k)["shortfall"] == "short by 0.20x"
+    assert next(x for k, x in slow.items() if ">= 1.5x" in k)["status"] == "MISSED"
+    none = [x for x in report_mod.goals(rows) if "8bit" in x["goal"] or "quantized" in x["goal"]]
+    assert len(none) == 3 and all(x["status"] == "n/a" for x in none)
+
+
 def _fake_report():
     def row(workload, profile, params, tensors, provider, ms, pct, speedup, host=0.05, setup="bf16",
             bpp=22, same=None):
@@ -401,15 +493,12 @@ def test_startup_only_touches_cpu_runs(monkeypatch):
 
 
 def test_host_time_stubs_every_launch():
-    """bench/host_time.py times the step and clip + step with all four launchers stubbed:
-    no kernel is launched (the real launchers count every launch), and they are restored."""
-    import importlib.util
-
+    """``python -m tritonadam.bench.host_time`` times the step and clip + step with all four
+    launchers stubbed: no kernel is launched (the real launchers count every launch), and
+    they are restored."""
+    from tritonadam.bench import host_time
     from tritonadam.kernels import launch_counts
 
-    spec = importlib.util.spec_from_file_location("host_time", ROOT / "bench" / "host_time.py")
-    host_time = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host_time)
     before = dict(launch_counts)
     real = {name: getattr(module, name) for module, name in host_time.STUBBED}
     r = host_time.measure(tensors=30, numel=8, reps=3)

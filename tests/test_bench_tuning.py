@@ -2,7 +2,7 @@
 rendering, and the runner's loop on CPU in Triton's interpreter with an injected tuner
 (a fake timer posing as a GPU), so the whole code path runs end to end.
 
-The measurements themselves need a GPU (bench/gpu_check.sh runs them).
+The measurements themselves need a GPU (tritonadam/bench/gpu_check.sh runs them).
 """
 import csv
 import io

@@ -6,11 +6,20 @@ import pytest
 import torch
 
 from tritonadam.bench import check, workloads
-from tritonadam.bench.providers import PROVIDERS, HyperParams, observed_layout, state_bytes
+from tritonadam.bench.providers import (PROVIDERS, HyperParams, built_traffic, observed_layout,
+                                        state_bytes, tritonadam_held, tritonadam_modes,
+                                        tritonadam_traffic, tritonadam_variant)
 from tritonadam.bench.timing import quantile
-from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, SETUPS, Layout, bytes_per_param,
+from tritonadam.bench.workloads import (DTYPE_BYTES, PROFILES, QUANT_STATES, SETUPS, Layout,
                                         format_count, make_workload, parse_count,
                                         parse_workloads, traffic)
+
+DENSE = [s for s in SETUPS if SETUPS[s].state not in QUANT_STATES]
+
+
+def bytes_per_param(setup, algo="adamw", amsgrad=False):
+    """tritonadam's bytes per param in ``setup``: the library's bytes model."""
+    return tritonadam_traffic(SETUPS[setup], algo, amsgrad).bytes_per_param
 
 
 # ------------------------------------------------------------------------- byte formulas
@@ -31,16 +40,29 @@ def test_bytes_per_param_match_design(setup, expected):
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("algo,amsgrad", [("adamw", False), ("adam", True), ("adamax", False)])
-def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
-    # the bench's formula against the one the autotuner uses, for the options the bench
-    # gives tritonadam
-    from tritonadam.bench.providers import tritonadam_modes
+def test_one_bytes_model_for_tritonadam(setup, algo, amsgrad):
+    """tritonadam's rows take their bytes from the library (tritonadam.state.variant with the
+    options the bench constructs the optimizer with); workloads.traffic, the formula of the
+    other providers' rows, agrees with it item for item wherever both apply (dense state),
+    and refuses tritonadam's quantized formats rather than guess their bytes."""
     from tritonadam.state import variant
 
     s = SETUPS[setup]
-    assert bytes_per_param(setup, algo, amsgrad) == variant(
-        algo, workloads.torch_dtype(s.param), workloads.torch_dtype(s.grad), amsgrad=amsgrad,
-        **tritonadam_modes(s)).bytes_per_elem()
+    ours = tritonadam_traffic(s, algo, amsgrad)
+    assert ours.items == variant(algo, workloads.torch_dtype(s.param), workloads.torch_dtype(s.grad),
+                                 amsgrad=amsgrad, **tritonadam_modes(s)).traffic()
+    if s.state in QUANT_STATES:
+        with pytest.raises(ValueError, match="tritonadam.state.variant"):
+            traffic(s.layout, algo, amsgrad)
+    else:
+        assert traffic(s.layout, algo, amsgrad).items == ours.items
+    # and the row of a built optimizer says the same (plus the passes around the step)
+    from tritonadam.bench.runner import make_tensors
+
+    w = make_workload("one-huge", 64)
+    built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, algo,
+                                          HyperParams(amsgrad=amsgrad))
+    assert built_traffic(built, algo, amsgrad) == ours
 
 
 @pytest.mark.parametrize("setup,expected", [("fp32", 16), ("bf16", 12), ("fp16", 12),
@@ -49,24 +71,66 @@ def test_bytes_per_param_agree_with_the_kernels(setup, algo, amsgrad):
                                             ("bf16-sr-bf16state", 8)])
 def test_resident_bytes_match_readme(setup, expected):
     # param + grad + state per param, as README's precision-mode table states them
-    assert workloads.resident_bytes_per_param(SETUPS[setup].layout) == expected
+    assert tritonadam_held(SETUPS[setup]) == expected
     extra = DTYPE_BYTES[SETUPS[setup].state]
-    assert workloads.resident_bytes_per_param(SETUPS[setup].layout, amsgrad=True) == expected + extra
+    assert tritonadam_held(SETUPS[setup], amsgrad=True) == expected + extra
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_state_memory_column_is_what_tritonadam_holds(setup):
-    # the optimizer's real state bytes (the "state MiB" column) are the resident formula
-    # less param and grad, plus a step count (and a rounding seed) per tensor
+    # the optimizer's real state bytes (the "state MiB" column, counted from the tensors it
+    # allocated) are the library's state bytes per param, plus a step count (and a rounding
+    # seed) per tensor; quantized moments are codes and a bf16 scale per 64 elements, which
+    # the per-param figure counts exactly for whole blocks (100 here) and the tensors hold
+    # for a partial last block too
+    from tritonadam import quantize
     from tritonadam.bench.runner import make_tensors
 
     s = SETUPS[setup]
-    w = make_workload("one-huge", 5000)
-    built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, "adamw",
-                                          HyperParams())
-    built.step()
-    held = workloads.resident_bytes_per_param(s.layout) - DTYPE_BYTES[s.param] - DTYPE_BYTES[s.grad]
-    assert state_bytes(built) == w.params * held + 4 + (8 if s.stochastic else 0)
+    for n in (6400, 5000):
+        w = make_workload("one-huge", n)
+        built = PROVIDERS["tritonadam"].build(make_tensors(w, s, torch.device("cpu"), 0), s, "adamw",
+                                              HyperParams())
+        built.step()
+        fixed = 4 + (8 if s.stochastic else 0)
+        master = 2 if s.remainder else 4 if s.master else 0
+        bits = QUANT_STATES.get(s.state)
+        moments = 2 * (quantize.state_bytes(n, bits) if bits else n * DTYPE_BYTES[s.state])
+        assert state_bytes(built) == moments + n * master + fixed
+        if n % quantize.QUANT_BLOCK == 0:
+            assert state_bytes(built) == n * tritonadam_variant(s).state_bytes_per_elem() + fixed
+
+
+# tritonadam's quantized setups by hand: (traffic, held) per param; a moment is 1 (8-bit) or
+# 0.5 (4-bit) byte of codes + a 2-byte bf16 scale per 64 elements, read and written
+QUANTIZED_BY_HAND = {
+    "bf16-8bit-remainder": (2 + 2 + 2 + 2 + 2 + 4 * (1 + 2 / 64), 2 + 2 + 2 + 2 * (1 + 2 / 64)),
+    "bf16-8bit-sr": (2 + 2 + 2 + 4 * (1 + 2 / 64), 2 + 2 + 2 * (1 + 2 / 64)),
+    "bf16-4bit-remainder": (2 + 2 + 2 + 2 + 2 + 4 * (0.5 + 2 / 64), 2 + 2 + 2 + 2 * (0.5 + 2 / 64)),
+    "bf16-4bit-sr": (2 + 2 + 2 + 4 * (0.5 + 2 / 64), 2 + 2 + 2 * (0.5 + 2 / 64)),
+    "fp32-8bit": (4 + 4 + 4 + 4 * (1 + 2 / 64), 4 + 4 + 2 * (1 + 2 / 64)),
+    "fp32-4bit": (4 + 4 + 4 + 4 * (0.5 + 2 / 64), 4 + 4 + 2 * (0.5 + 2 / 64)),
+}
+
+
+def test_quantized_setups_by_hand():
+    assert {s for s in SETUPS if SETUPS[s].state in QUANT_STATES} == set(QUANTIZED_BY_HAND)
+    assert QUANTIZED_BY_HAND["bf16-8bit-remainder"][0] == 14.125  # the issue's figure
+    for name, (moved, held) in QUANTIZED_BY_HAND.items():
+        assert bytes_per_param(name) == moved, name
+        assert tritonadam_held(SETUPS[name]) == held, name
+        assert bytes_per_param(name, "adamax") == moved
+        per_moment = 2 * (QUANT_STATES[SETUPS[name].state] / 8 + 2 / 64)
+        assert bytes_per_param(name, amsgrad=True) == moved + per_moment
+
+
+def test_quantized_core_setups_and_dense_twins():
+    assert {"bf16-8bit-remainder", "bf16-4bit-sr", "fp32-8bit"} <= set(workloads.core_setups())
+    twins = {s: workloads.dense_twin(SETUPS[s]).name for s in QUANTIZED_BY_HAND}
+    assert twins == {"bf16-8bit-remainder": "bf16-remainder", "bf16-8bit-sr": "bf16-sr",
+                     "bf16-4bit-remainder": "bf16-remainder", "bf16-4bit-sr": "bf16-sr",
+                     "fp32-8bit": "fp32", "fp32-4bit": "fp32"}
+    assert workloads.dense_twin(SETUPS["bf16"]) is None
 
 
 def test_bytes_by_hand():
@@ -336,6 +400,97 @@ def test_remainder_check_catches_different_bits(monkeypatch):
     assert entry["ok"] is False and "differ in their bits from bf16 without a master" in entry["detail"]
 
 
+def test_stored_moment_is_the_codec_and_bounds_what_a_kernel_may_store():
+    """The reference stores a quantized moment as tritonadam.quantize does (per tensor, in
+    blocks from its element 0), and bounds what a kernel may store instead: nothing more
+    than its codec's own result away from rounding thresholds, either code around the
+    value when rounding stochastically, and any value within ``dev`` of the input."""
+    from tritonadam import quantize as Q
+
+    gen = torch.Generator().manual_seed(7)
+    segs = [128, 64 * 3 + 10]  # two tensors, the second with a partial last block
+    raw = torch.randn(sum(segs), generator=gen, dtype=torch.float64) * 1e-3
+    for bits in (8, 4):
+        for signed, x in ((True, raw), (False, raw * raw)):
+            zero = torch.zeros_like(x)
+            value, bound = check.stored_moment(x, zero, bits, signed, segs, False)
+            codec = torch.cat([Q.dequantize(*Q.quantize(part, bits, signed), part.numel(), bits, signed)
+                               for part in x.split(segs)]).double()
+            assert torch.equal(value, codec)
+            assert float((bound == 0).double().mean()) > 0.95  # ambiguous only near a threshold
+            _, sr_bound = check.stored_moment(x, zero, bits, signed, segs, True)
+            # either code around the value (but below the positive map's least code, only it)
+            assert bool((sr_bound >= bound).all())
+            assert bool(((sr_bound > 0) | (value > x)).all()) and float((sr_bound > 0).double().mean()) > 0.8
+            for seed in range(5):  # every stochastic draw lands within the bound
+                r = torch.randint(0, 65536, (x.numel(),), generator=torch.Generator().manual_seed(seed))
+                drawn = torch.cat([Q.dequantize(*Q.quantize(part, bits, signed, random=rp),
+                                                part.numel(), bits, signed)
+                                   for part, rp in zip(x.split(segs), r.split(segs))]).double()
+                assert bool(((drawn - value).abs() <= sr_bound * (1 + 1e-9)).all())
+            dev = x.abs() * 0.3  # the value may be anywhere within dev: so may what is stored
+            _, wide = check.stored_moment(x, dev, bits, signed, segs, False)
+            for f in (0.7, 1.3):
+                moved = torch.cat([Q.dequantize(*Q.quantize(part, bits, signed), part.numel(), bits, signed)
+                                   for part in (x * f).split(segs)]).double()
+                assert bool(((moved - value).abs() <= wide * (1 + 1e-9)).all())
+
+
+@pytest.mark.parametrize("setup", ["fp32-8bit", "bf16-4bit-sr"])
+def test_quantized_check_emulates_the_format(setup):
+    """tritonadam's quantized state checked against a reference storing its moments in the
+    same format passes (rounded to nearest: to float rounding); against another format or
+    against fp32 moments it fails: the check sees the format, not only the update."""
+    from dataclasses import replace
+
+    from tritonadam.bench.runner import make_tensors
+
+    s = SETUPS[setup]
+    hp = HyperParams()
+    params = make_tensors(make_workload("check-small"), s, torch.device("cpu"), 0)
+    sample = check.choose_sample(params, block=64)
+    assert all(len(idx) % 64 == 0 or idx[-1] == params[i].numel() - 1 for i, idx in sample.picks)
+    built = PROVIDERS["tritonadam"].build(params, s, "adamw", hp)
+    for _ in range(3):
+        built.step()
+    res = check.check_after_steps(sample, built.params, 3, "adamw", hp, s, built.layout)
+    assert res.ok and f"{s.state} moments emulated" in res.note, res.detail
+    if not s.stochastic:
+        assert res.worst < 0.01  # the codec bit for bit: only float rounding is left
+    other = "4bit" if s.state == "8bit" else "8bit"
+    for state in (other, "fp32"):
+        wrong = check.check_after_steps(sample, built.params, 3, "adamw", hp, s,
+                                        replace(built.layout, state=state))
+        assert not wrong.ok, state
+    with pytest.raises(ValueError, match="whole blocks"):
+        check.check_after_steps(check.choose_sample(params), built.params, 3, "adamw", hp, s,
+                                built.layout)
+
+
+@pytest.mark.parametrize("name", ["torch-fused", "torch-foreach", "torch-forloop", "torch-compile",
+                                  "torch-fused-graph", "apex", "te"])
+def test_providers_without_quantized_state_skip_it(name):
+    """A row of torch (or apex, TE) in a quantized setup would repeat its row of the same
+    setup with fp32 state: it is skipped, naming that setup."""
+    args = (HyperParams(), make_workload("check-small"), torch.device("cuda"), {})
+    for setup, twin in (("bf16-8bit-remainder", "bf16-remainder"), ("fp32-4bit", "fp32"),
+                        ("bf16-4bit-sr", "bf16-sr")):
+        why = PROVIDERS[name].unsupported(SETUPS[setup], "adamw", *args)
+        assert why and f"has no {SETUPS[setup].state} state" in why and f"the {twin} setup" in why
+    assert PROVIDERS[name].unsupported(SETUPS["fp32"], "adamw", *args) is None
+
+
+def test_peers_run_the_quantized_setups_of_their_bits():
+    args = (HyperParams(), make_workload("check-small"), torch.device("cuda"), {})
+    runs = {name: {s for s in SETUPS if PROVIDERS[name].unsupported(SETUPS[s], "adamw", *args) is None}
+            for name in ("torchao-8bit", "torchao-4bit", "bnb-8bit", "flashoptim")}
+    eight = {"bf16-8bit-remainder", "bf16-8bit-sr", "fp32-8bit"}
+    four = {"bf16-4bit-remainder", "bf16-4bit-sr", "fp32-4bit"}
+    assert runs["torchao-8bit"] == runs["bnb-8bit"] == runs["flashoptim"] == {"bf16", "fp32"} | eight
+    assert runs["torchao-4bit"] == {"bf16", "fp32"} | four
+    assert "8-bit setups" in PROVIDERS["bnb-8bit"].unsupported(SETUPS["bf16-4bit-sr"], "adamw", *args)
+
+
 def test_sample_covers_ends_and_empty_tensors():
     params = [torch.zeros(0), torch.arange(10.0), torch.arange(100_000.0), torch.tensor(3.0)]
     for p in params:
@@ -363,7 +518,7 @@ TORCH_DOES = {
 
 
 @pytest.mark.parametrize("name", ["torch-fused", "torch-foreach", "torch-forloop"])
-@pytest.mark.parametrize("setup", [s for s in SETUPS if s != "fp16"])  # fp16 state overflows
+@pytest.mark.parametrize("setup", [s for s in DENSE if s != "fp16"])  # fp16 state overflows
 def test_torch_providers_are_labelled_and_correct(name, setup):
     from tritonadam.bench.runner import make_tensors
 

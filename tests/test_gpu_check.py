@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh, dry: the same script on the CPU (Triton's interpreter, tiny sizes),
+"""tritonadam/bench/gpu_check.sh, dry: the same script on the CPU (Triton's interpreter, tiny sizes),
 in an environment without the packages the GPU machine's image lacks (expecttest,
 platformdirs). A typo in the script or in a command line it runs must fail here, not cost
 the GPU run: every step must finish, the GPU command lines must parse (``--plan``), and $OUT
@@ -55,7 +55,7 @@ def test_gpu_check_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON", "_TRITONADAM"))}
     env.update(DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, TRITONADAM_COMMIT="0123abc",
                PYTHONPATH=str(site), TMPDIR=str(tmp_path), WHEELHOUSE=str(tmp_path / "no-wheels"))
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", str(ROOT / "tritonadam" / "bench" / "gpu_check.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=400)
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -84,7 +84,7 @@ def test_gpu_check_dry_run(tmp_path):
 
     header = (out / "header.txt").read_text()
     command = next(line for line in header.splitlines() if line.startswith("command: "))
-    assert "commit:  0123abc" in header and command.endswith(" bash bench/gpu_check.sh")
+    assert "commit:  0123abc" in header and command.endswith(" bash tritonadam/bench/gpu_check.sh")
     assert "TRITONADAM_COMMIT=0123abc " in command and "DRY_RUN=1 " in command
     assert "torch:" in header and "triton:" in header and "expecttest no" in header
 
@@ -96,10 +96,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(r.get("variant") == "fixed" for r in ok) and results["sweeps"]
     for r in ok:  # the three figures on every row
         assert r["device_ms"] > 0 and r["host_ms"] > 0 and r["steady_ms"] > 0, r
-    # the GPU core line: the core setups (the same-bytes pairs), the captured steps
+    # quantized state in the dry core too: tritonadam's row checked against the emulated
+    # format; torch has none (its row is the dense twin setup's)
+    quant = [r for r in ok if r["setup"] == "bf16-8bit-remainder" and not r.get("variant")]
+    assert {r["provider"] for r in quant} == {"tritonadam"} and quant[0]["bytes_per_param"] == 14.125
+    assert "8bit moments emulated" in quant[0]["check"] and quant[0]["state_bytes"] > 0
+    # the GPU core line: the dense core setups (the same-bytes pairs) on every workload, the
+    # quantized core setups and bf16-remainder on the Llama layers, the captured steps
     core_plan = tgz_text(out, "./core.plan.txt")
     assert "fp32, bf16, bf16-bf16state" in core_plan and "tritonadam-graph" in core_plan
-    assert "torchao-8bit" in tgz_text(out, "./peers.plan.txt")  # parsed, though no wheels here
+    llama = next(ln for ln in core_plan.splitlines() if ln.strip().startswith("llama-layers@400M"))
+    assert llama.endswith("setups fp32, bf16, bf16-bf16state, bf16-8bit-remainder, bf16-4bit-sr, "
+                          "fp32-8bit, bf16-remainder"), llama
+    peers_plan = tgz_text(out, "./peers.plan.txt")  # parsed, though no wheels here
+    assert "torchao-8bit" in peers_plan and "bf16-8bit-remainder, bf16-4bit-sr" in peers_plan
     host = (out / "host_time.txt").read_text()
     assert "floor ms" in host and "whole step" in host
 

@@ -64,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "torch ones, tritonadam is checked only)")
     sel.add_argument("--setups", "--dtypes", dest="setups", type=_csv_list, metavar="LIST",
                      help=f"dtype setups: {', '.join(SETUPS)}, 'core' (the GPU check's: "
-                          f"{','.join(core_setups())}, the pairs that move the same bytes as "
-                          f"torch) or 'all' (default all; on CPU "
+                          f"{','.join(core_setups())}: the pairs that move the same bytes as "
+                          f"torch, and the key quantized ones) or 'all' (default all; on CPU "
                           f"{','.join(_CPU_TIMED_SETUPS)} are timed and all are checked)")
+    sel.add_argument("--setups-for", action="append", default=[], metavar="WORKLOAD=LIST",
+                     help="the setups of one workload instead of --setups' (repeatable; WORKLOAD "
+                          "as in --profiles, LIST as in --setups), e.g. "
+                          "llama-layers@400M=core,bf16-remainder: the GPU check times the "
+                          "quantized setups on one workload only")
     sel.add_argument("--profiles", type=_csv_list, metavar="LIST",
                      help=f"shape profiles, NAME or NAME@SIZE: {', '.join(PROFILES)} "
                           f"(default on a GPU: {','.join(_DEFAULT_GPU_PROFILES)}; on CPU: "
@@ -168,9 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _listing() -> str:
     from tabulate import tabulate
 
-    from .providers import PROVIDERS
-    from .workloads import (PROFILES, SETUPS, bytes_per_param, format_count, make_workload,
-                            resident_bytes_per_param, traffic)
+    from .providers import PROVIDERS, tritonadam_held, tritonadam_traffic
+    from .workloads import PROFILES, SETUPS, format_count, make_workload
 
     rows = []
     for name, prof in PROFILES.items():
@@ -181,22 +185,25 @@ def _listing() -> str:
             w = make_workload(name)
             rows.append([name, format_count(w.params), w.tensors, prof.description])
     text = "Profiles\n" + tabulate(rows, headers=["name", "params", "tensors", "description"]) + "\n\n"
-    text += ("Setups (AdamW bytes per parameter: moved per step, and held: param + grad + "
-             "state)\n") + tabulate(
-        [[s.name, bytes_per_param(s), resident_bytes_per_param(s.layout),
-          traffic(s.layout).describe(), s.description] for s in SETUPS.values()],
-        headers=["name", "B/param", "held", "traffic", "description"]) + "\n\n"
+    text += ("Setups (tritonadam AdamW bytes per parameter, from tritonadam.state.variant: "
+             "moved per step, and held: param + grad + state)\n") + tabulate(
+        [[s.name, f"{tritonadam_traffic(s).bytes_per_param:g}", f"{tritonadam_held(s):g}",
+          tritonadam_traffic(s).describe(), s.description] for s in SETUPS.values()],
+        headers=["name", "B/param", "held", "traffic", "description"],
+        disable_numparse=True) + "\n\n"
     text += "Providers\n" + tabulate([[p.name, p.description] for p in PROVIDERS.values()],
                                      headers=["name", "description"]) + "\n"
     return text
 
 
-def _print_plan(args, device: str, providers, setups, workloads, clip_setups) -> None:
+def _print_plan(args, device: str, providers, setups, workloads, clip_setups, setups_for) -> None:
     from .workloads import format_count
 
     print(f"on {device}: {len(workloads)} workloads x {len(setups)} setups ({', '.join(setups)})")
     for w in workloads:
-        print(f"  {w.name}: {format_count(w.params)} params in {w.tensors} tensors")
+        own = setups_for.get(w.name)
+        print(f"  {w.name}: {format_count(w.params)} params in {w.tensors} tensors"
+              + (f"; setups {', '.join(own)}" if own is not None else ""))
     print("providers: " + (", ".join(providers) or "none"))
     if clip_setups:
         print(f"clip + step (max_norm {args.max_norm:g}) for each provider: {', '.join(clip_setups)}")
@@ -211,6 +218,18 @@ def _print_plan(args, device: str, providers, setups, workloads, clip_setups) ->
               + (f", at most {args.sweep_max}" if args.sweep_max else "") + " per workload and setup")
     print("timer: device, host and steady-state time per case, in interleaved rounds per "
           "workload and setup" + (f" ({args.rounds} rounds)" if args.rounds else ""))
+
+
+def _expand_core(values):
+    """``core`` in a setup list: the core setups (``Setup.core``), in SETUPS order."""
+    from .workloads import core_setups
+
+    if not values or "core" not in values:
+        return values
+    out = []
+    for v in values:
+        out += core_setups() if v == "core" else [v]
+    return list(dict.fromkeys(out))
 
 
 def _select(values, allowed, what, parser, default):
@@ -346,14 +365,25 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                      or PROVIDERS[p].unavailable(torch.device("cuda")) is None]
     if args.baseline not in PROVIDERS:
         parser.error(f"unknown --baseline {args.baseline}")
-    from .workloads import core_setups
-
-    if args.setups == ["core"]:
-        args.setups = core_setups()
+    args.setups = _expand_core(args.setups)
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
     all_setups = list(setups)  # checked and in the roofline
     if cpu and not args.setups:
         setups = list(_CPU_TIMED_SETUPS)
+    setups_for: dict[str, list[str]] = {}
+    for spec in args.setups_for:
+        key, eq, listed = spec.partition("=")
+        if not eq or not key.strip() or not listed.strip():
+            parser.error(f"--setups-for {spec!r}: expected WORKLOAD=LIST, e.g. "
+                         "llama-layers@400M=core,bf16-remainder")
+        try:
+            names = [w.name for w in parse_workloads([key.strip()], None, cpu=cpu)]
+        except ValueError as e:
+            parser.error(f"--setups-for {spec!r}: {e}")
+        chosen = _select(_expand_core(_csv_list(listed)), list(SETUPS), "setup", parser, [])
+        for name in names:
+            setups_for[name] = chosen
+    all_setups = [s for s in SETUPS if s in all_setups or any(s in v for v in setups_for.values())]
     clip_setups = [] if args.clip == ["none"] else _select(
         args.clip, all_setups, "--clip setup", parser,
         [s for s in _DEFAULT_CLIP_SETUPS if s in all_setups])
@@ -371,6 +401,10 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
             _DEFAULT_GPU_PROFILES, None, cpu=False)
     except ValueError as e:
         parser.error(str(e))
+    unknown = [name for name in setups_for if name not in {w.name for w in workloads}]
+    if unknown:
+        parser.error(f"--setups-for names {', '.join(unknown)}, not a workload of this run "
+                     f"({', '.join(w.name for w in workloads)})")
     for name in ("warmup_ms", "rep_ms", "time_budget"):
         v = getattr(args, name)
         if v is not None and v < 0:
@@ -388,7 +422,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
 
     if args.plan:
         _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads,
-                    [] if args.tuning else clip_setups)
+                    [] if args.tuning else clip_setups, setups_for)
         return 0
     if args.tuning and (cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
         # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
@@ -434,7 +468,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if cpu and "tritonadam" not in providers and not args.no_check:
         check_only = ("tritonadam",)
     progress = None if args.quiet else stderr_progress()
-    opts = Options(device=device, providers=providers, setups=setups, workloads=workloads,
+    opts = Options(device=device, providers=providers, setups=setups, setups_for=setups_for,
+                   workloads=workloads,
                    algo=args.optimizer, hp=hp, timing=tcfg, baseline=args.baseline,
                    check=not args.no_check, check_steps=args.check_steps,
                    profile_launches=not args.no_launch_count, time_budget_s=budget or None,
@@ -479,7 +514,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
             "header": header,
             "statement": statement,
             "config": {
-                "providers": providers, "setups": setups, "workloads": [w.name for w in workloads],
+                "providers": providers, "setups": setups, "setups_for": setups_for,
+                "workloads": [w.name for w in workloads],
                 "clip_setups": opts.clip_setups, "max_norm": args.max_norm,
                 "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
                 "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,

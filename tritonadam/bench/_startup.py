@@ -1,11 +1,12 @@
-"""Make sure Triton kernels can run when the bench runs on the CPU.
+"""Make sure Triton kernels can run when the bench (or ``host_time``) runs on the CPU.
 
 Triton chooses between compiling a kernel and interpreting it when the kernel is decorated
 (``@triton.jit`` reads ``TRITON_INTERPRET`` then), i.e. when ``tritonadam``'s kernel modules
 are imported. With no GPU the bench sets ``TRITON_INTERPRET=1`` itself if the user did not
-set it. ``python -m tritonadam.bench`` imports the ``tritonadam`` package before this code
-runs; if that import already decorated kernels for a GPU, the bench re-executes itself with
-the variable set (once), so that the kernels are decorated again, as interpreted functions.
+set it. ``python -m tritonadam.bench`` (or ``-m tritonadam.bench.host_time``) imports the
+``tritonadam`` package before this code runs; if that import already decorated kernels for
+a GPU, the module re-executes itself with the variable set (once), so that the kernels are
+decorated again, as interpreted functions.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def _compiled_kernels_loaded() -> bool:
     return False
 
 
-def prepare_interpreter(argv: list[str], want_cpu: bool) -> str:
-    """Set ``TRITON_INTERPRET=1`` for a CPU run if unset; re-exec when too late in-process.
+def prepare_interpreter(argv: list[str], want_cpu: bool, module: str = "tritonadam.bench") -> str:
+    """Set ``TRITON_INTERPRET=1`` for a CPU run if unset; re-exec ``python -m module argv``
+    when too late in-process.
 
     Returns "preset" (the user set it), "gpu" (not needed) or "set".
     """
@@ -50,5 +52,5 @@ def prepare_interpreter(argv: list[str], want_cpu: bool) -> str:
         os.environ[_REEXEC] = "1"
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "tritonadam.bench", *argv])
+        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
     return "set"

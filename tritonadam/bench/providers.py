@@ -4,7 +4,9 @@ A provider turns a list of model parameters (with ``.grad`` set) into a zero-arg
 ``step`` callable. Where a provider cannot do a dtype setup the way it is asked (torch keeps
 Adam state in the parameter's dtype; torch has no master weights), it builds what its users
 do instead and says so in ``Built.label``; ``Built.layout`` describes the memory it really
-moves, which is what the bench's GB/s column is computed from.
+moves, which is what the bench's GB/s column is computed from (:func:`built_traffic`):
+tritonadam's bytes come from the library's own bytes model (``tritonadam.state.variant``,
+:func:`tritonadam_traffic`), every other provider's from ``workloads.traffic`` of its layout.
 
 A "clip + step" case (:func:`with_clip`) clips the grads' total norm before every step the
 way the provider's users do (:meth:`Provider.clip`): torch's ``clip_grad_norm_`` for all but
@@ -19,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from .workloads import DTYPE_BYTES, Layout, Setup, Workload, torch_dtype
+from .workloads import (DTYPE_BYTES, QUANT_STATES, Layout, Setup, Traffic, Workload, dense_twin,
+                        torch_dtype, traffic)
 
 _DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
@@ -59,6 +62,18 @@ class Built:
     check_lr_tol: float = 0.05
     #: correct ``layout.state`` from the dtype of the optimizer's ``exp_avg`` after a step
     observe_state: bool = True
+    #: the step's own ``(tensor, read, written)`` bytes per param where the provider has a
+    #: bytes model of its own (tritonadam's); None: ``workloads.traffic(layout)``
+    own_traffic: tuple | None = None
+
+
+def built_traffic(built: Built, algo: str, amsgrad: bool) -> Traffic:
+    """What one step of ``built`` moves per param: its own bytes model where it has one
+    (tritonadam), else ``workloads.traffic`` of its layout; with the passes around the step
+    (``layout.extra``: a clip, copies) first, as ``workloads.traffic`` lists them."""
+    if built.own_traffic is not None:
+        return Traffic(tuple(built.layout.extra) + tuple(built.own_traffic))
+    return traffic(built.layout, algo, amsgrad)
 
 
 class Provider:
@@ -118,6 +133,17 @@ def with_clip(provider: Provider, built: Built, setup: Setup, max_norm: float) -
     return built
 
 
+def no_quantized_state(library: str, setup: Setup) -> str | None:
+    """Why a provider without quantized state skips a quantized setup: its stand-in (the
+    same step with fp32 state) is timed in the dense twin setup, so a row here would repeat
+    that one."""
+    if setup.state not in QUANT_STATES:
+        return None
+    twin = dense_twin(setup)
+    return (f"{library} has no {setup.state} state: its step with fp32 state is the "
+            f"{twin.name if twin else 'dense'} setup's row")
+
+
 # ------------------------------------------------------------------------------ tritonadam
 
 class TritonAdamProvider(Provider):
@@ -144,7 +170,8 @@ class TritonAdamProvider(Provider):
         if autotune is not None:
             kw["autotune"] = autotune
         opt = cls(params, **kw)
-        return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt)
+        return Built(step=opt.step, params=params, layout=setup.layout, optimizer=opt,
+                     own_traffic=tritonadam_traffic(setup, algo, hp.amsgrad).items)
 
     def clip(self, built, max_norm, grad_bytes):
         """``opt.clip_grad_norm_``: one read of every grad for the norm; the step's kernel
@@ -223,13 +250,41 @@ class TritonAdamGraph(TritonAdamProvider):
         replay = capture_step(opt.step)
         return Built(step=replay, params=params, layout=setup.layout, optimizer=opt,
                      label="one CUDA graph replay per step; static grads rewritten in place",
-                     pre_steps=GRAPH_WARMUP_STEPS, static_grads=True)
+                     pre_steps=GRAPH_WARMUP_STEPS, static_grads=True,
+                     own_traffic=tritonadam_traffic(setup, algo, hp.amsgrad).items)
 
 
 def tritonadam_modes(setup: Setup) -> dict:
     """The tritonadam optimizer options that keep what ``setup`` asks for."""
+    state = setup.state if setup.state in QUANT_STATES else torch_dtype(setup.state)
     return dict(master_weights="remainder" if setup.remainder else setup.master is not None,
-                state_dtype=torch_dtype(setup.state), stochastic_rounding=setup.stochastic)
+                state_dtype=state, stochastic_rounding=setup.stochastic)
+
+
+def tritonadam_variant(setup: Setup, algo: str = "adamw", amsgrad: bool = False):
+    """The library's kernel variant for ``setup``'s params under the options the bench gives
+    the optimizer (:func:`tritonadam_modes`): ``tritonadam.state.variant``, the one bytes
+    model of tritonadam's steps."""
+    from tritonadam.state import variant
+
+    return variant(algo, torch_dtype(setup.param), torch_dtype(setup.grad), amsgrad=amsgrad,
+                   **tritonadam_modes(setup))
+
+
+def tritonadam_traffic(setup: Setup, algo: str = "adamw", amsgrad: bool = False) -> Traffic:
+    """Bytes per param one tritonadam step moves in ``setup`` (the setup's floor: the
+    roofline and ``--list`` use it too), from the library's bytes model."""
+    if algo == "adamax" and amsgrad:
+        raise ValueError("AdaMax has no amsgrad variant")
+    return Traffic(tuple(tritonadam_variant(setup, algo, amsgrad).traffic()))
+
+
+def tritonadam_held(setup: Setup, algo: str = "adamw", amsgrad: bool = False) -> float:
+    """Bytes per param resident while tritonadam steps ``setup``: param, grad and the
+    optimizer's state (moments with their scales, master copy) from the library's bytes
+    model (the "state MiB" column counts the tensors the optimizer really allocated)."""
+    kept = tritonadam_variant(setup, algo, amsgrad).state_bytes_per_elem()
+    return DTYPE_BYTES[setup.param] + DTYPE_BYTES[setup.grad] + kept
 
 
 # ----------------------------------------------------------------------------------- torch
@@ -254,7 +309,7 @@ class _TorchBase(Provider):
     def unsupported(self, setup, algo, hp, workload, device, opts):
         if "fused" in self.impl_kwargs and algo == "adamax":
             return "torch.optim.Adamax has no fused implementation"
-        return None
+        return no_quantized_state("torch.optim", setup)
 
     def _make_step(self, opt) -> Callable[[], None]:
         return opt.step
@@ -332,7 +387,7 @@ class TorchFusedGraph(TorchFused):
         return _graph_unavailable(device)
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
-        if setup.master is not None:
+        if setup.master is not None and setup.state not in QUANT_STATES:
             return "the master-weight emulation is not captured in this bench"
         return _graph_unsupported(setup, opts) or super().unsupported(setup, algo, hp, workload,
                                                                         device, opts)
@@ -365,7 +420,7 @@ class TorchCompile(_TorchBase):
         if workload.tensors > limit:
             return (f"{workload.tensors} tensors > --compile-max-tensors {limit}: "
                     "compile time grows with the tensor count")
-        return None
+        return super().unsupported(setup, algo, hp, workload, device, opts)
 
     def _make_step(self, opt):
         import torch._dynamo
@@ -405,6 +460,8 @@ class _ThirdPartyFusedAdam(Provider):
         return None
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
+        if setup.state in QUANT_STATES:
+            return no_quantized_state(f"{self.library} FusedAdam", setup)
         if algo == "adamax":
             return f"{self.library} has no fused AdaMax"
         if hp.amsgrad:
@@ -422,7 +479,7 @@ class ApexFusedAdam(_ThirdPartyFusedAdam):
     library = "apex"
 
     def unsupported(self, setup, algo, hp, workload, device, opts):
-        if setup.remainder:
+        if setup.remainder and setup.state not in QUANT_STATES:
             return "apex keeps no master weights in 2 bytes (its fp32 master is timed in bf16-master)"
         return super().unsupported(setup, algo, hp, workload, device, opts)
 
@@ -475,15 +532,22 @@ class TransformerEngineFusedAdam(_ThirdPartyFusedAdam):
 
 class _Peer(Provider):
     """Another library's AdamW with quantized state, timed where it is installed (the GPU
-    check installs them from a wheelhouse: bench/wheelhouse.sh). Its state is not the
-    setup's: the row is labelled with what it keeps and the bytes that moves, and checked
-    with a loose tolerance (the float64 reference keeps fp32 moments)."""
+    check installs them from a wheelhouse: tritonadam/bench/wheelhouse.sh): the same task
+    as tritonadam's quantized setups of its bits (8-bit or 4-bit moments), and for
+    comparison in the bf16 and fp32 setups. Its format is not tritonadam's (other blocks,
+    other scales): the row is labelled with what it keeps, with what it does instead of a
+    master copy or stochastic rounding it lacks, and the bytes that moves; it is checked with
+    a loose tolerance (the float64 reference keeps fp32 moments)."""
 
     module = ""
     library = ""
+    #: bits per moment: the quantized setups it is timed in
+    bits = 8
     #: bytes per element of the two moments, read + written, and per-element extras
     state = "int8"
     extra: tuple = ()
+    #: rounds bf16 params stochastically when asked (torchao's bf16_stochastic_round)
+    stochastic_rounding = False
 
     def unavailable(self, device):
         if device.type != "cuda":
@@ -497,24 +561,37 @@ class _Peer(Provider):
     def unsupported(self, setup, algo, hp, workload, device, opts):
         if algo != "adamw" or hp.amsgrad:
             return f"{self.library}: AdamW without amsgrad only in this bench"
-        if setup.name not in ("bf16", "fp32"):
-            return f"{self.library}: timed in the bf16 and fp32 setups only"
+        if QUANT_STATES.get(setup.state, self.bits) != self.bits or (
+                setup.state not in QUANT_STATES and setup.name not in ("bf16", "fp32")):
+            return f"{self.library}: timed in the bf16, fp32 and {self.bits}-bit setups only"
         return None
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic: bool):
         raise NotImplementedError
 
     def build(self, params, setup, algo, hp):
-        opt = self._make(params, hp)
+        sr = setup.stochastic and self.stochastic_rounding and setup.param == "bf16"
+        opt = self._make(params, hp, sr)
+        notes = [f"{self.library}: {self.what}"]
+        if setup.master:
+            notes.append(self.master_note(setup))
+        if setup.stochastic and not sr:
+            notes.append(self.rounding_note(setup))
         layout = Layout(param=setup.param, grad=setup.grad, state=self.state,
-                        extra=tuple(self.extra_for(setup)))
+                        extra=tuple(self.extra_for(setup)), stochastic=sr)
         return Built(step=opt.step, params=params, layout=layout, optimizer=opt,
-                     label=f"{self.library}: {self.what}", check_lr_tol=0.75, observe_state=False)
+                     label="; ".join(notes), check_lr_tol=0.75, observe_state=False)
 
     what = ""
 
     def extra_for(self, setup):
         return self.extra
+
+    def master_note(self, setup) -> str:
+        return f"no master weights: {setup.param} params rounded to nearest"
+
+    def rounding_note(self, setup) -> str:
+        return f"rounded to nearest: {self.library} has no stochastic rounding"
 
 
 class TorchaoAdamW8bit(_Peer):
@@ -525,25 +602,29 @@ class TorchaoAdamW8bit(_Peer):
     state = "int8"
     what = "8-bit moments, an fp32 scale per 256 elements (tensors under 4096 elements: full precision)"
     extra = (("m, v scales fp32/256", 8 / 256, 8 / 256),)
+    stochastic_rounding = True
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         from torchao.optim import AdamW8bit
 
-        return AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+        return AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                         bf16_stochastic_round=stochastic)
 
 
 class TorchaoAdamW4bit(TorchaoAdamW8bit):
     name = "torchao-4bit"
     description = "torchao.optim.AdamW4bit (when installed): 4-bit blockwise moments, block 128"
     library = "torchao AdamW4bit"
+    bits = 4
     state = "int4"
     what = "4-bit moments, an fp32 scale per 128 elements (tensors under 4096 elements: full precision)"
     extra = (("m, v scales fp32/128", 8 / 128, 8 / 128),)
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         from torchao.optim import AdamW4bit
 
-        return AdamW4bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+        return AdamW4bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay,
+                         bf16_stochastic_round=stochastic)
 
 
 class FlashOptimAdamW(_Peer):
@@ -561,7 +642,13 @@ class FlashOptimAdamW(_Peer):
             out.append(("master correction int8", 1, 1))
         return out
 
-    def _make(self, params, hp):
+    def master_note(self, setup):
+        return "a 24-bit master (an int8 correction per param) for the fp32 one"
+
+    def rounding_note(self, setup):
+        return "a 24-bit master (an int8 correction per param) instead of stochastic rounding"
+
+    def _make(self, params, hp, stochastic):
         from flashoptim import FlashAdamW
 
         return FlashAdamW(params, lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
@@ -576,7 +663,7 @@ class BnbAdamW8bit(_Peer):
     what = "8-bit moments, an fp32 absmax per 256 elements (tensors under 4096 elements: fp32)"
     extra = (("m, v absmax fp32/256", 8 / 256, 8 / 256),)
 
-    def _make(self, params, hp):
+    def _make(self, params, hp, stochastic):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=hp.lr, betas=hp.betas, eps=hp.eps,

@@ -13,7 +13,7 @@ import shlex
 import subprocess
 
 from .tuning import config_key, config_text, summarize
-from .workloads import SETUPS, Workload, format_count, traffic
+from .workloads import QUANT_STATES, SETUPS, Workload, format_count
 
 SCHEMA = "tritonadam-bench/3"
 #: an earlier schema --load still renders: its single ``ms`` is host enqueue + device time
@@ -102,12 +102,15 @@ def collect_header(device, argv: list[str] | None = None) -> dict:
 # ----------------------------------------------------------------------------- roofline
 
 def roofline(workloads: list[Workload], setups: list[str], algo: str, amsgrad: bool) -> dict:
-    """Bytes per step (from the setup's formula) and the time that takes at each GPU's
-    published peak bandwidth: the floor no implementation can beat."""
+    """Bytes per step (tritonadam's in each setup, from the library's bytes model) and the
+    time that takes at each GPU's published peak bandwidth: the floor no implementation of
+    the setup can beat."""
+    from .providers import tritonadam_traffic
+
     rows = []
     for w in workloads:
         for s in setups:
-            bpp = traffic(SETUPS[s].layout, algo, amsgrad).bytes_per_param
+            bpp = tritonadam_traffic(SETUPS[s], algo, amsgrad).bytes_per_param
             b = w.params * bpp
             row = {"workload": w.name, "params": w.params, "tensors": w.tensors, "setup": s,
                    "bytes_per_param": bpp, "bytes_per_step": b}
@@ -122,6 +125,17 @@ def roofline(workloads: list[Workload], setups: list[str], algo: str, amsgrad: b
 GOAL_PCT = 92.0
 GOAL_SMALL_SPEEDUP = 3.0
 GOAL_HOST_MS = 1.0
+#: quantized state: at least this share of the copy bandwidth for the bytes each format
+#: moves (device time, 100M+ params); for the headline format, 8-bit moments with the
+#: exact master in 2 bytes, that makes it at least GOAL_QUANT_VS_FP32 x the baseline's fp32
+#: step (28 B: 28 / 14.125 x 0.85 = 1.68 if the baseline reached 100%) and at least
+#: GOAL_QUANT_VS_FP32_STATE x our step with the same exact master and fp32 state
+#: (bf16-remainder, 26 B: 26 / 14.125 x 0.85 = 1.56), device time, same workload
+GOAL_QUANT_PCT = 85.0
+GOAL_QUANT_SETUP = "bf16-8bit-remainder"
+GOAL_QUANT_VS_FP32 = 1.6
+GOAL_QUANT_FP32_STATE_SETUP = "bf16-remainder"
+GOAL_QUANT_VS_FP32_STATE = 1.5
 
 
 def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch-fused") -> list[dict]:
@@ -179,6 +193,7 @@ def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch
             out.append(_goal(f"{r['workload']} {r['setup']}: host time of step() with fresh grads "
                              f"well under {GOAL_HOST_MS:g} ms", f"{host:.3f} ms", met,
                              "" if met else f"over by {host - GOAL_HOST_MS:.3f} ms"))
+    out += _quant_goals(ok, ours, provider, baseline)
     graph = [r for r in ok if r["provider"] == provider + "-graph" and r["profile"] == "many-small"
              and r["tensors"] >= 10_000 and r.get("host_ms") is not None]
     for r in graph:
@@ -189,6 +204,50 @@ def goals(rows: list[dict], provider: str = "tritonadam", baseline: str = "torch
     if not small:
         out.append(_goal("many-small 10,000 x 4,096: >= 3x torch fused, host time < 1 ms",
                          "not measured", None, "run the many-small profile at its default size"))
+    return out
+
+
+def _quant_goals(ok: list[dict], ours: list[dict], provider: str, baseline: str) -> list[dict]:
+    """Quantized state (the issue's goals for it), from device time, like with like: each
+    quantized setup's share of the copy for the bytes it moves, and the headline format
+    against the baseline's fp32 step and against ours with the same exact master and fp32
+    state, each on the same workload."""
+    out = []
+    big = [r for r in ours if r["params"] >= 100_000_000 and r["profile"] != "many-small"]
+    quant = [r for r in big if r["setup"] in SETUPS and SETUPS[r["setup"]].state in QUANT_STATES
+             and r.get("pct_copy") is not None]
+    for r in quant:
+        pct = r["pct_copy"]
+        out.append(_goal(f"{r['setup']} ({_num(r.get('bytes_per_param'), '{:g}')} B/param), "
+                         f"{r['workload']}: >= {GOAL_QUANT_PCT:g}% of copy bandwidth for the bytes "
+                         "it moves (device time)", f"{pct:.1f}%", pct >= GOAL_QUANT_PCT,
+                         "" if pct >= GOAL_QUANT_PCT else f"short by {GOAL_QUANT_PCT - pct:.1f} points"))
+    if not quant:
+        out.append(_goal(f"quantized state (8-bit, 4-bit), >= 100M params: >= {GOAL_QUANT_PCT:g}% of "
+                         "copy for the bytes each format moves", "not measured", None,
+                         "run the core quantized setups on llama-layers@400M"))
+
+    def row(rows, workload, setup, who):
+        return next((r for r in rows if r["workload"] == workload and r["setup"] == setup
+                     and r["provider"] == who and r.get("device_ms")), None)
+
+    vs = ((baseline, "fp32", GOAL_QUANT_VS_FP32, f"{baseline} fp32"),
+          (provider, GOAL_QUANT_FP32_STATE_SETUP, GOAL_QUANT_VS_FP32_STATE,
+           f"our {GOAL_QUANT_FP32_STATE_SETUP} (the same exact master, fp32 state)"))
+    heads = [r for r in big if r["setup"] == GOAL_QUANT_SETUP and r.get("device_ms")]
+    for who, setup, want, what in vs:
+        pairs = [(r, row(ok, r["workload"], setup, who)) for r in heads]
+        pairs = [(r, b) for r, b in pairs if b is not None]
+        for r, b in pairs:
+            x = b["device_ms"] / r["device_ms"]
+            out.append(_goal(f"{GOAL_QUANT_SETUP}, {r['workload']}: >= {want:g}x {what} "
+                             f"({_num(b.get('bytes_per_param'), '{:g}')} B/param; device time)",
+                             f"{x:.2f}x ({_ms(b['device_ms'])} / {_ms(r['device_ms'])} ms)", x >= want,
+                             "" if x >= want else f"short by {want - x:.2f}x"))
+        if not pairs:
+            out.append(_goal(f"{GOAL_QUANT_SETUP}: >= {want:g}x {what}, same workload (device time)",
+                             "not measured", None,
+                             f"time {GOAL_QUANT_SETUP} and {who} {setup} on one 100M+ workload"))
     return out
 
 
@@ -229,7 +288,12 @@ def _footnotes(rows):
 
 RESULT_HEADERS = ["workload", "params", "setup", "provider", "B/param", "device ms", "p20-p80",
                   "GB/s", "% copy", "host ms", "p20-p80", "steady ms", "p20-p80", "speedup",
-                  "steady speedup", "launches", "state MiB", "peak MiB", "check"]
+                  "steady speedup", "launches", "state MiB", "state B/param", "peak MiB", "check"]
+
+
+def _state_per_param(r: dict) -> str:
+    """The optimizer's state (and provider buffers) per param, from the tensors it allocated."""
+    return _num(r["state_bytes"] / r["params"], "{:.3g}") if r.get("state_bytes") and r.get("params") else "n/a"
 
 
 def _provider_text(r: dict) -> str:
@@ -268,7 +332,7 @@ def result_table_rows(report: dict) -> tuple[list[list], dict[str, int]]:
             _ms(r.get("steady_ms")), _spread(r, "steady"),
             _speedup(r, "speedup"), _speedup(r, "speedup_steady"),
             _num(r.get("launches"), "{}") if cuda else "n/a",
-            _num(r.get("state_bytes", 0) / 2**20, "{:.1f}"),
+            _num(r.get("state_bytes", 0) / 2**20, "{:.1f}"), _state_per_param(r),
             _num(r["peak_mem_bytes"] / 2**20, "{:.0f}") if r.get("peak_mem_bytes") is not None else "n/a",
             r.get("check", ""),
         ])
@@ -293,7 +357,8 @@ COLUMNS_TEXT = (
     "GB/s and % copy: bytes per step over device time, and that against the copy bandwidth "
     "above; speedup, steady speedup: {baseline}'s device (steady) time over the row's, '*' where "
     "the two move different bytes per param; launches: CUDA kernels per step (torch.profiler); "
-    "state MiB: optimizer state and provider buffers; peak MiB: device memory the optimizer's "
+    "state MiB, state B/param: optimizer state and provider buffers, counted from the tensors "
+    "the optimizer allocated (quantized moments: codes and scales), in all and per param; peak MiB: device memory the optimizer's "
     "build and first steps added at their peak; check: worst error after the first steps as a "
     "fraction of the tolerance.")
 
@@ -711,6 +776,7 @@ def render_summary(report: dict) -> str:
         plain_ours = r["provider"] == "tritonadam" and not r.get("clip")
         b = best.get((r["workload"], r["setup"])) if plain_ours else None
         rows.append([r["workload"], r["setup"], _provider_text(r), _num(r.get("bytes_per_param"), "{:g}"),
+                     _state_per_param(r),
                      _ms(r.get("device_ms")), _num(r.get("pct_copy"), "{:.1f}"), _ms(r.get("host_ms")),
                      _ms(r.get("steady_ms")), _speedup(r, "speedup"), _speedup(r, "speedup_steady"),
                      _num(r.get("launches"), "{}"),
@@ -718,6 +784,7 @@ def render_summary(report: dict) -> str:
     if rows:
         base = report.get("config", {}).get("baseline")
         out += ["## Results", "", tabulate(rows, headers=["workload", "setup", "provider", "B/param",
+                                                          "state B/param",
                                                           "device ms", "% copy", "host ms", "steady ms",
                                                           f"vs {base}", f"steady vs {base}",
                                                           "launches", "best fixed config: ms"],

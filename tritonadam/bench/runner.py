@@ -25,11 +25,11 @@ import torch
 
 from . import check as checkmod
 from . import tuning
-from .providers import PROVIDERS, HyperParams, observed_layout, state_bytes, with_clip
+from .providers import (PROVIDERS, HyperParams, built_traffic, observed_layout, state_bytes,
+                        tritonadam_held, with_clip)
 from .timing import (FIGURES, FLUSH_BYTES, GpuMonitor, GradFeed, Subject, Timer, TimingConfig,
                      copy_bandwidth, count_kernel_launches)
-from .workloads import (SETUPS, Setup, Workload, resident_bytes_per_param, torch_dtype,
-                        traffic)
+from .workloads import DTYPE_BYTES, QUANT_STATES, SETUPS, Setup, Workload, torch_dtype
 
 #: providers whose cases run after all others, so that a time budget drops them first
 SLOW_PROVIDERS = ("torch-compile",)
@@ -62,6 +62,8 @@ class Options:
     providers: list[str]
     setups: list[str]
     workloads: list[Workload]
+    #: per workload name, its own setups instead of ``setups``
+    setups_for: dict[str, list[str]] = field(default_factory=dict)
     algo: str = "adamw"
     hp: HyperParams = field(default_factory=HyperParams)
     timing: TimingConfig = field(default_factory=TimingConfig)
@@ -118,22 +120,29 @@ def make_tensors(workload: Workload, setup: Setup, device: torch.device, seed: i
 
 
 def grad_bytes(workload: Workload, setup: Setup) -> int:
-    from .workloads import DTYPE_BYTES
-
     return workload.params * DTYPE_BYTES[setup.grad]
 
 
 def resident_estimate(workload: Workload, setup: Setup, amsgrad: bool) -> int:
-    """Bytes one case needs on the device besides its group's grads: the worst provider
-    layout for this setup (torch's master-weight emulation keeps fp32 params and grads
-    besides the model's), plus slack."""
-    from .workloads import DTYPE_BYTES
-
-    lay = setup.layout
-    per = resident_bytes_per_param(lay, amsgrad=amsgrad) - DTYPE_BYTES[setup.grad]
+    """Bytes one case needs on the device besides its group's grads, plus slack: the worst
+    provider for this setup, of tritonadam (its bytes model: param and state) and torch
+    (state in the param dtype; for master weights, its emulation keeps fp32 params, grads
+    and state besides the model's params). Peers keep less than torch."""
+    p = DTYPE_BYTES[setup.param]
+    moments = 2 + (1 if amsgrad else 0)
+    per = max(tritonadam_held(setup, amsgrad=amsgrad) - DTYPE_BYTES[setup.grad], p + moments * p)
     if setup.master:  # torch emulation: fp32 master + fp32 grads + fp32 m, v + model p
-        per = max(per, 2 + 4 * (4 + (1 if amsgrad else 0)))
+        per = max(per, p + 4 * (2 + moments))
     return int(workload.params * per * 1.05) + 64 * 2**20 + workload.tensors * 2048
+
+
+def sample_block(setup: Setup) -> int | None:
+    """Quantized state is checked on whole quantization blocks (their scale is their absmax)."""
+    if setup.state not in QUANT_STATES:
+        return None
+    from ..quantize import QUANT_BLOCK
+
+    return QUANT_BLOCK
 
 
 def feed_estimate(workload: Workload, setup: Setup) -> int:
@@ -218,7 +227,7 @@ class Runner:
     # ---------------------------------------------------------------- the run
     def cases(self) -> list[Case]:
         o = self.opts
-        pairs = [(w, SETUPS[s]) for w in o.workloads for s in o.setups]
+        pairs = [(w, SETUPS[s]) for w in o.workloads for s in o.setups_for.get(w.name, o.setups)]
         main = [Case(w, s, p) for w, s in pairs for p in o.providers if p not in SLOW_PROVIDERS]
         clipped = [Case(w, s, p, clip=o.max_norm) for w, s in pairs if s.name in o.clip_setups
                    for p in o.providers]
@@ -399,7 +408,7 @@ class Runner:
         params = built = sample = None
         try:
             params = make_tensors(o.check_workload, s, o.device, o.seed)
-            sample = checkmod.choose_sample(params, seed=o.seed)
+            sample = checkmod.choose_sample(params, seed=o.seed, block=sample_block(s))
             norm = self._norm_before(params, clip, sample)
             built, returned = self._first_steps(prov, params, s, clip)
             observed_layout(built)
@@ -542,7 +551,7 @@ class Runner:
             params = make_params(w, s, o.device, o.seed)
             for p, g in zip(params, feed.views(feed.bufs[0])):
                 p.grad = g
-            sample = checkmod.choose_sample(params, seed=o.seed) if o.check else None
+            sample = checkmod.choose_sample(params, seed=o.seed, block=sample_block(s)) if o.check else None
             norm = self._norm_before(params, case.clip, sample)
             self._sync()
             mem0 = None
@@ -581,7 +590,7 @@ class Runner:
                         return row, None, feed
             else:
                 row.update(check="not checked", check_ok=None)
-            tr = traffic(built.layout, o.algo, o.hp.amsgrad)
+            tr = built_traffic(built, o.algo, o.hp.amsgrad)
             row.update(bytes_per_param=tr.bytes_per_param, traffic=tr.describe(),
                        bytes_per_step=w.params * tr.bytes_per_param, state_bytes=state_bytes(built),
                        grads="static (rewritten in place)" if built.static_grads else "fresh")

@@ -1,4 +1,4 @@
-"""What the bench steps: dtype setups, the bytes each step must move, and tensor-shape profiles.
+"""What the bench steps: dtype setups, the bytes other providers move, and tensor-shape profiles.
 
 Everything here is plain Python (no torch import) so ``--list``, the roofline table and the
 tests can use it cheaply.
@@ -6,27 +6,28 @@ tests can use it cheaply.
 Byte formulas
 -------------
 An Adam step is elementwise, so its memory traffic per parameter is the sum, over the tensors
-the step touches, of the bytes it reads plus the bytes it writes. :func:`traffic` builds that
-list for a :class:`Layout` and :attr:`Traffic.bytes_per_param` is its sum. Summing by hand
-(DESIGN.md section 3), and checked against the code in ``tests/test_bench_workloads.py``:
+the step touches, of the bytes it reads plus the bytes it writes: a list of
+``(tensor, bytes read, bytes written)``, summed by :attr:`Traffic.bytes_per_param`.
 
-=====================================  =====================================================  ======
-setup                                  reads + writes per parameter                           total
-=====================================  =====================================================  ======
-fp32 p, g, m, v                        p 4+4, g 4, m 4+4, v 4+4                               28 B
-bf16 (or fp16) p, g + fp32 m, v        p 2+2, g 2, m 4+4, v 4+4                               22 B
-bf16 g + fp32 master, m, v -> bf16 p   master 4+4, g 2, m 4+4, v 4+4, p 0+2                   28 B
-bf16 p + int16 remainder + fp32 m, v   p 2+2, remainder 2+2, g 2, m 4+4, v 4+4                26 B
-bf16 p, g + bf16 m, v                  p 2+2, g 2, m 2+2, v 2+2                               14 B
-stochastic rounding                    the same bytes as rounding to nearest                  same
-amsgrad                                + max_exp_avg_sq in the state dtype, read + write      +8 B
-AdaMax                                 exp_inf replaces exp_avg_sq: same bytes as Adam        same
-=====================================  =====================================================  ======
+tritonadam's rows (and a setup's floor: the roofline, ``--list``) take that list from the
+library's own bytes model, ``tritonadam.state.variant(...).traffic()``, called with the
+constructor options the bench gives the optimizer (``providers.tritonadam_modes``,
+``providers.tritonadam_traffic``): one formula for tritonadam, the library's, covering its
+dense and its blockwise-quantized state (``state_dtype="8bit"``/``"4bit"``: codes plus a bf16
+scale per 64 elements, 1.03125 and 0.53125 B per moment). docs/performance.md lists the
+bytes of every setup.
+
+:func:`traffic` here states what the *other* providers move, from a :class:`Layout` of the
+tensors they really keep: torch keeps Adam state in the param dtype (bf16 params: 14 B per
+parameter, not our 22), emulates master weights with fp32 params and two copies, apex and
+TransformerEngine keep their own masters, and the peers' quantized moments are ``int8`` /
+``int4`` with their scales as ``extra`` passes. Where a dense tritonadam setup and this
+function both apply they agree item for item (``tests/test_bench_workloads.py``).
 
 Adam (L2 weight decay) and AdamW (decoupled) move the same bytes: weight decay reads the
-parameter the step reads anyway. The bench reports GB/s from the bytes of what a provider
-actually does (its :class:`Layout`), which for torch's fused optimizer in a bf16 setup is
-bf16 state (14 B per parameter), and says so in the table.
+parameter the step reads anyway; AdaMax's ``exp_inf`` replaces ``exp_avg_sq``; amsgrad adds
+``max_exp_avg_sq`` in the state's format, read and written. The bench reports GB/s from the
+bytes of what a provider actually does, and says so in the table.
 """
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------- dtypes
 
-#: bytes per element of the dtypes the bench uses, by short name.
+#: bytes per element of the dtypes the bench uses, by short name ("int8"/"int4": the peers'
+#: quantized moments, without their scales)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "int8": 1, "int4": 0.5}
-#: the dtypes a float64 reference can round to (quantized state is not emulated)
+#: the dtypes a float64 reference can round to
 FLOAT_DTYPES = ("fp32", "bf16", "fp16", "fp64")
+#: tritonadam's blockwise-quantized state formats (``state_dtype=``), by bits per code: the
+#: check emulates them with ``tritonadam.quantize``; their bytes come from the library
+QUANT_STATES = {"8bit": 8, "4bit": 4}
 #: bytes per element of the int16 low half that stands in for an fp32 master
 REMAINDER_BYTES = 2
 
@@ -58,13 +63,15 @@ class Setup:
     """A dtype setup: what the model holds and what the optimizer is asked to keep.
 
     ``param``/``grad``: dtype of the model's parameters and gradients. ``state``: dtype of
-    Adam's moments. ``master``: dtype of a master copy of the weights the optimizer steps
+    Adam's moments, or a quantized format of tritonadam's (``"8bit"``, ``"4bit"``). ``master``: dtype of a master copy of the weights the optimizer steps
     (then writes back, rounded, to the model's parameters), or None. ``remainder``: the fp32
     master is kept as its low 16 bits beside the bf16 param, which holds the high half.
     ``stochastic``: values kept in 16 bits without a master copy are rounded stochastically.
-    ``core``: timed by the GPU check's core step (``--setups core``): the setups where a
-    provider of torch moves the same bytes as ours (fp32; bf16 state against torch's fused
-    bf16), the plain bf16 setup, and quantized-state setups (mark new ones core too).
+    ``core``: named by ``--setups core``, what the GPU check's core step times: the setups
+    where a provider of torch moves the same bytes as ours (fp32; bf16 state against
+    torch's fused bf16), the plain bf16 setup, and the key quantized-state setups (8-bit
+    moments with an exact master in 2 bytes: the issue's headline; 8-bit with fp32 params,
+    against torch's fp32 step; 4-bit with stochastic rounding, the least memory).
     """
 
     name: str
@@ -100,6 +107,22 @@ SETUPS: dict[str, Setup] = {
               "bf16 params, grads and state, rounded to nearest", core=True),
         Setup("bf16-sr-bf16state", "bf16", "bf16", "bf16", None,
               "bf16 params, grads and state, rounded stochastically", stochastic=True),
+        # tritonadam's blockwise-quantized moments: codes + a bf16 scale per 64 elements
+        Setup("bf16-8bit-remainder", "bf16", "bf16", "8bit", "fp32",
+              "bf16 params and grads, the fp32 master as an int16 remainder, 8-bit moments",
+              remainder=True, core=True),
+        Setup("bf16-8bit-sr", "bf16", "bf16", "8bit", None,
+              "bf16 params and grads, 8-bit moments, params and moments rounded stochastically",
+              stochastic=True),
+        Setup("bf16-4bit-remainder", "bf16", "bf16", "4bit", "fp32",
+              "bf16 params and grads, the fp32 master as an int16 remainder, 4-bit moments",
+              remainder=True),
+        Setup("bf16-4bit-sr", "bf16", "bf16", "4bit", None,
+              "bf16 params and grads, 4-bit moments, params and moments rounded stochastically",
+              stochastic=True, core=True),
+        Setup("fp32-8bit", "fp32", "fp32", "8bit", None, "fp32 params and grads, 8-bit moments",
+              core=True),
+        Setup("fp32-4bit", "fp32", "fp32", "4bit", None, "fp32 params and grads, 4-bit moments"),
     )
 }
 
@@ -107,6 +130,16 @@ SETUPS: dict[str, Setup] = {
 def core_setups() -> list[str]:
     """The setups ``--setups core`` names, in SETUPS order."""
     return [s.name for s in SETUPS.values() if s.core]
+
+
+def dense_twin(setup: Setup) -> Setup | None:
+    """For a quantized-state setup, the setup that is the same with fp32 state (what a
+    provider without quantized state does in its place), else None."""
+    if setup.state not in QUANT_STATES:
+        return None
+    want = (setup.param, setup.grad, "fp32", setup.master, setup.remainder, setup.stochastic)
+    return next((s for s in SETUPS.values()
+                 if (s.param, s.grad, s.state, s.master, s.remainder, s.stochastic) == want), None)
 
 
 # ------------------------------------------------------------------------------- traffic
@@ -125,47 +158,53 @@ class Layout:
     grad: str
     state: str
     master: str | None = None
-    extra: tuple[tuple[str, int, int], ...] = ()
+    extra: tuple[tuple[str, float, float], ...] = ()
     remainder: bool = False
     stochastic: bool = False
 
 
 @dataclass(frozen=True)
 class Traffic:
-    """Per-parameter memory traffic of one step: ``items`` is ``(tensor, read, written)``."""
+    """Per-parameter memory traffic of one step: ``items`` is ``(tensor, read, written)``
+    (bytes per element; fractional for quantized moments, whose scales are shared)."""
 
-    items: tuple[tuple[str, int, int], ...]
+    items: tuple[tuple[str, float, float], ...]
 
     @property
-    def read(self) -> int:
+    def read(self) -> float:
         return sum(r for _, r, _ in self.items)
 
     @property
-    def written(self) -> int:
+    def written(self) -> float:
         return sum(w for _, _, w in self.items)
 
     @property
-    def bytes_per_param(self) -> int:
+    def bytes_per_param(self) -> float:
         return self.read + self.written
 
     def describe(self) -> str:
         parts = []
         for name, r, w in self.items:
-            parts.append(f"{name} {r}+{w}" if r and w else f"{name} {'r' if r else 'w'}{r or w}")
-        return ", ".join(parts) + f" = {self.bytes_per_param} B"
+            parts.append(f"{name} {r:g}+{w:g}" if r and w else
+                         f"{name} {'r' if r else 'w'}{r or w:g}")
+        return ", ".join(parts) + f" = {self.bytes_per_param:g} B"
 
 
 def traffic(layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> Traffic:
-    """Bytes read and written per parameter by one step of ``algo`` over ``layout``.
+    """Bytes read and written per parameter by one step of ``algo`` over ``layout``: what a
+    provider other than tritonadam moves (tritonadam's come from its bytes model).
 
-    The moments (``exp_avg`` and ``exp_avg_sq``, or AdaMax's ``exp_avg`` and ``exp_inf``)
+    The moments (``exp_avg`` and ``exp_avg_sq``, or AdaMax's ``exp_inf``)
     are each read and written; amsgrad adds ``max_exp_avg_sq`` (read and written, in the
     state dtype); the gradient is only read.
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algorithm {algo!r}; expected one of {sorted(ALGOS)}")
+    if layout.state in QUANT_STATES:
+        raise ValueError(f"{layout.state} state is tritonadam's format: its bytes come from "
+                         "tritonadam.state.variant (providers.tritonadam_traffic)")
     b = DTYPE_BYTES
-    items: list[tuple[str, int, int]] = list(layout.extra)
+    items: list[tuple[str, float, float]] = list(layout.extra)
     if layout.remainder:
         items.append(("param", b[layout.param], b[layout.param]))
         items.append(("remainder", REMAINDER_BYTES, REMAINDER_BYTES))
@@ -187,28 +226,7 @@ def traffic(layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> Traff
     return Traffic(tuple(items))
 
 
-def bytes_per_param(setup: str | Setup, algo: str = "adamw", amsgrad: bool = False) -> int:
-    """The floor on bytes moved per parameter per step for a named setup (see module doc)."""
-    s = SETUPS[setup] if isinstance(setup, str) else setup
-    return traffic(s.layout, algo, amsgrad).bytes_per_param
-
-
 ALGOS = ("adam", "adamw", "adamax")
-
-
-def resident_bytes_per_param(layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> int:
-    """Bytes per parameter that must be resident on the device: param, grad, state, master,
-    plus any provider-side buffers named in ``extra`` that are written (they persist)."""
-    b = DTYPE_BYTES
-    n = b[layout.param] + b[layout.grad] + 2 * b[layout.state]
-    if amsgrad:
-        n += b[layout.state]
-    if layout.remainder:
-        n += REMAINDER_BYTES
-    elif layout.master:
-        n += b[layout.master]
-    n += sum(w for _, _, w in layout.extra)
-    return n
 
 
 # ------------------------------------------------------------------------------- profiles
@@ -376,7 +394,9 @@ class Workload:
     def tensors(self) -> int:
         return len(self.shapes)
 
-    def bytes_per_step(self, layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> int:
+    def bytes_per_step(self, layout: Layout, algo: str = "adamw", amsgrad: bool = False) -> float:
+        """Bytes one step over ``layout`` moves (another provider's; tritonadam's:
+        ``params * providers.tritonadam_traffic(...).bytes_per_param``)."""
         return self.params * traffic(layout, algo, amsgrad).bytes_per_param
 
 

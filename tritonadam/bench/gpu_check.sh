@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, v2: the core figures first (device, host and steady-state time for every
-# provider, with the pairs that move the same bytes), then host time against its floor, then
+# provider, with the pairs that move the same bytes, and tritonadam's quantized state on the
+# Llama layers), then host time against its floor, then
 # every test that can run on a GPU, then first-use tuning (ranked against the core's sweep,
 # not sweeping again), then peers' optimizers from a wheelhouse, then the full bench while
 # time remains. At most TOTAL_S (360 s) in all, each step time-boxed, and every file
 # rewritten as soon as its step ends, so a run cut short returns what it measured.
 #
-#   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash bench/gpu_check.sh
+#   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash tritonadam/bench/gpu_check.sh
 #
 # It runs the checkout in place (PYTHONPATH, no pip install from the network) with python3,
 # torch, triton, pytest, tabulate, numpy and filelock; pytest-timeout, pytest-xdist and
@@ -22,8 +23,16 @@
 #   all.tgz         everything else (logs, the tuner's, peers' and the full bench's reports,
 #                   the autotune cache, junit XML)
 #
-# Budget (seconds, each a cap; a step ends early when done): header 10, core 150,
-# host_time 20, pytest 100, tuning 35, peers 45, bench the rest (usually none).
+# Budget (seconds, each a cap; a step ends early when done, and none starts past TOTAL_S less
+# 10 s kept for the end): header 10, core 170, host_time 20, pytest 70, tuning 30, peers 45
+# (345), then the full bench while time remains (usually none) and autotune-show (at most
+# 10 s, within the 10 s kept). So one run is about 6 minutes plus start-up: one command of
+# the device tool (10 minutes at most), and twice that plus the machine's start fits a
+# 15-minute lease, for a rerun. The core step, by estimate (no GPU run of it yet): about 80
+# timed cases at ~1 s each (warm-up, 3 figures x 100 ms over 5 rounds, sleeps and grad
+# writes), ~20 compiles of the update kernel (new variants x 3 configs, ~2 s each), the
+# checks and launch counts; its time budget (the limit less 15 s) cuts the config sweep,
+# which runs last, before any provider's default row.
 #
 # DRY_RUN=1 runs the same steps on the CPU in Triton's interpreter with tiny sizes, after
 # checking each GPU command line with `--plan`, and the GPU tests with --collect-only
@@ -37,9 +46,9 @@ for var in TRITONADAM_COMMIT OUT DRY_RUN PYTHON TOTAL_S GPU_TESTS PYTEST_WORKERS
         TRITONADAM_AUTOTUNE_BUDGET TRITONADAM_AUTOTUNE_COMPILE_BUDGET; do
     [ -n "${!var+x}" ] && COMMAND="$COMMAND$var=$(printf '%q' "${!var}") "
 done
-COMMAND="${COMMAND}bash bench/gpu_check.sh"
+COMMAND="${COMMAND}bash tritonadam/bench/gpu_check.sh"
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # the checkout
 cd "$ROOT"
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
@@ -73,14 +82,19 @@ else
 fi
 
 # ------------------------------------------------------------------ what each step runs
-# The goal workloads (Llama-like layers, 10,000 x 4,096, one huge tensor) in the core setups
-# (fp32; bf16 with fp32 state; bf16 state, which torch's fused bf16 step keeps: the same
-# bytes; quantized setups once marked core), each provider's three figures, the captured
-# (CUDA graph) steps, clip + step in bf16, and the configs nearest the default.
-CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups core --clip bf16
+# The goal workloads (Llama-like layers, 10,000 x 4,096, one huge tensor) in the dense core
+# setups (fp32; bf16 with fp32 state; bf16 state, which torch's fused bf16 step keeps: the
+# same bytes); on the Llama layers only, also the quantized core setups (bf16-8bit-remainder,
+# bf16-4bit-sr, fp32-8bit) and bf16-remainder (the same exact master with fp32 state: the
+# quantized goals compare with it and with torch's fp32 step there); each provider's three
+# figures, the captured (CUDA graph) steps, clip + step in bf16, and the configs nearest the
+# default. torch has no quantized state: its rows are those of the dense twin setups.
+CORE=(--profiles llama-layers@400M,many-small,one-huge@1B --setups fp32,bf16,bf16-bf16state
+      --setups-for llama-layers@400M=core,bf16-remainder --clip bf16
       --providers tritonadam,torch-fused,tritonadam-graph,torch-fused-graph --autotune off
       --sweep --sweep-max 3 --rounds 5 --rep-ms 100)
-CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16 --clip bf16
+CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
+          --setups-for many-small@8K=bf16,bf16-8bit-remainder --clip bf16
           --providers tritonadam,torch-fused --sweep --sweep-max 2 --rounds 2
           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 1 --check-steps 1)
 # Every test module that can run on a GPU (TRITONADAM_TEST_DEVICE=cuda), most important
@@ -98,10 +112,12 @@ PYTEST_WORKERS="${PYTEST_WORKERS:-4}"
 TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --rounds 3
         --sweep-from "$OUT/results.json")
 TUNING_DRY=()  # on the CPU --tuning checks its arguments, says it needs a GPU and exits 0
-# Peers from the wheelhouse, in bf16, one tensor shape per workload (torchao compiles its
-# step per shape: tens of seconds each).
-PEERS=(--profiles one-huge@400M,many-small --setups bf16 --clip none --rounds 3
-       --providers tritonadam,torch-fused,torchao-8bit,torchao-4bit,flashoptim,bnb-8bit)
+# Peers from the wheelhouse, in the quantized setups they do too (8-bit moments with the
+# exact master: torchao, bitsandbytes and FlashOptim; 4-bit with stochastic rounding:
+# torchao's AdamW4bit with bf16_stochastic_round) beside tritonadam, on one 400M tensor
+# (torchao compiles its step per shape and flags: tens of seconds each).
+PEERS=(--profiles one-huge@400M --setups bf16-8bit-remainder,bf16-4bit-sr --clip none --rounds 3
+       --providers tritonadam,torchao-8bit,torchao-4bit,flashoptim,bnb-8bit)
 PEERS_DRY=(--device cpu --profiles one-huge@4K --setups bf16 --clip none --providers torch-fused
            --rounds 1 --warmup-ms 0 --rep-ms 1 --max-reps 1)
 BENCH=()  # the default matrix: every profile, setup and provider, clip + step in fp32 and bf16
@@ -264,7 +280,7 @@ fi
 finish_step header 0 "$t0" ""
 
 # ------------------------------------------------------------------ 2. the core figures
-bench_step core 150 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
+bench_step core 170 CORE CORE_DRY --out "$OUT/results.json" --out "$WORK/results.md" \
     --summary "$WORK/core-summary.md"
 
 # ------------------------------------------------------------------ 3. host time, floor
@@ -276,10 +292,10 @@ else
     rc=0
     {
         if [ "$DRY_RUN" = 1 ]; then
-            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 30 --reps 2 --numel 8
+            timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 30 --reps 2 --numel 8
         else
-            timeout -k 5 "$limit" "$PY" bench/host_time.py --breakdown --tensors 10000 300 --reps 20 &&
-                timeout -k 5 "$limit" "$PY" bench/host_time.py --device cuda --tensors 10000 300 --reps 20
+            timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 10000 300 --reps 20 &&
+                timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --device cuda --tensors 10000 300 --reps 20
         fi
     } > "$OUT/host_time.txt" 2>&1 || rc=$?
     finish_step host_time "$rc" "$t0" ""
@@ -287,7 +303,7 @@ fi
 
 # --------------------------------------------------------------------- 4. GPU tests
 t0=$(date +%s)
-limit=$(limit_for 100)
+limit=$(limit_for 70)
 if [ "$limit" -lt 20 ]; then
     finish_step pytest 0 "$t0" "skipped: no time left"
 else
@@ -314,14 +330,14 @@ else
 fi
 
 # -------------------------------------------------------------------- 5. the autotuner
-bench_step tuning 35 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
+bench_step tuning 30 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
     --summary "$WORK/tuning-summary.md"
 
 # ------------------------------------------------------------------------ 6. peers
 t0=$(date +%s)
 wheels=$(ls "$WHEELHOUSE"/*.whl 2> /dev/null || true)
 if [ -z "$wheels" ] && [ "$DRY_RUN" != 1 ]; then
-    finish_step peers 0 "$t0" "skipped: no wheels in bench/wheelhouse (bash bench/wheelhouse.sh where PyPI is reachable, then bring bench/wheelhouse along)"
+    finish_step peers 0 "$t0" "skipped: no wheels in bench/wheelhouse (bash tritonadam/bench/wheelhouse.sh where PyPI is reachable, then bring bench/wheelhouse along)"
 else
     if [ -n "$wheels" ]; then
         # No network: the wheels alone, without their dependencies (torch is there).
@@ -342,7 +358,10 @@ bench_step bench 600 BENCH BENCH_DRY --out "$WORK/bench.json" --out "$WORK/bench
 if [ -d "$TRITONADAM_CACHE_DIR" ]; then  # what first use tuned, with the compiler's reports
     t0=$(date +%s)
     rc=0
-    timeout 20 "$PY" -m tritonadam.autotune show > "$WORK/autotune-show.log" 2>&1 || rc=$?
+    limit=$(left)
+    [ "$limit" -gt 10 ] && limit=10
+    [ "$limit" -lt 5 ] && limit=5
+    timeout "$limit" "$PY" -m tritonadam.autotune show > "$WORK/autotune-show.log" 2>&1 || rc=$?
     finish_step autotune-show "$rc" "$t0" ""
 fi
 echo "== done in $(( $(date +%s) - START ))s: $([ "$FAILED" -eq 0 ] && echo 'every step exited 0' || echo 'some step FAILED'); files in $OUT" >&2

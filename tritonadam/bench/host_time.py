@@ -1,12 +1,19 @@
 """Host (Python) time per optimizer step, against the cost of touching every grad once.
 
-    python bench/host_time.py                      # 10,000 and 300 tensors
-    python bench/host_time.py --tensors 2000 --numel 64
-    python bench/host_time.py --breakdown          # each per-tensor pass of the check alone, too
-    python bench/host_time.py --device cuda        # on a GPU: real launches, CUDA tensors
+    python -m tritonadam.bench.host_time                   # 10,000 and 300 tensors
+    python -m tritonadam.bench.host_time --tensors 2000 --numel 64
+    python -m tritonadam.bench.host_time --breakdown       # each per-tensor pass of the check alone, too
+    python -m tritonadam.bench.host_time --device cuda     # on a GPU: real launches, CUDA tensors
 
-tritonadam's step with its kernel launches stubbed out: what remains is the per-step host
-work (finding grads, checking what the launches rely on, refreshing the pointer tables).
+A profiling tool of the library's host path, not a benchmark of the kernels. By default
+(``--device cpu``) it times tritonadam's step on CPU tensors with its kernel launchers
+stubbed out: ``tritonadam.step_cache.launch_prepare`` and ``launch_update`` (the step) and
+``tritonadam.clip.launch_norm`` and ``launch_norm_reduce`` (the fused clip), replaced by
+no-ops where those modules call them and restored afterwards, so no kernel runs and what
+remains is the per-step host work (finding grads, checking what the launches rely on,
+refreshing the pointer tables). Triton's interpreter is only needed so that the optimizer
+accepts CPU tensors (set, with a re-exec if the kernels were already imported for a GPU).
+
 It is reported next to the *floor*: one plain Python pass reading every grad's
 ``data_ptr()``, the least any optimizer that launches on raw pointers must do. Also timed:
 ``clip_grad_norm_(1.0)`` then the step (the norm's launches stubbed too), as a training
@@ -15,7 +22,8 @@ before each step as ``zero_grad(set_to_none=True)`` training gives, so machine n
 them alike. With ``--device cuda`` (on a GPU machine) the tensors are CUDA tensors and
 nothing is stubbed: the step's host time with its real launches (and the grad-pointer
 upload fresh grads need), against the same floor; the GPU is synchronised outside the timed
-calls. ``python -m tritonadam.bench`` reports the same figure per case as ``host ms``.
+calls. ``python -m tritonadam.bench`` reports the same figure per case as ``host ms``;
+``tritonadam/bench/gpu_check.sh`` runs both modes in its host_time step.
 """
 from __future__ import annotations
 
@@ -26,15 +34,13 @@ import statistics
 import sys
 import time
 
-if "cuda" not in sys.argv[1:]:  # stubbed launches on CPU tensors: the interpreter is enough
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
-import torch  # noqa: E402
+import tritonadam
+import tritonadam.clip as clip
+import tritonadam.step_cache as step_cache
 
-import tritonadam  # noqa: E402
-import tritonadam.clip as clip  # noqa: E402
-import tritonadam.step_cache as step_cache  # noqa: E402
-
+from ._startup import prepare_interpreter
 
 #: the launchers a step and a clip call, as the modules that call them imported them
 STUBBED = ((step_cache, "launch_prepare"), (step_cache, "launch_update"),
@@ -173,8 +179,10 @@ def breakdown(tensors: int, numel: int, reps: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m tritonadam.bench.host_time",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[10000, 300])
     parser.add_argument("--numel", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
@@ -183,7 +191,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: CUDA tensors and real launches (a GPU machine); cpu (default): "
                              "CPU tensors, launches stubbed")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Stubbed launches on CPU tensors: the interpreter lets the optimizer take them.
+    prepare_interpreter(argv, want_cpu=args.device == "cpu", module="tritonadam.bench.host_time")
     if args.device == "cuda" and args.breakdown:
         parser.error("--breakdown runs on CPU tensors with the launches stubbed")
     if args.device == "cuda" and not torch.cuda.is_available():

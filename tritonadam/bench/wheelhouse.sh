@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Fills bench/wheelhouse/ with the peers' wheels the GPU check times beside tritonadam
-# (torchao, FlashOptim, bitsandbytes), for a GPU machine without network access: run this
-# where PyPI is reachable, then bring bench/wheelhouse along with the checkout (it is
-# git-ignored; about 47 MB). gpu_check.sh installs them with `pip install --no-index
-# --no-deps --target` into its work directory and times them in its peers step.
+# Fills the checkout's bench/wheelhouse/ (data, beside bench/results/) with the peers' wheels
+# the GPU check times beside tritonadam (torchao, FlashOptim, bitsandbytes), for a GPU machine
+# without network access: run this where PyPI is reachable, then bring bench/wheelhouse along
+# with the checkout (it is git-ignored; about 47 MB). tritonadam/bench/gpu_check.sh installs
+# them with `pip install --no-index --no-deps --target` into its work directory and times them
+# in its peers step.
 #
-#   bash bench/wheelhouse.sh            # PYTHON=... picks the pip; PY_VERSION=3.12 by default
+#   bash tritonadam/bench/wheelhouse.sh   # PYTHON=... picks the pip; PY_VERSION=3.12 by default
 #
 # Versions: those measured on the CPU machine (DESIGN.md section 11) and FlashOptim's
 # release on PyPI; all three are pure Python or ship their own CUDA binaries, and none is
 # installed with its dependencies (torch and triton are already on the GPU image).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../../bench"  # the checkout's bench/: wheelhouse/ is made there
 PY="${PYTHON:-python3}"
 PY_VERSION="${PY_VERSION:-3.12}"
 mkdir -p wheelhouse
