@@ -79,26 +79,29 @@ def measure(tensors: int, numel: int, reps: int) -> dict:
         fresh()
         opt.clip_grad_norm_(1.0)
         opt.step()  # builds the cache, the norm's plan and the state once
-        floor, step, clip_step = [], [], []
-        for _ in range(reps):
+        runs = {"floor": lambda: floor_pass(params), "step": opt.step,
+                "clip_step": lambda: (opt.clip_grad_norm_(1.0), opt.step())}
+        return _summary(tensors, numel, _interleaved(runs, fresh, reps))
+
+
+def _interleaved(runs: dict, fresh, reps: int, sync=lambda: None) -> dict:
+    """Median ms of each run, timed in turn, each right after its own fresh grads (so
+    none finds the grads warm from another's pass over them)."""
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
             fresh()
+            sync()
             t0 = time.perf_counter()
-            floor_pass(params)
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
-            fresh()
-            t3 = time.perf_counter()
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-            t4 = time.perf_counter()
-            floor.append((t1 - t0) * 1e3)
-            step.append((t2 - t1) * 1e3)
-            clip_step.append((t4 - t3) * 1e3)
-    floor_ms, step_ms = statistics.median(floor), statistics.median(step)
-    clip_ms = statistics.median(clip_step)
-    return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
-            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
+            run()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _summary(tensors: int, numel: int, ms: dict) -> dict:
+    return {"tensors": tensors, "numel": numel, "floor_ms": ms["floor"], "step_ms": ms["step"],
+            "clip_step_ms": ms["clip_step"], "ratio": ms["step"] / ms["floor"],
+            "clip_ratio": ms["clip_step"] / ms["floor"], "clip_over_step": ms["clip_step"] / ms["step"]}
 
 
 def measure_cuda(tensors: int, numel: int, reps: int) -> dict:
@@ -117,29 +120,11 @@ def measure_cuda(tensors: int, numel: int, reps: int) -> dict:
     fresh()
     opt.clip_grad_norm_(1.0)
     opt.step()
-    floor, step, clip_step = [], [], []
-    for _ in range(reps):
-        fresh()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        floor_pass(params)
-        t1 = time.perf_counter()
-        opt.step()
-        t2 = time.perf_counter()
-        fresh()
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        opt.clip_grad_norm_(1.0)
-        opt.step()
-        t4 = time.perf_counter()
-        floor.append((t1 - t0) * 1e3)
-        step.append((t2 - t1) * 1e3)
-        clip_step.append((t4 - t3) * 1e3)
+    runs = {"floor": lambda: floor_pass(params), "step": opt.step,
+            "clip_step": lambda: (opt.clip_grad_norm_(1.0), opt.step())}
+    ms = _interleaved(runs, fresh, reps, sync=torch.cuda.synchronize)
     torch.cuda.synchronize()
-    floor_ms, step_ms = statistics.median(floor), statistics.median(step)
-    clip_ms = statistics.median(clip_step)
-    return {"tensors": tensors, "numel": numel, "floor_ms": floor_ms, "step_ms": step_ms,
-            "clip_step_ms": clip_ms, "ratio": step_ms / floor_ms, "clip_ratio": clip_ms / floor_ms}
+    return _summary(tensors, numel, ms)
 
 
 def breakdown(tensors: int, numel: int, reps: int) -> dict:
@@ -210,11 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"host time per step ({where}), fresh grads each step; median of {args.reps} "
           f"({os.cpu_count()} CPUs, torch {torch.__version__})")
     print(f"  {'tensors':>8} {'floor ms':>10} {'step ms':>10} {'step/floor':>11} "
-          f"{'clip+step ms':>13} {'clip+step/floor':>16}")
+          f"{'clip+step ms':>13} {'clip+step/floor':>16} {'clip+step/step':>16}")
     for n in args.tensors:
         r = (measure_cuda if args.device == "cuda" else measure)(n, args.numel, args.reps)
         print(f"  {r['tensors']:>8} {r['floor_ms']:>10.3f} {r['step_ms']:>10.3f} {r['ratio']:>11.2f} "
-              f"{r['clip_step_ms']:>13.3f} {r['clip_ratio']:>16.2f}")
+              f"{r['clip_step_ms']:>13.3f} {r['clip_ratio']:>16.2f} {r['clip_over_step']:>16.2f}")
 
 
 if __name__ == "__main__":
