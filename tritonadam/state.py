@@ -266,7 +266,8 @@ class QuantizedMoments:
                 codes = torch.zeros(quantize.code_bytes(lp.numel(), self.bits), dtype=torch.uint8, device=lp.device)
                 scales = torch.zeros(quantize.num_scales(lp.numel()), dtype=torch.bfloat16, device=lp.device)
             else:
-                codes, scales = quantize.quantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
+                # requantize: a moment that left as its decoded codes comes back as them.
+                codes, scales = quantize.requantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
             state[ck], state[sk] = codes, scales
         _drop_forms(state, key, keep=self.bits)
 
