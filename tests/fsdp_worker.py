@@ -639,9 +639,9 @@ QBITS = ("8bit", "4bit")
 class QNet(nn.Module):
     """Params whose rows are whole quantization blocks of 64 elements (state exported as
     rows, resharded by DCP with the param): ``emb`` (11, 64), sharded 6/5 rows over 2 ranks;
-    ``l1.weight`` (128, 64), 64/64; ``l2.weight`` (9, 128), 5/4. And params whose blocks
-    depend on the shard (exported at full precision): ``l1.bias`` (128,), ``l2.bias`` (9,),
-    ``gain`` (1, 9), whose shard on rank 1 is empty."""
+    ``l1.weight`` (128, 64), 64/64; ``l2.weight`` (9, 128), 5/4; ``pos`` (1, 64), whose
+    shard on rank 1 is empty. And params whose blocks depend on the shard (exported at full
+    precision): ``l1.bias`` (128,), ``l2.bias`` (9,), ``gain`` (1, 9), empty on rank 1."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -649,13 +649,14 @@ class QNet(nn.Module):
         self.l1 = nn.Linear(64, 128)
         self.l2 = nn.Linear(128, 9)
         self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 9).reshape(1, 9))
+        self.pos = nn.Parameter(torch.linspace(-0.2, 0.2, 64).reshape(1, 64))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.emb(idx).mean(1)
+        h = self.emb(idx).mean(1) + self.pos
         return self.l2(torch.tanh(self.l1(h))) * self.gain
 
 
-QALIGNED = {"emb.weight": 64, "l1.weight": 64, "l2.weight": 128}  # name -> elements per row
+QALIGNED = {"emb.weight": 64, "l1.weight": 64, "l2.weight": 128, "pos": 64}  # name -> elements per row
 
 
 def qbase(dtype=torch.float32, seed: int = 0) -> QNet:
