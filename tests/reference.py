@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from tritonadam import quantize as Q
+
 
 def _np(dtype: torch.dtype):
     return np.float64 if dtype == torch.float64 else np.float32
@@ -184,3 +186,29 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     else:
         eps = torch.finfo(expected.dtype).eps
         torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=eps, atol=eps * 1e-3)
+
+
+class QuantReference(Reference):
+    """The step above with the moments quantized between steps (the host codec,
+    with the kernel's random bits: m the low 16 of r1, v the high 16, vmax the high 16 of
+    r0)."""
+
+    _SLOTS = (("m", True), ("v", False), ("vmax", False))
+
+    def __init__(self, param, kind, bits, **kw):
+        super().__init__(param, kind, **kw)
+        self.bits = bits
+        self.sdtype = self  # the moments' "dtype": routes them through _store below
+        self.q = {name: Q.quantize(torch.zeros(param.numel()), bits, signed) for name, signed in self._SLOTS}
+        self._slot = 0
+
+    def _store(self, x, bits, dtype):
+        if dtype is not self:
+            return super()._store(x, bits, dtype)
+        name, signed = self._SLOTS[self._slot]
+        self._slot = (self._slot + 1) % 3
+        random = None
+        if self.sr:
+            random = torch.from_numpy((bits.astype(np.int64) & 0xFFFF).reshape(-1))
+        self.q[name] = Q.quantize(x, self.bits, signed, random=random)
+        return Q.dequantize(*self.q[name], x.numel(), self.bits, signed).reshape(x.shape)

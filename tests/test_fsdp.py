@@ -24,14 +24,17 @@ WORLD = 2
 TIMEOUT_S = 240
 
 
-def run_scenario(scenario: str, tmp_path) -> None:
+def run_scenario(scenario: str, tmp_path, world: int = WORLD) -> None:
+    """Run ``scenario`` on ``world`` gloo ranks (1: a single-rank job, e.g. to load a
+    checkpoint saved by 2 ranks)."""
     import fsdp_worker  # tests/ is on sys.path (rootdir conftest); spawned ranks import it too
 
     assert scenario in fsdp_worker.SCENARIOS
+    store = tmp_path / f"store-{scenario}-{world}"  # a fresh rendezvous file per run
     context = mp.start_processes(
         fsdp_worker.entry,
-        args=(WORLD, str(tmp_path / "store"), scenario, str(tmp_path)),
-        nprocs=WORLD,
+        args=(world, str(store), scenario, str(tmp_path)),
+        nprocs=world,
         join=False,
         start_method="spawn",
     )
@@ -102,3 +105,33 @@ def test_grad_scaler_fsdp1_without_unscale(tmp_path):
     unscale in their step is rank-local); tritonadam.amp.ShardedGradScaler agrees, and so
     does torch's scaler with torch.optim.AdamW."""
     run_scenario("grad_scaler_fsdp1_without_unscale", tmp_path)
+
+
+def test_fsdp2_quantized_state(tmp_path):
+    """state_dtype="8bit"/"4bit" (fp32, and bf16 with the remainder master) under FSDP2:
+    stepping the grads FSDP reduced, params whose shards start on quantization blocks step
+    bit for bit like one process stepping the whole tensors (codes too); a param whose
+    shards split blocks (5/4 elements) stays within quantization error. State is kept as
+    plain local flat tensors; get_optimizer_state_dict exports rows of codes (DTensors, or
+    full tensors) for params whose rows are whole blocks and fp32 moments for the others;
+    sharded and full state dicts round trip through set_optimizer_state_dict bit for bit."""
+    run_scenario("fsdp2_quantized", tmp_path)
+
+
+def test_fsdp2_quantized_flattened_state_dicts(tmp_path):
+    """StateDictOptions(flatten_optimizer_state_dict=True): bit for bit for params whose
+    rows are whole blocks; for the others (exported at full precision under torch's keys,
+    which torch's unflattening does not look up) a clear error that changes nothing."""
+    run_scenario("fsdp2_quantized_flatten", tmp_path)
+
+
+def test_fsdp2_quantized_dcp_reshards_between_world_sizes(tmp_path):
+    """dcp.save on 1 rank, load on 2 (and the reverse): each shard's state is the saved
+    rows (codes of aligned params as they were, full-precision moments of the others
+    re-encoded in the new blocks), the remainder master carried over, and training
+    continues within quantization error of the uninterrupted run."""
+    run_scenario("fsdp2_quantized_dcp_save1", tmp_path, world=1)
+    run_scenario("fsdp2_quantized_dcp_world2", tmp_path, world=2)  # loads it, saves on 2 ranks
+    run_scenario("fsdp2_quantized_dcp_load1", tmp_path, world=1)
+    assert (tmp_path / "q_w2_8bit_dcp" / ".metadata").exists()
+    assert (tmp_path / "q_w1_4bit-bf16-remainder_dcp" / ".metadata").exists()

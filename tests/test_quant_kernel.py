@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import Reference, assert_same_bits
+from reference import QuantReference, assert_same_bits
 from tritonadam import quantize as Q
 from tritonadam.kernels import layout
 from tritonadam.kernels.launch import launch_prepare, launch_update
@@ -190,32 +190,6 @@ def test_state_bytes_within_budget():
 
 
 # ---- the kernel against the reference -------------------------------------------------------
-
-
-class QuantReference(Reference):
-    """tests/reference.py's step with the moments quantized between steps (the host codec,
-    with the kernel's random bits: m the low 16 of r1, v the high 16, vmax the high 16 of
-    r0)."""
-
-    _SLOTS = (("m", True), ("v", False), ("vmax", False))
-
-    def __init__(self, param, kind, bits, **kw):
-        super().__init__(param, kind, **kw)
-        self.bits = bits
-        self.sdtype = self  # the moments' "dtype": routes them through _store below
-        self.q = {name: Q.quantize(torch.zeros(param.numel()), bits, signed) for name, signed in self._SLOTS}
-        self._slot = 0
-
-    def _store(self, x, bits, dtype):
-        if dtype is not self:
-            return super()._store(x, bits, dtype)
-        name, signed = self._SLOTS[self._slot]
-        self._slot = (self._slot + 1) % 3
-        random = None
-        if self.sr:
-            random = torch.from_numpy((bits.astype(np.int64) & 0xFFFF).reshape(-1))
-        self.q[name] = Q.quantize(x, self.bits, signed, random=random)
-        return Q.dequantize(*self.q[name], x.numel(), self.bits, signed).reshape(x.shape)
 
 
 HYPER = dict(lr=2e-3, beta1=0.9, beta2=0.99, eps=1e-8)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .kernels.layout import QUANT_BLOCK as _QB
 
-__all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "dequantize"]
+__all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "requantize", "dequantize"]
 
 QUANT_BLOCK = _QB.value
 _F32 = torch.float32
@@ -125,8 +125,7 @@ def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -
     # The max of |x|'s bits: float order for non-negative values, NaN above inf.
     absmax = _magnitude_bits(xb).amax(dim=1) if xb.numel() else torch.zeros(0, dtype=torch.int64)
     scale = round_scale(absmax)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    inv = torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+    inv = _inverse(scale)
     if random is None:
         weight = 65536.0
     else:
@@ -134,9 +133,59 @@ def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -
         if r.numel() != numel:
             raise ValueError(f"random has {r.numel()} values for {numel} elements")
         weight = torch.cat([r, r.new_zeros(xb.numel() - numel)]).reshape(xb.shape).to(_F32) * 2.0 + 1.0
+    return _encode_blocks(xb, numel, scale, inv, weight, bits, signed), scale.to(torch.bfloat16)
+
+
+def _encode_blocks(xb: Tensor, numel: int, scale: Tensor, inv: Tensor, weight, bits: int, signed: bool) -> Tensor:
     codes = encode(xb, scale[:, None], inv[:, None], weight, bits, signed).reshape(-1)[:numel]
-    codes = codes.to(torch.int64)
-    return _pack(codes, bits), scale.to(torch.bfloat16)
+    return _pack(codes.to(torch.int64), bits)
+
+
+def _inverse(scale: Tensor) -> Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+
+
+def _exact_blocks(codes: Tensor, scale: Tensor, xb: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
+    """Per block: whether ``codes`` with ``scale`` decode to exactly ``xb``'s values."""
+    back = dequantize(codes, scale.to(torch.bfloat16), numel, bits, signed)
+    same = back == xb.reshape(-1)[:numel]
+    same = torch.cat([same, same.new_ones(xb.numel() - numel)])
+    return same.reshape(xb.shape).all(dim=1)
+
+
+def requantize(x: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """(codes, scales) that decode to exactly ``x`` wherever some codes and scales do, else
+    those of ``quantize(x, bits, signed)``: what a moment exported at full precision (a
+    DTensor shard's, ``torch_state_dict()``) converts back to on load, so a save and load
+    round trip gives back the same codes and scales and training continues bit for bit.
+
+    ``quantize`` alone does not: it takes a block's scale from its absmax, and the absmax
+    element is encoded to the nearer of the two highest levels. In the positive 8-bit map
+    those are 1 and (255/256)**2, less than a bf16 unit in the last place apart, so the
+    absmax often takes the lower one; its block then decodes to a maximum below its scale,
+    and quantizing the decoded values again derives a smaller scale and moves codes. Such a
+    block is tried with the scale that puts its maximum on the second-highest level.
+    """
+    codes, scales = quantize(x, bits, signed)
+    xb, numel = _blocks(x)
+    if not numel:
+        return codes, scales
+    scale = scales.to(_F32)
+    exact = _exact_blocks(codes, scale, xb, numel, bits, signed)
+    if bool(exact.all()):
+        return codes, scales
+    levels = _levels(bits, signed)
+    highest = levels if signed else levels - 1
+    second = float(decode(torch.tensor(float(highest - 1)), torch.tensor(1.0), bits, signed))
+    absmax = xb.abs().amax(dim=1)
+    alt = torch.where(exact, scale, (absmax / second).to(torch.bfloat16).to(_F32))
+    alt_codes = _encode_blocks(xb, numel, alt, _inverse(alt), 65536.0, bits, signed)
+    use = ~exact & _exact_blocks(alt_codes, alt, xb, numel, bits, signed)
+    if not bool(use.any()):
+        return codes, scales
+    final = torch.where(use, alt, scale)
+    return _encode_blocks(xb, numel, final, _inverse(final), 65536.0, bits, signed), final.to(torch.bfloat16)
 
 
 def dequantize(codes: Tensor, scales: Tensor, numel: int, bits: int, signed: bool) -> Tensor:

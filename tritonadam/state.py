@@ -266,7 +266,8 @@ class QuantizedMoments:
                 codes = torch.zeros(quantize.code_bytes(lp.numel(), self.bits), dtype=torch.uint8, device=lp.device)
                 scales = torch.zeros(quantize.num_scales(lp.numel()), dtype=torch.bfloat16, device=lp.device)
             else:
-                codes, scales = quantize.quantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
+                # requantize: a moment that left as its decoded codes comes back as them.
+                codes, scales = quantize.requantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
             state[ck], state[sk] = codes, scales
         _drop_forms(state, key, keep=self.bits)
 
@@ -503,13 +504,21 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 raise ValueError(f"{where}: state 'step' of param {saved_id} has {step.numel()} "
                                  "elements, expected one")
             for key, value in state.items():
-                if key in ("step", SEED_KEY) or not isinstance(value, Tensor):
+                if key in ("step", SEED_KEY):
                     continue
                 expected = _saved_numel(key, p.numel())
+                if not isinstance(value, Tensor):
+                    if expected is not None or key in _TENSOR_KEYS:
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} is a "
+                                         f"{type(value).__name__}, not a tensor")
+                    continue
                 if expected is not None:
                     if value.numel() != expected:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
                                          f"elements where a param of shape {tuple(p.shape)} needs {expected}")
+                    problem = _saved_quantized_problem(key, value, state)
+                    if problem is not None:
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
                     continue
                 if value.shape != p.shape:
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
@@ -517,6 +526,23 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
                                      f"{value.dtype}, expected a floating point tensor")
+
+
+# Keys whose value must be a tensor (besides quantized codes and scales).
+_TENSOR_KEYS = frozenset({"exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", MASTER_KEY, REMAINDER_KEY})
+
+
+def _saved_quantized_problem(key: str, value: Tensor, state: dict) -> str | None:
+    """What is wrong with quantized codes or scales ``state[key]`` besides their size, or
+    None: codes must be uint8 and come with their scales (read together on load)."""
+    if key.endswith("_scales"):
+        return None if value.is_floating_point() else f"has dtype {value.dtype}, expected bfloat16 scales"
+    if value.dtype != torch.uint8:
+        return f"has dtype {value.dtype}, expected uint8 codes"
+    sk = scales_key(key[: -len("_8bit")])  # "_8bit" and "_4bit" are as long
+    if not isinstance(state.get(sk), Tensor):
+        return f"comes without {sk!r}, the block scales its codes are read with"
+    return None
 
 
 def _saved_numel(key: str, numel: int) -> int | None:
