@@ -544,7 +544,7 @@ def fsdp2_precision_modes(rank: int, world: int, tmpdir: str) -> None:
         assert isinstance(r, DTensor) and r.dtype == torch.int16 and r.placements == p.placements
     msd, osd = get_state_dict(rem_model, rem)
     for pstate in osd["state"].values():
-        assert "master_param_remainder" not in pstate
+        assert isinstance(pstate["master_param_remainder"], DTensor)  # its own key, for flattened loads
         assert isinstance(pstate["master_param"], DTensor) and pstate["master_param"].dtype == torch.float32
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(tmpdir, "dcp_remainder"))
     train(master_model, master, rank, range(4, 6))
@@ -726,8 +726,8 @@ def check_quantized_internal(model: nn.Module, opt, bits: int, what: str) -> Non
 def check_exported(model: nn.Module, osd: dict, bits: int, full_sd: bool, what: str) -> None:
     """``get_optimizer_state_dict``: params whose rows are whole blocks export codes and
     scales shaped (rows, row * bits / 8) and (rows, row / 64) (DTensors sharded like the
-    param, or full tensors); the others their moments at full precision (fp32, shaped like
-    the param), under torch's keys."""
+    param, or full tensors); the others a code and a scale per element, shaped like the
+    param; always under the keys the optimizer's state holds."""
     for n, p in model.named_parameters():
         state = osd["state"][n]
         assert isinstance(state["step"], torch.Tensor) and not isinstance(state["step"], DTensor)
@@ -738,8 +738,9 @@ def check_exported(model: nn.Module, osd: dict, bits: int, full_sd: bool, what: 
                         f"{key}_scales": ((p.shape[0], row // 64), torch.bfloat16)}
                 assert key not in state, (what, n, sorted(state))
             else:
-                want = {key: (tuple(p.shape), torch.float32)}
-                assert f"{key}_{bits}bit" not in state and f"{key}_scales" not in state, (what, n, sorted(state))
+                want = {f"{key}_{bits}bit": (tuple(p.shape), torch.uint8),
+                        f"{key}_scales": (tuple(p.shape), torch.bfloat16)}
+                assert key not in state, (what, n, sorted(state))
             for k, (shape, dtype) in want.items():
                 v = state[k]
                 assert tuple(v.shape) == shape and v.dtype == dtype, (what, n, k, v.shape, v.dtype)
@@ -785,8 +786,8 @@ def fsdp2_quantized(rank: int, world: int, tmpdir: str) -> None:
     quantization error. An independent single-process run (its own loss over both ranks'
     batches) stays within quantization error everywhere. State stays plain local flat
     tensors; ``get_optimizer_state_dict`` exports rows of codes (DTensor, or full) for
-    aligned params and full-precision moments for the others; sharded and full state dicts
-    round trip through ``set_optimizer_state_dict`` bit for bit.
+    aligned params and a code and a scale per element for the others; sharded and full
+    state dicts round trip through ``set_optimizer_state_dict`` bit for bit.
     """
     ranks = range(world)
     observed = {}
@@ -986,49 +987,38 @@ class QAligned(nn.Module):
 
 def check_flattened_round_trip(rank: int) -> None:
     """``StateDictOptions(flatten_optimizer_state_dict=True)``: torch unflattens by the
-    loading optimizer's own state keys. Where those are the exported keys (params whose
-    rows are whole blocks: codes and scales) the round trip is bit for bit. For other
-    params the export holds full-precision moments under torch's keys while the optimizer
-    keeps ``<key>_8bit``/``<key>_scales``, so torch hands the load empty dicts for them:
-    the load refuses that with a ValueError before changing anything (it used to crash
-    after replacing the state). The bf16 remainder master (``master_param_remainder``
-    kept, ``master_param`` exported) has the same limitation, quantized state or not."""
+    loading optimizer's own state keys, and every key the state holds is exported under
+    itself (codes and scales as rows where rows are whole blocks, else a code and a scale
+    per element; the bf16 remainder master as itself, beside the fp32 master it stands
+    for): the round trip is bit for bit for every param, and training continues so."""
     options = StateDictOptions(flatten_optimizer_state_dict=True)
 
-    def one_group(model):  # torch's unflattening fails on an empty param group
-        return tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
+    def one_group(model, bits, **kw):  # torch's unflattening fails on an empty param group
+        return tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=f"{bits}bit", **kw, **LAUNCH)
 
-    for bits in (8, 4):
-        for make in (QAligned, QNet):
-            torch.manual_seed(0)
-            model = qfsdp(make())
-            opt = one_group(model)
-            qtrain(model, opt, range(2), [rank])
-            flat = get_optimizer_state_dict(model, opt, options=options)
-            assert all(k.startswith(("state.", "param_groups.")) for k in flat), sorted(flat)[:5]
-            for n, p in model.named_parameters():
-                key = f"state.{n}.exp_avg_{bits}bit" if n in QALIGNED else f"state.{n}.exp_avg"
-                assert isinstance(flat[key], DTensor), key
-            torch.manual_seed(3)
-            fresh = qfsdp(make())
-            fopt = one_group(fresh)
-            qtrain(fresh, fopt, range(1), [rank])  # state of its own, to see a refused load keep it
-            fresh.load_state_dict(model.state_dict())
-            before = qsnapshot(fresh, fopt)
-            if make is QAligned:
-                set_optimizer_state_dict(fresh, fopt, flat, options=options)
-                assert_same_qsnapshot(qsnapshot(model, opt), qsnapshot(fresh, fopt), f"{bits}-bit flattened")
-                qtrain(model, opt, range(2, 3), [rank])
-                qtrain(fresh, fopt, range(2, 3), [rank])
-                assert_same_qsnapshot(qsnapshot(model, opt), qsnapshot(fresh, fopt), f"{bits}-bit after")
-            else:
-                try:
-                    set_optimizer_state_dict(fresh, fopt, flat, options=options)
-                except ValueError as err:
-                    assert f"state 'exp_avg_{bits}bit' of param gain is a dict, not a tensor" in str(err), err
-                else:
-                    raise AssertionError("flattened state dict of unaligned params loaded: update this check")
-                assert_same_qsnapshot(before, qsnapshot(fresh, fopt), "refused flattened load")
+    cases = [(bits, make, torch.float32, {}) for bits in (8, 4) for make in (QAligned, QNet)]
+    cases.append((8, QNet, torch.bfloat16, {"master_weights": "remainder"}))
+    for bits, make, dtype, kw in cases:
+        what = f"{bits}-bit {make.__name__} {dtype} {kw}"
+        torch.manual_seed(0)
+        model = qfsdp(make().to(dtype))
+        opt = one_group(model, bits, **kw)
+        qtrain(model, opt, range(2), [rank])
+        flat = get_optimizer_state_dict(model, opt, options=options)
+        assert all(k.startswith(("state.", "param_groups.")) for k in flat), sorted(flat)[:5]
+        for n, p in model.named_parameters():
+            for key in opt.state[p]:
+                assert f"state.{n}.{key}" in flat, (what, n, key)
+        torch.manual_seed(3)
+        fresh = qfsdp(make().to(dtype))
+        fopt = one_group(fresh, bits, **kw)
+        qtrain(fresh, fopt, range(1), [rank])  # state of its own, overwritten by the load
+        fresh.load_state_dict(model.state_dict())
+        set_optimizer_state_dict(fresh, fopt, flat, options=options)
+        assert_same_qsnapshot(qsnapshot(model, opt), qsnapshot(fresh, fopt), f"{what} flattened")
+        qtrain(model, opt, range(2, 3), [rank])
+        qtrain(fresh, fopt, range(2, 3), [rank])
+        assert_same_qsnapshot(qsnapshot(model, opt), qsnapshot(fresh, fopt), f"{what} after")
 
 
 def _shard_numels(p: torch.Tensor, world: int) -> list[int]:

@@ -113,15 +113,15 @@ def test_fsdp2_quantized_state(tmp_path):
     bit for bit like one process stepping the whole tensors (codes too); a param whose
     shards split blocks (5/4 elements) stays within quantization error. State is kept as
     plain local flat tensors; get_optimizer_state_dict exports rows of codes (DTensors, or
-    full tensors) for params whose rows are whole blocks and fp32 moments for the others;
+    full tensors) for params whose rows are whole blocks and a code and a scale per element for the others;
     sharded and full state dicts round trip through set_optimizer_state_dict bit for bit."""
     run_scenario("fsdp2_quantized", tmp_path)
 
 
 def test_fsdp2_quantized_flattened_state_dicts(tmp_path):
-    """StateDictOptions(flatten_optimizer_state_dict=True): bit for bit for params whose
-    rows are whole blocks; for the others (exported at full precision under torch's keys,
-    which torch's unflattening does not look up) a clear error that changes nothing."""
+    """StateDictOptions(flatten_optimizer_state_dict=True) round trips bit for bit, every
+    param (rows of whole blocks, and shards that split blocks, exported per element) and
+    the bf16 remainder master; training then continues bit for bit."""
     run_scenario("fsdp2_quantized_flatten", tmp_path)
 
 

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .kernels.layout import QUANT_BLOCK as _QB
 
-__all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "requantize", "dequantize"]
+__all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "requantize", "dequantize",
+           "per_element", "dequantize_per_element"]
 
 QUANT_BLOCK = _QB.value
 _F32 = torch.float32
@@ -197,6 +198,27 @@ def dequantize(codes: Tensor, scales: Tensor, numel: int, bits: int, signed: boo
     k = _unpack(codes.reshape(-1), numel, bits, signed)
     scale = scales.reshape(-1).to(_F32).repeat_interleave(QUANT_BLOCK)[:numel]
     return decode(k, scale, bits, signed)
+
+
+def per_element(codes: Tensor, scales: Tensor, numel: int, bits: int) -> tuple[Tensor, Tensor]:
+    """Each element's code (one per byte; 4-bit codes in the low nibble) and its block's
+    scale: a form that means the same whatever the blocks were, so it survives any
+    resharding of the elements (``dequantize_per_element`` reads it)."""
+    _check_bits(bits)
+    if codes.numel() != code_bytes(numel, bits) or scales.numel() != num_scales(numel):
+        raise ValueError(f"{codes.numel()} code bytes and {scales.numel()} scales do not hold "
+                         f"{numel} elements at {bits} bits")
+    k = _unpack(codes.reshape(-1), numel, bits, False)
+    return k.to(torch.uint8), scales.reshape(-1).repeat_interleave(QUANT_BLOCK)[:numel]
+
+
+def dequantize_per_element(codes: Tensor, scales: Tensor, bits: int, signed: bool) -> Tensor:
+    """The fp32 values that ``per_element``'s codes and scales hold (any shape, same)."""
+    _check_bits(bits)
+    c = codes.to(torch.int64)
+    if signed:
+        c = torch.where(c >= 128, c - 256, c) if bits == 8 else ((c ^ 8) - 8)
+    return decode(c, scales.to(_F32), bits, signed)
 
 
 def _pack(codes: Tensor, bits: int) -> Tensor:

@@ -155,12 +155,32 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
         return f"{codes_key(key, bits)} without {scales_key(key)}"
     n = local_tensor(p).numel()
     lc, ls = local_tensor(codes), local_tensor(scales)
-    if lc.numel() != quantize.code_bytes(n, bits) or ls.numel() != quantize.num_scales(n):
+    if _quantized_form(lc, ls, n, bits) is None:
         return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements "
                 f"(shape {tuple(p.shape)})")
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
     return None
+
+
+def _quantized_form(codes: Tensor, scales: Tensor, numel: int, bits: int) -> str | None:
+    """"blocks" (flat or row-shaped codes and block scales), "elements" (a code and a
+    scale per element, the form DTensor shards that split blocks export), or None."""
+    if codes.numel() == quantize.code_bytes(numel, bits) and scales.numel() == quantize.num_scales(numel):
+        return "blocks"
+    if codes.numel() == numel and scales.numel() == numel:
+        return "elements"
+    return None
+
+
+def _decoded(lp: Tensor, key: str, codes: Tensor, scales: Tensor, bits: int) -> Tensor:
+    """The values ``codes`` and ``scales`` (local, either form) hold, shaped like ``lp``."""
+    codes, scales = codes.to(lp.device), scales.to(lp.device)
+    if _quantized_form(codes, scales, lp.numel(), bits) == "blocks":
+        flat = quantize.dequantize(codes.reshape(-1), scales.reshape(-1), lp.numel(), bits, _signed(key))
+        return _logical(lp, flat)
+    # Per element: laid out like the param (logical order), as exported.
+    return quantize.dequantize_per_element(codes, scales, bits, _signed(key)).reshape(lp.shape)
 
 
 def read_moment(p: Tensor, key: str, state: dict) -> Tensor | None:
@@ -172,10 +192,7 @@ def read_moment(p: Tensor, key: str, state: dict) -> Tensor | None:
     bits = _quantized_bits(state, key)
     if bits is None:
         return None
-    codes = local_tensor(state[codes_key(key, bits)]).reshape(-1).to(lp.device)
-    scales = local_tensor(state[scales_key(key)]).reshape(-1).to(lp.device)
-    flat = quantize.dequantize(codes, scales, lp.numel(), bits, _signed(key))
-    return _logical(lp, flat)
+    return _decoded(lp, key, local_tensor(state[codes_key(key, bits)]), local_tensor(state[scales_key(key)]), bits)
 
 
 @dataclass(frozen=True)
@@ -248,18 +265,20 @@ class QuantizedMoments:
             if problem is not None:
                 raise _stale(ck, problem, name)
             lp = local_tensor(p)
+            codes, scales = state[ck], state[scales_key(key)]
             return not all(
                 isinstance(t, Tensor) and t.device == lp.device and t.dim() == 1 and t.is_contiguous()
-                for t in (state[ck], state[scales_key(key)])
-            ) or state[scales_key(key)].dtype != torch.bfloat16
+                for t in (codes, scales)
+            ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks"
         return DenseMoments(torch.float32, (torch.float32, torch.bfloat16)).check(p, key, state, name)
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         lp = local_tensor(p)
         ck, sk = codes_key(key, self.bits), scales_key(key)
-        if ck in state:
-            state[ck] = local_tensor(state[ck]).detach().reshape(-1).to(lp.device).contiguous()
-            state[sk] = local_tensor(state[sk]).detach().reshape(-1).to(lp.device, torch.bfloat16).contiguous()
+        codes, scales = local_tensor(state.get(ck, lp)), local_tensor(state.get(sk, lp))
+        if ck in state and _quantized_form(codes, scales, lp.numel(), self.bits) == "blocks":
+            state[ck] = codes.detach().reshape(-1).to(lp.device).contiguous()
+            state[sk] = scales.detach().reshape(-1).to(lp.device, torch.bfloat16).contiguous()
         else:
             full = read_moment(p, key, state)
             if full is None:  # a fresh moment: every scale 0 decodes to exactly 0
@@ -275,10 +294,13 @@ class QuantizedMoments:
         return state[codes_key(key, self.bits)], state[scales_key(key)]
 
     def export(self, p: Tensor, key: str, saved: dict, out: dict) -> None:
-        """Codes and scales shaped by the param's rows where blocks fall on row boundaries
-        (then any sharding along dim 0 splits them where it splits the param: DCP
-        reshards them with it); otherwise, and only for DTensor params, whose blocks
-        start at each shard, the moment at full precision (fp32, like the param)."""
+        """Under the keys the state holds them (torch's flattened state dicts rebuild a
+        param's state from its optimizer's keys): codes and scales shaped by the param's
+        rows where blocks fall on row boundaries (any sharding along dim 0 then splits
+        them where it splits the param, and DCP reshards them with it); flat for other
+        plain params; for other DTensor params, whose blocks start at each shard, a code
+        and a scale per element, laid out and sharded like the param (3 bytes per element
+        at 8 bits, 2.5 at 4: those are 1-D and odd-shaped params, few elements)."""
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = saved[ck], saved[sk]
         lp = local_tensor(p)
@@ -287,8 +309,9 @@ class QuantizedMoments:
             if lp is p:
                 out[ck], out[sk] = codes, scales
             else:
-                flat = quantize.dequantize(codes, scales, lp.numel(), self.bits, _signed(key))
-                out[key] = like(p, torch.float32, torch.preserve_format, _logical(lp, flat))
+                e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
+                out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(lp, e_codes))
+                out[sk] = like(p, torch.bfloat16, torch.contiguous_format, _logical(lp, e_scales))
             return
         local_rows, global_rows = lp.shape[0] if lp.dim() else 1, rows
         per_row = lp.numel() // max(local_rows, 1) if local_rows else p.numel() // max(global_rows, 1)
@@ -419,9 +442,12 @@ class ParamFormat:
 
     def export(self, p: Tensor, saved: dict) -> dict:
         """``saved`` (this param's entry of torch's state dict) as ``state_dict()`` gives
-        it: a remainder becomes the fp32 master it stands for, so the checkpoint loads
-        into either master mode and into torch.optim; quantized moments keep their codes
-        and scales, shaped so that DCP can reshard them (``QuantizedMoments.export``)."""
+        it: every entry under the key the state holds it (torch's flattened state dicts
+        rebuild a param's state from its optimizer's own keys), a remainder joined by the
+        fp32 master it stands for, so the checkpoint loads into either master mode and
+        into torch.optim whatever order params and state are loaded in; quantized
+        moments as codes and scales, shaped so that DCP can reshard them
+        (``QuantizedMoments.export``)."""
         out = dict(saved)
         if isinstance(self.moments, QuantizedMoments):
             suffix = f"_{self.moments.bits}bit"
@@ -430,7 +456,6 @@ class ParamFormat:
                 out.pop(ck), out.pop(scales_key(key), None)
                 self.moments.export(p, key, saved, out)
         if self.master == Master.REMAINDER and REMAINDER_KEY in saved:
-            del out[REMAINDER_KEY]
             joined = join_master(local_tensor(p), local_tensor(saved[REMAINDER_KEY]))
             out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
         return out
@@ -439,7 +464,7 @@ class ParamFormat:
         """This param's state as torch.optim keeps it: every moment at full precision
         (fp32) under torch's keys, the master as ``master_param``."""
         out = {k: v for k, v in self.export(p, state).items()
-               if not (k.endswith("bit") or k.endswith("_scales"))}
+               if not (k.endswith("bit") or k.endswith("_scales") or k == REMAINDER_KEY)}
         for key in keys:
             full = read_moment(p, key, state)
             out[key] = like(p, torch.float32, torch.preserve_format, full) if full is not None else out.get(key)
@@ -513,10 +538,11 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                                          f"{type(value).__name__}, not a tensor")
                     continue
                 if expected is not None:
-                    if value.numel() != expected:
+                    if value.numel() not in expected:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
-                                         f"elements where a param of shape {tuple(p.shape)} needs {expected}")
-                    problem = _saved_quantized_problem(key, value, state)
+                                         f"elements where a param of shape {tuple(p.shape)} needs "
+                                         f"{expected[0]} (or one per element, {expected[1]})")
+                    problem = _saved_quantized_problem(key, value, state, p.numel())
                     if problem is not None:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
                     continue
@@ -532,27 +558,31 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
 _TENSOR_KEYS = frozenset({"exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", MASTER_KEY, REMAINDER_KEY})
 
 
-def _saved_quantized_problem(key: str, value: Tensor, state: dict) -> str | None:
+def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -> str | None:
     """What is wrong with quantized codes or scales ``state[key]`` besides their size, or
-    None: codes must be uint8 and come with their scales (read together on load)."""
+    None: codes must be uint8 and come with their scales in the same form (read together
+    on load)."""
     if key.endswith("_scales"):
         return None if value.is_floating_point() else f"has dtype {value.dtype}, expected bfloat16 scales"
     if value.dtype != torch.uint8:
         return f"has dtype {value.dtype}, expected uint8 codes"
     sk = scales_key(key[: -len("_8bit")])  # "_8bit" and "_4bit" are as long
-    if not isinstance(state.get(sk), Tensor):
+    scales = state.get(sk)
+    if not isinstance(scales, Tensor):
         return f"comes without {sk!r}, the block scales its codes are read with"
+    if _quantized_form(value, scales, numel, int(key[-4])) is None:
+        return f"and {sk!r} hold {value.numel()} codes and {scales.numel()} scales: not one form"
     return None
 
 
-def _saved_numel(key: str, numel: int) -> int | None:
-    """The elements a quantized moment's codes or scales hold for ``numel`` params, or
-    None when ``key`` is not one of theirs."""
+def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
+    """The elements a quantized moment's codes or scales may hold for a param of
+    ``numel`` (block form, per-element form), or None when ``key`` is not one of theirs."""
     if key.endswith("_scales"):
-        return quantize.num_scales(numel)
+        return (quantize.num_scales(numel), numel)
     for bits in QUANTIZED.values():
         if key.endswith(f"_{bits}bit"):
-            return quantize.code_bytes(numel, bits)
+            return (quantize.code_bytes(numel, bits), numel)
     return None
 
 
