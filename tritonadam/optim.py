@@ -18,7 +18,7 @@ from torch.optim.optimizer import Optimizer
 from . import autotune, differentiable, gather
 from .clip import Clipper, check_max_norm, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
-from .options import checked_extras
+from .options import check_group_options, checked_extras
 from .state import StatePolicy, check_loadable, export_full_state, export_state, restore_loaded
 from .step_cache import StepCache
 
@@ -97,9 +97,7 @@ class _TritonAdamBase(Optimizer):
         if hasattr(self, "master_weights"):  # not during torch's __init__: checked after it
             params = param_group["params"]
             params = [params] if isinstance(params, Tensor) else list(params)
-            for p in params:
-                if isinstance(p, Tensor):
-                    self._policy.check_param(p, type(self).__name__)
+            check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy)
         super().add_param_group(param_group)
         self._cache = None
 
@@ -219,7 +217,11 @@ class _TritonAdamBase(Optimizer):
         autotune_mode = autotune.resolve_mode(self.autotune)
         adamax = self._algorithm == "adamax"
         hypers = [group_hyper(g, adamax, self.bias_correction) for g in self.param_groups]
-        torch_work = [(g, differentiable.inputs(name, g)) for g in self.param_groups if g.get("differentiable")]
+        torch_work = []
+        for g in self.param_groups:
+            if g.get("differentiable"):
+                check_group_options(name, g, self._policy)
+                torch_work.append((g, differentiable.inputs(name, g)))
         grad_scale = getattr(self, "grad_scale", None)
         clipper = self._clipper
         cache = self._cache

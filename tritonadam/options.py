@@ -12,7 +12,7 @@ from . import autotune
 from .clip import check_max_norm, norm_order
 from .state import StatePolicy
 
-__all__ = ["checked_extras"]
+__all__ = ["check_group_options", "checked_extras"]
 
 _WARPS = (1, 2, 4, 8, 16, 32)
 # The update kernel indexes a block with int32 offsets in one program; Triton caps a
@@ -49,13 +49,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         max_grad_norm = check_max_norm(max_grad_norm)
     grad_norm_type = norm_order(grad_norm_type)
     for group in param_groups:
-        if group.get("differentiable") and (master_weights or state_dtype is not None or stochastic_rounding):
-            raise RuntimeError(
-                f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
-                "which has no master_weights, state_dtype or stochastic_rounding"
-            )
-        for p in group["params"]:
-            policy.check_param(p, name)
+        check_group_options(name, group, policy)
     idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
     if idle:
         warnings.warn(
@@ -73,6 +67,19 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
                 state_dtype=policy.state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
                 block_size=block_size, num_warps=num_warps, autotune=autotune, persistent=persistent,
                 max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
+
+
+def check_group_options(name: str, group: dict, policy: StatePolicy) -> None:
+    """Raise for a param group these options cannot step (at construction, when a group is
+    added, and before a step: groups can be edited by hand)."""
+    if group.get("differentiable") and policy != StatePolicy():
+        raise RuntimeError(
+            f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
+            "which has no master_weights, state_dtype or stochastic_rounding"
+        )
+    for p in group["params"]:
+        if isinstance(p, torch.Tensor):
+            policy.check_param(p, name)
 
 
 _resolve_mode = autotune.resolve_mode
