@@ -102,7 +102,8 @@ def encode(x, scale, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr):
 # ---- moments in memory ------------------------------------------------------------------
 # Two layouts of the elements a program steps at once:
 # - full path (aligned, unmasked): (R, QUANT_BLOCK), each thread VEC contiguous elements
-#   of one row, a row within one warp: the block's absmax is a warp reduction (shuffles).
+#   of one row, a row within one warp: the block's absmax is a warp reduction (shuffles
+#   or redux).
 # - masked path (tails, misaligned views; scalar accesses): (2, R, 32), one element per
 #   lane and access, a row of 64 per warp with its two halves in registers (8-bit: the
 #   halves of the row; 4-bit: the two elements of each byte). A row of one element per
