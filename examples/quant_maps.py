@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 F32 = torch.float32
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- candidate codecs ------------------------------------------------------------------
@@ -144,6 +145,32 @@ class Codec:
             out = torch.where(xb < 0, -out, out)
         out = torch.where(s > 0, out, torch.zeros_like(out))
         return out.reshape(-1)[:numel].reshape(x.shape)
+
+
+class KernelCodec:
+    """The codec the kernel runs (tritonadam.quantize): sqrt companding for m, (c+1)^2/N^2
+    for v, bf16 scales per 64 elements; stochastic rounding with the given generator."""
+
+    qb = 64
+    scale = "bf16"
+    m_map, v_map = "sqrt", "sqrt1"
+
+    def __init__(self, bits):
+        import sys
+        sys.path.insert(0, ROOT)
+        from tritonadam import quantize
+        self.q = quantize
+        self.bits = bits
+        self.label = f"{bits}b tritonadam (m=sqrt v=sqrt1 qb=64 bf16)"
+
+    def scale_bytes(self):
+        return 2 / self.qb
+
+    def roundtrip(self, x, which, gen=None):
+        signed = which == "m"
+        random = None if gen is None else torch.randint(0, 1 << 16, (x.numel(),), generator=gen)
+        codes, scales = self.q.quantize(x, self.bits, signed, random=random)
+        return self.q.dequantize(codes, scales, x.numel(), self.bits, signed).reshape(x.shape)
 
 
 # ---- models and data -------------------------------------------------------------------
@@ -297,21 +324,20 @@ def candidates(quick: bool):
     for bits in (8, 4):
         for m_map in ("linear", "sqrt", "softsign"):
             for v_map in ("lin1", "sqrt1", "root4") + (("sqrth",) if bits == 4 else ()):
-                out.append(Codec(m_map, v_map, 128, "bf16", bits))
-    maps = {8: ("softsign", "sqrt1"), 4: ("sqrt", "root4")}
+                out.append(Codec(m_map, v_map, 64, "bf16", bits))
     for bits in (8, 4):
-        for qb, scale in ((32, "e8m0"), (64, "e8m0"), (64, "bf16"), (128, "fp32"), (256, "bf16"), (256, "fp32")):
-            out.append(Codec(*maps[bits], qb, scale, bits))
+        for qb, scale in ((32, "e8m0"), (64, "e8m0"), (128, "bf16"), (128, "fp32"), (256, "fp32")):
+            out.append(Codec("sqrt", "sqrt1", qb, scale, bits))
+        out.append(KernelCodec(bits))
     return out
 
 
 TRAIN = [
-    "8b m=softsign v=sqrt1 qb=128 bf16", "8b m=sqrt v=sqrt1 qb=128 bf16", "8b m=linear v=sqrt1 qb=128 bf16",
-    "8b m=softsign v=lin1 qb=128 bf16", "8b m=softsign v=root4 qb=128 bf16",
-    "8b m=softsign v=sqrt1 qb=32 e8m0", "8b m=softsign v=sqrt1 qb=128 bf16 sr",
-    "4b m=softsign v=sqrt1 qb=128 bf16", "4b m=softsign v=root4 qb=128 bf16", "4b m=sqrt v=root4 qb=128 bf16",
-    "4b m=sqrt v=sqrt1 qb=128 bf16", "4b m=linear v=lin1 qb=128 bf16", "4b m=sqrt v=root4 qb=64 bf16",
-    "4b m=softsign v=sqrt1 qb=128 bf16 sr", "4b m=sqrt v=root4 qb=128 bf16 sr",
+    "8b tritonadam (m=sqrt v=sqrt1 qb=64 bf16)", "8b tritonadam (m=sqrt v=sqrt1 qb=64 bf16) sr",
+    "8b m=softsign v=sqrt1 qb=64 bf16", "8b m=sqrt v=root4 qb=64 bf16", "8b m=sqrt v=lin1 qb=64 bf16",
+    "4b tritonadam (m=sqrt v=sqrt1 qb=64 bf16)", "4b tritonadam (m=sqrt v=sqrt1 qb=64 bf16) sr",
+    "4b m=softsign v=sqrt1 qb=64 bf16", "4b m=sqrt v=root4 qb=64 bf16", "4b m=linear v=lin1 qb=64 bf16",
+    "4b m=sqrt v=sqrt1 qb=128 fp32",
 ]
 
 
@@ -323,17 +349,20 @@ def main():
                     "stochastic rounding), or 'auto' for the documented list")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--no-update-error", action="store_true", help="skip the moments and their table")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.time()
     snaps = []
-    for kind in ("mlp", "transformer"):
+    report = {"snapshots": 0, "update_error": {}, "training": {}}
+    for kind in ("mlp", "transformer") if not args.no_update_error else ():
         snaps += collect_moments(kind, 300 if not args.quick else 60, [10, 100, 300] if not args.quick else [10, 60])
-    report = {"snapshots": len(snaps), "update_error": {}, "training": {}}
-    print(f"# update error ({len(snaps)} tensors, {time.time() - t0:.0f}s to collect)\n")
-    print("| codec | scale B/param (m+v) | update rel. err | worst tensor | blow-ups | m rel | v rel |")
-    print("|---|---|---|---|---|---|---|")
-    for c in candidates(args.quick):
+    report["snapshots"] = len(snaps)
+    if snaps:
+        print(f"# update error ({len(snaps)} tensors, {time.time() - t0:.0f}s to collect)\n")
+        print("| codec | scale B/param (m+v) | update rel. err | worst tensor | blow-ups | m rel | v rel |")
+        print("|---|---|---|---|---|---|---|")
+    for c in candidates(args.quick) if snaps else ():
         r = update_error(c, snaps)
         report["update_error"][c.label] = r
         print(f"| {c.label} | {2 * c.scale_bytes():.4f} | {r['update_rel']:.4f} | {r['worst_tensor']:.3f} | "
@@ -341,7 +370,7 @@ def main():
     if args.train:
         labels = TRAIN if args.train == "auto" else args.train.split(";")
         codecs = {c.label: c for c in candidates(False)}
-        runs = [("fp32", None, False)] + [(lab, codecs[lab.replace(" sr", "")], lab.endswith(" sr")) for lab in labels]
+        runs = [("fp32", None, False)] + [(lab, codecs[lab[:-3] if lab.endswith(" sr") else lab], lab.endswith(" sr")) for lab in labels]
         print("\n# training: mean loss of the last 10% of steps\n")
         print("| codec | " + " | ".join(f"{k} seed {s}" for k in ("mlp", "transformer") for s in range(args.seeds)) + " |")
         print("|---|" + "---|" * (2 * args.seeds))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -18,7 +21,9 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
-from tritonadam.kernels.launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config  # noqa: E402
+from tritonadam.kernels.launch import (  # noqa: E402
+    NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config, update_constexprs,
+)
 
 NORM_CONFIG = norm_config()  # the GPU config: this process does not interpret
 
@@ -57,12 +62,33 @@ VARIANTS = [
     dict(param_dtype=BF16, master=True, state_dtype=BF16, stochastic_rounding=True, adamax=True),
     dict(param_dtype=FP16, master=True, state_dtype=BF16, persistent=True),
 ]
+# Quantized state (8-bit and 4-bit blockwise moments): every optimizer, param dtype and
+# master mode, stochastic rounding, AMSGrad, GradScaler's skip and a persistent grid.
+QUANT_VARIANTS = [
+    dict(param_dtype=FP32, quant=8, decoupled_wd=True),
+    dict(param_dtype=FP32, quant=4, amsgrad=True, coupled_wd=True),
+    dict(param_dtype=FP32, grad_dtype=BF16, quant=8, stochastic_rounding=True, found_inf=True),
+    dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True),
+    dict(param_dtype=BF16, quant=4, stochastic_rounding=True, decoupled_wd=True),
+    dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, quant=4, master=REMAINDER, decoupled_wd=True),
+    dict(param_dtype=BF16, quant=4, master=REMAINDER, amsgrad=True, stochastic_rounding=True),
+    dict(param_dtype=BF16, grad_dtype=FP32, quant=8, master=True, amsgrad=True, decoupled_wd=True),
+    dict(param_dtype=FP16, quant=4, master=True, stochastic_rounding=True, amsgrad=True),
+    dict(param_dtype=FP16, quant=8, stochastic_rounding=True, coupled_wd=True),
+    dict(param_dtype=FP32, quant=4, adamax=True, coupled_wd=True),
+    dict(param_dtype=BF16, quant=8, adamax=True, master=REMAINDER, stochastic_rounding=True),
+    dict(param_dtype=FP16, quant=4, adamax=True, master=True, found_inf=True),
+    dict(param_dtype=BF16, quant=8, decoupled_wd=True, persistent=True),
+    dict(param_dtype=FP32, quant=4, adamax=True, stochastic_rounding=True, persistent=True),
+]
 # Registers are bounded at 4096/8 (fp64: 2048/8, the same bytes per thread); the default
 # config must keep 32 warps resident.
 CONFIGS = [(4096, 8), (2048, 8), (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)]
 # The whole candidate space, on the heaviest variant of each width.
 SPACE_VARIANTS = [
     dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, quant=4, master=REMAINDER, amsgrad=True, stochastic_rounding=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
     dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
 ]
@@ -97,9 +123,35 @@ def _flags(flags):
     return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
 
 
+def _cubin_resources(cubin: bytes) -> dict:
+    """Registers and local memory (stack and spills, bytes per thread) of the cubin Triton
+    built: ptxas run on the PTX alone misses the options Triton passes (triton 3.9 adds
+    --regAllocOptLevel=2, and there ptxas alone reported 64 registers with 8 bytes of
+    spills where the kernel that runs has 72 and none)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"no resource usage from cuobjdump:\n{out}")
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}
+
+
 def _report(kind, flags, arch, block, warps, compiled):
     ptx = compiled.asm["ptx"]
     report = aot.ptxas_report(ptx, arch)
+    used = _cubin_resources(compiled.asm["cubin"])
+    report["registers"] = used["registers"]
+    # Spills land in local memory; the cubin does not split them into stores and loads.
+    report["spill_stores"] = report["spill_loads"] = used["local"] + used["stack"]
+    if flags.get("quant"):
+        # What the launcher passes: the full path's elements per iteration and access.
+        constexprs = update_constexprs(flags["param_dtype"], flags.get("grad_dtype") or flags["param_dtype"],
+                                       block_size=block, num_warps=warps,
+                                       **{k: v for k, v in flags.items() if k not in ("param_dtype", "grad_dtype")})
+        report["full"], report["qvec"], report["sub"] = constexprs["FULL"], constexprs["QVEC"], constexprs["SUB"]
     print(json.dumps({
         "kernel": kind,
         "flags": _flags(flags),
@@ -111,6 +163,9 @@ def _report(kind, flags, arch, block, warps, compiled):
         "shared_ops": aot.shared_memory_ops(ptx),
         "shared_ops_in_loops": aot.shared_memory_ops_in_loops(ptx),
         "atomics": aot.atomic_ops(ptx),
+        # Cross-lane traffic: warp shuffles and warp reductions (redux, sm_80+).
+        "shuffles": len(re.findall(r"\bshfl\.sync\b", ptx)),
+        "warp_reductions": len(re.findall(r"\bredux\.sync\b", ptx)),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
     }), flush=True)
@@ -120,7 +175,7 @@ def main():
     space = sorted({(c.block_size, c.num_warps) for c in config_space("cuda")})
     for arch in (80, 90):
         done = set()
-        for flags in VARIANTS:
+        for flags in VARIANTS + QUANT_VARIANTS:
             for block, warps in CONFIGS:
                 wide = flags["param_dtype"] == FP64
                 if (block, wide) in ((4096, True), (2048, False)):

@@ -8,6 +8,11 @@ what the compiler reports must fit a memory-bound kernel.
 - at 4096/8 (fp64: 2048/8, the same bytes per thread) every variant without a master copy
   fits in 128 registers, and the default config keeps at least 32 warps resident per SM (fp64, which moves twice
   the bytes per element, at least 24);
+- quantized state (8-bit and 4-bit moments): every variant compiles without spills or
+  shared memory, each block's absmax is a warp reduction (shuffles or redux, never
+  shared memory), every global access has the width the layout allows (counted per
+  width below), at most 128 registers at the default config and 4096/8, and enough
+  bytes in flight per SM at the default config;
 - the gradient-norm kernels (norm pass and reduction): no spills, the norm pass reads
   full aligned blocks in 16-byte loads, one cross-warp reduction (shared memory) per
   program rather than per block, and no atomics in any kernel: the norm's sums have
@@ -25,8 +30,11 @@ import sys
 
 import pytest
 
+from collections import Counter
+
 from tritonadam.autotune.configs import GPU_DEFAULT
 from tritonadam.kernels.launch import SR_ELEMS_PER_THREAD
+from tritonadam.quantize import QUANT_BLOCK
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "aot_compile_variants.py")
 SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -43,6 +51,10 @@ def compiled():
 
 def _updates(rows):
     return [r for r in rows if r["kernel"].startswith("update")]
+
+
+def _quant(rows):
+    return [r for r in _updates(rows) if r["flags"].get("quant")]
 
 
 def _name(row):
@@ -82,7 +94,10 @@ def _expected_16_byte_accesses(row):
 def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert {r["arch"] for r in compiled} == {80, 90}
     updates = [r for r in compiled if r["kernel"] == "update"]
-    assert len(updates) == 2 * 26 * 2
+    assert len(updates) == 2 * (26 + 16) * 2
+    quant = [r for r in updates if r["flags"].get("quant")]
+    assert {r["flags"]["quant"] for r in quant} == {8, 4}
+    assert len(quant) == 2 * 16 * 2
     assert any(r["flags"].get("persistent") for r in updates)
     assert sum(r["kernel"] == "prepare" for r in compiled) == 4
     assert sum(r["kernel"] == "norm" for r in compiled) == 2 * 12
@@ -96,6 +111,8 @@ def test_no_spills(compiled):
 
 def test_full_block_path_uses_16_byte_accesses(compiled):
     for row in _updates(compiled):
+        if row["flags"].get("quant"):
+            continue  # counted width by width below
         loads, stores = _expected_16_byte_accesses(row)
         got = row["widths"]
         assert got["ld"].get("16", 0) == loads, (_name(row), got)
@@ -117,7 +134,7 @@ def test_registers_at_4096_by_8(compiled):
         return (r["block"], r["num_warps"]) == ((2048 if wide else 4096), 8)
 
     rows = [r for r in compiled if bounded(r)]
-    assert len(rows) == 2 * 26
+    assert len(rows) == 2 * (26 + 16)
     for row in rows:
         f = row["flags"]
         if f.get("master"):
@@ -130,6 +147,8 @@ def test_default_config_keeps_32_warps_resident(compiled):
     rows = [r for r in compiled if r["kernel"] == "update" and (r["block"], r["num_warps"]) == default]
     assert rows
     for row in rows:
+        if row["flags"].get("quant"):
+            continue  # bytes in flight below
         floor = 24 if row["flags"]["param_dtype"] == "fp64" else 32
         assert row["resident_warps"] >= floor, (_name(row), row["registers"])
 
@@ -155,3 +174,101 @@ def test_norm_kernels_reduce_across_warps_once_and_use_no_atomics(compiled):
         if row["kernel"].startswith("norm"):
             assert row["ordering"] == [], _name(row)
             assert row["shared_ops_in_loops"] == 0, (_name(row), row["shared_ops"])
+
+
+# ---- quantized state -------------------------------------------------------------------------
+
+
+def _expected_quant_widths(row):
+    """Global loads and stores of a quantized variant by width in bytes, every one but the
+    8-byte ones (table and scalar reads share that width; at least the data's are there).
+
+    Full path: each thread moves e = FULL / (32 * warps) elements per iteration, v = QVEC
+    per access: params, grads and master v * size bytes (16 for 4-byte arrays at v = 4),
+    codes v bytes (8-bit) or v / 2 (4-bit), each row's group of v bf16 scales 2v bytes in
+    one load, and its scale stored by one of the row's lanes (a predicated 2-byte store per
+    element position). Masked path: t = SUB / (32 * warps) = 2 elements per thread, one
+    element per access, 2 rows of 64 per warp and iteration at least (t / 2 rows per
+    thread); codes one byte (4-bit: one byte for the pair), each row's 2-group of scales
+    read as one 2-byte load per thread and written by one lane.
+    """
+    f = row["flags"]
+    bits = f["quant"]
+    p = SIZES[f["param_dtype"]]
+    g = SIZES[f.get("grad_dtype") or f["param_dtype"]]
+    master = int(f.get("master", 0))
+    w = {1: 4, 2: 2}.get(master)
+    moments = 2 + bool(f.get("amsgrad") and not f.get("adamax"))
+    warps = row["num_warps"]
+    e, v, t = row["full"] // (32 * warps), row["qvec"], row["sub"] // (32 * warps)
+    ld, st = Counter(), Counter()
+    for counter, is_load in ((ld, True), (st, False)):
+        arrays = ([p] if (not is_load or master != 1) else []) + ([w] if w else [])
+        for size in arrays:
+            counter[min(16, v * size)] += e // v
+            counter[size] += t
+        for _ in range(moments):
+            counter[v if bits == 8 else v // 2] += e // v
+            counter[1] += t if bits == 8 else t // 2
+    ld[min(16, v * g)] += e // v
+    ld[g] += t
+    for _ in range(moments):
+        ld[2 * v] += e // v
+        ld[2] += t // 2  # one 2-group per masked row, t / 2 rows per thread
+        st[2] += e + t // 2
+    if f.get("found_inf"):
+        ld[4] += 1
+    return ld, st
+
+
+def test_quantized_variants_access_memory_at_the_widths_the_layout_allows(compiled):
+    rows = _quant(compiled)
+    assert rows
+    for row in rows:
+        for op, want in zip(("ld", "st"), _expected_quant_widths(row)):
+            got = Counter({int(k): n for k, n in row["widths"][op].items()})
+            assert {k: n for k, n in got.items() if k != 8} == {k: n for k, n in want.items() if k != 8}, \
+                (_name(row), op, dict(got), dict(want))
+            assert got[8] >= want[8], (_name(row), op, dict(got), dict(want))
+    # fp32 params load and store in 16-byte accesses; 8-bit codes in 4-byte ones at the
+    # default config (4 per access), 4-bit codes in 2-byte ones.
+    fp32 = [r for r in rows if r["flags"]["param_dtype"] == "fp32" and r["qvec"] == 4]
+    assert fp32 and all(r["widths"]["ld"].get("16", 0) >= 1 and r["widths"]["st"].get("16", 0) >= 1
+                        for r in fp32)
+
+
+def test_quantized_block_absmax_is_a_warp_reduction(compiled):
+    """One cross-lane reduction per moment and row: shuffles, or a warp reduction (redux,
+    sm_80+, which triton 3.9 uses for the integer max); never shared memory."""
+    for row in _quant(compiled):
+        assert row["shared_ops"] == 0 and row["shared_bytes"] == 0, _name(row)
+        assert row["shuffles"] + row["warp_reductions"] > 0, _name(row)
+
+
+def test_quantized_registers_at_the_default_config_and_4096_by_8(compiled):
+    rows = [r for r in _quant(compiled) if r["kernel"] == "update"]
+    configs = {(r["block"], r["num_warps"]) for r in rows}
+    assert {(GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps), (4096, 8)} <= configs
+    for row in rows:
+        assert row["registers"] <= 128, (_name(row), row["registers"])
+
+
+def test_quantized_default_config_keeps_enough_bytes_in_flight(compiled):
+    """At the default config, resident warps x elements per thread x bytes read per
+    element >= 20 KB per SM (DESIGN.md section 9: ~4.3 TB/s x 0.6 us / 132 SMs): quantized
+    moments read a byte or half a byte per element, so 24 resident warps (AMSGrad, 72-76
+    registers) still keep as many bytes in flight as 32 warps of the fp32-state kernel's
+    smallest variant."""
+    default = (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)
+    rows = [r for r in _quant(compiled) if r["kernel"] == "update" and (r["block"], r["num_warps"]) == default]
+    assert rows
+    for row in rows:
+        f = row["flags"]
+        moments = 2 + bool(f.get("amsgrad") and not f.get("adamax"))
+        master = int(f.get("master", 0))
+        read = (SIZES[f.get("grad_dtype") or f["param_dtype"]]
+                + (4 if master == 1 else SIZES[f["param_dtype"]]) + (2 if master == 2 else 0)
+                + moments * (f["quant"] / 8 + 2 / QUANT_BLOCK))
+        per_thread = row["full"] // (32 * row["num_warps"])
+        in_flight = row["resident_warps"] * 32 * per_thread * read
+        assert row["resident_warps"] >= 24 and in_flight >= 20_000, (_name(row), row["registers"], in_flight)

@@ -316,14 +316,15 @@ STEPS = 20
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("combo", COMBOS, ids=[c[0] for c in COMBOS])
 def test_kernel_matches_reference_bit_for_bit(combo, bits):
-    """20 steps of a launch over odd sizes: params, masters, codes and scales."""
+    """20 steps of a launch over odd sizes: params, masters, codes and scales after every
+    step."""
     _, kind, decoupled, wd, amsgrad, master, sr, dtype, grad_dtype, maximize = combo
     run = Run(_params(SIZES, dtype), bits, kind=kind, decoupled=decoupled, wd=wd, amsgrad=amsgrad,
               master=master, sr=sr, grad_dtype=grad_dtype, maximize=maximize)
     gen = torch.Generator().manual_seed(7)
     for _ in range(STEPS):
         run.step(_grads(run.params, gen), block_size=4096)
-    run.check()
+        run.check()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -393,3 +394,43 @@ def test_first_step_from_fresh_state_matches_fp32_adam_moments():
     want_m = g[0] * np.float32(1 - HYPER["beta1"])
     assert torch.allclose(m, want_m, rtol=1e-2, atol=float(m_scales.float().max()) * 1e-2)
     assert (v > 0).all()
+
+
+# ---- launch shapes ------------------------------------------------------------------------
+
+
+def test_quant_block_divides_every_launch_chunk_on_the_gpu(monkeypatch):
+    """Every block of the config space, and every iteration of both paths under it, covers
+    whole quant blocks (so blocks never depend on the launch config); the full path's
+    iterations hold whole scale groups, the masked path's at least a row per warp."""
+    from tritonadam.autotune.configs import config_space
+    from tritonadam.kernels import launch
+
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    configs = {(c.block_size, c.num_warps) for backend in ("cuda", "hip") for c in config_space(backend)}
+    assert configs
+    for block, warps in configs:
+        for dtype, master in ((FP32, NONE), (BF16, REMAINDER), (FP16, MASTER)):
+            for sr in (False, True):
+                for bits in (8, 4):
+                    f = launch.update_constexprs(dtype, dtype, block_size=block, num_warps=warps,
+                                                 master=master, stochastic_rounding=sr, quant=bits)
+                    assert block % QB == 0 and f["FULL"] % QB == 0 and f["SUB"] % QB == 0
+                    assert block % f["FULL"] == 0 and block % f["SUB"] == 0
+                    rows, vec = f["FULL"] // QB, f["QVEC"]
+                    assert vec in (4, 8) and rows % vec == 0, (block, warps, f)
+                    assert f["FULL"] // (32 * warps) >= vec  # a thread holds its row's group
+                    assert f["SUB"] // QB >= max(warps, 2), (block, warps, f)
+
+
+def test_quantized_variants_refuse_what_they_cannot_step():
+    from tritonadam.kernels.launch import update_constexprs
+
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        update_constexprs(torch.float64, torch.float64, block_size=1024, num_warps=8, quant=8)
+    with pytest.raises(ValueError, match="quant must be"):
+        update_constexprs(FP32, FP32, block_size=1024, num_warps=8, quant=2)
+    with pytest.raises(ValueError, match="multiple of 512"):
+        update_constexprs(FP32, FP32, block_size=256, num_warps=2, quant=8)
+    plain = update_constexprs(FP32, FP32, block_size=1024, num_warps=8)
+    assert "QUANT" not in plain and "QVEC" not in plain  # the unquantized kernels as before

@@ -102,7 +102,8 @@ def encode(x, scale, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr):
 # ---- moments in memory ------------------------------------------------------------------
 # Two layouts of the elements a program steps at once:
 # - full path (aligned, unmasked): (R, QUANT_BLOCK), each thread VEC contiguous elements
-#   of one row, a row within one warp: the block's absmax is a warp reduction (shuffles).
+#   of one row, a row within one warp: the block's absmax is a warp reduction (shuffles
+#   or redux).
 # - masked path (tails, misaligned views; scalar accesses): (2, R, 32), one element per
 #   lane and access, a row of 64 per warp with its two halves in registers (8-bit: the
 #   halves of the row; 4-bit: the two elements of each byte). A row of one element per
@@ -129,12 +130,17 @@ def _tail_offsets(R: tl.constexpr, BITS: tl.constexpr):
     r = tl.arange(0, R)[None, :, None]
     lane = tl.arange(0, 32)[None, None, :]
     if BITS == 8:
-        return r * 64 + tl.arange(0, 2)[:, None, None] * 32 + lane
+        offs = r * 64 + tl.arange(0, 2)[:, None, None] * 32 + lane
     else:
-        # The pair index, through an integer division Triton's axis analysis does not see
-        # through: seen as contiguous it would become the fastest dimension (across lanes).
-        k = (tl.arange(0, 2) * 2) // 2
-        return r * 64 + lane * 2 + k[:, None, None]
+        offs = r * 64 + lane * 2 + tl.arange(0, 2)[:, None, None]
+    # Triton lays a tensor out by the contiguity it sees per dimension, most contiguous
+    # across lanes, next across warps, ties broken one way in triton 3.6 and the other in
+    # 3.9. The contiguity stated here makes that order lanes, rows, pair on both. It is
+    # not the true one (rows are 64 apart; 4-bit lanes 2 apart), which is harmless only
+    # because these pointers carry no alignment: accesses here are one element wide
+    # whatever the contiguity, so no access is ever widened across the stated runs.
+    # Never add alignment hints to the masked path's pointers.
+    return tl.max_contiguous(offs, [1, 2, 32])
 
 
 @triton.jit
@@ -164,9 +170,7 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
             b_offs = tl.arange(0, R)[:, None] * 32 + tl.arange(0, 32)[None, :]
             byte = tl.load(codes_ptr + b_offs, mask=b_offs * 2 < n)
             codes = _unpack_tail(byte, offs)
-        # The row index through a division: seen as contiguous across rows, Triton would
-        # give the broadcast pointer a layout of its own.
-        scale = tl.load(scale_ptr + offs // QUANT_BLOCK, mask=mask).to(tl.float32)
+        scale = _tail_scale(scale_ptr, R, n)[None, :, None]
     else:
         R: tl.constexpr = offs.shape[0]
         if BITS == 8:
@@ -199,6 +203,19 @@ def _code_values(codes, BITS: tl.constexpr, SIGNED: tl.constexpr):
             return (codes ^ 8).to(tl.float32) - 8.0
         else:
             return codes.to(tl.float32)
+
+
+@triton.jit
+def _tail_scale(scale_ptr, R: tl.constexpr, n):
+    """(R,) scales of the masked path's rows. Read in 2-groups (true contiguity, the same
+    layout on every Triton version; a pointer broadcast along the lanes would be laid out
+    differently), then each row's own scale taken by a warp max over its lanes."""
+    s_offs, own = _group(R, 32, 2)
+    rows = tl.arange(0, R)[:, None] * QUANT_BLOCK < n
+    group = tl.load(scale_ptr + s_offs, mask=own & rows).to(tl.float32).to(tl.int32, bitcast=True)
+    # Scales are >= 0 or NaN: their bits order like the values, and 0 stands for a lane's
+    # other scale.
+    return tl.max(tl.where(own & rows, group, 0), axis=1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
