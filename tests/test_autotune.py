@@ -1226,7 +1226,11 @@ def test_first_use_tuning_on_a_gpu_writes_a_valid_cache(tmp_path):
     assert tuner.select(KEY, 2**22, dev, make_runner) == cfg  # memory hit
 
 
-def test_scratch_mix_and_runner():
+@pytest.mark.parametrize("options", [{}, {"state_dtype": "8bit", "master_weights": "remainder"},
+                                     {"state_dtype": "4bit", "amsgrad": True}], ids=["fp32", "8bit", "4bit"])
+def test_scratch_mix_and_runner(options):
+    """Scratch launches of every state format: quantized ones get codes and scales of their
+    own per tensor (the kernel reads a scale pointer for every quantized moment)."""
     from tritonadam.kernels.scratch import make_scratch_runner, scaled_mix
     from tritonadam.state import variant
 
@@ -1235,7 +1239,8 @@ def test_scratch_mix_and_runner():
     assert scaled_mix([2**30], 2**20) == [2**20] and scaled_mix([], 5) == [5]
     if not autotune.tuner._env.interpret():
         pytest.skip("runs the scratch launch in Triton's interpreter")
-    run = make_scratch_runner(variant("adamw", torch.float32, torch.bfloat16),
+    dtype = torch.bfloat16 if options.get("master_weights") else torch.float32
+    run = make_scratch_runner(variant("adamw", dtype, torch.bfloat16, **options),
                               config=LaunchConfig(1024, 4, True), numels=[4096, 7, 3000], device=CPU)
     before = [t.clone() for t in run.params]
     run()

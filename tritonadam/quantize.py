@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from .kernels.layout import QUANT_BLOCK as _QB
+from .kernels.variant import code_bytes as _code_bytes
+from .kernels.variant import num_scales
 
 __all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize", "requantize", "dequantize",
            "per_element", "dequantize_per_element"]
@@ -40,11 +42,7 @@ _F32 = torch.float32
 def code_bytes(numel: int, bits: int) -> int:
     """Bytes of codes for ``numel`` elements."""
     _check_bits(bits)
-    return numel if bits == 8 else (numel + 1) // 2
-
-
-def num_scales(numel: int) -> int:
-    return -(-numel // QUANT_BLOCK)
+    return _code_bytes(numel, bits)
 
 
 def state_bytes(numel: int, bits: int) -> int:

@@ -10,7 +10,7 @@ import torch
 from .. import _env
 from .launch import launch_prepare, launch_update
 from .plan import Bucket, DeviceTables, group_pointer_row, group_row
-from .variant import Master, Variant
+from .variant import Master, Variant, code_bytes, num_scales
 
 # Hyper-parameters for timing runs (lr, beta1, beta2, eps, weight decay): representative,
 # and finite from the first step.
@@ -37,6 +37,19 @@ def scaled_mix(numels: list[int], total: int) -> list[int]:
     return out
 
 
+def _moment(key, sizes: list[int], device) -> tuple[list, list]:
+    """One moment of every scratch tensor: (data, scales) lists, scales None unless the
+    moments are quantized. Quantized codes and scales start every tensor's on a 16-byte
+    boundary, as the state formats allocate them (a tensor each)."""
+    if not key.quant:
+        return list(torch.split(torch.zeros(sum(sizes), dtype=key.state_dtype, device=device), sizes)), [None] * len(sizes)
+    codes, scales = [], []
+    for n in sizes:
+        codes.append(torch.zeros(code_bytes(n, key.quant), dtype=torch.uint8, device=device))
+        scales.append(torch.zeros(num_scales(n), dtype=torch.bfloat16, device=device))
+    return codes, scales
+
+
 def make_scratch_runner(variant: Variant, *, config, numels: list[int],
                         device: torch.device) -> Callable[[], None]:
     """A callable launching one update of ``variant`` on fresh scratch buffers (for timing).
@@ -57,9 +70,7 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
     # tensor boundaries (hence tails and alignment) as the real bucket.
     p = torch.randn(total, device=device).to(key.param_dtype)
     g = torch.randn(total, device=device).to(key.grad_dtype)
-    m = torch.zeros(total, dtype=key.state_dtype, device=device)
-    v = torch.zeros(total, dtype=key.state_dtype, device=device)
-    vmax = torch.zeros(total, dtype=key.state_dtype, device=device) if key.amsgrad else None
+    moments = [_moment(key, sizes, device) for _ in range(2 + key.amsgrad)] + [([None] * len(sizes),) * 2]
     if key.master == Master.FP32:
         w = p.to(torch.float32)
     elif key.master == Master.REMAINDER:
@@ -71,9 +82,10 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
     def parts(t):
         return list(torch.split(t, sizes)) if t is not None else [None] * len(sizes)
 
+    m, v, vmax = moments[:3]
     rows = [
-        DeviceTables.row(pi, (mi, vi, xi), (None, None, None), wi, steps[i], i)
-        for i, (pi, mi, vi, xi, wi) in enumerate(zip(parts(p), parts(m), parts(v), parts(vmax), parts(w)))
+        DeviceTables.row(pi, (m[0][i], v[0][i], vmax[0][i]), (m[1][i], v[1][i], vmax[1][i]), wi, steps[i], i)
+        for i, (pi, wi) in enumerate(zip(parts(p), parts(w)))
     ]
     tables = DeviceTables(device, rows, [0] * len(rows), 1)
     lr, beta1, beta2, eps, wd = _TIMING_HYPER[variant.algorithm]
@@ -100,5 +112,5 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
 
     run.compile = compile
     run.numels, run.params = sizes, parts(p)
-    run.keep = (p, g, m, v, vmax, w, steps)  # the tables point at these
+    run.keep = (p, g, moments, w, steps)  # the tables point at these
     return run

@@ -14,7 +14,7 @@ import torch
 
 from .layout import QUANT_BLOCK
 
-__all__ = ["ALGORITHMS", "BucketKey", "Master", "Variant", "dtype_name"]
+__all__ = ["ALGORITHMS", "BucketKey", "Master", "Variant", "code_bytes", "dtype_name", "num_scales"]
 
 ALGORITHMS = ("adam", "adamw", "adamax")
 
@@ -44,6 +44,16 @@ _MASTER_BYTES = {Master.FP32: 4, Master.REMAINDER: 2}
 
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
+
+
+def code_bytes(numel: int, bits: int) -> int:
+    """Bytes of a quantized moment's codes for ``numel`` elements (4-bit: two per byte)."""
+    return numel if bits == 8 else (numel + 1) // 2
+
+
+def num_scales(numel: int) -> int:
+    """A quantized moment's scales for ``numel`` elements: one per started block."""
+    return -(-numel // QUANT_BLOCK.value)
 
 
 @dataclass(frozen=True)
