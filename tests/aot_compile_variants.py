@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
 from tritonadam.kernels.launch import (  # noqa: E402
-    NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config, update_constexprs,
+    NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config,
 )
 
 NORM_CONFIG = norm_config()  # the GPU config: this process does not interpret
@@ -148,9 +148,7 @@ def _report(kind, flags, arch, block, warps, compiled):
     report["spill_stores"] = report["spill_loads"] = used["local"] + used["stack"]
     if flags.get("quant"):
         # What the launcher passes: the full path's elements per iteration and access.
-        constexprs = update_constexprs(flags["param_dtype"], flags.get("grad_dtype") or flags["param_dtype"],
-                                       block_size=block, num_warps=warps,
-                                       **{k: v for k, v in flags.items() if k not in ("param_dtype", "grad_dtype")})
+        constexprs = aot.update_variant(warps, block, **flags)
         report["full"], report["qvec"], report["sub"] = constexprs["FULL"], constexprs["QVEC"], constexprs["SUB"]
     print(json.dumps({
         "kernel": kind,

@@ -69,10 +69,10 @@ def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict
                           options={"num_warps": num_warps})
 
 
-def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
-                   param_dtype=torch.float32, grad_dtype=None, state_dtype=None, amsgrad=False,
-                   master=Master.NONE, stochastic_rounding=False, quant=0, **flags):
-    """Compile one variant of the update kernel for ``cuda:sm_<arch>``.
+def update_variant(num_warps: int = 8, block_size: int = 4096, *, param_dtype=torch.float32, grad_dtype=None,
+                   state_dtype=None, amsgrad=False, master=Master.NONE, stochastic_rounding=False, quant=0,
+                   **flags) -> dict:
+    """The update kernel's constexprs for one variant, as the launcher passes them.
 
     The bucket's dtypes and state (``state_dtype``: of the moments, default the compute
     dtype; ``quant``: 8 or 4 for blockwise-quantized moments instead; ``master``: a
@@ -83,7 +83,13 @@ def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *
     state = f"{quant}bit" if quant else dtype_name(state_dtype or compute)
     key = BucketKey(param_dtype, grad_dtype or param_dtype, state,
                     amsgrad and not flags.get("adamax", False), Master(int(master)), stochastic_rounding)
-    constexprs = update_constexprs(key, block_size=block_size, num_warps=num_warps, **flags)
+    return update_constexprs(key, block_size=block_size, num_warps=num_warps, **flags)
+
+
+def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, **variant):
+    """Compile one variant of the update kernel for ``cuda:sm_<arch>`` (``variant``: as
+    ``update_variant`` takes it)."""
+    constexprs = update_variant(num_warps, block_size, **variant)
     return _compile(_adam_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
 
 

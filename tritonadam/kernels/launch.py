@@ -46,6 +46,11 @@ TAIL_ELEMS_PER_THREAD = {4: 2, 8: 1}
 # iteration (16 per thread) needed 128-166 registers (ptxas, sm_80/sm_90, triton 3.6/3.9).
 SR_ELEMS_PER_THREAD = 8
 
+# Elements per thread per iteration of the full-block path for fp64: at 2048/8 (eight
+# per thread in one iteration) AMSGrad needed 137 registers on sm_90 and spilled on sm_80
+# (the cubin triton builds, triton 3.9).
+WIDE_ELEMS_PER_THREAD = 4
+
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
@@ -75,11 +80,13 @@ def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32,
 
 
 def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
-                   quant: int = 0) -> int:
+                   quant: int = 0, wide: bool = False) -> int:
     """Elements per iteration of the full-block path: the whole block, except with
-    stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread) and quantized state
-    (``QUANT_ELEMS_PER_THREAD``). The interpreter takes half a block so the loop is
-    tested."""
+    stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread), quantized state
+    (``QUANT_ELEMS_PER_THREAD``) and fp64 (``WIDE_ELEMS_PER_THREAD``). The interpreter
+    takes half a block so the loop is tested."""
+    if wide and not interpreted():
+        return min(block_size, 32 * num_warps * WIDE_ELEMS_PER_THREAD)
     if quant:
         # The interpreter takes half a block so the loop is tested.
         full = block_size // 2 if interpreted() else 32 * num_warps * QUANT_ELEMS_PER_THREAD
@@ -129,7 +136,8 @@ def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax
         raise ValueError(f"quantized state needs blocks of a multiple of {QUANT_MIN_FULL} elements, "
                          f"got {block_size}")
     cdtype = key.compute_dtype
-    full = full_sub_block(block_size, num_warps, key.stochastic_rounding, quant)
+    full = full_sub_block(block_size, num_warps, key.stochastic_rounding, quant,
+                          wide=cdtype == torch.float64)
     flags = {
         "P_DTYPE": key.param_dtype,
         "G_DTYPE": key.grad_dtype,
