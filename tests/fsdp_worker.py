@@ -843,8 +843,10 @@ def fsdp2_quantized(rank: int, world: int, tmpdir: str) -> None:
                 got = full_osd["state"][n]
                 if n in QALIGNED:  # the whole tensor's codes, as rows
                     assert torch.equal(got[f"{key}_{bits}bit"].reshape(-1), wopt.state[q][f"{key}_{bits}bit"])
-                elif n != "l2.bias":  # decoded: what the whole tensor's codes decode to
-                    assert torch.equal(got[key], qmoment(q, wopt.state[q], key)), (label, n, key)
+                elif n != "l2.bias":  # per element: decoded, what the whole tensor's codes decode to
+                    decoded = tritonadam.quantize.dequantize_per_element(
+                        got[f"{key}_{bits}bit"], got[f"{key}_scales"], bits, key == "exp_avg")
+                    assert torch.equal(decoded, qmoment(q, wopt.state[q], key)), (label, n, key)
             if "master_weights" in kw:  # the remainder exported as the fp32 master it stands for
                 master = full_osd["state"][n]["master_param"]
                 assert master.dtype == torch.float32 and not isinstance(master, DTensor)
@@ -909,8 +911,8 @@ def _qsave(rank: int, world: int, tmpdir: str) -> None:
 def _qload(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
     """Load the checkpoint the other world size saved (resharded by DCP): each local shard's
     state is the saved one's rows (aligned params: the codes themselves; the others: their
-    full-precision moment re-encoded in this shard's blocks); 3 more steps stay within
-    quantization error of the uninterrupted run."""
+    per-element codes and scales decoded and re-encoded in this shard's blocks); 3 more
+    steps stay within quantization error of the uninterrupted run."""
     for label, (bits, dtype, kw) in QDCP.items():
         paths = _qpaths(tmpdir, saved_world, label)
         model = qfsdp(qbase(dtype, seed=9))  # other values: the load must overwrite them
@@ -928,8 +930,9 @@ def _qload(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
                 ck, sk = f"{key}_{bits}bit", f"{key}_scales"
                 if n in QALIGNED:
                     want = tuple(qchunk(saved[n][k], rank, world).reshape(-1) for k in (ck, sk))
-                else:
-                    shard = qchunk(saved[n][key], rank, world).reshape(-1)
+                else:  # a code and a scale per element: decoded, re-encoded in this shard's blocks
+                    codes, scales = (qchunk(saved[n][k], rank, world).reshape(-1) for k in (ck, sk))
+                    shard = tritonadam.quantize.dequantize_per_element(codes, scales, bits, key == "exp_avg")
                     want = tritonadam.quantize.requantize(shard, bits, key == "exp_avg")
                 assert torch.equal(state[ck], want[0]), (what, key)
                 assert torch.equal(state[sk].view(torch.int16), want[1].view(torch.int16)), (what, key)

@@ -456,8 +456,13 @@ class ParamFormat:
                 out.pop(ck), out.pop(scales_key(key), None)
                 self.moments.export(p, key, saved, out)
         if self.master == Master.REMAINDER and REMAINDER_KEY in saved:
-            joined = join_master(local_tensor(p), local_tensor(saved[REMAINDER_KEY]))
+            remainder = saved[REMAINDER_KEY]
+            joined = join_master(local_tensor(p), local_tensor(remainder))
             out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
+            if local_tensor(p) is not p:
+                # Gathering a DTensor (full state dicts) is a collective, and neither NCCL
+                # nor gloo has int16: the same values as int32.
+                out[REMAINDER_KEY] = remainder.to(torch.int32)
         return out
 
     def export_full(self, p: Tensor, state: dict, keys: tuple[str, ...]) -> dict:
