@@ -404,7 +404,7 @@ def test_quant_block_divides_every_launch_chunk_on_the_gpu(monkeypatch):
     whole quant blocks (so blocks never depend on the launch config); the full path's
     iterations hold whole scale groups, the masked path's at least a row per warp."""
     from tritonadam.autotune.configs import config_space
-    from tritonadam.kernels import launch
+    from tritonadam.kernels import aot, launch
 
     monkeypatch.setattr(launch, "interpreted", lambda: False)
     configs = {(c.block_size, c.num_warps) for backend in ("cuda", "hip") for c in config_space(backend)}
@@ -413,8 +413,8 @@ def test_quant_block_divides_every_launch_chunk_on_the_gpu(monkeypatch):
         for dtype, master in ((FP32, NONE), (BF16, REMAINDER), (FP16, MASTER)):
             for sr in (False, True):
                 for bits in (8, 4):
-                    f = launch.update_constexprs(dtype, dtype, block_size=block, num_warps=warps,
-                                                 master=master, stochastic_rounding=sr, quant=bits)
+                    f = aot.update_variant(warps, block, param_dtype=dtype, master=master,
+                                           stochastic_rounding=sr, quant=bits)
                     assert block % QB == 0 and f["FULL"] % QB == 0 and f["SUB"] % QB == 0
                     assert block % f["FULL"] == 0 and block % f["SUB"] == 0
                     rows, vec = f["FULL"] // QB, f["QVEC"]
@@ -424,13 +424,13 @@ def test_quant_block_divides_every_launch_chunk_on_the_gpu(monkeypatch):
 
 
 def test_quantized_variants_refuse_what_they_cannot_step():
-    from tritonadam.kernels.launch import update_constexprs
+    from tritonadam.kernels.aot import update_variant
 
     with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
-        update_constexprs(torch.float64, torch.float64, block_size=1024, num_warps=8, quant=8)
-    with pytest.raises(ValueError, match="quant must be"):
-        update_constexprs(FP32, FP32, block_size=1024, num_warps=8, quant=2)
+        update_variant(8, 1024, param_dtype=torch.float64, quant=8)
+    with pytest.raises(ValueError, match="unknown state format '2bit'"):
+        update_variant(8, 1024, quant=2)
     with pytest.raises(ValueError, match="multiple of 512"):
-        update_constexprs(FP32, FP32, block_size=256, num_warps=2, quant=8)
-    plain = update_constexprs(FP32, FP32, block_size=1024, num_warps=8)
+        update_variant(2, 256, quant=8)
+    plain = update_variant(8, 1024)
     assert "QUANT" not in plain and "QVEC" not in plain  # the unquantized kernels as before
