@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def _env(interpret: str | None = "1") -> dict:
     return env
 
 
-def _bench(args, interpret="1", timeout=120):
+def _bench(args, interpret="1", timeout=300):
     return subprocess.run([sys.executable, "-m", "tritonadam.bench", *args], cwd=ROOT,
                           env=_env(interpret), capture_output=True, text=True, timeout=timeout)
 
@@ -60,11 +61,14 @@ def test_default_cpu_run_is_quick_and_plain():
     """The default run with no GPU: plain statement, roofline, torch CPU timings,
     tritonadam checked in the interpreter, exit 0, well under a minute. TRITON_INTERPRET
     is left unset: the CLI sets it (re-executing itself if kernels were already loaded)."""
-    t0 = time.monotonic()
+    # The child's CPU time, not wall time: a busy machine (xdist workers, other jobs)
+    # stretches the wall clock, not the work the default run does.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = _bench(["--device", "cpu"], interpret=None)
-    elapsed = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert elapsed < 60, elapsed
+    assert cpu_s < 60, cpu_s
     out = r.stdout
     assert "Triton kernels run only in Triton's interpreter" in out
     assert "none of these numbers say anything about GPU performance" in out
