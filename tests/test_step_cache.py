@@ -96,6 +96,37 @@ def test_a_step_after_a_clip_confirms_its_check_instead_of_repeating_it(device, 
     assert not opt._clipper.pending
 
 
+@pytest.mark.parametrize("change", ["replaced", "none", "data-moved", "detached"])
+def test_a_grad_changed_between_a_clip_and_the_step_is_checked_again(change, device, monkeypatch):
+    """The step's confirmation sees a grad replaced, dropped or moved under ``.data``
+    since the clip (then checks in full); a detached alias of the same grad is the same
+    memory and needs no new check."""
+    params, opt = _setup(device)
+    _grads(params, 6)
+    opt.step()
+    checks = []
+    real = type(opt._cache).check
+    monkeypatch.setattr(type(opt._cache), "check", lambda self, *a: checks.append(1) or real(self, *a))
+    _grads(params, 7)
+    opt.clip_grad_norm_(1.0)
+    before = params[1].detach().clone()
+    if change == "replaced":
+        params[1].grad = torch.randn_like(params[1])
+    elif change == "none":
+        params[1].grad = None
+    elif change == "data-moved":
+        params[1].grad.data = params[1].grad.detach().clone()
+    else:
+        params[1].grad = params[1].grad.detach()
+    opt.step()
+    assert len(checks) == (1 if change == "detached" else 2)
+    if change == "none":
+        assert torch.equal(params[1].detach(), before)  # no grad: not stepped
+    else:
+        assert not torch.equal(params[1].detach(), before)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 def test_grad_pointers_are_uploaded_only_when_grads_move(device, monkeypatch):
     params, opt = _setup(device)
     uploads = []

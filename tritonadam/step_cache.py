@@ -306,11 +306,20 @@ class StepCache:
         a clip checks instead of a full check (the clip's check validated these grads, and
         its coefficient belongs to them)."""
         taken = self.taken
-        if taken is None or not all(map(operator.is_, map(GRAD, self._params), taken)):
+        if taken is None:
             return False
-        batch = taken[: len(self._batch_params)]
-        local_grads = map(local_tensor, batch) if self._dtensor else batch
-        return all(map(operator.eq, map(Tensor.data_ptr, local_grads), self._grad_ptrs)) and all(
+        # One pass over the batch rows: each current grad's address against the taken
+        # one's. The taken grads are alive (``taken`` holds them), so an equal address is
+        # their storage: the same grad, or a view of it with the param's shape and dtype
+        # (what torch's grad setter admits); a replaced grad or a storage moved under
+        # ``.data`` shows a new address, a grad set to None a TypeError.
+        grads = map(GRAD, self._batch_params)
+        try:
+            ptrs = list(map(Tensor.data_ptr, map(local_tensor, grads) if self._dtensor else grads))
+        except (AttributeError, RuntimeError, TypeError):
+            return False
+        n = len(self._batch_params)
+        return ptrs == self._grad_ptrs and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:])) and all(
             param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
 
     def release(self) -> None:

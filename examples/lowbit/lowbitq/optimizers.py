@@ -2,10 +2,9 @@
 
 Every entry gets the same hyper-parameters (lr, betas, eps, decoupled weight decay) and
 steps the same model. Building one can fail for reasons that are not bugs here: a
-library that is not installed, an option that does not exist yet (tritonadam's
-``state_dtype="8bit"``/``"4bit"`` while they are being built), a library that needs a
-GPU. Those runs are recorded as ``unavailable`` with the exception's message and the
-sweep goes on; once the option exists the same entry trains, with no change here.
+library that is not installed, an option an installed version lacks, a library that
+needs a GPU (flashoptim's quantization). Those runs are recorded as ``unavailable`` with
+the exception's message and the sweep goes on.
 """
 from __future__ import annotations
 
