@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -724,11 +725,17 @@ def test_shared_memory_error_names_both_tensors_plainly(device):
     assert "of a param of a param" not in str(err.value)
 
 
-@pytest.mark.parametrize("options", [{"master_weights": True}, {"stochastic_rounding": True},
-                                     {"master_weights": "remainder", "stochastic_rounding": False}])
-def test_options_that_change_nothing_warn(options):
-    with pytest.warns(UserWarning, match="nothing for these params"):
+@pytest.mark.parametrize("options, why", [
+    ({"master_weights": True}, "master_weights=True .* their own master"),
+    ({"master_weights": True, "state_dtype": "8bit"}, "master_weights=True .* their own master"),
+    ({"stochastic_rounding": True}, "stochastic_rounding=True .* round nothing"),
+    ({"master_weights": "remainder", "stochastic_rounding": False}, "master_weights='remainder'"),
+])
+def test_options_that_change_nothing_warn(options, why):
+    with pytest.warns(UserWarning, match="nothing for these params") as record:
         PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3))], **options)
+    messages = [str(w.message) for w in record if "nothing for these params" in str(w.message)]
+    assert len(messages) == 1 and re.search(why, messages[0]), messages  # why, per option
 
 
 def test_options_that_do_something_do_not_warn(recwarn):
@@ -736,6 +743,8 @@ def test_options_that_do_something_do_not_warn(recwarn):
                        torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))], master_weights=True)
     PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3))], stochastic_rounding=True,
                       state_dtype=torch.bfloat16)
+    PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3))], stochastic_rounding=True,
+                      state_dtype="4bit")  # the codes are rounded stochastically
     assert not [w for w in recwarn if "nothing for these params" in str(w.message)]
 
 

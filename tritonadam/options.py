@@ -51,12 +51,8 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
     for group in param_groups:
         check_group_options(name, group, policy)
     idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
-    if idle:
-        warnings.warn(
-            f"tritonadam.{name}: {' and '.join(idle)} {'change' if len(idle) > 1 else 'changes'} "
-            "nothing for these params (float32/float64, with float32 state); drop "
-            f"{'them' if len(idle) > 1 else 'it'}, or use {'them' if len(idle) > 1 else 'it'} with "
-            "fp16/bf16 params or state_dtype=torch.bfloat16", UserWarning, stacklevel=_caller_level())
+    for why in idle:
+        warnings.warn(f"tritonadam.{name}: {why}", UserWarning, stacklevel=_caller_level())
     # Only stochastic rounding draws random numbers. Its default seed is the one
     # torch.manual_seed set, read without drawing from the global generator (a drop-in
     # leaves torch's random stream as it found it); saved in the state of every param

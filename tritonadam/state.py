@@ -677,14 +677,18 @@ class StatePolicy:
             )
 
     def idle_options(self, dtypes) -> list[str]:
-        """The options that change nothing for params of ``dtypes`` (to warn about)."""
+        """Why each option that changes nothing for params of ``dtypes`` does (to warn)."""
         if not dtypes:
             return []
         idle = []
         if self.master_weights and not any(d in LOW_PRECISION for d in dtypes):
-            idle.append(f"master_weights={self.master_weights!r}")
+            idle.append(f"master_weights={self.master_weights!r} changes nothing for these params "
+                        "(float32/float64 params are their own master); drop it, or use it with "
+                        "fp16/bf16 params")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
-            idle.append("stochastic_rounding=True")
+            idle.append("stochastic_rounding=True changes nothing for these params (float32/float64 "
+                        "params with float32 state round nothing); drop it, or use it with fp16/bf16 "
+                        "params, state_dtype=torch.bfloat16 or a quantized state_dtype")
         return idle
 
     def format(self, p: Tensor) -> ParamFormat:
