@@ -127,6 +127,33 @@ def test_a_grad_changed_between_a_clip_and_the_step_is_checked_again(change, dev
     assert all(torch.isfinite(p).all() for p in params)
 
 
+def test_a_transposed_alias_set_between_a_clip_and_the_step_is_checked_again(device, monkeypatch):
+    """A square param's grad replaced by its own transpose: the same address, shape and
+    dtype, another layout. The step checks in full and steps what the grad holds."""
+    params = make_params([(4, 4), (7,)], torch.float32, device, seed=3)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref = (PAIRS["AdamW"][0](ps, **LAUNCH) for ps in (params, twins))
+    for step in range(3):  # the first steps build the cache; the last takes the alias
+        _grads(params, 20 + step)
+        for p, t in zip(params, twins):
+            t.grad = p.grad.clone()
+        ref.clip_grad_norm_(1.0)
+        if step == 2:
+            twins[0].grad = twins[0].grad.t().contiguous()
+        ref.step()
+        checks = []
+        if step == 2:
+            real = type(opt._cache).check
+            monkeypatch.setattr(type(opt._cache), "check", lambda self, *a: checks.append(1) or real(self, *a))
+        opt.clip_grad_norm_(1.0)
+        if step == 2:
+            params[0].grad = params[0].grad.t()
+        opt.step()
+    assert len(checks) == 2  # the clip's, then the step's own
+    for p, t in zip(params, twins):
+        assert torch.equal(p.detach(), t.detach())
+
+
 def test_grad_pointers_are_uploaded_only_when_grads_move(device, monkeypatch):
     params, opt = _setup(device)
     uploads = []

@@ -308,19 +308,22 @@ class StepCache:
         taken = self.taken
         if taken is None:
             return False
-        # One pass over the batch rows: each current grad's address against the taken
-        # one's. The taken grads are alive (``taken`` holds them), so an equal address is
-        # their storage: the same grad, or a view of it with the param's shape and dtype
-        # (what torch's grad setter admits); a replaced grad or a storage moved under
-        # ``.data`` shows a new address, a grad set to None a TypeError.
-        grads = map(GRAD, self._batch_params)
+        # The batch rows' grads read once: their addresses against the taken ones (a
+        # replaced grad or a storage moved under ``.data`` shows a new address, a grad set
+        # to None a TypeError). An equal address under another grad object is an alias of
+        # the taken grad (kept alive by ``taken``), with the param's shape and dtype as
+        # torch's grad setter admits, but maybe not its layout: contiguity is checked then.
+        n = len(self._batch_params)
+        grads = list(map(GRAD, self._batch_params))
         try:
-            ptrs = list(map(Tensor.data_ptr, map(local_tensor, grads) if self._dtensor else grads))
+            local_grads = list(map(local_tensor, grads)) if self._dtensor else grads
+            ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):
             return False
-        n = len(self._batch_params)
-        return ptrs == self._grad_ptrs and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:])) and all(
-            param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
+        return (ptrs == self._grad_ptrs
+                and (all(map(operator.is_, grads, taken)) or all(map(Tensor.is_contiguous, local_grads)))
+                and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:]))
+                and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated))
 
     def release(self) -> None:
         """Forget this step's grads (the step launched, or they were zeroed)."""
