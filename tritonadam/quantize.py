@@ -79,37 +79,41 @@ def _blocks(x: Tensor) -> tuple[Tensor, int]:
     return flat.reshape(-1, QUANT_BLOCK), numel
 
 
-def _above(a: Tensor, scale: Tensor, q: Tensor, weight, levels: int) -> Tensor:
-    frac = (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
-    thr = q * q + frac
-    return (a > scale * (thr * (1.0 / (levels * levels)))).to(_F32)
+def _unit(scale: Tensor, levels: int) -> Tensor:
+    return scale * (1.0 / (levels * levels))
+
+
+def _threshold(q: Tensor, weight) -> Tensor:
+    return q * q + (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
 
 
 def encode(x: Tensor, scale: Tensor, inv: Tensor, weight, bits: int, signed: bool) -> Tensor:
     """Codes (fp32 integers) of fp32 ``x`` given broadcastable fp32 ``scale`` and ``inv``
     (~1 / scale, 0 where scale is 0) and ``weight`` (2**16: nearest; 2r + 1 per element for
-    16 random bits r: stochastic): the number of thresholds below |x|, the kernel's
-    ``encode``."""
+    16 random bits r: stochastic): the number of thresholds below |x| (between levels q and
+    q + 1: ``q**2 + weight * (2q + 1) / 2**17`` units), the kernel's ``encode``. The
+    kernel settles nearest with one comparison; here both thresholds around the level
+    nearest in the square-root domain are counted, which gives the same codes."""
     levels = _levels(bits, signed)
     q0 = 0 if signed else 1
-    top = levels if signed else levels - 1
     a = x.abs()
     y = a * inv
     y = torch.where(y < 1.0, y, torch.ones_like(y))
-    near = torch.floor(y.sqrt() * levels) - q0
-    lo = near.clamp(1.0, top - 1.0)
-    code = (lo - 1.0) + _above(a, scale, lo + (q0 - 1.0), weight, levels) + _above(a, scale, lo + q0, weight, levels)
+    c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, levels - 1.0)
+    u = _unit(scale, levels)
+    code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32) + (a > _threshold(c0, weight) * u).to(_F32)
     if signed:
         code = torch.where(x < 0, -code, code)
     return code
 
 
 def decode(codes: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
-    """fp32 values of integer ``codes`` in blocks of broadcastable fp32 ``scale``."""
+    """fp32 values of integer ``codes`` in blocks of broadcastable fp32 ``scale``:
+    ``q * |q|`` (signed) or ``q**2`` (positive, q = code + 1), exact, times the unit
+    ``scale * (1 / L**2)``."""
     levels = _levels(bits, signed)
     q = codes.to(_F32) if signed else codes.to(_F32) + 1.0
-    mag = (q * q) * (1.0 / (levels * levels)) * scale
-    return torch.where(q < 0, -mag, mag) if signed else mag
+    return (q * q.abs()) * _unit(scale, levels)
 
 
 def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -7,10 +7,10 @@ Per moment: codes (uint8; 4-bit: two per byte, element 2i in the low nibble of b
 and one bf16 scale per ``QUANT_BLOCK`` elements, counted from the tensor's element 0.
 
 The maps are written so that the bits never depend on how the compiler schedules the
-arithmetic (FMA contraction) or on approximate functions: decoding is an integer
-polynomial of the code times constants, and encoding counts the thresholds below the
-value, each made exactly from integers (nearest: the midpoint between two codes'
-values; stochastic: a point drawn between them).
+arithmetic (FMA contraction) or on approximate functions: decoding is an exact integer
+polynomial of the code times the block's unit, and encoding counts the thresholds below
+the value, each made exactly from integers (nearest: the midpoint between two codes'
+values; stochastic: a point drawn between them) and compared after one product.
 """
 import triton
 import triton.language as tl
@@ -38,62 +38,77 @@ def round_scale(absmax_bits):
 # Signed (exp_avg): code k in -K..K, |value| = scale * k^2 / K^2 (sqrt companding).
 # Positive (exp_avg_sq, exp_inf, max_exp_avg_sq): code c in 0..N-1, no zero:
 #   value = scale * (c + 1)^2 / N^2.
-# K = 127, N = 256 (8-bit); K = 7, N = 16 (4-bit).
-# Codes travel as fp32 holding small integers: their arithmetic is exact there, and
-# integer arithmetic costs the interpreter an overflow check per operation.
+# K = 127, N = 256 (8-bit); K = 7, N = 16 (4-bit). In levels q (q = k, or c + 1), a value
+# is q^2 * unit with a block's unit = scale * (1 / L^2) (L = K or N), rounded once.
+
+# fp32 x + MAGIC rounds x to an integer held in the sum's low mantissa bits (|x| < 2**22):
+# float to int without the conversion unit, whose throughput is a quarter of the FMA's.
+MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+MAGIC_BITS = tl.constexpr(0x4B400000)
 
 
 @triton.jit
-def decode(codes, scale, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """fp32 values of ``codes`` (fp32 integers; signed: -K..K, positive: 0..N-1) in blocks
-    of ``scale`` (fp32, broadcast to the codes' shape). Scale 0 decodes to 0."""
+def unit(scale, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """The block's value of level 1 (fp32): what decode and encode multiply by."""
     L: tl.constexpr = (1 << (BITS - 1)) - 1 if SIGNED else 1 << BITS
-    # q^2 is exact; 1 / N^2 is a power of two, 1 / K^2 is rounded once to fp32 (the host
-    # multiplies by the same float).
+    # 1 / N^2 is a power of two, 1 / K^2 rounded once to fp32 (the host multiplies by the
+    # same float).
+    return scale * (1.0 / (L * L))
+
+
+@triton.jit
+def decode(codes, unit, SIGNED: tl.constexpr):
+    """fp32 values of ``codes`` (fp32 integers; signed: -K..K, positive: 0..N-1) in blocks
+    of ``unit`` (see ``unit``; broadcast to the codes' shape). Scale 0 decodes to 0."""
     if SIGNED:
-        mag = (codes * codes) * (1.0 / (L * L)) * scale
-        return tl.where(codes < 0, -mag, mag)
+        return (codes * tl.abs(codes)) * unit  # q * |q| is exact: sign(q) q^2
     else:
         q = codes + 1.0
-        return (q * q) * (1.0 / (L * L)) * scale
+        return (q * q) * unit
 
 
 @triton.jit
-def _above(a, scale, q, weight, L: tl.constexpr):
-    """1.0 where ``a`` lies above the threshold between levels q and q + 1 (values q^2 / L^2
-    of the scale), weight / 2**17 of the way up the gap. q^2 is exact, the product
-    weight * (2q + 1) is rounded once and its scaling by 2**-17 is exact, so the sum's one
-    rounding is the same fused or not; the rest are single products compared."""
-    frac = (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
-    thr = q * q + frac
-    return tl.where(a > scale * (thr * (1.0 / (L * L))), 1.0, 0.0)
+def _threshold(q, weight, SR: tl.constexpr):
+    """Between levels q and q + 1, in units: q^2 + weight / 2**17 of the gap 2q + 1.
+    Nearest (weight 2**16): q^2 + q + 1/2, exact. Stochastic: the product weight * (2q + 1)
+    is rounded once and its scaling by 2**-17 is exact, so the sum's one rounding is the
+    same fused or not."""
+    if SR:
+        return q * q + (weight * (2.0 * q + 1.0)) * (1.0 / 131072)
+    else:
+        return q * (q + 1.0) + 0.5
 
 
 @triton.jit
-def encode(x, scale, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """Codes (fp32 integers) of fp32 ``x`` in blocks of ``scale`` (``inv`` ~ 1 / scale, 0
-    where the scale is 0; both broadcast to x's shape).
+def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: tl.constexpr):
+    """int32 codes of fp32 ``x`` in blocks of ``unit`` (``inv`` ~ 1 / scale, 0 where the
+    scale is 0; both broadcast to x's shape): signed codes as two's complement.
 
-    ``weight``: where between two neighbouring codes' values the value must lie to take
-    the upper one, in units of 2**-17 of the gap, as fp32 (2r + 1 for 16 random bits r:
-    stochastic, unbiased in the value domain to within 2**-17 of a gap; 2**16: nearest,
-    ties down).
-
-    The code is the number of thresholds below |x|. Companding (an approximate square
-    root: no IEEE slow paths, whose subroutines cost registers) only finds the bracket,
-    always within one code of the answer, and two exact comparisons settle it: the bits
-    never depend on the square root, the reciprocal or how they are rounded.
+    The code is the number of thresholds below |x| (``_threshold``; SR: ``weight`` = 2r + 1
+    for 16 random bits r, stochastic and unbiased in the value domain to within 2**-17 of
+    a gap; nearest: unused, ties down). An approximate square root puts |x| near level
+    c0 = rint(sqrt(|x| / scale) * L), and exact comparisons settle the code around it, so
+    the bits never depend on the square root, the reciprocal or how they are rounded:
+    - nearest: the value-domain midpoint between q - 1 and q (q^2 - q + 1/2) lies above
+      the square-root domain's ((q - 1/2)^2), so c0 is the nearest level or the one above
+      it, off by more than fp32 error from either boundary where it matters: one
+      comparison, with the threshold below c0;
+    - stochastic: the code is either level around |x|, within one of c0: two comparisons.
     """
     L: tl.constexpr = (1 << (BITS - 1)) - 1 if SIGNED else 1 << BITS
     Q0: tl.constexpr = 0 if SIGNED else 1  # the level of code 0
-    TOP: tl.constexpr = L if SIGNED else L - 1  # the highest code
     a = tl.abs(x)
     y = a * inv
     # NaN (a NaN block, or inf / inf) lands on the top code; the NaN scale decodes it.
     y = tl.where(y < 1.0, y, 1.0)
-    near = tl.floor(tl.sqrt(y) * L) - Q0
-    lo = tl.minimum(tl.maximum(near, 1.0), TOP - 1.0)
-    code = (lo - 1.0) + _above(a, scale, lo + (Q0 - 1.0), weight, L) + _above(a, scale, lo + Q0, weight, L)
+    m = tl.maximum(tl.sqrt(y) * L + MAGIC, MAGIC + (Q0 + 1))
+    if SR:
+        m = tl.minimum(m, MAGIC + (L - 1))
+    c0 = m - MAGIC
+    code = m.to(tl.int32, bitcast=True) - (MAGIC_BITS + Q0 + 1)  # level c0 - 1
+    code += (a > _threshold(c0 - 1.0, weight, SR) * unit).to(tl.int32)
+    if SR:
+        code += (a > _threshold(c0, weight, SR) * unit).to(tl.int32)
     if SIGNED:
         code = tl.where(x < 0, -code, code)
     return code
@@ -186,7 +201,7 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
         group = tl.reshape(group, (R, QUANT_BLOCK // VEC, VEC))
         scale = tl.broadcast_to(tl.sum(group, axis=2)[:, :, None], (R, QUANT_BLOCK // VEC, VEC))
         scale = tl.reshape(scale, (R, QUANT_BLOCK))
-    return decode(_code_values(codes, BITS, SIGNED), scale, BITS, SIGNED)
+    return decode(_code_values(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
 
 
 @triton.jit
@@ -236,10 +251,9 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
                  SR: tl.constexpr):
     """Encode fp32 ``x`` (at ``offs``, as in load_moment) with fresh block scales and store
     codes and scales. ``random``: 16 random bits per element (SR), else unused."""
+    weight = 0.0
     if SR:
         weight = (random & 0xFFFF).to(tl.float32) * 2.0 + 1.0
-    else:
-        weight = 65536.0
     if TAIL:
         R: tl.constexpr = offs.shape[1]
         mask = offs < n
@@ -247,7 +261,8 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
         mag = tl.where(mask, magnitude_bits(x), 0)
         scale = round_scale(tl.max(tl.max(mag, axis=0), axis=1))
         inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
-        codes = encode(x, scale[None, :, None], inv[None, :, None], weight, BITS, SIGNED).to(tl.int32)
+        u = unit(scale, BITS, SIGNED)
+        codes = encode(x, u[None, :, None], inv[None, :, None], weight, BITS, SIGNED, SR)
         if BITS == 8:
             tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8), mask=mask)
         else:
@@ -262,7 +277,8 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
         R: tl.constexpr = offs.shape[0]
         scale = round_scale(tl.max(magnitude_bits(x), axis=1))
         inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
-        codes = encode(x, scale[:, None], inv[:, None], weight, BITS, SIGNED).to(tl.int32)
+        u = unit(scale, BITS, SIGNED)
+        codes = encode(x, u[:, None], inv[:, None], weight, BITS, SIGNED, SR)
         if BITS == 8:
             tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8))
         else:
