@@ -109,6 +109,7 @@ class Reference:
         self.v = torch.zeros_like(self.w)
         self.vmax = torch.zeros_like(self.w)
         self.step = 0
+        self.one_division = False  # QuantReference: the quantized kernel's update
 
     def _store(self, x, bits, dtype):
         if dtype in (torch.float32, torch.float64):
@@ -144,17 +145,18 @@ class Reference:
             # Correctly rounded sqrt, like the kernel's sqrt_rn: torch's fp32 CPU sqrt is
             # off by one ulp in ~0.6% of elements on this machine; through fp64 it is exact.
             denom = vhat.double().sqrt().to(c) if c == torch.float32 else vhat.sqrt()
-            if bias_correction:
-                bc1 = one_minus_pow(beta1, self.step)
-                bc2_sqrt = f(np.sqrt(one_minus_pow(beta2, self.step)))
-                step_size = f(lr / bc1)
-                # A full tensor, not a 0-dim one: torch divides by a CPU scalar as a
-                # multiply by its reciprocal, which is not IEEE division.
-                denom = denom / torch.full_like(denom, float(bc2_sqrt))
+            bc1 = one_minus_pow(beta1, self.step) if bias_correction else 1.0
+            bc2_sqrt = f(np.sqrt(one_minus_pow(beta2, self.step))) if bias_correction else f(1.0)
+            step_size = s(lr / bc1)
+            if self.one_division:
+                # The quantized kernel's form: step_size bc2 m / (sqrt(v) + eps bc2).
+                p = p - ((step_size * s(bc2_sqrt)) * m) / (denom + s(eps) * s(bc2_sqrt))
             else:
-                step_size = f(lr)
-            denom = denom + s(eps)
-            p = p - (s(step_size) * m) / denom
+                if bias_correction:
+                    # A full tensor, not a 0-dim one: torch divides by a CPU scalar as a
+                    # multiply by its reciprocal, which is not IEEE division.
+                    denom = denom / torch.full_like(denom, float(bc2_sqrt))
+                p = p - (step_size * m) / (denom + s(eps))
         else:
             v = torch.maximum(v * s(beta2), g.abs() + s(eps))
             clr = f(lr / one_minus_pow(beta1, self.step)) if bias_correction else f(lr)
@@ -200,6 +202,7 @@ class QuantReference(Reference):
         self.bits = bits
         self.sdtype = self  # the moments' "dtype": routes them through _store below
         self.q = {name: Q.quantize(torch.zeros(param.numel()), bits, signed) for name, signed in self._SLOTS}
+        self.one_division = True
         self._slot = 0
 
     def _store(self, x, bits, dtype):

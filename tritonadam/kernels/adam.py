@@ -195,6 +195,14 @@ def _update(
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
     if ADAMAX:
         p = p - ieee_div(step_size * m, vhat)
+    elif QUANT:
+        # torch's update with the bias correction moved out of the denominator,
+        # step_size bc2 m / (sqrt(v) + eps bc2) (bc2 = sqrt(1 - beta2**t), 1 without bias
+        # correction, where this is torch's own): one IEEE division per element instead of
+        # two. Quantized moments have no torch counterpart to match bit for bit, and an ulp
+        # of the update is far below their rounding.
+        bc2 = _scalar(srow, S_BC2_SQRT, CDTYPE)
+        p = p - ieee_div((step_size * bc2) * m, ieee_sqrt(vhat) + eps * bc2)
     else:
         # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
         denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps

@@ -65,7 +65,7 @@ QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
 # triton 3.9): 4 keeps every variant within 80 registers at any block; 8 needed up to
 # 128 at 4096/8 and spilled in two, for 16-byte instead of 8-byte accesses of 2-byte
 # arrays (the same bytes per warp either way).
-QUANT_ELEMS_PER_THREAD = 4
+QUANT_ELEMS_PER_THREAD = 8
 
 
 def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32,

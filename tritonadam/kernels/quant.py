@@ -195,13 +195,20 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
                                      QUANT_BLOCK // 2)
             byte = tl.load(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :])
             codes = _unpack_full(byte, R)
-        s_offs, own = _group(R, QUANT_BLOCK, VEC)
-        group = tl.where(own, tl.load(scale_ptr + s_offs).to(tl.float32), 0.0)
-        # Each thread holds its row's VEC-group: picking its own scale is a sum in registers.
-        group = tl.reshape(group, (R, QUANT_BLOCK // VEC, VEC))
-        scale = tl.broadcast_to(tl.sum(group, axis=2)[:, :, None], (R, QUANT_BLOCK // VEC, VEC))
-        scale = tl.reshape(scale, (R, QUANT_BLOCK))
+        # Element 0 of each thread reads its row's scale, the other VEC - 1 read nothing (a
+        # mask known per element at compile time), and an OR over the thread's VEC elements
+        # broadcasts it: one 2-byte load per thread, in the codes' layout.
+        s_offs = tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC])
+        bits = tl.load(scale_ptr.to(tl.pointer_type(tl.int16)) + s_offs, mask=(offs % VEC) == 0, other=0)
+        bits = tl.reduce(tl.reshape(bits, (R, QUANT_BLOCK // VEC, VEC)), 2, _or)
+        bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (R, QUANT_BLOCK // VEC, VEC)), (R, QUANT_BLOCK))
+        scale = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
     return decode(_code_values(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -287,6 +294,6 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
                                      QUANT_BLOCK // 2)
             tl.store(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :],
                      (lo | (hi << 4)).to(tl.uint8))
-        s_offs, own = _group(R, QUANT_BLOCK, VEC)
+        s_offs = tl.multiple_of(tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC]), [1, VEC])
         tl.store(scale_ptr + s_offs, tl.broadcast_to(scale[:, None], (R, QUANT_BLOCK)).to(tl.bfloat16),
-                 mask=own)
+                 mask=(offs % QUANT_BLOCK) == 0)
