@@ -218,9 +218,12 @@ def _expected_quant_widths(row):
     ld[min(16, v * g)] += e // v
     ld[g] += t
     for _ in range(moments):
-        ld[2 * v] += e // v
+        if f.get("persistent"):
+            ld[2 * v] += e // v  # the thread's VEC-group of scales (see load_moment)
+        else:
+            ld[2] += e  # element 0's scale; the others are masked off in the PTX
         ld[2] += t // 2  # one 2-group per masked row, t / 2 rows per thread
-        st[2] += e + t // 2
+        st[2] += e + t // 2  # full path: element 0 of a row's first thread; ptxas drops the rest
     if f.get("found_inf"):
         ld[4] += 1
     return ld, st

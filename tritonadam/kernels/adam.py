@@ -84,9 +84,9 @@ def _store_rounded(ptr, offs, x, mask, random, DTYPE: tl.constexpr, SR: tl.const
 
 @triton.jit
 def _load_state(ptr, scale_ptr, offs, mask, n, CDTYPE: tl.constexpr, QUANT: tl.constexpr,
-                SIGNED: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr):
+                SIGNED: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr, GROUP_SCALES: tl.constexpr):
     if QUANT:
-        return load_moment(ptr, scale_ptr, offs, n, QUANT, SIGNED, TAIL, VEC)
+        return load_moment(ptr, scale_ptr, offs, n, QUANT, SIGNED, TAIL, VEC, GROUP_SCALES)
     else:
         return tl.load(ptr + offs, mask=mask).to(CDTYPE)
 
@@ -145,7 +145,7 @@ def _update(
     CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
     AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     COUPLED_WD: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr, TAIL: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     # Data loads first: the scalars below come from one row already in flight, and
     # nothing the loads need waits on arithmetic.
@@ -158,11 +158,11 @@ def _update(
             p = join_master(p, tl.load(w_ptr + offs, mask=mask))
     # Quantized moments (QUANT): ptr -> codes, *s_ptr -> block scales; m is signed, v and
     # vmax (and AdaMax's exp_inf) use the map without a zero.
-    m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC)
-    v = _load_state(v_ptr, vs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC)
+    m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC, PERSISTENT)
+    v = _load_state(v_ptr, vs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
     vmax = m
     if AMSGRAD:
-        vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC)
+        vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
 
     g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
     p = p.to(CDTYPE)
@@ -256,7 +256,7 @@ def _program(
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     QUANT: tl.constexpr, QVEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-    FULL: tl.constexpr,
+    FULL: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
     # scalar row), all three addressed by the row index.
@@ -315,7 +315,7 @@ def _program(
                 p_full, g_full, m_full, v_full, x_full, w_full, ms_full, vs_full, xs_full,
                 offs, None, BLOCK, srow, start, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                QUANT, False, VEC,
+                QUANT, False, VEC, PERSISTENT,
             )
         else:
             # Stochastic rounding and quantized state: the block in a loop of FULL
@@ -333,7 +333,7 @@ def _program(
                     ms_full + cs, vs_full + cs, xs_full + cs,
                     chunk, None, FULL, srow, start + c, key,
                     CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                    QUANT, False, VEC,
+                    QUANT, False, VEC, PERSISTENT,
                 )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
@@ -359,7 +359,7 @@ def _program(
                 _scales(xs_addr, at, VEC, False),
                 sub, sub < left - first, left - first, srow, at, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                QUANT, True, VEC,
+                QUANT, True, VEC, PERSISTENT,
             )
             first += SUB
 
@@ -387,9 +387,9 @@ def _adam_kernel(
             while pid < num_blocks:
                 _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                          G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                         COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL)
+                         COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)
                 pid += tl.num_programs(0)
         else:
             _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL)
+                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)

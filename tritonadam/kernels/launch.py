@@ -61,11 +61,13 @@ _sm_counts: dict = {}
 # in each warp, at least two rows per iteration.
 QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
 
-# Elements per thread per iteration of a quantized variant's full path (ptxas, sm_90,
-# triton 3.9): 4 keeps every variant within 80 registers at any block; 8 needed up to
-# 128 at 4096/8 and spilled in two, for 16-byte instead of 8-byte accesses of 2-byte
-# arrays (the same bytes per warp either way).
+# Elements per thread per iteration of a quantized variant's full path (cubin, sm_80 and
+# sm_90, triton 3.9): 8 halves the per-row and per-iteration work per element (block
+# absmax, scale, pointers: ~160 instructions a thread) against 4, and 2-byte arrays move
+# in 16-byte accesses; with stochastic rounding (its Philox bits live too) 8 took 98-128
+# registers at 4096/8, so it keeps 4 (at most 80).
 QUANT_ELEMS_PER_THREAD = 8
+QUANT_FEW_ELEMS_PER_THREAD = 4
 
 
 def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32,
@@ -80,7 +82,7 @@ def tail_sub_block(block_size: int, num_warps: int, compute_dtype=torch.float32,
 
 
 def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
-                   quant: int = 0, wide: bool = False) -> int:
+                   quant: int = 0, wide: bool = False, persistent: bool = False) -> int:
     """Elements per iteration of the full-block path: the whole block, except with
     stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread), quantized state
     (``QUANT_ELEMS_PER_THREAD``) and fp64 (``WIDE_ELEMS_PER_THREAD``). The interpreter
@@ -89,7 +91,9 @@ def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
         return min(block_size, 32 * num_warps * WIDE_ELEMS_PER_THREAD)
     if quant:
         # The interpreter takes half a block so the loop is tested.
-        full = block_size // 2 if interpreted() else 32 * num_warps * QUANT_ELEMS_PER_THREAD
+        few = stochastic_rounding or persistent
+        per_thread = QUANT_FEW_ELEMS_PER_THREAD if few else QUANT_ELEMS_PER_THREAD
+        full = block_size // 2 if interpreted() else 32 * num_warps * per_thread
         return min(block_size, max(full, QUANT_MIN_FULL))
     if not stochastic_rounding:
         return block_size
@@ -137,7 +141,7 @@ def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax
                          f"got {block_size}")
     cdtype = key.compute_dtype
     full = full_sub_block(block_size, num_warps, key.stochastic_rounding, quant,
-                          wide=cdtype == torch.float64)
+                          wide=cdtype == torch.float64, persistent=persistent)
     flags = {
         "P_DTYPE": key.param_dtype,
         "G_DTYPE": key.grad_dtype,

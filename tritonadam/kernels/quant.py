@@ -172,10 +172,14 @@ def tail_offsets(SUB: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.constexpr,
-                TAIL: tl.constexpr, VEC: tl.constexpr):
+                TAIL: tl.constexpr, VEC: tl.constexpr, GROUP_SCALES: tl.constexpr = False):
     """fp32 values of the moment's elements at ``offs`` (full_offsets or tail_offsets;
     ``n``: elements valid from offset 0, masked path only). Pointers are at the chunk's
-    first element, byte and scale."""
+    first element, byte and scale. ``GROUP_SCALES``: the full path reads each thread's
+    VEC-group of scales (one 16-byte load, a pick in registers) instead of its own scale
+    alone (one 2-byte load): the persistent grid's loop keeps more registers live, and
+    there ptxas 13 (triton 3.9) fits the single load in 64 registers only with 8 bytes of
+    stack, the group without."""
     if TAIL:
         R: tl.constexpr = offs.shape[1]
         mask = offs < n
@@ -195,14 +199,21 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
                                      QUANT_BLOCK // 2)
             byte = tl.load(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :])
             codes = _unpack_full(byte, R)
-        # Element 0 of each thread reads its row's scale, the other VEC - 1 read nothing (a
-        # mask known per element at compile time), and an OR over the thread's VEC elements
-        # broadcasts it: one 2-byte load per thread, in the codes' layout.
-        s_offs = tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC])
-        bits = tl.load(scale_ptr.to(tl.pointer_type(tl.int16)) + s_offs, mask=(offs % VEC) == 0, other=0)
-        bits = tl.reduce(tl.reshape(bits, (R, QUANT_BLOCK // VEC, VEC)), 2, _or)
-        bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (R, QUANT_BLOCK // VEC, VEC)), (R, QUANT_BLOCK))
-        scale = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+        if GROUP_SCALES:
+            s_offs, own = _group(R, QUANT_BLOCK, VEC)
+            group = tl.where(own, tl.load(scale_ptr + s_offs).to(tl.float32), 0.0)
+            group = tl.reshape(group, (R, QUANT_BLOCK // VEC, VEC))
+            scale = tl.broadcast_to(tl.sum(group, axis=2)[:, :, None], (R, QUANT_BLOCK // VEC, VEC))
+            scale = tl.reshape(scale, (R, QUANT_BLOCK))
+        else:
+            # Element 0 of each thread reads its row's scale, the other VEC - 1 read nothing (a
+            # mask known per element at compile time), and an OR over the thread's VEC elements
+            # broadcasts it: one 2-byte load per thread, in the codes' layout.
+            s_offs = tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC])
+            bits = tl.load(scale_ptr.to(tl.pointer_type(tl.int16)) + s_offs, mask=(offs % VEC) == 0, other=0)
+            bits = tl.reduce(tl.reshape(bits, (R, QUANT_BLOCK // VEC, VEC)), 2, _or)
+            bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (R, QUANT_BLOCK // VEC, VEC)), (R, QUANT_BLOCK))
+            scale = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
     return decode(_code_values(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
 
 
@@ -294,6 +305,14 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
                                      QUANT_BLOCK // 2)
             tl.store(codes_ptr + tl.arange(0, R)[:, None] * (QUANT_BLOCK // 2) + half[None, :],
                      (lo | (hi << 4)).to(tl.uint8))
+        # One 2-byte store per thread: element 0 of each row's first thread writes the
+        # row's scale, the rest are masked off by a mask known per element at compile time
+        # (ptxas drops them). Offsets row + (element % VEC) are truly contiguous in runs of
+        # VEC; the claimed VEC-alignment is not true, and only gives the store the codes'
+        # layout (a store takes no wider layout than its pointer's alignment, and any other
+        # moves the scales through shared memory). It is harmless only because the mask
+        # (constancy 1) keeps every access one element wide: test_aot checks that these
+        # stores are 2-byte ones.
         s_offs = tl.multiple_of(tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC]), [1, VEC])
         tl.store(scale_ptr + s_offs, tl.broadcast_to(scale[:, None], (R, QUANT_BLOCK)).to(tl.bfloat16),
                  mask=(offs % QUANT_BLOCK) == 0)
