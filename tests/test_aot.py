@@ -280,3 +280,21 @@ def test_quantized_default_config_keeps_enough_bytes_in_flight(compiled):
         per_thread = row["full"] // (32 * row["num_warps"])
         in_flight = row["resident_warps"] * 32 * per_thread * read
         assert row["resident_warps"] >= 24 and in_flight >= 20_000, (_name(row), row["registers"], in_flight)
+
+
+def test_quantized_full_path_instructions_per_element():
+    """The static count behind docs/performance.md's prediction (bench/sass_per_element.py):
+    what one program of the bench's config (1024/4, sm_90) issues per element. The
+    nearest-rounding 8-bit step with a remainder master counted 168 before the codec was
+    cut and 104 after; above 115 the quantized step is back to issue-bound on an H200
+    (404.8M elements at 33.4 T instructions/s against 1.35 ms of memory time)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "sass_per_element.py")
+    out = subprocess.run([sys.executable, script, "bf16-8bit-remainder", "bf16-8bit-sr", "--configs", "1024/4"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    counts = {line.split(" | ")[0]: float(line.split(" | ")[1]) for line in out.stdout.splitlines()
+              if line.startswith("bf16-")}
+    assert 60 < counts["bf16-8bit-remainder"] <= 115, counts
+    assert counts["bf16-8bit-sr"] <= 200, counts

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from reference import QuantReference, assert_same_bits
 from tritonadam import quantize as Q
-from tritonadam.kernels import layout
+from tritonadam.kernels import layout, quant
 from tritonadam.kernels.launch import launch_prepare, launch_update
 from tritonadam.kernels.plan import Bucket, DeviceTables, group_pointer_row, group_row, rounding_key
 from tritonadam.kernels.variant import BucketKey, Master
@@ -149,6 +151,48 @@ def test_stochastic_rounding_is_unbiased_in_the_value_domain(bits, signed):
     assert abs(up - p) < 5 * np.sqrt(p * (1 - p) / n)
     nearest = Q.dequantize(*Q.quantize(x, bits, signed), x.numel(), bits, signed).reshape(blocks, QB)[:, 1:]
     assert abs(nearest.double().mean().item() - exact) > 50 * sigma
+
+
+@triton.jit
+def _encode_nearest(x_ptr, scale_ptr, out_ptr, n, BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The kernel's nearest encode, one element per lane with its own scale."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + offs, mask=mask, other=1.0)
+    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    codes = quant.encode(x, quant.unit(scale, BITS, SIGNED), inv, 0.0, BITS, SIGNED, False)
+    tl.store(out_ptr + offs, codes, mask=mask)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "positive"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_nearest_encode_on_and_beside_every_threshold(bits, signed):
+    """The kernel settles a nearest code with one comparison (the threshold below the level
+    nearest in the square-root domain) where the host counts two: on every threshold
+    (exactly the fp32 product the codec compares with), one ulp below and one above, for
+    several scales, both give the same code, the lower level on and below a threshold
+    (ties down) and the upper one above it."""
+    L = _levels(bits, signed)
+    q0 = 0 if signed else 1
+    scales = torch.tensor([1.0, 3.140625, 2.0 ** -20, 1.5e-30, 6.5e20])  # bf16 values
+    q = torch.arange(q0, L, dtype=torch.float32)  # thresholds between q and q + 1
+    s = scales.repeat_interleave(len(q))
+    qq = q.repeat(len(scales))
+    thr = Q._threshold(qq, 65536.0) * Q._unit(s, L)
+    x = torch.cat([thr, torch.nextafter(thr, torch.zeros(())), torch.nextafter(thr, torch.full((), np.inf))])
+    s = s.repeat(3)
+    want_level = torch.cat([qq, qq, qq + 1])
+    if signed:
+        x, s, want_level = torch.cat([x, -x]), s.repeat(2), torch.cat([want_level, -want_level])
+    n = x.numel()
+    block = triton.next_power_of_2(n)
+    out = torch.empty(n, dtype=torch.int32)
+    _encode_nearest[(1,)](x, s, out, n, bits, signed, block)
+    host = Q.encode(x, s, torch.where(s > 0, 1.0 / s, torch.zeros_like(s)), 65536.0, bits, signed)
+    assert torch.equal(out.to(torch.float32), host)
+    code = want_level if signed else want_level - q0
+    assert torch.equal(host, code), int((host != code).sum())
 
 
 @pytest.mark.parametrize("numel", [1, 2, 7, QB - 1, QB, QB + 1, 2 * QB + 3])

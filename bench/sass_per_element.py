@@ -1,0 +1,108 @@
+"""SASS instructions per element of the update kernel's full-block path, as one program of
+a launch config runs it: the prediction behind docs/performance.md, with no GPU.
+
+    python bench/sass_per_element.py [--configs 1024/4,1024/8] [--arch 90] [setup ...]
+
+Compiles what the launcher launches (``aot.compile_update``, FMA fusion on as users
+compile), disassembles the cubin with Triton's bundled ``cuobjdump`` and counts the
+instructions from the kernel's entry to the full path's exit, leaving out the IEEE
+slow-path call blocks (a predicated branch over a call: never taken for finite, normal
+operands) and counting the loop over iterations once per iteration. Run it without
+TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from tritonadam.kernels import aot  # noqa: E402
+from tritonadam.kernels.variant import Master  # noqa: E402
+
+BF16, FP32 = torch.bfloat16, torch.float32
+SETUPS = {
+    "bf16-remainder": dict(param_dtype=BF16, master=Master.REMAINDER, decoupled_wd=True),
+    "bf16-8bit-remainder": dict(param_dtype=BF16, master=Master.REMAINDER, quant=8, decoupled_wd=True),
+    "bf16-4bit-remainder": dict(param_dtype=BF16, master=Master.REMAINDER, quant=4, decoupled_wd=True),
+    "fp32-8bit": dict(param_dtype=FP32, quant=8, decoupled_wd=True),
+    "fp32-4bit": dict(param_dtype=FP32, quant=4, decoupled_wd=True),
+    "bf16-8bit-sr": dict(param_dtype=BF16, stochastic_rounding=True, quant=8, decoupled_wd=True),
+    "bf16-4bit-sr": dict(param_dtype=BF16, stochastic_rounding=True, quant=4, decoupled_wd=True),
+}
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?)([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
+    """(address, predicate, opcode, operands) of every instruction."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2).strip(), m.group(3), m.group(4))
+            for m in _INSTRUCTION.finditer(text)]
+
+
+def _target(operands: str) -> int:
+    return int(re.search(r"0x([0-9a-f]+)", operands).group(1), 16)
+
+
+def full_path_instructions(ins, iterations: int) -> int:
+    """Instructions one thread issues on the full path (see the module docstring)."""
+    skip = set()
+    for i, (addr, pred, op, operands) in enumerate(ins):
+        if op == "BRA" and pred:
+            region = [j for j in range(i + 1, len(ins)) if addr < ins[j][0] < _target(operands)]
+            if len(region) < 12 and any(ins[j][2].startswith("CALL") for j in region):
+                skip.update(region)
+                skip.add(i)
+    end = next(i for i, x in enumerate(ins) if x[2] == "EXIT" and not x[1])
+    total = sum(1 for i in range(end + 1) if i not in skip)
+    loops = [(_target(operands), addr) for i, (addr, pred, op, operands) in enumerate(ins[:end + 1])
+             if op == "BRA" and i not in skip and _target(operands) < addr]
+    if iterations > 1:
+        if len(loops) != 1:
+            raise RuntimeError(f"expected one loop on the full path, found {len(loops)}")
+        lo, hi = loops[0]
+        total += (iterations - 1) * sum(1 for j in range(end + 1) if lo <= ins[j][0] <= hi and j not in skip)
+    return total
+
+
+def per_element(setup: str, block: int, warps: int, arch: int = 90) -> float:
+    variant = SETUPS[setup]
+    constexprs = aot.update_variant(warps, block, **variant)
+    cubin = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **variant).asm["cubin"]
+    total = full_path_instructions(disassemble(cubin), block // constexprs["FULL"])
+    return total / (block / (32 * warps))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("setups", nargs="*", default=list(SETUPS), help=", ".join(SETUPS))
+    parser.add_argument("--configs", default="1024/4,1024/8", help="block/warps, comma-separated")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("compiling for a GPU needs TRITON_INTERPRET unset")
+    unknown = [s for s in args.setups if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
+    configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
+    print(f"triton {triton.__version__}, sm_{args.arch}, FMA fusion {os.environ['TRITON_DEFAULT_FP_FUSION']}")
+    print("setup | " + " | ".join(f"{b}/{w}" for b, w in configs))
+    for setup in args.setups:
+        cells = [f"{per_element(setup, b, w, args.arch):.1f}" for b, w in configs]
+        print(f"{setup} | " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
