@@ -207,19 +207,14 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
             scale = tl.reshape(scale, (R, QUANT_BLOCK))
         else:
             # Element 0 of each thread reads its row's scale, the other VEC - 1 read nothing (a
-            # mask known per element at compile time), and an OR over the thread's VEC elements
-            # broadcasts it: one 2-byte load per thread, in the codes' layout.
+            # mask known per element at compile time), and a sum over the thread's VEC elements
+            # (integer: adding the known zeros folds away) broadcasts it: one 2-byte load per thread, in the codes' layout.
             s_offs = tl.max_contiguous(offs // QUANT_BLOCK + offs % VEC, [1, VEC])
             bits = tl.load(scale_ptr.to(tl.pointer_type(tl.int16)) + s_offs, mask=(offs % VEC) == 0, other=0)
-            bits = tl.reduce(tl.reshape(bits, (R, QUANT_BLOCK // VEC, VEC)), 2, _or)
+            bits = tl.sum(tl.reshape(bits.to(tl.int32) & 0xFFFF, (R, QUANT_BLOCK // VEC, VEC)), 2)
             bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (R, QUANT_BLOCK // VEC, VEC)), (R, QUANT_BLOCK))
-            scale = bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+            scale = (bits << 16).to(tl.float32, bitcast=True)
     return decode(_code_values(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
 
 
 @triton.jit
