@@ -196,15 +196,24 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, max(done)) if done else None
 
 
+class Refused(SystemExit):
+    """Exit status 2, with the line that says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(2)
+        self.line = f"--resume: {reason}"
+
+
 def resume_checkpoint(args: argparse.Namespace, say: bool = True) -> str:
     """The checkpoint ``--resume`` names, after checking it can be resumed; if it cannot,
-    one line saying why on stderr (if ``say``) and SystemExit(2). Reads only the
+    one line saying why on stderr (if ``say``) and Refused (exit status 2). Reads only the
     checkpoint's step counts (no process group needed)."""
 
     def refuse(reason: str):
+        refusal = Refused(reason)
         if say:
-            print(f"--resume: {reason}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+            print(refusal.line, file=sys.stderr, flush=True)
+        raise refusal
 
     path = latest_checkpoint(args.ckpt_dir) if args.resume == "latest" else args.resume
     if path is None:
@@ -257,9 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not under_torchrun():
         return launch(args, argv)
-    rank = int(os.environ.get("RANK", 0))
-    # Every rank comes to the same answer; one says why.
-    resume = resume_checkpoint(args, say=rank == 0) if args.resume is not None else None
+    try:
+        resume = resume_checkpoint(args, say=False) if args.resume is not None else None
+    except Refused as refusal:
+        # Every rank comes to the same answer; rank 0 says why. torchrun stops all workers
+        # as soon as one exits, so no rank leaves before rank 0 has said it.
+        dist.init_process_group("gloo")
+        if dist.get_rank() == 0:
+            print(refusal.line, file=sys.stderr, flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        raise
     cuda = torch.cuda.is_available()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
