@@ -3,8 +3,8 @@ a launch config runs it: the prediction behind docs/performance.md, with no GPU.
 
     python bench/sass_per_element.py [--configs 1024/4,1024/8] [--arch 90] [setup ...]
 
-Compiles what the launcher launches (``aot.compile_update``, FMA fusion on as users
-compile), disassembles the cubin with Triton's bundled ``cuobjdump`` and counts the
+Compiles what the launcher launches (``aot.compile_update``, with the FMA fusion the
+launcher pins: on unless TRITON_DEFAULT_FP_FUSION says otherwise), disassembles the cubin with Triton's bundled ``cuobjdump`` and counts the
 instructions from the kernel's entry to the full path's exit, leaving out the IEEE
 slow-path call blocks (a predicated branch over a call: never taken for finite, normal
 operands) and counting the loop over iterations once per iteration. Run it without
@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 from tritonadam.kernels import aot  # noqa: E402
+from tritonadam.kernels.launch import fp_fusion  # noqa: E402
 from tritonadam.kernels.variant import Master  # noqa: E402
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -43,11 +41,7 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?)([A-Z][A-Z
 
 def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
     """(address, predicate, opcode, operands) of every instruction."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    text = aot.cuobjdump(cubin, "-sass")
     return [(int(m.group(1), 16), m.group(2).strip(), m.group(3), m.group(4))
             for m in _INSTRUCTION.finditer(text)]
 
@@ -97,7 +91,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
     configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
-    print(f"triton {triton.__version__}, sm_{args.arch}, FMA fusion {os.environ['TRITON_DEFAULT_FP_FUSION']}")
+    print(f"triton {triton.__version__}, sm_{args.arch}, FMA fusion {'on' if fp_fusion() else 'off'}")
     print("setup | " + " | ".join(f"{b}/{w}" for b, w in configs))
     for setup in args.setups:
         cells = [f"{per_element(setup, b, w, args.arch):.1f}" for b, w in configs]

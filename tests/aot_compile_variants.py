@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -123,26 +121,10 @@ def _flags(flags):
     return {k: (NAMES[v] if isinstance(v, torch.dtype) else v) for k, v in flags.items()}
 
 
-def _cubin_resources(cubin: bytes) -> dict:
-    """Registers and local memory (stack and spills, bytes per thread) of the cubin Triton
-    built: ptxas run on the PTX alone misses the options Triton passes (triton 3.9 adds
-    --regAllocOptLevel=2, and there ptxas alone reported 64 registers with 8 bytes of
-    spills where the kernel that runs has 72 and none)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    if not m:
-        raise RuntimeError(f"no resource usage from cuobjdump:\n{out}")
-    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}
-
-
 def _report(kind, flags, arch, block, warps, compiled):
     ptx = compiled.asm["ptx"]
     report = aot.ptxas_report(ptx, arch)
-    used = _cubin_resources(compiled.asm["cubin"])
+    used = aot.cubin_resources(compiled.asm["cubin"])
     report["registers"] = used["registers"]
     # Spills land in local memory; the cubin does not split them into stores and loads.
     report["spill_stores"] = report["spill_loads"] = used["local"] + used["stack"]

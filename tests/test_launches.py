@@ -178,3 +178,29 @@ def test_clipping_adds_a_norm_launch_per_grad_dtype_and_one_reduction(how, devic
     groups = [{"params": params[::2]}, {"params": params[1::2], "lr": 1e-2}]
     opt = PAIRS["AdamW"][0](groups, master_weights=True, **extra, **LAUNCH)
     assert _launches_per_step(opt, params, steps=2, clip=clip) == [9, 9]
+
+
+@pytest.mark.parametrize("env, fused", [(None, True), ("1", True), ("0", False)])
+def test_every_launch_pins_fma_fusion(env, fused, monkeypatch, device):
+    """Each of a step's kernels is launched with ``enable_fp_fusion`` given: on unless
+    ``TRITON_DEFAULT_FP_FUSION`` says otherwise, so triton 3.9 has no default to warn
+    about and 3.10's (off) neither changes our kernels' bits nor slows them."""
+    if env is None:
+        monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", env)
+    seen = []
+    run = interpreter.InterpretedFunction.run
+
+    def spying(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("enable_fp_fusion", "missing")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", spying)
+    params = [torch.nn.Parameter(torch.randn(37, 3, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    opt = PAIRS["AdamW"][0](params, max_grad_norm=1.0, **LAUNCH)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(name for name, _ in seen) == ["_adam_kernel", "_norm_kernel", "_norm_reduce_kernel", "_prepare_kernel"]
+    assert all(value is fused for _, value in seen), seen

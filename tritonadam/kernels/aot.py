@@ -21,7 +21,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .adam import _adam_kernel
-from .launch import NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, TL_DTYPES, norm_constexprs, update_constexprs
+from .launch import (NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, TL_DTYPES, fp_fusion, norm_constexprs,
+                     update_constexprs)
 from .norm import _norm_kernel, _norm_reduce_kernel
 from .prepare import _prepare_kernel
 from .variant import BucketKey, Master, dtype_name
@@ -66,7 +67,7 @@ def _compile(kernel, constexprs: dict, arch: int, num_warps: int, pointers: dict
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
     )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+                          options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion()})
 
 
 def update_variant(num_warps: int = 8, block_size: int = 4096, *, param_dtype=torch.float32, grad_dtype=None,
@@ -184,6 +185,27 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
         "spill_loads": sum(int(l) for _, l in spills),
         "shared_bytes": max((int(s) for s in smem), default=0),
     }
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """What Triton's bundled ``cuobjdump`` prints for ``cubin`` (``-sass``, ``-res-usage``)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers and local memory (stack and spills, bytes per thread) of the cubin Triton
+    built. ``ptxas_report`` runs ptxas on the PTX alone and misses the options Triton
+    passes (triton 3.9 adds --regAllocOptLevel=2; there ptxas alone reported 64 registers
+    and 8 bytes of spills where the kernel that runs has 72 and none)."""
+    out = cuobjdump(cubin, "-res-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"no resource usage from cuobjdump:\n{out}")
+    return {"registers": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}
 
 
 def resident_warps(registers: int, num_warps: int) -> int:

@@ -5,6 +5,7 @@ Nothing here touches optimizer state dicts; ``tritonadam.step_cache`` builds the
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -50,6 +51,21 @@ SR_ELEMS_PER_THREAD = 8
 # per thread in one iteration) AMSGrad needed 137 registers on sm_90 and spilled on sm_80
 # (the cubin triton builds, triton 3.9).
 WIDE_ELEMS_PER_THREAD = 4
+
+
+
+def fp_fusion() -> bool:
+    """FMA contraction for every kernel launched here: on, unless ``TRITON_DEFAULT_FP_FUSION``
+    or ``TRITON_FORCE_DISABLE_FP_FUSION`` says otherwise. Passed at each launch: triton 3.9
+    warns when its default decides, and 3.10 turns that default off, which would change our
+    kernels' bits and their speed (the quantized full path is issue-bound; docs/performance.md
+    counts its instructions with fusion on)."""
+    if triton.knobs.env_bool("TRITON_FORCE_DISABLE_FP_FUSION").get():
+        return False
+    if os.environ.get("TRITON_DEFAULT_FP_FUSION") is None:
+        return True
+    return triton.knobs.env_bool("TRITON_DEFAULT_FP_FUSION").get()
+
 
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
@@ -222,7 +238,7 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, cli
         LR_TENSORS=lr_tensors,
         BETA_TENSORS=beta_tensors,
         BLOCK=PREPARE_BLOCK,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=fp_fusion(),
     )
     if count:
         launch_counts["prepare"] += 1
@@ -248,8 +264,9 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     args = (tables.table, tables.grads, tables.scalars, block_map,
             found_inf if found_inf is not None else tables.scalars, num_blocks)
     if compile_only:
-        return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps, **flags)
-    _adam_kernel[(programs,)](*args, num_warps=num_warps, **flags)
+        return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps,
+                                enable_fp_fusion=fp_fusion(), **flags)
+    _adam_kernel[(programs,)](*args, num_warps=num_warps, enable_fp_fusion=fp_fusion(), **flags)
     if count:
         launch_counts["update"] += 1
 
@@ -264,7 +281,7 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
         flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
         _norm_kernel[(launch.num_chunks,)](
             tables.table, tables.grads, launch.block_map, launch.partials, clip,
-            launch.num_blocks, launch.chunk, num_warps=num_warps, **flags,
+            launch.num_blocks, launch.chunk, num_warps=num_warps, enable_fp_fusion=fp_fusion(), **flags,
         )
         if count:
             launch_counts["norm"] += 1
@@ -281,7 +298,7 @@ def launch_norm_reduce(plan: NormPlan, clip: torch.Tensor, out: torch.Tensor | N
         NORM=norm, REDUCE=reduce, FINALIZE=finalize, HAS_GRAD_SCALE=grad_scale is not None,
         COMPOUND=compound, CHECK_FINITE=check_finite,
         OUT_DTYPE=TL_DTYPES[out.dtype] if out is not None else tl.float32,
-        BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS,
+        BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS, enable_fp_fusion=fp_fusion(),
     )
     if count:
         launch_counts["norm_reduce"] += 1
