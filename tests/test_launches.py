@@ -180,15 +180,18 @@ def test_clipping_adds_a_norm_launch_per_grad_dtype_and_one_reduction(how, devic
     assert _launches_per_step(opt, params, steps=2, clip=clip) == [9, 9]
 
 
-@pytest.mark.parametrize("env, fused", [(None, True), ("1", True), ("0", False)])
-def test_every_launch_pins_fma_fusion(env, fused, monkeypatch, device):
+@pytest.mark.parametrize("env, force, fused", [(None, None, True), ("1", None, True), ("On", None, True),
+                                               ("0", None, False), (None, "true", False)])
+def test_every_launch_pins_fma_fusion(env, force, fused, monkeypatch, device):
     """Each of a step's kernels is launched with ``enable_fp_fusion`` given: on unless
-    ``TRITON_DEFAULT_FP_FUSION`` says otherwise, so triton 3.9 has no default to warn
-    about and 3.10's (off) neither changes our kernels' bits nor slows them."""
-    if env is None:
-        monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", env)
+    ``TRITON_DEFAULT_FP_FUSION`` (or ``TRITON_FORCE_DISABLE_FP_FUSION``) says otherwise, so
+    triton 3.9 has no default to warn about and 3.10's (off) neither changes our kernels'
+    bits nor slows them."""
+    for name, value in (("TRITON_DEFAULT_FP_FUSION", env), ("TRITON_FORCE_DISABLE_FP_FUSION", force)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     seen = []
     run = interpreter.InterpretedFunction.run
 

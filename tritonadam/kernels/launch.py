@@ -60,11 +60,15 @@ def fp_fusion() -> bool:
     warns when its default decides, and 3.10 turns that default off, which would change our
     kernels' bits and their speed (the quantized full path is issue-bound; docs/performance.md
     counts its instructions with fusion on)."""
-    if triton.knobs.env_bool("TRITON_FORCE_DISABLE_FP_FUSION").get():
+    # Read as triton reads a boolean variable (on/true/1, any case).
+    env = os.environ
+    if env.get("TRITON_FORCE_DISABLE_FP_FUSION", "").lower() in _ENV_TRUE:
         return False
-    if os.environ.get("TRITON_DEFAULT_FP_FUSION") is None:
-        return True
-    return triton.knobs.env_bool("TRITON_DEFAULT_FP_FUSION").get()
+    value = env.get("TRITON_DEFAULT_FP_FUSION")
+    return value is None or value.lower() in _ENV_TRUE
+
+
+_ENV_TRUE = ("on", "true", "1")
 
 
 _PROGRAMS_PER_SM = 4
