@@ -53,7 +53,6 @@ SR_ELEMS_PER_THREAD = 8
 WIDE_ELEMS_PER_THREAD = 4
 
 
-
 def fp_fusion() -> bool:
     """FMA contraction for every kernel launched here: on, unless ``TRITON_DEFAULT_FP_FUSION``
     or ``TRITON_FORCE_DISABLE_FP_FUSION`` says otherwise. Passed at each launch: triton 3.9
