@@ -40,11 +40,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "aot_compile_variants.py")
 SIZES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
+def _users_env() -> dict:
+    """This environment as users compile in: no interpreter, and FMA fusion as the launcher
+    pins it (on)."""
+    drop = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.pop("TRITON_DEFAULT_FP_FUSION", None)  # as users compile it: the launcher pins fusion on
-    out = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([sys.executable, SCRIPT], env=_users_env(), capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "FP_FUSION" not in out.stderr, out.stderr[-4000:]  # triton 3.9 warns when its default decides
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -289,11 +294,9 @@ def test_quantized_full_path_instructions_per_element():
     nearest-rounding 8-bit step with a remainder master counted 168 before the codec was
     cut and 96 after (triton 3.6; 3.9 within a few); above 115 the quantized step is back to issue-bound on an H200
     (404.8M elements at 33.4 T instructions/s against 1.35 ms of memory time)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.pop("TRITON_DEFAULT_FP_FUSION", None)
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "sass_per_element.py")
     out = subprocess.run([sys.executable, script, "bf16-8bit-remainder", "bf16-8bit-sr", "--configs", "1024/4"],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=_users_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     counts = {line.split(" | ")[0]: float(line.split(" | ")[1]) for line in out.stdout.splitlines()
               if line.startswith("bf16-")}

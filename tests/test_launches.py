@@ -17,13 +17,16 @@ LAUNCH = {"block_size": 16384, "num_warps": 4}
 
 
 @contextlib.contextmanager
-def interpreter_launches():
-    """Kernel names of every launch Triton's interpreter runs inside the block."""
+def interpreter_launches(options: list | None = None):
+    """Kernel names of every launch Triton's interpreter runs inside the block; ``options``
+    receives each launch's keyword arguments."""
     names = []
     run = interpreter.InterpretedFunction.run
 
     def counting(self, *args, **kwargs):
         names.append(self.fn.__name__)
+        if options is not None:
+            options.append(kwargs)
         return run(self, *args, **kwargs)
 
     interpreter.InterpretedFunction.run = counting
@@ -192,18 +195,13 @@ def test_every_launch_pins_fma_fusion(env, force, fused, monkeypatch, device):
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    seen = []
-    run = interpreter.InterpretedFunction.run
-
-    def spying(self, *args, **kwargs):
-        seen.append((self.fn.__name__, kwargs.get("enable_fp_fusion", "missing")))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", spying)
     params = [torch.nn.Parameter(torch.randn(37, 3, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
     opt = PAIRS["AdamW"][0](params, max_grad_norm=1.0, **LAUNCH)
     for p in params:
         p.grad = torch.randn_like(p)
-    opt.step()
-    assert sorted(name for name, _ in seen) == ["_adam_kernel", "_norm_kernel", "_norm_reduce_kernel", "_prepare_kernel"]
-    assert all(value is fused for _, value in seen), seen
+    options = []
+    with interpreter_launches(options) as names:
+        opt.step()
+    assert sorted(names) == ["_adam_kernel", "_norm_kernel", "_norm_reduce_kernel", "_prepare_kernel"]
+    seen = [o.get("enable_fp_fusion", "missing") for o in options]
+    assert all(value is fused for value in seen), list(zip(names, seen))
