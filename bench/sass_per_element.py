@@ -4,11 +4,11 @@ a launch config runs it: the prediction behind docs/performance.md, with no GPU.
     python bench/sass_per_element.py [--configs 1024/4,1024/8] [--arch 90] [setup ...]
 
 Compiles what the launcher launches (``aot.compile_update``, with the FMA fusion the
-launcher pins: on unless TRITON_DEFAULT_FP_FUSION says otherwise), disassembles the cubin with Triton's bundled ``cuobjdump`` and counts the
-instructions from the kernel's entry to the full path's exit, leaving out the IEEE
-slow-path call blocks (a predicated branch over a call: never taken for finite, normal
-operands) and counting the loop over iterations once per iteration. Run it without
-TRITON_INTERPRET.
+launcher pins: on unless TRITON_DEFAULT_FP_FUSION says otherwise), disassembles the cubin
+with Triton's bundled ``cuobjdump`` and counts the instructions from the kernel's entry to
+the full path's exit, leaving out the IEEE slow-path call blocks (a predicated branch over
+a call: never taken for finite, normal operands) and counting the loop over iterations
+once per iteration. Run it without TRITON_INTERPRET.
 """
 from __future__ import annotations
 

@@ -278,13 +278,13 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
                 count=True) -> None:
     """Per-chunk partial norms of every grad on the tables' device: one launch per grad
     dtype, each writing its chunks' partials into its slice of ``plan.partials``."""
-    block_size, num_warps = plan.block_size, plan.num_warps
+    block_size, num_warps, fusion = plan.block_size, plan.num_warps, fp_fusion()
     for launch in plan.launches:
         flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps)
         flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
         _norm_kernel[(launch.num_chunks,)](
             tables.table, tables.grads, launch.block_map, launch.partials, clip,
-            launch.num_blocks, launch.chunk, num_warps=num_warps, enable_fp_fusion=fp_fusion(), **flags,
+            launch.num_blocks, launch.chunk, num_warps=num_warps, enable_fp_fusion=fusion, **flags,
         )
         if count:
             launch_counts["norm"] += 1
