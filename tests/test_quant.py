@@ -409,6 +409,54 @@ def test_save_load_continue_is_the_uninterrupted_run(bits, mode, device):
     assert_same_snapshot(snapshot(run, whole), snapshot(resumed, fresh), "resumed")
 
 
+RELAYOUTS = {
+    # name: (shape, how the param starts, how it is re-laid out)
+    "transposed": ((8, 96), lambda t: t, lambda t: t.t().contiguous().t()),
+    "channels_last": ((4, 6, 3, 5), lambda t: t, lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "made_contiguous": ((96, 8), lambda t: t.t().contiguous().t(), lambda t: t.contiguous()),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("relayout", list(RELAYOUTS))
+def test_a_param_relaid_out_under_its_codes_keeps_each_elements_moments(relayout, bits, device):
+    """A param re-laid out between steps (same shape, other strides: ``p.data = ...``, a
+    model moved to another memory format after steps) keeps each element's moments: the
+    codes, flat in the old memory order, decode in it, and the next step re-encodes them in
+    the new one: bit for bit what loading the moments at full precision into the re-laid
+    out param gives. (Before, the codes were read in the new order: each element stepped
+    with another element's moments.)"""
+    shape, start, change = RELAYOUTS[relayout]
+    kw = dict(lr=5e-3, amsgrad=True, master_weights="remainder", state_dtype=f"{bits}bit", **LAUNCH)
+
+    def fresh():
+        gen = torch.Generator().manual_seed(41)
+        return [nn.Parameter(start(torch.randn(shape, generator=gen).to(BF16).to(device))),
+                nn.Parameter(torch.randn(3, 70, generator=gen).to(BF16).to(device))]
+
+    params = fresh()
+    moved = PAIRS["AdamW"][0](params, **kw)
+    gen = torch.Generator().manual_seed(42)
+    train(moved, params, gen, 2)
+    before = moved.torch_state_dict()
+    params[0].data = change(params[0].data)
+    assert params[0].stride() != before["state"][0]["exp_avg"].stride()
+    after = moved.torch_state_dict()
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param"):
+        assert torch.equal(after["state"][0][key], before["state"][0][key]), key
+
+    # The same moments loaded at full precision into the re-laid out param.
+    loaded_params = fresh()
+    with torch.no_grad():
+        for p, q in zip(loaded_params, params):
+            p.data = torch.empty_like(q, memory_format=torch.preserve_format).copy_(q)
+    assert loaded_params[0].stride() == params[0].stride()
+    loaded = PAIRS["AdamW"][0](loaded_params, **kw)
+    loaded.load_state_dict(copy.deepcopy(before))
+    lockstep(moved, params, loaded, loaded_params, gen, 2)
+    assert_same_snapshot(snapshot(moved, params), snapshot(loaded, loaded_params), relayout)
+
+
 def interop_params(device, seed):
     """fp32 params: rows of 64 (exported as rows), 65 elements, rows of 50 and a transposed
     param (codes in memory order: conversions must go through it)."""

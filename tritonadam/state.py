@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import quantize
 from .kernels.launch import QUANT_MIN_FULL
@@ -148,6 +149,34 @@ def _logical(lp: Tensor, flat: Tensor) -> Tensor:
     return out
 
 
+def element_order(lp: Tensor) -> tuple[int, ...]:
+    """The order the kernel steps local param ``lp``'s elements in: its dims of more than
+    one element, outermost first. Memory order for a dense param, logical order for
+    another (stepped through a contiguous staging copy)."""
+    dims = [d for d in range(lp.dim()) if lp.shape[d] > 1]
+    if is_dense(lp):
+        dims.sort(key=lambda d: -lp.stride(d))
+    return tuple(dims)
+
+
+# Flat codes do not say which element order they were encoded in, and a param can be
+# re-laid out under them without changing shape (``p.data = p.data.t().contiguous().t()``,
+# ``model.to(memory_format=torch.channels_last)`` after steps): each element would then
+# be stepped with another element's moments. So the order of every codes tensor the state
+# holds is recorded while it lives; a checkpoint does not carry it (docs/quantization.md).
+_ENCODED_IN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _laid_out(lp: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """``lp``, or where codes were encoded in another element order, a tensor shaped like
+    ``lp`` whose memory order is that one (for ``_logical``; holds no data)."""
+    if order is None or order == element_order(lp):
+        return lp
+    dims = list(order) + [d for d in range(lp.dim()) if d not in order]
+    inverse = sorted(range(len(dims)), key=dims.__getitem__)
+    return torch.empty([lp.shape[d] for d in dims], dtype=torch.uint8, device="meta").permute(inverse)
+
+
 def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | None:
     """Why the quantized form of ``key`` cannot stand for ``p``'s moment, or None."""
     codes, scales = state.get(codes_key(key, bits)), state.get(scales_key(key))
@@ -175,10 +204,11 @@ def _quantized_form(codes: Tensor, scales: Tensor, numel: int, bits: int) -> str
 
 def _decoded(lp: Tensor, key: str, codes: Tensor, scales: Tensor, bits: int) -> Tensor:
     """The values ``codes`` and ``scales`` (local, either form) hold, shaped like ``lp``."""
+    order = _ENCODED_IN.get(codes)
     codes, scales = codes.to(lp.device), scales.to(lp.device)
     if _quantized_form(codes, scales, lp.numel(), bits) == "blocks":
         flat = quantize.dequantize(codes.reshape(-1), scales.reshape(-1), lp.numel(), bits, _signed(key))
-        return _logical(lp, flat)
+        return _logical(_laid_out(lp, order), flat)
     # Per element: laid out like the param (logical order), as exported.
     return quantize.dequantize_per_element(codes, scales, bits, _signed(key)).reshape(lp.shape)
 
@@ -269,14 +299,17 @@ class QuantizedMoments:
             return not all(
                 isinstance(t, Tensor) and t.device == lp.device and t.dim() == 1 and t.is_contiguous()
                 for t in (codes, scales)
-            ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks"
+            ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks" \
+                or _ENCODED_IN.get(codes, element_order(lp)) != element_order(lp)
         return DenseMoments(torch.float32, (torch.float32, torch.bfloat16)).check(p, key, state, name)
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         lp = local_tensor(p)
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = local_tensor(state.get(ck, lp)), local_tensor(state.get(sk, lp))
-        if ck in state and _quantized_form(codes, scales, lp.numel(), self.bits) == "blocks":
+        order = element_order(lp)
+        if ck in state and _quantized_form(codes, scales, lp.numel(), self.bits) == "blocks" \
+                and _ENCODED_IN.get(codes, order) == order:
             state[ck] = codes.detach().reshape(-1).to(lp.device).contiguous()
             state[sk] = scales.detach().reshape(-1).to(lp.device, torch.bfloat16).contiguous()
         else:
@@ -288,6 +321,7 @@ class QuantizedMoments:
                 # requantize: a moment that left as its decoded codes comes back as them.
                 codes, scales = quantize.requantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
             state[ck], state[sk] = codes, scales
+        _ENCODED_IN[state[ck]] = order
         _drop_forms(state, key, keep=self.bits)
 
     def kernel_tensors(self, state: dict, key: str) -> tuple[Tensor, Tensor]:
@@ -615,6 +649,8 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 loaded_seed = int(value)
             elif isinstance(value, Tensor):
                 dst[key] = value.detach().clone()  # converted to this format below
+                if value in _ENCODED_IN:  # codes of a state dict taken in this process
+                    _ENCODED_IN[dst[key]] = _ENCODED_IN[value]
     seed = loaded_seed if loaded_seed is not None else seed
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:
