@@ -205,3 +205,33 @@ def test_every_launch_pins_fma_fusion(env, force, fused, monkeypatch, device):
     assert sorted(names) == ["_adam_kernel", "_norm_kernel", "_norm_reduce_kernel", "_prepare_kernel"]
     seen = [o.get("enable_fp_fusion", "missing") for o in options]
     assert all(value is fused for value in seen), list(zip(names, seen))
+
+
+def test_cached_steps_do_not_read_the_fusion_setting_again(monkeypatch, device):
+    """The setting is read when a step's tables are built (as Triton reads it per compile),
+    not at each of a step's launches: a read of the environment costs about 2 us."""
+    import tritonadam.kernels.launch as launch
+    import tritonadam.step_cache as step_cache
+
+    reads = []
+
+    def fusion():
+        reads.append(1)
+        return True
+
+    monkeypatch.setattr(launch, "fp_fusion", fusion)
+    monkeypatch.setattr(step_cache, "fp_fusion", fusion)
+    params = [torch.nn.Parameter(torch.randn(37, 3, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    opt = PAIRS["AdamW"][0](params, max_grad_norm=1.0, **LAUNCH)
+    gen = torch.Generator().manual_seed(0)
+    options = []
+    with interpreter_launches(options) as names:
+        for step in range(3):
+            for p, g in zip(params, random_grads(params, gen)):
+                p.grad = g
+            opt.step()
+            if step == 0:
+                assert reads == [1], "the first step builds the tables once"
+                reads.clear()
+    assert reads == [] and len(names) == 12
+    assert all(o.get("enable_fp_fusion") is True for o in options)

@@ -229,16 +229,17 @@ class Clipper:
         plan = dev.norm_plan
         kind = norm_kind(p)
         flags = dict(norm=kind, grad_scale=_on(device, grad_scale), compound=compound,
-                     check_finite=check_finite)
+                     check_finite=check_finite, fusion=cache.fusion)
         with device_guard(device):
             cache.upload_grads()
-            launch_norm(dev.tables, plan, self.buffer, norm=kind)
+            launch_norm(dev.tables, plan, self.buffer, norm=kind, fusion=cache.fusion)
             if not groups:
                 launch_norm_reduce(plan, self.buffer, out, reduce=True, finalize=True, **flags)
                 return
             import torch.distributed as dist
 
-            launch_norm_reduce(plan, self.buffer, None, norm=kind, reduce=True, finalize=False)
+            launch_norm_reduce(plan, self.buffer, None, norm=kind, reduce=True, finalize=False,
+                               fusion=cache.fusion)
             op = dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM
             for group in groups:
                 dist.all_reduce(plan.total, op=op, group=group)

@@ -26,6 +26,7 @@ from . import autotune
 from .autotune import LaunchConfig
 from .hyper import GroupHyper
 from .kernels import Bucket, BucketKey, DeviceTables, Variant, device_guard, launch_prepare, launch_update
+from .kernels.launch import fp_fusion
 from .kernels.plan import group_pointer_row
 from .kernels.scratch import make_scratch_runner, scaled_mix
 from .tensors import GRAD, LOCAL, as_real, local_tensor
@@ -193,6 +194,9 @@ class StepCache:
         self._keep = [(self._kernel_param(r).detach(), *map(_local_alias, r.moments + r.scales),
                        _local_alias(r.master), _local_alias(r.step), r.staging) for r in self._order]
         self._hyper_staging: dict = {}
+        # FMA fusion for this cache's launches, read from the environment once (as Triton
+        # reads it once per compile), not at every launch: about 2 us a read.
+        self.fusion = fp_fusion()
         self.devices: dict[torch.device, DeviceLaunches] = {}
         self._build_tables(len(group_lists))
         # This step's grads, as the last check took them: the batch rows' pointers, the
@@ -393,7 +397,7 @@ class StepCache:
                 scale = _on(device, grad_scale)
                 inf = _on(device, found_inf)
                 launch_prepare(tables, grad_scale=scale, found_inf=inf, clip=clip,
-                               lr_tensors=lr_tensors, beta_tensors=beta_tensors)
+                               lr_tensors=lr_tensors, beta_tensors=beta_tensors, fusion=self.fusion)
                 for item in dev.launches:
                     decoupled = coupled = False
                     for gi in item.groups:
@@ -407,7 +411,7 @@ class StepCache:
                     launch_update(tables, item.bucket, block_size=item.config.block_size,
                                   num_warps=item.config.num_warps, persistent=item.config.persistent,
                                   adamax=self.algorithm == "adamax", decoupled_wd=decoupled,
-                                  coupled_wd=coupled, found_inf=inf)
+                                  coupled_wd=coupled, found_inf=inf, fusion=self.fusion)
         for row in self._revalidated:
             if row.staging is not None:
                 as_real(local_tensor(row.param)).copy_(row.staging)

@@ -225,9 +225,10 @@ def device_guard(device: torch.device):
 
 
 def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, clip=None,
-                   lr_tensors=False, beta_tensors=False, count=True) -> None:
+                   lr_tensors=False, beta_tensors=False, count=True, fusion=None) -> None:
     """Advance every tensor's step count and fill its scalar row (one launch); ``clip``:
-    the clip buffer whose coefficient scales every grad."""
+    the clip buffer whose coefficient scales every grad. ``fusion`` (every launcher here):
+    ``fp_fusion()`` as read by the caller, or None to read it now."""
     n = tables.num_rows
     _prepare_kernel[(triton.cdiv(n, PREPARE_BLOCK),)](
         tables.table, tables.group_of, tables.groups, tables.group_ptrs, tables.scalars,
@@ -241,7 +242,7 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, cli
         LR_TENSORS=lr_tensors,
         BETA_TENSORS=beta_tensors,
         BLOCK=PREPARE_BLOCK,
-        num_warps=4, enable_fp_fusion=fp_fusion(),
+        num_warps=4, enable_fp_fusion=fp_fusion() if fusion is None else fusion,
     )
     if count:
         launch_counts["prepare"] += 1
@@ -250,7 +251,7 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, cli
 def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
                   persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
                   coupled_wd: bool = False, found_inf=None, count=True,
-                  compile_only: bool = False):
+                  compile_only: bool = False, fusion=None):
     """Step every tensor of ``bucket`` with one launch of the update kernel.
 
     ``compile_only``: compile this launch's kernel and return it, launching nothing (the
@@ -266,19 +267,21 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
     args = (tables.table, tables.grads, tables.scalars, block_map,
             found_inf if found_inf is not None else tables.scalars, num_blocks)
+    fusion = fp_fusion() if fusion is None else fusion
     if compile_only:
         return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps,
-                                enable_fp_fusion=fp_fusion(), **flags)
-    _adam_kernel[(programs,)](*args, num_warps=num_warps, enable_fp_fusion=fp_fusion(), **flags)
+                                enable_fp_fusion=fusion, **flags)
+    _adam_kernel[(programs,)](*args, num_warps=num_warps, enable_fp_fusion=fusion, **flags)
     if count:
         launch_counts["update"] += 1
 
 
 def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, norm: int,
-                count=True) -> None:
+                count=True, fusion=None) -> None:
     """Per-chunk partial norms of every grad on the tables' device: one launch per grad
     dtype, each writing its chunks' partials into its slice of ``plan.partials``."""
-    block_size, num_warps, fusion = plan.block_size, plan.num_warps, fp_fusion()
+    block_size, num_warps = plan.block_size, plan.num_warps
+    fusion = fp_fusion() if fusion is None else fusion
     for launch in plan.launches:
         flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps)
         flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
@@ -292,7 +295,7 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
 
 def launch_norm_reduce(plan: NormPlan, clip: torch.Tensor, out: torch.Tensor | None, *, norm: int,
                        reduce: bool, finalize: bool, grad_scale=None, compound=False,
-                       check_finite=False, count=True) -> None:
+                       check_finite=False, count=True, fusion=None) -> None:
     """One program: ``reduce`` adds the partials into ``plan.total``; ``finalize`` turns the
     total into the norm (written to ``out``) and the clip coefficient (into ``clip``)."""
     _norm_reduce_kernel[(1,)](
@@ -301,7 +304,8 @@ def launch_norm_reduce(plan: NormPlan, clip: torch.Tensor, out: torch.Tensor | N
         NORM=norm, REDUCE=reduce, FINALIZE=finalize, HAS_GRAD_SCALE=grad_scale is not None,
         COMPOUND=compound, CHECK_FINITE=check_finite,
         OUT_DTYPE=TL_DTYPES[out.dtype] if out is not None else tl.float32,
-        BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS, enable_fp_fusion=fp_fusion(),
+        BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS,
+        enable_fp_fusion=fp_fusion() if fusion is None else fusion,
     )
     if count:
         launch_counts["norm_reduce"] += 1
