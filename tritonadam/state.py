@@ -296,11 +296,12 @@ class QuantizedMoments:
                 raise _stale(ck, problem, name)
             lp = local_tensor(p)
             codes, scales = state[ck], state[scales_key(key)]
+            order = element_order(lp)
             return not all(
                 isinstance(t, Tensor) and t.device == lp.device and t.dim() == 1 and t.is_contiguous()
                 for t in (codes, scales)
             ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks" \
-                or _ENCODED_IN.get(codes, element_order(lp)) != element_order(lp)
+                or _ENCODED_IN.get(codes, order) != order
         return DenseMoments(torch.float32, (torch.float32, torch.bfloat16)).check(p, key, state, name)
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
