@@ -293,7 +293,7 @@ def assert_same_snapshot(a, b, what=""):
 def layout_params(dtype, device, seed=0):
     """Rows of 64 (codes and scales exported as rows), rows of 128, a 3-D param with rows of
     192, rows of 50, 1-D, 0-dim and empty params (flat), and a transposed param with rows of
-    64 (not contiguous: flat)."""
+    64 (codes in memory order: exported per element)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = [(3, 64), (2, 128), (2, 3, 64), (4, 50), (7,), (), (0,)]
     params = [nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(device)) for s in shapes]
@@ -304,10 +304,19 @@ def layout_params(dtype, device, seed=0):
 def exported_shapes(p, bits):
     """(codes shape, scales shape) that ``state_dict()`` gives a (plain) param."""
     n = p.numel()
-    if p.dim() and p.shape[0] and p.is_contiguous() and (n // p.shape[0]) % QB == 0:
+    if not p.is_contiguous():  # codes in memory order: a code and a scale per element
+        return tuple(p.shape), tuple(p.shape)
+    if p.dim() and p.shape[0] and (n // p.shape[0]) % QB == 0:
         row = n // p.shape[0]
         return (p.shape[0], row * bits // 8), (p.shape[0], row // QB)
     return (Q.code_bytes(n, bits),), (Q.num_scales(n),)
+
+
+def in_memory_order(p, flat):
+    """``flat`` (one value per element of dense ``p``, in its memory order) indexed like ``p``."""
+    out = torch.empty_like(p, dtype=flat.dtype, device=flat.device)
+    out.as_strided((p.numel(),), (1,)).copy_(flat)
+    return out
 
 
 def full_moment(opt, p, key):
@@ -328,7 +337,8 @@ def full_moment(opt, p, key):
 def test_state_dict_keys_dtypes_and_shapes(name, bits, device):
     """``state_dict()``: codes (uint8) and bf16 scales per moment, shaped (dim0, row) /
     (dim0, row * bits / 8) and (dim0, row / 64) for params whose rows are whole blocks, flat
-    otherwise, holding the optimizer's codes and scales; the master as fp32 ``master_param``
+    for other contiguous ones, a code and a scale per element shaped like the param for a
+    transposed one, holding the optimizer's codes and scales; the master as fp32 ``master_param``
     beside the remainder itself (the keys the state holds: flattened state dicts), the seed. ``torch_state_dict()``: torch.optim's keys, fp32 moments shaped like the
     params, the decoded codes exactly."""
     params = layout_params(BF16, device)
@@ -352,8 +362,11 @@ def test_state_dict_keys_dtypes_and_shapes(name, bits, device):
             codes, scales = saved[f"{key}_{bits}bit"], saved[f"{key}_scales"]
             assert (codes.dtype, tuple(codes.shape)) == (torch.uint8, codes_shape), (i, key, codes.shape)
             assert (scales.dtype, tuple(scales.shape)) == (BF16, scales_shape), (i, key, scales.shape)
-            assert torch.equal(codes.reshape(-1), state[f"{key}_{bits}bit"])
-            assert torch.equal(scales.reshape(-1).view(torch.int16), state[f"{key}_scales"].view(torch.int16))
+            live_codes, live_scales = state[f"{key}_{bits}bit"], state[f"{key}_scales"]
+            if codes.shape == p.shape and not p.is_contiguous():
+                live_codes, live_scales = (in_memory_order(p, t) for t in Q.per_element(live_codes, live_scales, p.numel(), bits))
+            assert torch.equal(codes.reshape(-1), live_codes.reshape(-1))
+            assert torch.equal(scales.reshape(-1).view(torch.int16), live_scales.reshape(-1).view(torch.int16))
         master = saved["master_param"]
         assert master.dtype == FP32 and master.shape == p.shape
         assert torch.equal(master, join_master(p.detach(), state["master_param_remainder"]))
@@ -453,8 +466,63 @@ def test_a_param_relaid_out_under_its_codes_keeps_each_elements_moments(relayout
     assert loaded_params[0].stride() == params[0].stride()
     loaded = PAIRS["AdamW"][0](loaded_params, **kw)
     loaded.load_state_dict(copy.deepcopy(before))
+    # A checkpoint taken between the re-layout and the next step says the same.
+    again_params = [nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in loaded_params]
+    again = PAIRS["AdamW"][0](again_params, **kw)
+    again.load_state_dict(pickle.loads(pickle.dumps(moved.state_dict())))
+    assert_same_snapshot(snapshot(loaded, loaded_params), snapshot(again, again_params), f"{relayout}: saved")
     lockstep(moved, params, loaded, loaded_params, gen, 2)
     assert_same_snapshot(snapshot(moved, params), snapshot(loaded, loaded_params), relayout)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("relayout", list(RELAYOUTS))
+def test_a_checkpoint_loads_into_params_of_another_layout(relayout, bits, device):
+    """``state_dict()`` taken with a param in one memory layout, loaded into the param laid
+    out otherwise (a model saved in channels-last and loaded before ``.to(memory_format=
+    ...)``, or the reverse): each element keeps its moments, bit for bit what the same
+    state at full precision (``torch_state_dict()``) gives there; loaded into the same
+    layout, training continues bit for bit. (Before, codes of a transposed or channels-last
+    param were saved flat in its memory order and read in the loading param's.)"""
+    shape, start, change = RELAYOUTS[relayout]
+    cls = PAIRS["AdamW"][0]
+    kw = dict(lr=5e-3, amsgrad=True, master_weights="remainder", state_dtype=f"{bits}bit", **LAUNCH)
+
+    def fresh(layout):
+        gen = torch.Generator().manual_seed(41)
+        return [nn.Parameter(layout(start(torch.randn(shape, generator=gen).to(BF16).to(device)))),
+                nn.Parameter(torch.randn(3, 70, generator=gen).to(BF16).to(device))]
+
+    params = fresh(lambda t: t)
+    opt = cls(params, **kw)
+    gen = torch.Generator().manual_seed(42)
+    train(opt, params, gen, 2)
+    quantized = pickle.loads(pickle.dumps(opt.state_dict()))
+    full = copy.deepcopy(opt.torch_state_dict())
+    for where, layout in (("another layout", change), ("the same layout", lambda t: t)):
+        loaded = []
+        for sd in (quantized, full):
+            ps = fresh(layout)
+            with torch.no_grad():
+                for p, q in zip(ps, params):
+                    p.copy_(q)  # a checkpoint restores the params too
+            o = cls(ps, **kw)
+            o.load_state_dict(sd)
+            loaded += [o, ps]
+        assert loaded[1][0].stride() == fresh(layout)[0].stride()
+        steps = torch.Generator().manual_seed(43)
+        lockstep(*loaded, steps, 2)
+        assert_same_snapshot(snapshot(*loaded[:2]), snapshot(*loaded[2:]), f"{relayout}: into {where}")
+    # The same layout: the codes saved are the codes trained on.
+    steps = torch.Generator().manual_seed(43)
+    continued = fresh(lambda t: t)
+    with torch.no_grad():
+        for p, q in zip(continued, params):
+            p.copy_(q)
+    resumed = cls(continued, **kw)
+    resumed.load_state_dict(quantized)
+    lockstep(opt, params, resumed, continued, steps, 2)
+    assert_same_snapshot(snapshot(opt, params), snapshot(resumed, continued), f"{relayout}: resumed")
 
 
 def interop_params(device, seed):

@@ -159,11 +159,19 @@ def element_order(lp: Tensor) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def logical_order(lp: Tensor) -> tuple[int, ...]:
+    """The element order of a contiguous tensor shaped like ``lp``: the order of every
+    block-form codes tensor a state dict holds."""
+    return tuple(d for d in range(lp.dim()) if lp.shape[d] > 1)
+
+
 # Flat codes do not say which element order they were encoded in, and a param can be
 # re-laid out under them without changing shape (``p.data = p.data.t().contiguous().t()``,
 # ``model.to(memory_format=torch.channels_last)`` after steps): each element would then
 # be stepped with another element's moments. So the order of every codes tensor the state
-# holds is recorded while it lives; a checkpoint does not carry it (docs/quantization.md).
+# holds is recorded while it lives (none recorded: the param's own). A state dict holds
+# block-form codes in logical order only (``QuantizedMoments.export``), and loading records
+# that order for them.
 _ENCODED_IN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -333,20 +341,27 @@ class QuantizedMoments:
         param's state from its optimizer's keys): codes and scales shaped by the param's
         rows where blocks fall on row boundaries (any sharding along dim 0 then splits
         them where it splits the param, and DCP reshards them with it); flat for other
-        plain params; for other DTensor params, whose blocks start at each shard, a code
-        and a scale per element, laid out and sharded like the param (3 bytes per element
-        at 8 bits, 2.5 at 4: those are 1-D and odd-shaped params, few elements)."""
+        plain params whose codes count elements in logical order. Otherwise a code and a
+        scale per element, laid out (and sharded) like the param: DTensor params whose
+        blocks start at each shard (1-D and odd-shaped params, few elements), and params
+        whose codes follow other strides (transposed, channels-last), which a load into
+        any layout reads right (3 bytes per element at 8 bits, 2.5 at 4)."""
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = saved[ck], saved[sk]
         lp = local_tensor(p)
-        rows = _block_rows(p)
+        order = _ENCODED_IN.get(local_tensor(codes), element_order(lp))
+        logical = order == logical_order(lp)
+        rows = _block_rows(p) if logical else None
         if rows is None:
-            if lp is p:
+            if lp is p and logical:
                 out[ck], out[sk] = codes, scales
             else:
+                # Blocks in another order than the param's indices (a transposed or
+                # channels-last param) mean nothing to a param laid out otherwise at load.
+                template = _laid_out(lp, order)
                 e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
-                out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(lp, e_codes))
-                out[sk] = like(p, torch.bfloat16, torch.contiguous_format, _logical(lp, e_scales))
+                out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(template, e_codes))
+                out[sk] = like(p, torch.bfloat16, torch.contiguous_format, _logical(template, e_scales))
             return
         local_rows, global_rows = lp.shape[0] if lp.dim() else 1, rows
         per_row = lp.numel() // max(local_rows, 1) if local_rows else p.numel() // max(global_rows, 1)
@@ -650,8 +665,8 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 loaded_seed = int(value)
             elif isinstance(value, Tensor):
                 dst[key] = value.detach().clone()  # converted to this format below
-                if value in _ENCODED_IN:  # codes of a state dict taken in this process
-                    _ENCODED_IN[dst[key]] = _ENCODED_IN[value]
+                if key.endswith(tuple(f"_{bits}bit" for bits in QUANTIZED.values())):
+                    _ENCODED_IN[local_tensor(dst[key])] = logical_order(local_tensor(p))
     seed = loaded_seed if loaded_seed is not None else seed
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:
