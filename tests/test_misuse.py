@@ -244,7 +244,7 @@ def test_cache_follows_changes_between_steps(device):
 
 
 @pytest.mark.parametrize("after", AFTER)
-@pytest.mark.parametrize("bad", ["shape", "numel", "dtype", "non-contiguous-view"])
+@pytest.mark.parametrize("bad", ["shape", "reshaped", "numel", "dtype", "non-contiguous-view"])
 def test_bad_grad_after_good_steps(bad, after, device):
     params = _params(device)
     opt = PAIRS["AdamW"][0](params, **LAUNCH)
@@ -254,6 +254,9 @@ def test_bad_grad_after_good_steps(bad, after, device):
     g = params[1].grad
     if bad == "shape":  # the grad setter checks sizes; .data does not
         g.data = torch.randn(5, device=device)
+        match = "grad of shape"
+    elif bad == "reshaped":  # as many elements, another shape: torch's step raises
+        g.data = torch.randn(4, 6, device=device)
         match = "grad of shape"
     elif bad == "numel":
         g.resize_(5)

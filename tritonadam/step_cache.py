@@ -35,6 +35,7 @@ from .validate import check_grad
 __all__ = ["DeviceLaunches", "Row", "StepCache", "param_meta"]
 
 _DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
 
 
 @dataclass
@@ -104,7 +105,7 @@ class _GradMeta:
 
     def __init__(self, grads: list[Tensor]) -> None:
         self._dtypes = list(map(_DTYPE, grads))
-        self._numels = list(map(Tensor.numel, grads))
+        self._shapes = list(map(_SHAPE, grads))
         self._devices = list(map(Tensor.get_device, grads))
         self._guards = None
         if grads and all(map(Tensor.is_contiguous, grads)):
@@ -123,7 +124,7 @@ class _GradMeta:
             return True
         return (
             list(map(_DTYPE, grads)) == self._dtypes
-            and list(map(Tensor.numel, grads)) == self._numels
+            and list(map(_SHAPE, grads)) == self._shapes  # not the numel: `g.data = x` may reshape
             and list(map(Tensor.get_device, grads)) == self._devices
             and all(map(Tensor.is_contiguous, grads))
         )
