@@ -493,6 +493,15 @@ def test_a_checkpoint_loads_into_params_of_another_layout(relayout, bits, device
         return [nn.Parameter(layout(start(torch.randn(shape, generator=gen).to(BF16).to(device)))),
                 nn.Parameter(torch.randn(3, 70, generator=gen).to(BF16).to(device))]
 
+    def restored(layout, sd):
+        ps = fresh(layout)
+        with torch.no_grad():
+            for p, q in zip(ps, params):
+                p.copy_(q)  # a checkpoint restores the params too
+        o = cls(ps, **kw)
+        o.load_state_dict(sd)
+        return o, ps
+
     params = fresh(lambda t: t)
     opt = cls(params, **kw)
     gen = torch.Generator().manual_seed(42)
@@ -500,27 +509,14 @@ def test_a_checkpoint_loads_into_params_of_another_layout(relayout, bits, device
     quantized = pickle.loads(pickle.dumps(opt.state_dict()))
     full = copy.deepcopy(opt.torch_state_dict())
     for where, layout in (("another layout", change), ("the same layout", lambda t: t)):
-        loaded = []
-        for sd in (quantized, full):
-            ps = fresh(layout)
-            with torch.no_grad():
-                for p, q in zip(ps, params):
-                    p.copy_(q)  # a checkpoint restores the params too
-            o = cls(ps, **kw)
-            o.load_state_dict(sd)
-            loaded += [o, ps]
+        loaded = [*restored(layout, quantized), *restored(layout, full)]
         assert loaded[1][0].stride() == fresh(layout)[0].stride()
         steps = torch.Generator().manual_seed(43)
         lockstep(*loaded, steps, 2)
         assert_same_snapshot(snapshot(*loaded[:2]), snapshot(*loaded[2:]), f"{relayout}: into {where}")
     # The same layout: the codes saved are the codes trained on.
     steps = torch.Generator().manual_seed(43)
-    continued = fresh(lambda t: t)
-    with torch.no_grad():
-        for p, q in zip(continued, params):
-            p.copy_(q)
-    resumed = cls(continued, **kw)
-    resumed.load_state_dict(quantized)
+    resumed, continued = restored(lambda t: t, quantized)
     lockstep(opt, params, resumed, continued, steps, 2)
     assert_same_snapshot(snapshot(opt, params), snapshot(resumed, continued), f"{relayout}: resumed")
 
