@@ -307,6 +307,48 @@ def test_load_older_and_nontensor_step_state_dicts(name, device):
         assert all(torch.is_tensor(s["step"]) and s["step"].item() == 3 for s in opt.state.values())
 
 
+@pytest.fixture
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_counts_take_torchs_dtype(name, device, float64_default):
+    """torch.optim makes step counts float64 under a float64 default dtype (float32 with
+    fused=True), keeps a loaded float64 count unless capturable or fused, and turns a
+    number into a new count (torch's test_set_default_dtype_works_with_foreach and
+    test_state_dict_with_cuda_params). The counts keep counting in their dtype."""
+    checked = set()
+    for kwargs in configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        tweight, tbias = (Parameter(t.detach().clone()) for t in (weight, bias))
+        ours, theirs = OURS[name]([weight, bias], **fresh(kwargs)), INFOS[name].optim_cls([tweight, tbias], **fresh(kwargs))
+        run_steps(ours, weight, bias, inpt, 2)
+        run_steps(theirs, tweight, tbias, inpt, 2)
+        assert [s["step"].dtype for s in ours.state.values()] == [s["step"].dtype for s in theirs.state.values()], kwargs
+        checked.add(ours.state[weight]["step"].dtype)
+        torch.testing.assert_close(weight, tweight)
+        for source in (theirs.state_dict(), ours.state_dict()):
+            for as_number in (False, True):
+                saved = copy.deepcopy(source)
+                if as_number:
+                    for s in saved["state"].values():
+                        s["step"] = s["step"].item()
+                loaded_ours = OURS[name]([weight, bias], **fresh(kwargs))
+                loaded_theirs = INFOS[name].optim_cls([tweight, tbias], **fresh(kwargs))
+                loaded_ours.load_state_dict(copy.deepcopy(saved))
+                loaded_theirs.load_state_dict(copy.deepcopy(saved))
+                want = [s["step"].dtype for s in loaded_theirs.state.values()]
+                assert [s["step"].dtype for s in loaded_ours.state.values()] == want, (kwargs, as_number)
+                run_steps(loaded_ours, weight, bias, inpt, 1)
+                assert [(s["step"].dtype, s["step"].item()) for s in loaded_ours.state.values()] == [
+                    (dtype, 3.0) for dtype in want]
+    assert checked == {torch.float32, torch.float64} if name != "Adamax" else checked == {torch.float64}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_named_state_dict_loads_into_either_kind(name, device):
     inpt = torch.rand(1, 4, 16, 16, device=device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .state import LOW_PRECISION, StatePolicy, moment_keys
+from .state import LOW_PRECISION, StatePolicy, moment_keys, new_step_dtype
 
 __all__ = ["inputs", "step"]
 
@@ -41,7 +41,7 @@ def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dic
     for p in params:
         fmt = policy.format(p)
         if fmt.check(p, state.get(p, {}), keys, name):
-            fmt.prepare(p, state[p], keys, None)
+            fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
         states.append(state[p])
     beta1, beta2 = group["betas"]
     common = dict(

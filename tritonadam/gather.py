@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .kernels.plan import rounding_key
-from .state import StatePolicy, moment_keys
+from .state import StatePolicy, moment_keys, new_step_dtype
 from .step_cache import Row, StepCache, param_meta
 from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
 from .validate import check_grad
@@ -68,7 +68,7 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
     for p, index in gathered.meta:
         if not state.get(p):
             keys = moment_keys(algorithm, param_groups[index].get("amsgrad", False))
-            policy.format(p).prepare(p, state[p], keys, seed)
+            policy.format(p).prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
     # A tensor's random stream: its index in the optimizer (as in state_dict), and on a
     # sharded run its rank, so shards of one param draw different numbers.
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
@@ -80,7 +80,7 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         keys = moment_keys(algorithm, amsgrad)
         fmt = policy.format(p)
         if convert:
-            fmt.prepare(p, state[p], keys, seed)
+            fmt.prepare(p, state[p], keys, seed, new_step_dtype(group))
         stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
         rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
                          rounding_key(seed, stream) if fmt.stochastic else 0))

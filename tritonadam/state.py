@@ -396,6 +396,30 @@ def _as_dtensor(p: Tensor, local: Tensor, shape: tuple) -> Tensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
+# Step counts: float32, or float64 where torch.optim makes them so (the prepare kernel
+# reads and writes either).
+STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def new_step_dtype(group: dict) -> torch.dtype:
+    """torch.optim's dtype for a new step count: float64 under a float64 default dtype,
+    except with ``fused=True`` (torch's ``_get_scalar_dtype``), else float32."""
+    if group.get("fused"):
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def loaded_step_dtype(value, group: dict) -> torch.dtype:
+    """The dtype a loaded step count gets, as torch.optim's ``load_state_dict`` and
+    ``__setstate__`` give it: float32 for capturable or fused groups, a float64 tensor
+    kept, a number as a new count."""
+    if group.get("capturable") or group.get("fused"):
+        return torch.float32
+    if isinstance(value, Tensor):
+        return torch.float64 if value.dtype == torch.float64 else torch.float32
+    return new_step_dtype(group)
+
+
 @dataclass(frozen=True)
 class ParamFormat:
     """How one param's state is stored: its moments, its master copy, and whether any of
@@ -446,22 +470,27 @@ class ParamFormat:
         moments, which ``check`` looked at)."""
         step = state.get("step")
         return (
-            isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
+            isinstance(step, Tensor) and step.dtype in STEP_DTYPES and step.dim() == 0
             and step.device == local_tensor(p).device
             and (MASTER_KEY in state) == (self.master == Master.FP32)
             and (REMAINDER_KEY in state) == (self.master == Master.REMAINDER)
             and (SEED_KEY in state) == self.stochastic
         )
 
-    def prepare(self, p: Tensor, state: dict, keys: tuple[str, ...], seed: int | None) -> None:
+    def prepare(self, p: Tensor, state: dict, keys: tuple[str, ...], seed: int | None,
+                step_dtype: torch.dtype = torch.float32) -> None:
         """Create missing entries and convert what other formats store into this one.
+        ``step_dtype``: a new step count's (``new_step_dtype``); an existing float32 or
+        float64 count keeps its own.
 
         Converting a master can write the param (a remainder's param holds the master's
         high half): call under ``torch.no_grad()``.
         """
         lp = local_tensor(p)
         step = state.get("step", 0.0)
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=lp.device)
+        if isinstance(step, Tensor) and step.dtype in STEP_DTYPES:
+            step_dtype = step.dtype
+        state["step"] = torch.tensor(float(step), dtype=step_dtype, device=lp.device)
         for key in keys:
             self.moments.prepare(p, key, state)
         if self.master == Master.FP32:
@@ -653,14 +682,14 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
         for saved_id, p in zip(saved["params"], group["params"])
     ]
     loaded_seed = None
-    for saved_id, p, _ in pairs:
+    for saved_id, p, group in pairs:
         if saved_id not in saved_state or p not in state:
             continue
         src, dst = saved_state[saved_id], state[p]
         for key, value in src.items():
             if key == "step":
                 step = float(value.item() if isinstance(value, Tensor) else value)
-                dst[key] = torch.tensor(step, dtype=torch.float32, device=local_tensor(p).device)
+                dst[key] = torch.tensor(step, dtype=loaded_step_dtype(value, group), device=local_tensor(p).device)
             elif key == SEED_KEY:
                 loaded_seed = int(value)
             elif isinstance(value, Tensor):
@@ -671,7 +700,8 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:
             if state.get(p):
-                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed)
+                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
+                                         new_step_dtype(group))
     return loaded_seed
 
 

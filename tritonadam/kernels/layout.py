@@ -18,13 +18,14 @@ COL_SECOND = tl.constexpr(2)  # exp_avg_sq (Adam) or exp_inf (AdaMax)
 COL_MAX = tl.constexpr(3)  # max_exp_avg_sq (AMSGrad)
 COL_MASTER = tl.constexpr(4)  # fp32 master copy, or the int16 remainder of one
 COL_NUMEL = tl.constexpr(5)
-COL_STEP = tl.constexpr(6)  # this param's 0-dim float32 step tensor
+COL_STEP = tl.constexpr(6)  # this param's 0-dim step tensor (float32, or float64: COL_STEP_FP64)
 COL_KEY = tl.constexpr(7)  # Philox key of this tensor's stochastic rounding
 # Quantized state (QUANT = 8 or 4): COL_EXP_AVG, COL_SECOND and COL_MAX point at uint8
 # codes, these at the bf16 scales of the same moments (one per QUANT_BLOCK elements).
 COL_EXP_AVG_SCALE = tl.constexpr(8)
 COL_SECOND_SCALE = tl.constexpr(9)
 COL_MAX_SCALE = tl.constexpr(10)
+COL_STEP_FP64 = tl.constexpr(11)  # 1 if the step tensor is float64 (torch's under a float64 default dtype)
 TABLE_COLUMNS = tl.constexpr(16)  # rows start on 128-byte boundaries
 
 # Block map entries (int64): the program's table row in the high half, the block's index

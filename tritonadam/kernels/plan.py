@@ -175,6 +175,7 @@ class DeviceTables:
         row[layout.COL_NUMEL.value] = param.numel()
         row[layout.COL_MASTER.value] = _ptr(master)
         row[layout.COL_STEP.value] = step.data_ptr()
+        row[layout.COL_STEP_FP64.value] = int(step.dtype == torch.float64)
         row[layout.COL_KEY.value] = key
         columns = ((layout.COL_EXP_AVG, layout.COL_EXP_AVG_SCALE), (layout.COL_SECOND, layout.COL_SECOND_SCALE),
                    (layout.COL_MAX, layout.COL_MAX_SCALE))

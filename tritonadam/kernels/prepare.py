@@ -12,6 +12,7 @@ import triton.language as tl
 from .layout import (
     CLIP_COEF,
     COL_STEP,
+    COL_STEP_FP64,
     G_BETA1,
     G_BETA2,
     G_BIAS_CORRECTION,
@@ -75,17 +76,24 @@ def _prepare_kernel(
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
-    step_ptr = tl.load(table_ptr + idx.to(tl.int64) * TABLE_COLUMNS + COL_STEP, mask=mask, other=0)
-    step_ptr = step_ptr.to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr, mask=mask, other=1.0)
+    trow = table_ptr + idx.to(tl.int64) * TABLE_COLUMNS
+    step_addr = tl.load(trow + COL_STEP, mask=mask, other=0)
+    # Step counts are float32, or float64 where torch.optim would make them so (a float64
+    # default dtype): each read and written in its own width, counted in float64.
+    is64 = tl.load(trow + COL_STEP_FP64, mask=mask, other=0) != 0
+    ptr32 = step_addr.to(tl.pointer_type(tl.float32))
+    ptr64 = step_addr.to(tl.pointer_type(tl.float64))
+    step = tl.where(is64, tl.load(ptr64, mask=mask & is64, other=1.0),
+                    tl.load(ptr32, mask=mask & ~is64, other=1.0).to(tl.float64))
+    advance = True
     if HAS_FOUND_INF:
         # GradScaler found inf/NaN: no step is taken, step counts included.
-        if tl.load(found_inf_ptr) == 0:
-            step = step + 1.0
-            tl.store(step_ptr, step, mask=mask)
-    else:
-        step = step + 1.0
-        tl.store(step_ptr, step, mask=mask)
+        advance = tl.load(found_inf_ptr) == 0
+    if advance:
+        step32 = (step + 1.0).to(tl.float32)
+        step = tl.where(is64, step + 1.0, step32.to(tl.float64))
+        tl.store(ptr32, step32, mask=mask & ~is64)
+        tl.store(ptr64, step, mask=mask & is64)
 
     grow = tl.load(group_of_ptr + idx, mask=mask, other=0).to(tl.int64) * GROUP_COLUMNS
     lr = tl.load(groups_ptr + grow + G_LR, mask=mask, other=0.0)
@@ -111,7 +119,7 @@ def _prepare_kernel(
     gmul = tl.load(groups_ptr + grow + G_SIGN, mask=mask, other=1.0)
     corrected = tl.load(groups_ptr + grow + G_BIAS_CORRECTION, mask=mask, other=0.0) != 0
 
-    t = step.to(tl.float64)
+    t = step
     # fp64, like torch.optim's Python-float scalars; the update kernel rounds once. A beta
     # of 0 is taken as the least normal double: the same 1 - beta**t, and no log(0).
     bc1 = one_minus_pow(tl.log(tl.maximum(beta1, 2.2250738585072014e-308)), t)
