@@ -83,8 +83,11 @@ QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
 # Elements per thread per iteration of a quantized variant's full path (cubin, sm_80 and
 # sm_90, triton 3.9): 8 halves the per-row and per-iteration work per element (block
 # absmax, scale, pointers: ~160 instructions a thread) against 4, and 2-byte arrays move
-# in 16-byte accesses; with stochastic rounding (its Philox bits live too) 8 took 98-128
-# registers at 4096/8, so it keeps 4 (at most 80).
+# in 16-byte accesses. With stochastic rounding (its Philox bits live too) 8 fits where
+# they make the whole block (1024/4, 2048/8: 64-101 registers over the variants, sm_80
+# and sm_90, triton 3.6 and 3.9; SR 8-bit at 1024/4 issues 155 instructions per element
+# instead of 174), but in a loop over a larger block it took 95-128 (4096/8), so there
+# it keeps 4 (at most 80).
 QUANT_ELEMS_PER_THREAD = 8
 QUANT_FEW_ELEMS_PER_THREAD = 4
 
@@ -104,13 +107,15 @@ def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
                    quant: int = 0, wide: bool = False, persistent: bool = False) -> int:
     """Elements per iteration of the full-block path: the whole block, except with
     stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread), quantized state
-    (``QUANT_ELEMS_PER_THREAD``) and fp64 (``WIDE_ELEMS_PER_THREAD``). The interpreter
-    takes half a block so the loop is tested."""
+    (``QUANT_ELEMS_PER_THREAD``; ``QUANT_FEW_ELEMS_PER_THREAD`` on a persistent grid, and
+    with stochastic rounding in blocks of more) and fp64 (``WIDE_ELEMS_PER_THREAD``). The
+    interpreter takes half a block so the loop is tested."""
     if wide and not interpreted():
         return min(block_size, 32 * num_warps * WIDE_ELEMS_PER_THREAD)
     if quant:
         # The interpreter takes half a block so the loop is tested.
-        few = stochastic_rounding or persistent
+        whole = block_size <= 32 * num_warps * QUANT_ELEMS_PER_THREAD
+        few = persistent or (stochastic_rounding and not whole)
         per_thread = QUANT_FEW_ELEMS_PER_THREAD if few else QUANT_ELEMS_PER_THREAD
         full = block_size // 2 if interpreted() else 32 * num_warps * per_thread
         return min(block_size, max(full, QUANT_MIN_FULL))
