@@ -294,8 +294,8 @@ def test_quantized_full_path_instructions_per_element():
     nearest-rounding 8-bit step with a remainder master counted 168 before the codec was
     cut and 96 after (triton 3.6; 3.9 within a few); above 115 the quantized step is back to issue-bound on an H200
     (404.8M elements at 33.4 T instructions/s against 1.35 ms of memory time). Stochastic
-    rounding counted 174 with 4 elements per thread per iteration and 155 with the whole
-    1024/4 block (8 per thread) in one."""
+    rounding counted 174 with 4 elements per thread per iteration, 155 with the whole
+    1024/4 block (8 per thread) in one, and 147 with Philox's wide multiply."""
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "sass_per_element.py")
     out = subprocess.run([sys.executable, script, "bf16-8bit-remainder", "bf16-8bit-sr", "--configs", "1024/4"],
                          env=_users_env(), capture_output=True, text=True, timeout=600)
@@ -303,4 +303,4 @@ def test_quantized_full_path_instructions_per_element():
     counts = {line.split(" | ")[0]: float(line.split(" | ")[1]) for line in out.stdout.splitlines()
               if line.startswith("bf16-")}
     assert 60 < counts["bf16-8bit-remainder"] <= 115, counts
-    assert counts["bf16-8bit-sr"] <= 165, counts
+    assert counts["bf16-8bit-sr"] <= 155, counts

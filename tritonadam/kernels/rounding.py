@@ -73,8 +73,13 @@ def philox2x32(key, c0, c1):
     bits per rounded value suffice: a bf16 rounding consumes exactly 16, an fp16 one resolves its probability in 16.
     """
     for _ in tl.static_range(10):
-        hi = tl.math.umulhi(c0, 0xD256D193)
-        lo = c0 * 0xD256D193
+        # One 32 x 32 -> 64-bit product gives both halves (IMAD.WIDE.U32); umulhi and a
+        # low multiply were two instructions: 155 -> 147 per element, bf16-8bit-sr at
+        # 1024/4 (sm_90, triton 3.6). The truncations keep it exact whatever the
+        # product's signedness.
+        prod = c0.to(tl.uint64) * 0xD256D193
+        hi = (prod >> 32).to(tl.uint32)
+        lo = prod.to(tl.uint32)
         c0 = hi ^ key ^ c1
         c1 = lo
         key = key + 0x9E3779B9
