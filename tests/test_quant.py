@@ -471,8 +471,16 @@ def test_a_param_relaid_out_under_its_codes_keeps_each_elements_moments(relayout
     again = PAIRS["AdamW"][0](again_params, **kw)
     again.load_state_dict(pickle.loads(pickle.dumps(moved.state_dict())))
     assert_same_snapshot(snapshot(loaded, loaded_params), snapshot(again, again_params), f"{relayout}: saved")
+    # So do copies of the optimizer taken then (its params copied with it).
+    copies = {"deepcopy": copy.deepcopy(moved), "pickle": pickle.loads(pickle.dumps(moved))}
+    grads_from = gen.get_state()
     lockstep(moved, params, loaded, loaded_params, gen, 2)
     assert_same_snapshot(snapshot(moved, params), snapshot(loaded, loaded_params), relayout)
+    for how, twin in copies.items():
+        twin_params = [p for group in twin.param_groups for p in group["params"]]
+        assert twin_params[0].stride() == params[0].stride()
+        train(twin, twin_params, torch.Generator().set_state(grads_from), 2)
+        assert_same_snapshot(snapshot(moved, params), snapshot(twin, twin_params), f"{relayout}: {how}")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -19,7 +19,10 @@ from . import autotune, differentiable, gather
 from .clip import Clipper, check_max_norm, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import check_group_options, checked_extras
-from .state import StatePolicy, check_loadable, export_full_state, export_state, restore_loaded
+from .state import (
+    StatePolicy, check_loadable, encoded_orders, export_full_state, export_state, record_orders,
+    restore_loaded,
+)
 from .step_cache import StepCache
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
@@ -71,12 +74,16 @@ class _TritonAdamBase(Optimizer):
         state.pop("_cache", None)
         state.pop("_clipper", None)
         state.update({k: getattr(self, k, v) for k, v in self._EXTRAS.items()})
+        # The element order quantized codes were encoded in lives beside them, not in
+        # them: the copy's codes (the same copied objects as in its state) get it too.
+        state["_codes_orders"] = encoded_orders(self.state)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls __setstate__ without our options: keep the
         # current ones then; unpickling a fresh object takes them from the pickle.
         extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
+        record_orders(state.pop("_codes_orders", ()))
         state.pop("_cache", None)
         clipper = state.pop("_clipper", None) or getattr(self, "_clipper", None)
         super().__setstate__(state)

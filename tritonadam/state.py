@@ -175,6 +175,19 @@ def logical_order(lp: Tensor) -> tuple[int, ...]:
 _ENCODED_IN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def encoded_orders(state: dict) -> list[tuple[Tensor, tuple[int, ...]]]:
+    """(codes, order) for every codes tensor of ``state`` with a recorded order: what a
+    copy of the optimizer (``copy.deepcopy``, pickle) carries along, its tensors copied
+    with the state's, for ``record_orders``."""
+    return [(t, _ENCODED_IN[local_tensor(t)]) for s in state.values() for t in s.values()
+            if isinstance(t, Tensor) and local_tensor(t) in _ENCODED_IN]
+
+
+def record_orders(pairs) -> None:
+    for codes, order in pairs:
+        _ENCODED_IN[local_tensor(codes)] = tuple(order)
+
+
 def _laid_out(lp: Tensor, order: tuple[int, ...] | None) -> Tensor:
     """``lp``, or where codes were encoded in another element order, a tensor shaped like
     ``lp`` whose memory order is that one (for ``_logical``; holds no data)."""
