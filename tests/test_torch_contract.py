@@ -347,6 +347,24 @@ def test_step_counts_take_torchs_dtype(name, device, float64_default):
                 assert [(s["step"].dtype, s["step"].item()) for s in loaded_ours.state.values()] == [
                     (dtype, 3.0) for dtype in want]
     assert checked == {torch.float32, torch.float64} if name != "Adamax" else checked == {torch.float64}
+    # Capturable groups (torch steps them on GPUs only; loading is the same anywhere): a
+    # loaded tensor count becomes float32, a number a new (float64) count.
+    for as_number in (False, True):
+        weight, bias, inpt = linear_problem(device)
+        source = OURS[name]([weight, bias])
+        run_steps(source, weight, bias, inpt, 1)
+        saved = copy.deepcopy(source.state_dict())
+        saved["param_groups"][0]["capturable"] = True
+        for s in saved["state"].values():
+            s["step"] = 3.0 if as_number else torch.tensor(3.0, dtype=torch.float64)
+        loaded_ours = OURS[name]([weight, bias], capturable=True)
+        loaded_theirs = INFOS[name].optim_cls([Parameter(t.detach().clone()) for t in (weight, bias)],
+                                              capturable=True)
+        for opt in (loaded_ours, loaded_theirs):
+            opt.load_state_dict(copy.deepcopy(saved))
+        want = torch.float64 if as_number else torch.float32
+        for opt in (loaded_ours, loaded_theirs):
+            assert [s["step"].dtype for s in opt.state.values()] == [want, want], (type(opt), as_number)
 
 
 @pytest.mark.parametrize("name", NAMES)

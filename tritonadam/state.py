@@ -423,14 +423,14 @@ def new_step_dtype(group: dict) -> torch.dtype:
 
 
 def loaded_step_dtype(value, group: dict) -> torch.dtype:
-    """The dtype a loaded step count gets, as torch.optim's ``load_state_dict`` and
-    ``__setstate__`` give it: float32 for capturable or fused groups, a float64 tensor
-    kept, a number as a new count."""
+    """The dtype a loaded step count gets, as torch.optim gives it: a number becomes a new
+    count (``__setstate__``); a tensor becomes float32 in capturable or fused groups
+    (``load_state_dict``), else a float64 one is kept."""
+    if not isinstance(value, Tensor):
+        return new_step_dtype(group)
     if group.get("capturable") or group.get("fused"):
         return torch.float32
-    if isinstance(value, Tensor):
-        return torch.float64 if value.dtype == torch.float64 else torch.float32
-    return new_step_dtype(group)
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
