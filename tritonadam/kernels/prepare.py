@@ -90,8 +90,9 @@ def _prepare_kernel(
         # GradScaler found inf/NaN: no step is taken, step counts included.
         advance = tl.load(found_inf_ptr) == 0
     if advance:
-        step32 = (step + 1.0).to(tl.float32)
-        step = tl.where(is64, step + 1.0, step32.to(tl.float64))
+        step = step + 1.0
+        step32 = step.to(tl.float32)
+        step = tl.where(is64, step, step32.to(tl.float64))
         tl.store(ptr32, step32, mask=mask & ~is64)
         tl.store(ptr64, step, mask=mask & is64)
 
