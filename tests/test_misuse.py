@@ -438,8 +438,11 @@ def test_state_moved_under_the_same_tensors_is_followed():
 
 
 @pytest.mark.parametrize("after", [1, 3])
-@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step", "step-float64"])
 def test_state_tensor_replaced_in_its_dict_is_stepped(key, after, device):
+    """Also a float32 step count replaced by a float64 one after cached steps: the kernel
+    must read and advance it as float64 (its table row says which)."""
+    key, dtype = ("step", torch.float64) if key == "step-float64" else (key, None)
     params = _params(device)
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours = PAIRS["AdamW"][0](params, **LAUNCH)
@@ -450,6 +453,8 @@ def test_state_tensor_replaced_in_its_dict_is_stepped(key, after, device):
             for opt, ps in ((ours, params), (theirs, ref)):
                 s = opt.state[ps[1]]
                 s[key] = s[key] * (1 if key == "step" else 0.5)  # a new tensor in the same dict
+                if dtype is not None:
+                    s[key] = s[key].to(dtype)
         _step_both(ours, theirs, params, ref, gen)
     _assert_like_torch(ours, theirs, params, ref)
 
