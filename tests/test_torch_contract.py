@@ -367,6 +367,63 @@ def test_step_counts_take_torchs_dtype(name, device, float64_default):
             assert [s["step"].dtype for s in opt.state.values()] == [want, want], (type(opt), as_number)
 
 
+def _on_cpu(saved):
+    """A state dict as ``torch.load(..., map_location="cpu")`` gives it back."""
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    return torch.load(buf, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loaded_step_counts_stay_where_torch_leaves_them(name, device):
+    """A checkpoint mapped to the CPU and loaded into an optimizer of (GPU) params: torch
+    keeps each tensor step count where the state dict had it, and a number's new count on
+    the CPU, unless the group is capturable or fused (torch's
+    test_state_dict_with_cuda_params). Ours leaves them there too until the next step,
+    which moves them to the params' device and steps like torch."""
+    for kwargs in configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        source = OURS[name]([weight, bias], **fresh(kwargs))
+        run_steps(source, weight, bias, inpt, 3)
+        for as_number in (False, True):
+            saved = _on_cpu(source.state_dict())
+            if as_number:
+                for s in saved["state"].values():
+                    s["step"] = s["step"].item()
+            before = copy.deepcopy(saved)
+            params = [Parameter(t.detach().clone()) for t in (weight, bias)]
+            tparams = [Parameter(t.detach().clone()) for t in (weight, bias)]
+            ours, theirs = OURS[name](params, **fresh(kwargs)), INFOS[name].optim_cls(tparams, **fresh(kwargs))
+            ours.load_state_dict(saved)
+            theirs.load_state_dict(copy.deepcopy(saved))
+            assert_same(saved, before)  # loading leaves the caller's dict as it was
+            devices = [s["step"].device for s in theirs.state.values()]
+            assert [s["step"].device for s in ours.state.values()] == devices, (kwargs, as_number)
+            assert [s["step"].device for s in ours.state_dict()["state"].values()] == devices
+            run_steps(ours, *params, inpt, 2)
+            run_steps(theirs, *tparams, inpt, 2)
+            assert [(s["step"].device, s["step"].item()) for s in ours.state.values()] == [
+                (p.device, 5.0) for p in params], (kwargs, as_number)
+            torch.testing.assert_close(params, tparams)
+
+
+def test_loaded_step_count_device_follows_torchs_rule():
+    """Where a loaded count goes (the device half of the test above, which a CPU-only run
+    cannot tell apart): the param's device in capturable or fused groups, else the state
+    dict's device, else (a number) the CPU."""
+    from tritonadam.state import loaded_step_device
+
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    count = torch.tensor(3.0)
+    assert loaded_step_device(count, {"capturable": False, "fused": None}, gpu) == cpu
+    assert loaded_step_device(3.0, {}, gpu) == cpu
+    assert loaded_step_device(count.to("meta"), {}, gpu) == torch.device("meta")
+    for group in ({"capturable": True}, {"fused": True}):
+        assert loaded_step_device(count, group, gpu) == gpu
+        assert loaded_step_device(3.0, group, gpu) == gpu
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_named_state_dict_loads_into_either_kind(name, device):
     inpt = torch.rand(1, 4, 16, 16, device=device)

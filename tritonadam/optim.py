@@ -149,8 +149,9 @@ class _TritonAdamBase(Optimizer):
         afterwards and converted to this optimizer's formats (moment dtype, master form;
         loading an fp32 master into ``master_weights="remainder"`` sets each bf16 param to
         its master's high half, so the pair is exact), and step counts become 0-dim
-        tensors on the param's device, in the dtype torch.optim gives them (a float64
-        count stays float64 unless the group is capturable or fused).
+        tensors in the dtype and on the device torch.optim gives them (a float64 count
+        stays float64, and a count stays where the state dict had it, unless the group is
+        capturable or fused); the next step moves a count to its param's device.
         """
         name = type(self).__name__
         # Check and read the state dict torch actually loads: the one user pre-hooks

@@ -433,6 +433,16 @@ def loaded_step_dtype(value, group: dict) -> torch.dtype:
     return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
+def loaded_step_device(value, group: dict, param_device: torch.device) -> torch.device:
+    """Where torch.optim leaves a loaded step count: on the param's device in capturable or
+    fused groups, else where the state dict had it (a number: on the CPU). A count left
+    elsewhere is moved to the param's device by the next step, where the kernels advance
+    it without a host sync."""
+    if group.get("capturable") or group.get("fused"):
+        return param_device
+    return value.device if isinstance(value, Tensor) else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ParamFormat:
     """How one param's state is stored: its moments, its master copy, and whether any of
@@ -695,6 +705,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
         for saved_id, p in zip(saved["params"], group["params"])
     ]
     loaded_seed = None
+    step_devices = {}
     for saved_id, p, group in pairs:
         if saved_id not in saved_state or p not in state:
             continue
@@ -703,6 +714,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
             if key == "step":
                 step = float(value.item() if isinstance(value, Tensor) else value)
                 dst[key] = torch.tensor(step, dtype=loaded_step_dtype(value, group), device=local_tensor(p).device)
+                step_devices[p] = loaded_step_device(value, group, local_tensor(p).device)
             elif key == SEED_KEY:
                 loaded_seed = int(value)
             elif isinstance(value, Tensor):
@@ -715,6 +727,8 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
             if state.get(p):
                 policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
                                          new_step_dtype(group))
+                if p in step_devices:
+                    state[p]["step"] = state[p]["step"].to(step_devices[p])
     return loaded_seed
 
 
