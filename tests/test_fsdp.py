@@ -93,6 +93,13 @@ def test_fsdp1_use_orig_params_and_ddp(tmp_path):
     run_scenario("fsdp1_parity", tmp_path)
 
 
+def test_zero_redundancy_optimizer(tmp_path):
+    """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
+    torch.optim through ZeRO's checkpoint round trip (which writes the local state by
+    hand), and with quantized state matches plain DDP bit for bit."""
+    run_scenario("zero_redundancy", tmp_path)
+
+
 def test_grad_scaler_with_fsdp_skips_on_every_rank(tmp_path):
     """An inf in one rank's grad shard: every rank skips and backs off the scale, ours
     tracks torch.optim. FSDP2 + GradScaler (with and without unscale_ + clipping) and
