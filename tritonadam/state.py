@@ -705,16 +705,14 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
         for saved_id, p in zip(saved["params"], group["params"])
     ]
     loaded_seed = None
-    step_devices = {}
+    steps = {}
     for saved_id, p, group in pairs:
         if saved_id not in saved_state or p not in state:
             continue
         src, dst = saved_state[saved_id], state[p]
         for key, value in src.items():
             if key == "step":
-                step = float(value.item() if isinstance(value, Tensor) else value)
-                dst[key] = torch.tensor(step, dtype=loaded_step_dtype(value, group), device=local_tensor(p).device)
-                step_devices[p] = loaded_step_device(value, group, local_tensor(p).device)
+                steps[p] = value  # set after the conversion below, which makes counts anew
             elif key == SEED_KEY:
                 loaded_seed = int(value)
             elif isinstance(value, Tensor):
@@ -727,8 +725,13 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
             if state.get(p):
                 policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
                                          new_step_dtype(group))
-                if p in step_devices:
-                    state[p]["step"] = state[p]["step"].to(step_devices[p])
+                if p in steps:
+                    value = steps[p]
+                    state[p]["step"] = torch.tensor(
+                        float(value.item() if isinstance(value, Tensor) else value),
+                        dtype=loaded_step_dtype(value, group),
+                        device=loaded_step_device(value, group, local_tensor(p).device),
+                    )
     return loaded_seed
 
 
