@@ -568,6 +568,87 @@ def fsdp2_precision_modes(rank: int, world: int, tmpdir: str) -> None:
         assert isinstance(m, DTensor) and m.dtype == torch.bfloat16 and m.placements == p.placements
 
 
+# Formats whose state is not plain fp32 moments, with the param dtype each needs.
+FSDP1_MODES = (
+    (torch.float32, {"state_dtype": "8bit", "amsgrad": True}),
+    (torch.bfloat16, {"state_dtype": "8bit", "master_weights": "remainder"}),
+    (torch.bfloat16, {"state_dtype": "4bit", "stochastic_rounding": True, "seed": 7}),
+    (torch.bfloat16, {"state_dtype": torch.bfloat16, "master_weights": True}),
+    (torch.bfloat16, {"master_weights": "remainder"}),
+)
+
+
+def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
+    """FSDP1 with its default ``use_orig_params=False`` (the optimizer steps flat params)
+    tracks torch.optim. With quantized moments, a remainder master, bf16 state, the
+    optimizer steps flat params or 1-D views of them, some empty (``True``). FSDP1's optimizer state dicts all-gather every state tensor of a
+    flat param element for element (with ``use_orig_params=True`` all in one dtype), so
+    ours export each FSDP1 shard's moments at fp32 under torch's keys and a master as
+    fp32 ``master_param``: DCP's full state dicts and FSDP1's own ``FSDP.optim_state_dict``
+    then work, and a fresh model and optimizer restored from them continue bit for bit
+    (the load re-encodes the same codes, the same remainder).
+
+    Not used here, as torch.optim fails them too on this CPU/gloo job: DCP's sharded
+    FSDP1 state dicts (``dcp.load`` on rank 1: "Missing key in checkpoint state_dict:
+    optim.param_groups"), and ``FSDP.optim_state_dict`` with ``use_orig_params=True``
+    (on CPU tensors it returns every key of a param as views of one buffer: its offload
+    copy is a no-op there)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    internal = ("_8bit", "_4bit", "_scales", "master_param_remainder")
+    full_opts = StateDictOptions(full_state_dict=True)
+    # FSDP1's default (flat params in the optimizer) tracks torch.optim too.
+    flat = {}
+    for ours in (True, False):
+        model = FSDP(base_model(), device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+        assert all(getattr(p, "_is_flat_param", False) for p in model.parameters())
+        opt = make_opt("AdamW", ours, model)
+        train(model, opt, rank, range(3), clip=1.0)
+        flat[ours] = list(model.parameters())
+    for p, q in zip(flat[True], flat[False]):
+        torch.testing.assert_close(p, q, msg=lambda m: f"FSDP1 flat params: {m}", **TOL)
+    for orig in (False, True):
+        for dtype, kw in FSDP1_MODES:
+            what = f"FSDP1 use_orig_params={orig} {dtype} {kw}"
+
+            def fresh(seed=0):
+                model = FSDP(base_model(seed).to(dtype), use_orig_params=orig, device_id=torch.device("cpu"),
+                             auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+                return model, tritonadam.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+
+            model, opt = fresh()
+            train(model, opt, rank, range(3))
+            at3 = [p.detach().clone() for p in model.parameters()]
+            saved = {"full": copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))}
+            if not orig:
+                saved["legacy"] = copy.deepcopy(FSDP.optim_state_dict(model, opt))
+            full_shapes = {n: p.shape for n, p in base_model().named_parameters()}
+            for how, osd in saved.items():
+                assert osd["state"].keys() == full_shapes.keys(), (what, how, osd["state"].keys())
+                for pname, pstate in osd["state"].items():
+                    for key, v in pstate.items():
+                        assert not key.endswith(internal), (what, how, pname, key)
+                        if key not in ("step", "rounding_seed"):
+                            assert v.dtype == torch.float32 and v.shape == full_shapes[pname], \
+                                (what, how, pname, key, v.dtype, v.shape)
+            train(model, opt, rank, range(3, 6))
+            final = [p.detach().clone() for p in model.parameters()]
+
+            for how, osd in saved.items():
+                restored, ropt = fresh(seed=123)
+                with torch.no_grad():
+                    for p, q in zip(restored.parameters(), at3):
+                        p.copy_(q)
+                if how == "full":
+                    set_optimizer_state_dict(restored, ropt, copy.deepcopy(osd), options=full_opts)
+                else:
+                    ropt.load_state_dict(FSDP.optim_state_dict_to_load(restored, ropt, copy.deepcopy(osd)))
+                train(restored, ropt, rank, range(3, 6))
+                for i, (p, q) in enumerate(zip(restored.parameters(), final)):
+                    assert torch.equal(p, q), (what, how, i, (p.float() - q.float()).abs().max())
+
+
 class Gain(nn.Module):
     """One (1, 9) param: over 2 ranks, rank 1 holds nothing of this model at all."""
 
@@ -1102,6 +1183,7 @@ SCENARIOS = {
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,
     "fsdp1_parity": fsdp1_parity,
+    "fsdp1_precision_state_dicts": fsdp1_precision_state_dicts,
     "grad_scaler_fsdp": grad_scaler_fsdp,
     "grad_scaler_fsdp1_without_unscale": grad_scaler_fsdp1_without_unscale,
     "fsdp2_quantized": fsdp2_quantized,

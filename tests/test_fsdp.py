@@ -93,6 +93,12 @@ def test_fsdp1_use_orig_params_and_ddp(tmp_path):
     run_scenario("fsdp1_parity", tmp_path)
 
 
+def test_fsdp1_state_dicts_of_every_format(tmp_path):
+    """FSDP1's optimizer state dicts (DCP's, sharded and full, and FSDP.optim_state_dict)
+    with quantized, bf16 and remainder state: moments exported at fp32, bit-exact resume."""
+    run_scenario("fsdp1_precision_state_dicts", tmp_path)
+
+
 def test_zero_redundancy_optimizer(tmp_path):
     """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
     torch.optim through ZeRO's checkpoint round trip (which writes the local state by

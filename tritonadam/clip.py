@@ -22,7 +22,7 @@ from .kernels import device_guard, layout
 from .kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind, norm_max_chunks
 from .kernels.plan import NormPlan, upload
 from .step_cache import StepCache
-from .tensors import GRAD
+from .tensors import GRAD, is_fsdp1_shard
 
 __all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
 
@@ -78,7 +78,7 @@ def norm_reduction(params: list[Tensor]):
         from torch.distributed.tensor import DTensor
     except Exception:  # pragma: no cover - builds without torch.distributed
         return None, []
-    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+    if any(map(is_fsdp1_shard, params)):
         raise NotImplementedError(
             "clip_grad_norm_: these params are FSDP1 (FullyShardedDataParallel) shards, plain "
             "tensors whose norm would be this rank's alone; use FSDP1's own "

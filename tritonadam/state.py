@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import quantize
 from .kernels.launch import QUANT_MIN_FULL
 from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
-from .tensors import in_layout, is_dense, like, local_tensor
+from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
@@ -47,6 +47,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 COMPLEX = (torch.complex64, torch.complex128)
 _MASTER_KEYS = {Master.FP32: MASTER_KEY, Master.REMAINDER: REMAINDER_KEY}
 _MASTER_DTYPES = {MASTER_KEY: torch.float32, REMAINDER_KEY: torch.int16}
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq")
 
 
 def moment_keys(algorithm: str, amsgrad: bool) -> tuple[str, ...]:
@@ -549,7 +552,19 @@ class ParamFormat:
         fp32 master it stands for, so the checkpoint loads into either master mode and
         into torch.optim whatever order params and state are loaded in; quantized
         moments as codes and scales, shaped so that DCP can reshard them
-        (``QuantizedMoments.export``)."""
+        (``QuantizedMoments.export``).
+
+        An FSDP1 shard's state at full precision instead (``export_full``): FSDP1's
+        optimizer state dicts (``FSDP.optim_state_dict``, DCP's ``get_optimizer_state_dict``)
+        all-gather every state tensor of a flat param element for element with the
+        shard, and with ``use_orig_params=True`` all of them in one dtype, which neither
+        block codes and scales nor an int16 remainder beside an fp32 master are. Loading
+        converts back: the same codes, the same remainder."""
+        if is_fsdp1_shard(p):
+            return self.export_full(p, saved, _MOMENT_KEYS)
+        return self._export(p, saved)
+
+    def _export(self, p: Tensor, saved: dict) -> dict:
         out = dict(saved)
         if isinstance(self.moments, QuantizedMoments):
             suffix = f"_{self.moments.bits}bit"
@@ -570,11 +585,12 @@ class ParamFormat:
     def export_full(self, p: Tensor, state: dict, keys: tuple[str, ...]) -> dict:
         """This param's state as torch.optim keeps it: every moment at full precision
         (fp32) under torch's keys, the master as ``master_param``."""
-        out = {k: v for k, v in self.export(p, state).items()
+        out = {k: v for k, v in self._export(p, state).items()
                if not (k.endswith("bit") or k.endswith("_scales") or k == REMAINDER_KEY)}
         for key in keys:
             full = read_moment(p, key, state)
-            out[key] = like(p, torch.float32, torch.preserve_format, full) if full is not None else out.get(key)
+            if full is not None and not (isinstance(out.get(key), Tensor) and out[key].dtype == torch.float32):
+                out[key] = like(p, torch.float32, torch.preserve_format, full)
         return out
 
     def tensors(self, state: dict, keys: tuple[str, ...]) -> tuple:
@@ -662,7 +678,7 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
 
 
 # Keys whose value must be a tensor (besides quantized codes and scales).
-_TENSOR_KEYS = frozenset({"exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq", MASTER_KEY, REMAINDER_KEY})
+_TENSOR_KEYS = frozenset({*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY})
 
 
 def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -> str | None:

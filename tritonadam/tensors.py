@@ -38,6 +38,12 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
+def is_fsdp1_shard(t: Tensor) -> bool:
+    """A FullyShardedDataParallel (FSDP1) flat param or one of its original params: plain
+    tensors that hold this rank's slice of a flattened model (FSDP1 marks them)."""
+    return getattr(t, "_fsdp_flattened", False)
+
+
 def as_real(t: Tensor | None) -> Tensor | None:
     """Complex tensors are stepped elementwise on their real view, as torch.optim does."""
     return torch.view_as_real(t) if t is not None and t.is_complex() else t
