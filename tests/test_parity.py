@@ -126,3 +126,25 @@ def test_grads_are_never_written(device):
         opt.step()
         for p, g in zip(params, grads):
             assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("betas", [(0.0, 0.95), (0.0, 0.0), (0.5, 0.0)])
+def test_zero_betas_match_torch_and_warn_nothing(name, betas, device, recwarn):
+    """A beta of 0 (no momentum, or no second-moment memory) makes beta**t underflow to
+    0 from the second step: the bias corrections are exactly 1, as torch's, and nothing
+    in the step warns (the interpreter's numpy once warned of a log(0))."""
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params(SHAPES, torch.float32, device, seed=3)
+    ref = clone_params(params)
+    ours = ours_cls(params, lr=1e-2, betas=betas, **LAUNCH)
+    theirs = torch_cls(ref, lr=1e-2, betas=betas, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        for g, p, q in zip(random_grads(params, gen), params, ref):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, **TOL[torch.float32])
+    assert not [str(w.message) for w in recwarn], [str(w.message) for w in recwarn]
