@@ -580,13 +580,14 @@ FSDP1_MODES = (
 
 def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
     """FSDP1 with its default ``use_orig_params=False`` (the optimizer steps flat params)
-    tracks torch.optim. With quantized moments, a remainder master, bf16 state, the
-    optimizer steps flat params or 1-D views of them, some empty (``True``). FSDP1's optimizer state dicts all-gather every state tensor of a
-    flat param element for element (with ``use_orig_params=True`` all in one dtype), so
-    ours export each FSDP1 shard's moments at fp32 under torch's keys and a master as
-    fp32 ``master_param``: DCP's full state dicts and FSDP1's own ``FSDP.optim_state_dict``
-    then work, and a fresh model and optimizer restored from them continue bit for bit
-    (the load re-encodes the same codes, the same remainder).
+    tracks torch.optim. With quantized moments, a remainder master or bf16 state, the
+    optimizer steps flat params or 1-D views of them, some empty (``True``). FSDP1's
+    optimizer state dicts all-gather every state tensor of a flat param element for
+    element (with ``use_orig_params=True`` all in one dtype), so ours export each FSDP1
+    shard's moments at fp32 under torch's keys and a master as fp32 ``master_param``:
+    DCP's full state dicts and FSDP1's own ``FSDP.optim_state_dict`` then work, and a
+    fresh model and optimizer restored from them continue bit for bit (the load
+    re-encodes the same codes, the same remainder).
 
     Not used here, as torch.optim fails them too on this CPU/gloo job: DCP's sharded
     FSDP1 state dicts (``dcp.load`` on rank 1: "Missing key in checkpoint state_dict:
