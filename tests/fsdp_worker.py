@@ -650,6 +650,116 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
                     assert torch.equal(p, q), (what, how, i, (p.float() - q.float()).abs().max())
 
 
+class MLP(nn.Module):
+    """Two linears. Rows of 128 elements sharded along dim 1 split each row's two blocks
+    of 64 between the ranks; 130 hidden units split 65/65, so blocks straddle a shard
+    boundary."""
+
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(inputs, hidden)
+        self.down = nn.Linear(hidden, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _mlp_train(model, opt, rank, steps, clip=None) -> None:
+    for step in steps:
+        x = torch.randn(8, model.up.in_features, generator=torch.Generator().manual_seed(10 * step + rank))
+        model(x).pow(2).mean().backward()
+        if clip == "torch":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        elif clip == "fused":
+            opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+
+
+def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
+    """DTensor params sharded along dim 1 as well as dim 0, replicated next to sharded:
+    tensor parallelism (``parallelize_module`` with Colwise/RowwiseParallel: weights
+    Shard(0) and Shard(1), one bias replicated) and FSDP2 with a ``shard_placement_fn``
+    sharding matrices along dim 1. Ours tracks torch.optim; with 8-bit and 4-bit state a
+    sharded DCP checkpoint (TP) and a full optimizer state dict (FSDP2) restore a fresh
+    model and optimizer that continue bit for bit. Fused clipping works for the FSDP2
+    model and refuses TP's mix of sharded and replicated grads, saying what to use."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def tp(seed):  # down.weight (24, 128) Shard(1)
+        torch.manual_seed(seed)
+        model = MLP(24, 128)
+        return parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+
+    def fsdp_dim1(seed):  # up.weight (130, 128) Shard(1), down.weight (24, 130) Shard(1)
+        torch.manual_seed(seed)
+        model = MLP(128, 130)
+        placement = lambda p: Shard(1) if p.dim() == 2 else Shard(0)  # noqa: E731
+        fully_shard(model.up, shard_placement_fn=placement)
+        return fully_shard(model, shard_placement_fn=placement)
+
+    def ours(model, **kw):
+        return tritonadam.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+
+    def full_list(model):
+        return [p.full_tensor() for p in model.parameters()]
+
+    for build, clip in ((tp, "torch"), (fsdp_dim1, "fused")):
+        what = build.__name__
+        ref = build(0)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+        _mlp_train(ref, ref_opt, rank, range(4), clip="torch")
+        model = build(0)
+        opt = ours(model)
+        _mlp_train(model, opt, rank, range(4), clip=clip)
+        for p, q in zip(full_list(model), full_list(ref)):
+            torch.testing.assert_close(p, q, msg=lambda m: f"{what}: {m}", **TOL)
+    placements = {p.placements for p in tp(0).parameters()}
+    assert {(Shard(0),), (Shard(1),)} < placements and len(placements) == 3, placements
+    model = tp(0)
+    opt = ours(model)
+    model(torch.randn(8, 24, generator=torch.Generator().manual_seed(rank))).pow(2).mean().backward()
+    try:
+        opt.clip_grad_norm_(0.5)
+    except NotImplementedError as err:
+        assert "torch.nn.utils.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("fused clipping of mixed TP placements did not raise")
+
+    for build, bits, how in ((tp, "8bit", "dcp"), (fsdp_dim1, "4bit", "full")):
+        what = f"{build.__name__} {bits} via {how}"
+        clip = "fused" if build is fsdp_dim1 else None
+        model = build(0)
+        opt = ours(model, state_dtype=bits)
+        _mlp_train(model, opt, rank, range(3), clip=clip)
+        path = os.path.join(tmpdir, f"tp_{build.__name__}")
+        full_opts = StateDictOptions(full_state_dict=True)
+        if how == "dcp":
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        else:
+            msd = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+            osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))
+        _mlp_train(model, opt, rank, range(3, 5), clip=clip)
+        restored = build(5)
+        ropt = ours(restored, state_dtype=bits)
+        if how == "dcp":
+            msd2, osd2 = get_state_dict(restored, ropt)
+            sd = {"model": msd2, "optim": osd2}
+            dcp.load(sd, checkpoint_id=path)
+            set_state_dict(restored, ropt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            set_model_state_dict(restored, msd, options=full_opts)
+            set_optimizer_state_dict(restored, ropt, osd, options=full_opts)
+        _mlp_train(restored, ropt, rank, range(3, 5), clip=clip)
+        for p, q in zip(full_list(restored), full_list(model)):
+            assert torch.equal(p, q), (what, (p - q).abs().max())
+
+
 class Gain(nn.Module):
     """One (1, 9) param: over 2 ranks, rank 1 holds nothing of this model at all."""
 
@@ -1193,5 +1303,6 @@ SCENARIOS = {
     "fsdp2_quantized_dcp_load1": fsdp2_quantized_dcp_load1,
     "fsdp2_quantized_dcp_world2": fsdp2_quantized_dcp_world2,
     "zero_redundancy": zero_redundancy,
+    "tensor_parallel": tensor_parallel,
 }
 

@@ -99,6 +99,12 @@ def test_fsdp1_state_dicts_of_every_format(tmp_path):
     run_scenario("fsdp1_precision_state_dicts", tmp_path)
 
 
+def test_tensor_parallel_and_dim1_shards(tmp_path):
+    """DTensor params sharded along dim 1 and replicated (tensor parallelism, FSDP2 with a
+    shard_placement_fn): parity with torch.optim, bit-exact quantized checkpoints."""
+    run_scenario("tensor_parallel", tmp_path)
+
+
 def test_zero_redundancy_optimizer(tmp_path):
     """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
     torch.optim through ZeRO's checkpoint round trip (which writes the local state by
