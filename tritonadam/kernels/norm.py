@@ -39,10 +39,8 @@ def _elementwise(g, p, NORM: tl.constexpr):
     if NORM == NORM_L2:
         return g * g
     elif NORM == NORM_P:
-        # 0 maps to 0, as exp2(p * log2(0)) would, without evaluating log2(0) (the
-        # interpreter's numpy warns "divide by zero" on it); inf and NaN pass through.
-        a = tl.abs(g)
-        return tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0.0, 1.0, a))))
+        # log2(0) = -inf, so 0 maps to 0 without a branch; inf and NaN pass through.
+        return tl.exp2(p * tl.log2(tl.abs(g)))
     else:
         return tl.abs(g)
 
@@ -138,8 +136,7 @@ def _norm_reduce_kernel(
         if NORM == NORM_L2:
             root = tl.sqrt(total)
         elif NORM == NORM_P:
-            root = tl.where(total == 0.0, 0.0,
-                            tl.exp2(tl.log2(tl.where(total == 0.0, 1.0, total)) / tl.load(clip_ptr + CLIP_P)))
+            root = tl.exp2(tl.log2(total) / tl.load(clip_ptr + CLIP_P))
         else:
             root = total
         # torch's total norm and coefficient are in the grads' dtype: fp32, or fp64.

@@ -53,11 +53,7 @@ def one_minus_pow(log_beta, step):
     x = step * log_beta
     u = tl.exp(x)
     um1 = u - 1.0
-    # Where u underflows (beta = 0, or a long run of a small beta) um1 is -1 and the
-    # quotient unused: the floor only keeps log(0) from being evaluated (the interpreter's
-    # numpy warns "divide by zero" on it).
-    safe_log_u = tl.log(tl.maximum(u, 2.2250738585072014e-308))
-    expm1 = tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, (um1 * x) / safe_log_u))
+    expm1 = tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, (um1 * x) / tl.log(u)))
     return -expm1
 
 
