@@ -599,6 +599,7 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
 
     internal = ("_8bit", "_4bit", "_scales", "master_param_remainder")
     full_opts = StateDictOptions(full_state_dict=True)
+    full_shapes = {n: p.shape for n, p in base_model().named_parameters()}
     # FSDP1's default (flat params in the optimizer) tracks torch.optim too.
     flat = {}
     for ours in (True, False):
@@ -624,7 +625,6 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
             saved = {"full": copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))}
             if not orig:
                 saved["legacy"] = copy.deepcopy(FSDP.optim_state_dict(model, opt))
-            full_shapes = {n: p.shape for n, p in base_model().named_parameters()}
             for how, osd in saved.items():
                 assert osd["state"].keys() == full_shapes.keys(), (what, how, osd["state"].keys())
                 for pname, pstate in osd["state"].items():
