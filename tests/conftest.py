@@ -14,6 +14,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fast_interpreter import patch_language_once_per_launch  # noqa: E402
+
+patch_language_once_per_launch()
+
 
 @pytest.fixture
 def device() -> torch.device:

@@ -34,6 +34,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import tritonadam  # noqa: E402
+from fast_interpreter import patch_language_once_per_launch  # noqa: E402
+
+patch_language_once_per_launch()
 
 LAUNCH = {"block_size": 16384, "num_warps": 4}
 TOL = {"atol": 1e-6, "rtol": 1e-5}
@@ -111,6 +114,16 @@ def fsdp2(model: nn.Module, **kw) -> nn.Module:
     fully_shard(model.l1, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def fsdp1(model: nn.Module, use_orig_params: bool = True, per_linear: bool = True) -> nn.Module:
+    """FSDP1 on the CPU; ``per_linear`` wraps each Linear as its own unit (several flat
+    params, some views empty on a rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = ModuleWrapPolicy({nn.Linear}) if per_linear else None
+    return FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"), auto_wrap_policy=policy)
 
 
 def train(model: nn.Module, opt, rank: int, steps, *, clip: float | None = None,
@@ -353,19 +366,12 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
     Then DDP: ours tracks torch.optim, with torch's or its own fused clipping (DDP grads
     are whole, so the local norm is the global one), and params stay identical on every
     rank."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    def wrap(model):
-        return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
-                    auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-
     base = base_model()
     models, opts, finals, full_sds = {}, {}, {}, {}
     for name in ("AdamW", "Adam"):
         for ours in (True, False):
             tag = ("ours" if ours else "torch", name)
-            model = wrap(copy.deepcopy(base))
+            model = fsdp1(copy.deepcopy(base))
             opt = make_opt(name, ours, model)
             train(model, opt, rank, range(4), clip=1.0)
             models[tag], opts[tag] = model, opt
@@ -398,7 +404,7 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
         # Cross loads: the other class's full state dict, then the same 2 steps.
         for src, dst in (("torch", "ours"), ("ours", "torch")):
             # Restore the params as of step 4 from a fresh run of the source class.
-            src_model = wrap(copy.deepcopy(base))
+            src_model = fsdp1(copy.deepcopy(base))
             src_opt = make_opt(name, src == "ours", src_model)
             train(src_model, src_opt, rank, range(4), clip=1.0)
             sd = get_optimizer_state_dict(src_model, src_opt, options=opts_full)
@@ -466,7 +472,6 @@ def grad_scaler_fsdp(rank: int, world: int, tmpdir: str) -> None:
     ShardedGradScaler with unscale_ + FSDP.clip_grad_norm_ (its unscale_ all-reduces
     found_inf). Ours tracks torch.optim.AdamW; skip decisions and scales agree across ranks.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     base = base_model()
@@ -475,7 +480,7 @@ def grad_scaler_fsdp(rank: int, world: int, tmpdir: str) -> None:
         "fsdp2+unscale_+clip": (fsdp2, lambda: torch.amp.GradScaler("cpu", init_scale=1024.0), True,
                                 lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
         "fsdp1+unscale_+clip": (
-            lambda m: FSDP(m, use_orig_params=True, device_id=torch.device("cpu")),
+            lambda m: fsdp1(m, per_linear=False),
             lambda: ShardedGradScaler("cpu", init_scale=1024.0), True, lambda m: m.clip_grad_norm_(1.0),
         ),
     }
@@ -501,20 +506,19 @@ def grad_scaler_fsdp1_without_unscale(rank: int, world: int, tmpdir: str) -> Non
     ShardedGradScaler.unscale_ all-reduces found_inf), so a rank without the inf steps
     and grows its scale while the other skips and backs off. torch.optim.AdamW (which
     GradScaler unscales through ShardedGradScaler.unscale_) stays consistent."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
     from tritonadam.amp import ShardedGradScaler as AgreeingShardedGradScaler
 
     base = base_model()
     for ours in (False, True):
-        model = FSDP(copy.deepcopy(base), use_orig_params=True, device_id=torch.device("cpu"))
+        model = fsdp1(copy.deepcopy(base), per_linear=False)
         opt = make_opt("AdamW", ours, model)
         scaler_cls = AgreeingShardedGradScaler if ours else ShardedGradScaler
         seen = _scaled_run(model, opt, scaler_cls("cpu", init_scale=1024.0), rank, unscale_first=False)
         assert_same_on_all_ranks(seen, f"fsdp1 ShardedGradScaler without unscale_, ours={ours}")
     # And the torch bug this class works around is still there (drop the class when not).
-    model = FSDP(copy.deepcopy(base), use_orig_params=True, device_id=torch.device("cpu"))
+    model = fsdp1(copy.deepcopy(base), per_linear=False)
     seen = _scaled_run(model, make_opt("AdamW", True, model), ShardedGradScaler("cpu", init_scale=1024.0),
                        rank, unscale_first=False)
     gathered = [None] * world
@@ -595,7 +599,6 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
     (on CPU tensors it returns every key of a param as views of one buffer: its offload
     copy is a no-op there)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     internal = ("_8bit", "_4bit", "_scales", "master_param_remainder")
     full_opts = StateDictOptions(full_state_dict=True)
@@ -603,7 +606,7 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
     # FSDP1's default (flat params in the optimizer) tracks torch.optim too.
     flat = {}
     for ours in (True, False):
-        model = FSDP(base_model(), device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+        model = fsdp1(base_model(), use_orig_params=False)
         assert all(getattr(p, "_is_flat_param", False) for p in model.parameters())
         opt = make_opt("AdamW", ours, model)
         train(model, opt, rank, range(3), clip=1.0)
@@ -615,8 +618,7 @@ def fsdp1_precision_state_dicts(rank: int, world: int, tmpdir: str) -> None:
             what = f"FSDP1 use_orig_params={orig} {dtype} {kw}"
 
             def fresh(seed=0):
-                model = FSDP(base_model(seed).to(dtype), use_orig_params=orig, device_id=torch.device("cpu"),
-                             auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+                model = fsdp1(base_model(seed).to(dtype), use_orig_params=orig)
                 return model, tritonadam.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
 
             model, opt = fresh()
