@@ -530,6 +530,60 @@ def test_state_dict_hooks(name, device):
     assert opt.param_groups[0]["lr"] == 0.002 and ran == [0.002]
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dtype, device):
+    """``optimizer.state`` may hold entries under keys that are not params (torch's own
+    state-dict pre-hook test sets ``state["test"] = 1``; training code keeps notes there).
+    torch.optim never reads them in a step, keeps them under the same key in
+    ``state_dict()`` and loads them back as they are; so must every export, copy and step
+    here, also when such an entry changes between steps."""
+    extra = {} if state_dtype is None else {"state_dtype": state_dtype}
+    weight, bias, inpt = linear_problem(device, seed=3)
+    ours_params = [weight, bias]
+    torch_params = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
+    ours = OURS[name](ours_params, lr=0.01, **extra)
+    ref = getattr(torch.optim, name)(torch_params, lr=0.01, foreach=False)
+
+    ours.register_state_dict_pre_hook(lambda o: o.state.__setitem__("test", 1))  # torch's hook
+    assert ours.state_dict()["state"] == {"test": 1}
+    for opt, (w, b) in ((ours, ours_params), (ref, torch_params)):
+        opt.state["note"] = 1  # neither a dict nor a param key
+        opt.state["cfg"] = {"epoch": 3}
+        run_steps(opt, w, b, inpt, 2)
+        opt.state["note"] = 2  # changed between steps
+        opt.state["cfg"]["epoch"] = 4
+        run_steps(opt, w, b, inpt, 2)
+    for p, q in zip(ours_params, torch_params):
+        torch.testing.assert_close(p, q, atol=5e-3 if state_dtype else 1e-6, rtol=1e-5)
+
+    expected = {"note": 2, "cfg": {"epoch": 4}, "test": 1}
+    for sd in (ours.state_dict(), ours.torch_state_dict()):
+        assert sd["state"].keys() == {0, 1, *expected}, sd["state"].keys()
+        assert {k: sd["state"][k] for k in expected} == expected
+    ref_sd = ref.state_dict()
+    assert ref_sd["state"]["note"] == 2 and ref_sd["state"]["cfg"] == {"epoch": 4}
+    for copied in (copy.deepcopy(ours), torch.load(_saved(ours), weights_only=False)):
+        assert copied.state["note"] == 2 and copied.state["cfg"] == {"epoch": 4}
+
+    # Loading: the entries come back under their keys, and the optimizer steps on.
+    loaded = OURS[name]([Parameter(weight.detach().clone()), Parameter(bias.detach().clone())], lr=0.01, **extra)
+    loaded.load_state_dict(ours.state_dict())
+    assert loaded.state["note"] == 2 and loaded.state["cfg"] == {"epoch": 4}
+    w, b = loaded.param_groups[0]["params"]
+    run_steps(loaded, w, b, inpt, 1)
+    run_steps(ours, weight, bias, inpt, 1)
+    torch.testing.assert_close(w, weight, atol=0, rtol=0)
+    torch.testing.assert_close(b, bias, atol=0, rtol=0)
+
+
+def _saved(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
 # ---- complex params, differentiable=True, unsupported devices -----------------------
 
 

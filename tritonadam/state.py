@@ -182,8 +182,8 @@ def encoded_orders(state: dict) -> list[tuple[Tensor, tuple[int, ...]]]:
     """(codes, order) for every codes tensor of ``state`` with a recorded order: what a
     copy of the optimizer (``copy.deepcopy``, pickle) carries along, its tensors copied
     with the state's, for ``record_orders``."""
-    return [(t, _ENCODED_IN[local_tensor(t)]) for s in state.values() for t in s.values()
-            if isinstance(t, Tensor) and local_tensor(t) in _ENCODED_IN]
+    return [(t, _ENCODED_IN[local_tensor(t)]) for s in state.values() if isinstance(s, dict)
+            for t in s.values() if isinstance(t, Tensor) and local_tensor(t) in _ENCODED_IN]
 
 
 def record_orders(pairs) -> None:
@@ -603,10 +603,17 @@ class ParamFormat:
         return BucketKey(param_dtype, grad_dtype, self.moments.name, amsgrad, self.master, self.stochastic)
 
 
+def _param_index(key, count: int) -> bool:
+    """Whether a key of torch's ``state_dict()["state"]`` is a param's index. torch keeps
+    entries of ``optimizer.state`` under keys that are not params (a hook's
+    ``state["note"] = 1``) as they are, under the same key."""
+    return type(key) is int and 0 <= key < count
+
+
 def export_state(policy: "StatePolicy", params: list[Tensor], saved: dict) -> dict:
     """torch's ``state_dict()["state"]`` with each param's state in its format's exported
     form (``saved`` is keyed by the params' indices)."""
-    return {i: policy.format(params[i]).export(params[i], value) if i < len(params) else value
+    return {i: policy.format(params[i]).export(params[i], value) if _param_index(i, len(params)) else value
             for i, value in saved.items()}
 
 
@@ -616,7 +623,7 @@ def export_full_state(policy: "StatePolicy", algorithm: str, param_groups: list[
     pairs = [(p, g) for g in param_groups for p in g["params"]]
     out = {}
     for i, value in saved.items():
-        if i < len(pairs):
+        if _param_index(i, len(pairs)):
             p, group = pairs[i]
             value = policy.format(p).export_full(p, value, moment_keys(algorithm, group.get("amsgrad", False)))
             value.pop(SEED_KEY, None)

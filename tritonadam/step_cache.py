@@ -171,7 +171,11 @@ class StepCache:
         # exp_avg pointer stands for its state).
         self._state_values = list(state.values())
         self._state_version = _dict_version(state) if _dict_version is not None else None
-        self._state_versions = self._versions(self._state_values)
+        # Only the dicts have versions; entries under keys that are not params (a hook's
+        # ``state["note"] = 1``, which torch keeps and never reads) count by identity,
+        # through the state's own version.
+        self._state_dicts = [v for v in self._state_values if isinstance(v, dict)]
+        self._state_versions = self._versions(self._state_dicts)
         self._moments = [local_tensor(r.moments[0]) for r in rows]
         self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
         self._inactive = inactive
@@ -257,7 +261,7 @@ class StepCache:
             options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
-            or self._versions(self._state_values) != self._state_versions
+            or self._versions(self._state_dicts) != self._state_versions
             or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
