@@ -204,6 +204,8 @@ def test_cpu_tensors_without_interpreter_say_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "CUDA or ROCm device" in out.stderr and "TRITON_INTERPRET=1" in out.stderr
+    # What a GPU job with params offloaded to the CPU (FSDP's CPU offload) should do instead.
+    assert "CPUOffloadPolicy" in out.stderr and "torch.optim.Adam(..., fused=True)" in out.stderr
 
 
 def test_cache_follows_changes_between_steps(device):

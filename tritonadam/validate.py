@@ -102,6 +102,10 @@ def check_device(name: str, p: Tensor, fused: bool | None = None) -> None:
         msg = (f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device (got "
                f"a param on {device}): move the model to the GPU, or for a slow CPU check set "
                "TRITON_INTERPRET=1 before importing tritonadam")
+        if device.type == "cpu":
+            msg += (". Params offloaded to the CPU (FSDP2's CPUOffloadPolicy, FSDP1's "
+                    "CPUOffload(offload_params=True)) are stepped on the CPU: use "
+                    f"torch.optim.{name}(..., fused=True) for them")
     if fused:
         # torch.optim's wording for fused=True, which its test-suite matches
         msg = ("`fused=True` requires all the params to be floating point Tensors of "
