@@ -95,6 +95,14 @@ def fresh(kwargs):
     return copy.deepcopy(kwargs)
 
 
+def reloaded(obj, **load_kwargs):
+    """``obj`` through ``torch.save`` and ``torch.load(**load_kwargs)``, in memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, **load_kwargs)
+
+
 # ---- the update goes the right way ----------------------------------------------------
 
 
@@ -369,10 +377,7 @@ def test_step_counts_take_torchs_dtype(name, device, float64_default):
 
 def _on_cpu(saved):
     """A state dict as ``torch.load(..., map_location="cpu")`` gives it back."""
-    buf = io.BytesIO()
-    torch.save(saved, buf)
-    buf.seek(0)
-    return torch.load(buf, map_location="cpu", weights_only=True)
+    return reloaded(saved, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -446,10 +451,7 @@ def test_state_dict_saves_and_loads_weights_only(name, device):
         opt = OURS[name]([weight, bias], **fresh(kwargs))
         run_steps(opt, weight, bias, inpt, 2)
         sd = opt.state_dict()
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        buf.seek(0)
-        assert_same(torch.load(buf, weights_only=True), sd)
+        assert_same(reloaded(sd, weights_only=True), sd)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -563,7 +565,7 @@ def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dty
         assert {k: sd["state"][k] for k in expected} == expected
     ref_sd = ref.state_dict()
     assert ref_sd["state"]["note"] == 2 and ref_sd["state"]["cfg"] == {"epoch": 4}
-    for copied in (copy.deepcopy(ours), torch.load(_saved(ours), weights_only=False)):
+    for copied in (copy.deepcopy(ours), reloaded(ours, weights_only=False)):
         assert copied.state["note"] == 2 and copied.state["cfg"] == {"epoch": 4}
 
     # Loading: the entries come back under their keys, and the optimizer steps on.
@@ -575,13 +577,6 @@ def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dty
     run_steps(ours, weight, bias, inpt, 1)
     torch.testing.assert_close(w, weight, atol=0, rtol=0)
     torch.testing.assert_close(b, bias, atol=0, rtol=0)
-
-
-def _saved(obj) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 # ---- complex params, differentiable=True, unsupported devices -----------------------
