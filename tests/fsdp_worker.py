@@ -773,6 +773,46 @@ class Gain(nn.Module):
         return (idx.float().mean(1, keepdim=True) * self.gain)[:, :3]
 
 
+def fsdp2_cpu_params(rank: int, world: int, tmpdir: str) -> None:
+    """Run without the interpreter, as a GPU job whose params FSDP2 keeps on the CPU
+    (CPUOffloadPolicy): the CPU DTensor params are stepped by torch.optim's CPU
+    implementation on tritonadam's state. Adam(amsgrad)/AdamW match torch.optim's
+    fused=True and Adamax its for-loop bit for bit over 4 steps (two param groups, torch's
+    clip, uneven and empty shards); the full optimizer state dict carries the run to a
+    fresh optimizer exactly; a format only the kernels have is refused on every rank with
+    nothing written."""
+    from tritonadam.kernels.launch import interpreted
+
+    assert not interpreted(), "run with TRITON_INTERPRET=0"
+    for name in PAIRS:
+        torch_impl = {"foreach": False} if name == "Adamax" else {"fused": True}
+        ref_model = fsdp2(base_model())
+        ref = PAIRS[name][1](groups(ref_model), lr=1e-2, **KWARGS[name], **torch_impl)
+        model = fsdp2(base_model())
+        opt = PAIRS[name][0](groups(model), lr=1e-2, **KWARGS[name])
+        train(ref_model, ref, rank, range(4), clip=0.5)
+        train(model, opt, rank, range(4), clip=0.5)
+        assert_close_dicts(full_params(model), full_params(ref_model), f"{name} cpu params", exact=True)
+        saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)))
+        resumed_model = fsdp2(base_model())
+        resumed_model.load_state_dict(model.state_dict())
+        resumed = PAIRS[name][0](groups(resumed_model), lr=1e-2, **KWARGS[name])
+        set_optimizer_state_dict(resumed_model, resumed, saved, options=StateDictOptions(full_state_dict=True))
+        train(model, opt, rank, range(4, 6), clip=0.5)
+        train(resumed_model, resumed, rank, range(4, 6), clip=0.5)
+        assert_close_dicts(full_params(resumed_model), full_params(model), f"{name} resumed", exact=True)
+    model = fsdp2(base_model())
+    opt = tritonadam.AdamW(model.parameters(), state_dtype="8bit")
+    model(batch(0, rank)[0]).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert "needs the GPU kernels" in str(e), e
+    else:
+        raise AssertionError("8-bit state on CPU params without the kernels was stepped")
+    assert not any(opt.state.values())
+
+
 def fsdp2_fused_clip(rank: int, world: int, tmpdir: str) -> None:
     """tritonadam's fused clipping under FSDP2 (uneven and empty shards; then a model of
     which rank 1 holds no element): ``clip_grad_norm_`` and ``max_grad_norm=``, 2-norm and
@@ -1292,6 +1332,7 @@ def zero_redundancy(rank: int, world: int, tmpdir: str) -> None:
 SCENARIOS = {
     "fsdp2_precision_modes": fsdp2_precision_modes,
     "fsdp2_fused_clip": fsdp2_fused_clip,
+    "fsdp2_cpu_params": fsdp2_cpu_params,
     "fsdp2_parity": fsdp2_parity,
     "fsdp2_mixed_precision": fsdp2_mixed_precision,
     "fsdp2_checkpoints": fsdp2_checkpoints,

@@ -65,6 +65,14 @@ def test_fsdp2_fused_clipping(tmp_path):
     run_scenario("fsdp2_fused_clip", tmp_path)
 
 
+def test_fsdp2_cpu_params_without_the_interpreter(tmp_path, monkeypatch):
+    """CPU params outside the interpreter (a GPU job with FSDP2's CPU offload): stepped by
+    torch.optim's CPU implementation on our state, bit for bit as torch.optim, and
+    resumable from a full optimizer state dict; 8-bit state refused on every rank."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the spawned ranks inherit it
+    run_scenario("fsdp2_cpu_params", tmp_path)
+
+
 def test_fsdp2_bf16_mixed_precision(tmp_path):
     """MixedPrecisionPolicy(bf16 params, fp32 reduce) tracks torch; bf16-stored params
     with master_weights keep fp32 DTensor state and stay close to the fp32 run."""

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import host, validate
 from .kernels.plan import rounding_key
 from .state import StatePolicy, moment_keys, new_step_dtype
 from .step_cache import Row, StepCache, param_meta
 from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
-from .validate import check_grad
 
 __all__ = ["Gathered", "build", "init_group"]
 
@@ -29,6 +29,9 @@ class Gathered:
     pending: list = field(default_factory=list)
     inactive: list = field(default_factory=list)  # params without grads
     meta: list = field(default_factory=list)  # (param, group index): stepped shape-only
+    # (param, grad, group index, whether its state must be prepared): CPU params stepped
+    # by torch.optim's implementation where the kernels run on a GPU (tritonadam.host)
+    host: list = field(default_factory=list)
     seen: dict = field(default_factory=dict)  # id(param) -> its group
 
 
@@ -50,15 +53,20 @@ def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, inde
             # does check_grad below, in torch's words.
             gathered.meta.append((p, index))
             continue
-        grad = check_grad(name, p, p.grad, group.get("fused"))
-        convert = policy.format(p).check(p, state.get(p, {}), keys, name)
-        gathered.pending.append((p, grad, index, convert))
+        grad = validate.check_grad(name, p, p.grad, group.get("fused"))
+        fmt = policy.format(p)
+        convert = fmt.check(p, state.get(p, {}), keys, name)
+        if validate.host_stepped(p):
+            host.check_format(name, fmt, p)
+            gathered.host.append((p, grad, index, convert))
+        else:
+            gathered.pending.append((p, grad, index, convert))
 
 
 def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, param_groups: list[dict],
           state: dict, gathered: Gathered, options: tuple) -> StepCache:
     """Create missing state, convert what other formats left, and build the step cache."""
-    pending = gathered.pending
+    pending = gathered.pending + gathered.host
     if len({id(p) for p, *_ in pending}) != len(pending):
         raise ValueError(
             f"tritonadam.{name}: a parameter appears more than once in a param group; list "
@@ -73,8 +81,14 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
     # sharded run its rank, so shards of one param draw different numbers.
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
     rank = _rank() << 24
+    for p, _, index, convert in gathered.host:
+        if convert:
+            keys = moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False)))
+            policy.format(p).prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
+    host_rows = [host.HostRow(p, grad, index, state[p], policy.format(p))
+                 for p, grad, index, _ in gathered.host]
     rows = []
-    for p, grad, index, convert in pending:
+    for p, grad, index, convert in gathered.pending:
         group = param_groups[index]
         amsgrad = bool(group.get("amsgrad", False))
         keys = moment_keys(algorithm, amsgrad)
@@ -85,7 +99,7 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
                          rounding_key(seed, stream) if fmt.stochastic else 0))
     lists = [g["params"] for g in param_groups]
-    return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options)
+    return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options, host_rows)
 
 
 def _row(p: Tensor, grad: Tensor, index: int, state: dict, fmt, keys, amsgrad: bool, key: int) -> Row:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from . import autotune, differentiable, gather
+from . import autotune, differentiable, gather, host
 from .clip import Clipper, check_max_norm, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import check_group_options, checked_extras
@@ -181,10 +181,11 @@ class _TritonAdamBase(Optimizer):
         gather.init_group(type(self).__name__, self._algorithm, self._policy, self.state, index,
                           group, gathered)
 
-    def _ready(self) -> StepCache:
+    def _ready(self, clipping: bool = False) -> StepCache:
         """The step cache, having taken this step's grads: the cache's per-step check, or
         a full gathering and a new cache when it no longer applies (which raises,
-        writing nothing, on a bad grad)."""
+        writing nothing, on a bad grad). ``clipping``: whether a fused clip will read
+        these grads (refused for CPU params torch's implementation steps)."""
         cache, options = self._cache, self._options()
         if cache is not None and cache.check(self.param_groups, self.state, options):
             return cache
@@ -193,6 +194,9 @@ class _TritonAdamBase(Optimizer):
         for index, group in enumerate(self.param_groups):
             if not group.get("differentiable"):
                 self._init_group(index, group, gathered)
+        if gathered.host:
+            host.check_options(type(self).__name__, bias_correction=self.bias_correction,
+                               clipping=clipping)
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
         return self._cache
@@ -237,7 +241,7 @@ class _TritonAdamBase(Optimizer):
         if clipper.pending and cache is not None and cache.still_taken():
             clipper.before_step(cache, grad_scale, holds=True)  # the clip just checked them
         else:
-            cache = self._ready()
+            cache = self._ready(clipping=self.max_grad_norm is not None or clipper.pending)
             clipper.before_step(cache, grad_scale)
         if self.max_grad_norm is not None and not cache.empty:
             clipper.check_supported(self.param_groups, self.grad_norm_type, complex_grads=cache.has_complex)
@@ -316,7 +320,7 @@ class _TritonAdamBase(Optimizer):
         clipper = self._clipper
         clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
-        cache = self._ready()
+        cache = self._ready(clipping=True)
         if cache.empty:
             return torch.tensor(0.0)  # torch's value for no grads
         norm = clipper.clip(cache, max_norm, p, grad_scale=grad_scale,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import autotune
+from . import autotune, host
 from .autotune import LaunchConfig
 from .hyper import GroupHyper
 from .kernels import Bucket, BucketKey, DeviceTables, Variant, device_guard, launch_prepare, launch_update
@@ -156,8 +156,11 @@ class StepCache:
     """Device tables and per-step checks for one optimizer's tensors."""
 
     def __init__(self, name: str, algorithm: str, rows: list[Row], group_lists: list[list],
-                 inactive: list[Tensor], state: dict, options: tuple) -> None:
+                 inactive: list[Tensor], state: dict, options: tuple, host_rows: list | None = None) -> None:
         self.name = name
+        # CPU params that torch.optim's implementation steps (tritonadam.host). They are
+        # gathered and checked afresh every step: that path is host-bound anyway.
+        self.host = host_rows or []
         self.algorithm = algorithm  # "adam" or "adamax"; per-group decay decides adamw
         # The optimizer's options that decide which state a param steps with.
         self.options = options
@@ -258,7 +261,8 @@ class StepCache:
         lists = [g["params"] for g in param_groups]
         params = self._batch_params
         if (
-            options != self.options
+            self.host
+            or options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
@@ -338,6 +342,8 @@ class StepCache:
         """Forget this step's grads (the step launched, or they were zeroed)."""
         self.taken = None
         self._revalidated_grads = []
+        for row in self.host:
+            row.grad = None
 
     def _same_state_dicts(self, state: dict) -> bool:
         if self._state_version is not None:  # any entry set, popped or cleared changes it
@@ -354,7 +360,7 @@ class StepCache:
 
     @property
     def empty(self) -> bool:
-        return not self._order
+        return not self._order and not self.host
 
     @property
     def params(self) -> list[Tensor]:
@@ -420,6 +426,8 @@ class StepCache:
         for row in self._revalidated:
             if row.staging is not None:
                 as_real(local_tensor(row.param)).copy_(row.staging)
+        if self.host:
+            host.step(self.algorithm, self.host, param_groups, grad_scale=grad_scale, found_inf=found_inf)
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they

@@ -9,7 +9,7 @@ from torch import Tensor
 from .kernels.launch import interpreted
 from .tensors import is_dense, local_tensor, same_layout
 
-__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "grad_dtypes"]
+__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "grad_dtypes", "host_stepped"]
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
@@ -87,12 +87,20 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     return lg
 
 
+def host_stepped(p: Tensor) -> bool:
+    """Whether ``p`` is stepped by torch.optim's CPU implementation (``tritonadam.host``):
+    a CPU param where the kernels run on a GPU. Under the interpreter the kernels step
+    CPU params."""
+    return local_tensor(p).device.type == "cpu" and not interpreted()
+
+
 def check_device(name: str, p: Tensor, fused: bool | None = None) -> None:
-    """Raise unless the kernels can run where ``p`` lives (meta params are stepped
-    shape-only, as torch.optim does, and never reach a launch)."""
+    """Raise unless the kernels, or torch's CPU implementation for a CPU param, can step
+    ``p`` where it lives (meta params are stepped shape-only, as torch.optim does, and
+    never reach a launch)."""
     device = local_tensor(p).device
     supported = "cpu" if interpreted() else "cuda"  # torch calls ROCm devices cuda too
-    if device.type == supported:
+    if device.type == supported or host_stepped(p):
         return
     if interpreted():
         msg = (f"tritonadam.{name}: kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 "
@@ -102,10 +110,6 @@ def check_device(name: str, p: Tensor, fused: bool | None = None) -> None:
         msg = (f"tritonadam.{name} runs Triton kernels, which need a CUDA or ROCm device (got "
                f"a param on {device}): move the model to the GPU, or for a slow CPU check set "
                "TRITON_INTERPRET=1 before importing tritonadam")
-        if device.type == "cpu":
-            msg += (". Params offloaded to the CPU (FSDP2's CPUOffloadPolicy, FSDP1's "
-                    "CPUOffload(offload_params=True)) are stepped on the CPU: use "
-                    f"torch.optim.{name}(..., fused=True) for them")
     if fused:
         # torch.optim's wording for fused=True, which its test-suite matches
         msg = ("`fused=True` requires all the params to be floating point Tensors of "

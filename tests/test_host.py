@@ -1,0 +1,268 @@
+"""CPU params in a process whose kernels run on a GPU (FSDP's CPU offload, a CPU copy of a
+model): torch.optim's own CPU implementation steps them on this optimizer's state
+(tritonadam.host).
+
+Under the interpreter the kernels step CPU params, so most tests here route the params
+they mark to that path by patching ``validate.host_stepped``; the subprocess test at the
+end runs the real thing, without the interpreter.
+"""
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+import tritonadam
+from tritonadam import validate
+from tritonadam.tensors import local_tensor
+
+from helpers import LAUNCH, PAIRS, clone_params, make_params, random_grads
+
+SHAPES = [(7, 3), (5,), (), (0,), (33,)]
+
+
+@pytest.fixture
+def on_host(monkeypatch):
+    """Params marked ``p.on_host = True`` are stepped on the host; the rest as before."""
+    monkeypatch.setattr(validate, "host_stepped", lambda p: getattr(p, "on_host", False))
+
+    def mark(params):
+        for p in params:
+            p.on_host = True
+        return params
+
+    return mark
+
+
+def _odd_params(dtype, seed):
+    """Params of odd shapes on the CPU, plus a transposed one and a non-dense view of a
+    wider buffer (returned too: its other columns must never change)."""
+    params = make_params(SHAPES, dtype, "cpu", seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    params.append(torch.nn.Parameter(torch.randn(4, 6, generator=gen).to(dtype).t()))
+    buffer = torch.randn(8, 6, generator=gen).to(dtype)
+    view = buffer[:, :3]  # non-dense: steps through its strides, never past them
+    view.requires_grad_(True)
+    return params + [view], buffer
+
+
+def _torch_reference(cls, ours, ref, kwargs):
+    """torch.optim stepping copies ``ref`` of ``ours`` as the host path steps ``ours``: its
+    fused CPU kernel where every tensor is contiguous (real float params, Adam/AdamW,
+    float32 step counts), its single-tensor loop for the rest."""
+    fusable = [q for p, q in zip(ours, ref) if not p.is_complex() and p.is_contiguous()
+               and cls is not torch.optim.Adamax]
+    rest = [q for q in ref if all(q is not f for f in fusable)]
+    out = []
+    if fusable:
+        out.append(cls(fusable, fused=True, **kwargs))
+    if rest:
+        out.append(cls(rest, foreach=False, **kwargs))
+    return out
+
+
+CONFIGS = [
+    {},
+    {"weight_decay": 0.1, "amsgrad": True},
+    {"weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.95)},
+    {"lr": "tensor", "eps": 1e-6},
+]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=lambda i: f"config{i}")
+def test_matches_torch_bit_for_bit(on_host, name, dtype, config):
+    ours_cls, torch_cls = PAIRS[name]
+    kwargs = dict(CONFIGS[config])
+    if name == "Adamax":
+        kwargs.pop("amsgrad", None)
+    tensor_lr = kwargs.get("lr") == "tensor"
+    params, buffer = _odd_params(dtype, seed=config)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    untouched = buffer[:, 3:].clone()
+    lr = lambda: torch.tensor(0.01) if tensor_lr else kwargs.get("lr", 1e-3)  # noqa: E731
+    ours = ours_cls(on_host(params), **{**kwargs, "lr": lr()})
+    theirs = _torch_reference(torch_cls, params, ref, {**kwargs, "lr": lr()})
+    gen = torch.Generator().manual_seed(100 + config)
+    for _ in range(4):
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        for opt in theirs:
+            opt.step()
+        for p, q in zip(params, ref):
+            assert torch.equal(p, q)
+            for key, value in ours.state[p].items():
+                assert torch.equal(value, next(s[key] for o in theirs for k, s in o.state.items() if k is q))
+    assert torch.equal(buffer[:, 3:], untouched)
+    # The state is this optimizer's (and torch's) plain format: it loads into torch.optim.
+    loaded = torch_cls(ref, foreach=False, **{**kwargs, "lr": lr()})
+    loaded.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
+    """As the kernels step them: an fp32 step from the fp32 master (or from the param),
+    rounded to nearest into the param; fp32 state."""
+    params = make_params([(9, 4), (17,)], dtype, "cpu", seed=5)
+    wide = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ours = tritonadam.AdamW(on_host(params), lr=0.01, weight_decay=0.1, master_weights=master_weights)
+    theirs = torch.optim.AdamW(wide, lr=0.01, weight_decay=0.1, fused=True)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        for p, w, g in zip(params, wide, random_grads(params, gen)):
+            p.grad, w.grad = g, g.float()
+        ours.step()
+        theirs.step()
+        for p, w in zip(params, wide):
+            assert torch.equal(p, w.detach().to(dtype))
+            assert ours.state[p]["exp_avg"].dtype == torch.float32
+            assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[w]["exp_avg_sq"])
+            if master_weights:
+                assert torch.equal(ours.state[p]["master_param"], w)
+            else:
+                w.data.copy_(p.float())  # without a master the param's rounding is kept
+
+
+def test_grad_scaler_unscales_and_skips(on_host):
+    """GradScaler's scale is divided out; a found inf skips the step, counts included."""
+    params = make_params([(6, 5), (11,)], torch.float32, "cpu", seed=7)
+    ref = clone_params(params)
+    ours = tritonadam.AdamW(on_host(params), lr=0.01)
+    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2)]
+    gen = torch.Generator().manual_seed(8)
+    for step in range(4):
+        grads = random_grads(params, gen)
+        if step == 2:
+            grads[1][3] = float("inf")
+        for opt, ps, scaler in ((ours, params, scalers[0]), (theirs, ref, scalers[1])):
+            loss = sum((p * g).sum() for p, g in zip(ps, grads))
+            scaler.scale(loss).backward()
+            before = [p.detach().clone() for p in ps]
+            scaler.step(opt)
+            scaler.update()
+            if step == 2:  # skipped
+                assert all(torch.equal(p, b) for p, b in zip(ps, before))
+            opt.zero_grad()
+        for p, q in zip(params, ref):
+            assert torch.equal(p, q)
+            assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+    assert ours.state[params[0]]["step"].item() == 3
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"state_dtype": "8bit"}, "state_dtype='8bit'"),
+    ({"state_dtype": torch.bfloat16}, "state_dtype=torch.bfloat16"),
+    ({"master_weights": "remainder"}, "master_weights='remainder'"),
+    ({"stochastic_rounding": True}, "stochastic_rounding=True"),
+    ({"bias_correction": False}, "bias_correction=False"),
+    ({"max_grad_norm": 1.0}, "clip_grad_norm_"),
+])
+def test_what_needs_the_kernels_is_refused_before_anything_is_written(on_host, options, match):
+    params = make_params([(6, 5), (11,)], torch.bfloat16, "cpu", seed=9)
+    opt = tritonadam.AdamW(on_host(params), **options)
+    gen = torch.Generator().manual_seed(10)
+    for p, g in zip(params, random_grads(params, gen)):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=match) as err:
+        opt.step()
+    assert "on the CPU" in str(err.value) or "CPU implementation" in str(err.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not any(opt.state.values())
+
+
+def test_explicit_clip_is_refused(on_host):
+    params = on_host(make_params([(6, 5)], torch.float32, "cpu", seed=11))
+    opt = tritonadam.Adam(params)
+    params[0].grad = torch.randn(6, 5)
+    with pytest.raises(RuntimeError, match="torch.nn.utils.clip_grad_norm_"):
+        opt.clip_grad_norm_(1.0)
+    assert not any(opt.state.values())
+    # torch's own clip, then a step, is the way.
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    assert opt.state[params[0]]["step"].item() == 1
+
+
+def test_kernel_and_host_params_in_one_optimizer(on_host, device):
+    """Params on the device run the kernels, CPU ones torch's implementation, in one step;
+    a checkpoint of both resumes exactly."""
+    kernel = make_params([(5, 7), (1031,)], torch.float32, device, seed=12)
+    hosted = on_host(make_params([(4, 9), (13,)], torch.float32, "cpu", seed=13))
+    ref = clone_params(kernel + hosted)
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.5}]  # noqa: E731
+    ours = tritonadam.AdamW(groups(kernel + hosted), lr=0.01, **LAUNCH)
+    theirs = torch.optim.AdamW(groups(ref), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(14)
+
+    def step(opt, params, grads):
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.device)
+        opt.step()
+
+    for _ in range(3):
+        grads = random_grads(ref, gen)
+        step(ours, kernel + hosted, grads)
+        step(theirs, ref, grads)
+    for p, q in zip(kernel + hosted, ref):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), atol=1e-6, rtol=1e-5)
+    assert all(ours.state[p]["step"].device.type == "cpu" for p in hosted)
+    saved = ours.state_dict()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in kernel + hosted]
+    on_host(resumed_params[2:])
+    resumed = tritonadam.AdamW(groups(resumed_params), lr=0.01, **LAUNCH)
+    resumed.load_state_dict(saved)
+    grads = random_grads(ref, gen)
+    step(ours, kernel + hosted, grads)
+    step(resumed, resumed_params, grads)
+    for p, q in zip(kernel + hosted, resumed_params):
+        assert torch.equal(p, q)
+
+
+def test_grads_are_not_held_after_the_step(on_host):
+    params = on_host(make_params([(6, 5)], torch.float32, "cpu", seed=15))
+    opt = tritonadam.Adam(params)
+    params[0].grad = torch.randn(6, 5)
+    held = weakref.ref(params[0].grad)
+    opt.step()
+    opt.zero_grad()
+    gc.collect()
+    assert held() is None
+
+
+def test_cpu_params_without_the_interpreter_step_like_torch():
+    """The real path: no interpreter, CPU params. fused=True AdamW steps bit for bit as
+    torch.optim.AdamW(fused=True) does; a format that needs the kernels says so."""
+    code = (
+        "import torch, tritonadam\n"
+        "from tritonadam.kernels.launch import interpreted\n"
+        "assert not interpreted()\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "p = torch.nn.Parameter(torch.randn(37, 5, generator=gen)); q = torch.nn.Parameter(p.detach().clone())\n"
+        "ours = tritonadam.AdamW([p], lr=0.01, weight_decay=0.1, amsgrad=True, fused=True)\n"
+        "theirs = torch.optim.AdamW([q], lr=0.01, weight_decay=0.1, amsgrad=True, fused=True)\n"
+        "for _ in range(3):\n"
+        "    g = torch.randn(37, 5, generator=gen); p.grad, q.grad = g.clone(), g.clone()\n"
+        "    ours.step(); theirs.step()\n"
+        "assert torch.equal(p, q), (p - q).abs().max()\n"
+        "b = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16)); b.grad = torch.randn(8, dtype=torch.bfloat16)\n"
+        "try:\n"
+        "    tritonadam.AdamW([b], state_dtype='8bit').step()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+        "print('stepped')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "stepped" in out.stdout
+    assert "state_dtype='8bit'" in out.stdout and "needs the GPU kernels" in out.stdout
+    assert "torch.optim.AdamW(..., fused=True)" in out.stdout

@@ -1,0 +1,155 @@
+"""Params on the CPU in a process whose kernels run on a GPU: FSDP2's ``CPUOffloadPolicy``,
+FSDP1's ``CPUOffload(offload_params=True)``, a CPU copy of a model next to a GPU one.
+
+Triton kernels cannot reach host memory, so torch.optim's own CPU implementation steps
+these params on this optimizer's state: its fused CPU kernel (vectorized, multithreaded)
+wherever the tensors allow it, else its single-tensor loop (complex params, AdaMax,
+float64 step counts). fp16/bf16 params are stepped as the kernels step them: in fp32,
+from the fp32 master when there is one, and rounded to nearest into the param. The
+formats only the kernels implement (a master's int16 remainder, stochastic rounding,
+bf16 or quantized moments), ``bias_correction=False`` and fused clipping are refused
+before anything is written.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) CPU params run the kernels instead:
+that is how the kernels are tested without a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .state import LOW_PRECISION, MASTER_KEY, DenseMoments, Master, ParamFormat, moment_keys
+from .tensors import local_tensor
+
+__all__ = ["HostRow", "check_format", "check_options", "step"]
+
+# What torch's fused CPU kernel steps here (its _fused_adam_ / _fused_adamw_, with
+# float32 step counts).
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class HostRow:
+    """One CPU param stepped by torch.optim's implementation, validated by the gathering."""
+
+    param: Tensor  # as the user sees it (may be a DTensor with a CPU local tensor)
+    grad: Tensor | None  # local grad, in the param's layout (None once stepped)
+    group: int  # index into param_groups
+    state: dict
+    fmt: ParamFormat
+
+
+def _where(name: str) -> str:
+    return (f"tritonadam.{name} steps params that live on the CPU (FSDP's CPU offload) with "
+            "torch.optim's CPU implementation, which keeps plain full-precision state")
+
+
+def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
+    """Raise if a CPU param's state format needs the kernels (nothing written)."""
+    moments = fmt.moments
+    problem = None
+    if not isinstance(moments, DenseMoments):
+        problem = f"state_dtype='{moments.bits}bit' (quantized moments)"
+    elif moments.dtype == torch.bfloat16:
+        problem = "state_dtype=torch.bfloat16"
+    elif fmt.master == Master.REMAINDER:
+        problem = "master_weights='remainder'"
+    elif fmt.stochastic:
+        problem = "stochastic_rounding=True"
+    if problem is not None:
+        raise RuntimeError(
+            f"{_where(name)}; {problem} needs the GPU kernels (got a {p.dtype} param of shape "
+            f"{tuple(p.shape)} on the CPU). Move the params to the GPU, use the default state "
+            f"(or master_weights=True) for CPU params, or step them with "
+            f"torch.optim.{name}(..., fused=True)"
+        )
+
+
+def check_options(name: str, *, bias_correction: bool, clipping: bool) -> None:
+    """Raise for optimizer options torch.optim's implementation does not have."""
+    if not bias_correction:
+        raise RuntimeError(f"{_where(name)}, and has no bias_correction=False: move the params "
+                           "to the GPU, or keep bias correction")
+    if clipping:
+        raise RuntimeError(
+            f"{_where(name)}; fused clipping (clip_grad_norm_, max_grad_norm=) covers params on "
+            "the GPU only: clip with torch.nn.utils.clip_grad_norm_ before step() (it clips "
+            ".grad in place, which this optimizer then steps), and leave max_grad_norm unset"
+        )
+
+
+def _on_cpu(x):
+    """A hyper-parameter where torch's CPU implementation reads it: a tensor one (an lr
+    schedule's, maybe on the GPU) as a CPU tensor, which torch's own steps take as is."""
+    return x.to("cpu") if isinstance(x, Tensor) and x.device.type != "cpu" else x
+
+
+def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """One torch.optim step of every host row, group by group. GradScaler's ``found_inf``
+    skips it (step counts unchanged, as in torch's fused step); its scale is divided out
+    of the grads first."""
+    if not rows:
+        return
+    if found_inf is not None and found_inf.item():
+        return
+    scale = None if grad_scale is None else grad_scale.detach().to("cpu")
+    by_group: dict[int, list[HostRow]] = {}
+    for row in rows:
+        by_group.setdefault(row.group, []).append(row)
+    for index, group_rows in by_group.items():
+        _step_group(algorithm, param_groups[index], group_rows, scale)
+
+
+def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None) -> None:
+    params, grads, states, writeback = [], [], [], []
+    for row in rows:
+        lp = local_tensor(row.param)
+        target = lp
+        if row.fmt.master == Master.FP32:
+            target = local_tensor(row.state[MASTER_KEY])
+            writeback.append((lp, target))
+        elif lp.dtype in LOW_PRECISION:
+            target = lp.float()  # the kernels' fp32 step, rounded to nearest below
+            writeback.append((lp, target))
+        grad = row.grad if row.grad.dtype == target.dtype else row.grad.to(target.dtype)
+        params.append(target)
+        grads.append(grad if scale is None else grad / scale)  # in the step's dtype
+        states.append(row.state)
+    steps = [local_tensor(s["step"]) for s in states]
+    amsgrad = algorithm == "adam" and bool(group.get("amsgrad", False))
+    moments = [[local_tensor(s[key]) for s in states] for key in moment_keys(algorithm, amsgrad)]
+    columns = [params, grads, *moments, steps]
+    # torch's fused CPU kernel walks each tensor's memory linearly from its data pointer
+    # (given a non-dense param it wrote past the view: torch 2.13), so it gets contiguous
+    # tensors only; the single-tensor loop's ops follow strides.
+    fusable = [algorithm == "adam" and p.dtype in _FUSED_DTYPES and t.dtype == torch.float32
+               and all(c[i].is_contiguous() for c in columns[:-1])
+               for i, (p, t) in enumerate(zip(params, steps))]
+    beta1, beta2 = map(_on_cpu, group["betas"])
+    common = dict(
+        foreach=False, maximize=bool(group.get("maximize", False)), differentiable=False,
+        capturable=False, eps=group["eps"], beta1=beta1, beta2=beta2,
+        lr=_on_cpu(group["lr"]), weight_decay=group["weight_decay"],
+    )
+    for fused in (True, False):
+        picked = [i for i, f in enumerate(fusable) if f == fused]
+        if not picked:
+            continue
+        p, g, *m, t = ([c[i] for i in picked] for c in columns)
+        has_complex = any(map(torch.is_complex, p))
+        if algorithm == "adamax":
+            from torch.optim.adamax import adamax
+
+            adamax(p, g, *m, t, has_complex=has_complex, **common)
+        else:
+            from torch.optim.adam import adam
+
+            adam(p, g, m[0], m[1], m[2] if amsgrad else [], t, fused=fused, amsgrad=amsgrad,
+                 has_complex=has_complex,
+                 decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)), **common)
+    for lp, target in writeback:
+        lp.copy_(target)
+
