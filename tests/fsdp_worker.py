@@ -17,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 import copy  # noqa: E402
+import math  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -666,14 +667,14 @@ class MLP(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def _mlp_train(model, opt, rank, steps, clip=None) -> None:
+def _mlp_train(model, opt, rank, steps, clip=None, max_norm=0.5) -> None:
     for step in steps:
         x = torch.randn(8, model.up.in_features, generator=torch.Generator().manual_seed(10 * step + rank))
         model(x).pow(2).mean().backward()
         if clip == "torch":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         elif clip == "fused":
-            opt.clip_grad_norm_(0.5)
+            opt.clip_grad_norm_(max_norm)
         opt.step()
         opt.zero_grad()
 
@@ -684,8 +685,11 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
     Shard(0) and Shard(1), one bias replicated) and FSDP2 with a ``shard_placement_fn``
     sharding matrices along dim 1. Ours tracks torch.optim; with 8-bit and 4-bit state a
     sharded DCP checkpoint (TP) and a full optimizer state dict (FSDP2) restore a fresh
-    model and optimizer that continue bit for bit. Fused clipping works for the FSDP2
-    model and refuses TP's mix of sharded and replicated grads, saying what to use."""
+    model and optimizer that continue bit for bit. Fused clipping covers both, TP's mix
+    of sharded and replicated grads included (each layout's total all-reduced over its
+    own sharded dims): norms of order 1, 2, 3 and inf equal torch's over the same grads,
+    and clipped training tracks torch's clip_grad_norm_; likewise FSDP2 and TP on one 2-D
+    (dp, tp) mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -710,27 +714,42 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
     def full_list(model):
         return [p.full_tensor() for p in model.parameters()]
 
-    for build, clip in ((tp, "torch"), (fsdp_dim1, "fused")):
+    def fsdp_tp(seed):  # a (dp=1, tp=2) mesh: weights (Shard(0), Shard(k)), biases (Shard(0), Replicate())
+        mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(seed)
+        model = MLP(24, 128)
+        parallelize_module(model, mesh2["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        return fully_shard(model, mesh=mesh2["dp"])
+
+    for build in (tp, fsdp_tp):
+        model = build(0)
+        opt = ours(model)
+        model(torch.randn(8, 24, generator=torch.Generator().manual_seed(rank))).pow(2).mean().backward()
+        grads = [p.grad for p in model.parameters()]
+        assert len({g.placements for g in grads}) >= 2, [g.placements for g in grads]
+        for norm_type in (2.0, 1.0, 3.0, math.inf):
+            expected = torch.nn.utils.get_total_norm(grads, norm_type).full_tensor()
+            got = opt.clip_grad_norm_(math.inf, norm_type)
+            assert isinstance(got, DTensor), type(got)
+            torch.testing.assert_close(got.full_tensor(), expected, rtol=1e-6, atol=0,
+                                       msg=lambda m: f"{build.__name__} norm {norm_type}: {m}")
+            assert_same_on_all_ranks(got.full_tensor().item(), f"{build.__name__} norm {norm_type}")
+        two_norm = torch.nn.utils.get_total_norm(grads, 2.0).full_tensor().item()
+        assert two_norm > 0.1, f"{build.__name__}: clipping at 0.1 below would not bind ({two_norm})"
+        opt.zero_grad()
+
+    for build, clip in ((tp, "fused"), (fsdp_dim1, "fused"), (fsdp_tp, "fused")):
         what = build.__name__
         ref = build(0)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-        _mlp_train(ref, ref_opt, rank, range(4), clip="torch")
+        _mlp_train(ref, ref_opt, rank, range(4), clip="torch", max_norm=0.1)
         model = build(0)
         opt = ours(model)
-        _mlp_train(model, opt, rank, range(4), clip=clip)
+        _mlp_train(model, opt, rank, range(4), clip=clip, max_norm=0.1)
         for p, q in zip(full_list(model), full_list(ref)):
             torch.testing.assert_close(p, q, msg=lambda m: f"{what}: {m}", **TOL)
     placements = {p.placements for p in tp(0).parameters()}
     assert {(Shard(0),), (Shard(1),)} < placements and len(placements) == 3, placements
-    model = tp(0)
-    opt = ours(model)
-    model(torch.randn(8, 24, generator=torch.Generator().manual_seed(rank))).pow(2).mean().backward()
-    try:
-        opt.clip_grad_norm_(0.5)
-    except NotImplementedError as err:
-        assert "torch.nn.utils.clip_grad_norm_" in str(err), err
-    else:
-        raise AssertionError("fused clipping of mixed TP placements did not raise")
 
     for build, bits, how in ((tp, "8bit", "dcp"), (fsdp_dim1, "4bit", "full")):
         what = f"{build.__name__} {bits} via {how}"

@@ -217,6 +217,55 @@ def test_norm_bits_are_deterministic_and_ignore_the_launch_config(device):
 
 
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
+def test_layout_classes_each_reduce_their_own_grads(norm_type, device):
+    """Tensor parallelism's reduction (tests/test_fsdp.py runs it on 2 ranks): with each
+    table row given a layout class, every class gets its own launches and a contiguous
+    span of partials, whose reduction is the norm of that class's grads alone (two grad
+    dtypes, several chunks, empty tensors, classes interleaved across buckets); without
+    classes the plan is the one it always was."""
+    import numpy as np
+
+    from tritonadam.kernels import layout
+    from tritonadam.kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind
+    from tritonadam.kernels.plan import NormPlan
+
+    gen = torch.Generator().manual_seed(15)
+    shapes = [(int(n),) for n in torch.randint(1, 40000, (12,), generator=gen)] + [(0,), (7, 3)]
+    dtypes = [torch.float32, torch.bfloat16] * 7
+    params = _params(shapes, device, seed=16, dtypes=dtypes)
+    for p in params:
+        p.grad = _grad(p.shape, gen, 1.0, p.dtype, device=device)
+    opt = tritonadam.AdamW(params, **LAUNCH)
+    cache = opt._ready()
+    dev = cache.devices[torch.device(device)]
+    label = {id(p): i % 3 for i, p in enumerate(params)}  # classes 0, 1, 2 interleaved
+    by_param = np.array([label[id(p)] for p in cache.params], dtype=np.int64)
+    rows = by_param if dev.rows is None else by_param[dev.rows]
+    block_size, num_warps = norm_config()
+    kind = norm_kind(norm_type)
+    buffer = torch.zeros(layout.CLIP_COLUMNS.value, dtype=torch.float64, device=device)
+    cache.upload_grads()
+    plain = NormPlan(device, dev.buckets, block_size=block_size, num_warps=num_warps, max_chunks=4)
+    classed = NormPlan(device, dev.buckets, block_size=block_size, num_warps=num_warps, max_chunks=4,
+                       classes=rows)
+    assert len(plain.spans) == 1 and len(classed.spans) == 3
+    assert [launch.grad_dtype for launch in plain.launches] == [torch.float32, torch.bfloat16]
+    assert len(classed.launches) == 6  # per class, per grad dtype
+    for plan in (plain, classed):
+        launch_norm(dev.tables, plan, buffer, norm=kind)
+        for span in plan.spans:
+            launch_norm_reduce(span, buffer, None, norm=kind, reduce=True, finalize=False)
+    assert classed.num_partials == sum(span.num_partials for span in classed.spans)
+    for k, span in enumerate(classed.spans):
+        mine = torch.cat([p.grad.detach().cpu().double().reshape(-1) for p in params if label[id(p)] == k])
+        exact = mine.abs().max() if norm_type == INF else mine.pow(2).sum()
+        _assert_close(span.total[0], exact, rtol=1e-6, atol=0)
+    combine = torch.amax if norm_type == INF else torch.sum
+    # Other chunks, other fp32 lane sums: equal to rounding.
+    _assert_close(combine(classed.totals), plain.totals[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
 def test_max_grad_norm_clips_in_step(norm_type, device):
     """``max_grad_norm=`` (trainers that only call step()): bit for bit what an explicit
     clip_grad_norm_ before each step gives; ``last_grad_norm`` is one fixed tensor holding

@@ -108,8 +108,9 @@ def test_fsdp1_state_dicts_of_every_format(tmp_path):
 
 
 def test_tensor_parallel_and_dim1_shards(tmp_path):
-    """DTensor params sharded along dim 1 and replicated (tensor parallelism, FSDP2 with a
-    shard_placement_fn): parity with torch.optim, bit-exact quantized checkpoints."""
+    """DTensor params sharded along dim 1 and replicated (tensor parallelism alone and on a
+    2-D mesh with FSDP2, FSDP2 with a shard_placement_fn): fused clipping's norms equal
+    torch's, clipped parity with torch.optim, bit-exact quantized checkpoints."""
     run_scenario("tensor_parallel", tmp_path)
 
 

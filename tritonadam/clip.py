@@ -70,14 +70,17 @@ def grad_scaler_scale(scaler, optimizer) -> Tensor | None:
 
 
 def norm_reduction(params: list[Tensor]):
-    """(mesh, process groups) for the params' grads: the DTensor mesh the norm is
-    returned on (None for plain tensors) and the groups of the mesh dims the grads are
-    sharded over, whose partial sums (or maxima) are all-reduced, one dim after another.
-    Replicated dims need nothing; plain tensors (single device, DDP) neither."""
+    """(mesh, layouts, classes) for the params' grads: the DTensor mesh the norm is
+    returned on (None for plain tensors); per layout class (grads sharded over the same
+    mesh dims, in a fixed order), the process groups of those dims, whose partial sums (or
+    maxima) are all-reduced one dim after another; and each param's class, or None when
+    there is at most one class. Replicated dims need nothing: tensor parallelism's
+    replicated grads (a class of their own) are counted once, as torch counts them.
+    Plain tensors (single device, DDP) need no reduction."""
     try:
         from torch.distributed.tensor import DTensor
     except Exception:  # pragma: no cover - builds without torch.distributed
-        return None, []
+        return None, [], None
     if any(map(is_fsdp1_shard, params)):
         raise NotImplementedError(
             "clip_grad_norm_: these params are FSDP1 (FullyShardedDataParallel) shards, plain "
@@ -92,22 +95,28 @@ def norm_reduction(params: list[Tensor]):
             "reduction across ranks is ambiguous; use torch.nn.utils.clip_grad_norm_ here"
         )
     if kinds != {True}:
-        return None, []
-    layouts = set()
+        return None, [], None
+    meshes, dims = set(), []
     for g in grads:
         if any(pl.is_partial() for pl in g.placements):
             raise NotImplementedError(
                 "clip_grad_norm_: a grad has a Partial placement (not yet reduced); use "
                 "torch.nn.utils.clip_grad_norm_ here"
             )
-        layouts.add((g.device_mesh, tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())))
-    if len(layouts) != 1:
+        meshes.add(g.device_mesh)
+        dims.append(tuple(i for i, pl in enumerate(g.placements) if pl.is_shard()))
+    if len(meshes) != 1:
         raise NotImplementedError(
-            "clip_grad_norm_: grads are sharded over different meshes or mesh dims (e.g. "
-            "tensor parallelism next to FSDP); use torch.nn.utils.clip_grad_norm_ here"
+            "clip_grad_norm_: grads live on different device meshes; use "
+            "torch.nn.utils.clip_grad_norm_ here"
         )
-    (mesh, dims), = layouts
-    return mesh, [mesh.get_group(d) for d in dims]
+    mesh, = meshes
+    order = sorted(set(dims))  # the same on every rank: placements are global
+    layouts = [[mesh.get_group(d) for d in layout] for layout in order]
+    if len(order) == 1:
+        return mesh, layouts, None
+    index = {layout: k for k, layout in enumerate(order)}
+    return mesh, layouts, np.fromiter((index[d] for d in dims), dtype=np.int64, count=len(dims))
 
 
 def replicated(norm: Tensor, mesh) -> Tensor:
@@ -197,7 +206,7 @@ class Clipper:
         compound = self.holds(params)
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
-        mesh = self._mesh_and_groups(cache)[0]
+        mesh = self._mesh_and_layouts(cache)[0]
         self._set_args(max_norm, p)
         self._measure(cache, device, out, p, grad_scale=grad_scale, compound=compound,
                       check_finite=check_finite)
@@ -221,11 +230,13 @@ class Clipper:
         around an all-reduce of this rank's partial total (every rank must call this,
         empty shards included, as for any collective)."""
         dev = cache.devices[device]
-        _, groups = self._mesh_and_groups(cache)
+        _, layouts, classes = self._mesh_and_layouts(cache)
         if dev.norm_plan is None:
             block_size, num_warps = norm_config()
+            if classes is not None and dev.rows is not None:
+                classes = classes[dev.rows]  # table order
             dev.norm_plan = NormPlan(device, dev.buckets, block_size=block_size, num_warps=num_warps,
-                                     max_chunks=norm_max_chunks())
+                                     max_chunks=norm_max_chunks(), classes=classes)
         plan = dev.norm_plan
         kind = norm_kind(p)
         flags = dict(norm=kind, grad_scale=_on(device, grad_scale), compound=compound,
@@ -233,16 +244,27 @@ class Clipper:
         with device_guard(device):
             cache.upload_grads()
             launch_norm(dev.tables, plan, self.buffer, norm=kind, fusion=cache.fusion)
-            if not groups:
+            if not any(layouts):
                 launch_norm_reduce(plan, self.buffer, out, reduce=True, finalize=True, **flags)
                 return
             import torch.distributed as dist
 
-            launch_norm_reduce(plan, self.buffer, None, norm=kind, reduce=True, finalize=False,
-                               fusion=cache.fusion)
             op = dist.ReduceOp.MAX if p == math.inf else dist.ReduceOp.SUM
-            for group in groups:
-                dist.all_reduce(plan.total, op=op, group=group)
+            if len(layouts) == 1:
+                launch_norm_reduce(plan, self.buffer, None, norm=kind, reduce=True, finalize=False,
+                                   fusion=cache.fusion)
+                for group in layouts[0]:
+                    dist.all_reduce(plan.total, op=op, group=group)
+            else:
+                # One total per layout class, all-reduced over its own sharded dims, then
+                # combined in class order (the same on every rank).
+                for span, groups in zip(plan.spans, layouts):
+                    launch_norm_reduce(span, self.buffer, None, norm=kind, reduce=True,
+                                       finalize=False, fusion=cache.fusion)
+                    for group in groups:
+                        dist.all_reduce(span.total, op=op, group=group)
+                combine = torch.amax if p == math.inf else torch.sum
+                combine(plan.totals, dim=0, keepdim=True, out=plan.total)
             launch_norm_reduce(plan, self.buffer, out, reduce=False, finalize=True, **flags)
 
     def _norm_device(self, cache: StepCache) -> torch.device:
@@ -260,14 +282,14 @@ class Clipper:
         wide = any(b.key.grad_dtype == torch.float64 for dev in cache.devices.values() for b in dev.buckets)
         return torch.float64 if wide else torch.float32
 
-    def _mesh_and_groups(self, cache: StepCache):
+    def _mesh_and_layouts(self, cache: StepCache):
         if self._reduction is None or self._reduction[0] is not cache:
             self._reduction = (cache, norm_reduction(cache.params))
         return self._reduction[1]
 
     def mesh_of(self, cache: StepCache):
         """The DTensor mesh ``cache``'s grads live on, or None for plain tensors."""
-        return self._mesh_and_groups(cache)[0]
+        return self._mesh_and_layouts(cache)[0]
 
     def _set_args(self, max_norm: float, p: float) -> None:
         """max_norm and the norm's order in device memory, copied only on change."""

@@ -15,7 +15,7 @@ import triton.language as tl
 from .adam import _adam_kernel
 from .layout import MASTER_FP32, QUANT_BLOCK
 from .norm import NORM_INF, NORM_L1, NORM_L2, NORM_P, _norm_kernel, _norm_reduce_kernel
-from .plan import Bucket, DeviceTables, NormPlan
+from .plan import Bucket, DeviceTables, NormPlan, NormSpan
 from .variant import BucketKey
 from .prepare import _prepare_kernel
 
@@ -310,11 +310,12 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
             launch_counts["norm"] += 1
 
 
-def launch_norm_reduce(plan: NormPlan, clip: torch.Tensor, out: torch.Tensor | None, *, norm: int,
-                       reduce: bool, finalize: bool, grad_scale=None, compound=False,
+def launch_norm_reduce(plan: NormPlan | NormSpan, clip: torch.Tensor, out: torch.Tensor | None, *,
+                       norm: int, reduce: bool, finalize: bool, grad_scale=None, compound=False,
                        check_finite=False, count=True, fusion=None) -> None:
     """One program: ``reduce`` adds the partials into ``plan.total``; ``finalize`` turns the
-    total into the norm (written to ``out``) and the clip coefficient (into ``clip``)."""
+    total into the norm (written to ``out``) and the clip coefficient (into ``clip``). A
+    ``NormSpan`` (one layout class's partials and total) is reduced the same way."""
     with _quiet_discarded_branches():
         _norm_reduce_kernel[(1,)](
             plan.partials, plan.num_partials, plan.total, out if out is not None else plan.total, clip,

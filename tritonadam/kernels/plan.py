@@ -75,6 +75,17 @@ class NormLaunch:
     partials: torch.Tensor  # this launch's slice of NormPlan.partials
 
 
+@dataclass(frozen=True)
+class NormSpan:
+    """The partials of one layout class of grads (sharded over the same mesh dims) and
+    their total, reduced on their own so the total can be all-reduced over exactly those
+    dims before the classes are combined. Read by the reduction kernel as a plan is."""
+
+    partials: torch.Tensor  # a slice of NormPlan.partials
+    num_partials: int
+    total: torch.Tensor  # a 1-element slice of NormPlan.totals
+
+
 class NormPlan:
     """The norm launches of one device's tables and the buffer of their partials.
 
@@ -82,33 +93,48 @@ class NormPlan:
     tensor sizes (at most ``max_chunks`` partials per launch): the partials, and so the
     norm's bits, do not depend on the GPU or on the optimizer's launch config. Empty
     tensors get no entries. The partials buffer is written in full by every norm pass.
+
+    ``classes``: for grads of several layouts (tensor parallelism's sharded and replicated
+    grads), each table row's class (0, 1, ...). Every class then gets its own launches
+    per grad dtype, and its partials a contiguous span (``spans``), class after class.
     """
 
     def __init__(self, device: torch.device, buckets: list[Bucket], *, block_size: int,
-                 num_warps: int, max_chunks: int) -> None:
+                 num_warps: int, max_chunks: int, classes: np.ndarray | None = None) -> None:
         self.block_size = block_size
         self.num_warps = num_warps
         by_dtype: dict[torch.dtype, list[np.ndarray]] = {}
         for bucket in buckets:
             by_dtype.setdefault(bucket.key.grad_dtype, []).append(
                 block_entries(bucket.lo, bucket.numels, block_size, min_blocks=0))
-        specs = []
-        for dtype, parts in by_dtype.items():
-            entries = np.concatenate(parts)
-            if len(entries) == 0:
-                continue
-            chunk = -(-len(entries) // max_chunks)
-            specs.append((dtype, entries, chunk, -(-len(entries) // chunk)))
-        self.num_partials = sum(spec[3] for spec in specs)
+        num_classes = 1 if classes is None else int(classes.max(initial=0)) + 1
+        specs = []  # (class, dtype, entries, chunk, chunks)
+        for k in range(num_classes):
+            for dtype, parts in by_dtype.items():
+                entries = np.concatenate(parts)
+                if classes is not None:
+                    entries = entries[classes[entries >> BLOCK_INDEX_BITS] == k]
+                if len(entries) == 0:
+                    continue
+                chunk = -(-len(entries) // max_chunks)
+                specs.append((k, dtype, entries, chunk, -(-len(entries) // chunk)))
+        self.num_partials = sum(spec[4] for spec in specs)
         self.partials = torch.zeros(max(self.num_partials, 1), dtype=torch.float64, device=device)
         self.total = torch.zeros(1, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.launches = []
+        self.spans = []
         first = 0
-        for dtype, entries, chunk, num_chunks in specs:
-            self.launches.append(NormLaunch(
-                dtype, torch.from_numpy(entries).to(device), len(entries), chunk, num_chunks,
-                self.partials[first:first + num_chunks]))
-            first += num_chunks
+        for k in range(num_classes):
+            lo = first
+            for _, dtype, entries, chunk, num_chunks in (spec for spec in specs if spec[0] == k):
+                self.launches.append(NormLaunch(
+                    dtype, torch.from_numpy(entries).to(device), len(entries), chunk, num_chunks,
+                    self.partials[first:first + num_chunks]))
+                first += num_chunks
+            # An empty span still passes a pointer inside the buffer (nothing is read).
+            partials = self.partials[lo:first] if first > lo else self.partials[:1]
+            self.spans.append(NormSpan(partials, first - lo, self.totals[k:k + 1]))
 
 
 def group_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, *,
