@@ -106,7 +106,7 @@ CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
 GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py
     tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py
     tests/test_launches.py tests/test_state.py tests/test_step_cache.py tests/test_clip.py
-    tests/test_quant.py tests/test_torch_contract.py
+    tests/test_quant.py tests/test_torch_contract.py tests/test_host.py
     tests/test_autotune.py::test_event_timer_measures_a_gpu_op
     tests/test_autotune.py::test_first_use_tuning_on_a_gpu_writes_a_valid_cache
     tests/test_bench_cli.py::test_gpu_small_bench tests/test_bench_cli.py::test_gpu_captured_step_host_time}"
