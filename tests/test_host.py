@@ -226,6 +226,56 @@ def test_kernel_and_host_params_in_one_optimizer(on_host, device):
         assert torch.equal(p, q)
 
 
+def test_cached_steps_recheck_every_host_row(on_host):
+    """A step reuses the cache while nothing changed, and still checks each host row: a
+    param changed under its state, a state tensor changed under its dict, or a grad of
+    another shape gets the gathering's error, with nothing written."""
+    params = on_host(make_params([(6, 5), (7,)], torch.float32, "cpu", seed=16))
+    ref = clone_params(params)
+    ours = tritonadam.AdamW(params, lr=0.01)
+    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
+    gen = torch.Generator().manual_seed(17)
+
+    def step():
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+
+    step()
+    cache = ours._cache
+    for _ in range(3):
+        step()
+        assert ours._cache is cache
+    assert all(torch.equal(p, q) for p, q in zip(params, ref))
+
+    def refused(match):
+        before = [p.detach().clone() for p in params]
+        state = [{k: v.clone() for k, v in ours.state[p].items()} for p in params]
+        with pytest.raises(RuntimeError, match=match):
+            ours.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert all(torch.equal(ours.state[p][k], v) for p, s in zip(params, state) for k, v in s.items())
+
+    def cached():  # a good step rebuilds the cache after a refusal; the next one reuses it
+        step()
+        cache = ours._cache
+        step()
+        assert ours._cache is cache
+
+    params[0].grad.data = torch.randn(5, 6)  # through .data: torch's grad setter checks shapes
+    refused("grad of shape")
+    cached()
+    ours.state[params[1]]["exp_avg_sq"].data = torch.zeros(9)
+    params[1].grad = torch.randn(7)
+    refused(r"state\[.exp_avg_sq.\] has shape \(9,\)")
+    ours.state[params[1]]["exp_avg_sq"].data = ours.state[params[1]]["exp_avg"].clone()
+    cached()
+    params[1].data = torch.randn(9)
+    params[1].grad = torch.randn(9)
+    refused("the param changed after its optimizer state was created")
+
+
 def test_grads_are_not_held_after_the_step(on_host):
     params = on_host(make_params([(6, 5)], torch.float32, "cpu", seed=15))
     opt = tritonadam.Adam(params)

@@ -85,7 +85,8 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         if convert:
             keys = moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False)))
             policy.format(p).prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
-    host_rows = [host.HostRow(p, grad, index, state[p], policy.format(p))
+    host_rows = [host.HostRow(p, grad, index, state[p], policy.format(p),
+                              moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False))))
                  for p, grad, index, _ in gathered.host]
     rows = []
     for p, grad, index, convert in gathered.pending:

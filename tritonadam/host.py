@@ -39,6 +39,7 @@ class HostRow:
     group: int  # index into param_groups
     state: dict
     fmt: ParamFormat
+    keys: tuple[str, ...]  # its moments' state keys
 
 
 def _where(name: str) -> str:

@@ -158,9 +158,10 @@ class StepCache:
     def __init__(self, name: str, algorithm: str, rows: list[Row], group_lists: list[list],
                  inactive: list[Tensor], state: dict, options: tuple, host_rows: list | None = None) -> None:
         self.name = name
-        # CPU params that torch.optim's implementation steps (tritonadam.host). They are
-        # gathered and checked afresh every step: that path is host-bound anyway.
+        # CPU params that torch.optim's implementation steps (tritonadam.host). No table
+        # covers them: each step re-runs the gathering's checks on them one by one.
         self.host = host_rows or []
+        self._host_meta = [param_meta(local_tensor(r.param)) for r in self.host]
         self.algorithm = algorithm  # "adam" or "adamax"; per-group decay decides adamw
         # The optimizer's options that decide which state a param steps with.
         self.options = options
@@ -261,8 +262,7 @@ class StepCache:
         lists = [g["params"] for g in param_groups]
         params = self._batch_params
         if (
-            self.host
-            or options != self.options
+            options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
@@ -294,7 +294,7 @@ class StepCache:
         ]:
             return False  # a freed storage (null pointer) under a non-empty grad
         revalidated = self._revalidate(param_groups)
-        if revalidated is None:
+        if revalidated is None or (self.host and not self._recheck_host(param_groups, state)):
             return False
         self._grad_ptrs, self._revalidated_grads = ptrs, revalidated
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
@@ -312,6 +312,25 @@ class StepCache:
                 return None
             grads.append(grad)
         return grads
+
+    def _recheck_host(self, param_groups: list[dict], state: dict) -> bool:
+        """The gathering's checks of each host row (torch's CPU code trusts shapes), and
+        this step's grads into the rows; False to gather afresh (which says what is wrong)."""
+        grads = []
+        for row, meta in zip(self.host, self._host_meta):
+            p = row.param
+            if p.grad is None or param_meta(local_tensor(p)) != meta:
+                return False
+            try:
+                grad = check_grad(self.name, p, p.grad, param_groups[row.group].get("fused"))
+                if row.fmt.check(p, state.get(p, {}), row.keys, self.name):
+                    return False  # state to create or convert
+            except (RuntimeError, ValueError, TypeError):
+                return False
+            grads.append(grad)
+        for row, grad in zip(self.host, grads):
+            row.grad = grad
+        return True
 
     def still_taken(self) -> bool:
         """Whether every param still holds the very grad the last check took, at the same
