@@ -17,6 +17,7 @@ import torch
 
 import tritonadam
 from tritonadam import validate
+from tritonadam.state import join_master, split_master
 from tritonadam.tensors import local_tensor
 
 from helpers import LAUNCH, PAIRS, clone_params, make_params, random_grads
@@ -104,11 +105,14 @@ def test_matches_torch_bit_for_bit(on_host, name, dtype, config):
     loaded.load_state_dict(ours.state_dict())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("master_weights", [False, True])
+@pytest.mark.parametrize("dtype, master_weights", [
+    (torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "remainder"),
+    (torch.float16, False), (torch.float16, True),
+])
 def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
     """As the kernels step them: an fp32 step from the fp32 master (or from the param),
-    rounded to nearest into the param; fp32 state."""
+    rounded to nearest into the param; fp32 state. With master_weights="remainder" the
+    param and its int16 remainder are the fp32 master exactly, step after step."""
     params = make_params([(9, 4), (17,)], dtype, "cpu", seed=5)
     wide = [torch.nn.Parameter(p.detach().float()) for p in params]
     ours = tritonadam.AdamW(on_host(params), lr=0.01, weight_decay=0.1, master_weights=master_weights)
@@ -120,9 +124,14 @@ def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
         ours.step()
         theirs.step()
         for p, w in zip(params, wide):
-            assert torch.equal(p, w.detach().to(dtype))
             assert ours.state[p]["exp_avg"].dtype == torch.float32
             assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[w]["exp_avg_sq"])
+            if master_weights == "remainder":
+                assert "master_param" not in ours.state[p]
+                assert torch.equal(join_master(p, ours.state[p]["master_param_remainder"]), w)
+                assert torch.equal(p, split_master(w)[0])  # ties away from zero, as the kernel
+                continue
+            assert torch.equal(p, w.detach().to(dtype))
             if master_weights:
                 assert torch.equal(ours.state[p]["master_param"], w)
             else:
@@ -159,7 +168,6 @@ def test_grad_scaler_unscales_and_skips(on_host):
 @pytest.mark.parametrize("options, match", [
     ({"state_dtype": "8bit"}, "state_dtype='8bit'"),
     ({"state_dtype": torch.bfloat16}, "state_dtype=torch.bfloat16"),
-    ({"master_weights": "remainder"}, "master_weights='remainder'"),
     ({"stochastic_rounding": True}, "stochastic_rounding=True"),
     ({"bias_correction": False}, "bias_correction=False"),
     ({"max_grad_norm": 1.0}, "clip_grad_norm_"),

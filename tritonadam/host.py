@@ -5,10 +5,11 @@ Triton kernels cannot reach host memory, so torch.optim's own CPU implementation
 these params on this optimizer's state: its fused CPU kernel (vectorized, multithreaded)
 wherever the tensors allow it, else its single-tensor loop (complex params, AdaMax,
 float64 step counts). fp16/bf16 params are stepped as the kernels step them: in fp32,
-from the fp32 master when there is one, and rounded to nearest into the param. The
-formats only the kernels implement (a master's int16 remainder, stochastic rounding,
-bf16 or quantized moments), ``bias_correction=False`` and fused clipping are refused
-before anything is written.
+from the fp32 master when there is one (``master_weights="remainder"``: the master the
+param and its int16 remainder stand for, split again exactly), and rounded to nearest
+into the param. The formats only the kernels implement (stochastic rounding, bf16 or
+quantized moments), ``bias_correction=False`` and fused clipping are refused before
+anything is written.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) CPU params run the kernels instead:
 that is how the kernels are tested without a GPU.
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .state import LOW_PRECISION, MASTER_KEY, DenseMoments, Master, ParamFormat, moment_keys
+from .state import (
+    LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, Master, ParamFormat, join_master, moment_keys,
+    split_master,
+)
 from .tensors import local_tensor
 
 __all__ = ["HostRow", "check_format", "check_options", "step"]
@@ -55,8 +59,6 @@ def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
         problem = f"state_dtype='{moments.bits}bit' (quantized moments)"
     elif moments.dtype == torch.bfloat16:
         problem = "state_dtype=torch.bfloat16"
-    elif fmt.master == Master.REMAINDER:
-        problem = "master_weights='remainder'"
     elif fmt.stochastic:
         problem = "stochastic_rounding=True"
     if problem is not None:
@@ -105,13 +107,17 @@ def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
 
 
 def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None) -> None:
-    params, grads, states, writeback = [], [], [], []
+    params, grads, states, writeback, splits = [], [], [], [], []
     for row in rows:
         lp = local_tensor(row.param)
         target = lp
         if row.fmt.master == Master.FP32:
             target = local_tensor(row.state[MASTER_KEY])
             writeback.append((lp, target))
+        elif row.fmt.master == Master.REMAINDER:
+            remainder = local_tensor(row.state[REMAINDER_KEY])
+            target = join_master(lp, remainder)
+            splits.append((lp, remainder, target))
         elif lp.dtype in LOW_PRECISION:
             target = lp.float()  # the kernels' fp32 step, rounded to nearest below
             writeback.append((lp, target))
@@ -153,4 +159,8 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
                  decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)), **common)
     for lp, target in writeback:
         lp.copy_(target)
+    for lp, remainder, master in splits:
+        high, low = split_master(master)
+        lp.copy_(high)
+        remainder.copy_(low)
 
