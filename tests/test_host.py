@@ -138,6 +138,30 @@ def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
                 w.data.copy_(p.float())  # without a master the param's rounding is kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_moments_step_in_fp32_and_round_back(on_host, dtype):
+    """state_dtype=torch.bfloat16: the moments are widened, stepped with the param in fp32,
+    and rounded back to nearest (ties to even), as the kernels round them."""
+    params = make_params([(9, 4), (17,)], dtype, "cpu", seed=18)
+    wide = [torch.nn.Parameter(p.detach().float()) for p in params]
+    ours = tritonadam.Adam(on_host(params), lr=0.01, amsgrad=True, state_dtype=torch.bfloat16)
+    theirs = torch.optim.Adam(wide, lr=0.01, amsgrad=True, fused=True)
+    gen = torch.Generator().manual_seed(19)
+    for _ in range(4):
+        for p, w, g in zip(params, wide, random_grads(params, gen)):
+            p.grad, w.grad = g, g.float()
+        ours.step()
+        theirs.step()
+        for p, w in zip(params, wide):
+            assert torch.equal(p, w.detach().to(dtype))
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                mine, ref = ours.state[p][key], theirs.state[w][key]
+                assert mine.dtype == torch.bfloat16
+                assert torch.equal(mine, ref.to(torch.bfloat16))
+                ref.copy_(mine.float())  # torch's next step reads what was kept
+            w.data.copy_(p.float())
+
+
 def test_grad_scaler_unscales_and_skips(on_host):
     """GradScaler's scale is divided out; a found inf skips the step, counts included."""
     params = make_params([(6, 5), (11,)], torch.float32, "cpu", seed=7)
@@ -167,7 +191,6 @@ def test_grad_scaler_unscales_and_skips(on_host):
 
 @pytest.mark.parametrize("options, match", [
     ({"state_dtype": "8bit"}, "state_dtype='8bit'"),
-    ({"state_dtype": torch.bfloat16}, "state_dtype=torch.bfloat16"),
     ({"stochastic_rounding": True}, "stochastic_rounding=True"),
     ({"bias_correction": False}, "bias_correction=False"),
     ({"max_grad_norm": 1.0}, "clip_grad_norm_"),

@@ -7,9 +7,10 @@ wherever the tensors allow it, else its single-tensor loop (complex params, AdaM
 float64 step counts). fp16/bf16 params are stepped as the kernels step them: in fp32,
 from the fp32 master when there is one (``master_weights="remainder"``: the master the
 param and its int16 remainder stand for, split again exactly), and rounded to nearest
-into the param. The formats only the kernels implement (stochastic rounding, bf16 or
-quantized moments), ``bias_correction=False`` and fused clipping are refused before
-anything is written.
+into the param; bf16 moments (``state_dtype=torch.bfloat16``) likewise, in fp32 and
+rounded back. The formats only the kernels implement (stochastic rounding, quantized
+moments), ``bias_correction=False`` and fused clipping are refused before anything is
+written.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) CPU params run the kernels instead:
 that is how the kernels are tested without a GPU.
@@ -48,7 +49,7 @@ class HostRow:
 
 def _where(name: str) -> str:
     return (f"tritonadam.{name} steps params that live on the CPU (FSDP's CPU offload) with "
-            "torch.optim's CPU implementation, which keeps plain full-precision state")
+            "torch.optim's CPU implementation")
 
 
 def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
@@ -57,8 +58,6 @@ def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
     problem = None
     if not isinstance(moments, DenseMoments):
         problem = f"state_dtype='{moments.bits}bit' (quantized moments)"
-    elif moments.dtype == torch.bfloat16:
-        problem = "state_dtype=torch.bfloat16"
     elif fmt.stochastic:
         problem = "stochastic_rounding=True"
     if problem is not None:
@@ -73,7 +72,7 @@ def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
 def check_options(name: str, *, bias_correction: bool, clipping: bool) -> None:
     """Raise for optimizer options torch.optim's implementation does not have."""
     if not bias_correction:
-        raise RuntimeError(f"{_where(name)}, and has no bias_correction=False: move the params "
+        raise RuntimeError(f"{_where(name)}, which has no bias_correction=False: move the params "
                            "to the GPU, or keep bias correction")
     if clipping:
         raise RuntimeError(
@@ -127,7 +126,17 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
         states.append(row.state)
     steps = [local_tensor(s["step"]) for s in states]
     amsgrad = algorithm == "adam" and bool(group.get("amsgrad", False))
-    moments = [[local_tensor(s[key]) for s in states] for key in moment_keys(algorithm, amsgrad)]
+    moments, stored = [], []
+    for key in moment_keys(algorithm, amsgrad):
+        column = []
+        for s, target in zip(states, params):
+            value = local_tensor(s[key])
+            if value.dtype != target.dtype:  # bf16 moments: stepped in fp32, rounded back
+                wide = value.to(target.dtype)
+                stored.append((value, wide))
+                value = wide
+            column.append(value)
+        moments.append(column)
     columns = [params, grads, *moments, steps]
     # torch's fused CPU kernel walks each tensor's memory linearly from its data pointer
     # (given a non-dense param it wrote past the view: torch 2.13), so it gets contiguous
@@ -157,8 +166,8 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
             adam(p, g, m[0], m[1], m[2] if amsgrad else [], t, fused=fused, amsgrad=amsgrad,
                  has_complex=has_complex,
                  decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)), **common)
-    for lp, target in writeback:
-        lp.copy_(target)
+    for lp, target in writeback + stored:
+        lp.copy_(target)  # to nearest, ties to even, as the kernels round
     for lp, remainder, master in splits:
         high, low = split_master(master)
         lp.copy_(high)
