@@ -105,6 +105,18 @@ def test_matches_torch_bit_for_bit(on_host, name, dtype, config):
     loaded.load_state_dict(ours.state_dict())
 
 
+def _steps_beside_fp32_torch(ours, theirs, params, wide, seed, steps=4):
+    """Step ``ours`` and torch's fp32 ``theirs`` (over fp32 copies ``wide``) on the same
+    grads, widened for torch; yields after each step for the caller's checks."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, w, g in zip(params, wide, random_grads(params, gen)):
+            p.grad, w.grad = g, g.float()
+        ours.step()
+        theirs.step()
+        yield
+
+
 @pytest.mark.parametrize("dtype, master_weights", [
     (torch.bfloat16, False), (torch.bfloat16, True), (torch.bfloat16, "remainder"),
     (torch.float16, False), (torch.float16, True),
@@ -117,12 +129,7 @@ def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
     wide = [torch.nn.Parameter(p.detach().float()) for p in params]
     ours = tritonadam.AdamW(on_host(params), lr=0.01, weight_decay=0.1, master_weights=master_weights)
     theirs = torch.optim.AdamW(wide, lr=0.01, weight_decay=0.1, fused=True)
-    gen = torch.Generator().manual_seed(6)
-    for _ in range(4):
-        for p, w, g in zip(params, wide, random_grads(params, gen)):
-            p.grad, w.grad = g, g.float()
-        ours.step()
-        theirs.step()
+    for _ in _steps_beside_fp32_torch(ours, theirs, params, wide, seed=6):
         for p, w in zip(params, wide):
             assert ours.state[p]["exp_avg"].dtype == torch.float32
             assert torch.equal(ours.state[p]["exp_avg_sq"], theirs.state[w]["exp_avg_sq"])
@@ -146,12 +153,7 @@ def test_bf16_moments_step_in_fp32_and_round_back(on_host, dtype):
     wide = [torch.nn.Parameter(p.detach().float()) for p in params]
     ours = tritonadam.Adam(on_host(params), lr=0.01, amsgrad=True, state_dtype=torch.bfloat16)
     theirs = torch.optim.Adam(wide, lr=0.01, amsgrad=True, fused=True)
-    gen = torch.Generator().manual_seed(19)
-    for _ in range(4):
-        for p, w, g in zip(params, wide, random_grads(params, gen)):
-            p.grad, w.grad = g, g.float()
-        ours.step()
-        theirs.step()
+    for _ in _steps_beside_fp32_torch(ours, theirs, params, wide, seed=19):
         for p, w in zip(params, wide):
             assert torch.equal(p, w.detach().to(dtype))
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
