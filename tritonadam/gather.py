@@ -81,13 +81,13 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
     # sharded run its rank, so shards of one param draw different numbers.
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
     rank = _rank() << 24
-    for p, _, index, convert in gathered.host:
+    host_rows = []
+    for p, grad, index, convert in gathered.host:
+        keys = moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False)))
+        fmt = policy.format(p)
         if convert:
-            keys = moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False)))
-            policy.format(p).prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
-    host_rows = [host.HostRow(p, grad, index, state[p], policy.format(p),
-                              moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False))))
-                 for p, grad, index, _ in gathered.host]
+            fmt.prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
+        host_rows.append(host.HostRow(p, grad, index, state[p], fmt, keys))
     rows = []
     for p, grad, index, convert in gathered.pending:
         group = param_groups[index]

@@ -107,11 +107,11 @@ class NormPlan:
         for bucket in buckets:
             by_dtype.setdefault(bucket.key.grad_dtype, []).append(
                 block_entries(bucket.lo, bucket.numels, block_size, min_blocks=0))
+        all_entries = {dtype: np.concatenate(parts) for dtype, parts in by_dtype.items()}
         num_classes = 1 if classes is None else int(classes.max(initial=0)) + 1
         specs = []  # (class, dtype, entries, chunk, chunks)
         for k in range(num_classes):
-            for dtype, parts in by_dtype.items():
-                entries = np.concatenate(parts)
+            for dtype, entries in all_entries.items():
                 if classes is not None:
                     entries = entries[classes[entries >> BLOCK_INDEX_BITS] == k]
                 if len(entries) == 0:
