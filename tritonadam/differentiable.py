@@ -1,6 +1,7 @@
 """``differentiable=True`` groups: stepped by torch.optim's own single-tensor
 implementation on this optimizer's state, with autograd on, so the update can be
-differentiated through (as in torch.optim). No kernel runs for them."""
+differentiated through (as in torch.optim). No kernel runs for them. ``torch_step``, the
+call into torch's functional step, also steps the host path's CPU params (``host``)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from .state import LOW_PRECISION, StatePolicy, moment_keys, new_step_dtype
 
-__all__ = ["inputs", "step"]
+__all__ = ["inputs", "step", "torch_step"]
 
 
 def inputs(name: str, group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -43,27 +44,34 @@ def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dic
         if fmt.check(p, state.get(p, {}), keys, name):
             fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
         states.append(state[p])
+    with torch.enable_grad():
+        torch_step(algorithm, group, params, grads, [[s[k] for s in states] for k in keys],
+                   [s["step"] for s in states], differentiable=True)
+
+
+def torch_step(algorithm: str, group: dict, params: list[Tensor], grads: list[Tensor],
+               moments: list[list[Tensor]], steps: list[Tensor], *, fused: bool = False,
+               differentiable: bool = False) -> None:
+    """torch.optim's functional ``adam`` / ``adamax`` over these tensors with ``group``'s
+    values (``moments``: one list per key, in ``moment_keys`` order). Also the host
+    path's step (``tritonadam.host``)."""
     beta1, beta2 = group["betas"]
     common = dict(
-        foreach=False, maximize=group["maximize"], differentiable=True, capturable=False,
+        foreach=False, maximize=group["maximize"], differentiable=differentiable, capturable=False,
         has_complex=any(torch.is_complex(p) for p in params),
         eps=group["eps"], beta1=beta1, beta2=beta2, lr=group["lr"],
         weight_decay=group["weight_decay"],
     )
-    steps = [s["step"] for s in states]
-    exp_avgs = [s["exp_avg"] for s in states]
-    with torch.enable_grad():
-        if algorithm == "adamax":
-            from torch.optim.adamax import adamax
+    if algorithm == "adamax":
+        from torch.optim.adamax import adamax
 
-            adamax(params, grads, exp_avgs, [s["exp_inf"] for s in states], steps, **common)
-        else:
-            from torch.optim.adam import adam
+        adamax(params, grads, *moments, steps, **common)
+    else:
+        from torch.optim.adam import adam
 
-            amsgrad = group.get("amsgrad", False)
-            adam(
-                params, grads, exp_avgs, [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if amsgrad else [], steps,
-                fused=False, amsgrad=amsgrad,
-                decoupled_weight_decay=group.get("decoupled_weight_decay", False), **common,
-            )
+        amsgrad = group.get("amsgrad", False)
+        adam(
+            params, grads, moments[0], moments[1], moments[2] if amsgrad else [], steps,
+            fused=fused, amsgrad=amsgrad,
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False), **common,
+        )

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .differentiable import torch_step
 from .state import (
-    LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, Master, ParamFormat, join_master, moment_keys,
-    split_master,
+    LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, Master, ParamFormat, join_master, split_master,
 )
 from .tensors import local_tensor
 
@@ -125,9 +125,8 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
         grads.append(grad if scale is None else grad / scale)  # in the step's dtype
         states.append(row.state)
     steps = [local_tensor(s["step"]) for s in states]
-    amsgrad = algorithm == "adam" and bool(group.get("amsgrad", False))
     moments, stored = [], []
-    for key in moment_keys(algorithm, amsgrad):
+    for key in rows[0].keys:  # one group: the same keys for every row
         column = []
         for s, target in zip(states, params):
             value = local_tensor(s[key])
@@ -144,28 +143,13 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
     fusable = [algorithm == "adam" and p.dtype in _FUSED_DTYPES and t.dtype == torch.float32
                and all(c[i].is_contiguous() for c in columns[:-1])
                for i, (p, t) in enumerate(zip(params, steps))]
-    beta1, beta2 = map(_on_cpu, group["betas"])
-    common = dict(
-        foreach=False, maximize=bool(group.get("maximize", False)), differentiable=False,
-        capturable=False, eps=group["eps"], beta1=beta1, beta2=beta2,
-        lr=_on_cpu(group["lr"]), weight_decay=group["weight_decay"],
-    )
+    # Tensor hyper-parameters where torch's CPU code reads them.
+    group = {**group, "lr": _on_cpu(group["lr"]), "betas": tuple(map(_on_cpu, group["betas"]))}
     for fused in (True, False):
         picked = [i for i, f in enumerate(fusable) if f == fused]
-        if not picked:
-            continue
-        p, g, *m, t = ([c[i] for i in picked] for c in columns)
-        has_complex = any(map(torch.is_complex, p))
-        if algorithm == "adamax":
-            from torch.optim.adamax import adamax
-
-            adamax(p, g, *m, t, has_complex=has_complex, **common)
-        else:
-            from torch.optim.adam import adam
-
-            adam(p, g, m[0], m[1], m[2] if amsgrad else [], t, fused=fused, amsgrad=amsgrad,
-                 has_complex=has_complex,
-                 decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)), **common)
+        if picked:
+            p, g, *m, t = ([c[i] for i in picked] for c in columns)
+            torch_step(algorithm, group, p, g, m, t, fused=fused)
     for lp, target in writeback + stored:
         lp.copy_(target)  # to nearest, ties to even, as the kernels round
     for lp, remainder, master in splits:
