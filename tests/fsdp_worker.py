@@ -1,6 +1,6 @@
 """Worker side of tests/test_fsdp.py: scenarios run in 2 gloo processes on CPU.
 
-Not collected by pytest (no ``test_`` prefix). ``test_fsdp.py`` spawns ``entry`` in two
+Not collected by pytest (no ``test_`` prefix). ``test_fsdp.py`` starts ``entry`` in two
 processes; each scenario raises AssertionError on a mismatch, which the spawner reports
 with the rank's traceback. Several checks share one scenario because starting processes
 and importing torch costs seconds on a 2-core machine.

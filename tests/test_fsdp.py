@@ -1,8 +1,8 @@
 """FSDP2, FSDP1 and distributed checkpoints with tritonadam (issue 5): 2 gloo processes on CPU.
 
-Each test spawns two ranks running one scenario of ``fsdp_worker.py`` (read its
-docstrings for what is checked). Select with ``-m distributed``; each takes 5-15 s on 2
-cores, mostly process start-up and imports.
+Each test starts two ranks running one scenario of ``fsdp_worker.py`` (read its
+docstrings for what is checked), forked from a server that imported it once. Select with
+``-m distributed``; each takes 3-25 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -24,19 +24,26 @@ WORLD = 2
 TIMEOUT_S = 240
 
 
-def run_scenario(scenario: str, tmp_path, world: int = WORLD) -> None:
+def run_scenario(scenario: str, tmp_path, world: int = WORLD, *, start_method: str = "forkserver") -> None:
     """Run ``scenario`` on ``world`` gloo ranks (1: a single-rank job, e.g. to load a
-    checkpoint saved by 2 ranks)."""
+    checkpoint saved by 2 ranks).
+
+    Ranks fork from a server that imported torch and the worker once (per pytest process),
+    instead of importing them afresh (about 3.5 s of CPU per rank). Each rank is still a
+    fresh fork of an idle process: no state passes between scenarios. A scenario that needs
+    another environment than the tests' (the server's, fixed when it started) spawns."""
     import fsdp_worker  # tests/ is on sys.path (rootdir conftest); spawned ranks import it too
 
     assert scenario in fsdp_worker.SCENARIOS
+    if start_method == "forkserver":
+        mp.set_forkserver_preload(["fsdp_worker"])
     store = tmp_path / f"store-{scenario}-{world}"  # a fresh rendezvous file per run
     context = mp.start_processes(
         fsdp_worker.entry,
         args=(world, str(store), scenario, str(tmp_path)),
         nprocs=world,
         join=False,
-        start_method="spawn",
+        start_method=start_method,
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -70,7 +77,7 @@ def test_fsdp2_cpu_params_without_the_interpreter(tmp_path, monkeypatch):
     torch.optim's CPU implementation on our state, bit for bit as torch.optim, and
     resumable from a full optimizer state dict; 8-bit state refused on every rank."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the spawned ranks inherit it
-    run_scenario("fsdp2_cpu_params", tmp_path)
+    run_scenario("fsdp2_cpu_params", tmp_path, start_method="spawn")
 
 
 def test_fsdp2_bf16_mixed_precision(tmp_path):
