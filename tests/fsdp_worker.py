@@ -798,8 +798,9 @@ def fsdp2_cpu_params(rank: int, world: int, tmpdir: str) -> None:
     implementation on tritonadam's state. Adam(amsgrad)/AdamW match torch.optim's
     fused=True and Adamax its for-loop bit for bit over 4 steps (two param groups, torch's
     clip, uneven and empty shards); the full optimizer state dict carries the run to a
-    fresh optimizer exactly; a format only the kernels have is refused on every rank with
-    nothing written."""
+    fresh optimizer exactly; fused clipping (explicit and max_grad_norm=, 2- and inf-norm)
+    gives torch's norm and steps; a format only the kernels have is refused on every rank
+    with nothing written."""
     from tritonadam.kernels.launch import interpreted
 
     assert not interpreted(), "run with TRITON_INTERPRET=0"
@@ -820,6 +821,34 @@ def fsdp2_cpu_params(rank: int, world: int, tmpdir: str) -> None:
         train(model, opt, rank, range(4, 6), clip=0.5)
         train(resumed_model, resumed, rank, range(4, 6), clip=0.5)
         assert_close_dicts(full_params(resumed_model), full_params(model), f"{name} resumed", exact=True)
+    # Fused clipping of the CPU shards: torch's norm, reduced across ranks, then its step.
+    for norm_type in (2.0, float("inf")):
+        for how in ("explicit", "max_grad_norm"):
+            ref_model = fsdp2(base_model())
+            ref = torch.optim.AdamW(groups(ref_model), lr=1e-2, fused=True)
+            model = fsdp2(base_model())
+            kw = {"max_grad_norm": 0.05, "grad_norm_type": norm_type} if how == "max_grad_norm" else {}
+            opt = tritonadam.AdamW(groups(model), lr=1e-2, **kw)
+            for step in range(3):
+                for m in (model, ref_model):
+                    idx, target = batch(step, rank)
+                    nn.functional.cross_entropy(m(idx).float(), target).backward()
+                if norm_type == 2.0:
+                    expected = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05).full_tensor()
+                else:  # torch's inf norm refuses the empty shards (no identity for max)
+                    expected = torch.stack([p.grad.full_tensor().abs().max() for p in ref_model.parameters()]).max()
+                    torch.nn.utils.clip_grads_with_norm_(ref_model.parameters(), 0.05, expected)
+                norm = opt.clip_grad_norm_(0.05, norm_type) if how == "explicit" else None
+                opt.step()
+                ref.step()
+                norm = (norm if how == "explicit" else opt.last_grad_norm).full_tensor()
+                what = f"cpu params fused clip {how} p={norm_type} step {step}"
+                assert expected > 0.05, (what, expected)
+                assert_same_on_all_ranks(norm.view(torch.int32).item(), f"{what}: norm bits")
+                assert torch.equal(norm, expected), (what, norm, expected)
+                opt.zero_grad()
+                ref.zero_grad()
+            assert_close_dicts(full_params(model), full_params(ref_model), what, exact=True)
     model = fsdp2(base_model())
     opt = tritonadam.AdamW(model.parameters(), state_dtype="8bit")
     model(batch(0, rank)[0]).sum().backward()

@@ -195,7 +195,6 @@ def test_grad_scaler_unscales_and_skips(on_host):
     ({"state_dtype": "8bit"}, "state_dtype='8bit'"),
     ({"stochastic_rounding": True}, "stochastic_rounding=True"),
     ({"bias_correction": False}, "bias_correction=False"),
-    ({"max_grad_norm": 1.0}, "clip_grad_norm_"),
 ])
 def test_what_needs_the_kernels_is_refused_before_anything_is_written(on_host, options, match):
     params = make_params([(6, 5), (11,)], torch.bfloat16, "cpu", seed=9)
@@ -211,17 +210,171 @@ def test_what_needs_the_kernels_is_refused_before_anything_is_written(on_host, o
     assert not any(opt.state.values())
 
 
-def test_explicit_clip_is_refused(on_host):
-    params = on_host(make_params([(6, 5)], torch.float32, "cpu", seed=11))
-    opt = tritonadam.Adam(params)
-    params[0].grad = torch.randn(6, 5)
-    with pytest.raises(RuntimeError, match="torch.nn.utils.clip_grad_norm_"):
-        opt.clip_grad_norm_(1.0)
+# Complex grads are clipped by their 2-norm only.
+CLIP_CASES = [(d, p) for d in (torch.float32, torch.float64) for p in (2.0, 1.0, float("inf"), 3.0)]
+CLIP_CASES.append((torch.complex64, 2.0))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
+@pytest.mark.parametrize("dtype, norm_type", CLIP_CASES)
+@pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
+def test_fused_clip_matches_torch_clip_bit_for_bit(on_host, name, dtype, norm_type, how):
+    """Every param stepped by torch's implementation: ``clip_grad_norm_`` and
+    ``max_grad_norm=`` return torch's norm and step as torch's clip then torch's step do,
+    bit for bit; ``.grad`` keeps its values."""
+    ours_cls, torch_cls = PAIRS[name]
+    params = on_host(_odd_params(dtype, seed=30)[0])
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = {"lr": 0.02, "weight_decay": 0.1}
+    clip = {"max_grad_norm": 0.5, "grad_norm_type": norm_type} if how == "max_grad_norm" else {}
+    ours = ours_cls(params, **kwargs, **clip)
+    theirs = _torch_reference(torch_cls, params, ref, kwargs)
+    gen = torch.Generator().manual_seed(31)
+    clipped = []
+    for step in range(4):
+        grads = random_grads(params, gen, scale=1e-3 if step == 1 else 1.0)
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        # torch's inf norm refuses empty grads (_foreach_norm has no identity for max)
+        measured = [q for q in ref if q.numel() or norm_type != float("inf")]
+        expected = torch.nn.utils.clip_grad_norm_(measured, 0.5, norm_type)
+        norm = ours.clip_grad_norm_(0.5, norm_type) if how == "explicit" else None
+        ours.step()
+        for opt in theirs:
+            opt.step()
+        norm = norm if how == "explicit" else ours.last_grad_norm
+        assert norm.dtype == dtype.to_real() and torch.equal(norm, expected), (step, norm, expected)
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+        assert all(torch.equal(p, q) for p, q in zip(params, ref)), step
+        clipped.append(bool(expected > 0.5))
+    assert any(clipped) and not all(clipped)
+
+
+@pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
+def test_fused_clip_of_complex_grads_takes_the_2_norm_only(on_host, how):
+    """As the kernels' clip: other orders are refused for complex grads, nothing written."""
+    params = on_host(make_params([(6, 5)], torch.complex64, "cpu", seed=39))
+    opt = tritonadam.Adam(params, **({"max_grad_norm": 1.0, "grad_norm_type": 1.0} if how == "max_grad_norm" else {}))
+    params[0].grad = torch.randn(6, 5, dtype=torch.complex64)
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match="2-norm only"):
+        opt.clip_grad_norm_(1.0, norm_type=1.0) if how == "explicit" else opt.step()
+    assert torch.equal(params[0], before) and not opt._clipper.pending
+
+
+@pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
+def test_fused_clip_with_grad_scaler(on_host, how):
+    """The norm of the unscaled grads, as torch's recipe (unscale_, clip, step) takes it;
+    a step GradScaler skips consumes the coefficient and writes nothing."""
+    params = on_host(make_params([(6, 5), (11,), ()], torch.float32, "cpu", seed=32))
+    ref = clone_params(params)
+    ours = tritonadam.AdamW(params, lr=0.01, **({"max_grad_norm": 1.0} if how == "max_grad_norm" else {}))
+    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) for _ in range(2)]
+    gen = torch.Generator().manual_seed(33)
+    for step in range(4):
+        grads = random_grads(params, gen, scale=float(step + 1))
+        if step == 2:
+            grads[1][3] = float("inf")
+        for ps, scaler in ((params, scalers[0]), (ref, scalers[1])):
+            scaler.scale(sum((p * g).sum() for p, g in zip(ps, grads))).backward()
+        before = [p.detach().clone() for p in params]
+        if how == "explicit":
+            norm = ours.clip_grad_norm_(1.0, scaler=scalers[0])
+        scalers[0].step(ours)
+        scalers[1].unscale_(theirs)
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        scalers[1].step(theirs)
+        norm = norm if how == "explicit" else ours.last_grad_norm
+        if step == 2:  # skipped: nothing written, and no coefficient left for the next step
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            assert not ours._clipper.pending and not torch.isfinite(norm)
+        else:
+            assert torch.equal(norm, expected), (step, norm, expected)
+        for scaler, opt in zip(scalers, (ours, theirs)):
+            scaler.update()
+            opt.zero_grad()
+        assert all(torch.equal(p, q) for p, q in zip(params, ref)), step
+    assert ours.state[params[0]]["step"].item() == 3
+
+
+def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
+    """As on the GPU: zero_grad or replaced grads drop a pending coefficient; a second
+    clip before the step measures the clipped grads and compounds; error_if_nonfinite
+    raises torch's error and leaves the coefficient as it was."""
+    params = on_host(make_params([(6, 5), (11,)], torch.float32, "cpu", seed=34))
+    ref = clone_params(params)
+    ours = tritonadam.AdamW(params, lr=0.01)
+    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
+    gen = torch.Generator().manual_seed(35)
+
+    def set_grads():
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+
+    def step_both():
+        ours.step()
+        theirs.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, ref))
+
+    set_grads()
+    ours.clip_grad_norm_(0.1)
+    ours.zero_grad()
+    set_grads()  # the clipped grads are gone: the step is torch's unclipped one
+    step_both()
+    ours.clip_grad_norm_(0.1)
+    set_grads()  # replaced without zero_grad: likewise
+    step_both()
+
+    set_grads()
+    first = ours.clip_grad_norm_(2.0)
+    second = ours.clip_grad_norm_(1.0)
+    torch.testing.assert_close(first, torch.nn.utils.clip_grad_norm_(ref, 2.0))
+    torch.testing.assert_close(second, torch.nn.utils.clip_grad_norm_(ref, 1.0))
+    ours.step()
+    theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        p.data.copy_(q)  # carry on from torch's bits
+
+    set_grads()
+    ours.clip_grad_norm_(0.1)
+    torch.nn.utils.clip_grad_norm_(ref, 0.1)
+    params[0].grad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ours.clip_grad_norm_(0.1, error_if_nonfinite=True)
+    params[0].grad[0, 0] = ref[0].grad[0, 0] / ours._clipper.buffer[0].float()  # as before the NaN
+    step_both()
+
+
+@pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
+def test_fused_clip_over_kernel_and_host_params_is_refused(on_host, device, how):
+    """One clip measures one device's grads: with params the kernels step too, it says what
+    to do, and writes nothing (also when the cache was built by an unclipped step)."""
+    kernel = make_params([(5, 7)], torch.float32, device, seed=36)
+    hosted = on_host(make_params([(4, 9)], torch.float32, "cpu", seed=37))
+    params = kernel + hosted
+    gen = torch.Generator().manual_seed(38)
+
+    def set_grads():
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g.to(p.device)
+
+    opt = tritonadam.AdamW(params, lr=0.01, **({"max_grad_norm": 1.0} if how == "max_grad_norm" else {}))
+    set_grads()
+    with pytest.raises(RuntimeError, match="one optimizer per device") as err:
+        opt.clip_grad_norm_(1.0) if how == "explicit" else opt.step()
+    assert "torch.nn.utils.clip_grad_norm_" in str(err.value)
     assert not any(opt.state.values())
-    # torch's own clip, then a step, is the way.
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    assert opt.state[params[0]]["step"].item() == 1
+    if how == "explicit":
+        opt.step()  # built without clipping
+        set_grads()
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(RuntimeError, match="one optimizer per device"):
+            opt.clip_grad_norm_(1.0)
+        assert not opt._clipper.pending
+        opt.step()  # unclipped, as the refusal left it
+        assert not any(torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_kernel_and_host_params_in_one_optimizer(on_host, device):
@@ -322,7 +475,8 @@ def test_grads_are_not_held_after_the_step(on_host):
 
 def test_cpu_params_without_the_interpreter_step_like_torch():
     """The real path: no interpreter, CPU params. fused=True AdamW steps bit for bit as
-    torch.optim.AdamW(fused=True) does; a format that needs the kernels says so."""
+    torch.optim.AdamW(fused=True) does, and max_grad_norm= as torch's clip then that step;
+    a format that needs the kernels says so."""
     code = (
         "import torch, tritonadam\n"
         "from tritonadam.kernels.launch import interpreted\n"
@@ -334,6 +488,14 @@ def test_cpu_params_without_the_interpreter_step_like_torch():
         "for _ in range(3):\n"
         "    g = torch.randn(37, 5, generator=gen); p.grad, q.grad = g.clone(), g.clone()\n"
         "    ours.step(); theirs.step()\n"
+        "assert torch.equal(p, q), (p - q).abs().max()\n"
+        "ours = tritonadam.AdamW([p], lr=0.01, max_grad_norm=0.5)\n"
+        "theirs = torch.optim.AdamW([q], lr=0.01, fused=True)\n"
+        "for _ in range(3):\n"
+        "    g = torch.randn(37, 5, generator=gen); p.grad, q.grad = g.clone(), g.clone()\n"
+        "    norm = torch.nn.utils.clip_grad_norm_([q], 0.5)\n"
+        "    ours.step(); theirs.step()\n"
+        "    assert torch.equal(ours.last_grad_norm, norm) and norm > 0.5\n"
         "assert torch.equal(p, q), (p - q).abs().max()\n"
         "b = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16)); b.grad = torch.randn(8, dtype=torch.bfloat16)\n"
         "try:\n"

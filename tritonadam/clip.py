@@ -4,7 +4,9 @@ A clip measures the norm of the grads the next step will read, over the step cac
 device tables (one norm launch per grad dtype, one reduction launch, and for sharded
 DTensor grads an all-reduce between them), and leaves the clip coefficient in a small
 device buffer owned by the optimizer; the next step's prepare kernel multiplies every
-tensor's grad multiplier by it. ``.grad`` is never written. Everything about clipping
+tensor's grad multiplier by it. ``.grad`` is never written. CPU params that torch's
+implementation steps (``tritonadam.host``) are measured with torch's norms and the
+coefficient left in a CPU buffer, which that step applies. Everything about clipping
 lives here: argument checks, that buffer and which grads its coefficient belongs to,
 GradScaler's scale, the norm launches and the reduction across ranks.
 """
@@ -18,11 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import host
 from .kernels import device_guard, layout
 from .kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind, norm_max_chunks
 from .kernels.plan import NormPlan, upload
 from .step_cache import StepCache
-from .tensors import GRAD, is_fsdp1_shard
+from .state import LOW_PRECISION
+from .tensors import GRAD, is_fsdp1_shard, local_tensor
 
 __all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
 
@@ -177,7 +181,7 @@ class Clipper:
         ``holds``: whether it belongs to the current grads, if the caller knows."""
         if not self.pending:
             return
-        if not (self.holds(cache.params) if holds is None else holds):
+        if not (self.holds(_measured(cache)[0]) if holds is None else holds):
             self.clear()
             return
         if grad_scale is not None and not self.scaled:
@@ -202,14 +206,14 @@ class Clipper:
         if self.device != device:
             self.device, self._args, self._auto_out = device, None, {}
             self.buffer = torch.zeros(layout.CLIP_COLUMNS.value, dtype=torch.float64, device=device)
-        params = cache.params
+        params, taken = _measured(cache)
         compound = self.holds(params)
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
         self._set_args(max_norm, p)
-        self._measure(cache, device, out, p, grad_scale=grad_scale, compound=compound,
-                      check_finite=check_finite)
+        measure = self._measure_host if cache.host else self._measure
+        measure(cache, device, out, p, grad_scale=grad_scale, compound=compound, check_finite=check_finite)
         if check_finite and not torch.isfinite(out).item():
             raise RuntimeError(
                 f"The total norm of order {p} for gradients from `parameters` is non-finite, so "
@@ -219,7 +223,7 @@ class Clipper:
         if auto:
             self.pending = True  # this very step consumes it: no need to remember the grads
         else:
-            self._set_pending(params, cache.taken, scaled=grad_scale is not None and (not compound or self.scaled))
+            self._set_pending(params, taken, scaled=grad_scale is not None and (not compound or self.scaled))
         self.last_norm, self.mesh = out, mesh
         return out
 
@@ -267,7 +271,52 @@ class Clipper:
                 combine(plan.totals, dim=0, keepdim=True, out=plan.total)
             launch_norm_reduce(plan, self.buffer, out, reduce=False, finalize=True, **flags)
 
+    def _measure_host(self, cache: StepCache, device, out: Tensor, p: float, *, grad_scale, compound,
+                      check_finite) -> None:
+        """``_measure`` for the CPU grads that torch's implementation steps, in torch's
+        ops: each grad's norm, then theirs, as torch.nn.utils.clip_grad_norm_ takes them.
+        Each norm of a DTensor shard (FSDP2's CPU offload) is reduced across the ranks of
+        its sharded mesh dims first, as torch reduces a partial norm (p-th powers summed,
+        or maxima): all of one layout class in one all-reduce per dim. Then the
+        reduction kernel's finalization."""
+        _, layouts, classes = self._mesh_and_layouts(cache)
+        dtype = out.dtype
+        # The grads as the user holds them (rows may hold copies in the param's layout,
+        # whose sums run in another order); fp16/bf16 ones summed in fp32.
+        norms = torch.stack([
+            torch.linalg.vector_norm(g, p, dtype=dtype if g.dtype in LOW_PRECISION else None).to(dtype)
+            if g.numel() else torch.zeros((), dtype=dtype) for g in map(local_tensor, cache.host_taken)])
+        if any(layouts):
+            import torch.distributed as dist
+
+            inf = p == math.inf
+            powered = norms if inf or p == 1.0 else norms ** p
+            for k, groups in enumerate(layouts):
+                members = None if classes is None else torch.from_numpy(np.flatnonzero(classes == k))
+                part = powered if members is None else powered[members]
+                for group in groups:
+                    dist.all_reduce(part, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+                if members is not None:
+                    powered[members] = part
+            norms = powered if inf or p == 1.0 else powered ** (1.0 / p)
+        root = torch.linalg.vector_norm(norms, p)
+        norm = root.to(dtype)
+        if grad_scale is not None:  # as the reduction kernel: times GradScaler's fp32 1/scale
+            inv_scale = (1.0 / grad_scale.detach().to("cpu", torch.float64)).float()
+            norm = norm * inv_scale.to(dtype)
+        coef = self.buffer[layout.CLIP_COEF.value] if compound else torch.ones((), dtype=torch.float64)
+        if compound:
+            norm = norm * coef.to(dtype)
+        clip = torch.clamp(self._args[0] / (norm + 1e-6), max=1.0)  # torch's formula and op order
+        out.copy_(norm)
+        if not check_finite or torch.isfinite(norm).item():
+            self.buffer[layout.CLIP_COEF.value] = coef * clip.double()
+
     def _norm_device(self, cache: StepCache) -> torch.device:
+        if cache.host:
+            if cache.params:  # grads on the CPU (stepped by torch) and on a device
+                raise RuntimeError(host.mixed_clip_error(self.name))
+            return torch.device("cpu")
         if len(cache.devices) != 1:
             raise NotImplementedError(
                 f"clip_grad_norm_ over params on several devices ({', '.join(map(str, cache.devices))}) "
@@ -280,11 +329,12 @@ class Clipper:
         """fp32, or fp64 if any grad is fp64: what torch's total norm promotes to, except
         that fp16/bf16 grads get an fp32 norm here (torch returns theirs in fp16/bf16)."""
         wide = any(b.key.grad_dtype == torch.float64 for dev in cache.devices.values() for b in dev.buckets)
+        wide |= any(g.dtype in (torch.float64, torch.complex128) for g in cache.host_taken)
         return torch.float64 if wide else torch.float32
 
     def _mesh_and_layouts(self, cache: StepCache):
         if self._reduction is None or self._reduction[0] is not cache:
-            self._reduction = (cache, norm_reduction(cache.params))
+            self._reduction = (cache, norm_reduction(_measured(cache)[0]))
         return self._reduction[1]
 
     def mesh_of(self, cache: StepCache):
@@ -337,6 +387,15 @@ class Clipper:
         if self.last_norm is None:
             return None
         return replicated(self.last_norm, self.mesh)
+
+
+def _measured(cache: StepCache) -> tuple[list[Tensor], list[Tensor]]:
+    """The params whose grads a clip of ``cache`` measures, and those grads as its last
+    check took them: the kernels' params, or (when torch's implementation steps every
+    param, on the CPU) the host rows'."""
+    if cache.host and not cache.params:
+        return cache.host_params, cache.host_taken
+    return cache.params, cache.taken
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:

@@ -8,9 +8,12 @@ float64 step counts). fp16/bf16 params are stepped as the kernels step them: in 
 from the fp32 master when there is one (``master_weights="remainder"``: the master the
 param and its int16 remainder stand for, split again exactly), and rounded to nearest
 into the param; bf16 moments (``state_dtype=torch.bfloat16``) likewise, in fp32 and
-rounded back. The formats only the kernels implement (stochastic rounding, quantized
-moments), ``bias_correction=False`` and fused clipping are refused before anything is
-written.
+rounded back. Fused clipping (``clip_grad_norm_``, ``max_grad_norm=``) works as on the
+GPU when every param with a grad is stepped here: the norm is torch's, the coefficient
+scales the grads as this step reads them, and ``.grad`` is never written. The formats
+only the kernels implement (stochastic rounding, quantized moments),
+``bias_correction=False`` and a clip over CPU and GPU params together are refused before
+anything is written.
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``) CPU params run the kernels instead:
 that is how the kernels are tested without a GPU.
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .differentiable import torch_step
+from .kernels.layout import CLIP_COEF
 from .state import (
     LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, Master, ParamFormat, join_master, split_master,
 )
@@ -69,17 +73,24 @@ def check_format(name: str, fmt: ParamFormat, p: Tensor) -> None:
         )
 
 
-def check_options(name: str, *, bias_correction: bool, clipping: bool) -> None:
-    """Raise for optimizer options torch.optim's implementation does not have."""
+def check_options(name: str, *, bias_correction: bool, clipping_with_gpu_params: bool) -> None:
+    """Raise for optimizer options torch.optim's implementation does not have, and for a
+    fused clip over CPU and GPU params at once."""
     if not bias_correction:
         raise RuntimeError(f"{_where(name)}, which has no bias_correction=False: move the params "
                            "to the GPU, or keep bias correction")
-    if clipping:
-        raise RuntimeError(
-            f"{_where(name)}; fused clipping (clip_grad_norm_, max_grad_norm=) covers params on "
-            "the GPU only: clip with torch.nn.utils.clip_grad_norm_ before step() (it clips "
-            ".grad in place, which this optimizer then steps), and leave max_grad_norm unset"
-        )
+    if clipping_with_gpu_params:
+        raise RuntimeError(mixed_clip_error(name))
+
+
+def mixed_clip_error(name: str) -> str:
+    return (
+        f"{_where(name)}; fused clipping (clip_grad_norm_, max_grad_norm=) measures the grads "
+        "of params on one device, and this optimizer has grads on the CPU and on the GPU: "
+        "clip with torch.nn.utils.clip_grad_norm_ before step() (it clips .grad in place, "
+        "which this optimizer then steps) and leave max_grad_norm unset, or use one optimizer "
+        "per device"
+    )
 
 
 def _on_cpu(x):
@@ -89,23 +100,27 @@ def _on_cpu(x):
 
 
 def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
-         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+         clip: Tensor | None = None) -> None:
     """One torch.optim step of every host row, group by group. GradScaler's ``found_inf``
     skips it (step counts unchanged, as in torch's fused step); its scale is divided out
-    of the grads first."""
+    of the grads first. ``clip``: the clip buffer (on the CPU) whose coefficient then
+    multiplies each grad in the step's dtype, as torch's clip_grad_norm_ would have."""
     if not rows:
         return
     if found_inf is not None and found_inf.item():
         return
     scale = None if grad_scale is None else grad_scale.detach().to("cpu")
+    coef = None if clip is None else clip[CLIP_COEF.value]
     by_group: dict[int, list[HostRow]] = {}
     for row in rows:
         by_group.setdefault(row.group, []).append(row)
     for index, group_rows in by_group.items():
-        _step_group(algorithm, param_groups[index], group_rows, scale)
+        _step_group(algorithm, param_groups[index], group_rows, scale, coef)
 
 
-def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None) -> None:
+def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
+                coef: Tensor | None) -> None:
     params, grads, states, writeback, splits = [], [], [], [], []
     for row in rows:
         lp = local_tensor(row.param)
@@ -121,8 +136,12 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
             target = lp.float()  # the kernels' fp32 step, rounded to nearest below
             writeback.append((lp, target))
         grad = row.grad if row.grad.dtype == target.dtype else row.grad.to(target.dtype)
+        if scale is not None:
+            grad = grad / scale  # in the step's dtype
+        if coef is not None:
+            grad = grad * coef.to(grad.dtype)  # never in place: .grad keeps its values
         params.append(target)
-        grads.append(grad if scale is None else grad / scale)  # in the step's dtype
+        grads.append(grad)
         states.append(row.state)
     steps = [local_tensor(s["step"]) for s in states]
     moments, stored = [], []

@@ -185,7 +185,8 @@ class _TritonAdamBase(Optimizer):
         """The step cache, having taken this step's grads: the cache's per-step check, or
         a full gathering and a new cache when it no longer applies (which raises,
         writing nothing, on a bad grad). ``clipping``: whether a fused clip will read
-        these grads (refused for CPU params torch's implementation steps)."""
+        these grads (refused for CPU params torch's implementation steps next to params
+        the kernels step: a clip measures one device's grads)."""
         cache, options = self._cache, self._options()
         if cache is not None and cache.check(self.param_groups, self.state, options):
             return cache
@@ -196,7 +197,7 @@ class _TritonAdamBase(Optimizer):
                 self._init_group(index, group, gathered)
         if gathered.host:
             host.check_options(type(self).__name__, bias_correction=self.bias_correction,
-                               clipping=clipping)
+                               clipping_with_gpu_params=clipping and bool(gathered.pending))
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
         return self._cache

@@ -162,6 +162,7 @@ class StepCache:
         # covers them: each step re-runs the gathering's checks on them one by one.
         self.host = host_rows or []
         self._host_meta = [param_meta(local_tensor(r.param)) for r in self.host]
+        self.host_params = [r.param for r in self.host]
         self.algorithm = algorithm  # "adam" or "adamax"; per-group decay decides adamw
         # The optimizer's options that decide which state a param steps with.
         self.options = options
@@ -216,10 +217,11 @@ class StepCache:
         self._revalidated_grads = [r.grad for r in self._revalidated]
         self._revalidated_dtypes = [r.grad.dtype for r in self._revalidated]
         self.taken: list[Tensor] | None = list(map(GRAD, self._params))
+        self.host_taken: list[Tensor] = list(map(GRAD, self.host_params))  # as ``taken``
         for row in self._order:
             row.grad = None
         self._uploaded: list[int] | None = None
-        self.has_complex = any(p.is_complex() for p in self._params)
+        self.has_complex = any(p.is_complex() for p in self._params + self.host_params)
 
     # ---- building -------------------------------------------------------------------
 
@@ -330,6 +332,7 @@ class StepCache:
             grads.append(grad)
         for row, grad in zip(self.host, grads):
             row.grad = grad
+        self.host_taken = list(map(GRAD, self.host_params))
         return True
 
     def still_taken(self) -> bool:
@@ -355,12 +358,15 @@ class StepCache:
         return (ptrs == self._grad_ptrs
                 and (all(map(operator.is_, grads, taken)) or all(map(Tensor.is_contiguous, local_grads)))
                 and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:]))
-                and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated))
+                and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
+                and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))
+                and all(param_meta(local_tensor(p)) == meta for p, meta in zip(self.host_params, self._host_meta)))
 
     def release(self) -> None:
         """Forget this step's grads (the step launched, or they were zeroed)."""
         self.taken = None
         self._revalidated_grads = []
+        self.host_taken = []
         for row in self.host:
             row.grad = None
 
@@ -446,7 +452,8 @@ class StepCache:
             if row.staging is not None:
                 as_real(local_tensor(row.param)).copy_(row.staging)
         if self.host:
-            host.step(self.algorithm, self.host, param_groups, grad_scale=grad_scale, found_inf=found_inf)
+            host.step(self.algorithm, self.host, param_groups, grad_scale=grad_scale, found_inf=found_inf,
+                      clip=clip)
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they
