@@ -52,7 +52,14 @@ def group_hyper(group: dict, adamax: bool, bias_correction: bool) -> GroupHyper:
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     eps, wd = group["eps"], group["weight_decay"]
-    check_hyper(lr, (beta1, beta2), eps, wd, tensor_values=False)
+    try:
+        check_hyper(lr, (beta1, beta2), eps, wd, tensor_values=False)
+    except TypeError:  # a value set by hand to None or a string: torch's "'<=' not supported"
+        raise TypeError(
+            f"a param group's lr, betas, eps and weight_decay must be numbers (lr and betas may "
+            f"be 1-element tensors), got lr={lr!r}, betas={group['betas']!r}, eps={eps!r}, "
+            f"weight_decay={wd!r}: set them as numbers (weight_decay=0 for none)"
+        ) from None
     decoupled = not adamax and bool(group.get("decoupled_weight_decay", False))
 
     def value(x) -> float:
