@@ -679,16 +679,9 @@ def _mlp_train(model, opt, rank, steps, clip=None, max_norm=0.5) -> None:
         opt.zero_grad()
 
 
-def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
-    """DTensor params sharded along dim 1 as well as dim 0, replicated next to sharded:
-    tensor parallelism (``parallelize_module`` with Colwise/RowwiseParallel: weights
-    Shard(0) and Shard(1), one bias replicated) and FSDP2 with a ``shard_placement_fn``
-    sharding matrices along dim 1. Ours tracks torch.optim; with 8-bit and 4-bit state a
-    sharded DCP checkpoint (TP) and a full optimizer state dict (FSDP2) restore a fresh
-    model and optimizer that continue bit for bit. Fused clipping covers both, TP's mix
-    of sharded and replicated grads included (each layout's total all-reduced over its
-    own sharded dims): norms of order 1, 2, 3 and inf equal torch's over the same grads,
-    and clipped training tracks torch's clip_grad_norm_; likewise FSDP2 and TP on one 2-D
+def _tp_builders(world: int):
+    """Models with DTensor params sharded along dim 1 as well as dim 0, replicated next to
+    sharded: tensor parallelism, FSDP2 sharding matrices along dim 1, and both on a 2-D
     (dp, tp) mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
@@ -708,12 +701,6 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
         fully_shard(model.up, shard_placement_fn=placement)
         return fully_shard(model, shard_placement_fn=placement)
 
-    def ours(model, **kw):
-        return tritonadam.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
-
-    def full_list(model):
-        return [p.full_tensor() for p in model.parameters()]
-
     def fsdp_tp(seed):  # a (dp=1, tp=2) mesh: weights (Shard(0), Shard(k)), biases (Shard(0), Replicate())
         mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
         torch.manual_seed(seed)
@@ -721,9 +708,25 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
         parallelize_module(model, mesh2["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
         return fully_shard(model, mesh=mesh2["dp"])
 
+    return tp, fsdp_dim1, fsdp_tp
+
+
+def _tp_opt(model, **kw):
+    return tritonadam.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+
+
+def _full_list(model):
+    return [p.full_tensor() for p in model.parameters()]
+
+
+def _tp_clip(rank: int, world: int) -> None:
+    """Fused clipping over TP's mix of sharded and replicated grads (each layout's total
+    all-reduced over its own sharded dims): norms of order 1, 2, 3 and inf equal torch's
+    over the same grads, and clipped training tracks torch's clip_grad_norm_."""
+    tp, fsdp_dim1, fsdp_tp = _tp_builders(world)
     for build in (tp, fsdp_tp):
         model = build(0)
-        opt = ours(model)
+        opt = _tp_opt(model)
         model(torch.randn(8, 24, generator=torch.Generator().manual_seed(rank))).pow(2).mean().backward()
         grads = [p.grad for p in model.parameters()]
         assert len({g.placements for g in grads}) >= 2, [g.placements for g in grads]
@@ -738,16 +741,27 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
         assert two_norm > 0.1, f"{build.__name__}: clipping at 0.1 below would not bind ({two_norm})"
         opt.zero_grad()
 
-    for build, clip in ((tp, "fused"), (fsdp_dim1, "fused"), (fsdp_tp, "fused")):
+    for build in (tp, fsdp_dim1, fsdp_tp):
         what = build.__name__
         ref = build(0)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
         _mlp_train(ref, ref_opt, rank, range(4), clip="torch", max_norm=0.1)
         model = build(0)
-        opt = ours(model)
-        _mlp_train(model, opt, rank, range(4), clip=clip, max_norm=0.1)
-        for p, q in zip(full_list(model), full_list(ref)):
+        opt = _tp_opt(model)
+        _mlp_train(model, opt, rank, range(4), clip="fused", max_norm=0.1)
+        for p, q in zip(_full_list(model), _full_list(ref)):
             torch.testing.assert_close(p, q, msg=lambda m: f"{what}: {m}", **TOL)
+
+
+def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
+    """DTensor params sharded along dim 1 as well as dim 0, replicated next to sharded
+    (``_tp_builders``). Ours tracks torch.optim; with 8-bit and 4-bit state a sharded DCP
+    checkpoint (TP) and a full optimizer state dict (FSDP2) restore a fresh model and
+    optimizer that continue bit for bit. Fused clipping covers them all (``_tp_clip``)."""
+    from torch.distributed.tensor import Shard
+
+    tp, fsdp_dim1, _ = _tp_builders(world)
+    _tp_clip(rank, world)
     placements = {p.placements for p in tp(0).parameters()}
     assert {(Shard(0),), (Shard(1),)} < placements and len(placements) == 3, placements
 
@@ -755,7 +769,7 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
         what = f"{build.__name__} {bits} via {how}"
         clip = "fused" if build is fsdp_dim1 else None
         model = build(0)
-        opt = ours(model, state_dtype=bits)
+        opt = _tp_opt(model, state_dtype=bits)
         _mlp_train(model, opt, rank, range(3), clip=clip)
         path = os.path.join(tmpdir, f"tp_{build.__name__}")
         full_opts = StateDictOptions(full_state_dict=True)
@@ -767,7 +781,7 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
             osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))
         _mlp_train(model, opt, rank, range(3, 5), clip=clip)
         restored = build(5)
-        ropt = ours(restored, state_dtype=bits)
+        ropt = _tp_opt(restored, state_dtype=bits)
         if how == "dcp":
             msd2, osd2 = get_state_dict(restored, ropt)
             sd = {"model": msd2, "optim": osd2}
@@ -777,7 +791,7 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
             set_model_state_dict(restored, msd, options=full_opts)
             set_optimizer_state_dict(restored, ropt, osd, options=full_opts)
         _mlp_train(restored, ropt, rank, range(3, 5), clip=clip)
-        for p, q in zip(full_list(restored), full_list(model)):
+        for p, q in zip(_full_list(restored), _full_list(model)):
             assert torch.equal(p, q), (what, (p - q).abs().max())
 
 
@@ -799,8 +813,9 @@ def fsdp2_cpu_params(rank: int, world: int, tmpdir: str) -> None:
     fused=True and Adamax its for-loop bit for bit over 4 steps (two param groups, torch's
     clip, uneven and empty shards); the full optimizer state dict carries the run to a
     fresh optimizer exactly; fused clipping (explicit and max_grad_norm=, 2- and inf-norm)
-    gives torch's norm and steps; a format only the kernels have is refused on every rank
-    with nothing written."""
+    gives torch's norm and steps, also over tensor parallelism's mixed layouts
+    (``_tp_clip``); a format only the kernels have is refused on every rank with nothing
+    written."""
     from tritonadam.kernels.launch import interpreted
 
     assert not interpreted(), "run with TRITON_INTERPRET=0"
@@ -849,6 +864,7 @@ def fsdp2_cpu_params(rank: int, world: int, tmpdir: str) -> None:
                 opt.zero_grad()
                 ref.zero_grad()
             assert_close_dicts(full_params(model), full_params(ref_model), what, exact=True)
+    _tp_clip(rank, world)  # the host path's clip over TP's mixed layouts
     model = fsdp2(base_model())
     opt = tritonadam.AdamW(model.parameters(), state_dtype="8bit")
     model(batch(0, rank)[0]).sum().backward()

@@ -77,7 +77,8 @@ def test_fsdp2_cpu_params_without_the_interpreter(tmp_path, monkeypatch):
     """CPU params outside the interpreter (a GPU job with FSDP2's CPU offload): stepped by
     torch.optim's CPU implementation on our state, bit for bit as torch.optim, and
     resumable from a full optimizer state dict; fused clipping gives torch's norm and
-    steps bit for bit; 8-bit state refused on every rank."""
+    steps bit for bit, and over tensor parallelism's mixed layouts torch's norms of order
+    1, 2, 3 and inf; 8-bit state refused on every rank."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the spawned ranks inherit it
     run_scenario("fsdp2_cpu_params", tmp_path, start_method="spawn")
 
