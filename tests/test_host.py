@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tritonadam
-from tritonadam import validate
+from tritonadam import host, validate
 from tritonadam.state import join_master, split_master
 from tritonadam.tensors import local_tensor
 
@@ -460,6 +460,44 @@ def test_cached_steps_recheck_every_host_row(on_host):
     params[1].data = torch.randn(9)
     params[1].grad = torch.randn(9)
     refused("the param changed after its optimizer state was created")
+
+
+@pytest.mark.parametrize("dtype, options", [
+    (torch.bfloat16, {"master_weights": "remainder"}),
+    (torch.float16, {"state_dtype": torch.bfloat16, "max_grad_norm": 1.0}),
+    (torch.float32, {"amsgrad": True, "max_grad_norm": 1.0}),
+])
+def test_a_group_steps_in_chunks_with_the_same_bits(on_host, monkeypatch, dtype, options):
+    """The fp32 copies of a step (of low-precision params and moments, of grads to widen,
+    unscale or clip) exist for one chunk of rows at a time: each call into torch's
+    implementation gets at most host.CHUNK_NUMEL elements (or one larger row), and the
+    result is the unchunked step's, bit for bit."""
+    def run(chunk_numel):
+        monkeypatch.setattr(host, "CHUNK_NUMEL", chunk_numel)
+        params = on_host(_odd_params(dtype, seed=40)[0])
+        opt = tritonadam.AdamW([{"params": params[:4]}, {"params": params[4:], "lr": 0.02}], lr=0.01,
+                               **options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+        gen = torch.Generator().manual_seed(41)
+        for _ in range(3):
+            grads = random_grads(params, gen)
+            scaler.scale(sum((p.float() * g.float()).sum() for p, g in zip(params, grads))).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        return params, opt
+
+    calls = []
+    real = host.torch_step
+    monkeypatch.setattr(host, "torch_step", lambda algorithm, group, p, *rest, **kw: (
+        calls.append([x.numel() for x in p]), real(algorithm, group, p, *rest, **kw))[1])
+    chunked, opt = run(40)
+    assert len(calls) >= 3 * 4 and all(sum(c) <= 40 or len(c) == 1 for c in calls), calls
+    whole, ref = run(1 << 24)
+    for p, q in zip(chunked, whole):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, ref.state[q][key]), key
 
 
 def test_grads_are_not_held_after_the_step(on_host):

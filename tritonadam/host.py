@@ -37,6 +37,9 @@ __all__ = ["HostRow", "check_format", "check_options", "step"]
 # What torch's fused CPU kernel steps here (its _fused_adam_ / _fused_adamw_, with
 # float32 step counts).
 _FUSED_DTYPES = (torch.float32, torch.float64)
+# Elements stepped per call into torch's implementation (``_chunks``): 64 MiB per fp32
+# temporary, a few ms of its fused kernel.
+CHUNK_NUMEL = 1 << 24
 
 
 @dataclass
@@ -121,6 +124,32 @@ def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
 
 def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
                 coef: Tensor | None) -> None:
+    # Tensor hyper-parameters where torch's CPU code reads them.
+    group = {**group, "lr": _on_cpu(group["lr"]), "betas": tuple(map(_on_cpu, group["betas"]))}
+    for chunk in _chunks(rows):
+        _step_rows(algorithm, group, chunk, scale, coef)
+
+
+def _chunks(rows: list[HostRow]):
+    """Consecutive rows of at most CHUNK_NUMEL elements together (a larger one alone): the
+    fp32 copies a step makes (of fp16/bf16 params and moments, of grads to unscale, clip or
+    widen) exist for one chunk at a time, not for a whole group, which for an offloaded
+    model would double its host memory. torch's steps are elementwise, so the bits do not
+    depend on the chunking."""
+    chunk, numel = [], 0
+    for row in rows:
+        n = row.grad.numel()
+        if chunk and numel + n > CHUNK_NUMEL:
+            yield chunk
+            chunk, numel = [], 0
+        chunk.append(row)
+        numel += n
+    if chunk:
+        yield chunk
+
+
+def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
+               coef: Tensor | None) -> None:
     params, grads, states, writeback, splits = [], [], [], [], []
     for row in rows:
         lp = local_tensor(row.param)
@@ -162,8 +191,6 @@ def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor 
     fusable = [algorithm == "adam" and p.dtype in _FUSED_DTYPES and t.dtype == torch.float32
                and all(c[i].is_contiguous() for c in columns[:-1])
                for i, (p, t) in enumerate(zip(params, steps))]
-    # Tensor hyper-parameters where torch's CPU code reads them.
-    group = {**group, "lr": _on_cpu(group["lr"]), "betas": tuple(map(_on_cpu, group["betas"]))}
     for fused in (True, False):
         picked = [i for i, f in enumerate(fusable) if f == fused]
         if picked:
