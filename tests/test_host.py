@@ -138,11 +138,35 @@ def test_low_precision_params_step_in_fp32(on_host, dtype, master_weights):
                 assert torch.equal(join_master(p, ours.state[p]["master_param_remainder"]), w)
                 assert torch.equal(p, split_master(w)[0])  # ties away from zero, as the kernel
                 continue
-            assert torch.equal(p, w.detach().to(dtype))
+            if master_weights and dtype == torch.bfloat16:
+                assert torch.equal(p, split_master(w)[0])  # ties away from zero, as the kernel
+            else:
+                assert torch.equal(p, w.detach().to(dtype))
             if master_weights:
                 assert torch.equal(ours.state[p]["master_param"], w)
             else:
                 w.data.copy_(p.float())  # without a master the param's rounding is kept
+
+
+def test_bf16_param_from_its_fp32_master_rounds_ties_away_from_zero(on_host, device):
+    """master_weights=True: a bf16 param halfway between two bf16 values of its master goes
+    to the one farther from zero, on the host path as in the kernels (and as
+    master_weights="remainder" rounds), where a plain .to(bfloat16) rounds to even."""
+    kernel = make_params([(4,)], torch.bfloat16, device, seed=42)
+    hosted = on_host(make_params([(4,)], torch.bfloat16, "cpu", seed=43))
+    opt = tritonadam.AdamW(kernel + hosted, lr=0.0, weight_decay=0.0, master_weights=True)
+    gen = torch.Generator().manual_seed(44)
+    for _ in range(2):
+        for p, g in zip(kernel + hosted, random_grads(kernel + hosted, gen)):
+            p.grad = g
+        opt.step()  # lr 0: the master stays as set
+        ties = torch.tensor([1 + 2 ** -8, -(1 + 2 ** -8), 1 + 3 * 2 ** -8, 2 + 2 ** -7])
+        for p in kernel + hosted:
+            opt.state[p]["master_param"].copy_(ties)
+    expected = torch.tensor([1.0078125, -1.0078125, 1.015625, 2.015625], dtype=torch.bfloat16)
+    assert not torch.equal(ties.to(torch.bfloat16), expected)
+    for p in kernel + hosted:
+        assert torch.equal(p.detach().cpu(), expected), p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,7 +7,8 @@ wherever the tensors allow it, else its single-tensor loop (complex params, AdaM
 float64 step counts). fp16/bf16 params are stepped as the kernels step them: in fp32,
 from the fp32 master when there is one (``master_weights="remainder"``: the master the
 param and its int16 remainder stand for, split again exactly), and rounded to nearest
-into the param; bf16 moments (``state_dtype=torch.bfloat16``) likewise, in fp32 and
+into the param (from an fp32 master, a bf16 param's ties go away from zero, as in the
+kernels); bf16 moments (``state_dtype=torch.bfloat16``) likewise, in fp32 and
 rounded back. Fused clipping (``clip_grad_norm_``, ``max_grad_norm=``) works as on the
 GPU when every param with a grad is stepped here: the norm is torch's, the coefficient
 scales the grads as this step reads them, and ``.grad`` is never written. The formats
@@ -150,13 +151,13 @@ def _chunks(rows: list[HostRow]):
 
 def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
                coef: Tensor | None) -> None:
-    params, grads, states, writeback, splits = [], [], [], [], []
+    params, grads, states, writeback, masters, splits = [], [], [], [], [], []
     for row in rows:
         lp = local_tensor(row.param)
         target = lp
         if row.fmt.master == Master.FP32:
             target = local_tensor(row.state[MASTER_KEY])
-            writeback.append((lp, target))
+            (masters if lp.dtype == torch.bfloat16 else writeback).append((lp, target))
         elif row.fmt.master == Master.REMAINDER:
             remainder = local_tensor(row.state[REMAINDER_KEY])
             target = join_master(lp, remainder)
@@ -198,6 +199,10 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor |
             torch_step(algorithm, group, p, g, m, t, fused=fused)
     for lp, target in writeback + stored:
         lp.copy_(target)  # to nearest, ties to even, as the kernels round
+    for lp, master in masters:
+        # A bf16 param from its fp32 master: to nearest, ties away from zero, as the kernels
+        # round it (the remainder's rounding, so master_weights=True and "remainder" agree).
+        lp.copy_(split_master(master)[0])
     for lp, remainder, master in splits:
         high, low = split_master(master)
         lp.copy_(high)
