@@ -614,6 +614,36 @@ def test_differentiable_configs_construct_and_step(name, device):
     assert opt.state[param]["step"].item() == 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_differentiable_set_on_a_group_by_hand_steps_as_torch(name):
+    """torch.optim's step takes its grad mode from the constructor's ``differentiable``:
+    a group switched to differentiable=True by hand on leaf params steps without autograd,
+    as torch's does (ours had failed on the first in-place update, after counting the
+    step). With differentiable=True in the constructor, leaf params get torch's error
+    before anything is written (torch's own step counts the step first)."""
+    gen = torch.Generator().manual_seed(4)
+    params = [[Parameter(torch.randn(5, generator=gen)) for _ in range(3)]]
+    params.append([Parameter(p.detach().clone()) for p in params[0]])
+    opts = [cls([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.1)
+            for cls, ps in zip((OURS[name], getattr(torch.optim, name)), params)]
+    for step in range(3):
+        grads = [torch.randn(5, generator=gen) for _ in range(3)]
+        for opt, ps in zip(opts, params):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            if step == 1:
+                opt.param_groups[0]["differentiable"] = True
+            opt.step()
+        for p, q in zip(*params):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    leaf = Parameter(torch.randn(5, generator=gen))
+    opt = OURS[name]([leaf], differentiable=True)
+    leaf.grad = torch.randn(5, generator=gen)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad is being used in an in-place"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if "fused" in INFOS[n].supported_impls])
 def test_fused_step_on_meta_params_raises_torch_error(name, device):
     if device.type != "cpu":

@@ -12,12 +12,21 @@ from .state import LOW_PRECISION, StatePolicy, moment_keys, new_step_dtype
 __all__ = ["inputs", "step", "torch_step"]
 
 
-def inputs(name: str, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-    """The group's params with grads and their grads, validated (nothing written)."""
+def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """The group's params with grads and their grads, validated (nothing written).
+    ``grad_enabled``: whether ``step`` will record the update (see there)."""
     params, grads = [], []
     for p in group["params"]:
         if p.grad is None:
             continue
+        if grad_enabled and p.is_leaf and p.requires_grad:
+            # torch's own error, which its step raises after counting the step.
+            raise RuntimeError(
+                "a leaf Variable that requires grad is being used in an in-place operation. "
+                f"(tritonadam.{name}, differentiable=True: autograd records the update of each "
+                "param, so pass params that are not leaves, e.g. p.clone(), as torch.optim's "
+                "differentiable tests do)"
+            )
         if p.grad.is_sparse:
             raise RuntimeError(
                 f"{name} does not support sparse gradients, please consider SparseAdam instead"
@@ -33,8 +42,12 @@ def inputs(name: str, group: dict) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dict,
-         params: list[Tensor], grads: list[Tensor]) -> None:
-    """One torch.optim step of ``group`` (``algorithm``: "adam" or "adamax")."""
+         params: list[Tensor], grads: list[Tensor], *, grad_enabled: bool) -> None:
+    """One torch.optim step of ``group`` (``algorithm``: "adam" or "adamax"), with autograd
+    on when ``grad_enabled``: the optimizer's ``differentiable`` default, which is what
+    torch.optim's step sets the grad mode from (a group switched to differentiable=True
+    by hand then steps without autograd, as in torch, instead of failing on its first
+    in-place update of a leaf)."""
     if not params:
         return
     keys = moment_keys(algorithm, group.get("amsgrad", False))
@@ -44,7 +57,7 @@ def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dic
         if fmt.check(p, state.get(p, {}), keys, name):
             fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
         states.append(state[p])
-    with torch.enable_grad():
+    with torch.set_grad_enabled(grad_enabled):
         torch_step(algorithm, group, params, grads, [[s[k] for s in states] for k in keys],
                    [s["step"] for s in states], differentiable=True)
 

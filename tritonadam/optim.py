@@ -232,10 +232,12 @@ class _TritonAdamBase(Optimizer):
         adamax = self._algorithm == "adamax"
         hypers = [group_hyper(g, adamax, self.bias_correction) for g in self.param_groups]
         torch_work = []
+        # torch.optim's step sets the grad mode from the default, not from each group.
+        grad_enabled = bool(self.defaults.get("differentiable", False))
         for g in self.param_groups:
             if g.get("differentiable"):
                 check_group_options(name, g, self._policy)
-                torch_work.append((g, differentiable.inputs(name, g)))
+                torch_work.append((g, differentiable.inputs(name, g, grad_enabled=grad_enabled)))
         grad_scale = getattr(self, "grad_scale", None)
         clipper = self._clipper
         cache = self._cache
@@ -250,7 +252,8 @@ class _TritonAdamBase(Optimizer):
                          check_finite=False, auto=True)
 
         for group, inputs in torch_work:
-            differentiable.step(name, self._algorithm, self._policy, self.state, group, *inputs)
+            differentiable.step(name, self._algorithm, self._policy, self.state, group, *inputs,
+                                grad_enabled=grad_enabled)
         coefficient = clipper.take()  # consumed by this step, or by nothing if nothing steps
         try:
             if not cache.empty:
