@@ -473,6 +473,7 @@ def test_state_edits_are_seen_without_dict_version_tags(edit, device, monkeypatc
 
 
 @pytest.mark.parametrize("how,after", [("same-data", 0), ("overlapping-views", 0),
+                                       ("strided-views", 0), ("row-and-strided-column", 0),
                                        ("data-assigned", 0), ("data-assigned", 3)])
 def test_params_sharing_memory_are_refused(how, after, device):
     """Two Parameter objects over one storage (weights tied by value) would be two rows
@@ -483,6 +484,12 @@ def test_params_sharing_memory_are_refused(how, after, device):
     elif how == "overlapping-views":
         base = torch.randn(30, device=device)
         params[1], params[2] = torch.nn.Parameter(base[:24]), torch.nn.Parameter(base[18:])
+    elif how == "strided-views":  # every other column and every fourth: columns 0 and 4 shared
+        base = torch.randn(3, 8, device=device)
+        params[1], params[2] = torch.nn.Parameter(base[:, 0::2]), torch.nn.Parameter(base[:, 0::4])
+    elif how == "row-and-strided-column":  # element (1, 1) in both
+        base = torch.randn(3, 8, device=device)
+        params[1], params[2] = torch.nn.Parameter(base[1]), torch.nn.Parameter(base[:, 1])
     opt = PAIRS["AdamW"][0](params, **LAUNCH)
     _steps(opt, params, after)
     if how == "data-assigned":
@@ -494,10 +501,20 @@ def test_params_sharing_memory_are_refused(how, after, device):
     _assert_untouched(opt, params, snap)
 
 
-def test_disjoint_views_of_one_buffer_step_like_torch(device):
-    """Params that are disjoint views of one buffer (a flattened-parameter layout) are fine."""
-    base = torch.randn(40, device=device)
-    params = [torch.nn.Parameter(base[:16]), torch.nn.Parameter(base[16:40].view(4, 6))]
+@pytest.mark.parametrize("layout", ["flat", "interleaved", "strided-around-a-row"])
+def test_disjoint_views_of_one_buffer_step_like_torch(layout, device):
+    """Params that are disjoint views of one buffer are fine: a flattened-parameter layout,
+    and views whose memory spans overlap without an element in common (a buffer's even
+    and odd columns; a column, with a slice of a row between its elements)."""
+    if layout == "flat":
+        base = torch.randn(40, device=device)
+        params = [torch.nn.Parameter(base[:16]), torch.nn.Parameter(base[16:40].view(4, 6))]
+    elif layout == "interleaved":
+        base = torch.randn(4, 6, device=device)
+        params = [torch.nn.Parameter(base[:, 0::2]), torch.nn.Parameter(base[:, 1::2])]
+    else:
+        base = torch.randn(4, 8, device=device)
+        params = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[1, 2:6])]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     ours = PAIRS["AdamW"][0](params, **LAUNCH)
     theirs = torch.optim.AdamW(ref, foreach=False)

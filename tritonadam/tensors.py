@@ -122,22 +122,62 @@ def check_no_shared_memory(name: str, entries: list) -> None:
         idx = np.flatnonzero((device == dev) & (hi > lo) & (lo != 0))
         idx = idx[np.argsort(lo[idx], kind="stable")]
         reach = np.maximum.accumulate(hi[idx])
-        clash = np.flatnonzero(lo[idx[1:]] < reach[:-1])
-        if clash.size == 0:
+        apart = lo[idx[1:]] >= reach[:-1]
+        if apart.all():
             continue
-        later = idx[clash[0] + 1]
-        earlier = idx[np.argmax(hi[idx[: clash[0] + 1]])]
-        a, b = sorted((earlier, later), key=lambda k: owners[k])
-        what = [_describe(labels[k], entries[owners[k]][0]) for k in (a, b)]
-        if owners[a] == owners[b]:
-            what[1] = f"its {labels[b]}"
-        raise ValueError(
-            f"tritonadam.{name}: {what[0]} and {what[1]} share memory on {tensors[a].device}; "
-            "one launch steps every tensor at once, so shared memory would be updated "
-            "concurrently. Tie weights by sharing one nn.Parameter object (e.g. "
-            "`decoder.weight = encoder.weight`), not by wrapping the same data in two, and "
-            "give each param its own state tensors"
-        )
+        # Clusters of tensors whose byte spans overlap (in a chain), in address order.
+        starts = np.flatnonzero(np.concatenate(([True], apart)))
+        ends = np.append(starts[1:], idx.size)
+        for first, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            pair = _sharing_pair([tensors[k] for k in idx[first:end]], int(lo[idx[first]]),
+                                 int(reach[end - 1]))
+            if pair is not None:
+                _refuse_shared(name, entries, tensors, owners, labels, *idx[first:end][list(pair)])
+
+
+def _sharing_pair(cluster: list[Tensor], base: int, end: int) -> tuple[int, int] | None:
+    """Two tensors (indices into ``cluster``: tensors in address order whose byte spans,
+    together [base, end), overlap in a chain) that share a byte, or None.
+
+    Dense tensors cover their spans, so the first two share bytes. Strided views that do
+    not (a buffer's even and odd columns) are counted byte by byte: element-disjoint ones
+    are fine, as in torch.optim. Only params can be such views (state tensors are laid out
+    densely), and non-dense params are stepped through staging copies written back one
+    after another, so no launch writes two of them concurrently."""
+    if all(map(is_dense, cluster)):
+        return 0, 1
+    taken = torch.zeros(end - base, dtype=torch.bool, device=cluster[0].device)
+    for i, t in enumerate(cluster):
+        if _bytes(taken, t, base).any():  # syncs; only for overlapping spans, at a gathering
+            for k in range(i):  # which earlier tensor it shares with, for the error
+                taken.zero_()
+                _bytes(taken, cluster[k], base).fill_(True)
+                if _bytes(taken, t, base).any():
+                    return k, i
+        _bytes(taken, t, base).fill_(True)
+    return None
+
+
+def _bytes(buffer: Tensor, t: Tensor, base: int) -> Tensor:
+    """The entries of ``buffer`` (one per byte from address ``base``) under ``t``'s bytes."""
+    size = t.element_size()
+    return buffer.as_strided(tuple(t.shape) + (size,), tuple(s * size for s in t.stride()) + (1,),
+                             t.data_ptr() - base)
+
+
+def _refuse_shared(name: str, entries: list, tensors: list, owners: list, labels: list,
+                   earlier: int, later: int) -> None:
+    a, b = sorted((earlier, later), key=lambda k: owners[k])
+    what = [_describe(labels[k], entries[owners[k]][0]) for k in (a, b)]
+    if owners[a] == owners[b]:
+        what[1] = f"its {labels[b]}"
+    raise ValueError(
+        f"tritonadam.{name}: {what[0]} and {what[1]} share memory on {tensors[a].device}; "
+        "one launch steps every tensor at once, so shared memory would be updated "
+        "concurrently. Tie weights by sharing one nn.Parameter object (e.g. "
+        "`decoder.weight = encoder.weight`), not by wrapping the same data in two, and "
+        "give each param its own state tensors"
+    )
 
 
 def _describe(label: str, param: Tensor) -> str:
