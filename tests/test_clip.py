@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -297,8 +298,9 @@ def test_max_grad_norm_clips_in_step(norm_type, device):
 def test_dropped_and_compounded_coefficients(device):
     """A coefficient belongs to the grads it measured: zero_grad(), or new grad tensors
     before the step, drop it (the step is unclipped, as torch's would be for grads its
-    clip never saw); a second clip of the same grads compounds, like a second in-place
-    clip with torch."""
+    clip never saw); when only some grads were replaced it is dropped with a warning
+    (torch's in-place clip would have left the others clipped); a second clip of the same
+    grads compounds, like a second in-place clip with torch."""
     shapes = [(40,), (7, 3)]
 
     def run(script):
@@ -335,6 +337,14 @@ def test_dropped_and_compounded_coefficients(device):
         fresh(params, grads)  # a new backward after model.zero_grad(): new tensors
         opt.step()
 
+    def one_replaced(opt, params, grads):
+        fresh(params, grads)
+        opt.clip_grad_norm_(1e-3)
+        params[1].grad = grads[1].clone()  # one grad: torch would keep the other clipped
+        with pytest.warns(UserWarning, match=r"1 of its 2 grads were replaced .* coefficient was dropped") as record:
+            opt.step()
+        assert record[0].filename == __file__  # the user's line, not ours or torch's
+
     def twice(opt, params, grads):
         fresh(params, grads)
         norms = [opt.clip_grad_norm_(2.0), opt.clip_grad_norm_(0.7)]
@@ -342,8 +352,11 @@ def test_dropped_and_compounded_coefficients(device):
         return norms
 
     unclipped, _ = torch_run([])
-    for script in (zero_grad_then_new, replaced):
-        params, _ = run(script)
+    for script in (zero_grad_then_new, replaced, one_replaced):
+        with warnings.catch_warnings():
+            if script is not one_replaced:  # every grad replaced, or zero_grad: no warning
+                warnings.simplefilter("error")
+            params, _ = run(script)
         for p, q in zip(params, unclipped):
             _assert_close(p, q, **TOL)
     params, norms = run(twice)

@@ -27,6 +27,7 @@ from .kernels.plan import NormPlan, upload
 from .step_cache import StepCache
 from .state import LOW_PRECISION
 from .tensors import GRAD, is_fsdp1_shard, local_tensor
+from .warn import warn
 
 __all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
 
@@ -182,7 +183,7 @@ class Clipper:
         if not self.pending:
             return
         if not (self.holds(_measured(cache)[0]) if holds is None else holds):
-            self.clear()
+            self._drop_stale()
             return
         if grad_scale is not None and not self.scaled:
             raise RuntimeError(
@@ -208,6 +209,8 @@ class Clipper:
             self.buffer = torch.zeros(layout.CLIP_COLUMNS.value, dtype=torch.float64, device=device)
         params, taken = _measured(cache)
         compound = self.holds(params)
+        if self.pending and not compound:
+            self._drop_stale()
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
@@ -377,6 +380,23 @@ class Clipper:
             return None
         self.clear()
         return self.buffer
+
+    def _drop_stale(self) -> None:
+        """Drop a pending coefficient that no longer belongs to the current grads, with a
+        warning when some of the grads it measured are still there: torch's in-place clip
+        would have left those clipped, and this step reads them unclipped."""
+        kept = sum(map(operator.is_, map(GRAD, self._params), self._grads))
+        total = len(self._params)
+        self.clear()
+        if kept:
+            warn(
+                f"tritonadam.{self.name}: the grads changed after clip_grad_norm_ measured them "
+                f"({total - kept} of its {total} grads were replaced or set to None, or other "
+                "params got grads), so its coefficient was dropped and this step reads every "
+                "grad unclipped (torch's in-place clip would have left the unchanged ones "
+                "clipped). Call clip_grad_norm_ after the last change to .grad, right before "
+                "step()"
+            )
 
     def clear(self) -> None:
         self.pending = False

@@ -2,15 +2,12 @@
 errors (or, for options that would change nothing, a warning) that say what to do."""
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-
 import torch
 
 from . import autotune
 from .clip import check_max_norm, norm_order
 from .state import StatePolicy
+from .warn import warn
 
 __all__ = ["check_group_options", "checked_extras"]
 
@@ -52,7 +49,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         check_group_options(name, group, policy)
     idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
     for why in idle:
-        warnings.warn(f"tritonadam.{name}: {why}", UserWarning, stacklevel=_caller_level())
+        warn(f"tritonadam.{name}: {why}")
     # Only stochastic rounding draws random numbers. Its default seed is the one
     # torch.manual_seed set, read without drawing from the global generator (a drop-in
     # leaves torch's random stream as it found it); saved in the state of every param
@@ -79,13 +76,3 @@ def check_group_options(name: str, group: dict, policy: StatePolicy) -> None:
 
 
 _resolve_mode = autotune.resolve_mode
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _caller_level() -> int:
-    """The stacklevel of the first frame outside this package (the user's constructor call,
-    however many of our classes' __init__ lie between)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
