@@ -5,6 +5,7 @@ formats, the gathering of a step's tensors and the step cache alike.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -146,23 +147,26 @@ def _sharing_pair(cluster: list[Tensor], base: int, end: int) -> tuple[int, int]
     after another, so no launch writes two of them concurrently."""
     if all(map(is_dense, cluster)):
         return 0, 1
-    taken = torch.zeros(end - base, dtype=torch.bool, device=cluster[0].device)
+    # One mark per unit of memory: the largest that every element size and offset divide
+    # (4 bytes for fp32 views of one buffer).
+    unit = math.gcd(*(t.element_size() for t in cluster), *(t.data_ptr() - base for t in cluster))
+    taken = torch.zeros((end - base) // unit, dtype=torch.bool, device=cluster[0].device)
     for i, t in enumerate(cluster):
-        if _bytes(taken, t, base).any():  # syncs; only for overlapping spans, at a gathering
+        if _units(taken, t, base, unit).any():  # syncs; only for overlapping spans, at a gathering
             for k in range(i):  # which earlier tensor it shares with, for the error
                 taken.zero_()
-                _bytes(taken, cluster[k], base).fill_(True)
-                if _bytes(taken, t, base).any():
+                _units(taken, cluster[k], base, unit).fill_(True)
+                if _units(taken, t, base, unit).any():
                     return k, i
-        _bytes(taken, t, base).fill_(True)
+        _units(taken, t, base, unit).fill_(True)
     return None
 
 
-def _bytes(buffer: Tensor, t: Tensor, base: int) -> Tensor:
-    """The entries of ``buffer`` (one per byte from address ``base``) under ``t``'s bytes."""
-    size = t.element_size()
-    return buffer.as_strided(tuple(t.shape) + (size,), tuple(s * size for s in t.stride()) + (1,),
-                             t.data_ptr() - base)
+def _units(marks: Tensor, t: Tensor, base: int, unit: int) -> Tensor:
+    """The entries of ``marks`` (one per ``unit`` bytes from address ``base``) under ``t``."""
+    size = t.element_size() // unit
+    return marks.as_strided(tuple(t.shape) + (size,), tuple(s * size for s in t.stride()) + (1,),
+                            (t.data_ptr() - base) // unit)
 
 
 def _refuse_shared(name: str, entries: list, tensors: list, owners: list, labels: list,
