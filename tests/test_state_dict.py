@@ -7,6 +7,8 @@ import pickle
 import pytest
 import torch
 
+import tritonadam
+
 from helpers import LAUNCH, PAIRS, clone_params, make_params, random_grads
 
 SHAPES = [(), (7,), (1025,), (3, 4)]
@@ -129,3 +131,85 @@ def test_load_state_dict_pre_hooks_are_honoured(device):
     (q,) = target.param_groups[0]["params"]
     assert target.state[q]["exp_avg"].dtype == torch.float32
     assert torch.equal(target.state[q]["exp_avg"], saved["state"][0]["exp_avg"] / 3)
+
+
+# ---- a moment in two forms: the one from outside wins ----------------------------------
+
+
+def _moments(opt, p):
+    full = opt.torch_state_dict() if hasattr(opt, "torch_state_dict") else opt.state_dict()
+    index = next(i for i, q in enumerate(q for g in opt.param_groups for q in g["params"]) if q is p)
+    return {k: v for k, v in full["state"][index].items() if k.startswith("exp_avg")}
+
+
+@pytest.mark.parametrize("source, target", [
+    ("torch", {"state_dtype": "8bit"}),
+    ({}, {"state_dtype": "4bit", "amsgrad": True}),
+    ({"state_dtype": "8bit"}, {"state_dtype": "4bit"}),
+    ({"state_dtype": "8bit"}, {}),
+    ({"state_dtype": "4bit"}, {"state_dtype": torch.bfloat16}),
+], ids=["torch-8bit", "fp32-4bit", "8bit-4bit", "8bit-fp32", "4bit-bf16"])
+def test_full_state_dict_loads_across_formats(source, target):
+    """torch's full-state-dict loader (set_optimizer_state_dict(full_state_dict=True))
+    adds the checkpoint's state keys beside the fresh state of the receiving optimizer, so
+    a param's moment arrives in two forms. The checkpoint's is the one kept and converted
+    (it had arrived as the receiver's fresh zeros: training went on silently from zero
+    moments)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
+
+    amsgrad = target.get("amsgrad", False)
+
+    def build(options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(70, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+        if options == "torch":
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=amsgrad)
+        return model, tritonadam.AdamW(model.parameters(), lr=1e-2, amsgrad=amsgrad, **options)
+
+    def train(model, opt, steps):
+        for k in steps:
+            x = torch.randn(5, 70, generator=torch.Generator().manual_seed(k))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, opt = build(source)
+    train(model, opt, range(3))
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    model2, opt2 = build({k: v for k, v in target.items() if k != "amsgrad"})
+    model2.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(model2, opt2, saved, options=options)
+    bits = {"8bit": 8, "4bit": 4}.get(target.get("state_dtype"), 0) or {"8bit": 8, "4bit": 4}.get(
+        source.get("state_dtype") if isinstance(source, dict) else None, 0)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        want, got = _moments(opt, p), _moments(opt2, q)
+        assert set(got) == set(want), (got.keys(), want.keys())
+        for key in want:
+            tol = {0: 1e-2, 8: 0.02, 4: 0.2}[bits] * want[key].abs().max().item()
+            torch.testing.assert_close(got[key].float(), want[key].float(), atol=tol, rtol=0,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+        assert opt2.state[q]["step"].item() == 3
+    train(model2, opt2, range(3, 5))
+    assert all(torch.isfinite(p).all() for p in model2.parameters())
+
+
+def test_a_moment_assigned_by_hand_over_quantized_state_is_taken():
+    """state["exp_avg"] = zeros (resetting momentum) in an 8-bit optimizer: the next step
+    starts from it, and the state keeps one form (the checkpoint says what the step used)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(200))
+    opt = tritonadam.AdamW([p], lr=1e-2, state_dtype="8bit")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        p.grad = torch.randn(200, generator=gen)
+        opt.step()
+    opt.state[p]["exp_avg"] = torch.zeros_like(p)
+    g = torch.randn(200, generator=gen)
+    p.grad = g
+    opt.step()
+    assert "exp_avg" not in opt.state[p] and "exp_avg_8bit" in opt.state[p]
+    m = opt.torch_state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(m, 0.1 * g, atol=0.02 * (0.1 * g).abs().max().item(), rtol=0)
+    assert "exp_avg" not in opt.state_dict()["state"][0]

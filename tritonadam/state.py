@@ -97,6 +97,8 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
 
 
 QUANTIZED = {"8bit": 8, "4bit": 4}
+# The dtypes a dense moment may be stored in and still be converted to a quantized format.
+_DENSE_ACCEPTS = (torch.float32, torch.bfloat16)
 
 
 def codes_key(key: str, bits: int) -> str:
@@ -237,16 +239,44 @@ def _decoded(lp: Tensor, key: str, codes: Tensor, scales: Tensor, bits: int) -> 
     return quantize.dequantize_per_element(codes, scales, bits, _signed(key)).reshape(lp.shape)
 
 
-def read_moment(p: Tensor, key: str, state: dict) -> Tensor | None:
-    """Moment ``key`` of ``p`` at full precision, shaped like ``p``'s local tensor,
-    whichever form ``state`` holds it in (None if none)."""
+def read_moment(p: Tensor, key: str, state: dict, form=None) -> Tensor | None:
+    """Moment ``key`` of ``p`` at full precision, shaped like ``p``'s local tensor, from
+    ``form`` ("dense" or a bit count), or whichever form ``state`` holds it in (None if
+    none)."""
     lp = local_tensor(p)
-    if isinstance(state.get(key), Tensor):
+    if form in (None, "dense") and isinstance(state.get(key), Tensor):
         return local_tensor(state[key]).detach()
-    bits = _quantized_bits(state, key)
-    if bits is None:
+    bits = _quantized_bits(state, key) if form is None else form
+    if bits is None or bits == "dense":
         return None
     return _decoded(lp, key, local_tensor(state[codes_key(key, bits)]), local_tensor(state[scales_key(key)]), bits)
+
+
+def _other_form(state: dict, key: str, own):
+    """A stored form of moment ``key`` other than ``own`` ("dense" or a bit count), or
+    None. A format's own state holds one form; a second one beside it came from outside,
+    after: a state dict loaded through torch's full-state-dict path (which adds the
+    source's keys beside the fresh state of the receiving optimizer), or a moment
+    assigned by hand (``state["exp_avg"] = torch.zeros_like(p)`` to reset it). It is the
+    one to keep."""
+    if own != "dense" and isinstance(state.get(key), Tensor):
+        return "dense"
+    for bits in QUANTIZED.values():
+        if bits != own and codes_key(key, bits) in state:
+            return bits
+    return None
+
+
+def _check_other_form(p: Tensor, key: str, state: dict, form, name: str) -> None:
+    """Raise if the other ``form`` of moment ``key`` cannot stand for ``p``'s moment."""
+    if form == "dense":
+        problem = _tensor_problem(p, key, state[key], _DENSE_ACCEPTS, name)
+        if problem is not None:
+            raise _stale(key, problem, name)
+    else:
+        problem = _quantized_problem(p, key, state, form)
+        if problem is not None:
+            raise _stale(codes_key(key, form), problem, name)
 
 
 @dataclass(frozen=True)
@@ -266,6 +296,10 @@ class DenseMoments:
         """Raise if moment ``key`` of ``state`` cannot be stepped with ``p``; True if it
         must be created or converted."""
         value = state.get(key)
+        other = _other_form(state, key, "dense") if value is not None else None
+        if other is not None:  # codes beside the dense moment: they are the newer
+            _check_other_form(p, key, state, other, name)
+            return True
         if value is None:
             bits = _quantized_bits(state, key)
             problem = None if bits is None else _quantized_problem(p, key, state, bits)
@@ -280,8 +314,9 @@ class DenseMoments:
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         value = state.get(key)
         fmt = _memory_format(local_tensor(p))
-        if value is None:
-            full = read_moment(p, key, state)
+        other = _other_form(state, key, "dense") if value is not None else None
+        if value is None or other is not None:
+            full = read_moment(p, key, state, other)
             if full is None:
                 state[key] = torch.zeros_like(p, dtype=self.dtype, memory_format=fmt)
             else:
@@ -314,6 +349,10 @@ class QuantizedMoments:
 
     def check(self, p: Tensor, key: str, state: dict, name: str) -> bool:
         ck = codes_key(key, self.bits)
+        other = _other_form(state, key, self.bits) if ck in state else None
+        if other is not None:  # another form beside the codes: it is the newer
+            _check_other_form(p, key, state, other, name)
+            return True
         if ck in state:
             problem = _quantized_problem(p, key, state, self.bits)
             if problem is not None:
@@ -326,19 +365,20 @@ class QuantizedMoments:
                 for t in (codes, scales)
             ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks" \
                 or _ENCODED_IN.get(codes, order) != order
-        return DenseMoments(torch.float32, (torch.float32, torch.bfloat16)).check(p, key, state, name)
+        return DenseMoments(torch.float32, _DENSE_ACCEPTS).check(p, key, state, name)
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         lp = local_tensor(p)
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = local_tensor(state.get(ck, lp)), local_tensor(state.get(sk, lp))
         order = element_order(lp)
-        if ck in state and _quantized_form(codes, scales, lp.numel(), self.bits) == "blocks" \
+        other = _other_form(state, key, self.bits) if ck in state else None
+        if ck in state and other is None and _quantized_form(codes, scales, lp.numel(), self.bits) == "blocks" \
                 and _ENCODED_IN.get(codes, order) == order:
             state[ck] = codes.detach().reshape(-1).to(lp.device).contiguous()
             state[sk] = scales.detach().reshape(-1).to(lp.device, torch.bfloat16).contiguous()
         else:
-            full = read_moment(p, key, state)
+            full = read_moment(p, key, state, other)
             if full is None:  # a fresh moment: every scale 0 decodes to exactly 0
                 codes = torch.zeros(quantize.code_bytes(lp.numel(), self.bits), dtype=torch.uint8, device=lp.device)
                 scales = torch.zeros(quantize.num_scales(lp.numel()), dtype=torch.bfloat16, device=lp.device)
