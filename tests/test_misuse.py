@@ -528,7 +528,8 @@ def test_disjoint_views_of_one_buffer_step_like_torch(layout, device):
 # ---- load_state_dict is all or nothing -----------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel"])
+@pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel", "step-string",
+                                 "seed-two-elements", "seed-string", "moment-on-meta"])
 def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     params = _params(device)
     opt = PAIRS["AdamW"][0](params, **LAUNCH)
@@ -543,6 +544,15 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     elif bad == "step-numel":
         sd["state"][1]["step"] = torch.tensor([1.0, 2.0])
         match = "has 2 elements"
+    elif bad == "step-string":
+        sd["state"][1]["step"] = "3"
+        match = "state 'step' of param 1 is '3', expected a number"
+    elif bad in ("seed-two-elements", "seed-string"):
+        sd["state"][1]["rounding_seed"] = torch.tensor([3, 4]) if bad == "seed-two-elements" else "3"
+        match = "state 'rounding_seed' of param 1 .* expected (one )?(an )?integer"
+    elif bad == "moment-on-meta":
+        sd["state"][1]["exp_avg"] = torch.empty(sd["state"][1]["exp_avg"].shape, device="meta")
+        match = "state 'exp_avg' of param 1 is on the meta device"
     else:
         other = PAIRS["Adamax"][0](params, **LAUNCH)
         _steps(other, params, 1)

@@ -698,9 +698,19 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
             if isinstance(step, Tensor) and step.numel() != 1:
                 raise ValueError(f"{where}: state 'step' of param {saved_id} has {step.numel()} "
                                  "elements, expected one")
+            if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and not step.is_complex()
+                                                       and step.dtype != torch.bool and not step.is_meta)):
+                raise ValueError(f"{where}: state 'step' of param {saved_id} is {step!r}, expected a "
+                                 "number or a 1-element tensor")
+            if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
+                raise ValueError(f"{where}: state {SEED_KEY!r} of param {saved_id} "
+                                 f"{_seed_problem(state[SEED_KEY])}")
             for key, value in state.items():
                 if key in ("step", SEED_KEY):
                     continue
+                if isinstance(value, Tensor) and value.is_meta and not local_tensor(p).is_meta:
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} is on the meta "
+                                     "device: it holds no values to load")
                 expected = _saved_numel(key, p.numel())
                 if not isinstance(value, Tensor):
                     if expected is not None or key in _TENSOR_KEYS:
@@ -722,6 +732,19 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
                                      f"{value.dtype}, expected a floating point tensor")
+
+
+def _seed_problem(value) -> str | None:
+    """What is wrong with a loaded stochastic-rounding seed, or None: it must be an
+    integer in [0, 2**63), as a Python int or a 1-element integer tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool \
+                or value.is_meta:
+            return f"is a tensor of {value.numel()} element(s) of dtype {value.dtype}, expected one integer"
+        value = int(value.item())
+    elif isinstance(value, bool) or not isinstance(value, int):
+        return f"is {value!r}, expected an integer"
+    return None if 0 <= value < 2**63 else f"is {value}, expected an integer in [0, 2**63)"
 
 
 # Keys whose value must be a tensor (besides quantized codes and scales).
