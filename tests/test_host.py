@@ -322,23 +322,35 @@ def test_fused_clip_with_grad_scaler(on_host, how):
     assert ours.state[params[0]]["step"].item() == 3
 
 
+class _BesideTorch:
+    """fp32 host params and their clones, stepped by AdamW and torch's fused AdamW, with
+    the same fresh grads each time."""
+
+    def __init__(self, on_host, shapes, seed):
+        self.params = on_host(make_params(shapes, torch.float32, "cpu", seed=seed))
+        self.ref = clone_params(self.params)
+        self.ours = tritonadam.AdamW(self.params, lr=0.01)
+        self.theirs = torch.optim.AdamW(self.ref, lr=0.01, fused=True)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def set_grads(self):
+        for p, q, g in zip(self.params, self.ref, random_grads(self.params, self.gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+
+    def step(self):
+        self.ours.step()
+        self.theirs.step()
+
+
 def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
     """As on the GPU: zero_grad or replaced grads drop a pending coefficient; a second
     clip before the step measures the clipped grads and compounds; error_if_nonfinite
     raises torch's error and leaves the coefficient as it was."""
-    params = on_host(make_params([(6, 5), (11,)], torch.float32, "cpu", seed=34))
-    ref = clone_params(params)
-    ours = tritonadam.AdamW(params, lr=0.01)
-    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
-    gen = torch.Generator().manual_seed(35)
-
-    def set_grads():
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
+    pair = _BesideTorch(on_host, [(6, 5), (11,)], seed=34)
+    params, ref, ours, theirs, set_grads = pair.params, pair.ref, pair.ours, pair.theirs, pair.set_grads
 
     def step_both():
-        ours.step()
-        theirs.step()
+        pair.step()
         assert all(torch.equal(p, q) for p, q in zip(params, ref))
 
     set_grads()
@@ -440,17 +452,12 @@ def test_cached_steps_recheck_every_host_row(on_host):
     """A step reuses the cache while nothing changed, and still checks each host row: a
     param changed under its state, a state tensor changed under its dict, or a grad of
     another shape gets the gathering's error, with nothing written."""
-    params = on_host(make_params([(6, 5), (7,)], torch.float32, "cpu", seed=16))
-    ref = clone_params(params)
-    ours = tritonadam.AdamW(params, lr=0.01)
-    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
-    gen = torch.Generator().manual_seed(17)
+    pair = _BesideTorch(on_host, [(6, 5), (7,)], seed=16)
+    params, ref, ours = pair.params, pair.ref, pair.ours
 
     def step():
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+        pair.set_grads()
+        pair.step()
 
     step()
     cache = ours._cache
