@@ -162,7 +162,7 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
 
     calls = []
 
-    def variant_of(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights):
+    def variant_of(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, **state_options):
         key = (optimizer, f"amsgrad={int(amsgrad)}", f"master={int(master_weights)}",
                f"p={str(param_dtype).split('.')[-1]}", f"g={str(grad_dtype).split('.')[-1]}")
         return types.SimpleNamespace(autotune_key=lambda: key, optimizer=optimizer, param_dtype=param_dtype,
@@ -239,3 +239,48 @@ def test_tune_times_scratch_launches_with_the_models_tensor_sizes(tmp_path, caps
     assert run_tune(args, tuner=tuner, device=torch.device("cpu"), **kernels) == 0
     assert mixes and all(m == [4096] * 16 for m in mixes)
     capsys.readouterr()
+
+
+def test_tune_takes_every_state_mode_and_refuses_what_the_optimizer_refuses(tmp_path, capsys):
+    """--master-weights remainder, --state-dtype and --stochastic-rounding tune the entries
+    the optimizer with those options looks up; a combination the optimizer refuses stops
+    the command before anything is timed, with the optimizer's reason."""
+    from tritonadam.autotune.__main__ import build_parser, run_tune
+    from tritonadam.autotune.cache import entry_key
+    from tritonadam.state import variant
+
+    timed = []
+
+    def make_scratch_runner(variant, *, config, numels, device):
+        timed.append(variant.key)
+        run = lambda: None  # noqa: E731
+        run.config = config
+        return run
+
+    def run(*options):
+        tuner = Tuner(timer=lambda fn: 1.0 * fn.n, cache=DiskCache(tmp_path), device_info=lambda d: FAKE_GPU,
+                      free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO())
+        args = build_parser().parse_args(["tune", "--param-dtype", "bf16", "--numel", "2^20", *options])
+        return run_tune(args, tuner=tuner, device=torch.device("cpu"), variant_of=variant,
+                        make_scratch_runner=make_scratch_runner)
+
+    modes = {
+        ("--master-weights", "remainder", "--state-dtype", "8bit"): dict(master_weights="remainder", state_dtype="8bit"),
+        ("--state-dtype", "4bit", "--stochastic-rounding"): dict(state_dtype="4bit", stochastic_rounding=True),
+        ("--state-dtype", "bf16", "--stochastic-rounding"): dict(state_dtype=torch.bfloat16, stochastic_rounding=True),
+        ("--master-weights",): dict(master_weights=True),
+    }
+    for argv, options in modes.items():
+        assert run(*argv) == 0
+        capsys.readouterr()
+    entries = json.loads(next(tmp_path.glob("*.json")).read_text())["entries"]
+    wanted = {entry_key(tuple(variant("adamw", torch.bfloat16, **o).autotune_key()), 20) for o in modes.values()}
+    assert wanted <= set(entries) and len(wanted) == len(modes)
+
+    timed.clear()
+    for argv, reason in ((["--param-dtype", "fp16", "bf16", "--master-weights", "remainder"], "remainder"),
+                         (["--master-weights", "--stochastic-rounding"], "stochastic")):
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert "nothing tuned" in err and reason in err
+    assert timed == []

@@ -8,6 +8,8 @@ import sys
 from .configs import MIN_BUCKET
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# --state-dtype: the optimizer's state_dtype= (None keeps fp32 moments, fp64 for fp64 params).
+STATE_DTYPES = {"fp32": None, "bf16": "bfloat16", "8bit": "8bit", "4bit": "4bit"}
 
 _EPILOG = """\
 The cache lives in $TRITONADAM_CACHE_DIR, else the user's cache directory (see `path`).
@@ -16,6 +18,7 @@ config-space hash; files for other GPUs or versions are left alone and never use
 
 examples:
   python -m tritonadam.autotune tune --optimizer adamw --param-dtype bf16 --master-weights --model-size 7B --world-size 8
+  python -m tritonadam.autotune tune --param-dtype bf16 --state-dtype 8bit --master-weights remainder --model-size 7B
   python -m tritonadam.autotune show
   python -m tritonadam.autotune export tuned.json     # on the GPU box
   python -m tritonadam.autotune import tuned.json     # on another box with the same GPU
@@ -240,7 +243,10 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     info = tuner.device_info(device)
     identity = tuner.identity(info)
     space = space_id(info.backend)
-    rows = []
+    # Every combination is checked before any is timed: one the optimizer would refuse stops
+    # the command, with the optimizer's reason, before minutes of tuning.
+    state_dtype = STATE_DTYPES[args.state_dtype]
+    variants = []
     for opt in args.optimizer:
         for pd in args.param_dtype:
             gd = pd if args.grad_dtype == "same" else args.grad_dtype
@@ -249,36 +255,45 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
                 param_dtype=getattr(torch, DTYPES[pd]),
                 grad_dtype=getattr(torch, DTYPES[gd]),
                 amsgrad=args.amsgrad,
-                master_weights=args.master_weights,
+                master_weights={"true": True, "false": False}.get(args.master_weights, args.master_weights),
+                state_dtype=getattr(torch, state_dtype) if state_dtype == "bfloat16" else state_dtype,
+                stochastic_rounding=args.stochastic_rounding,
             )
-            variant = variant_of(**kw)
-            key = tuple(variant.autotune_key())
-            bpe = variant.bytes_per_elem()
+            try:
+                variants.append(variant_of(**kw))
+            except (ValueError, TypeError) as err:
+                print(f"tritonadam.autotune tune: nothing tuned: {opt} with {pd} params and these "
+                      f"options: {err}", file=sys.stderr)
+                return 2
+    rows = []
+    for variant in variants:
+        key = tuple(variant.autotune_key())
+        bpe = variant.bytes_per_elem()
 
-            def make_runner(config, numel, _variant=variant):
-                numels = [numel] if args.tensor_numel is None else scaled_mix([args.tensor_numel], numel)
-                return make_scratch_runner(_variant, config=config, numels=numels, device=device)
+        def make_runner(config, numel, _variant=variant):
+            numels = [numel] if args.tensor_numel is None else scaled_mix([args.tensor_numel], numel)
+            return make_scratch_runner(_variant, config=config, numels=numels, device=device)
 
-            for b in buckets:
-                name = entry_key(key, b)
-                if not args.force:
-                    hit = tuner.cache.lookup(identity, name, space)
-                    # An entry cut short by the first-use budget is worth finishing here.
-                    if hit is not None and (hit.get("measured") or {}).get("complete", True):
-                        rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "", "",
-                                     "cached (use --force to re-tune)"))
-                        continue
-                res = tuner.tune(key, 2**b, device, make_runner, bytes_per_elem=bpe, how="cli tune")
-                if res is None:
-                    rows.append((name, "", "", "", "", "failed: not even the default could be timed"))
+        for b in buckets:
+            name = entry_key(key, b)
+            if not args.force:
+                hit = tuner.cache.lookup(identity, name, space)
+                # An entry cut short by the first-use budget is worth finishing here.
+                if hit is not None and (hit.get("measured") or {}).get("complete", True):
+                    rows.append((name, _fmt_cfg(hit["config"]), f"{hit['time_ms']:.4g}", "", "",
+                                 "cached (use --force to re-tune)"))
                     continue
-                vs = res.vs_default
-                timed = res.entry["measured"]["configs_timed"]
-                rows.append((
-                    name, res.config.short(), f"{res.time_ms:.4g}", f"{res.default.time_ms:.4g}",
-                    ratio_text(vs.ratio, vs.spread, vs.pairs) if vs else "default kept",
-                    f"tuned {timed}/{res.considered}" + ("" if res.complete else " (budget ran out)"),
-                ))
+            res = tuner.tune(key, 2**b, device, make_runner, bytes_per_elem=bpe, how="cli tune")
+            if res is None:
+                rows.append((name, "", "", "", "", "failed: not even the default could be timed"))
+                continue
+            vs = res.vs_default
+            timed = res.entry["measured"]["configs_timed"]
+            rows.append((
+                name, res.config.short(), f"{res.time_ms:.4g}", f"{res.default.time_ms:.4g}",
+                ratio_text(vs.ratio, vs.spread, vs.pairs) if vs else "default kept",
+                f"tuned {timed}/{res.considered}" + ("" if res.complete else " (budget ran out)"),
+            ))
     from tabulate import tabulate
 
     print(tabulate(rows, headers=["entry", "config", "ms", "default ms", "vs default", "result"]))
@@ -318,7 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtypes (default: fp32 bf16)")
     t.add_argument("--grad-dtype", default="same", choices=["same", *sorted(DTYPES)],
                    help="gradient dtype (default: same as the parameter)")
-    t.add_argument("--master-weights", action="store_true", help="tune the fp32-master-weights variant")
+    t.add_argument("--master-weights", nargs="?", const="true", default="false", choices=["true", "remainder", "false"],
+                   help="tune the master-weights variant: the fp32 copy (flag alone or 'true') or the "
+                        "bf16 param's 16-bit remainder ('remainder'); as the optimizer's master_weights=")
+    t.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
+                   help="how the moments are stored, as the optimizer's state_dtype= (default: fp32, "
+                        "i.e. the optimizer's default)")
+    t.add_argument("--stochastic-rounding", action="store_true",
+                   help="tune the stochastic-rounding variant (stochastic_rounding=True)")
     t.add_argument("--amsgrad", action="store_true", help="tune the AMSGrad variant")
     size = t.add_mutually_exclusive_group(required=True)
     size.add_argument("--numel", nargs="+", type=_parse_size, metavar="N",
