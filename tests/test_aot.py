@@ -269,7 +269,7 @@ def test_quantized_registers_at_the_default_config_and_4096_by_8(compiled):
 
 def test_quantized_default_config_keeps_enough_bytes_in_flight(compiled):
     """At the default config, resident warps x elements per thread x bytes read per
-    element >= 20 KB per SM (DESIGN.md section 9: ~4.3 TB/s x 0.6 us / 132 SMs): quantized
+    element >= 20 KB per SM (Little's law: ~4.3 TB/s x 0.6 us / 132 SMs): quantized
     moments read a byte or half a byte per element, so 24 resident warps (AMSGrad, 72-76
     registers) still keep as many bytes in flight as 32 warps of the fp32-state kernel's
     smallest variant."""

@@ -29,7 +29,7 @@ def bytes_per_param(setup, algo="adamw", amsgrad=False):
                                             ("bf16-sr", 22), ("bf16-bf16state", 14),
                                             ("bf16-sr-bf16state", 14)])
 def test_bytes_per_param_match_design(setup, expected):
-    # DESIGN.md section 3, README's precision modes; AdaMax moves the same bytes as Adam;
+    # README's precision modes table; AdaMax moves the same bytes as Adam;
     # Adam == AdamW.
     assert bytes_per_param(setup) == expected
     assert bytes_per_param(setup, "adam") == expected

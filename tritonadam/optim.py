@@ -354,7 +354,9 @@ class Adam(_TritonAdamBase):
 
     A drop-in replacement for :class:`torch.optim.Adam`: same arguments, defaults,
     ``param_groups`` keys and state keys (``step``, ``exp_avg``, ``exp_avg_sq``,
-    ``max_exp_avg_sq``), so state dicts move freely between the two.
+    ``max_exp_avg_sq``), so state dicts move between the two for the state torch has
+    (fp32 or bf16 moments); quantized moments and the remainder master have keys of their
+    own, which :meth:`torch_state_dict` converts to torch's.
 
     .. math::
        \begin{aligned}
@@ -374,8 +376,10 @@ class Adam(_TritonAdamBase):
             &\textbf{return} \: \theta_t
        \end{aligned}
 
-    Every tensor of a param group is updated by one kernel launch per (device, param
-    dtype, grad dtype) combination; the math runs in fp32 (fp64 for fp64 params).
+    The tensors of all param groups are updated by one kernel launch per bucket: the
+    tensors sharing a device, param and grad dtypes and state format (moment storage,
+    master copy, AMSGrad, stochastic rounding); the math runs in fp32 (fp64 for fp64
+    params).
 
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,

@@ -290,8 +290,8 @@ class DefaultRow:
         return "measured" if self.provenance is not None else "unmeasured default"
 
 
-# The interpreter costs ~1-2 ms per program whatever the block size (measured on CPU,
-# DESIGN.md section 2), so CPU runs use few large programs.
+# The interpreter costs ~1-2 ms per program whatever the block size (measured on the
+# 2-core CPU machine), so CPU runs use few large programs.
 INTERPRETER_DEFAULT = LaunchConfig(block_size=16384, num_warps=4)
 # 4 elements per thread: at most 52 registers for every variant but fp64 (ptxas, sm_80 and
 # sm_90), so at least 32 warps stay resident per SM to cover memory latency; the tuner

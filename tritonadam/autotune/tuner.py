@@ -3,7 +3,8 @@ across the ranks of a distributed job.
 
 The tuner only ever runs callables from ``make_runner(config, numel)``, which launch the
 kernel on scratch buffers: it has no way to reach the user's tensors, so tuning cannot
-apply an optimizer step twice (the ``triton.autotune`` trap, DESIGN.md section 6).
+apply an optimizer step twice (the trap of ``triton.autotune``, which times the real
+launch with the real arguments: an in-place step, applied once per config tried).
 
 The decision (docs/autotune.md): the architecture's default is the incumbent. After a
 warm-up on it, each challenger is timed in pairs interleaved with it (D C, C D, D C, ...),

@@ -8,7 +8,7 @@
 #
 #   bash tritonadam/bench/wheelhouse.sh   # PYTHON=... picks the pip; PY_VERSION=3.12 by default
 #
-# Versions: those measured on the CPU machine (DESIGN.md section 11) and FlashOptim's
+# Versions: those the CPU machine's lowbit runs used (pyproject's `lowbit` extra) and FlashOptim's
 # release on PyPI; all three are pure Python or ship their own CUDA binaries, and none is
 # installed with its dependencies (torch and triton are already on the GPU image).
 set -euo pipefail
