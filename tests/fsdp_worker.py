@@ -421,6 +421,22 @@ def fsdp1_parity(rank: int, world: int, tmpdir: str) -> None:
         assert "model.clip_grad_norm_" in str(err), err
     else:
         raise AssertionError("fused clipping of FSDP1 shards did not raise")
+    # The refusal writes nothing (the grads above are still there), and max_grad_norm is
+    # refused when the optimizer is built, saying what to do instead.
+    fsdp1_model = models[("ours", "AdamW")]
+    fresh = make_opt("AdamW", True, fsdp1_model)
+    try:
+        fresh.clip_grad_norm_(1.0)
+    except NotImplementedError as err:
+        assert "model.clip_grad_norm_" in str(err) and not any(fresh.state.values()), (err, fresh.state)
+    else:
+        raise AssertionError("clip_grad_norm_ of FSDP1 shards did not raise")
+    try:
+        tritonadam.AdamW(fsdp1_model.parameters(), max_grad_norm=1.0)
+    except NotImplementedError as err:
+        assert "drop max_grad_norm= and call FSDP1's own model.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("max_grad_norm with FSDP1 shards was not refused")
 
     # DDP: full params and grads on every rank (averaged by DDP's all-reduce).
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1349,6 +1365,14 @@ def zero_redundancy(rank: int, world: int, tmpdir: str) -> None:
         return ZeroRedundancyOptimizer(groups(model), optimizer_class=cls, lr=1e-2, **kw)
 
     base = base_model()
+    # A fused clip would measure each rank's partition: refused when ZeRO builds it.
+    try:
+        zero(DDP(copy.deepcopy(base)), tritonadam.AdamW, max_grad_norm=1.0)
+    except NotImplementedError as err:
+        assert "torch.nn.utils.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("max_grad_norm under ZeroRedundancyOptimizer was not refused")
+    tritonadam.AdamW(groups(base), max_grad_norm=1.0)  # outside ZeRO: fine
     for name, (ours_cls, torch_cls) in PAIRS.items():
         runs = {}
         for ours in (True, False):
@@ -1393,7 +1417,62 @@ def zero_redundancy(rank: int, world: int, tmpdir: str) -> None:
         assert_same_on_all_ranks([p.float().tolist() for p in zmodel.parameters()], f"{what} params")
 
 
+def _xopt(model: nn.Module, options: dict):
+    """An optimizer of ``options`` ({"torch": True} for torch.optim.AdamW)."""
+    if options.get("torch"):
+        return torch.optim.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    return tritonadam.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), **options, **LAUNCH)
+
+
+def _expected_moment(opt, p, key: str, options: dict) -> torch.Tensor:
+    """What a receiver of ``options`` must hold for ``p``'s moment ``key`` from ``opt``:
+    the source's local moment at full precision, in the receiver's format (quantized
+    afresh from this shard's first element, as its step would)."""
+    value = qmoment(p, opt.state[p], key)
+    bits = {"8bit": 8, "4bit": 4}.get(options.get("state_dtype"))
+    if bits is None:
+        return value
+    codes, scales = tritonadam.quantize.requantize(value.reshape(-1), bits, key == "exp_avg")
+    return tritonadam.quantize.dequantize(codes, scales, value.numel(), bits, key == "exp_avg").reshape(value.shape)
+
+
+def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
+    """torch's full optimizer state dict (``full_state_dict=True``, every rank) loaded
+    into optimizers of other state options under FSDP2: the keys the receiver lacks
+    arrive whole (torch distributes only the receiver's own), and each rank converts its
+    part. Shards of every kind (rows of whole blocks, blocks split by the shards, empty
+    shards)."""
+    pairs = [
+        (torch.float32, {"state_dtype": "8bit"}, {}),
+        (torch.float32, {"torch": True}, {"state_dtype": "8bit"}),
+        (torch.float32, {"state_dtype": "8bit"}, {"state_dtype": "4bit"}),
+        (torch.float32, {}, {"state_dtype": "4bit", "amsgrad": False}),
+        (torch.bfloat16, {"state_dtype": "4bit", "master_weights": "remainder"}, {"master_weights": True}),
+    ]
+    full_opts = StateDictOptions(full_state_dict=True)
+    for dtype, source, receiver in pairs:
+        what = f"{source} -> {receiver}"
+        model = qfsdp(qbase(dtype))
+        opt = _xopt(model, source)
+        qtrain(model, opt, range(2), [rank])
+        saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))
+        fresh = _xopt(model, receiver)
+        set_optimizer_state_dict(model, fresh, saved, options=full_opts)
+        for n, p in model.named_parameters():
+            state = fresh.state[p]
+            assert float(state["step"]) == 2, (what, n)
+            for key in ("exp_avg", "exp_avg_sq"):
+                want = _expected_moment(opt, p, key, receiver)
+                assert torch.equal(qmoment(p, state, key), want), (
+                    what, n, key, (qmoment(p, state, key) - want).abs().max())
+            if receiver.get("master_weights") is True:
+                joined = tritonadam.state.join_master(local(p), local(opt.state[p]["master_param_remainder"]))
+                assert torch.equal(local(state["master_param"]), joined), (what, n)
+        qtrain(model, fresh, range(2, 3), [rank])  # and it steps
+
+
 SCENARIOS = {
+    "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,
     "fsdp2_precision_modes": fsdp2_precision_modes,
     "fsdp2_fused_clip": fsdp2_fused_clip,
     "fsdp2_cpu_params": fsdp2_cpu_params,
@@ -1412,4 +1491,5 @@ SCENARIOS = {
     "zero_redundancy": zero_redundancy,
     "tensor_parallel": tensor_parallel,
 }
+
 

@@ -97,6 +97,13 @@ def test_fsdp2_state_dicts_and_dcp_cross_loads(tmp_path):
     assert (tmp_path / "dcp_ours" / ".metadata").exists()
 
 
+def test_fsdp2_full_state_dicts_convert_between_state_options(tmp_path):
+    """A full optimizer state dict of other state options (8-bit -> fp32, torch -> 8-bit,
+    8-bit -> 4-bit, fp32 -> 4-bit, 4-bit + remainder -> fp32 master) loads under FSDP2 on
+    every rank, each rank converting its shard."""
+    run_scenario("fsdp2_full_state_cross_options", tmp_path)
+
+
 def test_fsdp2_precision_modes(tmp_path):
     """bf16 params under FSDP2: remainder == master bit for bit, sharded int16 remainders
     exported as an fp32 master that a dcp checkpoint carries into master_weights=True;

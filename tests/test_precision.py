@@ -208,6 +208,37 @@ def test_resume_continues_the_same_sequence(mode, device):
         assert torch.equal(p, q)
 
 
+def test_state_written_by_hand_draws_with_its_own_seed(device):
+    """State put into ``opt.state`` directly (ZeroRedundancyOptimizer loads each rank's
+    shard so) keeps drawing with its ``rounding_seed``, not the optimizer's: bit for bit
+    the uninterrupted run; a seed that is not an integer is refused, nothing written."""
+    start = make_params([(5000,), (7, 3)], BF16, device, seed=33)
+    whole = [torch.nn.Parameter(p.detach().clone()) for p in start]
+    run = PAIRS["AdamW"][0](whole, **HYPER, stochastic_rounding=True, seed=7, **LAUNCH)
+    gen = torch.Generator().manual_seed(34)
+    grads = [random_grads(whole, gen) for _ in range(4)]
+    for step in range(2):
+        for p, g in zip(whole, grads[step]):
+            p.grad = g.clone()
+        run.step()
+    params = [torch.nn.Parameter(p.detach().clone()) for p in whole]
+    by_hand = PAIRS["AdamW"][0](params, **HYPER, stochastic_rounding=True, seed=12345, **LAUNCH)
+    for p, q in zip(whole, params):
+        by_hand.state[q] = copy.deepcopy(run.state[p])
+    for step in range(2, 4):
+        for ps, opt in ((whole, run), (params, by_hand)):
+            for p, g in zip(ps, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(whole, params))
+    assert all(int(by_hand.state[q]["rounding_seed"]) == 7 for q in params)
+    by_hand.state[params[0]]["rounding_seed"] = torch.tensor(0.5)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="rounding_seed.*integer"):
+        by_hand.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 # ---- state dicts across modes and with torch.optim --------------------------------------
 
 

@@ -74,6 +74,16 @@ def grad_scaler_scale(scaler, optimizer) -> Tensor | None:
     return scaler._get_scale_async()  # GradScaler.get_scale() would sync
 
 
+def fsdp1_clip_error(how: str) -> NotImplementedError:
+    """FSDP1's shards are plain tensors, each rank's slice of flattened params: a fused
+    clip would measure this rank's slice alone."""
+    todo = ("drop max_grad_norm= and call FSDP1's own model.clip_grad_norm_(max_norm) before "
+            "step()" if how == "max_grad_norm" else "use FSDP1's own model.clip_grad_norm_(max_norm)")
+    return NotImplementedError(
+        f"{how}: these params are FSDP1 (FullyShardedDataParallel) shards, plain tensors whose "
+        f"norm would be this rank's alone; {todo}")
+
+
 def norm_reduction(params: list[Tensor]):
     """(mesh, layouts, classes) for the params' grads: the DTensor mesh the norm is
     returned on (None for plain tensors); per layout class (grads sharded over the same
@@ -87,11 +97,7 @@ def norm_reduction(params: list[Tensor]):
     except Exception:  # pragma: no cover - builds without torch.distributed
         return None, [], None
     if any(map(is_fsdp1_shard, params)):
-        raise NotImplementedError(
-            "clip_grad_norm_: these params are FSDP1 (FullyShardedDataParallel) shards, plain "
-            "tensors whose norm would be this rank's alone; use FSDP1's own "
-            "model.clip_grad_norm_(max_norm)"
-        )
+        raise fsdp1_clip_error("clip_grad_norm_")
     grads = [p.grad for p in params]
     kinds = {isinstance(g, DTensor) for g in grads}
     if kinds == {True, False}:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import host, validate
 from .kernels.plan import rounding_key
-from .state import StatePolicy, moment_keys, new_step_dtype
+from .state import SEED_KEY, StatePolicy, moment_keys, new_step_dtype
 from .step_cache import Row, StepCache, param_meta
 from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
 
@@ -97,8 +97,10 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         if convert:
             fmt.prepare(p, state[p], keys, seed, new_step_dtype(group))
         stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
+        # The param's own seed (prepare keeps it): state written in by hand (as
+        # ZeroRedundancyOptimizer loads its shards) resumes the numbers it was drawn with.
         rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
-                         rounding_key(seed, stream) if fmt.stochastic else 0))
+                         rounding_key(int(state[p][SEED_KEY]), stream) if fmt.stochastic else 0))
     lists = [g["params"] for g in param_groups]
     return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options, host_rows)
 

@@ -9,6 +9,7 @@ the kernels; while nothing changes, the cache's per-step check replaces the gath
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -16,16 +17,35 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import autotune, differentiable, gather, host
-from .clip import Clipper, check_max_norm, grad_scaler_scale, norm_order, replicated
+from .clip import Clipper, check_max_norm, fsdp1_clip_error, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import check_group_options, checked_extras
 from .state import (
-    StatePolicy, check_loadable, encoded_orders, export_full_state, export_state, record_orders,
-    restore_loaded,
+    StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
+    localize_full_state, record_orders, restore_loaded,
 )
 from .step_cache import StepCache
+from .tensors import is_fsdp1_shard
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
+
+
+def _built_by_zero(depth: int = 8) -> bool:
+    """Whether torch's ZeroRedundancyOptimizer is constructing this optimizer (it builds
+    one per rank over that rank's partition of the params, and nothing on the params or
+    groups says so)."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except Exception:  # pragma: no cover - builds without torch.distributed
+        return False
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+    return False
 
 
 class _TritonAdamBase(Optimizer):
@@ -59,6 +79,14 @@ class _TritonAdamBase(Optimizer):
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
         for key in self._EXTRAS:
             setattr(self, key, extras[key])
+        if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
+            raise fsdp1_clip_error("max_grad_norm")
+        if max_grad_norm is not None and _built_by_zero():
+            raise NotImplementedError(
+                "max_grad_norm: this optimizer is ZeroRedundancyOptimizer's local one, which holds "
+                "this rank's partition of the params: its norm would be the partition's alone. Drop "
+                "max_grad_norm= and call torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) "
+                "before step()")
         if any(group.get("differentiable") for group in self.param_groups):
             # torch.optim's implementation does not unscale: let GradScaler do it (and
             # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
@@ -160,7 +188,9 @@ class _TritonAdamBase(Optimizer):
 
         def capture(optimizer, final):
             check_loadable(name, self._algorithm, self.param_groups, final)
+            final = localize_full_state(name, self.param_groups, final)
             seen["state_dict"] = final
+            return final
 
         handle = self.register_load_state_dict_pre_hook(capture)
         try:
@@ -198,6 +228,8 @@ class _TritonAdamBase(Optimizer):
         if gathered.host:
             host.check_options(type(self).__name__, bias_correction=self.bias_correction,
                                clipping_with_gpu_params=clipping and bool(gathered.pending))
+        if clipping and any(is_fsdp1_shard(p) for p, *_ in gathered.pending + gathered.host):
+            raise fsdp1_clip_error("max_grad_norm" if self.max_grad_norm is not None else "clip_grad_norm_")
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
         return self._cache

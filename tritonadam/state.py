@@ -36,6 +36,7 @@ from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
+    "localize_full_state",
     "export_full_state", "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
 ]
 
@@ -523,6 +524,10 @@ class ParamFormat:
         convert = False
         for key in keys:
             convert |= self.moments.check(p, key, state, name)
+        if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
+            raise RuntimeError(f"tritonadam.{name}: state[{SEED_KEY!r}] {_seed_problem(state[SEED_KEY])}; "
+                               "set it to the integer seed of this param's stochastic rounding, or remove it "
+                               "to use the optimizer's seed")
         for key, dtype in _MASTER_DTYPES.items():
             if key in state:
                 problem = _tensor_problem(p, key, state[key], (dtype,), name)
@@ -581,7 +586,8 @@ class ParamFormat:
             state.pop(MASTER_KEY, None)
             state.pop(REMAINDER_KEY, None)
         if self.stochastic:
-            state[SEED_KEY] = torch.tensor(seed, dtype=torch.int64)
+            own = state.get(SEED_KEY)  # kept: the seed this param's numbers were drawn with
+            state[SEED_KEY] = torch.tensor(int(own) if own is not None else seed, dtype=torch.int64)
         else:
             state.pop(SEED_KEY, None)
 
@@ -714,8 +720,12 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 expected = _saved_numel(key, p.numel())
                 if not isinstance(value, Tensor):
                     if expected is not None or key in _TENSOR_KEYS:
+                        hint = ("; a flattened state dict (flatten_optimizer_state_dict=True) holds "
+                                "only the keys of the optimizer that saved it and loads into one with "
+                                "the same state options (state_dtype, master_weights): to change "
+                                "them, load its full form (full_state_dict=True)") if isinstance(value, dict) else ""
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} is a "
-                                         f"{type(value).__name__}, not a tensor")
+                                         f"{type(value).__name__}, not a tensor{hint}")
                     continue
                 if expected is not None:
                     if value.numel() not in expected:
@@ -777,6 +787,90 @@ def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
         if key.endswith(f"_{bits}bit"):
             return (quantize.code_bytes(numel, bits), numel)
     return None
+
+
+def _codes_bits(key: str) -> int | None:
+    """The bit width of a quantized moment's codes key (``exp_avg_8bit``), else None."""
+    for bits in QUANTIZED.values():
+        if key.endswith(f"_{bits}bit"):
+            return bits
+    return None
+
+
+def _saved_pairs(param_groups: list[dict], state_dict: dict) -> list:
+    return [(saved_id, p) for group, saved in zip(param_groups, state_dict["param_groups"])
+            for saved_id, p in zip(saved["params"], group["params"])]
+
+
+def localize_full_state(name: str, param_groups: list[dict], state_dict: dict) -> dict:
+    """``state_dict`` with each DTensor param's whole (unsharded) state tensors as this
+    rank's part of them, before anything is loaded.
+
+    torch's full-state-dict load (``set_optimizer_state_dict(full_state_dict=True)``)
+    distributes only the keys the receiving optimizer holds; a checkpoint of other state
+    options brings keys it does not hold (another moment format, another master form),
+    and those arrive whole. A dense tensor shaped like the param is split as the param is;
+    quantized codes are decoded whole when their scales came whole too (blocks count
+    from the start of the whole tensor, not of each shard), else split like their scales
+    where the blocks allow. What cannot be split is refused here, before torch's load
+    writes anything."""
+    saved_state = state_dict["state"]
+    new_state = None
+    for saved_id, p in _saved_pairs(param_groups, state_dict):
+        entry = saved_state.get(saved_id)
+        if local_tensor(p) is p or not isinstance(entry, dict):
+            continue
+        whole = [k for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0 and local_tensor(v) is v]
+        if whole:
+            new_state = dict(saved_state) if new_state is None else new_state
+            new_state[saved_id] = _localized(name, saved_id, p, entry, whole)
+    return state_dict if new_state is None else {**state_dict, "state": new_state}
+
+
+def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict:
+    from torch.distributed.tensor import distribute_tensor
+
+    def split(value: Tensor, placements) -> Tensor:  # this rank's part, without communication
+        return distribute_tensor(value.detach().to(local_tensor(p).device), p.device_mesh, placements,
+                                 src_data_rank=None)
+
+    out = dict(entry)
+    for k in whole:
+        value, bits = entry[k], _codes_bits(k)
+        if bits is None:
+            if value.shape == p.shape and not k.endswith("_scales"):
+                out[k] = split(value, p.placements)
+            continue  # scales go with their codes; another shape is check_loadable's to report
+        key = k[: -len("_8bit")]
+        sk = scales_key(key)
+        scales = entry.get(sk)
+        if not isinstance(scales, Tensor):
+            continue
+        if local_tensor(scales) is scales:  # both whole: decoded whole, then split
+            form = _quantized_form(value, scales, p.numel(), bits)
+            if form == "blocks":
+                dense = quantize.dequantize(value.reshape(-1), scales.reshape(-1), p.numel(), bits, _signed(key))
+            elif form == "elements":
+                dense = quantize.dequantize_per_element(value, scales, bits, _signed(key))
+            else:
+                continue
+            out.pop(k), out.pop(sk)
+            out[key] = split(dense.reshape(p.shape), p.placements)
+            continue
+        # The scales were split by torch (the receiver keeps scales of another bit width):
+        # the codes are split the same way where that splits them at the same blocks.
+        rows = scales.dim() == value.dim() == 2 and value.shape[0] == scales.shape[0] == p.shape[0] and all(
+            not pl.is_shard() or pl.dim == 0 for pl in scales.placements)
+        if value.shape == scales.shape == p.shape or rows:
+            out[k] = split(value, scales.placements)
+            continue
+        raise ValueError(
+            f"tritonadam.{name}.load_state_dict: state {k!r} of param {saved_id} holds the codes of the "
+            "whole tensor in blocks that its shards do not start on, while its scales arrive split by "
+            "torch: the checkpoint's quantized moments cannot be converted here. Load it into an "
+            "optimizer with the state_dtype it was saved with (then train on, or save with "
+            "torch_state_dict() to change formats)")
+    return out
 
 
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
