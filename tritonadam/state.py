@@ -783,10 +783,8 @@ def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
     ``numel`` (block form, per-element form), or None when ``key`` is not one of theirs."""
     if key.endswith("_scales"):
         return (quantize.num_scales(numel), numel)
-    for bits in QUANTIZED.values():
-        if key.endswith(f"_{bits}bit"):
-            return (quantize.code_bytes(numel, bits), numel)
-    return None
+    bits = _codes_bits(key)
+    return None if bits is None else (quantize.code_bytes(numel, bits), numel)
 
 
 def _codes_bits(key: str) -> int | None:
