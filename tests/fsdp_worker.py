@@ -1437,38 +1437,65 @@ def _expected_moment(opt, p, key: str, options: dict) -> torch.Tensor:
 
 
 def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
-    """torch's full optimizer state dict (``full_state_dict=True``, every rank) loaded
-    into optimizers of other state options under FSDP2: the keys the receiver lacks
-    arrive whole (torch distributes only the receiver's own), and each rank converts its
-    part. Shards of every kind (rows of whole blocks, blocks split by the shards, empty
-    shards)."""
-    pairs = [
-        (torch.float32, {"state_dtype": "8bit"}, {}),
-        (torch.float32, {"torch": True}, {"state_dtype": "8bit"}),
-        (torch.float32, {"state_dtype": "8bit"}, {"state_dtype": "4bit"}),
-        (torch.float32, {}, {"state_dtype": "4bit", "amsgrad": False}),
-        (torch.bfloat16, {"state_dtype": "4bit", "master_weights": "remainder"}, {"master_weights": True}),
+    """torch's full optimizer state dict (``full_state_dict=True``) loaded into optimizers
+    of other state options, given to every rank or to rank 0 alone
+    (``broadcast_from_rank0=True``): the keys the receiver lacks arrive whole on the ranks
+    given the checkpoint (torch distributes or broadcasts only the receiver's own; from
+    rank 0 ours sends the rest), and each rank converts its part. Under FSDP2 with shards
+    of every kind (rows of whole blocks, blocks split by the shards, empty shards), and on
+    a replicated model (DDP), whose int16 remainder masters a process group's collectives
+    move as int32."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cases = [
+        (qfsdp, torch.float32, {"state_dtype": "8bit"}, {}),
+        (qfsdp, torch.float32, {"torch": True}, {"state_dtype": "8bit"}),
+        (qfsdp, torch.float32, {"state_dtype": "8bit"}, {"state_dtype": "4bit"}),
+        (qfsdp, torch.float32, {}, {"state_dtype": "4bit", "amsgrad": False}),
+        (qfsdp, torch.bfloat16, {"state_dtype": "4bit", "master_weights": "remainder"}, {"master_weights": True}),
+        (DDP, torch.bfloat16, {"master_weights": "remainder"}, {"master_weights": "remainder"}),
+        (DDP, torch.float32, {"torch": True}, {"state_dtype": "8bit"}),
+        (DDP, torch.bfloat16, {"master_weights": True}, {"state_dtype": "4bit", "master_weights": "remainder"}),
     ]
-    full_opts = StateDictOptions(full_state_dict=True)
-    for dtype, source, receiver in pairs:
-        what = f"{source} -> {receiver}"
-        model = qfsdp(qbase(dtype))
+    everywhere = StateDictOptions(full_state_dict=True)
+    from_rank0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for wrap, dtype, source, receiver in cases:
+        model = wrap(qbase(dtype))
         opt = _xopt(model, source)
         qtrain(model, opt, range(2), [rank])
-        saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full_opts))
-        fresh = _xopt(model, receiver)
-        set_optimizer_state_dict(model, fresh, saved, options=full_opts)
-        for n, p in model.named_parameters():
-            state = fresh.state[p]
-            assert float(state["step"]) == 2, (what, n)
-            for key in ("exp_avg", "exp_avg_sq"):
-                want = _expected_moment(opt, p, key, receiver)
-                assert torch.equal(qmoment(p, state, key), want), (
-                    what, n, key, (qmoment(p, state, key) - want).abs().max())
-            if receiver.get("master_weights") is True:
-                joined = tritonadam.state.join_master(local(p), local(opt.state[p]["master_param_remainder"]))
-                assert torch.equal(local(state["master_param"]), joined), (what, n)
-        qtrain(model, fresh, range(2, 3), [rank])  # and it steps
+        saved = copy.deepcopy(get_optimizer_state_dict(model, opt, options=everywhere))
+        saved_params = [local(p).detach().clone() for p in model.parameters()]
+        if source.get("master_weights") == "remainder":  # collectives have no int16
+            assert all(s["master_param_remainder"].dtype == torch.int32 for s in saved["state"].values())
+        stepped = []
+        for opts in (everywhere, from_rank0):
+            what = f"{wrap.__name__} {source} -> {receiver}, broadcast_from_rank0={opts.broadcast_from_rank0}"
+            fresh = _xopt(model, receiver)
+            given = copy.deepcopy(saved) if rank == 0 or not opts.broadcast_from_rank0 else {}
+            set_optimizer_state_dict(model, fresh, given, options=opts)
+            for n, p in model.named_parameters():
+                state = fresh.state[p]
+                assert float(state["step"]) == 2, (what, n)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    want = _expected_moment(opt, p, key, receiver)
+                    assert torch.equal(qmoment(p, state, key), want), (
+                        what, n, key, (qmoment(p, state, key) - want).abs().max())
+                if source.get("master_weights") == "remainder":
+                    joined = tritonadam.state.join_master(local(p), local(opt.state[p]["master_param_remainder"]))
+                    if receiver.get("master_weights") is True:
+                        assert torch.equal(local(state["master_param"]), joined), (what, n)
+                    else:
+                        remainder = local(state["master_param_remainder"])
+                        assert remainder.dtype == torch.int16, (what, n)
+                        assert torch.equal(tritonadam.state.join_master(local(p), remainder), joined), (what, n)
+            qtrain(model, fresh, range(2, 3), [rank])  # and it steps
+            stepped.append([local(p).detach().clone() for p in model.parameters()])
+            with torch.no_grad():  # back to the checkpoint's params for the next load
+                for p, q in zip(model.parameters(), saved_params):
+                    local(p).copy_(q)
+        for a, b in zip(*stepped):
+            assert torch.equal(a, b), what
+        assert_same_on_all_ranks([full(p).float().tolist() for p in model.parameters()], what)
 
 
 SCENARIOS = {

@@ -112,6 +112,31 @@ def test_formats_convert_into_each_other_through_load_state_dict(device):
                 assert opt.seed == 99
 
 
+def test_a_remainder_written_as_int32_is_stepped_as_its_int16(device):
+    """A process group's state dicts carry the remainder as int32 (collectives have no
+    int16), and ZeroRedundancyOptimizer writes such an export straight into the state
+    (without the fp32 master beside it here): the step converts it, bit for bit the same."""
+    base = make_params([(300,), (5, 7)], BF16, device, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    grads = [random_grads(base, gen) for _ in range(4)]
+    runs = []
+    for widen in (False, True):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base]
+        opt = PAIRS["AdamW"][0](params, master_weights="remainder", **LAUNCH)
+        for i, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+            if widen and i == 1:
+                for p in params:
+                    opt.state[p][REMAINDER_KEY] = opt.state[p][REMAINDER_KEY].to(torch.int32)
+        assert all(opt.state[p][REMAINDER_KEY].dtype == torch.int16 for p in params)
+        runs.append((params, [opt.state[p][REMAINDER_KEY] for p in params]))
+    (pa, ra), (pb, rb) = runs
+    for x, y in zip(pa + ra, pb + rb):
+        assert torch.equal(x, y)
+
+
 def test_a_state_the_param_outgrew_gets_an_error_that_says_what_to_do(device):
     params = make_params([(6,)], FP32, device)
     opt = PAIRS["AdamW"][0](params, **LAUNCH)

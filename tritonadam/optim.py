@@ -20,9 +20,10 @@ from . import autotune, differentiable, gather, host
 from .clip import Clipper, check_max_norm, fsdp1_clip_error, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import check_group_options, checked_extras
+from .broadcast import broadcasting_from_rank0, share_rank0_entries
 from .state import (
     StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
-    localize_full_state, record_orders, restore_loaded,
+    localize_full_state, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
 from .tensors import is_fsdp1_shard
@@ -185,8 +186,11 @@ class _TritonAdamBase(Optimizer):
         # Check and read the state dict torch actually loads: the one user pre-hooks
         # returned. A hook registered last, just for this call, sees it.
         seen = {}
+        from_rank0 = broadcasting_from_rank0()
 
         def capture(optimizer, final):
+            if from_rank0:
+                final = self._with_rank0_entries(final)
             check_loadable(name, self._algorithm, self.param_groups, final)
             final = localize_full_state(name, self.param_groups, final)
             seen["state_dict"] = final
@@ -202,6 +206,28 @@ class _TritonAdamBase(Optimizer):
         if seed is not None:
             self.seed = seed
         self._cache = None
+
+    def _with_rank0_entries(self, final: dict) -> dict:
+        """``final`` with the entries of rank 0's full state dict that torch's broadcast
+        left out on this rank (``tritonadam.broadcast``); rank 0's refusal, on every rank."""
+        import torch.distributed as dist
+
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                check_loadable(type(self).__name__, self._algorithm, self.param_groups, final)
+            except ValueError as e:
+                error = e
+        params = dict(saved_pairs(self.param_groups, final)) if error is None else {}
+
+        def own_keys(saved_id) -> set:
+            p = params.get(saved_id)
+            return set() if p is None else self._policy.format(p).exported_keys(p, self.state.get(p, {}))
+
+        final, error = share_rank0_entries(final, own_keys, error)
+        if error is not None:
+            raise error
+        return final
 
     # ---- the step ------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
-    "localize_full_state",
+    "localize_full_state", "saved_pairs",
     "export_full_state", "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
 ]
 
@@ -47,7 +47,10 @@ SEED_KEY = "rounding_seed"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 COMPLEX = (torch.complex64, torch.complex128)
 _MASTER_KEYS = {Master.FP32: MASTER_KEY, Master.REMAINDER: REMAINDER_KEY}
-_MASTER_DTYPES = {MASTER_KEY: torch.float32, REMAINDER_KEY: torch.int16}
+# The dtype each master form is stepped in, then the others it is accepted in: a remainder
+# exported for collectives (which have no int16) is int32, and state written straight
+# from such an export (ZeroRedundancyOptimizer's load) holds it so until converted.
+_MASTER_DTYPES = {MASTER_KEY: (torch.float32,), REMAINDER_KEY: (torch.int16, torch.int32)}
 
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq")
@@ -528,12 +531,12 @@ class ParamFormat:
             raise RuntimeError(f"tritonadam.{name}: state[{SEED_KEY!r}] {_seed_problem(state[SEED_KEY])}; "
                                "set it to the integer seed of this param's stochastic rounding, or remove it "
                                "to use the optimizer's seed")
-        for key, dtype in _MASTER_DTYPES.items():
+        for key, dtypes in _MASTER_DTYPES.items():
             if key in state:
-                problem = _tensor_problem(p, key, state[key], (dtype,), name)
+                problem = _tensor_problem(p, key, state[key], dtypes, name)
                 if problem is not None:
                     raise _stale(key, problem, name)
-                convert |= not in_layout(local_tensor(state[key]), local_tensor(p))
+                convert |= state[key].dtype != dtypes[0] or not in_layout(local_tensor(state[key]), local_tensor(p))
         return convert or not self._complete(p, state)
 
     def _complete(self, p: Tensor, state: dict) -> bool:
@@ -622,11 +625,19 @@ class ParamFormat:
             remainder = saved[REMAINDER_KEY]
             joined = join_master(local_tensor(p), local_tensor(remainder))
             out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
-            if local_tensor(p) is not p:
-                # Gathering a DTensor (full state dicts) is a collective, and neither NCCL
-                # nor gloo has int16: the same values as int32.
+            if local_tensor(p) is not p or _in_process_group():
+                # A state dict in a process group may travel by collective (a DTensor's full
+                # state dict is gathered, a full one broadcast from rank 0), and neither
+                # NCCL nor gloo has int16: the same values as int32.
                 out[REMAINDER_KEY] = remainder.to(torch.int32)
         return out
+
+    def exported_keys(self, p: Tensor, state: dict) -> set[str]:
+        """The keys ``export`` gives this param's ``state`` (not an FSDP1 shard's)."""
+        keys = set(state)
+        if self.master == Master.REMAINDER and REMAINDER_KEY in state:
+            keys.add(MASTER_KEY)
+        return keys
 
     def export_full(self, p: Tensor, state: dict, keys: tuple[str, ...]) -> dict:
         """This param's state as torch.optim keeps it: every moment at full precision
@@ -647,6 +658,12 @@ class ParamFormat:
     def bucket_key(self, param_dtype: torch.dtype, grad_dtype: torch.dtype, amsgrad: bool) -> BucketKey:
         """The launch this param's tensors join (dtypes of the real views for complex)."""
         return BucketKey(param_dtype, grad_dtype, self.moments.name, amsgrad, self.master, self.stochastic)
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _param_index(key, count: int) -> bool:
@@ -795,7 +812,8 @@ def _codes_bits(key: str) -> int | None:
     return None
 
 
-def _saved_pairs(param_groups: list[dict], state_dict: dict) -> list:
+def saved_pairs(param_groups: list[dict], state_dict: dict) -> list:
+    """(id in ``state_dict``, param) pairs, matched by position as torch's load matches them."""
     return [(saved_id, p) for group, saved in zip(param_groups, state_dict["param_groups"])
             for saved_id, p in zip(saved["params"], group["params"])]
 
@@ -814,7 +832,7 @@ def localize_full_state(name: str, param_groups: list[dict], state_dict: dict) -
     writes anything."""
     saved_state = state_dict["state"]
     new_state = None
-    for saved_id, p in _saved_pairs(param_groups, state_dict):
+    for saved_id, p in saved_pairs(param_groups, state_dict):
         entry = saved_state.get(saved_id)
         if local_tensor(p) is p or not isinstance(entry, dict):
             continue
