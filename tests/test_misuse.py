@@ -786,3 +786,113 @@ def test_a_bad_autotune_switch_fails_before_anything_changes(monkeypatch, device
         opt.step()
     _assert_untouched(opt, params, snap)
     assert not opt.state
+
+
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("attr, value, match", [
+    ("max_grad_norm", -1.0, "max_norm must be >= 0"),
+    ("block_size", 1000, "Invalid block_size"),
+    ("master_weights", "yes", "Invalid master_weights"),
+    ("state_dtype", "2bit", "Invalid state_dtype"),
+])
+def test_options_set_by_hand_are_checked_before_the_step(attr, value, match, after, device):
+    """``opt.max_grad_norm = ...`` after construction: checked as the constructor checks
+    it, at the next step, before anything is written."""
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, after)
+    setattr(opt, attr, value)
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.parametrize("attr, value", [("state_dtype", "8bit"), ("state_dtype", "4bit"),
+                                         ("stochastic_rounding", True)])
+def test_options_switched_by_hand_convert_the_state(attr, value, device):
+    """A state option switched on the optimizer after steps takes effect at the next
+    step as if the optimizer had been built with it and loaded the state: the moments are
+    converted (quantized from the fp32 ones), stochastic rounding gets the default seed."""
+    base = make_params([(300,), (5, 7)], torch.bfloat16, device, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    grads = [random_grads(base, gen) for _ in range(4)]
+    runs = []
+    for switch in (True, False):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base]
+        opt = PAIRS["AdamW"][0](params, **LAUNCH)
+        for i, gs in enumerate(grads):
+            if i == 2:
+                if switch:
+                    setattr(opt, attr, value)
+                else:  # the same through a new optimizer and the state dict
+                    sd = opt.state_dict()
+                    opt = PAIRS["AdamW"][0](params, **{attr: value}, **LAUNCH)
+                    opt.load_state_dict(sd)
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    assert opt_a.seed == opt_b.seed
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert set(opt_a.state[x]) == set(opt_b.state[y])
+        for key, value in opt_a.state[x].items():
+            assert torch.equal(value, opt_b.state[y][key]), key
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
+def test_torch_form_state_written_into_quantized_state_is_converted(state_dtype, device):
+    """ZeroRedundancyOptimizer's load writes a checkpoint's entries straight into the
+    state: fp32 moments (from torch.optim.AdamW) in an 8-bit optimizer are quantized at the
+    next step, as a load_state_dict of the same entries would."""
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    _steps(theirs, ref, 2)
+    runs = []
+    for by_hand in (True, False):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+        opt = PAIRS["AdamW"][0](ps, state_dtype=state_dtype, **LAUNCH)
+        if by_hand:
+            for p, q in zip(ps, ref):
+                opt.state[p] = {k: v.clone() for k, v in theirs.state[q].items()}
+        else:
+            opt.load_state_dict(theirs.state_dict())
+        _steps(opt, ps, 2, seed=5)
+        runs.append((ps, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert opt_a.state[x].keys() == opt_b.state[y].keys()
+        assert f"exp_avg_{state_dtype}" in opt_a.state[x]
+
+
+@pytest.mark.parametrize("master", [True, "remainder"])
+def test_a_bf16_param_made_float32_keeps_its_master(master, device):
+    """``model.float()`` after steps with a master copy: the fp32 param is its own master
+    now and starts from the master, not from its bf16 rounding (the master's low bits
+    were silently dropped). With an fp32 master an element set by hand since is kept (a
+    remainder's param is the master's high half: it joins the remainder, as the next
+    step in that mode would have read it)."""
+    params = make_params([(300,), (5, 7)], torch.bfloat16, device, seed=4)
+    opt = PAIRS["AdamW"][0](params, master_weights=master, **LAUNCH)
+    _steps(opt, params, 3)
+    masters = [s["master_param"].clone() for s in opt.state_dict()["state"].values()]
+    for p in params:
+        p.data = p.data.float()
+    if master is True:
+        with torch.no_grad():
+            params[1][0, 0] = 5.0  # set by hand: kept
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    opt.step()
+    assert torch.equal(params[0].detach(), masters[0])
+    assert torch.equal(params[1].detach().flatten()[1:], masters[1].flatten()[1:])
+    if master is True:
+        assert params[1][0, 0].item() == 5.0
+    assert "master_param" not in opt.state[params[0]] and "master_param_remainder" not in opt.state[params[0]]

@@ -533,6 +533,81 @@ def test_state_dict_hooks(name, device):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("state_dtype", [None, "8bit", "remainder"])
+def test_state_dict_hooks_see_and_keep_what_the_caller_gets(name, state_dtype, device):
+    """Post-hooks run on the state as loaded (a hook that resets the moments on resume
+    keeps them reset) and on the state dict as exported (a remainder's fp32 master there),
+    as torch.optim's hooks see its state."""
+    options = {"master_weights": "remainder"} if state_dtype == "remainder" else {"state_dtype": state_dtype}
+    params = [Parameter(torch.randn(64, 3, generator=torch.Generator().manual_seed(3))
+                                    .to(torch.bfloat16 if state_dtype == "remainder" else torch.float32)
+                                    .to(device))]
+    opt = OURS[name](params, lr=1e-2, **options)
+    for seed in range(3):
+        params[0].grad = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(seed)).to(params[0])
+        opt.step()
+    seen = {}
+
+    def post_save(optimizer, sd):
+        seen["saved_keys"] = set(sd["state"][0])
+
+    opt.register_state_dict_post_hook(post_save)
+    sd = opt.state_dict()
+    assert seen["saved_keys"] == set(sd["state"][0])
+    if state_dtype == "remainder":
+        assert {"master_param", "master_param_remainder"} <= seen["saved_keys"]
+
+    def reset(optimizer):
+        seen["loaded"] = {k: v.dtype for k, v in optimizer.state[params[0]].items()}
+        for key, value in optimizer.state[params[0]].items():
+            value.zero_()
+
+    fresh_opt = OURS[name](params, lr=1e-2, **options)
+    fresh_opt.register_load_state_dict_post_hook(reset)
+    fresh_opt.load_state_dict(sd)
+    assert seen["loaded"] == {k: v.dtype for k, v in opt.state[params[0]].items()}
+    assert all(not v.any() for v in fresh_opt.state[params[0]].values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("named", [False, True])
+def test_param_group_added_from_a_generator_is_stepped(name, named, device):
+    """``add_param_group({"params": head.parameters()})``: a generator, read once."""
+    results = []
+    for cls in (OURS[name], getattr(torch.optim, name)):
+        torch.manual_seed(0)
+        base, head = torch.nn.Linear(4, 4).to(device), torch.nn.Linear(4, 2).to(device)
+        opt = cls(base.named_parameters() if named else base.parameters(), lr=0.1)
+        opt.add_param_group({"params": head.named_parameters() if named else head.parameters(), "lr": 0.01})
+        assert len(opt.param_groups[1]["params"]) == 2
+        for _ in range(2):
+            opt.zero_grad()
+            head(base(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).to(device))).sum().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in [*base.parameters(), *head.parameters()]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tensor_beta", [0, 1])
+def test_one_tensor_beta_beside_a_float_one_steps_like_torch(name, tensor_beta, device):
+    """OneCycleLR's cycle_momentum writes a float beta1 beside a tensor beta2; either beta
+    may be the tensor alone."""
+    results = []
+    for cls in (OURS[name], getattr(torch.optim, name)):
+        weight, bias, inpt = linear_problem(device)
+        opt = cls([weight, bias], lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=False)
+        betas = [0.85, 0.98]  # set after construction, as the scheduler does (torch's
+        betas[tensor_beta] = torch.tensor(betas[tensor_beta], device=device)  # constructor refuses it)
+        opt.param_groups[0]["betas"] = tuple(betas)
+        run_steps(opt, weight, bias, inpt, 4)
+        results.append((weight, bias))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("state_dtype", [None, "8bit"])
 def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dtype, device):
     """``optimizer.state`` may hold entries under keys that are not params (torch's own

@@ -72,14 +72,23 @@ class _TritonAdamBase(Optimizer):
     def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune_mode,
                      persistent, state_dtype=None, stochastic_rounding=False, seed=None,
                      max_grad_norm=None, grad_norm_type=2.0):
-        extras = checked_extras(
-            type(self).__name__, self.param_groups, bias_correction=bias_correction,
-            master_weights=master_weights, state_dtype=state_dtype,
+        self._set_extras(dict(
+            bias_correction=bias_correction, master_weights=master_weights, state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
             num_warps=num_warps, autotune=autotune_mode, persistent=persistent,
-            max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
-        for key in self._EXTRAS:
-            setattr(self, key, extras[key])
+            max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
+        if any(group.get("differentiable") for group in self.param_groups):
+            # torch.optim's implementation does not unscale: let GradScaler do it (and
+            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
+            self._step_supports_amp_scaling = False
+        self._cache: StepCache | None = None
+        self._clipper = Clipper(type(self).__name__)
+
+    def _set_extras(self, values: dict, warn_idle: bool = True) -> None:
+        """Check the options tritonadam adds (``values``, keyed as ``_EXTRAS``) as the
+        constructor does, and set them normalized; raises, setting nothing, on a bad one."""
+        extras = checked_extras(type(self).__name__, self.param_groups, warn_idle=warn_idle, **values)
+        max_grad_norm = extras["max_grad_norm"]
         if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
             raise fsdp1_clip_error("max_grad_norm")
         if max_grad_norm is not None and _built_by_zero():
@@ -88,12 +97,22 @@ class _TritonAdamBase(Optimizer):
                 "this rank's partition of the params: its norm would be the partition's alone. Drop "
                 "max_grad_norm= and call torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) "
                 "before step()")
-        if any(group.get("differentiable") for group in self.param_groups):
-            # torch.optim's implementation does not unscale: let GradScaler do it (and
-            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
-            self._step_supports_amp_scaling = False
-        self._cache: StepCache | None = None
-        self._clipper = Clipper(type(self).__name__)
+        for key in self._EXTRAS:
+            setattr(self, key, extras[key])
+        self._checked_extras = self._extras()
+
+    def _extras(self) -> tuple:
+        return tuple(getattr(self, key) for key in self._EXTRAS)
+
+    def _recheck_extras(self) -> None:
+        """Options set on the optimizer by hand since they were checked (``opt.state_dtype =
+        "8bit"`` between steps): checked as the constructor checks them, before the step
+        writes anything."""
+        current = self._extras()
+        if all(a is b or (type(a) is type(b) and a == b)
+               for a, b in zip(current, getattr(self, "_checked_extras", ()))) and current:
+            return
+        self._set_extras(dict(zip(self._EXTRAS, current)), warn_idle=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # The cache holds raw pointers into this optimizer's tensors: never copy it (a
@@ -132,6 +151,10 @@ class _TritonAdamBase(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "master_weights"):  # not during torch's __init__: checked after it
             params = param_group["params"]
+            if not isinstance(params, (Tensor, set)):
+                # A generator (``head.parameters()``) can be read once: torch's own
+                # add_param_group (which keeps this dict) gets the list read here.
+                param_group["params"] = params = list(params)
             params = [params] if isinstance(params, Tensor) else list(params)
             check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy)
         super().add_param_group(param_group)
@@ -154,19 +177,29 @@ class _TritonAdamBase(Optimizer):
         """torch.optim's state dict, each param's state in its format's exported form
         (a ``master_weights="remainder"`` master as the fp32 ``master_param`` it stands
         for, so the checkpoint loads into either master mode and into torch.optim)."""
-        sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
-        sd["state"] = export_state(self._policy, params, sd["state"])
-        return sd
+        return self._state_dict_with(lambda saved: export_state(self._policy, params, saved))
+
+    def _state_dict_with(self, export) -> dict[str, Any]:
+        """torch's ``state_dict()`` with ``export`` applied to its ``"state"`` before the
+        user's post-hooks run: they see (and may change) what the caller gets."""
+        def hook(optimizer, sd):
+            sd["state"] = export(sd["state"])
+            return sd
+
+        handle = self.register_state_dict_post_hook(hook, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def torch_state_dict(self) -> dict[str, Any]:
         """The state dict with every moment at full precision (fp32) under torch.optim's
         keys, whatever this optimizer stores: ``torch.optim.Adam``/``AdamW``/``Adamax``
         (and any tritonadam optimizer) load it. Quantized moments are decoded; a master
         copy is kept as ``master_param``."""
-        sd = super().state_dict()
-        sd["state"] = export_full_state(self._policy, self._algorithm, self.param_groups, sd["state"])
-        return sd
+        return self._state_dict_with(
+            lambda saved: export_full_state(self._policy, self._algorithm, self.param_groups, saved))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class (any option) or from torch.optim's
@@ -196,15 +229,19 @@ class _TritonAdamBase(Optimizer):
             seen["state_dict"] = final
             return final
 
-        handle = self.register_load_state_dict_pre_hook(capture)
+        def restore(optimizer):  # before the user's post-hooks: they see the loaded state
+            seed = restore_loaded(self._algorithm, self._policy, self.seed, self.param_groups,
+                                  seen.get("state_dict", state_dict), self.state)
+            if seed is not None:
+                self.seed = seed
+
+        handles = (self.register_load_state_dict_pre_hook(capture),
+                   self.register_load_state_dict_post_hook(restore, prepend=True))
         try:
             super().load_state_dict(state_dict)
         finally:
-            handle.remove()
-        seed = restore_loaded(self._algorithm, self._policy, self.seed, self.param_groups,
-                              seen.get("state_dict", state_dict), self.state)
-        if seed is not None:
-            self.seed = seed
+            for handle in handles:
+                handle.remove()
         self._cache = None
 
     def _with_rank0_entries(self, final: dict) -> dict:
@@ -285,6 +322,7 @@ class _TritonAdamBase(Optimizer):
         # Check everything before writing anything, so a bad value or grad anywhere leaves
         # every param and state as it was: switches and group values, a pending clip,
         # then the tensors (the cache's per-step check, or a full gathering).
+        self._recheck_extras()
         name = type(self).__name__
         autotune_mode = autotune.resolve_mode(self.autotune)
         adamax = self._algorithm == "adamax"

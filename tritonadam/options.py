@@ -20,8 +20,9 @@ _AUTOTUNE_MODES = (None, "off", "on", "cache-only")
 
 def checked_extras(name: str, param_groups: list[dict], *, bias_correction, master_weights, state_dtype,
                    stochastic_rounding, seed, block_size, num_warps, autotune, persistent,
-                   max_grad_norm, grad_norm_type) -> dict:
-    """The options, normalized, or a ValueError naming the bad one."""
+                   max_grad_norm, grad_norm_type, warn_idle: bool = True) -> dict:
+    """The options, normalized, or a ValueError naming the bad one (``warn_idle``: warn of
+    options that change nothing for these params)."""
     if block_size is not None and (
         not isinstance(block_size, int) or isinstance(block_size, bool)
         or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
@@ -48,7 +49,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
     for group in param_groups:
         check_group_options(name, group, policy)
     idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
-    for why in idle:
+    for why in idle if warn_idle else ():
         warn(f"tritonadam.{name}: {why}")
     # Only stochastic rounding draws random numbers. Its default seed is the one
     # torch.manual_seed set, read without drawing from the global generator (a drop-in
@@ -71,6 +72,8 @@ def check_group_options(name: str, group: dict, policy: StatePolicy) -> None:
             "which has no master_weights, state_dtype or stochastic_rounding"
         )
     for p in group["params"]:
+        if isinstance(p, tuple) and len(p) == 2:  # named params: (name, param)
+            p = p[1]
         if isinstance(p, torch.Tensor):
             policy.check_param(p, name)
 

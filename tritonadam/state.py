@@ -369,7 +369,8 @@ class QuantizedMoments:
                 for t in (codes, scales)
             ) or scales.dtype != torch.bfloat16 or _quantized_form(codes, scales, lp.numel(), self.bits) != "blocks" \
                 or _ENCODED_IN.get(codes, order) != order
-        return DenseMoments(torch.float32, _DENSE_ACCEPTS).check(p, key, state, name)
+        DenseMoments(torch.float32, _DENSE_ACCEPTS).check(p, key, state, name)  # raises if it cannot be read
+        return True  # no codes: quantized from the dense moment, or created
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         lp = local_tensor(p)
@@ -586,6 +587,7 @@ class ParamFormat:
                 state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=_memory_format(lp))
             state[REMAINDER_KEY] = _fit(p, state[REMAINDER_KEY], torch.int16)
         else:
+            _adopt_master(lp, state)
             state.pop(MASTER_KEY, None)
             state.pop(REMAINDER_KEY, None)
         if self.stochastic:
@@ -1035,6 +1037,28 @@ def variant(optimizer: str, param_dtype: torch.dtype, grad_dtype: torch.dtype | 
     key = policy.format_for(param_dtype).bucket_key(
         real.get(param_dtype, param_dtype), real.get(grad_dtype, grad_dtype), amsgrad and optimizer != "adamax")
     return Variant(optimizer, key)
+
+
+def _adopt_master(lp: Tensor, state: dict) -> None:
+    """A param that became float32 under a master (``model.float()`` after steps with
+    ``master_weights``) is its own master now: it takes the master's value wherever it is
+    still that master rounded to 16 bits (elsewhere it was set since, and is kept)."""
+    if lp.dtype != torch.float32 or not (MASTER_KEY in state or REMAINDER_KEY in state):
+        return
+    if MASTER_KEY in state:
+        master = local_tensor(state[MASTER_KEY])
+    else:
+        remainder = local_tensor(state[REMAINDER_KEY])
+        if remainder.shape != lp.shape:
+            return
+        master = join_master(lp.to(torch.bfloat16), remainder.to(lp.device))
+    if master.shape != lp.shape or master.dtype != torch.float32:
+        return
+    master = master.to(lp.device)
+    rounded = ((lp == split_master(master)[0].float()) | (lp == master.to(torch.bfloat16).float())
+               | (lp == master.to(torch.float16).float()))
+    with torch.no_grad():
+        lp.copy_(torch.where(rounded, master, lp))
 
 
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:

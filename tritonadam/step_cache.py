@@ -420,7 +420,9 @@ class StepCache:
         """
         values = tuple(v for h in hypers for v in h.row)
         lr_tensors = any(h.lr is not None for h in hypers)
-        beta_tensors = any(h.beta1 is not None for h in hypers)
+        # Either beta may be a tensor alone (OneCycleLR's cycle_momentum writes a float
+        # beta1 beside a tensor beta2).
+        beta_tensors = any(h.beta1 is not None or h.beta2 is not None for h in hypers)
         self.upload_grads()
         for row in self._revalidated:
             if row.staging is not None:
@@ -461,7 +463,7 @@ class StepCache:
         next to the tables, refreshed each step (a CPU scalar: no GPU sync)."""
         rows = []
         for gi, h in enumerate(hypers):
-            if h.lr is None and h.beta1 is None:
+            if h.lr is None and h.beta1 is None and h.beta2 is None:
                 rows.append(group_pointer_row())
                 continue
             read = [self._readable(device, gi, j, t) for j, t in enumerate((h.lr, h.beta1, h.beta2))]
