@@ -311,6 +311,35 @@ def test_grad_with_freed_storage_is_refused_not_read(after):
     assert "refused" in out.stdout
 
 
+@pytest.mark.parametrize("after", [1, 3])
+def test_state_with_freed_storage_is_refused_not_written(after):
+    """A state tensor whose memory was freed (``untyped_storage().resize_(0)``, as
+    offloading code does) was written through on the cached path (torch.optim crashes
+    too): every state tensor a launch writes is checked, each in its turn."""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        cases = [(None, "exp_avg"), (None, "exp_avg_sq"), (None, "step"), ("8bit", "exp_avg_sq_8bit"),
+                 ("8bit", "exp_avg_scales"), ("4bit", "exp_avg_4bit")]
+        for state_dtype, key in cases:
+            p = [torch.nn.Parameter(torch.randn(2000)), torch.nn.Parameter(torch.randn(3))]
+            opt = tritonadam.AdamW(p, state_dtype=state_dtype, block_size=1024, num_warps=4)
+            for _ in range({after}):
+                for q in p: q.grad = torch.randn_like(q)
+                opt.step()
+            for q in p: q.grad = torch.randn_like(q)
+            before = [q.detach().clone() for q in p]
+            opt.state[p[0]][key].untyped_storage().resize_(0)
+            try:
+                opt.step()
+            except RuntimeError as e:
+                assert "no storage" in str(e) and key in str(e), e
+                assert all(torch.equal(q.detach(), b) for q, b in zip(p, before))
+                print("refused", key)
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("refused") == 6, out.stdout
+
+
 @pytest.mark.parametrize("pair", [("float32", "float64"), ("float16", "bfloat16"),
                                   ("bfloat16", "float16"), ("float64", "float32")])
 def test_grad_dtype_pairs_outside_the_table_are_refused(pair, device):
@@ -529,10 +558,11 @@ def test_disjoint_views_of_one_buffer_step_like_torch(layout, device):
 
 
 @pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel", "step-string",
-                                 "seed-two-elements", "seed-string", "moment-on-meta"])
+                                 "seed-two-elements", "seed-string", "moment-on-meta",
+                                 "seed-through-torch", "scales-as-list"])
 def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     params = _params(device)
-    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    opt = PAIRS["AdamW"][0](params, **({"state_dtype": "8bit"} if bad == "scales-as-list" else {}), **LAUNCH)
     _steps(opt, params, 2)
     sd = copy.deepcopy(opt.state_dict())
     if bad == "shape":
@@ -550,6 +580,12 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     elif bad in ("seed-two-elements", "seed-string"):
         sd["state"][1]["rounding_seed"] = torch.tensor([3, 4]) if bad == "seed-two-elements" else "3"
         match = "state 'rounding_seed' of param 1 .* expected (one )?(an )?integer"
+    elif bad == "seed-through-torch":  # torch.optim's load casts state tensors to the param dtype
+        sd["state"][1]["rounding_seed"] = torch.tensor(2**40 + 5).to(torch.bfloat16)
+        match = "went through torch.optim: remove 'rounding_seed'"
+    elif bad == "scales-as-list":
+        sd["state"][1]["exp_avg_scales"] = sd["state"][1]["exp_avg_scales"].tolist()
+        match = "comes with 'exp_avg_scales' as a list, not a tensor"
     elif bad == "moment-on-meta":
         sd["state"][1]["exp_avg"] = torch.empty(sd["state"][1]["exp_avg"].shape, device="meta")
         match = "state 'exp_avg' of param 1 is on the meta device"
@@ -896,3 +932,23 @@ def test_a_bf16_param_made_float32_keeps_its_master(master, device):
     if master is True:
         assert params[1][0, 0].item() == 5.0
     assert "master_param" not in opt.state[params[0]] and "master_param_remainder" not in opt.state[params[0]]
+
+
+@pytest.mark.parametrize("after", [1, 3])
+@pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
+@pytest.mark.parametrize("copied", [False, True])
+def test_quantized_state_of_a_reshaped_param_is_refused(state_dtype, copied, after, device):
+    """Flat codes of a (64, 3) param under a (3, 64) one of the same size: each element
+    would take another's moments (dense moments are refused by their shape). A copy of the
+    optimizer (deepcopy, pickle) remembers the shape too."""
+    params = _params(device, shapes=((64, 3), (24,)))
+    opt = PAIRS["AdamW"][0](params, state_dtype=state_dtype, **LAUNCH)
+    _steps(opt, params, after)
+    if copied:
+        params, opt = copy.deepcopy((params, opt))
+    params[0].data = params[0].data.t().contiguous()
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"codes of a param of shape \(64, 3\) for a param of shape \(3, 64\)"):
+        opt.step()
+    _assert_untouched(opt, params, snap)

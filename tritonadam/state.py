@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import quantize
 from .kernels.launch import QUANT_MIN_FULL
 from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
-from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor
+from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor, storage_problem
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
@@ -78,6 +78,11 @@ def _fit(p: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _stale(key: str, problem: str, name: str) -> RuntimeError:
+    if problem.startswith("no storage"):
+        return RuntimeError(
+            f"tritonadam.{name}: state[{key!r}] has {problem}: the kernels would write through "
+            "it. Give it memory again before the step (offloading code: restore it), load a "
+            "state dict, or clear this param's state (`opt.state.pop(param)`) to restart it")
     return RuntimeError(
         f"tritonadam.{name}: state[{key!r}] has {problem}: the param changed after its "
         "optimizer state was created. Load a state dict that matches the params "
@@ -97,7 +102,7 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
         return f"dtype {value.dtype} where a {p.dtype} param needs {dtypes[0]}"
     if lv.device != lp.device:
         return f"device {lv.device} for a param on {lp.device}"
-    return None
+    return storage_problem(lv)
 
 
 QUANTIZED = {"8bit": 8, "4bit": 4}
@@ -182,19 +187,30 @@ def logical_order(lp: Tensor) -> tuple[int, ...]:
 # block-form codes in logical order only (``QuantizedMoments.export``), and loading records
 # that order for them.
 _ENCODED_IN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Nor which shape: a param reshaped to the same size (``p.data = p.data.t().contiguous()``)
+# would step each element with another's moments, where dense moments are refused by
+# their shape. So the (local) shape each codes tensor was encoded for is recorded too.
+_ENCODED_SHAPE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def encoded_orders(state: dict) -> list[tuple[Tensor, tuple[int, ...]]]:
-    """(codes, order) for every codes tensor of ``state`` with a recorded order: what a
-    copy of the optimizer (``copy.deepcopy``, pickle) carries along, its tensors copied
-    with the state's, for ``record_orders``."""
-    return [(t, _ENCODED_IN[local_tensor(t)]) for s in state.values() if isinstance(s, dict)
+def _record(codes: Tensor, order: tuple[int, ...], shape) -> None:
+    _ENCODED_IN[codes] = tuple(order)
+    if shape is not None:
+        _ENCODED_SHAPE[codes] = tuple(shape)
+
+
+def encoded_orders(state: dict) -> list[tuple]:
+    """(codes, order, shape) for every codes tensor of ``state`` with a recorded order:
+    what a copy of the optimizer (``copy.deepcopy``, pickle) carries along, its tensors
+    copied with the state's, for ``record_orders``."""
+    return [(t, _ENCODED_IN[local_tensor(t)], _ENCODED_SHAPE.get(local_tensor(t)))
+            for s in state.values() if isinstance(s, dict)
             for t in s.values() if isinstance(t, Tensor) and local_tensor(t) in _ENCODED_IN]
 
 
-def record_orders(pairs) -> None:
-    for codes, order in pairs:
-        _ENCODED_IN[local_tensor(codes)] = tuple(order)
+def record_orders(entries) -> None:
+    for codes, order, *shape in entries:  # pickles of older versions hold (codes, order)
+        _record(local_tensor(codes), order, shape[0] if shape else None)
 
 
 def _laid_out(lp: Tensor, order: tuple[int, ...] | None) -> Tensor:
@@ -219,7 +235,9 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
                 f"(shape {tuple(p.shape)})")
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
-    return None
+    if (lc.is_meta or ls.is_meta) and not local_tensor(p).is_meta:
+        return "codes or scales on the meta device, which holds no values"
+    return storage_problem(lc) or storage_problem(ls)
 
 
 def _quantized_form(codes: Tensor, scales: Tensor, numel: int, bits: int) -> str | None:
@@ -358,10 +376,19 @@ class QuantizedMoments:
             _check_other_form(p, key, state, other, name)
             return True
         if ck in state:
+            for k in (ck, scales_key(key)):  # named alone where its memory is gone
+                t = state.get(k)
+                problem = storage_problem(local_tensor(t)) if isinstance(t, Tensor) else None
+                if problem is not None:
+                    raise _stale(k, problem, name)
             problem = _quantized_problem(p, key, state, self.bits)
             if problem is not None:
                 raise _stale(ck, problem, name)
             lp = local_tensor(p)
+            shape = _ENCODED_SHAPE.get(local_tensor(state[ck]))
+            if shape is not None and shape != tuple(lp.shape):
+                raise _stale(ck, f"the codes of a param of shape {shape} for a param of shape "
+                             f"{tuple(lp.shape)}", name)
             codes, scales = state[ck], state[scales_key(key)]
             order = element_order(lp)
             return not all(
@@ -391,7 +418,7 @@ class QuantizedMoments:
                 # requantize: a moment that left as its decoded codes comes back as them.
                 codes, scales = quantize.requantize(_memory_order(lp, full.to(lp.device)), self.bits, _signed(key))
             state[ck], state[sk] = codes, scales
-        _ENCODED_IN[state[ck]] = order
+        _record(state[ck], order, lp.shape)
         _drop_forms(state, key, keep=self.bits)
 
     def kernel_tensors(self, state: dict, key: str) -> tuple[Tensor, Tensor]:
@@ -525,6 +552,9 @@ class ParamFormat:
                 f"{sorted(state)} but lacks {missing}; load a complete state dict, or clear "
                 "this param's state (`opt.state.pop(param)`) to restart it"
             )
+        step = state["step"]
+        if isinstance(step, Tensor) and storage_problem(local_tensor(step)) is not None:
+            raise _stale("step", storage_problem(local_tensor(step)), name)
         convert = False
         for key in keys:
             convert |= self.moments.check(p, key, state, name)
@@ -728,8 +758,13 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 raise ValueError(f"{where}: state 'step' of param {saved_id} is {step!r}, expected a "
                                  "number or a 1-element tensor")
             if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
+                seed = state[SEED_KEY]
+                hint = ("; torch.optim's load_state_dict casts every state tensor to its param's "
+                        "dtype, so this state dict went through torch.optim: remove "
+                        f"{SEED_KEY!r} from each param's state to round with this optimizer's "
+                        "seed") if isinstance(seed, Tensor) and seed.is_floating_point() else ""
                 raise ValueError(f"{where}: state {SEED_KEY!r} of param {saved_id} "
-                                 f"{_seed_problem(state[SEED_KEY])}")
+                                 f"{_seed_problem(seed)}{hint}")
             for key, value in state.items():
                 if key in ("step", SEED_KEY):
                     continue
@@ -790,6 +825,8 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -
         return f"has dtype {value.dtype}, expected uint8 codes"
     sk = scales_key(key[: -len("_8bit")])  # "_8bit" and "_4bit" are as long
     scales = state.get(sk)
+    if sk in state and not isinstance(scales, Tensor):
+        return f"comes with {sk!r} as a {type(scales).__name__}, not a tensor of block scales"
     if not isinstance(scales, Tensor):
         return f"comes without {sk!r}, the block scales its codes are read with"
     if _quantized_form(value, scales, numel, int(key[-4])) is None:
@@ -916,7 +953,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
             elif isinstance(value, Tensor):
                 dst[key] = value.detach().clone()  # converted to this format below
                 if key.endswith(tuple(f"_{bits}bit" for bits in QUANTIZED.values())):
-                    _ENCODED_IN[local_tensor(dst[key])] = logical_order(local_tensor(p))
+                    _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
     seed = loaded_seed if loaded_seed is not None else seed
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:

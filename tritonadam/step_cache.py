@@ -171,9 +171,9 @@ class StepCache:
         self._all_params = [p for params in group_lists for p in params]
         self._state = state
         # State edited between steps: a per-param dict replaced (identity), an entry
-        # replaced in one (its version), or the moments moved under the same tensor
-        # objects (``t.data = t.data.to(...)``, as state-offloading code does: each row's
-        # exp_avg pointer stands for its state).
+        # replaced in one (its version), or any state tensor moved or freed under the same
+        # tensor object (``t.data = t.data.to(...)`` or ``untyped_storage().resize_(0)``,
+        # as state-offloading code does): every pointer the launches write through.
         self._state_values = list(state.values())
         self._state_version = _dict_version(state) if _dict_version is not None else None
         # Only the dicts have versions; entries under keys that are not params (a hook's
@@ -181,7 +181,8 @@ class StepCache:
         # through the state's own version.
         self._state_dicts = [v for v in self._state_values if isinstance(v, dict)]
         self._state_versions = self._versions(self._state_dicts)
-        self._moments = [local_tensor(r.moments[0]) for r in rows]
+        self._moments = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master, r.step)
+                         if t is not None]
         self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
         self._inactive = inactive
         batch = [r for r in rows if not r.revalidated]

@@ -91,6 +91,20 @@ def span(t: Tensor) -> tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
+def storage_problem(t: Tensor) -> str | None:
+    """Why the memory a tensor's view spans cannot be read and written, or None: its
+    storage was freed (``untyped_storage().resize_(0)``, as offloading code does) or
+    shrunk under it. torch's own ops check this; the kernels read raw pointers."""
+    if t.numel() == 0 or t.is_meta:
+        return None
+    storage = t.untyped_storage()
+    lo, hi = span(t)
+    if storage.data_ptr() == 0 or lo < storage.data_ptr() or hi > storage.data_ptr() + storage.nbytes():
+        return (f"no storage for its {tuple(t.shape)} elements (its memory was freed, e.g. by "
+                "`untyped_storage().resize_(0)`, or shrunk)")
+    return None
+
+
 def check_no_shared_memory(name: str, entries: list) -> None:
     """Raise if two tensors a step writes share memory: two rows of one launch would
     update it concurrently on a GPU (the interpreter, running programs one after
