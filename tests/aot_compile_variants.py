@@ -97,12 +97,14 @@ SPACE_VARIANTS = [
 NORM_VARIANTS = (
     [dict(grad_dtype=d, norm=n) for d in (FP32, BF16, FP16, FP64) for n in (2, 3)]
     + [dict(grad_dtype=d, norm=n) for d in (FP32, FP64) for n in (1, 4)]
+    # GradScaler's scale unscales each grad in the pass (clip_grad_norm_(scaler=), max_grad_norm)
+    + [dict(grad_dtype=d, norm=n, grad_scale=True) for d, n in ((FP16, 2), (BF16, 4), (FP32, 3), (FP64, 2))]
 )
 REDUCE_VARIANTS = [
     {},
-    dict(NORM=3, HAS_GRAD_SCALE=True, COMPOUND=True, CHECK_FINITE=True),
+    dict(NORM=3, COMPOUND=True, CHECK_FINITE=True),
     dict(FINALIZE=False),
-    dict(NORM=4, REDUCE=False, HAS_GRAD_SCALE=True, out_dtype=FP64),
+    dict(NORM=4, REDUCE=False, out_dtype=FP64),
 ]
 
 

@@ -221,6 +221,35 @@ def test_instance_can_opt_out_of_in_kernel_unscaling(device):
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
 
 
+@pytest.mark.parametrize("how", ["added", "switched"])
+def test_a_differentiable_group_made_later_is_unscaled_by_the_scaler(how, device):
+    """torch.optim's implementation steps differentiable=True groups and neither unscales
+    nor skips: with such a group added (add_param_group) or switched on by hand after
+    construction, GradScaler must unscale and skip, as when built with it. Reference:
+    torch.optim.AdamW, whose groups are all unscaled by its scaler."""
+    results = []
+    for cls in (tritonadam.AdamW, torch.optim.AdamW):
+        model = make_model(device)
+        head, body = list(model[2].parameters()), list(model[0].parameters())
+        kw = LAUNCH if cls is tritonadam.AdamW else {"foreach": False}
+        opt = cls(body if how == "added" else [{"params": body}, {"params": head}], lr=1e-2, **kw)
+        if how == "added":
+            opt.add_param_group({"params": head, "differentiable": True})
+        else:
+            opt.param_groups[1]["differentiable"] = True
+        scaler = torch.amp.GradScaler(device.type, init_scale=1024.0)
+        for step in range(3):
+            opt.zero_grad()
+            backward(model, scaler, step, poison=float("inf") if step == 1 else None)
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt))
+    (ours, opt), (theirs, ref) = results
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 2
+
+
 def test_no_scaler(device):
     model = make_model(device)
     ref_model = copy.deepcopy(model)

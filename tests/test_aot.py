@@ -109,7 +109,7 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert len(quant) == 2 * 16 * 2
     assert any(r["flags"].get("persistent") for r in updates)
     assert sum(r["kernel"] == "prepare" for r in compiled) == 4
-    assert sum(r["kernel"] == "norm" for r in compiled) == 2 * 12
+    assert sum(r["kernel"] == "norm" for r in compiled) == 2 * 16
     assert sum(r["kernel"] == "norm-reduce" for r in compiled) == 2 * 4
 
 

@@ -544,10 +544,95 @@ def test_unsupported_cases_say_what_to_do(device):
     with pytest.raises(NotImplementedError, match="differentiable"):
         tritonadam.Adam([{"params": [p]}, {"params": [q], "differentiable": True}],
                         max_grad_norm=1.0, **LAUNCH).step()
+    p.grad = None  # only the differentiable group has grads: still refused, not stepped unclipped
+    before = q.detach().clone()
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        tritonadam.Adam([{"params": [p]}, {"params": [q], "differentiable": True}],
+                        max_grad_norm=1e-3, **LAUNCH).step()
+    assert torch.equal(q.detach(), before)
 
 
 def test_no_grads_returns_torchs_zero(device):
+    """Also as the latest norm: a clip that finds no grads does not leave the last one."""
     p = nn.Parameter(torch.randn(3).to(device))
-    opt = tritonadam.AdamW([p], **LAUNCH)
+    opt = tritonadam.AdamW([p], max_grad_norm=1.0, **LAUNCH)
+    p.grad = torch.full((3,), 2.0).to(device)
+    opt.step()
+    assert opt.last_grad_norm.item() == pytest.approx(12 ** 0.5)
+    p.grad = None
+    opt.step()
+    assert opt.last_grad_norm.item() == 0.0
+    p.grad = torch.full((3,), 2.0).to(device)
+    opt.clip_grad_norm_(1.0)
+    p.grad = None
     norm = opt.clip_grad_norm_(1.0)
     assert norm.item() == 0.0 and torch.nn.utils.clip_grad_norm_([p], 1.0).item() == 0.0
+    assert opt.last_grad_norm.item() == 0.0
+
+
+@pytest.mark.parametrize("change", ["grad-on-a-param-without", "param-removed", "amsgrad-on", "state-popped"])
+def test_changes_between_clip_and_step_are_seen(change, device, recwarn):
+    """The step right after clip_grad_norm_ reuses the clip's check only while nothing
+    else changed: it steps as a step without the clip (max_norm inf: coefficient 1)
+    would. A param that gets a grad after the clip is stepped (the coefficient dropped
+    with a warning), a param taken out of its group is not, a group switched to AMSGrad
+    steps with max_exp_avg_sq, state cleared by hand restarts."""
+    params = _params([(5,), (4,), (3,)], device)
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    gen = torch.Generator().manual_seed(1)
+    grads = [_grad(p.shape, gen, 1.0, device=device) for p in params]
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    theirs = tritonadam.AdamW(ref, lr=1e-2, **LAUNCH)  # the same steps, never clipped
+    for o, ps in ((opt, params), (theirs, ref)):  # one plain step: state to change
+        for q, g in zip(ps, grads):
+            q.grad = g.clone()
+        o.step()
+    for o, ps in ((opt, params), (theirs, ref)):
+        for i, (q, g) in enumerate(zip(ps, grads)):
+            q.grad = None if change == "grad-on-a-param-without" and i == 2 else g * 2
+    norm = opt.clip_grad_norm_(INF)  # measures only: the coefficient is 1
+    for o, ps in ((opt, params), (theirs, ref)):
+        if change == "grad-on-a-param-without":
+            ps[2].grad = grads[2].clone()
+        elif change == "param-removed":
+            o.param_groups[0]["params"].pop(1)
+        elif change == "amsgrad-on":
+            o.param_groups[0]["amsgrad"] = True
+        else:
+            o.state.pop(ps[0])
+        o.step()
+    assert norm.item() > 0
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+        assert (p in opt.state) == (q in theirs.state)
+        if q in theirs.state:
+            assert opt.state[p].keys() == theirs.state[q].keys()
+            for key, value in theirs.state[q].items():
+                assert torch.equal(opt.state[p][key], value), key
+    dropped = [w for w in recwarn if "coefficient was dropped" in str(w.message)]
+    assert bool(dropped) == (change in ("grad-on-a-param-without", "param-removed"))
+
+
+@pytest.mark.parametrize("recipe", ["scaler-argument", "max_grad_norm"])
+def test_scaled_grads_are_unscaled_before_their_powers(recipe, device):
+    """The p-th powers of grads GradScaler scales by 2**16 overflow fp32 at p = 8 (and at
+    p = 4 once the scale grows): each grad is unscaled first, as scaler.unscale_ does, so
+    the norm is torch's recipe's, not inf with every grad zeroed by its coefficient."""
+    p = nn.Parameter(torch.zeros(4).to(device))
+    q = nn.Parameter(torch.zeros(4))
+    extra = {"max_grad_norm": 1.0, "grad_norm_type": 8.0} if recipe == "max_grad_norm" else {}
+    opt = tritonadam.AdamW([p], lr=0.1, **extra, **LAUNCH)
+    ref = torch.optim.AdamW([q], lr=0.1, foreach=False)
+    scalers = [torch.amp.GradScaler(device.type), torch.amp.GradScaler("cpu")]  # init_scale 2**16
+    scalers[0].scale(p.sum()).backward()
+    scalers[1].scale(q.sum()).backward()
+    scalers[1].unscale_(ref)
+    expected = torch.nn.utils.clip_grad_norm_([q], 1.0, 8.0)
+    norm = opt.clip_grad_norm_(1.0, 8.0, scaler=scalers[0]) if recipe == "scaler-argument" else None
+    for s, o in zip(scalers, (opt, ref)):
+        s.step(o)
+        s.update()
+    norm = opt.last_grad_norm if norm is None else norm
+    _assert_close(norm, expected, rtol=1e-6, atol=0)
+    _assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], **TOL)
+    assert opt.state[p]["exp_avg"].abs().min() > 0

@@ -252,11 +252,11 @@ class Clipper:
                                      max_chunks=norm_max_chunks(), classes=classes)
         plan = dev.norm_plan
         kind = norm_kind(p)
-        flags = dict(norm=kind, grad_scale=_on(device, grad_scale), compound=compound,
-                     check_finite=check_finite, fusion=cache.fusion)
+        flags = dict(norm=kind, compound=compound, check_finite=check_finite, fusion=cache.fusion)
         with device_guard(device):
             cache.upload_grads()
-            launch_norm(dev.tables, plan, self.buffer, norm=kind, fusion=cache.fusion)
+            launch_norm(dev.tables, plan, self.buffer, norm=kind, grad_scale=_on(device, grad_scale),
+                        fusion=cache.fusion)
             if not any(layouts):
                 launch_norm_reduce(plan, self.buffer, out, reduce=True, finalize=True, **flags)
                 return
@@ -290,10 +290,19 @@ class Clipper:
         reduction kernel's finalization."""
         _, layouts, classes = self._mesh_and_layouts(cache)
         dtype = out.dtype
+        # As the norm kernel: each grad unscaled first, as GradScaler.unscale_ does.
+        inv_scale = None if grad_scale is None else (1.0 / grad_scale.detach().to("cpu", torch.float64)).float()
+
+        def unscaled(g: Tensor) -> Tensor:
+            if inv_scale is None:
+                return g
+            return (g.float() if g.dtype in LOW_PRECISION else g) * inv_scale.to(torch.float64 if g.dtype ==
+                                                                                 torch.float64 else torch.float32)
+
         # The grads as the user holds them (rows may hold copies in the param's layout,
         # whose sums run in another order); fp16/bf16 ones summed in fp32.
         norms = torch.stack([
-            torch.linalg.vector_norm(g, p, dtype=dtype if g.dtype in LOW_PRECISION else None).to(dtype)
+            torch.linalg.vector_norm(unscaled(g), p, dtype=dtype if g.dtype in LOW_PRECISION else None).to(dtype)
             if g.numel() else torch.zeros((), dtype=dtype) for g in map(local_tensor, cache.host_taken)])
         if any(layouts):
             import torch.distributed as dist
@@ -310,9 +319,6 @@ class Clipper:
             norms = powered if inf or p == 1.0 else powered ** (1.0 / p)
         root = torch.linalg.vector_norm(norms, p)
         norm = root.to(dtype)
-        if grad_scale is not None:  # as the reduction kernel: times GradScaler's fp32 1/scale
-            inv_scale = (1.0 / grad_scale.detach().to("cpu", torch.float64)).float()
-            norm = norm * inv_scale.to(dtype)
         coef = self.buffer[layout.CLIP_COEF.value] if compound else torch.ones((), dtype=torch.float64)
         if compound:
             norm = norm * coef.to(dtype)
@@ -408,6 +414,11 @@ class Clipper:
         self.pending = False
         self._params = []
         self._grads = []
+
+    def no_grads(self) -> Tensor:
+        """A clip with no grads to measure: torch's value for it, the latest norm too."""
+        self.last_norm, self.mesh = torch.tensor(0.0), None
+        return self.last_norm
 
     def last_grad_norm(self) -> Tensor | None:
         if self.last_norm is None:

@@ -53,7 +53,6 @@ class _TritonAdamBase(Optimizer):
     """torch.optim's contract around one multi-tensor step."""
 
     _algorithm = "adam"
-    _step_supports_amp_scaling = True  # grad_scale / found_inf are handled in the kernel
 
     _EXTRAS = {
         "bias_correction": True,
@@ -77,12 +76,24 @@ class _TritonAdamBase(Optimizer):
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
             num_warps=num_warps, autotune=autotune_mode, persistent=persistent,
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
-        if any(group.get("differentiable") for group in self.param_groups):
-            # torch.optim's implementation does not unscale: let GradScaler do it (and
-            # skip steps on inf), as it does for torch.optim's own non-fused optimizers.
-            self._step_supports_amp_scaling = False
         self._cache: StepCache | None = None
         self._clipper = Clipper(type(self).__name__)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether GradScaler leaves unscaling and the inf skip to ``step()`` (read by
+        ``GradScaler.step`` each time): the kernels do both, but torch.optim's
+        implementation, which steps ``differentiable=True`` groups, does neither, so any
+        such group (added or switched on later too) makes GradScaler do them, as for
+        torch.optim's own non-fused optimizers. An instance may opt out by setting it."""
+        override = self.__dict__.get("_amp_scaling_override")
+        if override is not None:
+            return override
+        return not any(group.get("differentiable") for group in self.param_groups)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        self.__dict__["_amp_scaling_override"] = bool(value)
 
     def _set_extras(self, values: dict, warn_idle: bool = True) -> None:
         """Check the options tritonadam adds (``values``, keyed as ``_EXTRAS``) as the
@@ -337,13 +348,17 @@ class _TritonAdamBase(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         clipper = self._clipper
         cache = self._cache
-        if clipper.pending and cache is not None and cache.still_taken():
+        if clipper.pending and cache is not None and cache.still_taken(self.param_groups, self.state,
+                                                                        self._options()):
             clipper.before_step(cache, grad_scale, holds=True)  # the clip just checked them
         else:
             cache = self._ready(clipping=self.max_grad_norm is not None or clipper.pending)
             clipper.before_step(cache, grad_scale)
-        if self.max_grad_norm is not None and not cache.empty:
+        if self.max_grad_norm is not None:  # refused whichever groups have grads
             clipper.check_supported(self.param_groups, self.grad_norm_type, complex_grads=cache.has_complex)
+        if self.max_grad_norm is not None and cache.empty:
+            clipper.no_grads()
+        elif self.max_grad_norm is not None:
             clipper.clip(cache, self.max_grad_norm, self.grad_norm_type, grad_scale=grad_scale,
                          check_finite=False, auto=True)
 
@@ -422,7 +437,7 @@ class _TritonAdamBase(Optimizer):
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
         cache = self._ready(clipping=True)
         if cache.empty:
-            return torch.tensor(0.0)  # torch's value for no grads
+            return clipper.no_grads()
         norm = clipper.clip(cache, max_norm, p, grad_scale=grad_scale,
                             check_finite=bool(error_if_nonfinite), auto=False)
         return replicated(norm, clipper.mesh_of(cache))

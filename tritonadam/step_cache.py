@@ -262,19 +262,9 @@ class StepCache:
         dtype, size, device, layout or storage (a null pointer). The optimizer then
         gathers everything afresh.
         """
-        lists = [g["params"] for g in param_groups]
-        params = self._batch_params
-        if (
-            options != self.options
-            or state is not self._state
-            or not self._same_state_dicts(state)
-            or self._versions(self._state_dicts) != self._state_versions
-            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
-            or list(map(len, lists)) != self._group_lens
-            or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
-            or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
-        ):
+        if not self._same_structure(param_groups, state, options):
             return False
+        params = self._batch_params
         grads = list(map(GRAD, params))
         try:
             if self._all_dtensor:
@@ -302,6 +292,22 @@ class StepCache:
         self._grad_ptrs, self._revalidated_grads = ptrs, revalidated
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
         return True
+
+    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
+        """Whether everything but this step's grads is as the tables were built from: the
+        options, the state (its dicts, their entries, the storage of every state tensor),
+        the groups' params, and no grad on a param that had none."""
+        lists = [g["params"] for g in param_groups]
+        return not (
+            options != self.options
+            or state is not self._state
+            or not self._same_state_dicts(state)
+            or self._versions(self._state_dicts) != self._state_versions
+            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
+            or list(map(len, lists)) != self._group_lens
+            or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
+            or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
+        )
 
     def _revalidate(self, param_groups: list[dict]) -> list[Tensor] | None:
         """This step's grads of the revalidated rows, or None to gather afresh."""
@@ -336,13 +342,13 @@ class StepCache:
         self.host_taken = list(map(GRAD, self.host_params))
         return True
 
-    def still_taken(self) -> bool:
+    def still_taken(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
         """Whether every param still holds the very grad the last check took, at the same
-        address, and the revalidated params are where they were: what a step right after
-        a clip checks instead of a full check (the clip's check validated these grads, and
-        its coefficient belongs to them)."""
+        address, the revalidated params are where they were, and nothing else the tables
+        were built from changed: what a step right after a clip checks instead of a full
+        check (the clip's check validated these grads, and its coefficient belongs to them)."""
         taken = self.taken
-        if taken is None:
+        if taken is None or not self._same_structure(param_groups, state, options):
             return False
         # The batch rows' grads read once: their addresses against the taken ones (a
         # replaced grad or a storage moved under ``.data`` shows a new address, a grad set

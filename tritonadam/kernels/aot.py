@@ -101,15 +101,16 @@ def compile_prepare(arch: int = 90, num_warps: int = 4, block: int = 256, **flag
 
 
 def compile_norm(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
-                 grad_dtype=torch.float32, norm: int = 2):
+                 grad_dtype=torch.float32, norm: int = 2, grad_scale: bool = False):
     """Compile one variant of the norm kernel (``norm``: the launcher's NORM kind)."""
-    constexprs = norm_constexprs(grad_dtype, norm, block_size=block_size, num_warps=num_warps)
+    constexprs = norm_constexprs(grad_dtype, norm, block_size=block_size, num_warps=num_warps,
+                                 grad_scale=grad_scale)
     return _compile(_norm_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
 
 
 def compile_norm_reduce(arch: int = 90, *, out_dtype=torch.float32, **flags):
     """Compile the norm reduction; ``flags``: its constexpr flags (NORM, REDUCE, ...)."""
-    constexprs = {"NORM": 2, "REDUCE": True, "FINALIZE": True, "HAS_GRAD_SCALE": False,
+    constexprs = {"NORM": 2, "REDUCE": True, "FINALIZE": True,
                   "COMPOUND": False, "CHECK_FINITE": False, "OUT_DTYPE": _tl(out_dtype),
                   "BLOCK": NORM_REDUCE_BLOCK, **flags}
     norm_ptr = "*fp64" if out_dtype == torch.float64 else "*fp32"

@@ -211,13 +211,15 @@ def norm_max_chunks() -> int:
     return 4 if interpreted() else 8192
 
 
-def norm_constexprs(grad_dtype, norm: int, *, block_size: int, num_warps: int) -> dict:
+def norm_constexprs(grad_dtype, norm: int, *, block_size: int, num_warps: int,
+                    grad_scale: bool = False) -> dict:
     """The norm kernel's constexpr arguments for one variant (torch dtypes as given)."""
     cdtype = torch.float64 if grad_dtype == torch.float64 else torch.float32
     return {
         "G_DTYPE": grad_dtype,
         "CDTYPE": cdtype,
         "NORM": norm,
+        "HAS_GRAD_SCALE": grad_scale,
         "BLOCK": block_size,
         "SUB": tail_sub_block(block_size, num_warps, cdtype),
     }
@@ -293,17 +295,20 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
 
 
 def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, norm: int,
-                count=True, fusion=None) -> None:
+                grad_scale=None, count=True, fusion=None) -> None:
     """Per-chunk partial norms of every grad on the tables' device: one launch per grad
-    dtype, each writing its chunks' partials into its slice of ``plan.partials``."""
+    dtype, each writing its chunks' partials into its slice of ``plan.partials``
+    (``grad_scale``: GradScaler's scale, which each grad is unscaled from first)."""
     block_size, num_warps = plan.block_size, plan.num_warps
     fusion = fp_fusion() if fusion is None else fusion
     for launch in plan.launches:
-        flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps)
+        flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps,
+                                grad_scale=grad_scale is not None)
         flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
         with _quiet_discarded_branches():
             _norm_kernel[(launch.num_chunks,)](
                 tables.table, tables.grads, launch.block_map, launch.partials, clip,
+                grad_scale if grad_scale is not None else clip,
                 launch.num_blocks, launch.chunk, num_warps=num_warps, enable_fp_fusion=fusion, **flags,
             )
         if count:
@@ -311,7 +316,7 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
 
 
 def launch_norm_reduce(plan: NormPlan | NormSpan, clip: torch.Tensor, out: torch.Tensor | None, *,
-                       norm: int, reduce: bool, finalize: bool, grad_scale=None, compound=False,
+                       norm: int, reduce: bool, finalize: bool, compound=False,
                        check_finite=False, count=True, fusion=None) -> None:
     """One program: ``reduce`` adds the partials into ``plan.total``; ``finalize`` turns the
     total into the norm (written to ``out``) and the clip coefficient (into ``clip``). A
@@ -319,9 +324,7 @@ def launch_norm_reduce(plan: NormPlan | NormSpan, clip: torch.Tensor, out: torch
     with _quiet_discarded_branches():
         _norm_reduce_kernel[(1,)](
             plan.partials, plan.num_partials, plan.total, out if out is not None else plan.total, clip,
-            grad_scale if grad_scale is not None else clip,
-            NORM=norm, REDUCE=reduce, FINALIZE=finalize, HAS_GRAD_SCALE=grad_scale is not None,
-            COMPOUND=compound, CHECK_FINITE=check_finite,
+            NORM=norm, REDUCE=reduce, FINALIZE=finalize, COMPOUND=compound, CHECK_FINITE=check_finite,
             OUT_DTYPE=TL_DTYPES[out.dtype] if out is not None else tl.float32,
             BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS,
             enable_fp_fusion=fp_fusion() if fusion is None else fusion,

@@ -46,6 +46,14 @@ def _elementwise(g, p, NORM: tl.constexpr):
 
 
 @triton.jit
+def _unscaled(g, inv_scale, CDTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    if HAS_GRAD_SCALE:
+        return g.to(CDTYPE) * inv_scale
+    else:
+        return g.to(CDTYPE)
+
+
+@triton.jit
 def _combine(acc, x, NORM: tl.constexpr):
     if NORM == NORM_INF:
         # torch's max propagates NaN; Triton's drops it unless asked.
@@ -67,8 +75,8 @@ def _total(acc, NORM: tl.constexpr):
 # The number of blocks and the chunk length change with the model: no recompiles.
 @triton.jit(do_not_specialize=["num_blocks", "chunk"])
 def _norm_kernel(
-    table_ptr, grads_ptr, block_map_ptr, partials_ptr, clip_ptr, num_blocks, chunk,
-    G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, NORM: tl.constexpr,
+    table_ptr, grads_ptr, block_map_ptr, partials_ptr, clip_ptr, grad_scale_ptr, num_blocks, chunk,
+    G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, NORM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     BLOCK: tl.constexpr, SUB: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -76,6 +84,13 @@ def _norm_kernel(
         p = tl.load(clip_ptr + CLIP_P).to(CDTYPE)
     else:
         p = 0.0
+    if HAS_GRAD_SCALE:
+        # The norm of the unscaled grads, each unscaled before its power as
+        # GradScaler.unscale_ does (fp32 1/scale, taken in double): the p-th powers of
+        # scaled grads overflow fp32 long before the unscaled ones (p = 8 at scale 2**16).
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(CDTYPE)
+    else:
+        inv_scale = tl.full([], 1.0, CDTYPE)
     # One accumulator per lane across the chunk's blocks: a reduction across the
     # program's warps per block would put shared memory and a barrier in the loop.
     acc = tl.zeros([BLOCK], dtype=CDTYPE)
@@ -95,7 +110,7 @@ def _norm_kernel(
             # memory carries no alignment, and sm_90 would issue 4-byte loads).
             g_ptr = tl.multiple_of(g_addr.to(tl.pointer_type(G_DTYPE)), 16) + start
             g = tl.load(g_ptr + tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK))
-            acc = _combine(acc, _elementwise(g.to(CDTYPE), p, NORM), NORM)
+            acc = _combine(acc, _elementwise(_unscaled(g, inv_scale, CDTYPE, HAS_GRAD_SCALE), p, NORM), NORM)
         else:
             # Tail blocks and misaligned views (FSDP shards, slices): masked sub-blocks.
             left = tl.minimum(numel - start, BLOCK).to(tl.int32)
@@ -104,7 +119,7 @@ def _norm_kernel(
             while first < left:
                 # Masked lanes load 0, which every kind maps to 0.
                 g = tl.load(g_ptr + first + sub, mask=sub < left - first, other=0.0)
-                tail = _combine(tail, _elementwise(g.to(CDTYPE), p, NORM), NORM)
+                tail = _combine(tail, _elementwise(_unscaled(g, inv_scale, CDTYPE, HAS_GRAD_SCALE), p, NORM), NORM)
                 first += SUB
         e += 1
     total = _combine(_total(acc, NORM).to(tl.float64), _total(tail, NORM).to(tl.float64), NORM)
@@ -113,9 +128,9 @@ def _norm_kernel(
 
 @triton.jit(do_not_specialize=["num_partials"])
 def _norm_reduce_kernel(
-    partials_ptr, num_partials, total_ptr, norm_ptr, clip_ptr, grad_scale_ptr,
+    partials_ptr, num_partials, total_ptr, norm_ptr, clip_ptr,
     NORM: tl.constexpr, REDUCE: tl.constexpr, FINALIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, COMPOUND: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    COMPOUND: tl.constexpr, CHECK_FINITE: tl.constexpr,
     OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """REDUCE: add the partials (fixed order) into this device's total; FINALIZE: turn
@@ -139,13 +154,9 @@ def _norm_reduce_kernel(
             root = tl.exp2(tl.log2(total) / tl.load(clip_ptr + CLIP_P))
         else:
             root = total
-        # torch's total norm and coefficient are in the grads' dtype: fp32, or fp64.
+        # torch's total norm and coefficient are in the grads' dtype: fp32, or fp64. (The
+        # norm pass measured unscaled grads.)
         norm = root.to(OUT_DTYPE)
-        if HAS_GRAD_SCALE:
-            # The norm of the unscaled grads: times GradScaler's fp32 1/scale (taken in
-            # double, as GradScaler.unscale_ does).
-            inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
-            norm = norm * inv_scale.to(OUT_DTYPE)
         coef = tl.full([], 1.0, tl.float64)
         if COMPOUND:
             # A clip since the last step already scales the grads the step will read:
