@@ -633,7 +633,7 @@ def test_budget_from_environment(tmp_path, monkeypatch):
     assert measured["budget_s"] == 30 and measured["timing_s"] <= 30 and not measured["complete"]
 
 
-@pytest.mark.parametrize("value", ["ten", "-1", "nan"])
+@pytest.mark.parametrize("value", ["ten", "-1", "nan", "inf"])  # inf: a cache entry JSON cannot hold
 def test_malformed_budget_is_an_error(tmp_path, monkeypatch, value):
     monkeypatch.setenv("TRITONADAM_AUTOTUNE_BUDGET", value)
     fake = FakeGPU()
@@ -995,6 +995,9 @@ def test_bad_file_gives_one_warning_and_a_retune(tmp_path, damage):
         ("vs_default", {"ratio": 0.9, "spread": -0.1, "pairs": 8}),
         ("decision", {"reason": "x"}),
         ("untimed", [{"config": "block=1"}]),
+        ("vs_default", {"ratio": 0.9, "pairs": 8}),  # no spread: `show` read it and crashed
+        ("runner_up", {"config": {"block_size": 1024, "num_warps": 4}, "time_ms": 1.0, "ratio": 1.0, "pairs": 2}),
+        ("measured", ["not", "an", "object"]),
     ],
 )
 def test_invalid_entries_are_ignored_and_retuned(tmp_path, field, value):
@@ -1035,6 +1038,46 @@ def test_unwritable_cache_warns_once_and_keeps_the_choice(tmp_path):
     )
     assert cfgs == [BEST] * 3
     assert len(caught) == 1 and "could not write" in str(caught[0].message)
+
+
+def test_no_home_directory_caches_in_the_temp_dir(tmp_path, monkeypatch):
+    """A container run as a uid without a home (HOME unset): tuning persists in a per-user
+    folder of the temp dir, with one warning naming TRITONADAM_CACHE_DIR, instead of the
+    lookup failing and every tuning being thrown away."""
+    import pathlib
+    import sys
+    import tempfile
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("TRITONADAM_CACHE_DIR", raising=False)
+    monkeypatch.setattr("tritonadam.autotune.cache._warned", set())
+    monkeypatch.setattr(pathlib.Path, "home", staticmethod(no_home))
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # its own lookup fails the same way
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="TRITONADAM_CACHE_DIR"):
+        directory = DiskCache().directory
+    assert directory.parent.parent == tmp_path and directory.name == "autotune"
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
+                                       ("2", False), ("0", False), ("false", False), ("", False), (None, False)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, on, monkeypatch):
+    """tritonadam and its bench agree with Triton on whether kernels are interpreted (with
+    TRITON_INTERPRET=2 Triton compiles for the GPU: tritonadam must tune, not take the
+    interpreter's config)."""
+    from triton._C.libtriton import getenv_bool
+
+    from tritonadam import _env
+
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _env.interpret() is on
+    assert getenv_bool("TRITON_INTERPRET", False) is on
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

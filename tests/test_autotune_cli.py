@@ -284,3 +284,57 @@ def test_tune_takes_every_state_mode_and_refuses_what_the_optimizer_refuses(tmp_
         err = capsys.readouterr().err
         assert "nothing tuned" in err and reason in err
     assert timed == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--numel", "1e400"], "size too large"),
+    (["--numel", "2^20", "--budget", "-1"], "finite number of seconds >= 0"),
+    (["--numel", "2^20", "--budget", "nan"], "finite number of seconds >= 0"),
+    (["--numel", "2^20", "--compile-budget", "inf"], "finite number of seconds >= 0"),
+    (["--model-size", "1B", "--world-size", "0"], "at least 1 rank"),
+])
+def test_tune_refuses_bad_numbers_as_usage_errors(args, message, capsys):
+    from tritonadam.autotune.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["tune", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tune_exits_nonzero_when_nothing_could_be_timed_or_nothing_is_asked(tmp_path, capsys):
+    """Every entry failed (not even the default could be timed): exit 1, not 0; a model too
+    small for --min-numel tunes nothing: a usage error."""
+    import types
+
+    from tritonadam.autotune.__main__ import build_parser, run_tune
+
+    def variant_of(*, optimizer, param_dtype, grad_dtype, amsgrad, master_weights, **state_options):
+        return types.SimpleNamespace(autotune_key=lambda: ("adamw", "p=float32"), bytes_per_elem=lambda: 16)
+
+    def make_scratch_runner(variant, *, config, numels, device):
+        def run():
+            raise RuntimeError("no kernel here")
+        run.config = config
+        return run
+
+    def timer(fn):
+        fn()
+
+    tuner = Tuner(timer=timer, clock=lambda: 0.0, cache=DiskCache(tmp_path), device_info=lambda d: FAKE_GPU,
+                  free_bytes=lambda d: None, time_any_device=True, stream=io.StringIO())
+    args = build_parser().parse_args(["tune", "--param-dtype", "fp32", "--numel", "2^20"])
+    assert run_tune(args, tuner=tuner, device=torch.device("cpu"), variant_of=variant_of,
+                    make_scratch_runner=make_scratch_runner) == 1
+    assert "failed" in capsys.readouterr().out
+    args = build_parser().parse_args(["tune", "--param-dtype", "fp32", "--model-size", "1000",
+                                      "--min-numel", "1M"])
+    assert run_tune(args, tuner=tuner, device=torch.device("cpu"), variant_of=variant_of,
+                    make_scratch_runner=make_scratch_runner) == 2
+    assert "nothing to tune" in capsys.readouterr().err
+
+
+def test_export_to_a_directory_says_why_it_cannot(tmp_path, capsys):
+    from tritonadam.autotune.__main__ import main
+
+    assert main(["--cache-dir", str(tmp_path / "cache"), "export", str(tmp_path)]) == 1
+    assert "cannot export to" in capsys.readouterr().err

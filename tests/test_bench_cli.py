@@ -339,6 +339,9 @@ def test_sigterm_writes_partial_results(tmp_path):
     (["--profiles", "one-huge@1K", "--setups-for", "one-huge@2K=fp32"], "not a workload of this run"),
     (["--profiles", "one-huge@1K", "--setups-for", "one-huge@1K=fp8"], "unknown setup fp8"),
     (["--profiles", "one-huge@1K", "--setups-for", "gpt3=fp32"], "unknown profile"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--time-budget", "-1"], "--time-budget must be a finite number >= 0"),
 ])
 def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
@@ -378,10 +381,12 @@ def test_help_lists_flags(capsys):
         assert flag in out
 
 
-def test_time_budget_zero_skips_everything(capsys, monkeypatch):
+@pytest.mark.parametrize("budget", ["0.000001", "0"])
+def test_time_budget_zero_skips_everything(budget, capsys, monkeypatch):
+    """0 is a budget (nothing timed), not "no budget"."""
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     rc = main(["--device", "cpu", "--profiles", "one-huge@1K", "--providers", "torch-fused",
-               "--time-budget", "0.000001", "--no-check", "--format", "json", "-q"])
+               "--time-budget", budget, "--no-check", "--format", "json", "-q"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["results"] and all("time budget" in x["reason"] for x in rep["results"])

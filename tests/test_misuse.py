@@ -808,17 +808,21 @@ def test_options_that_do_something_do_not_warn(recwarn):
     assert not [w for w in recwarn if "nothing for these params" in str(w.message)]
 
 
-def test_a_bad_autotune_switch_fails_before_anything_changes(monkeypatch, device):
+@pytest.mark.parametrize("switch, value", [("TRITONADAM_AUTOTUNE", "bogus"),
+                                           ("TRITONADAM_AUTOTUNE_BUDGET", "10s"),
+                                           ("TRITONADAM_AUTOTUNE_COMPILE_BUDGET", "inf")])
+def test_a_bad_autotune_switch_fails_before_anything_changes(switch, value, monkeypatch, device):
+    """A bad budget raised in the first-use tuning, after the step counts had advanced."""
     params = _params(device)
-    monkeypatch.setenv("TRITONADAM_AUTOTUNE", "bogus")
-    with pytest.raises(ValueError, match="TRITONADAM_AUTOTUNE='bogus'"):
+    monkeypatch.setenv(switch, value)
+    with pytest.raises(ValueError, match=f"{switch}='{value}'"):
         PAIRS["AdamW"][0](params)
-    monkeypatch.delenv("TRITONADAM_AUTOTUNE")
+    monkeypatch.delenv(switch)
     opt = PAIRS["AdamW"][0](params)
-    monkeypatch.setenv("TRITONADAM_AUTOTUNE", "bogus")  # set after construction
+    monkeypatch.setenv(switch, value)  # set after construction
     _fresh_grads(params)
     snap = _snapshot(opt, params)
-    with pytest.raises(ValueError, match="TRITONADAM_AUTOTUNE='bogus'"):
+    with pytest.raises(ValueError, match=f"{switch}='{value}'"):
         opt.step()
     _assert_untouched(opt, params, snap)
     assert not opt.state

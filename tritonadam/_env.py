@@ -16,12 +16,15 @@ def _flag(name: str, default: bool = False) -> bool:
 
 
 def interpret() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read
+    as Triton reads it (``1``, ``true``, ``on``, ``yes``, ``y``, any case; anything else,
+    ``2`` included, is off).
 
     Triton decides this when a kernel is decorated, so it must be set before
     ``tritonadam`` is imported.
     """
-    return _flag("TRITON_INTERPRET")
+    value = os.environ.get("TRITON_INTERPRET")
+    return value is not None and value.strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def autotune_mode() -> str | None:
@@ -40,8 +43,8 @@ def _seconds(name: str) -> float | None:
         seconds = float(value)
     except ValueError:
         raise ValueError(f"{name}={value!r}: expected a number of seconds") from None
-    if not seconds >= 0:  # also refuses NaN
-        raise ValueError(f"{name}={value!r}: expected a number of seconds >= 0")
+    if not 0 <= seconds < float("inf"):  # also refuses NaN
+        raise ValueError(f"{name}={value!r}: expected a finite number of seconds >= 0")
     return seconds
 
 

@@ -35,10 +35,34 @@ def _parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4096, 1e6, 2^20, 125M, 7B)")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
-    n = int(float(m.group(1)) * scale)
+    value = float(m.group(1)) * scale
+    if not value < 2**62:  # also inf (1e400)
+        raise argparse.ArgumentTypeError(f"size too large: {text!r}")
+    n = int(value)
     if n <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return n
+
+
+def _parse_seconds(text: str) -> float:
+    """A budget in seconds: finite and >= 0, as the environment switches take it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _parse_world_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 rank, got {text!r}")
+    return value
 
 
 def _cache(args):
@@ -173,7 +197,11 @@ def cmd_clear(args) -> int:
 
 def cmd_export(args) -> int:
     cache = _cache(args)
-    n, notes = cache.export_bundle(args.file)
+    try:
+        n, notes = cache.export_bundle(args.file)
+    except OSError as e:
+        print(f"cannot export to {args.file}: {e}", file=sys.stderr)
+        return 1
     for note in notes:
         print(note)
     print(f"exported {n} entr{'y' if n == 1 else 'ies'} from {cache.directory} to {args.file}")
@@ -210,8 +238,16 @@ def cmd_tune(args) -> int:
     from ..state import variant
     from .tuner import Tuner
 
-    device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cuda" and device.index is not None:
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
+    except RuntimeError as e:
+        print(f"tritonadam.autotune tune: --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    if device.type != "cuda" or (device.index is not None and device.index >= torch.cuda.device_count()):
+        print(f"tritonadam.autotune tune: --device {args.device!r}: expected a visible GPU, cuda or "
+              f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}", file=sys.stderr)
+        return 2
+    if device.index is not None:
         torch.cuda.set_device(device)
     tuner = Tuner(cache=_cache(args), budget_s=args.budget, compile_budget_s=args.compile_budget,
                   verbose=args.verbose or None)
@@ -238,6 +274,10 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     else:
         top = max(1, args.model_size // max(1, args.world_size))
         lo, hi = size_bucket(args.min_numel), size_bucket(top)
+        if lo > hi:
+            print(f"tritonadam.autotune tune: nothing to tune: --min-numel {args.min_numel} is above the "
+                  f"largest launch, {top} (--model-size / --world-size)", file=sys.stderr)
+            return 2
         sizes = [2**b for b in range(lo, hi + 1)]
     buckets = sorted({size_bucket(n) for n in sizes})
     info = tuner.device_info(device)
@@ -298,7 +338,7 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
 
     print(tabulate(rows, headers=["entry", "config", "ms", "default ms", "vs default", "result"]))
     print(f"cache: {tuner.cache.path(identity)}")
-    return 0 if all(not r[3].startswith("failed") for r in rows) else 1
+    return 0 if all(not r[5].startswith("failed") for r in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,16 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="elements per launch to tune for, e.g. 2^20 125M (each is rounded up to its bucket)")
     size.add_argument("--model-size", type=_parse_size, metavar="N",
                       help="parameters in the model (e.g. 7B): tunes every bucket from --min-numel up to N / --world-size")
-    t.add_argument("--world-size", type=int, default=1,
+    t.add_argument("--world-size", type=_parse_world_size, default=1,
                    help="ranks the model's parameters are sharded over (FSDP/ZeRO); default 1")
     t.add_argument("--min-numel", type=_parse_size, default=2**MIN_BUCKET,
                    help=f"smallest launch to tune with --model-size (default 2^{MIN_BUCKET})")
     t.add_argument("--tensor-numel", type=_parse_size, default=None, metavar="N",
                    help="time scratch launches made of tensors of N elements, like a model of many "
                         "tensors that size (default: one tensor per launch)")
-    t.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    t.add_argument("--budget", type=_parse_seconds, default=None, metavar="SECONDS",
                    help="timing budget per entry (default: $TRITONADAM_AUTOTUNE_BUDGET, else 10)")
-    t.add_argument("--compile-budget", type=float, default=None, metavar="SECONDS",
+    t.add_argument("--compile-budget", type=_parse_seconds, default=None, metavar="SECONDS",
                    help="compile budget per entry, spent before timing "
                         "(default: $TRITONADAM_AUTOTUNE_COMPILE_BUDGET, else 30)")
     t.add_argument("--device", default=None, help="GPU to tune on (default: the current CUDA device)")

@@ -54,11 +54,20 @@ def default_cache_dir() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     try:
-        import platformdirs
-    except ImportError:  # minimal images (a GPU box's stock python): the XDG location
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonadam"
-    else:
-        base = Path(platformdirs.user_cache_dir("tritonadam"))
+        try:
+            import platformdirs
+        except ImportError:  # minimal images (a GPU box's stock python): the XDG location
+            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonadam"
+        else:
+            base = Path(platformdirs.user_cache_dir("tritonadam"))
+    except (RuntimeError, KeyError, OSError) as e:
+        # No home directory (a container run as a uid without one, HOME unset): a per-user
+        # folder in the temp dir, so tuning still persists across processes.
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        base = Path(tempfile.gettempdir()) / f"tritonadam-{user}"
+        _warn_once(("no-home",), f"tritonadam autotune: no home directory to cache tuned configs in "
+                                 f"({type(e).__name__}: {e}); using {base}. Set TRITONADAM_CACHE_DIR "
+                                 "to choose where they go.")
     return base / "autotune"
 
 
@@ -131,8 +140,8 @@ def _comparison_problem(obj, what: str) -> str | None:
     """A ratio to the default with its spread and pair count, as the tuner writes them."""
     if not _finite_pos(obj.get("ratio")):
         return f"bad {what} ratio"
-    if obj.get("spread") is not None and not _finite_nonneg(obj.get("spread")):
-        return f"bad {what} spread"
+    if "spread" not in obj or obj["spread"] is not None and not _finite_nonneg(obj["spread"]):
+        return f"bad {what} spread"  # the tuner always writes it (None: too few pairs)
     if not _count(obj.get("pairs")):
         return f"bad {what} pairs"
     return None
@@ -190,6 +199,8 @@ def validate_entry(name: str, entry, backend: str) -> str | None:
         return "bad noise"
     if not _finite_nonneg(dec.get("min_margin")):
         return "bad min_margin"
+    if entry.get("measured") is not None and not isinstance(entry.get("measured"), dict):
+        return "bad measured"
     untimed = entry.get("untimed")
     if not isinstance(untimed, list) or not all(
         isinstance(u, dict) and isinstance(u.get("why"), str) and LaunchConfig.from_json(u.get("config")) is not None
@@ -379,8 +390,9 @@ class DiskCache:
         return self.store_many(identity, {name: entry})
 
     def store_many(self, identity: CacheIdentity, new_entries: dict) -> bool:
-        path = self.path(identity)
+        path = None
         try:
+            path = self.path(identity)
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock(path):
                 # Re-read under the lock: another process may have added entries since we
@@ -402,7 +414,7 @@ class DiskCache:
                 )
         except Exception as e:  # unwritable dir, lock timeout, full disk: tuning still counts
             _warn_once(
-                ("write", str(path.parent)),
+                ("write", str(path.parent) if path is not None else None),
                 f"tritonadam autotune: could not write the cache {path} ({type(e).__name__}: {e}); "
                 "tuned configs are kept in memory for this process only.",
             )

@@ -125,7 +125,12 @@ MakeRunner = Callable[[LaunchConfig, int], Runner]
 
 
 def resolve_mode(mode: str | None = None) -> str:
-    """The effective mode: the ``mode`` argument, else ``TRITONADAM_AUTOTUNE``, else "on"."""
+    """The effective mode: the ``mode`` argument, else ``TRITONADAM_AUTOTUNE``, else "on".
+    The budget switches are checked here too: the optimizer resolves the mode at
+    construction and before a step writes anything, and a bad budget must fail there, not
+    in a first-use tuning after the step counts advanced."""
+    _env.autotune_budget_s()
+    _env.autotune_compile_budget_s()
     raw = mode if mode is not None else _env.autotune_mode()
     if raw is None:
         return "on"

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 
+from .. import _env
 from ._startup import prepare_interpreter
 
 _DEFAULT_GPU_PROFILES = ["gpt2-124m", "llama-layers", "tinyllama-1.1b", "llama2-7b", "many-small",
@@ -405,10 +406,10 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if unknown:
         parser.error(f"--setups-for names {', '.join(unknown)}, not a workload of this run "
                      f"({', '.join(w.name for w in workloads)})")
-    for name in ("warmup_ms", "rep_ms", "time_budget"):
+    for name in ("warmup_ms", "rep_ms", "time_budget", "lr", "weight_decay"):
         v = getattr(args, name)
-        if v is not None and v < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+        if v is not None and not 0 <= v < float("inf"):  # also NaN
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0")
     first_use_setups = None
     if args.first_use:
         first_use_setups = setups if args.first_use == ["all"] else _select(
@@ -424,7 +425,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads,
                     [] if args.tuning else clip_setups, setups_for)
         return 0
-    if args.tuning and (cpu or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")):
+    if args.tuning and (cpu or _env.interpret()):
         # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
         # kernels could not step CUDA tensors either).
         from .tuning import NO_GPU_MESSAGE
@@ -472,7 +473,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
                    workloads=workloads,
                    algo=args.optimizer, hp=hp, timing=tcfg, baseline=args.baseline,
                    check=not args.no_check, check_steps=args.check_steps,
-                   profile_launches=not args.no_launch_count, time_budget_s=budget or None,
+                   profile_launches=not args.no_launch_count, time_budget_s=budget,
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
                    check_workload=make_workload("check-small"), check_setups=all_setups,
                    clip_setups=[] if args.tuning else clip_setups, max_norm=args.max_norm,

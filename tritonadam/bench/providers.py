@@ -15,11 +15,12 @@ tritonadam, whose ``clip_grad_norm_`` leaves the coefficient for the step's kern
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+
+from .. import _env
 
 from .workloads import (DTYPE_BYTES, QUANT_STATES, Layout, Setup, Traffic, Workload, dense_twin,
                         torch_dtype, traffic)
@@ -151,7 +152,7 @@ class TritonAdamProvider(Provider):
     description = "tritonadam.{Adam,AdamW,Adamax}: one multi-tensor Triton launch per dtype mix, across param groups"
 
     def unavailable(self, device):
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+        if device.type == "cpu" and not _env.interpret():
             return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 before import)"
         return None
 
@@ -218,7 +219,7 @@ def _graph_unsupported(setup: Setup, opts: dict) -> str | None:
 def _graph_unavailable(device) -> str | None:
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+    if _env.interpret():
         return "TRITON_INTERPRET=1: kernels run on the CPU, nothing to capture"
     return None
 

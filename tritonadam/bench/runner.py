@@ -196,7 +196,7 @@ class Runner:
             self.opts.progress(text)
 
     def _deadline(self) -> float | None:
-        if not self.opts.time_budget_s:
+        if self.opts.time_budget_s is None:  # 0 is a budget: nothing timed
             return None
         return self.t0 + self.opts.time_budget_s
 
