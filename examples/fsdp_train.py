@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="max grad norm (0 = no clipping)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="compute dtype (FSDP2 MixedPrecisionPolicy param_dtype; params, grads and state stay fp32)")
-    p.add_argument("--ckpt-dir", default="checkpoints/fsdp_train")
+    p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "tritonadam-fsdp_train"),
+                   help="where checkpoints go (default: a folder in the temp dir, never the working "
+                        "directory unless asked)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or (no value) the latest in --ckpt-dir")

@@ -758,6 +758,24 @@ def test_constructing_and_stepping_leave_torchs_random_stream_alone(name, option
         assert opt.seed == 1  # reproducible from torch.manual_seed
 
 
+def test_importing_leaves_the_process_as_it_was():
+    """``import tritonadam`` loads no compiler stack: torch.optim's own decorator loads
+    dynamo at the first step, not at import (loading it sets TORCHINDUCTOR_CACHE_DIR,
+    creates a temp folder and adds warning filters)."""
+    out = _run_isolated("""
+        import os, sys, warnings
+        import numpy, torch, triton, triton.language  # what tritonadam builds on: their own filters
+        env, filters = dict(os.environ), list(warnings.filters)
+        import tritonadam
+        assert "torch._dynamo" not in sys.modules
+        assert dict(os.environ) == env, set(os.environ) ^ set(env)
+        assert list(warnings.filters) == filters
+        print("clean")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "clean" in out.stdout
+
+
 def test_meta_params_step_shape_only_like_torch():
     """torch.optim steps meta params (model-size dry runs): state on meta, no error."""
     with torch.device("meta"):

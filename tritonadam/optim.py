@@ -308,7 +308,7 @@ class _TritonAdamBase(Optimizer):
                                    self.param_groups, self.state, gathered, options)
         return self._cache
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -379,7 +379,7 @@ class _TritonAdamBase(Optimizer):
 
     # ---- gradient clipping --------------------------------------------------------------
 
-    @torch.compiler.disable
+    @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None, *, scaler=None) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 
 import numpy as np
 import torch
@@ -17,10 +18,18 @@ __all__ = [
     "like", "local_tensor", "same_layout", "span",
 ]
 
-try:  # torch.distributed may be absent from some builds
-    from torch.distributed.tensor import DTensor
-except Exception:  # pragma: no cover
-    DTensor = None
+# DTensor's class once torch.distributed.tensor is loaded (by whoever made one: nothing is
+# a DTensor before). Importing it here would load torch's symbolic-shapes stack, 2 s of
+# import and a warnings filter, for every user.
+DTensor = None
+
+
+def _dtensor_class():
+    global DTensor
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None:
+        DTensor = getattr(module, "DTensor", None)
+    return DTensor
 
 # The raw attribute: .grad's getter also checks for non-leaf access, at twice the cost.
 # Its C descriptor called directly skips the attribute lookup through a Parameter's type
@@ -34,7 +43,8 @@ LOCAL = operator.attrgetter("_local_tensor")
 
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor a kernel can address: a DTensor's local shard (FSDP2), else t itself."""
-    if DTensor is not None and isinstance(t, DTensor):
+    cls = DTensor or _dtensor_class()
+    if cls is not None and isinstance(t, cls):
         return t._local_tensor
     return t
 

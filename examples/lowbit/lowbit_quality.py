@@ -99,6 +99,11 @@ def sweep(args: argparse.Namespace, argv: list[str], preset: dict, seeds: list[i
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    try:  # checked before the sweep, not after it
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("lowbit_quality.py draws lowbit.png with matplotlib, not installed: "
+                         "pip install -e '.[lowbit]' (or just matplotlib)") from None
     preset = presets.PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
     layout = args.layout or preset["layout"]
@@ -118,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         (out / "lowbit.md").write_text(section + "\n")
     print(section)
-    print(f"\nwrote {out / 'lowbit.json'}, {out / 'lowbit.png'}, {out / 'lowbit.md'} "
-          f"({results['wall_seconds']:.0f} s)")
+    took = "rendered" if args.render else f"sweep {results['wall_seconds']:.0f} s"
+    print(f"\nwrote {out / 'lowbit.json'}, {out / 'lowbit.png'}, {out / 'lowbit.md'} ({took})")
     return results
 
 

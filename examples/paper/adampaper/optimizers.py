@@ -3,12 +3,12 @@ torch.optim's) Adam and AdaMax, and torch.optim's baselines."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import tritonadam
 from torch.optim import Optimizer
+from tritonadam import _env
 
 LABELS = {
     "adam": "Adam",
@@ -43,7 +43,7 @@ def build(name: str, params: Sequence[torch.Tensor], lr: float, impl: str = "tri
     if name in ("adam", "adamax"):
         if impl == "tritonadam":
             cls = tritonadam.Adam if name == "adam" else tritonadam.Adamax
-            launch = interpreter_launch(params) if os.environ.get("TRITON_INTERPRET") == "1" else {}
+            launch = interpreter_launch(params) if _env.interpret() else {}
             return cls(params, lr=lr, betas=betas, bias_correction=bias_correction, **launch)
         if impl != "torch":
             raise ValueError(f"impl must be one of {IMPLS}, not {impl!r}")
