@@ -213,3 +213,58 @@ def test_a_moment_assigned_by_hand_over_quantized_state_is_taken():
     m = opt.torch_state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(m, 0.1 * g, atol=0.02 * (0.1 * g).abs().max().item(), rtol=0)
     assert "exp_avg" not in opt.state_dict()["state"][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("order", ["model-first", "optimizer-first", "state-existed"])
+def test_a_master_follows_params_loaded_after_it(order, dtype, device):
+    """A checkpoint without a master (torch.optim's) makes the master from the params as
+    they are at the load: with the model loaded after the optimizer, or into an optimizer
+    that already had a master (a full state dict merged with it, as DCP's does), the
+    step wrote the old params' master back over the loaded params. The first step after a
+    load takes, where a param is no longer its master rounded, the param's value; the
+    params then step from the loaded ones in every order."""
+    base = make_params([(300,), (7, 5)], dtype, device, seed=1)
+    loaded = make_params([(300,), (7, 5)], dtype, device, seed=2)  # the checkpoint's params
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in loaded]
+    theirs = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        for q, g in zip(ref, random_grads(ref, gen)):
+            q.grad = g
+        theirs.step()
+    with torch.no_grad():
+        for p, q in zip(loaded, ref):
+            p.copy_(q)  # the checkpoint: torch's fp32 state, the params rounded
+    results = []
+    for how in ("model-first", order):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base]
+        opt = tritonadam.AdamW(params, lr=1e-2, master_weights=True, **LAUNCH)
+        if how == "state-existed":  # the optimizer's own state, merged under the checkpoint's
+            for p, g in zip(params, random_grads(params, gen)):
+                p.grad = g
+            opt.step()
+            sd = theirs.state_dict()
+            for i, p in enumerate(params):
+                sd["state"][i]["master_param"] = opt.state[p]["master_param"]
+        else:
+            sd = theirs.state_dict()
+
+        def load_model():
+            with torch.no_grad():
+                for p, q in zip(params, loaded):
+                    p.copy_(q)
+
+        if how == "model-first":
+            load_model()
+            opt.load_state_dict(sd)
+        else:
+            opt.load_state_dict(sd)
+            load_model()
+        for p, g in zip(params, random_grads(params, torch.Generator().manual_seed(4))):
+            p.grad = g
+        opt.step()
+        results.append(params)
+    for a, b, c in zip(*results, loaded):
+        assert torch.equal(a, b)
+        assert (a.float() - c.float()).abs().max() < 0.05  # one lr-sized step from the loaded values

@@ -23,7 +23,7 @@ from .options import check_group_options, checked_extras
 from .broadcast import broadcasting_from_rank0, share_rank0_entries
 from .state import (
     StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
-    localize_full_state, record_orders, restore_loaded, saved_pairs,
+    localize_full_state, master_follows_param, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
 from .tensors import is_fsdp1_shard
@@ -245,6 +245,7 @@ class _TritonAdamBase(Optimizer):
                                   seen.get("state_dict", state_dict), self.state)
             if seed is not None:
                 self.seed = seed
+            self._masters_follow_params = True  # at the next step: the params may load after
 
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
@@ -306,6 +307,11 @@ class _TritonAdamBase(Optimizer):
             raise fsdp1_clip_error("max_grad_norm" if self.max_grad_norm is not None else "clip_grad_norm_")
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
+        if self.__dict__.pop("_masters_follow_params", False):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p in self.state:
+                        master_follows_param(p, self.state[p])
         return self._cache
 
     @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import

@@ -36,7 +36,7 @@ from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor, st
 
 __all__ = [
     "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
-    "localize_full_state", "saved_pairs",
+    "localize_full_state", "master_follows_param", "saved_pairs",
     "export_full_state", "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
 ]
 
@@ -1074,6 +1074,28 @@ def variant(optimizer: str, param_dtype: torch.dtype, grad_dtype: torch.dtype | 
     key = policy.format_for(param_dtype).bucket_key(
         real.get(param_dtype, param_dtype), real.get(grad_dtype, grad_dtype), amsgrad and optimizer != "adamax")
     return Variant(optimizer, key)
+
+
+def master_follows_param(p: Tensor, state: dict) -> None:
+    """Where ``p`` (fp16/bf16) is no longer its fp32 master rounded, the master takes the
+    param's value. Run at the first step after a load: a state dict without a master (from
+    torch.optim) got one made from the params as they were then, and a params' load after
+    the optimizer's (``set_optimizer_state_dict`` before ``set_model_state_dict``, or a
+    full state dict merged with the optimizer's own earlier state) leaves the master of
+    the old params, which the step would write back over the loaded ones."""
+    master, lp = state.get(MASTER_KEY), local_tensor(p)
+    if not isinstance(master, Tensor) or lp.dtype not in (torch.bfloat16, torch.float16):
+        return
+    lm = local_tensor(master)
+    if lm.shape != lp.shape or lm.dtype != torch.float32 or lm.device != lp.device:
+        return
+    # The step rounds bf16 to nearest with ties away from zero, fp16 to nearest even; a
+    # master made from a param rounds either way to it.
+    stale = lp != lm.to(lp.dtype)
+    if lp.dtype == torch.bfloat16:
+        stale &= lp != split_master(lm)[0].view_as(lp)
+    with torch.no_grad():
+        lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
 
 def _adopt_master(lp: Tensor, state: dict) -> None:
