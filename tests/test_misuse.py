@@ -974,3 +974,43 @@ def test_quantized_state_of_a_reshaped_param_is_refused(state_dtype, copied, aft
     with pytest.raises(RuntimeError, match=r"codes of a param of shape \(64, 3\) for a param of shape \(3, 64\)"):
         opt.step()
     _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.parametrize("change", ["param-transposed", "state-transposed", "param-reshaped", "state-flattened"])
+def test_tensors_re_viewed_under_the_same_address_are_seen(change, device):
+    """``t.data = t.data.t()`` keeps the address: the cached path compared addresses only
+    and stepped each element with another's grad or moments (grads set by hand in the old
+    layout), or stepped a reshaped param torch refuses. Now as torch: the same result, or
+    a clear error with nothing written."""
+    params = _params(device, shapes=((4, 4), (3, 4)))
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["Adam"][0](params, **LAUNCH)
+    theirs = torch.optim.Adam(ref, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        _step_both(ours, theirs, params, ref, gen)
+    for opt, ps in ((ours, params), (theirs, ref)):
+        with torch.no_grad():
+            if change == "param-transposed":
+                ps[0].data = ps[0].data.t()
+            elif change == "state-transposed":
+                opt.state[ps[0]]["exp_avg"].data = opt.state[ps[0]]["exp_avg"].data.t()
+            elif change == "param-reshaped":
+                ps[1].data = ps[1].data.view(4, 3)
+            else:
+                opt.state[ps[1]]["exp_avg"].data = opt.state[ps[1]]["exp_avg"].data.view(-1)
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+    if change in ("param-reshaped", "state-flattened"):  # torch raises a size mismatch
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if not (i == 1 and change == "param-reshaped"):  # its (3, 4) grad is left in place
+                p.grad = g.contiguous()
+        snap = _snapshot(ours, params)
+        with pytest.raises(RuntimeError, match="shape"):
+            ours.step()
+        _assert_untouched(ours, params, snap)
+        return
+    for opt, ps in ((ours, params), (theirs, ref)):
+        for p, g in zip(ps, grads):
+            p.grad = g.to(device).contiguous()  # set by hand: not in the param's layout
+        opt.step()
+    _assert_like_torch(ours, theirs, params, ref)

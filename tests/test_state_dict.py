@@ -268,3 +268,39 @@ def test_a_master_follows_params_loaded_after_it(order, dtype, device):
     for a, b, c in zip(*results, loaded):
         assert torch.equal(a, b)
         assert (a.float() - c.float()).abs().max() < 0.05  # one lr-sized step from the loaded values
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64, torch.complex128])
+def test_torch_state_dict_keeps_the_moments_dtype_torch_keeps(dtype, device):
+    """torch_state_dict() of complex and fp64 params: complex / fp64 moments, as torch.optim
+    keeps them (casting to fp32 dropped the imaginary part, and fp64's low bits); torch.optim
+    resumes from it as from its own state."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(6, 3, generator=gen, dtype=torch.float64).to(dtype).to(device) for _ in range(2)]
+    params = [torch.nn.Parameter(b.clone()) for b in base]
+    ref = [torch.nn.Parameter(b.clone()) for b in base]
+    ours = tritonadam.Adam(params, lr=1e-2, amsgrad=True, **LAUNCH)
+    theirs = torch.optim.Adam(ref, lr=1e-2, amsgrad=True, foreach=False)
+    grads = [[torch.randn(6, 3, generator=gen, dtype=torch.float64).to(dtype).to(device) for _ in base]
+             for _ in range(4)]
+    for gs in grads[:2]:
+        for o, ps in ((ours, params), (theirs, ref)):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+    exported = ours.torch_state_dict()["state"]
+    for i, q in enumerate(ref):
+        for key, value in theirs.state[q].items():
+            assert exported[i][key].dtype == value.dtype, key
+            torch.testing.assert_close(exported[i][key], value)
+    resumed = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
+                               amsgrad=True, foreach=False)
+    resumed.load_state_dict(ours.torch_state_dict())
+    rparams = [p for g in resumed.param_groups for p in g["params"]]
+    for gs in grads[2:]:
+        for o, ps in ((resumed, rparams), (theirs, ref)):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+    for a, b in zip(rparams, ref):
+        torch.testing.assert_close(a, b)

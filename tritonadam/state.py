@@ -673,13 +673,15 @@ class ParamFormat:
 
     def export_full(self, p: Tensor, state: dict, keys: tuple[str, ...]) -> dict:
         """This param's state as torch.optim keeps it: every moment at full precision
-        (fp32) under torch's keys, the master as ``master_param``."""
+        (fp32; fp64 for fp64 params, complex for complex ones, as torch keeps them) under
+        torch's keys, the master as ``master_param``."""
         out = {k: v for k, v in self._export(p, state).items()
                if not (k.endswith("bit") or k.endswith("_scales") or k == REMAINDER_KEY)}
+        dtype = p.dtype if p.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
         for key in keys:
             full = read_moment(p, key, state)
-            if full is not None and not (isinstance(out.get(key), Tensor) and out[key].dtype == torch.float32):
-                out[key] = like(p, torch.float32, torch.preserve_format, full)
+            if full is not None and not (isinstance(out.get(key), Tensor) and out[key].dtype == dtype):
+                out[key] = like(p, dtype, torch.preserve_format, full)
         return out
 
     def tensors(self, state: dict, keys: tuple[str, ...]) -> tuple:

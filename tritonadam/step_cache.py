@@ -130,6 +130,34 @@ class _GradMeta:
         )
 
 
+class _LayoutMeta:
+    """Checks that tensors keep the dtype, device, shape and strides the tables were built
+    with (a view assigned to ``.data`` keeps the address and changes these), in one C++
+    pass of torch.compile's tensor guards where torch offers them; a guard mismatch on
+    what does not matter here (requires_grad) falls back to the exact comparison."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self._meta = [_layout(t) for t in tensors]
+        self._guards = None
+        if tensors:
+            try:
+                from torch._C._dynamo.guards import TensorGuards
+
+                self._guards = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                            dynamic_dims_strides=[list(t.stride()) for t in tensors])
+            except Exception:  # absent or changed in this torch: the comparison below does it
+                self._guards = None
+
+    def same(self, tensors: list[Tensor]) -> bool:
+        if self._guards is not None and self._guards.check(*tensors):
+            return True
+        return [_layout(t) for t in tensors] == self._meta
+
+
+def _layout(t: Tensor) -> tuple:
+    return t.dtype, t.device, t.shape, t.stride()
+
+
 @dataclass
 class _Launch:
     bucket: Bucket
@@ -184,6 +212,11 @@ class StepCache:
         self._moments = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master, r.step)
                          if t is not None]
         self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
+        # ... and re-viewed under the same address (``v.data = v.data.t()``): the kernel
+        # reads each state tensor in the layout it was checked in (step counts: one number).
+        self._state_tensors = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master)
+                               if t is not None]
+        self._state_layouts = _LayoutMeta(self._state_tensors)
         self._inactive = inactive
         batch = [r for r in rows if not r.revalidated]
         self._revalidated = [r for r in rows if r.revalidated]
@@ -192,6 +225,7 @@ class StepCache:
         self._dtensor = True in kinds
         self._all_dtensor = kinds == {True}
         self._param_ptrs = [local_tensor(r.param).data_ptr() for r in batch]
+        self._param_layouts = _LayoutMeta([local_tensor(r.param) for r in batch])
         grads = [r.grad for r in batch]
         self._grad_meta = _GradMeta(grads)
         self._empty = [i for i, g in enumerate(grads) if g.numel() == 0]
@@ -278,9 +312,10 @@ class StepCache:
             ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
             return False
-        # A param's layout changed under the same storage (a view assigned to .data)
-        # shows in its grads' layout: autograd lays grads out like their params.
-        if list(map(Tensor.data_ptr, locals_)) != self._param_ptrs or not self._grad_meta.same(local_grads):
+        # A param re-viewed under the same address (``p.data = p.data.t()``, grads set by
+        # hand in the old layout) keeps its pointer: its shape and strides are compared too.
+        if (list(map(Tensor.data_ptr, locals_)) != self._param_ptrs or not self._grad_meta.same(local_grads)
+                or not self._param_layouts.same(locals_)):
             return False
         if 0 in ptrs and [i for i, ptr in enumerate(ptrs) if ptr == 0] != [
             i for i in self._empty if ptrs[i] == 0
@@ -293,17 +328,20 @@ class StepCache:
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
         return True
 
-    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
+    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple,
+                        tensors: bool = True) -> bool:
         """Whether everything but this step's grads is as the tables were built from: the
-        options, the state (its dicts, their entries, the storage of every state tensor),
-        the groups' params, and no grad on a param that had none."""
+        options, the state (its dicts, their entries and, with ``tensors``, the storage,
+        shape and strides of every state tensor), the groups' params, and no grad on a
+        param that had none."""
         lists = [g["params"] for g in param_groups]
         return not (
             options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
-            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
+            or tensors and (list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
+                            or not self._state_layouts.same(self._state_tensors))
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
             or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
@@ -348,7 +386,10 @@ class StepCache:
         were built from changed: what a step right after a clip checks instead of a full
         check (the clip's check validated these grads, and its coefficient belongs to them)."""
         taken = self.taken
-        if taken is None or not self._same_structure(param_groups, state, options):
+        # The clip's check just compared every state tensor's storage and layout (two
+        # passes over them all): here the rest of the structure, which user code between
+        # the clip and the step does change (groups, options, state entries, new grads).
+        if taken is None or not self._same_structure(param_groups, state, options, tensors=False):
             return False
         # The batch rows' grads read once: their addresses against the taken ones (a
         # replaced grad or a storage moved under ``.data`` shows a new address, a grad set
