@@ -289,8 +289,8 @@ def test_disabled_scaler_is_a_plain_step(device):
 def test_compiled_train_step(backend, with_scaler, device):
     """A torch.compile'd function doing forward, backward, opt.step() (or scaler.step,
     scaler.update and an LR scheduler step) and zero_grad(): Dynamo must not trace into
-    the Triton launch (step is torch.compiler.disable'd) and the result must track the
-    same function run eagerly."""
+    the Triton launch (step is marked torch._disable_dynamo, as torch.optim's) and the
+    result must track the same function run eagerly."""
     torch._dynamo.reset()
     model = make_model(device)
     eager_model = copy.deepcopy(model)
