@@ -119,9 +119,8 @@ class _TritonAdamBase(Optimizer):
         """Options set on the optimizer by hand since they were checked (``opt.state_dtype =
         "8bit"`` between steps): checked as the constructor checks them, before the step
         writes anything."""
-        current = self._extras()
-        if all(a is b or (type(a) is type(b) and a == b)
-               for a, b in zip(current, getattr(self, "_checked_extras", ()))) and current:
+        current, checked = self._extras(), getattr(self, "_checked_extras", None)
+        if checked is not None and all(a is b or (type(a) is type(b) and a == b) for a, b in zip(current, checked)):
             return
         self._set_extras(dict(zip(self._EXTRAS, current)), warn_idle=False)
 
@@ -362,11 +361,11 @@ class _TritonAdamBase(Optimizer):
             clipper.before_step(cache, grad_scale)
         if self.max_grad_norm is not None:  # refused whichever groups have grads
             clipper.check_supported(self.param_groups, self.grad_norm_type, complex_grads=cache.has_complex)
-        if self.max_grad_norm is not None and cache.empty:
-            clipper.no_grads()
-        elif self.max_grad_norm is not None:
-            clipper.clip(cache, self.max_grad_norm, self.grad_norm_type, grad_scale=grad_scale,
-                         check_finite=False, auto=True)
+            if cache.empty:
+                clipper.no_grads()
+            else:
+                clipper.clip(cache, self.max_grad_norm, self.grad_norm_type, grad_scale=grad_scale,
+                             check_finite=False, auto=True)
 
         for group, inputs in torch_work:
             differentiable.step(name, self._algorithm, self._policy, self.state, group, *inputs,

@@ -1091,11 +1091,7 @@ def master_follows_param(p: Tensor, state: dict) -> None:
     lm = local_tensor(master)
     if lm.shape != lp.shape or lm.dtype != torch.float32 or lm.device != lp.device:
         return
-    # The step rounds bf16 to nearest with ties away from zero, fp16 to nearest even; a
-    # master made from a param rounds either way to it.
-    stale = lp != lm.to(lp.dtype)
-    if lp.dtype == torch.bfloat16:
-        stale &= lp != split_master(lm)[0].view_as(lp)
+    stale = ~_rounded_from(lm, lp, (lp.dtype,))
     with torch.no_grad():
         lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
@@ -1116,10 +1112,21 @@ def _adopt_master(lp: Tensor, state: dict) -> None:
     if master.shape != lp.shape or master.dtype != torch.float32:
         return
     master = master.to(lp.device)
-    rounded = ((lp == split_master(master)[0].float()) | (lp == master.to(torch.bfloat16).float())
-               | (lp == master.to(torch.float16).float()))
+    rounded = _rounded_from(master, lp, (torch.bfloat16, torch.float16))
     with torch.no_grad():
         lp.copy_(torch.where(rounded, master, lp))
+
+
+def _rounded_from(master: Tensor, value: Tensor, dtypes: tuple) -> Tensor:
+    """Where ``value`` is fp32 ``master`` rounded to one of ``dtypes``: the step rounds bf16
+    to nearest with ties away from zero, fp16 to nearest even, and a master made from a
+    param rounds to it to nearest even either way."""
+    hit = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
+    for dtype in dtypes:
+        hit |= value == master.to(dtype).to(value.dtype)
+        if dtype == torch.bfloat16:
+            hit |= value == split_master(master)[0].view_as(master).to(value.dtype)
+    return hit
 
 
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:

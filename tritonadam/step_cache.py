@@ -107,17 +107,7 @@ class _GradMeta:
         self._dtypes = list(map(_DTYPE, grads))
         self._shapes = list(map(_SHAPE, grads))
         self._devices = list(map(Tensor.get_device, grads))
-        self._guards = None
-        if grads and all(map(Tensor.is_contiguous, grads)):
-            try:
-                from torch._C._dynamo.guards import TensorGuards
-
-                self._guards = TensorGuards(
-                    *grads, dynamic_dims_sizes=[list(g.shape) for g in grads],
-                    dynamic_dims_strides=[list(g.stride()) for g in grads],
-                )
-            except Exception:  # absent or changed in this torch: the passes below do it
-                self._guards = None
+        self._guards = _tensor_guards(grads) if all(map(Tensor.is_contiguous, grads)) else None
 
     def same(self, grads: list[Tensor]) -> bool:
         if self._guards is not None and self._guards.check(*grads):
@@ -138,15 +128,7 @@ class _LayoutMeta:
 
     def __init__(self, tensors: list[Tensor]) -> None:
         self._meta = [_layout(t) for t in tensors]
-        self._guards = None
-        if tensors:
-            try:
-                from torch._C._dynamo.guards import TensorGuards
-
-                self._guards = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                                            dynamic_dims_strides=[list(t.stride()) for t in tensors])
-            except Exception:  # absent or changed in this torch: the comparison below does it
-                self._guards = None
+        self._guards = _tensor_guards(tensors)
 
     def same(self, tensors: list[Tensor]) -> bool:
         if self._guards is not None and self._guards.check(*tensors):
@@ -156,6 +138,20 @@ class _LayoutMeta:
 
 def _layout(t: Tensor) -> tuple:
     return t.dtype, t.device, t.shape, t.stride()
+
+
+def _tensor_guards(tensors: list[Tensor]):
+    """torch.compile's C++ guards on these tensors' dtype, device, shape and strides, or
+    None (no tensors, or absent or changed in this torch: the callers' passes do it)."""
+    if not tensors:
+        return None
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                            dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:
+        return None
 
 
 @dataclass
@@ -209,14 +205,14 @@ class StepCache:
         # through the state's own version.
         self._state_dicts = [v for v in self._state_values if isinstance(v, dict)]
         self._state_versions = self._versions(self._state_dicts)
-        self._moments = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master, r.step)
-                         if t is not None]
-        self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
-        # ... and re-viewed under the same address (``v.data = v.data.t()``): the kernel
-        # reads each state tensor in the layout it was checked in (step counts: one number).
+        # Every state tensor's pointer (step counts too), and the layout of each but the
+        # counts (one number): one re-viewed under the same address (``v.data = v.data.t()``)
+        # would be read in the layout it was checked in.
         self._state_tensors = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master)
                                if t is not None]
         self._state_layouts = _LayoutMeta(self._state_tensors)
+        self._moments = self._state_tensors + [local_tensor(r.step) for r in rows]
+        self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
         self._inactive = inactive
         batch = [r for r in rows if not r.revalidated]
         self._revalidated = [r for r in rows if r.revalidated]
