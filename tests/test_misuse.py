@@ -311,6 +311,33 @@ def test_grad_with_freed_storage_is_refused_not_read(after):
     assert "refused" in out.stdout
 
 
+@pytest.mark.parametrize("what,after", [("grad", 0), ("param", 0), ("param", 2)])
+def test_shrunk_storage_is_refused_not_read(what, after):
+    """A param or grad whose storage was shrunk under it (``untyped_storage().resize_(n)``
+    with n below its span) was read and written past the storage's end when its state was
+    gathered; now it is a clear error. (A param that moves is gathered afresh.)"""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        p = [torch.nn.Parameter(torch.randn(24)), torch.nn.Parameter(torch.randn(3))]
+        opt = tritonadam.AdamW(p, block_size=1024, num_warps=4)
+        for _ in range({after}):
+            for q in p: q.grad = torch.randn_like(q)
+            opt.step()
+        for q in p: q.grad = torch.randn_like(q)
+        before = [q.detach()[:2].clone() for q in p]
+        t = p[0].grad if "{what}" == "grad" else p[0].data
+        t.untyped_storage().resize_(8 * t.element_size())
+        try:
+            opt.step()
+        except RuntimeError as e:
+            assert "a {what} has no storage for its (24,) elements" in str(e), e
+            assert all(torch.equal(q.detach()[:2], b) for q, b in zip(p, before))
+            print("refused")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused" in out.stdout
+
+
 @pytest.mark.parametrize("after", [1, 3])
 def test_state_with_freed_storage_is_refused_not_written(after):
     """A state tensor whose memory was freed (``untyped_storage().resize_(0)``, as

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .kernels.launch import interpreted
-from .tensors import is_dense, local_tensor, same_layout
+from .tensors import is_dense, local_tensor, same_layout, storage_problem
 
 __all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "grad_dtypes", "host_stepped"]
 
@@ -73,11 +73,11 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
         )
     check_device(name, p, fused)
     for what, t in (("param", lp), ("grad", lg)):
-        if t.numel() and t.data_ptr() == 0:
+        problem = storage_problem(t)
+        if problem:
             raise RuntimeError(
-                f"tritonadam.{name}: a {what} of shape {tuple(t.shape)} has no storage (its "
-                "memory was freed, e.g. by `untyped_storage().resize_(0)`); step only "
-                "tensors whose storage is allocated"
+                f"tritonadam.{name}: a {what} has {problem}; step only tensors whose "
+                "storage spans their elements"
             )
     if not is_dense(lp):
         # Stepped through a contiguous staging copy; its state is contiguous too.
