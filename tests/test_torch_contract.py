@@ -654,6 +654,110 @@ def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dty
     torch.testing.assert_close(b, bias, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("make_step", [lambda d: torch.zeros(1, device=d),
+                                       lambda d: torch.tensor(0.0, dtype=torch.float64, device=d)],
+                         ids=["zeros(1)", "float64"])
+def test_step_counts_written_in_by_hand_are_counted_in_place(name, make_step, device):
+    """A3C-style SharedAdam creates each param's state by hand (``state["step"] =
+    torch.zeros(1)``, moments, ``share_memory_()``) and steps in worker processes: torch
+    counts in that tensor (``step_t += 1``), so every worker and the parent see one count.
+    The count was replaced by a new 0-d tensor, so each worker restarted the bias
+    correction at step 1 and the parent's count never moved."""
+    weight, bias, inpt = linear_problem(device, seed=5)
+    results = []
+    for cls in (OURS[name], INFOS[name].optim_cls):
+        params = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
+        opt = cls(params, lr=0.05)
+        counts = []
+        for p in params:
+            state = opt.state[p]
+            state["step"] = make_step(device)
+            for key in moment_keys(name):
+                state[key] = torch.zeros_like(p)
+            counts.append(state["step"])
+        run_steps(opt, *params, inpt, 3)
+        assert all(opt.state[p]["step"] is c for p, c in zip(params, counts)), cls
+        assert [c.tolist() for c in counts] == [make_step("cpu").add(3).tolist()] * 2
+        results.append(params)
+    torch.testing.assert_close(*results)
+
+
+def moment_keys(name):
+    return ("exp_avg", "exp_inf") if name == "Adamax" else ("exp_avg", "exp_avg_sq")
+
+
+def test_shared_step_counts_count_across_worker_processes(device):
+    """The SharedAdam pattern itself: two worker processes (forked one after the other,
+    so no races) step a model and optimizer state in shared memory; the parent sees 4
+    steps counted, as with torch.optim."""
+    if device.type != "cpu":
+        pytest.skip("forks a process: CPU tensors only")
+    import multiprocessing
+
+    weight, bias, inpt = linear_problem(device, seed=6)
+    results = []
+    for cls in (tritonadam.Adam, torch.optim.Adam):
+        params = [Parameter(weight.detach().clone().share_memory_()), Parameter(bias.detach().clone().share_memory_())]
+        opt = cls(params, lr=0.05)
+        for p in params:
+            opt.state[p].update(step=torch.zeros(1), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            for value in opt.state[p].values():
+                value.share_memory_()
+        for _ in range(2):
+            worker = multiprocessing.get_context("fork").Process(target=run_steps, args=(opt, *params, inpt, 2))
+            worker.start()
+            worker.join()
+            assert worker.exitcode == 0
+        assert [opt.state[p]["step"].item() for p in params] == [4.0, 4.0], cls
+        results.append(params)
+    torch.testing.assert_close(*results)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_extra_per_param_state_entries_load_like_torch(name, state_dtype, device):
+    """Entries a wrapper keeps in a param's state beside the optimizer's (a 0-d count, a
+    buffer of another shape, an integer tensor): torch.optim steps with them, saves them
+    and loads them back. Ours refused its own checkpoint (and torch's) at load, taking
+    them for its own state of the wrong shape or dtype."""
+    extra = {} if state_dtype is None else {"state_dtype": state_dtype}
+    weight, bias, inpt = linear_problem(device, seed=7)
+    extras = {"ema_step": torch.tensor(3.0, device=device), "other": torch.randn(4, device=device),
+              "counts": torch.arange(50, device=device).reshape(10, 5)}
+    sources = []
+    for cls, kw in ((OURS[name], extra), (INFOS[name].optim_cls, {})):
+        opt = cls([weight, bias], lr=0.01, **kw)
+        run_steps(opt, weight, bias, inpt, 1)
+        opt.state[weight].update({k: v.clone() for k, v in extras.items()})
+        sources.append((opt.state_dict(), getattr(opt, "torch_state_dict", opt.state_dict)()))
+    for saved, torch_form in sources:
+        params = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
+        mirror = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
+        ours, theirs = OURS[name](params, lr=0.01, **extra), INFOS[name].optim_cls(mirror, lr=0.01)
+        ours.load_state_dict(copy.deepcopy(saved))
+        theirs.load_state_dict(copy.deepcopy(torch_form))
+        for key in extras:
+            assert_same(ours.state[params[0]][key], theirs.state[mirror[0]][key], key)
+        run_steps(ours, *params, inpt, 1)
+        run_steps(theirs, *mirror, inpt, 1)
+        for key in extras:  # torch casts them to the param's dtype at load
+            assert_same(ours.state_dict()["state"][0][key], theirs.state_dict()["state"][0][key], key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_grads_raise_torchs_error(name, device):
+    """torch.optim's exact words (AdamW's are Adam's; Adamax suggests no SparseAdam)."""
+    messages = []
+    for cls in (OURS[name], INFOS[name].optim_cls):
+        p = Parameter(torch.randn(4, 3, device=device))
+        p.grad = torch.randn(4, 3, device=device).to_sparse()
+        with pytest.raises(RuntimeError) as err:
+            cls([p]).step()
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
 # ---- complex params, differentiable=True, unsupported devices -----------------------
 
 

@@ -489,6 +489,15 @@ def _as_dtensor(p: Tensor, local: Tensor, shape: tuple) -> Tensor:
 STEP_DTYPES = (torch.float32, torch.float64)
 
 
+def _countable(step, lp: Tensor) -> bool:
+    """Whether the kernels can count in ``step`` itself, as torch.optim's ``step_t += 1``
+    does: a one-element float count beside the param (an A3C-style ``torch.zeros(1)``
+    shared between processes keeps counting for all of them). Anything else is replaced
+    by a new count of its value."""
+    return (isinstance(step, Tensor) and step.dtype in STEP_DTYPES and step.numel() == 1
+            and local_tensor(step) is step and step.device == lp.device)
+
+
 def new_step_dtype(group: dict) -> torch.dtype:
     """torch.optim's dtype for a new step count: float64 under a float64 default dtype,
     except with ``fused=True`` (torch's ``_get_scalar_dtype``), else float32."""
@@ -575,8 +584,7 @@ class ParamFormat:
         moments, which ``check`` looked at)."""
         step = state.get("step")
         return (
-            isinstance(step, Tensor) and step.dtype in STEP_DTYPES and step.dim() == 0
-            and step.device == local_tensor(p).device
+            _countable(step, local_tensor(p))
             and (MASTER_KEY in state) == (self.master == Master.FP32)
             and (REMAINDER_KEY in state) == (self.master == Master.REMAINDER)
             and (SEED_KEY in state) == self.stochastic
@@ -593,9 +601,10 @@ class ParamFormat:
         """
         lp = local_tensor(p)
         step = state.get("step", 0.0)
-        if isinstance(step, Tensor) and step.dtype in STEP_DTYPES:
-            step_dtype = step.dtype
-        state["step"] = torch.tensor(float(step), dtype=step_dtype, device=lp.device)
+        if not _countable(step, lp):
+            if isinstance(step, Tensor) and step.dtype in STEP_DTYPES:
+                step_dtype = step.dtype
+            state["step"] = torch.tensor(float(step), dtype=step_dtype, device=lp.device)
         for key in keys:
             self.moments.prepare(p, key, state)
         if self.master == Master.FP32:
@@ -792,6 +801,8 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                     if problem is not None:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
                     continue
+                if key not in _TENSOR_KEYS:
+                    continue  # an entry of the user's (a wrapper's count, ...): kept, as torch keeps it
                 if value.shape != p.shape:
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
                                      f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
@@ -952,7 +963,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 steps[p] = value  # set after the conversion below, which makes counts anew
             elif key == SEED_KEY:
                 loaded_seed = int(value)
-            elif isinstance(value, Tensor):
+            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or _saved_numel(key, 0) is not None):
                 dst[key] = value.detach().clone()  # converted to this format below
                 if key.endswith(tuple(f"_{bits}bit" for bits in QUANTIZED.values())):
                     _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
