@@ -154,6 +154,18 @@ def test_tune_on_cpu_explains_and_exits_nonzero(tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("argv,reason", [
+    (["--param-dtype", "fp16", "--master-weights", "remainder"], "remainder"),
+    (["--master-weights", "--stochastic-rounding"], "stochastic"),
+])
+def test_tune_refuses_what_the_optimizer_refuses_before_looking_for_a_gpu(argv, reason, tmp_path):
+    """docs/autotune.md: a combination the optimizer would refuse is refused (exit 2, its
+    reason), on any machine; it was reported as "no GPU" where there is none."""
+    proc = cli("tune", "--numel", "1000", *argv, cache_dir=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "nothing tuned" in proc.stderr and reason in proc.stderr and "GPU" not in proc.stderr
+
+
 def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
     """The body of `tune` (the GPU check aside) against the kernels-package contract."""
     import types

@@ -433,7 +433,7 @@ class QuantizedMoments:
         scale per element, laid out (and sharded) like the param: DTensor params whose
         blocks start at each shard (1-D and odd-shaped params, few elements), and params
         whose codes follow other strides (transposed, channels-last), which a load into
-        any layout reads right (3 bytes per element at 8 bits, 2.5 at 4)."""
+        any layout reads right (3 bytes per element at either width: a uint8 code, a bf16 scale)."""
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = saved[ck], saved[sk]
         lp = local_tensor(p)
@@ -963,6 +963,8 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 steps[p] = value  # set after the conversion below, which makes counts anew
             elif key == SEED_KEY:
                 loaded_seed = int(value)
+                # torch's load cast it to the param's dtype (bf16 holds 1234 as 1232)
+                dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
             elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or _saved_numel(key, 0) is not None):
                 dst[key] = value.detach().clone()  # converted to this format below
                 if key.endswith(tuple(f"_{bits}bit" for bits in QUANTIZED.values())):
@@ -1155,6 +1157,7 @@ def join_master(param: Tensor, remainder: Tensor) -> Tensor:
     """The fp32 master that ``split_master`` split, exactly."""
     high = param.detach().contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     low = remainder.detach().contiguous().to(torch.int64) & 0xFFFF
+    low = torch.where(((high & 0x7FFF) == 0) & (low >= 0x8000), 0, low)  # kernels.rounding.join_master
     high = torch.where(low >= 0x8000, high - 1, high) & 0xFFFF
     bits = ((high << 16) | low).to(torch.int32)  # wraps into the sign bit as intended
     return bits.view(torch.float32).view_as(param)

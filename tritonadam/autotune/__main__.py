@@ -225,7 +225,10 @@ def cmd_tune(args) -> int:
     import torch
 
     from .. import _env
+    from ..state import variant
 
+    if tune_variants(args, variant) is None:
+        return 2
     if not torch.cuda.is_available() or _env.interpret():
         why = "TRITON_INTERPRET=1 is set" if _env.interpret() else "no CUDA or ROCm GPU is visible to torch"
         print(
@@ -235,7 +238,6 @@ def cmd_tune(args) -> int:
         )
         return 1
     from ..kernels.scratch import make_scratch_runner
-    from ..state import variant
     from .tuner import Tuner
 
     try:
@@ -253,6 +255,35 @@ def cmd_tune(args) -> int:
                   verbose=args.verbose or None)
     return run_tune(args, tuner=tuner, device=device, variant_of=variant,
                     make_scratch_runner=make_scratch_runner)
+
+
+def tune_variants(args, variant_of) -> list | None:
+    """The kernel variants ``tune`` times, or None after saying why the optimizer would
+    refuse one. Every combination is checked before any is timed (and before looking for
+    a GPU): one the optimizer would refuse stops the command, with its reason."""
+    import torch
+
+    state_dtype = STATE_DTYPES[args.state_dtype]
+    variants = []
+    for opt in args.optimizer:
+        for pd in args.param_dtype:
+            gd = pd if args.grad_dtype == "same" else args.grad_dtype
+            kw = dict(
+                optimizer=opt,
+                param_dtype=getattr(torch, DTYPES[pd]),
+                grad_dtype=getattr(torch, DTYPES[gd]),
+                amsgrad=args.amsgrad,
+                master_weights={"true": True, "false": False}.get(args.master_weights, args.master_weights),
+                state_dtype=getattr(torch, state_dtype) if state_dtype == "bfloat16" else state_dtype,
+                stochastic_rounding=args.stochastic_rounding,
+            )
+            try:
+                variants.append(variant_of(**kw))
+            except (ValueError, TypeError) as err:
+                print(f"tritonadam.autotune tune: nothing tuned: {opt} with {pd} params and these "
+                      f"options: {err}", file=sys.stderr)
+                return None
+    return variants
 
 
 def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
@@ -283,28 +314,9 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     info = tuner.device_info(device)
     identity = tuner.identity(info)
     space = space_id(info.backend)
-    # Every combination is checked before any is timed: one the optimizer would refuse stops
-    # the command, with the optimizer's reason, before minutes of tuning.
-    state_dtype = STATE_DTYPES[args.state_dtype]
-    variants = []
-    for opt in args.optimizer:
-        for pd in args.param_dtype:
-            gd = pd if args.grad_dtype == "same" else args.grad_dtype
-            kw = dict(
-                optimizer=opt,
-                param_dtype=getattr(torch, DTYPES[pd]),
-                grad_dtype=getattr(torch, DTYPES[gd]),
-                amsgrad=args.amsgrad,
-                master_weights={"true": True, "false": False}.get(args.master_weights, args.master_weights),
-                state_dtype=getattr(torch, state_dtype) if state_dtype == "bfloat16" else state_dtype,
-                stochastic_rounding=args.stochastic_rounding,
-            )
-            try:
-                variants.append(variant_of(**kw))
-            except (ValueError, TypeError) as err:
-                print(f"tritonadam.autotune tune: nothing tuned: {opt} with {pd} params and these "
-                      f"options: {err}", file=sys.stderr)
-                return 2
+    variants = tune_variants(args, variant_of)
+    if variants is None:
+        return 2
     rows = []
     for variant in variants:
         key = tuple(variant.autotune_key())

@@ -58,6 +58,11 @@ def join_master(param, remainder):
     """The fp32 value ``split_master`` split: undo the round-up the remainder records."""
     high = param.to(tl.uint16, bitcast=True).to(tl.uint32)
     low = remainder.to(tl.uint16, bitcast=True).to(tl.uint32)
+    # No split gives a +-0 high half beside a rounded-up low half: that pair is a param set
+    # to zero by hand between steps (pruning, re-initialising), whose master is that zero.
+    # Undoing the round-up there would borrow across the sign bit, into a NaN. (Any other
+    # param set by hand joins to a master it is the rounding of.)
+    low = tl.where(((high & 0x7FFF) == 0) & (low >= 0x8000), 0, low)
     # uint32 wrap-around keeps this exact for the NaN patterns whose high half overflowed.
     high = tl.where(low >= 0x8000, high - 1, high)
     return ((high << 16) | low).to(tl.float32, bitcast=True)
