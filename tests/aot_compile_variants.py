@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tritonadam.autotune.configs import GPU_DEFAULT, config_space  # noqa: E402
+from tritonadam.autotune.configs import DEFAULTS, GPU_DEFAULT, config_space  # noqa: E402
 from tritonadam.kernels import aot  # noqa: E402
 from tritonadam.kernels.launch import (  # noqa: E402
     NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, norm_config,
@@ -168,6 +168,14 @@ def main():
                 done.add(key)
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
                 _report("update", flags, arch, block, warps, compiled)
+        # The architecture's other defaults (sm_90: 1024/4 from 2^27 elements) launch every
+        # variant untuned: each is compiled there too.
+        defaults = sorted({(r.config.block_size, r.config.num_warps) for r in DEFAULTS
+                           if r.backend == "cuda" and r.arch == f"sm_{arch}"} - set(CONFIGS))
+        for flags in VARIANTS + QUANT_VARIANTS:
+            for block, warps in defaults:
+                compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
+                _report("update-default", flags, arch, block, warps, compiled)
         for flags in SPACE_VARIANTS:
             for block, warps in space:
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)

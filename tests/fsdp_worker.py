@@ -1498,6 +1498,43 @@ def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
         assert_same_on_all_ranks([full(p).float().tolist() for p in model.parameters()], what)
 
 
+def sr_replicas_agree(rank: int, world: int, tmpdir: str) -> None:
+    """Stochastic rounding on replicated DTensor params (HSDP's replicate dim, a plain
+    Replicate() param) with the same seed on every rank: replicas with equal grads stay
+    bit for bit equal (their random streams were keyed by the global rank, and drifted
+    apart), while the shards of a Shard(0) param still draw numbers of their own."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    for kw in (dict(stochastic_rounding=True), dict(state_dtype="8bit", stochastic_rounding=True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).bfloat16()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world, 1), mesh_dim_names=("rep", "shard")))
+        opt = tritonadam.AdamW(model.parameters(), lr=1e-3, seed=7, **kw, **LAUNCH)
+        for step in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).bfloat16()
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        for name, p in model.named_parameters():
+            assert_same_on_all_ranks(local(p).float().tolist(), f"HSDP {name} {kw}")
+        mesh = init_device_mesh("cpu", (world,))
+        base = torch.randn(64 * world, generator=torch.Generator().manual_seed(1)).bfloat16()
+        replicated = nn.Parameter(distribute_tensor(base.clone(), mesh, [Replicate()]))
+        sharded = nn.Parameter(distribute_tensor(base.view(world, 64).clone(), mesh, [Shard(0)]))
+        opt = tritonadam.AdamW([replicated, sharded], lr=1e-3, seed=7, **kw, **LAUNCH)
+        for step in range(3):
+            g = torch.randn(64 * world, generator=torch.Generator().manual_seed(10 + step)).bfloat16()
+            replicated.grad = distribute_tensor(g.clone(), mesh, [Replicate()])
+            # every shard the same grads and values: only the random numbers differ
+            sharded.grad = distribute_tensor(g[:64].repeat(world, 1), mesh, [Shard(0)])
+            opt.step()
+        assert_same_on_all_ranks(local(replicated).float().tolist(), f"Replicate() {kw}")
+        shards = [None] * world
+        dist.all_gather_object(shards, local(sharded).float().tolist())
+        assert shards[0] != shards[1], f"Shard(0) shards drew the same numbers {kw}"
+
+
 SCENARIOS = {
     "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,
     "fsdp2_precision_modes": fsdp2_precision_modes,
@@ -1517,6 +1554,7 @@ SCENARIOS = {
     "fsdp2_quantized_dcp_world2": fsdp2_quantized_dcp_world2,
     "zero_redundancy": zero_redundancy,
     "tensor_parallel": tensor_parallel,
+    "sr_replicas_agree": sr_replicas_agree,
 }
 
 

@@ -131,6 +131,12 @@ def test_tensor_parallel_and_dim1_shards(tmp_path):
     run_scenario("tensor_parallel", tmp_path)
 
 
+def test_stochastic_rounding_keeps_replicas_equal(tmp_path):
+    """HSDP replicas and Replicate() params round with the same numbers on every rank;
+    shards of one param with numbers of their own."""
+    run_scenario("sr_replicas_agree", tmp_path)
+
+
 def test_zero_redundancy_optimizer(tmp_path):
     """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
     torch.optim through ZeRO's checkpoint round trip (which writes the local state by

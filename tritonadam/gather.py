@@ -77,10 +77,10 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         if not state.get(p):
             keys = moment_keys(algorithm, param_groups[index].get("amsgrad", False))
             policy.format(p).prepare(p, state[p], keys, seed, new_step_dtype(param_groups[index]))
-    # A tensor's random stream: its index in the optimizer (as in state_dict), and on a
-    # sharded run its rank, so shards of one param draw different numbers.
+    # A tensor's random stream: its index in the optimizer (as in state_dict), and for a
+    # DTensor its shard, so shards of one param draw different numbers and its replicas
+    # (HSDP, a tensor-parallel bias) the same ones.
     index_of = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
-    rank = _rank() << 24
     host_rows = []
     for p, grad, index, convert in gathered.host:
         keys = moment_keys(algorithm, bool(param_groups[index].get("amsgrad", False)))
@@ -96,7 +96,7 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         fmt = policy.format(p)
         if convert:
             fmt.prepare(p, state[p], keys, seed, new_step_dtype(group))
-        stream = index_of[id(p)] + (rank if local_tensor(p) is not p else 0)
+        stream = index_of[id(p)] ^ (_shard_id(p) * 0x27D4EB2F & 0xFFFFFFFF)
         # The param's own seed (prepare keeps it): state written in by hand (as
         # ZeroRedundancyOptimizer loads its shards) resumes the numbers it was drawn with.
         rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
@@ -124,7 +124,15 @@ def _row(p: Tensor, grad: Tensor, index: int, state: dict, fmt, keys, amsgrad: b
     )
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+def _shard_id(p: Tensor) -> int:
+    """Which shard of ``p`` this rank holds: its coordinates along the mesh dims that
+    shard it (replicating dims left out), 0 for a plain tensor."""
+    if local_tensor(p) is p:
+        return 0
+    mesh = p.device_mesh
+    coord = mesh.get_coordinate()
+    shard = 0
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard() and coord is not None:
+            shard = shard * mesh.size(dim) + coord[dim]
+    return shard

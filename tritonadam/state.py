@@ -800,6 +800,16 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                     problem = _saved_quantized_problem(key, value, state, p.numel())
                     if problem is not None:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
+                    if (key.endswith("_scales") and local_tensor(p) is not p and local_tensor(value) is not value
+                            and _block_rows(p) is None and value.numel() != p.numel()):
+                        # Checked on global sizes: every rank refuses alike (no rank left waiting).
+                        raise ValueError(
+                            f"{where}: state {key!r} of param {saved_id} holds a scale per block of the "
+                            "whole param (a checkpoint of an unsharded model), split across the shards "
+                            "by the state dict's distribution: shards that start inside a block would "
+                            "read other blocks' scales. Save that checkpoint at full precision "
+                            "(`opt.torch_state_dict()`), or load it with `opt.load_state_dict` "
+                            "unsharded, which re-encodes each shard's blocks")
                     continue
                 if key not in _TENSOR_KEYS:
                     continue  # an entry of the user's (a wrapper's count, ...): kept, as torch keeps it

@@ -185,11 +185,15 @@ def _update(
         if AMSGRAD:
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
             vhat = vmax
-    if QUANT:
+    if QUANT or (S_DTYPE != CDTYPE and MASTER != MASTER_REMAINDER):
         # Moments encoded and stored before the step's IEEE divisions and square roots:
         # their slow-path subroutines are shared by both paths, and every register live at
         # any call site is kept from them, so fewer live values there cost fewer registers
-        # (ptxas, sm_90, 1024/8: 78 -> 64 with AMSGrad and a remainder).
+        # (ptxas, sm_90, 1024/8: 78 -> 64 with AMSGrad and a remainder). bf16 moments too:
+        # stored after them, a bf16 param with bf16 state kept 8 bytes on the stack at
+        # 1024/4 (sm_90's default from 2^27 elements) under triton 3.9's ptxas options
+        # (--regAllocOptLevel=2); before them it takes 48 registers there, 32 at 1024/8.
+        # (With a remainder master the other order spilled: 8 bytes at 1024/8 with SR.)
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
@@ -210,7 +214,7 @@ def _update(
         # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
         denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
         p = p - ieee_div(step_size * m, denom)
-    if not QUANT:
+    if not QUANT and (S_DTYPE == CDTYPE or MASTER == MASTER_REMAINDER):
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
