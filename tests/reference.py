@@ -67,7 +67,7 @@ def stochastic_round(x: torch.Tensor, bits: np.ndarray, dtype: torch.dtype) -> t
     below = x.abs() - lo.float().abs()
     step = hi.float().abs() - lo.float().abs()
     uniform = (r & 0xFFFF).to(torch.float32) * (1.0 / 65536.0)
-    return torch.where(uniform * step < below, hi, lo)
+    return torch.where(x.abs() > 65504, x.to(torch.float16), torch.where(uniform * step < below, hi, lo))
 
 
 def _toward_zero_fp16(x: torch.Tensor) -> torch.Tensor:

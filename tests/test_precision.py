@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import BLOCK, LAUNCH, PAIRS, SHAPES, make_params, random_grads
-from reference import Reference, assert_same_bits
+from reference import Reference, assert_same_bits, stochastic_round
 from tritonadam.kernels.plan import rounding_key
 from tritonadam.state import join_master, split_master
 
@@ -157,6 +157,24 @@ def test_remainder_master_of_params_set_by_hand_between_steps(state_dtype, devic
 
 
 # ---- stochastic rounding --------------------------------------------------------------
+
+
+def test_stochastic_rounding_past_the_largest_fp16_rounds_to_nearest(device):
+    """An fp16 param stepped past 65504 has no upper neighbour to round to: it rounds to
+    nearest, as torch does (65504 below 65520, inf from it), in the kernel and the
+    reference alike. The interpreter's toward-zero conversion made NaN of every one."""
+    n = 1100  # a full block and a tail
+    for target in (65510.0, 65519.0, 65530.0, 7e4, 1e6, -7e4, -65510.0):
+        start = 65504.0 if target > 0 else -65504.0
+        p = torch.nn.Parameter(torch.full((n,), start, dtype=FP16, device=device))
+        # Adam's first step moves each element by lr, against its grad's sign.
+        opt = PAIRS["Adam"][0]([p], lr=abs(target - start), stochastic_rounding=True, seed=3, **LAUNCH)
+        p.grad = torch.full((n,), -1.0 if target > 0 else 1.0, dtype=FP16, device=device)
+        opt.step()
+        expected = torch.tensor(target).half().expand(n)
+        assert torch.equal(p.detach().cpu(), expected), (target, p[:3])
+        bits = np.arange(n) * 59 % 65536
+        assert torch.equal(stochastic_round(torch.full((n,), target), bits, FP16), expected)
 
 
 @pytest.mark.parametrize("dtype,lr", [(BF16, 1e-3), (FP16, 1e-4)], ids=["bf16", "fp16"])

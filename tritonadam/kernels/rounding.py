@@ -113,4 +113,7 @@ def round_stochastic(x, random, DTYPE: tl.constexpr):
         below = tl.abs(x) - tl.abs(lo.to(tl.float32))
         step = tl.abs(hi.to(tl.float32)) - tl.abs(lo.to(tl.float32))
         uniform = (random & 0xFFFF).to(tl.float32) * (1.0 / 65536.0)
-        return tl.where(uniform * step < below, hi, lo)
+        # Past the largest finite fp16 there is no upper neighbour to round to: to nearest
+        # there, as torch rounds (65504 below 65520, inf from it). The interpreter's
+        # toward-zero conversion made NaN of such values.
+        return tl.where(tl.abs(x) > 65504.0, x.to(tl.float16), tl.where(uniform * step < below, hi, lo))
