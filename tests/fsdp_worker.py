@@ -1535,6 +1535,48 @@ def sr_replicas_agree(rank: int, world: int, tmpdir: str) -> None:
         assert shards[0] != shards[1], f"Shard(0) shards drew the same numbers {kw}"
 
 
+def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> None:
+    """A full state dict of an unsharded model's 8-bit/4-bit state (flat block codes, a
+    scale per block of the whole param) loaded into FSDP2 through torch's
+    set_optimizer_state_dict: torch splits codes and scales along dim 0 apart, so a shard
+    starting inside a block read other blocks' scales (rank 1 off by its shard's largest
+    moment, silently). Refused on every rank, the optimizer untouched; the documented
+    route, ``opt.load_state_dict`` on the unsharded dict, loads and steps."""
+    class Bias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.randn(200, generator=torch.Generator().manual_seed(4)))
+
+    from torch.distributed.tensor import distribute_tensor
+
+    for bits in ("8bit", "4bit"):
+        single = Bias()
+        sopt = tritonadam.AdamW(single.parameters(), lr=1e-2, state_dtype=bits, **LAUNCH)
+        for step in range(2):
+            single.b.grad = torch.randn(200, generator=torch.Generator().manual_seed(10 + step))
+            sopt.step()
+        osd = get_optimizer_state_dict(single, sopt, options=StateDictOptions(full_state_dict=True))
+        model = Bias()
+        model.load_state_dict(single.state_dict())
+        fully_shard(model)
+        opt = tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=bits, **LAUNCH)
+        try:
+            set_optimizer_state_dict(model, opt, copy.deepcopy(osd), options=StateDictOptions(full_state_dict=True))
+        except ValueError as e:
+            assert "scale per block" in str(e), e
+            refused = True
+        else:
+            refused = False
+        assert_same_on_all_ranks(refused, f"{bits}: refused")
+        assert refused, bits
+        assert torch.equal(model.b.full_tensor(), single.b.detach()), bits  # (torch's init step is lr 0)
+        opt.load_state_dict(copy.deepcopy(sopt.state_dict()))
+        g = torch.randn(200, generator=torch.Generator().manual_seed(12))
+        model.b.grad = distribute_tensor(g, model.b.device_mesh, model.b.placements)
+        opt.step()
+        assert torch.isfinite(local(model.b)).all()
+
+
 SCENARIOS = {
     "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,
     "fsdp2_precision_modes": fsdp2_precision_modes,
@@ -1555,6 +1597,7 @@ SCENARIOS = {
     "zero_redundancy": zero_redundancy,
     "tensor_parallel": tensor_parallel,
     "sr_replicas_agree": sr_replicas_agree,
+    "fsdp2_unsharded_quantized_full_state": fsdp2_unsharded_quantized_full_state,
 }
 
 

@@ -137,6 +137,12 @@ def test_stochastic_rounding_keeps_replicas_equal(tmp_path):
     run_scenario("sr_replicas_agree", tmp_path)
 
 
+def test_unsharded_quantized_full_state_into_fsdp2_is_refused_everywhere(tmp_path):
+    """An unsharded model's 8-bit/4-bit full state dict through set_optimizer_state_dict:
+    refused on every rank (torch splits codes and scales apart); load_state_dict loads it."""
+    run_scenario("fsdp2_unsharded_quantized_full_state", tmp_path)
+
+
 def test_zero_redundancy_optimizer(tmp_path):
     """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
     torch.optim through ZeRO's checkpoint round trip (which writes the local state by
