@@ -179,6 +179,9 @@ def test_precision_modes_and_clip_rows(tmp_path):
                timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(j.read_text())
+    # tritonadam asked for on a CPU is timed (in the interpreter): the statement says so
+    assert "not timed" not in rep["statement"] and "measure the interpreter" in rep["statement"]
+    assert "not timed" not in r.stdout
     rows = {(x["setup"], x["provider"], bool(x.get("clip"))): x for x in rep["results"]}
     assert set(rows) == set(MODES_BYTES)
     for key, x in rows.items():

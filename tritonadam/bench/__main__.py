@@ -351,7 +351,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         parser.error("--threads must be >= 1")
 
     from .providers import PROVIDERS, HyperParams
-    from .report import CPU_STATEMENT, SCHEMA, collect_header, goals, roofline
+    from .report import CPU_STATEMENT, CPU_STATEMENT_TIMED, SCHEMA, collect_header, goals, roofline
     from .runner import Interrupted, Options, run, stderr_progress
     from .timing import TimingConfig
     from .tuning import LATER_STEPS
@@ -504,9 +504,10 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
              if (sw["workload"], sw["setup"]) in names])
 
     def report_of(runner, final: bool) -> dict:
-        statement = CPU_STATEMENT if cpu else None
+        timed_interpreted = cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else [])
+        statement = (CPU_STATEMENT_TIMED if timed_interpreted else CPU_STATEMENT) if cpu else None
         notes = list(runner.notes) + list(args.note)
-        if cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else []):
+        if timed_interpreted:
             notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
                          "interpreter, not the kernels")
         return {

@@ -39,6 +39,10 @@ CPU_STATEMENT = (
     "torch timings below are CPU timings: none of these numbers say anything about GPU "
     "performance. The roofline table shows what the byte formulas predict on common GPUs."
 )
+#: The same, where tritonadam was asked for (``--providers tritonadam``) and so timed.
+CPU_STATEMENT_TIMED = CPU_STATEMENT.replace(
+    "so tritonadam is checked for correctness on a small case and not timed, and the torch timings",
+    "so tritonadam's timings below measure the interpreter, not its kernels, and the torch timings")
 
 
 # ------------------------------------------------------------------------------- header
