@@ -1536,12 +1536,14 @@ def sr_replicas_agree(rank: int, world: int, tmpdir: str) -> None:
 
 
 def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> None:
-    """A full state dict of an unsharded model's 8-bit/4-bit state (flat block codes, a
-    scale per block of the whole param) loaded into FSDP2 through torch's
-    set_optimizer_state_dict: torch splits codes and scales along dim 0 apart, so a shard
-    starting inside a block read other blocks' scales (rank 1 off by its shard's largest
-    moment, silently). Refused on every rank, the optimizer untouched; the documented
-    route, ``opt.load_state_dict`` on the unsharded dict, loads and steps."""
+    """A full state dict of an unsharded model's 8-bit/4-bit state loaded into FSDP2
+    through torch's set_optimizer_state_dict. Exported in a process group (DDP), a 1-D
+    param's state is a code and a scale per element: it loads. Saved by one process, flat
+    block codes with a scale per block of the whole param: torch splits codes and scales
+    along dim 0 apart, so a shard starting inside a block read other blocks' scales (rank
+    1 off by its shard's largest moment, silently); refused on every rank, the params
+    untouched. The documented route, ``opt.load_state_dict`` on the unsharded dict, loads
+    and steps."""
     class Bias(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1556,6 +1558,28 @@ def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> 
             single.b.grad = torch.randn(200, generator=torch.Generator().manual_seed(10 + step))
             sopt.step()
         osd = get_optimizer_state_dict(single, sopt, options=StateDictOptions(full_state_dict=True))
+        # In a process group (here, DDP) the export is a code and a scale per element, which
+        # any sharding splits right: it loads through torch's API.
+        assert osd["state"]["b"][f"exp_avg_{bits}"].numel() == 200
+        assert osd["state"]["b"]["exp_avg_scales"].numel() == 200
+        model = Bias()
+        model.load_state_dict(single.state_dict())
+        fully_shard(model)
+        opt = tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=bits, **LAUNCH)
+        set_optimizer_state_dict(model, opt, copy.deepcopy(osd), options=StateDictOptions(full_state_dict=True))
+        # each shard's moments re-encoded in its own blocks, exactly
+        lo, n = local(model.b).numel() * rank, local(model.b).numel()
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved = sopt.torch_state_dict()["state"][0][key][lo:lo + n]
+            nb = int(bits[0])
+            q = tritonadam.quantize
+            expected = q.dequantize(*q.requantize(saved, nb, key == "exp_avg"), n, nb, key == "exp_avg")
+            assert torch.equal(local(opt.torch_state_dict()["state"][0][key]), expected), (bits, key)
+        # One process saves flat block codes with a scale per block of the whole param.
+        for key in ("exp_avg", "exp_avg_sq"):
+            osd["state"]["b"][f"{key}_{bits}"] = sopt.state[single.b][f"{key}_{bits}"].clone()
+            osd["state"]["b"][f"{key}_scales"] = sopt.state[single.b][f"{key}_scales"].clone()
+        assert osd["state"]["b"]["exp_avg_scales"].numel() == 4
         model = Bias()
         model.load_state_dict(single.state_dict())
         fully_shard(model)

@@ -441,7 +441,7 @@ class QuantizedMoments:
         logical = order == logical_order(lp)
         rows = _block_rows(p) if logical else None
         if rows is None:
-            if lp is p and logical:
+            if lp is p and logical and not _in_process_group():
                 out[ck], out[sk] = codes, scales
             else:
                 # Blocks in another order than the param's indices (a transposed or
