@@ -1600,6 +1600,52 @@ def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> 
         opt.step()
         assert torch.isfinite(local(model.b)).all()
 
+    # Shards that start on blocks of the whole param (1-D in halves of 8 blocks, 8 rows of
+    # 96 elements: 12 blocks) and a Replicate() param: the block form splits right, and loads
+    # exactly (it was refused too).
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+
+    class Aligned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(5)
+            self.a = nn.Parameter(torch.randn(512 * world, generator=gen))
+            self.w = nn.Parameter(torch.randn(8 * world, 96, generator=gen))
+
+    single = Aligned()
+    sopt = tritonadam.AdamW(single.parameters(), lr=1e-2, state_dtype="8bit", **LAUNCH)
+    for step in range(2):
+        for p in single.parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(20 + step))
+        sopt.step()
+    osd = get_optimizer_state_dict(single, sopt, options=StateDictOptions(full_state_dict=True))
+    for name, p in single.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):  # as one process saves them
+            osd["state"][name][f"{key}_8bit"] = sopt.state[p][f"{key}_8bit"].clone()
+            osd["state"][name][f"{key}_scales"] = sopt.state[p][f"{key}_scales"].clone()
+    model = Aligned()
+    model.load_state_dict(single.state_dict())
+    fully_shard(model)
+    opt = tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype="8bit", **LAUNCH)
+    set_optimizer_state_dict(model, opt, copy.deepcopy(osd), options=StateDictOptions(full_state_dict=True))
+    exact = sopt.torch_state_dict()["state"]
+    for i, p in enumerate(model.parameters()):
+        n = local(p).numel()
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = local(opt.torch_state_dict()["state"][i][key]).flatten()
+            assert torch.equal(got, exact[i][key].flatten()[rank * n:(rank + 1) * n]), (i, key)
+    mesh = init_device_mesh("cpu", (world,))
+    rep = nn.Parameter(distribute_tensor(single.a.detach().clone(), mesh, [Replicate()]))
+    ropt = tritonadam.AdamW([rep], lr=1e-2, state_dtype="8bit", **LAUNCH)
+    one = {"state": {0: {"step": torch.tensor(2.0), **{k: v.clone() for k, v in sopt.state[single.a].items()
+                                                       if k != "step"}}},
+           "param_groups": [dict(sopt.state_dict()["param_groups"][0], params=[0])]}
+    for k in ("exp_avg_8bit", "exp_avg_scales", "exp_avg_sq_8bit", "exp_avg_sq_scales"):
+        one["state"][0][k] = distribute_tensor(one["state"][0][k], mesh, [Replicate()])
+    ropt.load_state_dict(one)
+    assert torch.equal(local(ropt.torch_state_dict()["state"][0]["exp_avg"]), exact[0]["exp_avg"])
+
 
 SCENARIOS = {
     "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,

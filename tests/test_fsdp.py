@@ -192,3 +192,42 @@ def test_fsdp2_quantized_dcp_reshards_between_world_sizes(tmp_path):
     run_scenario("fsdp2_quantized_dcp_load1", tmp_path, world=1)
     assert (tmp_path / "q_w2_8bit_dcp" / ".metadata").exists()
     assert (tmp_path / "q_w1_4bit-bf16-remainder_dcp" / ".metadata").exists()
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 3)])
+def test_random_streams_follow_shards_on_every_placement(shape):
+    """A DTensor's stochastic-rounding stream is its shard: ranks holding different data of
+    a param get different streams, replicas the same, on a 2-D mesh, FSDP2 over tensor
+    parallelism's _StridedShard included (which torch does not count as is_shard(): its
+    data-parallel shards drew the same numbers). One process, each rank in turn, a fake
+    process group."""
+    import itertools
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from tritonadam.gather import _shard_id
+
+    placements = {
+        "S0,S1": (Shard(0), Shard(1)), "S0,S0": (Shard(0), Shard(0)), "R,S0": (Replicate(), Shard(0)),
+        "S0,R": (Shard(0), Replicate()), "R,R": (Replicate(), Replicate()), "S1,S0": (Shard(1), Shard(0)),
+        "strided,S0": (_StridedShard(0, split_factor=2), Shard(0)),
+    }
+    base = torch.arange(144, dtype=torch.float32).view(12, 12)
+    seen = {name: [] for name in placements}
+    for rank in range(shape[0] * shape[1]):
+        dist.init_process_group("fake", rank=rank, world_size=shape[0] * shape[1], store=FakeStore())
+        try:
+            mesh = init_device_mesh("cpu", shape)
+            for name, pl in placements.items():
+                d = distribute_tensor(base.clone(), mesh, pl, src_data_rank=None)
+                seen[name].append((_shard_id(d), d.to_local().flatten().tolist()))
+        finally:
+            dist.destroy_process_group()
+    for name, rows in seen.items():
+        for (id_a, data_a), (id_b, data_b) in itertools.combinations(rows, 2):
+            assert (id_a == id_b) == (data_a == data_b), (name, id_a, id_b)

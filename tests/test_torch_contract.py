@@ -683,6 +683,26 @@ def test_step_counts_written_in_by_hand_are_counted_in_place(name, make_step, de
     torch.testing.assert_close(*results)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_negative_view_step_count_counts_up(name, device):
+    """A count whose negation is lazy (``_neg_view()``: its memory holds minus its value)
+    cannot be counted in place by the kernels, which write memory: replaced by a count of
+    its value, it steps and exports like torch's."""
+    weight, bias, inpt = linear_problem(device, seed=8)
+    results = []
+    for cls in (OURS[name], INFOS[name].optim_cls):
+        params = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
+        opt = cls(params, lr=0.05)
+        for p in params:
+            opt.state[p]["step"] = torch.zeros(1, device=device)._neg_view()
+            for key in moment_keys(name):
+                opt.state[p][key] = torch.zeros_like(p)
+        run_steps(opt, *params, inpt, 3)
+        assert [float(s["step"]) for s in opt.state_dict()["state"].values()] == [3.0, 3.0], cls
+        results.append(params)
+    torch.testing.assert_close(*results)
+
+
 def moment_keys(name):
     return ("exp_avg", "exp_inf") if name == "Adamax" else ("exp_avg", "exp_avg_sq")
 

@@ -133,6 +133,8 @@ def _shard_id(p: Tensor) -> int:
     coord = mesh.get_coordinate()
     shard = 0
     for dim, placement in enumerate(p.placements):
-        if placement.is_shard() and coord is not None:
+        # Not is_shard(): FSDP2 over tensor parallelism shards with _StridedShard, which
+        # torch does not count as one.
+        if not (placement.is_replicate() or placement.is_partial()) and coord is not None:
             shard = shard * mesh.size(dim) + coord[dim]
     return shard

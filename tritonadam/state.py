@@ -477,6 +477,23 @@ def _block_rows(p: Tensor) -> int | None:
     return p.shape[0]
 
 
+def _shards_start_on_blocks(p: Tensor) -> bool:
+    """Whether every shard of DTensor ``p`` starts on a quantization block of the whole
+    param (so block codes of the whole param split onto its shards right), told from its
+    global shape and placements alone, the same on every rank: replicated, or sharded once
+    along dim 0 in chunks of a whole number of blocks. Anything else is not claimed."""
+    from torch.distributed.tensor import Shard
+
+    sharded = [(dim, pl) for dim, pl in enumerate(p.placements) if not pl.is_replicate()]
+    if not sharded:
+        return True
+    if len(sharded) > 1 or type(sharded[0][1]) is not Shard or sharded[0][1].dim != 0 or p.dim() == 0:
+        return False
+    rows = p.shape[0]
+    chunk = -(-rows // p.device_mesh.size(sharded[0][0]))  # torch.chunk's split of dim 0
+    return rows == 0 or chunk * (p.numel() // rows) % quantize.QUANT_BLOCK == 0
+
+
 def _as_dtensor(p: Tensor, local: Tensor, shape: tuple) -> Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -495,7 +512,7 @@ def _countable(step, lp: Tensor) -> bool:
     shared between processes keeps counting for all of them). Anything else is replaced
     by a new count of its value."""
     return (isinstance(step, Tensor) and step.dtype in STEP_DTYPES and step.numel() == 1
-            and local_tensor(step) is step and step.device == lp.device)
+            and local_tensor(step) is step and step.device == lp.device and not step.is_neg())
 
 
 def new_step_dtype(group: dict) -> torch.dtype:
@@ -801,7 +818,8 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                     if problem is not None:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
                     if (key.endswith("_scales") and local_tensor(p) is not p and local_tensor(value) is not value
-                            and _block_rows(p) is None and value.numel() != p.numel()):
+                            and _block_rows(p) is None and value.numel() != p.numel()
+                            and not _shards_start_on_blocks(p)):
                         # Checked on global sizes: every rank refuses alike (no rank left waiting).
                         raise ValueError(
                             f"{where}: state {key!r} of param {saved_id} holds a scale per block of the "

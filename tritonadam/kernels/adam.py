@@ -185,7 +185,10 @@ def _update(
         if AMSGRAD:
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
             vhat = vmax
-    if QUANT or (S_DTYPE != CDTYPE and MASTER != MASTER_REMAINDER):
+    # Where the moments are stored: see below (STORE_EARLY).
+    STORE_EARLY: tl.constexpr = QUANT or (MASTER != MASTER_REMAINDER and CDTYPE == tl.float32
+                                          and (S_DTYPE != CDTYPE or COUPLED_WD))
+    if STORE_EARLY:
         # Moments encoded and stored before the step's IEEE divisions and square roots:
         # their slow-path subroutines are shared by both paths, and every register live at
         # any call site is kept from them, so fewer live values there cost fewer registers
@@ -193,7 +196,10 @@ def _update(
         # stored after them, a bf16 param with bf16 state kept 8 bytes on the stack at
         # 1024/4 (sm_90's default from 2^27 elements) under triton 3.9's ptxas options
         # (--regAllocOptLevel=2); before them it takes 48 registers there, 32 at 1024/8.
-        # (With a remainder master the other order spilled: 8 bytes at 1024/8 with SR.)
+        # fp32 moments with L2 weight decay likewise kept 8 bytes at 1024/4 under triton
+        # 3.6. Elsewhere the early store spilled instead (a remainder master with bf16 state
+        # and SR at 1024/8; plain bf16 AdamW at 1024/8 on sm_80 under triton 3.9; fp64
+        # AMSGrad): each variant keeps the order that compiles without (tests/test_aot.py).
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
@@ -214,7 +220,7 @@ def _update(
         # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
         denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
         p = p - ieee_div(step_size * m, denom)
-    if not QUANT and (S_DTYPE == CDTYPE or MASTER == MASTER_REMAINDER):
+    if not STORE_EARLY:
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
