@@ -131,10 +131,12 @@ def _shard_id(p: Tensor) -> int:
         return 0
     mesh = p.device_mesh
     coord = mesh.get_coordinate()
+    if coord is None:  # not in the mesh
+        return 0
     shard = 0
     for dim, placement in enumerate(p.placements):
         # Not is_shard(): FSDP2 over tensor parallelism shards with _StridedShard, which
         # torch does not count as one.
-        if not (placement.is_replicate() or placement.is_partial()) and coord is not None:
+        if not (placement.is_replicate() or placement.is_partial()):
             shard = shard * mesh.size(dim) + coord[dim]
     return shard

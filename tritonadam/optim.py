@@ -218,9 +218,10 @@ class _TritonAdamBase(Optimizer):
         The whole incoming state is checked (keys, shapes, dtypes) before anything
         changes: a failed load leaves the optimizer as it was. torch's base class casts
         floating state to the param dtype; this optimizer's own entries are restored at
-        full precision afterwards (others stay as torch loaded them) and converted to this optimizer's formats (moment dtype, master form;
-        loading an fp32 master into ``master_weights="remainder"`` sets each bf16 param to
-        its master's high half, so the pair is exact), and step counts become 0-dim
+        full precision afterwards (others stay as torch loaded them) and converted to this
+        optimizer's formats (moment dtype, master form; loading an fp32 master into
+        ``master_weights="remainder"`` sets each bf16 param to its master's high half, so
+        the pair is exact), and step counts become 0-dim
         tensors in the dtype and on the device torch.optim gives them (a float64 count
         stays float64, and a count stays where the state dict had it, unless the group is
         capturable or fused); the next step moves a count to its param's device.

@@ -445,7 +445,9 @@ class QuantizedMoments:
                 out[ck], out[sk] = codes, scales
             else:
                 # Blocks in another order than the param's indices (a transposed or
-                # channels-last param) mean nothing to a param laid out otherwise at load.
+                # channels-last param) mean nothing to a param laid out otherwise at load;
+                # blocks counted from a shard's start (or, in a process group, from the
+                # whole param's, which FSDP2 or DCP may shard) mean nothing to other shards.
                 template = _laid_out(lp, order)
                 e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
                 out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(template, e_codes))
@@ -993,9 +995,10 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 loaded_seed = int(value)
                 # torch's load cast it to the param's dtype (bf16 holds 1234 as 1232)
                 dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
-            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or _saved_numel(key, 0) is not None):
+            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key.endswith("_scales")
+                                                or _codes_bits(key) is not None):
                 dst[key] = value.detach().clone()  # converted to this format below
-                if key.endswith(tuple(f"_{bits}bit" for bits in QUANTIZED.values())):
+                if _codes_bits(key) is not None:
                     _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
     seed = loaded_seed if loaded_seed is not None else seed
     with torch.no_grad():  # converting a master can set the param to its high half
