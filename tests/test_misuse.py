@@ -153,6 +153,62 @@ def test_bad_grad_raises_and_touches_nothing(bad, device):
     _assert_untouched(opt, good + [odd], snap)
 
 
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("lazy", ["negated", "conjugated"])
+def test_lazily_negated_or_conjugated_grads_step_by_value(lazy, after, device):
+    """A grad carrying torch's lazy negation or conjugation bit (``torch._neg_view``,
+    ``x.conj().imag``; autograd hands complex params conjugated grads) holds its values
+    before negation: the kernels read that memory raw and stepped with the sign flipped.
+    They step with the grad's values now; torch.optim steps a negated real grad the same
+    (a conjugated one it refuses: its view_as_real cannot read it)."""
+    dtype = torch.complex64 if lazy == "conjugated" else torch.float32
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype, generator=gen).to(device)) for s in ((6, 5), (7,))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS["AdamW"][0](params, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, foreach=False)
+    for i in range(after + 2):
+        for p, q in zip(params, ref):
+            g = torch.randn(p.shape, dtype=dtype, generator=gen).to(device)
+            q.grad = g
+            if i >= after:  # the same values, held lazily
+                g = torch._neg_view(-g) if lazy == "negated" else g.conj().resolve_conj().conj()
+                assert g.is_neg() or g.is_conj()
+            p.grad = g
+        ours.step()
+        theirs.step()
+    _assert_like_torch(ours, theirs, params, ref, keys=("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_param_whose_elements_share_memory_is_refused_before_anything_is_written(after, device):
+    """``nn.Parameter(x.expand(5))``: the kernels stepped every other param and all state,
+    then the copy back into the param raised torch's error. Refused first now, in torch's
+    words."""
+    good = torch.nn.Parameter(torch.randn(6, device=device))
+    bad = torch.nn.Parameter(torch.randn(1, device=device).expand(5))
+    opt = PAIRS["AdamW"][0]([good, bad], **LAUNCH)
+    _steps(opt, [good], after)  # bad has no grad yet: cached steps of good alone
+    good.grad, bad.grad = torch.randn(6, device=device), torch.randn(5, device=device)
+    snap = _snapshot(opt, [good, bad])
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor refers to a single"):
+        opt.step()
+    _assert_untouched(opt, [good, bad], snap)
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_lazily_negated_param_is_refused(after, device):
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    _steps(opt, params, after)
+    params[1].data = torch._neg_view(-params[1].detach().clone())
+    _fresh_grads(params)
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="lazily negated view.*resolve_neg"):
+        opt.step()
+    _assert_untouched(opt, params, snap)
+
+
 def test_unsupported_dtype(device):
     p = torch.nn.Parameter(torch.randn(3, device=device).to(torch.float8_e4m3fn), requires_grad=False)
     p.grad = torch.zeros(3, device=device).to(torch.float8_e4m3fn)
@@ -459,6 +515,57 @@ def test_state_moved_under_the_same_tensors_is_followed():
     assert "followed" in out.stdout
 
 
+@pytest.mark.parametrize("change", ["param-moved", "param-grown", "state-moved", "param-freed", "state-freed"])
+def test_tensors_moved_between_a_clip_and_its_step_are_followed(change):
+    """The step right after ``clip_grad_norm_`` reused the clip's check of params and
+    state: a param or state tensor moved in between (``.data = ...``, a storage regrown;
+    a step pre-hook reloading offloaded state) was written at its old address, and a
+    storage freed in between was written after free (the process aborted). Now the step
+    follows the move as a step without the clip does, or refuses the freed memory."""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        gen = torch.Generator().manual_seed(0)
+        p = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (2000, 3)]
+        q = [torch.nn.Parameter(x.detach().clone()) for x in p]
+        ours = tritonadam.AdamW(p, lr=0.1, block_size=1024, num_warps=4)
+        theirs = torch.optim.AdamW(q, lr=0.1, foreach=False)
+        for i in range(3):
+            for a, b in zip(p, q):
+                g = torch.randn(a.shape, generator=gen)
+                a.grad, b.grad = g.clone(), g.clone()
+            if i < 2:
+                ours.step(); theirs.step()
+        ours.clip_grad_norm_(float("inf"))  # measures only: the coefficient is 1
+        change, before = "{change}", [x.detach().clone() for x in p]
+        if change == "param-moved":
+            p[0].data = p[0].data.clone()
+        elif change == "param-grown":  # new memory, the same values
+            p[0].untyped_storage().resize_(2 * p[0].untyped_storage().nbytes())
+        elif change == "state-moved":
+            for opt, x in ((ours, p[0]), (theirs, q[0])):
+                opt.state[x]["exp_avg"].data = opt.state[x]["exp_avg"].data.clone()
+        elif change == "param-freed":
+            p[0].untyped_storage().resize_(0)
+        else:
+            ours.state[p[0]]["exp_avg_sq"].untyped_storage().resize_(0)
+        try:
+            ours.step()
+        except RuntimeError as e:
+            assert change.endswith("freed") and "no storage for its (2000,) elements" in str(e), e
+            assert torch.equal(p[1].detach(), before[1])
+            print("refused")
+        else:
+            theirs.step()
+            for a, b in zip(p, q):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+                for k in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(ours.state[a][k], theirs.state[b][k], atol=1e-6, rtol=1e-5)
+            print("followed")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("refused" if change.endswith("freed") else "followed") in out.stdout
+
+
 @pytest.mark.parametrize("after", [1, 3])
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step", "step-float64"])
 def test_state_tensor_replaced_in_its_dict_is_stepped(key, after, device):
@@ -666,6 +773,36 @@ def test_a_param_listed_twice_is_refused(where, after, device):
 
 
 # ---- state and groups edited between steps, as torch.optim allows ---------------------
+
+
+@pytest.mark.parametrize("edit,match", [pytest.param(edit, match, id=edit) for edit, match in [
+    ("step-none", "state\\['step'\\] of a param of shape \\(24,\\) is a NoneType, not a step count"),
+    ("step-two-elements", "is a float32 tensor of shape \\(2,\\), not a step count"),
+    ("state-none", "the state of a param of shape \\(24,\\) is a NoneType, not a dict"),
+    ("bf16-state-int16", "dtype torch.int16 where a torch.float32 param's state is float32 or bfloat16"),
+]])
+def test_state_set_by_hand_to_what_is_not_state_says_what_is_wrong(edit, match, device):
+    """These raised Python's own words (``float() argument must be ... NoneType``, ``'NoneType'
+    object has no attribute 'items'``) or named only one of the dtypes a moment may have."""
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, state_dtype=torch.bfloat16, **LAUNCH)
+    _steps(opt, params, 2)
+    if edit == "step-none":
+        opt.state[params[1]]["step"] = None
+    elif edit == "step-two-elements":
+        opt.state[params[1]]["step"] = torch.tensor([2.0, 2.0])
+    elif edit == "state-none":
+        opt.state[params[1]] = None
+    else:
+        opt.state[params[1]]["exp_avg"] = torch.zeros(24, dtype=torch.int16, device=device)
+    _fresh_grads(params)
+    others = [params[0], params[2]]
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in others]
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    for p, (value, state) in zip(others, before):
+        assert torch.equal(p.detach(), value)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("reset", ["new-defaultdict", "clear", "pop-one", "empty-dict-one"])

@@ -607,6 +607,30 @@ def test_one_tensor_beta_beside_a_float_one_steps_like_torch(name, tensor_beta, 
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])  # torch's Adamax cannot step tensor betas
+def test_learned_tensor_betas_stay_the_callers_tensors(name, device):
+    """torch keeps 0-dim tensor betas as the very tensors given (and squeezes 1-element
+    ones of more dims): learned betas that require grad stay graph leaves, so the
+    optimizer, its state dict and a load of its own state dict can be copied. Stored as
+    new views, they could not (deepcopy: "Only Tensors created explicitly by the user")."""
+    b1, b2 = (torch.tensor(v, device=device, requires_grad=True) for v in (0.9, 0.999))
+    flat = torch.tensor([[0.95]], device=device)
+    for betas in ((b1, b2), (flat, b2)):
+        results = []
+        for cls in (OURS[name], getattr(torch.optim, name)):
+            weight, bias, inpt = linear_problem(device)
+            opt = cls([weight, bias], lr=1e-2, betas=betas)
+            run_steps(opt, weight, bias, inpt, 2)
+            kept = opt.param_groups[0]["betas"]
+            results.append(([kept[0] is betas[0], kept[1] is betas[1], kept[0].shape], (weight, bias)))
+            copy.deepcopy(opt)
+            copy.deepcopy(opt.state_dict())
+            opt.load_state_dict(opt.state_dict())
+            run_steps(opt, weight, bias, inpt, 1)
+        assert results[0][0] == results[1][0]
+        torch.testing.assert_close(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("state_dtype", [None, "8bit"])
 def test_state_under_keys_that_are_not_params_is_kept_like_torch(name, state_dtype, device):

@@ -592,8 +592,9 @@ class Adam(_TritonAdamBase):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        # torch keeps 1-element tensor betas as they are but flattens them to 0-dim.
-        betas = tuple(b.reshape(()) if isinstance(b, Tensor) else b for b in betas)
+        # torch's _to_scalar: 1-element tensor betas of more dims are squeezed to 0-dim; a
+        # 0-dim one is kept as the very tensor given (a learned beta stays a graph leaf).
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         defaults = {
             "lr": lr,
             "betas": betas,

@@ -23,6 +23,7 @@ the kernel variant and bytes they make. The optimizer never branches on a mode.
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,12 @@ def _stale(key: str, problem: str, name: str) -> RuntimeError:
     )
 
 
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
     """Why ``value`` cannot stand for ``state[key]`` of ``p``, or None."""
     if not isinstance(value, Tensor):
@@ -99,7 +106,8 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
     if value.shape != p.shape or lv.shape != lp.shape:
         return f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
     if value.dtype not in dtypes:
-        return f"dtype {value.dtype} where a {p.dtype} param needs {dtypes[0]}"
+        wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"dtype {value.dtype} where a {p.dtype} param's state is {wanted}"
     if lv.device != lp.device:
         return f"device {lv.device} for a param on {lp.device}"
     return storage_problem(lv)
@@ -570,6 +578,11 @@ class ParamFormat:
         is re-laid out to the param's strides), moments in fp32 or bf16, a master copy in
         either form.
         """
+        if not isinstance(state, dict):
+            raise RuntimeError(
+                f"tritonadam.{name}: the state of a param of shape {tuple(p.shape)} is a "
+                f"{type(state).__name__}, not a dict; load a state dict, or clear this param's "
+                "state (`opt.state.pop(param)`) to restart it")
         if not state:
             return True
         missing = [k for k in ("step",) + keys[:2]
@@ -581,6 +594,12 @@ class ParamFormat:
                 "this param's state (`opt.state.pop(param)`) to restart it"
             )
         step = state["step"]
+        if not (isinstance(step, numbers.Real) or isinstance(step, Tensor) and step.numel() == 1
+                and not step.is_complex()):
+            raise RuntimeError(
+                f"tritonadam.{name}: state['step'] of a param of shape {tuple(p.shape)} is "
+                f"{_describe(step)}, not a step count; set it to a number or a one-element tensor, "
+                "or clear this param's state (`opt.state.pop(param)`) to restart it")
         if isinstance(step, Tensor) and storage_problem(local_tensor(step)) is not None:
             raise _stale("step", storage_problem(local_tensor(step)), name)
         convert = False

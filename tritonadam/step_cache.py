@@ -117,6 +117,9 @@ class _GradMeta:
             and list(map(_SHAPE, grads)) == self._shapes  # not the numel: `g.data = x` may reshape
             and list(map(Tensor.get_device, grads)) == self._devices
             and all(map(Tensor.is_contiguous, grads))
+            # a lazily negated or conjugated grad (the guards compare these bits): its
+            # memory holds the values before negation
+            and not any(map(Tensor.is_neg, grads)) and not any(map(Tensor.is_conj, grads))
         )
 
 
@@ -137,7 +140,7 @@ class _LayoutMeta:
 
 
 def _layout(t: Tensor) -> tuple:
-    return t.dtype, t.device, t.shape, t.stride()
+    return t.dtype, t.device, t.shape, t.stride(), t.is_neg(), t.is_conj()
 
 
 def _tensor_guards(tensors: list[Tensor]):
@@ -294,24 +297,18 @@ class StepCache:
         """
         if not self._same_structure(param_groups, state, options):
             return False
-        params = self._batch_params
-        grads = list(map(GRAD, params))
+        grads = list(map(GRAD, self._batch_params))
         try:
             if self._all_dtensor:
                 local_grads = list(map(LOCAL, grads))
-                locals_ = list(map(LOCAL, params))
             elif self._dtensor:
                 local_grads = list(map(local_tensor, grads))
-                locals_ = list(map(local_tensor, params))
             else:
-                local_grads, locals_ = grads, params
+                local_grads = grads
             ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
             return False
-        # A param re-viewed under the same address (``p.data = p.data.t()``, grads set by
-        # hand in the old layout) keeps its pointer: its shape and strides are compared too.
-        if (list(map(Tensor.data_ptr, locals_)) != self._param_ptrs or not self._grad_meta.same(local_grads)
-                or not self._param_layouts.same(locals_)):
+        if not self._params_in_place() or not self._grad_meta.same(local_grads):
             return False
         if 0 in ptrs and [i for i, ptr in enumerate(ptrs) if ptr == 0] != [
             i for i in self._empty if ptrs[i] == 0
@@ -324,20 +321,29 @@ class StepCache:
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
         return True
 
-    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple,
-                        tensors: bool = True) -> bool:
+    def _params_in_place(self) -> bool:
+        """Whether the batch rows' params are where the tables point: the same address, and
+        the same shape and strides (a param re-viewed under its address, ``p.data =
+        p.data.t()`` with grads set by hand in the old layout, keeps its pointer)."""
+        params = self._batch_params
+        if self._all_dtensor:
+            params = list(map(LOCAL, params))
+        elif self._dtensor:
+            params = list(map(local_tensor, params))
+        return list(map(Tensor.data_ptr, params)) == self._param_ptrs and self._param_layouts.same(params)
+
+    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
         """Whether everything but this step's grads is as the tables were built from: the
-        options, the state (its dicts, their entries and, with ``tensors``, the storage,
-        shape and strides of every state tensor), the groups' params, and no grad on a
-        param that had none."""
+        options, the state (its dicts, their entries, and the storage, shape and strides of
+        every state tensor), the groups' params, and no grad on a param that had none."""
         lists = [g["params"] for g in param_groups]
         return not (
             options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
-            or tensors and (list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
-                            or not self._state_layouts.same(self._state_tensors))
+            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
+            or not self._state_layouts.same(self._state_tensors)
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
             or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
@@ -382,10 +388,10 @@ class StepCache:
         were built from changed: what a step right after a clip checks instead of a full
         check (the clip's check validated these grads, and its coefficient belongs to them)."""
         taken = self.taken
-        # The clip's check just compared every state tensor's storage and layout (two
-        # passes over them all): here the rest of the structure, which user code between
-        # the clip and the step does change (groups, options, state entries, new grads).
-        if taken is None or not self._same_structure(param_groups, state, options, tensors=False):
+        # Everything the tables point at, compared again: code between the clip and the
+        # step (a step pre-hook reloading offloaded state, ``p.data = ...``, a storage
+        # freed or regrown) moves params and state as well as grads.
+        if taken is None or not self._same_structure(param_groups, state, options) or not self._params_in_place():
             return False
         # The batch rows' grads read once: their addresses against the taken ones (a
         # replaced grad or a storage moved under ``.data`` shows a new address, a grad set

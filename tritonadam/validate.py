@@ -79,6 +79,25 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
                 f"tritonadam.{name}: a {what} has {problem}; step only tensors whose "
                 "storage spans their elements"
             )
+    # The kernels write each element once through its address: a param whose elements
+    # share memory (``x.expand(...)``) would fail only in the copy back, after every other
+    # param and all state had been stepped. torch's words, before anything is written.
+    if torch._debug_has_internal_overlap(lp) == 1:
+        raise RuntimeError(
+            f"tritonadam.{name}: unsupported operation: more than one element of the written-to "
+            "tensor refers to a single memory location. Please clone() the tensor before "
+            "performing the operation."
+        )
+    # A lazily negated or conjugated view (``x.conj().imag``, autograd's conj grads) holds
+    # the values before negation: the kernels read and write raw memory.
+    if lp.is_neg() or lp.is_conj():
+        raise RuntimeError(
+            f"tritonadam.{name}: a param is a lazily {'conjugated' if lp.is_conj() else 'negated'} "
+            "view, which the kernels cannot write; make it a plain tensor: "
+            "`p.data = p.data.resolve_conj().resolve_neg()`"
+        )
+    if lg.is_neg() or lg.is_conj():
+        lg = lg.resolve_conj().resolve_neg()
     if not is_dense(lp):
         # Stepped through a contiguous staging copy; its state is contiguous too.
         return lg if lg.is_contiguous() else lg.contiguous()
