@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import math
+import os
 import random
 import warnings
 
@@ -437,6 +438,72 @@ def test_winners_within_noise_of_each_other_go_to_the_nearest_the_default(tmp_pa
     fake = FakeGPU(times=lambda c: {near: 0.95, far: 0.94}.get(c, 1.0), cost_s=0.01)
     res = make_tuner(tmp_path, fake).tune(KEY, 2**20, CPU, fake.make_runner, store=False)
     assert res.config == near and {m.config for m in res.measurements if m.round == "confirm"} >= {near, far}
+
+
+def test_a_tie_goes_to_the_nearest_the_default_whatever_was_tuned_before(tmp_path):
+    """Ties were settled by the order the challengers were timed in, which puts configs
+    that won this GPU's other entries first: the same timings chose 2048/4 after another
+    variant's entry had picked it, and 1024/4 (nearer the default) on a fresh cache."""
+    near, far = LaunchConfig(1024, 4), LaunchConfig(2048, 4)
+    chosen = []
+    for first in (None, far):
+        fake = FakeGPU(times=lambda c: 0.9 if c in (near, far) else 1.0, cost_s=0.01)
+        tuner = make_tuner(tmp_path / f"after-{first}", fake)
+        if first is not None:  # another variant's entry, in a neighbouring bucket, won by far
+            other = FakeGPU(times=lambda c: 0.8 if c == far else 1.0, cost_s=0.01)
+            assert make_tuner(tmp_path / f"after-{first}", other).select(KEY2, 2**21, CPU, other.make_runner) == far
+        chosen.append(tuner.select(KEY, 2**20, CPU, fake.make_runner))
+        if first is not None:
+            assert fake.order()[1] == far  # timed first, as the likeliest
+    assert chosen == [near, near]
+
+
+def test_a_lock_held_by_a_stopped_process_is_waited_out_once(tmp_path, monkeypatch):
+    """A process holding the cache's lock and stopped (Ctrl-Z, a debugger, a hung NFS
+    mount) made every entry this process tuned wait the lock's full timeout (60 s each:
+    minutes on a model's first step). After one failed write the choices stay in memory."""
+    import fcntl
+
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    tuner.cache.lock_timeout_s = 0.2
+    lock = open(str(cache_file(tuner)) + ".lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: filelock's flock waits on it
+    tries = []
+    real_lock = DiskCache._lock
+    monkeypatch.setattr(DiskCache, "_lock", lambda self, path: tries.append(path) or real_lock(self, path))
+    try:
+        (cfgs, caught) = _count_warnings(lambda: [tuner.select(k, 2**20, CPU, fake.make_runner)
+                                                  for k in (KEY, KEY2, KEY + ("x",))])
+    finally:
+        lock.close()
+    assert cfgs == [BEST] * 3 and len(tries) == 1
+    assert len(caught) == 1 and "could not write" in str(caught[0].message)
+
+
+def test_cache_files_are_readable_as_open_makes_them_and_killed_writes_are_swept(tmp_path, monkeypatch):
+    """mkstemp made every cache file 0o600 (another user sharing the directory re-tuned,
+    warned "Permission denied"); a writer killed mid-write left its part file forever."""
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    left = tmp_path / (".tmp-" + cache_file(tuner).name + ".abc.part")
+    left.write_text("{")
+    monkeypatch.setattr("tritonadam.autotune.cache._umask", None)  # read again, as set here
+    old = os.umask(0o022)
+    try:
+        tuner.select(KEY, 2**20, CPU, fake.make_runner)
+    finally:
+        os.umask(old)
+    assert cache_file(tuner).stat().st_mode & 0o777 == 0o644
+    assert not left.exists()
+
+
+def test_a_fifo_at_the_cache_path_is_ignored_not_waited_on(tmp_path):
+    fake = FakeGPU()
+    tuner = make_tuner(tmp_path, fake)
+    os.mkfifo(cache_file(tuner))
+    (cfg, caught) = _count_warnings(lambda: tuner.cache.load(tuner.identity(FAKE_H100)))
+    assert cfg == {} and len(caught) == 1 and "not a regular file" in str(caught[0].message)
 
 
 def test_the_default_is_warmed_up_before_anything_counts(tmp_path):

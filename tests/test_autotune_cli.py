@@ -313,6 +313,21 @@ def test_tune_refuses_bad_numbers_as_usage_errors(args, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_empty_cache_dir_is_a_usage_error_not_the_default_directory(tmp_path, monkeypatch, capsys):
+    """``--cache-dir "$UNSET"`` meant the default directory: ``clear`` deleted the user's
+    real cache."""
+    from tritonadam.autotune.__main__ import main as run
+
+    monkeypatch.setenv("TRITONADAM_CACHE_DIR", str(tmp_path))
+    kept = tmp_path / "tritonadam-autotune-kept.json"
+    kept.write_text("{}")
+    for empty in ("", "  "):
+        with pytest.raises(SystemExit) as e:
+            run(["--cache-dir", empty, "clear"])
+        assert e.value.code == 2 and "empty directory name" in capsys.readouterr().err
+    assert kept.exists()
+
+
 def test_tune_exits_nonzero_when_nothing_could_be_timed_or_nothing_is_asked(tmp_path, capsys):
     """Every entry failed (not even the default could be timed): exit 1, not 0; a model too
     small for --min-numel tunes nothing: a usage error."""

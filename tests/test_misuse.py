@@ -875,6 +875,12 @@ def test_amsgrad_switched_on_after_steps(device):
     (dict(master_weights="yes"), "Invalid master_weights"),
     (dict(bias_correction=None), "Invalid bias_correction"),
     (dict(persistent="sometimes"), "Invalid persistent"),
+    # Equal to allowed values but of another type: Triton's CUDA backend refuses a float
+    # num_warps at the launch, after the step counts had advanced.
+    (dict(num_warps=4.0), "Invalid num_warps"),
+    (dict(num_warps=True), "Invalid num_warps"),
+    (dict(persistent=1), "Invalid persistent"),
+    (dict(persistent=0.0), "Invalid persistent"),
 ])
 def test_options_are_bounded_at_construction(kwargs, match):
     with pytest.raises((ValueError, RuntimeError), match=match):

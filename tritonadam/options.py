@@ -30,12 +30,15 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         raise ValueError(
             f"Invalid block_size: {block_size} (a power of two from 16 to {_MAX_BLOCK}, or None)"
         )
-    if num_warps is not None and num_warps not in _WARPS:
+    # ``4.0 in (1, 2, 4, ...)`` and ``True in (True, False)`` hold: the types are checked
+    # too (Triton's CUDA backend refuses a float num_warps, at the launch, mid-step).
+    if num_warps is not None and (not isinstance(num_warps, int) or isinstance(num_warps, bool)
+                                  or num_warps not in _WARPS):
         raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
     if autotune not in _AUTOTUNE_MODES:
         raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
     _resolve_mode(autotune)  # a bad TRITONADAM_AUTOTUNE fails here, not mid-step
-    if persistent not in (None, True, False):
+    if persistent is not None and not isinstance(persistent, bool):
         raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
     if not isinstance(bias_correction, bool):
         raise ValueError(f"Invalid bias_correction: {bias_correction!r} (True or False)")

@@ -65,10 +65,18 @@ def _parse_world_size(text: str) -> int:
     return value
 
 
+def _parse_dir(text: str) -> str:
+    # An empty value (``--cache-dir "$UNSET"``) must not fall back to the default directory:
+    # ``clear`` would delete the user's real cache.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty directory name")
+    return text
+
+
 def _cache(args):
     from .cache import DiskCache
 
-    return DiskCache(args.cache_dir) if args.cache_dir else DiskCache()
+    return DiskCache(args.cache_dir) if args.cache_dir is not None else DiskCache()
 
 
 def _fmt_cfg(obj) -> str:
@@ -363,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
+        type=_parse_dir,
         help="cache directory to use instead of $TRITONADAM_CACHE_DIR / the user's cache directory",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import threading
 import warnings
@@ -259,7 +260,12 @@ def _parse_file_obj(obj, expect: CacheIdentity | None) -> tuple[CacheIdentity | 
 
 def _read_json(path: Path):
     """Parse ``path`` as JSON; raise ValueError (with the reason) for anything unusable."""
-    with open(path, "rb") as f:
+    # Opened without blocking and checked before reading: a FIFO (or a link to one) at the
+    # path would block the first step forever.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
         data = f.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
@@ -289,11 +295,26 @@ def _stat_sig(path: Path):
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+_umask: int | None = None
+
+
+def _file_mode() -> int:
+    """What ``open()`` gives a new file (0o666 less the umask), read once per process:
+    mkstemp's 0o600 would lock other users out of a shared cache directory."""
+    global _umask
+    if _umask is None:
+        _umask = os.umask(0o022)
+        os.umask(_umask)
+    return 0o666 & ~_umask
+
+
 def _atomic_write_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-" + path.name + ".", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_part_prefix(path), suffix=".part")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -305,6 +326,10 @@ def _atomic_write_json(path: Path, obj) -> None:
         except OSError:
             pass
         raise
+
+
+def _part_prefix(path: Path) -> str:
+    return ".tmp-" + path.name + "."
 
 
 def _now() -> str:
@@ -320,6 +345,10 @@ class DiskCache:
         self.lock_timeout_s = lock_timeout_s
         self._memo: dict = {}
         self._mutex = threading.Lock()
+        # Directories a write failed in (unwritable, full, a lock held by a stopped
+        # process): not tried again by this process, so no later entry waits out the
+        # lock's timeout again; choices stay in memory, as the warning says.
+        self._given_up: set = set()
 
     @property
     def directory(self) -> Path:
@@ -393,8 +422,13 @@ class DiskCache:
         path = None
         try:
             path = self.path(identity)
+            if path.parent in self._given_up:
+                return False
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock(path):
+                # Writers write under this lock: a part file now is one a killed writer left.
+                for part in path.parent.glob(_part_prefix(path) + "*.part"):
+                    part.unlink(missing_ok=True)
                 # Re-read under the lock: another process may have added entries since we
                 # last looked, and we must keep them.
                 current = self.read(path, identity)
@@ -413,6 +447,8 @@ class DiskCache:
                     },
                 )
         except Exception as e:  # unwritable dir, lock timeout, full disk: tuning still counts
+            if path is not None:
+                self._given_up.add(path.parent)
             _warn_once(
                 ("write", str(path.parent) if path is not None else None),
                 f"tritonadam autotune: could not write the cache {path} ({type(e).__name__}: {e}); "

@@ -644,7 +644,9 @@ class Tuner:
             compile_s = self.clock() - start
             todo = [c["config"] for c in compiled if c["pruned"] is None]
             duels = _Duels(self, make_runner, rep, bytes_per_elem, budget)
-            duels.run(todo)
+            # Ties go to the config nearest the default: the candidates' own order, not the
+            # likeliest-first order (which follows what else was tuned on this GPU before).
+            duels.run(todo, nearest=[default] + challengers)
         elapsed = self.clock() - start
         reached = {c["config"] for c in compiled} | {m.config for m in failed}
         untimed = (
@@ -953,10 +955,11 @@ class _Duels:
             f"ratio {ratio_text(m.ratio, m.spread, m.pairs)}"
         )
 
-    def run(self, todo: list) -> None:
-        """Time ``todo`` (the incumbent first, then the challengers, likeliest first)."""
+    def run(self, todo: list, nearest: list | None = None) -> None:
+        """Time ``todo`` (the incumbent first, then the challengers, likeliest first); ties
+        go to the earliest in ``nearest`` (default: ``todo``'s order)."""
         rest = list(todo)
-        self.order = {c: i for i, c in enumerate(todo)}
+        self.order = {c: i for i, c in enumerate(todo if nearest is None else nearest)}
         while rest and self.incumbent is None:
             cfg = rest.pop(0)
             try:
