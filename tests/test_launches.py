@@ -235,3 +235,20 @@ def test_cached_steps_do_not_read_the_fusion_setting_again(monkeypatch, device):
                 reads.clear()
     assert reads == [] and len(names) == 12
     assert all(o.get("enable_fp_fusion") is True for o in options)
+
+
+def test_block_maps_of_huge_tensors_index_in_int64_and_launches_beyond_int32_are_refused():
+    """A tensor of 2**31 elements and more: block indices stay below 2**32 and the kernels
+    scale them to element offsets in int64 (checked in PTX and, with moved pointers, in
+    the interpreter: the 2026-12-04 review's repro). A launch of 2**31 programs or more
+    (the update kernel counts them in int32) is refused before any table is built."""
+    import numpy as np
+    from tritonadam.kernels.plan import Bucket, block_entries
+
+    entries = block_entries(3, np.asarray([(1 << 31) + 1, 5], dtype=np.int64), 1024, min_blocks=1)
+    assert len(entries) == (1 << 21) + 2
+    assert int(entries[(1 << 21)] & 0xFFFFFFFF) * 1024 == 1 << 31  # the tail block of row 3
+    assert int(entries[-1] >> 32) == 4
+    bucket = Bucket(None, torch.device("cpu"), 0, np.asarray([1 << 35, 1 << 31], dtype=np.int64))
+    with pytest.raises(ValueError, match="more than 2147483647: use a larger block_size"):
+        bucket.block_map(16)

@@ -44,19 +44,25 @@ class Bucket:
         if cached is None:
             # Every tensor gets at least one program: an empty one still has its scalars
             # read, which keeps the kernel free of special cases.
-            entries = block_entries(self.lo, self.numels, block_size, min_blocks=1)
+            # One program per entry, and the update kernel counts programs in int32 (grid
+            # size, and a persistent grid's pid): refuse a launch it cannot address.
+            entries = block_entries(self.lo, self.numels, block_size, min_blocks=1, max_entries=(1 << 31) - 1)
             cached = (torch.from_numpy(entries).to(self.device), len(entries))
             self._block_maps[block_size] = cached
         return cached
 
 
-def block_entries(lo: int, numels: np.ndarray, block_size: int, *, min_blocks: int) -> np.ndarray:
+def block_entries(lo: int, numels: np.ndarray, block_size: int, *, min_blocks: int,
+                  max_entries: int | None = None) -> np.ndarray:
     """Block-map entries (row << 32 | block within the tensor) of rows lo, lo + 1, ...,
-    with at least ``min_blocks`` entries per row."""
+    with at least ``min_blocks`` entries per row (and at most ``max_entries`` in all)."""
     blocks = np.maximum((numels + block_size - 1) // block_size, min_blocks)
     if len(blocks) and int(blocks.max()) >= 1 << BLOCK_INDEX_BITS:
         raise ValueError(f"a tensor of {int(numels.max())} elements needs more than "
                          f"2**{BLOCK_INDEX_BITS} blocks of {block_size}")
+    if max_entries is not None and int(blocks.sum()) > max_entries:
+        raise ValueError(f"{int(numels.sum())} elements in one launch need {int(blocks.sum())} blocks of "
+                         f"{block_size}, more than {max_entries}: use a larger block_size")
     rows = np.repeat(np.arange(lo, lo + len(numels), dtype=np.int64), blocks)
     first = np.repeat(np.cumsum(blocks) - blocks, blocks)
     within = np.arange(len(rows), dtype=np.int64) - first
