@@ -27,6 +27,19 @@ def interpret() -> bool:
     return value is not None and value.strip().lower() in ("1", "true", "on", "yes", "y")
 
 
+def fp_fusion() -> bool:
+    """FMA contraction for tritonadam's launches: on, unless ``TRITON_FORCE_DISABLE_FP_FUSION``
+    or ``TRITON_DEFAULT_FP_FUSION`` (Triton's own switches) turn it off. Read as Triton reads
+    a boolean variable (``on``/``true``/``1``, any case) so both agree on what is set."""
+    if os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION", "").lower() in _TRITON_TRUE:
+        return False
+    value = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    return value is None or value.lower() in _TRITON_TRUE
+
+
+_TRITON_TRUE = ("on", "true", "1")
+
+
 def autotune_mode() -> str | None:
     """``TRITONADAM_AUTOTUNE``: ``off`` | ``on`` (tune on first use) | ``cache-only``; None = unset."""
     value = os.environ.get("TRITONADAM_AUTOTUNE")

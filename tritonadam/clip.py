@@ -22,11 +22,11 @@ from torch import Tensor
 
 from . import host
 from .kernels import device_guard, layout
-from .kernels.launch import launch_norm, launch_norm_reduce, norm_config, norm_kind, norm_max_chunks
-from .kernels.plan import NormPlan, upload
+from .kernels.launch import launch_norm, launch_norm_reduce, norm_kind
+from .kernels.plan import upload
 from .step_cache import StepCache
 from .state import LOW_PRECISION
-from .tensors import GRAD, is_fsdp1_shard, local_tensor
+from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device
 from .warn import warn
 
 __all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
@@ -244,18 +244,12 @@ class Clipper:
         empty shards included, as for any collective)."""
         dev = cache.devices[device]
         _, layouts, classes = self._mesh_and_layouts(cache)
-        if dev.norm_plan is None:
-            block_size, num_warps = norm_config()
-            if classes is not None and dev.rows is not None:
-                classes = classes[dev.rows]  # table order
-            dev.norm_plan = NormPlan(device, dev.buckets, block_size=block_size, num_warps=num_warps,
-                                     max_chunks=norm_max_chunks(), classes=classes)
-        plan = dev.norm_plan
+        plan = dev.norm_plan(classes)
         kind = norm_kind(p)
         flags = dict(norm=kind, compound=compound, check_finite=check_finite, fusion=cache.fusion)
         with device_guard(device):
             cache.upload_grads()
-            launch_norm(dev.tables, plan, self.buffer, norm=kind, grad_scale=_on(device, grad_scale),
+            launch_norm(dev.tables, plan, self.buffer, norm=kind, grad_scale=on_device(device, grad_scale),
                         fusion=cache.fusion)
             if not any(layouts):
                 launch_norm_reduce(plan, self.buffer, out, reduce=True, finalize=True, **flags)
@@ -434,8 +428,3 @@ def _measured(cache: StepCache) -> tuple[list[Tensor], list[Tensor]]:
         return cache.host_params, cache.host_taken
     return cache.params, cache.taken
 
-
-def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
-    if t is None or t.device == device:
-        return t
-    return t.to(device, non_blocking=True)

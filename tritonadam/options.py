@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import autotune
+from . import autotune as autotune_module
 from .clip import check_max_norm, norm_order
 from .state import StatePolicy
 from .warn import warn
@@ -15,7 +15,7 @@ _WARPS = (1, 2, 4, 8, 16, 32)
 # The update kernel indexes a block with int32 offsets in one program; Triton caps a
 # block at 2**20 elements, and beyond 2**16 every GPU config spills.
 _MAX_BLOCK = 1 << 16
-_AUTOTUNE_MODES = (None, "off", "on", "cache-only")
+_AUTOTUNE_MODES = (None, *autotune_module.MODES)
 
 
 def checked_extras(name: str, param_groups: list[dict], *, bias_correction, master_weights, state_dtype,
@@ -37,7 +37,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
     if autotune not in _AUTOTUNE_MODES:
         raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
-    _resolve_mode(autotune)  # a bad TRITONADAM_AUTOTUNE fails here, not mid-step
+    autotune_module.resolve_mode(autotune)  # a bad TRITONADAM_AUTOTUNE fails here, not mid-step
     if persistent is not None and not isinstance(persistent, bool):
         raise ValueError(f"Invalid persistent: {persistent!r} (True, False or None)")
     if not isinstance(bias_correction, bool):
@@ -80,5 +80,3 @@ def check_group_options(name: str, group: dict, policy: StatePolicy) -> None:
         if isinstance(p, torch.Tensor):
             policy.check_param(p, name)
 
-
-_resolve_mode = autotune.resolve_mode

@@ -3,15 +3,17 @@
 A param's state is its step count, its moments (``exp_avg`` and ``exp_avg_sq``, or
 AdaMax's ``exp_inf``, plus AMSGrad's ``max_exp_avg_sq``), and depending on the options:
 
-- moments stored in fp32 (the default; fp64 for fp64 params, complex for complex ones)
-  or in bf16 (``state_dtype=torch.bfloat16``); the math is fp32 either way;
+- moments stored in fp32 (the default; fp64 for fp64 params, complex for complex ones),
+  in bf16 (``state_dtype=torch.bfloat16``), or blockwise-quantized (``state_dtype="8bit"``
+  or ``"4bit"``: uint8 codes under ``<moment>_8bit``/``<moment>_4bit`` and a bf16 scale
+  per block under ``<moment>_scales``, see ``tritonadam.quantize``); the math is fp32;
 - ``master_weights=True``: an fp32 copy of each fp16/bf16 param (``master_param``);
 - ``master_weights="remainder"``: for bf16 params, the low 16 bits of the fp32 master
   (``master_param_remainder``, int16) beside the param, which holds the high half rounded
   to nearest (ties away from zero): the exact fp32 master in 2 extra bytes, exported by
   ``state_dict()`` as the fp32 ``master_param`` it stands for;
-- ``stochastic_rounding=True``: what is kept in 16 bits without a master copy (fp16/bf16
-  params, bf16 state) is rounded stochastically from counter-based random numbers keyed
+- ``stochastic_rounding=True``: what is kept in 16 bits or fewer without a master copy
+  (fp16/bf16 params, bf16 or quantized state) is rounded stochastically from counter-based random numbers keyed
   by ``rounding_seed`` (kept in each such param's state), the tensor, the element and the
   step count.
 
@@ -31,7 +33,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import quantize
-from .kernels.launch import QUANT_MIN_FULL
+from .kernels.layout import QUANT_MIN_FULL
 from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
 from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor, storage_problem
 

@@ -26,10 +26,10 @@ from . import autotune, host
 from .autotune import LaunchConfig
 from .hyper import GroupHyper
 from .kernels import Bucket, BucketKey, DeviceTables, Variant, device_guard, launch_prepare, launch_update
-from .kernels.launch import fp_fusion
-from .kernels.plan import group_pointer_row
+from .kernels.launch import fp_fusion, norm_config, norm_max_chunks
+from .kernels.plan import NormPlan, group_pointer_row
 from .kernels.scratch import make_scratch_runner, scaled_mix
-from .tensors import GRAD, LOCAL, as_real, local_tensor
+from .tensors import GRAD, LOCAL, as_real, local_tensor, on_device
 from .validate import check_grad
 
 __all__ = ["DeviceLaunches", "Row", "StepCache", "param_meta"]
@@ -172,11 +172,23 @@ class DeviceLaunches:
     tables: DeviceTables
     launches: list[_Launch] = field(default_factory=list)
     rows: np.ndarray | None = None  # positions in the cache's row order; None: all, in order
-    norm_plan: object = None  # the clip's plan over these tables, built on its first use
+    _norm_plan: NormPlan | None = None
 
     @property
     def buckets(self) -> list[Bucket]:
         return [item.bucket for item in self.launches]
+
+    def norm_plan(self, classes: np.ndarray | None) -> NormPlan:
+        """The norm launches over these tables, built on a clip's first use and kept with
+        them (the same tensors, the same plan). ``classes``: each row's layout class in the
+        cache's row order (``tritonadam.clip.norm_reduction``), or None."""
+        if self._norm_plan is None:
+            block_size, num_warps = norm_config()
+            if classes is not None and self.rows is not None:
+                classes = classes[self.rows]  # table order
+            self._norm_plan = NormPlan(self.tables.device, self.buckets, block_size=block_size,
+                                       num_warps=num_warps, max_chunks=norm_max_chunks(), classes=classes)
+        return self._norm_plan
 
 
 class StepCache:
@@ -482,8 +494,8 @@ class StepCache:
             tables = dev.tables
             with device_guard(device):
                 tables.set_groups(values, self._group_pointers(device, hypers))
-                scale = _on(device, grad_scale)
-                inf = _on(device, found_inf)
+                scale = on_device(device, grad_scale)
+                inf = on_device(device, found_inf)
                 launch_prepare(tables, grad_scale=scale, found_inf=inf, clip=clip,
                                lr_tensors=lr_tensors, beta_tensors=beta_tensors, fusion=self.fusion)
                 for item in dev.launches:
@@ -556,9 +568,4 @@ class StepCache:
             chosen.persistent if persistent is None else persistent,
         )
 
-
-def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
-    if t is None or t.device == device:
-        return t
-    return t.to(device, non_blocking=True)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "GRAD", "LOCAL", "as_real", "check_no_shared_memory", "in_layout", "is_dense",
-    "like", "local_tensor", "same_layout", "span",
+    "like", "local_tensor", "on_device", "same_layout", "span",
 ]
 
 # DTensor's class once torch.distributed.tensor is loaded (by whoever made one: nothing is
@@ -213,3 +213,11 @@ def _describe(label: str, param: Tensor) -> str:
     if label == "param":
         return f"a param of shape {shape}"
     return f"the {label} of a param of shape {shape}"
+
+
+def on_device(device: torch.device, t: Tensor | None) -> Tensor | None:
+    """``t`` where a launch on ``device`` reads it (GradScaler's scale and found_inf may
+    live elsewhere): moved without a host sync, or ``t`` itself when it is there."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)

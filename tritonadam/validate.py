@@ -9,7 +9,7 @@ from torch import Tensor
 from .kernels.launch import interpreted
 from .tensors import is_dense, local_tensor, same_layout, storage_problem
 
-__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "grad_dtypes", "host_stepped"]
+__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "host_stepped"]
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
@@ -25,10 +25,6 @@ _GRAD_DTYPES = {
     torch.complex64: (torch.complex64,),
     torch.complex128: (torch.complex128,),
 }
-
-
-def grad_dtypes(param_dtype: torch.dtype) -> tuple:
-    return _GRAD_DTYPES.get(param_dtype, ())
 
 
 def _short(dtype: torch.dtype) -> str:

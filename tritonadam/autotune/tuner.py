@@ -521,7 +521,7 @@ class Tuner:
             raise RuntimeError("tritonadam.autotune: agreement='store' but the process group has no store")
         rank = dist.get_rank()
         mine = decide() if rank == 0 else None
-        cfg = _broadcast_config(dist, mine.config if mine is not None else None, dev)
+        cfg = _broadcast_config(dist, mine.config if mine is not None else None)
         if rank == 0:
             return mine, True
         self._say(f"{name}: {cfg.short()} (from rank 0)")
@@ -829,12 +829,6 @@ class Tuner:
         with self._lock:
             return list(self._choices)
 
-    def forget(self) -> None:
-        """Drop the in-memory choices (the disk cache stays)."""
-        with self._lock:
-            self._memory.clear()
-            self._choices.clear()
-
 
 class _Duels:
     """The timing phase of one tune: warm up on the incumbent (the default), then time each
@@ -1080,7 +1074,7 @@ def _choice_fields(entry: dict) -> dict:
     }
 
 
-def _broadcast_config(dist, config: LaunchConfig | None, device: torch.device) -> LaunchConfig:
+def _broadcast_config(dist, config: LaunchConfig | None) -> LaunchConfig:
     """Rank 0's config on every rank. A 4-int tensor rather than ``broadcast_object_list``:
     no pickling, and it works on gloo (CPU tensor) and NCCL (tensor on this rank's GPU)."""
     backend = str(dist.get_backend()).lower()

@@ -262,7 +262,7 @@ def _write_files(report: dict, args) -> None:
         os.replace(tmp, path)
 
 
-def _emit(report: dict, args, parser) -> None:
+def _emit(report: dict, args) -> None:
     from .report import plot, render
 
     _write_files(report, args)
@@ -334,7 +334,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         except (OSError, ValueError) as e:
             parser.error(str(e))
         report.setdefault("notes", []).extend(args.note)
-        _emit(report, args, parser)
+        _emit(report, args)
         return _exit_code(report)
 
     if args.autotune:
@@ -555,7 +555,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         if progress is not None:
             progress.done()
     report = report_of(runner, final=True)
-    _emit(report, args, parser)
+    _emit(report, args)
     return _exit_code(report)
 
 

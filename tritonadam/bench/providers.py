@@ -671,9 +671,6 @@ class BnbAdamW8bit(_Peer):
                                    weight_decay=hp.weight_decay)
 
 
-PEERS = ("torchao-8bit", "torchao-4bit", "flashoptim", "bnb-8bit")
-
-
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (TritonAdamProvider(), TorchFused(), TorchForeach(), TorchForLoop(), TorchCompile(),

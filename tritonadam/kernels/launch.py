@@ -5,15 +5,15 @@ Nothing here touches optimizer state dicts; ``tritonadam.step_cache`` builds the
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .. import _env
 from .adam import _adam_kernel
-from .layout import MASTER_FP32, QUANT_BLOCK
+from .layout import MASTER_FP32, QUANT_BLOCK, QUANT_MIN_FULL
 from .norm import NORM_INF, NORM_L1, NORM_L2, NORM_P, _norm_kernel, _norm_reduce_kernel
 from .plan import Bucket, DeviceTables, NormPlan, NormSpan
 from .variant import BucketKey
@@ -60,26 +60,12 @@ def fp_fusion() -> bool:
     warns when its default decides, and 3.10 turns that default off, which would change our
     kernels' bits and their speed (the quantized full path is issue-bound; docs/performance.md
     counts its instructions with fusion on)."""
-    # Read as triton reads a boolean variable (on/true/1, any case).
-    env = os.environ
-    if env.get("TRITON_FORCE_DISABLE_FP_FUSION", "").lower() in _ENV_TRUE:
-        return False
-    value = env.get("TRITON_DEFAULT_FP_FUSION")
-    return value is None or value.lower() in _ENV_TRUE
-
-
-_ENV_TRUE = ("on", "true", "1")
+    return _env.fp_fusion()
 
 
 _PROGRAMS_PER_SM = 4
 _sm_counts: dict = {}
 
-
-# Quantized state (kernels/quant.py): the full path works on whole blocks of
-# QUANT_BLOCK elements and reads scales in groups of up to 8 rows, so its iterations
-# cover at least this many elements; the masked path's layout puts a row of 64 elements
-# in each warp, at least two rows per iteration.
-QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
 
 # Elements per thread per iteration of a quantized variant's full path (cubin, sm_80 and
 # sm_90, triton 3.9): 8 halves the per-row and per-iteration work per element (block
@@ -114,7 +100,6 @@ def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
     if wide and not interpreted():
         return min(block_size, 32 * num_warps * WIDE_ELEMS_PER_THREAD)
     if quant:
-        # The interpreter takes half a block so the loop is tested.
         whole = block_size <= 32 * num_warps * QUANT_ELEMS_PER_THREAD
         few = persistent or (stochastic_rounding and not whole)
         per_thread = QUANT_FEW_ELEMS_PER_THREAD if few else QUANT_ELEMS_PER_THREAD
@@ -225,6 +210,12 @@ def norm_constexprs(grad_dtype, norm: int, *, block_size: int, num_warps: int,
     }
 
 
+def _tl_flags(flags: dict) -> dict:
+    """Constexpr flags as a launch takes them: torch dtypes (as ``*_constexprs`` give them,
+    which aot.py compiles from too) as Triton's."""
+    return {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
+
+
 def _quiet_discarded_branches():
     """The interpreter computes both sides of every ``tl.where`` with numpy, so a log of 0
     in a side the select drops (the prepare kernel's ``1 - beta**t`` once ``beta**t``
@@ -282,7 +273,7 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
         decoupled_wd=decoupled_wd, coupled_wd=coupled_wd, found_inf=found_inf is not None,
         persistent=persistent,
     )
-    flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
+    flags = _tl_flags(flags)
     args = (tables.table, tables.grads, tables.scalars, block_map,
             found_inf if found_inf is not None else tables.scalars, num_blocks)
     fusion = fp_fusion() if fusion is None else fusion
@@ -304,7 +295,7 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
     for launch in plan.launches:
         flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps,
                                 grad_scale=grad_scale is not None)
-        flags = {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
+        flags = _tl_flags(flags)
         with _quiet_discarded_branches():
             _norm_kernel[(launch.num_chunks,)](
                 tables.table, tables.grads, launch.block_map, launch.partials, clip,

@@ -77,6 +77,11 @@ MASTER_REMAINDER = tl.constexpr(2)  # bf16 param + int16 low half: the exact fp3
 # It divides every block of the config space (512..4096), and the masked path's layout
 # assumes this value (kernels/quant.py).
 QUANT_BLOCK = tl.constexpr(64)
+# The full path works on whole blocks of QUANT_BLOCK elements and reads scales in groups
+# of up to 8 rows, so its iterations cover at least this many elements (and a launch's
+# block is a multiple of it); the masked path puts a row of 64 elements in each warp, at
+# least two rows per iteration. A plain int: the host's checks read it too.
+QUANT_MIN_FULL = 8 * QUANT_BLOCK.value
 
 # Clip buffer (float64), one per optimizer: what clip_grad_norm_ leaves for the next step.
 CLIP_COEF = tl.constexpr(0)  # min(1, max_norm / (norm + 1e-6)), folded into S_GMUL

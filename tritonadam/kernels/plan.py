@@ -30,14 +30,6 @@ class Bucket:
     numels: np.ndarray  # int64, one per row
     _block_maps: dict = field(default_factory=dict)
 
-    @property
-    def numel(self) -> int:
-        return int(self.numels.sum())
-
-    @property
-    def hi(self) -> int:
-        return self.lo + len(self.numels)
-
     def block_map(self, block_size: int) -> tuple[torch.Tensor, int]:
         """(program -> (row, block) map on the device, number of programs), per block size."""
         cached = self._block_maps.get(block_size)

@@ -7,8 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import _env
-from .launch import launch_prepare, launch_update
+from .launch import interpreted, launch_prepare, launch_update
 from .plan import Bucket, DeviceTables, group_pointer_row, group_row
 from .variant import Master, Variant, code_bytes, num_scales
 
@@ -103,7 +102,7 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
         launch_update(tables, bucket, **flags)
 
     def compile() -> dict | None:
-        if _env.interpret():
+        if interpreted():
             return None
         kernel = launch_update(tables, bucket, compile_only=True, **flags)
         kernel._init_handles()  # loads the binary: the driver reports registers and spills
