@@ -29,7 +29,8 @@ from .state import LOW_PRECISION
 from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device
 from .warn import warn
 
-__all__ = ["Clipper", "check_max_norm", "grad_scaler_scale", "norm_order", "norm_reduction", "replicated"]
+__all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
+           "replicated"]
 
 
 def norm_order(norm_type) -> float:

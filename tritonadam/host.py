@@ -33,7 +33,7 @@ from .state import (
 )
 from .tensors import local_tensor
 
-__all__ = ["HostRow", "check_format", "check_options", "step"]
+__all__ = ["HostRow", "check_format", "check_options", "mixed_clip_error", "step"]
 
 # What torch's fused CPU kernel steps here (its _fused_adam_ / _fused_adamw_, with
 # float32 step counts).

@@ -38,7 +38,8 @@ from .kernels.variant import STATE_BYTES, BucketKey, Master, Variant
 from .tensors import in_layout, is_dense, is_fsdp1_shard, like, local_tensor, storage_problem
 
 __all__ = [
-    "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "ParamFormat", "StatePolicy", "check_loadable",
+    "LOW_PRECISION", "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "DenseMoments", "ParamFormat", "StatePolicy",
+    "check_loadable", "encoded_orders", "new_step_dtype", "record_orders",
     "localize_full_state", "master_follows_param", "saved_pairs",
     "export_full_state", "export_state", "join_master", "moment_keys", "restore_loaded", "split_master", "variant",
 ]

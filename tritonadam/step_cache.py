@@ -311,12 +311,7 @@ class StepCache:
             return False
         grads = list(map(GRAD, self._batch_params))
         try:
-            if self._all_dtensor:
-                local_grads = list(map(LOCAL, grads))
-            elif self._dtensor:
-                local_grads = list(map(local_tensor, grads))
-            else:
-                local_grads = grads
+            local_grads = self._locals(grads)
             ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
             return False
@@ -333,15 +328,20 @@ class StepCache:
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
         return True
 
+    def _locals(self, tensors: list) -> list:
+        """The batch rows' params or grads as the kernels address them: local shards of
+        DTensors (one attribute read each where every row is one)."""
+        if self._all_dtensor:
+            return list(map(LOCAL, tensors))
+        if self._dtensor:
+            return list(map(local_tensor, tensors))
+        return tensors
+
     def _params_in_place(self) -> bool:
         """Whether the batch rows' params are where the tables point: the same address, and
         the same shape and strides (a param re-viewed under its address, ``p.data =
         p.data.t()`` with grads set by hand in the old layout, keeps its pointer)."""
-        params = self._batch_params
-        if self._all_dtensor:
-            params = list(map(LOCAL, params))
-        elif self._dtensor:
-            params = list(map(local_tensor, params))
+        params = self._locals(self._batch_params)
         return list(map(Tensor.data_ptr, params)) == self._param_ptrs and self._param_layouts.same(params)
 
     def _same_structure(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
@@ -413,7 +413,7 @@ class StepCache:
         n = len(self._batch_params)
         grads = list(map(GRAD, self._batch_params))
         try:
-            local_grads = list(map(local_tensor, grads)) if self._dtensor else grads
+            local_grads = self._locals(grads)
             ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):
             return False

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "GRAD", "LOCAL", "as_real", "check_no_shared_memory", "in_layout", "is_dense",
-    "like", "local_tensor", "on_device", "same_layout", "span",
+    "GRAD", "LOCAL", "as_real", "check_no_shared_memory", "in_layout", "is_dense", "is_fsdp1_shard",
+    "like", "local_tensor", "on_device", "same_layout", "span", "storage_problem",
 ]
 
 # DTensor's class once torch.distributed.tensor is loaded (by whoever made one: nothing is
