@@ -231,3 +231,42 @@ def test_random_streams_follow_shards_on_every_placement(shape):
     for name, rows in seen.items():
         for (id_a, data_a), (id_b, data_b) in itertools.combinations(rows, 2):
             assert (id_a == id_b) == (data_a == data_b), (name, id_a, id_b)
+
+
+@pytest.mark.parametrize("grad_placement", ["partial", "other-shard"])
+def test_grads_placed_unlike_their_params_are_refused(grad_placement):
+    """A replicated param's grad left Partial (tensor parallelism) holds one addend per rank:
+    each rank stepped with its own piece and the replicas drifted apart (torch's DTensor ops
+    reduce it inside torch.optim's step). Refused with what to do, nothing written. One
+    process, rank 0 of a fake process group of 2."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import tritonadam
+
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        if grad_placement == "partial":
+            param_pl, grad_pl = [Replicate()], [Partial()]
+        else:  # the same local shape, other elements: a (4, 4) param's halves by rows or columns
+            param_pl, grad_pl = [Shard(0)], [Shard(1)]
+        local = torch.randn(2, 4) if grad_placement != "partial" else torch.randn(4, 4)
+        p = torch.nn.Parameter(DTensor.from_local(local, mesh, param_pl, run_check=False))
+        other = torch.nn.Parameter(DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False))
+        opt = tritonadam.AdamW([p, other], lr=0.1)
+        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False)
+        opt.step()  # a first step: state to keep
+        before = [t.to_local().clone() for t in (p, other)] + [opt.state[other]["exp_avg"].to_local().clone()]
+        p.grad = DTensor.from_local(torch.randn(4, 2) if grad_placement != "partial" else torch.randn(4, 4),
+                                    mesh, grad_pl, run_check=False)
+        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False)
+        with pytest.raises(RuntimeError, match=r"a DTensor grad placed .* for a param placed .*p.grad.redistribute"):
+            opt.step()
+        after = [t.to_local() for t in (p, other)] + [opt.state[other]["exp_avg"].to_local()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) and p not in opt.state
+    finally:
+        dist.destroy_process_group()

@@ -209,6 +209,28 @@ def test_lazily_negated_param_is_refused(after, device):
     _assert_untouched(opt, params, snap)
 
 
+@pytest.mark.parametrize("what", ["param", "grad"])
+def test_wrapper_tensor_subclasses_are_refused_plainly(what, device):
+    """A tensor subclass that keeps its data in inner tensors (torch's TwoTensor; torchao's
+    float8 and NF4 weights are built the same way) has no memory the kernels could step:
+    torch's own words were "Attempted to access the data pointer on an invalid python
+    storage"."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    a = torch.randn(5, 3, device=device)
+    good = torch.nn.Parameter(torch.randn(4, device=device))
+    p = torch.nn.Parameter(two_tensor.TwoTensor(a, a.clone()) if what == "param" else a.clone())
+    opt = PAIRS["AdamW"][0]([good, p], **LAUNCH)
+    good.grad = torch.randn(4, device=device)
+    ones = torch.ones(5, 3, device=device)
+    p.grad = two_tensor.TwoTensor(ones, ones.clone()) if what == "param" else ones
+    if what == "grad":
+        p.grad.data = two_tensor.TwoTensor(ones, ones.clone())  # around the setter, as a hook might
+    snap = _snapshot(opt, [good])
+    with pytest.raises(RuntimeError, match=f"a {what} \\((Two)?Tensor\\) has no memory of its own: a tensor subclass"):
+        opt.step()
+    _assert_untouched(opt, [good], snap)
+
+
 def test_unsupported_dtype(device):
     p = torch.nn.Parameter(torch.randn(3, device=device).to(torch.float8_e4m3fn), requires_grad=False)
     p.grad = torch.zeros(3, device=device).to(torch.float8_e4m3fn)

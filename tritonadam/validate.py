@@ -62,6 +62,15 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
             f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
             "params and their grads must be on the same device"
         )
+    if lg is not g and lp is not p and (g.placements != p.placements or g.device_mesh != p.device_mesh):
+        # A Partial grad's shards are addends of the grad, not the grad (tensor parallelism's
+        # replicated params); torch's DTensor ops redistribute inside torch.optim's step.
+        raise RuntimeError(
+            f"tritonadam.{name}: a DTensor grad placed {tuple(g.placements)} for a param placed "
+            f"{tuple(p.placements)}: each rank would step with its own local piece. Redistribute "
+            "the grad as its param before the step: "
+            "`p.grad = p.grad.redistribute(p.device_mesh, p.placements)`"
+        )
     if lg.shape != lp.shape or g.shape != p.shape:
         raise RuntimeError(
             f"tritonadam.{name}: grad of shape {tuple(g.shape)} for param of shape "
@@ -69,6 +78,13 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
         )
     check_device(name, p, fused)
     for what, t in (("param", lp), ("grad", lg)):
+        if not _addressable(t):
+            raise RuntimeError(
+                f"tritonadam.{name}: a {what} ({type(t).__name__}) has no memory of its own: a "
+                "tensor subclass that holds its data in other tensors (as torchao's float8 and NF4 "
+                "weights do), which the kernels cannot step. Step these params with torch.optim, "
+                "or make them plain tensors"
+            )
         problem = storage_problem(t)
         if problem:
             raise RuntimeError(
@@ -100,6 +116,15 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     if not same_layout(lg, lp):
         return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)
     return lg
+
+
+def _addressable(t: Tensor) -> bool:
+    """Whether ``t`` has memory of its own (a wrapper subclass's storage is invalid)."""
+    try:
+        t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return False
+    return True
 
 
 def host_stepped(p: Tensor) -> bool:
