@@ -543,9 +543,10 @@ def test_tensors_moved_between_a_clip_and_its_step_are_followed(change):
     state: a param or state tensor moved in between (``.data = ...``, a storage regrown;
     a step pre-hook reloading offloaded state) was written at its old address, and a
     storage freed in between was written after free (the process aborted). Now the step
-    follows the move as a step without the clip does, or refuses the freed memory."""
+    follows the move with the clip's coefficient (its grads are the ones measured), or
+    refuses the freed memory."""
     out = _run_isolated(f"""
-        import torch, tritonadam
+        import warnings, torch, tritonadam
         gen = torch.Generator().manual_seed(0)
         p = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (2000, 3)]
         q = [torch.nn.Parameter(x.detach().clone()) for x in p]
@@ -557,7 +558,9 @@ def test_tensors_moved_between_a_clip_and_its_step_are_followed(change):
                 a.grad, b.grad = g.clone(), g.clone()
             if i < 2:
                 ours.step(); theirs.step()
-        ours.clip_grad_norm_(float("inf"))  # measures only: the coefficient is 1
+        warnings.simplefilter("error")  # a coefficient dropped would warn
+        ours.clip_grad_norm_(0.5)
+        torch.nn.utils.clip_grad_norm_(q, 0.5, foreach=False)
         change, before = "{change}", [x.detach().clone() for x in p]
         if change == "param-moved":
             p[0].data = p[0].data.clone()

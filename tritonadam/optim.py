@@ -286,14 +286,15 @@ class _TritonAdamBase(Optimizer):
         gather.init_group(type(self).__name__, self._algorithm, self._policy, self.state, index,
                           group, gathered)
 
-    def _ready(self, clipping: bool = False) -> StepCache:
+    def _ready(self, clipping: bool = False, grads_only: bool = False) -> StepCache:
         """The step cache, having taken this step's grads: the cache's per-step check, or
         a full gathering and a new cache when it no longer applies (which raises,
         writing nothing, on a bad grad). ``clipping``: whether a fused clip will read
         these grads (refused for CPU params torch's implementation steps next to params
-        the kernels step: a clip measures one device's grads)."""
+        the kernels step: a clip measures one device's grads). ``grads_only``: nothing
+        but grads will be read before the next check (``StepCache.check``)."""
         cache, options = self._cache, self._options()
-        if cache is not None and cache.check(self.param_groups, self.state, options):
+        if cache is not None and cache.check(self.param_groups, self.state, options, grads_only):
             return cache
         self._cache = None
         gathered = gather.Gathered()
@@ -408,8 +409,9 @@ class _TritonAdamBase(Optimizer):
         grads torch's in-place clip scaled would be gone. A second call before the step
         measures the grads as already clipped by the first and compounds, as a second
         in-place clip would. Changing the grads in place after the call is not seen. The
-        step that follows reuses this call's check of the tensors, after confirming that
-        every param still holds the grad measured here.
+        step that follows reuses this call's check of the grads, after confirming that
+        every param still holds the grad measured here; the params and state it checks
+        itself.
 
         GradScaler: the norm must be of unscaled grads. Either call
         ``scaler.unscale_(opt)`` first (torch's recipe, for fp32 params; it rewrites the
@@ -441,7 +443,7 @@ class _TritonAdamBase(Optimizer):
         clipper = self._clipper
         clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
-        cache = self._ready(clipping=True)
+        cache = self._ready(clipping=True, grads_only=True)
         if cache.empty:
             return clipper.no_grads()
         norm = clipper.clip(cache, max_norm, p, grad_scale=grad_scale,

@@ -299,15 +299,20 @@ class StepCache:
 
     # ---- the per-step check ---------------------------------------------------------
 
-    def check(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
+    def check(self, param_groups: list[dict], state: dict, options: tuple, grads_only: bool = False) -> bool:
         """Whether the cache still applies to this step; if so it takes this step's grads.
 
         False when anything differs from what the tables were built from: the param set,
         the state dicts, a grad gone or appeared, a param's storage or layout, a grad's
         dtype, size, device, layout or storage (a null pointer). The optimizer then
         gathers everything afresh.
+
+        ``grads_only``: for ``clip_grad_norm_``, whose launches read grads alone: the
+        params' and state tensors' addresses and layouts are left to the step that
+        follows (``still_taken``), which compares them anyway (code between the two may
+        move them), so each is compared once per clip + step.
         """
-        if not self._same_structure(param_groups, state, options):
+        if not self._same_structure(param_groups, state, options, tensors=not grads_only):
             return False
         grads = list(map(GRAD, self._batch_params))
         try:
@@ -315,7 +320,7 @@ class StepCache:
             ptrs = list(map(Tensor.data_ptr, local_grads))
         except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
             return False
-        if not self._params_in_place() or not self._grad_meta.same(local_grads):
+        if not (grads_only or self._params_in_place()) or not self._grad_meta.same(local_grads):
             return False
         if 0 in ptrs and [i for i, ptr in enumerate(ptrs) if ptr == 0] != [
             i for i in self._empty if ptrs[i] == 0
@@ -344,18 +349,20 @@ class StepCache:
         params = self._locals(self._batch_params)
         return list(map(Tensor.data_ptr, params)) == self._param_ptrs and self._param_layouts.same(params)
 
-    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple) -> bool:
+    def _same_structure(self, param_groups: list[dict], state: dict, options: tuple,
+                        tensors: bool = True) -> bool:
         """Whether everything but this step's grads is as the tables were built from: the
-        options, the state (its dicts, their entries, and the storage, shape and strides of
-        every state tensor), the groups' params, and no grad on a param that had none."""
+        options, the state (its dicts, their entries and, with ``tensors``, the storage,
+        shape and strides of every state tensor), the groups' params, and no grad on a
+        param that had none."""
         lists = [g["params"] for g in param_groups]
         return not (
             options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
-            or list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
-            or not self._state_layouts.same(self._state_tensors)
+            or tensors and (list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
+                            or not self._state_layouts.same(self._state_tensors))
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
             or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
