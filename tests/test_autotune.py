@@ -498,6 +498,7 @@ def test_cache_files_are_readable_as_open_makes_them_and_killed_writes_are_swept
     assert not left.exists()
 
 
+@pytest.mark.timeout(60)  # an open() of the FIFO would wait forever
 def test_a_fifo_at_the_cache_path_is_ignored_not_waited_on(tmp_path):
     fake = FakeGPU()
     tuner = make_tuner(tmp_path, fake)

@@ -233,12 +233,14 @@ def test_random_streams_follow_shards_on_every_placement(shape):
             assert (id_a == id_b) == (data_a == data_b), (name, id_a, id_b)
 
 
-@pytest.mark.parametrize("grad_placement", ["partial", "other-shard"])
+@pytest.mark.parametrize("grad_placement", ["partial", "swapped-dims", "one-rank-dim"])
 def test_grads_placed_unlike_their_params_are_refused(grad_placement):
     """A replicated param's grad left Partial (tensor parallelism) holds one addend per rank:
     each rank stepped with its own piece and the replicas drifted apart (torch's DTensor ops
-    reduce it inside torch.optim's step). Refused with what to do, nothing written. One
-    process, rank 0 of a fake process group of 2."""
+    reduce it inside torch.optim's step). So do placements swapped between mesh dims, which
+    keep the local shape. Refused with what to do, nothing written. Along a mesh dim of one
+    rank every placement means the whole tensor: stepped. One process, rank 0 of a fake
+    process group of 4."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -247,23 +249,29 @@ def test_grads_placed_unlike_their_params_are_refused(grad_placement):
 
     import tritonadam
 
-    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    dist.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (2,))
-        if grad_placement == "partial":
-            param_pl, grad_pl = [Replicate()], [Partial()]
-        else:  # the same local shape, other elements: a (4, 4) param's halves by rows or columns
-            param_pl, grad_pl = [Shard(0)], [Shard(1)]
-        local = torch.randn(2, 4) if grad_placement != "partial" else torch.randn(4, 4)
-        p = torch.nn.Parameter(DTensor.from_local(local, mesh, param_pl, run_check=False))
-        other = torch.nn.Parameter(DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False))
+        if grad_placement == "one-rank-dim":
+            mesh = init_device_mesh("cpu", (4, 1))
+            param_pl, grad_pl = [Shard(0), Replicate()], [Shard(0), Partial()]
+        else:
+            mesh = init_device_mesh("cpu", (2, 2))
+            if grad_placement == "partial":
+                param_pl, grad_pl = [Replicate(), Replicate()], [Replicate(), Partial()]
+            else:  # a (4, 4) param's rows halved along dim 0 of the mesh, or along dim 1
+                param_pl, grad_pl = [Shard(0), Replicate()], [Replicate(), Shard(0)]
+        p = torch.nn.Parameter(DTensor.from_local(torch.randn(2, 4), mesh, param_pl, run_check=False))
+        other = torch.nn.Parameter(DTensor.from_local(torch.randn(3), mesh, [Replicate()] * 2, run_check=False))
         opt = tritonadam.AdamW([p, other], lr=0.1)
-        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False)
+        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()] * 2, run_check=False)
         opt.step()  # a first step: state to keep
         before = [t.to_local().clone() for t in (p, other)] + [opt.state[other]["exp_avg"].to_local().clone()]
-        p.grad = DTensor.from_local(torch.randn(4, 2) if grad_placement != "partial" else torch.randn(4, 4),
-                                    mesh, grad_pl, run_check=False)
-        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()], run_check=False)
+        p.grad = DTensor.from_local(torch.randn(2, 4), mesh, grad_pl, run_check=False)
+        other.grad = DTensor.from_local(torch.randn(3), mesh, [Replicate()] * 2, run_check=False)
+        if grad_placement == "one-rank-dim":
+            opt.step()
+            assert not torch.equal(p.to_local(), before[0]) and p in opt.state
+            return
         with pytest.raises(RuntimeError, match=r"a DTensor grad placed .* for a param placed .*p.grad.redistribute"):
             opt.step()
         after = [t.to_local() for t in (p, other)] + [opt.state[other]["exp_avg"].to_local()]

@@ -196,12 +196,16 @@ def test_param_whose_elements_share_memory_is_refused_before_anything_is_written
     _assert_untouched(opt, [good, bad], snap)
 
 
+@pytest.mark.parametrize("at", ["new-address", "same-address"])
 @pytest.mark.parametrize("after", [0, 2])
-def test_lazily_negated_param_is_refused(after, device):
+def test_lazily_negated_param_is_refused(after, at, device):
     params = _params(device)
     opt = PAIRS["AdamW"][0](params, **LAUNCH)
     _steps(opt, params, after)
-    params[1].data = torch._neg_view(-params[1].detach().clone())
+    if at == "same-address":  # the cached check's layouts compare the bit, not just the address
+        params[1].data = torch._neg_view(params[1].detach())
+    else:
+        params[1].data = torch._neg_view(-params[1].detach().clone())
     _fresh_grads(params)
     snap = _snapshot(opt, params)
     with pytest.raises(RuntimeError, match="lazily negated view.*resolve_neg"):
@@ -805,6 +809,7 @@ def test_a_param_listed_twice_is_refused(where, after, device):
     ("step-two-elements", "is a float32 tensor of shape \\(2,\\), not a step count"),
     ("state-none", "the state of a param of shape \\(24,\\) is a NoneType, not a dict"),
     ("bf16-state-int16", "dtype torch.int16 where a torch.float32 param's state is float32 or bfloat16"),
+    ("negated-moment", "state\\['exp_avg'\\] is a lazily negated or conjugated view"),
 ]])
 def test_state_set_by_hand_to_what_is_not_state_says_what_is_wrong(edit, match, device):
     """These raised Python's own words (``float() argument must be ... NoneType``, ``'NoneType'
@@ -818,6 +823,8 @@ def test_state_set_by_hand_to_what_is_not_state_says_what_is_wrong(edit, match, 
         opt.state[params[1]]["step"] = torch.tensor([2.0, 2.0])
     elif edit == "state-none":
         opt.state[params[1]] = None
+    elif edit == "negated-moment":  # the same values, held lazily
+        opt.state[params[1]]["exp_avg"] = torch._neg_view(-opt.state[params[1]]["exp_avg"])
     else:
         opt.state[params[1]]["exp_avg"] = torch.zeros(24, dtype=torch.int16, device=device)
     _fresh_grads(params)
@@ -1018,6 +1025,15 @@ def test_a_bad_autotune_switch_fails_before_anything_changes(switch, value, monk
         opt.step()
     _assert_untouched(opt, params, snap)
     assert not opt.state
+
+
+def test_launch_options_as_numpy_integers_are_taken_as_ints(device):
+    """An int from a config file or numpy (``np.int64(4)``) is an int: stepped as one."""
+    np = pytest.importorskip("numpy")
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, block_size=np.int64(1024), num_warps=np.int64(4))
+    assert type(opt.block_size) is int and type(opt.num_warps) is int
+    _steps(opt, params, 1)
 
 
 @pytest.mark.parametrize("after", AFTER)

@@ -2,6 +2,8 @@
 errors (or, for options that would change nothing, a warning) that say what to do."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import autotune as autotune_module
@@ -24,7 +26,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
     """The options, normalized, or a ValueError naming the bad one (``warn_idle``: warn of
     options that change nothing for these params)."""
     if block_size is not None and (
-        not isinstance(block_size, int) or isinstance(block_size, bool)
+        not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
         or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
     ):
         raise ValueError(
@@ -32,9 +34,10 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         )
     # ``4.0 in (1, 2, 4, ...)`` and ``True in (True, False)`` hold: the types are checked
     # too (Triton's CUDA backend refuses a float num_warps, at the launch, mid-step).
-    if num_warps is not None and (not isinstance(num_warps, int) or isinstance(num_warps, bool)
+    if num_warps is not None and (not isinstance(num_warps, numbers.Integral) or isinstance(num_warps, bool)
                                   or num_warps not in _WARPS):
-        raise ValueError(f"Invalid num_warps: {num_warps} (one of {_WARPS}, or None)")
+        raise ValueError(f"Invalid num_warps: {num_warps!r} of type {type(num_warps).__name__} "
+                         f"(an int, one of {_WARPS}, or None)")
     if autotune not in _AUTOTUNE_MODES:
         raise ValueError(f"Invalid autotune: {autotune!r} (one of {_AUTOTUNE_MODES})")
     autotune_module.resolve_mode(autotune)  # a bad TRITONADAM_AUTOTUNE fails here, not mid-step
@@ -62,7 +65,8 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         seed = torch.initial_seed() % 2**63
     return dict(bias_correction=bias_correction, master_weights=master_weights,
                 state_dtype=policy.state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
-                block_size=block_size, num_warps=num_warps, autotune=autotune, persistent=persistent,
+                block_size=None if block_size is None else int(block_size),
+                num_warps=None if num_warps is None else int(num_warps), autotune=autotune, persistent=persistent,
                 max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
 
 

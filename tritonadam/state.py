@@ -106,6 +106,11 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
     if not isinstance(value, Tensor):
         raise RuntimeError(f"tritonadam.{name}: state[{key!r}] is a {type(value).__name__}, not a tensor")
     lp, lv = local_tensor(p), local_tensor(value)
+    if lv.is_neg() or lv.is_conj():  # its memory holds the values before negation
+        raise RuntimeError(
+            f"tritonadam.{name}: state[{key!r}] is a lazily negated or conjugated view, which the "
+            f"kernels cannot read or write; make it a plain tensor: "
+            f"`state[{key!r}] = state[{key!r}].resolve_conj().resolve_neg()`")
     if value.shape != p.shape or lv.shape != lp.shape:
         return f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
     if value.dtype not in dtypes:

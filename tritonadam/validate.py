@@ -62,7 +62,7 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
             f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
             "params and their grads must be on the same device"
         )
-    if lg is not g and lp is not p and (g.placements != p.placements or g.device_mesh != p.device_mesh):
+    if lg is not g and lp is not p and _placed_unlike(g, p):
         # A Partial grad's shards are addends of the grad, not the grad (tensor parallelism's
         # replicated params); torch's DTensor ops redistribute inside torch.optim's step.
         raise RuntimeError(
@@ -116,6 +116,16 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     if not same_layout(lg, lp):
         return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)
     return lg
+
+
+def _placed_unlike(g: Tensor, p: Tensor) -> bool:
+    """Whether DTensor grad ``g`` holds other data than its param's layout on this rank: a
+    different mesh, or other placements along a mesh dim of more than one rank (on one
+    rank, Partial, Shard and Replicate all mean the whole tensor)."""
+    mesh = p.device_mesh
+    if g.device_mesh != mesh:
+        return True
+    return any(a != b for dim, (a, b) in enumerate(zip(g.placements, p.placements)) if mesh.size(dim) > 1)
 
 
 def _addressable(t: Tensor) -> bool:

@@ -303,8 +303,12 @@ def _file_mode() -> int:
     mkstemp's 0o600 would lock other users out of a shared cache directory."""
     global _umask
     if _umask is None:
-        _umask = os.umask(0o022)
-        os.umask(_umask)
+        try:  # Linux says it without setting it (setting it races other threads' files)
+            with open("/proc/self/status", encoding="ascii") as f:
+                _umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _umask = os.umask(0o022)
+            os.umask(_umask)
     return 0o666 & ~_umask
 
 

@@ -37,8 +37,10 @@ class Bucket:
             # Every tensor gets at least one program: an empty one still has its scalars
             # read, which keeps the kernel free of special cases.
             # One program per entry, and the update kernel counts programs in int32 (grid
-            # size, and a persistent grid's pid): refuse a launch it cannot address.
-            entries = block_entries(self.lo, self.numels, block_size, min_blocks=1, max_entries=(1 << 31) - 1)
+            # size, and a persistent grid's pid, which steps past the last entry by up to
+            # its number of programs): refuse a launch it cannot address.
+            entries = block_entries(self.lo, self.numels, block_size, min_blocks=1,
+                                    max_entries=(1 << 31) - (1 << 16))
             cached = (torch.from_numpy(entries).to(self.device), len(entries))
             self._block_maps[block_size] = cached
         return cached
