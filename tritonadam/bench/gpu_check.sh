@@ -4,7 +4,7 @@
 # Llama layers), then host time against its floor, then
 # every test that can run on a GPU, then first-use tuning (ranked against the core's sweep,
 # not sweeping again), then peers' optimizers from a wheelhouse, then the full bench while
-# time remains. At most TOTAL_S (360 s) in all, each step time-boxed, and every file
+# time remains. At most TOTAL_S (390 s) in all, each step time-boxed, and every file
 # rewritten as soon as its step ends, so a run cut short returns what it measured.
 #
 #   TRITONADAM_COMMIT=$(git rev-parse --short HEAD) OUT=./out bash tritonadam/bench/gpu_check.sh
@@ -24,15 +24,13 @@
 #                   the autotune cache, junit XML)
 #
 # Budget (seconds, each a cap; a step ends early when done, and none starts past TOTAL_S less
-# 10 s kept for the end): header 10, core 170, host_time 20, pytest 70, tuning 30, peers 45
-# (345), then the full bench while time remains (usually none) and autotune-show (at most
-# 10 s, within the 10 s kept). So one run is about 6 minutes plus start-up: one command of
-# the device tool (10 minutes at most), and twice that plus the machine's start fits a
-# 15-minute lease, for a rerun. The core step, by estimate (no GPU run of it yet): about 80
-# timed cases at ~1 s each (warm-up, 3 figures x 100 ms over 5 rounds, sleeps and grad
-# writes), ~20 compiles of the update kernel (new variants x 3 configs, ~2 s each), the
-# checks and launch counts; its time budget (the limit less 15 s) cuts the config sweep,
-# which runs last, before any provider's default row.
+# 10 s kept for the end): header 10, core 170, host_time 20, pytest 110, tuning 25, peers 45
+# (380), then the full bench while time remains (usually none) and autotune-show (at most
+# 10 s, within the 10 s kept). So one run is about 6.5 minutes plus start-up: one command
+# of the device tool (10 minutes at most); with the machine's start (1-3 minutes) a
+# 15-minute lease leaves about 5 minutes for a shorter rerun. The core step took 164 s of
+# its 170 on the H200 (2026-12-04); its time budget (the limit less 15 s) cuts the config
+# sweep, which runs last, before any provider's default row.
 #
 # DRY_RUN=1 runs the same steps on the CPU in Triton's interpreter with tiny sizes, after
 # checking each GPU command line with `--plan`, and the GPU tests with --collect-only
@@ -63,7 +61,7 @@ trap cleanup EXIT
 PY="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 START=$(date +%s)
-TOTAL_S="${TOTAL_S:-360}"
+TOTAL_S="${TOTAL_S:-390}"
 WHEELHOUSE="${WHEELHOUSE:-$ROOT/bench/wheelhouse}"
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -110,7 +108,9 @@ GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py test
     tests/test_autotune.py::test_event_timer_measures_a_gpu_op
     tests/test_autotune.py::test_first_use_tuning_on_a_gpu_writes_a_valid_cache
     tests/test_bench_cli.py::test_gpu_small_bench tests/test_bench_cli.py::test_gpu_captured_step_host_time}"
-PYTEST_WORKERS="${PYTEST_WORKERS:-4}"
+# The GPU tests compile many kernel variants: on the H200 machine (16 CPUs) the list took
+# 120 s at -n 12 and did not finish in 70 s at -n 4 (2026-12-04).
+PYTEST_WORKERS="${PYTEST_WORKERS:-$(n=$(nproc 2> /dev/null || echo 4); [ "$n" -gt 14 ] && echo 12 || echo $(( n > 2 ? n - 2 : 1 )))}"
 # First use with an empty cache, ranked among the fixed configs the core step swept.
 TUNING=(--tuning --profiles llama-layers@400M,many-small --setups bf16 --rounds 3
         --sweep-from "$OUT/results.json")
@@ -298,8 +298,9 @@ else
         if [ "$DRY_RUN" = 1 ]; then
             timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 30 --reps 2 --numel 8
         else
-            timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --breakdown --tensors 10000 300 --reps 20 &&
-                timeout -k 5 "$limit" "$PY" -m tritonadam.bench.host_time --device cuda --tensors 10000 300 --reps 20
+            # two commands, one limit: each gets half (the first run's pair took 38 s of 20)
+            timeout -k 5 $(( limit / 2 )) "$PY" -m tritonadam.bench.host_time --breakdown --tensors 10000 300 --reps 20 &&
+                timeout -k 5 $(( limit / 2 )) "$PY" -m tritonadam.bench.host_time --device cuda --tensors 10000 300 --reps 20
         fi
     } > "$OUT/host_time.txt" 2>&1 || rc=$?
     finish_step host_time "$rc" "$t0" ""
@@ -307,7 +308,7 @@ fi
 
 # --------------------------------------------------------------------- 4. GPU tests
 t0=$(date +%s)
-limit=$(limit_for 70)
+limit=$(limit_for 110)
 if [ "$limit" -lt 20 ]; then
     finish_step pytest 0 "$t0" "skipped: no time left"
 else
@@ -334,7 +335,7 @@ else
 fi
 
 # -------------------------------------------------------------------- 5. the autotuner
-bench_step tuning 30 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
+bench_step tuning 25 TUNING TUNING_DRY --out "$WORK/tuning.json" --out "$WORK/tuning.md" \
     --summary "$WORK/tuning-summary.md"
 
 # ------------------------------------------------------------------------ 6. peers
