@@ -238,7 +238,7 @@ def test_layout_classes_each_reduce_their_own_grads(norm_type, device):
         p.grad = _grad(p.shape, gen, 1.0, p.dtype, device=device)
     opt = tritonadam.AdamW(params, **LAUNCH)
     cache = opt._ready()
-    dev = cache.devices[torch.device(device)]
+    dev = cache.devices[params[0].device]  # keyed by the params' device: cuda:0, not cuda
     label = {id(p): i % 3 for i, p in enumerate(params)}  # classes 0, 1, 2 interleaved
     by_param = np.array([label[id(p)] for p in cache.params], dtype=np.int64)
     rows = by_param if dev.rows is None else by_param[dev.rows]

@@ -434,7 +434,7 @@ def test_kernel_and_host_params_in_one_optimizer(on_host, device):
         step(ours, kernel + hosted, grads)
         step(theirs, ref, grads)
     for p, q in zip(kernel + hosted, ref):
-        torch.testing.assert_close(p.detach().cpu(), q.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), atol=1e-6, rtol=1e-5)
     assert all(ours.state[p]["step"].device.type == "cpu" for p in hosted)
     saved = ours.state_dict()
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in kernel + hosted]

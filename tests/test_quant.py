@@ -158,14 +158,17 @@ class Refs:
                 same_bits(state["master_param"], logical(ref.w, p), f"{where} master")
             if "master_param_remainder" in state:
                 joined = join_master(p.detach().cpu(), state["master_param_remainder"].cpu())
-                same_bits(joined, logical(ref.w, p), f"{where} master")
+                # joined on the CPU; exact or close by where the step ran
+                same_bits(joined, logical(ref.w, p), f"{where} master", ran_on=p.device)
 
 
-def same_bits(actual, expected, what=""):
-    """Bit for bit on the CPU; on a GPU (approximate exp/log in the bias corrections, then
-    codes that can land on the other side of a level) close."""
+def same_bits(actual, expected, what="", ran_on=None):
+    """Bit for bit where the step ran on the CPU; on a GPU (approximate exp/log in the
+    bias corrections, the approximate sqrt of the quantized update, then codes that can
+    land on the other side of a level) close. ``ran_on``: the device the optimizer stepped
+    on, for a value brought to the CPU before the comparison (default: ``actual``'s)."""
     actual = actual.detach()
-    if actual.device.type == "cpu":
+    if (actual.device if ran_on is None else torch.device(ran_on)).type == "cpu":
         assert actual.shape == expected.shape, what
         differ = actual != expected
         assert not differ.any(), f"{what}: {int(differ.sum())} of {actual.numel()} elements differ"
