@@ -100,7 +100,7 @@ CORE_DRY=(--device cpu --profiles many-small@8K --setups bf16
           --warmup-ms 0 --rep-ms 1 --min-reps 1 --max-reps 1 --check-steps 1)
 # Every test module that can run on a GPU (TRITONADAM_TEST_DEVICE=cuda), most important
 # first; extend the list as modules become device-portable. Modules that import torch's
-# internal test helpers need expecttest: without it they are reported as collection errors.
+# internal test helpers need expecttest: without it they skip, saying so.
 GPU_TESTS="${GPU_TESTS:-tests/test_low_precision.py tests/test_precision.py tests/test_cuda_graphs.py
     tests/test_parity.py tests/test_amp.py tests/test_misuse.py tests/test_state_dict.py
     tests/test_launches.py tests/test_state.py tests/test_step_cache.py tests/test_clip.py
