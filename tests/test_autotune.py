@@ -280,11 +280,16 @@ def test_defaults_are_measured_only_with_provenance():
             p = row.provenance
             assert row.status == "measured" and p.gpu and p.date and p.command and p.commit and p.results, row
     measured = [r for r in DEFAULTS if r.provenance is not None]
-    # The first H200 run (commit ecf1ade) measured large launches only.
-    assert [(r.arch, r.min_bucket, r.config) for r in measured] == [("sm_90", 27, LaunchConfig(1024, 4))]
-    assert measured[0].provenance.commit == "ecf1ade" and "H200" in measured[0].provenance.gpu
+    # The first H200 run (commit ecf1ade) measured launches of 2^27 and more, the second
+    # (da36c0e, device time apart) 10,000 x 4,096 in bucket 2^26.
+    assert [(r.arch, r.min_bucket, r.config) for r in measured] == [("sm_90", 26, LaunchConfig(1024, 4)),
+                                                                    ("sm_90", 27, LaunchConfig(1024, 4))]
+    assert [r.provenance.commit for r in measured] == ["da36c0e", "ecf1ade"]
+    assert all("H200" in r.provenance.gpu for r in measured)
     assert arch_default("cuda", "sm_90", 27).config == LaunchConfig(1024, 4)
-    assert arch_default("cuda", "sm_90", 26).config == GPU_DEFAULT  # smaller launches: unmeasured
+    assert arch_default("cuda", "sm_90", 26).config == LaunchConfig(1024, 4)
+    assert arch_default("cuda", "sm_90", 26).provenance.commit == "da36c0e"
+    assert arch_default("cuda", "sm_90", 25).config == GPU_DEFAULT  # smaller launches: unmeasured
     assert arch_default("cuda", "sm_90").config == LaunchConfig(1024, 4)  # no bucket: the largest
     assert arch_default("cuda", "sm_80", 27).config == GPU_DEFAULT  # no data for other GPUs
     assert arch_default("cuda", "sm_90").arch == "sm_90"
