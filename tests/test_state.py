@@ -1,4 +1,4 @@
-"""State formats (tritonadam/state.py): which tensors each param's state holds under each
+"""State formats (tritonadam/state/): which tensors each param's state holds under each
 option, conversions between formats, exports, and the bytes model the bench and the
 autotuner share, counted against the tensors a step actually allocates."""
 from __future__ import annotations

@@ -28,9 +28,8 @@ from torch import Tensor
 
 from .differentiable import torch_step
 from .kernels.layout import CLIP_COEF
-from .state import (
-    LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, Master, ParamFormat, join_master, split_master,
-)
+from .kernels.variant import Master
+from .state import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, ParamFormat, join_master, split_master
 from .tensors import local_tensor
 
 __all__ = ["HostRow", "check_format", "check_options", "mixed_clip_error", "step"]

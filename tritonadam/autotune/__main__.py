@@ -301,8 +301,6 @@ def run_tune(args, *, tuner, device, variant_of, make_scratch_runner) -> int:
     options (``tritonadam.state.variant``), with ``autotune_key()`` and
     ``bytes_per_elem()``; ``make_scratch_runner(variant, config=, numels=, device=)``:
     ``tritonadam.kernels.scratch``'s, or a stand-in."""
-    import torch
-
     from ..kernels.scratch import scaled_mix
     from .cache import entry_key
     from .configs import size_bucket, space_id

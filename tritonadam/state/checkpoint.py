@@ -1,0 +1,291 @@
+"""State dicts: export, the checks before a load, and what a load restores."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import quantize
+from ..tensors import local_tensor
+from .entries import (
+    MASTER_KEY, _MOMENT_KEYS, QUANTIZED, REMAINDER_KEY, SEED_KEY, moment_keys, _quantized_bits, scales_key,
+    _seed_problem, _signed,
+)
+from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
+from .orders import logical_order, _record
+from .policy import StatePolicy
+from .steps import loaded_step_device, loaded_step_dtype, new_step_dtype
+
+
+def _param_index(key, count: int) -> bool:
+    """Whether a key of torch's ``state_dict()["state"]`` is a param's index. torch keeps
+    entries of ``optimizer.state`` under keys that are not params (a hook's
+    ``state["note"] = 1``) as they are, under the same key."""
+    return type(key) is int and 0 <= key < count
+
+
+def export_state(policy: "StatePolicy", params: list[Tensor], saved: dict) -> dict:
+    """torch's ``state_dict()["state"]`` with each param's state in its format's exported
+    form (``saved`` is keyed by the params' indices)."""
+    return {i: policy.format(params[i]).export(params[i], value) if _param_index(i, len(params)) else value
+            for i, value in saved.items()}
+
+
+def export_full_state(policy: "StatePolicy", algorithm: str, param_groups: list[dict], saved: dict) -> dict:
+    """torch's ``state_dict()["state"]`` with every moment at full precision under
+    torch.optim's keys (see ``ParamFormat.export_full``)."""
+    pairs = [(p, g) for g in param_groups for p in g["params"]]
+    out = {}
+    for i, value in saved.items():
+        if _param_index(i, len(pairs)):
+            p, group = pairs[i]
+            value = policy.format(p).export_full(p, value, moment_keys(algorithm, group.get("amsgrad", False)))
+            value.pop(SEED_KEY, None)
+        out[i] = value
+    return out
+
+
+def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_dict: dict) -> None:
+    """Raise unless every param state in ``state_dict`` is one these params can load."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        return  # torch's own check raises with its message
+    saved_state = state_dict["state"]
+    where = f"tritonadam.{name}.load_state_dict"
+    for group, saved_group in zip(param_groups, saved_groups):
+        if len(group["params"]) != len(saved_group["params"]):
+            return  # torch's own check raises with its message
+        amsgrad = saved_group.get("amsgrad", group.get("amsgrad", False))
+        required = ["step", *moment_keys(algorithm, amsgrad)]
+        for saved_id, p in zip(saved_group["params"], group["params"]):
+            state = saved_state.get(saved_id)
+            if not state:
+                continue
+            missing = [k for k in required if k not in state and (k == "step" or _quantized_bits(state, k) is None)]
+            if missing:
+                other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
+                hint = f" (it looks like a state dict of {other})" if other and other != name else ""
+                article = "an" if name[0] in "AEIOU" else "a"
+                raise ValueError(f"{where}: the state of param {saved_id} lacks {missing}{hint}; "
+                                 f"{article} {name} state has {required}")
+            step = state["step"]
+            if isinstance(step, Tensor) and step.numel() != 1:
+                raise ValueError(f"{where}: state 'step' of param {saved_id} has {step.numel()} "
+                                 "elements, expected one")
+            if not (isinstance(step, (int, float)) or (isinstance(step, Tensor) and not step.is_complex()
+                                                       and step.dtype != torch.bool and not step.is_meta)):
+                raise ValueError(f"{where}: state 'step' of param {saved_id} is {step!r}, expected a "
+                                 "number or a 1-element tensor")
+            if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
+                seed = state[SEED_KEY]
+                hint = ("; torch.optim's load_state_dict casts every state tensor to its param's "
+                        "dtype, so this state dict went through torch.optim: remove "
+                        f"{SEED_KEY!r} from each param's state to round with this optimizer's "
+                        "seed") if isinstance(seed, Tensor) and seed.is_floating_point() else ""
+                raise ValueError(f"{where}: state {SEED_KEY!r} of param {saved_id} "
+                                 f"{_seed_problem(seed)}{hint}")
+            for key, value in state.items():
+                if key in ("step", SEED_KEY):
+                    continue
+                if isinstance(value, Tensor) and value.is_meta and not local_tensor(p).is_meta:
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} is on the meta "
+                                     "device: it holds no values to load")
+                expected = _saved_numel(key, p.numel())
+                if not isinstance(value, Tensor):
+                    if expected is not None or key in _TENSOR_KEYS:
+                        hint = ("; a flattened state dict (flatten_optimizer_state_dict=True) holds "
+                                "only the keys of the optimizer that saved it and loads into one with "
+                                "the same state options (state_dtype, master_weights): to change "
+                                "them, load its full form (full_state_dict=True)") if isinstance(value, dict) else ""
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} is a "
+                                         f"{type(value).__name__}, not a tensor{hint}")
+                    continue
+                if expected is not None:
+                    if value.numel() not in expected:
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
+                                         f"elements where a param of shape {tuple(p.shape)} needs "
+                                         f"{expected[0]} (or one per element, {expected[1]})")
+                    problem = _saved_quantized_problem(key, value, state, p.numel())
+                    if problem is not None:
+                        raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
+                    if (key.endswith("_scales") and local_tensor(p) is not p and local_tensor(value) is not value
+                            and _block_rows(p) is None and value.numel() != p.numel()
+                            and not _shards_start_on_blocks(p)):
+                        # Checked on global sizes: every rank refuses alike (no rank left waiting).
+                        raise ValueError(
+                            f"{where}: state {key!r} of param {saved_id} holds a scale per block of the "
+                            "whole param (a checkpoint of an unsharded model), split across the shards "
+                            "by the state dict's distribution: shards that start inside a block would "
+                            "read other blocks' scales. Save that checkpoint at full precision "
+                            "(`opt.torch_state_dict()`), or load it with `opt.load_state_dict` "
+                            "unsharded, which re-encodes each shard's blocks")
+                    continue
+                if key not in _TENSOR_KEYS:
+                    continue  # an entry of the user's (a wrapper's count, ...): kept, as torch keeps it
+                if value.shape != p.shape:
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
+                                     f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+                if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
+                                     f"{value.dtype}, expected a floating point tensor")
+
+
+# Keys whose value must be a tensor (besides quantized codes and scales).
+_TENSOR_KEYS = frozenset({*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY})
+
+
+def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -> str | None:
+    """What is wrong with quantized codes or scales ``state[key]`` besides their size, or
+    None: codes must be uint8 and come with their scales in the same form (read together
+    on load)."""
+    if key.endswith("_scales"):
+        return None if value.is_floating_point() else f"has dtype {value.dtype}, expected bfloat16 scales"
+    if value.dtype != torch.uint8:
+        return f"has dtype {value.dtype}, expected uint8 codes"
+    sk = scales_key(key[: -len("_8bit")])  # "_8bit" and "_4bit" are as long
+    scales = state.get(sk)
+    if sk in state and not isinstance(scales, Tensor):
+        return f"comes with {sk!r} as a {type(scales).__name__}, not a tensor of block scales"
+    if not isinstance(scales, Tensor):
+        return f"comes without {sk!r}, the block scales its codes are read with"
+    if _quantized_form(value, scales, numel, int(key[-4])) is None:
+        return f"and {sk!r} hold {value.numel()} codes and {scales.numel()} scales: not one form"
+    return None
+
+
+def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
+    """The elements a quantized moment's codes or scales may hold for a param of
+    ``numel`` (block form, per-element form), or None when ``key`` is not one of theirs."""
+    if key.endswith("_scales"):
+        return (quantize.num_scales(numel), numel)
+    bits = _codes_bits(key)
+    return None if bits is None else (quantize.code_bytes(numel, bits), numel)
+
+
+def _codes_bits(key: str) -> int | None:
+    """The bit width of a quantized moment's codes key (``exp_avg_8bit``), else None."""
+    for bits in QUANTIZED.values():
+        if key.endswith(f"_{bits}bit"):
+            return bits
+    return None
+
+
+def saved_pairs(param_groups: list[dict], state_dict: dict) -> list:
+    """(id in ``state_dict``, param) pairs, matched by position as torch's load matches them."""
+    return [(saved_id, p) for group, saved in zip(param_groups, state_dict["param_groups"])
+            for saved_id, p in zip(saved["params"], group["params"])]
+
+
+def localize_full_state(name: str, param_groups: list[dict], state_dict: dict) -> dict:
+    """``state_dict`` with each DTensor param's whole (unsharded) state tensors as this
+    rank's part of them, before anything is loaded.
+
+    torch's full-state-dict load (``set_optimizer_state_dict(full_state_dict=True)``)
+    distributes only the keys the receiving optimizer holds; a checkpoint of other state
+    options brings keys it does not hold (another moment format, another master form),
+    and those arrive whole. A dense tensor shaped like the param is split as the param is;
+    quantized codes are decoded whole when their scales came whole too (blocks count
+    from the start of the whole tensor, not of each shard), else split like their scales
+    where the blocks allow. What cannot be split is refused here, before torch's load
+    writes anything."""
+    saved_state = state_dict["state"]
+    new_state = None
+    for saved_id, p in saved_pairs(param_groups, state_dict):
+        entry = saved_state.get(saved_id)
+        if local_tensor(p) is p or not isinstance(entry, dict):
+            continue
+        whole = [k for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0 and local_tensor(v) is v]
+        if whole:
+            new_state = dict(saved_state) if new_state is None else new_state
+            new_state[saved_id] = _localized(name, saved_id, p, entry, whole)
+    return state_dict if new_state is None else {**state_dict, "state": new_state}
+
+
+def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict:
+    from torch.distributed.tensor import distribute_tensor
+
+    def split(value: Tensor, placements) -> Tensor:  # this rank's part, without communication
+        return distribute_tensor(value.detach().to(local_tensor(p).device), p.device_mesh, placements,
+                                 src_data_rank=None)
+
+    out = dict(entry)
+    for k in whole:
+        value, bits = entry[k], _codes_bits(k)
+        if bits is None:
+            if value.shape == p.shape and not k.endswith("_scales"):
+                out[k] = split(value, p.placements)
+            continue  # scales go with their codes; another shape is check_loadable's to report
+        key = k[: -len("_8bit")]
+        sk = scales_key(key)
+        scales = entry.get(sk)
+        if not isinstance(scales, Tensor):
+            continue
+        if local_tensor(scales) is scales:  # both whole: decoded whole, then split
+            form = _quantized_form(value, scales, p.numel(), bits)
+            if form == "blocks":
+                dense = quantize.dequantize(value.reshape(-1), scales.reshape(-1), p.numel(), bits, _signed(key))
+            elif form == "elements":
+                dense = quantize.dequantize_per_element(value, scales, bits, _signed(key))
+            else:
+                continue
+            out.pop(k), out.pop(sk)
+            out[key] = split(dense.reshape(p.shape), p.placements)
+            continue
+        # The scales were split by torch (the receiver keeps scales of another bit width):
+        # the codes are split the same way where that splits them at the same blocks.
+        rows = scales.dim() == value.dim() == 2 and value.shape[0] == scales.shape[0] == p.shape[0] and all(
+            not pl.is_shard() or pl.dim == 0 for pl in scales.placements)
+        if value.shape == scales.shape == p.shape or rows:
+            out[k] = split(value, scales.placements)
+            continue
+        raise ValueError(
+            f"tritonadam.{name}.load_state_dict: state {k!r} of param {saved_id} holds the codes of the "
+            "whole tensor in blocks that its shards do not start on, while its scales arrive split by "
+            "torch: the checkpoint's quantized moments cannot be converted here. Load it into an "
+            "optimizer with the state_dtype it was saved with (then train on, or save with "
+            "torch_state_dict() to change formats)")
+    return out
+
+
+def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
+                   state_dict: dict, state: dict) -> int | None:
+    """After torch's ``load_state_dict`` (which cast floating state to the param dtype):
+    restore what ``state_dict`` held at full precision and convert it to these params'
+    formats. Returns the rounding seed it held, if any."""
+    saved_state = state_dict["state"]
+    pairs = [
+        (saved_id, p, group)
+        for group, saved in zip(param_groups, state_dict["param_groups"])
+        for saved_id, p in zip(saved["params"], group["params"])
+    ]
+    loaded_seed = None
+    steps = {}
+    for saved_id, p, group in pairs:
+        if saved_id not in saved_state or p not in state:
+            continue
+        src, dst = saved_state[saved_id], state[p]
+        for key, value in src.items():
+            if key == "step":
+                steps[p] = value  # set after the conversion below, which makes counts anew
+            elif key == SEED_KEY:
+                loaded_seed = int(value)
+                # torch's load cast it to the param's dtype (bf16 holds 1234 as 1232)
+                dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
+            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key.endswith("_scales")
+                                                or _codes_bits(key) is not None):
+                dst[key] = value.detach().clone()  # converted to this format below
+                if _codes_bits(key) is not None:
+                    _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
+    seed = loaded_seed if loaded_seed is not None else seed
+    with torch.no_grad():  # converting a master can set the param to its high half
+        for _, p, group in pairs:
+            if state.get(p):
+                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
+                                         new_step_dtype(group))
+                if p in steps:
+                    value = steps[p]
+                    state[p]["step"] = torch.tensor(
+                        float(value.item() if isinstance(value, Tensor) else value),
+                        dtype=loaded_step_dtype(value, group),
+                        device=loaded_step_device(value, group, local_tensor(p).device),
+                    )
+    return loaded_seed

@@ -1,0 +1,136 @@
+"""What a param's state dict holds: its keys, and the checks of one entry."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.variant import Master
+from ..tensors import in_layout, is_dense, local_tensor, storage_problem
+
+
+MASTER_KEY = "master_param"
+REMAINDER_KEY = "master_param_remainder"
+SEED_KEY = "rounding_seed"
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+COMPLEX = (torch.complex64, torch.complex128)
+_MASTER_KEYS = {Master.FP32: MASTER_KEY, Master.REMAINDER: REMAINDER_KEY}
+# The dtype each master form is stepped in, then the others it is accepted in: a remainder
+# exported for collectives (which have no int16) is int32, and state written straight
+# from such an export (ZeroRedundancyOptimizer's load) holds it so until converted.
+_MASTER_DTYPES = {MASTER_KEY: (torch.float32,), REMAINDER_KEY: (torch.int16, torch.int32)}
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "exp_inf", "max_exp_avg_sq")
+
+
+def moment_keys(algorithm: str, amsgrad: bool) -> tuple[str, ...]:
+    """The moments a param of ``algorithm`` steps with (torch.optim's state keys)."""
+    if algorithm == "adamax":
+        return ("exp_avg", "exp_inf")
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def _memory_format(lp: Tensor):
+    """Dense params: state with the param's strides. Non-dense ones are stepped in a
+    contiguous staging copy, and so is their state."""
+    return torch.preserve_format if is_dense(lp) else torch.contiguous_format
+
+
+def _fit(p: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` as ``dtype`` where the kernel steps it with ``p`` (itself if it is)."""
+    lp = local_tensor(p)
+    if value.dtype == dtype and in_layout(local_tensor(value), lp):
+        return value
+    return torch.empty_like(p, dtype=dtype, memory_format=_memory_format(lp)).copy_(value)
+
+
+def _stale(key: str, problem: str, name: str) -> RuntimeError:
+    if problem.startswith("no storage"):
+        return RuntimeError(
+            f"tritonadam.{name}: state[{key!r}] has {problem}: the kernels would write through "
+            "it. Give it memory again before the step (offloading code: restore it), load a "
+            "state dict, or clear this param's state (`opt.state.pop(param)`) to restart it")
+    return RuntimeError(
+        f"tritonadam.{name}: state[{key!r}] has {problem}: the param changed after its "
+        "optimizer state was created. Load a state dict that matches the params "
+        "(`opt.load_state_dict(...)` also moves state to the params' device), or clear "
+        "this param's state (`opt.state.pop(param)`) to restart it"
+    )
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
+    """Why ``value`` cannot stand for ``state[key]`` of ``p``, or None."""
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"tritonadam.{name}: state[{key!r}] is a {type(value).__name__}, not a tensor")
+    lp, lv = local_tensor(p), local_tensor(value)
+    if lv.is_neg() or lv.is_conj():  # its memory holds the values before negation
+        raise RuntimeError(
+            f"tritonadam.{name}: state[{key!r}] is a lazily negated or conjugated view, which the "
+            f"kernels cannot read or write; make it a plain tensor: "
+            f"`state[{key!r}] = state[{key!r}].resolve_conj().resolve_neg()`")
+    if value.shape != p.shape or lv.shape != lp.shape:
+        return f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
+    if value.dtype not in dtypes:
+        wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"dtype {value.dtype} where a {p.dtype} param's state is {wanted}"
+    if lv.device != lp.device:
+        return f"device {lv.device} for a param on {lp.device}"
+    return storage_problem(lv)
+
+
+QUANTIZED = {"8bit": 8, "4bit": 4}
+# The dtypes a dense moment may be stored in and still be converted to a quantized format.
+_DENSE_ACCEPTS = (torch.float32, torch.bfloat16)
+
+
+def codes_key(key: str, bits: int) -> str:
+    """The state key of moment ``key``'s codes at ``bits`` bits (e.g. ``exp_avg_8bit``)."""
+    return f"{key}_{bits}bit"
+
+
+def scales_key(key: str) -> str:
+    """The state key of moment ``key``'s block scales (``exp_avg_scales``)."""
+    return f"{key}_scales"
+
+
+def _quantized_bits(state: dict, key: str) -> int | None:
+    """The bits of the quantized form of moment ``key`` that ``state`` holds, if any."""
+    for bits in QUANTIZED.values():
+        if codes_key(key, bits) in state:
+            return bits
+    return None
+
+
+def _drop_forms(state: dict, key: str, keep: str | None = None) -> None:
+    """Remove every stored form of moment ``key`` but ``keep`` ("dense", or a bit count)."""
+    if keep != "dense":
+        state.pop(key, None)
+    for bits in QUANTIZED.values():
+        if keep != bits:
+            state.pop(codes_key(key, bits), None)
+    if keep in (None, "dense"):
+        state.pop(scales_key(key), None)
+
+
+def _signed(key: str) -> bool:
+    return key == "exp_avg"  # the others (second moments, their max) are never negative
+
+
+def _seed_problem(value) -> str | None:
+    """What is wrong with a loaded stochastic-rounding seed, or None: it must be an
+    integer in [0, 2**63), as a Python int or a 1-element integer tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool \
+                or value.is_meta:
+            return f"is a tensor of {value.numel()} element(s) of dtype {value.dtype}, expected one integer"
+        value = int(value.item())
+    elif isinstance(value, bool) or not isinstance(value, int):
+        return f"is {value!r}, expected an integer"
+    return None if 0 <= value < 2**63 else f"is {value}, expected an integer in [0, 2**63)"
