@@ -168,7 +168,7 @@ def main():
                 done.add(key)
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
                 _report("update", flags, arch, block, warps, compiled)
-        # The architecture's other defaults (sm_90: 1024/4 from 2^26 elements) launch every
+        # The architecture's other defaults (sm_90: 1024/4 above 2^25 elements) launch every
         # variant untuned: each is compiled there too.
         defaults = sorted({(r.config.block_size, r.config.num_warps) for r in DEFAULTS
                            if r.backend == "cuda" and r.arch == f"sm_{arch}"} - set(CONFIGS))

@@ -334,26 +334,32 @@ _H200_RUN = Provenance(
     results="bench/results/2026-11-30_h200_ecf1ade.all (results.md, tuning.md, autotune-cache/)",
 )
 # The second H200 run timed device time apart from host time (bench schema 3): 10,000 x
-# 4,096 (40.96M elements in one launch, bucket 2^26), every config as a fixed config in 5
-# interleaved rounds, ms (p20-p80), 1024/4 against 1024/8:
+# 4,096 (40.96M elements in one launch, size bucket 2^26: launches of more than 2^25
+# elements), 1024/4, 1024/8 (the default then) and 2048/8 of the 18 configs as fixed
+# configs, 5 interleaved rounds of one timed step each (2048/8: 1 round in bf16, none in
+# bf16 state: the time budget), ms (p20-p80), 1024/4 against 1024/8:
 #   fp32            0.3019 (0.2948-0.3020) vs 0.3132 (0.3048-0.3137)  -3.6%
 #   bf16            0.2521 (0.2510-0.2526) vs 0.2696 (0.2672-0.2701)  -6.5%
 #   bf16, bf16 state 0.1835 (0.1757-0.1840) vs 0.1896 (0.1828-0.1901)  -3.2%
-# beyond the spread in the first two; first use with an empty cache tuned 1024/4 there too.
+# beyond the spread in the first two. The tuner's own pairs on 2^26-element scratch
+# launches agree: first use picked 1024/4, 6.0% faster than 1024/8 over 8 pairs
+# (tuning.log). Its bench row timed the same 1024/4 at 0.2657 ms, 5% off the core's
+# 0.2521: one timed step per round leaves run-to-run noise near the size of the gain.
 _H200_RUN2 = Provenance(
     gpu="NVIDIA H200",
     date="2026-12-04",
     command=(
         "python -m tritonadam.bench --profiles llama-layers@400M,many-small,one-huge@1B "
-        "--setups fp32,bf16,bf16-bf16state --providers tritonadam,torch-fused,tritonadam-graph,"
-        "torch-fused-graph --autotune off --sweep --sweep-max 3 --rounds 5 --rep-ms 100 "
+        "--setups fp32,bf16,bf16-bf16state --setups-for llama-layers@400M=core,bf16-remainder "
+        "--clip bf16 --providers tritonadam,torch-fused,tritonadam-graph,torch-fused-graph "
+        "--autotune off --sweep --sweep-max 3 --rounds 5 --rep-ms 100 --time-budget 155 "
         "(tritonadam/bench/gpu_check.sh)"
     ),
     commit="da36c0e",
-    results="bench/results/2026-12-04_h200_da36c0e.all (results.md, tuning.md)",
+    results="bench/results/2026-12-04_h200_da36c0e.results.json (and .all/: results.md, tuning.log)",
 )
 _SM90_SMALL = (
-    "unmeasured default below 2^26 elements: the first H200 run's figures for smaller launches "
+    "unmeasured default up to 2^25 elements: the first H200 run's figures for smaller launches "
     "came from the old tuner, which timed the default first (clock ramp-up against it) or "
     "pruned it at 2^16; kept until measured against it"
 )

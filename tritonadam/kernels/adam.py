@@ -194,7 +194,7 @@ def _update(
         # any call site is kept from them, so fewer live values there cost fewer registers
         # (ptxas, sm_90, 1024/8: 78 -> 64 with AMSGrad and a remainder). bf16 moments too:
         # stored after them, a bf16 param with bf16 state kept 8 bytes on the stack at
-        # 1024/4 (sm_90's default from 2^26 elements) under triton 3.9's ptxas options
+        # 1024/4 (sm_90's default above 2^25 elements) under triton 3.9's ptxas options
         # (--regAllocOptLevel=2); before them it takes 48 registers there, 32 at 1024/8.
         # fp32 moments with L2 weight decay likewise kept 8 bytes at 1024/4 under triton
         # 3.6. Elsewhere the early store spilled instead (a remainder master with bf16 state
