@@ -300,7 +300,8 @@ def test_quantized_full_path_instructions_per_element():
     """The static count behind docs/performance.md's prediction (bench/sass_per_element.py):
     what one program of the bench's config (1024/4, sm_90) issues per element. The
     nearest-rounding 8-bit step with a remainder master counted 168 before the codec was
-    cut and 96 after (triton 3.6; 3.9 within a few); above 115 the quantized step is back to issue-bound on an H200
+    cut, 96-100 after, and 90 with the remainder's join, the encode's threshold and code
+    offset and g's widening cut (triton 3.6; 3.9 within a few); above 115 the quantized step is back to issue-bound on an H200
     (404.8M elements at 33.4 T instructions/s against 1.35 ms of memory time). Stochastic
     rounding counted 174 with 4 elements per thread per iteration, 155 with the whole
     1024/4 block (8 per thread) in one, and 147 with Philox's wide multiply."""

@@ -70,6 +70,19 @@ def lerp(start, end, weight):
 
 
 @triton.jit
+def _widen(x, CDTYPE: tl.constexpr, BY_SHIFT: tl.constexpr):
+    # bf16 -> fp32 as the exact bit shift it is (what the GPU's conversion does too):
+    # written so, ptxas takes a packed register's high half with one AND, where the
+    # conversion moved the half down and back up (two instructions). Only where asked:
+    # in unquantized variants the same cut tipped ptxas into spills (bf16 param and
+    # state, SR, AMSGrad at 1024/8 on sm_80: 16 bytes of stack).
+    if BY_SHIFT and x.dtype == tl.bfloat16 and CDTYPE == tl.float32:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(CDTYPE)
+
+
+@triton.jit
 def _scalar(srow, COL: tl.constexpr, CDTYPE: tl.constexpr):
     return tl.load(srow + COL).to(CDTYPE)
 
@@ -94,9 +107,9 @@ def _load_state(ptr, scale_ptr, offs, mask, n, CDTYPE: tl.constexpr, QUANT: tl.c
 @triton.jit
 def _store_state(ptr, scale_ptr, x, offs, mask, n, random, S_DTYPE: tl.constexpr,
                  SR: tl.constexpr, QUANT: tl.constexpr, SIGNED: tl.constexpr,
-                 TAIL: tl.constexpr, VEC: tl.constexpr):
+                 TAIL: tl.constexpr, VEC: tl.constexpr, PICK_OFFSET: tl.constexpr):
     if QUANT:
-        store_moment(ptr, scale_ptr, x, offs, n, random, QUANT, SIGNED, TAIL, VEC, SR)
+        store_moment(ptr, scale_ptr, x, offs, n, random, QUANT, SIGNED, TAIL, VEC, SR, PICK_OFFSET)
     else:
         _store_rounded(ptr, offs, x, mask, random, S_DTYPE, SR)
 
@@ -122,7 +135,8 @@ def _random(g, offs, srow, first, key, SR: tl.constexpr):
 @triton.jit
 def _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                    r0, r1, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr,
-                   QUANT: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr):
+                   QUANT: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr,
+                   PICK_OFFSET: tl.constexpr):
     # 16 random bits each: m the low half of r1, v its high half, vmax the high half of r0
     # (the param takes r0's low half). Quantized, vmax first: with a master copy r0 is
     # then dead for the other two encodes (cubin, sm_80, triton 3.9, 4-bit AMSGrad + SR:
@@ -130,12 +144,13 @@ def _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, o
     # bf16 state + SR + AMSGrad 60 -> 68 registers at 1024/8 on sm_90.
     if AMSGRAD and QUANT:
         _store_state(vmax_ptr, xs_ptr, vmax, offs, mask, n, r0 >> 16, S_DTYPE, SR, QUANT, False,
-                     TAIL, VEC)
-    _store_state(m_ptr, ms_ptr, m, offs, mask, n, r1, S_DTYPE, SR, QUANT, True, TAIL, VEC)
-    _store_state(v_ptr, vs_ptr, v, offs, mask, n, r1 >> 16, S_DTYPE, SR, QUANT, False, TAIL, VEC)
+                     TAIL, VEC, PICK_OFFSET)
+    _store_state(m_ptr, ms_ptr, m, offs, mask, n, r1, S_DTYPE, SR, QUANT, True, TAIL, VEC, PICK_OFFSET)
+    _store_state(v_ptr, vs_ptr, v, offs, mask, n, r1 >> 16, S_DTYPE, SR, QUANT, False, TAIL, VEC,
+                 PICK_OFFSET)
     if AMSGRAD and not QUANT:
         _store_state(vmax_ptr, xs_ptr, vmax, offs, mask, n, r0 >> 16, S_DTYPE, SR, QUANT, False,
-                     TAIL, VEC)
+                     TAIL, VEC, PICK_OFFSET)
 
 
 @triton.jit
@@ -164,7 +179,7 @@ def _update(
     if AMSGRAD:
         vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
 
-    g = g.to(CDTYPE) * _scalar(srow, S_GMUL, CDTYPE)
+    g = _widen(g, CDTYPE, QUANT) * _scalar(srow, S_GMUL, CDTYPE)
     p = p.to(CDTYPE)
     w1 = _scalar(srow, S_W1, CDTYPE)
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
@@ -202,7 +217,7 @@ def _update(
         # AMSGrad): each variant keeps the order that compiles without (tests/test_aot.py).
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
-                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, not PERSISTENT)
     if QUANT and not ADAMAX:
         # Quantized moments have no torch counterpart to match bit for bit, and an ulp of
         # the update is far below their rounding: torch's update with the bias correction
@@ -223,7 +238,7 @@ def _update(
     if not STORE_EARLY:
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
-                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC)
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, not PERSISTENT)
     if MASTER == MASTER_FP32:
         tl.store(w_ptr + offs, p, mask=mask)
         if P_DTYPE == tl.bfloat16:

@@ -57,14 +57,14 @@ def unit(scale, BITS: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def decode(codes, unit, SIGNED: tl.constexpr):
-    """fp32 values of ``codes`` (fp32 integers; signed: -K..K, positive: 0..N-1) in blocks
-    of ``unit`` (see ``unit``; broadcast to the codes' shape). Scale 0 decodes to 0."""
+def decode(levels, unit, SIGNED: tl.constexpr):
+    """fp32 values of ``levels`` (fp32 integers q, see ``_levels``: signed -K..K, positive
+    1..N) in blocks of ``unit`` (see ``unit``; broadcast to the levels' shape). Scale 0
+    decodes to 0."""
     if SIGNED:
-        return (codes * tl.abs(codes)) * unit  # q * |q| is exact: sign(q) q^2
+        return (levels * tl.abs(levels)) * unit  # q * |q| is exact: sign(q) q^2
     else:
-        q = codes + 1.0
-        return (q * q) * unit
+        return (levels * levels) * unit
 
 
 @triton.jit
@@ -80,7 +80,8 @@ def _threshold(q, weight, SR: tl.constexpr):
 
 
 @triton.jit
-def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: tl.constexpr):
+def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: tl.constexpr,
+           PICK_OFFSET: tl.constexpr = True):
     """int32 codes of fp32 ``x`` in blocks of ``unit`` (``inv`` ~ 1 / scale, 0 where the
     scale is 0; both broadcast to x's shape): signed codes as two's complement.
 
@@ -104,11 +105,23 @@ def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: t
     m = tl.maximum(tl.sqrt(y) * L + MAGIC, MAGIC + (Q0 + 1))
     if SR:
         m = tl.minimum(m, MAGIC + (L - 1))
-    c0 = m - MAGIC
-    code = m.to(tl.int32, bitcast=True) - (MAGIC_BITS + Q0 + 1)  # level c0 - 1
-    code += (a > _threshold(c0 - 1.0, weight, SR) * unit).to(tl.int32)
-    if SR:
-        code += (a > _threshold(c0, weight, SR) * unit).to(tl.int32)
+    if SR or not PICK_OFFSET:
+        c0 = m - MAGIC
+        code = m.to(tl.int32, bitcast=True) - (MAGIC_BITS + Q0 + 1)  # level c0 - 1
+        code += (a > _threshold(c0 - 1.0, weight, SR) * unit).to(tl.int32)
+        if SR:
+            code += (a > _threshold(c0, weight, SR) * unit).to(tl.int32)
+    else:
+        # _threshold(c0 - 1) as (c0 - 1) c0 + 1/2 with both factors straight from m
+        # (integers below 2**22: every step exact, the same bits): one add fewer. The
+        # comparison picks the offset from m's bits rather than adding its 0/1 after a
+        # fixed offset: LLVM narrowed that offset to 16 bits and ptxas masked the sum
+        # again before the byte pack (positive map: one instruction per element more).
+        # PICK_OFFSET False keeps the form above: in the persistent grid's loop (more
+        # registers live) this one took 8 bytes of stack (bf16 param, 8-bit, 1024/8 and
+        # 4096/8, sm_90, triton 3.9).
+        above = a > ((m - (MAGIC + 1.0)) * (m - MAGIC) + 0.5) * unit
+        code = m.to(tl.int32, bitcast=True) + tl.where(above, -(MAGIC_BITS + Q0), -(MAGIC_BITS + Q0 + 1))
     if SIGNED:
         code = tl.where(x < 0, -code, code)
     return code
@@ -214,23 +227,28 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
             bits = tl.sum(tl.reshape(bits.to(tl.int32) & 0xFFFF, (R, QUANT_BLOCK // VEC, VEC)), 2)
             bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (R, QUANT_BLOCK // VEC, VEC)), (R, QUANT_BLOCK))
             scale = (bits << 16).to(tl.float32, bitcast=True)
-    return decode(_code_values(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
+    return decode(_levels(codes, BITS, SIGNED), unit(scale, BITS, SIGNED), SIGNED)
 
 
 @triton.jit
-def _code_values(codes, BITS: tl.constexpr, SIGNED: tl.constexpr):
-    """fp32 codes from stored bits (8-bit: uint8, signed as int8; 4-bit: a nibble in an
-    int32, signed as 4-bit two's complement)."""
+def _levels(codes, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 levels q of stored codes (8-bit: uint8, signed as int8; 4-bit: a nibble in an
+    int32, signed as 4-bit two's complement): the code on the signed map, the code + 1 on
+    the positive one.
+
+    A nibble OR'd into MAGIC's low mantissa bits is a float one exact subtraction (of
+    MAGIC and the offset) turns into the level: no conversion and no separate add. A byte
+    gains nothing by it (ptxas extracts it by itself first either way)."""
     if BITS == 8:
         if SIGNED:
             return codes.to(tl.int8, bitcast=True).to(tl.float32)
         else:
-            return codes.to(tl.float32)
+            return codes.to(tl.float32) + 1.0
     else:
         if SIGNED:
-            return (codes ^ 8).to(tl.float32) - 8.0
+            return ((codes ^ 8) | MAGIC_BITS).to(tl.float32, bitcast=True) - (MAGIC + 8.0)
         else:
-            return codes.to(tl.float32)
+            return (codes | MAGIC_BITS).to(tl.float32, bitcast=True) - (MAGIC - 1.0)
 
 
 @triton.jit
@@ -261,7 +279,7 @@ def _unpack_tail(byte, offs):
 @triton.jit
 def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
                  SIGNED: tl.constexpr, TAIL: tl.constexpr, VEC: tl.constexpr,
-                 SR: tl.constexpr):
+                 SR: tl.constexpr, PICK_OFFSET: tl.constexpr = True):
     """Encode fp32 ``x`` (at ``offs``, as in load_moment) with fresh block scales and store
     codes and scales. ``random``: 16 random bits per element (SR), else unused."""
     weight = 0.0
@@ -275,7 +293,7 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
         scale = round_scale(tl.max(tl.max(mag, axis=0), axis=1))
         inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
         u = unit(scale, BITS, SIGNED)
-        codes = encode(x, u[None, :, None], inv[None, :, None], weight, BITS, SIGNED, SR)
+        codes = encode(x, u[None, :, None], inv[None, :, None], weight, BITS, SIGNED, SR, PICK_OFFSET)
         if BITS == 8:
             tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8), mask=mask)
         else:
@@ -291,7 +309,7 @@ def store_moment(codes_ptr, scale_ptr, x, offs, n, random, BITS: tl.constexpr,
         scale = round_scale(tl.max(magnitude_bits(x), axis=1))
         inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
         u = unit(scale, BITS, SIGNED)
-        codes = encode(x, u[:, None], inv[:, None], weight, BITS, SIGNED, SR)
+        codes = encode(x, u[:, None], inv[:, None], weight, BITS, SIGNED, SR, PICK_OFFSET)
         if BITS == 8:
             tl.store(codes_ptr + offs, (codes & 0xFF).to(tl.uint8))
         else:

@@ -55,17 +55,22 @@ def split_master(x):
 
 @triton.jit
 def join_master(param, remainder):
-    """The fp32 value ``split_master`` split: undo the round-up the remainder records."""
-    high = param.to(tl.uint16, bitcast=True).to(tl.uint32)
-    low = remainder.to(tl.uint16, bitcast=True).to(tl.uint32)
+    """The fp32 value ``split_master`` split: undo the round-up the remainder records.
+
+    A remainder >= 0x8000 records a round-up of the high half, so the master's bits are
+    (param << 16) plus the remainder sign-extended: one integer add, no borrow to select.
+    """
+    high = param.to(tl.uint16, bitcast=True).to(tl.int32)
+    low = remainder.to(tl.int32)
     # No split gives a +-0 high half beside a rounded-up low half: that pair is a param set
     # to zero by hand between steps (pruning, re-initialising), whose master is that zero.
-    # Undoing the round-up there would borrow across the sign bit, into a NaN. (Any other
-    # param set by hand joins to a master it is the rounding of.)
-    low = tl.where(((high & 0x7FFF) == 0) & (low >= 0x8000), 0, low)
-    # uint32 wrap-around keeps this exact for the NaN patterns whose high half overflowed.
-    high = tl.where(low >= 0x8000, high - 1, high)
-    return ((high << 16) | low).to(tl.float32, bitcast=True)
+    # Undoing the round-up there would borrow across the sign bit, into a NaN: such a
+    # remainder is clamped to 0 there. (Any other param set by hand joins to a master
+    # it is the rounding of.) A high half of magnitude >= 1 absorbs the borrow short of
+    # the sign bit, so the sum never overflows int32: exact for every pair, NaN patterns
+    # included (tests/test_precision.py checks it against the host's join).
+    low = tl.where((high & 0x7FFF) == 0, tl.maximum(low, 0), low)
+    return ((high << 16) + low).to(tl.float32, bitcast=True)
 
 
 @triton.jit
