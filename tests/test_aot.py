@@ -311,5 +311,7 @@ def test_quantized_full_path_instructions_per_element():
     assert out.returncode == 0, out.stderr[-4000:]
     counts = {line.split(" | ")[0]: float(line.split(" | ")[1]) for line in out.stdout.splitlines()
               if line.startswith("bf16-")}
-    assert 60 < counts["bf16-8bit-remainder"] <= 115, counts
+    # 90 on triton 3.6, 89.5 on 3.9: a few instructions of slack for other compilers, not
+    # the 10 the cut took (85% of the copy is at stake, docs/performance.md)
+    assert 60 < counts["bf16-8bit-remainder"] <= 94, counts
     assert counts["bf16-8bit-sr"] <= 155, counts
