@@ -127,7 +127,7 @@ def _join(param_ptr, remainder_ptr, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, joined.to(tl.int32, bitcast=True))
 
 
-def test_kernel_join_master_on_every_high_half():
+def test_kernel_join_master_on_every_high_half(device):
     """The kernel's join (sign-extended remainder added to the high half, clamped at 0
     beside a +-0 high half) against the host's (borrow selected, the form the kernel had):
     every bf16 bit pattern, NaNs and both zeros included, with the remainders at and
@@ -140,9 +140,9 @@ def test_kernel_join_master_on_every_high_half():
     low = lows.to(torch.int32).repeat_interleave(0x10000)
     param = high.to(torch.int16).view(torch.bfloat16)
     remainder = low.to(torch.int16)
-    out = torch.empty(high.numel(), dtype=torch.int32)
-    _join[(len(lows),)](param, remainder, out, 0x10000)
-    assert torch.equal(out, join_master(param, remainder).view(torch.int32))
+    out = torch.empty(high.numel(), dtype=torch.int32, device=device)
+    _join[(len(lows),)](param.to(device), remainder.to(device), out, 0x10000)
+    assert torch.equal(out.cpu(), join_master(param, remainder).view(torch.int32))
 
 
 @pytest.mark.parametrize("state_dtype", [None, "8bit"])

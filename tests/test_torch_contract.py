@@ -623,7 +623,9 @@ def test_learned_tensor_betas_stay_the_callers_tensors(name, device):
         results = []
         for cls in (OURS[name], getattr(torch.optim, name)):
             weight, bias, inpt = linear_problem(device)
-            opt = cls([weight, bias], lr=1e-2, betas=betas)
+            # torch's for-loop step: on a GPU its default foreach step refuses tensor betas
+            # unless capturable
+            opt = cls([weight, bias], lr=1e-2, betas=betas, foreach=False)
             run_steps(opt, weight, bias, inpt, 2)
             kept = opt.param_groups[0]["betas"]
             results.append(([kept[0] is betas[0], kept[1] is betas[1], kept[0].shape], (weight, bias)))
@@ -720,7 +722,7 @@ def test_a_negative_view_step_count_counts_up(name, device):
     results = []
     for cls in (OURS[name], INFOS[name].optim_cls):
         params = [Parameter(weight.detach().clone()), Parameter(bias.detach().clone())]
-        opt = cls(params, lr=0.05)
+        opt = cls(params, lr=0.05, foreach=False)  # torch's foreach add refuses negated counts
         for p in params:
             opt.state[p]["step"] = torch.zeros(1, device=device)._neg_view()
             for key in moment_keys(name):
