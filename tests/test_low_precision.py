@@ -127,3 +127,31 @@ def test_many_steps_stay_bitwise(name, kwargs, dtype, master, device):
         assert_same_bits(p, r.p)
         assert_same_bits(opt.state[p]["exp_avg"], r.m)
         assert opt.state[p]["step"].item() == 200
+
+
+@pytest.mark.parametrize("kw", [{}, {"master_weights": True}, {"master_weights": "remainder"},
+                                {"state_dtype": torch.bfloat16}, {"state_dtype": torch.bfloat16, "amsgrad": True}],
+                         ids=["bf16", "master", "remainder", "bf16-state", "bf16-state-amsgrad"])
+def test_bf16_subnormals_are_widened_exactly(kw, device):
+    """Every bf16 subnormal pattern (both signs) among the params, as the grads and so in
+    bf16 state: widened to fp32 exactly, as torch and the GPU's conversion widen them.
+    Triton's interpreter's own bf16 widening flushes or garbles them (0x0001 -> 0.0,
+    0x0003 -> 0x00400000), so the kernels widen bf16 by the bit shift there."""
+    gen = torch.Generator().manual_seed(31)
+    low = torch.arange(1, 128, dtype=torch.int16)
+    patterns = torch.cat([low, low | torch.tensor(-32768, dtype=torch.int16)]).view(torch.bfloat16)
+    start = torch.cat([patterns, torch.randn(130, generator=gen).to(torch.bfloat16)])
+    param = torch.nn.Parameter(start[torch.randperm(start.numel(), generator=gen)].to(device))
+    amsgrad = kw.get("amsgrad", False)
+    ref = Reference(param, "adam", master=kw.get("master_weights", False), amsgrad=amsgrad,
+                    state_dtype=kw.get("state_dtype"))
+    opt = PAIRS["AdamW"][0]([param], lr=1e-3, weight_decay=0.1, **kw, **LAUNCH)
+    for _ in range(3):
+        grad = patterns[torch.randint(0, patterns.numel(), (start.numel(),), generator=gen)]
+        param.grad = grad.to(device)
+        opt.step()
+        assert_same_bits(param, ref.update(grad, 1e-3, 0.9, 0.999, 1e-8, 0.1, decoupled=True))
+    state = opt.state[param]
+    assert_same_bits(state["exp_avg"], ref.m)
+    assert_same_bits(state["exp_avg_sq"], ref.v)
+    assert ((ref.m.float() != 0) & (ref.m.float().abs() < 1.2e-38)).any()  # subnormal moments met

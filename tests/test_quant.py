@@ -253,6 +253,28 @@ def test_bit_for_bit_against_the_reference(combo, device):
         assert opt.state[p]["step"].item() == STEPS
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bf16_subnormal_grads_encode_like_the_reference(bits, device):
+    """bf16 grads made of subnormals (every pattern, both signs; Triton's interpreter's own
+    bf16 widening flushes or garbles them) beside normal ones, with a remainder master and
+    stochastic rounding: params, codes, scales and masters bit for bit."""
+    gen = torch.Generator().manual_seed(41)
+    low = torch.arange(1, 128, dtype=torch.int16)
+    patterns = torch.cat([low, low | torch.tensor(-32768, dtype=torch.int16)]).view(torch.bfloat16)
+    params = odd_params(BF16, device, seed=42, shapes=[(1100,), (3, 64)], layouts=False)
+    opt = build("AdamW", params, bits, master="remainder", sr=True)
+    refs = Refs(opt, "AdamW", bits, exact_codes=True)
+    for _ in range(3):
+        grads = []
+        for p in params:
+            g = patterns[torch.randint(0, patterns.numel(), p.shape, generator=gen)]
+            g[..., ::3] = torch.randn(g[..., ::3].shape, generator=gen).to(BF16) * 1e-30  # blocks of mixed size
+            grads.append(g.to(device))
+        _launch(opt, params, grads)
+        refs.step(dict(zip(params, grads)))
+    refs.check("subnormal grads")
+
+
 # ---- 2. the launch config does not change a bit --------------------------------------------
 
 

@@ -41,7 +41,7 @@ from .layout import (
     TABLE_COLUMNS,
 )
 from .quant import full_offsets, load_moment, store_moment, tail_offsets
-from .rounding import join_master, philox2x32, round_master, round_stochastic, round_to, split_master
+from .rounding import join_master, philox2x32, round_master, round_stochastic, round_to, split_master, widen
 
 
 @triton.jit
@@ -70,19 +70,6 @@ def lerp(start, end, weight):
 
 
 @triton.jit
-def _widen(x, CDTYPE: tl.constexpr, BY_SHIFT: tl.constexpr):
-    # bf16 -> fp32 as the exact bit shift it is (what the GPU's conversion does too):
-    # written so, ptxas takes a packed register's high half with one AND, where the
-    # conversion moved the half down and back up (two instructions). Only where asked:
-    # in unquantized variants the same cut tipped ptxas into spills (bf16 param and
-    # state, SR, AMSGrad at 1024/8 on sm_80: 16 bytes of stack).
-    if BY_SHIFT and x.dtype == tl.bfloat16 and CDTYPE == tl.float32:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return x.to(CDTYPE)
-
-
-@triton.jit
 def _scalar(srow, COL: tl.constexpr, CDTYPE: tl.constexpr):
     return tl.load(srow + COL).to(CDTYPE)
 
@@ -101,7 +88,7 @@ def _load_state(ptr, scale_ptr, offs, mask, n, CDTYPE: tl.constexpr, QUANT: tl.c
     if QUANT:
         return load_moment(ptr, scale_ptr, offs, n, QUANT, SIGNED, TAIL, VEC, GROUP_SCALES)
     else:
-        return tl.load(ptr + offs, mask=mask).to(CDTYPE)
+        return widen(tl.load(ptr + offs, mask=mask), CDTYPE, False)
 
 
 @triton.jit
@@ -179,8 +166,8 @@ def _update(
     if AMSGRAD:
         vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
 
-    g = _widen(g, CDTYPE, QUANT) * _scalar(srow, S_GMUL, CDTYPE)
-    p = p.to(CDTYPE)
+    g = widen(g, CDTYPE, QUANT) * _scalar(srow, S_GMUL, CDTYPE)
+    p = widen(p, CDTYPE, False)
     w1 = _scalar(srow, S_W1, CDTYPE)
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
     eps = _scalar(srow, S_EPS, CDTYPE)

@@ -25,6 +25,7 @@ from .layout import (
     COL_NUMEL,
     TABLE_COLUMNS,
 )
+from .rounding import widen
 
 # The norm's order p, as a constexpr: each kind compiles its own elementwise map.
 NORM_L1 = tl.constexpr(1)
@@ -48,9 +49,9 @@ def _elementwise(g, p, NORM: tl.constexpr):
 @triton.jit
 def _unscaled(g, inv_scale, CDTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     if HAS_GRAD_SCALE:
-        return g.to(CDTYPE) * inv_scale
+        return widen(g, CDTYPE, False) * inv_scale
     else:
-        return g.to(CDTYPE)
+        return widen(g, CDTYPE, False)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .layout import QUANT_BLOCK
+from .rounding import widen
 
 
 @triton.jit
@@ -214,7 +215,7 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
             codes = _unpack_full(byte, R)
         if GROUP_SCALES:
             s_offs, own = _group(R, QUANT_BLOCK, VEC)
-            group = tl.where(own, tl.load(scale_ptr + s_offs).to(tl.float32), 0.0)
+            group = tl.where(own, widen(tl.load(scale_ptr + s_offs), tl.float32, False), 0.0)
             group = tl.reshape(group, (R, QUANT_BLOCK // VEC, VEC))
             scale = tl.broadcast_to(tl.sum(group, axis=2)[:, :, None], (R, QUANT_BLOCK // VEC, VEC))
             scale = tl.reshape(scale, (R, QUANT_BLOCK))
@@ -258,7 +259,7 @@ def _tail_scale(scale_ptr, R: tl.constexpr, n):
     differently), then each row's own scale taken by a warp max over its lanes."""
     s_offs, own = _group(R, 32, 2)
     rows = tl.arange(0, R)[:, None] * QUANT_BLOCK < n
-    group = tl.load(scale_ptr + s_offs, mask=own & rows).to(tl.float32).to(tl.int32, bitcast=True)
+    group = widen(tl.load(scale_ptr + s_offs, mask=own & rows), tl.float32, False).to(tl.int32, bitcast=True)
     # Scales are >= 0 or NaN: their bits order like the values, and 0 stands for a lane's
     # other scale.
     return tl.max(tl.where(own & rows, group, 0), axis=1).to(tl.float32, bitcast=True)

@@ -7,6 +7,28 @@ rounded by hand).
 import triton
 import triton.language as tl
 
+from .._env import interpret
+
+# Triton's interpreter widens bf16 subnormals wrongly (0x0001 to 0.0, 0x0003 to
+# 0x00400000; triton 3.6 and 3.9), so there every bf16 -> fp32 is the exact bit shift the
+# GPU's conversion is. Read once, as Triton reads it once when it decorates the kernels; a
+# constexpr, so compiled kernels are the same code with or without it.
+INTERPRETED = tl.constexpr(interpret())
+
+
+@triton.jit
+def widen(x, CDTYPE: tl.constexpr, BY_SHIFT: tl.constexpr):
+    """``x.to(CDTYPE)``, with a bf16 -> fp32 widening done as the bit shift it is where
+    ``BY_SHIFT`` asks (or in the interpreter, always). Compiled, the shift lets ptxas take a
+    packed register's high half with one AND where the conversion moves the half down and
+    back up (two instructions); the quantized variants ask for it. Elsewhere the same cut
+    tipped ptxas into spills (bf16 param and state, SR, AMSGrad at 1024/8 on sm_80: 16
+    bytes of stack), so they keep the conversion."""
+    if x.dtype == tl.bfloat16 and CDTYPE == tl.float32 and (BY_SHIFT or INTERPRETED):
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(CDTYPE)
+
 
 @triton.jit
 def _bf16_from_bits(bits):
