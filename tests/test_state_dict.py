@@ -292,7 +292,8 @@ def test_torch_state_dict_keeps_the_moments_dtype_torch_keeps(dtype, device):
     for i, q in enumerate(ref):
         for key, value in theirs.state[q].items():
             assert exported[i][key].dtype == value.dtype, key
-            # on the CPU: torch keeps a non-capturable step count there, ours on the param's device
+            # torch keeps a non-capturable step count on the CPU, ours on the param's device
+            assert exported[i][key].device == (q.device if key == "step" else value.device), key
             torch.testing.assert_close(exported[i][key].cpu(), value.cpu())
     resumed = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
                                amsgrad=True, foreach=False)
