@@ -1,8 +1,8 @@
-"""Rounding from the fp32 compute type to what is stored in 16 bits.
+"""Rounding from the fp32 compute type to what is stored in 16 bits, and widening back.
 
 Every function here gives the same bits on the GPU and in Triton's interpreter (the
 interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even, so bf16 is
-rounded by hand).
+rounded by hand; and it widens bf16 subnormals wrongly, so ``widen`` shifts there).
 """
 import triton
 import triton.language as tl
