@@ -38,6 +38,13 @@ def kwargs_copy(kwargs):
     return {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in kwargs.items()}
 
 
+def bf16_subnormals() -> torch.Tensor:
+    """Every bf16 subnormal (exponent bits 0, mantissa 1..127), positive then negative: the
+    values Triton's interpreter's own bf16 widening flushes or garbles."""
+    low = torch.arange(1, 128, dtype=torch.int16)
+    return torch.cat([low, low | torch.tensor(-32768, dtype=torch.int16)]).view(torch.bfloat16)
+
+
 def random_grads(params, gen, dtype=None, scale=1.0):
     return [
         (torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale)

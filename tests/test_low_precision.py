@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import LAUNCH, PAIRS, SHAPES, make_params, random_grads
+from helpers import LAUNCH, PAIRS, SHAPES, bf16_subnormals, make_params, random_grads
 from reference import Reference, assert_same_bits
 
 CONFIGS = [
@@ -138,8 +138,7 @@ def test_bf16_subnormals_are_widened_exactly(kw, device):
     Triton's interpreter's own bf16 widening flushes or garbles them (0x0001 -> 0.0,
     0x0003 -> 0x00400000), so the kernels widen bf16 by the bit shift there."""
     gen = torch.Generator().manual_seed(31)
-    low = torch.arange(1, 128, dtype=torch.int16)
-    patterns = torch.cat([low, low | torch.tensor(-32768, dtype=torch.int16)]).view(torch.bfloat16)
+    patterns = bf16_subnormals()
     start = torch.cat([patterns, torch.randn(130, generator=gen).to(torch.bfloat16)])
     param = torch.nn.Parameter(start[torch.randperm(start.numel(), generator=gen)].to(device))
     amsgrad = kw.get("amsgrad", False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import PAIRS
+from helpers import PAIRS, bf16_subnormals
 from reference import QuantReference
 from tritonadam import quantize as Q
 from tritonadam.kernels import launch_counts
@@ -259,8 +259,7 @@ def test_bf16_subnormal_grads_encode_like_the_reference(bits, device):
     bf16 widening flushes or garbles them) beside normal ones, with a remainder master and
     stochastic rounding: params, codes, scales and masters bit for bit."""
     gen = torch.Generator().manual_seed(41)
-    low = torch.arange(1, 128, dtype=torch.int16)
-    patterns = torch.cat([low, low | torch.tensor(-32768, dtype=torch.int16)]).view(torch.bfloat16)
+    patterns = bf16_subnormals()
     params = odd_params(BF16, device, seed=42, shapes=[(1100,), (3, 64)], layouts=False)
     opt = build("AdamW", params, bits, master="remainder", sr=True)
     refs = Refs(opt, "AdamW", bits, exact_codes=True)

@@ -65,8 +65,8 @@ class ParamFormat:
                 f"tritonadam.{name}: state['step'] of a param of shape {tuple(p.shape)} is "
                 f"{_describe(step)}, not a step count; set it to a number or a one-element tensor, "
                 "or clear this param's state (`opt.state.pop(param)`) to restart it")
-        if isinstance(step, Tensor) and storage_problem(local_tensor(step)) is not None:
-            raise _stale("step", storage_problem(local_tensor(step)), name)
+        if isinstance(step, Tensor) and (problem := storage_problem(local_tensor(step))) is not None:
+            raise _stale("step", problem, name)
         convert = False
         for key in keys:
             convert |= self.moments.check(p, key, state, name)
