@@ -233,6 +233,46 @@ def test_random_streams_follow_shards_on_every_placement(shape):
             assert (id_a == id_b) == (data_a == data_b), (name, id_a, id_b)
 
 
+@pytest.mark.parametrize("after", ["steps", "clip"])
+def test_a_grad_placed_unlike_its_param_after_cached_steps_is_refused(after):
+    """The same refusal once the step cache holds the tables: a Partial grad of a replicated
+    param has the param's local shape, dtype and layout, which is all the cached check
+    compares of a grad but its spec. Also a grad wrapped anew between a clip and the step
+    over the very memory the clip took. One process, rank 0 of a fake group of 4."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import tritonadam
+
+    dist.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2, 2))
+        placed, partial = [Replicate(), Replicate()], [Replicate(), Partial()]
+        p = torch.nn.Parameter(DTensor.from_local(torch.randn(2, 4), mesh, placed, run_check=False))
+        opt = tritonadam.AdamW([p], lr=0.1)
+        for _ in range(2):  # the second step runs on the cache
+            p.grad = DTensor.from_local(torch.randn(2, 4), mesh, placed, run_check=False)
+            opt.step()
+        # Equal placements under a new spec object are the same layout: stepped.
+        p.grad = DTensor.from_local(torch.randn(2, 4), mesh, list(placed), run_check=False)
+        opt.step()
+        before = [p.to_local().clone(), opt.state[p]["exp_avg"].to_local().clone()]
+        local = torch.randn(2, 4)
+        if after == "clip":
+            p.grad = DTensor.from_local(local, mesh, placed, run_check=False)
+            opt.clip_grad_norm_(1.0)
+        p.grad = DTensor.from_local(local, mesh, partial, run_check=False)
+        with pytest.raises(RuntimeError, match=r"a DTensor grad placed .* for a param placed .*p.grad.redistribute"):
+            opt.step()
+        after_ = [p.to_local(), opt.state[p]["exp_avg"].to_local()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after_))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("grad_placement", ["partial", "swapped-dims", "one-rank-dim"])
 def test_grads_placed_unlike_their_params_are_refused(grad_placement):
     """A replicated param's grad left Partial (tensor parallelism) holds one addend per rank:

@@ -38,6 +38,15 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 
+def _spec(g: Tensor):
+    """A DTensor grad's sharding spec (mesh and placements), None for a plain tensor."""
+    return getattr(g, "_spec", None)
+
+
+def _placement(spec) -> tuple | None:
+    return None if spec is None else (spec.mesh, tuple(spec.placements))
+
+
 @dataclass
 class Row:
     """One tensor a step launches on, validated by the gathering."""
@@ -232,9 +241,14 @@ class StepCache:
         batch = [r for r in rows if not r.revalidated]
         self._revalidated = [r for r in rows if r.revalidated]
         self._batch_params = [r.param for r in batch]
-        kinds = {local_tensor(p) is not p for p in self._batch_params}
+        kinds = [local_tensor(p) is not p for p in self._batch_params]
         self._dtensor = True in kinds
-        self._all_dtensor = kinds == {True}
+        self._all_dtensor = all(kinds) and bool(kinds)
+        # The DTensor rows' grad specs: a grad placed unlike its param (a Partial grad of a
+        # replicated param) has the param's local shape, so only its spec tells it apart.
+        self._dtensor_rows = [i for i, k in enumerate(kinds) if k]
+        self._grad_specs = [_spec(r.param.grad) for r in (batch[i] for i in self._dtensor_rows)]
+        self._grad_placements = list(map(_placement, self._grad_specs))
         self._param_ptrs = [local_tensor(r.param).data_ptr() for r in batch]
         self._param_layouts = _LayoutMeta([local_tensor(r.param) for r in batch])
         grads = [r.grad for r in batch]
@@ -322,6 +336,8 @@ class StepCache:
             return False
         if not (grads_only or self._params_in_place()) or not self._grad_meta.same(local_grads):
             return False
+        if self._dtensor and not self._placed_as_taken(grads):
+            return False
         if 0 in ptrs and [i for i, ptr in enumerate(ptrs) if ptr == 0] != [
             i for i in self._empty if ptrs[i] == 0
         ]:
@@ -341,6 +357,14 @@ class StepCache:
         if self._dtensor:
             return list(map(local_tensor, tensors))
         return tensors
+
+    def _placed_as_taken(self, grads: list) -> bool:
+        """Whether the DTensor rows' grads have the mesh and placements the gathering
+        accepted: the same spec objects (FSDP2 reuses one per param), else equal ones."""
+        dgrads = grads if self._all_dtensor else [grads[i] for i in self._dtensor_rows]
+        specs = list(map(_spec, dgrads))
+        return (all(map(operator.is_, specs, self._grad_specs))
+                or list(map(_placement, specs)) == self._grad_placements)
 
     def _params_in_place(self) -> bool:
         """Whether the batch rows' params are where the tables point: the same address, and
@@ -425,7 +449,9 @@ class StepCache:
         except (AttributeError, RuntimeError, TypeError):
             return False
         return (ptrs == self._grad_ptrs
-                and (all(map(operator.is_, grads, taken)) or all(map(Tensor.is_contiguous, local_grads)))
+                and (all(map(operator.is_, grads, taken))
+                     or all(map(Tensor.is_contiguous, local_grads))
+                     and not (self._dtensor and not self._placed_as_taken(grads)))
                 and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:]))
                 and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
                 and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))
