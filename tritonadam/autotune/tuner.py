@@ -664,20 +664,48 @@ class Tuner:
             why = next((m.error for m in failed if m.config == default), "failed")
             reason = f"the default {default.short()} failed ({why}), so {incumbent.config.short()} was the incumbent; " + reason
         chosen = winner or incumbent
-        runner_up = duels.runner_up(chosen.config)
         rep = duels.rep
         gbps = bytes_per_elem * rep / chosen.time_ms / 1e6 if bytes_per_elem else None
-        complete = not any(why.endswith("budget") for _, why in untimed)
+        result = TuneResult(
+            config=chosen.config,
+            time_ms=chosen.time_ms,
+            gbps=gbps,
+            runner_up=duels.runner_up(chosen.config),
+            default=incumbent,
+            measurements=duels.screened + duels.confirmed + failed,
+            numel_timed=rep,
+            considered=len(cands),
+            complete=not any(why.endswith("budget") for _, why in untimed),
+            elapsed_s=elapsed,
+            vs_default=winner,
+            untimed=untimed,
+            noise=duels.noise,
+            reason=reason,
+        )
+        result.entry = self._entry(
+            key, bucket, info, result, duels, compiled, failed, bytes_per_elem=bytes_per_elem,
+            budget=budget, compile_budget=compile_budget, compile_s=compile_s, how=how)
+        self._announce(name, result, duels, compile_s)
+        if store:
+            self.cache.store(identity, name, result.entry)
+        return result
+
+    def _entry(self, key: tuple, bucket: int, info: DeviceInfo, result: TuneResult, duels: _Duels,
+               compiled: list, failed: list, *, bytes_per_elem: float | None, budget: float,
+               compile_budget: float, compile_s: float, how: str) -> dict:
+        """The disk cache's record of one tune: the decision, every measurement and why
+        each untimed candidate went untimed (docs/autotune.md has the fields)."""
+        winner, runner_up, incumbent = result.vs_default, result.runner_up, result.default
         timed = {m.config for m in [incumbent] + duels.screened}
-        entry = {
+        return {
             "key": [str(k) for k in key],
             "bucket": bucket,
             "space": space_id(info.backend),
-            "config": chosen.config.to_json(),
-            "time_ms": chosen.time_ms,
-            "gbps": gbps,
+            "config": result.config.to_json(),
+            "time_ms": result.time_ms,
+            "gbps": result.gbps,
             "bytes_per_elem": bytes_per_elem,
-            "numel_timed": rep,
+            "numel_timed": result.numel_timed,
             "launches_per_timing": duels.launches,
             "default": {"config": incumbent.config.to_json(), "time_ms": incumbent.time_ms, "pairs": incumbent.pairs},
             "vs_default": (
@@ -691,15 +719,15 @@ class Tuner:
             ),
             "decision": {
                 "kept_default": winner is None,
-                "reason": reason,
+                "reason": result.reason,
                 "min_margin": self.min_margin,
-                "noise": duels.noise,
+                "noise": result.noise,
                 "screen_pairs": SCREEN_PAIRS,
                 "confirm_pairs": CONFIRM_PAIRS,
                 "confirm_top": CONFIRM_TOP,
             },
-            "measurements": [m.to_json() for m in duels.screened + duels.confirmed + failed],
-            "untimed": [{"config": c.to_json(), "why": why} for c, why in untimed],
+            "measurements": [m.to_json() for m in result.measurements],
+            "untimed": [{"config": c.to_json(), "why": why} for c, why in result.untimed],
             "compiled": [dict(c, config=c["config"].to_json()) for c in compiled],
             "measured": {
                 "at": _now(),
@@ -708,41 +736,30 @@ class Tuner:
                 "configs_timed": len(timed),
                 "configs_failed": len({m.config for m in failed}),
                 "configs_pruned": sum(1 for c in compiled if c["pruned"] is not None),
-                "configs_untimed": len(untimed),
-                "configs_considered": len(cands),
-                "complete": complete,
+                "configs_untimed": len(result.untimed),
+                "configs_considered": result.considered,
+                "complete": result.complete,
                 "budget_s": budget,
                 "full_tune_s": round(duels.full_tune_s(), 3),
                 "compile_budget_s": compile_budget,
                 "compile_s": round(compile_s, 3),
-                "timing_s": round(elapsed - compile_s, 3),
-                "elapsed_s": round(elapsed, 3),
+                "timing_s": round(result.elapsed_s - compile_s, 3),
+                "elapsed_s": round(result.elapsed_s, 3),
                 "torch": torch.__version__,
             },
         }
-        result = TuneResult(
-            config=chosen.config,
-            time_ms=chosen.time_ms,
-            gbps=gbps,
-            runner_up=runner_up,
-            default=incumbent,
-            measurements=duels.screened + duels.confirmed + failed,
-            numel_timed=rep,
-            considered=len(cands),
-            complete=complete,
-            elapsed_s=elapsed,
-            entry=entry,
-            vs_default=winner,
-            untimed=untimed,
-            noise=duels.noise,
-            reason=reason,
-        )
-        short = [why for _, why in untimed if why.endswith("budget")]
+
+    def _announce(self, name: str, result: TuneResult, duels: _Duels, compile_s: float) -> None:
+        """One line on what a tune decided and what it cost."""
+        winner, incumbent, chosen = result.vs_default, result.default, result
+        timed = {m.config for m in [incumbent] + duels.screened}
+        short = [why for _, why in result.untimed if why.endswith("budget")]
         self._say(
             f"{name}: {'picked' if winner else 'kept the default'} {chosen.config.short()} {chosen.time_ms:.4g} ms"
-            + (f" ({gbps:.0f} GB/s)" if gbps else "")
+            + (f" ({result.gbps:.0f} GB/s)" if result.gbps else "")
             + (f", default {incumbent.config.short()} {incumbent.time_ms:.4g} ms" if winner else "")
-            + f": {reason}; {len(timed)}/{len(cands)} configs timed in {elapsed:.1f} s ({compile_s:.1f} s compiling)"
+            + f": {result.reason}; {len(timed)}/{result.considered} configs timed in {result.elapsed_s:.1f} s "
+            f"({compile_s:.1f} s compiling)"
             + (
                 f"; {len(short)} not timed for lack of budget (a full tune takes about "
                 f"{duels.full_tune_s():.1f} s of timing)"
@@ -750,9 +767,6 @@ class Tuner:
             ),
             always=True,
         )
-        if store:
-            self.cache.store(identity, name, entry)
-        return result
 
     def _likeliest_first(self, challengers: list, identity: CacheIdentity, bucket: int) -> list:
         """``challengers`` (nearest the default first) with the configs that beat the default

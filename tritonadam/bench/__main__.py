@@ -20,10 +20,12 @@ the float64 reference (or tritonadam raises); 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 from .. import _env
 from ._startup import prepare_interpreter
@@ -304,14 +306,22 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
             sys.modules["torch"].set_num_threads(saved_threads)
 
 
-def _main(argv: list[str] | None, allow_reexec: bool) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@dataclass
+class _Cases:
+    """What a run measures, resolved from the arguments (names checked, defaults applied)."""
 
-    if args.list:
-        sys.stdout.write(_listing())
-        return 0
+    providers: list[str]
+    setups: list[str]  # timed
+    all_setups: list[str]  # checked and in the roofline
+    setups_for: dict[str, list[str]]  # a workload's own setups
+    clip_setups: list[str]
+    workloads: list
+    roof_workloads: list
+    first_use_setups: list[str] | None
+
+
+def _check_modes(args, parser) -> None:
+    """Usage errors found before torch is imported."""
     if args.tuning:
         for flag, bad in (("--providers", args.providers and args.providers != ["tritonadam"]),
                           ("--autotune", args.autotune), ("--plot", args.plot),
@@ -326,36 +336,14 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         if not have_matplotlib():
             parser.error("--plot needs matplotlib, an optional extra: pip install matplotlib "
                          "(or pip install 'tritonadam[bench]')")
-    if args.load:
-        from .report import load
 
-        try:
-            report = load(args.load)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        report.setdefault("notes", []).extend(args.note)
-        _emit(report, args)
-        return _exit_code(report)
 
-    if args.autotune:
-        os.environ["TRITONADAM_AUTOTUNE"] = args.autotune
-
+def _resolve_cases(args, parser, cpu: bool) -> _Cases:
+    """The run's providers, setups and workloads, with every remaining usage error."""
     import torch
 
-    cuda_ok = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda_ok and not args.plan:
-        parser.error("--device cuda: no CUDA device is available")
-    # --plan shows a GPU run's cases on any machine unless --device cpu says otherwise.
-    cpu = args.device == "cpu" or (not cuda_ok and not args.plan)
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-
-    from .providers import PROVIDERS, HyperParams
-    from .report import CPU_STATEMENT, CPU_STATEMENT_TIMED, SCHEMA, collect_header, goals, roofline
-    from .runner import Interrupted, Options, run, stderr_progress
-    from .timing import TimingConfig
-    from .tuning import LATER_STEPS
-    from .workloads import PROFILES, SETUPS, make_workload, parse_count, parse_workloads
+    from .providers import PROVIDERS
+    from .workloads import PROFILES, SETUPS, parse_count, parse_workloads
 
     if args.providers:
         providers = _select(args.providers, list(PROVIDERS), "provider", parser, [])
@@ -368,7 +356,7 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         parser.error(f"unknown --baseline {args.baseline}")
     args.setups = _expand_core(args.setups)
     setups = _select(args.setups, list(SETUPS), "setup", parser, list(SETUPS))
-    all_setups = list(setups)  # checked and in the roofline
+    all_setups = list(setups)
     if cpu and not args.setups:
         setups = list(_CPU_TIMED_SETUPS)
     setups_for: dict[str, list[str]] = {}
@@ -420,10 +408,130 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return _Cases(providers, setups, all_setups, setups_for, clip_setups, workloads,
+                  roof_workloads, first_use_setups)
+
+
+def _timing_config(args, parser, cpu: bool):
+    from .timing import TimingConfig
+
+    # A sweep times ~20-40 configs per workload: shorter reps than a provider comparison.
+    many = args.sweep or args.tuning
+    dflt = {"warmup_ms": 5.0 if cpu else (20.0 if many else 30.0),
+            "rep_ms": 30.0 if cpu else (60.0 if many else 150.0),
+            "min_reps": 1, "max_reps": 3 if cpu else 5, "rounds": 3 if cpu else (5 if many else 7)}
+    tcfg = TimingConfig(
+        warmup_ms=args.warmup_ms if args.warmup_ms is not None else dflt["warmup_ms"],
+        rep_ms=args.rep_ms if args.rep_ms is not None else dflt["rep_ms"],
+        min_reps=args.min_reps or dflt["min_reps"],
+        max_reps=args.max_reps or max(dflt["max_reps"], args.min_reps or 0),
+        rounds=args.rounds or dflt["rounds"],
+        flush=not args.no_flush)
+    if tcfg.min_reps > tcfg.max_reps:
+        parser.error("--min-reps is larger than --max-reps")
+    return tcfg
+
+
+def _swept_elsewhere(args, parser, cases: _Cases) -> tuple[list, list]:
+    """--sweep-from: the fixed-config results and sweeps of this run's cases in that file."""
+    if not args.sweep_from:
+        return [], []
+    from .report import load
+
+    try:
+        other = load(args.sweep_from)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    names = {(w.name, s) for w in cases.workloads for s in cases.setups}
+    return (
+        [dict(r, swept_in=args.sweep_from) for r in other.get("results", [])
+         if r.get("variant") == "fixed" and (r["workload"], r["setup"]) in names],
+        [dict(sw, swept_in=args.sweep_from) for sw in other.get("sweeps") or []
+         if (sw["workload"], sw["setup"]) in names])
+
+
+def _report(runner, final: bool, *, args, cpu: bool, cases: _Cases, opts, hp, tcfg, budget,
+            header: dict, swept_elsewhere: tuple[list, list], t0: float) -> dict:
+    """The report (``SCHEMA``) of what ``runner`` has measured so far."""
+    from .report import CPU_STATEMENT, CPU_STATEMENT_TIMED, SCHEMA, goals, roofline
+    from .tuning import LATER_STEPS
+
+    providers = cases.providers
+    timed_interpreted = cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else [])
+    statement = (CPU_STATEMENT_TIMED if timed_interpreted else CPU_STATEMENT) if cpu else None
+    notes = list(runner.notes) + list(args.note)
+    if timed_interpreted:
+        notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
+                     "interpreter, not the kernels")
+    return {
+        "schema": SCHEMA,
+        "mode": "cpu" if cpu else "gpu",
+        "header": header,
+        "statement": statement,
+        "config": {
+            "providers": providers, "setups": cases.setups, "setups_for": cases.setups_for,
+            "workloads": [w.name for w in cases.workloads],
+            "clip_setups": opts.clip_setups, "max_norm": args.max_norm,
+            "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
+            "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
+            "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
+            "max_reps": tcfg.max_reps, "rounds": tcfg.rounds, "flush": tcfg.flush,
+            "timer": "cpu-wall" if cpu else "cuda-events", "check": not args.no_check,
+            "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
+            "sweep": opts.sweep, "sweep_max": args.sweep_max, "first_use": opts.first_use,
+            "later_steps": LATER_STEPS if opts.first_use else None,
+        },
+        "copy_bandwidth": runner.copy,
+        "results": runner.rows + swept_elsewhere[0],
+        "checks": runner.checks,
+        "sweeps": runner.sweeps + swept_elsewhere[1],
+        "roofline": roofline(cases.roof_workloads, cases.all_setups, args.optimizer, args.amsgrad),
+        "show_roofline": "full" if args.roofline else cpu,
+        "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
+        "notes": notes,
+        "interrupted": runner.interrupted,
+        "complete": final,
+        "elapsed_s": time.monotonic() - t0,
+    }
+
+
+def _main(argv: list[str] | None, allow_reexec: bool) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    if args.list:
+        sys.stdout.write(_listing())
+        return 0
+    _check_modes(args, parser)
+    if args.load:
+        from .report import load
+
+        try:
+            report = load(args.load)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        report.setdefault("notes", []).extend(args.note)
+        _emit(report, args)
+        return _exit_code(report)
+
+    if args.autotune:
+        os.environ["TRITONADAM_AUTOTUNE"] = args.autotune
+
+    import torch
+
+    cuda_ok = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda_ok and not args.plan:
+        parser.error("--device cuda: no CUDA device is available")
+    # --plan shows a GPU run's cases on any machine unless --device cpu says otherwise.
+    cpu = args.device == "cpu" or (not cuda_ok and not args.plan)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    cases = _resolve_cases(args, parser, cpu)
 
     if args.plan:
-        _print_plan(args, "cpu" if cpu else "cuda", providers, setups, workloads,
-                    [] if args.tuning else clip_setups, setups_for)
+        _print_plan(args, "cpu" if cpu else "cuda", cases.providers, cases.setups, cases.workloads,
+                    [] if args.tuning else cases.clip_setups, cases.setups_for)
         return 0
     if args.tuning and (cpu or _env.interpret()):
         # Nothing is tuned on the CPU or in Triton's interpreter (set on a GPU machine, the
@@ -440,20 +548,12 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if cpu:
         torch.set_num_threads(args.threads or 1)
 
-    # A sweep times ~20-40 configs per workload: shorter reps than a provider comparison.
-    many = args.sweep or args.tuning
-    dflt = {"warmup_ms": 5.0 if cpu else (20.0 if many else 30.0),
-            "rep_ms": 30.0 if cpu else (60.0 if many else 150.0),
-            "min_reps": 1, "max_reps": 3 if cpu else 5, "rounds": 3 if cpu else (5 if many else 7)}
-    tcfg = TimingConfig(
-        warmup_ms=args.warmup_ms if args.warmup_ms is not None else dflt["warmup_ms"],
-        rep_ms=args.rep_ms if args.rep_ms is not None else dflt["rep_ms"],
-        min_reps=args.min_reps or dflt["min_reps"],
-        max_reps=args.max_reps or max(dflt["max_reps"], args.min_reps or 0),
-        rounds=args.rounds or dflt["rounds"],
-        flush=not args.no_flush)
-    if tcfg.min_reps > tcfg.max_reps:
-        parser.error("--min-reps is larger than --max-reps")
+    from .providers import HyperParams
+    from .report import collect_header
+    from .runner import Interrupted, Options, run, stderr_progress
+    from .workloads import make_workload
+
+    tcfg = _timing_config(args, parser, cpu)
     hp = HyperParams(lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
                      seed=args.seed)
     budget = args.time_budget if args.time_budget is not None else (_CPU_TIME_BUDGET_S if cpu else None)
@@ -464,82 +564,32 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
             Tuner().budget_s, Tuner().compile_budget_s
         except ValueError as e:
             parser.error(str(e))
-        providers = []
+        cases.providers = []
     check_only = ()
-    if cpu and "tritonadam" not in providers and not args.no_check:
+    if cpu and "tritonadam" not in cases.providers and not args.no_check:
         check_only = ("tritonadam",)
     progress = None if args.quiet else stderr_progress()
-    opts = Options(device=device, providers=providers, setups=setups, setups_for=setups_for,
-                   workloads=workloads,
+    opts = Options(device=device, providers=cases.providers, setups=cases.setups,
+                   setups_for=cases.setups_for, workloads=cases.workloads,
                    algo=args.optimizer, hp=hp, timing=tcfg, baseline=args.baseline,
                    check=not args.no_check, check_steps=args.check_steps,
                    profile_launches=not args.no_launch_count, time_budget_s=budget,
                    compile_max_tensors=args.compile_max_tensors, check_only=check_only,
-                   check_workload=make_workload("check-small"), check_setups=all_setups,
-                   clip_setups=[] if args.tuning else clip_setups, max_norm=args.max_norm,
+                   check_workload=make_workload("check-small"), check_setups=cases.all_setups,
+                   clip_setups=[] if args.tuning else cases.clip_setups, max_norm=args.max_norm,
                    seed=args.seed, progress=progress,
                    sweep=args.sweep or (args.tuning and not args.sweep_from),
-                   sweep_max=args.sweep_max, first_use=args.tuning or bool(first_use_setups),
-                   first_use_setups=first_use_setups,
+                   sweep_max=args.sweep_max, first_use=args.tuning or bool(cases.first_use_setups),
+                   first_use_setups=cases.first_use_setups,
                    budget_after_checks=cpu and args.time_budget is None)
     t0 = time.monotonic()
     header = collect_header(device, argv)
     if args.tuning:
         header["tritonadam_autotune"] = "on (first use: each case from an empty temporary cache)"
         header["tritonadam_cache_dir"] = "a temporary directory per first-use case"
-
-    swept_elsewhere: tuple[list, list] = ([], [])
-    if args.sweep_from:
-        from .report import load
-
-        try:
-            other = load(args.sweep_from)
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        names = {(w.name, s) for w in workloads for s in setups}
-        swept_elsewhere = (
-            [dict(r, swept_in=args.sweep_from) for r in other.get("results", [])
-             if r.get("variant") == "fixed" and (r["workload"], r["setup"]) in names],
-            [dict(sw, swept_in=args.sweep_from) for sw in other.get("sweeps") or []
-             if (sw["workload"], sw["setup"]) in names])
-
-    def report_of(runner, final: bool) -> dict:
-        timed_interpreted = cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else [])
-        statement = (CPU_STATEMENT_TIMED if timed_interpreted else CPU_STATEMENT) if cpu else None
-        notes = list(runner.notes) + list(args.note)
-        if timed_interpreted:
-            notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
-                         "interpreter, not the kernels")
-        return {
-            "schema": SCHEMA,
-            "mode": "cpu" if cpu else "gpu",
-            "header": header,
-            "statement": statement,
-            "config": {
-                "providers": providers, "setups": setups, "setups_for": setups_for,
-                "workloads": [w.name for w in workloads],
-                "clip_setups": opts.clip_setups, "max_norm": args.max_norm,
-                "algo": args.optimizer, "lr": hp.lr, "betas": list(hp.betas), "eps": hp.eps,
-                "weight_decay": hp.weight_decay, "amsgrad": hp.amsgrad, "baseline": args.baseline,
-                "warmup_ms": tcfg.warmup_ms, "rep_ms": tcfg.rep_ms, "min_reps": tcfg.min_reps,
-                "max_reps": tcfg.max_reps, "rounds": tcfg.rounds, "flush": tcfg.flush,
-                "timer": "cpu-wall" if cpu else "cuda-events", "check": not args.no_check,
-                "check_steps": args.check_steps, "time_budget_s": budget, "seed": args.seed,
-                "sweep": opts.sweep, "sweep_max": args.sweep_max, "first_use": opts.first_use,
-                "later_steps": LATER_STEPS if opts.first_use else None,
-            },
-            "copy_bandwidth": runner.copy,
-            "results": runner.rows + swept_elsewhere[0],
-            "checks": runner.checks,
-            "sweeps": runner.sweeps + swept_elsewhere[1],
-            "roofline": roofline(roof_workloads, all_setups, args.optimizer, args.amsgrad),
-            "show_roofline": "full" if args.roofline else cpu,
-            "goals": goals(runner.rows, baseline=args.baseline) if not cpu else [],
-            "notes": notes,
-            "interrupted": runner.interrupted,
-            "complete": final,
-            "elapsed_s": time.monotonic() - t0,
-        }
+    report_of = functools.partial(
+        _report, args=args, cpu=cpu, cases=cases, opts=opts, hp=hp, tcfg=tcfg, budget=budget,
+        header=header, swept_elsewhere=_swept_elsewhere(args, parser, cases), t0=t0)
 
     # Every finished case rewrites the --out files: a run killed later keeps what it measured.
     opts.on_row = lambda runner: _write_files(report_of(runner, final=False), args)
