@@ -345,6 +345,16 @@ def test_dropped_and_compounded_coefficients(device):
             opt.step()
         assert record[0].filename == __file__  # the user's line, not ours or torch's
 
+    def in_place(opt, params, grads):  # model.zero_grad(set_to_none=False) and a backward
+        fresh(params, grads)
+        opt.clip_grad_norm_(1e-3)
+        for p, g in zip(params, grads):
+            p.grad.zero_()
+            p.grad.add_(g)
+        with pytest.warns(UserWarning, match=r"changed in place after clip_grad_norm_ .* dropped") as record:
+            opt.step()
+        assert record[0].filename == __file__
+
     def twice(opt, params, grads):
         fresh(params, grads)
         norms = [opt.clip_grad_norm_(2.0), opt.clip_grad_norm_(0.7)]
@@ -352,9 +362,9 @@ def test_dropped_and_compounded_coefficients(device):
         return norms
 
     unclipped, _ = torch_run([])
-    for script in (zero_grad_then_new, replaced, one_replaced):
+    for script in (zero_grad_then_new, replaced, one_replaced, in_place):
         with warnings.catch_warnings():
-            if script is not one_replaced:  # every grad replaced, or zero_grad: no warning
+            if script in (zero_grad_then_new, replaced):  # every grad replaced, or zero_grad: no warning
                 warnings.simplefilter("error")
             params, _ = run(script)
         for p, q in zip(params, unclipped):
@@ -364,6 +374,50 @@ def test_dropped_and_compounded_coefficients(device):
     _assert_close(torch.stack(norms), torch.stack(expected), rtol=2e-6, atol=0)
     assert norms[1].item() == pytest.approx(2.0, rel=1e-5)  # measured after the first clip
     for p, q in zip(params, expected_params):
+        _assert_close(p, q, **TOL)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), INF], ids=["nan", "inf"])
+@pytest.mark.parametrize("zero", ["model.zero_grad(set_to_none=False)", "grad.zero_()"])
+def test_a_skipped_steps_coefficient_ends_with_grads_zeroed_in_place(zero, bad, device):
+    """"Skip the step when the norm is not finite", zeroing the grads in place: the next
+    backward accumulates into the same grad tensors, and the next clip measures them
+    afresh (it compounded the pending NaN or 0 coefficient into every later clip, so
+    every later step was skipped, or stepped a zero update). As torch, without warnings."""
+    def train(ours):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2).to(device if ours else "cpu")
+        if ours:
+            opt = tritonadam.AdamW(model.parameters(), lr=0.1, **LAUNCH)
+            clip = lambda: opt.clip_grad_norm_(1.0)  # noqa: E731
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
+            clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
+        gen = torch.Generator().manual_seed(1)
+        norms = []
+        for it in range(4):
+            x = torch.randn(3, 4, generator=gen)
+            if it == 0:
+                x[0, 0] = bad
+            model(x.to(device if ours else "cpu")).square().sum().backward()
+            norm = clip()
+            norms.append(norm.item())
+            if math.isfinite(norms[-1]):
+                opt.step()
+            if zero.startswith("model"):
+                model.zero_grad(set_to_none=False)
+            else:
+                for p in model.parameters():
+                    p.grad.zero_()
+        return norms, list(model.parameters())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norms, params = train(ours=True)
+    expected_norms, expected = train(ours=False)
+    assert not math.isfinite(norms[0]) and all(math.isfinite(n) for n in norms[1:])
+    torch.testing.assert_close(torch.tensor(norms[1:]), torch.tensor(expected_norms[1:]), rtol=1e-5, atol=0)
+    for p, q in zip(params, expected):
         _assert_close(p, q, **TOL)
 
 

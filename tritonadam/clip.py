@@ -29,6 +29,8 @@ from .state import LOW_PRECISION
 from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device
 from .warn import warn
 
+_VERSION = operator.attrgetter("_version")
+
 __all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
            "replicated"]
 
@@ -162,6 +164,7 @@ class Clipper:
         self.scaled = False  # every pending clip folded in GradScaler's scale
         self._params: list[Tensor] = []
         self._grads: list[Tensor] = []
+        self._versions: list[int] = []  # the grads' version counters when measured
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
         self.last_norm: Tensor | None = None
@@ -189,7 +192,7 @@ class Clipper:
         ``holds``: whether it belongs to the current grads, if the caller knows."""
         if not self.pending:
             return
-        if not (self.holds(_measured(cache)[0]) if holds is None else holds):
+        if not (self.holds(_measured(cache)[0]) if holds is None else holds and self._unchanged_in_place()):
             self._drop_stale()
             return
         if grad_scale is not None and not self.scaled:
@@ -217,7 +220,9 @@ class Clipper:
         params, taken = _measured(cache)
         compound = self.holds(params)
         if self.pending and not compound:
-            self._drop_stale()
+            # Grads changed only in place (zeroed and accumulated again after a skipped
+            # step) are new values to measure: nothing left clipped to warn about.
+            self._drop_stale(quiet=all(map(operator.is_, map(GRAD, self._params), self._grads)))
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
@@ -368,11 +373,17 @@ class Clipper:
     # ---- the pending coefficient ---------------------------------------------------
 
     def holds(self, params: list[Tensor]) -> bool:
-        """Whether the pending coefficient belongs to these params' current grads."""
+        """Whether the pending coefficient belongs to these params' current grads: the same
+        tensors, unchanged in place since (``zero_()``, ``model.zero_grad(set_to_none=False)``
+        and a backward accumulating into them bump their version counters)."""
         if not self.pending or len(params) != len(self._params):
             return False
         return ((params is self._params or all(map(operator.is_, params, self._params)))
-                and all(map(operator.is_, map(GRAD, params), self._grads)))
+                and all(map(operator.is_, map(GRAD, params), self._grads))
+                and self._unchanged_in_place())
+
+    def _unchanged_in_place(self) -> bool:
+        return list(map(_VERSION, map(local_tensor, self._grads))) == self._versions
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
         """``grads``: the params' grads, as the check before this clip took them."""
@@ -380,6 +391,7 @@ class Clipper:
         self.scaled = scaled
         self._params = params
         self._grads = grads
+        self._versions = list(map(_VERSION, map(local_tensor, grads)))
 
     def take(self) -> Tensor | None:
         """The buffer whose coefficient this step applies, or None; consumed either way."""
@@ -388,14 +400,25 @@ class Clipper:
         self.clear()
         return self.buffer
 
-    def _drop_stale(self) -> None:
+    def _drop_stale(self, quiet: bool = False) -> None:
         """Drop a pending coefficient that no longer belongs to the current grads, with a
         warning when some of the grads it measured are still there: torch's in-place clip
         would have left those clipped, and this step reads them unclipped."""
         kept = sum(map(operator.is_, map(GRAD, self._params), self._grads))
         total = len(self._params)
+        in_place = kept == total and not self._unchanged_in_place()
         self.clear()
-        if kept:
+        if quiet:
+            return
+        if in_place:
+            warn(
+                f"tritonadam.{self.name}: the grads were changed in place after clip_grad_norm_ "
+                "measured them (zero_(), zero_grad(set_to_none=False), another backward "
+                "accumulating into them), so its coefficient was dropped and this step reads "
+                "them unclipped. Call clip_grad_norm_ after the last change to .grad, right "
+                "before step()"
+            )
+        elif kept:
             warn(
                 f"tritonadam.{self.name}: the grads changed after clip_grad_norm_ measured them "
                 f"({total - kept} of its {total} grads were replaced or set to None, or other "
@@ -409,6 +432,7 @@ class Clipper:
         self.pending = False
         self._params = []
         self._grads = []
+        self._versions = []
 
     def no_grads(self) -> Tensor:
         """A clip with no grads to measure: torch's value for it, the latest norm too."""
