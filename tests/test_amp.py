@@ -337,3 +337,38 @@ def test_compiled_train_step(backend, with_scaler, device):
     if with_scaler:
         assert args[0].get_scale() == 4096.0 and opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     torch._dynamo.reset()
+
+
+def test_non_finite_values_step_without_warnings(device):
+    """GradScaler skipping the very first step (an inf grad at the init scale: step count
+    0), inf and NaN grads without a scaler, and a clip of a tiny norm order: the values are
+    torch's, and nothing warns, as with torch (the interpreter computed discarded
+    ``tl.where`` branches and non-finite values with numpy, which warned)."""
+    import warnings
+
+    def grads(n):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        g[1], g[2] = float("inf"), float("nan")
+        return g.to(device)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = nn.Parameter(torch.ones(300, device=device))
+        opt = tritonadam.AdamW([p], lr=1e-2, **LAUNCH)
+        scaler = torch.amp.GradScaler(device.type)
+        scaler.scale(torch.ones((), device=device))  # the scale lives on the device now
+        p.grad = grads(300)
+        scaler.step(opt)
+        scaler.update()
+        assert torch.equal(p.detach(), torch.ones_like(p)) and opt.state[p]["step"].item() == 0
+        q = nn.Parameter(torch.ones(300, device=device))
+        opt2 = tritonadam.Adam([q], lr=1e-2, weight_decay=0.1, **LAUNCH)
+        q.grad = grads(300)
+        opt2.clip_grad_norm_(1.0, norm_type=0.001)
+        opt2.step()
+    r = nn.Parameter(torch.ones(300))
+    theirs = torch.optim.Adam([r], lr=1e-2, weight_decay=0.1, foreach=False)
+    r.grad = grads(300).cpu()
+    torch.nn.utils.clip_grad_norm_([r], 1.0, norm_type=0.001)
+    theirs.step()
+    assert torch.equal(q.detach().cpu().isnan(), r.detach().isnan())  # a NaN norm spreads in both

@@ -217,12 +217,14 @@ def _tl_flags(flags: dict) -> dict:
 
 
 def _quiet_discarded_branches():
-    """The interpreter computes both sides of every ``tl.where`` with numpy, so a log of 0
-    in a side the select drops (the prepare kernel's ``1 - beta**t`` once ``beta**t``
-    underflows, the p-norm of a zero element) makes numpy warn "divide by zero". Compiled
-    kernels evaluate nothing they discard; guarding the log inside them would cost registers
-    on the GPU (the p-norm pass: 40 -> 63 on sm_90)."""
-    return np.errstate(divide="ignore") if interpreted() else contextlib.nullcontext()
+    """numpy's floating-point warnings off, in the interpreter: it computes both sides of
+    every ``tl.where`` with numpy, so a log of 0 in a side the select drops (the prepare
+    kernel's ``1 - beta**t`` once ``beta**t`` underflows or at a count of 0, the p-norm of
+    a zero element) makes numpy warn "divide by zero" or "invalid value", and inf or NaN
+    grads make it warn where the GPU computes the same inf or NaN silently, as torch does.
+    Compiled kernels evaluate nothing they discard; guarding the log inside them would
+    cost registers on the GPU (the p-norm pass: 40 -> 63 on sm_90)."""
+    return np.errstate(all="ignore") if interpreted() else contextlib.nullcontext()
 
 
 def device_guard(device: torch.device):
@@ -280,7 +282,8 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     if compile_only:
         return _adam_kernel.run(*args, grid=(programs,), warmup=True, num_warps=num_warps,
                                 enable_fp_fusion=fusion, **flags)
-    _adam_kernel[(programs,)](*args, num_warps=num_warps, enable_fp_fusion=fusion, **flags)
+    with _quiet_discarded_branches():
+        _adam_kernel[(programs,)](*args, num_warps=num_warps, enable_fp_fusion=fusion, **flags)
     if count:
         launch_counts["update"] += 1
 
