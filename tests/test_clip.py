@@ -542,11 +542,37 @@ def test_error_if_nonfinite(norm_type, device):
         assert params[1].isnan().all() == math.isnan(bad)
 
 
+def test_max_norm_as_a_tensor_clips_as_torch(device):
+    """torch's clip_grad_norm_ takes max_norm as a one-element tensor too (so does
+    max_grad_norm=): read once, the same clip."""
+    ref = _params([(5,), (3, 4)], "cpu", seed=14)
+    gen = torch.Generator().manual_seed(15)
+    grads = [_grad(p.shape, gen, 3.0) for p in ref]
+    for p, g in zip(ref, grads):
+        p.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(ref, torch.tensor(0.5))
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    torch_opt.step()
+    for how in ("call", "ctor"):
+        params = _params([(5,), (3, 4)], device, seed=14)
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(device)
+        max_norm = torch.tensor(0.5, dtype=torch.float64, device=device)
+        if how == "call":
+            opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+            _assert_close(opt.clip_grad_norm_(max_norm), expected, rtol=1e-6, atol=0)
+        else:
+            opt = tritonadam.AdamW(params, lr=1e-2, max_grad_norm=max_norm, **LAUNCH)
+        opt.step()
+        for p, q in zip(params, ref):
+            _assert_close(p, q, **TOL)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda o: o.clip_grad_norm_(-1.0), ValueError, "max_norm must be >= 0"),
     (lambda o: o.clip_grad_norm_(float("nan")), ValueError, "max_norm must be >= 0"),
-    (lambda o: o.clip_grad_norm_(torch.ones((), device=o.param_groups[0]["params"][0].device)), TypeError,
-     "Python number"),
+    (lambda o: o.clip_grad_norm_(torch.ones(2, device=o.param_groups[0]["params"][0].device)), TypeError,
+     "one-element real tensor"),
     (lambda o: o.clip_grad_norm_(1.0, 0), ValueError, "order p > 0 or inf"),
     (lambda o: o.clip_grad_norm_(1.0, -INF), ValueError, "order p > 0 or inf"),
     (lambda o: o.clip_grad_norm_(1.0, "fro"), ValueError, "norm_type"),
@@ -554,7 +580,7 @@ def test_error_if_nonfinite(norm_type, device):
     (lambda o: o.clip_grad_norm_(1.0, scaler=object()), TypeError, "GradScaler"),
     (lambda o: tritonadam.AdamW(o.param_groups[0]["params"], max_grad_norm=-2.0), ValueError, "max_norm"),
     (lambda o: tritonadam.Adam(o.param_groups[0]["params"], grad_norm_type=0.0), ValueError, "order p > 0"),
-], ids=["negative", "nan", "tensor", "p=0", "p=-inf", "fro", "foreach", "scaler", "ctor-max", "ctor-p"])
+], ids=["negative", "nan", "2-element-tensor", "p=0", "p=-inf", "fro", "foreach", "scaler", "ctor-max", "ctor-p"])
 def test_bad_arguments_are_refused_and_change_nothing(call, error, match, device):
     params = _params([(5,), (3, 4)], device, seed=13)
     opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)

@@ -50,9 +50,18 @@ def norm_order(norm_type) -> float:
 
 
 def check_max_norm(max_norm) -> float:
-    """``max_norm`` as a float: a Python number >= 0 (inf: measure, never clip)."""
+    """``max_norm`` as a float: a real number >= 0 (inf: measure, never clip), a Python
+    number or a one-element real tensor as torch's ``clip_grad_norm_`` takes (its value
+    read here, once: a GPU tensor's read waits for the GPU)."""
+    if isinstance(max_norm, Tensor) and max_norm.numel() == 1 and not (
+            max_norm.is_complex() or max_norm.dtype == torch.bool):
+        if max_norm.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise TypeError("max_norm as a tensor is read on the host, which a CUDA graph capture "
+                            "cannot wait for: pass it as a Python number")
+        max_norm = max_norm.item()
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"max_norm must be a Python number, got {type(max_norm).__name__}")
+        raise TypeError(f"max_norm must be a real number or a one-element real tensor, got "
+                        f"{type(max_norm).__name__}")
     value = float(max_norm)
     if not value >= 0.0:  # also refuses NaN
         raise ValueError(f"max_norm must be >= 0, got {max_norm}")
