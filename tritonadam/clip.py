@@ -31,6 +31,14 @@ from .warn import warn
 
 _VERSION = operator.attrgetter("_version")
 
+
+def _versions(grads: list[Tensor]) -> list[int]:
+    """The grads' version counters; a DTensor's local shard's, which FSDP2 accumulates into
+    directly. One C-level pass where every grad is a plain tensor."""
+    if set(map(type, grads)) <= {Tensor}:
+        return list(map(_VERSION, grads))
+    return list(map(_VERSION, map(local_tensor, grads)))
+
 __all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
            "replicated"]
 
@@ -392,7 +400,7 @@ class Clipper:
                 and self._unchanged_in_place())
 
     def _unchanged_in_place(self) -> bool:
-        return list(map(_VERSION, map(local_tensor, self._grads))) == self._versions
+        return _versions(self._grads) == self._versions
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
         """``grads``: the params' grads, as the check before this clip took them."""
@@ -400,7 +408,7 @@ class Clipper:
         self.scaled = scaled
         self._params = params
         self._grads = grads
-        self._versions = list(map(_VERSION, map(local_tensor, grads)))
+        self._versions = _versions(grads)
 
     def take(self) -> Tensor | None:
         """The buffer whose coefficient this step applies, or None; consumed either way."""
