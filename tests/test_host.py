@@ -343,9 +343,9 @@ class _BesideTorch:
 
 
 def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
-    """As on the GPU: zero_grad or replaced grads drop a pending coefficient; a second
-    clip before the step measures the clipped grads and compounds; error_if_nonfinite
-    raises torch's error and leaves the coefficient as it was."""
+    """As on the GPU: zero_grad, replaced grads or grads changed in place drop a pending
+    coefficient; a second clip before the step measures the clipped grads and compounds;
+    error_if_nonfinite raises torch's error and leaves the coefficient as it was."""
     pair = _BesideTorch(on_host, [(6, 5), (11,)], seed=34)
     params, ref, ours, theirs, set_grads = pair.params, pair.ref, pair.ours, pair.theirs, pair.set_grads
 
@@ -361,6 +361,12 @@ def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
     ours.clip_grad_norm_(0.1)
     set_grads()  # replaced without zero_grad: likewise
     step_both()
+    ours.clip_grad_norm_(0.1)
+    for p, q in zip(params, ref):  # zeroed in place and accumulated again: likewise, warned
+        p.grad.zero_()
+        p.grad.add_(q.grad)
+    with pytest.warns(UserWarning, match="changed in place"):
+        step_both()
 
     set_grads()
     first = ours.clip_grad_norm_(2.0)
@@ -374,13 +380,17 @@ def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
         p.data.copy_(q)  # carry on from torch's bits
 
     set_grads()
-    ours.clip_grad_norm_(0.1)
-    torch.nn.utils.clip_grad_norm_(ref, 0.1)
-    params[0].grad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="non-finite"):
-        ours.clip_grad_norm_(0.1, error_if_nonfinite=True)
-    params[0].grad[0, 0] = ref[0].grad[0, 0] / ours._clipper.buffer[0].float()  # as before the NaN
-    step_both()
+    params[0].grad[0, 0] = ref[0].grad[0, 0] = float("nan")
+    ours.clip_grad_norm_(0.1)  # a NaN coefficient, pending
+    torch.nn.utils.clip_grad_norm_(ref, 0.1)  # NaN grads
+    for clip in (lambda: ours.clip_grad_norm_(0.1, error_if_nonfinite=True),
+                 lambda: torch.nn.utils.clip_grad_norm_(ref, 0.1, error_if_nonfinite=True)):
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip()
+    pair.step()  # the pending coefficient applies: NaN params, as torch's
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+    assert params[1].isnan().all()
 
 
 @pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
