@@ -83,6 +83,28 @@ QUANT_VARIANTS = [
 # Registers are bounded at 4096/8 (fp64: 2048/8, the same bytes per thread); the default
 # config must keep 32 warps resident.
 CONFIGS = [(4096, 8), (2048, 8), (GPU_DEFAULT.block_size, GPU_DEFAULT.num_warps)]
+# Quantized persistent twins (the tuner's candidates with persistent=True) that once
+# spilled, 8 bytes of stack at 64-96 registers: with the program inlined into the grid's
+# loop (d3a9e93, sm_80/sm_90, triton 3.6/3.9), and the last five with it called but the
+# codecs' persistent forms chosen otherwise (kernels/adam.py: _program_call). Each is
+# compiled for both architectures: (variant, block, warps). Unquantized persistent twins
+# keep the inlined loop and some spill (docs/performance.md): not compiled here.
+PERSISTENT_TWINS = [
+    (dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True), 512, 2),
+    (dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True), 2048, 8),
+    (dict(param_dtype=BF16, quant=4, stochastic_rounding=True, decoupled_wd=True), 1024, 8),
+    (dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True), 2048, 4),
+    (dict(param_dtype=BF16, grad_dtype=FP32, quant=8, master=True, amsgrad=True, decoupled_wd=True), 2048, 4),
+    (dict(param_dtype=FP16, quant=4, master=True, stochastic_rounding=True, amsgrad=True), 512, 4),
+    (dict(param_dtype=FP16, quant=4, master=True, stochastic_rounding=True, amsgrad=True), 1024, 8),
+    (dict(param_dtype=FP32, quant=4, adamax=True, coupled_wd=True), 1024, 2),
+    (dict(param_dtype=BF16, quant=8, adamax=True, master=REMAINDER, stochastic_rounding=True), 512, 2),
+    (dict(param_dtype=FP32, quant=4, adamax=True, stochastic_rounding=True), 1024, 2),
+    (dict(param_dtype=BF16, quant=4, master=REMAINDER, decoupled_wd=True), 4096, 8),
+    (dict(param_dtype=FP32, quant=4, amsgrad=True, coupled_wd=True), 2048, 4),
+    (dict(param_dtype=BF16, grad_dtype=FP32, quant=8, master=True, amsgrad=True, decoupled_wd=True), 1024, 2),
+    (dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True), 4096, 8),
+]
 # The whole candidate space, on the heaviest variant of each width.
 SPACE_VARIANTS = [
     dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
@@ -176,6 +198,10 @@ def main():
             for block, warps in defaults:
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)
                 _report("update-default", flags, arch, block, warps, compiled)
+        for flags, block, warps in PERSISTENT_TWINS:
+            twin = {**flags, "persistent": True}
+            compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **twin)
+            _report("update-persistent", twin, arch, block, warps, compiled)
         for flags in SPACE_VARIANTS:
             for block, warps in space:
                 compiled = aot.compile_update(arch=arch, num_warps=warps, block_size=block, **flags)

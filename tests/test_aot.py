@@ -1,7 +1,8 @@
 """The kernels as a step launches them, compiled for sm_80 and sm_90 with no GPU present:
 what the compiler reports must fit a memory-bound kernel.
 
-- every variant and every candidate launch config compiles without spills;
+- every variant and every candidate launch config compiles without spills, and so do the
+  quantized persistent twins of the candidates where the persistent loop once spilled;
 - the full-block path moves 4-byte (and 8-byte) data in 16-byte accesses;
 - the update kernel has no ordered atomics, fences or barriers across the GPU, and no
   shared-memory staging;
@@ -108,6 +109,8 @@ def test_every_variant_compiles_for_sm80_and_sm90(compiled):
     assert {r["flags"]["quant"] for r in quant} == {8, 4}
     assert len(quant) == 2 * 16 * 2
     assert any(r["flags"].get("persistent") for r in updates)
+    twins = [r for r in compiled if r["kernel"] == "update-persistent"]
+    assert len(twins) == 2 * 14 and all(r["flags"]["persistent"] for r in twins)
     assert sum(r["kernel"] == "prepare" for r in compiled) == 4
     assert sum(r["kernel"] == "norm" for r in compiled) == 2 * 16
     assert sum(r["kernel"] == "norm-reduce" for r in compiled) == 2 * 4
@@ -204,11 +207,12 @@ def _expected_quant_widths(row):
 
     Full path: each thread moves e = FULL / (32 * warps) elements per iteration, v = QVEC
     per access: params, grads and master v * size bytes (16 for 4-byte arrays at v = 4),
-    codes v bytes (8-bit) or v / 2 (4-bit), each row's group of v bf16 scales 2v bytes in
-    one load, and its scale stored by one of the row's lanes (a predicated 2-byte store per
-    element position). Masked path: t = SUB / (32 * warps) = 2 elements per thread, one
-    element per access, 2 rows of 64 per warp and iteration at least (t / 2 rows per
-    thread); codes one byte (4-bit: one byte for the pair), each row's 2-group of scales
+    codes v bytes (8-bit) or v / 2 (4-bit), each thread's scale one 2-byte load (element
+    0's; the PTX keeps the other v - 1, masked off), and a row's scale stored by one of the
+    row's lanes (a predicated 2-byte store per element position); a persistent grid's
+    4-bit moments read their VEC-group of scales in one 2v-byte load instead. Masked path:
+    t = SUB / (32 * warps) = 2 elements per thread, one element per access, 2 rows of 64
+    per warp and iteration at least (t / 2 rows per thread); codes one byte (4-bit: one byte for the pair), each row's 2-group of scales
     read as one 2-byte load per thread and written by one lane.
     """
     f = row["flags"]
@@ -232,7 +236,7 @@ def _expected_quant_widths(row):
     ld[min(16, v * g)] += e // v
     ld[g] += t
     for _ in range(moments):
-        if f.get("persistent"):
+        if f.get("persistent") and bits == 4:
             ld[2 * v] += e // v  # the thread's VEC-group of scales (see load_moment)
         else:
             ld[2] += e  # element 0's scale; the others are masked off in the PTX

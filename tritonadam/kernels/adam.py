@@ -159,12 +159,17 @@ def _update(
         if MASTER == MASTER_REMAINDER:
             p = join_master(p, tl.load(w_ptr + offs, mask=mask))
     # Quantized moments (QUANT): ptr -> codes, *s_ptr -> block scales; m is signed, v and
-    # vmax (and AdaMax's exp_inf) use the map without a zero.
-    m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC, PERSISTENT)
-    v = _load_state(v_ptr, vs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
+    # vmax (and AdaMax's exp_inf) use the map without a zero. A persistent grid's 4-bit
+    # moments read their scales in groups (quant.load_moment: GROUP_SCALES; _program_call
+    # says why).
+    GROUP_SCALES: tl.constexpr = PERSISTENT and QUANT == 4
+    # Its 8-bit moments encode with the older code offset (quant.encode: PICK_OFFSET).
+    PICK_OFFSET: tl.constexpr = not (PERSISTENT and QUANT == 8)
+    m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC, GROUP_SCALES)
+    v = _load_state(v_ptr, vs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, GROUP_SCALES)
     vmax = m
     if AMSGRAD:
-        vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, PERSISTENT)
+        vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, GROUP_SCALES)
 
     g = widen(g, CDTYPE, QUANT) * _scalar(srow, S_GMUL, CDTYPE)
     p = widen(p, CDTYPE, False)
@@ -204,7 +209,7 @@ def _update(
         # AMSGrad): each variant keeps the order that compiles without (tests/test_aot.py).
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
-                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, not PERSISTENT)
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, PICK_OFFSET)
     if QUANT and not ADAMAX:
         # Quantized moments have no torch counterpart to match bit for bit, and an ulp of
         # the update is far below their rounding: torch's update with the bias correction
@@ -225,7 +230,7 @@ def _update(
     if not STORE_EARLY:
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
-                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, not PERSISTENT)
+                       r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, PICK_OFFSET)
     if MASTER == MASTER_FP32:
         tl.store(w_ptr + offs, p, mask=mask)
         if P_DTYPE == tl.bfloat16:
@@ -379,6 +384,44 @@ def _program(
             first += SUB
 
 
+# The persistent grid's loop body for quantized state: the plain grid's program as a
+# function of its own, not inlined, called once per block. Inlined into the loop, loop-invariant code motion
+# hoisted every value the program derives from the thread index alone (element offsets,
+# their 64-bit extensions, the scales' masks) out of it, all of them stayed live across
+# it, and ptxas kept 8 bytes on the stack at 64-80 registers in 11 of 576 quantized
+# persistent twins of the candidate configs (d3a9e93: 16 variants, 9 configs, sm_80 and
+# sm_90, triton 3.6 and 3.9; docs/performance.md has the list), which the tuner prunes.
+# Called, the body recomputes them per block (a few integer instructions beside a
+# block's thousands), and a twin needs what its plain twin needs beside its return
+# address and pid. ptxas still puts pid on the stack in a twin at times (8 bytes: a store
+# when the block starts, a load when it ends) rather than take one more register; the
+# quantized codecs' persistent forms, chosen by width, avoid that in every twin compiled:
+# 8-bit moments encode with the older code offset (quant.encode: PICK_OFFSET) and, with
+# nearest rounding, in iterations of 4 elements per thread (launch.full_sub_block); 4-bit
+# moments read their scales in groups (quant.load_moment: GROUP_SCALES). Each other
+# choice tried spilled some twin (the comments there have them).
+@triton.jit(noinline=True)
+def _program_call(
+    pid, num_blocks, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CDTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
+    QUANT: tl.constexpr, QVEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """One block of a persistent grid; returns the program's next block, or -1 when it is
+    done: the caller keeps nothing live across the call. A loop in the caller instead,
+    with pid live across the call, put pid on the stack as well (fp32 4-bit AdaMax SR at
+    1024/2, sm_90, triton 3.9, and bf16 4-bit remainder AdamW at 4096/8, sm_90, triton
+    3.6, with the codecs' plain forms; a 2026-12-04 review's compile: 4-bit AMSGrad at
+    1024/2, sm_90, triton 3.9)."""
+    _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE, G_DTYPE, CDTYPE,
+             S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR, QUANT, QVEC, BLOCK,
+             SUB, FULL, True)
+    nxt = pid + tl.num_programs(0)
+    return tl.where(nxt < num_blocks, nxt, -1)
+
+
 # num_blocks changes with the model: no recompiles for its value.
 @triton.jit(do_not_specialize=["num_blocks"])
 def _adam_kernel(
@@ -396,15 +439,26 @@ def _adam_kernel(
         skip = tl.load(found_inf_ptr) != 0
     if not skip:
         if PERSISTENT:
-            # A few programs per SM looping over the blocks. A while loop: triton 3.6's
-            # interpreter takes no range() bounds from program_id.
+            # A few programs per SM looping over the blocks, each block of quantized state
+            # a call (see _program_call). While loops: triton 3.6's interpreter takes no
+            # range() bounds from program_id.
             pid = tl.program_id(0)
-            while pid < num_blocks:
-                _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
-                         G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                         COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)
-                pid += tl.num_programs(0)
+            if QUANT:
+                pid = tl.where(pid < num_blocks, pid, -1)
+                while pid >= 0:
+                    pid = _program_call(pid, num_blocks, table_ptr, grads_ptr, scalars_ptr,
+                                        block_map_ptr, P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX,
+                                        AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR, QUANT,
+                                        QVEC, BLOCK, SUB, FULL)
+            else:
+                # Unquantized twins keep the program inlined: called, they spilled more
+                # (sm_90, all 26 variants x 9 configs: triton 3.6 4 -> 7 of 234, 3.9 3 -> 4).
+                while pid < num_blocks:
+                    _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
+                             G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
+                             COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)
+                    pid += tl.num_programs(0)
         else:
             _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)
+                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, False)

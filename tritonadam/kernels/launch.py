@@ -94,14 +94,20 @@ def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
                    quant: int = 0, wide: bool = False, persistent: bool = False) -> int:
     """Elements per iteration of the full-block path: the whole block, except with
     stochastic rounding (at most ``SR_ELEMS_PER_THREAD`` per thread), quantized state
-    (``QUANT_ELEMS_PER_THREAD``; ``QUANT_FEW_ELEMS_PER_THREAD`` on a persistent grid, and
-    with stochastic rounding in blocks of more) and fp64 (``WIDE_ELEMS_PER_THREAD``). The
-    interpreter takes half a block so the loop is tested."""
+    (``QUANT_ELEMS_PER_THREAD``; ``QUANT_FEW_ELEMS_PER_THREAD`` with stochastic rounding
+    in blocks of more, and for 8-bit codes with nearest rounding on a persistent grid) and
+    fp64 (``WIDE_ELEMS_PER_THREAD``). A persistent grid's program is a call
+    (kernels/adam.py: ``_program_call``) that keeps pid live beside the block: at 8
+    elements per thread ptxas kept it on the stack in an 8-bit twin (bf16 AdamW at 4096/8,
+    sm_90, triton 3.9: 64 registers and 8 bytes; at 4: 56, none), and at 4 in an 8-bit
+    twin with stochastic rounding (bf16 remainder AdaMax at 2048/8, sm_90, triton 3.9: 64
+    and 8; at 8, one iteration: none); 4-bit twins need no fewer. The interpreter takes
+    half a block so the loop is tested."""
     if wide and not interpreted():
         return min(block_size, 32 * num_warps * WIDE_ELEMS_PER_THREAD)
     if quant:
         whole = block_size <= 32 * num_warps * QUANT_ELEMS_PER_THREAD
-        few = persistent or (stochastic_rounding and not whole)
+        few = (stochastic_rounding and not whole) or (persistent and quant == 8 and not stochastic_rounding)
         per_thread = QUANT_FEW_ELEMS_PER_THREAD if few else QUANT_ELEMS_PER_THREAD
         full = block_size // 2 if interpreted() else 32 * num_warps * per_thread
         return min(block_size, max(full, QUANT_MIN_FULL))

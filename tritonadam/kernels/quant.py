@@ -118,9 +118,16 @@ def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: t
         # comparison picks the offset from m's bits rather than adding its 0/1 after a
         # fixed offset: LLVM narrowed that offset to 16 bits and ptxas masked the sum
         # again before the byte pack (positive map: one instruction per element more).
-        # PICK_OFFSET False keeps the form above: in the persistent grid's loop (more
-        # registers live) this one took 8 bytes of stack (bf16 param, 8-bit, 1024/8 and
-        # 4096/8, sm_90, triton 3.9).
+        # PICK_OFFSET False keeps the form above, for a persistent grid's 8-bit moments: its
+        # program (a called function, kernels/adam.py: _program_call) keeps its return
+        # address and pid live beside the block, and with this form ptxas kept pid on the
+        # stack (bf16 param, fp32 grad and master, 8-bit AMSGrad at 1024/2, sm_80, triton
+        # 3.9: 96 registers and 8 bytes; with the form above 96 and none). Its 4-bit
+        # moments (and their scales' group load) spilled with the form above instead (fp32
+        # 4-bit AMSGrad L2 at 2048/4, sm_90, triton 3.9: 96 and 8; with this one 96 and
+        # none). Inlined into the grid's
+        # loop, as before 2026-12-04, this one took 8 bytes of stack too (bf16 param,
+        # 8-bit, 1024/8 and 4096/8, sm_90, triton 3.9).
         above = a > ((m - (MAGIC + 1.0)) * (m - MAGIC) + 0.5) * unit
         code = m.to(tl.int32, bitcast=True) + tl.where(above, -(MAGIC_BITS + Q0), -(MAGIC_BITS + Q0 + 1))
     if SIGNED:
@@ -191,9 +198,13 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
     ``n``: elements valid from offset 0, masked path only). Pointers are at the chunk's
     first element, byte and scale. ``GROUP_SCALES``: the full path reads each thread's
     VEC-group of scales (one 16-byte load, a pick in registers) instead of its own scale
-    alone (one 2-byte load): the persistent grid's loop keeps more registers live, and
-    there ptxas 13 (triton 3.9) fits the single load in 64 registers only with 8 bytes of
-    stack, the group without."""
+    alone (one 2-byte load). A persistent grid's program (kernels/adam.py: _program_call,
+    a called function) keeps its return address and pid live beside the block; with
+    4-bit codes ptxas then kept pid on the stack with the single load (fp32 4-bit AdaMax
+    SR at 1024/2, sm_90, triton 3.9: 96 registers and 8 bytes; bf16 4-bit remainder AdamW
+    at 4096/8, sm_90, triton 3.6: 64 and 8), not with the group (96 and 64, none). With
+    8-bit codes the group spilled instead (bf16 8-bit SR at 4096/8, bf16 8-bit remainder
+    AMSGrad at 2048/4, sm_90, triton 3.9), and they keep the single load."""
     if TAIL:
         R: tl.constexpr = offs.shape[1]
         mask = offs < n
