@@ -32,10 +32,10 @@ from .warn import warn
 _VERSION = operator.attrgetter("_version")
 
 
-def _versions(grads: list[Tensor]) -> list[int]:
+def _versions(grads: list[Tensor], plain: bool) -> list[int]:
     """The grads' version counters; a DTensor's local shard's, which FSDP2 accumulates into
-    directly. One C-level pass where every grad is a plain tensor."""
-    if set(map(type, grads)) <= {Tensor}:
+    directly. ``plain``: every grad a plain tensor (one C-level pass)."""
+    if plain:
         return list(map(_VERSION, grads))
     return list(map(_VERSION, map(local_tensor, grads)))
 
@@ -182,6 +182,7 @@ class Clipper:
         self._params: list[Tensor] = []
         self._grads: list[Tensor] = []
         self._versions: list[int] = []  # the grads' version counters when measured
+        self._plain = True  # every grad measured a plain tensor (no DTensor)
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
         self.last_norm: Tensor | None = None
@@ -400,7 +401,7 @@ class Clipper:
                 and self._unchanged_in_place())
 
     def _unchanged_in_place(self) -> bool:
-        return _versions(self._grads) == self._versions
+        return _versions(self._grads, self._plain) == self._versions
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
         """``grads``: the params' grads, as the check before this clip took them."""
@@ -408,7 +409,8 @@ class Clipper:
         self.scaled = scaled
         self._params = params
         self._grads = grads
-        self._versions = _versions(grads)
+        self._plain = set(map(type, grads)) <= {Tensor}
+        self._versions = _versions(grads, self._plain)
 
     def take(self) -> Tensor | None:
         """The buffer whose coefficient this step applies, or None; consumed either way."""
