@@ -374,57 +374,6 @@ def test_master_modes_load_each_other_and_keep_stepping_alike(first, second, dev
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("order", ["optimizer-first", "newer-model-first", "pruned-model-first"])
-def test_a_remainder_master_follows_params_loaded_after_it(order, device):
-    """A checkpoint's fp32 master loads into the remainder mode in either load order: loaded
-    before the params, it is still the exact master once they are loaded (training goes on
-    bit for bit as uninterrupted); loaded after params newer than it (a model saved later,
-    weights pruned before the save, a master torch.optim carried unchanged while it stepped
-    the params), the loaded params win, as with ``master_weights=True``: the load wrote
-    the stale master's high half over them."""
-    start = make_params([(3000,), (4, 5)], BF16, device, seed=71)
-    whole = [torch.nn.Parameter(p.detach().clone()) for p in start]
-    gen = torch.Generator().manual_seed(72)
-    a = PAIRS["AdamW"][0](whole, master_weights="remainder", **HYPER, **LAUNCH)
-    _train(a, whole, gen, 3)
-    saved = copy.deepcopy(a.state_dict())
-    at_save = [p.detach().clone() for p in whole]
-    if order == "optimizer-first":
-        params = [torch.nn.Parameter(p.detach().clone()) for p in start]  # not yet loaded
-        b = PAIRS["AdamW"][0](params, master_weights="remainder", **HYPER, **LAUNCH)
-        b.load_state_dict(saved)
-        with torch.no_grad():
-            for p, q in zip(params, at_save):
-                p.copy_(q)
-        _train(a, whole, copy.deepcopy(gen), 3)
-        _train(b, params, gen, 3)
-        for p, q in zip(params, whole):
-            assert torch.equal(p, q)
-        return
-    newer = [p.clone() for p in at_save]
-    if order == "pruned-model-first":
-        newer[0][:1000] = 0
-    else:
-        _train(a, whole, gen, 2)
-        newer = [p.detach().clone() for p in whole]
-    params = [torch.nn.Parameter(p.clone()) for p in newer]  # the model loaded first
-    b = PAIRS["AdamW"][0](params, master_weights="remainder", **{**HYPER, "lr": 0.0}, **LAUNCH)
-    b.load_state_dict(saved)
-    b.param_groups[0]["lr"] = 0.0
-    for p, g in zip(params, random_grads(params, gen)):
-        p.grad = g
-    b.step()  # lr 0: nothing moves, and the master is each param's (stale) or the checkpoint's
-    masters = b.state_dict()["state"]
-    stale = 0
-    for i, (p, q) in enumerate(zip(params, newer)):
-        assert torch.equal(p.detach(), q)
-        master, kept = masters[i]["master_param"], saved["state"][i]["master_param"]
-        same = q == split_master(kept)[0]
-        assert torch.equal(master[same], kept[same]) and torch.equal(master[~same], q[~same].float())
-        stale += int((~same).sum())
-    assert stale >= 1000
-
-
 def test_remainder_checkpoint_loads_into_torch_and_back(device):
     """The exported master is what torch.optim keeps of it: torch casts every floating
     state of a bf16 param to bf16 on load (``exp_avg`` too), and the checkpoint it saves

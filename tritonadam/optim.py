@@ -241,13 +241,11 @@ class _TritonAdamBase(Optimizer):
             return final
 
         def restore(optimizer):  # before the user's post-hooks: they see the loaded state
-            seed, masters = restore_loaded(self._algorithm, self._policy, self.seed, self.param_groups,
-                                           seen.get("state_dict", state_dict), self.state)
+            seed = restore_loaded(self._algorithm, self._policy, self.seed, self.param_groups,
+                                  seen.get("state_dict", state_dict), self.state)
             if seed is not None:
                 self.seed = seed
-            # At the next step: the params may load after (a remainder is split again
-            # from the master it was loaded as, kept until then).
-            self._masters_follow_params = masters
+            self._masters_follow_params = True  # at the next step: the params may load after
 
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
@@ -310,12 +308,11 @@ class _TritonAdamBase(Optimizer):
             raise fsdp1_clip_error("max_grad_norm" if self.max_grad_norm is not None else "clip_grad_norm_")
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
-        loaded = self.__dict__.pop("_masters_follow_params", None)
-        if loaded is not None:
+        if self.__dict__.pop("_masters_follow_params", False):
             for group in self.param_groups:
                 for p in group["params"]:
                     if p in self.state:
-                        master_follows_param(p, self.state[p], loaded.get(p))
+                        master_follows_param(p, self.state[p])
         return self._cache
 
     @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import

@@ -5,7 +5,6 @@ import torch
 from torch import Tensor
 
 from .. import quantize
-from ..kernels.variant import Master
 from ..tensors import local_tensor
 from .entries import (
     MASTER_KEY, _MOMENT_KEYS, QUANTIZED, REMAINDER_KEY, SEED_KEY, moment_keys, _quantized_bits, scales_key,
@@ -248,12 +247,10 @@ def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict
 
 
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
-                   state_dict: dict, state: dict) -> tuple[int | None, dict]:
+                   state_dict: dict, state: dict) -> int | None:
     """After torch's ``load_state_dict`` (which cast floating state to the param dtype):
     restore what ``state_dict`` held at full precision and convert it to these params'
-    formats. Returns the rounding seed it held, if any, and the fp32 masters it split into
-    remainders (param -> local master), for ``master_follows_param`` at the next step: the
-    params may be loaded after the optimizer."""
+    formats. Returns the rounding seed it held, if any."""
     saved_state = state_dict["state"]
     pairs = [
         (saved_id, p, group)
@@ -279,15 +276,11 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 if _codes_bits(key) is not None:
                     _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
     seed = loaded_seed if loaded_seed is not None else seed
-    masters = {}
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:
             if state.get(p):
-                fmt = policy.format(p)
-                if fmt.master == Master.REMAINDER and isinstance(state[p].get(MASTER_KEY), Tensor):
-                    masters[p] = local_tensor(state[p][MASTER_KEY])
-                fmt.prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
-                            new_step_dtype(group))
+                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
+                                         new_step_dtype(group))
                 if p in steps:
                     value = steps[p]
                     state[p]["step"] = torch.tensor(
@@ -295,4 +288,4 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                         dtype=loaded_step_dtype(value, group),
                         device=loaded_step_device(value, group, local_tensor(p).device),
                     )
-    return loaded_seed, masters
+    return loaded_seed

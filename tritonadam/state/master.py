@@ -8,24 +8,14 @@ from ..tensors import local_tensor
 from .entries import MASTER_KEY, REMAINDER_KEY
 
 
-def master_follows_param(p: Tensor, state: dict, loaded: Tensor | None = None) -> None:
+def master_follows_param(p: Tensor, state: dict) -> None:
     """Where ``p`` (fp16/bf16) is no longer its fp32 master rounded, the master takes the
     param's value. Run at the first step after a load: a state dict without a master (from
     torch.optim) got one made from the params as they were then, and a params' load after
     the optimizer's (``set_optimizer_state_dict`` before ``set_model_state_dict``, or a
     full state dict merged with the optimizer's own earlier state) leaves the master of
-    the old params, which the step would write back over the loaded ones.
-
-    A remainder is split again from ``loaded``, the fp32 master the load split it from
-    (``adopt_remainder``): the params may have been loaded only after the optimizer, and
-    only now are they that master rounded."""
-    lp = local_tensor(p)
-    if loaded is not None and REMAINDER_KEY in state:
-        remainder = local_tensor(state[REMAINDER_KEY])
-        if lp.dtype == torch.bfloat16 and remainder.shape == lp.shape and loaded.shape == lp.shape:
-            remainder.copy_(adopt_remainder(lp, loaded))
-        return
-    master = state.get(MASTER_KEY)
+    the old params, which the step would write back over the loaded ones."""
+    master, lp = state.get(MASTER_KEY), local_tensor(p)
     if not isinstance(master, Tensor) or lp.dtype not in (torch.bfloat16, torch.float16):
         return
     lm = local_tensor(master)
@@ -55,20 +45,6 @@ def _adopt_master(lp: Tensor, state: dict) -> None:
     rounded = _rounded_from(master, lp, (torch.bfloat16, torch.float16))
     with torch.no_grad():
         lp.copy_(torch.where(rounded, master, lp))
-
-
-def adopt_remainder(lp: Tensor, master: Tensor) -> Tensor:
-    """The int16 remainder that stands for fp32 ``master`` beside bf16 param ``lp``, which
-    it may write. Where ``lp`` is still that master rounded, the param takes the master's
-    high half and the remainder its low half: the exact pair. Elsewhere the param was
-    loaded or set after the master was saved, and is kept as its own master (remainder 0):
-    a stale master must not be written back over newer weights, as ``master_follows_param``
-    rules for the fp32 master."""
-    master = master.detach().to(device=lp.device, dtype=torch.float32)
-    high, low = split_master(master)
-    consistent = _rounded_from(master, lp, (torch.bfloat16,))
-    lp.copy_(torch.where(consistent, high, lp))
-    return torch.where(consistent, low, torch.zeros_like(low))
 
 
 def _rounded_from(master: Tensor, value: Tensor, dtypes: tuple) -> Tensor:

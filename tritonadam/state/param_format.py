@@ -14,7 +14,7 @@ from .entries import (
     _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, _describe, _fit,
     _memory_format, _quantized_bits, scales_key, _seed_problem, _stale, _tensor_problem,
 )
-from .master import _adopt_master, adopt_remainder, join_master
+from .master import _adopt_master, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
 from .steps import STEP_DTYPES, _countable
 
@@ -121,7 +121,9 @@ class ParamFormat:
             state.pop(REMAINDER_KEY, None)
         elif self.master == Master.REMAINDER:
             if MASTER_KEY in state:
-                low = adopt_remainder(lp, local_tensor(state.pop(MASTER_KEY)))
+                # The exact pair for this master: the param becomes its high half.
+                high, low = split_master(local_tensor(state.pop(MASTER_KEY)))
+                lp.copy_(high)
                 state[REMAINDER_KEY] = like(p, torch.int16, _memory_format(lp), low)
             elif REMAINDER_KEY not in state:
                 state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=_memory_format(lp))
