@@ -716,3 +716,36 @@ def test_scaled_grads_are_unscaled_before_their_powers(recipe, device):
     _assert_close(norm, expected, rtol=1e-6, atol=0)
     _assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], **TOL)
     assert opt.state[p]["exp_avg"].abs().min() > 0
+
+
+def test_inference_mode_grads_and_a_grad_added_between_clips(device):
+    """Grads made under torch.inference_mode() have no version counter: clipped and stepped
+    as other grads (in-place changes to them go unseen). A param that gets a grad between
+    two clips drops the first coefficient with the warning, as before version counters."""
+    def run(inference):
+        params = _params([(50,), (3, 7)], device, seed=21)
+        opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+        gen = torch.Generator().manual_seed(22)
+        grads = [_grad(p.shape, gen, 3.0, device=device) for p in params]
+        if inference:
+            with torch.inference_mode():
+                grads = [g.clone() for g in grads]
+            assert grads[0].is_inference()
+        for p, g in zip(params, grads):
+            p.grad = g
+        norm = opt.clip_grad_norm_(1.0)
+        opt.step()
+        return params, norm
+
+    (a, na), (b, nb) = run(True), run(False)
+    assert torch.equal(na, nb) and all(torch.equal(p, q) for p, q in zip(a, b))
+
+    params = _params([(50,), (50,), (50,)], device, seed=23)
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    gen = torch.Generator().manual_seed(24)
+    for p in params[:2]:
+        p.grad = _grad(p.shape, gen, 3.0, device=device)
+    opt.clip_grad_norm_(1.0)
+    params[2].grad = _grad(params[2].shape, gen, 3.0, device=device)
+    with pytest.warns(UserWarning, match="other params got grads"):
+        opt.clip_grad_norm_(1.0)

@@ -32,12 +32,16 @@ from .warn import warn
 _VERSION = operator.attrgetter("_version")
 
 
-def _versions(grads: list[Tensor], plain: bool) -> list[int]:
+def _versions(grads: list[Tensor], plain: bool) -> list[int] | None:
     """The grads' version counters; a DTensor's local shard's, which FSDP2 accumulates into
-    directly. ``plain``: every grad a plain tensor (one C-level pass)."""
-    if plain:
-        return list(map(_VERSION, grads))
-    return list(map(_VERSION, map(local_tensor, grads)))
+    directly. ``plain``: every grad a plain tensor (one C-level pass). None where one has
+    none (an inference-mode tensor): in-place changes to those go unseen."""
+    try:
+        if plain:
+            return list(map(_VERSION, grads))
+        return list(map(_VERSION, map(local_tensor, grads)))
+    except RuntimeError:
+        return None
 
 __all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
            "replicated"]
@@ -181,7 +185,7 @@ class Clipper:
         self.scaled = False  # every pending clip folded in GradScaler's scale
         self._params: list[Tensor] = []
         self._grads: list[Tensor] = []
-        self._versions: list[int] = []  # the grads' version counters when measured
+        self._versions: list[int] | None = []  # the grads' version counters when measured
         self._plain = True  # every grad measured a plain tensor (no DTensor)
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
@@ -240,7 +244,9 @@ class Clipper:
         if self.pending and not compound:
             # Grads changed only in place (zeroed and accumulated again after a skipped
             # step) are new values to measure: nothing left clipped to warn about.
-            self._drop_stale(quiet=all(map(operator.is_, map(GRAD, self._params), self._grads)))
+            self._drop_stale(quiet=len(params) == len(self._params)
+                             and all(map(operator.is_, params, self._params))
+                             and all(map(operator.is_, map(GRAD, self._params), self._grads)))
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
@@ -401,7 +407,7 @@ class Clipper:
                 and self._unchanged_in_place())
 
     def _unchanged_in_place(self) -> bool:
-        return _versions(self._grads, self._plain) == self._versions
+        return self._versions is None or _versions(self._grads, self._plain) == self._versions
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
         """``grads``: the params' grads, as the check before this clip took them."""
