@@ -29,6 +29,9 @@ from .state import LOW_PRECISION
 from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device
 from .warn import warn
 
+__all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
+           "replicated"]
+
 _VERSION = operator.attrgetter("_version")
 
 
@@ -42,9 +45,6 @@ def _versions(grads: list[Tensor], plain: bool) -> list[int] | None:
         return list(map(_VERSION, map(local_tensor, grads)))
     except RuntimeError:
         return None
-
-__all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
-           "replicated"]
 
 
 def norm_order(norm_type) -> float:
@@ -244,8 +244,7 @@ class Clipper:
         if self.pending and not compound:
             # Grads changed only in place (zeroed and accumulated again after a skipped
             # step) are new values to measure: nothing left clipped to warn about.
-            self._drop_stale(quiet=len(params) == len(self._params)
-                             and all(map(operator.is_, params, self._params))
+            self._drop_stale(quiet=self._same_params(params)
                              and all(map(operator.is_, map(GRAD, self._params), self._grads)))
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
@@ -400,11 +399,14 @@ class Clipper:
         """Whether the pending coefficient belongs to these params' current grads: the same
         tensors, unchanged in place since (``zero_()``, ``model.zero_grad(set_to_none=False)``
         and a backward accumulating into them bump their version counters)."""
-        if not self.pending or len(params) != len(self._params):
-            return False
-        return ((params is self._params or all(map(operator.is_, params, self._params)))
+        return (self.pending and self._same_params(params)
                 and all(map(operator.is_, map(GRAD, params), self._grads))
                 and self._unchanged_in_place())
+
+    def _same_params(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` are the ones the pending coefficient measured, in order."""
+        return len(params) == len(self._params) and (
+            params is self._params or all(map(operator.is_, params, self._params)))
 
     def _unchanged_in_place(self) -> bool:
         return self._versions is None or _versions(self._grads, self._plain) == self._versions

@@ -531,7 +531,8 @@ class Adam(_TritonAdamBase):
             on average. Counter-based random numbers: reproducible, graph-safe.
         seed (int, optional): of the stochastic rounding (default: ``torch.initial_seed()``
             when the optimizer is built, the seed the last ``torch.manual_seed`` before it
-            set, read without drawing from torch's global generator); saved in the state dict. Unused without stochastic rounding.
+            set, read without drawing from torch's global generator); saved in the state
+            dict. Unused without stochastic rounding.
         block_size (int, optional): elements per Triton program; with ``num_warps`` fixes
             the launch config instead of the autotuned one.
         num_warps (int, optional): warps per Triton program.

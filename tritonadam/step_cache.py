@@ -451,7 +451,7 @@ class StepCache:
         return (ptrs == self._grad_ptrs
                 and (all(map(operator.is_, grads, taken))
                      or all(map(Tensor.is_contiguous, local_grads))
-                     and not (self._dtensor and not self._placed_as_taken(grads)))
+                     and (not self._dtensor or self._placed_as_taken(grads)))
                 and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:]))
                 and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
                 and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))

@@ -385,10 +385,10 @@ def _program(
 
 
 # The persistent grid's loop body for quantized state: the plain grid's program as a
-# function of its own, not inlined, called once per block. Inlined into the loop, loop-invariant code motion
-# hoisted every value the program derives from the thread index alone (element offsets,
-# their 64-bit extensions, the scales' masks) out of it, all of them stayed live across
-# it, and ptxas kept 8 bytes on the stack at 64-80 registers in 11 of 576 quantized
+# function of its own, not inlined, called once per block. Inlined into the loop,
+# loop-invariant code motion hoisted every value the program derives from the thread
+# index alone (element offsets, their 64-bit extensions, the scales' masks) out of it, all
+# of them stayed live across it, and ptxas kept 8 bytes on the stack at 64-80 registers in 11 of 576 quantized
 # persistent twins of the candidate configs (d3a9e93: 16 variants, 9 configs, sm_80 and
 # sm_90, triton 3.6 and 3.9; docs/performance.md has the list), which the tuner prunes.
 # Called, the body recomputes them per block (a few integer instructions beside a

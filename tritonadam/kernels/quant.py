@@ -125,9 +125,8 @@ def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: t
         # 3.9: 96 registers and 8 bytes; with the form above 96 and none). Its 4-bit
         # moments (and their scales' group load) spilled with the form above instead (fp32
         # 4-bit AMSGrad L2 at 2048/4, sm_90, triton 3.9: 96 and 8; with this one 96 and
-        # none). Inlined into the grid's
-        # loop, as before 2026-12-04, this one took 8 bytes of stack too (bf16 param,
-        # 8-bit, 1024/8 and 4096/8, sm_90, triton 3.9).
+        # none). Inlined into the grid's loop, as before 2026-12-04, this one took 8 bytes
+        # of stack too (bf16 param, 8-bit, 1024/8 and 4096/8, sm_90, triton 3.9).
         above = a > ((m - (MAGIC + 1.0)) * (m - MAGIC) + 0.5) * unit
         code = m.to(tl.int32, bitcast=True) + tl.where(above, -(MAGIC_BITS + Q0), -(MAGIC_BITS + Q0 + 1))
     if SIGNED:
