@@ -374,6 +374,63 @@ def test_master_modes_load_each_other_and_keep_stepping_alike(first, second, dev
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("order", ["optimizer-first", "newer-model-first", "pruned-model-first"])
+def test_a_remainder_master_loads_under_params_in_either_order(order, device):
+    """A checkpoint's fp32 master loads into the remainder mode in either load order: loaded
+    before the params, it is the exact master once they are loaded (training goes on bit
+    for bit as uninterrupted, and the state dict exports it); loaded after params newer
+    than it (a model saved later, weights pruned before the save, a master torch.optim
+    carried unchanged while it stepped the params), the loaded params win, as with
+    ``master_weights=True``. The load wrote the stale master's high half over them."""
+    start = make_params([(3000,), (4, 5)], BF16, device, seed=71)
+    whole = [torch.nn.Parameter(p.detach().clone()) for p in start]
+    gen = torch.Generator().manual_seed(72)
+    a = PAIRS["AdamW"][0](whole, master_weights="remainder", **HYPER, **LAUNCH)
+    _train(a, whole, gen, 3)
+    saved = copy.deepcopy(a.state_dict())
+    at_save = [p.detach().clone() for p in whole]
+    if order == "optimizer-first":
+        params = [torch.nn.Parameter(p.detach().clone()) for p in start]  # not yet loaded
+        b = PAIRS["AdamW"][0](params, master_weights="remainder", **HYPER, **LAUNCH)
+        b.load_state_dict(saved)
+        with torch.no_grad():
+            for p, q in zip(params, at_save):
+                p.copy_(q)
+        for i in range(len(params)):
+            assert torch.equal(b.state_dict()["state"][i]["master_param"], saved["state"][i]["master_param"])
+        _train(a, whole, copy.deepcopy(gen), 3)
+        _train(b, params, gen, 3)
+        for p, q in zip(params, whole):
+            assert torch.equal(p, q)
+        return
+    newer = [p.clone() for p in at_save]
+    if order == "pruned-model-first":
+        newer[0][:1000] = 0
+    else:
+        _train(a, whole, gen, 2)
+        newer = [p.detach().clone() for p in whole]
+    params = [torch.nn.Parameter(p.clone()) for p in newer]  # the model loaded first
+    b = PAIRS["AdamW"][0](params, master_weights="remainder", **HYPER, **LAUNCH)
+    b.load_state_dict(saved)
+    b.param_groups[0]["lr"] = 0.0
+    for p, g in zip(params, random_grads(params, gen)):
+        p.grad = g
+    b.step()  # lr 0: nothing moves
+    masters = b.state_dict()["state"]
+    stale = 0
+    for i, (p, q) in enumerate(zip(params, newer)):
+        assert torch.equal(p.detach(), q)
+        master, kept = masters[i]["master_param"], saved["state"][i]["master_param"]
+        same = q == split_master(kept)[0]
+        assert torch.equal(master[same], kept[same])
+        # elsewhere the param is its master's rounding, within half a bf16 step of it
+        assert torch.equal(split_master(master)[0][~same], q[~same])
+        ulp = torch.finfo(BF16).eps * q[~same].float().abs().clamp_min(torch.finfo(torch.float32).tiny)
+        assert ((master[~same] - q[~same].float()).abs() <= ulp / 2).all()
+        stale += int((~same).sum())
+    assert stale >= 1000
+
+
 def test_remainder_checkpoint_loads_into_torch_and_back(device):
     """The exported master is what torch.optim keeps of it: torch casts every floating
     state of a bf16 param to bf16 on load (``exp_avg`` too), and the checkpoint it saves

@@ -14,7 +14,7 @@ from .entries import (
     _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, _describe, _fit,
     _memory_format, _quantized_bits, scales_key, _seed_problem, _stale, _tensor_problem,
 )
-from .master import _adopt_master, join_master, split_master
+from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
 from .steps import STEP_DTYPES, _countable
 
@@ -121,9 +121,15 @@ class ParamFormat:
             state.pop(REMAINDER_KEY, None)
         elif self.master == Master.REMAINDER:
             if MASTER_KEY in state:
-                # The exact pair for this master: the param becomes its high half.
-                high, low = split_master(local_tensor(state.pop(MASTER_KEY)))
-                lp.copy_(high)
+                # The exact pair for this master where the param is still that master
+                # rounded (a param loaded before the optimizer's state, from the same
+                # checkpoint). A param that differs is newer than the master (a later
+                # save, weights pruned before it) and is kept, with the master's low bits
+                # under it: within half a bf16 step of the param, and exact again if the
+                # same checkpoint's params are loaded after this (the optimizer first).
+                master = local_tensor(state.pop(MASTER_KEY))
+                high, low = split_master(master)
+                lp.copy_(torch.where(_rounded_from(master.to(lp.device), lp, (lp.dtype,)), high.to(lp.device), lp))
                 state[REMAINDER_KEY] = like(p, torch.int16, _memory_format(lp), low)
             elif REMAINDER_KEY not in state:
                 state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=_memory_format(lp))
