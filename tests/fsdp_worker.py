@@ -1373,6 +1373,13 @@ def zero_redundancy(rank: int, world: int, tmpdir: str) -> None:
     else:
         raise AssertionError("max_grad_norm under ZeroRedundancyOptimizer was not refused")
     tritonadam.AdamW(groups(base), max_grad_norm=1.0)  # outside ZeRO: fine
+    local = zero(DDP(copy.deepcopy(base)), tritonadam.AdamW).optim  # and its own clip
+    try:
+        local.clip_grad_norm_(1.0)
+    except NotImplementedError as err:
+        assert "partition" in str(err) and "torch.nn.utils.clip_grad_norm_" in str(err), err
+    else:
+        raise AssertionError("clip_grad_norm_ of ZeroRedundancyOptimizer's local optimizer was not refused")
     for name, (ours_cls, torch_cls) in PAIRS.items():
         runs = {}
         for ours in (True, False):
@@ -1456,6 +1463,10 @@ def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
         (DDP, torch.bfloat16, {"master_weights": "remainder"}, {"master_weights": "remainder"}),
         (DDP, torch.float32, {"torch": True}, {"state_dtype": "8bit"}),
         (DDP, torch.bfloat16, {"master_weights": True}, {"state_dtype": "4bit", "master_weights": "remainder"}),
+        # a seed (one value per param) that the receiver lacks, and one it takes over
+        (qfsdp, torch.bfloat16, {"stochastic_rounding": True, "state_dtype": "8bit", "seed": 5}, {}),
+        (qfsdp, torch.bfloat16, {"stochastic_rounding": True, "seed": 5},
+         {"stochastic_rounding": True, "state_dtype": "4bit", "seed": 9}),
     ]
     everywhere = StateDictOptions(full_state_dict=True)
     from_rank0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -1476,6 +1487,9 @@ def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
             for n, p in model.named_parameters():
                 state = fresh.state[p]
                 assert float(state["step"]) == 2, (what, n)
+                assert ("rounding_seed" in state) == bool(receiver.get("stochastic_rounding")), (what, n)
+                if source.get("stochastic_rounding") and receiver.get("stochastic_rounding"):
+                    assert int(state["rounding_seed"]) == source["seed"], (what, n)
                 for key in ("exp_avg", "exp_avg_sq"):
                     want = _expected_moment(opt, p, key, receiver)
                     assert torch.equal(qmoment(p, state, key), want), (

@@ -300,7 +300,8 @@ def test_dropped_and_compounded_coefficients(device):
     before the step, drop it (the step is unclipped, as torch's would be for grads its
     clip never saw); when only some grads were replaced it is dropped with a warning
     (torch's in-place clip would have left the others clipped); a second clip of the same
-    grads compounds, like a second in-place clip with torch."""
+    grads compounds, like a second in-place clip with torch. Grads given other memory
+    (``p.grad.data = x``, which keeps their version counters) drop it too."""
     shapes = [(40,), (7, 3)]
 
     def run(script):
@@ -355,6 +356,14 @@ def test_dropped_and_compounded_coefficients(device):
             opt.step()
         assert record[0].filename == __file__
 
+    def data_replaced(opt, params, grads):  # other memory under the same grad objects
+        fresh(params, grads)
+        opt.clip_grad_norm_(1e-3)
+        for p, g in zip(params, grads):
+            p.grad.data = g.clone()  # keeps the grad's version counter
+        with pytest.warns(UserWarning, match=r"changed in place after clip_grad_norm_ .* dropped"):
+            opt.step()
+
     def twice(opt, params, grads):
         fresh(params, grads)
         norms = [opt.clip_grad_norm_(2.0), opt.clip_grad_norm_(0.7)]
@@ -362,7 +371,7 @@ def test_dropped_and_compounded_coefficients(device):
         return norms
 
     unclipped, _ = torch_run([])
-    for script in (zero_grad_then_new, replaced, one_replaced, in_place):
+    for script in (zero_grad_then_new, replaced, one_replaced, in_place, data_replaced):
         with warnings.catch_warnings():
             if script in (zero_grad_then_new, replaced):  # every grad replaced, or zero_grad: no warning
                 warnings.simplefilter("error")

@@ -99,8 +99,9 @@ def test_fsdp2_state_dicts_and_dcp_cross_loads(tmp_path):
 
 def test_fsdp2_full_state_dicts_convert_between_state_options(tmp_path):
     """A full optimizer state dict of other state options (8-bit -> fp32, torch -> 8-bit,
-    8-bit -> 4-bit, fp32 -> 4-bit, 4-bit + remainder -> fp32 master) loads under FSDP2 on
-    every rank, each rank converting its shard."""
+    8-bit -> 4-bit, fp32 -> 4-bit, 4-bit + remainder -> fp32 master, stochastic rounding
+    -> none and -> another seed and format) loads under FSDP2 on every rank, each rank
+    converting its shard."""
     run_scenario("fsdp2_full_state_cross_options", tmp_path)
 
 

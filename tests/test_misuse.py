@@ -399,6 +399,40 @@ def test_freed_or_shrunk_storage_is_refused_not_read(what, kept, after):
     assert "refused" in out.stdout
 
 
+@pytest.mark.parametrize("call", ["step", "clip"])
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_grads_in_a_freed_flat_buffer_are_refused_not_read(call, after):
+    """Grads that are views of one flat grad buffer (Megatron/DeepSpeed style), freed
+    between steps: a view past the buffer's start then has its offset as its address,
+    not null, and the cached step and clip read through it (a segfault here, an
+    illegal address on a GPU). A reviewer's repro."""
+    out = _run_isolated(f"""
+        import torch, tritonadam
+        p = [torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(48)),
+             torch.nn.Parameter(torch.randn(5))]
+        buf = torch.empty(68)
+        opt = tritonadam.AdamW(p, block_size=1024, num_warps=4)
+        for _ in range({after}):
+            buf.normal_()
+            p[0].grad, p[1].grad, p[2].grad = buf[4:20], buf[20:], torch.randn(5)
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+        buf.normal_()
+        p[0].grad, p[1].grad, p[2].grad = buf[4:20], buf[20:], torch.randn(5)
+        before = [q.detach().clone() for q in p]
+        buf.untyped_storage().resize_(0)
+        assert 0 < p[0].grad.data_ptr() < 2**40
+        try:
+            opt.clip_grad_norm_(1.0) if "{call}" == "clip" else opt.step()
+        except RuntimeError as e:
+            assert "a grad has no storage for its (16,) elements" in str(e), e
+            assert all(torch.equal(q.detach(), b) for q, b in zip(p, before))
+            print("refused")
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused" in out.stdout
+
+
 @pytest.mark.parametrize("after", [1, 3])
 def test_state_with_freed_storage_is_refused_not_written(after):
     """A state tensor whose memory was freed (``untyped_storage().resize_(0)``, as
@@ -701,7 +735,7 @@ def test_disjoint_views_of_one_buffer_step_like_torch(layout, device):
 
 @pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel", "step-string",
                                  "seed-two-elements", "seed-string", "moment-on-meta",
-                                 "seed-through-torch", "scales-as-list"])
+                                 "seed-through-torch", "scales-as-list", "remainder-through-torch"])
 def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     params = _params(device)
     opt = PAIRS["AdamW"][0](params, **({"state_dtype": "8bit"} if bad == "scales-as-list" else {}), **LAUNCH)
@@ -725,6 +759,10 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     elif bad == "seed-through-torch":  # torch.optim's load casts state tensors to the param dtype
         sd["state"][1]["rounding_seed"] = torch.tensor(2**40 + 5).to(torch.bfloat16)
         match = "went through torch.optim: remove 'rounding_seed'"
+    elif bad == "remainder-through-torch":  # without its master: the low bits are lost
+        shape = sd["state"][1]["exp_avg"].shape
+        sd["state"][1]["master_param_remainder"] = torch.randint(-2**15, 2**15, shape).to(torch.bfloat16)
+        match = "'master_param_remainder' of param 1 has dtype torch.bfloat16, expected int16 or int32"
     elif bad == "scales-as-list":
         sd["state"][1]["exp_avg_scales"] = sd["state"][1]["exp_avg_scales"].tolist()
         match = "comes with 'exp_avg_scales' as a list, not a tensor"

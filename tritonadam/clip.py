@@ -47,6 +47,12 @@ def _versions(grads: list[Tensor], plain: bool) -> list[int] | None:
         return None
 
 
+def _addresses(grads: list[Tensor], plain: bool) -> list[int]:
+    """The grads' data pointers (a DTensor's local shard's): ``g.data = x`` keeps the grad
+    object and its version counter, and changes only these."""
+    return list(map(Tensor.data_ptr, grads if plain else map(local_tensor, grads)))
+
+
 def norm_order(norm_type) -> float:
     """torch's ``norm_type`` as a float, when the kernels compute that norm; else raise."""
     try:
@@ -186,6 +192,7 @@ class Clipper:
         self._params: list[Tensor] = []
         self._grads: list[Tensor] = []
         self._versions: list[int] | None = []  # the grads' version counters when measured
+        self._addresses: list[int] = []  # and their data pointers
         self._plain = True  # every grad measured a plain tensor (no DTensor)
         # The max_grad_norm path's output, one fixed tensor per norm dtype (graph-safe).
         self._auto_out: dict[torch.dtype, Tensor] = {}
@@ -214,7 +221,11 @@ class Clipper:
         ``holds``: whether it belongs to the current grads, if the caller knows."""
         if not self.pending:
             return
-        if not (self.holds(_measured(cache)[0]) if holds is None else holds and self._unchanged_in_place()):
+        if holds is None:
+            holds = self.holds(_measured(cache)[0])
+        else:  # still_taken compared the kernels' grads' addresses with the ones measured
+            holds = holds and self._unchanged_in_place(addresses=bool(cache.host) and not cache.params)
+        if not holds:
             self._drop_stale()
             return
         if grad_scale is not None and not self.scaled:
@@ -408,7 +419,9 @@ class Clipper:
         return len(params) == len(self._params) and (
             params is self._params or all(map(operator.is_, params, self._params)))
 
-    def _unchanged_in_place(self) -> bool:
+    def _unchanged_in_place(self, addresses: bool = True) -> bool:
+        if addresses and _addresses(self._grads, self._plain) != self._addresses:
+            return False
         return self._versions is None or _versions(self._grads, self._plain) == self._versions
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
@@ -419,6 +432,7 @@ class Clipper:
         self._grads = grads
         self._plain = set(map(type, grads)) <= {Tensor}
         self._versions = _versions(grads, self._plain)
+        self._addresses = _addresses(grads, self._plain)
 
     def take(self) -> Tensor | None:
         """The buffer whose coefficient this step applies, or None; consumed either way."""
@@ -460,6 +474,7 @@ class Clipper:
         self._params = []
         self._grads = []
         self._versions = []
+        self._addresses = []
 
     def no_grads(self) -> Tensor:
         """A clip with no grads to measure: torch's value for it, the latest norm too."""

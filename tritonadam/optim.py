@@ -49,6 +49,13 @@ def _built_by_zero(depth: int = 8) -> bool:
     return False
 
 
+def _zero_clip_error(what: str, instead: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{what}: this optimizer is ZeroRedundancyOptimizer's local one, which holds this rank's "
+        f"partition of the params: its norm would be the partition's alone. Instead {instead} "
+        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) before step()")
+
+
 class _TritonAdamBase(Optimizer):
     """torch.optim's contract around one multi-tensor step."""
 
@@ -78,6 +85,7 @@ class _TritonAdamBase(Optimizer):
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
         self._cache: StepCache | None = None
         self._clipper = Clipper(type(self).__name__)
+        self._zero_partition = _built_by_zero()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -103,11 +111,7 @@ class _TritonAdamBase(Optimizer):
         if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
             raise fsdp1_clip_error("max_grad_norm")
         if max_grad_norm is not None and _built_by_zero():
-            raise NotImplementedError(
-                "max_grad_norm: this optimizer is ZeroRedundancyOptimizer's local one, which holds "
-                "this rank's partition of the params: its norm would be the partition's alone. Drop "
-                "max_grad_norm= and call torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) "
-                "before step()")
+            raise _zero_clip_error("max_grad_norm", "drop max_grad_norm= and call")
         for key in self._EXTRAS:
             setattr(self, key, extras[key])
         self._checked_extras = self._extras()
@@ -220,8 +224,9 @@ class _TritonAdamBase(Optimizer):
         floating state to the param dtype; this optimizer's own entries are restored at
         full precision afterwards (others stay as torch loaded them) and converted to this
         optimizer's formats (moment dtype, master form; loading an fp32 master into
-        ``master_weights="remainder"`` sets each bf16 param to its master's high half, so
-        the pair is exact), and step counts become 0-dim
+        ``master_weights="remainder"`` sets each bf16 param that is still that master
+        rounded to its high half, so the pair is exact, and keeps a param newer than it,
+        with the master's low bits under it), and step counts become 0-dim
         tensors in the dtype and on the device torch.optim gives them (a float64 count
         stays float64, and a count stays where the state dict had it, unless the group is
         capturable or fused); the next step moves a count to its param's device.
@@ -408,7 +413,9 @@ class _TritonAdamBase(Optimizer):
         replaced before the step (a new backward after ``set_to_none``), drop it, as the
         grads torch's in-place clip scaled would be gone. A second call before the step
         measures the grads as already clipped by the first and compounds, as a second
-        in-place clip would. Changing the grads in place after the call is not seen. The
+        in-place clip would. Grads changed in place after the call drop it too, with a
+        warning at the step (torch's version counters or the grads' addresses show it;
+        writes through ``.data``, numpy or collectives do not). The
         step that follows reuses this call's check of the grads, after confirming that
         every param still holds the grad measured here; the params and state it checks
         itself.
@@ -435,6 +442,8 @@ class _TritonAdamBase(Optimizer):
             Total norm of the grads (viewed as a single vector), of the unscaled grads
             when ``scaler`` is given.
         """
+        if getattr(self, "_zero_partition", False):
+            raise _zero_clip_error("clip_grad_norm_", "call")
         max_norm = check_max_norm(max_norm)
         p = norm_order(norm_type)
         if foreach not in (None, True, False):

@@ -35,6 +35,7 @@ from .validate import check_grad
 __all__ = ["DeviceLaunches", "Row", "StepCache", "param_meta"]
 
 _DTYPE = operator.attrgetter("dtype")
+_LOW = 2**40  # an address below it may be an offset into a freed storage (StepCache._freed)
 _SHAPE = operator.attrgetter("shape")
 
 
@@ -254,6 +255,7 @@ class StepCache:
         grads = [r.grad for r in batch]
         self._grad_meta = _GradMeta(grads)
         self._empty = [i for i, g in enumerate(grads) if g.numel() == 0]
+        self._grad_sizes = list(map(Tensor.element_size, grads))
         # Table order: batch-checked rows first (their grad pointers come from the C-level
         # pass), then revalidated ones; within a device, rows are sorted into buckets.
         self._order = batch + self._revalidated
@@ -338,16 +340,27 @@ class StepCache:
             return False
         if self._dtensor and not self._placed_as_taken(grads):
             return False
-        if 0 in ptrs and [i for i, ptr in enumerate(ptrs) if ptr == 0] != [
-            i for i in self._empty if ptrs[i] == 0
-        ]:
-            return False  # a freed storage (null pointer) under a non-empty grad
+        if ptrs != self._grad_ptrs and self._freed(local_grads, ptrs):
+            return False
         revalidated = self._revalidate(param_groups)
         if revalidated is None or (self.host and not self._recheck_host(param_groups, state)):
             return False
         self._grad_ptrs, self._revalidated_grads = ptrs, revalidated
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
         return True
+
+    def _freed(self, local_grads: list, ptrs: list) -> bool:
+        """Whether a non-empty grad's storage was freed (``untyped_storage().resize_(0)``):
+        its address is then its offset into a null storage, small for a view near the
+        start of a flat grad buffer, not null. Addresses the last check accepted are not
+        looked at again; only addresses below 2**40 are candidates (no storage spans a
+        terabyte, and allocations on x86-64 Linux and CUDA lie far above), so the offsets
+        are read only where one is that low."""
+        if min(ptrs, default=_LOW) >= _LOW:
+            return False
+        bases = list(map(operator.sub, ptrs, map(operator.mul, map(Tensor.storage_offset, local_grads),
+                                                  self._grad_sizes)))
+        return 0 in bases and [i for i, b in enumerate(bases) if b == 0] != [i for i in self._empty if bases[i] == 0]
 
     def _locals(self, tensors: list) -> list:
         """The batch rows' params or grads as the kernels address them: local shards of

@@ -127,6 +127,14 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
                     raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
                                      f"{value.dtype}, expected a floating point tensor")
+                if key == REMAINDER_KEY and MASTER_KEY not in state and (value.is_floating_point()
+                                                                          or value.is_complex()):
+                    # Beside a master the remainder is not read (the master is split anew).
+                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype {value.dtype}, "
+                                     "expected int16 or int32 (the low 16 bits of the fp32 master; "
+                                     "torch.optim's load_state_dict casts every state tensor to its "
+                                     "param's dtype, which loses them): load it with the checkpoint's "
+                                     f"{MASTER_KEY!r}, or remove {key!r} to start the master from the params")
 
 
 # Keys whose value must be a tensor (besides quantized codes and scales).
@@ -193,7 +201,8 @@ def localize_full_state(name: str, param_groups: list[dict], state_dict: dict) -
         entry = saved_state.get(saved_id)
         if local_tensor(p) is p or not isinstance(entry, dict):
             continue
-        whole = [k for k, v in entry.items() if isinstance(v, Tensor) and v.dim() > 0 and local_tensor(v) is v]
+        whole = [k for k, v in entry.items()
+                 if isinstance(v, Tensor) and v.dim() > 0 and local_tensor(v) is v and k != SEED_KEY]
         if whole:
             new_state = dict(saved_state) if new_state is None else new_state
             new_state[saved_id] = _localized(name, saved_id, p, entry, whole)
