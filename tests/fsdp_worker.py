@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
 import copy  # noqa: E402
 import math  # noqa: E402
+import pickle  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -899,17 +900,22 @@ def fsdp2_fused_clip(rank: int, world: int, tmpdir: str) -> None:
     inf-norm. The norm is global (one all-reduce of the partial), returned as a replicated
     DTensor with the same bits on every rank, and norm and params match one process
     training the unsharded model on both ranks' data with torch's clip_grad_norm_ and
-    torch.optim.AdamW."""
+    torch.optim.AdamW. Also with params FSDP2 leaves out (``ignored_params``: plain
+    tensors whose grads the job all-reduces itself), counted once, as replicated; torch's
+    clip refuses that mix."""
     from torch.distributed.tensor import Replicate
 
-    for make in (base_model, Gain):
-        base = make()
+    for make in (base_model, Gain, "ignored"):
+        base = make() if callable(make) else base_model()
         for norm_type, max_norm in ((2.0, 0.5), (float("inf"), 0.1)):
             for how in ("explicit", "max_grad_norm"):
-                what = f"{make.__name__} {how} p={norm_type}"
-                model = fsdp2(copy.deepcopy(base)) if make is base_model else copy.deepcopy(base)
+                what = f"{getattr(make, '__name__', make)} {how} p={norm_type}"
+                model = copy.deepcopy(base)
+                ignored = [model.l2.weight, model.l2.bias] if make == "ignored" else []
                 if make is Gain:
                     fully_shard(model)
+                else:
+                    fsdp2(model, **({"ignored_params": set(ignored)} if ignored else {}))
                 kw = {"max_grad_norm": max_norm, "grad_norm_type": norm_type} if how != "explicit" else {}
                 opt = tritonadam.AdamW(groups(model), lr=1e-2, betas=(0.9, 0.95), **kw, **LAUNCH)
                 ref_model = copy.deepcopy(base)
@@ -918,6 +924,9 @@ def fsdp2_fused_clip(rank: int, world: int, tmpdir: str) -> None:
                 for step in range(4):
                     idx, target = batch(step, rank)
                     nn.functional.cross_entropy(model(idx).float(), target).backward()
+                    for p in ignored:  # averaged as FSDP averages the others
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
                     if how == "explicit":
                         norm = opt.clip_grad_norm_(max_norm, norm_type)
                     opt.step()
@@ -1374,12 +1383,13 @@ def zero_redundancy(rank: int, world: int, tmpdir: str) -> None:
         raise AssertionError("max_grad_norm under ZeroRedundancyOptimizer was not refused")
     tritonadam.AdamW(groups(base), max_grad_norm=1.0)  # outside ZeRO: fine
     local = zero(DDP(copy.deepcopy(base)), tritonadam.AdamW).optim  # and its own clip
-    try:
-        local.clip_grad_norm_(1.0)
-    except NotImplementedError as err:
-        assert "partition" in str(err) and "torch.nn.utils.clip_grad_norm_" in str(err), err
-    else:
-        raise AssertionError("clip_grad_norm_ of ZeroRedundancyOptimizer's local optimizer was not refused")
+    for copied in (local, copy.deepcopy(local), pickle.loads(pickle.dumps(local))):
+        try:
+            copied.clip_grad_norm_(1.0)
+        except NotImplementedError as err:
+            assert "partition" in str(err) and "torch.nn.utils.clip_grad_norm_" in str(err), err
+        else:
+            raise AssertionError("clip_grad_norm_ of ZeroRedundancyOptimizer's local optimizer was not refused")
     for name, (ours_cls, torch_cls) in PAIRS.items():
         runs = {}
         for ours in (True, False):

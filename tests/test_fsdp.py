@@ -69,7 +69,8 @@ def test_fsdp2_fused_clipping(tmp_path):
     """opt.clip_grad_norm_ and max_grad_norm= with uneven and empty shards (and a rank
     holding nothing): the global norm via one all-reduce, a replicated DTensor with the
     same bits on both ranks, norm and params equal to the single-process run with torch's
-    clip_grad_norm_ + torch.optim.AdamW."""
+    clip_grad_norm_ + torch.optim.AdamW; with ``ignored_params`` too (plain grads beside
+    DTensor ones, counted once), which torch's clip refuses."""
     run_scenario("fsdp2_fused_clip", tmp_path)
 
 

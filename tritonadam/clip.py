@@ -121,7 +121,9 @@ def norm_reduction(params: list[Tensor]):
     maxima) are all-reduced one dim after another; and each param's class, or None when
     there is at most one class. Replicated dims need nothing: tensor parallelism's
     replicated grads (a class of their own) are counted once, as torch counts them.
-    Plain tensors (single device, DDP) need no reduction."""
+    Plain tensors (single device, DDP) need no reduction; beside DTensor grads (params
+    FSDP2 leaves out: ``ignored_params``, modules not sharded) they are replicated ones,
+    counted once too, where torch's clip refuses the mix."""
     try:
         from torch.distributed.tensor import DTensor
     except Exception:  # pragma: no cover - builds without torch.distributed
@@ -129,16 +131,13 @@ def norm_reduction(params: list[Tensor]):
     if any(map(is_fsdp1_shard, params)):
         raise fsdp1_clip_error("clip_grad_norm_")
     grads = [p.grad for p in params]
-    kinds = {isinstance(g, DTensor) for g in grads}
-    if kinds == {True, False}:
-        raise NotImplementedError(
-            "clip_grad_norm_: some grads are DTensors and some plain tensors, so the norm's "
-            "reduction across ranks is ambiguous; use torch.nn.utils.clip_grad_norm_ here"
-        )
-    if kinds != {True}:
+    if not any(isinstance(g, DTensor) for g in grads):
         return None, [], None
     meshes, dims = set(), []
     for g in grads:
+        if not isinstance(g, DTensor):
+            dims.append(())
+            continue
         if any(pl.is_partial() for pl in g.placements):
             raise NotImplementedError(
                 "clip_grad_norm_: a grad has a Partial placement (not yet reduced); use "
@@ -148,8 +147,9 @@ def norm_reduction(params: list[Tensor]):
         dims.append(tuple(i for i, pl in enumerate(g.placements) if pl.is_shard()))
     if len(meshes) != 1:
         raise NotImplementedError(
-            "clip_grad_norm_: grads live on different device meshes; use "
-            "torch.nn.utils.clip_grad_norm_ here"
+            "clip_grad_norm_: grads live on different device meshes, whose norms cannot be "
+            "reduced together (torch.nn.utils.clip_grad_norm_ refuses them too); build the "
+            "model's fully_shard/replicate calls on one DeviceMesh (mesh=...)"
         )
     mesh, = meshes
     order = sorted(set(dims))  # the same on every rank: placements are global

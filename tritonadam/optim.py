@@ -20,9 +20,11 @@ from . import autotune, differentiable, gather, host
 from .clip import Clipper, check_max_norm, fsdp1_clip_error, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
 from .options import check_group_options, checked_extras
-from .broadcast import broadcasting_from_rank0, share_rank0_entries
+from .broadcast import (
+    broadcasting_from_rank0, building_full_load_template, seed_stand_ins, share_rank0_entries, without_stand_ins,
+)
 from .state import (
-    StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
+    SEED_KEY, StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
     localize_full_state, master_follows_param, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
@@ -139,6 +141,7 @@ class _TritonAdamBase(Optimizer):
         # The element order quantized codes were encoded in lives beside them, not in
         # them: the copy's codes (the same copied objects as in its state) get it too.
         state["_codes_orders"] = encoded_orders(self.state)
+        state["_zero_partition"] = getattr(self, "_zero_partition", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -146,6 +149,7 @@ class _TritonAdamBase(Optimizer):
         # current ones then; unpickling a fresh object takes them from the pickle.
         extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
         record_orders(state.pop("_codes_orders", ()))
+        zero_partition = state.pop("_zero_partition", getattr(self, "_zero_partition", False))
         state.pop("_cache", None)
         clipper = state.pop("_clipper", None) or getattr(self, "_clipper", None)
         super().__setstate__(state)
@@ -154,6 +158,7 @@ class _TritonAdamBase(Optimizer):
         self._set_group_defaults()
         self._cache = None
         self._clipper = clipper or Clipper(type(self).__name__)
+        self._zero_partition = zero_partition
 
     def _set_group_defaults(self) -> None:
         for group in self.param_groups:
@@ -192,6 +197,9 @@ class _TritonAdamBase(Optimizer):
         (a ``master_weights="remainder"`` master as the fp32 ``master_param`` it stands
         for, so the checkpoint loads into either master mode and into torch.optim)."""
         params = [p for g in self.param_groups for p in g["params"]]
+        if building_full_load_template():
+            return self._state_dict_with(
+                lambda saved: seed_stand_ins(export_state(self._policy, params, saved), SEED_KEY))
         return self._state_dict_with(lambda saved: export_state(self._policy, params, saved))
 
     def _state_dict_with(self, export) -> dict[str, Any]:
@@ -238,6 +246,7 @@ class _TritonAdamBase(Optimizer):
         from_rank0 = broadcasting_from_rank0()
 
         def capture(optimizer, final):
+            final = without_stand_ins(final, SEED_KEY)
             if from_rank0:
                 final = self._with_rank0_entries(final)
             check_loadable(name, self._algorithm, self.param_groups, final)

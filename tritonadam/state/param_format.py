@@ -160,15 +160,8 @@ class ParamFormat:
         block codes and scales nor an int16 remainder beside an fp32 master are. Loading
         converts back: the same codes, the same remainder."""
         if is_fsdp1_shard(p):
-            return self.export_full(p, saved, _MOMENT_KEYS)  # FSDP1 gathers every 1-D entry
-        out = self._export(p, saved)
-        if isinstance(saved.get(SEED_KEY), Tensor) and saved[SEED_KEY].dim() == 0:
-            # One element in one dimension: torch's full-state-dict load puts every 0-dim
-            # tensor of the incoming state into the receiver's and then fails on the keys
-            # the receiver lacks (every receiver without stochastic rounding); other
-            # tensors it drops there.
-            out[SEED_KEY] = saved[SEED_KEY].reshape(1)
-        return out
+            return self.export_full(p, saved, _MOMENT_KEYS)
+        return self._export(p, saved)
 
     def _export(self, p: Tensor, saved: dict) -> dict:
         out = dict(saved)
