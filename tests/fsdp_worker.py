@@ -1492,8 +1492,15 @@ def fsdp2_full_state_cross_options(rank: int, world: int, tmpdir: str) -> None:
         for opts in (everywhere, from_rank0):
             what = f"{wrap.__name__} {source} -> {receiver}, broadcast_from_rank0={opts.broadcast_from_rank0}"
             fresh = _xopt(model, receiver)
+            # Users' hooks that copy what they get: torch's load template and the loaded
+            # dict pass through them (no stand-in seed may show there, nor survive a copy).
+            hooked = []
+            fresh.register_state_dict_post_hook(lambda o, sd: copy.deepcopy(sd))
+            fresh.register_load_state_dict_pre_hook(lambda o, sd: hooked.append(copy.deepcopy(sd)) or hooked[-1])
             given = copy.deepcopy(saved) if rank == 0 or not opts.broadcast_from_rank0 else {}
             set_optimizer_state_dict(model, fresh, given, options=opts)
+            seeds = [int(e["rounding_seed"]) for e in hooked[-1]["state"].values() if "rounding_seed" in e]
+            assert seeds == ([source["seed"]] * len(seeds) if source.get("stochastic_rounding") else []), (what, seeds)
             for n, p in model.named_parameters():
                 state = fresh.state[p]
                 assert float(state["step"]) == 2, (what, n)

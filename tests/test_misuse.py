@@ -1242,3 +1242,83 @@ def test_tensors_re_viewed_under_the_same_address_are_seen(change, device):
             p.grad = g.to(device).contiguous()  # set by hand: not in the param's layout
         opt.step()
     _assert_like_torch(ours, theirs, params, ref)
+
+
+# ---- global modes the caller left on -------------------------------------------------
+
+
+def _inference_tensors(obj) -> list:
+    found = []
+    if isinstance(obj, torch.Tensor):
+        found += [obj] if obj.is_inference() else []
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            found += _inference_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            found += _inference_tensors(v)
+    return found
+
+
+@pytest.mark.parametrize("kw", [{}, {"state_dtype": "8bit", "master_weights": "remainder"}],
+                         ids=["fp32", "bf16-8bit-remainder"])
+def test_inference_mode_around_clip_step_and_load_leaves_a_working_optimizer(kw, device):
+    """A clip, a step after a load, a load and exports under ``torch.inference_mode()``
+    (logging a norm, an evaluation helper): what they made (state, step tables, the clip's
+    buffer, exported state) were inference tensors, and every later step outside raised
+    'Inplace update to inference tensor outside InferenceMode', where torch.optim goes on.
+    A reviewer's repro. Now the run equals one without inference mode, bit for bit."""
+    dtype = torch.bfloat16 if kw else torch.float32
+
+    def run(inference):
+        mode = torch.inference_mode if inference else torch.no_grad
+        params = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params(device)]
+        opt = PAIRS["AdamW"][0](params, lr=1e-2, **kw, **LAUNCH)
+        gen = torch.Generator().manual_seed(3)
+        for step in range(4):
+            for p, g in zip(params, random_grads(params, gen)):
+                p.grad = g
+            if step == 0:
+                with mode():
+                    opt.clip_grad_norm_(float("inf"))  # a logged norm, the first use
+            opt.clip_grad_norm_(1.0)
+            if step == 2:  # resume: a load, then a step, under the mode
+                with mode():
+                    saved = opt.state_dict()
+                    exported = opt.torch_state_dict()
+                    assert not _inference_tensors(saved) and not _inference_tensors(exported)
+                    opt = PAIRS["AdamW"][0](params, lr=1e-2, **kw, **LAUNCH)
+                    opt.load_state_dict(saved)
+                assert not _inference_tensors(opt.state)
+                with mode():
+                    opt.step()
+                continue
+            opt.step()
+        return [p.detach() for p in params]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_a_meta_default_device_is_not_used_for_the_optimizers_own_tensors(device):
+    """``torch.set_default_device("meta")`` (left on by code that builds models on meta):
+    host tables made without a device went to the meta device and the step raised
+    'Cannot copy out of meta tensor', where torch.optim steps. A reviewer's repro."""
+    def run(default):
+        params = _params(device)
+        gen = torch.Generator().manual_seed(5)
+        grads = [random_grads(params, gen) for _ in range(2)]
+        torch.set_default_device(default)
+        try:
+            opt = PAIRS["AdamW"][0](params, lr=1e-2, **LAUNCH)
+            for step in range(2):
+                for p, g in zip(params, grads[step]):
+                    p.grad = g
+                opt.clip_grad_norm_(1.0)
+                opt.step()
+        finally:
+            torch.set_default_device(None)
+        return [p.detach() for p in params]
+
+    for a, b in zip(run("meta"), run("cpu")):
+        assert torch.equal(a, b)

@@ -44,7 +44,7 @@ def broadcasting_from_rank0(depth: int = 8) -> bool:
 
 
 # A stand-in ``rounding_seed`` (see ``seed_stand_ins``): one object, recognized by identity.
-NO_SEED = torch.tensor(-1, dtype=torch.int64)
+NO_SEED = torch.tensor(-1, dtype=torch.int64, device="cpu")
 
 
 def building_full_load_template(depth: int = 8) -> bool:

@@ -337,7 +337,7 @@ class Clipper:
         # whose sums run in another order); fp16/bf16 ones summed in fp32.
         norms = torch.stack([
             torch.linalg.vector_norm(unscaled(g), p, dtype=dtype if g.dtype in LOW_PRECISION else None).to(dtype)
-            if g.numel() else torch.zeros((), dtype=dtype) for g in map(local_tensor, cache.host_taken)])
+            if g.numel() else torch.zeros((), dtype=dtype, device="cpu") for g in map(local_tensor, cache.host_taken)])
         if any(layouts):
             import torch.distributed as dist
 
@@ -353,7 +353,7 @@ class Clipper:
             norms = powered if inf or p == 1.0 else powered ** (1.0 / p)
         root = torch.linalg.vector_norm(norms, p)
         norm = root.to(dtype)
-        coef = self.buffer[layout.CLIP_COEF.value] if compound else torch.ones((), dtype=torch.float64)
+        coef = self.buffer[layout.CLIP_COEF.value] if compound else torch.ones((), dtype=torch.float64, device="cpu")
         if compound:
             norm = norm * coef.to(dtype)
         clip = torch.clamp(self._args[0] / (norm + 1e-6), max=1.0)  # torch's formula and op order

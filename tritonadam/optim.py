@@ -28,7 +28,7 @@ from .state import (
     localize_full_state, master_follows_param, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
-from .tensors import is_fsdp1_shard
+from .tensors import is_fsdp1_shard, outside_inference_mode
 
 __all__ = ["Adam", "AdamW", "Adamax", "AdaMax"]
 
@@ -197,10 +197,12 @@ class _TritonAdamBase(Optimizer):
         (a ``master_weights="remainder"`` master as the fp32 ``master_param`` it stands
         for, so the checkpoint loads into either master mode and into torch.optim)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        if building_full_load_template():
-            return self._state_dict_with(
-                lambda saved: seed_stand_ins(export_state(self._policy, params, saved), SEED_KEY))
-        return self._state_dict_with(lambda saved: export_state(self._policy, params, saved))
+        sd = self._state_dict_with(lambda saved: export_state(self._policy, params, saved))
+        if building_full_load_template() and isinstance(sd.get("state"), dict):
+            # after the user's post-hooks, which never see them (load_state_dict drops
+            # them before its pre-hooks)
+            sd = {**sd, "state": seed_stand_ins(sd["state"], SEED_KEY)}
+        return sd
 
     def _state_dict_with(self, export) -> dict[str, Any]:
         """torch's ``state_dict()`` with ``export`` applied to its ``"state"`` before the
@@ -211,7 +213,8 @@ class _TritonAdamBase(Optimizer):
 
         handle = self.register_state_dict_post_hook(hook, prepend=True)
         try:
-            return super().state_dict()
+            with outside_inference_mode():
+                return super().state_dict()
         finally:
             handle.remove()
 
@@ -240,13 +243,13 @@ class _TritonAdamBase(Optimizer):
         capturable or fused); the next step moves a count to its param's device.
         """
         name = type(self).__name__
+        state_dict = without_stand_ins(state_dict, SEED_KEY)
         # Check and read the state dict torch actually loads: the one user pre-hooks
         # returned. A hook registered last, just for this call, sees it.
         seen = {}
         from_rank0 = broadcasting_from_rank0()
 
         def capture(optimizer, final):
-            final = without_stand_ins(final, SEED_KEY)
             if from_rank0:
                 final = self._with_rank0_entries(final)
             check_loadable(name, self._algorithm, self.param_groups, final)
@@ -264,7 +267,8 @@ class _TritonAdamBase(Optimizer):
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
         try:
-            super().load_state_dict(state_dict)
+            with outside_inference_mode():
+                super().load_state_dict(state_dict)
         finally:
             for handle in handles:
                 handle.remove()
@@ -351,6 +355,11 @@ class _TritonAdamBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        with outside_inference_mode():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         # Check everything before writing anything, so a bad value or grad anywhere leaves
         # every param and state as it was: switches and group values, a pending clip,
         # then the tensors (the cache's per-step check, or a full gathering).
@@ -396,7 +405,6 @@ class _TritonAdamBase(Optimizer):
                 )
         finally:
             cache.release()
-        return loss
 
     # ---- gradient clipping --------------------------------------------------------------
 
@@ -461,12 +469,13 @@ class _TritonAdamBase(Optimizer):
         clipper = self._clipper
         clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
-        cache = self._ready(clipping=True, grads_only=True)
-        if cache.empty:
-            return clipper.no_grads()
-        norm = clipper.clip(cache, max_norm, p, grad_scale=grad_scale,
-                            check_finite=bool(error_if_nonfinite), auto=False)
-        return replicated(norm, clipper.mesh_of(cache))
+        with outside_inference_mode():
+            cache = self._ready(clipping=True, grads_only=True)
+            if cache.empty:
+                return clipper.no_grads()
+            norm = clipper.clip(cache, max_norm, p, grad_scale=grad_scale,
+                                check_finite=bool(error_if_nonfinite), auto=False)
+            return replicated(norm, clipper.mesh_of(cache))
 
     @property
     def last_grad_norm(self) -> Tensor | None:

@@ -126,7 +126,7 @@ def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -
     _check_bits(bits)
     xb, numel = _blocks(x)
     # The max of |x|'s bits: float order for non-negative values, NaN above inf.
-    absmax = _magnitude_bits(xb).amax(dim=1) if xb.numel() else torch.zeros(0, dtype=torch.int64)
+    absmax = _magnitude_bits(xb).amax(dim=1) if xb.numel() else torch.zeros(0, dtype=torch.int64, device=xb.device)
     scale = round_scale(absmax)
     inv = _inverse(scale)
     if random is None:
@@ -180,7 +180,8 @@ def requantize(x: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor]:
         return codes, scales
     levels = _levels(bits, signed)
     highest = levels if signed else levels - 1
-    second = float(decode(torch.tensor(float(highest - 1)), torch.tensor(1.0), bits, signed))
+    second = float(decode(torch.tensor(float(highest - 1), dtype=_F32, device="cpu"),
+                          torch.tensor(1.0, dtype=_F32, device="cpu"), bits, signed))
     absmax = xb.abs().amax(dim=1)
     alt = torch.where(exact, scale, (absmax / second).to(torch.bfloat16).to(_F32))
     alt_codes = _encode_blocks(xb, numel, alt, _inverse(alt), 65536.0, bits, signed)

@@ -5,6 +5,7 @@ formats, the gathering of a step's tensors and the step cache alike.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import sys
@@ -15,7 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "GRAD", "LOCAL", "as_real", "check_no_shared_memory", "in_layout", "is_dense", "is_fsdp1_shard",
-    "like", "local_tensor", "on_device", "same_layout", "span", "storage_problem",
+    "like", "local_tensor", "on_device", "outside_inference_mode", "same_layout", "span", "storage_problem",
 ]
 
 # DTensor's class once torch.distributed.tensor is loaded (by whoever made one: nothing is
@@ -39,6 +40,20 @@ try:
 except (AttributeError, KeyError):  # pragma: no cover - older or changed torch
     GRAD = operator.attrgetter("_grad")
 LOCAL = operator.attrgetter("_local_tensor")
+
+
+@contextlib.contextmanager
+def outside_inference_mode():
+    """Make the tensors this package keeps (state, step tables, the clip's buffer,
+    exported state) normal tensors under ``torch.inference_mode()`` too. An inference
+    tensor cannot be updated in place outside inference mode, so one made by a step, clip
+    or load there broke every later step, where torch.optim breaks only by creating its
+    state there. Grad mode stays off, as inference mode had it."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -179,11 +179,11 @@ class DeviceTables:
         n = len(rows)
         self.device = device
         self.num_rows = n
-        host = torch.tensor(rows, dtype=torch.int64).reshape(n, layout.TABLE_COLUMNS.value)
+        host = torch.tensor(rows, dtype=torch.int64, device="cpu").reshape(n, layout.TABLE_COLUMNS.value)
         self.table = host.to(device)
         self.grads = torch.zeros(n, dtype=torch.int64, device=device)
         self.scalars = torch.zeros(n, layout.SCALAR_COLUMNS.value, dtype=torch.float64, device=device)
-        self.group_of = torch.tensor(group_of, dtype=torch.int32).to(device)
+        self.group_of = torch.tensor(group_of, dtype=torch.int32, device="cpu").to(device)
         self.groups = torch.zeros(num_groups, layout.GROUP_COLUMNS.value, dtype=torch.float64, device=device)
         self.group_ptrs = torch.zeros(num_groups, layout.GROUP_POINTER_COLUMNS.value, dtype=torch.int64,
                                       device=device)

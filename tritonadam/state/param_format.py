@@ -140,7 +140,7 @@ class ParamFormat:
             state.pop(REMAINDER_KEY, None)
         if self.stochastic:
             own = state.get(SEED_KEY)  # kept: the seed this param's numbers were drawn with
-            state[SEED_KEY] = torch.tensor(int(own) if own is not None else seed, dtype=torch.int64)
+            state[SEED_KEY] = torch.tensor(int(own) if own is not None else seed, dtype=torch.int64, device="cpu")
         else:
             state.pop(SEED_KEY, None)
 
