@@ -1322,3 +1322,49 @@ def test_a_meta_default_device_is_not_used_for_the_optimizers_own_tensors(device
 
     for a, b in zip(run("meta"), run("cpu")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+def test_differentiable_groups_step_under_inference_mode_as_torch(name, device):
+    """torch's own step of a ``differentiable`` group, under ``inference_mode``, records
+    nothing (torch.optim's does not); leaving inference mode for the optimizer's own
+    tensors recorded it (Adam) or raised (Adamax, tensor lr). A reviewer's repro."""
+    results = []
+    for cls in PAIRS[name]:
+        p0 = torch.ones(3, dtype=torch.float64, device=device, requires_grad=True)
+        lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        p = p0.clone()
+        opt = cls([p], lr=lr, differentiable=True, **(LAUNCH if cls is PAIRS[name][0] else {}))
+        p.grad = torch.full((3,), 0.5, dtype=torch.float64, device=device)
+        with torch.inference_mode():
+            opt.step()
+        results.append((p.detach().clone(), type(p.grad_fn).__name__,
+                        torch.autograd.grad(p.sum(), lr, allow_unused=True)[0]))
+    (ours, ours_fn, ours_grad), (theirs, theirs_fn, theirs_grad) = results
+    torch.testing.assert_close(ours, theirs)
+    assert ours_fn == theirs_fn and ours_grad is None and theirs_grad is None
+
+
+@pytest.mark.parametrize("kw", [{"master_weights": "remainder"}, {"state_dtype": "8bit", "master_weights": "remainder"},
+                                {"non_dense": True}], ids=["remainder", "8bit-remainder", "non-dense"])
+def test_inference_tensor_params_step_and_load_under_inference_mode(kw, device):
+    """Params that are inference tensors (a model built under ``inference_mode``) are
+    written inside it only: their step, state dict and load stay there, as torch.optim's
+    do (leaving it to make the optimizer's own tensors raised on the param's in-place
+    write, after a non-dense param's step had already been applied). A reviewer's repro."""
+    kw = dict(kw)
+    non_dense = kw.pop("non_dense", False)
+    with torch.inference_mode():
+        gen = torch.Generator().manual_seed(4)
+        base = torch.randn(8, 6, generator=gen).to(device)
+        p = base[:, ::2] if non_dense else base.bfloat16()
+        before = p.clone()
+        opt = PAIRS["AdamW"][0]([p], lr=1e-2, **kw, **LAUNCH)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(device)
+        opt.step()
+        saved = opt.state_dict()
+        again = PAIRS["AdamW"][0]([p], lr=1e-2, **kw, **LAUNCH)
+        again.load_state_dict(saved)
+        again.step()
+    assert p.is_inference() and not torch.equal(p, before)
+    assert all(v.is_inference() for v in again.state[p].values() if isinstance(v, torch.Tensor) and v.dim())

@@ -9,6 +9,7 @@ the kernels; while nothing changes, the cache's per-step check replaces the gath
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -213,7 +214,7 @@ class _TritonAdamBase(Optimizer):
 
         handle = self.register_state_dict_post_hook(hook, prepend=True)
         try:
-            with outside_inference_mode():
+            with outside_inference_mode(self.param_groups):
                 return super().state_dict()
         finally:
             handle.remove()
@@ -267,7 +268,7 @@ class _TritonAdamBase(Optimizer):
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
         try:
-            with outside_inference_mode():
+            with outside_inference_mode(self.param_groups):
                 super().load_state_dict(state_dict)
         finally:
             for handle in handles:
@@ -355,11 +356,13 @@ class _TritonAdamBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        with outside_inference_mode():
-            self._step()
+        with outside_inference_mode(self.param_groups) as left:
+            self._step(torch.inference_mode if left else contextlib.nullcontext)
         return loss
 
-    def _step(self) -> None:
+    def _step(self, caller_mode) -> None:
+        """``caller_mode``: a context for torch's own steps of ``differentiable`` groups,
+        which record (or not) as torch.optim's would in the caller's mode."""
         # Check everything before writing anything, so a bad value or grad anywhere leaves
         # every param and state as it was: switches and group values, a pending clip,
         # then the tensors (the cache's per-step check, or a full gathering).
@@ -374,7 +377,8 @@ class _TritonAdamBase(Optimizer):
         for g in self.param_groups:
             if g.get("differentiable"):
                 check_group_options(name, g, self._policy)
-                torch_work.append((g, differentiable.inputs(name, g, grad_enabled=grad_enabled)))
+                with caller_mode():
+                    torch_work.append((g, differentiable.inputs(name, g, grad_enabled=grad_enabled)))
         grad_scale = getattr(self, "grad_scale", None)
         clipper = self._clipper
         cache = self._cache
@@ -393,8 +397,9 @@ class _TritonAdamBase(Optimizer):
                              check_finite=False, auto=True)
 
         for group, inputs in torch_work:
-            differentiable.step(name, self._algorithm, self._policy, self.state, group, *inputs,
-                                grad_enabled=grad_enabled)
+            with caller_mode():
+                differentiable.step(name, self._algorithm, self._policy, self.state, group, *inputs,
+                                    grad_enabled=grad_enabled)
         coefficient = clipper.take()  # consumed by this step, or by nothing if nothing steps
         try:
             if not cache.empty:
@@ -469,7 +474,7 @@ class _TritonAdamBase(Optimizer):
         clipper = self._clipper
         clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
-        with outside_inference_mode():
+        with outside_inference_mode(self.param_groups):
             cache = self._ready(clipping=True, grads_only=True)
             if cache.empty:
                 return clipper.no_grads()

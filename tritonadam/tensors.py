@@ -43,17 +43,21 @@ LOCAL = operator.attrgetter("_local_tensor")
 
 
 @contextlib.contextmanager
-def outside_inference_mode():
+def outside_inference_mode(params):
     """Make the tensors this package keeps (state, step tables, the clip's buffer,
     exported state) normal tensors under ``torch.inference_mode()`` too. An inference
     tensor cannot be updated in place outside inference mode, so one made by a step, clip
     or load there broke every later step, where torch.optim breaks only by creating its
-    state there. Grad mode stays off, as inference mode had it."""
-    if not torch.is_inference_mode_enabled():
-        yield
+    state there. Grad mode stays off, as inference mode had it. Not where a param is an
+    inference tensor itself (a model built under inference mode): it can be written only
+    inside, and its state is made there, as torch.optim makes it. Yields whether it left
+    inference mode."""
+    if not torch.is_inference_mode_enabled() or any(
+            local_tensor(p).is_inference() for group in params for p in group["params"]):
+        yield False
         return
     with torch.inference_mode(False), torch.no_grad():
-        yield
+        yield True
 
 
 def local_tensor(t: Tensor) -> Tensor:
