@@ -43,7 +43,7 @@ LOCAL = operator.attrgetter("_local_tensor")
 
 
 @contextlib.contextmanager
-def outside_inference_mode(params):
+def outside_inference_mode(param_groups: list[dict]):
     """Make the tensors this package keeps (state, step tables, the clip's buffer,
     exported state) normal tensors under ``torch.inference_mode()`` too. An inference
     tensor cannot be updated in place outside inference mode, so one made by a step, clip
@@ -53,7 +53,7 @@ def outside_inference_mode(params):
     inside, and its state is made there, as torch.optim makes it. Yields whether it left
     inference mode."""
     if not torch.is_inference_mode_enabled() or any(
-            local_tensor(p).is_inference() for group in params for p in group["params"]):
+            local_tensor(p).is_inference() for group in param_groups for p in group["params"]):
         yield False
         return
     with torch.inference_mode(False), torch.no_grad():
