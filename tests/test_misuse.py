@@ -1368,3 +1368,47 @@ def test_inference_tensor_params_step_and_load_under_inference_mode(kw, device):
         again.step()
     assert p.is_inference() and not torch.equal(p, before)
     assert all(v.is_inference() for v in again.state[p].values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+def test_a_frozen_inference_param_leaves_the_others_stepping_outside_inference_mode(device):
+    """One frozen param made under ``inference_mode`` (no grad, no state) beside trained
+    ones: a clip or a load and step under inference mode made the optimizer's tables
+    there as if that param were written, and every later step outside raised. It is not
+    written, so only the params with grads or state decide. A reviewer's repro."""
+    with torch.inference_mode():
+        frozen = torch.ones(4, 4, device=device)
+    def run(cls, clip):
+        w = torch.nn.Parameter(torch.arange(3.0, device=device) / 10)
+        opt = cls([w, frozen], lr=0.1, **(LAUNCH if cls is PAIRS["AdamW"][0] else {}))
+        for step in range(3):
+            w.grad = torch.full_like(w, 1.0 + step)
+            with torch.inference_mode():
+                clip(opt, w) if step == 0 else None
+                if step == 1:
+                    saved = opt.state_dict()
+                    opt.load_state_dict(saved)
+                    opt.step()
+                    continue
+            opt.param_groups[0]["lr"] = 0.05 * (step + 1)
+            opt.step()
+        return w.detach()
+    ours = run(PAIRS["AdamW"][0], lambda opt, w: opt.clip_grad_norm_(0.1))
+    theirs = run(PAIRS["AdamW"][1], lambda opt, w: torch.nn.utils.clip_grad_norm_([w], 0.1))
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+def test_a_differentiable_leaf_steps_under_inference_mode_as_torch(name, device):
+    """A leaf param that requires grad in a ``differentiable`` group: torch refuses the
+    in-place update where autograd records it, and steps it under ``inference_mode``,
+    where nothing is recorded; the refusal ignored inference mode. A reviewer's repro."""
+    results = []
+    for cls in PAIRS[name]:
+        p = torch.ones(3, dtype=torch.float64, device=device, requires_grad=True)
+        opt = cls([p], lr=0.1, differentiable=True, **(LAUNCH if cls is PAIRS[name][0] else {}))
+        p.grad = torch.full((3,), 0.5, dtype=torch.float64, device=device)
+        with torch.inference_mode():
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(*results)
+    assert not torch.equal(results[0], torch.ones(3, dtype=torch.float64, device=device))

@@ -19,8 +19,9 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
     for p in group["params"]:
         if p.grad is None:
             continue
-        if grad_enabled and p.is_leaf and p.requires_grad:
-            # torch's own error, which its step raises after counting the step.
+        if grad_enabled and p.is_leaf and p.requires_grad and not torch.is_inference_mode_enabled():
+            # torch's own error, which its step raises after counting the step (under
+            # inference mode nothing is recorded, and torch steps the leaf).
             raise RuntimeError(
                 "a leaf Variable that requires grad is being used in an in-place operation. "
                 f"(tritonadam.{name}, differentiable=True: autograd records the update of each "

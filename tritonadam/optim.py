@@ -214,7 +214,7 @@ class _TritonAdamBase(Optimizer):
 
         handle = self.register_state_dict_post_hook(hook, prepend=True)
         try:
-            with outside_inference_mode(self.param_groups):
+            with outside_inference_mode(self._written()):
                 return super().state_dict()
         finally:
             handle.remove()
@@ -268,7 +268,7 @@ class _TritonAdamBase(Optimizer):
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
         try:
-            with outside_inference_mode(self.param_groups):
+            with outside_inference_mode(self._written(state_dict)):
                 super().load_state_dict(state_dict)
         finally:
             for handle in handles:
@@ -356,9 +356,25 @@ class _TritonAdamBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        with outside_inference_mode(self.param_groups) as left:
+        with outside_inference_mode(self._written()) as left:
             self._step(torch.inference_mode if left else contextlib.nullcontext)
         return loss
+
+    def _written(self, incoming: dict | None = None):
+        """The params a call may write or make state for, lazily: those with a grad or
+        state, and those ``incoming`` (a state dict being loaded) holds state for (every
+        param where it cannot be read so)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None or p in self.state:
+                    yield p
+        if incoming is not None:
+            try:
+                loaded = [p for saved_id, p in saved_pairs(self.param_groups, incoming)
+                          if saved_id in incoming["state"]]
+            except (KeyError, TypeError, AttributeError):
+                loaded = [p for group in self.param_groups for p in group["params"]]
+            yield from loaded
 
     def _step(self, caller_mode) -> None:
         """``caller_mode``: a context for torch's own steps of ``differentiable`` groups,
@@ -474,7 +490,7 @@ class _TritonAdamBase(Optimizer):
         clipper = self._clipper
         clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
-        with outside_inference_mode(self.param_groups):
+        with outside_inference_mode(self._written()):
             cache = self._ready(clipping=True, grads_only=True)
             if cache.empty:
                 return clipper.no_grads()

@@ -43,17 +43,16 @@ LOCAL = operator.attrgetter("_local_tensor")
 
 
 @contextlib.contextmanager
-def outside_inference_mode(param_groups: list[dict]):
+def outside_inference_mode(written):
     """Make the tensors this package keeps (state, step tables, the clip's buffer,
     exported state) normal tensors under ``torch.inference_mode()`` too. An inference
     tensor cannot be updated in place outside inference mode, so one made by a step, clip
     or load there broke every later step, where torch.optim breaks only by creating its
-    state there. Grad mode stays off, as inference mode had it. Not where a param is an
-    inference tensor itself (a model built under inference mode): it can be written only
-    inside, and its state is made there, as torch.optim makes it. Yields whether it left
-    inference mode."""
-    if not torch.is_inference_mode_enabled() or any(
-            local_tensor(p).is_inference() for group in param_groups for p in group["params"]):
+    state there. Grad mode stays off, as inference mode had it. Not where a param the call
+    writes (``written``: those with a grad or state) is an inference tensor itself (a
+    model built under inference mode): it can be written only inside, and its state is
+    made there, as torch.optim makes it. Yields whether it left inference mode."""
+    if not torch.is_inference_mode_enabled() or any(local_tensor(p).is_inference() for p in written):
         yield False
         return
     with torch.inference_mode(False), torch.no_grad():
