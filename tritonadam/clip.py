@@ -224,7 +224,7 @@ class Clipper:
         if holds is None:
             holds = self.holds(_measured(cache)[0])
         else:  # still_taken compared the kernels' grads' addresses with the ones measured
-            holds = holds and self._unchanged_in_place(addresses=bool(cache.host) and not cache.params)
+            holds = holds and self._unchanged_in_place(addresses=_host_only(cache))
         if not holds:
             self._drop_stale()
             return
@@ -491,7 +491,12 @@ def _measured(cache: StepCache) -> tuple[list[Tensor], list[Tensor]]:
     """The params whose grads a clip of ``cache`` measures, and those grads as its last
     check took them: the kernels' params, or (when torch's implementation steps every
     param, on the CPU) the host rows'."""
-    if cache.host and not cache.params:
+    if _host_only(cache):
         return cache.host_params, cache.host_taken
     return cache.params, cache.taken
+
+
+def _host_only(cache: StepCache) -> bool:
+    """Whether torch's implementation steps every param of ``cache`` (on the CPU)."""
+    return bool(cache.host) and not cache.params
 

@@ -81,6 +81,7 @@ class _TritonAdamBase(Optimizer):
     def _init_extras(self, bias_correction, master_weights, block_size, num_warps, autotune_mode,
                      persistent, state_dtype=None, stochastic_rounding=False, seed=None,
                      max_grad_norm=None, grad_norm_type=2.0):
+        self._zero_partition = _built_by_zero()
         self._set_extras(dict(
             bias_correction=bias_correction, master_weights=master_weights, state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
@@ -88,7 +89,6 @@ class _TritonAdamBase(Optimizer):
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
         self._cache: StepCache | None = None
         self._clipper = Clipper(type(self).__name__)
-        self._zero_partition = _built_by_zero()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -113,7 +113,7 @@ class _TritonAdamBase(Optimizer):
         max_grad_norm = extras["max_grad_norm"]
         if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
             raise fsdp1_clip_error("max_grad_norm")
-        if max_grad_norm is not None and _built_by_zero():
+        if max_grad_norm is not None and getattr(self, "_zero_partition", False):
             raise _zero_clip_error("max_grad_norm", "drop max_grad_norm= and call")
         for key in self._EXTRAS:
             setattr(self, key, extras[key])

@@ -35,8 +35,8 @@ from .validate import check_grad
 __all__ = ["DeviceLaunches", "Row", "StepCache", "param_meta"]
 
 _DTYPE = operator.attrgetter("dtype")
-_LOW = 2**40  # an address below it may be an offset into a freed storage (StepCache._freed)
 _SHAPE = operator.attrgetter("shape")
+_LOW = 2**40  # an address below it may be an offset into a freed storage (StepCache._freed)
 
 
 def _spec(g: Tensor):
