@@ -88,6 +88,49 @@ def test_nonfinite_grads_propagate_like_torch(name, bad, device):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+@pytest.mark.parametrize("state_dtype", [None, "8bit", "4bit"])
+def test_nonfinite_param_without_weight_decay_keeps_its_moments_finite(name, state_dtype, device):
+    """A group without weight decay (or with decoupled decay) launched with one that adds
+    L2 decay to the grad: torch adds nothing there, so a param already NaN or inf leaves
+    its moments finite. 0 * p would make them NaN, and with quantized state the block's
+    scale too."""
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params([(300,), (33,), (65,)], torch.float32, device, seed=11)
+    with torch.no_grad():
+        params[0][::5] = float("nan")
+        params[0][1::7] = float("inf")
+        params[0][2::11] = -float("inf")
+    ref = clone_params(params)
+
+    def groups(ps):
+        gs = [{"params": [ps[0]], "weight_decay": 0.0}, {"params": [ps[1]], "weight_decay": 0.25}]
+        if name == "Adam":
+            gs.append({"params": [ps[2]], "weight_decay": 0.1, "decoupled_weight_decay": True})
+        else:
+            gs.append({"params": [ps[2]], "weight_decay": 0.0})
+        return gs
+
+    fmt = {} if state_dtype is None else {"state_dtype": state_dtype}
+    ours = ours_cls(groups(params), lr=0.01, **fmt, **LAUNCH)
+    theirs = torch_cls(groups(ref), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    exported = ours.torch_state_dict()["state"]
+    for i, (p, q) in enumerate(zip(params, ref)):
+        assert torch.equal(p.isfinite(), q.isfinite())
+        for key in _state_keys(name, {}):
+            assert exported[i][key].isfinite().all(), (i, key)
+            if state_dtype is None:
+                torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **TOL[torch.float32])
+        if state_dtype is None:
+            torch.testing.assert_close(p, q, equal_nan=True, **TOL[torch.float32])
+
+
 def test_lr_scheduler_and_closure(device):
     """Schedulers write lr into param_groups each step; the step reads it every time."""
     params = make_params([(33,), (8, 8)], torch.float32, device, seed=5)
