@@ -274,6 +274,31 @@ def test_bf16_subnormal_grads_encode_like_the_reference(bits, device):
     refs.check("subnormal grads")
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_subnormal_and_overflowing_moments_encode_like_the_host_codec(bits, name, device):
+    """Blocks whose largest moment is an fp32 subnormal (tiny grads): the scale, that
+    moment rounded up to bf16, is a subnormal too and must be stored exactly (Triton's
+    interpreter's fp32 -> bf16 conversion zeroed or garbled it: a second moment of 0,
+    with a small eps an update ~1e10 too large). Below 2**-128 its inverse overflows, and
+    a block whose second moment overflows (grads of 1e30) has an inf scale: codes the
+    host codec (checkpoint loads) gives too. Params, codes and scales bit for bit."""
+    gen = torch.Generator().manual_seed(43)
+    sizes = torch.tensor([1e-19, 3e-20, 1e-21, 2e-22, 1e-38, 1e-40, 1.0, 1e30])
+    params = odd_params(FP32, device, seed=44, shapes=[(len(sizes) * QB,), (QB + 5,)], layouts=False)
+    opt = build(name, params, bits, groups=False)
+    refs = Refs(opt, name, bits, exact_codes=True)
+    for _ in range(3):
+        grads = [(torch.randn(len(sizes), QB, generator=gen) * sizes[:, None]).reshape(-1).to(device),
+                 (torch.randn(QB + 5, generator=gen) * 1e-19).to(device)]
+        _launch(opt, params, grads)
+        refs.step(dict(zip(params, grads)))
+    refs.check("subnormal moments")
+    if name == "Adam":  # AdaMax's exp_inf is at least eps
+        scales = quantized(opt, params[0], "exp_avg_sq", bits)[1].float()
+        assert (scales[:3] > 0).all() and (scales[:3] < 1.2e-38).all()
+
+
 # ---- 2. the launch config does not change a bit --------------------------------------------
 
 

@@ -91,17 +91,23 @@ def encode(x: Tensor, scale: Tensor, inv: Tensor, weight, bits: int, signed: boo
     """Codes (fp32 integers) of fp32 ``x`` given broadcastable fp32 ``scale`` and ``inv``
     (~1 / scale, 0 where scale is 0) and ``weight`` (2**16: nearest; 2r + 1 per element for
     16 random bits r: stochastic): the number of thresholds below |x| (between levels q and
-    q + 1: ``q**2 + weight * (2q + 1) / 2**17`` units), the kernel's ``encode``. The
-    kernel settles nearest with one comparison; here both thresholds around the level
-    nearest in the square-root domain are counted, which gives the same codes."""
+    q + 1: ``q**2 + weight * (2q + 1) / 2**17`` units), the kernel's ``encode``, in its
+    form: nearest with the one comparison below the level nearest in the square-root
+    domain, stochastic with the two around it (clamped below the top). Where that level is
+    no estimate (a subnormal scale, whose inverse overflows; an inf scale) the codes are
+    still the kernel's."""
     levels = _levels(bits, signed)
     q0 = 0 if signed else 1
     a = x.abs()
     y = a * inv
     y = torch.where(y < 1.0, y, torch.ones_like(y))
-    c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, levels - 1.0)
     u = _unit(scale, levels)
-    code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32) + (a > _threshold(c0, weight) * u).to(_F32)
+    if torch.is_tensor(weight):
+        c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, levels - 1.0)
+        code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32) + (a > _threshold(c0, weight) * u).to(_F32)
+    else:
+        c0 = torch.round(y.sqrt() * levels).clamp(min=q0 + 1.0)
+        code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32)
     if signed:
         code = torch.where(x < 0, -code, code)
     return code
