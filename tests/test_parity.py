@@ -131,6 +131,36 @@ def test_nonfinite_param_without_weight_decay_keeps_its_moments_finite(name, sta
             torch.testing.assert_close(p, q, equal_nan=True, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+@pytest.mark.parametrize("wd", [1e-50, 1e-45, -0.0])
+def test_weight_decay_is_zero_only_where_torch_finds_it_zero(name, wd, device):
+    """torch tests ``weight_decay != 0`` on the group's value: 1e-50, which rounds to 0 in
+    fp32, still adds 0 * p (NaN moments at a NaN or inf param), -0.0 adds nothing."""
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params([(40,), (7,)], torch.float32, device, seed=13)
+    with torch.no_grad():
+        params[0][::3] = float("nan")
+        params[0][1::5] = float("inf")
+    ref = clone_params(params)
+
+    def groups(ps):
+        return [{"params": [ps[0]], "weight_decay": wd}, {"params": [ps[1]], "weight_decay": 0.5}]
+
+    ours = ours_cls(groups(params), lr=0.01, **LAUNCH)
+    theirs = torch_cls(groups(ref), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(14)
+    for _ in range(2):
+        for p, q, g in zip(params, ref, random_grads(params, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, equal_nan=True, **TOL[torch.float32])
+        for key in _state_keys(name, {}):
+            torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], equal_nan=True,
+                                       **TOL[torch.float32])
+
+
 def test_lr_scheduler_and_closure(device):
     """Schedulers write lr into param_groups each step; the step reads it every time."""
     params = make_params([(33,), (8, 8)], torch.float32, device, seed=5)

@@ -208,6 +208,22 @@ def test_stochastic_rounding_past_the_largest_fp16_rounds_to_nearest(device):
         assert torch.equal(stochastic_round(torch.full((n,), target), bits, FP16), expected)
 
 
+@pytest.mark.parametrize("lr", [1e-45, 1e-40, 3e-39, 1e-38])
+def test_stochastic_rounding_of_fp32_subnormals_to_fp16(lr, device):
+    """fp16 zeros stepped by an fp32 subnormal: far below fp16's smallest step (2**-24),
+    so toward zero is +-0 and the step rounds up in magnitude with probability below
+    2**-16. The interpreter's toward-zero conversion garbled fp32 subnormals (1.4e-39 to
+    5.4e-5)."""
+    n = 1100
+    p = torch.nn.Parameter(torch.zeros(n, dtype=FP16, device=device))
+    opt = PAIRS["Adam"][0]([p], lr=lr, stochastic_rounding=True, seed=5, **LAUNCH)
+    p.grad = torch.linspace(-1, 1, n).to(FP16).to(device)
+    opt.step()
+    assert p.detach().abs().max().item() <= 2.0 ** -24, p.detach().abs().max()
+    x = -lr * torch.sign(p.grad.float().cpu())
+    assert stochastic_round(x, np.arange(n) * 59 % 65536, FP16).abs().max().item() <= 2.0 ** -24
+
+
 @pytest.mark.parametrize("dtype,lr", [(BF16, 1e-3), (FP16, 1e-4)], ids=["bf16", "fp16"])
 def test_stochastic_rounding_is_unbiased(dtype, lr, device):
     """65,536 copies of one value take one step: the mean of the rounded results is the

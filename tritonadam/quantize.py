@@ -21,7 +21,9 @@ Two maps (docs/quantization.md has the measurements behind them):
 Encoding rounds to the nearest code in the value domain (ties down), or stochastically
 with 16 random bits per element: up with probability (x - lo) / (hi - lo) to within
 2**-17, so E[decode(encode(x))] = x (unbiased in the value domain). Values are encoded
-from fp32; a NaN in a block makes its scale NaN and the block decodes to NaN.
+from fp32; a NaN in a block makes its scale NaN and the block decodes to NaN. Blocks
+of fp32-subnormal size (scale at most 2**-128; signed 8-bit: below ~3.1e-37) and inf
+blocks get the kernel's codes, not always the nearest (docs/quantization.md).
 """
 from __future__ import annotations
 

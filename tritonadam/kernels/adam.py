@@ -182,13 +182,15 @@ def _update(
     if COUPLED_WD:
         # torch adds nothing to the grad of a group without L2 decay (0 here, so are
         # decoupled groups): 0 * p would turn a NaN or inf param's moments NaN. The param's
-        # bits are masked where the decay is 0 (weight_decay >= 0: its bits as an integer
-        # are positive, or 0, or for -0.0 the sign bit alone, which keeps only p's sign).
-        # A select or a branch instead spilled or cost resident warps (tests/test_aot.py).
-        wd = _scalar(srow, S_WD, CDTYPE)
+        # bits are masked where the decay is 0, as torch tests it: the group's float64
+        # value (a decay that rounds to 0 in fp32 still adds 0 * p there). weight_decay >=
+        # 0, so its bits as an integer are positive, or 0, or for -0.0 the sign bit alone,
+        # which the mask drops. A select or a branch instead spilled or cost resident warps
+        # (tests/test_aot.py).
+        wd64 = tl.load(srow + S_WD)
         IT: tl.constexpr = tl.int64 if CDTYPE == tl.float64 else tl.int32
-        keep = -tl.minimum(wd.to(IT, bitcast=True), 1)
-        g = g + wd * (p.to(IT, bitcast=True) & keep).to(CDTYPE, bitcast=True)
+        keep = (-tl.minimum(wd64.to(tl.int64, bitcast=True), 1)).to(IT)
+        g = g + wd64.to(CDTYPE) * (p.to(IT, bitcast=True) & keep).to(CDTYPE, bitcast=True)
     m = lerp(m, g, w1)
     if ADAMAX:
         # torch takes amax over (u * beta2, |g| + eps), which propagates NaN.

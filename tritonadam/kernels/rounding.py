@@ -134,7 +134,12 @@ def round_stochastic(x, random, DTYPE: tl.constexpr):
         return _bf16_from_bits(rounded)
     else:
         tl.static_assert(DTYPE == tl.float16, "stochastic rounding to bf16 or fp16")
-        lo = x.to(tl.float16, fp_downcast_rounding="rtz")
+        toward = x
+        if INTERPRETED:
+            # The interpreter's toward-zero conversion garbles fp32 subnormals (1.4e-39 to
+            # 5.4e-5). All lie below fp16's smallest step: toward zero they are +-0.
+            toward = tl.where(tl.abs(x) < 1.1754943508222875e-38, x * 0.0, x)
+        lo = toward.to(tl.float16, fp_downcast_rounding="rtz")
         # The next fp16 away from zero: one more unit in the magnitude bits.
         hi = (lo.to(tl.uint16, bitcast=True) + 1).to(tl.float16, bitcast=True)
         below = tl.abs(x) - tl.abs(lo.to(tl.float32))
