@@ -603,6 +603,49 @@ def quantized(opt, p, key, bits):
     return state[f"{key}_{bits}bit"], state[f"{key}_scales"]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_nan_block_stays_nan_whatever_its_scales_nan_bits(bits, device):
+    """A block holding a NaN decodes to NaN, after a load too: the host encodes its scale
+    as the kernel does (0x7FC0; torch's vectorised CPU conversion gives 0xFFFF), and the
+    kernel reads a NaN scale with the sign bit as NaN on its masked path too (it read
+    0xFFFF as 0: a fresh, zero moment, the NaN gone)."""
+    x = torch.randn(72)
+    x[5] = float("nan")
+    assert Q.quantize(x, bits, True)[1].view(torch.int16)[0].item() == 0x7FC0
+    assert Q.requantize(x, bits, True)[1].view(torch.int16)[0].item() == 0x7FC0
+    gen = torch.Generator().manual_seed(61)
+    for nan_bits in (0x7FC0, -1):  # -1: 0xFFFF
+        # 72 elements: the masked path; 4160: full blocks, and a masked one
+        params = [nn.Parameter(torch.randn(n, generator=gen).to(device)) for n in (72, 4160)]
+        opt = PAIRS["AdamW"][0](params, lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
+        _launch(opt, params, make_grads(params, gen))
+        for p in params:
+            scales = opt.state[p]["exp_avg_scales"]
+            scales.view(torch.int16)[0] = nan_bits
+            scales.view(torch.int16)[-1] = nan_bits
+        _launch(opt, params, make_grads(params, gen))
+        for p in params:
+            codes, scales = quantized(opt, p, "exp_avg", bits)
+            m = Q.dequantize(codes.cpu(), scales.cpu(), p.numel(), bits, True)
+            nan = m.isnan()
+            assert nan[:QB].all() and nan[-(p.numel() % QB or QB):].all(), (nan_bits, p.numel())
+            assert nan.sum().item() == QB + (p.numel() % QB or QB) - (QB if p.numel() <= QB else 0), nan_bits
+    # A torch.optim state with a NaN moment loads into a NaN block, and steps as one.
+    p = nn.Parameter(torch.randn(72, generator=gen).to(device))
+    twin = nn.Parameter(p.detach().clone())
+    ref = torch.optim.AdamW([twin], lr=1e-2)
+    twin.grad = torch.randn(72, generator=gen).to(device)
+    ref.step()
+    sd = copy.deepcopy(ref.state_dict())
+    sd["state"][0]["exp_avg"][3] = float("nan")
+    opt = PAIRS["AdamW"][0]([p], lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
+    opt.load_state_dict(sd)
+    _launch(opt, [p], make_grads([p], gen))
+    m = Q.dequantize(*[t.cpu() for t in quantized(opt, p, "exp_avg", bits)], 72, bits, True)
+    assert m[:QB].isnan().all() and not m[QB:].isnan().any()
+    assert p.detach()[:QB].isnan().all() and not p.detach()[QB:].isnan().any()
+
+
 def lockstep(a, pa, b, pb, gen, steps):
     """Both optimizers step the same grads."""
     for _ in range(steps):

@@ -72,6 +72,13 @@ def round_scale(absmax_bits: Tensor) -> Tensor:
     return up.to(torch.int32).view(_F32)
 
 
+def bf16_scales(scale: Tensor) -> Tensor:
+    """fp32 scales, bf16 values already (``round_scale``), as bf16: their high halves, so
+    NaN stays the quiet NaN the kernel writes (0x7FC0). torch's vectorised CPU conversion
+    makes it 0xFFFF, a NaN with the sign bit set."""
+    return (scale.contiguous().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+
+
 def _blocks(x: Tensor) -> tuple[Tensor, int]:
     flat = x.detach().reshape(-1).to(_F32)
     numel = flat.numel()
@@ -104,7 +111,7 @@ def encode(x: Tensor, scale: Tensor, inv: Tensor, weight, bits: int, signed: boo
     y = a * inv
     y = torch.where(y < 1.0, y, torch.ones_like(y))
     u = _unit(scale, levels)
-    if torch.is_tensor(weight):
+    if torch.is_tensor(weight) or weight != 65536.0:
         c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, levels - 1.0)
         code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32) + (a > _threshold(c0, weight) * u).to(_F32)
     else:
@@ -144,7 +151,7 @@ def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -
         if r.numel() != numel:
             raise ValueError(f"random has {r.numel()} values for {numel} elements")
         weight = torch.cat([r, r.new_zeros(xb.numel() - numel)]).reshape(xb.shape).to(_F32) * 2.0 + 1.0
-    return _encode_blocks(xb, numel, scale, inv, weight, bits, signed), scale.to(torch.bfloat16)
+    return _encode_blocks(xb, numel, scale, inv, weight, bits, signed), bf16_scales(scale)
 
 
 def _encode_blocks(xb: Tensor, numel: int, scale: Tensor, inv: Tensor, weight, bits: int, signed: bool) -> Tensor:
@@ -159,7 +166,7 @@ def _inverse(scale: Tensor) -> Tensor:
 
 def _exact_blocks(codes: Tensor, scale: Tensor, xb: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
     """Per block: whether ``codes`` with ``scale`` decode to exactly ``xb``'s values."""
-    back = dequantize(codes, scale.to(torch.bfloat16), numel, bits, signed)
+    back = dequantize(codes, bf16_scales(scale), numel, bits, signed)
     same = back == xb.reshape(-1)[:numel]
     same = torch.cat([same, same.new_ones(xb.numel() - numel)])
     return same.reshape(xb.shape).all(dim=1)
@@ -197,7 +204,7 @@ def requantize(x: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor]:
     if not bool(use.any()):
         return codes, scales
     final = torch.where(use, alt, scale)
-    return _encode_blocks(xb, numel, final, _inverse(final), 65536.0, bits, signed), final.to(torch.bfloat16)
+    return _encode_blocks(xb, numel, final, _inverse(final), 65536.0, bits, signed), bf16_scales(final)
 
 
 def dequantize(codes: Tensor, scales: Tensor, numel: int, bits: int, signed: bool) -> Tensor:

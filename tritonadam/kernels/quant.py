@@ -270,9 +270,10 @@ def _tail_scale(scale_ptr, R: tl.constexpr, n):
     s_offs, own = _group(R, 32, 2)
     rows = tl.arange(0, R)[:, None] * QUANT_BLOCK < n
     group = widen(tl.load(scale_ptr + s_offs, mask=own & rows), tl.float32, False).to(tl.int32, bitcast=True)
-    # Scales are >= 0 or NaN: their bits order like the values, and 0 stands for a lane's
-    # other scale.
-    return tl.max(tl.where(own & rows, group, 0), axis=1).to(tl.float32, bitcast=True)
+    # Scales are >= 0 or NaN: without the sign bit, which a NaN from elsewhere may carry
+    # (torch's vectorised CPU conversion gives 0xFFFF), their bits order like the values,
+    # and 0 stands for a lane's other scale.
+    return tl.max(tl.where(own & rows, group & 0x7FFFFFFF, 0), axis=1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
