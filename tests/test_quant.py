@@ -606,7 +606,7 @@ def quantized(opt, p, key, bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_nan_block_stays_nan_whatever_its_scales_nan_bits(bits, device):
     """A block holding a NaN decodes to NaN, after a load too: the host encodes its scale
-    as the kernel does (0x7FC0; torch's vectorised CPU conversion gives 0xFFFF), and the
+    as a positive quiet NaN (0x7FC0; torch's vectorised CPU conversion gives 0xFFFF), and the
     kernel reads a NaN scale with the sign bit as NaN on its masked path too (it read
     0xFFFF as 0: a fresh, zero moment, the NaN gone)."""
     x = torch.randn(72)

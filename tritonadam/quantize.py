@@ -74,8 +74,9 @@ def round_scale(absmax_bits: Tensor) -> Tensor:
 
 def bf16_scales(scale: Tensor) -> Tensor:
     """fp32 scales, bf16 values already (``round_scale``), as bf16: their high halves, so
-    NaN stays the quiet NaN the kernel writes (0x7FC0). torch's vectorised CPU conversion
-    makes it 0xFFFF, a NaN with the sign bit set."""
+    NaN stays a positive quiet NaN (0x7FC0, as the kernel stores it in the interpreter;
+    compiled, its conversion may give 0x7FFF). torch's vectorised CPU conversion makes it
+    0xFFFF, a NaN with the sign bit set, which the kernel now reads as NaN too."""
     return (scale.contiguous().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
 
 

@@ -185,8 +185,8 @@ def _update(
         # bits are masked where the decay is 0, as torch tests it: the group's float64
         # value (a decay that rounds to 0 in fp32 still adds 0 * p there). weight_decay >=
         # 0, so its bits as an integer are positive, or 0, or for -0.0 the sign bit alone,
-        # which the mask drops. A select or a branch instead spilled or cost resident warps
-        # (tests/test_aot.py).
+        # which keeps only p's sign: +-0 is added. A select or a branch instead spilled or
+        # cost resident warps (tests/test_aot.py).
         wd64 = tl.load(srow + S_WD)
         IT: tl.constexpr = tl.int64 if CDTYPE == tl.float64 else tl.int32
         keep = (-tl.minimum(wd64.to(tl.int64, bitcast=True), 1)).to(IT)

@@ -136,8 +136,9 @@ def round_stochastic(x, random, DTYPE: tl.constexpr):
         tl.static_assert(DTYPE == tl.float16, "stochastic rounding to bf16 or fp16")
         toward = x
         if INTERPRETED:
-            # The interpreter's toward-zero conversion garbles fp32 subnormals (1.4e-39 to
-            # 5.4e-5). All lie below fp16's smallest step: toward zero they are +-0.
+            # The interpreter's toward-zero conversion garbles fp32 subnormals (from about
+            # 1.4e-43 they come out as up to 6.1e-5). All lie below fp16's smallest step:
+            # toward zero they are +-0.
             toward = tl.where(tl.abs(x) < 1.1754943508222875e-38, x * 0.0, x)
         lo = toward.to(tl.float16, fp_downcast_rounding="rtz")
         # The next fp16 away from zero: one more unit in the magnitude bits.
