@@ -161,6 +161,28 @@ def test_weight_decay_is_zero_only_where_torch_finds_it_zero(name, wd, device):
                                        **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adamax"])
+def test_a_group_without_weight_decay_keeps_its_grads_negative_zeros(name, device):
+    """Launched with an L2-decay group, a group without decay adds nothing to its grads:
+    a -0 grad stays -0 (with beta1 = 0, exp_avg takes the grad's zeros as torch's does;
+    adding +0 made them +0)."""
+    ours_cls, torch_cls = PAIRS[name]
+    results = []
+    for cls, extra in ((ours_cls, LAUNCH), (torch_cls, {"foreach": False})):
+        a = torch.nn.Parameter(torch.ones(2, device=device))
+        b = torch.nn.Parameter(torch.zeros(6, device=device))
+        opt = cls([{"params": [a], "weight_decay": 0.01}, {"params": [b], "weight_decay": 0.0}],
+                  lr=1e-3, betas=(0.0, 0.99), **extra)
+        for g in ([-1.0, 1.0, -1.0, 1.0, -2.0, 3.0], [-0.0, 0.0, -0.0, 0.0, -0.0, 0.0]):
+            a.grad = torch.ones(2, device=device)
+            b.grad = torch.tensor(g, device=device)
+            opt.step()
+        results.append((opt.state[b]["exp_avg"].cpu(), b.detach().cpu()))
+    (m, p), (want_m, want_p) = results
+    assert torch.equal(m, want_m) and torch.equal(m.signbit(), want_m.signbit())
+    assert torch.equal(p, want_p) and torch.equal(p.signbit(), want_p.signbit())
+
+
 def test_lr_scheduler_and_closure(device):
     """Schedulers write lr into param_groups each step; the step reads it every time."""
     params = make_params([(33,), (8, 8)], torch.float32, device, seed=5)

@@ -39,6 +39,7 @@ __all__ = ["QUANT_BLOCK", "code_bytes", "num_scales", "state_bytes", "quantize",
 
 QUANT_BLOCK = _QB.value
 _F32 = torch.float32
+_NEAREST = 65536.0  # encode's weight that rounds to nearest (2r + 1 for 16 random bits r: stochastic)
 
 
 def code_bytes(numel: int, bits: int) -> int:
@@ -112,12 +113,11 @@ def encode(x: Tensor, scale: Tensor, inv: Tensor, weight, bits: int, signed: boo
     y = a * inv
     y = torch.where(y < 1.0, y, torch.ones_like(y))
     u = _unit(scale, levels)
-    if torch.is_tensor(weight) or weight != 65536.0:
-        c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, levels - 1.0)
-        code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32) + (a > _threshold(c0, weight) * u).to(_F32)
-    else:
-        c0 = torch.round(y.sqrt() * levels).clamp(min=q0 + 1.0)
-        code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32)
+    nearest = not torch.is_tensor(weight) and weight == _NEAREST
+    c0 = torch.round(y.sqrt() * levels).clamp(q0 + 1.0, None if nearest else levels - 1.0)
+    code = (c0 - 1.0 - q0) + (a > _threshold(c0 - 1.0, weight) * u).to(_F32)
+    if not nearest:
+        code = code + (a > _threshold(c0, weight) * u).to(_F32)
     if signed:
         code = torch.where(x < 0, -code, code)
     return code
@@ -146,7 +146,7 @@ def quantize(x: Tensor, bits: int, signed: bool, random: Tensor | None = None) -
     scale = round_scale(absmax)
     inv = _inverse(scale)
     if random is None:
-        weight = 65536.0
+        weight = _NEAREST
     else:
         r = random.reshape(-1).to(torch.int64) & 0xFFFF
         if r.numel() != numel:
@@ -200,12 +200,12 @@ def requantize(x: Tensor, bits: int, signed: bool) -> tuple[Tensor, Tensor]:
                           torch.tensor(1.0, dtype=_F32, device="cpu"), bits, signed))
     absmax = xb.abs().amax(dim=1)
     alt = torch.where(exact, scale, (absmax / second).to(torch.bfloat16).to(_F32))
-    alt_codes = _encode_blocks(xb, numel, alt, _inverse(alt), 65536.0, bits, signed)
+    alt_codes = _encode_blocks(xb, numel, alt, _inverse(alt), _NEAREST, bits, signed)
     use = ~exact & _exact_blocks(alt_codes, alt, xb, numel, bits, signed)
     if not bool(use.any()):
         return codes, scales
     final = torch.where(use, alt, scale)
-    return _encode_blocks(xb, numel, final, _inverse(final), 65536.0, bits, signed), bf16_scales(final)
+    return _encode_blocks(xb, numel, final, _inverse(final), _NEAREST, bits, signed), bf16_scales(final)
 
 
 def dequantize(codes: Tensor, scales: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
