@@ -16,6 +16,14 @@ def _configs(device_type):
                 yield pytest.param(name, dtype, kwargs, id=f"{name}-{desc}-{str(dtype)[6:]}")
 
 
+def _step_both(ours, theirs, params, ref, grads):
+    """Both optimizers step the same grads (copies)."""
+    for p, q, g in zip(params, ref, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.step()
+    theirs.step()
+
+
 def _state_keys(name, kwargs):
     if name == "Adamax":
         return ("exp_avg", "exp_inf")
@@ -80,10 +88,7 @@ def test_nonfinite_grads_propagate_like_torch(name, bad, device):
         if step == 1:
             grads[0][::7] = float(bad)
             grads[0][3] = -float(bad)
-        for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+        _step_both(ours, theirs, params, ref, grads)
         for p, q in zip(params, ref):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, equal_nan=True)
 
@@ -116,10 +121,7 @@ def test_nonfinite_param_without_weight_decay_keeps_its_moments_finite(name, sta
     theirs = torch_cls(groups(ref), lr=0.01, foreach=False)
     gen = torch.Generator().manual_seed(12)
     for _ in range(3):
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+        _step_both(ours, theirs, params, ref, random_grads(params, gen))
     exported = ours.torch_state_dict()["state"]
     for i, (p, q) in enumerate(zip(params, ref)):
         assert torch.equal(p.isfinite(), q.isfinite())
@@ -150,10 +152,7 @@ def test_weight_decay_is_zero_only_where_torch_finds_it_zero(name, wd, device):
     theirs = torch_cls(groups(ref), lr=0.01, foreach=False)
     gen = torch.Generator().manual_seed(14)
     for _ in range(2):
-        for p, q, g in zip(params, ref, random_grads(params, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+        _step_both(ours, theirs, params, ref, random_grads(params, gen))
     for p, q in zip(params, ref):
         torch.testing.assert_close(p, q, equal_nan=True, **TOL[torch.float32])
         for key in _state_keys(name, {}):
