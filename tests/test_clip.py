@@ -664,8 +664,9 @@ def test_changes_between_clip_and_step_are_seen(change, device, recwarn):
     """The step right after clip_grad_norm_ reuses the clip's check only while nothing
     else changed: it steps as a step without the clip (max_norm inf: coefficient 1)
     would. A param that gets a grad after the clip is stepped (the coefficient dropped
-    with a warning), a param taken out of its group is not, a group switched to AMSGrad
-    steps with max_exp_avg_sq, state cleared by hand restarts."""
+    with a warning), a param taken out of its group is not (the coefficient kept for the
+    others: test_params_regrouped_between_clip_and_step_stay_clipped), a group switched
+    to AMSGrad steps with max_exp_avg_sq, state cleared by hand restarts."""
     params = _params([(5,), (4,), (3,)], device)
     ref = [nn.Parameter(p.detach().clone()) for p in params]
     gen = torch.Generator().manual_seed(1)
@@ -699,7 +700,55 @@ def test_changes_between_clip_and_step_are_seen(change, device, recwarn):
             for key, value in theirs.state[q].items():
                 assert torch.equal(opt.state[p][key], value), key
     dropped = [w for w in recwarn if "coefficient was dropped" in str(w.message)]
-    assert bool(dropped) == (change in ("grad-on-a-param-without", "param-removed"))
+    assert bool(dropped) == (change == "grad-on-a-param-without")
+
+
+def _pop_param(group, p):
+    group["params"].pop(next(i for i, q in enumerate(group["params"]) if q is p))
+
+
+REGROUP = {
+    "moved-to-another-group": lambda groups, ps: (_pop_param(groups[0], ps[1]), groups[1]["params"].append(ps[1])),
+    "groups-reversed": lambda groups, ps: groups.reverse(),
+    "group-removed": lambda groups, ps: groups.pop(1),
+    "param-removed": lambda groups, ps: _pop_param(groups[0], ps[0]),
+    "params-reordered": lambda groups, ps: groups[0]["params"].reverse(),
+}
+
+
+@pytest.mark.parametrize("change", list(REGROUP))
+def test_params_regrouped_between_clip_and_step_stay_clipped(change, device, recwarn):
+    """torch's clip scales every grad in place, wherever its param goes after: params moved
+    to another group, groups reordered or removed between clip_grad_norm_ and step() step
+    with their clipped grads, the coefficient of the norm over all of them (it was dropped,
+    with a warning saying grads were replaced, and the step read them unclipped)."""
+    params = _params([(5, 8), (9,), (33,), (4,)], device)
+    ref = _cpu_params(params)
+    gen = torch.Generator().manual_seed(3)
+
+    def groups(ps):
+        return [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.05}]
+
+    opt = tritonadam.AdamW(groups(params), lr=1e-2, weight_decay=0.1, **LAUNCH)
+    theirs = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(3):
+        for p, q in zip(params, ref):
+            p.grad = _grad(p.shape, gen, 2.0, device=device)
+            q.grad = _cpu_grad(p.grad)
+        norm = opt.clip_grad_norm_(0.5)
+        expected = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        assert norm > 0.5
+        if step == 2:
+            REGROUP[change](opt.param_groups, params)
+            REGROUP[change](theirs.param_groups, ref)
+        opt.step()
+        theirs.step()
+        _assert_close(norm, expected, rtol=2e-6, atol=0)
+        for p, q in zip(params, ref):
+            _assert_close(p, q, **TOL)
+            if q in theirs.state:
+                _assert_close(opt.state[p]["exp_avg"], theirs.state[q]["exp_avg"], **TOL)
+    assert not [w for w in recwarn if "coefficient was dropped" in str(w.message)]
 
 
 @pytest.mark.parametrize("recipe", ["scaler-argument", "max_grad_norm"])

@@ -500,7 +500,7 @@ def test_cached_steps_recheck_every_host_row(on_host):
     cached()
     params[1].data = torch.randn(9)
     params[1].grad = torch.randn(9)
-    refused("the param changed after its optimizer state was created")
+    refused("the param or this state tensor changed after the state was created")
 
 
 @pytest.mark.parametrize("dtype, options", [

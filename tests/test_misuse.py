@@ -1184,6 +1184,42 @@ def test_a_bf16_param_made_float32_keeps_its_master(master, device):
     assert "master_param" not in opt.state[params[0]] and "master_param_remainder" not in opt.state[params[0]]
 
 
+def test_a_bf16_model_made_fp16_keeps_its_master_by_hand_or_through_a_load(device):
+    """``model.half()`` after steps of bf16 params with an fp32 master: each fp16 param is
+    still the master rounded to bf16, so the master stays, by hand as through a state dict
+    loaded into a new optimizer (the load took the param for newer than the master, since
+    it is not the master rounded to fp16, and restarted the master from it: the two
+    diverged and the load lost the master's low bits)."""
+    base = make_params([(300,), (5, 7)], torch.bfloat16, device, seed=6)
+    runs = []
+    for by_hand in (True, False):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base]
+        opt = PAIRS["AdamW"][0](params, master_weights=True, **LAUNCH)
+        _steps(opt, params, 2)
+        masters = [opt.state[p]["master_param"].clone() for p in params]
+        for p in params:
+            p.data = p.data.half()
+        if not by_hand:
+            sd = opt.state_dict()
+            opt = PAIRS["AdamW"][0](params, master_weights=True, **LAUNCH)
+            opt.load_state_dict(sd)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in opt.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        opt.step()  # the master unchanged: the param becomes the master rounded to fp16
+        for p, m in zip(params, masters):
+            assert torch.equal(opt.state[p]["master_param"], m)
+            assert torch.equal(p.detach(), m.half())
+        _steps(opt, params, 2, seed=7)
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        for key, value in opt_a.state[x].items():
+            assert torch.equal(value, opt_b.state[y][key]), key
+
+
 @pytest.mark.parametrize("after", [1, 3])
 @pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
 @pytest.mark.parametrize("copied", [False, True])

@@ -409,10 +409,21 @@ class Clipper:
     def holds(self, params: list[Tensor]) -> bool:
         """Whether the pending coefficient belongs to these params' current grads: the same
         tensors, unchanged in place since (``zero_()``, ``model.zero_grad(set_to_none=False)``
-        and a backward accumulating into them bump their version counters)."""
-        return (self.pending and self._same_params(params)
-                and all(map(operator.is_, map(GRAD, params), self._grads))
-                and self._unchanged_in_place())
+        and a backward accumulating into them bump their version counters). The params may
+        have been regrouped, reordered or dropped from the optimizer since (torch's in-place
+        clip left each grad clipped wherever its param went); a param it did not measure
+        has grads the coefficient does not belong to."""
+        if not self.pending:
+            return False
+        if self._same_params(params):
+            grads = self._grads
+        else:
+            at = {id(p): i for i, p in enumerate(self._params)}
+            where = [at.get(id(p)) for p in params]
+            if None in where:
+                return False
+            grads = [self._grads[i] for i in where]
+        return all(map(operator.is_, map(GRAD, params), grads)) and self._unchanged_in_place()
 
     def _same_params(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are the ones the pending coefficient measured, in order."""

@@ -52,8 +52,9 @@ def _stale(key: str, problem: str, name: str) -> RuntimeError:
             "it. Give it memory again before the step (offloading code: restore it), load a "
             "state dict, or clear this param's state (`opt.state.pop(param)`) to restart it")
     return RuntimeError(
-        f"tritonadam.{name}: state[{key!r}] has {problem}: the param changed after its "
-        "optimizer state was created. Load a state dict that matches the params "
+        f"tritonadam.{name}: state[{key!r}] has {problem}: the param or this state tensor "
+        "changed after the state was created (a param cast, moved or resized, or a state "
+        "tensor replaced by hand). Load a state dict that matches the params "
         "(`opt.load_state_dict(...)` also moves state to the params' device), or clear "
         "this param's state (`opt.state.pop(param)`) to restart it"
     )
