@@ -713,6 +713,9 @@ REGROUP = {
     "group-removed": lambda groups, ps: groups.pop(1),
     "param-removed": lambda groups, ps: _pop_param(groups[0], ps[0]),
     "params-reordered": lambda groups, ps: groups[0]["params"].reverse(),
+    "grad-set-to-none": lambda groups, ps: setattr(ps[0], "grad", None),
+    # A grad the step no longer reads may change: the others stay clipped.
+    "removed-param-grad-zeroed": lambda groups, ps: (_pop_param(groups[0], ps[2]), ps[2].grad.zero_()),
 }
 
 
@@ -721,7 +724,8 @@ def test_params_regrouped_between_clip_and_step_stay_clipped(change, device, rec
     """torch's clip scales every grad in place, wherever its param goes after: params moved
     to another group, groups reordered or removed between clip_grad_norm_ and step() step
     with their clipped grads, the coefficient of the norm over all of them (it was dropped,
-    with a warning saying grads were replaced, and the step read them unclipped)."""
+    with a warning saying grads were replaced, and the step read them unclipped); so do
+    the others when one param's grad is set to None, or a removed param's grad is zeroed."""
     params = _params([(5, 8), (9,), (33,), (4,)], device)
     ref = _cpu_params(params)
     gen = torch.Generator().manual_seed(3)
@@ -749,6 +753,36 @@ def test_params_regrouped_between_clip_and_step_stay_clipped(change, device, rec
             if q in theirs.state:
                 _assert_close(opt.state[p]["exp_avg"], theirs.state[q]["exp_avg"], **TOL)
     assert not [w for w in recwarn if "coefficient was dropped" in str(w.message)]
+
+
+def test_a_skipped_clip_then_regrouped_params_measure_afresh_without_a_warning(device, recwarn):
+    """"Skip the step when the norm is not finite": grads zeroed in place and accumulated
+    again are new values that the next clip measures, with nothing left clipped to warn
+    about, whether or not the params were reordered in between (reordered, that clip
+    warned that the step would read the grads unclipped, and then clipped them)."""
+    params = _params([(5,), (4,), (3,)], device)
+    ref = _cpu_params(params)
+    opt = tritonadam.AdamW(params, lr=0.1, eps=1.0, **LAUNCH)
+    theirs = torch.optim.AdamW(ref, lr=0.1, eps=1.0, foreach=False)
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    assert not torch.isfinite(opt.clip_grad_norm_(0.5))
+    for p in params:
+        p.grad.zero_()
+    opt.param_groups[0]["params"].reverse()
+    theirs.param_groups[0]["params"].reverse()
+    gen = torch.Generator().manual_seed(4)
+    for p, q in zip(params, ref):
+        g = _grad(p.shape, gen, 3.0, device=device)
+        p.grad.add_(g)
+        q.grad = _cpu_grad(g)
+    norm = opt.clip_grad_norm_(0.5)
+    opt.step()
+    _assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 0.5), rtol=2e-6, atol=0)
+    theirs.step()
+    for p, q in zip(params, ref):
+        _assert_close(p, q, **TOL)
+    assert not [str(w.message) for w in recwarn if "clip_grad_norm_" in str(w.message)]
 
 
 @pytest.mark.parametrize("recipe", ["scaler-argument", "max_grad_norm"])

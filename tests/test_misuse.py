@@ -1220,6 +1220,37 @@ def test_a_bf16_model_made_fp16_keeps_its_master_by_hand_or_through_a_load(devic
             assert torch.equal(value, opt_b.state[y][key]), key
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float16, 1.0), (torch.bfloat16, 1e-5)])
+def test_newer_weights_loaded_after_the_optimizer_win_where_they_equal_its_master_by_chance(dtype, scale, device):
+    """fp16/bf16 params with a master; the optimizer's state loaded first (a torch.optim
+    checkpoint: the master is made from the params then), newer weights after it. Some
+    newer weights equal the old master rounded to the other 16-bit dtype (one in ~20
+    here); they are newer all the same and win, as every other one does: only a whole
+    tensor at that rounding (``model.half()``) keeps the master."""
+    gen = torch.Generator().manual_seed(0)
+    old = (torch.randn(4096, generator=gen) * scale).to(dtype)
+    ref = torch.nn.Parameter(old.float())
+    theirs = torch.optim.AdamW([ref], lr=1e-3 * scale, foreach=False)
+    for _ in range(3):
+        ref.grad = torch.randn(4096, generator=gen)
+        theirs.step()
+    new = ref.detach().to(dtype).to(device)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    chance = (new != old.to(device)) & (new == old.float().to(other).to(dtype).to(device))
+    assert chance.sum() > 100
+    p = torch.nn.Parameter(old.to(device))
+    opt = PAIRS["AdamW"][0]([p], master_weights=True, **LAUNCH)
+    opt.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        p.copy_(new)
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), new)
+    assert torch.equal(opt.state[p]["master_param"], new.float())
+
+
 @pytest.mark.parametrize("after", [1, 3])
 @pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
 @pytest.mark.parametrize("copied", [False, True])

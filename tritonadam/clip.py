@@ -255,8 +255,7 @@ class Clipper:
         if self.pending and not compound:
             # Grads changed only in place (zeroed and accumulated again after a skipped
             # step) are new values to measure: nothing left clipped to warn about.
-            self._drop_stale(quiet=self._same_params(params)
-                             and all(map(operator.is_, map(GRAD, self._params), self._grads)))
+            self._drop_stale(quiet=self._where(params) is not None)
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
@@ -410,30 +409,42 @@ class Clipper:
         """Whether the pending coefficient belongs to these params' current grads: the same
         tensors, unchanged in place since (``zero_()``, ``model.zero_grad(set_to_none=False)``
         and a backward accumulating into them bump their version counters). The params may
-        have been regrouped, reordered or dropped from the optimizer since (torch's in-place
-        clip left each grad clipped wherever its param went); a param it did not measure
-        has grads the coefficient does not belong to."""
+        have been regrouped, reordered, dropped from the optimizer or left without a grad
+        since (torch's in-place clip left each grad clipped wherever its param went); a
+        param it did not measure has grads the coefficient does not belong to."""
+        where = self._where(params)
+        return where is not None and self._unchanged_in_place(where=where)
+
+    def _where(self, params: list[Tensor]) -> list[int] | range | None:
+        """For each of ``params``, the index of the grad the pending coefficient measured
+        for it, where each still holds that grad object; else None."""
         if not self.pending:
-            return False
+            return None
         if self._same_params(params):
-            grads = self._grads
+            where, grads = range(len(params)), self._grads
         else:
             at = {id(p): i for i, p in enumerate(self._params)}
             where = [at.get(id(p)) for p in params]
             if None in where:
-                return False
+                return None
             grads = [self._grads[i] for i in where]
-        return all(map(operator.is_, map(GRAD, params), grads)) and self._unchanged_in_place()
+        return where if all(map(operator.is_, map(GRAD, params), grads)) else None
 
     def _same_params(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are the ones the pending coefficient measured, in order."""
         return len(params) == len(self._params) and (
             params is self._params or all(map(operator.is_, params, self._params)))
 
-    def _unchanged_in_place(self, addresses: bool = True) -> bool:
-        if addresses and _addresses(self._grads, self._plain) != self._addresses:
+    def _unchanged_in_place(self, addresses: bool = True, where: list[int] | range | None = None) -> bool:
+        """Whether the measured grads (those at ``where``, the ones a step reads; all by
+        default) kept their memory and values."""
+        grads, before = self._grads, (self._addresses, self._versions)
+        if where is not None and len(where) != len(grads):
+            grads = [grads[i] for i in where]
+            before = tuple(None if b is None else [b[i] for i in where] for b in before)
+        if addresses and _addresses(grads, self._plain) != before[0]:
             return False
-        return self._versions is None or _versions(self._grads, self._plain) == self._versions
+        return before[1] is None or _versions(grads, self._plain) == before[1]
 
     def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
         """``grads``: the params' grads, as the check before this clip took them."""

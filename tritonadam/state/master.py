@@ -15,15 +15,18 @@ def master_follows_param(p: Tensor, state: dict) -> None:
     the optimizer's (``set_optimizer_state_dict`` before ``set_model_state_dict``, or a
     full state dict merged with the optimizer's own earlier state) leaves the master of
     the old params, which the step would write back over the loaded ones. A param that is
-    the master rounded to the other 16-bit dtype (a checkpoint of bf16 training loaded
-    into an fp16 model) keeps it, as a dtype change under the same optimizer does."""
+    the master rounded to the other 16-bit dtype in every element (a bf16 model made fp16
+    with ``model.half()``, a checkpoint of bf16 training loaded into an fp16 model) keeps
+    it, as a dtype change under the same optimizer does; in some elements only, that is
+    chance (newer weights that happen to equal it), and the param wins there too."""
     master, lp = state.get(MASTER_KEY), local_tensor(p)
     if not isinstance(master, Tensor) or lp.dtype not in (torch.bfloat16, torch.float16):
         return
     lm = local_tensor(master)
     if lm.shape != lp.shape or lm.dtype != torch.float32 or lm.device != lp.device:
         return
-    stale = ~_rounded_from(lm, lp, (torch.bfloat16, torch.float16))
+    other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
+    stale = ~(_rounded_from(lm, lp, (lp.dtype,)) | _rounded_from(lm, lp, (other,)).all())
     with torch.no_grad():
         lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
