@@ -342,7 +342,7 @@ def test_dropped_and_compounded_coefficients(device):
         fresh(params, grads)
         opt.clip_grad_norm_(1e-3)
         params[1].grad = grads[1].clone()  # one grad: torch would keep the other clipped
-        with pytest.warns(UserWarning, match=r"1 of its 2 grads were replaced .* coefficient was dropped") as record:
+        with pytest.warns(UserWarning, match=r"1 of the 2 grads it measured were replaced .* coefficient was dropped") as record:
             opt.step()
         assert record[0].filename == __file__  # the user's line, not ours or torch's
 
@@ -839,5 +839,79 @@ def test_inference_mode_grads_and_a_grad_added_between_clips(device):
         p.grad = _grad(p.shape, gen, 3.0, device=device)
     opt.clip_grad_norm_(1.0)
     params[2].grad = _grad(params[2].shape, gen, 3.0, device=device)
-    with pytest.warns(UserWarning, match="other params got grads"):
+    with pytest.warns(UserWarning, match=r"1 param it did not measure got grads\), so its coefficient was "
+                      r"dropped and this clip measures every grad afresh"):
         opt.clip_grad_norm_(1.0)
+
+
+@pytest.mark.parametrize("event", ["grad-set-to-none", "zero-grad", "param-removed", "state-loaded"])
+def test_a_clip_leaves_no_state_for_params_no_step_reads(event, device):
+    """A clip's check makes the state its launches' tables point to, before any step:
+    for a param whose grad is gone by the step (frozen, ``zero_grad()`` and a skipped
+    step, taken out of the optimizer), that state is dropped, as torch.optim, which makes
+    state at the step, has none (it kept step 0 and zero moments, and state_dict() had
+    entries torch's has not). State loaded in between is the load's, and kept."""
+    params = _params([(6,), (5,), (4,)], device)
+    ref = _cpu_params(params)
+    opt = tritonadam.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, **LAUNCH)
+    theirs = torch.optim.Adam([{"params": ref[:2]}, {"params": ref[2:]}], lr=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(5)
+    if event == "state-loaded":  # a checkpoint with state for every param
+        donor = torch.optim.Adam([{"params": _cpu_params(params)[:2]}, {"params": _cpu_params(params)[2:]}])
+        for p in donor.param_groups[0]["params"] + donor.param_groups[1]["params"]:
+            p.grad = torch.ones_like(p)
+        donor.step()
+    for p, q in zip(params, ref):
+        p.grad = _grad(p.shape, gen, 3.0, device=device)
+        q.grad = _cpu_grad(p.grad)
+    opt.clip_grad_norm_(1.0)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    for o, ps in ((opt, params), (theirs, ref)):
+        if event == "grad-set-to-none":
+            ps[1].grad = None
+        elif event == "zero-grad":
+            o.zero_grad()
+        elif event == "param-removed":
+            o.param_groups.pop(1)
+        else:
+            o.load_state_dict(donor.state_dict())
+            ps[1].grad = None
+        o.step()
+    assert [i for i, p in enumerate(params) if p in opt.state] == [i for i, q in enumerate(ref) if q in theirs.state]
+    assert sorted(opt.state_dict()["state"]) == sorted(theirs.state_dict()["state"])
+    for p, q in zip(params, ref):
+        _assert_close(p, q, **TOL)
+        if q in theirs.state:
+            _assert_close(opt.state[p]["exp_avg"], theirs.state[q]["exp_avg"], **TOL)
+            assert opt.state[p]["step"].item() == theirs.state[q]["step"].item()
+
+
+def test_a_deepcopy_between_clip_and_step_steps_clipped(device):
+    """``copy.deepcopy((params, opt))`` between clip_grad_norm_ and step: torch's copy of
+    grads it clipped in place is clipped, and so is the copy's step here (the copy's clip
+    coefficient was lost and it stepped the grads unclipped). Plain leaf tensors: an
+    nn.Parameter's deepcopy leaves .grad behind."""
+    gen = torch.Generator().manual_seed(6)
+    ours = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(5, 7), (33,)]]
+    ref = [p.detach().cpu().clone().requires_grad_() for p in ours]
+    opt = tritonadam.Adam(ours, lr=0.1, **LAUNCH)
+    theirs = torch.optim.Adam(ref, lr=0.1, foreach=False)
+    for step in range(2):
+        for p, q in zip(ours, ref):
+            p.grad = _grad(p.shape, gen, 10.0, device=device)
+            q.grad = _cpu_grad(p.grad)
+        if step:
+            opt.clip_grad_norm_(1.0)
+            torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        theirs.step()
+    opt.clip_grad_norm_(1.0)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    copies, opt_copy = copy.deepcopy((ours, opt))
+    ref_copies, theirs_copy = copy.deepcopy((ref, theirs))
+    for o in (opt_copy, theirs_copy, opt, theirs):
+        o.step()
+    for params, refs, o, t in ((copies, ref_copies, opt_copy, theirs_copy), (ours, ref, opt, theirs)):
+        for p, q in zip(params, refs):
+            _assert_close(p, q, **TOL)
+            _assert_close(o.state[p]["exp_avg"], t.state[q]["exp_avg"], **TOL)

@@ -306,3 +306,29 @@ def test_torch_state_dict_keeps_the_moments_dtype_torch_keeps(dtype, device):
             o.step()
     for a, b in zip(rparams, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_amsgrad_switched_on_after_steps_round_trips_its_own_state_dict(state_dtype, device):
+    """``group["amsgrad"] = True`` after steps: the live optimizer makes each param's
+    max_exp_avg_sq (zeros) at its next step, so a state dict taken before that step has
+    none; a fresh optimizer loads it (it refused: "lacks ['max_exp_avg_sq']"), making it
+    as the live one does, and steps as the live one does, bit for bit."""
+    params = make_params([(37,), (5, 7)], torch.float32, device, seed=8)
+    opt = tritonadam.Adam(params, state_dtype=state_dtype, **LAUNCH)
+    gen = torch.Generator().manual_seed(9)
+    _train(opt, params, gen, 2)
+    opt.param_groups[0]["amsgrad"] = True
+    sd = copy.deepcopy(opt.state_dict())
+    copies = clone_params(params)
+    loaded = tritonadam.Adam(copies, state_dtype=state_dtype, **LAUNCH)
+    loaded.load_state_dict(sd)
+    assert loaded.param_groups[0]["amsgrad"]
+    _train(opt, params, torch.Generator().manual_seed(10), 3)
+    _train(loaded, copies, torch.Generator().manual_seed(10), 3)
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == loaded.state[q].keys()
+        assert any(k.startswith("max_exp_avg_sq") for k in loaded.state[q])
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, loaded.state[q][key]), key

@@ -221,12 +221,13 @@ class Clipper:
         ``holds``: whether it belongs to the current grads, if the caller knows."""
         if not self.pending:
             return
+        params = _measured(cache)[0]
         if holds is None:
-            holds = self.holds(_measured(cache)[0])
+            holds = self.holds(params)
         else:  # still_taken compared the kernels' grads' addresses with the ones measured
             holds = holds and self._unchanged_in_place(addresses=_host_only(cache))
         if not holds:
-            self._drop_stale()
+            self._drop_stale(params)
             return
         if grad_scale is not None and not self.scaled:
             raise RuntimeError(
@@ -255,7 +256,7 @@ class Clipper:
         if self.pending and not compound:
             # Grads changed only in place (zeroed and accumulated again after a skipped
             # step) are new values to measure: nothing left clipped to warn about.
-            self._drop_stale(quiet=self._where(params) is not None)
+            self._drop_stale(params, quiet=self._where(params) is not None, at_clip=True)
         dtype = self._norm_dtype(cache)
         out = self._auto(dtype) if auto else torch.empty((), dtype=dtype, device=device)
         mesh = self._mesh_and_layouts(cache)[0]
@@ -456,6 +457,21 @@ class Clipper:
         self._versions = _versions(grads, self._plain)
         self._addresses = _addresses(grads, self._plain)
 
+    def copied(self, memo: dict) -> Clipper | None:
+        """This clipper's pending coefficient for the copies of its params and grads in a
+        deepcopy (``memo``), or None where nothing is pending, a grad changed in place
+        since, or the deepcopy did not copy every param and grad it measured."""
+        if not self.pending or not self._unchanged_in_place():
+            return None
+        params = [memo.get(id(p)) for p in self._params]
+        grads = [memo.get(id(g)) for g in self._grads]
+        if None in params or None in grads:
+            return None
+        new = Clipper(self.name)
+        new.device, new.buffer, new._args = self.device, self.buffer.clone(), self._args
+        new._set_pending(params, grads, self.scaled)
+        return new
+
     def take(self) -> Tensor | None:
         """The buffer whose coefficient this step applies, or None; consumed either way."""
         if not self.pending:
@@ -463,32 +479,44 @@ class Clipper:
         self.clear()
         return self.buffer
 
-    def _drop_stale(self, quiet: bool = False) -> None:
-        """Drop a pending coefficient that no longer belongs to the current grads, with a
+    def _drop_stale(self, params: list[Tensor], quiet: bool = False, at_clip: bool = False) -> None:
+        """Drop a pending coefficient that no longer belongs to ``params``' grads, with a
         warning when some of the grads it measured are still there: torch's in-place clip
-        would have left those clipped, and this step reads them unclipped."""
+        would have left those clipped, and this step (or clip, ``at_clip``) reads them
+        unclipped."""
         kept = sum(map(operator.is_, map(GRAD, self._params), self._grads))
         total = len(self._params)
         in_place = kept == total and not self._unchanged_in_place()
+        measured = {id(p) for p in self._params}
+        gained = sum(1 for p in params if id(p) not in measured)
         self.clear()
         if quiet:
             return
-        if in_place:
+        if in_place and not gained:
+            reads = "this clip measures them afresh" if at_clip else "this step reads them unclipped"
             warn(
                 f"tritonadam.{self.name}: the grads were changed in place after clip_grad_norm_ "
                 "measured them (zero_(), zero_grad(set_to_none=False), another backward "
-                "accumulating into them), so its coefficient was dropped and this step reads "
-                "them unclipped. Call clip_grad_norm_ after the last change to .grad, right "
-                "before step()"
+                f"accumulating into them), so its coefficient was dropped and {reads}. "
+                "Call clip_grad_norm_ after the last change to .grad, right before step()"
             )
-        elif kept:
+            return
+        reads = ("this clip measures every grad afresh, unclipped (torch's in-place clip would "
+                 "have measured the unchanged ones clipped)" if at_clip else
+                 "this step reads every grad unclipped (torch's in-place clip would have left "
+                 "the unchanged ones clipped)")
+        if kept:
+            what = []
+            if kept < total:
+                what.append(f"{total - kept} of the {total} grads it measured were replaced or set to None")
+            if gained:
+                what.append(f"{gained} param{'s' if gained > 1 else ''} it did not measure got grads")
+            if in_place:
+                what.append("grads were changed in place")
             warn(
                 f"tritonadam.{self.name}: the grads changed after clip_grad_norm_ measured them "
-                f"({total - kept} of its {total} grads were replaced or set to None, or other "
-                "params got grads), so its coefficient was dropped and this step reads every "
-                "grad unclipped (torch's in-place clip would have left the unchanged ones "
-                "clipped). Call clip_grad_norm_ after the last change to .grad, right before "
-                "step()"
+                f"({'; '.join(what)}), so its coefficient was dropped and {reads}. Call "
+                "clip_grad_norm_ after the last change to .grad, right before step()"
             )
 
     def clear(self) -> None:

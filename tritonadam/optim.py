@@ -10,6 +10,7 @@ the kernels; while nothing changes, the cache's per-step check replaces the gath
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from typing import Any
 
@@ -144,6 +145,18 @@ class _TritonAdamBase(Optimizer):
         state["_codes_orders"] = encoded_orders(self.state)
         state["_zero_partition"] = getattr(self, "_zero_partition", False)
         return state
+
+    def __deepcopy__(self, memo: dict) -> "_TritonAdamBase":
+        # copy's own way (__getstate__, then __setstate__ of the copied state), and a clip
+        # coefficient pending for grads this deepcopy copied too (plain tensors' .grad;
+        # an nn.Parameter's copy has none): torch's copy of clipped grads is clipped.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        clipper = self.__dict__.get("_clipper")
+        if clipper is not None:
+            new._clipper = clipper.copied(memo) or new._clipper
+        return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict calls __setstate__ without our options: keep the
@@ -320,6 +333,10 @@ class _TritonAdamBase(Optimizer):
         for index, group in enumerate(self.param_groups):
             if not group.get("differentiable"):
                 self._init_group(index, group, gathered)
+        # A clip's gathering (grads_only) makes the state its tables point to before any
+        # step; torch.optim makes it at the step. Remembered, so that state of a param
+        # whose grad is gone by then is dropped (_forget_clip_state).
+        fresh = [p for p, *_ in gathered.pending + gathered.host if not self.state.get(p)] if grads_only else ()
         if gathered.host:
             host.check_options(type(self).__name__, bias_correction=self.bias_correction,
                                clipping_with_gpu_params=clipping and bool(gathered.pending))
@@ -327,6 +344,8 @@ class _TritonAdamBase(Optimizer):
             raise fsdp1_clip_error("max_grad_norm" if self.max_grad_norm is not None else "clip_grad_norm_")
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
+        if fresh:
+            self._clip_made_state = self.__dict__.get("_clip_made_state", []) + [(p, self.state[p]) for p in fresh]
         if self.__dict__.pop("_masters_follow_params", False):
             for group in self.param_groups:
                 for p in group["params"]:
@@ -382,6 +401,7 @@ class _TritonAdamBase(Optimizer):
         # Check everything before writing anything, so a bad value or grad anywhere leaves
         # every param and state as it was: switches and group values, a pending clip,
         # then the tensors (the cache's per-step check, or a full gathering).
+        self._forget_clip_state(stepping=True)
         self._recheck_extras()
         name = type(self).__name__
         autotune_mode = autotune.resolve_mode(self.autotune)
@@ -426,6 +446,26 @@ class _TritonAdamBase(Optimizer):
                 )
         finally:
             cache.release()
+
+    def _forget_clip_state(self, stepping: bool) -> None:
+        """Drop the state a clip made (see ``_ready``) for params that have lost their grad
+        or left the optimizer since, before any step read it (a clip, then ``zero_grad()``
+        and a skipped step): torch.optim, which makes state at the step, has none for
+        them. ``stepping``: a step reads the rest now; else they wait for one."""
+        made = self.__dict__.pop("_clip_made_state", None)
+        if not made:
+            return
+        members = {id(q) for g in self.param_groups for q in g["params"]}
+        waiting = []
+        for p, entry in made:
+            if self.state.get(p) is not entry:
+                continue  # replaced since (a load, a reset by hand): not the clip's
+            if p.grad is None or id(p) not in members:
+                del self.state[p]
+            elif not stepping:
+                waiting.append((p, entry))
+        if waiting:
+            self._clip_made_state = waiting
 
     # ---- gradient clipping --------------------------------------------------------------
 
@@ -510,6 +550,7 @@ class _TritonAdamBase(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops a clip coefficient waiting for these grads."""
         super().zero_grad(set_to_none)
+        self._forget_clip_state(stepping=False)
         if getattr(self, "_clipper", None) is not None:
             self._clipper.clear()  # the grads a clip measured are gone
         if getattr(self, "_cache", None) is not None:

@@ -56,11 +56,15 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
             return  # torch's own check raises with its message
         amsgrad = saved_group.get("amsgrad", group.get("amsgrad", False))
         required = ["step", *moment_keys(algorithm, amsgrad)]
+        # AMSGrad switched on after steps: a param not stepped since has no
+        # max_exp_avg_sq yet, which its next step makes (zeros) as the live optimizer does.
+        optional = set(required) - {"step", *moment_keys(algorithm, False)}
         for saved_id, p in zip(saved_group["params"], group["params"]):
             state = saved_state.get(saved_id)
             if not state:
                 continue
-            missing = [k for k in required if k not in state and (k == "step" or _quantized_bits(state, k) is None)]
+            missing = [k for k in required if k not in state and k not in optional
+                       and (k == "step" or _quantized_bits(state, k) is None)]
             if missing:
                 other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
                 hint = f" (it looks like a state dict of {other})" if other and other != name else ""
