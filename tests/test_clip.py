@@ -342,7 +342,7 @@ def test_dropped_and_compounded_coefficients(device):
         fresh(params, grads)
         opt.clip_grad_norm_(1e-3)
         params[1].grad = grads[1].clone()  # one grad: torch would keep the other clipped
-        with pytest.warns(UserWarning, match=r"1 of the 2 grads it measured were replaced .* coefficient was dropped") as record:
+        with pytest.warns(UserWarning, match=r"1 of the 2 grads it measured was replaced\), so its coefficient was dropped") as record:
             opt.step()
         assert record[0].filename == __file__  # the user's line, not ours or torch's
 
@@ -886,11 +886,12 @@ def test_a_clip_leaves_no_state_for_params_no_step_reads(event, device):
             assert opt.state[p]["step"].item() == theirs.state[q]["step"].item()
 
 
-def test_a_deepcopy_between_clip_and_step_steps_clipped(device):
+@pytest.mark.parametrize("grad_dropped", [False, True])
+def test_a_deepcopy_between_clip_and_step_steps_clipped(grad_dropped, device):
     """``copy.deepcopy((params, opt))`` between clip_grad_norm_ and step: torch's copy of
     grads it clipped in place is clipped, and so is the copy's step here (the copy's clip
-    coefficient was lost and it stepped the grads unclipped). Plain leaf tensors: an
-    nn.Parameter's deepcopy leaves .grad behind."""
+    coefficient was lost and it stepped the grads unclipped), also after one param's grad
+    was set to None. Plain leaf tensors: an nn.Parameter's deepcopy leaves .grad behind."""
     gen = torch.Generator().manual_seed(6)
     ours = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(5, 7), (33,)]]
     ref = [p.detach().cpu().clone().requires_grad_() for p in ours]
@@ -907,6 +908,8 @@ def test_a_deepcopy_between_clip_and_step_steps_clipped(device):
         theirs.step()
     opt.clip_grad_norm_(1.0)
     torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    if grad_dropped:
+        ours[1].grad = ref[1].grad = None
     copies, opt_copy = copy.deepcopy((ours, opt))
     ref_copies, theirs_copy = copy.deepcopy((ref, theirs))
     for o in (opt_copy, theirs_copy, opt, theirs):
@@ -915,3 +918,19 @@ def test_a_deepcopy_between_clip_and_step_steps_clipped(device):
         for p, q in zip(params, refs):
             _assert_close(p, q, **TOL)
             _assert_close(o.state[p]["exp_avg"], t.state[q]["exp_avg"], **TOL)
+
+
+def test_the_dropped_coefficients_warning_names_the_change_that_dropped_it(device):
+    """A grad set to None keeps the coefficient; one changed in place drops it: the
+    warning names the in-place change (it blamed the grad set to None)."""
+    params = _params([(6,), (5,)], device)
+    opt = tritonadam.Adam(params, lr=0.1, **LAUNCH)
+    gen = torch.Generator().manual_seed(7)
+    for p in params:
+        p.grad = _grad(p.shape, gen, 3.0, device=device)
+    opt.clip_grad_norm_(1.0)
+    params[1].grad = None
+    params[0].grad.mul_(2)
+    with pytest.warns(UserWarning, match=r"changed in place after clip_grad_norm_ .* dropped") as record:
+        opt.step()
+    assert not [w for w in record if "replaced" in str(w.message)]

@@ -332,3 +332,17 @@ def test_amsgrad_switched_on_after_steps_round_trips_its_own_state_dict(state_dt
         assert any(k.startswith("max_exp_avg_sq") for k in loaded.state[q])
         for key, value in opt.state[p].items():
             assert torch.equal(value, loaded.state[q][key]), key
+
+
+def test_a_quantized_max_without_its_codes_is_refused(device):
+    """The missing max_exp_avg_sq of an optimizer switched to AMSGrad loads (above); a
+    quantized one cut in half (its scales without its codes) is a broken state: refused,
+    as before, not reset to zeros."""
+    params = make_params([(37,)], torch.float32, device, seed=8)
+    opt = tritonadam.Adam(params, amsgrad=True, state_dtype="8bit", **LAUNCH)
+    _train(opt, params, torch.Generator().manual_seed(9), 2)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["max_exp_avg_sq_8bit"]
+    fresh = tritonadam.Adam(clone_params(params), amsgrad=True, state_dtype="8bit", **LAUNCH)
+    with pytest.raises(ValueError, match=r"lacks \['max_exp_avg_sq'\]"):
+        fresh.load_state_dict(sd)

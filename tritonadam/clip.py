@@ -459,13 +459,26 @@ class Clipper:
 
     def copied(self, memo: dict) -> Clipper | None:
         """This clipper's pending coefficient for the copies of its params and grads in a
-        deepcopy (``memo``), or None where nothing is pending, a grad changed in place
-        since, or the deepcopy did not copy every param and grad it measured."""
-        if not self.pending or not self._unchanged_in_place():
+        deepcopy (``memo``), or None where nothing is pending, nothing it measured was
+        copied with its grad, or a grad a step would read was replaced or changed in
+        place since (as the original's step would drop it). A param left without a grad,
+        or not copied, or copied without its grad (an nn.Parameter) is one the copy's
+        step does not read."""
+        if not self.pending:
             return None
-        params = [memo.get(id(p)) for p in self._params]
-        grads = [memo.get(id(g)) for g in self._grads]
-        if None in params or None in grads:
+        where, params, grads = [], [], []
+        for i, (p, g) in enumerate(zip(self._params, self._grads)):
+            grad = GRAD(p)
+            if grad is None:
+                continue
+            if grad is not g:
+                return None
+            where.append(i)
+            p_copy, g_copy = memo.get(id(p)), memo.get(id(g))
+            if p_copy is not None and g_copy is not None:
+                params.append(p_copy)
+                grads.append(g_copy)
+        if not params or not self._unchanged_in_place(where=where):
             return None
         new = Clipper(self.name)
         new.device, new.buffer, new._args = self.device, self.buffer.clone(), self._args
@@ -484,15 +497,16 @@ class Clipper:
         warning when some of the grads it measured are still there: torch's in-place clip
         would have left those clipped, and this step (or clip, ``at_clip``) reads them
         unclipped."""
-        kept = sum(map(operator.is_, map(GRAD, self._params), self._grads))
-        total = len(self._params)
-        in_place = kept == total and not self._unchanged_in_place()
+        held = [i for i, (p, g) in enumerate(zip(self._params, self._grads)) if GRAD(p) is g]
+        replaced = sum(1 for p in self._params if GRAD(p) is not None) - len(held)
+        in_place = not self._unchanged_in_place(where=held)
         measured = {id(p) for p in self._params}
         gained = sum(1 for p in params if id(p) not in measured)
+        total = len(self._params)
         self.clear()
-        if quiet:
+        if quiet or not held:
             return
-        if in_place and not gained:
+        if in_place and not replaced and not gained:
             reads = "this clip measures them afresh" if at_clip else "this step reads them unclipped"
             warn(
                 f"tritonadam.{self.name}: the grads were changed in place after clip_grad_norm_ "
@@ -501,23 +515,23 @@ class Clipper:
                 "Call clip_grad_norm_ after the last change to .grad, right before step()"
             )
             return
+        what = []
+        if replaced:
+            what.append(f"{replaced} of the {total} grads it measured "
+                        f"{'was' if replaced == 1 else 'were'} replaced")
+        if gained:
+            what.append(f"{gained} param{'s' if gained > 1 else ''} it did not measure got grads")
+        if in_place:
+            what.append("grads it measured were changed in place")
         reads = ("this clip measures every grad afresh, unclipped (torch's in-place clip would "
                  "have measured the unchanged ones clipped)" if at_clip else
                  "this step reads every grad unclipped (torch's in-place clip would have left "
                  "the unchanged ones clipped)")
-        if kept:
-            what = []
-            if kept < total:
-                what.append(f"{total - kept} of the {total} grads it measured were replaced or set to None")
-            if gained:
-                what.append(f"{gained} param{'s' if gained > 1 else ''} it did not measure got grads")
-            if in_place:
-                what.append("grads were changed in place")
-            warn(
-                f"tritonadam.{self.name}: the grads changed after clip_grad_norm_ measured them "
-                f"({'; '.join(what)}), so its coefficient was dropped and {reads}. Call "
-                "clip_grad_norm_ after the last change to .grad, right before step()"
-            )
+        warn(
+            f"tritonadam.{self.name}: the grads changed after clip_grad_norm_ measured them "
+            f"({'; '.join(what)}), so its coefficient was dropped and {reads}. Call "
+            "clip_grad_norm_ after the last change to .grad, right before step()"
+        )
 
     def clear(self) -> None:
         self.pending = False

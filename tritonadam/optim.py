@@ -345,7 +345,8 @@ class _TritonAdamBase(Optimizer):
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
         if fresh:
-            self._clip_made_state = self.__dict__.get("_clip_made_state", []) + [(p, self.state[p]) for p in fresh]
+            self._clip_made_state = self.__dict__.get("_clip_made_state", []) + [
+                (p, self.state[p], dict(self.state[p])) for p in fresh]
         if self.__dict__.pop("_masters_follow_params", False):
             for group in self.param_groups:
                 for p in group["params"]:
@@ -457,13 +458,14 @@ class _TritonAdamBase(Optimizer):
             return
         members = {id(q) for g in self.param_groups for q in g["params"]}
         waiting = []
-        for p, entry in made:
-            if self.state.get(p) is not entry:
-                continue  # replaced since (a load, a reset by hand): not the clip's
+        for p, entry, made_values in made:
+            if self.state.get(p) is not entry or entry.keys() != made_values.keys() or any(
+                    entry[k] is not v for k, v in made_values.items()):
+                continue  # replaced or written since (a load, by hand): not the clip's
             if p.grad is None or id(p) not in members:
                 del self.state[p]
             elif not stepping:
-                waiting.append((p, entry))
+                waiting.append((p, entry, made_values))
         if waiting:
             self._clip_made_state = waiting
 

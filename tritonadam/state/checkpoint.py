@@ -57,13 +57,15 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
         amsgrad = saved_group.get("amsgrad", group.get("amsgrad", False))
         required = ["step", *moment_keys(algorithm, amsgrad)]
         # AMSGrad switched on after steps: a param not stepped since has no
-        # max_exp_avg_sq yet, which its next step makes (zeros) as the live optimizer does.
+        # max_exp_avg_sq yet (in no form: a part of one is a broken state), which its
+        # next step makes (zeros) as the live optimizer does.
         optional = set(required) - {"step", *moment_keys(algorithm, False)}
         for saved_id, p in zip(saved_group["params"], group["params"]):
             state = saved_state.get(saved_id)
             if not state:
                 continue
-            missing = [k for k in required if k not in state and k not in optional
+            switched = not any(str(k).startswith(tuple(optional)) for k in state) if optional else False
+            missing = [k for k in required if k not in state and not (switched and k in optional)
                        and (k == "step" or _quantized_bits(state, k) is None)]
             if missing:
                 other = ("exp_inf" in state and "Adamax") or ("exp_avg_sq" in state and "Adam/AdamW")
