@@ -230,6 +230,9 @@ class Clipper:
             self._drop_stale(params)
             return
         if grad_scale is not None and not self.scaled:
+            if not self.holds(params):  # the fast path's addresses: replaced empty grads
+                self._drop_stale(params)
+                return
             raise RuntimeError(
                 f"tritonadam.{self.name}: clip_grad_norm_ measured grads that GradScaler still "
                 "scales (this step got its scale), so it clipped by the norm of scaled grads. "
@@ -418,8 +421,9 @@ class Clipper:
 
     def _where(self, params: list[Tensor]) -> list[int] | range | None:
         """For each of ``params``, the index of the grad the pending coefficient measured
-        for it, where each still holds that grad object; else None."""
-        if not self.pending:
+        for it, where each still holds that grad object; else None (also for no params:
+        a coefficient for none of the grads a step reads is not theirs)."""
+        if not self.pending or not params:
             return None
         if self._same_params(params):
             where, grads = range(len(params)), self._grads

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import defaultdict
 import sys
 from typing import Any
 
@@ -156,6 +157,11 @@ class _TritonAdamBase(Optimizer):
         clipper = self.__dict__.get("_clipper")
         if clipper is not None:
             new._clipper = clipper.copied(memo) or new._clipper
+        made = [(memo.get(id(p)), memo.get(id(entry)), {k: memo.get(id(v), v) for k, v in values.items()})
+                for p, entry, values in self.__dict__.get("_clip_made_state", ())]
+        made = [m for m in made if m[0] is not None and m[1] is not None]
+        if made:  # the copy's state a clip made is the copy's clip's (_forget_clip_state)
+            new._clip_made_state = made
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -226,10 +232,15 @@ class _TritonAdamBase(Optimizer):
             return sd
 
         handle = self.register_state_dict_post_hook(hook, prepend=True)
+        live = self.state
+        unread = {id(p) for p in self._unread_clip_state()}
+        if unread:  # torch.optim has no state before a step: neither has its state dict
+            self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) not in unread})
         try:
             with outside_inference_mode(self._written()):
                 return super().state_dict()
         finally:
+            self.state = live
             handle.remove()
 
     def torch_state_dict(self) -> dict[str, Any]:
@@ -402,7 +413,7 @@ class _TritonAdamBase(Optimizer):
         # Check everything before writing anything, so a bad value or grad anywhere leaves
         # every param and state as it was: switches and group values, a pending clip,
         # then the tensors (the cache's per-step check, or a full gathering).
-        self._forget_clip_state(stepping=True)
+        self._forget_clip_state()
         self._recheck_extras()
         name = type(self).__name__
         autotune_mode = autotune.resolve_mode(self.autotune)
@@ -447,24 +458,32 @@ class _TritonAdamBase(Optimizer):
                 )
         finally:
             cache.release()
+        self.__dict__.pop("_clip_made_state", None)  # the rest is this step's now
 
-    def _forget_clip_state(self, stepping: bool) -> None:
+    def _unread_clip_state(self) -> list[Tensor]:
+        """The params whose state a clip made (see ``_ready``) and no step has read yet,
+        nor anything changed since."""
+        return [p for p, entry, made_values in self.__dict__.get("_clip_made_state", ())
+                if self.state.get(p) is entry and entry.keys() == made_values.keys()
+                and all(entry[k] is v for k, v in made_values.items())]
+
+    def _forget_clip_state(self) -> None:
         """Drop the state a clip made (see ``_ready``) for params that have lost their grad
         or left the optimizer since, before any step read it (a clip, then ``zero_grad()``
         and a skipped step): torch.optim, which makes state at the step, has none for
-        them. ``stepping``: a step reads the rest now; else they wait for one."""
+        them. The rest waits for a step that completes."""
+        unread = {id(p) for p in self._unread_clip_state()}  # others were loaded or written since
         made = self.__dict__.pop("_clip_made_state", None)
-        if not made:
+        if not unread:
             return
         members = {id(q) for g in self.param_groups for q in g["params"]}
         waiting = []
         for p, entry, made_values in made:
-            if self.state.get(p) is not entry or entry.keys() != made_values.keys() or any(
-                    entry[k] is not v for k, v in made_values.items()):
-                continue  # replaced or written since (a load, by hand): not the clip's
+            if id(p) not in unread:
+                continue
             if p.grad is None or id(p) not in members:
                 del self.state[p]
-            elif not stepping:
+            else:
                 waiting.append((p, entry, made_values))
         if waiting:
             self._clip_made_state = waiting
@@ -552,7 +571,7 @@ class _TritonAdamBase(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops a clip coefficient waiting for these grads."""
         super().zero_grad(set_to_none)
-        self._forget_clip_state(stepping=False)
+        self._forget_clip_state()
         if getattr(self, "_clipper", None) is not None:
             self._clipper.clear()  # the grads a clip measured are gone
         if getattr(self, "_cache", None) is not None:
