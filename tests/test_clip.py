@@ -936,14 +936,14 @@ def test_the_dropped_coefficients_warning_names_the_change_that_dropped_it(devic
     assert not [w for w in record if "replaced" in str(w.message)]
 
 
-@pytest.mark.parametrize("event", ["state-dict", "group-popped", "deepcopy", "failed-step", "empty-grad-scaler"])
-def test_state_a_clip_made_stays_out_of_sight_until_a_step_reads_it(event, device):
-    """Between clip_grad_norm_ and the first step, torch.optim has no state: the state a
-    clip made for the step's tables is left out of state_dict() (it was there, and after a
-    group popped state_dict() raised KeyError), a deepcopy tracks it as the original does
-    (the copy kept it for good), a step that raises leaves it tracked (the next step kept
-    it for a param whose grad was gone), and a clip of an empty grad replaced since does
-    not refuse a GradScaler step as a clip of scaled grads."""
+@pytest.mark.parametrize("event", ["deepcopy", "failed-step", "empty-grad-scaler"])
+def test_state_a_clip_made_is_tracked_until_a_step_completes(event, device):
+    """Between clip_grad_norm_ and the first step, torch.optim has no state: a deepcopy
+    tracks the state a clip made for the step's tables as the original does (the copy kept
+    it for good), a step that raises leaves it tracked (the next step kept it for a param
+    whose grad was gone), and a clip of an empty grad replaced since does not refuse a
+    GradScaler step as a clip of scaled grads. (state_dict() lists it, as opt.state does:
+    torch.distributed.checkpoint decides from opt.state whether to make state first.)"""
     shapes = [(0,)] if event == "empty-grad-scaler" else [(6,), (5,), (4,)]
     params = _params(shapes, device)
     opt = tritonadam.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, **LAUNCH)
@@ -956,15 +956,6 @@ def test_state_a_clip_made_stays_out_of_sight_until_a_step_reads_it(event, devic
         scaler = torch.amp.GradScaler(device.type, init_scale=4.0)
         scaler.scale(torch.ones((), device=device))
         scaler.step(opt)
-        return
-    if event in ("state-dict", "group-popped"):
-        if event == "group-popped":
-            opt.param_groups.pop(1)
-        assert opt.state_dict()["state"] == {}
-        opt.step()
-        stepped = [0, 1] if event == "group-popped" else [0, 1, 2]
-        assert sorted(opt.state_dict()["state"]) == stepped
-        assert (params[-1] in opt.state) == (event == "state-dict")
         return
     if event == "deepcopy":
         params, opt = copy.deepcopy((params, opt))  # plain Parameters: the copy has no grads

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import defaultdict
 import sys
 from typing import Any
 
@@ -232,15 +231,10 @@ class _TritonAdamBase(Optimizer):
             return sd
 
         handle = self.register_state_dict_post_hook(hook, prepend=True)
-        live = self.state
-        unread = {id(p) for p in self._unread_clip_state()}
-        if unread:  # torch.optim has no state before a step: neither has its state dict
-            self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) not in unread})
         try:
             with outside_inference_mode(self._written()):
                 return super().state_dict()
         finally:
-            self.state = live
             handle.remove()
 
     def torch_state_dict(self) -> dict[str, Any]:
