@@ -454,27 +454,20 @@ class _TritonAdamBase(Optimizer):
             cache.release()
         self.__dict__.pop("_clip_made_state", None)  # the rest is this step's now
 
-    def _unread_clip_state(self) -> list[Tensor]:
-        """The params whose state a clip made (see ``_ready``) and no step has read yet,
-        nor anything changed since."""
-        return [p for p, entry, made_values in self.__dict__.get("_clip_made_state", ())
-                if self.state.get(p) is entry and entry.keys() == made_values.keys()
-                and all(entry[k] is v for k, v in made_values.items())]
-
     def _forget_clip_state(self) -> None:
         """Drop the state a clip made (see ``_ready``) for params that have lost their grad
         or left the optimizer since, before any step read it (a clip, then ``zero_grad()``
         and a skipped step): torch.optim, which makes state at the step, has none for
         them. The rest waits for a step that completes."""
-        unread = {id(p) for p in self._unread_clip_state()}  # others were loaded or written since
         made = self.__dict__.pop("_clip_made_state", None)
-        if not unread:
+        if not made:
             return
         members = {id(q) for g in self.param_groups for q in g["params"]}
         waiting = []
         for p, entry, made_values in made:
-            if id(p) not in unread:
-                continue
+            if self.state.get(p) is not entry or entry.keys() != made_values.keys() or any(
+                    entry[k] is not v for k, v in made_values.items()):
+                continue  # loaded or written since: not the clip's
             if p.grad is None or id(p) not in members:
                 del self.state[p]
             else:

@@ -64,7 +64,7 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
             state = saved_state.get(saved_id)
             if not state:
                 continue
-            switched = not any(str(k).startswith(tuple(optional)) for k in state) if optional else False
+            switched = not any(str(k).startswith(tuple(optional)) for k in state)
             missing = [k for k in required if k not in state and not (switched and k in optional)
                        and (k == "step" or _quantized_bits(state, k) is None)]
             if missing:
