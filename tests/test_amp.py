@@ -221,6 +221,28 @@ def test_instance_can_opt_out_of_in_kernel_unscaling(device):
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
 
 
+def test_the_opt_out_reads_the_same_through_a_subclassing_wrapper():
+    """Lightning's ``LightningOptimizer`` subclasses the optimizer's class and forwards
+    the attributes it lacks: the opt-out set on the optimizer (docs/integration.md's
+    Lightning recipe) must read False through it, as torch's fused AdamW's does, and one
+    set through it must reach the optimizer (it stayed on the wrapper's own dict)."""
+    class Wrapped:
+        def __init__(self, optimizer):
+            self._optimizer = optimizer
+            self.__class__ = type("Lightning" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+
+        def __getattr__(self, item):
+            return getattr(self._optimizer, item)
+
+    for make in (lambda ps: torch.optim.AdamW(ps, fused=True), tritonadam.AdamW):
+        opt = make([nn.Parameter(torch.randn(3))])
+        opt._step_supports_amp_scaling = False
+        assert Wrapped(opt)._step_supports_amp_scaling is False, make
+    opt = tritonadam.AdamW([nn.Parameter(torch.randn(3))])
+    Wrapped(opt)._step_supports_amp_scaling = False
+    assert opt._step_supports_amp_scaling is False
+
+
 @pytest.mark.parametrize("how", ["added", "switched"])
 def test_a_differentiable_group_made_later_is_unscaled_by_the_scaler(how, device):
     """torch.optim's implementation steps differentiable=True groups and neither unscales

@@ -920,6 +920,63 @@ def test_a_deepcopy_between_clip_and_step_steps_clipped(grad_dropped, device):
             _assert_close(o.state[p]["exp_avg"], t.state[q]["exp_avg"], **TOL)
 
 
+class _LightningStyle:
+    """A wrapper built as Lightning 2.x's ``LightningOptimizer`` is: an instance of a new
+    subclass of the optimizer's class, forwarding the attributes it lacks."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self.__class__ = type("Lightning" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+
+class _FabricStyle:
+    """As Fabric's ``_FabricOptimizer``: the same subclassing, over a copy of the
+    optimizer's ``__dict__``."""
+
+    def __init__(self, optimizer):
+        self.__dict__ = {k: v for k, v in optimizer.__dict__.items() if k not in ("step", "__del__")}
+        self.__class__ = type("Fabric" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+        self._optimizer = optimizer
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+@pytest.mark.parametrize("wrapper", [_LightningStyle, _FabricStyle], ids=["lightning", "fabric"])
+def test_clips_and_zero_grads_through_a_subclassing_wrapper_keep_the_state(wrapper, device):
+    """``wrapped.zero_grad(); backward; wrapped.clip_grad_norm_(m); wrapped.step()`` with
+    Lightning's and Fabric's wrappers, whose step is the optimizer's own and whose other
+    methods are tritonadam's run on the wrapper: the state the first clip made was
+    recorded on the wrapper, which the optimizer's step never cleared, and each later
+    zero_grad deleted every param's state (step counts stuck at 1). Reference: torch's
+    clip and torch.optim.AdamW through the same wrapper."""
+    params = _params([(5, 7), (33,)], device, seed=8)
+    ref = _cpu_params(params)
+    opt = wrapper(tritonadam.AdamW(params, lr=0.1, **LAUNCH))
+    theirs = wrapper(torch.optim.AdamW(ref, lr=0.1, foreach=False))
+    gen = torch.Generator().manual_seed(9)
+    for step in range(4):
+        opt.zero_grad()
+        theirs.zero_grad()
+        for p, q in zip(params, ref):
+            p.grad = _grad(p.shape, gen, 10.0, device=device)
+            q.grad = _cpu_grad(p.grad)
+        opt.clip_grad_norm_(1.0)
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        _assert_close(p, q, **TOL)
+        _assert_close(opt.state[p]["exp_avg"], theirs.state[q]["exp_avg"], **TOL)
+        assert opt.state[p]["step"].item() == theirs.state[q]["step"].item() == 4
+
+
 def test_the_dropped_coefficients_warning_names_the_change_that_dropped_it(device):
     """A grad set to None keeps the coefficient; one changed in place drops it: the
     warning names the in-place change (it blamed the grad set to None)."""

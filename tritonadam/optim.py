@@ -60,6 +60,24 @@ def _zero_clip_error(what: str, instead: str) -> NotImplementedError:
         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) before step()")
 
 
+class _Calls:
+    """What an optimizer's calls leave for its later calls: the step cache, the state a
+    clip made (``_ready``), the loaded masters to reconcile with their params, GradScaler's
+    opt-out. One object the optimizer holds, written through, never rebound: a wrapper
+    that subclasses the optimizer's class and forwards attribute reads to it (Lightning's
+    ``LightningOptimizer``, Fabric's ``_FabricOptimizer``) runs these methods with itself
+    as ``self``, and its attribute writes would stay on the wrapper, unseen by the
+    optimizer's own calls (a clip through the wrapper, then the optimizer's step)."""
+
+    __slots__ = ("cache", "clip_made_state", "masters_follow_params", "amp_scaling")
+
+    def __init__(self) -> None:
+        self.cache: StepCache | None = None
+        self.clip_made_state: list | None = None
+        self.masters_follow_params = False
+        self.amp_scaling: bool | None = None
+
+
 class _TritonAdamBase(Optimizer):
     """torch.optim's contract around one multi-tensor step."""
 
@@ -88,8 +106,22 @@ class _TritonAdamBase(Optimizer):
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
             num_warps=num_warps, autotune=autotune_mode, persistent=persistent,
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
-        self._cache: StepCache | None = None
+        self._cache = None
         self._clipper = Clipper(type(self).__name__)
+
+    def _calls(self) -> _Calls:
+        calls = getattr(self, "_calls_state", None)  # a forwarding wrapper reads its optimizer's
+        if calls is None:  # first use (torch's __init__ adds the groups first), or unpickled
+            calls = self._calls_state = _Calls()
+        return calls
+
+    @property
+    def _cache(self) -> StepCache | None:
+        return self._calls().cache
+
+    @_cache.setter
+    def _cache(self, cache: StepCache | None) -> None:
+        self._calls().cache = cache
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -98,14 +130,14 @@ class _TritonAdamBase(Optimizer):
         implementation, which steps ``differentiable=True`` groups, does neither, so any
         such group (added or switched on later too) makes GradScaler do them, as for
         torch.optim's own non-fused optimizers. An instance may opt out by setting it."""
-        override = self.__dict__.get("_amp_scaling_override")
+        override = self._calls().amp_scaling
         if override is not None:
             return override
         return not any(group.get("differentiable") for group in self.param_groups)
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value: bool) -> None:
-        self.__dict__["_amp_scaling_override"] = bool(value)
+        self._calls().amp_scaling = bool(value)
 
     def _set_extras(self, values: dict, warn_idle: bool = True) -> None:
         """Check the options tritonadam adds (``values``, keyed as ``_EXTRAS``) as the
@@ -137,7 +169,7 @@ class _TritonAdamBase(Optimizer):
         # deepcopy would step the original's state); the clipper holds device buffers
         # and references to this optimizer's grads.
         state = super().__getstate__()
-        state.pop("_cache", None)
+        state.pop("_calls_state", None)
         state.pop("_clipper", None)
         state.update({k: getattr(self, k, v) for k, v in self._EXTRAS.items()})
         # The element order quantized codes were encoded in lives beside them, not in
@@ -157,10 +189,10 @@ class _TritonAdamBase(Optimizer):
         if clipper is not None:
             new._clipper = clipper.copied(memo) or new._clipper
         made = [(memo.get(id(p)), memo.get(id(entry)), {k: memo.get(id(v), v) for k, v in values.items()})
-                for p, entry, values in self.__dict__.get("_clip_made_state", ())]
+                for p, entry, values in self._calls().clip_made_state or ()]
         made = [m for m in made if m[0] is not None and m[1] is not None]
         if made:  # the copy's state a clip made is the copy's clip's (_forget_clip_state)
-            new._clip_made_state = made
+            new._calls().clip_made_state = made
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -169,7 +201,7 @@ class _TritonAdamBase(Optimizer):
         extras = {k: state.pop(k, getattr(self, k, v)) for k, v in self._EXTRAS.items()}
         record_orders(state.pop("_codes_orders", ()))
         zero_partition = state.pop("_zero_partition", getattr(self, "_zero_partition", False))
-        state.pop("_cache", None)
+        state.pop("_calls_state", None)  # a live optimizer's (load_state_dict) stays
         clipper = state.pop("_clipper", None) or getattr(self, "_clipper", None)
         super().__setstate__(state)
         for k, v in extras.items():
@@ -281,7 +313,7 @@ class _TritonAdamBase(Optimizer):
                                   seen.get("state_dict", state_dict), self.state)
             if seed is not None:
                 self.seed = seed
-            self._masters_follow_params = True  # at the next step: the params may load after
+            self._calls().masters_follow_params = True  # at the next step: the params may load after
 
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
@@ -349,10 +381,12 @@ class _TritonAdamBase(Optimizer):
             raise fsdp1_clip_error("max_grad_norm" if self.max_grad_norm is not None else "clip_grad_norm_")
         self._cache = gather.build(type(self).__name__, self._algorithm, self._policy, self.seed,
                                    self.param_groups, self.state, gathered, options)
+        calls = self._calls()
         if fresh:
-            self._clip_made_state = self.__dict__.get("_clip_made_state", []) + [
+            calls.clip_made_state = (calls.clip_made_state or []) + [
                 (p, self.state[p], dict(self.state[p])) for p in fresh]
-        if self.__dict__.pop("_masters_follow_params", False):
+        if calls.masters_follow_params:
+            calls.masters_follow_params = False
             for group in self.param_groups:
                 for p in group["params"]:
                     if p in self.state:
@@ -452,14 +486,15 @@ class _TritonAdamBase(Optimizer):
                 )
         finally:
             cache.release()
-        self.__dict__.pop("_clip_made_state", None)  # the rest is this step's now
+        self._calls().clip_made_state = None  # the rest is this step's now
 
     def _forget_clip_state(self) -> None:
         """Drop the state a clip made (see ``_ready``) for params that have lost their grad
         or left the optimizer since, before any step read it (a clip, then ``zero_grad()``
         and a skipped step): torch.optim, which makes state at the step, has none for
         them. The rest waits for a step that completes."""
-        made = self.__dict__.pop("_clip_made_state", None)
+        calls = self._calls()
+        made, calls.clip_made_state = calls.clip_made_state, None
         if not made:
             return
         members = {id(q) for g in self.param_groups for q in g["params"]}
@@ -473,7 +508,7 @@ class _TritonAdamBase(Optimizer):
             else:
                 waiting.append((p, entry, made_values))
         if waiting:
-            self._clip_made_state = waiting
+            calls.clip_made_state = waiting
 
     # ---- gradient clipping --------------------------------------------------------------
 
