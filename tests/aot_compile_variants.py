@@ -170,6 +170,9 @@ def _report(kind, flags, arch, block, warps, compiled):
         # Cross-lane traffic: warp shuffles and warp reductions (redux, sm_80+).
         "shuffles": len(re.findall(r"\bshfl\.sync\b", ptx)),
         "warp_reductions": len(re.findall(r"\bredux\.sync\b", ptx)),
+        # IEEE divisions (torch's bits) and approximate ones (kernels/adam.py: fast_div).
+        "div_rn": len(re.findall(r"\bdiv\.rn\.f(?:32|64)\b", ptx)),
+        "div_approx": len(re.findall(r"\bdiv\.approx\.ftz\.f32\b", ptx)),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
     }), flush=True)

@@ -150,7 +150,11 @@ class Reference:
             step_size = s(lr / bc1)
             if self.one_division:
                 # The quantized kernel's form: step_size bc2 m / (sqrt(v) + eps bc2).
-                p = p - ((step_size * s(bc2_sqrt)) * m) / (denom + s(eps) * s(bc2_sqrt))
+                # eps bc2 at least 2**-126 for a positive eps (the kernel's _update says why)
+                eps_bc2 = s(eps) * s(bc2_sqrt)
+                if s(eps) > 0:  # eps as the kernel reads it (fp32: 1e-46 is 0)
+                    eps_bc2 = torch.clamp_min(eps_bc2, 2.0**-126)
+                p = p - ((step_size * s(bc2_sqrt)) * m) / (denom + eps_bc2)
             else:
                 if bias_correction:
                     # A full tensor, not a 0-dim one: torch divides by a CPU scalar as a

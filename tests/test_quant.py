@@ -974,6 +974,32 @@ def test_params_without_grads_keep_their_state(bits, device):
     assert [opt.state[p]["step"].item() for p in params] == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("eps", [1e-45, 1e-39, 0.0])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_tiny_or_zero_eps_steps_zero_moments_as_torch_does(bits, eps, device):
+    """Blocks whose grads are always 0 (moments 0, the denominator eps bc2 alone) beside
+    live ones: with a subnormal eps bc2 they stay as they are (0 / eps bc2 = 0; on a GPU the
+    update's approximate division would read the subnormal as 0 and give 0 / 0), with eps
+    0 they turn NaN, as torch.optim.Adam's params do; live blocks step finitely."""
+    n = 3 * QB
+    torch_p = nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(3)))
+    p = nn.Parameter(torch_p.detach().clone().to(device))
+    opt = PAIRS["Adam"][0]([p], lr=1e-3, eps=eps, state_dtype=f"{bits}bit", **LAUNCH)
+    torch_opt = torch.optim.Adam([torch_p], lr=1e-3, eps=eps)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        g = torch.cat([torch.zeros(2 * QB), torch.randn(QB, generator=gen)])
+        p.grad, torch_p.grad = g.to(device), g.clone()
+        opt.step()
+        torch_opt.step()
+    got, want = p.detach().cpu(), torch_p.detach()
+    if eps > 0:
+        assert torch.equal(got[:2 * QB], want[:2 * QB])  # unchanged in both
+    else:
+        assert got[:2 * QB].isnan().all() and want[:2 * QB].isnan().all()
+    assert torch.isfinite(got[2 * QB:]).all()
+
+
 @pytest.mark.parametrize("name", ["Adam", "Adamax"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_second_moment_never_decodes_to_zero(bits, name, device):

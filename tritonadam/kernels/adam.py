@@ -7,9 +7,11 @@ layout) whatever param group it belongs to: per-tensor scalars (hyper-parameters
 corrections, grad multiplier) come from the scalar table the prepare kernel fills, so
 groups differ in data, not in code.
 """
+import torch
 import triton
 import triton.language as tl
 
+from .._env import interpret
 from .layout import (
     MASTER_FP32,
     MASTER_NONE,
@@ -50,6 +52,25 @@ def ieee_div(a, b):
     # fp64 '/' is IEEE already (and has no _rn form).
     if a.dtype == tl.float64:
         return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+# Compiled for an NVIDIA GPU, where PTX is the target (not Triton's interpreter, not ROCm).
+PTX = tl.constexpr(not interpret() and torch.version.hip is None)
+
+
+@triton.jit
+def fast_div(a, b):
+    """fp32 a / b for the quantized update (see _update). On an NVIDIA GPU PTX's
+    div.approx.ftz.f32: a times the approximate reciprocal of b, two instructions per
+    element (2 ulp for |b| in [2**-126, 2**126]; a subnormal a, b or quotient reads as 0),
+    where div_rn took nine (its check and slow-path branch included) and Triton's '/'
+    (div.full.f32, which rescales subnormal and huge operands first) eight. Triton 3.6
+    has no approximate division of its own. Elsewhere IEEE."""
+    if PTX:
+        return tl.inline_asm_elementwise("div.approx.ftz.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.div_rn(a, b)
 
@@ -160,9 +181,13 @@ def _update(
             p = join_master(p, tl.load(w_ptr + offs, mask=mask))
     # Quantized moments (QUANT): ptr -> codes, *s_ptr -> block scales; m is signed, v and
     # vmax (and AdaMax's exp_inf) use the map without a zero. A persistent grid's 4-bit
-    # moments read their scales in groups (quant.load_moment: GROUP_SCALES; _program_call
-    # says why).
-    GROUP_SCALES: tl.constexpr = PERSISTENT and QUANT == 4
+    # AdaMax moments read their scales in groups (quant.load_moment: GROUP_SCALES;
+    # _program_call says why). Adam's took them too until its update's division became
+    # fast_div (2026-12-05); since then the group kept pid on the stack of a twin and the
+    # single load none (bf16 4-bit remainder at 4096/8, sm_90, triton 3.9: 64 registers
+    # and 8 bytes, with single loads 73 and none; every persistent twin of
+    # tests/aot_compile_variants.py, sm_80 and sm_90, triton 3.6 and 3.9).
+    GROUP_SCALES: tl.constexpr = PERSISTENT and QUANT == 4 and ADAMAX
     # Its 8-bit moments encode with the older code offset (quant.encode: PICK_OFFSET).
     PICK_OFFSET: tl.constexpr = not (PERSISTENT and QUANT == 8)
     m = _load_state(m_ptr, ms_ptr, offs, mask, n, CDTYPE, QUANT, True, TAIL, VEC, GROUP_SCALES)
@@ -227,13 +252,19 @@ def _update(
         # Quantized moments have no torch counterpart to match bit for bit, and an ulp of
         # the update is far below their rounding: torch's update with the bias correction
         # moved out of the denominator, step_size bc2 m / (sqrt(v) + eps bc2) (bc2 =
-        # sqrt(1 - beta2**t), 1 without bias correction), one IEEE division per element
-        # instead of two, and the GPU's approximate square root (IEEE in the interpreter)
-        # instead of sqrt_rn and its slow-path check: ~10 instructions per element fewer
-        # (bench/sass_per_element.py). An approximate division too saved one more and
-        # left a variant with 8 bytes of stack under ptxas 13.
+        # sqrt(1 - beta2**t), 1 without bias correction), one division per element
+        # instead of two, and the GPU's approximate square root and division (IEEE in the
+        # interpreter) instead of sqrt_rn, div_rn and their slow-path checks: ~16
+        # instructions per element fewer (bench/sass_per_element.py; the division ~6 of
+        # them, 2026-12-05).
         bc2 = _scalar(srow, S_BC2_SQRT, CDTYPE)
-        p = p - ieee_div((step_size * bc2) * m, tl.sqrt(vhat) + eps * bc2)
+        # For a positive eps, eps bc2 at least 2**-126, the least normal fp32: below it
+        # (eps under ~1e-37) the product is subnormal, which fast_div reads as 0 on a GPU,
+        # or 0 itself (eps under ~1e-44), and an element whose moments are 0 would step by
+        # 0 / 0 where torch's steps by 0 / eps = 0. Where v > 0, sqrt(v) >= 2**-75
+        # absorbs either; eps 0 stays 0 (0 / 0, NaN, as in torch).
+        eps_bc2 = tl.where(eps > 0, tl.maximum(eps * bc2, 1.1754943508222875e-38), 0.0)
+        p = p - fast_div((step_size * bc2) * m, tl.sqrt(vhat) + eps_bc2)
     elif ADAMAX:
         p = p - ieee_div(step_size * m, vhat)
     else:
@@ -411,8 +442,9 @@ def _program(
 # quantized codecs' persistent forms, chosen by width, avoid that in every twin compiled:
 # 8-bit moments encode with the older code offset (quant.encode: PICK_OFFSET) and, with
 # nearest rounding, in iterations of 4 elements per thread (launch.full_sub_block); 4-bit
-# moments read their scales in groups (quant.load_moment: GROUP_SCALES). Each other
-# choice tried spilled some twin (the comments there have them).
+# AdaMax moments read their scales in groups (quant.load_moment: GROUP_SCALES; Adam's
+# since 2026-12-05 one per thread, _update says why). Each other choice tried spilled
+# some twin (the comments there have them).
 @triton.jit(noinline=True)
 def _program_call(
     pid, num_blocks, table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
