@@ -9,7 +9,6 @@ the rounding, where bugs live.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

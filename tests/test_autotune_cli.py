@@ -231,7 +231,6 @@ def test_tune_loop_with_a_fake_gpu_and_fake_kernels(tmp_path, capsys):
 def test_tune_times_scratch_launches_with_the_models_tensor_sizes(tmp_path, capsys):
     """--tensor-numel 4096: each scratch launch is made of 4096-element tensors, like the
     10,000 x 4,096 workload, rather than one tensor as large as the bucket."""
-    import types
 
     from tritonadam.autotune.__main__ import build_parser, run_tune
     from tritonadam.state import variant

@@ -18,7 +18,6 @@ import torch
 import tritonadam
 from tritonadam import host, validate
 from tritonadam.state import join_master, split_master
-from tritonadam.tensors import local_tensor
 
 from helpers import LAUNCH, PAIRS, clone_params, make_params, random_grads
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from helpers import BLOCK, LAUNCH, PAIRS, SHAPES, make_params, random_grads
+from helpers import LAUNCH, PAIRS, SHAPES, make_params, random_grads
 from reference import Reference, assert_same_bits, stochastic_round
 from tritonadam.kernels import rounding
 from tritonadam.kernels.plan import rounding_key

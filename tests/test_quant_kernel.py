@@ -17,7 +17,7 @@ import triton.language as tl
 
 from reference import QuantReference, assert_same_bits
 from tritonadam import quantize as Q
-from tritonadam.kernels import layout, quant
+from tritonadam.kernels import quant
 from tritonadam.kernels.launch import launch_prepare, launch_update
 from tritonadam.kernels.plan import Bucket, DeviceTables, group_pointer_row, group_row, rounding_key
 from tritonadam.kernels.variant import BucketKey, Master
