@@ -3,12 +3,14 @@ keeps between steps (never a grad: ``zero_grad(set_to_none=True)`` must free the
 the clip-then-step path that confirms the clip's check instead of repeating it."""
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
 import pytest
 import torch
 
+import tritonadam
 from helpers import LAUNCH, PAIRS, make_params, random_grads
 from tritonadam.kernels.plan import DeviceTables
 
@@ -74,6 +76,40 @@ def test_no_grad_outlives_its_step(path, device):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_a_clip_keeps_nothing_the_optimizer_let_go():
+    """A clip's bookkeeping refers to the cache it measured weakly: after a clip and a step,
+    a load_state_dict (a rollback to a checkpoint) frees the state it replaced, and params
+    removed from the groups with their state are freed with their module, at once as with
+    torch.optim (the clipper held the old cache, and through it every tensor its tables
+    pointed at, until the next clip: forever for a run that stops clipping)."""
+    def run(cls):
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        opt = cls(model.parameters(), lr=0.1)
+        for _ in range(2):
+            model(torch.randn(4, 6)).square().sum().backward()
+            if isinstance(opt, tritonadam.AdamW):
+                opt.clip_grad_norm_(1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        saved = copy.deepcopy(opt.state_dict())
+        old_state = [weakref.ref(t) for st in opt.state.values() for t in st.values()]
+        opt.load_state_dict(saved)
+        del saved  # the loaded state may be its very tensors
+        gc.collect()
+        rolled_back = sum(r() is not None for r in old_state)
+        last = model[1]
+        opt.param_groups[0]["params"] = list(model[0].parameters())
+        removed = [weakref.ref(p) for p in last.parameters()]
+        removed += [weakref.ref(t) for p in last.parameters() for t in opt.state.pop(p).values()]
+        del model[1], last
+        gc.collect()
+        return rolled_back, sum(r() is not None for r in removed)
+
+    assert run(tritonadam.AdamW) == run(torch.optim.AdamW) == (0, 0)
 
 
 def test_a_step_after_a_clip_confirms_its_check_instead_of_repeating_it(device, monkeypatch):

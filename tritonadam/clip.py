@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import weakref
 
 import numpy as np
 import torch
@@ -198,7 +199,10 @@ class Clipper:
         self._auto_out: dict[torch.dtype, Tensor] = {}
         self.last_norm: Tensor | None = None
         self.mesh = None  # the DTensor mesh last_norm is returned on
-        self._reduction: tuple | None = None  # (cache, (mesh, process groups))
+        # (a weak reference to the cache, its (mesh, process groups)): a strong one kept the
+        # last clip's cache, and through it every param and state tensor it pointed at,
+        # alive after the optimizer had dropped it (a load_state_dict, params removed)
+        self._reduction: tuple | None = None
 
     # ---- checks -------------------------------------------------------------------
 
@@ -385,8 +389,8 @@ class Clipper:
         return torch.float64 if wide else torch.float32
 
     def _mesh_and_layouts(self, cache: StepCache):
-        if self._reduction is None or self._reduction[0] is not cache:
-            self._reduction = (cache, norm_reduction(_measured(cache)[0]))
+        if self._reduction is None or self._reduction[0]() is not cache:
+            self._reduction = (weakref.ref(cache), norm_reduction(_measured(cache)[0]))
         return self._reduction[1]
 
     def mesh_of(self, cache: StepCache):
