@@ -261,8 +261,9 @@ def _update(
         # For a positive eps, eps bc2 at least 2**-126, the least normal fp32: below it
         # (eps under ~1e-37) the product is subnormal, which fast_div reads as 0 on a GPU,
         # or 0 itself (eps under ~1e-44), and an element whose moments are 0 would step by
-        # 0 / 0 where torch's steps by 0 / eps = 0. Where v > 0, sqrt(v) >= 2**-75
-        # absorbs either; eps 0 stays 0 (0 / 0, NaN, as in torch).
+        # 0 / 0 where torch's steps by 0 / eps = 0. Where v > 0, the IEEE sqrt(v) >= 2**-75
+        # absorbs either; eps 0 stays 0 (0 / 0, NaN, as in torch). On a GPU the approximate
+        # square root reads a subnormal v as 0 (docs/quantization.md: an eps under ~1e-16).
         eps_bc2 = tl.where(eps > 0, tl.maximum(eps * bc2, 1.1754943508222875e-38), 0.0)
         p = p - fast_div((step_size * bc2) * m, tl.sqrt(vhat) + eps_bc2)
     elif ADAMAX:
