@@ -64,6 +64,14 @@ def _cpu_grad(g):
     return None if g is None else g.cpu().clone()
 
 
+def _fresh_grads(params, ref, gen, scale, device):
+    """New grads drawn on the CPU for ``params`` (moved to ``device``), and CPU copies of
+    them for torch's reference params ``ref``."""
+    for p, q in zip(params, ref):
+        p.grad = _grad(p.shape, gen, scale, device=device)
+        q.grad = _cpu_grad(p.grad)
+
+
 def _assert_close(actual, expected, **kw):
     """torch.testing.assert_close, compared on the CPU (ours may live on the GPU)."""
     torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), **kw)
@@ -736,9 +744,7 @@ def test_params_regrouped_between_clip_and_step_stay_clipped(change, device, rec
     opt = tritonadam.AdamW(groups(params), lr=1e-2, weight_decay=0.1, **LAUNCH)
     theirs = torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.1, foreach=False)
     for step in range(3):
-        for p, q in zip(params, ref):
-            p.grad = _grad(p.shape, gen, 2.0, device=device)
-            q.grad = _cpu_grad(p.grad)
+        _fresh_grads(params, ref, gen, 2.0, device)
         norm = opt.clip_grad_norm_(0.5)
         expected = torch.nn.utils.clip_grad_norm_(ref, 0.5)
         assert norm > 0.5
@@ -861,9 +867,7 @@ def test_a_clip_leaves_no_state_for_params_no_step_reads(event, device):
         for p in donor.param_groups[0]["params"] + donor.param_groups[1]["params"]:
             p.grad = torch.ones_like(p)
         donor.step()
-    for p, q in zip(params, ref):
-        p.grad = _grad(p.shape, gen, 3.0, device=device)
-        q.grad = _cpu_grad(p.grad)
+    _fresh_grads(params, ref, gen, 3.0, device)
     opt.clip_grad_norm_(1.0)
     torch.nn.utils.clip_grad_norm_(ref, 1.0)
     for o, ps in ((opt, params), (theirs, ref)):
@@ -898,9 +902,7 @@ def test_a_deepcopy_between_clip_and_step_steps_clipped(grad_dropped, device):
     opt = tritonadam.Adam(ours, lr=0.1, **LAUNCH)
     theirs = torch.optim.Adam(ref, lr=0.1, foreach=False)
     for step in range(2):
-        for p, q in zip(ours, ref):
-            p.grad = _grad(p.shape, gen, 10.0, device=device)
-            q.grad = _cpu_grad(p.grad)
+        _fresh_grads(ours, ref, gen, 10.0, device)
         if step:
             opt.clip_grad_norm_(1.0)
             torch.nn.utils.clip_grad_norm_(ref, 1.0)
@@ -964,9 +966,7 @@ def test_clips_and_zero_grads_through_a_subclassing_wrapper_keep_the_state(wrapp
     for step in range(4):
         opt.zero_grad()
         theirs.zero_grad()
-        for p, q in zip(params, ref):
-            p.grad = _grad(p.shape, gen, 10.0, device=device)
-            q.grad = _cpu_grad(p.grad)
+        _fresh_grads(params, ref, gen, 10.0, device)
         opt.clip_grad_norm_(1.0)
         torch.nn.utils.clip_grad_norm_(ref, 1.0)
         opt.step()

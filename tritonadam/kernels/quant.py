@@ -204,8 +204,9 @@ def load_moment(codes_ptr, scale_ptr, offs, n, BITS: tl.constexpr, SIGNED: tl.co
     at 4096/8, sm_90, triton 3.6: 64 and 8), not with the group (96 and 64, none); since
     Adam's update divides approximately (2026-12-05) that AdamW twin is the other way
     round (triton 3.9: the group 64 and 8, the single load 73 and none), so Adam's twins
-    take the single load and AdaMax's the group. With 8-bit codes the group spilled instead (bf16 8-bit SR at 4096/8, bf16 8-bit remainder
-    AMSGrad at 2048/4, sm_90, triton 3.9), and they keep the single load."""
+    take the single load and AdaMax's the group. With 8-bit codes the group spilled
+    instead (bf16 8-bit SR at 4096/8, bf16 8-bit remainder AMSGrad at 2048/4, sm_90,
+    triton 3.9), and they keep the single load."""
     if TAIL:
         R: tl.constexpr = offs.shape[1]
         mask = offs < n
