@@ -848,14 +848,24 @@ def test_a_param_listed_twice_is_refused(where, after, device):
     ("state-none", "the state of a param of shape \\(24,\\) is a NoneType, not a dict"),
     ("bf16-state-int16", "dtype torch.int16 where a torch.float32 param's state is float32 or bfloat16"),
     ("negated-moment", "state\\['exp_avg'\\] is a lazily negated or conjugated view"),
+    ("exp_avg-none", "state\\['exp_avg'\\] of a param of shape \\(24,\\) is None, not a tensor"),
+    ("exp_avg_sq-none", "state\\['exp_avg_sq'\\] of a param of shape \\(24,\\) is None, not a tensor"),
+    ("exp_avg-none-beside-8bit-codes", "state\\['exp_avg'\\] of a param of shape \\(24,\\) is None"),
 ]])
 def test_state_set_by_hand_to_what_is_not_state_says_what_is_wrong(edit, match, device):
     """These raised Python's own words (``float() argument must be ... NoneType``, ``'NoneType'
-    object has no attribute 'items'``) or named only one of the dtypes a moment may have."""
+    object has no attribute 'items'``) or named only one of the dtypes a moment may have. A
+    moment set to None was made anew as zeros while the step count went on (a wrong bias
+    correction: twice torch's update for exp_avg_sq), where torch raises; beside 8-bit codes
+    it was saved in state_dict(), which load_state_dict then refused."""
     params = _params(device)
-    opt = PAIRS["AdamW"][0](params, state_dtype=torch.bfloat16, **LAUNCH)
+    fmt = "8bit" if edit.endswith("8bit-codes") else torch.bfloat16
+    opt = PAIRS["AdamW"][0](params, state_dtype=fmt, **LAUNCH)
     _steps(opt, params, 2)
-    if edit == "step-none":
+    edited = (params[1].detach().clone(), dict(opt.state[params[1]]))
+    if edit.startswith("exp_avg"):
+        opt.state[params[1]][edit.split("-")[0]] = None
+    elif edit == "step-none":
         opt.state[params[1]]["step"] = None
     elif edit == "step-two-elements":
         opt.state[params[1]]["step"] = torch.tensor([2.0, 2.0])
@@ -873,6 +883,10 @@ def test_state_set_by_hand_to_what_is_not_state_says_what_is_wrong(edit, match, 
     for p, (value, state) in zip(others, before):
         assert torch.equal(p.detach(), value)
         assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    assert torch.equal(params[1].detach(), edited[0])
+    if edit.startswith("exp_avg"):
+        state = opt.state[params[1]]
+        assert all(state[k] is v for k, v in edited[1].items() if state[k] is not None)
 
 
 @pytest.mark.parametrize("reset", ["new-defaultdict", "clear", "pop-one", "empty-dict-one"])

@@ -69,6 +69,11 @@ class ParamFormat:
             raise _stale("step", problem, name)
         convert = False
         for key in keys:
+            if key in state and state[key] is None:  # not absent: torch raises on it too
+                raise RuntimeError(
+                    f"tritonadam.{name}: state[{key!r}] of a param of shape {tuple(p.shape)} is None, "
+                    "not a tensor; load a complete state dict, or clear this param's state "
+                    "(`opt.state.pop(param)`) to restart it")
             convert |= self.moments.check(p, key, state, name)
         if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
             raise RuntimeError(f"tritonadam.{name}: state[{SEED_KEY!r}] {_seed_problem(state[SEED_KEY])}; "
