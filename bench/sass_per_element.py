@@ -7,8 +7,10 @@ Compiles what the launcher launches (``aot.compile_update``, with the FMA fusion
 launcher pins: on unless TRITON_DEFAULT_FP_FUSION says otherwise), disassembles the cubin
 with Triton's bundled ``cuobjdump`` and counts the instructions from the kernel's entry to
 the full path's exit, leaving out the IEEE slow-path call blocks (a predicated branch over
-a call: never taken for finite, normal operands) and counting the loop over iterations
-once per iteration. Run it without TRITON_INTERPRET.
+a call: never taken for finite, normal operands), counting one arm of an if/else on a
+uniform scalar (the quantized update's root, kernels/adam.fast_sqrt: its shorter arm,
+which every eps from 2**-39 up takes) and the loop over iterations once per iteration.
+Run it without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def full_path_instructions(ins, iterations: int) -> int:
             if len(region) < 12 and any(ins[j][2].startswith("CALL") for j in region):
                 skip.update(region)
                 skip.add(i)
+    skip |= _longer_arms(ins, skip)
     end = next(i for i, x in enumerate(ins) if x[2] == "EXIT" and not x[1])
     total = sum(1 for i in range(end + 1) if i not in skip)
     loops = [(_target(operands), addr) for i, (addr, pred, op, operands) in enumerate(ins[:end + 1])
@@ -69,6 +72,28 @@ def full_path_instructions(ins, iterations: int) -> int:
         lo, hi = loops[0]
         total += (iterations - 1) * sum(1 for j in range(end + 1) if lo <= ins[j][0] <= hi and j not in skip)
     return total
+
+
+def _longer_arms(ins, skip) -> set[int]:
+    """The longer arm of each if/else diamond: a predicated forward branch to the else arm,
+    whose then arm ends in an unpredicated forward branch past it."""
+    index = {addr: i for i, (addr, *_) in enumerate(ins)}
+    longer = set()
+    for i, (addr, pred, op, operands) in enumerate(ins):
+        if op != "BRA" or not pred or i in skip or _target(operands) <= addr:
+            continue
+        k = index.get(_target(operands))
+        if k is None or k < 2:
+            continue
+        _, jpred, jop, joperands = ins[k - 1]
+        if jop != "BRA" or jpred or _target(joperands) <= ins[k][0]:
+            continue
+        j = index.get(_target(joperands))
+        if j is None:
+            continue
+        then_arm, else_arm = set(range(i + 1, k)), set(range(k, j))
+        longer |= then_arm if len(then_arm) > len(else_arm) else else_arm
+    return longer
 
 
 def per_element(setup: str, block: int, warps: int, arch: int = 90) -> float:

@@ -173,6 +173,8 @@ def _report(kind, flags, arch, block, warps, compiled):
         # IEEE divisions (torch's bits) and approximate ones (kernels/adam.py: fast_div).
         "div_rn": len(re.findall(r"\bdiv\.rn\.f(?:32|64)\b", ptx)),
         "div_approx": len(re.findall(r"\bdiv\.approx\.ftz\.f32\b", ptx)),
+        # Square roots that keep a subnormal operand (kernels/adam.py: fast_sqrt).
+        "sqrt_subnormal": len(re.findall(r"\bsqrt\.approx\.f32\b", ptx)),
         "resident_warps": aot.resident_warps(report["registers"], warps),
         **report,
     }), flush=True)

@@ -143,7 +143,7 @@ class Refs:
             if coefficient is not None:
                 g = g.float() * coefficient
             lr = float(group["lr"])  # a tensor lr: the value the kernel reads now
-            ref.update(g, lr, *BETAS, EPS, group["weight_decay"],
+            ref.update(g, lr, *BETAS, group["eps"], group["weight_decay"],
                        decoupled=group.get("decoupled_weight_decay", False), maximize=group["maximize"])
 
     def check(self, what=""):
@@ -225,9 +225,9 @@ STEPS = 10
 def build(name, params, bits, *, master=False, sr=False, maximize=False, groups=True, **kw):
     amsgrad = {"amsgrad": True} if name == "Adam" else {}
     spec = three_groups(params) if groups else params
-    return PAIRS[name][0](spec, betas=BETAS, eps=EPS, maximize=maximize, master_weights=master,
+    return PAIRS[name][0](spec, betas=BETAS, maximize=maximize, master_weights=master,
                           stochastic_rounding=sr, state_dtype=f"{bits}bit", seed=1234, **amsgrad,
-                          **{**LAUNCH, **kw})
+                          **{"eps": EPS, **LAUNCH, **kw})
 
 
 @pytest.mark.parametrize("combo", MATRIX, ids=[c[0] for c in MATRIX])
@@ -998,6 +998,32 @@ def test_a_tiny_or_zero_eps_steps_zero_moments_as_torch_does(bits, eps, device):
     else:
         assert got[:2 * QB].isnan().all() and want[:2 * QB].isnan().all()
     assert torch.isfinite(got[2 * QB:]).all()
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-30])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_subnormal_second_moments_step_with_a_tiny_or_zero_eps(bits, eps, device):
+    """Grads of 1e-21 to 1e-18 (second moments fp32 subnormals, below 2**-126) and of 1
+    with eps 0 or 1e-30: each element steps by about lr, as the reference's IEEE root gives.
+    On a GPU the root of a subnormal read as 0 (sqrt.approx.ftz) stepped them to +-inf
+    (eps 0) or by ~1e10 (kernels/adam.py: fast_sqrt)."""
+    gen = torch.Generator().manual_seed(45)
+    sizes = torch.tensor([1e-18, 1e-19, 1e-20, 3e-21, 1.0])
+    params = odd_params(FP32, device, seed=46, shapes=[(len(sizes) * QB,), (QB + 5,)], layouts=False)
+    opt = build("Adam", params, bits, groups=False, eps=eps, lr=1e-2)
+    refs = Refs(opt, "Adam", bits, exact_codes=True)
+    before = [p.detach().cpu().clone() for p in params]
+    for _ in range(3):
+        # magnitudes in [1, 2) x size: no square underflows to 0
+        signs = torch.randint(0, 2, (len(sizes), QB), generator=gen) * 2 - 1
+        grads = [(signs * (1 + torch.rand(len(sizes), QB, generator=gen)) * sizes[:, None]).reshape(-1).to(device),
+                 ((1 + torch.rand(QB + 5, generator=gen)) * 3e-21).to(device)]
+        _launch(opt, params, grads)
+        refs.step(dict(zip(params, grads)))
+    refs.check(f"subnormal second moments, eps {eps}")
+    for p, p0 in zip(params, before):
+        moved = (p.detach().cpu() - p0).abs()
+        assert torch.isfinite(moved).all() and moved.max() < 0.1, moved.max()
 
 
 @pytest.mark.parametrize("name", ["Adam", "Adamax"])

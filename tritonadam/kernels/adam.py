@@ -75,6 +75,30 @@ def fast_div(a, b):
         return tl.div_rn(a, b)
 
 
+# eps bc2 below which a subnormal second moment's root matters to the quantized update's
+# denominator: the root of a subnormal is under 2**-63, under an ulp of eps bc2 >= 2**-39.
+SUBNORMAL_ROOT_EPS = tl.constexpr(2.0 ** -39)
+
+
+@triton.jit
+def fast_sqrt(x, eps_bc2):
+    """fp32 sqrt(x) for the quantized update's denominator sqrt(x) + eps_bc2. On an NVIDIA GPU
+    Triton's sqrt is sqrt.approx.ftz.f32 (MUFU.SQRT, one instruction), which reads a
+    subnormal x as 0: with eps 0 an element whose second moment is subnormal would step by
+    m / 0. PTX's sqrt.approx.f32 (no .ftz) scales a subnormal x by 2**24 and its root back,
+    three instructions more per element, so it runs only where the root can matter: eps bc2
+    under SUBNORMAL_ROOT_EPS, a uniform branch on the row's scalar. Elsewhere tl.sqrt."""
+    if PTX:
+        if eps_bc2 < SUBNORMAL_ROOT_EPS:
+            root = tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            root = tl.sqrt(x)
+    else:
+        root = tl.sqrt(x)
+    return root
+
+
 @triton.jit
 def ieee_sqrt(x):
     if x.dtype == tl.float64:
@@ -202,7 +226,13 @@ def _update(
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
     eps = _scalar(srow, S_EPS, CDTYPE)
     step_size = _scalar(srow, S_STEP_SIZE, CDTYPE)
-    if DECOUPLED_WD:
+    # The quantized Adam update decays p where it steps it: fast_sqrt's branch between the
+    # two would keep the product from fusing with the step (one instruction per element).
+    # Not in a persistent program, where the decay kept live until then cost 8 bytes of
+    # stack (bf16 4-bit remainder at 4096/8, sm_90, triton 3.9; 69 registers and none
+    # with the early product).
+    DECAY_LATE: tl.constexpr = DECOUPLED_WD and QUANT and not ADAMAX and not PERSISTENT
+    if DECOUPLED_WD and not DECAY_LATE:
         p = p * _scalar(srow, S_DECAY, CDTYPE)
     if COUPLED_WD:
         # torch adds nothing to the grad of a group without L2 decay (0 here, so are
@@ -262,10 +292,13 @@ def _update(
         # (eps under ~1e-37) the product is subnormal, which fast_div reads as 0 on a GPU,
         # or 0 itself (eps under ~1e-44), and an element whose moments are 0 would step by
         # 0 / 0 where torch's steps by 0 / eps = 0. Where v > 0, the IEEE sqrt(v) >= 2**-75
-        # absorbs either; eps 0 stays 0 (0 / 0, NaN, as in torch). On a GPU the approximate
-        # square root reads a subnormal v as 0 (docs/quantization.md: an eps under ~1e-16).
+        # absorbs either (fast_sqrt keeps a subnormal v's root); eps 0 stays 0 (0 / 0, NaN, as
+        # in torch).
         eps_bc2 = tl.where(eps > 0, tl.maximum(eps * bc2, 1.1754943508222875e-38), 0.0)
-        p = p - fast_div((step_size * bc2) * m, tl.sqrt(vhat) + eps_bc2)
+        root = fast_sqrt(vhat, eps_bc2)
+        if DECAY_LATE:
+            p = p * _scalar(srow, S_DECAY, CDTYPE)
+        p = p - fast_div((step_size * bc2) * m, root + eps_bc2)
     elif ADAMAX:
         p = p - ieee_div(step_size * m, vhat)
     else:
