@@ -7,10 +7,9 @@ Compiles what the launcher launches (``aot.compile_update``, with the FMA fusion
 launcher pins: on unless TRITON_DEFAULT_FP_FUSION says otherwise), disassembles the cubin
 with Triton's bundled ``cuobjdump`` and counts the instructions from the kernel's entry to
 the full path's exit, leaving out the IEEE slow-path call blocks (a predicated branch over
-a call: never taken for finite, normal operands), counting one arm of an if/else on a
-uniform scalar (the quantized update's root, kernels/adam.fast_sqrt: its shorter arm,
-which every eps from 2**-39 up takes) and the loop over iterations once per iteration.
-Run it without TRITON_INTERPRET.
+a call: never taken for finite, normal operands) and the arm of the quantized update's
+root that keeps a subnormal (kernels/adam.fast_sqrt; taken only where eps * bc2 < 2**-39),
+and counting the loop over iterations once per iteration. Run it without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -61,9 +60,25 @@ def full_path_instructions(ins, iterations: int) -> int:
             if len(region) < 12 and any(ins[j][2].startswith("CALL") for j in region):
                 skip.update(region)
                 skip.add(i)
-    skip |= _longer_arms(ins, skip)
-    end = next(i for i, x in enumerate(ins) if x[2] == "EXIT" and not x[1])
-    total = sum(1 for i in range(end + 1) if i not in skip)
+    skip |= _subnormal_root_arms(ins, skip)
+    index = {addr: i for i, (addr, *_) in enumerate(ins)}
+
+    def count(lo: int, hi: int) -> int:
+        return sum(1 for j in range(lo, hi + 1) if j not in skip)
+
+    end = next((i for i, x in enumerate(ins) if x[2] == "EXIT" and not x[1]), len(ins))
+    # A loop ptxas rotated (the branch inside it moves the exit test to the bottom): the
+    # last iteration leaves at a predicated EXIT, the others branch back to the head.
+    back = next(((i, index[_target(o)]) for i, (a, p, op, o) in enumerate(ins[:end])
+                 if op == "BRA" and not p and i not in skip and _target(o) < a), None)
+    if back is not None:
+        b, head = back
+        leave = next((j for j in range(head, b) if ins[j][2] == "EXIT" and ins[j][1]), None)
+        if leave is not None:
+            return count(0, leave) + (iterations - 1) * count(head, b)
+    if end == len(ins):
+        raise RuntimeError("no exit on the full path")
+    total = count(0, end)
     loops = [(_target(operands), addr) for i, (addr, pred, op, operands) in enumerate(ins[:end + 1])
              if op == "BRA" and i not in skip and _target(operands) < addr]
     if iterations > 1:
@@ -74,11 +89,13 @@ def full_path_instructions(ins, iterations: int) -> int:
     return total
 
 
-def _longer_arms(ins, skip) -> set[int]:
-    """The longer arm of each if/else diamond: a predicated forward branch to the else arm,
-    whose then arm ends in an unpredicated forward branch past it."""
+def _subnormal_root_arms(ins, skip) -> set[int]:
+    """The arm of kernels/adam.fast_sqrt's if/else that keeps a subnormal's root (its
+    square roots beside products by 2**24), which only an eps bc2 under 2**-39 takes: a
+    predicated forward branch to the else arm, whose then arm ends in an unpredicated
+    forward branch past it. Other if/else arms are counted in full."""
     index = {addr: i for i, (addr, *_) in enumerate(ins)}
-    longer = set()
+    arms = set()
     for i, (addr, pred, op, operands) in enumerate(ins):
         if op != "BRA" or not pred or i in skip or _target(operands) <= addr:
             continue
@@ -91,9 +108,12 @@ def _longer_arms(ins, skip) -> set[int]:
         j = index.get(_target(joperands))
         if j is None:
             continue
-        then_arm, else_arm = set(range(i + 1, k)), set(range(k, j))
-        longer |= then_arm if len(then_arm) > len(else_arm) else else_arm
-    return longer
+        for arm in (range(i + 1, k), range(k, j)):
+            ops = [ins[x] for x in arm]
+            if any(o == "MUFU.SQRT" for _, _, o, _ in ops) and any(
+                    o.startswith("FMUL") and "16777216" in args for _, _, o, args in ops):
+                arms.update(arm)
+    return arms
 
 
 def per_element(setup: str, block: int, warps: int, arch: int = 90) -> float:

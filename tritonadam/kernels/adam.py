@@ -85,8 +85,9 @@ def fast_sqrt(x, eps_bc2):
     """fp32 sqrt(x) for the quantized update's denominator sqrt(x) + eps_bc2. On an NVIDIA GPU
     Triton's sqrt is sqrt.approx.ftz.f32 (MUFU.SQRT, one instruction), which reads a
     subnormal x as 0: with eps 0 an element whose second moment is subnormal would step by
-    m / 0. PTX's sqrt.approx.f32 (no .ftz) scales a subnormal x by 2**24 and its root back,
-    three instructions more per element, so it runs only where the root can matter: eps bc2
+    m / 0. PTX's sqrt.approx.f32 (no .ftz) scales a subnormal x by 2**24 and its root back
+    (a product, a compare, a select and a predicated product beside the root: four
+    instructions more per element), so it runs only where the root can matter: eps bc2
     under SUBNORMAL_ROOT_EPS, a uniform branch on the row's scalar. Elsewhere tl.sqrt."""
     if PTX:
         if eps_bc2 < SUBNORMAL_ROOT_EPS:
