@@ -1364,6 +1364,37 @@ def test_scratch_mix_and_runner(options):
     assert run.numels == [4096, 7, 3000] and run.compile() is None  # the interpreter reports nothing
 
 
+@pytest.mark.parametrize("algorithm", ["adam", "adamw", "adamax"])
+def test_the_compiler_report_is_of_the_heaviest_launch_the_config_serves(algorithm, monkeypatch):
+    """The tuner prunes a candidate by the compiler's report: of the launch with
+    GradScaler's found_inf and L2 weight decay (beside decoupled decay for AdamW), which a
+    step may launch with the tuned config, not only the timed launch's flags (with these
+    the report was of a variant no step launched: fp32 params, bf16 grads, L2 decay, 4096/8
+    persistent, sm_90, clean as timed, 8 bytes of stack as launched)."""
+    from types import SimpleNamespace
+
+    from tritonadam.kernels import scratch
+    from tritonadam.state import variant
+
+    compiled = []
+
+    def fake_launch(tables, bucket, **kw):
+        compiled.append(kw)
+        return SimpleNamespace(_init_handles=lambda: None, n_regs=72, n_spills=0,
+                               metadata=SimpleNamespace(shared=0))
+
+    run = scratch.make_scratch_runner(variant(algorithm, torch.float32, torch.bfloat16),
+                                      config=LaunchConfig(4096, 8, True), numels=[3000, 70], device=CPU)
+    monkeypatch.setattr(scratch, "launch_update", fake_launch)
+    monkeypatch.setattr(scratch, "interpreted", lambda: False)
+    assert run.compile() == {"registers": 72, "spills": 0, "shared": 0}
+    (kw,) = compiled
+    assert kw["compile_only"] and kw["found_inf"] is not None and kw["coupled_wd"]
+    assert kw["decoupled_wd"] == (algorithm == "adamw")
+    assert (kw["block_size"], kw["num_warps"], kw["persistent"]) == (4096, 8, True)
+    assert kw["adamax"] == (algorithm == "adamax")
+
+
 def test_compile_only_launches_nothing():
     """The tuner reads the compiler's report through a launch that compiles and runs
     nothing (in the interpreter, which compiles nothing, it returns None)."""
