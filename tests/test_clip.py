@@ -993,6 +993,31 @@ def test_the_dropped_coefficients_warning_names_the_change_that_dropped_it(devic
     assert not [w for w in record if "replaced" in str(w.message)]
 
 
+@pytest.mark.parametrize("through", ["step", "zero_grad-kept"])
+def test_a_seed_set_between_a_clip_and_the_first_step_rounds_that_step(through, device):
+    """The clip makes the state the first step would make; opt.seed set after it rounds
+    that step as without the clip (it rounded with the old seed, stamped on the state the
+    clip made: 24 of 64 bf16 params apart)."""
+    results = []
+    for clip in (False, True):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(11)).bfloat16().to(device))
+        opt = tritonadam.AdamW([p], lr=1e-3, state_dtype=torch.bfloat16, stochastic_rounding=True, seed=1,
+                               **LAUNCH)
+        p.grad = torch.randn(64, generator=torch.Generator().manual_seed(12)).bfloat16().to(device)
+        if clip:
+            opt.clip_grad_norm_(100.0)  # coefficient 1: the grads as they are
+            if through == "zero_grad-kept":
+                opt.zero_grad(set_to_none=False)  # the grad is kept (zeros)
+                p.grad.copy_(torch.randn(64, generator=torch.Generator().manual_seed(12)).bfloat16())
+        opt.seed = 2
+        opt.step()
+        results.append((p.detach().cpu(), int(opt.state[p]["rounding_seed"])))
+    (plain, plain_seed), (clipped, clipped_seed) = results
+    assert plain_seed == clipped_seed == 2
+    assert torch.equal(plain, clipped)
+
+
 @pytest.mark.parametrize("event", ["deepcopy", "failed-step", "empty-grad-scaler"])
 def test_state_a_clip_made_is_tracked_until_a_step_completes(event, device):
     """Between clip_grad_norm_ and the first step, torch.optim has no state: a deepcopy

@@ -492,7 +492,8 @@ class _TritonAdamBase(Optimizer):
         """Drop the state a clip made (see ``_ready``) for params that have lost their grad
         or left the optimizer since, before any step read it (a clip, then ``zero_grad()``
         and a skipped step): torch.optim, which makes state at the step, has none for
-        them. The rest waits for a step that completes."""
+        them. The rest waits for a step that completes, with the seed the optimizer has by
+        then (``opt.seed`` set after the clip: the state is the step's, as without it)."""
         calls = self._calls()
         made, calls.clip_made_state = calls.clip_made_state, None
         if not made:
@@ -505,8 +506,10 @@ class _TritonAdamBase(Optimizer):
                 continue  # loaded or written since: not the clip's
             if p.grad is None or id(p) not in members:
                 del self.state[p]
-            else:
-                waiting.append((p, entry, made_values))
+                continue
+            if SEED_KEY in entry and self.seed is not None and int(entry[SEED_KEY]) != self.seed:
+                entry[SEED_KEY] = made_values[SEED_KEY] = torch.tensor(self.seed, dtype=torch.int64)
+            waiting.append((p, entry, made_values))
         if waiting:
             calls.clip_made_state = waiting
 
