@@ -52,6 +52,7 @@ VARIANTS = [
     dict(param_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=FP16, stochastic_rounding=True, coupled_wd=True, found_inf=True),
     dict(param_dtype=FP32, state_dtype=BF16, decoupled_wd=True),
+    dict(param_dtype=FP32, state_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
