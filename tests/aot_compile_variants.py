@@ -56,6 +56,7 @@ VARIANTS = [
     dict(param_dtype=BF16, state_dtype=BF16, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
+    dict(param_dtype=BF16, grad_dtype=FP32, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
     dict(param_dtype=BF16, master=REMAINDER, state_dtype=BF16, stochastic_rounding=True,
          decoupled_wd=True),
     dict(param_dtype=BF16, master=True, state_dtype=BF16, stochastic_rounding=True, adamax=True),

@@ -264,7 +264,7 @@ def _update(
     # Where the moments are stored: see below (STORE_EARLY).
     STORE_EARLY: tl.constexpr = QUANT or (MASTER != MASTER_REMAINDER and CDTYPE == tl.float32
                                           and (S_DTYPE != CDTYPE or COUPLED_WD)
-                                          and not (SR and P_DTYPE == tl.float32))
+                                          and not (SR and (P_DTYPE == tl.float32 or AMSGRAD)))
     if STORE_EARLY:
         # Moments encoded and stored before the step's IEEE divisions and square roots:
         # their slow-path subroutines are shared by both paths, and every register live at
@@ -274,9 +274,11 @@ def _update(
         # 1024/4 (sm_90's default above 2^25 elements) under triton 3.9's ptxas options
         # (--regAllocOptLevel=2); before them it takes 48 registers there, 32 at 1024/8.
         # fp32 moments with L2 weight decay likewise kept 8 bytes at 1024/4 under triton
-        # 3.6. fp32 params with stochastically rounded bf16 state store them late: early,
-        # they kept 8-32 bytes at 1024/8 (sm_90 under triton 3.6, sm_80 with fp16 grads, and
-        # with bf16 grads and AMSGrad under 3.9; a 2026-12-05 review). Elsewhere the early
+        # 3.6. Stochastic rounding stores them late with fp32 params or AMSGrad: early, they
+        # kept 8-32 bytes at 1024/8 (fp32 params with bf16 state: sm_90 under triton 3.6,
+        # sm_80 with fp16 grads, with bf16 grads and AMSGrad under 3.9; 16-bit params with
+        # AMSGrad, fp32 grads or bf16 state: 8-16 bytes under 3.6, fp16 with bf16 state on
+        # sm_80 under 3.9; a 2026-12-05 review). Elsewhere the early
         # store spilled instead (a remainder master with bf16 state
         # and SR at 1024/8; plain bf16 AdamW at 1024/8 on sm_80 under triton 3.9; fp64
         # AMSGrad): each variant keeps the order that compiles without (tests/test_aot.py).
