@@ -40,6 +40,7 @@ VARIANTS = [
     dict(param_dtype=FP16, master=True, coupled_wd=True, decoupled_wd=True),
     dict(param_dtype=FP16, grad_dtype=FP32, amsgrad=True, found_inf=True),
     dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
+    dict(param_dtype=FP64, amsgrad=True, decoupled_wd=True, found_inf=True),
     dict(param_dtype=FP32, adamax=True, coupled_wd=True),
     dict(param_dtype=BF16, adamax=True, master=True, found_inf=True),
     dict(param_dtype=FP16, adamax=True),
