@@ -60,8 +60,8 @@ def full_path_instructions(ins, iterations: int) -> int:
             if len(region) < 12 and any(ins[j][2].startswith("CALL") for j in region):
                 skip.update(region)
                 skip.add(i)
-    skip |= _subnormal_root_arms(ins, skip)
     index = {addr: i for i, (addr, *_) in enumerate(ins)}
+    skip |= _subnormal_root_arms(ins, index, skip)
 
     def count(lo: int, hi: int) -> int:
         return sum(1 for j in range(lo, hi + 1) if j not in skip)
@@ -89,12 +89,12 @@ def full_path_instructions(ins, iterations: int) -> int:
     return total
 
 
-def _subnormal_root_arms(ins, skip) -> set[int]:
+def _subnormal_root_arms(ins, index: dict[int, int], skip) -> set[int]:
     """The arm of kernels/adam.fast_sqrt's if/else that keeps a subnormal's root (its
     square roots beside products by 2**24), which only an eps bc2 under 2**-39 takes: a
     predicated forward branch to the else arm, whose then arm ends in an unpredicated
-    forward branch past it. Other if/else arms are counted in full."""
-    index = {addr: i for i, (addr, *_) in enumerate(ins)}
+    forward branch past it. Other if/else arms are counted in full. ``index``: address ->
+    position in ``ins``."""
     arms = set()
     for i, (addr, pred, op, operands) in enumerate(ins):
         if op != "BRA" or not pred or i in skip or _target(operands) <= addr:
