@@ -292,11 +292,14 @@ def test_stdout_formats_and_load(tmp_path, capsys):
 
 
 def test_sigterm_writes_partial_results(tmp_path):
+    # The run is given far more reps than it can finish before the signal (50 reps of a
+    # 2M-element step once finished within the half second below), so SIGTERM always lands
+    # mid-timing and the test does not race the bench.
     j = tmp_path / "r.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tritonadam.bench", "--device", "cpu", "--profiles",
          "one-huge@2M", "--sizes", "2M", "--providers", "torch-forloop", "--rep-ms", "2000",
-         "--min-reps", "50", "--max-reps", "50", "--no-check", "--out", str(j)],
+         "--min-reps", "100000", "--max-reps", "100000", "--no-check", "--out", str(j)],
         cwd=ROOT, env=_env("1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
