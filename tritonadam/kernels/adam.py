@@ -261,29 +261,30 @@ def _update(
         if AMSGRAD:
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
             vhat = vmax
-    # Where the moments are stored: see below (STORE_EARLY).
-    STORE_EARLY: tl.constexpr = QUANT or (CDTYPE == tl.float64 and AMSGRAD and DECOUPLED_WD and not COUPLED_WD) or (
-                                          MASTER != MASTER_REMAINDER and CDTYPE == tl.float32
-                                          and (S_DTYPE != CDTYPE or COUPLED_WD)
-                                          and not (SR and (P_DTYPE == tl.float32 or AMSGRAD)))
+    # Where the moments are stored: before the step's divisions and square roots (early) or
+    # after them (late). IEEE division and root have slow-path subroutines shared by every
+    # call site, and every register live at any call is kept from them: fewer live values
+    # there cost fewer registers. Each variant keeps the order that compiles without spills
+    # and with its resident warps on triton 3.6 and 3.9, sm_80 and sm_90 (tests/test_aot.py;
+    # figures are ptxas's at 1024/8 unless said):
+    # - quantized state: early; codes and scales out of the way before the update
+    #   (78 -> 64 registers with AMSGrad and a remainder, sm_90).
+    # - fp32 compute, no remainder master, with 16-bit state or L2 decay: early. Late, a
+    #   bf16 param with bf16 state kept 8 bytes of stack at 1024/4 under triton 3.9 (48
+    #   registers early), and fp32 moments with L2 8 bytes at 1024/4 under 3.6.
+    #   - except stochastic rounding with fp32 params or AMSGrad: late. Early, fp32 params
+    #     with bf16 state kept 8-32 bytes (sm_90 under 3.6; sm_80 with fp16 grads; bf16
+    #     grads with AMSGrad under 3.9), 16-bit params with AMSGrad 8-16 bytes under 3.6.
+    # - fp64 AdamW with AMSGrad: early; late it took 82 registers (16 resident warps),
+    #   early 58-62.
+    # - everything else: late; early spilled (a remainder master with bf16 state and SR,
+    #   plain bf16 AdamW on sm_80 under 3.9, fp64 Adam with AMSGrad).
+    EARLY_FP32: tl.constexpr = (MASTER != MASTER_REMAINDER and CDTYPE == tl.float32
+                                and (S_DTYPE != CDTYPE or COUPLED_WD))
+    LATE_SR: tl.constexpr = SR and (P_DTYPE == tl.float32 or AMSGRAD)
+    EARLY_FP64: tl.constexpr = CDTYPE == tl.float64 and AMSGRAD and DECOUPLED_WD and not COUPLED_WD
+    STORE_EARLY: tl.constexpr = QUANT or (EARLY_FP32 and not LATE_SR) or EARLY_FP64
     if STORE_EARLY:
-        # Moments encoded and stored before the step's IEEE divisions and square roots:
-        # their slow-path subroutines are shared by both paths, and every register live at
-        # any call site is kept from them, so fewer live values there cost fewer registers
-        # (ptxas, sm_90, 1024/8: 78 -> 64 with AMSGrad and a remainder). bf16 moments too:
-        # stored after them, a bf16 param with bf16 state kept 8 bytes on the stack at
-        # 1024/4 (sm_90's default above 2^25 elements) under triton 3.9's ptxas options
-        # (--regAllocOptLevel=2); before them it takes 48 registers there, 32 at 1024/8.
-        # fp32 moments with L2 weight decay likewise kept 8 bytes at 1024/4 under triton
-        # 3.6. Stochastic rounding stores them late with fp32 params or AMSGrad: early, they
-        # kept 8-32 bytes at 1024/8 (fp32 params with bf16 state: sm_90 under triton 3.6,
-        # sm_80 with fp16 grads, with bf16 grads and AMSGrad under 3.9; 16-bit params with
-        # AMSGrad, fp32 grads or bf16 state: 8-16 bytes under 3.6, fp16 with bf16 state on
-        # sm_80 under 3.9; a 2026-12-05 review). fp64 AdamW with AMSGrad stores them early:
-        # late, it took 82 registers (16 resident warps at 1024/8), early 58-62. Elsewhere the early
-        # store spilled instead (a remainder master with bf16 state
-        # and SR at 1024/8; plain bf16 AdamW at 1024/8 on sm_80 under triton 3.9; fp64
-        # AMSGrad): each variant keeps the order that compiles without (tests/test_aot.py).
         r0, r1 = _random(g, offs, srow, first, key, SR)
         _store_moments(m_ptr, v_ptr, vmax_ptr, ms_ptr, vs_ptr, xs_ptr, m, v, vmax, offs, mask, n,
                        r0, r1, S_DTYPE, AMSGRAD, SR, QUANT, TAIL, VEC, PICK_OFFSET)
