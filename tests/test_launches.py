@@ -253,3 +253,30 @@ def test_block_maps_of_huge_tensors_index_in_int64_and_launches_beyond_int32_are
     bucket = Bucket(None, torch.device("cpu"), 0, np.asarray([1 << 35, 1 << 31], dtype=np.int64))
     with pytest.raises(ValueError, match=f"more than {(1 << 31) - (1 << 16)}: use a larger block_size"):
         bucket.block_map(16)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_stochastic_rounding_leaves_float64_params_unflagged(dtype, device):
+    """fp64 moments are stepped at their own precision: with stochastic_rounding=True their
+    launch is the plain one (no Philox draws, no bucket or compile of its own) and their
+    state keeps no seed, while a bf16 param of the same optimizer is rounded; the fp64
+    param steps exactly as without the option."""
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randn(37, generator=gen, dtype=dtype).to(device)
+    grad = torch.randn(37, generator=gen, dtype=dtype).to(device)
+    wide = torch.nn.Parameter(start.clone())
+    narrow = torch.nn.Parameter(torch.randn(37, generator=gen).to(device, torch.bfloat16))
+    opt = PAIRS["AdamW"][0]([wide, narrow], stochastic_rounding=True, seed=3, **LAUNCH)
+    wide.grad, narrow.grad = grad.clone(), torch.randn_like(narrow)
+    options = []
+    with interpreter_launches(options) as names:
+        opt.step()
+    flags = sorted(o["SR"] for name, o in zip(names, options) if name == "_adam_kernel")
+    assert flags == [False, True], (names, flags)
+    assert "rounding_seed" not in opt.state[wide] and "rounding_seed" in opt.state[narrow]
+    alone = torch.nn.Parameter(start.clone())
+    plain = PAIRS["AdamW"][0]([alone], **LAUNCH)
+    alone.grad = grad.clone()
+    plain.step()
+    assert torch.equal(alone, wide)

@@ -1493,3 +1493,9 @@ def test_a_differentiable_leaf_steps_under_inference_mode_as_torch(name, device)
         results.append(p.detach().clone())
     torch.testing.assert_close(*results)
     assert not torch.equal(results[0], torch.ones(3, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_stochastic_rounding_of_float64_params_warns_that_it_rounds_nothing(dtype):
+    with pytest.warns(UserWarning, match="stochastic_rounding=True changes nothing .* float64 or complex"):
+        PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3, dtype=dtype))], stochastic_rounding=True)

@@ -77,8 +77,8 @@ class StatePolicy:
                         "(float32/float64 params are their own master); drop it, or use it with "
                         "fp16/bf16 params")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
-            idle.append("stochastic_rounding=True changes nothing for these params (float32/float64 "
-                        "params with float32 state round nothing); drop it, or use it with fp16/bf16 "
+            idle.append("stochastic_rounding=True changes nothing for these params (float32 params "
+                        "with float32 state, and float64 or complex params, round nothing); drop it, or use it with fp16/bf16 "
                         "params, state_dtype=torch.bfloat16 or a quantized state_dtype")
         return idle
 
@@ -99,7 +99,10 @@ class StatePolicy:
         if self.master_weights and dtype in LOW_PRECISION:
             master = Master.REMAINDER if self.master_weights == "remainder" else Master.FP32
         param_rounded = dtype in LOW_PRECISION and master == Master.NONE
-        stochastic = self.stochastic_rounding and (param_rounded or moments.name != "float32")
+        # fp64 and complex128 moments (name "float64") are stepped at their own precision:
+        # flagging them would only split their launch off into a bucket of its own.
+        moments_rounded = moments.name not in ("float32", "float64")
+        stochastic = self.stochastic_rounding and (param_rounded or moments_rounded)
         return ParamFormat(moments, master, stochastic)
 
 
