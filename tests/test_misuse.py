@@ -1499,3 +1499,23 @@ def test_a_differentiable_leaf_steps_under_inference_mode_as_torch(name, device)
 def test_stochastic_rounding_of_float64_params_warns_that_it_rounds_nothing(dtype):
     with pytest.warns(UserWarning, match="stochastic_rounding=True changes nothing .* float64 or complex"):
         PAIRS["AdamW"][0]([torch.nn.Parameter(torch.randn(3, dtype=dtype))], stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"master_weights": "remainder", "state_dtype": "8bit"},
+                                     {"stochastic_rounding": True, "state_dtype": "4bit"}])
+def test_a_backward_through_params_saved_before_the_step_raises_as_in_torch(options, device):
+    """The classic GAN mistake, backward(retain_graph=True), step, backward again: torch's
+    step bumps the params' version counters, so the second backward refuses the stepped
+    weights; the kernels' raw-pointer writes must bump them too."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.nn.Parameter(torch.randn(4, 4, generator=gen).to(device, dtype))
+        x = torch.randn(3, 4, generator=gen).to(device, dtype)
+        opt = PAIRS["AdamW"][0]([w], lr=0.1, **options, **LAUNCH)
+        y = (torch.tanh(x @ w) @ w).sum()
+        y.backward(retain_graph=True)
+        before = w._version
+        opt.step()
+        assert w._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
