@@ -589,3 +589,21 @@ def test_cpu_params_without_the_interpreter_step_like_torch():
     assert "stepped" in out.stdout
     assert "state_dtype='8bit'" in out.stdout and "needs the GPU kernels" in out.stdout
     assert "torch.optim.AdamW(..., fused=True)" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_steps_bump_the_params_version_as_torch_does(on_host, dtype):
+    """torch's fused CPU kernel leaves the version counter of a contiguous fp32 param as it
+    was; the host path bumps it, as torch.optim's default step does, so a backward through
+    a graph that saved the param before the step raises."""
+    gen = torch.Generator().manual_seed(11)
+    w = on_host([torch.nn.Parameter(torch.randn(4, 4, generator=gen).to(dtype))])[0]
+    x = torch.randn(3, 4, generator=gen).to(dtype)
+    opt = PAIRS["AdamW"][0]([w], lr=0.1, **LAUNCH)
+    y = (torch.tanh(x @ w) @ w).sum()
+    y.backward(retain_graph=True)
+    before = w._version
+    opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -564,11 +564,12 @@ class StepCache:
         if self.host:
             host.step(self.algorithm, self.host, param_groups, grad_scale=grad_scale, found_inf=found_inf,
                       clip=clip)
-        # The kernels wrote the params through raw pointers, which autograd does not see:
-        # bumped as torch.optim's in-place ops bump them, a backward through a graph that
-        # saved a param before this step raises instead of using the stepped values. One C
-        # call, ~0.2 us per param.
-        torch.autograd.graph.increment_version(self._params)
+        # The kernels wrote the params through raw pointers, which autograd does not see,
+        # and the host path's writes miss it too (torch's fused CPU kernel does not bump;
+        # a DTensor's writes land on its local tensor): bumped as torch.optim's in-place
+        # ops bump them, a backward through a graph that saved a param before this step
+        # raises instead of using the stepped values. One C call, ~0.2 us per param.
+        torch.autograd.graph.increment_version(self._params + self.host_params)
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they
