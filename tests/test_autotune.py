@@ -1136,7 +1136,8 @@ def test_no_home_directory_caches_in_the_temp_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
-                                       ("2", False), ("0", False), ("false", False), ("", False), (None, False)])
+                                       ("2", False), ("0", False), ("false", False), ("", False), (" 1", False),
+                                       (None, False)])
 def test_triton_interpret_is_read_as_triton_reads_it(value, on, monkeypatch):
     """tritonadam and its bench agree with Triton on whether kernels are interpreted (with
     TRITON_INTERPRET=2 Triton compiles for the GPU: tritonadam must tune, not take the
@@ -1151,6 +1152,24 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, on, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", value)
     assert _env.interpret() is on
     assert getenv_bool("TRITON_INTERPRET", False) is on
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes", "y", "2", "0", "off", "", " 1", None])
+@pytest.mark.parametrize("switch", ["TRITON_DEFAULT_FP_FUSION", "TRITON_FORCE_DISABLE_FP_FUSION"])
+def test_fma_fusion_switches_are_read_as_triton_reads_them(switch, value, monkeypatch):
+    """The launches pin enable_fp_fusion from these switches: with TRITON_DEFAULT_FP_FUSION=yes
+    Triton fuses, and so must tritonadam's launches."""
+    from triton._C.libtriton import getenv_bool
+
+    from tritonadam import _env
+
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
+    if value is not None:
+        monkeypatch.setenv(switch, value)
+    default = switch == "TRITON_DEFAULT_FP_FUSION"
+    set_on = getenv_bool(switch, default)
+    assert _env.fp_fusion() is (set_on if default else not set_on)
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):

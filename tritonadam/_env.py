@@ -15,29 +15,31 @@ def _flag(name: str, default: bool = False) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
+def _triton_bool(name: str, default: bool) -> bool:
+    """``name`` read as Triton's ``getenv_bool`` reads it: ``1``, ``true``, ``on``, ``yes``,
+    ``y`` in any case are on, anything else set (``2``, a padded ``" 1"``, empty) off."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.lower() in ("1", "true", "on", "yes", "y")
+
+
 def interpret() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read
-    as Triton reads it (``1``, ``true``, ``on``, ``yes``, ``y``, any case; anything else,
-    ``2`` included, is off).
+    as Triton reads it, so both agree on it (with ``2`` Triton compiles for the GPU).
 
     Triton decides this when a kernel is decorated, so it must be set before
     ``tritonadam`` is imported.
     """
-    value = os.environ.get("TRITON_INTERPRET")
-    return value is not None and value.strip().lower() in ("1", "true", "on", "yes", "y")
+    return _triton_bool("TRITON_INTERPRET", False)
 
 
 def fp_fusion() -> bool:
     """FMA contraction for tritonadam's launches: on, unless ``TRITON_FORCE_DISABLE_FP_FUSION``
-    or ``TRITON_DEFAULT_FP_FUSION`` (Triton's own switches) turn it off. Read as Triton reads
-    a boolean variable (``on``/``true``/``1``, any case) so both agree on what is set."""
-    if os.environ.get("TRITON_FORCE_DISABLE_FP_FUSION", "").lower() in _TRITON_TRUE:
-        return False
-    value = os.environ.get("TRITON_DEFAULT_FP_FUSION")
-    return value is None or value.lower() in _TRITON_TRUE
-
-
-_TRITON_TRUE = ("on", "true", "1")
+    or ``TRITON_DEFAULT_FP_FUSION`` (Triton's own switches) turn it off, read as Triton
+    reads them so both agree on what is set."""
+    return not _triton_bool("TRITON_FORCE_DISABLE_FP_FUSION", False) and _triton_bool(
+        "TRITON_DEFAULT_FP_FUSION", True)
 
 
 def autotune_mode() -> str | None:
