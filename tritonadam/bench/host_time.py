@@ -148,6 +148,7 @@ def breakdown(tensors: int, numel: int, reps: int) -> dict:
             "state dict versions": lambda: cache._versions(cache._state_values),
             "group membership": lambda: all(map(operator.is_, chain.from_iterable(
                 g["params"] for g in opt.param_groups), cache._all_params)),
+            "param versions (bump)": lambda: torch.autograd.graph.increment_version(params),
             "whole step": opt.step,
         }
         times = {name: [] for name in passes}
