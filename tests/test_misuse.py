@@ -1025,6 +1025,77 @@ def test_meta_params_step_shape_only_like_torch():
         assert ours.state[p]["exp_avg"].is_meta and ours.state[p]["exp_avg"].shape == p.shape
 
 
+@pytest.mark.parametrize("options", [{}, {"state_dtype": "8bit"}])
+def test_meta_params_made_real_in_place_after_a_dry_run_are_not_left_unstepped(options):
+    """A dry-run step on meta params, then the same Parameter objects made real in place
+    (`torch.utils.swap_tensors`, as `to_empty` with swapping and `Module._apply` for
+    DTensors do): the steps after it silently did nothing (tables built without the meta
+    params were reused). torch raises (meta state under a real param); so must we, with the
+    params untouched, and after the state is cleared the param trains."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    opt = PAIRS["AdamW"][0](model.parameters(), lr=0.1, **options, **LAUNCH)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    gen = torch.Generator().manual_seed(3)
+    for p in list(model.parameters()):
+        torch.utils.swap_tensors(p, torch.nn.Parameter(torch.randn(p.shape, generator=gen)))
+        p.grad = torch.randn(p.shape, generator=gen)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="meta"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.state.clear()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_stepped_param_swapped_onto_meta_under_its_state_is_refused():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = PAIRS["AdamW"][0]([p], lr=0.1, **LAUNCH)
+    p.grad = torch.randn(3, 4)
+    opt.step()
+    saved = copy.deepcopy(opt.state[p])
+    torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty(3, 4, device="meta")))
+    p.grad = torch.empty_like(p)
+    with pytest.raises(RuntimeError, match=r"meta device, but its state\['exp_avg'\] is on cpu"):
+        opt.step()
+    assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("non_dense", [False, True])
+def test_an_inference_tensor_param_is_refused_before_anything_is_written(non_dense):
+    """torch.optim's in-place ops raise on a param made under inference_mode; the kernels
+    stepped a dense one silently, and a non-dense one failed in its copy back, after the
+    launch had advanced the state of params whose values it then never wrote."""
+    gen = torch.Generator().manual_seed(4)
+    good = torch.nn.Parameter(torch.randn(4, generator=gen))
+    with torch.inference_mode():
+        base = torch.randn(4, 6)
+    bad = base[:, ::2] if non_dense else base
+    later = torch.nn.Parameter(torch.randn(4, 6, generator=gen)[:, ::2])
+    opt = PAIRS["AdamW"][0]([good, bad, later], lr=0.1, **LAUNCH)
+    for t in (good, bad, later):
+        t.grad = torch.randn(t.shape, generator=gen)
+    before = [t.detach().clone() for t in (good, bad, later)]
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        opt.step()
+    assert all(torch.equal(t, b) for t, b in zip((good, bad, later), before))
+    assert not opt.state
+
+
+def test_a_fake_tensor_param_is_refused_as_such():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        p = torch.nn.Parameter(torch.randn(3, 4))
+        opt = PAIRS["AdamW"][0]([p], lr=0.1, **LAUNCH)
+        p.grad = torch.ones(3, 4)
+        with pytest.raises(RuntimeError, match="FakeTensor .* meta device"):
+            opt.step()
+
+
 def test_shared_memory_error_names_both_tensors_plainly(device):
     base = torch.randn(4, 4, device=device)
     a, b = torch.nn.Parameter(base), torch.nn.Parameter(base[:2])

@@ -50,10 +50,21 @@ def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, inde
         if local_tensor(p).is_meta and not group.get("fused"):
             # torch.optim steps meta params shape-only (model-size dry runs): state
             # tensors on meta, nothing launched. With fused=True it refuses them, and so
-            # does check_grad below, in torch's words.
+            # does check_grad below, in torch's words. State of another device under a
+            # meta param (a stepped param swapped onto meta) is refused as torch refuses it.
+            _check_meta_state(name, p, state.get(p))
             gathered.meta.append((p, index))
             continue
         grad = validate.check_grad(name, p, p.grad, group.get("fused"))
+        if local_tensor(p).is_inference() and not torch.is_inference_mode_enabled():
+            # torch.optim's in-place ops raise this at the step; the kernels would write it
+            # regardless, and a non-dense one's copy back would fail after the launch.
+            raise RuntimeError(
+                f"tritonadam.{name}: a param of shape {tuple(p.shape)} is an inference tensor "
+                "(made under torch.inference_mode()), which cannot be updated in place outside "
+                "it (torch.optim raises \"Inplace update to inference tensor outside "
+                "InferenceMode\"); make the model outside inference_mode, or replace the param "
+                "with a clone made outside it")
         fmt = policy.format(p)
         convert = fmt.check(p, state.get(p, {}), keys, name)
         if validate.host_stepped(p):
@@ -61,6 +72,17 @@ def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, inde
             gathered.host.append((p, grad, index, convert))
         else:
             gathered.pending.append((p, grad, index, convert))
+
+
+def _check_meta_state(name: str, p: Tensor, state) -> None:
+    if not isinstance(state, dict):
+        return
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and not local_tensor(value).is_meta:
+            raise RuntimeError(
+                f"tritonadam.{name}: a param of shape {tuple(p.shape)} is on the meta device, "
+                f"but its state[{key!r}] is on {value.device}; move the param back, or clear "
+                "its state (`opt.state.pop(param)`) to restart it")
 
 
 def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, param_groups: list[dict],
@@ -102,7 +124,8 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
         rows.append(_row(p, grad, index, state[p], fmt, keys, amsgrad,
                          rounding_key(int(state[p][SEED_KEY]), stream) if fmt.stochastic else 0))
     lists = [g["params"] for g in param_groups]
-    return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options, host_rows)
+    return StepCache(name, algorithm, rows, lists, gathered.inactive, state, options, host_rows,
+                     meta=[p for p, _ in gathered.meta])
 
 
 def _row(p: Tensor, grad: Tensor, index: int, state: dict, fmt, keys, amsgrad: bool, key: int) -> Row:

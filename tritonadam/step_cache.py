@@ -205,8 +205,14 @@ class StepCache:
     """Device tables and per-step checks for one optimizer's tensors."""
 
     def __init__(self, name: str, algorithm: str, rows: list[Row], group_lists: list[list],
-                 inactive: list[Tensor], state: dict, options: tuple, host_rows: list | None = None) -> None:
+                 inactive: list[Tensor], state: dict, options: tuple, host_rows: list | None = None,
+                 meta: list | None = None) -> None:
         self.name = name
+        # Meta params (stepped shape-only, no row) can become real in place
+        # (`torch.utils.swap_tensors`, `to_empty` with swapping, DTensor params in
+        # `Module._apply`) under the same objects: with any of them, every step gathers
+        # afresh, which sees the change, as tables built without them never would.
+        self._has_meta = bool(meta)
         # CPU params that torch.optim's implementation steps (tritonadam.host). No table
         # covers them: each step re-runs the gathering's checks on them one by one.
         self.host = host_rows or []
@@ -394,7 +400,8 @@ class StepCache:
         param that had none."""
         lists = [g["params"] for g in param_groups]
         return not (
-            options != self.options
+            self._has_meta
+            or options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions

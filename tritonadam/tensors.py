@@ -119,6 +119,12 @@ def span(t: Tensor) -> tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # only on the error path
+
+    return is_fake(t)
+
+
 def storage_problem(t: Tensor) -> str | None:
     """Why the memory a tensor's view spans cannot be read and written, or None: its
     storage was freed (``untyped_storage().resize_(0)``, as offloading code does) or
@@ -127,6 +133,10 @@ def storage_problem(t: Tensor) -> str | None:
         return None
     storage = t.untyped_storage()
     lo, hi = span(t)
+    if storage.data_ptr() == 0 and _is_fake(t):
+        return ("no memory: it is a FakeTensor (FakeTensorMode), which the kernels cannot "
+                "step; for a shape-only dry run put the model on the meta device, whose params "
+                "tritonadam steps shape-only as torch.optim does")
     if storage.data_ptr() == 0 or lo < storage.data_ptr() or hi > storage.data_ptr() + storage.nbytes():
         return (f"no storage for its {tuple(t.shape)} elements (its memory was freed, e.g. by "
                 "`untyped_storage().resize_(0)`, or shrunk)")
