@@ -1023,6 +1023,15 @@ def test_meta_params_step_shape_only_like_torch():
     for p, q in zip(model.parameters(), ref.parameters()):
         assert set(ours.state[p]) == set(theirs.state[q])
         assert ours.state[p]["exp_avg"].is_meta and ours.state[p]["exp_avg"].shape == p.shape
+        # the count on the CPU and counted, as torch's: a meta count holds no value
+        step = ours.state[p]["step"]
+        assert step.device.type == "cpu" and step.item() == theirs.state[q]["step"].item() == 2
+    # so the dry run's state dict loads back, into it and into a fresh optimizer
+    ours.load_state_dict(ours.state_dict())
+    fresh = PAIRS["AdamW"][0](model.parameters())
+    fresh.load_state_dict(ours.state_dict())
+    fresh.step()
+    assert all(fresh.state[p]["step"].item() == 3 for p in model.parameters())
 
 
 @pytest.mark.parametrize("options", [{}, {"state_dtype": "8bit"}])
@@ -1083,6 +1092,41 @@ def test_an_inference_tensor_param_is_refused_before_anything_is_written(non_den
         opt.step()
     assert all(torch.equal(t, b) for t, b in zip((good, bad, later), before))
     assert not opt.state
+
+
+def test_inference_tensor_params_clip_outside_and_step_inside_inference_mode_as_torch():
+    """A clip reads grads alone: params made under inference_mode are refused only by a
+    step outside it, not by the clip, and a step inside it works as torch's does."""
+    def run(cls, clip):
+        gen = torch.Generator().manual_seed(6)
+        with torch.inference_mode():
+            p = torch.randn(6, generator=gen)
+        opt = cls([p], lr=0.1, **(LAUNCH if cls is not torch.optim.AdamW else {}))
+        p.grad = torch.randn(6, generator=gen) * 5
+        norm = clip(opt, p)
+        with torch.inference_mode():
+            opt.step()
+        return norm, p.clone()
+
+    theirs = run(torch.optim.AdamW, lambda opt, p: torch.nn.utils.clip_grad_norm_([p], 1.0))
+    ours = run(PAIRS["AdamW"][0], lambda opt, p: opt.clip_grad_norm_(1.0))
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+
+
+def test_an_inference_tensor_param_stepped_outside_after_a_cached_step_inside_is_refused():
+    """The cache built by a step inside inference_mode is not reused by one outside it."""
+    with torch.inference_mode():
+        p = torch.randn(8)
+    opt = PAIRS["AdamW"][0]([p], lr=0.1, **LAUNCH)
+    p.grad = torch.randn(8)
+    with torch.inference_mode():
+        opt.step()
+    before, saved = p.clone(), copy.deepcopy(opt.state[p])
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        opt.step()
+    assert torch.equal(p, before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
 
 
 def test_a_fake_tensor_param_is_refused_as_such():

@@ -33,6 +33,9 @@ class Gathered:
     # by torch.optim's implementation where the kernels run on a GPU (tritonadam.host)
     host: list = field(default_factory=list)
     seen: dict = field(default_factory=dict)  # id(param) -> its group
+    # False for a clip's gathering, which reads grads alone: what only a write needs
+    # (params not inference tensors) is left to the step's check.
+    for_step: bool = True
 
 
 def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, index: int, group: dict,
@@ -56,7 +59,7 @@ def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, inde
             gathered.meta.append((p, index))
             continue
         grad = validate.check_grad(name, p, p.grad, group.get("fused"))
-        if local_tensor(p).is_inference() and not torch.is_inference_mode_enabled():
+        if gathered.for_step and local_tensor(p).is_inference() and not torch.is_inference_mode_enabled():
             # torch.optim's in-place ops raise this at the step; the kernels would write it
             # regardless, and a non-dense one's copy back would fail after the launch.
             raise RuntimeError(

@@ -366,7 +366,7 @@ class _TritonAdamBase(Optimizer):
         if cache is not None and cache.check(self.param_groups, self.state, options, grads_only):
             return cache
         self._cache = None
-        gathered = gather.Gathered()
+        gathered = gather.Gathered(for_step=not grads_only)
         for index, group in enumerate(self.param_groups):
             if not group.get("differentiable"):
                 self._init_group(index, group, gathered)
@@ -484,6 +484,7 @@ class _TritonAdamBase(Optimizer):
                     autotune_mode=autotune_mode, persistent=self.persistent, grad_scale=grad_scale,
                     found_inf=getattr(self, "found_inf", None), clip=coefficient,
                 )
+            cache.count_meta_steps()
         finally:
             cache.release()
         self._calls().clip_made_state = None  # the rest is this step's now

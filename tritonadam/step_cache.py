@@ -212,6 +212,7 @@ class StepCache:
         # (`torch.utils.swap_tensors`, `to_empty` with swapping, DTensor params in
         # `Module._apply`) under the same objects: with any of them, every step gathers
         # afresh, which sees the change, as tables built without them never would.
+        self._meta = meta or []
         self._has_meta = bool(meta)
         # CPU params that torch.optim's implementation steps (tritonadam.host). No table
         # covers them: each step re-runs the gathering's checks on them one by one.
@@ -266,6 +267,9 @@ class StepCache:
         # pass), then revalidated ones; within a device, rows are sorted into buckets.
         self._order = batch + self._revalidated
         self._params = [r.param for r in self._order]
+        # Params made under inference_mode (a gathering inside it accepts them): a step
+        # outside it gathers afresh, which refuses them as torch.optim's in-place ops do.
+        self._inference = any(local_tensor(p).is_inference() for p in self._params + self.host_params)
         # The tables hold raw pointers: keep what they point at alive, param storages
         # included (a detached alias survives ``p.data = ...``, so a stale row never
         # writes freed memory; the next check sees the new pointer and rebuilds).
@@ -401,6 +405,7 @@ class StepCache:
         lists = [g["params"] for g in param_groups]
         return not (
             self._has_meta
+            or tensors and self._inference and not torch.is_inference_mode_enabled()
             or options != self.options
             or state is not self._state
             or not self._same_state_dicts(state)
@@ -523,6 +528,14 @@ class StepCache:
             with device_guard(device):
                 dev.tables.set_grad_ptrs(host if dev.rows is None else host[dev.rows])
         self._uploaded = ptrs
+
+    def count_meta_steps(self) -> None:
+        """A dry run's step: torch.optim counts each meta param's step in its CPU count
+        and computes nothing else."""
+        for p in self._meta:
+            step = self._state[p].get("step")
+            if isinstance(step, Tensor) and not step.is_meta and step.numel() == 1:
+                step.add_(1)
 
     def launch(self, param_groups: list[dict], hypers: list[GroupHyper], *, block_size=None,
                num_warps=None, autotune_mode=None, persistent=None, grad_scale=None, found_inf=None,

@@ -16,7 +16,7 @@ from .entries import (
 )
 from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
-from .steps import STEP_DTYPES, _countable
+from .steps import STEP_DTYPES, _countable, step_device
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,9 @@ class ParamFormat:
         if not _countable(step, lp):
             if isinstance(step, Tensor) and step.dtype in STEP_DTYPES:
                 step_dtype = step.dtype
-            state["step"] = torch.tensor(float(step), dtype=step_dtype, device=lp.device)
+            # A meta param's count lives on the CPU, as torch.optim's does: a meta one holds
+            # no value to save, load or count.
+            state["step"] = torch.tensor(float(step), dtype=step_dtype, device=step_device(lp))
         for key in keys:
             self.moments.prepare(p, key, state)
         if self.master == Master.FP32:

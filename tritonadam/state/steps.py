@@ -18,7 +18,13 @@ def _countable(step, lp: Tensor) -> bool:
     shared between processes keeps counting for all of them). Anything else is replaced
     by a new count of its value."""
     return (isinstance(step, Tensor) and step.dtype in STEP_DTYPES and step.numel() == 1
-            and local_tensor(step) is step and step.device == lp.device and not step.is_neg())
+            and local_tensor(step) is step and step.device == step_device(lp) and not step.is_neg())
+
+
+def step_device(lp: Tensor) -> torch.device:
+    """Where a new count of local param ``lp`` lives: beside it (the kernels count in it),
+    or on the CPU for a meta param, as torch.optim keeps it."""
+    return torch.device("cpu") if lp.is_meta else lp.device
 
 
 def new_step_dtype(group: dict) -> torch.dtype:
