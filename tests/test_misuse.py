@@ -1023,6 +1023,7 @@ def test_meta_params_step_shape_only_like_torch():
     for p, q in zip(model.parameters(), ref.parameters()):
         assert set(ours.state[p]) == set(theirs.state[q])
         assert ours.state[p]["exp_avg"].is_meta and ours.state[p]["exp_avg"].shape == p.shape
+        assert p._version >= 2  # bumped each step, as torch's in-place ops bump it
         # the count on the CPU and counted, as torch's: a meta count holds no value
         step = ours.state[p]["step"]
         assert step.device.type == "cpu" and step.item() == theirs.state[q]["step"].item() == 2
@@ -1127,6 +1128,46 @@ def test_an_inference_tensor_param_stepped_outside_after_a_cached_step_inside_is
         opt.step()
     assert torch.equal(p, before)
     assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+
+
+def test_a_clip_of_meta_params_left_without_a_step_leaves_no_state_as_torch():
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = PAIRS["AdamW"][0](model.parameters(), **LAUNCH)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt.clip_grad_norm_(1.0)
+    opt.zero_grad()
+    opt.step()
+    assert not opt.state
+
+
+def test_meta_params_in_a_capturable_group_are_refused():
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = PAIRS["AdamW"][0](model.parameters(), capturable=True, **LAUNCH)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    with pytest.raises(RuntimeError, match="meta device in a group with capturable=True"):
+        opt.step()
+    assert not opt.state
+
+
+def test_a_refused_master_conversion_keeps_the_master():
+    """bf16 params made under inference_mode, fp32 masters in their state, a remainder
+    optimizer: converting the master writes the param, which torch refuses outside
+    inference_mode; the master must survive the refusal (it was popped first)."""
+    gen = torch.Generator().manual_seed(8)
+    with torch.inference_mode():
+        p = torch.randn(40, generator=gen).to(torch.bfloat16)
+    master = p.float() + torch.randn(40, generator=gen) * 1e-3
+    opt = PAIRS["AdamW"][0]([p], master_weights="remainder", **LAUNCH)
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(40), "exp_avg_sq": torch.zeros(40),
+                    "master_param": master.clone()}
+    p.grad = torch.randn(40, generator=gen).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="inference"):
+        opt.clip_grad_norm_(1.0)
+    assert torch.equal(opt.state[p]["master_param"], master)
 
 
 def test_a_fake_tensor_param_is_refused_as_such():

@@ -50,6 +50,13 @@ def init_group(name: str, algorithm: str, policy: StatePolicy, state: dict, inde
             gathered.inactive.append(p)
             continue
         policy.check_param(p, name)
+        if local_tensor(p).is_meta and group.get("capturable") and not group.get("fused"):
+            # torch.optim refuses these too (its capturable step asserts supported devices);
+            # a meta count in a capturable group could never be read back or counted.
+            raise RuntimeError(
+                f"tritonadam.{name}: a param of shape {tuple(p.shape)} is on the meta device in "
+                "a group with capturable=True, which steps on GPUs only; dry-run meta params in "
+                "a group with capturable=False")
         if local_tensor(p).is_meta and not group.get("fused"):
             # torch.optim steps meta params shape-only (model-size dry runs): state
             # tensors on meta, nothing launched. With fused=True it refuses them, and so

@@ -373,7 +373,8 @@ class _TritonAdamBase(Optimizer):
         # A clip's gathering (grads_only) makes the state its tables point to before any
         # step; torch.optim makes it at the step. Remembered, so that state of a param
         # whose grad is gone by then is dropped (_forget_clip_state).
-        fresh = [p for p, *_ in gathered.pending + gathered.host if not self.state.get(p)] if grads_only else ()
+        fresh = ([p for p, *_ in gathered.pending + gathered.host + gathered.meta if not self.state.get(p)]
+                 if grads_only else ())
         if gathered.host:
             host.check_options(type(self).__name__, bias_correction=self.bias_correction,
                                clipping_with_gpu_params=clipping and bool(gathered.pending))

@@ -536,6 +536,8 @@ class StepCache:
             step = self._state[p].get("step")
             if isinstance(step, Tensor) and not step.is_meta and step.numel() == 1:
                 step.add_(1)
+        if self._meta:  # written, as far as autograd can tell (torch's in-place ops bump them)
+            torch.autograd.graph.increment_version(self._meta)
 
     def launch(self, param_groups: list[dict], hypers: list[GroupHyper], *, block_size=None,
                num_warps=None, autotune_mode=None, persistent=None, grad_scale=None, found_inf=None,

@@ -134,9 +134,12 @@ class ParamFormat:
                 # save, weights pruned before it) and is kept, with the master's low bits
                 # under it: within half a bf16 step of the param, and exact again if the
                 # same checkpoint's params are loaded after this (the optimizer first).
-                master = local_tensor(state.pop(MASTER_KEY))
+                # Popped only once the param is written: a write refused (an inference
+                # tensor outside inference_mode) leaves the master where it was.
+                master = local_tensor(state[MASTER_KEY])
                 high, low = split_master(master)
                 lp.copy_(torch.where(_rounded_from(master.to(lp.device), lp, (lp.dtype,)), high.to(lp.device), lp))
+                del state[MASTER_KEY]
                 state[REMAINDER_KEY] = like(p, torch.int16, _memory_format(lp), low)
             elif REMAINDER_KEY not in state:
                 state[REMAINDER_KEY] = torch.zeros_like(p, dtype=torch.int16, memory_format=_memory_format(lp))
