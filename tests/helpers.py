@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import tritonadam
@@ -82,3 +83,20 @@ def optim_inputs(name: str, device: str, dtype: torch.dtype) -> list[tuple[str, 
     func = {"Adam": common.optim_inputs_func_adam, "AdamW": common.optim_inputs_func_adamw,
             "Adamax": common.optim_inputs_func_adamax}[name]
     return [(inp.desc, inp.kwargs) for inp in func(device, dtype)]
+
+
+def assert_backward_through_a_stepped_param_raises(opt, w, x, gen, cached_steps=2):
+    """The classic GAN mistake: ``backward(retain_graph=True)``, ``opt.step()``, backward
+    again. torch's step bumps ``w``'s version counter, so the second backward refuses the
+    stepped weight. Taken after ``cached_steps`` plain steps, so the step under test is a
+    cached one."""
+    for _ in range(cached_steps):
+        w.grad = torch.randn(w.shape, generator=gen).to(w.device, w.dtype)
+        opt.step()
+    y = (torch.tanh(x @ w) @ w).sum()
+    y.backward(retain_graph=True)
+    before = w._version
+    opt.step()
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
