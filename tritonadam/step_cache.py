@@ -213,7 +213,6 @@ class StepCache:
         # `Module._apply`) under the same objects: with any of them, every step gathers
         # afresh, which sees the change, as tables built without them never would.
         self._meta = meta or []
-        self._has_meta = bool(meta)
         # CPU params that torch.optim's implementation steps (tritonadam.host). No table
         # covers them: each step re-runs the gathering's checks on them one by one.
         self.host = host_rows or []
@@ -404,7 +403,7 @@ class StepCache:
         param that had none."""
         lists = [g["params"] for g in param_groups]
         return not (
-            self._has_meta
+            bool(self._meta)
             or tensors and self._inference and not torch.is_inference_mode_enabled()
             or options != self.options
             or state is not self._state

@@ -78,8 +78,9 @@ class StatePolicy:
                         "fp16/bf16 params")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
             idle.append("stochastic_rounding=True changes nothing for these params (float32 params "
-                        "with float32 state, and float64 or complex params, round nothing); drop it, or use it with fp16/bf16 "
-                        "params, state_dtype=torch.bfloat16 or a quantized state_dtype")
+                        "with float32 state, and float64 or complex params, round nothing); drop it, "
+                        "or use it with fp16/bf16 params, state_dtype=torch.bfloat16 or a quantized "
+                        "state_dtype")
         return idle
 
     def format(self, p: Tensor) -> ParamFormat:
