@@ -1682,7 +1682,54 @@ def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> 
     assert torch.equal(local(ropt.torch_state_dict()["state"][0]["exp_avg"]), exact[0]["exp_avg"])
 
 
+def fsdp2_quantized_values_refused_everywhere(rank: int, world: int, tmpdir: str) -> None:
+    """Negative second-moment scales (a block's absmax is never below 0; read as they are,
+    the step writes NaN) in one rank's shard only: set_optimizer_state_dict refuses the
+    checkpoint on every rank (the ranks' value checks are all-reduced), sharded and from
+    rank 0 alone (rank 0 checks its own shard first, then every rank its own), with
+    params untouched, and the optimizer steps on. The state too, sharded; broadcast from
+    rank 0, torch copies the shards into the optimizer's own state tensors before its
+    load_state_dict is called (docs/integration.md)."""
+    for bits in ("8bit", "4bit"):
+        model = qfsdp(qbase())
+        opt = qopt(model, bits)
+        qtrain(model, opt, range(2), [rank])
+        for how in ("sharded", "from rank 0"):
+            full_state = how == "from rank 0"
+            sd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=full_state)))
+            if full_state:  # the last element of the whole scales: in rank 1's shard
+                for entry in sd["state"].values():
+                    entry["exp_avg_sq_scales"].view(-1)[-1] *= -1
+                if rank != 0:
+                    sd = {}
+            elif rank == 1:
+                broken = [e for e in sd["state"].values() if local(e["exp_avg_sq_scales"]).numel()]
+                assert broken, "rank 1 holds no scales"
+                local(broken[0]["exp_avg_sq_scales"]).neg_()
+            fresh = qopt(model, bits)
+            qtrain(model, fresh, [5], [rank])  # a state of its own, to be left as it is
+            before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+            held = {n: {k: local(v).clone() for k, v in fresh.state[p].items()} for n, p in model.named_parameters()}
+            try:
+                set_optimizer_state_dict(model, fresh, sd, options=StateDictOptions(
+                    full_state_dict=full_state, broadcast_from_rank0=full_state))
+            except ValueError as e:
+                assert "'exp_avg_sq_scales'" in str(e) and "negative scales" in str(e), e
+                refused = True
+            else:
+                refused = False
+            assert_same_on_all_ranks(refused, f"{bits} {how}: refused")
+            assert refused, (bits, how)
+            for n, p in model.named_parameters():
+                assert torch.equal(full(p.detach()), before[n]), (bits, how, n)
+                for k, v in held[n].items():
+                    assert full_state or torch.equal(local(fresh.state[p][k]), v), (bits, how, n, k)
+            qtrain(model, fresh, [6], [rank])
+            assert all(torch.isfinite(local(p)).all() for p in model.parameters())
+
+
 SCENARIOS = {
+    "fsdp2_quantized_values_refused_everywhere": fsdp2_quantized_values_refused_everywhere,
     "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,
     "fsdp2_precision_modes": fsdp2_precision_modes,
     "fsdp2_fused_clip": fsdp2_fused_clip,

@@ -145,6 +145,12 @@ def test_unsharded_quantized_full_state_into_fsdp2_is_refused_everywhere(tmp_pat
     run_scenario("fsdp2_unsharded_quantized_full_state", tmp_path)
 
 
+def test_quantized_values_of_one_shard_are_refused_everywhere(tmp_path):
+    """Negative scales in one rank's shard of a DCP checkpoint: every rank refuses it
+    (sharded, and broadcast from rank 0), nothing changed, and steps go on."""
+    run_scenario("fsdp2_quantized_values_refused_everywhere", tmp_path)
+
+
 def test_zero_redundancy_optimizer(tmp_path):
     """torch's ZeroRedundancyOptimizer over DDP with ours as its optimizer_class: tracks
     torch.optim through ZeRO's checkpoint round trip (which writes the local state by

@@ -707,6 +707,61 @@ def test_torch_state_dict_loads_into_torch_optim(bits, device):
         torch.testing.assert_close(p.detach(), q.detach(), atol=CONTINUE_ATOL[bits], rtol=0)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_an_idle_max_exp_avg_sq_loads_and_saves_again(bits, device):
+    """amsgrad switched off after steps keeps max_exp_avg_sq in the state (as torch.optim
+    does), and its checkpoint holds it too, per element for the transposed param. Loaded
+    into params of either layout, it is converted with the moments in use: the receiver's
+    state_dict() saves (it raised, the idle codes left per element), its value is the
+    source's within a requantization, and amsgrad switched on again steps with it."""
+    params = interop_params(device, seed=91)
+    source = PAIRS["AdamW"][0](params, lr=1e-2, amsgrad=True, state_dtype=f"{bits}bit", **LAUNCH)
+    gen = torch.Generator().manual_seed(92)
+    train(source, params, gen, 2)
+    source.param_groups[0]["amsgrad"] = False
+    saved = copy.deepcopy(source.state_dict())
+    assert saved["state"][3][f"max_exp_avg_sq_{bits}bit"].shape == params[3].shape  # per element
+    for receiver in (clones(params), [nn.Parameter(p.detach().contiguous()) for p in params]):
+        opt = PAIRS["AdamW"][0](receiver, lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
+        opt.load_state_dict(copy.deepcopy(saved))
+        opt.state_dict()
+        for p, q in zip(params, receiver):
+            # the source's codes where the memory order is the same, else the nearest
+            # codes of the saved values in the receiver's
+            want = (quantized(source, p, "max_exp_avg_sq", bits) if q.stride() == p.stride() else
+                    _expected_after_load(full_moment(source, p, "max_exp_avg_sq"), q, "max_exp_avg_sq", f"{bits}bit"))
+            got = quantized(opt, q, "max_exp_avg_sq", bits)
+            assert torch.equal(got[0].cpu(), want[0].cpu()) and torch.equal(got[1].cpu().float(), want[1].cpu().float())
+        train(opt, receiver, gen, 1)
+        opt.state_dict()
+        opt.param_groups[0]["amsgrad"] = True
+        train(opt, receiver, gen, 1)
+        assert all(torch.isfinite(q.detach()).all() for q in receiver)
+        opt.state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "bf16"])
+def test_torch_state_dict_keeps_an_idle_max_exp_avg_sq(fmt, device):
+    """torch_state_dict() after amsgrad was switched off holds max_exp_avg_sq at fp32, the
+    state's own values, as torch.optim's state_dict() keeps it (it was dropped for codes,
+    and left in bf16 for bf16 state), so torch.optim loading it can switch amsgrad on again."""
+    params = interop_params(device, seed=97)
+    opt = PAIRS["AdamW"][0](params, lr=1e-2, amsgrad=True, state_dtype=FORMATS[fmt], **LAUNCH)
+    gen = torch.Generator().manual_seed(98)
+    train(opt, params, gen, 2)
+    opt.param_groups[0]["amsgrad"] = False
+    train(opt, params, gen, 1)
+    tsd = copy.deepcopy(opt.torch_state_dict())
+    for i, p in enumerate(params):
+        got = tsd["state"][i]["max_exp_avg_sq"]
+        assert got.dtype == torch.float32 and torch.equal(got.cpu(), full_moment(opt, p, "max_exp_avg_sq"))
+    theirs_params = clones(params)
+    theirs = torch.optim.AdamW(theirs_params, lr=1e-2, foreach=False)
+    theirs.load_state_dict(tsd)
+    theirs.param_groups[0]["amsgrad"] = True
+    train(theirs, theirs_params, gen, 1)
+
+
 FORMATS = {"8bit": "8bit", "4bit": "4bit", "fp32": None, "bf16": BF16}
 
 
@@ -803,6 +858,13 @@ def _break(saved: dict, how: str, bits: int) -> None:
         state[f"exp_avg_{12 - bits}bit"] = state.pop(f"exp_avg_{bits}bit")
     elif how == "codes without moment":
         del state[f"exp_avg_{bits}bit"], state["exp_avg_scales"]
+    elif how == "negative scales":
+        state["exp_avg_sq_scales"] = -state["exp_avg_sq_scales"]
+    # The transposed param (3) exports a code and a scale per element.
+    elif how == "element scales reshaped":
+        saved["state"][3]["exp_avg_scales"] = saved["state"][3]["exp_avg_scales"].reshape(-1)
+    elif how == "element codes of 8 bits under the 4-bit key":
+        saved["state"][3]["exp_avg_4bit"] = saved["state"][3].pop("exp_avg_8bit")
 
 
 BREAKAGES = {
@@ -817,16 +879,22 @@ BREAKAGES = {
     "other bit width": (r"'exp_avg_(4|8)bit' of param 0 has (192|96) elements"
                         r"|'exp_avg_(4|8)bit' of param 0 and 'exp_avg_scales' hold (192|96) codes and 3 scales: not one form"),
     "codes without moment": r"lacks \['exp_avg'\]",
+    # read as they were, each scale's sign flipped every second moment below 0: NaN params
+    "negative scales": r"'exp_avg_sq_scales' of param 0 holds negative scales",
+    # a code per element and a scale per element shaped otherwise: broadcast, half-loaded
+    "element scales reshaped": r"'exp_avg_(8|4)bit' of param 3 has shape \(5, 64\) and 'exp_avg_scales' shape \(320,\)",
+    # per element, both widths take a byte: 8-bit codes read as 4-bit ones up to 256x too large
+    "element codes of 8 bits under the 4-bit key": r"'exp_avg_4bit' of param 3 holds codes above 15",
 }
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("how", list(BREAKAGES))
+@pytest.mark.parametrize("how,bits", [(how, bits) for how in BREAKAGES for bits in (8, 4)
+                                      if bits == 8 or "of 8 bits" not in how])
 def test_malformed_quantized_state_is_refused_and_changes_nothing(how, bits, device):
     """A quantized state dict with codes of the wrong size (or another bit width's), scales
-    missing or of the wrong count, float codes, or no form of a moment: a ValueError naming
-    the entry, before anything changes (params, state, whichever format the receiver
-    keeps)."""
+    missing, of the wrong count, negative, or shaped unlike their codes, float codes, or no
+    form of a moment: a ValueError naming the entry, before anything changes (params,
+    state, whichever format the receiver keeps)."""
     params = interop_params(device, seed=61)
     source = PAIRS["AdamW"][0](params, lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
     gen = torch.Generator().manual_seed(62)
@@ -842,6 +910,35 @@ def test_malformed_quantized_state_is_refused_and_changes_nothing(how, bits, dev
             target.load_state_dict(copy.deepcopy(saved))
         assert_same_snapshot(before, snapshot(target, target_params), how)
         train(target, target_params, gen, 1)  # and it still steps
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", None])
+def test_entries_of_the_users_named_like_codes_or_scales_are_kept(state_dtype, device):
+    """A per-param entry of the user's (a wrapper's buffer) under a key that merely ends like
+    codes' or scales' (``ema_8bit``, ``ema_scales``) is saved, loaded and kept as torch.optim
+    keeps it: it was taken for a moment's codes or scales (the optimizer's own checkpoint
+    refused at load; state_dict() raised KeyError with 8-bit state), and one tensor shared by
+    every param's state is no launch's business (it was refused as shared memory)."""
+    params = interop_params(device, seed=95)
+    opt = PAIRS["AdamW"][0](params, lr=1e-2, state_dtype=state_dtype, **LAUNCH)
+    gen = torch.Generator().manual_seed(96)
+    train(opt, params, gen, 1)
+    extra = {"ema_scales": torch.randn(5, generator=gen), "ema_8bit": torch.randn(7, generator=gen),
+             "exp_avg_16bit": torch.randn(3, generator=gen)}
+    for p in params:
+        opt.state[p].update({k: v.to(device) for k, v in extra.items()})
+    train(opt, params, gen, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    receiver = clones(params)
+    other = PAIRS["AdamW"][0](receiver, lr=1e-2, state_dtype=state_dtype, **LAUNCH)
+    other.load_state_dict(saved)
+    for q in receiver:
+        for k, v in extra.items():
+            assert torch.equal(other.state[q][k].cpu(), v), k
+    lockstep(opt, params, other, receiver, gen, 2)
+    for p, q in zip(params, receiver):
+        assert torch.equal(p.detach(), q.detach())
+    other.state_dict()
 
 
 # ---- 4. memory per param -------------------------------------------------------------------

@@ -888,6 +888,62 @@ def test_fused_step_on_meta_params_raises_torch_error(name, device):
     assert len(opt.state) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_differentiable_steps_16_bit_params_with_fp32_moments(name, dtype):
+    """differentiable=True steps 16-bit params as torch.optim does (it had been refused):
+    through torch's implementation, with the fp32 moments this optimizer keeps for them
+    (torch.optim keeps them in the param's dtype), the grad's cast recorded. The first
+    step is torch.optim's update of the same values at fp32, rounded once; the gradient
+    of the stepped param w.r.t. the leaf it was made from is the fp32 one's, rounded."""
+    gen = torch.Generator().manual_seed(5)
+    leaf = torch.randn(9, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(9, generator=gen).to(dtype)
+    ours = leaf.clone()
+    opt = OURS[name]([ours], lr=0.1, weight_decay=0, differentiable=True)
+    ours.grad = grad
+    opt.step()
+    assert {k: v.dtype for k, v in opt.state[ours].items() if k != "step"} == dict.fromkeys(
+        ("exp_avg", "exp_inf" if name == "Adamax" else "exp_avg_sq"), torch.float32)
+    leaf32 = leaf.detach().float().requires_grad_()
+    theirs = leaf32.clone()
+    ref = getattr(torch.optim, name)([theirs], lr=0.1, weight_decay=0, differentiable=True)
+    theirs.grad = grad.float()
+    ref.step()
+    assert ours.dtype == dtype and torch.equal(ours.detach(), theirs.detach().to(dtype))
+    (d_ours,) = torch.autograd.grad(ours.float().square().sum(), leaf)
+    (d_theirs,) = torch.autograd.grad(theirs.to(dtype).float().square().sum(), leaf32)
+    torch.testing.assert_close(d_ours.float(), d_theirs.to(dtype).float(), rtol=1e-2, atol=1e-2)
+    for _ in range(2):  # and on, with weight decay
+        opt.param_groups[0]["weight_decay"] = 0.1
+        ours.grad = torch.randn(9, generator=gen).to(dtype)
+        opt.step()
+    assert ours.grad_fn is not None and torch.isfinite(ours.detach()).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_in_a_graph_is_bumped_by_a_kernel_step(name):
+    """Moments made by differentiable=True steps from grads that require grad are in the
+    autograd graph; a loss built from them, then a kernel step (the group switched to
+    differentiable=False), then its backward raises "modified by an inplace operation", as
+    with torch.optim, whose in-place updates bump the moments (the kernel wrote them
+    unseen: the backward differentiated the new values)."""
+    gen = torch.Generator().manual_seed(6)
+    leaf = torch.randn(10, generator=gen, requires_grad=True)
+    scale = torch.tensor(1.5, requires_grad=True)  # grads in the graph: so are the moments
+    w = leaf.clone()
+    opt = OURS[name]([w], lr=0.01, weight_decay=0.1, differentiable=True)
+    for _ in range(2):
+        w.grad = torch.randn(10, generator=gen) * scale
+        opt.step()
+    meta = (opt.state[w]["exp_avg"] ** 2).sum()
+    opt.param_groups[0]["differentiable"] = False
+    w.grad = torch.randn(10, generator=gen)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        meta.backward()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_differentiable_step_matches_torch(name):
     """differentiable=True steps through torch.optim's implementation: the update and the

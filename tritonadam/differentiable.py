@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .state import LOW_PRECISION, StatePolicy, moment_keys, new_step_dtype
+from .state import StatePolicy, moment_keys, new_step_dtype
 
 __all__ = ["inputs", "step", "torch_step"]
 
@@ -32,11 +32,6 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
             raise RuntimeError(
                 f"{name} does not support sparse gradients, please consider SparseAdam instead"
             )
-        if p.dtype in LOW_PRECISION:
-            raise RuntimeError(
-                f"tritonadam.{name}: differentiable=True steps with torch.optim's "
-                f"implementation, which needs float32/float64 params, got {p.dtype}"
-            )
         params.append(p)
         grads.append(p.grad)
     return params, grads
@@ -59,6 +54,9 @@ def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dic
             fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
         states.append(state[p])
     with torch.set_grad_enabled(grad_enabled):
+        # 16-bit params keep fp32 moments here too (torch.optim keeps them in the param's
+        # dtype), whose in-place updates take grads of their own dtype: the cast is recorded.
+        grads = [g if g.dtype == s[keys[0]].dtype else g.to(s[keys[0]].dtype) for g, s in zip(grads, states)]
         torch_step(algorithm, group, params, grads, [[s[k] for s in states] for k in keys],
                    [s["step"] for s in states], differentiable=True)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import host, validate
 from .kernels.plan import rounding_key
-from .state import SEED_KEY, StatePolicy, moment_keys, new_step_dtype
+from .state import SEED_KEY, WRITTEN_KEYS, StatePolicy, moment_keys, new_step_dtype
 from .step_cache import Row, StepCache, param_meta
 from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
 
@@ -104,7 +104,10 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
             f"tritonadam.{name}: a parameter appears more than once in a param group; list "
             "each parameter once"
         )
-    check_no_shared_memory(name, [(p, state.get(p, {})) for p, *_ in pending])
+    # Entries of the user's in a param's state (a wrapper's buffer, shared or not) are no
+    # launch's business, as they are none of torch.optim's.
+    check_no_shared_memory(name, [(p, {k: v for k, v in state.get(p, {}).items() if k in WRITTEN_KEYS})
+                                  for p, *_ in pending])
     for p, index in gathered.meta:
         if not state.get(p):
             keys = moment_keys(algorithm, param_groups[index].get("amsgrad", False))

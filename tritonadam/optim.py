@@ -333,7 +333,7 @@ class _TritonAdamBase(Optimizer):
         error = None
         if dist.get_rank() == 0:
             try:
-                check_loadable(type(self).__name__, self._algorithm, self.param_groups, final)
+                check_loadable(type(self).__name__, self._algorithm, self.param_groups, final, alone=True)
             except ValueError as e:
                 error = e
         params = dict(saved_pairs(self.param_groups, final)) if error is None else {}

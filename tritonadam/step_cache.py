@@ -244,6 +244,11 @@ class StepCache:
         self._state_layouts = _LayoutMeta(self._state_tensors)
         self._moments = self._state_tensors + [local_tensor(r.step) for r in rows]
         self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
+        # State in an autograd graph (moments that differentiable=True steps computed from
+        # grads that require grad, the group switched back since; a switch re-gathers):
+        # bumped with the params, as torch's in-place updates bump it. Usually none.
+        self._graph_state = [t for r in rows for t in (*r.moments, *r.scales, r.master, r.step)
+                             if isinstance(t, Tensor) and t.requires_grad]
         self._inactive = inactive
         batch = [r for r in rows if not r.revalidated]
         self._revalidated = [r for r in rows if r.revalidated]
@@ -590,7 +595,7 @@ class StepCache:
         # a DTensor's writes land on its local tensor): bumped as torch.optim's in-place
         # ops bump them, a backward through a graph that saved a param before this step
         # raises instead of using the stepped values. One C call, ~0.2 us per param.
-        torch.autograd.graph.increment_version(self._params + self.host_params)
+        torch.autograd.graph.increment_version(self._params + self.host_params + self._graph_state)
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they

@@ -26,7 +26,7 @@ the kernel variant and bytes they make. The optimizer never branches on a mode.
 from .checkpoint import (
     check_loadable, export_full_state, export_state, localize_full_state, restore_loaded, saved_pairs,
 )
-from .entries import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, SEED_KEY, moment_keys
+from .entries import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, SEED_KEY, WRITTEN_KEYS, moment_keys
 from .master import join_master, master_follows_param, split_master
 from .moments import DenseMoments, QuantizedMoments
 from .orders import encoded_orders, record_orders
@@ -36,7 +36,7 @@ from .steps import loaded_step_device, new_step_dtype
 
 __all__ = [
     "LOW_PRECISION", "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "DenseMoments", "ParamFormat", "QuantizedMoments",
-    "StatePolicy", "check_loadable", "encoded_orders", "export_full_state", "export_state", "join_master",
+    "StatePolicy", "WRITTEN_KEYS", "check_loadable", "encoded_orders", "export_full_state", "export_state", "join_master",
     "loaded_step_device", "localize_full_state", "master_follows_param", "moment_keys", "new_step_dtype",
     "record_orders", "restore_loaded", "saved_pairs", "split_master", "variant",
 ]

@@ -7,7 +7,8 @@ from torch import Tensor
 from .. import quantize
 from ..tensors import local_tensor
 from .entries import (
-    MASTER_KEY, _MOMENT_KEYS, QUANTIZED, REMAINDER_KEY, SEED_KEY, moment_keys, _quantized_bits, scales_key,
+    CODES_KEYS, MASTER_KEY, _MOMENT_KEYS, REMAINDER_KEY, SCALES_KEYS, SEED_KEY, moment_keys, _quantized_bits,
+    scales_key,
     _seed_problem, _signed,
 )
 from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
@@ -38,19 +39,35 @@ def export_full_state(policy: "StatePolicy", algorithm: str, param_groups: list[
     for i, value in saved.items():
         if _param_index(i, len(pairs)):
             p, group = pairs[i]
-            value = policy.format(p).export_full(p, value, moment_keys(algorithm, group.get("amsgrad", False)))
+            value = policy.format(p).export_full(p, value, held_moments(algorithm, group, value))
             value.pop(SEED_KEY, None)
         out[i] = value
     return out
 
 
-def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_dict: dict) -> None:
-    """Raise unless every param state in ``state_dict`` is one these params can load."""
+def held_moments(algorithm: str, group: dict, state: dict) -> tuple[str, ...]:
+    """The moments of a param's ``state`` that a load converts and a full export decodes:
+    those its ``group`` steps with, and one it keeps idle (``max_exp_avg_sq`` after
+    amsgrad was switched off, which torch.optim keeps too). Left out, an idle one stayed
+    in a checkpoint's form that ``state_dict()`` could not export, and was dropped from
+    ``torch_state_dict()``."""
+    keys = moment_keys(algorithm, group.get("amsgrad", False))
+    return keys + tuple(k for k in moment_keys(algorithm, True) if k not in keys and (
+        isinstance(state.get(k), Tensor) or _quantized_bits(state, k) is not None))
+
+
+def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_dict: dict, *,
+                   alone: bool = False) -> None:
+    """Raise unless every param state in ``state_dict`` is one these params can load.
+    ``alone``: called on this rank only (rank 0's check before a broadcast, which shares
+    its refusal): DTensor shards' values are read here without the all-reduce that keeps
+    ranks alike."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(param_groups):
         return  # torch's own check raises with its message
     saved_state = state_dict["state"]
     where = f"tritonadam.{name}.load_state_dict"
+    values = _CodedValues(collective=not alone)
     for group, saved_group in zip(param_groups, saved_groups):
         if len(group["params"]) != len(saved_group["params"]):
             return  # torch's own check raises with its message
@@ -113,7 +130,9 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                     problem = _saved_quantized_problem(key, value, state, p.numel())
                     if problem is not None:
                         raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
-                    if (key.endswith("_scales") and local_tensor(p) is not p and local_tensor(value) is not value
+                    if not value.is_meta:
+                        values.add(f"{where}: state {key!r} of param {saved_id}", key, value, state, p.numel())
+                    if (key in SCALES_KEYS and local_tensor(p) is not p and local_tensor(value) is not value
                             and _block_rows(p) is None and value.numel() != p.numel()
                             and not _shards_start_on_blocks(p)):
                         # Checked on global sizes: every rank refuses alike (no rank left waiting).
@@ -142,6 +161,50 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                                      "param's dtype, which loses them): load it with the checkpoint's "
                                      f"{MASTER_KEY!r}, or remove {key!r} to start the master from the params")
 
+    values.check()
+
+
+class _CodedValues:
+    """The value checks of quantized codes and scales, run after every structural check:
+    scales are block absmaxes (a negative one decodes a second moment below 0, and the
+    step writes NaN into the params; a NaN or infinite one is a block that held NaN or
+    inf, kept as torch.optim keeps such moments), and a code per element of a 4-bit moment is a
+    nibble (8-bit codes renamed to a 4-bit key decode up to 256x too large; in block form
+    their byte count already differs). Each reads values, so each is one flag on the
+    tensor's device, read back together: one sync per device, and one all-reduce per
+    device mesh for DTensor shards, so that every rank refuses alike."""
+
+    def __init__(self, collective: bool):
+        self.entries, self.flags, self.collective = [], {}, collective
+
+    def add(self, where: str, key: str, value: Tensor, state: dict, numel: int) -> None:
+        local = local_tensor(value)
+        if key in SCALES_KEYS:
+            bad = (local < 0).any()
+            problem = "holds negative scales (each is a block's absmax, >= 0)"
+        else:
+            moment, bits = CODES_KEYS[key]
+            scales = state[scales_key(moment)]
+            if bits == 8 or _quantized_form(value, scales, numel, bits) != "elements":
+                return
+            bad = (local > 15).any()
+            problem = ("holds codes above 15, which are not 4-bit codes (8-bit codes saved under a "
+                       "4-bit key?): load a checkpoint under the keys it was saved with")
+        group = (local.device, value.device_mesh if local is not value and self.collective else None)
+        self.flags.setdefault(group, []).append((len(self.entries), bad))
+        self.entries.append(f"{where} {problem}")
+
+    def check(self) -> None:
+        for (device, mesh), flags in self.flags.items():
+            found = torch.stack([bad for _, bad in flags]).to(torch.int32)
+            if mesh is not None:
+                from torch.distributed.tensor import DTensor, Partial
+
+                found = DTensor.from_local(found, mesh, [Partial("max")] * mesh.ndim, run_check=False).full_tensor()
+            for (index, _), bad in zip(flags, found.tolist()):
+                if bad:
+                    raise ValueError(self.entries[index])
+
 
 # Keys whose value must be a tensor (besides quantized codes and scales).
 _TENSOR_KEYS = frozenset({*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY})
@@ -151,17 +214,21 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -
     """What is wrong with quantized codes or scales ``state[key]`` besides their size, or
     None: codes must be uint8 and come with their scales in the same form (read together
     on load)."""
-    if key.endswith("_scales"):
+    if key in SCALES_KEYS:
         return None if value.is_floating_point() else f"has dtype {value.dtype}, expected bfloat16 scales"
     if value.dtype != torch.uint8:
         return f"has dtype {value.dtype}, expected uint8 codes"
-    sk = scales_key(key[: -len("_8bit")])  # "_8bit" and "_4bit" are as long
+    moment, bits = CODES_KEYS[key]
+    sk = scales_key(moment)
     scales = state.get(sk)
     if sk in state and not isinstance(scales, Tensor):
         return f"comes with {sk!r} as a {type(scales).__name__}, not a tensor of block scales"
     if not isinstance(scales, Tensor):
         return f"comes without {sk!r}, the block scales its codes are read with"
-    if _quantized_form(value, scales, numel, int(key[-4])) is None:
+    if _quantized_form(value, scales, numel, bits) is None:
+        if value.numel() == scales.numel() == numel:
+            return (f"has shape {tuple(value.shape)} and {sk!r} shape {tuple(scales.shape)}: a code and a "
+                    "scale per element are laid out alike, like the param")
         return f"and {sk!r} hold {value.numel()} codes and {scales.numel()} scales: not one form"
     return None
 
@@ -169,7 +236,7 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -
 def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
     """The elements a quantized moment's codes or scales may hold for a param of
     ``numel`` (block form, per-element form), or None when ``key`` is not one of theirs."""
-    if key.endswith("_scales"):
+    if key in SCALES_KEYS:
         return (quantize.num_scales(numel), numel)
     bits = _codes_bits(key)
     return None if bits is None else (quantize.code_bytes(numel, bits), numel)
@@ -177,10 +244,7 @@ def _saved_numel(key: str, numel: int) -> tuple[int, int] | None:
 
 def _codes_bits(key: str) -> int | None:
     """The bit width of a quantized moment's codes key (``exp_avg_8bit``), else None."""
-    for bits in QUANTIZED.values():
-        if key.endswith(f"_{bits}bit"):
-            return bits
-    return None
+    return CODES_KEYS.get(key, (None, None))[1]
 
 
 def saved_pairs(param_groups: list[dict], state_dict: dict) -> list:
@@ -226,10 +290,10 @@ def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict
     for k in whole:
         value, bits = entry[k], _codes_bits(k)
         if bits is None:
-            if value.shape == p.shape and not k.endswith("_scales"):
+            if value.shape == p.shape and k not in SCALES_KEYS:
                 out[k] = split(value, p.placements)
             continue  # scales go with their codes; another shape is check_loadable's to report
-        key = k[: -len("_8bit")]
+        key = CODES_KEYS[k][0]
         sk = scales_key(key)
         scales = entry.get(sk)
         if not isinstance(scales, Tensor):
@@ -285,7 +349,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 loaded_seed = int(value)
                 # torch's load cast it to the param's dtype (bf16 holds 1234 as 1232)
                 dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
-            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key.endswith("_scales")
+            elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key in SCALES_KEYS
                                                 or _codes_bits(key) is not None):
                 dst[key] = value.detach().clone()  # converted to this format below
                 if _codes_bits(key) is not None:
@@ -294,7 +358,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
     with torch.no_grad():  # converting a master can set the param to its high half
         for _, p, group in pairs:
             if state.get(p):
-                policy.format(p).prepare(p, state[p], moment_keys(algorithm, group.get("amsgrad", False)), seed,
+                policy.format(p).prepare(p, state[p], held_moments(algorithm, group, state[p]), seed,
                                          new_step_dtype(group))
                 if p in steps:
                     value = steps[p]

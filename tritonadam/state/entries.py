@@ -101,6 +101,15 @@ def scales_key(key: str) -> str:
     return f"{key}_scales"
 
 
+# The keys of quantized codes and scales, with the moment (and bits) each belongs to.
+# Matched whole, not by suffix: an entry of the user's under any other key (a wrapper's
+# ``ema_scales``) is kept as it is, as torch.optim keeps it.
+CODES_KEYS = {codes_key(k, bits): (k, bits) for k in _MOMENT_KEYS for bits in QUANTIZED.values()}
+SCALES_KEYS = {scales_key(k): k for k in _MOMENT_KEYS}
+# The entries a launch may write (the rest are the user's, read by no kernel).
+WRITTEN_KEYS = frozenset({"step", *_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY, *CODES_KEYS, *SCALES_KEYS})
+
+
 def _quantized_bits(state: dict, key: str) -> int | None:
     """The bits of the quantized form of moment ``key`` that ``state`` holds, if any."""
     for bits in QUANTIZED.values():

@@ -40,7 +40,7 @@ def _quantized_form(codes: Tensor, scales: Tensor, numel: int, bits: int) -> str
     scale per element, the form DTensor shards that split blocks export), or None."""
     if codes.numel() == quantize.code_bytes(numel, bits) and scales.numel() == quantize.num_scales(numel):
         return "blocks"
-    if codes.numel() == numel and scales.numel() == numel:
+    if codes.numel() == numel and scales.numel() == numel and codes.shape == scales.shape:
         return "elements"
     return None
 

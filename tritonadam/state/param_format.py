@@ -11,8 +11,8 @@ from torch import Tensor
 from ..kernels.variant import BucketKey, Master
 from ..tensors import in_layout, is_fsdp1_shard, like, local_tensor, storage_problem
 from .entries import (
-    _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, _describe, _fit,
-    _memory_format, _quantized_bits, scales_key, _seed_problem, _stale, _tensor_problem,
+    CODES_KEYS, _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, _describe, _fit,
+    _memory_format, _quantized_bits, SCALES_KEYS, scales_key, _seed_problem, _stale, _tensor_problem,
 )
 from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
@@ -176,9 +176,8 @@ class ParamFormat:
     def _export(self, p: Tensor, saved: dict) -> dict:
         out = dict(saved)
         if isinstance(self.moments, QuantizedMoments):
-            suffix = f"_{self.moments.bits}bit"
-            for ck in [k for k in saved if k.endswith(suffix)]:
-                key = ck[: -len(suffix)]
+            for ck in [k for k in saved if CODES_KEYS.get(k, (None, None))[1] == self.moments.bits]:
+                key = CODES_KEYS[ck][0]
                 out.pop(ck), out.pop(scales_key(key), None)
                 self.moments.export(p, key, saved, out)
         if self.master == Master.REMAINDER and REMAINDER_KEY in saved:
@@ -204,7 +203,7 @@ class ParamFormat:
         (fp32; fp64 for fp64 params, complex for complex ones, as torch keeps them) under
         torch's keys, the master as ``master_param``."""
         out = {k: v for k, v in self._export(p, state).items()
-               if not (k.endswith("bit") or k.endswith("_scales") or k == REMAINDER_KEY)}
+               if not (k in CODES_KEYS or k in SCALES_KEYS or k == REMAINDER_KEY)}
         dtype = p.dtype if p.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
         for key in keys:
             full = read_moment(p, key, state)
