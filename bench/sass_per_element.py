@@ -128,18 +128,32 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("setups", nargs="*", default=list(SETUPS), help=", ".join(SETUPS))
     parser.add_argument("--configs", default="1024/4,1024/8", help="block/warps, comma-separated")
-    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--arch", type=int, default=90, choices=[80, 86, 89, 90])
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("compiling for a GPU needs TRITON_INTERPRET unset")
     unknown = [s for s in args.setups if s not in SETUPS]
     if unknown:
         parser.error(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}")
-    configs = [tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
+    configs = []
+    for c in args.configs.split(","):
+        block, _, warps = c.partition("/")
+        if not (block.isdigit() and warps.isdigit()):
+            parser.error(f"--configs {c!r}: expected BLOCK/WARPS, e.g. 1024/4")
+        block, warps = int(block), int(warps)
+        if block & (block - 1) or warps & (warps - 1) or not 16 <= block or not 1 <= warps <= 32:
+            parser.error(f"--configs {c!r}: BLOCK (at least 16) and WARPS (1 to 32) are powers of two")
+        configs.append((block, warps))
     print(f"triton {triton.__version__}, sm_{args.arch}, FMA fusion {'on' if fp_fusion() else 'off'}")
     print("setup | " + " | ".join(f"{b}/{w}" for b, w in configs))
     for setup in args.setups:
-        cells = [f"{per_element(setup, b, w, args.arch):.1f}" for b, w in configs]
+        cells = []
+        for b, w in configs:
+            try:
+                cells.append(f"{per_element(setup, b, w, args.arch):.1f}")
+            except ValueError as e:  # a config this setup's kernel does not take
+                cells.append("n/a")
+                print(f"{setup} at {b}/{w}: {e}", file=sys.stderr)
         print(f"{setup} | " + " | ".join(cells), flush=True)
 
 

@@ -348,6 +348,12 @@ def test_sigterm_writes_partial_results(tmp_path):
     (["--lr", "-1"], "--lr must be a finite number >= 0"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
     (["--time-budget", "-1"], "--time-budget must be a finite number >= 0"),
+    # checked before the run, not by tritonadam's constructor (exit 1) or at the first file
+    (["--seed", "-1"], "--seed -1: must be in [0, 2**63)"),
+    (["--seed", str(2 ** 63)], "must be in [0, 2**63)"),
+    (["--out", "/"], "a directory; give a file name"),
+    (["--summary", "/dev/null/summary.md"], "/dev/null is not a directory"),
+    (["--plot", "bars.txt"], "give a file name ending in .png"),
 ])
 def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
@@ -357,13 +363,16 @@ def test_invalid_options_exit_2(args, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
-def test_load_rejects_other_json(tmp_path, capsys):
+@pytest.mark.parametrize("text,message", [('{"hello": 1}', "not a tritonadam bench JSON"),
+                                          ("[1]", "its top level is a list"),
+                                          ("xx", "x.json: not a JSON file")])
+def test_load_rejects_other_json(text, message, tmp_path, capsys):
     p = tmp_path / "x.json"
-    p.write_text('{"hello": 1}')
+    p.write_text(text)
     with pytest.raises(SystemExit) as e:
         main(["--load", str(p)])
     assert e.value.code == 2
-    assert "not a tritonadam bench JSON" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_list(capsys):
@@ -507,6 +516,38 @@ def test_startup_only_touches_cpu_runs(monkeypatch):
     assert _startup.prepare_interpreter([], want_cpu=False) == "gpu"
     assert "TRITON_INTERPRET" not in os.environ
     assert count_kernel_launches(lambda: None, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("extra,said,unsaid", [
+    (["--no-check"], "tritonadam is not timed (nor checked: --no-check)", "is checked for correctness"),
+    (["--first-use", "fp32"], "tritonadam's timings below measure the interpreter",
+     "is checked for correctness"),
+])
+def test_cpu_report_says_what_ran_and_explains_only_its_columns(extra, said, unsaid, capsys, monkeypatch):
+    """A CPU run's opening statement follows the options (it said tritonadam was checked
+    and not timed under --no-check and --first-use), a first use there tunes nothing (it
+    read "tuned", "None of None" configs), and the legend explains only the columns shown
+    (no copy bandwidth, launches or peak memory on a CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    rc = main(["--device", "cpu", "--profiles", "one-huge@1K", "--setups", "fp32", "--clip", "none",
+               "-q", *extra])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert said in out and unsaid not in out
+    legend = next(ln for ln in out.splitlines() if ln.startswith("B/param:"))
+    for column in ("% copy", "launches:", "peak MiB:"):
+        assert column not in legend
+    assert "None of None" not in out and "tritonadam tuned" not in out
+
+
+@pytest.mark.parametrize("args", [["--tensors", "0"], ["--tensors", "300", "-5"], ["--numel", "-1"],
+                                  ["--reps", "0"]])
+def test_host_time_refuses_counts_below_one(args, capsys):
+    from tritonadam.bench import host_time
+
+    with pytest.raises(SystemExit) as e:
+        host_time.main(args)
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
 def test_host_time_stubs_every_launch():

@@ -333,9 +333,34 @@ def _check_modes(args, parser) -> None:
     if args.plot:
         from .report import have_matplotlib
 
+        if os.path.splitext(args.plot)[1].lower() != ".png":
+            parser.error(f"--plot {args.plot!r}: give a file name ending in .png")
         if not have_matplotlib():
             parser.error("--plot needs matplotlib, an optional extra: pip install matplotlib "
                          "(or pip install 'tritonadam[bench]')")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed {args.seed}: must be in [0, 2**63)")
+    # Where the files go, before a run that may take minutes ends in a traceback there.
+    for flag, path in [("--out", p) for p in args.out] + [("--summary", args.summary), ("--plot", args.plot)]:
+        if path is None:
+            continue
+        problem = _output_problem(path)
+        if problem:
+            parser.error(f"{flag} {path!r}: {problem}")
+
+
+def _output_problem(path: str) -> str | None:
+    """Why a report cannot be written to ``path``, or None (its folder is made if missing)."""
+    if not os.path.basename(path) or os.path.isdir(path):
+        return "a directory; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def _resolve_cases(args, parser, cpu: bool) -> _Cases:
@@ -453,12 +478,12 @@ def _swept_elsewhere(args, parser, cases: _Cases) -> tuple[list, list]:
 def _report(runner, final: bool, *, args, cpu: bool, cases: _Cases, opts, hp, tcfg, budget,
             header: dict, swept_elsewhere: tuple[list, list], t0: float) -> dict:
     """The report (``SCHEMA``) of what ``runner`` has measured so far."""
-    from .report import CPU_STATEMENT, CPU_STATEMENT_TIMED, SCHEMA, goals, roofline
+    from .report import SCHEMA, cpu_statement, goals, roofline
     from .tuning import LATER_STEPS
 
     providers = cases.providers
-    timed_interpreted = cpu and "tritonadam" in providers + (["tritonadam"] if opts.sweep else [])
-    statement = (CPU_STATEMENT_TIMED if timed_interpreted else CPU_STATEMENT) if cpu else None
+    timed_interpreted = cpu and ("tritonadam" in providers or bool(opts.sweep) or bool(cases.first_use_setups))
+    statement = cpu_statement(timed_interpreted, checked=not args.no_check) if cpu else None
     notes = list(runner.notes) + list(args.note)
     if timed_interpreted:
         notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "

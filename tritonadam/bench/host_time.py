@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="cuda: CUDA tensors and real launches (a GPU machine); cpu (default): "
                              "CPU tensors, launches stubbed")
     args = parser.parse_args(argv)
+    for flag, values in (("--tensors", args.tensors), ("--numel", [args.numel]), ("--reps", [args.reps])):
+        if min(values) < 1:
+            parser.error(f"{flag} must be at least 1, got {min(values)}")
     # Stubbed launches on CPU tensors: the interpreter lets the optimizer take them.
     prepare_interpreter(argv, want_cpu=args.device == "cpu", module="tritonadam.bench.host_time")
     if args.device == "cuda" and args.breakdown:

@@ -33,16 +33,20 @@ GPU_PEAKS: list[tuple[str, float, str]] = [
     ("RTX 4090", 1.008, "NVIDIA GeForce RTX 4090 specifications (24 GB GDDR6X)"),
 ]
 
-CPU_STATEMENT = (
-    "No CUDA GPU: this run is on the CPU. Triton kernels run only in Triton's interpreter "
-    "here, so tritonadam is checked for correctness on a small case and not timed, and the "
-    "torch timings below are CPU timings: none of these numbers say anything about GPU "
-    "performance. The roofline table shows what the byte formulas predict on common GPUs."
-)
-#: The same, where tritonadam was asked for (``--providers tritonadam``) and so timed.
-CPU_STATEMENT_TIMED = CPU_STATEMENT.replace(
-    "so tritonadam is checked for correctness on a small case and not timed, and the torch timings",
-    "so tritonadam's timings below measure the interpreter, not its kernels, and the torch timings")
+def cpu_statement(timed: bool, checked: bool) -> str:
+    """What a CPU run's report says first. ``timed``: tritonadam was timed (asked for with
+    ``--providers tritonadam``, ``--first-use`` or a sweep); ``checked``: its correctness
+    checks ran (not ``--no-check``)."""
+    if timed:
+        what = "tritonadam's timings below measure the interpreter, not its kernels"
+    elif checked:
+        what = "tritonadam is checked for correctness on a small case and not timed"
+    else:
+        what = "tritonadam is not timed (nor checked: --no-check)"
+    return (f"No CUDA GPU: this run is on the CPU. Triton kernels run only in Triton's interpreter "
+            f"here, so {what}, and the torch timings below are CPU timings: none of these numbers "
+            "say anything about GPU performance. The roofline table shows what the byte formulas "
+            "predict on common GPUs.")
 
 
 # ------------------------------------------------------------------------------- header
@@ -302,8 +306,9 @@ def _state_per_param(r: dict) -> str:
 
 
 def _provider_text(r: dict) -> str:
-    if r.get("variant") == "first-use":
-        return f"{r['provider']} tuned {config_text(r.get('config'))}"
+    if r.get("variant") == "first-use":  # on the CPU nothing is tuned: the default config
+        tuned = "tuned" if r.get("configs_considered") is not None else "first use"
+        return f"{r['provider']} {tuned} {config_text(r.get('config'))}"
     if r.get("clip"):
         return f"{r['provider']} clip + step"
     return r["provider"]
@@ -356,16 +361,34 @@ FIGURES_CPU = (
     "On the CPU a step is synchronous: device ms and host ms are both the wall time of the "
     "step() call (fresh grads), steady ms the wall time per step of back-to-back steps; none "
     "of them is a GPU figure. Medians over interleaved rounds, p20-p80 across rounds.")
-COLUMNS_TEXT = (
-    "B/param: bytes the provider moves per parameter (read + written), stated for every row: "
-    "rows of one setup can differ (torch keeps bf16 state for bf16 params: 14 B against 22); "
-    "GB/s and % copy: bytes per step over device time, and that against the copy bandwidth "
-    "above; speedup, steady speedup: {baseline}'s device (steady) time over the row's, '*' where "
-    "the two move different bytes per param; launches: CUDA kernels per step (torch.profiler); "
-    "state MiB, state B/param: optimizer state and provider buffers, counted from the tensors "
-    "the optimizer allocated (quantized moments: codes and scales), in all and per param; peak MiB: device memory the optimizer's "
-    "build and first steps added at their peak; check: worst error after the first steps as a "
-    "fraction of the tolerance.")
+# What each column means, said only for the columns a table shows.
+_COLUMN_TEXTS = (
+    (("B/param",), "B/param: bytes the provider moves per parameter (read + written), stated for "
+     "every row: rows of one setup can differ (torch keeps bf16 state for bf16 params: 14 B "
+     "against 22)"),
+    (("GB/s", "% copy"), "GB/s and % copy: bytes per step over device time, and that against "
+     "the copy bandwidth above"),
+    (("GB/s",), "GB/s: bytes per step over the step's time"),
+    (("speedup", "steady speedup"), "speedup, steady speedup: {baseline}'s device (steady) time "
+     "over the row's, '*' where the two move different bytes per param"),
+    (("launches",), "launches: CUDA kernels per step (torch.profiler)"),
+    (("state MiB", "state B/param"), "state MiB, state B/param: optimizer state and provider "
+     "buffers, counted from the tensors the optimizer allocated (quantized moments: codes and "
+     "scales), in all and per param"),
+    (("peak MiB",), "peak MiB: device memory the optimizer's build and first steps added at "
+     "their peak"),
+    (("check",), "check: worst error after the first steps as a fraction of the tolerance"),
+)
+
+
+def columns_text(shown: list[str], baseline: str) -> str:
+    """The legend of a results table showing the columns ``shown``."""
+    parts, said = [], set()
+    for columns, text in _COLUMN_TEXTS:
+        if all(c in shown for c in columns) and not said.intersection(columns):
+            parts.append(text.format(baseline=baseline))
+            said.update(columns)
+    return "; ".join(parts) + "." if parts else ""
 
 
 def _problem_rows(report):
@@ -500,7 +523,7 @@ def render_text(report: dict, md: bool = False) -> str:
         out.append("")
         out.append(FIGURES_GPU if report.get("mode") == "gpu" else FIGURES_CPU)
         out.append("")
-        out.append(COLUMNS_TEXT.format(baseline=cfg.get("baseline")))
+        out.append(columns_text([RESULT_HEADERS[i] for i in keep], cfg.get("baseline")))
         if any(r.get("clip") for r in report["results"]):
             out.append("")
             out.append(f"clip + step: the grads' total norm clipped to {cfg.get('max_norm')} before "
@@ -634,7 +657,13 @@ def render(report: dict, fmt: str) -> str:
 
 def load(path: str) -> dict:
     with open(path) as f:
-        report = json.load(f)
+        try:
+            report = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path}: not a tritonadam bench JSON file (its top level is a "
+                         f"{type(report).__name__}, not an object)")
     if report.get("schema") in OLD_SCHEMAS:
         return upgrade_old(report)
     if report.get("schema") != SCHEMA:
@@ -695,7 +724,8 @@ def _tuning_sections(report: dict, md: bool, detail: bool = True) -> list[str]:
             r["workload"], r["setup"], config_text(r.get("config")), r.get("tuned_source") or "n/a",
             f"{_num(r.get('compile_budget_s'), '{:g}')} + {_num(r.get('tuner_budget_s'), '{:g}')}",
             f"{_num(r.get('compile_s'), '{:.3g}')} / {_num(r.get('tune_s'), '{:.3g}')}",
-            f"{r.get('configs_timed')} of {r.get('configs_considered')}"
+            (f"{r.get('configs_timed')} of {r.get('configs_considered')}"
+             if r.get("configs_considered") is not None else "n/a (nothing tuned)")
             + (f", {r['configs_pruned']} pruned" if r.get("configs_pruned") else "")
             + ("" if r.get("tune_complete") in (True, None) else " (budget)"),
             _ms(r.get("first_step_ms")), _ms(r.get("later_step_ms")), _ms(r.get("extra_ms"))]
@@ -866,5 +896,7 @@ def plot(report: dict, path: str) -> None:
                  f"triton {h.get('triton')})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # as --out makes its folder
     fig.savefig(path, dpi=120)
     plt.close(fig)
