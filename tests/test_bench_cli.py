@@ -540,6 +540,17 @@ def test_cpu_report_says_what_ran_and_explains_only_its_columns(extra, said, uns
     assert "None of None" not in out and "tritonadam tuned" not in out
 
 
+def test_a_baseline_the_run_does_not_time_is_said(capsys, monkeypatch):
+    """Speedup columns need the baseline's rows: without them the report says why they are
+    missing (they were dropped without a word)."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    assert main(["--device", "cpu", "--profiles", "one-huge@1K", "--setups", "fp32", "--clip", "none",
+                 "-q", "--no-check", "--providers", "torch-fused", "--baseline", "torch-foreach"]) == 0
+    out = capsys.readouterr().out
+    assert "no speedups: the baseline torch-foreach is not among this run's providers (torch-fused)" in out
+    assert "speedup" not in out.split("Results")[1].splitlines()[2]
+
+
 @pytest.mark.parametrize("args", [["--tensors", "0"], ["--tensors", "300", "-5"], ["--numel", "-1"],
                                   ["--reps", "0"]])
 def test_host_time_refuses_counts_below_one(args, capsys):

@@ -488,6 +488,9 @@ def _report(runner, final: bool, *, args, cpu: bool, cases: _Cases, opts, hp, tc
     if timed_interpreted:
         notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
                      "interpreter, not the kernels")
+    if args.baseline not in providers:
+        notes.append(f"no speedups: the baseline {args.baseline} is not among this run's providers "
+                     f"({', '.join(providers)}); add it to --providers or name one of them with --baseline")
     return {
         "schema": SCHEMA,
         "mode": "cpu" if cpu else "gpu",
