@@ -188,13 +188,19 @@ def test_bf16_moments_step_in_fp32_and_round_back(on_host, dtype):
             w.data.copy_(p.float())
 
 
-def test_grad_scaler_unscales_and_skips(on_host):
-    """GradScaler's scale is divided out; a found inf skips the step, counts included."""
+@pytest.mark.parametrize("init_scale", [2.0 ** 10, 3000.0])
+@pytest.mark.parametrize("name", ["AdamW", "Adamax"])
+def test_grad_scaler_unscales_and_skips(on_host, name, init_scale):
+    """GradScaler's scale is taken out of the grads as torch takes it: divided in torch's
+    fused AdamW step, multiplied by its fp32 reciprocal (GradScaler.unscale_) before
+    torch's Adamax step (the two differ by an ulp for a scale not a power of two: the
+    moments did, divided); a found inf skips the step, counts included."""
     params = make_params([(6, 5), (11,)], torch.float32, "cpu", seed=7)
     ref = clone_params(params)
-    ours = tritonadam.AdamW(on_host(params), lr=0.01)
-    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2)]
+    ours = getattr(tritonadam, name)(on_host(params), lr=0.01)
+    theirs = torch.optim.AdamW(ref, lr=0.01, fused=True) if name == "AdamW" else \
+        torch.optim.Adamax(ref, lr=0.01, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale) for _ in range(2)]
     gen = torch.Generator().manual_seed(8)
     for step in range(4):
         grads = random_grads(params, gen)
@@ -211,7 +217,9 @@ def test_grad_scaler_unscales_and_skips(on_host):
             opt.zero_grad()
         for p, q in zip(params, ref):
             assert torch.equal(p, q)
-            assert torch.equal(ours.state[p]["step"], theirs.state[q]["step"])
+            assert ours.state[p].keys() == theirs.state[q].keys()
+            for key, value in theirs.state[q].items():
+                assert torch.equal(ours.state[p][key], value), (step, key)
     assert ours.state[params[0]]["step"].item() == 3
 
 
@@ -286,15 +294,18 @@ def test_fused_clip_of_complex_grads_takes_the_2_norm_only(on_host, how):
     assert torch.equal(params[0], before) and not opt._clipper.pending
 
 
+@pytest.mark.parametrize("init_scale", [2.0 ** 12, 3000.0])
 @pytest.mark.parametrize("how", ["explicit", "max_grad_norm"])
-def test_fused_clip_with_grad_scaler(on_host, how):
-    """The norm of the unscaled grads, as torch's recipe (unscale_, clip, step) takes it;
-    a step GradScaler skips consumes the coefficient and writes nothing."""
+def test_fused_clip_with_grad_scaler(on_host, how, init_scale):
+    """The norm of the unscaled grads, and the step's grads, as torch's recipe (unscale_,
+    clip, step) takes them, bit for bit for a scale not a power of two too (the step had
+    divided the scale out: its moments an ulp off); a step GradScaler skips consumes the
+    coefficient and writes nothing."""
     params = on_host(make_params([(6, 5), (11,), ()], torch.float32, "cpu", seed=32))
     ref = clone_params(params)
     ours = tritonadam.AdamW(params, lr=0.01, **({"max_grad_norm": 1.0} if how == "max_grad_norm" else {}))
     theirs = torch.optim.AdamW(ref, lr=0.01, fused=True)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) for _ in range(2)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale) for _ in range(2)]
     gen = torch.Generator().manual_seed(33)
     for step in range(4):
         grads = random_grads(params, gen, scale=float(step + 1))
@@ -319,6 +330,9 @@ def test_fused_clip_with_grad_scaler(on_host, how):
             scaler.update()
             opt.zero_grad()
         assert all(torch.equal(p, q) for p, q in zip(params, ref)), step
+        for p, q in zip(params, ref):
+            for key, value in theirs.state[q].items():
+                assert torch.equal(ours.state[p][key], value), (step, key)
     assert ours.state[params[0]]["step"].item() == 3
 
 

@@ -106,14 +106,16 @@ def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
          grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
          clip: Tensor | None = None) -> None:
     """One torch.optim step of every host row, group by group. GradScaler's ``found_inf``
-    skips it (step counts unchanged, as in torch's fused step); its scale is divided out
-    of the grads first. ``clip``: the clip buffer (on the CPU) whose coefficient then
+    skips it (step counts unchanged, as in torch's fused step); its scale is taken out of
+    the grads first, as torch takes it (see ``_step_rows``). ``clip``: the clip buffer (on the CPU) whose coefficient then
     multiplies each grad in the step's dtype, as torch's clip_grad_norm_ would have."""
     if not rows:
         return
     if found_inf is not None and found_inf.item():
         return
     scale = None if grad_scale is None else grad_scale.detach().to("cpu")
+    if scale is not None:  # GradScaler.unscale_'s factor: the fp32 reciprocal, taken in fp64
+        scale = (scale, scale.double().reciprocal().float())
     coef = None if clip is None else clip[CLIP_COEF.value]
     by_group: dict[int, list[HostRow]] = {}
     for row in rows:
@@ -122,7 +124,7 @@ def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
         _step_group(algorithm, param_groups[index], group_rows, scale, coef)
 
 
-def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
+def _step_group(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | None,
                 coef: Tensor | None) -> None:
     # Tensor hyper-parameters where torch's CPU code reads them.
     group = {**group, "lr": _on_cpu(group["lr"]), "betas": tuple(map(_on_cpu, group["betas"]))}
@@ -148,8 +150,9 @@ def _chunks(rows: list[HostRow]):
         yield chunk
 
 
-def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor | None,
+def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | None,
                coef: Tensor | None) -> None:
+    """``scale``: GradScaler's scale and its fp32 reciprocal, or None."""
     params, grads, states, writeback, masters, splits = [], [], [], [], [], []
     for row in rows:
         lp = local_tensor(row.param)
@@ -165,10 +168,6 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor |
             target = lp.float()  # the kernels' fp32 step, rounded to nearest below
             writeback.append((lp, target))
         grad = row.grad if row.grad.dtype == target.dtype else row.grad.to(target.dtype)
-        if scale is not None:
-            grad = grad / scale  # in the step's dtype
-        if coef is not None:
-            grad = grad * coef.to(grad.dtype)  # never in place: .grad keeps its values
         params.append(target)
         grads.append(grad)
         states.append(row.state)
@@ -191,6 +190,13 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: Tensor |
     fusable = [algorithm == "adam" and p.dtype in _FUSED_DTYPES and t.dtype == torch.float32
                and all(c[i].is_contiguous() for c in columns[:-1])
                for i, (p, t) in enumerate(zip(params, steps))]
+    for i, fused in enumerate(fusable):  # in the step's dtype, never in place: .grad keeps its values
+        if scale is not None:
+            # torch's fused step divides the scale out in its kernel; its other steps, and its
+            # clip, see GradScaler.unscale_'s grads, multiplied by the reciprocal
+            grads[i] = grads[i] / scale[0] if fused and coef is None else grads[i] * scale[1]
+        if coef is not None:
+            grads[i] = grads[i] * coef.to(grads[i].dtype)
     for fused in (True, False):
         picked = [i for i, f in enumerate(fusable) if f == fused]
         if picked:
