@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .state import StatePolicy, moment_keys, new_step_dtype
+from .validate import sparse_grad_error
 
 __all__ = ["inputs", "step", "torch_step"]
 
@@ -29,9 +30,7 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
                 "differentiable tests do)"
             )
         if p.grad.is_sparse:
-            raise RuntimeError(
-                f"{name} does not support sparse gradients, please consider SparseAdam instead"
-            )
+            raise sparse_grad_error(name)
         params.append(p)
         grads.append(p.grad)
     return params, grads

@@ -31,13 +31,18 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def sparse_grad_error(name: str) -> RuntimeError:
+    """torch.optim's error for a sparse grad, in its words (AdamW's are Adam's: it is
+    Adam's subclass)."""
+    return RuntimeError("Adamax does not support sparse gradients" if "adamax" in name.lower() else
+                        "Adam does not support sparse gradients, please consider SparseAdam instead")
+
+
 def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
     """The grad to step ``p`` with, in the param's layout (a dense copy if needed), or
     raise. Nothing is written: ``.grad`` is never modified."""
     if g.is_sparse or g.layout != torch.strided:
-        # torch.optim's words (AdamW's are Adam's: it is Adam's subclass)
-        raise RuntimeError("Adamax does not support sparse gradients" if "adamax" in name.lower() else
-                           "Adam does not support sparse gradients, please consider SparseAdam instead")
+        raise sparse_grad_error(name)
     if torch.is_complex(p) or torch.is_complex(g):
         if p.dtype not in COMPLEX_DTYPES or g.dtype != p.dtype:
             raise RuntimeError(

@@ -49,14 +49,6 @@ class LaunchConfig:
     num_warps: int
     persistent: bool = False
 
-    def as_dict(self) -> dict:
-        # ``persistent`` only appears when set, so ``kernel[grid](..., **cfg.as_dict())`` keeps
-        # working for kernels that take just BLOCK_SIZE/num_warps.
-        d = {"block_size": self.block_size, "num_warps": self.num_warps}
-        if self.persistent:
-            d["persistent"] = True
-        return d
-
     def to_json(self) -> dict:
         return {"block_size": self.block_size, "num_warps": self.num_warps, "persistent": self.persistent}
 

@@ -4,7 +4,7 @@ The tests use it as a CPU-side check of code quality (every variant compiles for
 and sm_90, the full-block path uses 16-byte accesses, nothing spills, no ordered atomics
 or fences in the update kernel, registers within bounds), and it is how the candidate
 launch configs were derived. Handy for reading PTX:
-``compile_update(arch=90, P_DTYPE=torch.bfloat16).asm["ptx"]``.
+``compile_update(arch=90, param_dtype=torch.bfloat16).asm["ptx"]``.
 
 Needs compiled (not interpreted) kernels: run it in a process without ``TRITON_INTERPRET``.
 """
@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from .adam import _adam_kernel
 from .launch import (NORM_REDUCE_BLOCK, NORM_REDUCE_WARPS, TL_DTYPES, fp_fusion, norm_constexprs,
-                     update_constexprs)
+                     update_constexprs, tl_flags)
 from .norm import _norm_kernel, _norm_reduce_kernel
 from .prepare import _prepare_kernel
 from .variant import BucketKey, Master, dtype_name
@@ -91,7 +91,7 @@ def compile_update(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *
     """Compile one variant of the update kernel for ``cuda:sm_<arch>`` (``variant``: as
     ``update_variant`` takes it)."""
     constexprs = update_variant(num_warps, block_size, **variant)
-    return _compile(_adam_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
+    return _compile(_adam_kernel, tl_flags(constexprs), arch, num_warps)
 
 
 def compile_prepare(arch: int = 90, num_warps: int = 4, block: int = 256, **flags):
@@ -105,20 +105,16 @@ def compile_norm(arch: int = 90, num_warps: int = 8, block_size: int = 4096, *,
     """Compile one variant of the norm kernel (``norm``: the launcher's NORM kind)."""
     constexprs = norm_constexprs(grad_dtype, norm, block_size=block_size, num_warps=num_warps,
                                  grad_scale=grad_scale)
-    return _compile(_norm_kernel, {k: _tl(v) for k, v in constexprs.items()}, arch, num_warps)
+    return _compile(_norm_kernel, tl_flags(constexprs), arch, num_warps)
 
 
 def compile_norm_reduce(arch: int = 90, *, out_dtype=torch.float32, **flags):
     """Compile the norm reduction; ``flags``: its constexpr flags (NORM, REDUCE, ...)."""
     constexprs = {"NORM": 2, "REDUCE": True, "FINALIZE": True,
-                  "COMPOUND": False, "CHECK_FINITE": False, "OUT_DTYPE": _tl(out_dtype),
+                  "COMPOUND": False, "CHECK_FINITE": False, "OUT_DTYPE": TL_DTYPES[out_dtype],
                   "BLOCK": NORM_REDUCE_BLOCK, **flags}
     norm_ptr = "*fp64" if out_dtype == torch.float64 else "*fp32"
     return _compile(_norm_reduce_kernel, constexprs, arch, NORM_REDUCE_WARPS, {"norm_ptr": norm_ptr})
-
-
-def _tl(value):
-    return TL_DTYPES[value] if isinstance(value, torch.dtype) else value
 
 
 def global_access_widths(ptx: str) -> dict[str, dict[int, int]]:

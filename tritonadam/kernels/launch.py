@@ -216,7 +216,7 @@ def norm_constexprs(grad_dtype, norm: int, *, block_size: int, num_warps: int,
     }
 
 
-def _tl_flags(flags: dict) -> dict:
+def tl_flags(flags: dict) -> dict:
     """Constexpr flags as a launch takes them: torch dtypes (as ``*_constexprs`` give them,
     which aot.py compiles from too) as Triton's."""
     return {k: TL_DTYPES.get(v, v) if isinstance(v, torch.dtype) else v for k, v in flags.items()}
@@ -281,7 +281,7 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
         decoupled_wd=decoupled_wd, coupled_wd=coupled_wd, found_inf=found_inf is not None,
         persistent=persistent,
     )
-    flags = _tl_flags(flags)
+    flags = tl_flags(flags)
     args = (tables.table, tables.grads, tables.scalars, block_map,
             found_inf if found_inf is not None else tables.scalars, num_blocks)
     fusion = fp_fusion() if fusion is None else fusion
@@ -295,7 +295,7 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
 
 
 def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, norm: int,
-                grad_scale=None, count=True, fusion=None) -> None:
+                grad_scale=None, fusion=None) -> None:
     """Per-chunk partial norms of every grad on the tables' device: one launch per grad
     dtype, each writing its chunks' partials into its slice of ``plan.partials``
     (``grad_scale``: GradScaler's scale, which each grad is unscaled from first)."""
@@ -304,20 +304,19 @@ def launch_norm(tables: DeviceTables, plan: NormPlan, clip: torch.Tensor, *, nor
     for launch in plan.launches:
         flags = norm_constexprs(launch.grad_dtype, norm, block_size=block_size, num_warps=num_warps,
                                 grad_scale=grad_scale is not None)
-        flags = _tl_flags(flags)
+        flags = tl_flags(flags)
         with _quiet_discarded_branches():
             _norm_kernel[(launch.num_chunks,)](
                 tables.table, tables.grads, launch.block_map, launch.partials, clip,
                 grad_scale if grad_scale is not None else clip,
                 launch.num_blocks, launch.chunk, num_warps=num_warps, enable_fp_fusion=fusion, **flags,
             )
-        if count:
-            launch_counts["norm"] += 1
+        launch_counts["norm"] += 1
 
 
 def launch_norm_reduce(plan: NormPlan | NormSpan, clip: torch.Tensor, out: torch.Tensor | None, *,
                        norm: int, reduce: bool, finalize: bool, compound=False,
-                       check_finite=False, count=True, fusion=None) -> None:
+                       check_finite=False, fusion=None) -> None:
     """One program: ``reduce`` adds the partials into ``plan.total``; ``finalize`` turns the
     total into the norm (written to ``out``) and the clip coefficient (into ``clip``). A
     ``NormSpan`` (one layout class's partials and total) is reduced the same way."""
@@ -329,5 +328,4 @@ def launch_norm_reduce(plan: NormPlan | NormSpan, clip: torch.Tensor, out: torch
             BLOCK=NORM_REDUCE_BLOCK, num_warps=NORM_REDUCE_WARPS,
             enable_fp_fusion=fp_fusion() if fusion is None else fusion,
         )
-    if count:
-        launch_counts["norm_reduce"] += 1
+    launch_counts["norm_reduce"] += 1

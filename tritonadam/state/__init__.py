@@ -20,7 +20,8 @@ AdaMax's ``exp_inf``, plus AMSGrad's ``max_exp_avg_sq``), and depending on the o
 :class:`StatePolicy` holds an optimizer's options and gives each param its
 :class:`ParamFormat`: which tensors it holds, how to create them and convert any other
 format's (a state dict from torch.optim, another mode) into them, how to export them, and
-the kernel variant and bytes they make. The optimizer never branches on a mode.
+the bucket of kernel variants they are stepped by (`bucket_key`). The optimizer never
+branches on a mode.
 """
 
 from .checkpoint import (

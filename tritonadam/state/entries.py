@@ -118,14 +118,14 @@ def _quantized_bits(state: dict, key: str) -> int | None:
     return None
 
 
-def _drop_forms(state: dict, key: str, keep: str | None = None) -> None:
+def _drop_forms(state: dict, key: str, keep: str | int) -> None:
     """Remove every stored form of moment ``key`` but ``keep`` ("dense", or a bit count)."""
     if keep != "dense":
         state.pop(key, None)
     for bits in QUANTIZED.values():
         if keep != bits:
             state.pop(codes_key(key, bits), None)
-    if keep in (None, "dense"):
+    if keep == "dense":
         state.pop(scales_key(key), None)
 
 

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from .. import quantize
-from ..kernels.variant import STATE_BYTES
 from ..tensors import in_layout, like, local_tensor, storage_problem
 from .entries import (
     _DENSE_ACCEPTS, QUANTIZED, codes_key, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
@@ -145,11 +144,6 @@ class DenseMoments:
     def kernel_tensors(self, state: dict, key: str) -> tuple[Tensor, None]:
         return state[key], None
 
-    def export(self, p: Tensor, key: str, saved: dict, out: dict) -> None:
-        out[key] = saved[key]
-
-    def bytes_per_elem(self) -> float:
-        return STATE_BYTES[self.name] * (2 if self.dtype.is_complex else 1)
 
 
 @dataclass(frozen=True)
@@ -254,9 +248,6 @@ class QuantizedMoments:
         for k, t in ((ck, codes), (sk, scales)):
             local = t.reshape(local_rows, shapes[k])
             out[k] = local if lp is p else _as_dtensor(p, local, (global_rows, shapes[k]))
-
-    def bytes_per_elem(self) -> float:
-        return STATE_BYTES[self.name]
 
 
 def _block_rows(p: Tensor) -> int | None:

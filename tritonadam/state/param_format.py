@@ -24,7 +24,7 @@ class ParamFormat:
     """How one param's state is stored: its moments, its master copy, and whether any of
     its 16-bit values are rounded stochastically."""
 
-    moments: DenseMoments
+    moments: DenseMoments | QuantizedMoments
     master: Master = Master.NONE
     stochastic: bool = False
 

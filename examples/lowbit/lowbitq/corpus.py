@@ -56,7 +56,6 @@ def load(max_train_bytes: int | None = None, max_held_out_bytes: int | None = No
     root = stdlib_root()
     files = source_files(root)
     parts: dict[bool, list[bytes]] = {False: [], True: []}
-    digest = {False: hashlib.sha256(), True: hashlib.sha256()}
     for rel in files:
         blob = (root / rel).read_bytes() + SEPARATOR
         parts[held_out(rel)].append(blob)
