@@ -346,3 +346,46 @@ def test_a_quantized_max_without_its_codes_is_refused(device):
     fresh = tritonadam.Adam(clone_params(params), amsgrad=True, state_dtype="8bit", **LAUNCH)
     with pytest.raises(ValueError, match=r"lacks \['max_exp_avg_sq'\]"):
         fresh.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("cast", [torch.float16, torch.float32])
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_a_remainder_exports_its_master_after_the_model_is_cast(cast, state_dtype, device):
+    """master_weights="remainder", then the model cast (model.half(), model.float()) before
+    the next step: state_dict() and torch_state_dict() export the fp32 master the pair
+    stands for, exactly (the cast param's bits were joined as a bf16 high half: a master
+    off by up to the weights' size after half(); after float(), torch_state_dict() had no
+    master at all)."""
+    params = make_params([(8, 8), (65,)], torch.bfloat16, device, seed=81)
+    opt = tritonadam.AdamW(params, lr=1e-2, master_weights="remainder", state_dtype=state_dtype, **LAUNCH)
+    _train(opt, params, torch.Generator().manual_seed(82), 2)
+    masters = [opt.state_dict()["state"][i]["master_param"].clone() for i in range(len(params))]
+    for p in params:
+        p.data = p.data.to(cast)
+    for export in (opt.state_dict, opt.torch_state_dict):
+        for i, master in enumerate(masters):
+            assert torch.equal(export()["state"][i]["master_param"], master), (export.__name__, i)
+
+
+@pytest.mark.parametrize("options", [{"master_weights": "remainder"}, {"state_dtype": "8bit"},
+                                     {"state_dtype": torch.bfloat16}, {}])
+def test_exports_of_state_its_param_no_longer_fits(options, device):
+    """A param resized or reshaped under its state (p.data = ...; its next step refuses it):
+    state_dict() exports the state as it is, as torch.optim does, and torch_state_dict()
+    refuses what it would have to convert with what to do (both raised broadcasting errors);
+    fp32 state, nothing to convert, exports as torch's."""
+    dtype = torch.bfloat16 if "master_weights" in options else torch.float32
+    for shape in ((10, 8), (4, 16)):
+        (p,) = make_params([(8, 8)], dtype, device, seed=83)
+        opt = tritonadam.AdamW([p], lr=1e-2, **options, **LAUNCH)
+        _train(opt, [p], torch.Generator().manual_seed(84), 1)
+        held = {k: v.clone() for k, v in opt.state[p].items()}
+        p.data = torch.randn(shape, device=device).to(dtype)
+        saved = opt.state_dict()["state"][0]
+        for k, v in held.items():
+            assert torch.equal(saved[k], v), k
+        if options:
+            with pytest.raises(RuntimeError, match=r"the param was resized or reshaped under it"):
+                opt.torch_state_dict()
+        else:
+            assert torch.equal(opt.torch_state_dict()["state"][0]["exp_avg"], held["exp_avg"])

@@ -972,3 +972,17 @@ def test_differentiable_step_matches_torch(name):
     assert torch.equal(ours, theirs)
     for a, b in zip(d_ours, d_theirs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_of_a_non_dict_raises_torchs_error(name):
+    """opt.add_param_group([p]) (a list, not a dict): torch's TypeError (the group's
+    options check read param_group["params"] first: "list indices must be integers")."""
+    messages = []
+    for cls in (OURS[name], getattr(torch.optim, name)):
+        opt = cls([Parameter(torch.randn(4))])
+        with pytest.raises(TypeError) as err:
+            opt.add_param_group([Parameter(torch.randn(3))])
+        messages.append(str(err.value))
+        assert len(opt.param_groups) == 1
+    assert messages[0] == messages[1] == "param_group must be a dict, but got <class 'list'>"

@@ -219,7 +219,8 @@ class _TritonAdamBase(Optimizer):
             group.setdefault("differentiable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "master_weights"):  # not during torch's __init__: checked after it
+        if hasattr(self, "master_weights") and isinstance(param_group, dict):  # not during torch's
+            # __init__ (checked after it), nor for a non-dict, which torch's own check refuses
             params = param_group["params"]
             if not isinstance(params, (Tensor, set)):
                 # A generator (``head.parameters()``) can be read once: torch's own

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import quantize
 from ..kernels.variant import BucketKey, Master
 from ..tensors import in_layout, is_fsdp1_shard, like, local_tensor, storage_problem
 from .entries import (
@@ -16,6 +17,7 @@ from .entries import (
 )
 from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
+from .orders import _ENCODED_SHAPE
 from .steps import STEP_DTYPES, _countable, step_device
 
 
@@ -175,16 +177,21 @@ class ParamFormat:
 
     def _export(self, p: Tensor, saved: dict) -> dict:
         out = dict(saved)
-        if isinstance(self.moments, QuantizedMoments):
+        unmatched = _unmatched(p, saved)
+        if isinstance(self.moments, QuantizedMoments) and unmatched is None:
             for ck in [k for k in saved if CODES_KEYS.get(k, (None, None))[1] == self.moments.bits]:
                 key = CODES_KEYS[ck][0]
                 out.pop(ck), out.pop(scales_key(key), None)
                 self.moments.export(p, key, saved, out)
-        if self.master == Master.REMAINDER and REMAINDER_KEY in saved:
+        if REMAINDER_KEY in saved and MASTER_KEY not in saved:
             remainder = saved[REMAINDER_KEY]
-            joined = join_master(local_tensor(p), local_tensor(remainder))
-            out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, joined)
-            if local_tensor(p) is not p or _in_process_group():
+            lp = local_tensor(p)
+            if unmatched is None:
+                # The high half is the param in bf16: cast back where the model was cast
+                # since (model.half(), model.float(), before the step that refuses or adopts it).
+                high = lp if lp.dtype == torch.bfloat16 else lp.to(torch.bfloat16)
+                out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, join_master(high, local_tensor(remainder)))
+            if lp is not p or _in_process_group():
                 # A state dict in a process group may travel by collective (a DTensor's full
                 # state dict is gathered, a full one broadcast from rank 0), and neither
                 # NCCL nor gloo has int16: the same values as int32.
@@ -194,7 +201,7 @@ class ParamFormat:
     def exported_keys(self, p: Tensor, state: dict) -> set[str]:
         """The keys ``export`` gives this param's ``state`` (not an FSDP1 shard's)."""
         keys = set(state)
-        if self.master == Master.REMAINDER and REMAINDER_KEY in state:
+        if REMAINDER_KEY in state:
             keys.add(MASTER_KEY)
         return keys
 
@@ -202,9 +209,18 @@ class ParamFormat:
         """This param's state as torch.optim keeps it: every moment at full precision
         (fp32; fp64 for fp64 params, complex for complex ones, as torch keeps them) under
         torch's keys, the master as ``master_param``."""
+        dtype = p.dtype if p.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
+        unmatched = _unmatched(p, state)
+        if unmatched is not None and any(
+                k in CODES_KEYS or k == REMAINDER_KEY or k in _MOMENT_KEYS and isinstance(v, Tensor) and v.dtype != dtype
+                for k, v in state.items()):
+            raise RuntimeError(
+                f"tritonadam: the state of a param of shape {tuple(p.shape)} holds {unmatched}: the "
+                "param was resized or reshaped under it (`p.data = ...`), so its state cannot be "
+                "converted to torch.optim's; give the param its shape back, or clear its state "
+                "(`opt.state.pop(param)`)")
         out = {k: v for k, v in self._export(p, state).items()
                if not (k in CODES_KEYS or k in SCALES_KEYS or k == REMAINDER_KEY)}
-        dtype = p.dtype if p.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
         for key in keys:
             full = read_moment(p, key, state)
             if full is not None and not (isinstance(out.get(key), Tensor) and out[key].dtype == dtype):
@@ -219,3 +235,21 @@ class ParamFormat:
     def bucket_key(self, param_dtype: torch.dtype, grad_dtype: torch.dtype, amsgrad: bool) -> BucketKey:
         """The launch this param's tensors join (dtypes of the real views for complex)."""
         return BucketKey(param_dtype, grad_dtype, self.moments.name, amsgrad, self.master, self.stochastic)
+
+
+def _unmatched(p: Tensor, state: dict) -> str | None:
+    """What of ``state`` no longer fits param ``p``'s shape (the param resized or reshaped
+    under it with ``p.data = ...``, which its next step refuses), or None."""
+    lp = local_tensor(p)
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        lv = local_tensor(value)
+        if key in CODES_KEYS:
+            shape, bits = _ENCODED_SHAPE.get(lv), CODES_KEYS[key][1]
+            if shape is not None and shape != tuple(lp.shape) or \
+                    lv.numel() not in (quantize.code_bytes(lp.numel(), bits), lp.numel()):
+                return f"{key!r} encoded for another shape ({shape or lv.numel()})"
+        elif key in (*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY) and lv.shape != lp.shape:
+            return f"{key!r} of shape {tuple(lv.shape)}"
+    return None

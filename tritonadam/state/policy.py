@@ -74,13 +74,15 @@ class StatePolicy:
         idle = []
         if self.master_weights and not any(d in LOW_PRECISION for d in dtypes):
             idle.append(f"master_weights={self.master_weights!r} changes nothing for these params "
-                        "(float32/float64 params are their own master); drop it, or use it with "
-                        "fp16/bf16 params")
+                        "(float32/float64 params are their own master) unless they are cast to "
+                        "fp16/bf16 later (model.half() or model.bfloat16() after building the "
+                        "optimizer, which it then follows); otherwise drop it")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
             idle.append("stochastic_rounding=True changes nothing for these params (float32 params "
-                        "with float32 state, and float64 or complex params, round nothing); drop it, "
-                        "or use it with fp16/bf16 params, state_dtype=torch.bfloat16 or a quantized "
-                        "state_dtype")
+                        "with float32 state, and float64 or complex params, round nothing) unless they are cast to "
+                        "fp16/bf16 later (model.half() or model.bfloat16() after building the "
+                        "optimizer); otherwise drop it, or use it with state_dtype=torch.bfloat16 "
+                        "or a quantized state_dtype")
         return idle
 
     def format(self, p: Tensor) -> ParamFormat:
