@@ -107,61 +107,66 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                 raise ValueError(f"{where}: state {SEED_KEY!r} of param {saved_id} "
                                  f"{_seed_problem(seed)}{hint}")
             for key, value in state.items():
-                if key in ("step", SEED_KEY):
-                    continue
-                if isinstance(value, Tensor) and value.is_meta and not local_tensor(p).is_meta:
-                    raise ValueError(f"{where}: state {key!r} of param {saved_id} is on the meta "
-                                     "device: it holds no values to load")
-                expected = _saved_numel(key, p.numel())
-                if not isinstance(value, Tensor):
-                    if expected is not None or key in _TENSOR_KEYS:
-                        hint = ("; a flattened state dict (flatten_optimizer_state_dict=True) holds "
-                                "only the keys of the optimizer that saved it and loads into one with "
-                                "the same state options (state_dtype, master_weights): to change "
-                                "them, load its full form (full_state_dict=True)") if isinstance(value, dict) else ""
-                        raise ValueError(f"{where}: state {key!r} of param {saved_id} is a "
-                                         f"{type(value).__name__}, not a tensor{hint}")
-                    continue
-                if expected is not None:
-                    if value.numel() not in expected:
-                        raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
-                                         f"elements where a param of shape {tuple(p.shape)} needs "
-                                         f"{expected[0]} (or one per element, {expected[1]})")
-                    problem = _saved_quantized_problem(key, value, state, p.numel())
-                    if problem is not None:
-                        raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
-                    if not value.is_meta:
-                        values.add(f"{where}: state {key!r} of param {saved_id}", key, value, state, p.numel())
-                    if (key in SCALES_KEYS and local_tensor(p) is not p and local_tensor(value) is not value
-                            and _block_rows(p) is None and value.numel() != p.numel()
-                            and not _shards_start_on_blocks(p)):
-                        # Checked on global sizes: every rank refuses alike (no rank left waiting).
-                        raise ValueError(
-                            f"{where}: state {key!r} of param {saved_id} holds a scale per block of the "
-                            "whole param (a checkpoint of an unsharded model), split across the shards "
-                            "by the state dict's distribution: shards that start inside a block would "
-                            "read other blocks' scales. Save that checkpoint at full precision "
-                            "(`opt.torch_state_dict()`), or load it with `opt.load_state_dict` "
-                            "unsharded, which re-encodes each shard's blocks")
-                    continue
-                if key not in _TENSOR_KEYS:
-                    continue  # an entry of the user's (a wrapper's count, ...): kept, as torch keeps it
-                if value.shape != p.shape:
-                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
-                                     f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
-                if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
-                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
-                                     f"{value.dtype}, expected a floating point tensor")
-                if key == REMAINDER_KEY and MASTER_KEY not in state and (value.is_floating_point()
-                                                                          or value.is_complex()):
-                    # Beside a master the remainder is not read (the master is split anew).
-                    raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype {value.dtype}, "
-                                     "expected int16 or int32 (the low 16 bits of the fp32 master; "
-                                     "torch.optim's load_state_dict casts every state tensor to its "
-                                     "param's dtype, which loses them): load it with the checkpoint's "
-                                     f"{MASTER_KEY!r}, or remove {key!r} to start the master from the params")
-
+                _check_entry(where, saved_id, p, key, value, state, values)
     values.check()
+
+
+def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, values: "_CodedValues") -> None:
+    """Raise unless entry ``key`` of param ``p``'s saved ``state`` can be loaded (its value
+    checks, for quantized codes and scales, are added to ``values``)."""
+    if key in ("step", SEED_KEY):
+        return
+    if isinstance(value, Tensor) and value.is_meta and not local_tensor(p).is_meta:
+        raise ValueError(f"{where}: state {key!r} of param {saved_id} is on the meta "
+                         "device: it holds no values to load")
+    expected = _saved_numel(key, p.numel())
+    if not isinstance(value, Tensor):
+        if expected is not None or key in _TENSOR_KEYS:
+            hint = ("; a flattened state dict (flatten_optimizer_state_dict=True) holds "
+                    "only the keys of the optimizer that saved it and loads into one with "
+                    "the same state options (state_dtype, master_weights): to change "
+                    "them, load its full form (full_state_dict=True)") if isinstance(value, dict) else ""
+            raise ValueError(f"{where}: state {key!r} of param {saved_id} is a "
+                             f"{type(value).__name__}, not a tensor{hint}")
+        return
+    if expected is not None:
+        if value.numel() not in expected:
+            raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
+                             f"elements where a param of shape {tuple(p.shape)} needs "
+                             f"{expected[0]} (or one per element, {expected[1]})")
+        problem = _saved_quantized_problem(key, value, state, p.numel())
+        if problem is not None:
+            raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
+        if not value.is_meta:
+            values.add(f"{where}: state {key!r} of param {saved_id}", key, value, state, p.numel())
+        if (key in SCALES_KEYS and local_tensor(p) is not p and local_tensor(value) is not value
+                and _block_rows(p) is None and value.numel() != p.numel()
+                and not _shards_start_on_blocks(p)):
+            # Checked on global sizes: every rank refuses alike (no rank left waiting).
+            raise ValueError(
+                f"{where}: state {key!r} of param {saved_id} holds a scale per block of the "
+                "whole param (a checkpoint of an unsharded model), split across the shards "
+                "by the state dict's distribution: shards that start inside a block would "
+                "read other blocks' scales. Save that checkpoint at full precision "
+                "(`opt.torch_state_dict()`), or load it with `opt.load_state_dict` "
+                "unsharded, which re-encodes each shard's blocks")
+        return
+    if key not in _TENSOR_KEYS:
+        return  # an entry of the user's (a wrapper's count, ...): kept, as torch keeps it
+    if value.shape != p.shape:
+        raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
+                         f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+    if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
+                         f"{value.dtype}, expected a floating point tensor")
+    if key == REMAINDER_KEY and MASTER_KEY not in state and (value.is_floating_point()
+                                                              or value.is_complex()):
+        # Beside a master the remainder is not read (the master is split anew).
+        raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype {value.dtype}, "
+                         "expected int16 or int32 (the low 16 bits of the fp32 master; "
+                         "torch.optim's load_state_dict casts every state tensor to its "
+                         "param's dtype, which loses them): load it with the checkpoint's "
+                         f"{MASTER_KEY!r}, or remove {key!r} to start the master from the params")
 
 
 class _CodedValues:
