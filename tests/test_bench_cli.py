@@ -540,6 +540,15 @@ def test_cpu_report_says_what_ran_and_explains_only_its_columns(extra, said, uns
     assert "None of None" not in out and "tritonadam tuned" not in out
 
 
+def test_the_legend_explains_a_speedup_column_shown_alone():
+    """A saved run whose rows have a speedup and no steady speedup (schema 2) shows the
+    column, and the legend explains it (it was said only with both)."""
+    text = report_mod.columns_text(["B/param", "speedup", "check"], "torch-fused")
+    assert "speedup: torch-fused's time over the row's" in text
+    both = report_mod.columns_text(["speedup", "steady speedup"], "torch-fused")
+    assert both.count("speedup") == 2 and both.startswith("speedup, steady speedup:")  # said once
+
+
 def test_a_baseline_the_run_does_not_time_is_said(capsys, monkeypatch):
     """Speedup columns need the baseline's rows: without them the report says why they are
     missing (they were dropped without a word)."""

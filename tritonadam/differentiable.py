@@ -20,6 +20,8 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
     for p in group["params"]:
         if p.grad is None:
             continue
+        if p.grad.is_sparse:  # before the leaf's error, as torch checks it first
+            raise sparse_grad_error(name)
         if grad_enabled and p.is_leaf and p.requires_grad and not torch.is_inference_mode_enabled():
             # torch's own error, which its step raises after counting the step (under
             # inference mode nothing is recorded, and torch steps the leaf).
@@ -29,8 +31,6 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
                 "param, so pass params that are not leaves, e.g. p.clone(), as torch.optim's "
                 "differentiable tests do)"
             )
-        if p.grad.is_sparse:
-            raise sparse_grad_error(name)
         params.append(p)
         grads.append(p.grad)
     return params, grads

@@ -105,7 +105,8 @@ def select_config(
     ``mode``: "on" | "cache-only" | "off"; None = ``TRITONADAM_AUTOTUNE``, else "on".
     ``bytes_per_elem``: bytes one step moves per element, for GB/s in the cache, the
     scratch-memory cap and how many launches one timing repeats. Persistent grids are
-    always candidates.
+    candidates only past two waves of blocks, with the SM count known
+    (``configs.candidate_configs``).
 
     After the first call for a (key, bucket, device, mode) this is a dictionary lookup.
 

@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Merge FILE (an export bundle or a single cache file) into the cache directory. "
             "Every entry is checked like a cache read: unknown configs, bad numbers and files "
             "for another config space are skipped and reported. Imported entries replace "
-            "local ones with the same key. Exit status 1 if nothing could be imported."
+            "local ones with the same key. Exit status 1 if entries were found and none could be imported."
         ),
     )
     i.add_argument("file", metavar="FILE")

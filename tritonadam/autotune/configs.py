@@ -42,7 +42,7 @@ class LaunchConfig:
 
     block_size: elements per program (a power of two); num_warps: warps per program.
     persistent: False = one program per block (the grid covers every block); True = a grid of
-    about one wave of programs that loop over blocks.
+    ``launch._PROGRAMS_PER_SM`` (4) programs per SM that loop over blocks.
     """
 
     block_size: int
@@ -212,8 +212,9 @@ def candidate_configs(
       off and only cost registers;
     - with ``num_sms`` known, blocks that leave more than half the SMs without a program,
       unless no block fills them (then the smallest block stays);
-    - persistent grids unless there are more than two waves of blocks: with fewer, a
-      persistent grid launches the same programs as a plain one.
+    - persistent grids unless there are more than two waves of blocks (up to four, one
+      launches as many programs as its plain twin, 4 per SM, and is kept all the same: the
+      timing decides).
 
     Ordered by distance from ``first`` (the architecture default) in log2(block) and
     log2(warps), a persistent twin counting PERSISTENT_DISTANCE, so that a tuner that runs

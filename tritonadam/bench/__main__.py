@@ -488,7 +488,7 @@ def _report(runner, final: bool, *, args, cpu: bool, cases: _Cases, opts, hp, tc
     if timed_interpreted:
         notes.append("tritonadam was timed in Triton's CPU interpreter: its times measure the "
                      "interpreter, not the kernels")
-    if args.baseline not in providers:
+    if providers and args.baseline not in providers:  # (--tuning times no providers)
         notes.append(f"no speedups: the baseline {args.baseline} is not among this run's providers "
                      f"({', '.join(providers)}); add it to --providers or name one of them with --baseline")
     return {

@@ -371,6 +371,8 @@ _COLUMN_TEXTS = (
     (("GB/s",), "GB/s: bytes per step over the step's time"),
     (("speedup", "steady speedup"), "speedup, steady speedup: {baseline}'s device (steady) time "
      "over the row's, '*' where the two move different bytes per param"),
+    (("speedup",), "speedup: {baseline}'s time over the row's, '*' where the two move different "
+     "bytes per param"),
     (("launches",), "launches: CUDA kernels per step (torch.profiler)"),
     (("state MiB", "state B/param"), "state MiB, state B/param: optimizer state and provider "
      "buffers, counted from the tensors the optimizer allocated (quantized moments: codes and "

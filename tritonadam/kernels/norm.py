@@ -10,7 +10,7 @@ same grads give the same bits on every run, and the chunking depends only on the
 (their sizes and order in the tables), not on the GPU or the optimizer's launch config.
 
 Each lane accumulates its elements of a chunk in fp32 (fp64 for fp64 grads); a chunk's
-lanes are summed once, and the partials added, in fp64.
+lanes are summed once in that dtype, and the chunks' partials added in fp64.
 """
 import triton
 import triton.language as tl

@@ -205,7 +205,10 @@ class _CodedValues:
             if mesh is not None:
                 from torch.distributed.tensor import DTensor, Partial
 
-                found = DTensor.from_local(found, mesh, [Partial("max")] * mesh.ndim, run_check=False).full_tensor()
+                # on the mesh's device: a checkpoint loaded to the CPU (map_location) holds CPU
+                # shards of a GPU mesh, whose NCCL group reduces GPU tensors only
+                found = DTensor.from_local(found.to(mesh.device_type), mesh, [Partial("max")] * mesh.ndim,
+                                           run_check=False).full_tensor()
             for (index, _), bad in zip(flags, found.tolist()):
                 if bad:
                     raise ValueError(self.entries[index])
