@@ -85,9 +85,10 @@ MAX_LAUNCHES_PER_TIMING = 100
 DEFAULT_MAX_SCRATCH_BYTES = 8 << 30
 _LIVE_RUNNERS = 2
 DEFAULT_SCRATCH_FRACTION = 0.25
-# Used for the memory cap when the caller does not say: as much as any Adam variant keeps
-# per element (fp64 p + g, m, v, max_v = 40 B).
-_FALLBACK_BYTES_PER_ELEM = 40
+# Used for the memory cap when the caller does not say (the optimizer always does): more
+# than a 16-bit or fp32 variant keeps per element (bf16 p + g, fp32 master, m, v, max_v =
+# 20 B); fp64 with AMSGrad keeps 40.
+_FALLBACK_BYTES_PER_ELEM = 32
 
 # --- the decision rule (docs/autotune.md) ----------------------------------------------
 # A challenger must be faster than the default by more than this, on top of the measured
