@@ -107,8 +107,9 @@ def step(algorithm: str, rows: list[HostRow], param_groups: list[dict], *,
          clip: Tensor | None = None) -> None:
     """One torch.optim step of every host row, group by group. GradScaler's ``found_inf``
     skips it (step counts unchanged, as in torch's fused step); its scale is taken out of
-    the grads first, as torch takes it (see ``_step_rows``). ``clip``: the clip buffer (on the CPU) whose coefficient then
-    multiplies each grad in the step's dtype, as torch's clip_grad_norm_ would have."""
+    the grads first, as torch takes it (see ``_step_rows``). ``clip``: the clip buffer (on
+    the CPU) whose coefficient then multiplies each grad in the step's dtype, as torch's
+    clip_grad_norm_ would have."""
     if not rows:
         return
     if found_inf is not None and found_inf.item():

@@ -145,7 +145,6 @@ class DenseMoments:
         return state[key], None
 
 
-
 @dataclass(frozen=True)
 class QuantizedMoments:
     """Moments stored as blockwise-quantized codes (``<key>_8bit`` or ``<key>_4bit``,

@@ -173,11 +173,11 @@ class ParamFormat:
         converts back: the same codes, the same remainder."""
         if is_fsdp1_shard(p):
             return self.export_full(p, saved, _MOMENT_KEYS)
-        return self._export(p, saved)
+        return self._export(p, saved, _unmatched(p, saved))
 
-    def _export(self, p: Tensor, saved: dict) -> dict:
+    def _export(self, p: Tensor, saved: dict, unmatched: str | None) -> dict:
+        """``unmatched``: ``_unmatched(p, saved)``, what of it no longer fits the param."""
         out = dict(saved)
-        unmatched = _unmatched(p, saved)
         if isinstance(self.moments, QuantizedMoments) and unmatched is None:
             for ck in [k for k in saved if CODES_KEYS.get(k, (None, None))[1] == self.moments.bits]:
                 key = CODES_KEYS[ck][0]
@@ -219,7 +219,7 @@ class ParamFormat:
                 "param was resized or reshaped under it (`p.data = ...`), so its state cannot be "
                 "converted to torch.optim's; give the param its shape back, or clear its state "
                 "(`opt.state.pop(param)`)")
-        out = {k: v for k, v in self._export(p, state).items()
+        out = {k: v for k, v in self._export(p, state, unmatched).items()
                if not (k in CODES_KEYS or k in SCALES_KEYS or k == REMAINDER_KEY)}
         for key in keys:
             full = read_moment(p, key, state)

@@ -79,10 +79,10 @@ class StatePolicy:
                         "optimizer, which it then follows); otherwise drop it")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
             idle.append("stochastic_rounding=True changes nothing for these params (float32 params "
-                        "with float32 state, and float64 or complex params, round nothing) unless they are cast to "
-                        "fp16/bf16 later (model.half() or model.bfloat16() after building the "
-                        "optimizer); otherwise drop it, or use it with state_dtype=torch.bfloat16 "
-                        "or a quantized state_dtype")
+                        "with float32 state, and float64 or complex params, round nothing) unless "
+                        "they are cast to fp16/bf16 later (model.half() or model.bfloat16() after "
+                        "building the optimizer); otherwise drop it, or use it with "
+                        "state_dtype=torch.bfloat16 or a quantized state_dtype")
         return idle
 
     def format(self, p: Tensor) -> ParamFormat:
