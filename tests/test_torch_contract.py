@@ -12,6 +12,7 @@ test_optim.py is copied).
 from __future__ import annotations
 
 import copy
+import os
 import io
 
 import pytest
@@ -988,3 +989,28 @@ def test_add_param_group_of_a_non_dict_raises_torchs_error(name):
         messages.append(str(err.value))
         assert len(opt.param_groups) == 1
     assert messages[0] == messages[1] == "param_group must be a dict, but got <class 'list'>"
+
+
+def test_construction_warns_and_imports_no_more_than_torchs():
+    """A fresh process: building and stepping ours raises no warning where torch.optim's
+    raises none, and does not import torch.distributed.optim (which warns about torch.jit and takes seconds) to
+    learn whether ZeroRedundancyOptimizer is building it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch, tritonadam\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for cls in (torch.optim.AdamW, tritonadam.AdamW, tritonadam.Adam, tritonadam.Adamax):\n"
+        "        p = torch.nn.Parameter(torch.randn(5, 3))\n"
+        "        opt = cls([p])\n"
+        "        p.grad = torch.randn_like(p)\n"
+        "        opt.step()\n"
+        "assert not caught, [str(w.message) for w in caught][:3]\n"
+        "assert 'torch.distributed.optim' not in sys.modules, 'torch.distributed.optim imported'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

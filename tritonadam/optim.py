@@ -39,10 +39,12 @@ def _built_by_zero(depth: int = 8) -> bool:
     """Whether torch's ZeroRedundancyOptimizer is constructing this optimizer (it builds
     one per rank over that rank's partition of the params, and nothing on the params or
     groups says so)."""
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except Exception:  # pragma: no cover - builds without torch.distributed
+    # Looked up, not imported: a ZeroRedundancyOptimizer constructing us has imported its
+    # module, and importing torch.distributed.optim takes seconds and warns (torch.jit).
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if module is None:
         return False
+    ZeroRedundancyOptimizer = module.ZeroRedundancyOptimizer
     frame = sys._getframe(1)
     for _ in range(depth):
         frame = frame.f_back
