@@ -57,8 +57,11 @@ KWARGS = {
 
 
 def entry(rank: int, world: int, store: str, scenario: str, tmpdir: str) -> None:
-    """torch.multiprocessing.spawn target."""
+    """torch.multiprocessing.spawn target. World 0: one process without a process group."""
     torch.set_num_threads(1)
+    if world == 0:
+        SCENARIOS[scenario](rank, world, tmpdir)
+        return
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         SCENARIOS[scenario](rank, world, tmpdir)
@@ -1206,6 +1209,12 @@ QDATA_RANKS = 2  # every run trains on the batches of 2 ranks (one process: thei
 QRESHARD_ATOL = {8: 4e-4, 4: 6e-3}
 
 
+# World 0: one process without a process group (DCP's no-distributed mode), an unsharded
+# model whose optimizer exports the same forms as FSDP2's.
+def _qmodel(world: int, dtype, seed: int = 0) -> nn.Module:
+    return qfsdp(qbase(dtype, seed)) if world else qbase(dtype, seed)
+
+
 def _qpaths(tmpdir: str, world: int, label: str) -> dict:
     stem = os.path.join(tmpdir, f"q_w{world}_{label}")
     return {"dcp": stem + "_dcp", "full": stem + "_full.pt", "final": stem + "_final.pt"}
@@ -1220,11 +1229,11 @@ def _qsave(rank: int, world: int, tmpdir: str) -> None:
     3 more steps: the uninterrupted run's final params."""
     for label, (bits, dtype, kw) in QDCP.items():
         paths = _qpaths(tmpdir, world, label)
-        model = qfsdp(qbase(dtype))
+        model = _qmodel(world, dtype)
         opt = qopt(model, f"{bits}bit", **kw)
         qtrain(model, opt, range(3), _qranks(rank, world))
         msd, osd = get_state_dict(model, opt)
-        check_exported(model, osd, bits, False, f"{label} saved on {world}")
+        check_exported(model, osd, bits, world == 0, f"{label} saved on {world}")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=paths["dcp"])
         full_osd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True)))
         qtrain(model, opt, range(3, 6), _qranks(rank, world))
@@ -1232,7 +1241,8 @@ def _qsave(rank: int, world: int, tmpdir: str) -> None:
         if rank == 0:
             torch.save(full_osd, paths["full"])
             torch.save(final, paths["final"])
-        dist.barrier()
+        if world:
+            dist.barrier()
 
 
 def _qload(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
@@ -1242,7 +1252,7 @@ def _qload(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
     steps stay within quantization error of the uninterrupted run."""
     for label, (bits, dtype, kw) in QDCP.items():
         paths = _qpaths(tmpdir, saved_world, label)
-        model = qfsdp(qbase(dtype, seed=9))  # other values: the load must overwrite them
+        model = _qmodel(world, dtype, seed=9)  # other values: the load must overwrite them
         opt = qopt(model, f"{bits}bit", **kw)
         msd, osd = get_state_dict(model, opt)
         sd = {"model": msd, "optim": osd}
@@ -1256,16 +1266,16 @@ def _qload(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 ck, sk = f"{key}_{bits}bit", f"{key}_scales"
                 if n in QALIGNED:
-                    want = tuple(qchunk(saved[n][k], rank, world).reshape(-1) for k in (ck, sk))
+                    want = tuple(qchunk(saved[n][k], rank, max(world, 1)).reshape(-1) for k in (ck, sk))
                 else:  # a code and a scale per element: decoded, re-encoded in this shard's blocks
-                    codes, scales = (qchunk(saved[n][k], rank, world).reshape(-1) for k in (ck, sk))
+                    codes, scales = (qchunk(saved[n][k], rank, max(world, 1)).reshape(-1) for k in (ck, sk))
                     shard = tritonadam.quantize.dequantize_per_element(codes, scales, bits, key == "exp_avg")
                     want = tritonadam.quantize.requantize(shard, bits, key == "exp_avg")
                 assert torch.equal(state[ck], want[0]), (what, key)
                 assert torch.equal(state[sk].view(torch.int16), want[1].view(torch.int16)), (what, key)
             if "master_weights" in kw:
                 master = tritonadam.state.join_master(local(p).detach(), local(state["master_param_remainder"]))
-                assert torch.equal(master, qchunk(saved[n]["master_param"], rank, world)), what
+                assert torch.equal(master, qchunk(saved[n]["master_param"], rank, max(world, 1))), what
         qtrain(model, opt, range(3, 6), _qranks(rank, world))
         final = torch.load(paths["final"], weights_only=True)
         diffs = {n: (full(p.detach()).float() - final[n].float()).abs().max().item()
@@ -1300,6 +1310,22 @@ def fsdp2_quantized_dcp_load1(rank: int, world: int, tmpdir: str) -> None:
     """One rank loads the checkpoint 2 ranks saved."""
     assert world == 1
     _qload(rank, world, tmpdir, saved_world=2)
+
+
+def quantized_dcp_alone(rank: int, world: int, tmpdir: str) -> None:
+    """One process without a process group (an unsharded model) loads the checkpoint 2
+    ranks saved, then saves one for 2 ranks to load: its optimizer exports the forms
+    FSDP2's does (per element where blocks do not fall on rows), so DCP reads each into
+    the other."""
+    assert world == 0 and not dist.is_initialized()
+    _qload(rank, world, tmpdir, saved_world=2)
+    _qsave(rank, world, tmpdir)
+
+
+def fsdp2_quantized_dcp_from_alone(rank: int, world: int, tmpdir: str) -> None:
+    """Two ranks load the checkpoint one process without a process group saved."""
+    assert world == 2
+    _qload(rank, world, tmpdir, saved_world=0)
 
 
 class QAligned(nn.Module):
@@ -1573,8 +1599,9 @@ def sr_replicas_agree(rank: int, world: int, tmpdir: str) -> None:
 def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> None:
     """A full state dict of an unsharded model's 8-bit/4-bit state loaded into FSDP2
     through torch's set_optimizer_state_dict. Exported in a process group (DDP), a 1-D
-    param's state is a code and a scale per element: it loads. Saved by one process, flat
-    block codes with a scale per block of the whole param: torch splits codes and scales
+    param's state is a code and a scale per element: it loads (one process exports the
+    same). Flat block codes with a scale per block of the whole param (the in-memory form,
+    and what one process saved before 2026-12-05): torch splits codes and scales
     along dim 0 apart, so a shard starting inside a block read other blocks' scales (rank
     1 off by its shard's largest moment, silently); refused on every rank, the params
     untouched. The documented route, ``opt.load_state_dict`` on the unsharded dict, loads
@@ -1610,7 +1637,8 @@ def fsdp2_unsharded_quantized_full_state(rank: int, world: int, tmpdir: str) -> 
             q = tritonadam.quantize
             expected = q.dequantize(*q.requantize(saved, nb, key == "exp_avg"), n, nb, key == "exp_avg")
             assert torch.equal(local(opt.torch_state_dict()["state"][0][key]), expected), (bits, key)
-        # One process saves flat block codes with a scale per block of the whole param.
+        # The in-memory form (as an older checkpoint of one process held it): flat block
+        # codes with a scale per block of the whole param.
         for key in ("exp_avg", "exp_avg_sq"):
             osd["state"]["b"][f"{key}_{bits}"] = sopt.state[single.b][f"{key}_{bits}"].clone()
             osd["state"]["b"][f"{key}_scales"] = sopt.state[single.b][f"{key}_scales"].clone()
@@ -1746,6 +1774,8 @@ SCENARIOS = {
     "fsdp2_quantized_dcp_save1": fsdp2_quantized_dcp_save1,
     "fsdp2_quantized_dcp_load1": fsdp2_quantized_dcp_load1,
     "fsdp2_quantized_dcp_world2": fsdp2_quantized_dcp_world2,
+    "quantized_dcp_alone": quantized_dcp_alone,
+    "fsdp2_quantized_dcp_from_alone": fsdp2_quantized_dcp_from_alone,
     "zero_redundancy": zero_redundancy,
     "tensor_parallel": tensor_parallel,
     "sr_replicas_agree": sr_replicas_agree,

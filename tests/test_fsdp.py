@@ -26,7 +26,7 @@ TIMEOUT_S = 240
 
 def run_scenario(scenario: str, tmp_path, world: int = WORLD, *, start_method: str = "forkserver") -> None:
     """Run ``scenario`` on ``world`` gloo ranks (1: a single-rank job, e.g. to load a
-    checkpoint saved by 2 ranks).
+    checkpoint saved by 2 ranks; 0: one process without a process group).
 
     Ranks fork from a server that imported torch and the worker once (per pytest process),
     instead of importing them afresh (2.3 s from start to entry per spawned rank, measured
@@ -42,7 +42,7 @@ def run_scenario(scenario: str, tmp_path, world: int = WORLD, *, start_method: s
     context = mp.start_processes(
         fsdp_worker.entry,
         args=(world, str(store), scenario, str(tmp_path)),
-        nprocs=world,
+        nprocs=max(world, 1),
         join=False,
         start_method=start_method,
     )
@@ -191,13 +191,18 @@ def test_fsdp2_quantized_flattened_state_dicts(tmp_path):
 
 
 def test_fsdp2_quantized_dcp_reshards_between_world_sizes(tmp_path):
-    """dcp.save on 1 rank, load on 2 (and the reverse): each shard's state is the saved
+    """dcp.save on 1 rank, load on 2 (and the reverse), and between 2 ranks and one process
+    without a process group (both ways): each shard's state is the saved
     rows (codes of aligned params as they were, full-precision moments of the others
     re-encoded in the new blocks), the remainder master carried over, and training
     continues within quantization error of the uninterrupted run."""
     run_scenario("fsdp2_quantized_dcp_save1", tmp_path, world=1)
     run_scenario("fsdp2_quantized_dcp_world2", tmp_path, world=2)  # loads it, saves on 2 ranks
     run_scenario("fsdp2_quantized_dcp_load1", tmp_path, world=1)
+    # One process without a process group loads the 2 ranks' checkpoint and saves one for them.
+    run_scenario("quantized_dcp_alone", tmp_path, world=0)
+    run_scenario("fsdp2_quantized_dcp_from_alone", tmp_path, world=2)
+    assert (tmp_path / "q_w0_4bit-bf16-remainder_dcp" / ".metadata").exists()
     assert (tmp_path / "q_w2_8bit_dcp" / ".metadata").exists()
     assert (tmp_path / "q_w1_4bit-bf16-remainder_dcp" / ".metadata").exists()
 

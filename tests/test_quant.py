@@ -362,12 +362,11 @@ def layout_params(dtype, device, seed=0):
 def exported_shapes(p, bits):
     """(codes shape, scales shape) that ``state_dict()`` gives a (plain) param."""
     n = p.numel()
-    if not p.is_contiguous():  # codes in memory order: a code and a scale per element
-        return tuple(p.shape), tuple(p.shape)
-    if p.dim() and p.shape[0] and (n // p.shape[0]) % QB == 0:
+    if p.is_contiguous() and p.dim() and p.shape[0] and (n // p.shape[0]) % QB == 0:
         row = n // p.shape[0]
         return (p.shape[0], row * bits // 8), (p.shape[0], row // QB)
-    return (Q.code_bytes(n, bits),), (Q.num_scales(n),)
+    # blocks off the rows, or codes in memory order: a code and a scale per element
+    return tuple(p.shape), tuple(p.shape)
 
 
 def in_memory_order(p, flat):
@@ -394,9 +393,9 @@ def full_moment(opt, p, key):
 @pytest.mark.parametrize("name,bits", [("AdamW", 8), ("AdamW", 4), ("Adamax", 8)])
 def test_state_dict_keys_dtypes_and_shapes(name, bits, device):
     """``state_dict()``: codes (uint8) and bf16 scales per moment, shaped (dim0, row) /
-    (dim0, row * bits / 8) and (dim0, row / 64) for params whose rows are whole blocks, flat
-    for other contiguous ones, a code and a scale per element shaped like the param for a
-    transposed one, holding the optimizer's codes and scales; the master as fp32 ``master_param``
+    (dim0, row * bits / 8) and (dim0, row / 64) for params whose rows are whole blocks, a
+    code and a scale per element shaped like the param for the others (and a transposed
+    one), holding the optimizer's codes and scales; the master as fp32 ``master_param``
     beside the remainder itself (the keys the state holds: flattened state dicts), the seed. ``torch_state_dict()``: torch.optim's keys, fp32 moments shaped like the
     params, the decoded codes exactly."""
     params = layout_params(BF16, device)
@@ -421,7 +420,7 @@ def test_state_dict_keys_dtypes_and_shapes(name, bits, device):
             assert (codes.dtype, tuple(codes.shape)) == (torch.uint8, codes_shape), (i, key, codes.shape)
             assert (scales.dtype, tuple(scales.shape)) == (BF16, scales_shape), (i, key, scales.shape)
             live_codes, live_scales = state[f"{key}_{bits}bit"], state[f"{key}_scales"]
-            if codes.shape == p.shape and not p.is_contiguous():
+            if codes.shape == p.shape and scales.shape == p.shape:
                 live_codes, live_scales = (in_memory_order(p, t) for t in Q.per_element(live_codes, live_scales, p.numel(), bits))
             assert torch.equal(codes.reshape(-1), live_codes.reshape(-1))
             assert torch.equal(scales.reshape(-1).view(torch.int16), live_scales.reshape(-1).view(torch.int16))
@@ -910,6 +909,28 @@ def test_malformed_quantized_state_is_refused_and_changes_nothing(how, bits, dev
             target.load_state_dict(copy.deepcopy(saved))
         assert_same_snapshot(before, snapshot(target, target_params), how)
         train(target, target_params, gen, 1)  # and it still steps
+
+
+@pytest.mark.parametrize("sizes", [(65, 66), (66, 65)])
+def test_one_process_checkpoint_of_odd_4bit_codes_is_refused_by_a_param_of_another_size(sizes, device):
+    """One process exports a 1-D param's 4-bit codes per element, so a checkpoint of n
+    elements loaded into a param of n + 1 (or the reverse) is refused, as 8-bit codes are:
+    flat codes (two per byte) and block scales of 65 and 66 elements count the same, and
+    loaded silently with a stale or made-up last element."""
+    gen = torch.Generator().manual_seed(70)
+    src = nn.Parameter(torch.randn(sizes[0], generator=gen).to(device))
+    opt = PAIRS["AdamW"][0]([src], lr=1e-2, state_dtype="4bit", **LAUNCH)
+    train(opt, [src], gen, 1)
+    saved = opt.state_dict()
+    assert tuple(saved["state"][0]["exp_avg_4bit"].shape) == (sizes[0],)
+    dst = [nn.Parameter(torch.randn(sizes[1], generator=gen).to(device))]
+    target = PAIRS["AdamW"][0](dst, lr=1e-2, state_dtype="4bit", **LAUNCH)
+    train(target, dst, gen, 1)
+    before = snapshot(target, dst)
+    with pytest.raises(ValueError, match=rf"'exp_avg_4bit' of param 0 has {sizes[0]} elements where a param of "
+                                         rf"shape \({sizes[1]},\) needs 33 \(or one per element, {sizes[1]}\)"):
+        target.load_state_dict(copy.deepcopy(saved))
+    assert_same_snapshot(before, snapshot(target, dst), "refused")
 
 
 @pytest.mark.parametrize("state_dtype", ["8bit", None])

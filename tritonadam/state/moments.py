@@ -216,12 +216,12 @@ class QuantizedMoments:
         """Under the keys the state holds them (torch's flattened state dicts rebuild a
         param's state from its optimizer's keys): codes and scales shaped by the param's
         rows where blocks fall on row boundaries (any sharding along dim 0 then splits
-        them where it splits the param, and DCP reshards them with it); flat for other
-        plain params whose codes count elements in logical order. Otherwise a code and a
-        scale per element, laid out (and sharded) like the param: DTensor params whose
-        blocks start at each shard (1-D and odd-shaped params, few elements), and params
-        whose codes follow other strides (transposed, channels-last), which a load into
-        any layout reads right (3 bytes per element at either width: a uint8 code, a bf16 scale)."""
+        them where it splits the param, and DCP reshards them with it). Otherwise a code
+        and a scale per element, laid out (and sharded) like the param, which a load into
+        any sharding or layout reads right (3 bytes per element at either width: a uint8
+        code, a bf16 scale): params whose blocks do not fall on rows (1-D and odd-row
+        params, few elements in most models), sharded or not, and params whose codes
+        follow other strides (transposed, channels-last)."""
         ck, sk = codes_key(key, self.bits), scales_key(key)
         codes, scales = saved[ck], saved[sk]
         lp = local_tensor(p)
@@ -229,17 +229,17 @@ class QuantizedMoments:
         logical = order == logical_order(lp)
         rows = _block_rows(p) if logical else None
         if rows is None:
-            if lp is p and logical and not _in_process_group():
-                out[ck], out[sk] = codes, scales
-            else:
-                # Blocks in another order than the param's indices (a transposed or
-                # channels-last param) mean nothing to a param laid out otherwise at load;
-                # blocks counted from a shard's start (or, in a process group, from the
-                # whole param's, which FSDP2 or DCP may shard) mean nothing to other shards.
-                template = _laid_out(lp, order)
-                e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
-                out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(template, e_codes))
-                out[sk] = like(p, torch.bfloat16, torch.contiguous_format, _logical(template, e_scales))
+            # Blocks in another order than the param's indices (a transposed or
+            # channels-last param) mean nothing to a param laid out otherwise at load;
+            # blocks counted from a shard's start, or from the whole param's (which FSDP2
+            # or DCP may shard at load), mean nothing to other shards. One process alone
+            # exports this form too: DCP reads a checkpoint into tensors of the loading
+            # optimizer's own export, so a form that depended on the process group would
+            # not move between one process and FSDP2 shards.
+            template = _laid_out(lp, order)
+            e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
+            out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(template, e_codes))
+            out[sk] = like(p, torch.bfloat16, torch.contiguous_format, _logical(template, e_scales))
             return
         local_rows, global_rows = lp.shape[0] if lp.dim() else 1, rows
         per_row = lp.numel() // max(local_rows, 1) if local_rows else p.numel() // max(global_rows, 1)
@@ -286,9 +286,3 @@ def _as_dtensor(p: Tensor, local: Tensor, shape: tuple) -> Tensor:
 
     stride = (shape[1], 1)
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
-
-
-def _in_process_group() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()

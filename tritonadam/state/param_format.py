@@ -16,7 +16,7 @@ from .entries import (
     _memory_format, _quantized_bits, SCALES_KEYS, scales_key, _seed_problem, _stale, _tensor_problem,
 )
 from .master import _adopt_master, _rounded_from, join_master, split_master
-from .moments import DenseMoments, QuantizedMoments, _in_process_group, read_moment
+from .moments import DenseMoments, QuantizedMoments, read_moment
 from .orders import _ENCODED_SHAPE
 from .steps import STEP_DTYPES, _countable, step_device
 
@@ -253,3 +253,9 @@ def _unmatched(p: Tensor, state: dict) -> str | None:
         elif key in (*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY) and lv.shape != lp.shape:
             return f"{key!r} of shape {tuple(lv.shape)}"
     return None
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
