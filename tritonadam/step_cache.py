@@ -7,7 +7,8 @@ launches rely on, and launches: one prepare kernel per device (step counts, per-
 scalars) and one update kernel per bucket.
 
 The per-step check is a handful of C-level passes over the tensors, no Python loop body
-per tensor: host time per step is a benchmarked figure. Anything that does not match
+per tensor, run chunk by chunk of rows (``_Chunk``) so that a row's objects are read from
+memory once: host time per step is a benchmarked figure. Anything that does not match
 what the tables were built from sends the optimizer back to a full gathering, which
 gives a precise error or builds a new cache.
 """
@@ -167,6 +168,41 @@ def _tensor_guards(tensors: list[Tensor]):
         return None
 
 
+#: rows per chunk of the per-step check: a chunk's params, grads and state tensors (about
+#: 5 of them a row, a few cache lines each) stay within a core's L2 cache between passes.
+_CHUNK = 256
+
+
+class _Chunk:
+    """A run of consecutive rows whose per-step passes run one after the other (``StepCache.
+    check``): its batch rows' params (as the user sees them, in batch order), their
+    pointers and layouts with every state tensor's of the run, and its grads' metadata."""
+
+    __slots__ = ("params", "grad_meta", "param_ptrs", "state", "state_ptrs", "laid_out", "layouts")
+
+    def __init__(self, rows: list[Row]) -> None:
+        batch = [r for r in rows if not r.revalidated]
+        self.params = [r.param for r in batch]
+        self.grad_meta = _GradMeta([r.grad for r in batch])
+        local_params = [local_tensor(p) for p in self.params]
+        self.param_ptrs = list(map(Tensor.data_ptr, local_params))
+        # Every state tensor but the counts (one number each) has its layout compared.
+        self.laid_out = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master)
+                         if t is not None]
+        self.state = self.laid_out + [local_tensor(r.step) for r in rows]
+        self.state_ptrs = list(map(Tensor.data_ptr, self.state))
+        self.layouts = _LayoutMeta(local_params + self.laid_out)
+
+    def in_place(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` (the local shards of ``self.params``) and the state tensors
+        are where the tables point: the same address, and the same shape and strides (a
+        tensor re-viewed under its address, ``p.data = p.data.t()``, keeps its pointer)."""
+        # The layouts first: one C++ pass, which brings in most of what the pointers read.
+        return (self.layouts.same(params + self.laid_out)
+                and list(map(Tensor.data_ptr, params)) == self.param_ptrs
+                and list(map(Tensor.data_ptr, self.state)) == self.state_ptrs)
+
+
 @dataclass
 class _Launch:
     bucket: Bucket
@@ -238,12 +274,10 @@ class StepCache:
         self._state_versions = self._versions(self._state_dicts)
         # Every state tensor's pointer (step counts too), and the layout of each but the
         # counts (one number): one re-viewed under the same address (``v.data = v.data.t()``)
-        # would be read in the layout it was checked in.
-        self._state_tensors = [local_tensor(t) for r in rows for t in (*r.moments, *r.scales, r.master)
-                               if t is not None]
-        self._state_layouts = _LayoutMeta(self._state_tensors)
-        self._moments = self._state_tensors + [local_tensor(r.step) for r in rows]
-        self._moment_ptrs = list(map(Tensor.data_ptr, self._moments))
+        # would be read in the layout it was checked in. Compared chunk by chunk of rows,
+        # with the rows' params and grads (``_Chunk``).
+        size = -(-len(rows) // -(-len(rows) // _CHUNK)) if rows else 1  # even chunks of at most _CHUNK
+        self._chunks = [_Chunk(rows[lo:lo + size]) for lo in range(0, len(rows), size)]
         # State in an autograd graph (moments that differentiable=True steps computed from
         # grads that require grad, the group switched back since; a switch re-gathers):
         # bumped with the params, as torch's in-place updates bump it. Usually none.
@@ -261,10 +295,7 @@ class StepCache:
         self._dtensor_rows = [i for i, k in enumerate(kinds) if k]
         self._grad_specs = [_spec(r.param.grad) for r in (batch[i] for i in self._dtensor_rows)]
         self._grad_placements = list(map(_placement, self._grad_specs))
-        self._param_ptrs = [local_tensor(r.param).data_ptr() for r in batch]
-        self._param_layouts = _LayoutMeta([local_tensor(r.param) for r in batch])
         grads = [r.grad for r in batch]
-        self._grad_meta = _GradMeta(grads)
         self._empty = [i for i, g in enumerate(grads) if g.numel() == 0]
         self._grad_sizes = list(map(Tensor.element_size, grads))
         # Table order: batch-checked rows first (their grad pointers come from the C-level
@@ -298,6 +329,7 @@ class StepCache:
             row.grad = None
         self._uploaded: list[int] | None = None
         self.has_complex = any(p.is_complex() for p in self._params + self.host_params)
+        self._bumped = self._params + self.host_params + self._graph_state  # what each launch bumps
 
     # ---- building -------------------------------------------------------------------
 
@@ -344,14 +376,23 @@ class StepCache:
         """
         if not self._same_structure(param_groups, state, options, tensors=not grads_only):
             return False
-        grads = list(map(GRAD, self._batch_params))
-        try:
-            local_grads = self._locals(grads)
-            ptrs = list(map(Tensor.data_ptr, local_grads))
-        except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
-            return False
-        if not (grads_only or self._params_in_place()) or not self._grad_meta.same(local_grads):
-            return False
+        # Chunk by chunk of rows, every pass over a chunk's grads, params and state while
+        # its objects are still in the CPU's caches (one pass each over all of them read
+        # most of them from memory again): the same comparisons, in another order.
+        grads, local_grads, ptrs = [], [], []
+        local = self._locals
+        for chunk in self._chunks:
+            got = list(map(GRAD, chunk.params))
+            try:
+                got_local = local(got)
+                got_ptrs = list(map(Tensor.data_ptr, got_local))
+            except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
+                return False
+            if not chunk.grad_meta.same(got_local) or not (grads_only or chunk.in_place(local(chunk.params))):
+                return False
+            grads += got
+            local_grads += got_local
+            ptrs += got_ptrs
         if self._dtensor and not self._placed_as_taken(grads):
             return False
         if ptrs != self._grad_ptrs and self._freed(local_grads, ptrs):
@@ -393,19 +434,19 @@ class StepCache:
         return (all(map(operator.is_, specs, self._grad_specs))
                 or list(map(_placement, specs)) == self._grad_placements)
 
-    def _params_in_place(self) -> bool:
-        """Whether the batch rows' params are where the tables point: the same address, and
-        the same shape and strides (a param re-viewed under its address, ``p.data =
-        p.data.t()`` with grads set by hand in the old layout, keeps its pointer)."""
-        params = self._locals(self._batch_params)
-        return list(map(Tensor.data_ptr, params)) == self._param_ptrs and self._param_layouts.same(params)
+    def _tensors_in_place(self) -> bool:
+        """Whether the batch rows' params and every row's state tensors are where the
+        tables point, in the layout they were built with (``_Chunk.in_place``)."""
+        local = self._locals
+        return all(chunk.in_place(local(chunk.params)) for chunk in self._chunks)
 
     def _same_structure(self, param_groups: list[dict], state: dict, options: tuple,
                         tensors: bool = True) -> bool:
         """Whether everything but this step's grads is as the tables were built from: the
-        options, the state (its dicts, their entries and, with ``tensors``, the storage,
-        shape and strides of every state tensor), the groups' params, and no grad on a
-        param that had none."""
+        options, the state (its dicts and their entries), the groups' params, and no grad
+        on a param that had none; with ``tensors``, no inference param outside inference
+        mode. The storage, shape and strides of the params and state tensors are the
+        chunks' (``_tensors_in_place``, or ``check``'s pass)."""
         lists = [g["params"] for g in param_groups]
         return not (
             bool(self._meta)
@@ -414,8 +455,6 @@ class StepCache:
             or state is not self._state
             or not self._same_state_dicts(state)
             or self._versions(self._state_dicts) != self._state_versions
-            or tensors and (list(map(Tensor.data_ptr, self._moments)) != self._moment_ptrs
-                            or not self._state_layouts.same(self._state_tensors))
             or list(map(len, lists)) != self._group_lens
             or not all(map(operator.is_, chain.from_iterable(lists), self._all_params))
             or any(map(operator.is_not, map(GRAD, self._inactive), repeat(None)))
@@ -463,7 +502,8 @@ class StepCache:
         # Everything the tables point at, compared again: code between the clip and the
         # step (a step pre-hook reloading offloaded state, ``p.data = ...``, a storage
         # freed or regrown) moves params and state as well as grads.
-        if taken is None or not self._same_structure(param_groups, state, options) or not self._params_in_place():
+        if (taken is None or not self._same_structure(param_groups, state, options)
+                or not self._tensors_in_place()):
             return False
         # The batch rows' grads read once: their addresses against the taken ones (a
         # replaced grad or a storage moved under ``.data`` shows a new address, a grad set
@@ -595,7 +635,7 @@ class StepCache:
         # a DTensor's writes land on its local tensor): bumped as torch.optim's in-place
         # ops bump them, a backward through a graph that saved a param before this step
         # raises instead of using the stepped values. One C call, ~0.2 us per param.
-        torch.autograd.graph.increment_version(self._params + self.host_params + self._graph_state)
+        torch.autograd.graph.increment_version(self._bumped)
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they

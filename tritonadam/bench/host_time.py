@@ -138,13 +138,17 @@ def breakdown(tensors: int, numel: int, reps: int) -> dict:
         opt.step()
         cache = opt._cache
         grad = operator.attrgetter("_grad")
+        chunks = cache._chunks  # the check's runs of rows, each with its own guards
         passes = {
             "floor (p.grad.data_ptr() loop)": lambda: floor_pass(params),
             "grads (_grad)": lambda: list(map(grad, params)),
             "grad pointers": lambda: list(map(torch.Tensor.data_ptr, map(grad, params))),
-            "tensor guards": lambda: cache._grad_meta.same(list(map(grad, params))),
+            "tensor guards": lambda: [c.grad_meta.same(list(map(grad, c.params))) for c in chunks],
             "param pointers": lambda: list(map(torch.Tensor.data_ptr, params)),
-            "exp_avg pointers": lambda: list(map(torch.Tensor.data_ptr, cache._moments)),
+            # every state tensor's (moments, counts), as the check reads them
+            "exp_avg pointers": lambda: [list(map(torch.Tensor.data_ptr, c.state)) for c in chunks],
+            "param and state layouts": lambda: [c.layouts.same(c.params + c.laid_out) for c in chunks],
+            "whole check": lambda: cache.check(opt.param_groups, opt.state, opt._options()),
             "state dict versions": lambda: cache._versions(cache._state_values),
             "group membership": lambda: all(map(operator.is_, chain.from_iterable(
                 g["params"] for g in opt.param_groups), cache._all_params)),
