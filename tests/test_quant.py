@@ -362,7 +362,9 @@ def layout_params(dtype, device, seed=0):
 def exported_shapes(p, bits):
     """(codes shape, scales shape) that ``state_dict()`` gives a (plain) param."""
     n = p.numel()
-    if p.is_contiguous() and p.dim() and p.shape[0] and (n // p.shape[0]) % QB == 0:
+    if p.dim() == 0:  # one code and one scale, as in memory
+        return (1,), (1,)
+    if p.is_contiguous() and p.shape[0] and (n // p.shape[0]) % QB == 0:
         row = n // p.shape[0]
         return (p.shape[0], row * bits // 8), (p.shape[0], row // QB)
     # blocks off the rows, or codes in memory order: a code and a scale per element
@@ -931,6 +933,41 @@ def test_one_process_checkpoint_of_odd_4bit_codes_is_refused_by_a_param_of_anoth
                                          rf"shape \({sizes[1]},\) needs 33 \(or one per element, {sizes[1]}\)"):
         target.load_state_dict(copy.deepcopy(saved))
     assert_same_snapshot(before, snapshot(target, dst), "refused")
+
+
+@pytest.mark.parametrize("target", [None, "4bit"])
+def test_a_0dim_params_quantized_state_moves_through_torchs_full_state_dict(target, device):
+    """A 0-dim param (CLIP's logit_scale) exports its code and scale shaped (1,): torch's
+    full state dicts take 0-dim tensors for scalars like ``step`` and fail to map them back
+    (``KeyError: 'state.s.exp_avg_8bit'`` into another state format)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(71)
+            self.w = nn.Parameter(torch.randn(3, 4, generator=gen).to(device))
+            self.s = nn.Parameter(torch.tensor(2.0).to(device))
+
+    gen = torch.Generator().manual_seed(72)
+    src = Net()
+    opt = PAIRS["AdamW"][0](src.parameters(), lr=1e-2, state_dtype="8bit", **LAUNCH)
+    train(opt, list(src.parameters()), gen, 2)
+    full = StateDictOptions(full_state_dict=True)
+    saved = get_optimizer_state_dict(src, opt, options=full)
+    assert tuple(saved["state"]["s"]["exp_avg_8bit"].shape) == (1,)
+    dst = Net()
+    other = PAIRS["AdamW"][0](dst.parameters(), lr=1e-2, state_dtype=target, **LAUNCH)
+    set_optimizer_state_dict(dst, other, saved, options=full)
+    want = opt.torch_state_dict()["state"][1]
+    got = other.torch_state_dict()["state"][1]
+    assert got["exp_avg"].shape == () and got["step"].item() == 2
+    for key in ("exp_avg", "exp_avg_sq"):
+        if target is None:  # fp32 moments: the decoded values themselves
+            assert torch.equal(got[key].cpu(), want[key].cpu()), key
+        else:
+            torch.testing.assert_close(got[key].cpu(), want[key].cpu(), rtol=0.2, atol=0)
 
 
 @pytest.mark.parametrize("state_dtype", ["8bit", None])

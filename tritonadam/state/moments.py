@@ -236,6 +236,12 @@ class QuantizedMoments:
             # exports this form too: DCP reads a checkpoint into tensors of the loading
             # optimizer's own export, so a form that depended on the process group would
             # not move between one process and FSDP2 shards.
+            if lp is p and p.dim() == 0:
+                # One code and one scale, shaped (1,) as the in-memory form (which they
+                # equal: one element is one block): torch's full state dicts take 0-dim
+                # tensors for scalars like ``step`` and fail to map them back by key.
+                out[ck], out[sk] = codes, scales
+                return
             template = _laid_out(lp, order)
             e_codes, e_scales = quantize.per_element(codes, scales, lp.numel(), self.bits)
             out[ck] = like(p, torch.uint8, torch.contiguous_format, _logical(template, e_codes))
