@@ -512,15 +512,30 @@ class Clipper:
         gained = sum(1 for p in params if id(p) not in measured)
         total = len(self._params)
         self.clear()
-        if quiet or not held:
+        if quiet:
+            return
+        if not held:
+            # Every grad replaced: a new backward (torch would step it unclipped too) or
+            # copies (`p.grad = p.grad.float()`, which torch's in-place clip would have
+            # left clipped): the step cannot tell which, and says what it does.
+            if replaced and not at_clip:
+                warn(
+                    f"tritonadam.{self.name}: every grad clip_grad_norm_ measured was replaced "
+                    f"before the step ({replaced} new grad tensor{'s' if replaced > 1 else ''}: a new "
+                    "backward, or copies such as p.grad = p.grad.float()), so its coefficient was "
+                    "dropped and this step reads them unclipped (torch's in-place clip would have "
+                    "left copies clipped). Call clip_grad_norm_ after the last change to .grad, "
+                    "right before step(); opt.zero_grad() before a new backward drops it quietly"
+                )
             return
         if in_place and not replaced and not gained:
             reads = "this clip measures them afresh" if at_clip else "this step reads them unclipped"
             warn(
-                f"tritonadam.{self.name}: the grads were changed in place after clip_grad_norm_ "
-                "measured them (zero_(), zero_grad(set_to_none=False), another backward "
-                f"accumulating into them), so its coefficient was dropped and {reads}. "
-                "Call clip_grad_norm_ after the last change to .grad, right before step()"
+                f"tritonadam.{self.name}: the grads were changed in place or given other memory "
+                "after clip_grad_norm_ measured them (zero_(), zero_grad(set_to_none=False), "
+                "another backward accumulating into them, .data = ..., model.float()), so its "
+                f"coefficient was dropped and {reads}. Call clip_grad_norm_ after the last change "
+                "to .grad, right before step()"
             )
             return
         what = []

@@ -538,9 +538,10 @@ class _TritonAdamBase(Optimizer):
         steps like any other grads:
         ``torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)``.
 
-        The coefficient belongs to the grads it measured. ``zero_grad()``, or grads
-        replaced before the step (a new backward after ``set_to_none``), drop it, as the
-        grads torch's in-place clip scaled would be gone. A second call before the step
+        The coefficient belongs to the grads it measured. ``zero_grad()`` drops it, as the
+        grads torch's in-place clip scaled would be gone; so do grads replaced before the
+        step, with a warning (a new backward, or copies such as ``p.grad.float()``, which
+        torch's clip would have left clipped: the step cannot tell). A second call before the step
         measures the grads as already clipped by the first and compounds, as a second
         in-place clip would. Grads changed in place after the call drop it too, with a
         warning at the step (torch's version counters or the grads' addresses show it;
