@@ -541,9 +541,9 @@ class _TritonAdamBase(Optimizer):
         The coefficient belongs to the grads it measured. ``zero_grad()`` drops it, as the
         grads torch's in-place clip scaled would be gone; so do grads replaced before the
         step, with a warning (a new backward, or copies such as ``p.grad.float()``, which
-        torch's clip would have left clipped: the step cannot tell). A second call before the step
-        measures the grads as already clipped by the first and compounds, as a second
-        in-place clip would. Grads changed in place after the call drop it too, with a
+        torch's clip would have left clipped: the step cannot tell). A second call before
+        the step measures the grads as already clipped by the first and compounds, as a
+        second in-place clip would. Grads changed in place after the call drop it too, with a
         warning at the step (torch's version counters or the grads' addresses show it;
         writes through ``.data``, numpy or collectives do not). The
         step that follows reuses this call's check of the grads, after confirming that
