@@ -358,7 +358,7 @@ class _BesideTorch:
 
 def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
     """As on the GPU: zero_grad, replaced grads or grads changed in place drop a pending
-    coefficient; a second clip before the step measures the clipped grads and compounds;
+    coefficient (the last two with a warning); a second clip before the step measures the clipped grads and compounds;
     error_if_nonfinite raises torch's error and leaves the coefficient as it was."""
     pair = _BesideTorch(on_host, [(6, 5), (11,)], seed=34)
     params, ref, ours, theirs, set_grads = pair.params, pair.ref, pair.ours, pair.theirs, pair.set_grads
@@ -373,8 +373,9 @@ def test_fused_clip_belongs_to_the_grads_it_measured(on_host):
     set_grads()  # the clipped grads are gone: the step is torch's unclipped one
     step_both()
     ours.clip_grad_norm_(0.1)
-    set_grads()  # replaced without zero_grad: likewise
-    step_both()
+    set_grads()  # replaced without zero_grad: likewise, warned (they could be copies)
+    with pytest.warns(UserWarning, match="every grad clip_grad_norm_ measured was replaced"):
+        step_both()
     ours.clip_grad_norm_(0.1)
     for p, q in zip(params, ref):  # zeroed in place and accumulated again: likewise, warned
         p.grad.zero_()

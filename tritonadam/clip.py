@@ -511,17 +511,19 @@ class Clipper:
         measured = {id(p) for p in self._params}
         gained = sum(1 for p in params if id(p) not in measured)
         total = len(self._params)
+        nonempty = 0 if held else sum(1 for p in self._params if GRAD(p) is not None and GRAD(p).numel())
         self.clear()
         if quiet:
             return
         if not held:
             # Every grad replaced: a new backward (torch would step it unclipped too) or
             # copies (`p.grad = p.grad.float()`, which torch's in-place clip would have
-            # left clipped): the step cannot tell which, and says what it does.
-            if replaced and not at_clip:
+            # left clipped): the step cannot tell which, and says what it does (empty
+            # grads, which no coefficient changes, aside).
+            if nonempty and not at_clip:
                 warn(
                     f"tritonadam.{self.name}: every grad clip_grad_norm_ measured was replaced "
-                    f"before the step ({replaced} new grad tensor{'s' if replaced > 1 else ''}: a new "
+                    f"before the step ({nonempty} new grad tensor{'s' if nonempty > 1 else ''}: a new "
                     "backward, or copies such as p.grad = p.grad.float()), so its coefficient was "
                     "dropped and this step reads them unclipped (torch's in-place clip would have "
                     "left copies clipped). Call clip_grad_norm_ after the last change to .grad, "
