@@ -204,3 +204,41 @@ def test_grad_pointers_are_uploaded_only_when_grads_move(device, monkeypatch):
     _grads(params, 10)  # new grad tensors
     opt.step()
     assert len(uploads) == 2
+
+
+def test_the_check_sees_changes_in_every_chunk_of_rows(device):
+    """The check runs chunk by chunk of rows (``step_cache._Chunk``, at most 256 rows each):
+    after cached steps, a param re-viewed under its address, a param or moment given other
+    memory, or a grad of another dtype is seen in the first, a middle and the last chunk;
+    undone, the tables match again."""
+    params = make_params([(2,)] * 600, torch.float32, device, seed=4)
+    opt = PAIRS["AdamW"][0](params, **LAUNCH)
+    for seed in (5, 6):
+        _grads(params, seed)
+        opt.step()
+    cache = opt._cache
+    assert len(cache._chunks) == 3
+
+    def check():
+        return cache.check(opt.param_groups, opt.state, opt._options())
+
+    assert check()
+    for i in (0, 300, 599):
+        p, state = params[i], opt.state[params[i]]
+        changes = {
+            "param-data": (lambda: p.data, lambda t: setattr(p, "data", t), lambda t: t.clone()),
+            "param-view": (lambda: p.data, lambda t: setattr(p, "data", t), lambda t: t.view(1, 2)),
+            "moment-data": (lambda: state["exp_avg_sq"].data, lambda t: setattr(state["exp_avg_sq"], "data", t),
+                            lambda t: t.clone()),
+            "grad-dtype": (lambda: p.grad.data, lambda t: setattr(p.grad, "data", t),
+                           lambda t: t.to(torch.float64)),
+        }
+        for name, (get, put, make) in changes.items():
+            kept = get()
+            put(make(kept))
+            assert not check(), (i, name)
+            put(kept)
+            assert check(), (i, name)
+    _grads(params, 7)
+    opt.step()
+    assert opt._cache is cache
