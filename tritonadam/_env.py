@@ -1,4 +1,5 @@
-"""Every environment switch tritonadam reads, in one place.
+"""Every environment switch the optimizer and the autotuner read, in one place (the
+bench's own, ``TRITONADAM_COMMIT`` and ``TRITONADAM_BENCH_NO_SMI``, are read where it uses them).
 
 Values are read when asked for (not cached at import) so tests and launch scripts can
 change them between runs.

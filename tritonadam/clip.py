@@ -1,8 +1,9 @@
 """Fused gradient clipping (``clip_grad_norm_`` and ``max_grad_norm=``).
 
 A clip measures the norm of the grads the next step will read, over the step cache's
-device tables (one norm launch per grad dtype, one reduction launch, and for sharded
-DTensor grads an all-reduce between them), and leaves the clip coefficient in a small
+device tables (one norm launch per grad dtype and one reduction launch; for sharded
+DTensor grads, one reduction of this rank's partials, the all-reduce across ranks, then
+the final one), and leaves the clip coefficient in a small
 device buffer owned by the optimizer; the next step's prepare kernel multiplies every
 tensor's grad multiplier by it. ``.grad`` is never written. CPU params that torch's
 implementation steps (``tritonadam.host``) are measured with torch's norms and the

@@ -64,8 +64,9 @@ class Row:
     step: Tensor
     master: Tensor | None = None  # fp32 master, or the int16 remainder of one
     rounding_key: int = 0  # Philox key of its stochastic rounding (kernels.plan.rounding_key)
-    # Checked one by one on every step instead of by the C-level passes: non-dense params
-    # (the kernel steps a contiguous staging copy) and grads read through a dense copy.
+    # Checked one by one on every step instead of by the C-level passes: non-contiguous
+    # params (non-dense ones: the kernel steps a contiguous staging copy) and grads read
+    # through a dense copy or not contiguous.
     revalidated: bool = False
     staging: Tensor | None = None
     param_meta: tuple = ()  # the local param's pointer, shape, strides, dtype, device

@@ -445,7 +445,8 @@ def _program(
                 )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
-        # one element per thread so this path needs fewer registers than the full one
+        # two fp32 or one fp64 element per thread (launch.tail_sub_block) so this path
+        # needs fewer registers than the full one
         # (masked accesses are scalar whatever the block, and every element would hold
         # its own address and predicate).
         left = tl.minimum(numel - start, BLOCK).to(tl.int32)

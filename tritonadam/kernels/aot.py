@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the kernels for a GPU target, with no GPU present.
 
 The tests use it as a CPU-side check of code quality (every variant compiles for sm_80
-and sm_90, the full-block path uses 16-byte accesses, nothing spills, no ordered atomics
+and sm_90, the full-block path moves 4- and 8-byte data in 16-byte accesses, nothing spills, no ordered atomics
 or fences in the update kernel, registers within bounds), and it is how the candidate
 launch configs were derived. Handy for reading PTX:
 ``compile_update(arch=90, param_dtype=torch.bfloat16).asm["ptx"]``.

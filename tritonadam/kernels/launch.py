@@ -121,7 +121,7 @@ def full_sub_block(block_size: int, num_warps: int, stochastic_rounding: bool,
 def quant_vec(param_dtype, grad_dtype, master, full: int, num_warps: int) -> int:
     """Elements per access of a quantized variant's full path: 8 when params, grads and
     the master's remainder are 2 bytes wide (16-byte accesses), else 4; never more than a
-    thread holds (its scales are read and written as one group per thread)."""
+    thread holds (the scale loads are laid out per thread's VEC elements)."""
     narrow = param_dtype.itemsize == 2 and grad_dtype.itemsize == 2 and int(master) != MASTER_FP32
     return min(8 if narrow else 4, max(full // (32 * num_warps), 1))
 

@@ -143,7 +143,8 @@ def encode(x, unit, inv, weight, BITS: tl.constexpr, SIGNED: tl.constexpr, SR: t
 #   lane and access, a row of 64 per warp with its two halves in registers (8-bit: the
 #   halves of the row; 4-bit: the two elements of each byte). A row of one element per
 #   lane would span two warps, and its reduction would go through shared memory.
-# Scales are read and written as VEC-groups (see _group): a pointer to one scale per row,
+# Scales are read in the codes' layout (load_moment: one masked 2-byte load per thread,
+# or a VEC-group, see _group) and written one per row: a pointer to one scale per row,
 # broadcast along the row, makes Triton pick another layout for it and move every value
 # through shared memory to match.
 
