@@ -161,6 +161,54 @@ def test_grads_read_through_copies_are_measured(device):
             _assert_close(p, q, **TOL)
 
 
+@pytest.mark.parametrize("change", ["in-place", "data-swapped", "data-transposed"])
+def test_grads_changed_between_clip_and_step_are_stepped_as_they_are(change, device):
+    """The step after a clip reads every grad as it is then, also where it reads one
+    through a copy (a grad laid out unlike its param: the clip's check made the copy) or
+    steps a non-contiguous param: a grad changed in place since (the coefficient dropped,
+    with a warning), given other memory under ``.data`` (dropped, with a warning: the clip
+    measured other values) or re-viewed under its address in another layout (``g.data =
+    g.data.t()``: the same values, so the coefficient stays; no version bump tells) is
+    stepped as torch steps it. max_norm is large (coefficient 1), so torch's in-place
+    clip and the dropped coefficient step alike."""
+    gen = torch.Generator().manual_seed(16)
+    cl = torch.channels_last
+    params = [nn.Parameter(torch.randn(4, 4, generator=gen).to(device)),
+              nn.Parameter(torch.randn(5, 4, generator=gen).to(device)),
+              nn.Parameter(torch.randn(3, 2, 2, 2, generator=gen).to(device).to(memory_format=cl)),
+              nn.Parameter(torch.randn(300, generator=gen).to(device))]
+    ref = _cpu_params(params)
+    opt = tritonadam.AdamW(params, lr=1e-2, **LAUNCH)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    for step in range(3):
+        grads = [_grad((4, 4), gen, 3.0, device=device), _grad((4, 5), gen, 3.0, device=device).t(),
+                 _grad((3, 2, 2, 2), gen, 3.0, device=device).to(memory_format=cl),
+                 _grad((300,), gen, 3.0, device=device)]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g, _cpu_grad(g)
+        _assert_close(opt.clip_grad_norm_(1e9), torch.nn.utils.clip_grad_norm_(ref, 1e9), rtol=2e-6, atol=0)
+        if step:  # the first step caches the tables; the later ones are the clips' fast path
+            for i, (p, q) in enumerate(zip(params, ref)):
+                if change == "in-place":
+                    p.grad.mul_(-0.5)
+                    q.grad.mul_(-0.5)
+                elif change == "data-swapped" and i in (1, 2):  # rows checked one by one
+                    new = torch.empty_like(p.grad).copy_(torch.randn(p.shape, generator=gen).to(device))
+                    p.grad.data = new
+                    q.grad.data = _cpu_grad(new)
+                elif change == "data-transposed" and i == 0:  # a square grad re-viewed under its address
+                    p.grad.data = p.grad.data.t()
+                    q.grad.data = q.grad.data.t()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the same warning from the same line each step
+            opt.step()
+        torch_opt.step()
+        for p, q in zip(params, ref):
+            _assert_close(p, q, **TOL)
+        dropped = [w for w in caught if "coefficient was dropped" in str(w.message)]
+        assert len(dropped) == (step > 0 and change != "data-transposed"), [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("norm_type", [2.0, INF], ids=["l2", "inf"])
 def test_mixed_dtypes_step_bit_for_bit(norm_type, device):
     """fp32, bf16 and fp16 params, fp32 grads on bf16/fp16 params, bf16 grads on an fp32

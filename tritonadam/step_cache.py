@@ -325,6 +325,7 @@ class StepCache:
         self._revalidated_grads = [r.grad for r in self._revalidated]
         self._revalidated_dtypes = [r.grad.dtype for r in self._revalidated]
         self.taken: list[Tensor] | None = list(map(GRAD, self._params))
+        self._revalidated_ptrs = self._taken_revalidated_ptrs()
         self.host_taken: list[Tensor] = list(map(GRAD, self.host_params))  # as ``taken``
         for row in self._order:
             row.grad = None
@@ -377,23 +378,10 @@ class StepCache:
         """
         if not self._same_structure(param_groups, state, options, tensors=not grads_only):
             return False
-        # Chunk by chunk of rows, every pass over a chunk's grads, params and state while
-        # its objects are still in the CPU's caches (one pass each over all of them read
-        # most of them from memory again): the same comparisons, in another order.
-        grads, local_grads, ptrs = [], [], []
-        local = self._locals
-        for chunk in self._chunks:
-            got = list(map(GRAD, chunk.params))
-            try:
-                got_local = local(got)
-                got_ptrs = list(map(Tensor.data_ptr, got_local))
-            except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
-                return False
-            if not chunk.grad_meta.same(got_local) or not (grads_only or chunk.in_place(local(chunk.params))):
-                return False
-            grads += got
-            local_grads += got_local
-            ptrs += got_ptrs
+        passed = self._chunk_pass(grads_only)
+        if passed is None:
+            return False
+        grads, local_grads, ptrs = passed
         if self._dtensor and not self._placed_as_taken(grads):
             return False
         if ptrs != self._grad_ptrs and self._freed(local_grads, ptrs):
@@ -403,7 +391,36 @@ class StepCache:
             return False
         self._grad_ptrs, self._revalidated_grads = ptrs, revalidated
         self.taken = grads + [GRAD(r.param) for r in self._revalidated] if self._revalidated else grads
+        self._revalidated_ptrs = self._taken_revalidated_ptrs()
         return True
+
+    def _chunk_pass(self, grads_only: bool = False) -> tuple[list, list, list] | None:
+        """The batch rows' grads, their local tensors and addresses, where each grad has
+        the dtype, size and layout the tables were built with and (unless ``grads_only``)
+        every param and state tensor is where they point (``_Chunk.in_place``); else None.
+        Chunk by chunk of rows, every pass over a chunk's grads, params and state while its
+        objects are still in the CPU's caches (one pass each over all of them read most of
+        them from memory again)."""
+        grads, local_grads, ptrs = [], [], []
+        local = self._locals
+        for chunk in self._chunks:
+            got = list(map(GRAD, chunk.params))
+            try:
+                got_local = local(got)
+                got_ptrs = list(map(Tensor.data_ptr, got_local))
+            except (AttributeError, RuntimeError, TypeError):  # a None or sparse grad
+                return None
+            if not chunk.grad_meta.same(got_local) or not (grads_only or chunk.in_place(local(chunk.params))):
+                return None
+            grads += got
+            local_grads += got_local
+            ptrs += got_ptrs
+        return grads, local_grads, ptrs
+
+    def _taken_revalidated_ptrs(self) -> list[int]:
+        """The addresses of the revalidated rows' grads as taken (not of their copies)."""
+        n = len(self._batch_params)
+        return [local_tensor(g).data_ptr() for g in self.taken[n:]]
 
     def _freed(self, local_grads: list, ptrs: list) -> bool:
         """Whether a non-empty grad's storage was freed (``untyped_storage().resize_(0)``):
@@ -435,19 +452,13 @@ class StepCache:
         return (all(map(operator.is_, specs, self._grad_specs))
                 or list(map(_placement, specs)) == self._grad_placements)
 
-    def _tensors_in_place(self) -> bool:
-        """Whether the batch rows' params and every row's state tensors are where the
-        tables point, in the layout they were built with (``_Chunk.in_place``)."""
-        local = self._locals
-        return all(chunk.in_place(local(chunk.params)) for chunk in self._chunks)
-
     def _same_structure(self, param_groups: list[dict], state: dict, options: tuple,
                         tensors: bool = True) -> bool:
         """Whether everything but this step's grads is as the tables were built from: the
         options, the state (its dicts and their entries), the groups' params, and no grad
         on a param that had none; with ``tensors``, no inference param outside inference
         mode. The storage, shape and strides of the params and state tensors are the
-        chunks' (``_tensors_in_place``, or ``check``'s pass)."""
+        chunks' (``_chunk_pass``)."""
         lists = [g["params"] for g in param_groups]
         return not (
             bool(self._meta)
@@ -500,32 +511,42 @@ class StepCache:
         were built from changed: what a step right after a clip checks instead of a full
         check (the clip's check validated these grads, and its coefficient belongs to them)."""
         taken = self.taken
-        # Everything the tables point at, compared again: code between the clip and the
-        # step (a step pre-hook reloading offloaded state, ``p.data = ...``, a storage
-        # freed or regrown) moves params and state as well as grads.
-        if (taken is None or not self._same_structure(param_groups, state, options)
-                or not self._tensors_in_place()):
+        if taken is None or not self._same_structure(param_groups, state, options):
             return False
-        # The batch rows' grads read once: their addresses against the taken ones (a
-        # replaced grad or a storage moved under ``.data`` shows a new address, a grad set
-        # to None a TypeError). An equal address under another grad object is an alias of
-        # the taken grad (kept alive by ``taken``), with the param's shape and dtype as
-        # torch's grad setter admits, but maybe not its layout: contiguity is checked then.
-        n = len(self._batch_params)
-        grads = list(map(GRAD, self._batch_params))
-        try:
-            local_grads = self._locals(grads)
-            ptrs = list(map(Tensor.data_ptr, local_grads))
-        except (AttributeError, RuntimeError, TypeError):
+        # Everything the tables point at, compared again as ``check`` does: code between
+        # the clip and the step (a step pre-hook reloading offloaded state, ``p.data =
+        # ...``, a storage freed or regrown) moves params and state as well as grads. The
+        # batch rows' grads: their addresses against the taken ones (a replaced grad or a
+        # storage moved under ``.data`` shows a new address, a grad set to None a
+        # TypeError) and their dtype, size and layout (``g.data = g.data.t()`` keeps the
+        # object and the address, and no version bump tells the clip). An equal address
+        # under another grad object is an alias of the taken grad (kept alive by ``taken``).
+        passed = self._chunk_pass()
+        if passed is None:
             return False
-        return (ptrs == self._grad_ptrs
-                and (all(map(operator.is_, grads, taken))
-                     or all(map(Tensor.is_contiguous, local_grads))
-                     and (not self._dtensor or self._placed_as_taken(grads)))
-                and all(map(operator.is_, map(GRAD, self._params[n:]), taken[n:]))
-                and all(param_meta(local_tensor(r.param)) == r.param_meta for r in self._revalidated)
+        grads, _, ptrs = passed
+        n = len(grads)
+        if not (ptrs == self._grad_ptrs
+                and (not self._dtensor or all(map(operator.is_, grads, taken)) or self._placed_as_taken(grads))
                 and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))
-                and all(param_meta(local_tensor(p)) == meta for p, meta in zip(self.host_params, self._host_meta)))
+                and all(param_meta(local_tensor(p)) == meta for p, meta in zip(self.host_params, self._host_meta))):
+            return False
+        if not self._revalidated:
+            return True
+        # The revalidated rows' grads: the same objects at the same addresses (a grad given
+        # other memory under ``.data`` is another grad, which the coefficient does not
+        # belong to), read again: a copy the clip's check made holds the values at the
+        # clip, and a grad changed in place since (its coefficient dropped for that) must
+        # be stepped as it is now.
+        held = list(map(GRAD, self._params[n:]))
+        if not all(map(operator.is_, held, taken[n:])) or \
+                [local_tensor(g).data_ptr() for g in held] != self._revalidated_ptrs:
+            return False
+        revalidated = self._revalidate(param_groups)
+        if revalidated is None:
+            return False
+        self._revalidated_grads = revalidated
+        return True
 
     def release(self) -> None:
         """Forget this step's grads (the step launched, or they were zeroed)."""
