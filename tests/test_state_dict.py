@@ -270,6 +270,53 @@ def test_a_master_follows_params_loaded_after_it(order, dtype, device):
         assert (a.float() - c.float()).abs().max() < 0.05  # one lr-sized step from the loaded values
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_master_written_into_the_state_follows_params_set_after_it(dtype, device):
+    """ZeroRedundancyOptimizer.load_state_dict assigns each param's state itself, never
+    calling the optimizer's load_state_dict, as code that writes ``opt.state`` by hand
+    does: a master the optimizer has not seen takes, at the next step, the param's value
+    wherever the param is no longer that master rounded (weights pruned after the load),
+    bit for bit as through load_state_dict, where the step wrote the old master back over
+    them. Where the params are their masters rounded (an ordinary resume), the run goes on
+    bit for bit as the uninterrupted one."""
+    params = make_params([(300,), (7, 5)], dtype, device, seed=5)
+    run = tritonadam.AdamW(params, lr=1e-2, master_weights=True, **LAUNCH)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g
+        run.step()
+    sd = copy.deepcopy(run.state_dict())
+    states = {id(p): copy.deepcopy(run.state[p]) for p in params}
+    grads = [random_grads(params, gen) for _ in range(2)]
+    results = {}
+    for how in ("load_state_dict", "by-hand", "by-hand-unchanged"):
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = tritonadam.AdamW(qs, lr=1e-2, master_weights=True, **LAUNCH)
+        if how == "load_state_dict":
+            opt.load_state_dict(copy.deepcopy(sd))
+        else:
+            for p, q in zip(params, qs):
+                opt.state[q] = copy.deepcopy(states[id(p)])
+        if how != "by-hand-unchanged":
+            with torch.no_grad():
+                for q in qs:
+                    q.view(-1)[:20].zero_()  # the model's weights set after the optimizer's load
+        for step_grads in grads:
+            for q, g in zip(qs, step_grads):
+                q.grad = g.clone()
+            opt.step()
+        results[how] = qs
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        run.step()
+    for a, b, c, d in zip(results["by-hand"], results["load_state_dict"], results["by-hand-unchanged"], params):
+        assert torch.equal(a, b)
+        assert a.detach().view(-1)[:20].float().abs().max() < 0.05  # two lr-sized steps from 0
+        assert torch.equal(c, d)
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.float64, torch.complex128])
 def test_torch_state_dict_keeps_the_moments_dtype_torch_keeps(dtype, device):
     """torch_state_dict() of complex and fp64 params: complex / fp64 moments, as torch.optim

@@ -27,7 +27,7 @@ from .broadcast import (
 )
 from .state import (
     SEED_KEY, StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
-    localize_full_state, master_follows_param, record_orders, restore_loaded, saved_pairs,
+    localize_full_state, masters_follow_params, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
 from .tensors import is_fsdp1_shard, outside_inference_mode
@@ -71,12 +71,13 @@ class _Calls:
     as ``self``, and its attribute writes would stay on the wrapper, unseen by the
     optimizer's own calls (a clip through the wrapper, then the optimizer's step)."""
 
-    __slots__ = ("cache", "clip_made_state", "masters_follow_params", "amp_scaling")
+    __slots__ = ("cache", "clip_made_state", "masters_follow_params", "known_masters", "amp_scaling")
 
     def __init__(self) -> None:
         self.cache: StepCache | None = None
         self.clip_made_state: list | None = None
         self.masters_follow_params = False
+        self.known_masters: dict = {}  # the fp32 masters the last gathering saw
         self.amp_scaling: bool | None = None
 
 
@@ -376,8 +377,8 @@ class _TritonAdamBase(Optimizer):
         # A clip's gathering (grads_only) makes the state its tables point to before any
         # step; torch.optim makes it at the step. Remembered, so that state of a param
         # whose grad is gone by then is dropped (_forget_clip_state).
-        fresh = ([p for p, *_ in gathered.pending + gathered.host + gathered.meta if not self.state.get(p)]
-                 if grads_only else ())
+        made = [p for p, *_ in gathered.pending + gathered.host + gathered.meta if not self.state.get(p)]
+        fresh = made if grads_only else ()
         if gathered.host:
             host.check_options(type(self).__name__, bias_correction=self.bias_correction,
                                clipping_with_gpu_params=clipping and bool(gathered.pending))
@@ -389,12 +390,11 @@ class _TritonAdamBase(Optimizer):
         if fresh:
             calls.clip_made_state = (calls.clip_made_state or []) + [
                 (p, self.state[p], dict(self.state[p])) for p in fresh]
-        if calls.masters_follow_params:
-            calls.masters_follow_params = False
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p in self.state:
-                        master_follows_param(p, self.state[p])
+        # After a load_state_dict every master (DCP loads into the state's own tensors),
+        # else those loaded around it (ZeroRedundancyOptimizer, state set by hand).
+        known = None if calls.masters_follow_params else calls.known_masters
+        calls.masters_follow_params = False
+        calls.known_masters = masters_follow_params(self.param_groups, self.state, known, made)
         return self._cache
 
     @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import

@@ -28,7 +28,7 @@ from .checkpoint import (
     check_loadable, export_full_state, export_state, localize_full_state, restore_loaded, saved_pairs,
 )
 from .entries import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, SEED_KEY, WRITTEN_KEYS, moment_keys
-from .master import join_master, master_follows_param, split_master
+from .master import join_master, master_follows_param, masters_follow_params, split_master
 from .moments import DenseMoments, QuantizedMoments
 from .orders import encoded_orders, record_orders
 from .param_format import ParamFormat
@@ -38,6 +38,6 @@ from .steps import loaded_step_device, new_step_dtype
 __all__ = [
     "LOW_PRECISION", "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "DenseMoments", "ParamFormat", "QuantizedMoments",
     "StatePolicy", "WRITTEN_KEYS", "check_loadable", "encoded_orders", "export_full_state", "export_state", "join_master",
-    "loaded_step_device", "localize_full_state", "master_follows_param", "moment_keys", "new_step_dtype",
+    "loaded_step_device", "localize_full_state", "master_follows_param", "masters_follow_params", "moment_keys", "new_step_dtype",
     "record_orders", "restore_loaded", "saved_pairs", "split_master", "variant",
 ]
