@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+import warnings
 import weakref
 
 import pytest
@@ -354,6 +355,45 @@ class _BesideTorch:
     def step(self):
         self.ours.step()
         self.theirs.step()
+
+
+@pytest.mark.parametrize("change", ["in-place", "data-swapped", "data-transposed"])
+def test_host_grads_changed_between_clip_and_step_are_stepped_as_they_are(on_host, change):
+    """As on the GPU (test_clip.py): the step after a clip reads the grads as they are
+    then, also a grad laid out unlike its param, which the host rows read through a copy
+    made at the clip's check: changed in place, given other memory under ``.data``
+    (both drop the coefficient, with a warning) or re-viewed under its address (the same
+    values: kept). max_norm is large (coefficient 1), so torch's in-place clip steps alike."""
+    pair = _BesideTorch(on_host, [(4, 4), (5, 3)], seed=36)
+    params, ref, ours = pair.params, pair.ref, pair.ours
+    # torch's fused CPU AdamW steps a grad laid out unlike its param as if it were not
+    # (torch 2.13: 2 * lr off in the first step); its for-loop is the reference here.
+    theirs = torch.optim.AdamW(ref, lr=0.01, foreach=False)
+    for step in range(3):
+        grads = [torch.randn(4, 4, generator=pair.gen).t(), torch.randn(3, 5, generator=pair.gen).t()]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone().t().contiguous().t(), g.clone().t().contiguous().t()
+        ours.clip_grad_norm_(1e9)
+        torch.nn.utils.clip_grad_norm_(ref, 1e9)
+        if step:
+            for p, q in zip(params, ref):
+                if change == "in-place":
+                    p.grad.mul_(-0.5)
+                    q.grad.mul_(-0.5)
+                elif change == "data-swapped":
+                    new = torch.randn(p.shape[::-1], generator=pair.gen).t()
+                    p.grad.data, q.grad.data = new.clone().t().contiguous().t(), new.clone().t().contiguous().t()
+                elif p.shape == (4, 4):
+                    p.grad.data = p.grad.data.t()
+                    q.grad.data = q.grad.data.t()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours.step()
+        theirs.step()
+        for p, q in zip(params, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"step {step}: {m}")
+        dropped = [w for w in caught if "coefficient was dropped" in str(w.message)]
+        assert len(dropped) == (step > 0 and change != "data-transposed"), [str(w.message) for w in caught]
 
 
 def test_fused_clip_belongs_to_the_grads_it_measured(on_host):

@@ -317,6 +317,53 @@ def test_a_master_written_into_the_state_follows_params_set_after_it(dtype, devi
         assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("event", ["none", "deepcopy", "pickle", "channels-last", "group-out-and-back",
+                                   "state-tensors-replaced"])
+def test_a_master_is_written_back_over_edits_where_nothing_was_loaded(event, device):
+    """Between steps with no load, the next step writes the master back over a param's
+    edits (README), whatever else changed: a deepcopy or pickle of the model and the
+    optimizer (the copy steps as the original), a re-view that makes the optimizer convert
+    the master, the param's group taken out for a step and put back, state tensors
+    replaced in their dict (an offloader). Only a master the optimizer has not seen in
+    its state dict (a load) follows the param."""
+    import pickle
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(2, 3, 2, 2).to(torch.bfloat16).to(device))
+    opt = tritonadam.AdamW([w], lr=1e-2, master_weights=True, **LAUNCH)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        w.grad = torch.randn(w.shape, generator=gen).to(w.dtype).to(device)
+        opt.step()
+    master = opt.state[w]["master_param"].clone()
+    if event == "group-out-and-back":
+        other = torch.nn.Parameter(torch.randn(3, device=device))
+        opt.add_param_group({"params": [other]})
+        group = opt.param_groups.pop(0)
+        other.grad = torch.randn(3, generator=gen).to(device)
+        opt.step()
+    with torch.no_grad():
+        w.zero_()  # the user's edit
+    if event == "deepcopy":
+        w, opt = copy.deepcopy((w, opt))
+    elif event == "pickle":
+        w, opt = pickle.loads(pickle.dumps((w, opt)))
+    elif event == "channels-last":
+        w.data = w.data.to(memory_format=torch.channels_last)
+    elif event == "group-out-and-back":
+        opt.add_param_group(group)
+    elif event == "state-tensors-replaced":
+        st = opt.state[w]
+        for k in list(st):
+            st[k] = st[k].clone()
+    w.grad = torch.zeros_like(w)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    assert torch.equal(w, master.to(torch.bfloat16).to(memory_format=torch.channels_last if event == "channels-last"
+                                                      else torch.contiguous_format))
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.float64, torch.complex128])
 def test_torch_state_dict_keeps_the_moments_dtype_torch_keeps(dtype, device):
     """torch_state_dict() of complex and fp64 params: complex / fp64 moments, as torch.optim

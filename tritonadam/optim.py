@@ -77,7 +77,7 @@ class _Calls:
         self.cache: StepCache | None = None
         self.clip_made_state: list | None = None
         self.masters_follow_params = False
-        self.known_masters: dict = {}  # the fp32 masters the last gathering saw
+        self.known_masters: dict = {}  # the state dicts with a master the last gathering saw
         self.amp_scaling: bool | None = None
 
 
@@ -116,6 +116,8 @@ class _TritonAdamBase(Optimizer):
         calls = getattr(self, "_calls_state", None)  # a forwarding wrapper reads its optimizer's
         if calls is None:  # first use (torch's __init__ adds the groups first), or unpickled
             calls = self._calls_state = _Calls()
+            # A copy's state (deepcopy, pickle) is the original's, not a load.
+            calls.known_masters = masters_follow_params(self.state, {id(st): st for st in self.state.values()})
         return calls
 
     @property
@@ -394,7 +396,7 @@ class _TritonAdamBase(Optimizer):
         # else those loaded around it (ZeroRedundancyOptimizer, state set by hand).
         known = None if calls.masters_follow_params else calls.known_masters
         calls.masters_follow_params = False
-        calls.known_masters = masters_follow_params(self.param_groups, self.state, known, made)
+        calls.known_masters = masters_follow_params(self.state, known, made)
         return self._cache
 
     @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import

@@ -531,22 +531,23 @@ class StepCache:
                 and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))
                 and all(param_meta(local_tensor(p)) == meta for p, meta in zip(self.host_params, self._host_meta))):
             return False
-        if not self._revalidated:
-            return True
-        # The revalidated rows' grads: the same objects at the same addresses (a grad given
-        # other memory under ``.data`` is another grad, which the coefficient does not
-        # belong to), read again: a copy the clip's check made holds the values at the
-        # clip, and a grad changed in place since (its coefficient dropped for that) must
-        # be stepped as it is now.
-        held = list(map(GRAD, self._params[n:]))
-        if not all(map(operator.is_, held, taken[n:])) or \
-                [local_tensor(g).data_ptr() for g in held] != self._revalidated_ptrs:
-            return False
-        revalidated = self._revalidate(param_groups)
-        if revalidated is None:
-            return False
-        self._revalidated_grads = revalidated
-        return True
+        if self._revalidated:
+            # The revalidated rows' grads: the same objects at the same addresses (a grad
+            # given other memory under ``.data`` is another grad, which the coefficient
+            # does not belong to), read again: a copy the clip's check made holds the
+            # values at the clip, and a grad changed in place since (its coefficient
+            # dropped for that) must be stepped as it is now.
+            held = list(map(GRAD, self._params[n:]))
+            if not all(map(operator.is_, held, taken[n:])) or \
+                    [local_tensor(g).data_ptr() for g in held] != self._revalidated_ptrs:
+                return False
+            revalidated = self._revalidate(param_groups)
+            if revalidated is None:
+                return False
+            self._revalidated_grads = revalidated
+        # The host rows' grads read again too, for the same reason (the clip compares
+        # their addresses: a clip over host rows measures nothing else).
+        return not self.host or self._recheck_host(param_groups, state)
 
     def release(self) -> None:
         """Forget this step's grads (the step launched, or they were zeroed)."""

@@ -1,8 +1,6 @@
 """Master copies of fp16/bf16 params: the fp32 copy, and its 2-byte remainder form."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
@@ -29,32 +27,32 @@ def master_follows_param(p: Tensor, state: dict) -> None:
         return
     other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
     stale = ~(_rounded_from(lm, lp, (lp.dtype,)) | _rounded_from(lm, lp, (other,)).all())
-    with torch.no_grad():
+    # A master made under inference_mode (state set by hand) is written as the step's
+    # kernels write it; torch refuses an in-place op on it outside that mode.
+    with torch.no_grad(), torch.inference_mode(lm.is_inference()):
         lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
 
-def masters_follow_params(param_groups: list[dict], state: dict, known: dict | None, made=()) -> dict:
-    """``master_follows_param`` for every param whose fp32 master is not one of ``known``
-    (the masters the last gathering saw; None after a ``load_state_dict``: all of them).
-    A master this optimizer has not seen was loaded without its ``load_state_dict``:
-    written into ``opt.state`` by hand, or by ``ZeroRedundancyOptimizer.load_state_dict``,
-    which assigns each param's state itself; the model's weights may have been loaded
-    or set after it. ``made``: params whose state the gathering just made (their masters
-    are their values). Returns the masters seen now, for the next call (weak references:
-    a replaced master is not kept alive, and a new one at a freed one's address is told
-    apart)."""
+def masters_follow_params(state: dict, known: dict | None, made=()) -> dict:
+    """``master_follows_param`` for every param whose state dict holds an fp32 master and
+    is not one of ``known`` (the state dicts with a master the last gathering saw, by id;
+    None after a ``load_state_dict``: all of them). A state dict this optimizer has not
+    seen was loaded without its ``load_state_dict``: written into ``opt.state`` by hand,
+    or by ``ZeroRedundancyOptimizer.load_state_dict``, which assigns each param's state
+    itself; the model's weights may have been set after it. The optimizer's own changes
+    keep the dict (a master converted, moved or replaced in it), and so do a param's
+    leaving and rejoining the groups: there the master is written back over the param's
+    edits, as between any two steps. ``made``: params whose state the gathering just
+    made (their masters are their values). Returns the dicts with a master now, for the
+    next call (held: an id alone could be a freed dict's)."""
     made = set(map(id, made))
     seen = {}
-    for group in param_groups:
-        for p in group["params"]:
-            st = state.get(p) if p in state else None  # no entry made in a defaultdict
-            master = st.get(MASTER_KEY) if st is not None else None
-            if not isinstance(master, Tensor):
-                continue
-            ref = None if known is None else known.get(id(master))
-            if (ref is None or ref() is not master) and id(p) not in made:
-                master_follows_param(p, st)
-            seen[id(master)] = weakref.ref(master)
+    for p, st in state.items():
+        if not isinstance(st, dict) or not isinstance(st.get(MASTER_KEY), Tensor):
+            continue
+        if (known is None or known.get(id(st)) is not st) and id(p) not in made:
+            master_follows_param(p, st)
+        seen[id(st)] = st
     return seen
 
 
