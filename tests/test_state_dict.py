@@ -317,6 +317,26 @@ def test_a_master_written_into_the_state_follows_params_set_after_it(dtype, devi
         assert torch.equal(c, d)
 
 
+def test_a_load_frees_the_state_it_replaces(device):
+    """After load_state_dict the optimizer holds nothing of the state it replaced (as
+    torch.optim: a resume into a trained optimizer must not keep two copies of the state
+    until the next step)."""
+    import gc
+    import weakref
+
+    params = make_params([(300,), (7, 5)], torch.bfloat16, device, seed=8)
+    opt = tritonadam.AdamW(params, lr=1e-2, master_weights=True, **LAUNCH)
+    for p, g in zip(params, random_grads(params, torch.Generator().manual_seed(9))):
+        p.grad = g
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    old = [weakref.ref(t) for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    opt.load_state_dict(sd)
+    del sd
+    gc.collect()
+    assert old and not any(r() is not None for r in old)
+
+
 @pytest.mark.parametrize("event", ["none", "deepcopy", "pickle", "channels-last", "group-out-and-back",
                                    "state-tensors-replaced"])
 def test_a_master_is_written_back_over_edits_where_nothing_was_loaded(event, device):

@@ -319,7 +319,9 @@ class _TritonAdamBase(Optimizer):
                                   seen.get("state_dict", state_dict), self.state)
             if seed is not None:
                 self.seed = seed
-            self._calls().masters_follow_params = True  # at the next step: the params may load after
+            calls = self._calls()
+            calls.masters_follow_params = True  # at the next step: the params may load after
+            calls.known_masters = {}  # every master follows: the replaced state is not held
 
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
