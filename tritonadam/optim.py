@@ -71,13 +71,14 @@ class _Calls:
     as ``self``, and its attribute writes would stay on the wrapper, unseen by the
     optimizer's own calls (a clip through the wrapper, then the optimizer's step)."""
 
-    __slots__ = ("cache", "clip_made_state", "masters_follow_params", "known_masters", "amp_scaling")
+    __slots__ = ("cache", "clip_made_state", "known_masters", "amp_scaling")
 
     def __init__(self) -> None:
         self.cache: StepCache | None = None
         self.clip_made_state: list | None = None
-        self.masters_follow_params = False
-        self.known_masters: dict = {}  # the state dicts with a master the last gathering saw
+        # The state dicts with a master the last gathering saw, by id (empty after a load:
+        # every master then follows its param at the next gathering).
+        self.known_masters: dict = {}
         self.amp_scaling: bool | None = None
 
 
@@ -117,7 +118,7 @@ class _TritonAdamBase(Optimizer):
         if calls is None:  # first use (torch's __init__ adds the groups first), or unpickled
             calls = self._calls_state = _Calls()
             # A copy's state (deepcopy, pickle) is the original's, not a load.
-            calls.known_masters = masters_follow_params(self.state, {id(st): st for st in self.state.values()})
+            calls.known_masters = {id(st): st for st in self.state.values()}
         return calls
 
     @property
@@ -319,9 +320,9 @@ class _TritonAdamBase(Optimizer):
                                   seen.get("state_dict", state_dict), self.state)
             if seed is not None:
                 self.seed = seed
-            calls = self._calls()
-            calls.masters_follow_params = True  # at the next step: the params may load after
-            calls.known_masters = {}  # every master follows: the replaced state is not held
+            # At the next step every master follows its param (the params may load after),
+            # and the replaced state is not held until then.
+            self._calls().known_masters = {}
 
         handles = (self.register_load_state_dict_pre_hook(capture),
                    self.register_load_state_dict_post_hook(restore, prepend=True))
@@ -394,11 +395,10 @@ class _TritonAdamBase(Optimizer):
         if fresh:
             calls.clip_made_state = (calls.clip_made_state or []) + [
                 (p, self.state[p], dict(self.state[p])) for p in fresh]
-        # After a load_state_dict every master (DCP loads into the state's own tensors),
-        # else those loaded around it (ZeroRedundancyOptimizer, state set by hand).
-        known = None if calls.masters_follow_params else calls.known_masters
-        calls.masters_follow_params = False
-        calls.known_masters = masters_follow_params(self.state, known, made)
+        # Masters in state dicts the last gathering did not see follow their params: after
+        # a load_state_dict every one, else those loaded around it (ZeroRedundancyOptimizer,
+        # state set by hand).
+        calls.known_masters = masters_follow_params(self.state, calls.known_masters, made)
         return self._cache
 
     @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import

@@ -528,8 +528,7 @@ class StepCache:
         n = len(grads)
         if not (ptrs == self._grad_ptrs
                 and (not self._dtensor or all(map(operator.is_, grads, taken)) or self._placed_as_taken(grads))
-                and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))
-                and all(param_meta(local_tensor(p)) == meta for p, meta in zip(self.host_params, self._host_meta))):
+                and all(map(operator.is_, map(GRAD, self.host_params), self.host_taken))):
             return False
         if self._revalidated:
             # The revalidated rows' grads: the same objects at the same addresses (a grad
@@ -545,8 +544,8 @@ class StepCache:
             if revalidated is None:
                 return False
             self._revalidated_grads = revalidated
-        # The host rows' grads read again too, for the same reason (the clip compares
-        # their addresses: a clip over host rows measures nothing else).
+        # The host rows' params checked and their grads read again too, for the same reason
+        # (the clip compares their addresses: a clip over host rows measures nothing else).
         return not self.host or self._recheck_host(param_groups, state)
 
     def release(self) -> None:

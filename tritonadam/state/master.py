@@ -33,10 +33,10 @@ def master_follows_param(p: Tensor, state: dict) -> None:
         lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
 
-def masters_follow_params(state: dict, known: dict | None, made=()) -> dict:
+def masters_follow_params(state: dict, known: dict, made=()) -> dict:
     """``master_follows_param`` for every param whose state dict holds an fp32 master and
     is not one of ``known`` (the state dicts with a master the last gathering saw, by id;
-    None after a ``load_state_dict``: all of them). A state dict this optimizer has not
+    none after a ``load_state_dict``). A state dict this optimizer has not
     seen was loaded without its ``load_state_dict``: written into ``opt.state`` by hand,
     or by ``ZeroRedundancyOptimizer.load_state_dict``, which assigns each param's state
     itself; the model's weights may have been set after it. The optimizer's own changes
@@ -50,7 +50,7 @@ def masters_follow_params(state: dict, known: dict | None, made=()) -> dict:
     for p, st in state.items():
         if not isinstance(st, dict) or not isinstance(st.get(MASTER_KEY), Tensor):
             continue
-        if (known is None or known.get(id(st)) is not st) and id(p) not in made:
+        if known.get(id(st)) is not st and id(p) not in made:
             master_follows_param(p, st)
         seen[id(st)] = st
     return seen
