@@ -1670,3 +1670,105 @@ def test_a_backward_through_params_saved_before_the_step_raises_as_in_torch(opti
         opt = PAIRS["AdamW"][0]([w], lr=0.1, **options, **LAUNCH)
         for cached_steps in (0, 2):  # the first step's full check, then cached steps
             assert_backward_through_a_stepped_param_raises(opt, w, x, gen, cached_steps)
+
+
+@pytest.mark.parametrize("after", AFTER)
+@pytest.mark.parametrize("which", ["lr", "beta1", "beta2"])
+def test_lazily_negated_tensor_hyperparameters_step_by_value(which, after, device):
+    """A tensor lr or beta carrying torch's lazy negation bit (``x.conj().imag``,
+    ``torch._neg_view``) holds minus its value in memory: the kernels read fp32 tensor
+    hyperparameters in place, and stepped the wrong way. They read its value now: the same
+    run as with a plain tensor, bit for bit."""
+    runs = []
+    for lazy in (False, True):
+        params = _params(device)
+        hyper = {"lr": torch.tensor(0.01), "betas": (torch.tensor(0.9), torch.tensor(0.99))}
+        opt = PAIRS["AdamW"][0](params, **hyper, **LAUNCH)
+        _steps(opt, params, after)
+        value = {"lr": 0.02, "beta1": 0.8, "beta2": 0.95}[which]
+        t = torch.tensor(-value, device=device)
+        t = torch._neg_view(t) if lazy else -t
+        assert t.is_neg() == lazy and t.item() == pytest.approx(value)
+        group = opt.param_groups[0]
+        if which == "lr":
+            group["lr"] = t
+        else:
+            betas = list(group["betas"])
+            betas[which == "beta2"] = t
+            group["betas"] = tuple(betas)
+        _steps(opt, params, 2, seed=2)
+        runs.append(_snapshot(opt, params))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    for sa, sb in zip(runs[0][1].values(), runs[1][1].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("after", AFTER)
+def test_group_params_replaced_by_an_iterator_are_stepped_every_time(after, device):
+    """``group["params"] = filter(...)`` (or a generator) between steps: read into a list
+    at the next step, as add_param_group reads one (the gathering read it up, then failed
+    inside with a KeyError after making state; later steps raised "object of type
+    'generator' has no len()"); torch.optim's first step reads it up and later ones step
+    nothing. Containers read more than once (a set, an nn.ParameterList) are read as they
+    are."""
+    params, ref = _params(device), _params(device)
+    opt, theirs = PAIRS["AdamW"][0](params, **LAUNCH), PAIRS["AdamW"][0](ref, **LAUNCH)
+    _steps(opt, params, after)
+    _steps(theirs, ref, after)
+    opt.param_groups[0]["params"] = filter(lambda p: p.requires_grad, params)
+    _steps(opt, params, 3, seed=2)
+    _steps(theirs, ref, 3, seed=2)
+    assert opt.param_groups[0]["params"] == params
+    for p, q in zip(params, ref):
+        assert torch.equal(p.detach(), q.detach())
+    opt.param_groups[0]["params"] = torch.nn.ParameterList(params)
+    theirs.param_groups[0]["params"] = set(ref)
+    for opt_, ps in ((opt, params), (theirs, ref)):
+        _fresh_grads(ps)
+        opt_.clip_grad_norm_(1.0)
+        opt_.step()
+    for p, q in zip(params, ref):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("master", [True, "remainder"])
+def test_entries_under_other_keys_that_hold_a_master_are_never_read(master, device):
+    """State under keys that are not params is the user's, never read (torch.optim keeps
+    it): a note dict holding a "master_param" tensor, or a state dict whose param ids were
+    stringified on the way (JSON, YAML) and loaded as such entries, made the step fail
+    inside (``'str' object has no attribute 'dtype'``) after making state. The step reads
+    none of it: bit for bit the run without those entries."""
+    runs = []
+    for noted in (False, True):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16))
+                  for s in ((24,), (5,))]
+        opt = PAIRS["AdamW"][0](params, master_weights=master, **LAUNCH)
+        _steps(opt, params, 2)
+        if noted:
+            sd = copy.deepcopy(opt.state_dict())
+            sd["state"] = {str(k): v for k, v in sd["state"].items()}
+            opt.load_state_dict(sd)  # every param's state is now under a str key
+            opt.state["ema"] = {"master_param": torch.zeros(3, device=device)}
+        else:
+            opt.load_state_dict({**opt.state_dict(), "state": {}})
+        _steps(opt, params, 2, seed=2)
+        runs.append([p.detach().clone() for p in params])
+        if noted:
+            assert set(opt.state) >= {"0", "1", "ema"}
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_replaced_by_a_non_tensor_are_named_as_the_codes(bits, device):
+    """Quantized codes set to None by hand beside their scales: the error names the codes
+    (it said the scales were missing)."""
+    params = _params(device)
+    opt = PAIRS["AdamW"][0](params, state_dtype=f"{bits}bit", **LAUNCH)
+    _steps(opt, params, 1)
+    opt.state[params[0]][f"exp_avg_{bits}bit"] = None
+    _fresh_grads(params)
+    with pytest.raises(RuntimeError, match=rf"state\['exp_avg_{bits}bit'\] has a NoneType, not uint8 codes"):
+        opt.step()

@@ -813,6 +813,30 @@ def test_every_format_loads_every_other(chain, device):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_zeros_put_back_for_the_lowest_code_give_back_the_codes(bits):
+    """FSDP1 drops the padding of its flat params from optimizer state dicts and refills it
+    with 0 on load; a padding element's second moment had the lowest code, which the map
+    without zero decodes to a small positive value. Those zeros re-quantize to the same
+    codes and scales as the exported values (they had fallen back to plain quantization
+    for the whole block, moving codes wherever its absmax sat on the second-highest level)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(Q.QUANT_BLOCK * 200, generator=gen) ** 2
+    x[torch.rand(x.shape, generator=gen) < 0.05] = 0.0  # padding: never a grad
+    codes, scales = Q.quantize(x, bits, False)
+    exported = Q.dequantize(codes, scales, x.numel(), bits, False)
+    back = Q.requantize(exported, bits, False)
+    assert torch.equal(back[0], codes) and torch.equal(back[1].view(torch.int16), scales.view(torch.int16))
+    refilled = torch.where(x == 0, 0.0, exported)
+    assert (exported[x == 0] > 0).all()
+    again = Q.requantize(refilled, bits, False)
+    assert torch.equal(again[0], codes) and torch.equal(again[1].view(torch.int16), scales.view(torch.int16))
+    # zeros beside values that no codes decode to: those blocks are quantized as usual
+    genuine = refilled * 1.001
+    for a, b in zip(Q.requantize(genuine, bits, False), Q.quantize(genuine, bits, False)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_full_precision_round_trip_gives_back_the_codes(bits, device):
     """Moments exported at full precision (``torch_state_dict()``; DTensor shards whose
     blocks depend on the sharding) and loaded back: the same codes and scales, so a resumed

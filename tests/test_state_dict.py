@@ -503,3 +503,25 @@ def test_exports_of_state_its_param_no_longer_fits(options, device):
                 opt.torch_state_dict()
         else:
             assert torch.equal(opt.torch_state_dict()["state"][0]["exp_avg"], held["exp_avg"])
+
+
+@pytest.mark.parametrize("master", [True, "remainder"])
+def test_a_master_following_its_param_after_a_load_records_nothing(master, device):
+    """The first step after a load brings a master to its param's value under no_grad: it
+    ran under ``inference_mode(False)`` entered after ``no_grad()``, which turns grad mode
+    back on, so the fp32 master recorded the copy from the param (requires_grad, a graph
+    back to the Parameter) and ``copy.deepcopy`` of the optimizer or its state dict raised
+    "Only Tensors created explicitly by the user"."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(64, generator=gen).to(torch.bfloat16).to(device))
+    ref = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.randn(64, generator=gen).to(torch.bfloat16).to(device)
+    ref.step()
+    opt = tritonadam.Adam([w], lr=0.1, master_weights=master, **LAUNCH)
+    for source in (ref, opt):  # torch.optim's checkpoint, then its own
+        opt.load_state_dict(source.state_dict())
+        w.grad = torch.randn(64, generator=gen).to(torch.bfloat16).to(device)
+        opt.step()
+        assert not any(t.requires_grad for t in opt.state[w].values() if torch.is_tensor(t))
+        copy.deepcopy(opt)
+        copy.deepcopy(opt.state_dict())

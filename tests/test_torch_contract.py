@@ -930,11 +930,12 @@ def test_differentiable_steps_16_bit_params_with_fp32_moments(name, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_in_a_graph_is_bumped_by_a_kernel_step(name):
-    """Moments made by differentiable=True steps from grads that require grad are in the
-    autograd graph; a loss built from them, then a kernel step (the group switched to
-    differentiable=False), then its backward raises "modified by an inplace operation", as
-    with torch.optim, whose in-place updates bump the moments (the kernel wrote them
-    unseen: the backward differentiated the new values)."""
+    """Moments in the autograd graph (made from grads that require grad by differentiable=True
+    steps, loaded into an optimizer that steps with the kernels, which keeps them in the
+    graph as torch.optim does): a loss built from them, then a kernel step, then its
+    backward raises "modified by an inplace operation", as with torch.optim, whose in-place
+    updates bump the moments (the kernel wrote them unseen: the backward differentiated
+    the new values)."""
     gen = torch.Generator().manual_seed(6)
     leaf = torch.randn(10, generator=gen, requires_grad=True)
     scale = torch.tensor(1.5, requires_grad=True)  # grads in the graph: so are the moments
@@ -943,10 +944,13 @@ def test_state_in_a_graph_is_bumped_by_a_kernel_step(name):
     for _ in range(2):
         w.grad = torch.randn(10, generator=gen) * scale
         opt.step()
-    meta = (opt.state[w]["exp_avg"] ** 2).sum()
-    opt.param_groups[0]["differentiable"] = False
-    w.grad = torch.randn(10, generator=gen)
-    opt.step()
+    kernel_w = Parameter(w.detach().clone())
+    kernel = OURS[name]([kernel_w], lr=0.01, weight_decay=0.1)
+    kernel.load_state_dict(opt.state_dict())
+    meta = (kernel.state[kernel_w]["exp_avg"] ** 2).sum()
+    assert meta.requires_grad
+    kernel_w.grad = torch.randn(10, generator=gen)
+    kernel.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         meta.backward()
 

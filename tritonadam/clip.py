@@ -207,10 +207,10 @@ class Clipper:
 
     # ---- checks -------------------------------------------------------------------
 
-    def check_supported(self, param_groups: list[dict], p: float, *, complex_grads: bool) -> None:
-        """Refuse what the fused clip does not cover."""
-        if any(g.get("differentiable") and any(q.grad is not None for q in g["params"])
-               for g in param_groups):
+    def check_supported(self, torch_groups: list[dict], p: float, *, complex_grads: bool) -> None:
+        """Refuse what the fused clip does not cover (``torch_groups``: the groups torch.optim's
+        implementation steps, differentiable=True ones)."""
+        if any(q.grad is not None for g in torch_groups for q in g["params"]):
             raise NotImplementedError(
                 f"tritonadam.{self.name}: fused clipping does not cover differentiable=True "
                 "groups (torch.optim steps them); use torch.nn.utils.clip_grad_norm_"
@@ -219,6 +219,23 @@ class Clipper:
             raise ValueError(
                 f"tritonadam.{self.name}: complex grads are clipped by their 2-norm only (got "
                 f"norm_type={p}); use torch.nn.utils.clip_grad_norm_"
+            )
+
+    def check_torch_stepped(self, params: list[Tensor]) -> None:
+        """Refuse a step where torch.optim's implementation would read grads the pending
+        coefficient belongs to (a group switched to differentiable=True after the clip):
+        it steps them as they are, unclipped, where torch's in-place clip left them clipped."""
+        if not (self.pending and params):
+            return
+        at = {id(p): i for i, p in enumerate(self._params)}
+        where = [i for i in map(at.get, map(id, params)) if i is not None]
+        where = [i for i in where if GRAD(self._params[i]) is self._grads[i]]
+        if where and self._unchanged_in_place(where=where):  # else the step drops it anyway
+            raise NotImplementedError(
+                f"tritonadam.{self.name}: clip_grad_norm_ measured grads of params that "
+                "differentiable=True now steps (torch.optim's implementation, which the fused "
+                "clip does not cover); switch the group before clipping and use "
+                "torch.nn.utils.clip_grad_norm_, or call opt.zero_grad() to drop the clip"
             )
 
     def before_step(self, cache: StepCache, grad_scale, *, holds: bool | None = None) -> None:
@@ -280,7 +297,8 @@ class Clipper:
         if auto:
             self.pending = True  # this very step consumes it: no need to remember the grads
         else:
-            self._set_pending(params, taken, scaled=grad_scale is not None and (not compound or self.scaled))
+            self._set_pending(params, taken, scaled=grad_scale is not None and (not compound or self.scaled),
+                              addresses=None if _host_only(cache) else cache.taken_addresses())
         self.last_norm, self.mesh = out, mesh
         return out
 
@@ -456,15 +474,17 @@ class Clipper:
             return False
         return before[1] is None or _versions(grads, self._plain) == before[1]
 
-    def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool) -> None:
-        """``grads``: the params' grads, as the check before this clip took them."""
+    def _set_pending(self, params: list[Tensor], grads: list[Tensor], scaled: bool,
+                     addresses: list[int] | None = None) -> None:
+        """``grads``: the params' grads, as the check before this clip took them;
+        ``addresses``: theirs (local shards'), where that check read them already."""
         self.pending = True
         self.scaled = scaled
         self._params = params
         self._grads = grads
         self._plain = set(map(type, grads)) <= {Tensor}
         self._versions = _versions(grads, self._plain)
-        self._addresses = _addresses(grads, self._plain)
+        self._addresses = _addresses(grads, self._plain) if addresses is None else addresses
 
     def copied(self, memo: dict) -> Clipper | None:
         """This clipper's pending coefficient for the copies of its params and grads in a

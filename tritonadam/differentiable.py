@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .state import StatePolicy, moment_keys, new_step_dtype
-from .validate import sparse_grad_error
+from .validate import check_grad_dtype, sparse_grad_error
 
 __all__ = ["inputs", "step", "torch_step"]
 
 
-def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor], list[Tensor]]:
+def inputs(name: str, group: dict, state: dict, *, grad_enabled: bool) -> tuple[list[Tensor], list[Tensor]]:
     """The group's params with grads and their grads, validated (nothing written).
     ``grad_enabled``: whether ``step`` will record the update (see there)."""
     params, grads = [], []
@@ -22,6 +22,12 @@ def inputs(name: str, group: dict, *, grad_enabled: bool) -> tuple[list[Tensor],
             continue
         if p.grad.is_sparse:  # before the leaf's error, as torch checks it first
             raise sparse_grad_error(name)
+        # The grad dtypes the kernels take: torch's in-place updates refuse other pairs
+        # midway through the group, where ``step`` would cast them silently.
+        check_grad_dtype(name, p, p.grad)
+        step = state.get(p, {}).get("step")
+        if group.get("differentiable") and isinstance(step, Tensor) and step.requires_grad:
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
         if grad_enabled and p.is_leaf and p.requires_grad and not torch.is_inference_mode_enabled():
             # torch's own error, which its step raises after counting the step (under
             # inference mode nothing is recorded, and torch steps the leaf).
@@ -47,17 +53,19 @@ def step(name: str, algorithm: str, policy: StatePolicy, state: dict, group: dic
         return
     keys = moment_keys(algorithm, group.get("amsgrad", False))
     states = []
-    for p in params:
-        fmt = policy.format(p)
-        if fmt.check(p, state.get(p, {}), keys, name):
-            fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
-        states.append(state[p])
     with torch.set_grad_enabled(grad_enabled):
+        # Recorded too: state given in another layout (or dtype) than the kernels keep is
+        # re-laid out here, and a gradient through the step reaches the given tensors.
+        for p in params:
+            fmt = policy.format(p)
+            if fmt.check(p, state.get(p, {}), keys, name):
+                fmt.prepare(p, state[p], keys, None, new_step_dtype(group))
+            states.append(state[p])
         # 16-bit params keep fp32 moments here too (torch.optim keeps them in the param's
         # dtype), whose in-place updates take grads of their own dtype: the cast is recorded.
         grads = [g if g.dtype == s[keys[0]].dtype else g.to(s[keys[0]].dtype) for g, s in zip(grads, states)]
         torch_step(algorithm, group, params, grads, [[s[k] for s in states] for k in keys],
-                   [s["step"] for s in states], differentiable=True)
+                   [s["step"] for s in states], differentiable=bool(group.get("differentiable")))
 
 
 def torch_step(algorithm: str, group: dict, params: list[Tensor], grads: list[Tensor],

@@ -9,6 +9,7 @@ the kernels; while nothing changes, the cache's per-step check replaces the gath
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import sys
@@ -139,7 +140,16 @@ class _TritonAdamBase(Optimizer):
         override = self._calls().amp_scaling
         if override is not None:
             return override
-        return not any(group.get("differentiable") for group in self.param_groups)
+        return not any(map(self._torch_steps, self.param_groups))
+
+    def _torch_steps(self, group: dict) -> bool:
+        """Whether torch.optim's implementation steps ``group``: a differentiable=True group,
+        and every group where the optimizer's ``differentiable`` default is True (torch.optim's
+        step then records every group's update, whatever the group's own flag says)."""
+        return bool(group.get("differentiable") or self.defaults.get("differentiable"))
+
+    def _torch_groups(self) -> list[dict]:
+        return [g for g in self.param_groups if self._torch_steps(g)]
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value: bool) -> None:
@@ -148,7 +158,8 @@ class _TritonAdamBase(Optimizer):
     def _set_extras(self, values: dict, warn_idle: bool = True) -> None:
         """Check the options tritonadam adds (``values``, keyed as ``_EXTRAS``) as the
         constructor does, and set them normalized; raises, setting nothing, on a bad one."""
-        extras = checked_extras(type(self).__name__, self.param_groups, warn_idle=warn_idle, **values)
+        extras = checked_extras(type(self).__name__, self.param_groups, warn_idle=warn_idle,
+                                recorded=bool(self.defaults.get("differentiable")), **values)
         max_grad_norm = extras["max_grad_norm"]
         if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
             raise fsdp1_clip_error("max_grad_norm")
@@ -233,7 +244,9 @@ class _TritonAdamBase(Optimizer):
                 # add_param_group (which keeps this dict) gets the list read here.
                 param_group["params"] = params = list(params)
             params = [params] if isinstance(params, Tensor) else list(params)
-            check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy)
+            check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy,
+                                bias_correction=self.bias_correction,
+                                recorded=bool(self.defaults.get("differentiable")))
         super().add_param_group(param_group)
         self._cache = None
 
@@ -244,8 +257,7 @@ class _TritonAdamBase(Optimizer):
     def _options(self) -> tuple:
         """What decides which tensors each param steps with (the cache compares it)."""
         return (self.master_weights, self.state_dtype, self.stochastic_rounding), tuple(
-            (bool(g.get("amsgrad", False)), bool(g.get("differentiable", False)))
-            for g in self.param_groups
+            (bool(g.get("amsgrad", False)), self._torch_steps(g)) for g in self.param_groups
         )
 
     # ---- state dicts ---------------------------------------------------------------
@@ -377,7 +389,7 @@ class _TritonAdamBase(Optimizer):
         self._cache = None
         gathered = gather.Gathered(for_step=not grads_only)
         for index, group in enumerate(self.param_groups):
-            if not group.get("differentiable"):
+            if not self._torch_steps(group):
                 self._init_group(index, group, gathered)
         # A clip's gathering (grads_only) makes the state its tables point to before any
         # step; torch.optim makes it at the step. Remembered, so that state of a param
@@ -423,9 +435,19 @@ class _TritonAdamBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_param_lists()
         with outside_inference_mode(self._written()) as left:
             self._step(torch.inference_mode if left else contextlib.nullcontext)
         return loss
+
+    def _check_param_lists(self) -> None:
+        """Groups whose ``params`` were replaced by hand with an iterator (a generator,
+        ``filter``): read into a list, as add_param_group reads one (the step's passes read
+        the params several times; torch.optim's first step reads it up, and later ones
+        find it empty). Other containers (a set, an nn.ParameterList) are read as they are."""
+        for group in self.param_groups:
+            if isinstance(group.get("params"), collections.abc.Iterator):
+                group["params"] = list(group["params"])
 
     def _written(self, incoming: dict | None = None):
         """The params a call may write or make state for, lazily: those with a grad or
@@ -459,12 +481,14 @@ class _TritonAdamBase(Optimizer):
         # torch.optim's step sets the grad mode from the default, not from each group.
         grad_enabled = bool(self.defaults.get("differentiable", False))
         for g in self.param_groups:
-            if g.get("differentiable"):
-                check_group_options(name, g, self._policy)
+            if self._torch_steps(g):
+                check_group_options(name, g, self._policy, bias_correction=self.bias_correction,
+                                    recorded=grad_enabled)
                 with caller_mode():
-                    torch_work.append((g, differentiable.inputs(name, g, grad_enabled=grad_enabled)))
+                    torch_work.append((g, differentiable.inputs(name, g, self.state, grad_enabled=grad_enabled)))
         grad_scale = getattr(self, "grad_scale", None)
         clipper = self._clipper
+        clipper.check_torch_stepped([p for _, (params, _) in torch_work for p in params])
         cache = self._cache
         if clipper.pending and cache is not None and cache.still_taken(self.param_groups, self.state,
                                                                         self._options()):
@@ -473,7 +497,7 @@ class _TritonAdamBase(Optimizer):
             cache = self._ready(clipping=self.max_grad_norm is not None or clipper.pending)
             clipper.before_step(cache, grad_scale)
         if self.max_grad_norm is not None:  # refused whichever groups have grads
-            clipper.check_supported(self.param_groups, self.grad_norm_type, complex_grads=cache.has_complex)
+            clipper.check_supported(self._torch_groups(), self.grad_norm_type, complex_grads=cache.has_complex)
             if cache.empty:
                 clipper.no_grads()
             else:
@@ -583,8 +607,9 @@ class _TritonAdamBase(Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
         grad_scale = grad_scaler_scale(scaler, self)
+        self._check_param_lists()
         clipper = self._clipper
-        clipper.check_supported(self.param_groups, p, complex_grads=p != 2.0 and any(
+        clipper.check_supported(self._torch_groups(), p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
         with outside_inference_mode(self._written()):
             cache = self._ready(clipping=True, grads_only=True)

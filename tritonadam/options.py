@@ -22,9 +22,9 @@ _AUTOTUNE_MODES = (None, *autotune_module.MODES)
 
 def checked_extras(name: str, param_groups: list[dict], *, bias_correction, master_weights, state_dtype,
                    stochastic_rounding, seed, block_size, num_warps, autotune, persistent,
-                   max_grad_norm, grad_norm_type, warn_idle: bool = True) -> dict:
+                   max_grad_norm, grad_norm_type, warn_idle: bool = True, recorded: bool = False) -> dict:
     """The options, normalized, or a ValueError naming the bad one (``warn_idle``: warn of
-    options that change nothing for these params)."""
+    options that change nothing for these params; ``recorded``: as for ``check_group_options``)."""
     if block_size is not None and (
         not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
         or not 16 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1)
@@ -53,7 +53,7 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
         max_grad_norm = check_max_norm(max_grad_norm)
     grad_norm_type = norm_order(grad_norm_type)
     for group in param_groups:
-        check_group_options(name, group, policy)
+        check_group_options(name, group, policy, bias_correction=bias_correction, recorded=recorded)
     idle = policy.idle_options({p.dtype for g in param_groups for p in g["params"]})
     for why in idle if warn_idle else ():
         warn(f"tritonadam.{name}: {why}")
@@ -70,14 +70,24 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
                 max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
 
 
-def check_group_options(name: str, group: dict, policy: StatePolicy) -> None:
+def check_group_options(name: str, group: dict, policy: StatePolicy, *, bias_correction: bool = True,
+                        recorded: bool = False) -> None:
     """Raise for a param group these options cannot step (at construction, when a group is
-    added, and before a step: groups can be edited by hand)."""
-    if group.get("differentiable") and policy != StatePolicy():
-        raise RuntimeError(
-            f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
-            "which has no master_weights, state_dtype or stochastic_rounding"
-        )
+    added, and before a step: groups can be edited by hand). ``recorded``: the optimizer's
+    ``differentiable`` default is True, under which torch.optim's step records every
+    group's update, so torch.optim's implementation steps every group."""
+    if group.get("differentiable") or recorded:
+        if policy != StatePolicy():
+            raise RuntimeError(
+                f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
+                "which has no master_weights, state_dtype or stochastic_rounding"
+            )
+        if not bias_correction:
+            raise RuntimeError(
+                f"tritonadam.{name}: differentiable=True steps with torch.optim's implementation, "
+                "which has no bias_correction=False; keep bias_correction=True for a "
+                "differentiable step, or step these params with differentiable=False"
+            )
     for p in group["params"]:
         if isinstance(p, tuple) and len(p) == 2:  # named params: (name, param)
             p = p[1]

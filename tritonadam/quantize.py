@@ -166,9 +166,15 @@ def _inverse(scale: Tensor) -> Tensor:
 
 
 def _exact_blocks(codes: Tensor, scale: Tensor, xb: Tensor, numel: int, bits: int, signed: bool) -> Tensor:
-    """Per block: whether ``codes`` with ``scale`` decode to exactly ``xb``'s values."""
+    """Per block: whether ``codes`` with ``scale`` decode to exactly ``xb``'s values. In the
+    map without zero, an exact 0 matches the lowest code: what that code was exported as
+    where the export's holder put zeros back in its place (FSDP1's padding elements,
+    dropped from its state dicts and refilled with 0 on load)."""
     back = dequantize(codes, bf16_scales(scale), numel, bits, signed)
-    same = back == xb.reshape(-1)[:numel]
+    x = xb.reshape(-1)[:numel]
+    same = back == x
+    if not signed:
+        same |= (x == 0) & (_unpack(codes.reshape(-1), numel, bits, signed) == 0)
     same = torch.cat([same, same.new_ones(xb.numel() - numel)])
     return same.reshape(xb.shape).all(dim=1)
 

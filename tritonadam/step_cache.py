@@ -417,6 +417,10 @@ class StepCache:
             ptrs += got_ptrs
         return grads, local_grads, ptrs
 
+    def taken_addresses(self) -> list[int]:
+        """The addresses of the grads ``taken`` holds (local shards'), in its order."""
+        return self._grad_ptrs + self._revalidated_ptrs
+
     def _taken_revalidated_ptrs(self) -> list[int]:
         """The addresses of the revalidated rows' grads as taken (not of their copies)."""
         n = len(self._batch_params)
@@ -673,7 +677,9 @@ class StepCache:
         return tuple(v for row in rows for v in row)
 
     def _readable(self, device, gi: int, j: int, value: Tensor | None) -> Tensor | None:
-        if value is None or (value.device == device and value.dtype in (torch.float32, torch.float64)):
+        # A lazily negated view's memory holds the value before negation: staged (resolved).
+        if value is None or (value.device == device and value.dtype in (torch.float32, torch.float64)
+                             and not value.is_neg()):
             return value
         key = (device, gi, j)
         staged = self._hyper_staging.get(key)

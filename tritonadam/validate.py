@@ -9,7 +9,7 @@ from torch import Tensor
 from .kernels.launch import interpreted
 from .tensors import is_dense, local_tensor, same_layout, storage_problem
 
-__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "host_stepped"]
+__all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "check_grad_dtype", "host_stepped"]
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Complex params are stepped as torch.optim does: elementwise on view_as_real(param).
@@ -38,16 +38,13 @@ def sparse_grad_error(name: str) -> RuntimeError:
                         "Adam does not support sparse gradients, please consider SparseAdam instead")
 
 
-def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
-    """The grad to step ``p`` with, in the param's layout (a dense copy if needed), or
-    raise. Nothing is written: ``.grad`` is never modified."""
-    if g.is_sparse or g.layout != torch.strided:
-        raise sparse_grad_error(name)
+def check_grad_dtype(name: str, p: Tensor, g: Tensor) -> None:
+    """Raise unless ``g``'s dtype is one a ``p.dtype`` param steps with (README's table)."""
     if torch.is_complex(p) or torch.is_complex(g):
         if p.dtype not in COMPLEX_DTYPES or g.dtype != p.dtype:
             raise RuntimeError(
-                f"tritonadam.{name} steps complex64 and complex128 params with grads of "
-                f"the same dtype, got param {p.dtype} with grad {g.dtype}"
+                f"tritonadam.{name} steps complex64 and complex128 params, each with a grad "
+                f"of its own dtype, got param {p.dtype} with grad {g.dtype}"
             )
     elif p.dtype not in PARAM_DTYPES or g.dtype not in PARAM_DTYPES:
         raise RuntimeError(
@@ -61,6 +58,14 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
             f"{_short(g.dtype)}; cast the grad (or the param) so the pair is one of README's "
             "supported dtypes"
         )
+
+
+def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Tensor:
+    """The grad to step ``p`` with, in the param's layout (a dense copy if needed), or
+    raise. Nothing is written: ``.grad`` is never modified."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise sparse_grad_error(name)
+    check_grad_dtype(name, p, g)
     lp, lg = local_tensor(p), local_tensor(g)
     if lg.device != lp.device:
         raise RuntimeError(

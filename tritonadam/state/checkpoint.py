@@ -333,6 +333,14 @@ def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict
     return out
 
 
+def _held(value: Tensor) -> Tensor:
+    """The optimizer's own copy of a loaded state tensor; one that requires grad (moments a
+    differentiable=True step computed, learned initial moments) is kept itself, as
+    torch.optim keeps the very tensors given: a gradient through the next differentiable
+    step reaches it, and a leaf stays a leaf (deepcopy refuses tensors inside a graph)."""
+    return value if value.requires_grad else value.detach().clone()
+
+
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
                    state_dict: dict, state: dict) -> int | None:
     """After torch's ``load_state_dict`` (which cast floating state to the param dtype):
@@ -359,7 +367,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
             elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key in SCALES_KEYS
                                                 or _codes_bits(key) is not None):
-                dst[key] = value.detach().clone()  # converted to this format below
+                dst[key] = _held(value)  # converted to this format below
                 if _codes_bits(key) is not None:
                     _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
     seed = loaded_seed if loaded_seed is not None else seed

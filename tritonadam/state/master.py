@@ -28,8 +28,9 @@ def master_follows_param(p: Tensor, state: dict) -> None:
     other = torch.float16 if lp.dtype == torch.bfloat16 else torch.bfloat16
     stale = ~(_rounded_from(lm, lp, (lp.dtype,)) | _rounded_from(lm, lp, (other,)).all())
     # A master made under inference_mode (state set by hand) is written as the step's
-    # kernels write it; torch refuses an in-place op on it outside that mode.
-    with torch.no_grad(), torch.inference_mode(lm.is_inference()):
+    # kernels write it; torch refuses an in-place op on it outside that mode. no_grad inside:
+    # ``inference_mode(False)`` turns grad mode back on (the master would record the copy).
+    with torch.inference_mode(lm.is_inference()), torch.no_grad():
         lm.copy_(torch.where(stale, lp.float(), lm))  # no host sync: once, whatever it finds
 
 
@@ -48,8 +49,8 @@ def masters_follow_params(state: dict, known: dict, made=()) -> dict:
     made = set(map(id, made))
     seen = {}
     for p, st in state.items():
-        if not isinstance(st, dict) or not isinstance(st.get(MASTER_KEY), Tensor):
-            continue
+        if not isinstance(p, Tensor) or not isinstance(st, dict) or not isinstance(st.get(MASTER_KEY), Tensor):
+            continue  # entries under other keys are the user's: kept, never read (as torch.optim)
         if known.get(id(st)) is not st and id(p) not in made:
             master_follows_param(p, st)
         seen[id(st)] = st

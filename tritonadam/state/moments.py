@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import quantize
 from ..tensors import in_layout, like, local_tensor, storage_problem
 from .entries import (
-    _DENSE_ACCEPTS, QUANTIZED, codes_key, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
+    _DENSE_ACCEPTS, QUANTIZED, codes_key, _describe, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
     _signed, _stale, _tensor_problem,
 )
 from .orders import (
@@ -20,7 +20,9 @@ from .orders import (
 def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | None:
     """Why the quantized form of ``key`` cannot stand for ``p``'s moment, or None."""
     codes, scales = state.get(codes_key(key, bits)), state.get(scales_key(key))
-    if not isinstance(codes, Tensor) or not isinstance(scales, Tensor):
+    if not isinstance(codes, Tensor):
+        return f"{_describe(codes)}, not uint8 codes"
+    if not isinstance(scales, Tensor):
         return f"{codes_key(key, bits)} without {scales_key(key)}"
     n = local_tensor(p).numel()
     lc, ls = local_tensor(codes), local_tensor(scales)
