@@ -36,6 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import tritonadam  # noqa: E402
+from tritonadam.state.moments import read_moment  # noqa: E402
 from fast_interpreter import patch_language_once_per_launch  # noqa: E402
 
 patch_language_once_per_launch()
@@ -1756,6 +1757,71 @@ def fsdp2_quantized_values_refused_everywhere(rank: int, world: int, tmpdir: str
             assert all(torch.isfinite(local(p)).all() for p in model.parameters())
 
 
+def fsdp2_relaid_shards_export_one_form(rank: int, world: int, tmpdir: str) -> None:
+    """A (3, 64) param sharded 2/1 rows, whose local shards are re-laid out column-major by
+    hand after a step (same shape, other strides; FSDP2 itself does not support it). Rank
+    0's shard is non-contiguous, rank 1's single row still counts as contiguous: each
+    rank had picked its export form from its own layout (per element on rank 0, rows on
+    rank 1), so the full state dict aborted in gloo's gather and dcp.save failed its plan.
+    Every rank exports the row form now, the re-laid shard re-encoded in row order: the
+    full state dict gathers, and its moments are the local ones within a quantization
+    step. A replicated param laid out alike on every rank (transposed) keeps the lossless
+    per-element form: a load gives back its codes bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    for bits in (8, 4):
+        torch.manual_seed(0)
+        model = nn.Linear(64, 3, bias=False)
+        fully_shard(model)
+        opt = tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)
+        gen = torch.Generator().manual_seed(5)
+        for step in range(2):
+            full_grad = torch.randn(3, 64, generator=gen)
+            p = model.weight
+            p.grad = DTensor.from_local(qchunk(full_grad, rank, world).clone(), p.device_mesh, p.placements,
+                                        run_check=False, shape=p.shape, stride=p.stride())
+            opt.step()
+            opt.zero_grad()
+            if step == 0:
+                lp = p._local_tensor
+                lp.data = lp.data.t().contiguous().t()
+        what = f"{bits}-bit relaid"
+        osd = get_optimizer_state_dict(model, opt)
+        for key in ("exp_avg", "exp_avg_sq"):
+            codes, scales = osd["state"]["weight"][f"{key}_{bits}bit"], osd["state"]["weight"][f"{key}_scales"]
+            assert tuple(codes.shape) == (3, 64 * bits // 8) and tuple(scales.shape) == (3, 1), (what, key)
+        full_sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        state = full_sd["state"]["weight"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            got = tritonadam.quantize.dequantize(state[f"{key}_{bits}bit"].reshape(-1), state[f"{key}_scales"].reshape(-1),
+                                                 3 * 64, bits, key == "exp_avg").reshape(3, 64)
+            # (decoded in the element order the codes were encoded in: the re-laid shard's)
+            mine = read_moment(model.weight, key, opt.state[model.weight])
+            scale = mine.abs().amax().clamp_min(1e-30)
+            err = (qchunk(got, rank, world) - mine).abs().max() / scale
+            assert err <= (0.02 if bits == 8 else 0.2), (what, key, float(err))
+
+        mesh = init_device_mesh("cpu", (world,))
+        models = []
+        for _ in range(2):
+            torch.manual_seed(1)
+            m = nn.Linear(64, 3, bias=False)
+            m.weight = nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Replicate()]))
+            m.weight._local_tensor.data = m.weight._local_tensor.data.t().contiguous().t()
+            models.append((m, tritonadam.AdamW(m.parameters(), lr=1e-2, state_dtype=f"{bits}bit", **LAUNCH)))
+        (m, opt), (m2, opt2) = models
+        p = m.weight
+        p.grad = DTensor.from_local(torch.randn(3, 64, generator=gen), mesh, [Replicate()], run_check=False)
+        opt.step()
+        full_sd = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
+        assert tuple(full_sd["state"]["weight"][f"exp_avg_{bits}bit"].shape) == (3, 64), what
+        set_optimizer_state_dict(m2, opt2, full_sd, options=StateDictOptions(full_state_dict=True))
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = read_moment(p, key, opt.state[p]), read_moment(m2.weight, key, opt2.state[m2.weight])
+            assert torch.equal(a, b), (f"{bits}-bit replicated transposed", key)
+
+
 SCENARIOS = {
     "fsdp2_quantized_values_refused_everywhere": fsdp2_quantized_values_refused_everywhere,
     "fsdp2_full_state_cross_options": fsdp2_full_state_cross_options,
@@ -1780,6 +1846,7 @@ SCENARIOS = {
     "tensor_parallel": tensor_parallel,
     "sr_replicas_agree": sr_replicas_agree,
     "fsdp2_unsharded_quantized_full_state": fsdp2_unsharded_quantized_full_state,
+    "fsdp2_relaid_shards_export_one_form": fsdp2_relaid_shards_export_one_form,
 }
 
 

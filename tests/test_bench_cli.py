@@ -642,3 +642,59 @@ def test_gpu_captured_step_host_time(tmp_path):
         make_workload("many-small", n).tensors for n in (400_000, 4_000_000))
     assert big["tensors"] >= 9.9 * small["tensors"] and big["grads"].startswith("static")
     assert big["host_ms"] < 0.2 and big["host_ms"] < 3 * small["host_ms"] + 0.05
+
+
+def test_each_clip_row_is_checked_from_the_seeds_grads(tmp_path, monkeypatch):
+    """The cases of one workload share a grad feed: torch's in-place clip in an earlier
+    case's untimed first steps scaled it, so every later case's check saw grads already
+    clipped and passed whether or not it clipped. A clip that never scales the grads fails
+    its check after torch's clip rows as it does alone."""
+    from tritonadam.bench import providers
+
+    class NormOnly(providers.TorchFused):
+        name = "norm-only"
+
+        def clip(self, built, max_norm, grad_bytes):
+            params = built.params
+
+            def call():  # measures the norm, never scales the grads
+                return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            return call, (("norm", grad_bytes, 0),)
+
+    monkeypatch.setitem(providers.PROVIDERS, "norm-only", NormOnly())
+    for order in ("norm-only", "torch-fused,norm-only"):
+        out = tmp_path / f"{order.replace(',', '_')}.json"
+        main(["--device", "cpu", "--providers", order, "--setups", "fp32", "--profiles", "one-huge@4K",
+              "--clip", "fp32", "--max-norm", "0.01", "--rounds", "1", "--quiet", "--out", str(out)])
+        rows = [r for r in json.loads(out.read_text())["results"] if r["provider"] == "norm-only" and r.get("clip")]
+        assert len(rows) == 1 and rows[0]["status"] == "failed" and "FAIL" in str(rows[0].get("check")), (order, rows)
+
+
+def test_host_time_in_process_leaves_the_random_stream_and_threads(capsys):
+    """host_time's params come from a generator of its own, and its main() restores torch's
+    thread count: called in-process (as these tests do) it drew from torch's global stream
+    and left one thread."""
+    from tritonadam.bench import host_time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = torch.get_rng_state()
+        host_time.main(["--tensors", "20", "--reps", "2", "--numel", "8"])
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert "clip+step" in capsys.readouterr().out
+
+
+def test_in_process_cpu_run_without_the_interpreter_says_what_to_do():
+    """In-process, tritonadam's kernels are defined for a GPU at its import when
+    TRITON_INTERPRET is unset: setting it later changed nothing, and every tritonadam case
+    failed inside (rc 1). A usage error now says to set it first (python -m re-executes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from tritonadam.bench.__main__ import main\n"
+            "main(['--device', 'cpu', '--providers', 'tritonadam', '--setups', 'fp32', "
+            "'--profiles', 'one-huge@4K', '--rounds', '1', '--quiet'])\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "set TRITON_INTERPRET=1 before importing tritonadam" in r.stderr, r.stderr[-2000:]

@@ -331,3 +331,9 @@ def test_grads_placed_unlike_their_params_are_refused(grad_placement):
         assert all(torch.equal(a, b) for a, b in zip(before, after)) and p not in opt.state
     finally:
         dist.destroy_process_group()
+
+
+def test_relaid_shards_export_one_form_on_every_rank(tmp_path):
+    """Quantized state of shards re-laid out by hand: one export form on every rank (the
+    full state dict gathers), within a quantization step of each rank's moments."""
+    run_scenario("fsdp2_relaid_shards_export_one_form", tmp_path)

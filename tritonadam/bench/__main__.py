@@ -571,6 +571,14 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     if allow_reexec:
         prepare_interpreter(argv, cpu)
     elif cpu and os.environ.get("TRITON_INTERPRET", "") == "":
+        from ._startup import _compiled_kernels_loaded
+
+        if "tritonadam" in cases.providers and _compiled_kernels_loaded():
+            # In-process, tritonadam's kernels were defined for a GPU at its import: setting
+            # the variable now changes nothing (python -m re-executes instead).
+            parser.error("tritonadam's kernels were imported without TRITON_INTERPRET=1, so its "
+                         "cases cannot run on the CPU in this process: set TRITON_INTERPRET=1 "
+                         "before importing tritonadam, or run `python -m tritonadam.bench`")
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cpu" if cpu else "cuda", None if cpu else torch.cuda.current_device())
     if cpu:

@@ -56,7 +56,8 @@ def floor_pass(params) -> None:
 def stubbed_optimizer(tensors: int, numel: int):
     """(params, fresh, optimizer) with every launcher stubbed, restored on exit.
     ``fresh()`` gives new grad tensors, as ``zero_grad(set_to_none=True)`` training does."""
-    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors)]
+    gen = torch.Generator().manual_seed(0)  # not torch's global stream (called in-process too)
+    params = [torch.nn.Parameter(torch.randn(numel, generator=gen)) for _ in range(tensors)]
 
     def fresh():
         for p in params:
@@ -109,8 +110,9 @@ def measure_cuda(tensors: int, numel: int, reps: int) -> dict:
     (new CUDA tensors, allocated while the old ones live, so at new addresses), against the
     floor; the GPU synchronised before each timed call."""
     dev = torch.device("cuda")
-    params = [torch.nn.Parameter(torch.randn(numel, device=dev)) for _ in range(tensors)]
-    src = [torch.randn(numel, device=dev) for _ in range(tensors)]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(numel, device=dev, generator=gen)) for _ in range(tensors)]
+    src = [torch.randn(numel, device=dev, generator=gen) for _ in range(tensors)]
 
     def fresh():
         for p, g in zip(params, src):
@@ -191,7 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--breakdown runs on CPU tensors with the launches stubbed")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _report(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
+
+
+def _report(args) -> None:
     if args.breakdown:
         for n in args.tensors:
             print(f"{n} tensors: each pass alone after fresh grads, median ms of {args.reps}")

@@ -352,7 +352,7 @@ def result_table_rows(report: dict) -> tuple[list[list], dict[str, int]]:
 FIGURES_GPU = (
     "device ms: the GPU's time for the step alone (CUDA events; a sleep kernel queued first keeps "
     "the GPU busy until the host has enqueued the whole step; L2 flushed in the queue); host ms: "
-    "CPU time of the step() call with fresh grads (new grad tensors at new addresses every step, "
+    "wall-clock time of the step() call on the host with fresh grads (new grad tensors at new addresses every step, "
     "as zero_grad(set_to_none=True) and backward give); steady ms: per step of back-to-back "
     "steps, each after the grads are written in the queue (the larger of host and device time "
     "where they overlap; the write itself subtracted). Each is the median over interleaved rounds "
@@ -511,7 +511,8 @@ def render_text(report: dict, md: bool = False) -> str:
     if cp:
         out.append("")
         out.append(f"Device-to-device copy bandwidth (this run, {_bytes(cp['bytes'])} read+written "
-                   f"per copy): {cp['gbps']:.1f} GB/s (median of {cp['reps']}, "
+                   f"per copy): {cp['gbps']:.1f} GB/s (median of {cp['reps'] // 5} rounds' medians of 5 "
+                   f"copies, "
                    f"{cp['ms']:.4g} ms). '% copy' is relative to this.")
 
     rows, notes = result_table_rows(report)
@@ -758,6 +759,11 @@ def _tuning_sections(report: dict, md: bool, detail: bool = True) -> list[str]:
             "default: the built-in config for this GPU and size (timed once: where tritonadam's "
             "own row ran it, that row); tuned: first use's choice, its rank among the fixed configs "
             "when it was one of them."]
+    elsewhere = sorted({(r["workload"], r["setup"], r["swept_in"]) for r in report["results"]
+                        if r.get("variant") == "fixed" and r.get("swept_in")})
+    for workload, setup, source in elsewhere:
+        out.append(f"{workload} {setup}: the fixed configs were timed in another run ({source}, "
+                   "--sweep-from), so best ms and tuned/best compare across runs.")
     if not detail:
         return out
     rows = []
@@ -768,6 +774,8 @@ def _tuning_sections(report: dict, md: bool, detail: bool = True) -> list[str]:
         s = marks_of.get((r["workload"], r["setup"]), {})
         marks = [m for m, c in (("tuned", s.get("tuned")), ("default", s.get("default")), ("best", s.get("best_fixed")))
                  if c is not None and config_key(c) == config_key(r["config"])]
+        if r.get("swept_in"):
+            marks.append(f"other run: {r['swept_in']}")
         ok = r.get("status") == "ok"
         rows.append([r["workload"], r["setup"], config_text(r["config"]),
                        _ms(r.get("device_ms")) if ok else r.get("status"),

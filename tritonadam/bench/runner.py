@@ -549,6 +549,10 @@ class Runner:
                 feed = GradFeed([shape for _, shape in w.shapes], torch_dtype(s.grad), o.device,
                                 o.seed + 1)
             params = make_params(w, s, o.device, o.seed)
+            # The group's cases share the feed: a case before this one (torch's in-place
+            # clip, in its untimed first steps) may have written its buffer. Each case's
+            # check starts from the seed's grads, as its timed steps do.
+            feed.write(feed.bufs[0])
             for p, g in zip(params, feed.views(feed.bufs[0])):
                 p.grad = g
             sample = checkmod.choose_sample(params, seed=o.seed, block=sample_block(s)) if o.check else None
@@ -648,7 +652,8 @@ class Runner:
             self._failed = []
             for row in rows:
                 if row.get("status") == "ok" and row.get("device_ms") is not None:
-                    self._progress(f"{row['workload']} {row['setup']} {row['provider']}: device "
+                    what = " clip + step" if row.get("clip") else ""
+                    self._progress(f"{row['workload']} {row['setup']} {row['provider']}{what}: device "
                                    f"{row['device_ms']:.4g} ms, host {row['host_ms']:.4g} ms, "
                                    f"steady {row['steady_ms']:.4g} ms")
             self.rows.extend(rows)

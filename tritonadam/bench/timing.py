@@ -12,7 +12,8 @@ interleaved rounds (every case of a group timed once per round, in turn) with it
     before ``step()`` returned (the host was still enqueuing: a host sync in the step, or a
     full launch queue) is counted in ``sleep_short``, dropped, and the sleep doubled.
 ``host_ms``
-    CPU time of the ``step()`` call (``time.perf_counter`` around it) with fresh grads every
+    Wall-clock time of the ``step()`` call on the host (``time.perf_counter`` around it; not
+    ``process_time``: time the call spends blocked counts too) with fresh grads every
     step: new grad tensors, at other addresses than the step before (the grad-pointer upload
     path), as ``zero_grad(set_to_none=True)`` and backward give, written on the device in
     the queue. The GPU is idle when the call starts, so nothing waits on a full queue.

@@ -140,7 +140,7 @@ def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, value
         if not value.is_meta:
             values.add(f"{where}: state {key!r} of param {saved_id}", key, value, state, p.numel())
         if (key in SCALES_KEYS and local_tensor(p) is not p and local_tensor(value) is not value
-                and _block_rows(p) is None and value.numel() != p.numel()
+                and _block_rows(p, local_layout=False) is None and value.numel() != p.numel()
                 and not _shards_start_on_blocks(p)):
             # Checked on global sizes: every rank refuses alike (no rank left waiting).
             raise ValueError(

@@ -229,7 +229,21 @@ class QuantizedMoments:
         lp = local_tensor(p)
         order = _ENCODED_IN.get(local_tensor(codes), element_order(lp))
         logical = order == logical_order(lp)
-        rows = _block_rows(p) if logical else None
+        if lp is p or not any(pl.is_shard() for pl in p.placements):
+            # One process, or a replicated DTensor (every rank holds the whole tensor, laid
+            # out alike): its own layout decides, losslessly.
+            rows = _block_rows(p) if logical else None
+        else:
+            # Shards: decided from the DTensor's global shape and placements alone. The
+            # state dict's collectives gather each key's shards, so every rank must export
+            # one form, and a shard's layout can look logical where another's does not (a
+            # 1-row shard is contiguous whatever its strides). A shard whose codes follow
+            # other strides (re-laid out by hand, which FSDP2 itself does not support) is
+            # re-encoded in row order, within a quantization step.
+            rows = _block_rows(p, local_layout=False)
+            if rows is not None and not logical:
+                values = _decoded(lp, key, local_tensor(codes), local_tensor(scales), self.bits)
+                codes, scales = quantize.requantize(values.contiguous().reshape(-1), self.bits, _signed(key))
         if rows is None:
             # Blocks in another order than the param's indices (a transposed or
             # channels-last param) mean nothing to a param laid out otherwise at load;
@@ -257,17 +271,16 @@ class QuantizedMoments:
             out[k] = local if lp is p else _as_dtensor(p, local, (global_rows, shapes[k]))
 
 
-def _block_rows(p: Tensor) -> int | None:
+def _block_rows(p: Tensor, local_layout: bool = True) -> int | None:
     """Dim 0 of ``p`` when quantization blocks fall on its row boundaries (rows of a
-    multiple of QUANT_BLOCK elements, a contiguous local tensor, sharded along dim 0 at
-    most), else None."""
-    lp = local_tensor(p)
-    if p.dim() == 0 or p.shape[0] == 0 or not lp.is_contiguous():
+    multiple of QUANT_BLOCK elements, sharded along dim 0 at most, and with
+    ``local_layout`` a contiguous local tensor), else None."""
+    if p.dim() == 0 or p.shape[0] == 0 or local_layout and not local_tensor(p).is_contiguous():
         return None
     per_row = p.numel() // p.shape[0]
     if per_row % quantize.QUANT_BLOCK:
         return None
-    if lp is not p and any(pl.is_shard() and pl.dim != 0 or pl.is_partial() for pl in p.placements):
+    if local_tensor(p) is not p and any(pl.is_shard() and pl.dim != 0 or pl.is_partial() for pl in p.placements):
         return None
     return p.shape[0]
 
