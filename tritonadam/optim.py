@@ -142,14 +142,16 @@ class _TritonAdamBase(Optimizer):
             return override
         return not any(map(self._torch_steps, self.param_groups))
 
+    @property
+    def _records_every_group(self) -> bool:
+        """The constructor's ``differentiable``: torch.optim's step sets the grad mode from it
+        (not from each group's flag), so with True every group's update is recorded."""
+        return bool(self.defaults.get("differentiable"))
+
     def _torch_steps(self, group: dict) -> bool:
         """Whether torch.optim's implementation steps ``group``: a differentiable=True group,
-        and every group where the optimizer's ``differentiable`` default is True (torch.optim's
-        step then records every group's update, whatever the group's own flag says)."""
-        return bool(group.get("differentiable") or self.defaults.get("differentiable"))
-
-    def _torch_groups(self) -> list[dict]:
-        return [g for g in self.param_groups if self._torch_steps(g)]
+        and every group of an optimizer that records every group."""
+        return bool(group.get("differentiable")) or self._records_every_group
 
     @_step_supports_amp_scaling.setter
     def _step_supports_amp_scaling(self, value: bool) -> None:
@@ -159,7 +161,7 @@ class _TritonAdamBase(Optimizer):
         """Check the options tritonadam adds (``values``, keyed as ``_EXTRAS``) as the
         constructor does, and set them normalized; raises, setting nothing, on a bad one."""
         extras = checked_extras(type(self).__name__, self.param_groups, warn_idle=warn_idle,
-                                recorded=bool(self.defaults.get("differentiable")), **values)
+                                recorded=self._records_every_group, **values)
         max_grad_norm = extras["max_grad_norm"]
         if max_grad_norm is not None and any(is_fsdp1_shard(p) for g in self.param_groups for p in g["params"]):
             raise fsdp1_clip_error("max_grad_norm")
@@ -245,8 +247,7 @@ class _TritonAdamBase(Optimizer):
                 param_group["params"] = params = list(params)
             params = [params] if isinstance(params, Tensor) else list(params)
             check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy,
-                                bias_correction=self.bias_correction,
-                                recorded=bool(self.defaults.get("differentiable")))
+                                bias_correction=self.bias_correction, recorded=self._records_every_group)
         super().add_param_group(param_group)
         self._cache = None
 
@@ -478,8 +479,7 @@ class _TritonAdamBase(Optimizer):
         adamax = self._algorithm == "adamax"
         hypers = [group_hyper(g, adamax, self.bias_correction) for g in self.param_groups]
         torch_work = []
-        # torch.optim's step sets the grad mode from the default, not from each group.
-        grad_enabled = bool(self.defaults.get("differentiable", False))
+        grad_enabled = self._records_every_group
         for g in self.param_groups:
             if self._torch_steps(g):
                 check_group_options(name, g, self._policy, bias_correction=self.bias_correction,
@@ -497,7 +497,8 @@ class _TritonAdamBase(Optimizer):
             cache = self._ready(clipping=self.max_grad_norm is not None or clipper.pending)
             clipper.before_step(cache, grad_scale)
         if self.max_grad_norm is not None:  # refused whichever groups have grads
-            clipper.check_supported(self._torch_groups(), self.grad_norm_type, complex_grads=cache.has_complex)
+            clipper.check_supported([g for g, _ in torch_work], self.grad_norm_type,
+                                    complex_grads=cache.has_complex)
             if cache.empty:
                 clipper.no_grads()
             else:
@@ -609,7 +610,7 @@ class _TritonAdamBase(Optimizer):
         grad_scale = grad_scaler_scale(scaler, self)
         self._check_param_lists()
         clipper = self._clipper
-        clipper.check_supported(self._torch_groups(), p, complex_grads=p != 2.0 and any(
+        clipper.check_supported(list(filter(self._torch_steps, self.param_groups)), p, complex_grads=p != 2.0 and any(
             q.is_complex() for g in self.param_groups for q in g["params"] if q.grad is not None))
         with outside_inference_mode(self._written()):
             cache = self._ready(clipping=True, grads_only=True)
