@@ -1757,6 +1757,35 @@ def fsdp2_quantized_values_refused_everywhere(rank: int, world: int, tmpdir: str
             assert all(torch.isfinite(local(p)).all() for p in model.parameters())
 
 
+def fsdp2_full_size_state_refused_naming_the_shard(rank: int, world: int, tmpdir: str) -> None:
+    """The unsharded param's state carried by hand onto its FSDP2 shard (as after
+    accelerate's switch of the optimizer's params to the sharded ones): refused before
+    anything is written, with a message that gives the shard's shape beside the global one
+    (it had printed the global shape twice: "(70, 8) for a param of shape (70, 8)")."""
+    for state_dtype in (None, "8bit"):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 70, bias=False)
+        fully_shard(model)
+        p = model.weight
+        opt = tritonadam.AdamW(model.parameters(), lr=1e-2, state_dtype=state_dtype, **LAUNCH)
+        q = nn.Parameter(torch.randn(70, 8))
+        unsharded = tritonadam.AdamW([q], lr=1e-2, state_dtype=state_dtype, **LAUNCH)
+        q.grad = torch.randn(70, 8)
+        unsharded.step()
+        opt.state[p] = {k: v.clone() for k, v in unsharded.state[q].items()}
+        model(torch.randn(4, 8)).sum().backward()
+        before = local(p.detach()).clone()
+        shard = tuple(local(p).shape)
+        try:
+            opt.step()
+        except RuntimeError as e:
+            message = str(e)
+        else:
+            raise AssertionError(f"{state_dtype}: full-size state on a shard was stepped")
+        assert f"(70, 8) (a DTensor; this rank's shard {shard})" in message, message
+        assert torch.equal(local(p.detach()), before)
+
+
 def fsdp2_relaid_shards_export_one_form(rank: int, world: int, tmpdir: str) -> None:
     """A (3, 64) param sharded 2/1 rows, whose local shards are re-laid out column-major by
     hand after a step (same shape, other strides; FSDP2 itself does not support it). Rank
@@ -1847,6 +1876,7 @@ SCENARIOS = {
     "sr_replicas_agree": sr_replicas_agree,
     "fsdp2_unsharded_quantized_full_state": fsdp2_unsharded_quantized_full_state,
     "fsdp2_relaid_shards_export_one_form": fsdp2_relaid_shards_export_one_form,
+    "fsdp2_full_size_state_refused_naming_the_shard": fsdp2_full_size_state_refused_naming_the_shard,
 }
 
 

@@ -337,3 +337,9 @@ def test_relaid_shards_export_one_form_on_every_rank(tmp_path):
     """Quantized state of shards re-laid out by hand: one export form on every rank (the
     full state dict gathers), within a quantization step of each rank's moments."""
     run_scenario("fsdp2_relaid_shards_export_one_form", tmp_path)
+
+
+def test_full_size_state_on_a_shard_is_refused_naming_the_shard(tmp_path):
+    """The unsharded param's state written onto its FSDP2 shard by hand: refused, params
+    untouched, and the message gives the shard's shape, not the global one twice."""
+    run_scenario("fsdp2_full_size_state_refused_naming_the_shard", tmp_path)

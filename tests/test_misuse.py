@@ -1772,3 +1772,105 @@ def test_codes_replaced_by_a_non_tensor_are_named_as_the_codes(bits, device):
     _fresh_grads(params)
     with pytest.raises(RuntimeError, match=rf"state\['exp_avg_{bits}bit'\] has a NoneType, not uint8 codes"):
         opt.step()
+
+
+ADAMW = PAIRS["AdamW"][0]
+
+# A group value of each optimizer-wide option other than the optimizer's (here the
+# constructor's defaults plus LAUNCH).
+_OTHER_GROUP_VALUES = [
+    ("bias_correction", False), ("master_weights", True), ("state_dtype", "8bit"),
+    ("state_dtype", torch.bfloat16), ("stochastic_rounding", True), ("seed", 3), ("block_size", 256),
+    ("num_warps", 8), ("autotune", "off"), ("persistent", True), ("max_grad_norm", 1e-6),
+    ("grad_norm_type", 1.0),
+]
+
+
+@pytest.mark.parametrize("key,value", _OTHER_GROUP_VALUES)
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+def test_optimizer_wide_option_set_in_a_param_group_is_refused(key, value, where, device):
+    """torch.optim keeps any key a group has; apex's FusedAdam reads bias_correction per
+    group. tritonadam's options are the whole optimizer's: a group that asks for another
+    value (8-bit state for the embeddings, no bias correction, a clip) was stepped with
+    the optimizer's, silently. Refused at construction and at add_param_group."""
+    params = _params(device, shapes=((4, 6), (24,)))
+    wanted = {"params": params[1:], key: value}
+    match = f"{key} is an option of the whole optimizer"
+    if where == "constructor":
+        with pytest.raises(ValueError, match=match):
+            ADAMW([{"params": params[:1]}, wanted], **LAUNCH)
+        return
+    opt = ADAMW([{"params": params[:1]}], **LAUNCH)
+    _steps(opt, params[:1], 2)
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group(wanted)
+    assert len(opt.param_groups) == 1
+    _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.parametrize("key,value,options", [
+    ("state_dtype", None, {"state_dtype": "8bit"}),  # full precision for these params
+    ("max_grad_norm", None, {"max_grad_norm": 1.0}),  # no clip for these
+    ("block_size", None, {"block_size": 1024}),
+])
+def test_a_group_none_that_means_another_value_is_refused(key, value, options, device):
+    """None is a value of these options (fp32 state, no clip, a tuned launch): a group
+    asking for it in an optimizer built with another was stepped with the optimizer's."""
+    params = _params(device)
+    with pytest.raises(ValueError, match=f"{key} is an option of the whole optimizer"):
+        ADAMW([{"params": params[:1]}, {"params": params[1:], key: value}],
+              **{"num_warps": 4, **options})
+
+
+def test_group_values_equal_to_the_optimizers_pass(device):
+    """ZeroRedundancyOptimizer copies its constructor's keywords into every group, raw:
+    values that the constructor normalizes to the optimizer's (state_dtype=torch.float32
+    is the default state, an int max_grad_norm, numpy ints, a seed left None for the one
+    drawn from torch's) are the same option and pass."""
+    np = pytest.importorskip("numpy")
+    kw = dict(state_dtype=torch.float32, max_grad_norm=1000, grad_norm_type=2, bias_correction=True,
+              seed=None, block_size=np.int64(LAUNCH["block_size"]), num_warps=np.int64(LAUNCH["num_warps"]))
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = ADAMW([{"params": params[:2], **kw}], **kw)
+    ours.add_param_group({"params": params[2:], **kw})
+    plain = ADAMW([{"params": ref[:2]}], **kw)
+    plain.add_param_group({"params": ref[2:]})
+    _steps(ours, params, 3)
+    _steps(plain, ref, 3)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)
+    sr = dict(stochastic_rounding=True, state_dtype=torch.bfloat16, seed=None)
+    opt = ADAMW([{"params": _params(device), **sr}], **sr, **LAUNCH)
+    _steps(opt, [p for g in opt.param_groups for p in g["params"]], 2)
+
+
+@pytest.mark.parametrize("how", ["loaded", "edited", "option set"])
+def test_groups_loaded_or_edited_with_other_values_step_with_the_optimizers(how, device):
+    """ZeroRedundancyOptimizer's checkpoint keeps its constructor's keywords in its groups,
+    and ZeRO writes them into the optimizer's groups before every step: a run resumed
+    with other options (8-bit state saved, bf16 state now; another block size on another
+    GPU), or an option set on the optimizer by hand, steps with the optimizer's options,
+    not refused at every step."""
+    saved = {"state_dtype": "8bit", "block_size": 256, "seed": 1, "bias_correction": False}
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(state_dtype=torch.bfloat16, **LAUNCH)
+    plain = ADAMW(ref, **kw)
+    _steps(plain, ref, 2)
+    if how == "option set":
+        opt = ADAMW([{"params": params, "seed": 1}], **kw, seed=1, stochastic_rounding=True)
+        opt.stochastic_rounding = False  # the group keeps ZeRO's seed=1
+        opt.seed = None
+    else:
+        opt = ADAMW(params, **kw)
+    if how == "loaded":
+        sd = opt.state_dict()
+        sd["param_groups"][0].update(saved)
+        opt.load_state_dict(sd)
+    elif how == "edited":
+        opt.param_groups[0].update(saved)
+    _steps(opt, params, 2)
+    for p, q in zip(params, ref):
+        assert torch.equal(p, q)

@@ -22,7 +22,7 @@ from torch.optim.optimizer import Optimizer
 from . import autotune, differentiable, gather, host
 from .clip import Clipper, check_max_norm, fsdp1_clip_error, grad_scaler_scale, norm_order, replicated
 from .hyper import check_hyper, group_hyper
-from .options import check_group_options, checked_extras
+from .options import check_group_extras, check_group_options, checked_extras
 from .broadcast import (
     broadcasting_from_rank0, building_full_load_template, seed_stand_ins, share_rank0_entries, without_stand_ins,
 )
@@ -111,6 +111,8 @@ class _TritonAdamBase(Optimizer):
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
             num_warps=num_warps, autotune=autotune_mode, persistent=persistent,
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
+        for group in self.param_groups:
+            check_group_extras(type(self).__name__, group, self._extras_by_key())
         self._cache = None
         self._clipper = Clipper(type(self).__name__)
 
@@ -173,6 +175,9 @@ class _TritonAdamBase(Optimizer):
 
     def _extras(self) -> tuple:
         return tuple(getattr(self, key) for key in self._EXTRAS)
+
+    def _extras_by_key(self) -> dict:
+        return {key: getattr(self, key) for key in self._EXTRAS}
 
     def _recheck_extras(self) -> None:
         """Options set on the optimizer by hand since they were checked (``opt.state_dtype =
@@ -248,6 +253,7 @@ class _TritonAdamBase(Optimizer):
             params = [params] if isinstance(params, Tensor) else list(params)
             check_group_options(type(self).__name__, {**param_group, "params": params}, self._policy,
                                 bias_correction=self.bias_correction, recorded=self._records_every_group)
+            check_group_extras(type(self).__name__, param_group, self._extras_by_key())
         super().add_param_group(param_group)
         self._cache = None
 

@@ -11,7 +11,7 @@ from .clip import check_max_norm, norm_order
 from .state import StatePolicy
 from .warn import warn
 
-__all__ = ["check_group_options", "checked_extras"]
+__all__ = ["check_group_extras", "check_group_options", "checked_extras"]
 
 _WARPS = (1, 2, 4, 8, 16, 32)
 # The update kernel indexes a block with int32 offsets in one program; Triton caps a
@@ -68,6 +68,57 @@ def checked_extras(name: str, param_groups: list[dict], *, bias_correction, mast
                 block_size=None if block_size is None else int(block_size),
                 num_warps=None if num_warps is None else int(num_warps), autotune=autotune, persistent=persistent,
                 max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type)
+
+
+# The options above are the whole optimizer's. torch.optim keeps any key a param group
+# has without reading it, so a group that sets one (as apex's FusedAdam takes
+# bias_correction per group) would be stepped with the optimizer's value, silently.
+_POLICY_KEYS = ("master_weights", "state_dtype", "stochastic_rounding")
+_INTEGRAL_KEYS = ("seed", "block_size", "num_warps")
+_GROUP_KEYS = frozenset(("bias_correction", *_POLICY_KEYS, *_INTEGRAL_KEYS, "autotune", "persistent",
+                         "max_grad_norm", "grad_norm_type"))
+
+
+def check_group_extras(name: str, group: dict, extras: dict) -> None:
+    """Raise where a param ``group`` given to the constructor or ``add_param_group`` sets
+    one of the optimizer-wide options (``extras``, as normalized by ``checked_extras``) to
+    another value. A value the constructor normalizes to the optimizer's passes: torch's
+    ZeroRedundancyOptimizer copies its constructor's keywords, raw, into every group
+    (``state_dtype=torch.float32``, a numpy int, ``seed=None`` beside the seed drawn from
+    ``torch.initial_seed()``). Groups are not checked at the step, nor when an option is
+    set on the optimizer by hand: ZeRO's checkpoint keeps its keywords in its groups, and
+    ZeRO writes its groups' values into the optimizer's before every step, so a run
+    resumed (or an option set) with other values would be refused for good."""
+    if _GROUP_KEYS.isdisjoint(group):
+        return
+    for key in _GROUP_KEYS.intersection(group):
+        value, own = group[key], extras[key]
+        if value is own or (key == "seed" and value is None):
+            continue
+        try:
+            if key in _POLICY_KEYS:
+                policy = {k: extras[k] for k in _POLICY_KEYS}
+                policy[key] = value
+                same = StatePolicy.checked(**policy, name=name) == StatePolicy.checked(
+                    extras["master_weights"], extras["state_dtype"], extras["stochastic_rounding"], name)
+            elif key == "max_grad_norm":
+                same = value is not None and own is not None and check_max_norm(value) == own
+            elif key == "grad_norm_type":
+                same = norm_order(value) == own
+            elif key in _INTEGRAL_KEYS:
+                same = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                        and own is not None and int(value) == own)
+            else:
+                same = type(value) is type(own) and value == own
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(
+                f"tritonadam.{name}: {key} is an option of the whole optimizer, not of a param "
+                f"group (a group sets {key}={value!r}; the optimizer's is {own!r}), and a group's "
+                f"value would be ignored. Pass {key}= to the constructor, and step params that "
+                f"need another {key} with a second tritonadam optimizer"
+            )
 
 
 def check_group_options(name: str, group: dict, policy: StatePolicy, *, bias_correction: bool = True,

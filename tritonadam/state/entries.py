@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels.variant import Master
+from ..kernels.variant import QUANT_BITS, Master
 from ..tensors import in_layout, is_dense, local_tensor, storage_problem
 
 
@@ -66,6 +66,14 @@ def _describe(value) -> str:
     return f"a {type(value).__name__}"
 
 
+def shape_of(t: Tensor) -> str:
+    """``t``'s shape, and for a DTensor its local shard's too (what the kernels step)."""
+    local = local_tensor(t)
+    if local is t:
+        return str(tuple(t.shape))
+    return f"{tuple(t.shape)} (a DTensor; this rank's shard {tuple(local.shape)})"
+
+
 def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
     """Why ``value`` cannot stand for ``state[key]`` of ``p``, or None."""
     if not isinstance(value, Tensor):
@@ -77,7 +85,7 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
             f"kernels cannot read or write; make it a plain tensor: "
             f"`state[{key!r}] = state[{key!r}].resolve_conj().resolve_neg()`")
     if value.shape != p.shape or lv.shape != lp.shape:
-        return f"shape {tuple(value.shape)} for a param of shape {tuple(p.shape)}"
+        return f"shape {shape_of(value)} for a param of shape {shape_of(p)}"
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)
         return f"dtype {value.dtype} where a {p.dtype} param's state is {wanted}"
@@ -86,7 +94,8 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
     return storage_problem(lv)
 
 
-QUANTIZED = {"8bit": 8, "4bit": 4}
+# The quantized formats by name, with their bits per code: the kernels' table (one for both).
+QUANTIZED = QUANT_BITS
 # The dtypes a dense moment may be stored in and still be converted to a quantized format.
 _DENSE_ACCEPTS = (torch.float32, torch.bfloat16)
 

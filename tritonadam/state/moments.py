@@ -10,7 +10,7 @@ from .. import quantize
 from ..tensors import in_layout, like, local_tensor, storage_problem
 from .entries import (
     _DENSE_ACCEPTS, QUANTIZED, codes_key, _describe, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
-    _signed, _stale, _tensor_problem,
+    _signed, _stale, _tensor_problem, shape_of,
 )
 from .orders import (
     _ENCODED_IN, _ENCODED_SHAPE, element_order, _laid_out, _logical, logical_order, _memory_order, _record,
@@ -27,8 +27,8 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
     n = local_tensor(p).numel()
     lc, ls = local_tensor(codes), local_tensor(scales)
     if _quantized_form(lc, ls, n, bits) is None:
-        return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements "
-                f"(shape {tuple(p.shape)})")
+        return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements, "
+                f"shape {shape_of(p)}")
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
     if (lc.is_meta or ls.is_meta) and not local_tensor(p).is_meta:
