@@ -1786,6 +1786,58 @@ def fsdp2_full_size_state_refused_naming_the_shard(rank: int, world: int, tmpdir
         assert torch.equal(local(p.detach()), before)
 
 
+def fsdp2_per_element_codes_placed_unlike_the_param_refused(rank: int, world: int, tmpdir: str) -> None:
+    """8-bit codes and scales in the per-element form a sharded state_dict() exports, the
+    same global values redistributed to another placement than the param's (Shard(1) for
+    a Shard(0) param and the reverse): each rank's local codes belong to other elements.
+    They were decoded as if placed like the param and stepped silently (0.16 off at
+    lr=0.1). Refused now, by hand (at the step) and through load_state_dict, with the
+    param untouched; placed like the param they step bit for bit as before."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def setup(placement):
+        torch.manual_seed(0)
+        model = nn.Linear(32, 16, bias=False)
+        fully_shard(model, shard_placement_fn=lambda p: placement)
+        opt = tritonadam.Adam(model.parameters(), lr=0.1, state_dtype="8bit", **LAUNCH)
+        for i in (10, 11):
+            opt.zero_grad()
+            gen = torch.Generator().manual_seed(i)
+            model(torch.randn(3, 32, generator=gen)).square().sum().backward()
+            if i == 10:
+                opt.step()
+        return model, opt
+
+    for placement, other in ((Shard(0), Shard(1)), (Shard(1), Shard(0))):
+        model, opt = setup(placement)
+        opt.step()
+        untouched = model.weight.full_tensor()
+        for place in (placement, other):
+            for via_load in (False, True):
+                model, opt = setup(placement)
+                sd = opt.state_dict()
+                entry = sd["state"][0]
+                assert entry["exp_avg_8bit"].shape == entry["exp_avg_scales"].shape
+                moved = {k: distribute_tensor(v.full_tensor(), v.device_mesh, [place]) if isinstance(v, DTensor) else v
+                         for k, v in entry.items()}
+                before = model.weight.full_tensor()
+                what = (placement, place, via_load)
+                try:
+                    if via_load:
+                        sd["state"][0] = moved
+                        opt.load_state_dict(sd)
+                    else:
+                        opt.state[model.weight] = moved
+                    opt.step()
+                except (RuntimeError, ValueError) as e:
+                    assert place != placement, (what, e)
+                    assert "a code per element in shape (16, 32) (a DTensor; this rank's shard" in str(e), (what, e)
+                    assert torch.equal(model.weight.full_tensor(), before), what
+                else:
+                    assert place == placement, f"{what}: codes placed unlike the param were stepped"
+                    assert torch.equal(model.weight.full_tensor(), untouched), what
+
+
 def fsdp2_relaid_shards_export_one_form(rank: int, world: int, tmpdir: str) -> None:
     """A (3, 64) param sharded 2/1 rows, whose local shards are re-laid out column-major by
     hand after a step (same shape, other strides; FSDP2 itself does not support it). Rank
@@ -1876,6 +1928,7 @@ SCENARIOS = {
     "sr_replicas_agree": sr_replicas_agree,
     "fsdp2_unsharded_quantized_full_state": fsdp2_unsharded_quantized_full_state,
     "fsdp2_relaid_shards_export_one_form": fsdp2_relaid_shards_export_one_form,
+    "fsdp2_per_element_codes_placed_unlike_the_param_refused": fsdp2_per_element_codes_placed_unlike_the_param_refused,
     "fsdp2_full_size_state_refused_naming_the_shard": fsdp2_full_size_state_refused_naming_the_shard,
 }
 

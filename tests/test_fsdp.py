@@ -343,3 +343,10 @@ def test_full_size_state_on_a_shard_is_refused_naming_the_shard(tmp_path):
     """The unsharded param's state written onto its FSDP2 shard by hand: refused, params
     untouched, and the message gives the shard's shape, not the global one twice."""
     run_scenario("fsdp2_full_size_state_refused_naming_the_shard", tmp_path)
+
+
+def test_per_element_codes_placed_unlike_the_param_are_refused(tmp_path):
+    """8-bit codes per element, redistributed to another placement than the param's: each
+    rank's codes are other elements'. Refused at the step and at load_state_dict, with
+    the param untouched (they were stepped silently, 0.16 off)."""
+    run_scenario("fsdp2_per_element_codes_placed_unlike_the_param_refused", tmp_path)

@@ -525,3 +525,25 @@ def test_a_master_following_its_param_after_a_load_records_nothing(master, devic
         assert not any(t.requires_grad for t in opt.state[w].values() if torch.is_tensor(t))
         copy.deepcopy(opt)
         copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", "4bit"])
+def test_per_element_codes_of_another_shape_are_refused(state_dtype):
+    """A (5, 7) param's moments, exported a code per element (rows not a multiple of 64),
+    loaded into a (7, 5) param: the same size, but the codes are laid out like the param
+    and were read reshaped, each element stepping another's moments. Refused, nothing
+    changed; the same checkpoint loads into a (5, 7) param."""
+    torch.manual_seed(0)
+    src = torch.nn.Parameter(torch.randn(5, 7))
+    opt = tritonadam.AdamW([src], state_dtype=state_dtype)
+    src.grad = torch.randn(5, 7)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0][f"exp_avg_{state_dtype}"].shape == (5, 7)
+    other = torch.nn.Parameter(torch.randn(7, 5))
+    receiver = tritonadam.AdamW([other], state_dtype=state_dtype)
+    with pytest.raises(ValueError, match=r"a code per element in shape \(5, 7\) for a param of shape \(7, 5\)"):
+        receiver.load_state_dict(copy.deepcopy(sd))
+    assert not receiver.state
+    same = torch.nn.Parameter(src.detach().clone())
+    tritonadam.AdamW([same], state_dtype=state_dtype).load_state_dict(sd)

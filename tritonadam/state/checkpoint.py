@@ -9,7 +9,7 @@ from ..tensors import local_tensor
 from .entries import (
     CODES_KEYS, MASTER_KEY, _MOMENT_KEYS, REMAINDER_KEY, SCALES_KEYS, SEED_KEY, moment_keys, _quantized_bits,
     scales_key,
-    _seed_problem, _signed,
+    _seed_problem, _signed, shape_of,
 )
 from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
 from .orders import logical_order, _record
@@ -134,7 +134,7 @@ def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, value
             raise ValueError(f"{where}: state {key!r} of param {saved_id} has {value.numel()} "
                              f"elements where a param of shape {tuple(p.shape)} needs "
                              f"{expected[0]} (or one per element, {expected[1]})")
-        problem = _saved_quantized_problem(key, value, state, p.numel())
+        problem = _saved_quantized_problem(key, value, state, p)
         if problem is not None:
             raise ValueError(f"{where}: state {key!r} of param {saved_id} {problem}")
         if not value.is_meta:
@@ -218,10 +218,11 @@ class _CodedValues:
 _TENSOR_KEYS = frozenset({*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY})
 
 
-def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -> str | None:
-    """What is wrong with quantized codes or scales ``state[key]`` besides their size, or
-    None: codes must be uint8 and come with their scales in the same form (read together
-    on load)."""
+def _saved_quantized_problem(key: str, value: Tensor, state: dict, p: Tensor) -> str | None:
+    """What is wrong with quantized codes or scales ``state[key]`` of param ``p`` besides
+    their size, or None: codes must be uint8 and come with their scales in the same form
+    (read together on load), a code and a scale per element laid out like the param."""
+    numel = p.numel()
     if key in SCALES_KEYS:
         return None if value.is_floating_point() else f"has dtype {value.dtype}, expected bfloat16 scales"
     if value.dtype != torch.uint8:
@@ -238,6 +239,16 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, numel: int) -
             return (f"has shape {tuple(value.shape)} and {sk!r} shape {tuple(scales.shape)}: a code and a "
                     "scale per element are laid out alike, like the param")
         return f"and {sk!r} hold {value.numel()} codes and {scales.numel()} scales: not one form"
+    if _quantized_form(value, scales, numel, bits) == "elements":
+        # Read back reshaped to the param's (local) shape: a DTensor placed unlike the
+        # param holds other elements on each rank.
+        lp = local_tensor(p)
+        for t in (value, scales):
+            lt = local_tensor(t)
+            if t.shape != p.shape or (lt is not t and lt.shape != lp.shape):
+                return (f"holds a code per element in shape {shape_of(t)} for a param of shape "
+                        f"{shape_of(p)}: per element, codes and scales are laid out (and sharded) "
+                        "like the param")
     return None
 
 

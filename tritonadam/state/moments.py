@@ -24,11 +24,19 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
         return f"{_describe(codes)}, not uint8 codes"
     if not isinstance(scales, Tensor):
         return f"{codes_key(key, bits)} without {scales_key(key)}"
-    n = local_tensor(p).numel()
+    lp = local_tensor(p)
+    n = lp.numel()
     lc, ls = local_tensor(codes), local_tensor(scales)
-    if _quantized_form(lc, ls, n, bits) is None:
+    form = _quantized_form(lc, ls, n, bits)
+    if form is None:
         return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements, "
                 f"shape {shape_of(p)}")
+    # A code per element is laid out like the param (read back reshaped to its local
+    # shape): of the same size but another shape, a DTensor placed unlike the param (each
+    # rank's shard other elements), or a transposed weight's, it steps other elements'
+    # moments. Flat block codes have no shape to compare.
+    if form == "elements" and (codes.shape != p.shape or lc.shape != lp.shape):
+        return f"a code per element in shape {shape_of(codes)} for a param of shape {shape_of(p)}"
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
     if (lc.is_meta or ls.is_meta) and not local_tensor(p).is_meta:
