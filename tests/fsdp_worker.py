@@ -1793,11 +1793,11 @@ def fsdp2_per_element_codes_placed_unlike_the_param_refused(rank: int, world: in
     They were decoded as if placed like the param and stepped silently (0.16 off at
     lr=0.1). Refused now, by hand (at the step) and through load_state_dict, with the
     param untouched; placed like the param they step bit for bit as before."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    def setup(placement):
+    def setup(placement, rows=16):
         torch.manual_seed(0)
-        model = nn.Linear(32, 16, bias=False)
+        model = nn.Linear(32, rows, bias=False)
         fully_shard(model, shard_placement_fn=lambda p: placement)
         opt = tritonadam.Adam(model.parameters(), lr=0.1, state_dtype="8bit", **LAUNCH)
         for i in (10, 11):
@@ -1836,6 +1836,22 @@ def fsdp2_per_element_codes_placed_unlike_the_param_refused(rank: int, world: in
                 else:
                     assert place == placement, f"{what}: codes placed unlike the param were stepped"
                     assert torch.equal(model.weight.full_tensor(), untouched), what
+    # One row: rank 1's shard is empty, and rank 0's (1, 32) is the whole. Replicated
+    # codes have rank 0's local shape there: refused by their placement on every rank (a
+    # refusal on one rank alone left the other waiting in the load's collectives).
+    model, opt = setup(Shard(0), rows=1)
+    sd = opt.state_dict()
+    sd["state"][0] = {k: distribute_tensor(v.full_tensor(), v.device_mesh, [Replicate()]) if isinstance(v, DTensor)
+                      else v for k, v in sd["state"][0].items()}
+    try:
+        opt.load_state_dict(sd)
+    except ValueError as e:
+        assert "a code per element in shape (1, 32)" in str(e), e
+        refused = True
+    else:
+        refused = False
+    assert_same_on_all_ranks(refused, "replicated codes of a one-row param: refused")
+    assert refused
 
 
 def fsdp2_relaid_shards_export_one_form(rank: int, world: int, tmpdir: str) -> None:

@@ -9,7 +9,7 @@ from ..tensors import local_tensor
 from .entries import (
     CODES_KEYS, MASTER_KEY, _MOMENT_KEYS, REMAINDER_KEY, SCALES_KEYS, SEED_KEY, moment_keys, _quantized_bits,
     scales_key,
-    _seed_problem, _signed, shape_of,
+    _seed_problem, _signed, placed_unlike, shape_of,
 )
 from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
 from .orders import logical_order, _record
@@ -245,7 +245,7 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, p: Tensor) ->
         lp = local_tensor(p)
         for t in (value, scales):
             lt = local_tensor(t)
-            if t.shape != p.shape or (lt is not t and lt.shape != lp.shape):
+            if t.shape != p.shape or placed_unlike(t, p) or (lt is not t and lt.shape != lp.shape):
                 return (f"holds a code per element in shape {shape_of(t)} for a param of shape "
                         f"{shape_of(p)}: per element, codes and scales are laid out (and sharded) "
                         "like the param")

@@ -74,6 +74,13 @@ def shape_of(t: Tensor) -> str:
     return f"{tuple(t.shape)} (a DTensor; this rank's shard {tuple(local.shape)})"
 
 
+def placed_unlike(t: Tensor, p: Tensor) -> bool:
+    """Whether DTensor ``t`` is placed unlike DTensor ``p`` (global metadata: every rank
+    answers alike, where comparing local shapes can pass on one rank and fail on another)."""
+    return (local_tensor(t) is not t and local_tensor(p) is not p
+            and (tuple(t.placements) != tuple(p.placements) or t.device_mesh != p.device_mesh))
+
+
 def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
     """Why ``value`` cannot stand for ``state[key]`` of ``p``, or None."""
     if not isinstance(value, Tensor):

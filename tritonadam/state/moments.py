@@ -10,7 +10,7 @@ from .. import quantize
 from ..tensors import in_layout, like, local_tensor, storage_problem
 from .entries import (
     _DENSE_ACCEPTS, QUANTIZED, codes_key, _describe, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
-    _signed, _stale, _tensor_problem, shape_of,
+    _signed, _stale, _tensor_problem, placed_unlike, shape_of,
 )
 from .orders import (
     _ENCODED_IN, _ENCODED_SHAPE, element_order, _laid_out, _logical, logical_order, _memory_order, _record,
@@ -35,7 +35,7 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
     # shape): of the same size but another shape, a DTensor placed unlike the param (each
     # rank's shard other elements), or a transposed weight's, it steps other elements'
     # moments. Flat block codes have no shape to compare.
-    if form == "elements" and (codes.shape != p.shape or lc.shape != lp.shape):
+    if form == "elements" and (codes.shape != p.shape or placed_unlike(codes, p) or lc.shape != lp.shape):
         return f"a code per element in shape {shape_of(codes)} for a param of shape {shape_of(p)}"
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
