@@ -111,8 +111,9 @@ class _TritonAdamBase(Optimizer):
             stochastic_rounding=stochastic_rounding, seed=seed, block_size=block_size,
             num_warps=num_warps, autotune=autotune_mode, persistent=persistent,
             max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type))
+        extras = self._extras_by_key()
         for group in self.param_groups:
-            check_group_extras(type(self).__name__, group, self._extras_by_key())
+            check_group_extras(type(self).__name__, group, extras)
         self._cache = None
         self._clipper = Clipper(type(self).__name__)
 

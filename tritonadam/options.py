@@ -99,8 +99,7 @@ def check_group_extras(name: str, group: dict, extras: dict) -> None:
             if key in _POLICY_KEYS:
                 policy = {k: extras[k] for k in _POLICY_KEYS}
                 policy[key] = value
-                same = StatePolicy.checked(**policy, name=name) == StatePolicy.checked(
-                    extras["master_weights"], extras["state_dtype"], extras["stochastic_rounding"], name)
+                same = StatePolicy.checked(**policy, name=name) == StatePolicy(*(extras[k] for k in _POLICY_KEYS))
             elif key == "max_grad_norm":
                 same = value is not None and own is not None and check_max_norm(value) == own
             elif key == "grad_norm_type":
