@@ -816,6 +816,67 @@ def tensor_parallel(rank: int, world: int, tmpdir: str) -> None:
             assert torch.equal(p, q), (what, (p - q).abs().max())
 
 
+def fsdp_tp_2d(rank: int, world: int, tmpdir: str) -> None:
+    """FSDP2 over tensor parallelism on a (dp=2, tp=2) mesh (4 ranks): FSDP2 shards the
+    column-parallel weight's rows again, placed (_StridedShard(0), Shard(0)), which
+    torch's ``is_shard()`` does not count. The fused clip left the dp dim out of those
+    grads' reduction: a 2-norm of 0.15 or 0.17 (another on each dp rank) for torch's
+    0.21. Now its norms of order 1, 2, 3 and inf equal torch's on every rank, clipped
+    training (explicit and ``max_grad_norm``) tracks torch.optim under torch's clip, and
+    an 8-bit run resumes from a DCP checkpoint bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    assert world == 4, world
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh.get_coordinate()[0]  # the data: alike over a tp group, unlike over dp
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = MLP(24, 128)
+        parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        return fully_shard(model, mesh=mesh["dp"])
+
+    model = build(0)
+    assert "_StridedShard" in type(model.up.weight.placements[0]).__name__, model.up.weight.placements
+    opt = _tp_opt(model)
+    model(torch.randn(8, 24, generator=torch.Generator().manual_seed(dp))).pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    for norm_type in (2.0, 1.0, 3.0, math.inf):
+        expected = torch.nn.utils.get_total_norm(grads, norm_type).full_tensor()
+        got = opt.clip_grad_norm_(math.inf, norm_type).full_tensor()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0, msg=lambda m: f"norm {norm_type}: {m}")
+        assert_same_on_all_ranks(got.item(), f"norm {norm_type}")
+    assert torch.nn.utils.get_total_norm(grads, 2.0).full_tensor().item() > 0.1  # clipping at 0.1 binds
+
+    ref = build(0)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    _mlp_train(ref, ref_opt, dp, range(3), clip="torch", max_norm=0.1)
+    for how in ("explicit", "max_grad_norm"):
+        model = build(0)
+        opt = _tp_opt(model, **({"max_grad_norm": 0.1} if how == "max_grad_norm" else {}))
+        _mlp_train(model, opt, dp, range(3), clip="fused" if how == "explicit" else None, max_norm=0.1)
+        for p, q in zip(_full_list(model), _full_list(ref)):
+            torch.testing.assert_close(p, q, msg=lambda m: f"{how}: {m}", **TOL)
+
+    model = build(0)
+    opt = _tp_opt(model, state_dtype="8bit")
+    _mlp_train(model, opt, dp, range(2))
+    path = os.path.join(tmpdir, "fsdp_tp_2d")
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    _mlp_train(model, opt, dp, range(2, 4))
+    restored = build(5)
+    ropt = _tp_opt(restored, state_dtype="8bit")
+    msd2, osd2 = get_state_dict(restored, ropt)
+    sd = {"model": msd2, "optim": osd2}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(restored, ropt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    _mlp_train(restored, ropt, dp, range(2, 4))
+    for p, q in zip(_full_list(restored), _full_list(model)):
+        assert torch.equal(p, q), (p - q).abs().max()
+
+
 class Gain(nn.Module):
     """One (1, 9) param: over 2 ranks, rank 1 holds nothing of this model at all."""
 
@@ -1786,72 +1847,175 @@ def fsdp2_full_size_state_refused_naming_the_shard(rank: int, world: int, tmpdir
         assert torch.equal(local(p.detach()), before)
 
 
-def fsdp2_per_element_codes_placed_unlike_the_param_refused(rank: int, world: int, tmpdir: str) -> None:
-    """8-bit codes and scales in the per-element form a sharded state_dict() exports, the
-    same global values redistributed to another placement than the param's (Shard(1) for
-    a Shard(0) param and the reverse): each rank's local codes belong to other elements.
-    They were decoded as if placed like the param and stepped silently (0.16 off at
-    lr=0.1). Refused now, by hand (at the step) and through load_state_dict, with the
-    param untouched; placed like the param they step bit for bit as before."""
+def fsdp2_state_placed_unlike_the_param_is_redistributed(rank: int, world: int, tmpdir: str) -> None:
+    """State tensors of a DTensor param placed otherwise on its mesh (a checkpoint of
+    another sharding, or the state redistributed by hand): Shard(1) for a Shard(0) param
+    and the reverse, Replicate for a Shard(0) one. torch.optim steps them right (DTensor
+    ops redistribute their operands). They were read as if placed like the param: 8-bit
+    codes per element stepped other elements' moments (0.16 off at lr=0.1), an fp32
+    master under "remainder" failed the load with torch's raw size error, and a one-row
+    param (rank 1's shard empty, rank 0's the whole) was stepped on rank 0 and refused on
+    rank 1. Now they are redistributed like the param, on every rank alike, by hand and
+    through load_state_dict: the step is bit for bit the untouched one, in every mode.
+    What cannot be placed like the param is refused on every rank alike: block codes
+    placed otherwise, state on another mesh, a plain tensor for a sharded param."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    def setup(placement, rows=16):
+    modes = [
+        ("Adam", torch.float32, {"state_dtype": "8bit"}),
+        ("AdamW", torch.bfloat16, {"master_weights": "remainder"}),
+        ("AdamW", torch.bfloat16, {"master_weights": True, "state_dtype": "4bit"}),
+        ("AdamW", torch.bfloat16, {"master_weights": "remainder", "state_dtype": "8bit"}),
+    ]
+
+    def setup(mode, placement, rows=16):
+        name, dtype, kwargs = mode
         torch.manual_seed(0)
-        model = nn.Linear(32, rows, bias=False)
+        model = nn.Linear(32, rows, bias=False).to(dtype)
         fully_shard(model, shard_placement_fn=lambda p: placement)
-        opt = tritonadam.Adam(model.parameters(), lr=0.1, state_dtype="8bit", **LAUNCH)
+        opt = PAIRS[name][0](model.parameters(), lr=0.1, **kwargs, **LAUNCH)
         for i in (10, 11):
             opt.zero_grad()
             gen = torch.Generator().manual_seed(i)
-            model(torch.randn(3, 32, generator=gen)).square().sum().backward()
+            model(torch.randn(3, 32, generator=gen).to(dtype)).float().square().sum().backward()
             if i == 10:
                 opt.step()
         return model, opt
 
-    for placement, other in ((Shard(0), Shard(1)), (Shard(1), Shard(0))):
-        model, opt = setup(placement)
-        opt.step()
-        untouched = model.weight.full_tensor()
-        for place in (placement, other):
+    def placed(v, placement):
+        if not isinstance(v, DTensor):
+            return v
+        wide = v.to(torch.int32) if v.dtype == torch.int16 else v  # gloo moves no int16
+        return distribute_tensor(wide.full_tensor(), v.device_mesh, [placement]).to(v.dtype)
+
+    cases = [(Shard(0), Shard(1), 16), (Shard(1), Shard(0), 16), (Shard(0), Replicate(), 16), (Shard(0), Replicate(), 1)]
+    for mode in modes:
+        for placement, other, rows in cases:
+            model, opt = setup(mode, placement, rows)
+            opt.step()
+            untouched = model.weight.full_tensor()
             for via_load in (False, True):
-                model, opt = setup(placement)
+                what = (mode, placement, other, rows, via_load)
+                model, opt = setup(mode, placement, rows)
                 sd = opt.state_dict()
-                entry = sd["state"][0]
-                assert entry["exp_avg_8bit"].shape == entry["exp_avg_scales"].shape
-                moved = {k: distribute_tensor(v.full_tensor(), v.device_mesh, [place]) if isinstance(v, DTensor) else v
-                         for k, v in entry.items()}
-                before = model.weight.full_tensor()
-                what = (placement, place, via_load)
-                try:
-                    if via_load:
-                        sd["state"][0] = moved
-                        opt.load_state_dict(sd)
-                    else:
-                        opt.state[model.weight] = moved
-                    opt.step()
-                except (RuntimeError, ValueError) as e:
-                    assert place != placement, (what, e)
-                    assert "a code per element in shape (16, 32) (a DTensor; this rank's shard" in str(e), (what, e)
-                    assert torch.equal(model.weight.full_tensor(), before), what
+                moved = {k: placed(v, other) for k, v in sd["state"][0].items()}
+                assert any(isinstance(v, DTensor) and v.placements != model.weight.placements
+                           for v in moved.values()), what
+                if via_load:
+                    sd["state"][0] = moved
+                    opt.load_state_dict(sd)
                 else:
-                    assert place == placement, f"{what}: codes placed unlike the param were stepped"
-                    assert torch.equal(model.weight.full_tensor(), untouched), what
-    # One row: rank 1's shard is empty, and rank 0's (1, 32) is the whole. Replicated
-    # codes have rank 0's local shape there: refused by their placement on every rank (a
-    # refusal on one rank alone left the other waiting in the load's collectives).
-    model, opt = setup(Shard(0), rows=1)
+                    opt.state[model.weight] = moved
+                opt.step()
+                assert torch.equal(model.weight.full_tensor(), untouched), what
+                for k, v in opt.state[model.weight].items():
+                    assert not isinstance(v, DTensor) or v.placements == model.weight.placements, (what, k)
+
+    # Refused on every rank alike, with the param and the state untouched.
+    def refused(model, opt, via_load, entry, needle, what):
+        before = model.weight.full_tensor()
+        sd = opt.state_dict()
+        held = dict(opt.state[model.weight])
+        try:
+            if via_load:
+                sd["state"][0] = entry
+                opt.load_state_dict(sd)
+            else:
+                opt.state[model.weight] = entry
+            opt.step()
+        except (RuntimeError, ValueError) as e:
+            assert needle in str(e), (what, e)
+            got = True
+        else:
+            got = False
+        assert_same_on_all_ranks(got, f"{what}: refused")
+        assert got, what
+        assert torch.equal(model.weight.full_tensor(), before), what
+        if via_load:
+            assert all(opt.state[model.weight][k] is v for k, v in held.items()), what
+        opt.state[model.weight] = held
+
+    # Block codes (a param of 64-element rows exports a row per block row): placed
+    # otherwise, each rank's blocks are other rows'.
+    torch.manual_seed(0)
+    model = nn.Linear(64, 4, bias=False)
+    fully_shard(model)
+    opt = tritonadam.Adam(model.parameters(), lr=0.1, state_dtype="8bit", **LAUNCH)
+    model(torch.randn(3, 64)).sum().backward()
+    opt.step()
     sd = opt.state_dict()
-    sd["state"][0] = {k: distribute_tensor(v.full_tensor(), v.device_mesh, [Replicate()]) if isinstance(v, DTensor)
-                      else v for k, v in sd["state"][0].items()}
+    assert tuple(sd["state"][0]["exp_avg_8bit"].shape) == (4, 64), sd["state"][0]["exp_avg_8bit"].shape
+    moved = {k: placed(v, Replicate()) for k, v in sd["state"][0].items()}
+    refused(model, opt, True, moved, "blocks are counted from the start of each shard", "block codes, load")
+    refused(model, opt, False, moved, "only a code and a scale per element", "block codes, by hand")
+    # Another mesh: a 2-D one over the same ranks.
+    mesh2 = init_device_mesh("cpu", (1, world))
+    for mode in modes[:2]:
+        model, opt = setup(mode, Shard(0))
+        elsewhere = {k: distribute_tensor(v.full_tensor(), mesh2, [Replicate(), Shard(0)])
+                     if isinstance(v, DTensor) else v
+                     for k, v in opt.state_dict()["state"][0].items() if k != "master_param_remainder"}
+        for via_load in (False, True):
+            refused(model, opt, via_load, dict(elsewhere), "a DTensor on DeviceMesh", (mode, "other mesh", via_load))
+    # A plain tensor for a sharded one-row param: rank 0's shard is the whole param, so a
+    # shape check alone passed there and failed on rank 1. So for plain codes per element.
+    model, opt = setup(("Adam", torch.float32, {}), Shard(0), rows=1)
+    plain = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in opt.state[model.weight].items()}
+    refused(model, opt, False, plain, "a plain tensor of shape (1, 32) for a DTensor param", "plain, by hand")
+    model, opt = setup(modes[0], Shard(0), rows=1)
+    plain = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in opt.state_dict()["state"][0].items()}
+    refused(model, opt, False, plain, "exp_avg_8bit", "plain codes, by hand")
+    # A DTensor sharded for a plain param (one FSDP2 leaves out): rank 0's (1, 32) part of
+    # a one-row value passed as the whole, rank 1's (0, 32) did not.
+    q = nn.Parameter(torch.randn(1, 32))
+    plain_opt = tritonadam.AdamW([q], lr=0.1, **LAUNCH)
+    q.grad = torch.ones(1, 32)
+    plain_opt.step()
+    sd = plain_opt.state_dict()
+    sd["state"][0] = {k: distribute_tensor(v, model.weight.device_mesh, [Shard(0)]) if v.dim() else v
+                      for k, v in sd["state"][0].items()}
     try:
-        opt.load_state_dict(sd)
+        plain_opt.load_state_dict(sd)
     except ValueError as e:
-        assert "a code per element in shape (1, 32)" in str(e), e
-        refused = True
+        assert "for a param that is not a DTensor" in str(e), e
+        got = True
     else:
-        refused = False
-    assert_same_on_all_ranks(refused, "replicated codes of a one-row param: refused")
-    assert refused
+        got = False
+    assert_same_on_all_ranks(got, "sharded state of a plain param: refused")
+    assert got
+    # Codes placed otherwise beside plain scales: refused before any is redistributed.
+    model, opt = setup(modes[0], Shard(0), rows=2)
+    mixed = {k: (placed(v, Replicate()) if k.endswith("8bit") else v.full_tensor()) if isinstance(v, DTensor) else v
+             for k, v in opt.state_dict()["state"][0].items()}
+    refused(model, opt, False, mixed, "a DTensor beside a plain tensor", "codes beside plain scales")
+    assert all(not isinstance(v, DTensor) or v.placements == (Replicate(),) for v in mixed.values())
+
+    # What the step does not read is left as it is, even placed otherwise: a rank that
+    # converts for a reason of its own (rank 0's shard re-laid out, rank 1's single row
+    # still in layout) redistributed an idle max_exp_avg_sq alone and waited for rank 1.
+    # A replicated step count (what torch.optim steps) is not split like the param.
+    for count in ((), (1,)):
+        for via_load in (False, True):
+            model, opt = setup(("Adam", torch.float32, {}), Shard(0), rows=3)
+            ref_model, ref_opt = setup(("Adam", torch.float32, {}), Shard(0), rows=3)
+            p, st = model.weight, opt.state[model.weight]
+            idle = distribute_tensor(st["exp_avg_sq"].full_tensor(), p.device_mesh, [Shard(1)])
+            step = DTensor.from_local(st["step"].reshape(count).clone(), p.device_mesh, [Replicate()], run_check=False)
+            if via_load:
+                sd = opt.state_dict()
+                sd["state"][0] = {**sd["state"][0], "max_exp_avg_sq": idle, "step": step}
+                opt.load_state_dict(sd)
+            else:
+                st["max_exp_avg_sq"], st["step"] = idle, step
+            lp = p._local_tensor
+            lp.data = lp.data.t().contiguous().t()
+            opt.step()
+            ref_opt.step()
+            what = ("idle and step", count, via_load)
+            assert torch.equal(p.full_tensor(), ref_model.weight.full_tensor()), what
+            # a load converts every moment it holds (idle ones too), on every rank
+            assert opt.state[p]["max_exp_avg_sq"].placements == (p.placements if via_load else (Shard(1),)), what
 
 
 def fsdp2_relaid_shards_export_one_form(rank: int, world: int, tmpdir: str) -> None:
@@ -1944,7 +2108,8 @@ SCENARIOS = {
     "sr_replicas_agree": sr_replicas_agree,
     "fsdp2_unsharded_quantized_full_state": fsdp2_unsharded_quantized_full_state,
     "fsdp2_relaid_shards_export_one_form": fsdp2_relaid_shards_export_one_form,
-    "fsdp2_per_element_codes_placed_unlike_the_param_refused": fsdp2_per_element_codes_placed_unlike_the_param_refused,
+    "fsdp2_state_placed_unlike_the_param_is_redistributed": fsdp2_state_placed_unlike_the_param_is_redistributed,
+    "fsdp_tp_2d": fsdp_tp_2d,
     "fsdp2_full_size_state_refused_naming_the_shard": fsdp2_full_size_state_refused_naming_the_shard,
 }
 

@@ -361,6 +361,44 @@ def test_compiled_train_step(backend, with_scaler, device):
     torch._dynamo.reset()
 
 
+def test_state_dict_calls_inside_a_compiled_function_run_eagerly(device):
+    """``load_state_dict``, ``state_dict``, ``torch_state_dict`` and ``add_param_group``
+    are marked ``torch._disable_dynamo``, as torch.optim's are: called inside a compiled
+    function they run eagerly, without Dynamo's warning about the frame inspection they
+    do (it told users to file an issue with PyTorch), and the resumed steps are eager's."""
+    import warnings
+
+    torch._dynamo.reset()
+    p = nn.Parameter(torch.randn(40, device=device))
+    q = nn.Parameter(torch.randn(6, device=device))
+    opt = tritonadam.AdamW([p], lr=1e-2, state_dtype="8bit", **LAUNCH)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    p.grad = None
+    saved = copy.deepcopy(opt.state_dict())
+    twin_p, twin_q = nn.Parameter(p.detach().clone()), nn.Parameter(q.detach().clone())
+    twin = tritonadam.AdamW([twin_p], lr=1e-2, state_dtype="8bit", **LAUNCH)
+
+    def resume(o, a, b, saved):
+        o.load_state_dict(saved)
+        o.add_param_group({"params": [b]})
+        (a * a).sum().backward()
+        (b * b).sum().backward()
+        o.step()
+        o.zero_grad()
+        return o.state_dict(), o.torch_state_dict()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, got_full = torch.compile(resume, backend="eager")(opt, p, q, saved)
+    resume(twin, twin_p, twin_q, saved)
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
+    assert torch.equal(p, twin_p) and torch.equal(q, twin_q)
+    assert torch.equal(got["state"][0]["exp_avg_8bit"], twin.state_dict()["state"][0]["exp_avg_8bit"])
+    assert torch.equal(got_full["state"][1]["exp_avg"], twin.torch_state_dict()["state"][1]["exp_avg"])
+    torch._dynamo.reset()
+
+
 def test_non_finite_values_step_without_warnings(device):
     """GradScaler skipping the very first step (an inf grad at the init scale: step count
     0), inf and NaN grads without a scaler, and a clip of a tiny norm order: the values are

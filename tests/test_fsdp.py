@@ -126,6 +126,13 @@ def test_fsdp1_state_dicts_of_every_format(tmp_path):
     run_scenario("fsdp1_precision_state_dicts", tmp_path)
 
 
+def test_fsdp_over_tensor_parallel_on_a_2x2_mesh(tmp_path):
+    """(dp=2, tp=2): the fused clip's norms are torch's on every rank also for the grads
+    FSDP2 shards with _StridedShard (it had left their dp dim out), clipped training
+    tracks torch.optim, and an 8-bit DCP checkpoint resumes bit for bit."""
+    run_scenario("fsdp_tp_2d", tmp_path, world=4)
+
+
 def test_tensor_parallel_and_dim1_shards(tmp_path):
     """DTensor params sharded along dim 1 and replicated (tensor parallelism alone and on a
     2-D mesh with FSDP2, FSDP2 with a shard_placement_fn): fused clipping's norms equal
@@ -345,8 +352,11 @@ def test_full_size_state_on_a_shard_is_refused_naming_the_shard(tmp_path):
     run_scenario("fsdp2_full_size_state_refused_naming_the_shard", tmp_path)
 
 
-def test_per_element_codes_placed_unlike_the_param_are_refused(tmp_path):
-    """8-bit codes per element, redistributed to another placement than the param's: each
-    rank's codes are other elements'. Refused at the step and at load_state_dict, with
-    the param untouched (they were stepped silently, 0.16 off)."""
-    run_scenario("fsdp2_per_element_codes_placed_unlike_the_param_refused", tmp_path)
+def test_state_placed_unlike_the_param_is_redistributed(tmp_path):
+    """State of another placement than its DTensor param's (moments, codes per element,
+    masters), by hand and through load_state_dict: redistributed like the param on every
+    rank, the step bit for bit the untouched one (codes had stepped other elements'
+    moments, a master failed the load, a one-row param was refused on one rank only);
+    block codes placed otherwise, another mesh and a plain tensor for a sharded param
+    are refused on every rank alike."""
+    run_scenario("fsdp2_state_placed_unlike_the_param_is_redistributed", tmp_path)

@@ -547,3 +547,98 @@ def test_per_element_codes_of_another_shape_are_refused(state_dtype):
     assert not receiver.state
     same = torch.nn.Parameter(src.detach().clone())
     tritonadam.AdamW([same], state_dtype=state_dtype).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("options", [{}, {"state_dtype": "8bit"}, {"master_weights": True, "dtype": torch.bfloat16},
+                                     {"master_weights": "remainder", "state_dtype": "4bit", "dtype": torch.bfloat16}],
+                         ids=["fp32", "8bit", "bf16-master", "bf16-remainder-4bit"])
+def test_a_load_keeps_its_own_state_and_copies_the_rest(options, device):
+    """Its own state given back (DCP loads into the tensors ``state_dict()`` gave, views
+    of the codes included; ``opt.load_state_dict(opt.state_dict())``) is kept: a resume
+    holds no second copy of the state (it had copied every tensor: 8 extra bytes per
+    param for fp32 moments until the step). Anything else is copied, so the caller's state
+    dict stays as it was (a snapshot, a dict loaded into two optimizers) and the step is
+    that from a copy."""
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
+    source = make_params([(4, 64), (9,)], dtype, device, seed=21)
+    opt = PAIRS["AdamW"][0](source, lr=1e-2, **options, **LAUNCH)
+    _train(opt, source, torch.Generator().manual_seed(22), 2)
+    # The (4, 64) param's codes are exported as views of its own (rows of whole blocks);
+    # a remainder is exported joined to its fp32 master, and split from it anew.
+    held = {k: v.data_ptr() for k, v in opt.state[source[0]].items() if k != "master_param_remainder"}
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert {k: v.data_ptr() for k, v in opt.state[source[0]].items() if k in held} == held
+
+    snapshot = copy.deepcopy(sd)
+    pairs = [(clone_params(source), PAIRS["AdamW"][0]) for _ in range(2)]
+    runs = []
+    for params, cls in pairs:
+        run = cls(params, lr=1e-2, **options, **LAUNCH)
+        run.load_state_dict(sd)
+        for p, i in zip(params, range(2)):
+            assert all(v.data_ptr() != getattr(sd["state"][i].get(k), "data_ptr", lambda: -1)()
+                       for k, v in run.state[p].items() if isinstance(v, torch.Tensor) and v.numel())
+        runs.append(run)
+    grads = random_grads(source, torch.Generator().manual_seed(23))
+    for (params, _), run in zip(pairs, runs):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        run.step()
+    assert all(torch.equal(a, b) for a, b in zip(*(params for params, _ in pairs)))
+    for i, entry in sd["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(v, snapshot["state"][i][k]) if isinstance(v, torch.Tensor) else v == snapshot["state"][i][k]
+
+
+def test_loaded_tensors_that_share_memory_are_copied(device):
+    """A hand-built state dict whose moments are one tensor (``z = torch.zeros_like(p)``
+    under both keys), or a param's own tensor: kept as given, the kernels would write the
+    same memory twice. Copied, the step is that of separate tensors."""
+    params = make_params([(5, 7)], torch.float32, device, seed=24)
+    grads = random_grads(params, torch.Generator().manual_seed(25))
+    runs = []
+    for shared in (True, False):
+        ps = clone_params(params)
+        opt = PAIRS["AdamW"][0](ps, lr=1e-2, **LAUNCH)
+        z = torch.full_like(ps[0], 0.5).detach()
+        sd = opt.state_dict()
+        sd["state"] = {0: {"step": torch.tensor(3.0), "exp_avg": z if shared else z.clone(),
+                           "exp_avg_sq": z if shared else z.clone()}}
+        opt.load_state_dict(sd)
+        st = opt.state[ps[0]]
+        assert st["exp_avg"].data_ptr() != st["exp_avg_sq"].data_ptr()
+        ps[0].grad = grads[0].clone()
+        opt.step()
+        runs.append((ps[0].detach().clone(), {k: st[k].clone() for k in ("exp_avg", "exp_avg_sq")}))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # a param's own memory under a state key: copied too
+    ps = clone_params(params)
+    opt = PAIRS["AdamW"][0](ps, lr=1e-2, **LAUNCH)
+    sd = opt.state_dict()
+    sd["state"] = {0: {"step": torch.tensor(1.0), "exp_avg": ps[0].detach(), "exp_avg_sq": ps[0].detach().abs()}}
+    opt.load_state_dict(sd)
+    assert opt.state[ps[0]]["exp_avg"].data_ptr() != ps[0].data_ptr()
+
+
+def test_a_load_beside_state_without_ordinary_storage():
+    """The load reads where the state it replaces and the given step count live: entries
+    of the user's without ordinary storage (a sparse mask, a wrapper subclass) beside the
+    moments, and a given count that is a wrapper subclass, load as with torch.optim."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    for extra in (torch.eye(3).to_sparse(), TwoTensor(torch.ones(3), torch.ones(3))):
+        p = torch.nn.Parameter(torch.randn(8))
+        opt = tritonadam.AdamW([p], lr=1e-2, **LAUNCH)
+        p.grad = torch.randn(8)
+        opt.step()
+        sd = copy.deepcopy(opt.state_dict())
+        opt.state[p]["mask"] = extra
+        opt.load_state_dict(sd)
+        assert torch.equal(opt.state[p]["exp_avg"], sd["state"][0]["exp_avg"])
+        sd["state"][0]["step"] = TwoTensor(torch.tensor(3.0), torch.tensor(3.0))
+        opt.load_state_dict(sd)
+        opt.step()
+        assert float(opt.state[p]["step"]) == 4.0

@@ -28,7 +28,7 @@ from .kernels.launch import launch_norm, launch_norm_reduce, norm_kind
 from .kernels.plan import upload
 from .step_cache import StepCache
 from .state import LOW_PRECISION
-from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device
+from .tensors import GRAD, is_fsdp1_shard, local_tensor, on_device, split_dim
 from .warn import warn
 
 __all__ = ["Clipper", "check_max_norm", "fsdp1_clip_error", "grad_scaler_scale", "norm_order", "norm_reduction",
@@ -146,7 +146,7 @@ def norm_reduction(params: list[Tensor]):
                 "torch.nn.utils.clip_grad_norm_ here"
             )
         meshes.add(g.device_mesh)
-        dims.append(tuple(i for i, pl in enumerate(g.placements) if pl.is_shard()))
+        dims.append(tuple(i for i, pl in enumerate(g.placements) if split_dim(pl) is not None))
     if len(meshes) != 1:
         raise NotImplementedError(
             "clip_grad_norm_: grads live on different device meshes, whose norms cannot be "

@@ -16,7 +16,7 @@ from . import host, validate
 from .kernels.plan import rounding_key
 from .state import SEED_KEY, WRITTEN_KEYS, StatePolicy, moment_keys, new_step_dtype
 from .step_cache import Row, StepCache, param_meta
-from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor
+from .tensors import as_real, check_no_shared_memory, is_dense, local_tensor, split_dim
 
 __all__ = ["Gathered", "build", "init_group"]
 
@@ -171,8 +171,6 @@ def _shard_id(p: Tensor) -> int:
         return 0
     shard = 0
     for dim, placement in enumerate(p.placements):
-        # Not is_shard(): FSDP2 over tensor parallelism shards with _StridedShard, which
-        # torch does not count as one.
-        if not (placement.is_replicate() or placement.is_partial()):
+        if split_dim(placement) is not None:
             shard = shard * mesh.size(dim) + coord[dim]
     return shard

@@ -28,7 +28,7 @@ from .broadcast import (
 )
 from .state import (
     SEED_KEY, StatePolicy, check_loadable, encoded_orders, export_full_state, export_state,
-    localize_full_state, masters_follow_params, record_orders, restore_loaded, saved_pairs,
+    localize_full_state, masters_follow_params, own_storages, record_orders, restore_loaded, saved_pairs,
 )
 from .step_cache import StepCache
 from .tensors import is_fsdp1_shard, outside_inference_mode
@@ -243,6 +243,7 @@ class _TritonAdamBase(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
 
+    @torch._disable_dynamo  # as torch.optim's: run eagerly inside a compiled function
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "master_weights") and isinstance(param_group, dict):  # not during torch's
             # __init__ (checked after it), nor for a non-dict, which torch's own check refuses
@@ -270,6 +271,7 @@ class _TritonAdamBase(Optimizer):
 
     # ---- state dicts ---------------------------------------------------------------
 
+    @torch._disable_dynamo  # as torch.optim's: run eagerly inside a compiled function
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict, each param's state in its format's exported form
         (a ``master_weights="remainder"`` master as the fp32 ``master_param`` it stands
@@ -296,6 +298,7 @@ class _TritonAdamBase(Optimizer):
         finally:
             handle.remove()
 
+    @torch._disable_dynamo  # as torch.optim's: run eagerly inside a compiled function
     def torch_state_dict(self) -> dict[str, Any]:
         """The state dict with every moment at full precision (fp32) under torch.optim's
         keys, whatever this optimizer stores: ``torch.optim.Adam``/``AdamW``/``Adamax``
@@ -304,6 +307,7 @@ class _TritonAdamBase(Optimizer):
         return self._state_dict_with(
             lambda saved: export_full_state(self._policy, self._algorithm, self.param_groups, saved))
 
+    @torch._disable_dynamo  # as torch.optim's: run eagerly inside a compiled function
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class (any option) or from torch.optim's
         Adam/AdamW/Adamax.
@@ -328,6 +332,11 @@ class _TritonAdamBase(Optimizer):
         from_rank0 = broadcasting_from_rank0()
 
         def capture(optimizer, final):
+            # The memory of the state held now, by address, not held: torch's load frees
+            # what it replaces. Every tensor the load is given exists already (so does
+            # anything made from it before torch's load frees the old state): one at an
+            # address of these is this state, or a view of it (state_dict()'s exports).
+            seen["own"] = own_storages(self.state)
             if from_rank0:
                 final = self._with_rank0_entries(final)
             check_loadable(name, self._algorithm, self.param_groups, final)
@@ -337,7 +346,8 @@ class _TritonAdamBase(Optimizer):
 
         def restore(optimizer):  # before the user's post-hooks: they see the loaded state
             seed = restore_loaded(self._algorithm, self._policy, self.seed, self.param_groups,
-                                  seen.get("state_dict", state_dict), self.state)
+                                  seen.get("state_dict", state_dict), self.state,
+                                  own=seen.get("own", frozenset()))
             if seed is not None:
                 self.seed = seed
             # At the next step every master follows its param (the params may load after),

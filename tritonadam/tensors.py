@@ -67,6 +67,36 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
+def split_dim(placement) -> int | None:
+    """The tensor dim a DTensor placement splits across its mesh dim, or None (Replicate,
+    Partial). ``Shard`` and ``_StridedShard`` alike: FSDP2 over tensor parallelism shards
+    with ``_StridedShard``, which torch's ``is_shard()`` does not count as a shard."""
+    return None if placement.is_replicate() or placement.is_partial() else placement.dim
+
+
+def placed_unlike(t: Tensor, p: Tensor) -> bool:
+    """Whether DTensor ``t`` holds other parts of its value than DTensor ``p`` on some
+    rank: another mesh, or other placements along a mesh dim of more than one rank (on
+    one rank, Partial, Shard and Replicate all hold the whole). Global metadata: every
+    rank answers alike, where comparing local shapes can pass on one rank and fail on
+    another. False unless both are DTensors."""
+    if local_tensor(t) is t or local_tensor(p) is p:
+        return False
+    mesh = p.device_mesh
+    if t.device_mesh != mesh:
+        return True
+    return any(a != b for dim, (a, b) in enumerate(zip(t.placements, p.placements)) if mesh.size(dim) > 1)
+
+
+def sharded(p: Tensor) -> bool:
+    """Whether DTensor ``p``'s ranks hold other parts of it (a placement other than
+    Replicate along a mesh dim of more than one rank): told from global metadata."""
+    if local_tensor(p) is p:
+        return False
+    mesh = p.device_mesh
+    return any(not pl.is_replicate() for dim, pl in enumerate(p.placements) if mesh.size(dim) > 1)
+
+
 def is_fsdp1_shard(t: Tensor) -> bool:
     """A FullyShardedDataParallel (FSDP1) flat param or one of its original params: plain
     tensors that hold this rank's slice of a flattened model (FSDP1 marks them)."""
@@ -119,10 +149,10 @@ def span(t: Tensor) -> tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake  # only on the error path
+def is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake as fake  # where asked: loads, error paths
 
-    return is_fake(t)
+    return fake(t)
 
 
 def storage_problem(t: Tensor) -> str | None:
@@ -133,7 +163,7 @@ def storage_problem(t: Tensor) -> str | None:
         return None
     storage = t.untyped_storage()
     lo, hi = span(t)
-    if storage.data_ptr() == 0 and _is_fake(t):
+    if storage.data_ptr() == 0 and is_fake(t):
         return ("no memory: it is a FakeTensor (FakeTensorMode), which the kernels cannot "
                 "step; for a shape-only dry run put the model on the meta device, whose params "
                 "tritonadam steps shape-only as torch.optim does")

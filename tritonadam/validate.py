@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .kernels.launch import interpreted
-from .tensors import is_dense, local_tensor, same_layout, storage_problem
+from .tensors import is_dense, local_tensor, placed_unlike, same_layout, storage_problem
 
 __all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "check_grad_dtype", "host_stepped"]
 
@@ -72,7 +72,7 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
             f"tritonadam.{name}: grad on {lg.device} but param on {lp.device}: "
             "params and their grads must be on the same device"
         )
-    if lg is not g and lp is not p and _placed_unlike(g, p):
+    if lg is not g and lp is not p and placed_unlike(g, p):
         # A Partial grad's shards are addends of the grad, not the grad (tensor parallelism's
         # replicated params); torch's DTensor ops redistribute inside torch.optim's step.
         raise RuntimeError(
@@ -126,16 +126,6 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     if not same_layout(lg, lp):
         return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)
     return lg
-
-
-def _placed_unlike(g: Tensor, p: Tensor) -> bool:
-    """Whether DTensor grad ``g`` holds other data than its param's layout on this rank: a
-    different mesh, or other placements along a mesh dim of more than one rank (on one
-    rank, Partial, Shard and Replicate all mean the whole tensor)."""
-    mesh = p.device_mesh
-    if g.device_mesh != mesh:
-        return True
-    return any(a != b for dim, (a, b) in enumerate(zip(g.placements, p.placements)) if mesh.size(dim) > 1)
 
 
 def _addressable(t: Tensor) -> bool:

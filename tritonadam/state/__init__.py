@@ -25,7 +25,7 @@ branches on a mode.
 """
 
 from .checkpoint import (
-    check_loadable, export_full_state, export_state, localize_full_state, restore_loaded, saved_pairs,
+    check_loadable, export_full_state, export_state, localize_full_state, own_storages, restore_loaded, saved_pairs,
 )
 from .entries import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, SEED_KEY, WRITTEN_KEYS, moment_keys
 from .master import join_master, master_follows_param, masters_follow_params, split_master
@@ -39,5 +39,5 @@ __all__ = [
     "LOW_PRECISION", "MASTER_KEY", "REMAINDER_KEY", "SEED_KEY", "DenseMoments", "ParamFormat", "QuantizedMoments",
     "StatePolicy", "WRITTEN_KEYS", "check_loadable", "encoded_orders", "export_full_state", "export_state", "join_master",
     "loaded_step_device", "localize_full_state", "master_follows_param", "masters_follow_params", "moment_keys", "new_step_dtype",
-    "record_orders", "restore_loaded", "saved_pairs", "split_master", "variant",
+    "own_storages", "record_orders", "restore_loaded", "saved_pairs", "split_master", "variant",
 ]

@@ -5,11 +5,11 @@ import torch
 from torch import Tensor
 
 from .. import quantize
-from ..tensors import local_tensor
+from ..tensors import is_fake, local_tensor, split_dim
 from .entries import (
     CODES_KEYS, MASTER_KEY, _MOMENT_KEYS, REMAINDER_KEY, SCALES_KEYS, SEED_KEY, moment_keys, _quantized_bits,
     scales_key,
-    _seed_problem, _signed, placed_unlike, shape_of,
+    _seed_problem, _signed, placed_unlike, placement_problem, shape_of,
 )
 from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
 from .orders import logical_order, _record
@@ -156,6 +156,8 @@ def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, value
     if value.shape != p.shape:
         raise ValueError(f"{where}: state {key!r} of param {saved_id} has shape "
                          f"{tuple(value.shape)}, but the param has shape {tuple(p.shape)}")
+    if local_tensor(value) is not value and (problem := placement_problem(value, p)) is not None:
+        raise ValueError(f"{where}: state {key!r} of param {saved_id} is {problem}")
     if key != REMAINDER_KEY and not (value.is_floating_point() or value.is_complex()):
         raise ValueError(f"{where}: state {key!r} of param {saved_id} has dtype "
                          f"{value.dtype}, expected a floating point tensor")
@@ -240,15 +242,20 @@ def _saved_quantized_problem(key: str, value: Tensor, state: dict, p: Tensor) ->
                     "scale per element are laid out alike, like the param")
         return f"and {sk!r} hold {value.numel()} codes and {scales.numel()} scales: not one form"
     if _quantized_form(value, scales, numel, bits) == "elements":
-        # Read back reshaped to the param's (local) shape: a DTensor placed unlike the
-        # param holds other elements on each rank.
+        # Read back reshaped to the param's (local) shape, once placed like it
+        # (``align_placements``: a DTensor placed otherwise on its mesh is redistributed).
         lp = local_tensor(p)
         for t in (value, scales):
             lt = local_tensor(t)
-            if t.shape != p.shape or placed_unlike(t, p) or (lt is not t and lt.shape != lp.shape):
+            problem = placement_problem(t, p) if lt is not t else None
+            if problem is not None:
+                return f"is {problem}"
+            if t.shape != p.shape or (lt is not t and lt.shape != lp.shape and not placed_unlike(t, p)):
                 return (f"holds a code per element in shape {shape_of(t)} for a param of shape "
-                        f"{shape_of(p)}: per element, codes and scales are laid out (and sharded) "
-                        "like the param")
+                        f"{shape_of(p)}: per element, codes and scales are laid out like the param")
+    elif unlike := [t for t in (value, scales) if placed_unlike(t, p)]:
+        return (f"holds block codes or scales placed {tuple(unlike[0].placements)} for a param placed "
+                f"{tuple(p.placements)}: blocks are counted from the start of each shard of the param")
     return None
 
 
@@ -331,7 +338,7 @@ def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict
         # The scales were split by torch (the receiver keeps scales of another bit width):
         # the codes are split the same way where that splits them at the same blocks.
         rows = scales.dim() == value.dim() == 2 and value.shape[0] == scales.shape[0] == p.shape[0] and all(
-            not pl.is_shard() or pl.dim == 0 for pl in scales.placements)
+            split_dim(pl) in (None, 0) for pl in scales.placements)
         if value.shape == scales.shape == p.shape or rows:
             out[k] = split(value, scales.placements)
             continue
@@ -344,19 +351,55 @@ def _localized(name: str, saved_id, p: Tensor, entry: dict, whole: list) -> dict
     return out
 
 
-def _held(value: Tensor) -> Tensor:
-    """The optimizer's own copy of a loaded state tensor; one that requires grad (moments a
-    differentiable=True step computed, learned initial moments) is kept itself, as
-    torch.optim keeps the very tensors given: a gradient through the next differentiable
-    step reaches it, and a leaf stays a leaf (deepcopy refuses tensors inside a graph)."""
-    return value if value.requires_grad else value.detach().clone()
+def _held(value: Tensor, lp: Tensor, kept: set, own: set) -> Tensor:
+    """What the optimizer keeps of a loaded state tensor of (local) param ``lp``. Its own
+    state given back (``own``: the storages it held before the load; DCP loads into the
+    tensors ``state_dict()`` gave it, views of them included, and
+    ``opt.load_state_dict(opt.state_dict())``) is kept itself: a resume holds no second
+    copy of the state. So is one on another device than the param (a checkpoint loaded to
+    the CPU), which the conversion moves to the param's device anyway. Anything else is
+    copied: the steps write their state in place, and the caller's state dict (a snapshot
+    to roll back to, one loaded into two optimizers) stays as it was. torch.optim keeps
+    such a tensor where no cast is needed, and steps it in place. A tensor whose memory
+    another kept one shares (one tensor under two keys, views of one buffer) is copied
+    too: the kernels would write the same memory twice. ``kept``: the storages kept so
+    far, by device and address."""
+    local = local_tensor(value)
+    where = _storage_key(local)
+    if value.requires_grad or where is None:
+        # one that requires grad (moments a differentiable=True step computed, learned
+        # initial moments) is kept itself, as torch.optim keeps it: a gradient through the
+        # next differentiable step reaches it, and a leaf stays a leaf
+        return value
+    if where not in kept and (where in own or local.device != lp.device):
+        kept.add(where)
+        return value
+    return value.detach().clone()
+
+
+def own_storages(state: dict) -> set:
+    """``_storage_key`` of every state tensor in ``state`` (an optimizer's)."""
+    return {_storage_key(local_tensor(v)) for st in state.values() if isinstance(st, dict)
+            for v in st.values() if isinstance(v, Tensor)} - {None}
+
+
+def _storage_key(t: Tensor):
+    """(device, address) of local tensor ``t``'s memory, or None where it has none to
+    share (meta, fake, empty or sparse tensors, wrapper subclasses)."""
+    if t.is_meta or t.numel() == 0 or t.layout != torch.strided or is_fake(t):
+        return None
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass: no memory of its own
+        return None
 
 
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
-                   state_dict: dict, state: dict) -> int | None:
+                   state_dict: dict, state: dict, own: set = frozenset()) -> int | None:
     """After torch's ``load_state_dict`` (which cast floating state to the param dtype):
     restore what ``state_dict`` held at full precision and convert it to these params'
-    formats. Returns the rounding seed it held, if any."""
+    formats (``own``: ``own_storages`` of the state the optimizer held before the load).
+    Returns the rounding seed it held, if any."""
     saved_state = state_dict["state"]
     pairs = [
         (saved_id, p, group)
@@ -365,6 +408,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
     ]
     loaded_seed = None
     steps = {}
+    kept = {_storage_key(local_tensor(p)) for _, p, _ in pairs} - {None}
     for saved_id, p, group in pairs:
         if saved_id not in saved_state or p not in state:
             continue
@@ -378,7 +422,7 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                 dst[key] = value.detach().clone() if isinstance(value, Tensor) else value
             elif isinstance(value, Tensor) and (key in _TENSOR_KEYS or key in SCALES_KEYS
                                                 or _codes_bits(key) is not None):
-                dst[key] = _held(value)  # converted to this format below
+                dst[key] = _held(value, local_tensor(p), kept, own)  # converted to this format below
                 if _codes_bits(key) is not None:
                     _record(local_tensor(dst[key]), logical_order(local_tensor(p)), local_tensor(p).shape)
     seed = loaded_seed if loaded_seed is not None else seed
@@ -389,9 +433,15 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                                          new_step_dtype(group))
                 if p in steps:
                     value = steps[p]
-                    state[p]["step"] = torch.tensor(
-                        float(value.item() if isinstance(value, Tensor) else value),
-                        dtype=loaded_step_dtype(value, group),
-                        device=loaded_step_device(value, group, local_tensor(p).device),
-                    )
+                    dtype = loaded_step_dtype(value, group)
+                    device = loaded_step_device(value, group, local_tensor(p).device)
+                    if isinstance(value, Tensor) and local_tensor(value) is value and value.dim() == 0 \
+                            and value.dtype == dtype \
+                            and value.device == device and (where := _storage_key(value)) in own \
+                            and where not in kept:
+                        kept.add(where)
+                        state[p]["step"] = value  # its own count given back
+                    else:
+                        state[p]["step"] = torch.tensor(
+                            float(value.item() if isinstance(value, Tensor) else value), dtype=dtype, device=device)
     return loaded_seed

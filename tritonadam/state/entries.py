@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.variant import QUANT_BITS, Master
-from ..tensors import in_layout, is_dense, local_tensor, storage_problem
+from ..tensors import in_layout, is_dense, local_tensor, placed_unlike, sharded, storage_problem
 
 
 MASTER_KEY = "master_param"
@@ -74,11 +74,47 @@ def shape_of(t: Tensor) -> str:
     return f"{tuple(t.shape)} (a DTensor; this rank's shard {tuple(local.shape)})"
 
 
-def placed_unlike(t: Tensor, p: Tensor) -> bool:
-    """Whether DTensor ``t`` is placed unlike DTensor ``p`` (global metadata: every rank
-    answers alike, where comparing local shapes can pass on one rank and fail on another)."""
-    return (local_tensor(t) is not t and local_tensor(p) is not p
-            and (tuple(t.placements) != tuple(p.placements) or t.device_mesh != p.device_mesh))
+def placement_problem(value: Tensor, p: Tensor) -> str | None:
+    """Why state tensor ``value`` cannot be placed like param ``p``, or None: it lies on
+    another device mesh, or is a plain tensor where DTensor ``p`` is sharded, or a
+    sharded DTensor where ``p`` is plain (each rank's local tensor would be taken for
+    the whole value; on a rank whose part happens to be the whole it would pass a shape
+    check that another rank fails). Global metadata only, so every rank answers alike."""
+    if local_tensor(p) is p:
+        if local_tensor(value) is not value and sharded(value):
+            # each rank's shard passes a shape check only where it happens to be the whole
+            return (f"a DTensor of shape {shape_of(value)} placed {tuple(value.placements)} for a param "
+                    "that is not a DTensor: give it the whole value (`value.full_tensor()`)")
+        return None
+    if local_tensor(value) is not value and value.device_mesh != p.device_mesh:
+        return f"a DTensor on {value.device_mesh} for a param on {p.device_mesh}"
+    if local_tensor(value) is value and sharded(p):
+        return (f"a plain tensor of shape {tuple(value.shape)} for a DTensor param of shape {shape_of(p)} "
+                f"placed {tuple(p.placements)}: place it like the param "
+                "(`torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements)`)")
+    return None
+
+
+def align_placements(p: Tensor, state: dict, keys: tuple[str, ...]) -> None:
+    """Redistribute the state tensors of DTensor ``p`` that the step reads (moments
+    ``keys`` in any stored form, the master) and that are placed unlike it on its mesh (a
+    checkpoint of another sharding loaded with ``load_state_dict``, state set by hand):
+    their local shards become the elements of ``p``'s, as torch.optim's DTensor ops
+    redistribute their operands. Each of them makes ``ParamFormat.check`` convert on
+    every rank (placements are global metadata), so every rank comes here and
+    redistributes the same tensors in the same order; an entry the step does not read (a
+    moment of another algorithm, the step count) is left as it is, since a rank that
+    comes here for a reason of its own (its shard's layout) would redistribute it alone."""
+    if local_tensor(p) is p:
+        return
+    read = {MASTER_KEY, REMAINDER_KEY, *keys, *(scales_key(k) for k in keys),
+            *(codes_key(k, bits) for k in keys for bits in QUANTIZED.values())}
+    for key in [k for k in state if k in read]:
+        value = state[key]
+        if isinstance(value, Tensor) and placed_unlike(value, p) and value.device_mesh == p.device_mesh:
+            # neither gloo nor NCCL moves int16 (a remainder): as int32, the same values
+            wide = value.to(torch.int32) if value.dtype == torch.int16 else value
+            state[key] = wide.redistribute(p.device_mesh, p.placements).to(value.dtype)
 
 
 def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str | None:
@@ -91,7 +127,12 @@ def _tensor_problem(p: Tensor, key: str, value, dtypes: tuple, name: str) -> str
             f"tritonadam.{name}: state[{key!r}] is a lazily negated or conjugated view, which the "
             f"kernels cannot read or write; make it a plain tensor: "
             f"`state[{key!r}] = state[{key!r}].resolve_conj().resolve_neg()`")
-    if value.shape != p.shape or lv.shape != lp.shape:
+    problem = placement_problem(value, p)
+    if problem is not None:
+        return problem
+    # placed unlike the param on its mesh, its shards are other elements: redistributed
+    # like the param before the step reads them (``align_placements``)
+    if value.shape != p.shape or lv.shape != lp.shape and not placed_unlike(value, p):
         return f"shape {shape_of(value)} for a param of shape {shape_of(p)}"
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from .. import quantize
-from ..tensors import in_layout, like, local_tensor, storage_problem
+from ..tensors import in_layout, like, local_tensor, sharded, split_dim, storage_problem
 from .entries import (
     _DENSE_ACCEPTS, QUANTIZED, codes_key, _describe, _drop_forms, _fit, _memory_format, _quantized_bits, scales_key,
-    _signed, _stale, _tensor_problem, placed_unlike, shape_of,
+    _signed, _stale, _tensor_problem, placed_unlike, placement_problem, shape_of,
 )
 from .orders import (
     _ENCODED_IN, _ENCODED_SHAPE, element_order, _laid_out, _logical, logical_order, _memory_order, _record,
@@ -27,16 +27,40 @@ def _quantized_problem(p: Tensor, key: str, state: dict, bits: int) -> str | Non
     lp = local_tensor(p)
     n = lp.numel()
     lc, ls = local_tensor(codes), local_tensor(scales)
-    form = _quantized_form(lc, ls, n, bits)
-    if form is None:
-        return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements, "
-                f"shape {shape_of(p)}")
-    # A code per element is laid out like the param (read back reshaped to its local
-    # shape): of the same size but another shape, a DTensor placed unlike the param (each
-    # rank's shard other elements), or a transposed weight's, it steps other elements'
-    # moments. Flat block codes have no shape to compare.
-    if form == "elements" and (codes.shape != p.shape or placed_unlike(codes, p) or lc.shape != lp.shape):
-        return f"a code per element in shape {shape_of(codes)} for a param of shape {shape_of(p)}"
+    unlike = [t for t in (codes, scales) if placed_unlike(t, p)]
+    if unlike:
+        # Only a code and a scale per element, shaped like the param, can be
+        # redistributed like it (``align_placements``); blocks have no element layout.
+        for t in (codes, scales):
+            if local_tensor(t) is t:
+                return (f"codes of shape {shape_of(codes)} and scales of shape {shape_of(scales)} for a param of "
+                        f"shape {shape_of(p)}: a DTensor beside a plain tensor; per element, both are placed "
+                        "like the param")
+            problem = placement_problem(t, p)
+            if problem is not None:
+                return problem
+        if not codes.shape == scales.shape == p.shape:
+            return (f"codes of shape {shape_of(codes)} and scales of shape {shape_of(scales)} placed "
+                    f"{tuple(unlike[0].placements)} for a param of shape {shape_of(p)} placed "
+                    f"{tuple(p.placements)}: only a code and a scale per element, shaped like the "
+                    "param, can be placed otherwise")
+    else:
+        form = _quantized_form(lc, ls, n, bits)
+        if form is None:
+            return (f"{lc.numel()} code bytes and {ls.numel()} scales for a param of {n} elements, "
+                    f"shape {shape_of(p)}")
+        # A code per element is laid out like the param (read back reshaped to its local
+        # shape): of the same size but another shape, or a transposed weight's, it steps
+        # other elements' moments. Flat block codes have no shape to compare.
+        if form == "elements" and (codes.shape != p.shape or lc.shape != lp.shape):
+            return f"a code per element in shape {shape_of(codes)} for a param of shape {shape_of(p)}"
+        if form == "elements" and sharded(p) and (lc is codes or ls is scales):
+            # Plain codes of a DTensor param are its shard's blocks; per element, plain ones
+            # are each rank's whole value, which a shape check alone passes only on a rank
+            # whose shard happens to be the whole param.
+            return (f"a code per element in a plain tensor of shape {tuple(lc.shape)} for a DTensor param of "
+                    f"shape {shape_of(p)} placed {tuple(p.placements)}: place codes and scales like the param "
+                    "(`torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements)`)")
     if lc.dtype != torch.uint8 or not ls.is_floating_point():
         return f"codes of dtype {lc.dtype} and scales of dtype {ls.dtype} (uint8 and bfloat16)"
     if (lc.is_meta or ls.is_meta) and not local_tensor(p).is_meta:
@@ -135,7 +159,8 @@ class DenseMoments:
         problem = _tensor_problem(p, key, value, self.accepts, name)
         if problem is not None:
             raise _stale(key, problem, name)
-        return value.dtype != self.dtype or not in_layout(local_tensor(value), local_tensor(p))
+        return value.dtype != self.dtype or not in_layout(local_tensor(value), local_tensor(p)) \
+            or placed_unlike(value, p)
 
     def prepare(self, p: Tensor, key: str, state: dict) -> None:
         value = state.get(key)
@@ -188,6 +213,8 @@ class QuantizedMoments:
                 raise _stale(ck, f"the codes of a param of shape {shape} for a param of shape "
                              f"{tuple(lp.shape)}", name)
             codes, scales = state[ck], state[scales_key(key)]
+            if placed_unlike(codes, p) or placed_unlike(scales, p):
+                return True  # redistributed like the param, then encoded in blocks
             order = element_order(lp)
             return not all(
                 isinstance(t, Tensor) and t.device == lp.device and t.dim() == 1 and t.is_contiguous()
@@ -237,7 +264,7 @@ class QuantizedMoments:
         lp = local_tensor(p)
         order = _ENCODED_IN.get(local_tensor(codes), element_order(lp))
         logical = order == logical_order(lp)
-        if lp is p or not any(pl.is_shard() for pl in p.placements):
+        if lp is p or all(split_dim(pl) is None for pl in p.placements):
             # One process, or a replicated DTensor (every rank holds the whole tensor, laid
             # out alike): its own layout decides, losslessly.
             rows = _block_rows(p) if logical else None
@@ -288,7 +315,7 @@ def _block_rows(p: Tensor, local_layout: bool = True) -> int | None:
     per_row = p.numel() // p.shape[0]
     if per_row % quantize.QUANT_BLOCK:
         return None
-    if local_tensor(p) is not p and any(pl.is_shard() and pl.dim != 0 or pl.is_partial() for pl in p.placements):
+    if local_tensor(p) is not p and any(split_dim(pl) not in (None, 0) or pl.is_partial() for pl in p.placements):
         return None
     return p.shape[0]
 

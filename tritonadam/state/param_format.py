@@ -10,10 +10,10 @@ from torch import Tensor
 
 from .. import quantize
 from ..kernels.variant import BucketKey, Master
-from ..tensors import in_layout, is_fsdp1_shard, like, local_tensor, storage_problem
+from ..tensors import in_layout, is_fsdp1_shard, like, local_tensor, placed_unlike, storage_problem
 from .entries import (
-    CODES_KEYS, _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, _describe, _fit,
-    _memory_format, _quantized_bits, SCALES_KEYS, scales_key, _seed_problem, _stale, _tensor_problem,
+    CODES_KEYS, _MASTER_DTYPES, MASTER_KEY, _MASTER_KEYS, _MOMENT_KEYS, REMAINDER_KEY, SEED_KEY, align_placements,
+    _describe, _fit, _memory_format, _quantized_bits, SCALES_KEYS, scales_key, _seed_problem, _stale, _tensor_problem,
 )
 from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, read_moment
@@ -43,7 +43,7 @@ class ParamFormat:
         do. What the formats can convert is converted instead: a layout change alone
         (same shape, other strides: torch.optim steps elementwise by index, so the state
         is re-laid out to the param's strides), moments in fp32 or bf16, a master copy in
-        either form.
+        either form, and state placed unlike a DTensor param on its mesh.
         """
         if not isinstance(state, dict):
             raise RuntimeError(
@@ -86,7 +86,8 @@ class ParamFormat:
                 problem = _tensor_problem(p, key, state[key], dtypes, name)
                 if problem is not None:
                     raise _stale(key, problem, name)
-                convert |= state[key].dtype != dtypes[0] or not in_layout(local_tensor(state[key]), local_tensor(p))
+                convert |= state[key].dtype != dtypes[0] or not in_layout(local_tensor(state[key]), local_tensor(p)) \
+                    or placed_unlike(state[key], p)
         return convert or not self._complete(p, state)
 
     def _complete(self, p: Tensor, state: dict) -> bool:
@@ -110,6 +111,7 @@ class ParamFormat:
         high half): call under ``torch.no_grad()``.
         """
         lp = local_tensor(p)
+        align_placements(p, state, keys)
         step = state.get("step", 0.0)
         if not _countable(step, lp):
             if isinstance(step, Tensor) and step.dtype in STEP_DTYPES:
