@@ -822,8 +822,9 @@ def fsdp_tp_2d(rank: int, world: int, tmpdir: str) -> None:
     torch's ``is_shard()`` does not count. The fused clip left the dp dim out of those
     grads' reduction: a 2-norm of 0.15 or 0.17 (another on each dp rank) for torch's
     0.21. Now its norms of order 1, 2, 3 and inf equal torch's on every rank, clipped
-    training (explicit and ``max_grad_norm``) tracks torch.optim under torch's clip, and
-    an 8-bit run resumes from a DCP checkpoint bit for bit."""
+    training (explicit and ``max_grad_norm``) tracks torch.optim under torch's clip, fp16
+    with tritonadam.amp.ShardedGradScaler skips an inf on one rank everywhere, and an
+    8-bit run resumes from a DCP checkpoint bit for bit."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -858,6 +859,29 @@ def fsdp_tp_2d(rank: int, world: int, tmpdir: str) -> None:
         _mlp_train(model, opt, dp, range(3), clip="fused" if how == "explicit" else None, max_norm=0.1)
         for p, q in zip(_full_list(model), _full_list(ref)):
             torch.testing.assert_close(p, q, msg=lambda m: f"{how}: {m}", **TOL)
+
+    # fp16 with an inf in rank 0's shard alone, the first param a norm left out of tensor
+    # parallelism: torch's DTensor inf check does not cross the tp dim there (ranks 1 and
+    # 3 stepped, 0 and 2 skipped); tritonadam.amp.ShardedGradScaler (docs/integration.md)
+    # skips on every rank.
+    import tritonadam.amp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64)).half()
+    parallelize_module(net, mesh["tp"], {"1": ColwiseParallel(), "3": RowwiseParallel()})
+    fully_shard(net, mesh=mesh["dp"])
+    opt = tritonadam.AdamW(net.parameters(), lr=1e-2, **LAUNCH)
+    scaler = tritonadam.amp.ShardedGradScaler("cpu", init_scale=256.0)
+    scaler.scale(net(torch.randn(4, 64, generator=torch.Generator().manual_seed(dp)).half())
+                 .float().pow(2).mean()).backward()
+    if rank == 0:
+        net[1].weight.grad.to_local().view(-1)[0] = float("inf")
+    before = [p.to_local().clone() for p in net.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p.to_local()) for a, p in zip(before, net.parameters())), "a rank stepped"
+    assert_same_on_all_ranks(scaler.get_scale(), "scale after an inf on rank 0")
+    assert scaler.get_scale() == 128.0
 
     model = build(0)
     opt = _tp_opt(model, state_dtype="8bit")

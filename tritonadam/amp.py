@@ -17,7 +17,10 @@ class ShardedGradScaler(_TorchShardedGradScaler):
     ``unscale_``. Under FSDP1 a rank holding the inf then skips and backs off its scale
     while the others step. This class all-reduces the flags in that check too. Not
     needed when you call ``scaler.unscale_(opt)`` before ``scaler.step(opt)``, nor with
-    FSDP2 (DTensor grads make the check a collective) or DDP (grads are identical).
+    FSDP2 on a 1-D mesh (DTensor grads make the check a collective) or DDP (grads are
+    identical). Needed with FSDP2 on a 2-D mesh: torch reduces a DTensor flag over the
+    mesh dims the first grad is sharded on, which a grad replicated along a dim (a norm
+    left out of tensor parallelism) does not cross.
     """
 
     def _check_inf_per_device(self, optimizer):
