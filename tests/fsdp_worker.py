@@ -1913,6 +1913,14 @@ def fsdp2_state_placed_unlike_the_param_is_redistributed(rank: int, world: int, 
         wide = v.to(torch.int32) if v.dtype == torch.int16 else v  # gloo moves no int16
         return distribute_tensor(wide.full_tensor(), v.device_mesh, [placement]).to(v.dtype)
 
+    def put(model, opt, via_load, entry):  # the param's state: through a load, or by hand
+        if via_load:
+            sd = opt.state_dict()
+            sd["state"][0] = entry
+            opt.load_state_dict(sd)
+        else:
+            opt.state[model.weight] = entry
+
     cases = [(Shard(0), Shard(1), 16), (Shard(1), Shard(0), 16), (Shard(0), Replicate(), 16), (Shard(0), Replicate(), 1)]
     for mode in modes:
         for placement, other, rows in cases:
@@ -1922,15 +1930,10 @@ def fsdp2_state_placed_unlike_the_param_is_redistributed(rank: int, world: int, 
             for via_load in (False, True):
                 what = (mode, placement, other, rows, via_load)
                 model, opt = setup(mode, placement, rows)
-                sd = opt.state_dict()
-                moved = {k: placed(v, other) for k, v in sd["state"][0].items()}
+                moved = {k: placed(v, other) for k, v in opt.state_dict()["state"][0].items()}
                 assert any(isinstance(v, DTensor) and v.placements != model.weight.placements
                            for v in moved.values()), what
-                if via_load:
-                    sd["state"][0] = moved
-                    opt.load_state_dict(sd)
-                else:
-                    opt.state[model.weight] = moved
+                put(model, opt, via_load, moved)
                 opt.step()
                 assert torch.equal(model.weight.full_tensor(), untouched), what
                 for k, v in opt.state[model.weight].items():
@@ -1939,14 +1942,9 @@ def fsdp2_state_placed_unlike_the_param_is_redistributed(rank: int, world: int, 
     # Refused on every rank alike, with the param and the state untouched.
     def refused(model, opt, via_load, entry, needle, what):
         before = model.weight.full_tensor()
-        sd = opt.state_dict()
         held = dict(opt.state[model.weight])
         try:
-            if via_load:
-                sd["state"][0] = entry
-                opt.load_state_dict(sd)
-            else:
-                opt.state[model.weight] = entry
+            put(model, opt, via_load, entry)
             opt.step()
         except (RuntimeError, ValueError) as e:
             assert needle in str(e), (what, e)

@@ -149,6 +149,15 @@ def span(t: Tensor) -> tuple[int, int]:
     return lo, lo + extent * t.element_size()
 
 
+def addressable(t: Tensor) -> bool:
+    """Whether ``t`` has memory of its own (a wrapper subclass's storage is invalid)."""
+    try:
+        t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
 def is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake as fake  # where asked: loads, error paths
 

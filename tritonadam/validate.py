@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .kernels.launch import interpreted
-from .tensors import is_dense, local_tensor, placed_unlike, same_layout, storage_problem
+from .tensors import addressable, is_dense, local_tensor, placed_unlike, same_layout, storage_problem
 
 __all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "check_grad_dtype", "host_stepped"]
 
@@ -88,7 +88,7 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
         )
     check_device(name, p, fused)
     for what, t in (("param", lp), ("grad", lg)):
-        if not _addressable(t):
+        if not addressable(t):
             raise RuntimeError(
                 f"tritonadam.{name}: a {what} ({type(t).__name__}) has no memory of its own: a "
                 "tensor subclass that holds its data in other tensors (as torchao's float8 and NF4 "
@@ -126,15 +126,6 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     if not same_layout(lg, lp):
         return torch.empty_like(lp, dtype=lg.dtype).copy_(lg)
     return lg
-
-
-def _addressable(t: Tensor) -> bool:
-    """Whether ``t`` has memory of its own (a wrapper subclass's storage is invalid)."""
-    try:
-        t.untyped_storage().data_ptr()
-    except RuntimeError:
-        return False
-    return True
 
 
 def host_stepped(p: Tensor) -> bool:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import quantize
-from ..tensors import is_fake, local_tensor, split_dim
+from ..tensors import addressable, is_fake, local_tensor, split_dim
 from .entries import (
     CODES_KEYS, MASTER_KEY, _MOMENT_KEYS, REMAINDER_KEY, SCALES_KEYS, SEED_KEY, moment_keys, _quantized_bits,
     scales_key,
@@ -386,12 +386,9 @@ def own_storages(state: dict) -> set:
 def _storage_key(t: Tensor):
     """(device, address) of local tensor ``t``'s memory, or None where it has none to
     share (meta, fake, empty or sparse tensors, wrapper subclasses)."""
-    if t.is_meta or t.numel() == 0 or t.layout != torch.strided or is_fake(t):
+    if t.is_meta or t.numel() == 0 or t.layout != torch.strided or is_fake(t) or not addressable(t):
         return None
-    try:
-        return t.device, t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a wrapper subclass: no memory of its own
-        return None
+    return t.device, t.untyped_storage().data_ptr()
 
 
 def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, param_groups: list[dict],
