@@ -1409,9 +1409,44 @@ def quantized_dcp_alone(rank: int, world: int, tmpdir: str) -> None:
 
 
 def fsdp2_quantized_dcp_from_alone(rank: int, world: int, tmpdir: str) -> None:
-    """Two ranks load the checkpoint one process without a process group saved."""
+    """Two ranks load the checkpoint one process without a process group saved, by DCP and
+    as its full state dict."""
     assert world == 2
     _qload(rank, world, tmpdir, saved_world=0)
+    _qload_full(rank, world, tmpdir, saved_world=0)
+
+
+def _qload_full(rank: int, world: int, tmpdir: str, saved_world: int) -> None:
+    """The full optimizer state dict the other world size saved, through
+    ``set_optimizer_state_dict(full_state_dict=True)``, given to every rank and to rank 0
+    alone (``broadcast_from_rank0``): torch scatters or broadcasts every state tensor the
+    receiver holds before any load hook runs, so a state dict holds nothing gloo cannot
+    move (one process exported the remainder master as int16 until 2026-12-06, and gloo
+    failed with "Invalid scalar type"). Each shard gets the saved rows."""
+    for label, (bits, dtype, kw) in QDCP.items():
+        saved = torch.load(_qpaths(tmpdir, saved_world, label)["full"], weights_only=True)
+        if "master_weights" in kw:
+            assert all(e["master_param_remainder"].dtype == torch.int32 for e in saved["state"].values()), label
+        for broadcast in (False, True):
+            what = f"{label} {saved_world}->{world} full, broadcast_from_rank0={broadcast}"
+            model = _qmodel(world, dtype, seed=9)
+            opt = qopt(model, f"{bits}bit", **kw)
+            # the checkpoint's params (the remainder is the low half under them)
+            sd = {"model": get_state_dict(model, opt)[0]}
+            dcp.load(sd, checkpoint_id=_qpaths(tmpdir, saved_world, label)["dcp"])
+            set_model_state_dict(model, sd["model"])
+            given = copy.deepcopy(saved) if rank == 0 or not broadcast else {}
+            set_optimizer_state_dict(model, opt, given,
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
+            full_state = opt.torch_state_dict()["state"]
+            index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+            for n, p in model.named_parameters():
+                i = index[id(p)]
+                assert opt.state[p]["step"].item() == 3, (what, n)
+                if "master_weights" in kw:
+                    assert opt.state[p]["master_param_remainder"].dtype == torch.int16, (what, n)
+                    assert torch.equal(local(full_state[i]["master_param"]),
+                                       qchunk(saved["state"][n]["master_param"], rank, world)), (what, n)
 
 
 class QAligned(nn.Module):

@@ -19,6 +19,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+import tritonadam
 from helpers import LAUNCH, PAIRS, assert_backward_through_a_stepped_param_raises, make_params, random_grads
 
 AFTER = [0, 3]  # good steps before the misuse: the first step, and the cached path
@@ -790,13 +791,11 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
 @pytest.mark.parametrize("after", AFTER)
 @pytest.mark.parametrize("key,value,match", [
     ("lr", "two-element", "Tensor lr must be 1-element"),
-    ("lr", -1.0, "Invalid learning rate"),
-    ("betas", (-0.5, 0.999), "Invalid beta parameter at index 0"),
-    ("betas", (0.9, 1.0), "Invalid beta parameter at index 1"),
-    ("eps", -1e-8, "Invalid epsilon value"),
-    ("weight_decay", -0.1, "Invalid weight_decay value"),
+    ("betas", (0.9, "two-element"), "Tensor betas\\[1\\] must be 1-element"),
     ("weight_decay", None, "must be numbers .* weight_decay=None"),
     ("eps", "1e-8", "must be numbers .* eps='1e-8'"),
+    ("lr", "1e-3", "must be numbers .* lr='1e-3'"),
+    ("betas", (None, 0.999), "must be numbers .* betas=\\(None, 0.999\\)"),
 ])
 def test_group_values_changed_by_hand_are_checked_each_step(key, value, match, after, device):
     params = _params(device)
@@ -804,12 +803,99 @@ def test_group_values_changed_by_hand_are_checked_each_step(key, value, match, a
     _steps(opt, params, after)
     _fresh_grads(params)
     snap = _snapshot(opt, params)
+    two = torch.tensor([1e-3, 2e-3], device=device)
     if value == "two-element":
-        value = torch.tensor([1e-3, 2e-3], device=device)
+        value = two
+    elif key == "betas" and "two-element" in value:
+        value = (value[0], two)
+    typed = value is None or isinstance(value, str) or (isinstance(value, tuple) and None in value)
     opt.param_groups[1][key] = value
-    with pytest.raises(TypeError if value is None or isinstance(value, str) else ValueError, match=match):
+    with pytest.raises(TypeError if typed else ValueError, match=match):
         opt.step()
     _assert_untouched(opt, params, snap)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
+@pytest.mark.parametrize("key,value", [
+    ("lr", -1e-3), ("betas", (-0.5, 0.999)), ("betas", (22.0, 0.999)), ("betas", (0.9, -0.5)),
+    ("eps", -1e-8), ("weight_decay", -0.1),
+])
+def test_group_values_out_of_torchs_construction_bounds_step_as_torch(name, key, value, device):
+    """torch.optim checks lr, betas, eps and weight_decay at construction only; a scheduler
+    may write any number after it (torch's own test_cycle_lr_with_adam cycles beta1 up to
+    22, a LambdaLR can drive lr below 0), and torch steps with it."""
+    ours_cls, torch_cls = PAIRS[name]
+    params = _params(device)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    extra = dict(weight_decay=0.01) if name != "AdamW" else {}
+    ours = ours_cls([{"params": params[:2]}, {"params": params[2:]}], **LAUNCH, **extra)
+    theirs = torch_cls([{"params": ref[:2]}, {"params": ref[2:]}], **extra)
+    gen = torch.Generator().manual_seed(3)
+    _step_both(ours, theirs, params, ref, gen)
+    for opt in (ours, theirs):
+        opt.param_groups[1][key] = value
+    for _ in range(3):
+        _step_both(ours, theirs, params, ref, gen)
+    keys = ("exp_avg", "exp_inf", "step") if name == "Adamax" else ("exp_avg", "exp_avg_sq", "step")
+    for p, q in zip(params, ref):  # a negative beta2 makes second moments negative: NaN, as torch's
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, equal_nan=True)
+        for k in keys:
+            torch.testing.assert_close(ours.state[p][k].cpu(), theirs.state[q][k].cpu(), atol=1e-6,
+                                       rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("beta1", [1.0, -1.0])
+def test_a_beta_of_one_steps_as_torchs_fused_step(beta1):
+    """torch's default for-loop divides by 1 - 1**t = 0 in Python (ZeroDivisionError); its
+    fused step divides lr by +0 and steps to inf of the update's sign: so does ours (the
+    bias correction was -0, which stepped to the other infinity)."""
+    params = _params("cpu")
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = tritonadam.AdamW(params, **LAUNCH), torch.optim.AdamW(ref, fused=True)
+    gen = torch.Generator().manual_seed(3)
+    _step_both(ours, theirs, params, ref, gen)
+    for opt in (ours, theirs):
+        opt.param_groups[0]["betas"] = (beta1, 0.999)
+    _step_both(ours, theirs, params, ref, gen)
+    for p, q in zip(params, ref):
+        assert torch.isinf(q).any()
+        torch.testing.assert_close(p, q, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_state_keeps_an_eps_set_negative_or_nan(bits):
+    """A negative or NaN eps written after construction enters the quantized update as it
+    is (it was taken as 0 there), as the dense update and torch take it."""
+    torch.manual_seed(0)
+    base = torch.randn(256)
+    runs = {}
+    for eps in (-3e-3, float("nan"), 0.0):
+        p, q = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+        ours = tritonadam.AdamW([p], lr=0.1, state_dtype=f"{bits}bit", **LAUNCH)
+        theirs = torch.optim.AdamW([q], lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        _step_both(ours, theirs, [p], [q], gen)
+        for opt in (ours, theirs):
+            opt.param_groups[0]["eps"] = eps
+        _step_both(ours, theirs, [p], [q], gen)
+        runs[eps] = p.detach().clone()
+        if eps != eps:
+            assert p.isnan().all() and q.isnan().all()
+        elif bits == 8:
+            torch.testing.assert_close(p, q, atol=5e-3, rtol=0)
+    assert (runs[-3e-3] - runs[0.0]).abs().max() > 1e-3
+
+
+def test_a_numpy_scalar_lr_steps_as_a_float():
+    np = pytest.importorskip("numpy")
+    for lr in (np.array(1e-3), np.float32(1e-3), np.float64(1e-3)):
+        params = _params("cpu")
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ours, theirs = tritonadam.Adam(params, **LAUNCH), torch.optim.Adam(ref)
+        for opt in (ours, theirs):
+            opt.param_groups[0]["lr"] = lr
+        _step_both(ours, theirs, params, ref, torch.Generator().manual_seed(3))
+        _assert_like_torch(ours, theirs, params, ref)
 
 
 # ---- the same param twice ------------------------------------------------------------

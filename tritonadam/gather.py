@@ -101,8 +101,10 @@ def build(name: str, algorithm: str, policy: StatePolicy, seed: int | None, para
     pending = gathered.pending + gathered.host
     if len({id(p) for p, *_ in pending}) != len(pending):
         raise ValueError(
-            f"tritonadam.{name}: a parameter appears more than once in a param group; list "
-            "each parameter once"
+            f"tritonadam.{name}: a parameter appears more than once in a param group (torch.optim "
+            "warns that this will become an error; one launch cannot update a tensor twice); list "
+            "each parameter once, e.g. `model.parameters()`, which lists a tied weight once "
+            "where per-module lists hold it under each module"
         )
     # Entries of the user's in a param's state (a wrapper's buffer, shared or not) are no
     # launch's business, as they are none of torch.optim's.

@@ -11,27 +11,39 @@ from .kernels.plan import group_row
 __all__ = ["GroupHyper", "check_hyper", "group_hyper"]
 
 
-def check_hyper(lr, betas, eps, weight_decay, *, tensor_values: bool = True) -> None:
-    """torch.optim's checks, in its order and with its messages.
-
-    ``tensor_values=False`` (every step) checks a tensor lr or beta for being one element
-    but not its value: reading a GPU tensor would sync with the device.
-    """
+def check_hyper(lr, betas, eps, weight_decay) -> None:
+    """torch.optim's checks at construction, in its order and with its messages."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if (tensor_values or not isinstance(lr, Tensor)) and not 0.0 <= lr:
+    if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
     for i in (0, 1):
-        beta = betas[i]
-        if isinstance(beta, Tensor) and not tensor_values:
-            if beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        elif not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= betas[i] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _check_step_values(lr, betas, eps, weight_decay) -> None:
+    """What a step needs of a group's values: numbers, or 1-element tensors (the kernels
+    read one element of a tensor lr or beta; reading its value would sync with the device).
+    Their ranges are torch.optim's business at construction only: after it, a scheduler
+    may write any number (CyclicLR's beta1 of 22 in torch's own tests, a LambdaLR whose
+    lr goes negative), and torch steps with it."""
+    for name, x in (("lr", lr), ("betas[0]", betas[0]), ("betas[1]", betas[1]), ("eps", eps),
+                    ("weight_decay", weight_decay)):
+        if isinstance(x, Tensor):  # eps and weight_decay too, with differentiable=True
+            if x.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element")
+        elif x is None or isinstance(x, (str, bytes)):
+            raise TypeError(name)
+        else:
+            try:
+                float(x)  # a number of any kind, numpy's 0-dim arrays too
+            except (TypeError, ValueError):
+                raise TypeError(name) from None
 
 
 @dataclass(frozen=True)
@@ -47,14 +59,14 @@ class GroupHyper:
 
 
 def group_hyper(group: dict, adamax: bool, bias_correction: bool) -> GroupHyper:
-    """``group``'s hyper-parameters, checked against torch.optim's bounds (a value changed
-    by hand after construction steps as torch would, or fails clearly)."""
+    """``group``'s hyper-parameters, as the kernels read them (a value changed after
+    construction steps as torch would, or fails clearly)."""
     lr = group["lr"]
     beta1, beta2 = group["betas"]
     eps, wd = group["eps"], group["weight_decay"]
     try:
-        check_hyper(lr, (beta1, beta2), eps, wd, tensor_values=False)
-    except TypeError:  # a value set by hand to None or a string: torch's "'<=' not supported"
+        _check_step_values(lr, (beta1, beta2), eps, wd)
+    except TypeError:  # a value set by hand to None or a string
         raise TypeError(
             f"a param group's lr, betas, eps and weight_decay must be numbers (lr and betas may "
             f"be 1-element tensors), got lr={lr!r}, betas={group['betas']!r}, eps={eps!r}, "

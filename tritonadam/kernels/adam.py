@@ -111,6 +111,10 @@ def ieee_sqrt(x):
 @triton.jit
 def lerp(start, end, weight):
     # torch.lerp's formula (two branches on the weight), so exp_avg matches torch bit for bit.
+    # torch branches on |weight| < 0.5; a weight below -0.5 (beta1 above 1.5, which only a
+    # value written after construction gives) takes the first formula here, an ulp from
+    # torch's: the abs moved ptxas' allocation, and a variant spilled (bf16 SR AMSGrad at
+    # 512/4, sm_80, triton 3.6).
     diff = end - start
     return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
 
@@ -247,7 +251,7 @@ def _update(
         IT: tl.constexpr = tl.int64 if CDTYPE == tl.float64 else tl.int32
         SIGN: tl.constexpr = -(1 << 63) if CDTYPE == tl.float64 else -(1 << 31)
         bits = wd64.to(tl.int64, bitcast=True)
-        keep = tl.where(bits > 0, -1, 0).to(IT)
+        keep = tl.where((bits & 0x7FFFFFFFFFFFFFFF) != 0, -1, 0).to(IT)  # a decay of either sign
         zero = tl.where(bits < 0, 0, SIGN).to(IT)  # -0, or +0 for a decay of -0.0
         g = g + wd64.to(CDTYPE) * ((p.to(IT, bitcast=True) & keep) | (zero & ~keep)).to(CDTYPE, bitcast=True)
     m = lerp(m, g, w1)
@@ -303,8 +307,8 @@ def _update(
         # or 0 itself (eps under ~1e-44), and an element whose moments are 0 would step by
         # 0 / 0 where torch's steps by 0 / eps = 0. Where v > 0, the IEEE sqrt(v) >= 2**-75
         # absorbs either (fast_sqrt keeps a subnormal v's root); eps 0 stays 0 (0 / 0, NaN, as
-        # in torch).
-        eps_bc2 = tl.where(eps > 0, tl.maximum(eps * bc2, 1.1754943508222875e-38), 0.0)
+        # in torch), and a negative or NaN one (set after construction) is kept as it is.
+        eps_bc2 = tl.where(eps > 0, tl.maximum(eps * bc2, 1.1754943508222875e-38), eps * bc2)
         root = fast_sqrt(vhat, eps_bc2)
         if DECAY_LATE:
             p = p * _scalar(srow, S_DECAY, CDTYPE)

@@ -43,6 +43,17 @@ from .layout import (
 )
 
 @triton.jit
+def _one_minus_power(beta, step):
+    """1 - beta**step for any beta. A beta of 0 is taken as the least normal double: the
+    same 1 - beta**t, and no log(0). A negative one, which only a value set after
+    construction gives (torch.optim checks betas there alone, and steps with what a
+    scheduler writes later), is raised by its magnitude and signed by the step's parity."""
+    magnitude = one_minus_pow(tl.log(tl.maximum(tl.abs(beta), 2.2250738585072014e-308)), step)
+    odd = (step - 2.0 * tl.floor(step * 0.5)) == 1.0
+    return tl.where((beta < 0) & odd, 2.0 - magnitude, magnitude)
+
+
+@triton.jit
 def one_minus_pow(log_beta, step):
     """1 - beta**step from log(beta), accurate where beta**step is close to 1.
 
@@ -54,7 +65,9 @@ def one_minus_pow(log_beta, step):
     u = tl.exp(x)
     um1 = u - 1.0
     expm1 = tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, (um1 * x) / tl.log(u)))
-    return -expm1
+    # +0 for a beta of 1, as torch's 1 - beta**t (a scheduler may write one after
+    # construction): lr / bc1 is then +inf, where -expm1's -0 stepped the other way.
+    return 0.0 - expm1
 
 
 @triton.jit
@@ -121,10 +134,9 @@ def _prepare_kernel(
     corrected = tl.load(groups_ptr + grow + G_BIAS_CORRECTION, mask=mask, other=0.0) != 0
 
     t = step
-    # fp64, like torch.optim's Python-float scalars; the update kernel rounds once. A beta
-    # of 0 is taken as the least normal double: the same 1 - beta**t, and no log(0).
-    bc1 = one_minus_pow(tl.log(tl.maximum(beta1, 2.2250738585072014e-308)), t)
-    bc2 = one_minus_pow(tl.log(tl.maximum(beta2, 2.2250738585072014e-308)), t)
+    # fp64, like torch.optim's Python-float scalars; the update kernel rounds once.
+    bc1 = _one_minus_power(beta1, t)
+    bc2 = _one_minus_power(beta2, t)
     step_size = tl.where(corrected, lr / bc1, lr)
     bc2_sqrt = tl.where(corrected, tl.sqrt(bc2), 1.0)
     if HAS_GRAD_SCALE:

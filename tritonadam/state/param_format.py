@@ -193,11 +193,11 @@ class ParamFormat:
                 # since (model.half(), model.float(), before the step that refuses or adopts it).
                 high = lp if lp.dtype == torch.bfloat16 else lp.to(torch.bfloat16)
                 out[MASTER_KEY] = like(p, torch.float32, torch.preserve_format, join_master(high, local_tensor(remainder)))
-            if lp is not p or _in_process_group():
-                # A state dict in a process group may travel by collective (a DTensor's full
-                # state dict is gathered, a full one broadcast from rank 0), and neither
-                # NCCL nor gloo has int16: the same values as int32.
-                out[REMAINDER_KEY] = remainder.to(torch.int32)
+            # A state dict may travel by collective (a DTensor's full state dict is
+            # gathered; a full one, even one saved by a single process, is scattered or
+            # broadcast by set_optimizer_state_dict before any load hook runs), and neither
+            # NCCL nor gloo has int16: the same values as int32, in every state dict alike.
+            out[REMAINDER_KEY] = remainder.to(torch.int32)
         return out
 
     def exported_keys(self, p: Tensor, state: dict) -> set[str]:
@@ -255,9 +255,3 @@ def _unmatched(p: Tensor, state: dict) -> str | None:
         elif key in (*_MOMENT_KEYS, MASTER_KEY, REMAINDER_KEY) and lv.shape != lp.shape:
             return f"{key!r} of shape {tuple(lv.shape)}"
     return None
-
-
-def _in_process_group() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
