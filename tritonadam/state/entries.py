@@ -16,8 +16,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 COMPLEX = (torch.complex64, torch.complex128)
 _MASTER_KEYS = {Master.FP32: MASTER_KEY, Master.REMAINDER: REMAINDER_KEY}
 # The dtype each master form is stepped in, then the others it is accepted in: a remainder
-# exported for collectives (which have no int16) is int32, and state written straight
-# from such an export (ZeroRedundancyOptimizer's load) holds it so until converted.
+# is exported as int32 (a state dict may travel by collective, and collectives have no
+# int16), and state written straight from an export (ZeroRedundancyOptimizer's load) holds
+# it so until converted.
 _MASTER_DTYPES = {MASTER_KEY: (torch.float32,), REMAINDER_KEY: (torch.int16, torch.int32)}
 
 
