@@ -32,6 +32,7 @@ below, before tritonadam is imported): slow, but fine for the tiny default model
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import math
 import os
@@ -62,6 +63,15 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     import tritonadam
 
 
+def _user() -> str:
+    """A name for this user's default checkpoint folder: another user's in a shared temp
+    dir is theirs (and may not be writable)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (a container without one): the uid, where there is one
+        return str(getattr(os, "getuid", lambda: "user")())
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc-per-node", type=int, default=None,
@@ -87,9 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="max grad norm (0 = no clipping)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="compute dtype (FSDP2 MixedPrecisionPolicy param_dtype; params, grads and state stay fp32)")
-    p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "tritonadam-fsdp_train"),
-                   help="where checkpoints go (default: a folder in the temp dir, never the working "
-                        "directory unless asked)")
+    p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), f"tritonadam-fsdp_train-{_user()}"),
+                   help="where checkpoints go (default: a folder of this user's in the temp dir, never "
+                        "the working directory unless asked; runs at once need one each)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or (no value) the latest in --ckpt-dir")

@@ -21,7 +21,7 @@ the last place: where rounding to nearest loses them and the other modes do not.
 Writes ``precision.png`` and ``precision.json`` (loss curves, final train and test loss,
 bytes per param) into ``--out``, by default a new temporary folder whose path it prints;
 only ``--regenerate-docs`` writes the committed ``docs/`` copies. Runs on a GPU when
-there is one, else on the CPU in Triton's interpreter (about 10 minutes with the default
+there is one, else on the CPU in Triton's interpreter (about 20 minutes with the default
 ``--steps`` on 2 cores).
 """
 from __future__ import annotations

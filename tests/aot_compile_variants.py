@@ -62,6 +62,11 @@ VARIANTS = [
          decoupled_wd=True),
     dict(param_dtype=BF16, master=True, state_dtype=BF16, stochastic_rounding=True, adamax=True),
     dict(param_dtype=FP16, master=True, state_dtype=BF16, persistent=True),
+    # torch.optim.Adam(weight_decay=...) on an fp32 model, and fp16 AMSGrad AdamW: 8 bytes
+    # of stack at sm_90's 1024/4 default until 2026-12-06 (a late scalar load kept its row
+    # pointer alive; a 238-variant sweep of real steps found them).
+    dict(param_dtype=FP32, coupled_wd=True),
+    dict(param_dtype=FP16, amsgrad=True, decoupled_wd=True),
 ]
 # Quantized state (8-bit and 4-bit blockwise moments): every optimizer, param dtype and
 # master mode, stochastic rounding, AMSGrad, GradScaler's skip and a persistent grid.

@@ -735,7 +735,7 @@ def test_disjoint_views_of_one_buffer_step_like_torch(layout, device):
 
 
 @pytest.mark.parametrize("bad", ["shape", "missing-step", "adamax-into-adamw", "step-numel", "step-string",
-                                 "seed-two-elements", "seed-string", "moment-on-meta",
+                                 "step-negative", "step-negative-number", "seed-two-elements", "seed-string", "moment-on-meta",
                                  "seed-through-torch", "scales-as-list", "remainder-through-torch"])
 def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     params = _params(device)
@@ -754,6 +754,11 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     elif bad == "step-string":
         sd["state"][1]["step"] = "3"
         match = "state 'step' of param 1 is '3', expected a number"
+    elif bad in ("step-negative", "step-negative-number"):
+        # -1 steps to a count of 0: bias correction 0, NaN params (torch.optim's
+        # single-tensor step raises ZeroDivisionError there)
+        sd["state"][1]["step"] = torch.tensor(-1.0) if bad == "step-negative" else -2
+        match = "state 'step' of param 1 is -[12].0, expected a step count >= 0"
     elif bad in ("seed-two-elements", "seed-string"):
         sd["state"][1]["rounding_seed"] = torch.tensor([3, 4]) if bad == "seed-two-elements" else "3"
         match = "state 'rounding_seed' of param 1 .* expected (one )?(an )?integer"

@@ -431,7 +431,9 @@ class _TritonAdamBase(Optimizer):
         calls.known_masters = masters_follow_params(self.state, calls.known_masters, made)
         return self._cache
 
-    @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import
+    # Eager inside a compiled function: the step is one fused launch already (torch.optim
+    # lets Dynamo trace its step instead). The decorator loads Dynamo at the first call.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -566,7 +568,7 @@ class _TritonAdamBase(Optimizer):
 
     # ---- gradient clipping --------------------------------------------------------------
 
-    @torch._disable_dynamo  # as torch.optim: dynamo is loaded at the first call, not at import
+    @torch._disable_dynamo  # eager, as step(): its launches are fused already
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None, *, scaler=None) -> Tensor:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             lr=s.lr["bow_" + run.optimizer], epochs=s.bow_epochs, **common)
         print(f"fig 1b  {run.label(True):24s} {bow[run.label(True)]['final_train_loss']:.4f}", flush=True)
 
-    name = report.stem(FIGURE, args.preset, args.impl)
+    name = report.stem(FIGURE, args.preset, args.impl) + args.suffix
     fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4.3))
     report.plot_curves(ax_a, mnist, title=f"(a) MNIST logistic regression\n({len(mnist_train)} digits)")
     report.plot_curves(ax_b, bow, title=f"(b) bag-of-words logistic regression\n"

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
             impl=args.impl, epochs=s.epochs, seed=s.seed, points_per_epoch=s.points_per_epoch)
         print(f"fig 2  {run.label(False):14s} {runs[run.label(False)]['final_train_loss']:.4f}", flush=True)
 
-    name = report.stem(FIGURE, args.preset, args.impl)
+    name = report.stem(FIGURE, args.preset, args.impl) + args.suffix
     fig, (ax_all, ax_early) = plt.subplots(1, 2, figsize=(11, 4.3))
     title = f"MNIST MLP 784-{s.hidden}-{s.hidden}-10 + dropout ({len(train)} digits)"
     report.plot_curves(ax_all, runs, title=title)

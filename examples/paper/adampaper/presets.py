@@ -74,6 +74,9 @@ def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse
     where.add_argument("--out", type=Path, help="folder for the .png and .json (default: a new temporary folder)")
     where.add_argument("--regenerate-docs", action="store_true",
                        help=f"write the committed copies in {DOCS} (they are the quick preset's, with tritonadam)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the initial weights and the minibatch order (default: the preset's, 0); "
+                             "another one names its files <figure>_<preset>_seed<N>")
     lr = dict(LR.get(figure, {}))
     if lr:
         parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
@@ -88,6 +91,12 @@ def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse
         except ValueError:
             parser.error(f"--lr {item}: {value!r} is not a number")
     settings = dict(PRESETS[figure][args.preset], **({"lr": lr} if lr else {}))
+    # One seed per run: the figures' curves are one run each, and ReLU networks' curves move
+    # with any change of the low bits (a seed, an ulp of one step); README's table gives the
+    # spread over seeds where a conclusion depends on it.
+    args.suffix = "" if args.seed in (None, settings["seed"]) else f"_seed{args.seed}"
+    if args.seed is not None:
+        settings["seed"] = args.seed
     args.settings = SimpleNamespace(**settings)
     if args.regenerate_docs:
         args.out = DOCS

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,19 @@ def stem(figure: str, preset: str, impl: str) -> str:
     return f"{figure}_{preset}" + ("_torch" if impl == "torch" else "")
 
 
+def commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or
+    ``TRITONADAM_COMMIT`` where there is no git (an exported tree), else "unknown"."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        run = dict(cwd=root, capture_output=True, text=True, timeout=30, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("TRITONADAM_COMMIT", "unknown")
+
+
 def environment() -> dict[str, str]:
     """Where the results came from, for the results file."""
     if DEVICE.type == "cuda":
@@ -34,7 +49,7 @@ def environment() -> dict[str, str]:
     else:
         device = f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
     return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "tritonadam": tritonadam.__version__}
+            "tritonadam": tritonadam.__version__, "commit": commit()}
 
 
 def caption(preset: str, impl: str) -> str:
