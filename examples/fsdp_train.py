@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compute dtype (FSDP2 MixedPrecisionPolicy param_dtype; params, grads and state stay fp32)")
     p.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), f"tritonadam-fsdp_train-{_user()}"),
                    help="where checkpoints go (default: a folder of this user's in the temp dir, never "
-                        "the working directory unless asked; runs at once need one each)")
+                        "the working directory unless asked; concurrent runs need a --ckpt-dir each)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint directory, or (no value) the latest in --ckpt-dir")

@@ -758,7 +758,8 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
         # -1 steps to a count of 0: bias correction 0, NaN params (torch.optim's
         # single-tensor step raises ZeroDivisionError there)
         sd["state"][1]["step"] = torch.tensor(-1.0) if bad == "step-negative" else -2
-        match = "state 'step' of param 1 is -[12].0, expected a step count >= 0"
+        match = ("state 'step' of param 1 is -(1 or below|2): the next step would count 0 or fewer "
+                 "steps.*expected a step count >= 0")
     elif bad in ("seed-two-elements", "seed-string"):
         sd["state"][1]["rounding_seed"] = torch.tensor([3, 4]) if bad == "seed-two-elements" else "3"
         match = "state 'rounding_seed' of param 1 .* expected (one )?(an )?integer"
@@ -788,6 +789,38 @@ def test_bad_state_dict_is_refused_and_changes_nothing(bad, device):
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
         [{k: v for k, v in g.items() if k != "params"} for g in groups]
     _steps(opt, params, 1)  # still steps
+
+
+@pytest.mark.parametrize("name,step,refused", [("AdamW", -0.5, False), ("AdamW", -1.0, True),
+                                               ("Adamax", -2.0, False), ("Adamax", -1.0, True)])
+def test_negative_loaded_steps_refused_where_the_next_step_would_be_nan(name, step, refused, device):
+    """A count whose next step counts 0 steps (or, for Adam, fewer) has a bias correction
+    of 0 (or a negative one under a root): refused at the load. Others step as torch.optim's."""
+    params = _params(device)
+    ours, theirs = PAIRS[name]
+    opt = ours(params, **LAUNCH)
+    _steps(opt, params, 2)
+    for as_tensor in (True, False):
+        sd = copy.deepcopy(opt.state_dict())
+        sd["state"][1]["step"] = torch.tensor(step) if as_tensor else step
+        if refused:
+            snap = _snapshot(opt, params)
+            with pytest.raises(ValueError, match="expected a step count >= 0"):
+                opt.load_state_dict(sd)
+            _assert_untouched(opt, params, snap)
+        else:
+            ref = [p.detach().clone().requires_grad_() for p in params]
+            torch_opt = theirs(ref, foreach=False)
+            torch_opt.load_state_dict(sd)
+            opt.load_state_dict(sd)
+            grads = [torch.randn_like(p) for p in params]
+            for p, r, g in zip(params, ref, grads):
+                p.grad, r.grad = g.clone(), g.clone()
+            opt.step()
+            torch_opt.step()
+            for p, r in zip(params, ref):
+                assert torch.isfinite(p).all()
+                torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
 
 
 # ---- group values changed after construction ----------------------------------------

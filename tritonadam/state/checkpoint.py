@@ -98,11 +98,25 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                                                        and step.dtype != torch.bool and not step.is_meta)):
                 raise ValueError(f"{where}: state 'step' of param {saved_id} is {step!r}, expected a "
                                  "number or a 1-element tensor")
-            if float(step) < 0:  # NaN passes: it steps to NaN, as torch.optim's does
-                # A count of -1 steps to 0, whose bias correction 1 - beta**0 is 0: NaN params
-                # in every element, where torch.optim's step raises ZeroDivisionError.
-                raise ValueError(f"{where}: state 'step' of param {saved_id} is {float(step)}, "
-                                 "expected a step count >= 0 (the steps taken so far)")
+            # The next step counts step + 1: at 0 its bias correction 1 - beta**0 is 0 and
+            # every element turns NaN (torch.optim's step raises ZeroDivisionError), and
+            # below 0 Adam's second-moment correction is negative, whose root is NaN (torch:
+            # a complex number, an error). AdaMax steps such a count finitely, as torch's
+            # does. NaN passes: it steps to NaN, as torch.optim's does. A tensor's value is
+            # read with the codes' checks (one sync per device).
+            adamax = algorithm == "adamax"
+            message = (f"{where}: state 'step' of param {saved_id} is {{}}: the next step would "
+                       f"count {'0' if adamax else '0 or fewer'} steps, whose bias correction "
+                       f"1 - beta**steps is {'0' if adamax else '0 or below'}; expected a step "
+                       "count >= 0 (the steps taken so far)")
+            if isinstance(step, Tensor) and type(local_tensor(step)) in (Tensor, torch.nn.Parameter):
+                count = local_tensor(step).detach() + 1
+                values.add_flag(message.format("-1" if adamax else "-1 or below"),
+                                count == 0 if adamax else count <= 0, step)
+            else:  # a number, or a wrapper subclass (whose own ops decide what it holds)
+                count = float(step) + 1
+                if (count == 0) if adamax else (count <= 0):
+                    raise ValueError(message.format(float(step) if isinstance(step, Tensor) else step))
             if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
                 seed = state[SEED_KEY]
                 hint = ("; torch.optim's load_state_dict casts every state tensor to its param's "
@@ -202,9 +216,15 @@ class _CodedValues:
             bad = (local > 15).any()
             problem = ("holds codes above 15, which are not 4-bit codes (8-bit codes saved under a "
                        "4-bit key?): load a checkpoint under the keys it was saved with")
+        self.add_flag(f"{where} {problem}", bad, value)
+
+    def add_flag(self, message: str, bad: Tensor, value: Tensor) -> None:
+        """Raise ``message`` at ``check`` if ``bad`` (a 0-dim bool tensor computed from
+        ``value`` on its device) holds."""
+        local = local_tensor(value)
         group = (local.device, value.device_mesh if local is not value and self.collective else None)
-        self.flags.setdefault(group, []).append((len(self.entries), bad))
-        self.entries.append(f"{where} {problem}")
+        self.flags.setdefault(group, []).append((len(self.entries), bad.reshape(())))
+        self.entries.append(message)
 
     def check(self) -> None:
         for (device, mesh), flags in self.flags.items():

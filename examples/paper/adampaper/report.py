@@ -30,13 +30,15 @@ def stem(figure: str, preset: str, impl: str) -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files), or
-    ``TRITONADAM_COMMIT`` where there is no git (an exported tree), else "unknown"."""
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files outside
+    ``docs/``, where results are written), or ``TRITONADAM_COMMIT`` where there is no git
+    (an exported tree), else "unknown"."""
     root = Path(__file__).resolve().parents[3]
     try:
         run = dict(cwd=root, capture_output=True, text=True, timeout=30, check=True)
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":(exclude)docs"], **run).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("TRITONADAM_COMMIT", "unknown")
