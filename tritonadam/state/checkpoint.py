@@ -191,8 +191,8 @@ def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, value
 
 
 class _CodedValues:
-    """The value checks of quantized codes and scales, run after every structural check:
-    scales are block absmaxes (a negative one decodes a second moment below 0, and the
+    """The value checks of quantized codes and scales, and of step counts given as tensors
+    (check_loadable), run after every structural check: scales are block absmaxes (a negative one decodes a second moment below 0, and the
     step writes NaN into the params; a NaN or infinite one is a block that held NaN or
     inf, kept as torch.optim keeps such moments), and a code per element of a 4-bit moment is a
     nibble (8-bit codes renamed to a 4-bit key decode up to 256x too large; in block form

@@ -75,8 +75,9 @@ def parse_args(figure: str, doc: str, argv: list[str] | None = None) -> argparse
     where.add_argument("--regenerate-docs", action="store_true",
                        help=f"write the committed copies in {DOCS} (they are the quick preset's, with tritonadam)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the initial weights and the minibatch order (default: the preset's, 0); "
-                             "another one names its files <figure>_<preset>_seed<N>")
+                        help="seed of the initial weights, the minibatch order and the dropout masks "
+                             "(default: the preset's, 0; the data split stays); another one names its "
+                             "files <figure>_<preset>_seed<N>")
     lr = dict(LR.get(figure, {}))
     if lr:
         parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
