@@ -109,14 +109,15 @@ def check_loadable(name: str, algorithm: str, param_groups: list[dict], state_di
                        f"count {'0' if adamax else '0 or fewer'} steps, whose bias correction "
                        f"1 - beta**steps is {'0' if adamax else '0 or below'}; expected a step "
                        "count >= 0 (the steps taken so far)")
+
+            def refused(count):  # the next step's count: a number or a tensor
+                return count == 0 if adamax else count <= 0
+
             if isinstance(step, Tensor) and type(local_tensor(step)) in (Tensor, torch.nn.Parameter):
-                count = local_tensor(step).detach() + 1
                 values.add_flag(message.format("-1" if adamax else "-1 or below"),
-                                count == 0 if adamax else count <= 0, step)
-            else:  # a number, or a wrapper subclass (whose own ops decide what it holds)
-                count = float(step) + 1
-                if (count == 0) if adamax else (count <= 0):
-                    raise ValueError(message.format(float(step) if isinstance(step, Tensor) else step))
+                                refused(local_tensor(step).detach() + 1), step)
+            elif refused(float(step) + 1):  # a number, or a wrapper subclass (its own ops decide)
+                raise ValueError(message.format(float(step) if isinstance(step, Tensor) else step))
             if SEED_KEY in state and _seed_problem(state[SEED_KEY]) is not None:
                 seed = state[SEED_KEY]
                 hint = ("; torch.optim's load_state_dict casts every state tensor to its param's "
@@ -192,10 +193,10 @@ def _check_entry(where: str, saved_id, p: Tensor, key, value, state: dict, value
 
 class _CodedValues:
     """The value checks of quantized codes and scales, and of step counts given as tensors
-    (check_loadable), run after every structural check: scales are block absmaxes (a negative one decodes a second moment below 0, and the
-    step writes NaN into the params; a NaN or infinite one is a block that held NaN or
-    inf, kept as torch.optim keeps such moments), and a code per element of a 4-bit moment is a
-    nibble (8-bit codes renamed to a 4-bit key decode up to 256x too large; in block form
+    (check_loadable), run after every structural check: scales are block absmaxes (a
+    negative one decodes a second moment below 0, and the step writes NaN into the params;
+    a NaN or infinite one is a block that held NaN or inf, kept as torch.optim keeps such
+    moments), and a code per element of a 4-bit moment is a nibble (8-bit codes renamed to a 4-bit key decode up to 256x too large; in block form
     their byte count already differs). Each reads values, so each is one flag on the
     tensor's device, read back together: one sync per device, and one all-reduce per
     device mesh for DTensor shards, so that every rank refuses alike."""
