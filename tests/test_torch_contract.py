@@ -385,6 +385,35 @@ def _on_cpu(saved):
     return reloaded(saved, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+@pytest.mark.parametrize("name", NAMES)
+def test_loaded_step_counts_keep_their_shape(name, shape, device):
+    """A one-element step count of another shape (an older checkpoint's ``torch.zeros(1)``):
+    torch.optim keeps the loaded tensor's shape, counts in it and saves it so. Ours keeps
+    it too, through the load, the steps that move it beside the param and the state dict."""
+    for kwargs in configs(name, device):
+        weight, bias, inpt = linear_problem(device)
+        source = OURS[name]([weight, bias], **fresh(kwargs))
+        run_steps(source, weight, bias, inpt, 3)
+        saved = _on_cpu(source.state_dict())
+        for s in saved["state"].values():
+            s["step"] = s["step"].reshape(shape)
+        params = [Parameter(t.detach().clone()) for t in (weight, bias)]
+        tparams = [Parameter(t.detach().clone()) for t in (weight, bias)]
+        ours, theirs = OURS[name](params, **fresh(kwargs)), INFOS[name].optim_cls(tparams, **fresh(kwargs))
+        ours.load_state_dict(copy.deepcopy(saved))
+        theirs.load_state_dict(copy.deepcopy(saved))
+
+        def steps(opt):
+            return [(s["step"].shape, s["step"].dtype, s["step"].tolist()) for s in opt.state_dict()["state"].values()]
+
+        assert steps(ours) == steps(theirs), kwargs
+        run_steps(ours, *params, inpt, 2)
+        run_steps(theirs, *tparams, inpt, 2)
+        assert steps(ours) == steps(theirs) == [(torch.Size(shape), steps(theirs)[0][1], torch.full(shape, 5.0).tolist())] * 2, kwargs
+        torch.testing.assert_close(params, tparams)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_loaded_step_counts_stay_where_torch_leaves_them(name, device):
     """A checkpoint mapped to the CPU and loaded into an optimizer of (GPU) params: torch

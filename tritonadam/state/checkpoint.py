@@ -14,7 +14,7 @@ from .entries import (
 from .moments import _block_rows, _quantized_form, _shards_start_on_blocks
 from .orders import logical_order, _record
 from .policy import StatePolicy
-from .steps import loaded_step_device, loaded_step_dtype, new_step_dtype
+from .steps import count_of, loaded_step_device, loaded_step_dtype, new_step_dtype
 
 
 def _param_index(key, count: int) -> bool:
@@ -458,13 +458,12 @@ def restore_loaded(algorithm: str, policy: "StatePolicy", seed: int | None, para
                     value = steps[p]
                     dtype = loaded_step_dtype(value, group)
                     device = loaded_step_device(value, group, local_tensor(p).device)
-                    if isinstance(value, Tensor) and local_tensor(value) is value and value.dim() == 0 \
+                    if isinstance(value, Tensor) and local_tensor(value) is value and value.numel() == 1 \
                             and value.dtype == dtype \
                             and value.device == device and (where := _storage_key(value)) in own \
                             and where not in kept:
                         kept.add(where)
                         state[p]["step"] = value  # its own count given back
                     else:
-                        state[p]["step"] = torch.tensor(
-                            float(value.item() if isinstance(value, Tensor) else value), dtype=dtype, device=device)
+                        state[p]["step"] = count_of(value, dtype, device)
     return loaded_seed

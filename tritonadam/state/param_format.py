@@ -18,7 +18,7 @@ from .entries import (
 from .master import _adopt_master, _rounded_from, join_master, split_master
 from .moments import DenseMoments, QuantizedMoments, read_moment
 from .orders import _ENCODED_SHAPE
-from .steps import STEP_DTYPES, _countable, step_device
+from .steps import STEP_DTYPES, _countable, count_of, step_device
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class ParamFormat:
                 step_dtype = step.dtype
             # A meta param's count lives on the CPU, as torch.optim's does: a meta one holds
             # no value to save, load or count.
-            state["step"] = torch.tensor(float(step), dtype=step_dtype, device=step_device(lp))
+            state["step"] = count_of(step, step_dtype, step_device(lp))
         for key in keys:
             self.moments.prepare(p, key, state)
         if self.master == Master.FP32:

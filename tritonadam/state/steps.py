@@ -21,6 +21,15 @@ def _countable(step, lp: Tensor) -> bool:
             and local_tensor(step) is step and step.device == step_device(lp) and not step.is_neg())
 
 
+def count_of(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new count holding ``value`` (a number or a one-element tensor), of the tensor's
+    shape: torch.optim keeps a loaded ``torch.zeros(1)``'s shape, counts in it and saves
+    it so."""
+    shape = value.shape if isinstance(value, Tensor) else ()
+    number = float(value.item() if isinstance(value, Tensor) else value)
+    return torch.full(shape, number, dtype=dtype, device=device)
+
+
 def step_device(lp: Tensor) -> torch.device:
     """Where a new count of local param ``lp`` lives: beside it (the kernels count in it),
     or on the CPU for a meta param, as torch.optim keeps it."""
