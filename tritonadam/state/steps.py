@@ -26,8 +26,7 @@ def count_of(value, dtype: torch.dtype, device: torch.device) -> Tensor:
     shape: torch.optim keeps a loaded ``torch.zeros(1)``'s shape, counts in it and saves
     it so."""
     shape = value.shape if isinstance(value, Tensor) else ()
-    number = float(value.item() if isinstance(value, Tensor) else value)
-    return torch.full(shape, number, dtype=dtype, device=device)
+    return torch.full(shape, float(value), dtype=dtype, device=device)
 
 
 def step_device(lp: Tensor) -> torch.device:
