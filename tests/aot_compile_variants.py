@@ -29,29 +29,31 @@ BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.flo
 REMAINDER = 2  # tritonadam.kernels.layout.MASTER_REMAINDER
 NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32", FP64: "fp64"}
 
-# Every supported (param, grad) dtype pair, and each flag on and off somewhere.
+# Every supported (param, grad) dtype pair, and each flag on and off somewhere (GradScaler's
+# step: found_inf with unscale_grads, the grads written back unscaled; found_inf alone after
+# the user's unscale_).
 VARIANTS = [
     dict(param_dtype=FP32, decoupled_wd=True),
-    dict(param_dtype=FP32, grad_dtype=BF16, coupled_wd=True, found_inf=True),
+    dict(param_dtype=FP32, grad_dtype=BF16, coupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=FP32, grad_dtype=FP16, amsgrad=True),
     dict(param_dtype=BF16, decoupled_wd=True),
     dict(param_dtype=BF16, grad_dtype=FP32, master=True, decoupled_wd=True),
-    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=FP16, master=True, coupled_wd=True, decoupled_wd=True),
     dict(param_dtype=FP16, grad_dtype=FP32, amsgrad=True, found_inf=True),
     dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),
-    dict(param_dtype=FP64, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=FP64, amsgrad=True, decoupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=FP32, adamax=True, coupled_wd=True),
-    dict(param_dtype=BF16, adamax=True, master=True, found_inf=True),
+    dict(param_dtype=BF16, adamax=True, master=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=FP16, adamax=True),
     dict(param_dtype=FP64, adamax=True, found_inf=True),
     dict(param_dtype=BF16, master=True, decoupled_wd=True, persistent=True),
     dict(param_dtype=FP32, adamax=True, persistent=True),
     # Precision modes: exact master in 2 bytes, stochastic rounding, bf16 state.
     dict(param_dtype=BF16, master=REMAINDER, decoupled_wd=True),
-    dict(param_dtype=BF16, grad_dtype=FP32, master=REMAINDER, amsgrad=True, found_inf=True),
+    dict(param_dtype=BF16, grad_dtype=FP32, master=REMAINDER, amsgrad=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
-    dict(param_dtype=FP16, stochastic_rounding=True, coupled_wd=True, found_inf=True),
+    dict(param_dtype=FP16, stochastic_rounding=True, coupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=FP32, state_dtype=BF16, decoupled_wd=True),
     dict(param_dtype=FP32, state_dtype=BF16, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=BF16, state_dtype=BF16, decoupled_wd=True),
@@ -73,10 +75,10 @@ VARIANTS = [
 QUANT_VARIANTS = [
     dict(param_dtype=FP32, quant=8, decoupled_wd=True),
     dict(param_dtype=FP32, quant=4, amsgrad=True, coupled_wd=True),
-    dict(param_dtype=FP32, grad_dtype=BF16, quant=8, stochastic_rounding=True, found_inf=True),
+    dict(param_dtype=FP32, grad_dtype=BF16, quant=8, stochastic_rounding=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True),
     dict(param_dtype=BF16, quant=4, stochastic_rounding=True, decoupled_wd=True),
-    dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=BF16, quant=4, master=REMAINDER, decoupled_wd=True),
     dict(param_dtype=BF16, quant=4, master=REMAINDER, amsgrad=True, stochastic_rounding=True),
     dict(param_dtype=BF16, grad_dtype=FP32, quant=8, master=True, amsgrad=True, decoupled_wd=True),
@@ -84,7 +86,7 @@ QUANT_VARIANTS = [
     dict(param_dtype=FP16, quant=8, stochastic_rounding=True, coupled_wd=True),
     dict(param_dtype=FP32, quant=4, adamax=True, coupled_wd=True),
     dict(param_dtype=BF16, quant=8, adamax=True, master=REMAINDER, stochastic_rounding=True),
-    dict(param_dtype=FP16, quant=4, adamax=True, master=True, found_inf=True),
+    dict(param_dtype=FP16, quant=4, adamax=True, master=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=BF16, quant=8, decoupled_wd=True, persistent=True),
     dict(param_dtype=FP32, quant=4, adamax=True, stochastic_rounding=True, persistent=True),
 ]
@@ -101,7 +103,7 @@ PERSISTENT_TWINS = [
     (dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True), 512, 2),
     (dict(param_dtype=BF16, quant=8, stochastic_rounding=True, decoupled_wd=True), 2048, 8),
     (dict(param_dtype=BF16, quant=4, stochastic_rounding=True, decoupled_wd=True), 1024, 8),
-    (dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True), 2048, 4),
+    (dict(param_dtype=BF16, quant=8, master=REMAINDER, amsgrad=True, decoupled_wd=True, found_inf=True, unscale_grads=True), 2048, 4),
     (dict(param_dtype=BF16, grad_dtype=FP32, quant=8, master=True, amsgrad=True, decoupled_wd=True), 2048, 4),
     (dict(param_dtype=FP16, quant=4, master=True, stochastic_rounding=True, amsgrad=True), 512, 4),
     (dict(param_dtype=FP16, quant=4, master=True, stochastic_rounding=True, amsgrad=True), 1024, 8),
@@ -115,7 +117,7 @@ PERSISTENT_TWINS = [
 ]
 # The whole candidate space, on the heaviest variant of each width.
 SPACE_VARIANTS = [
-    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True),
+    dict(param_dtype=BF16, master=True, amsgrad=True, decoupled_wd=True, found_inf=True, unscale_grads=True),
     dict(param_dtype=BF16, quant=4, master=REMAINDER, amsgrad=True, stochastic_rounding=True),
     dict(param_dtype=BF16, state_dtype=BF16, stochastic_rounding=True, amsgrad=True),
     dict(param_dtype=FP64, amsgrad=True, coupled_wd=True),

@@ -5,8 +5,8 @@ Device-generic: Triton's CPU interpreter by default, a GPU with TRITONADAM_TEST_
 tritonadam sets ``_step_supports_amp_scaling = True``: GradScaler does not unscale the
 grads itself but sets ``optimizer.grad_scale`` (None after a user ``unscale_``) and
 ``optimizer.found_inf`` before ``step()``. The kernel unscales on the fly and skips the
-whole update (params, state, step counts) when ``found_inf`` is set, without a host sync,
-and never writes ``.grad``. The reference is ``torch.optim`` (``foreach=False``) driven by
+whole update (params, state, step counts) when ``found_inf`` is set, without a host sync;
+a step it took leaves ``.grad`` unscaled, as torch's fused step does. The reference is ``torch.optim`` (``foreach=False``) driven by
 a GradScaler of its own, which unscales that optimizer's grads in place.
 """
 from __future__ import annotations
@@ -79,19 +79,37 @@ def grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def unscaled(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``g`` times GradScaler.unscale_'s factor (the fp32 reciprocal of the scale, taken in
+    fp64), in fp32 (fp64 for fp64 grads) and rounded to ``g``'s dtype."""
+    inv = (1.0 / scale.detach().cpu().double()).float()
+    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return (g.detach().cpu().to(wide) * inv.to(wide)).to(g.dtype)
+
+
 def watch_grads(opt, model) -> list[str]:
-    """Check, around every ``opt.step()``, that the step leaves ``.grad`` bit for bit as
-    it found it. (Hooks, not a copy taken before ``scaler.step``: GradScaler's own inf
-    check multiplies the grads by 1.0 in place, which may change a NaN's bits.)"""
+    """Check, around every ``opt.step()``, what the step leaves in ``.grad``: the grads
+    unscaled where GradScaler handed the step its scale and found no inf (as torch's fused
+    step and GradScaler.unscale_ leave them), bit for bit as the step found them otherwise
+    (a skipped step, a step after ``unscale_``, a step without a scaler). (Hooks, not a
+    copy taken before ``scaler.step``: GradScaler's own inf check multiplies the grads by
+    1.0 in place, which may change a NaN's bits.)"""
     errors: list[str] = []
-    taken: list[list[torch.Tensor]] = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: taken.append(grads(model)))
+    taken: list = []
+
+    def pre(o, args, kwargs):
+        scale, found_inf = getattr(o, "grad_scale", None), getattr(o, "found_inf", None)
+        skipped = found_inf is not None and found_inf.item() != 0
+        taken.append((grads(model), None if skipped else scale))
 
     def post(o, args, kwargs):
-        for i, (p, g) in enumerate(zip(model.parameters(), taken.pop())):
-            if not same_bits(p.grad, g):
-                errors.append(f"grad {i} written by step()")
+        before, scale = taken.pop()
+        for i, (p, g) in enumerate(zip(model.parameters(), before)):
+            want = g if scale is None else unscaled(g, scale)
+            if not same_bits(p.grad.cpu(), want.cpu()):
+                errors.append(f"grad {i}: step() left {p.grad.flatten()[:3]}, expected {want.flatten()[:3]}")
 
+    opt.register_step_pre_hook(pre)
     opt.register_step_post_hook(post)
     return errors
 
@@ -432,3 +450,65 @@ def test_non_finite_values_step_without_warnings(device):
     torch.nn.utils.clip_grad_norm_([r], 1.0, norm_type=0.001)
     theirs.step()
     assert torch.equal(q.detach().cpu().isnan(), r.detach().isnan())  # a NaN norm spreads in both
+
+
+# What a step GradScaler hands its scale leaves in .grad, in every precision mode and for
+# grads the kernels read through a copy: (class, param dtype, grad dtype, options).
+UNSCALE_MODES = {
+    "fp32-maximize-fused-clip": (tritonadam.Adam, torch.float32, None, {"maximize": True, "max_grad_norm": 0.5}),
+    "fp32-bf16-grads-explicit-clip": (tritonadam.AdamW, torch.float32, torch.bfloat16, {}),
+    "bf16-8bit-remainder": (tritonadam.AdamW, torch.bfloat16, None,
+                            {"state_dtype": "8bit", "master_weights": "remainder"}),
+    "fp16-4bit-sr-amsgrad": (tritonadam.Adam, torch.float16, None,
+                             {"state_dtype": "4bit", "stochastic_rounding": True, "amsgrad": True}),
+    "bf16-fp32-grads-bf16-state-sr-adamax": (tritonadam.Adamax, torch.bfloat16, torch.float32,
+                                              {"state_dtype": torch.bfloat16, "stochastic_rounding": True}),
+    "fp16-master": (tritonadam.AdamW, torch.float16, None, {"master_weights": True}),
+    "fp64": (tritonadam.AdamW, torch.float64, None, {}),
+}
+
+
+@pytest.mark.parametrize("mode", list(UNSCALE_MODES))
+def test_a_step_leaves_the_grads_unscaled(mode, device):
+    """torch's fused step writes each grad back unscaled when GradScaler hands it its scale
+    (test_cuda's fused-optimizer GradScaler tests compare .grad after scaler.step): so does
+    this step, bit for bit as GradScaler.unscale_ would have left them, in every precision
+    mode, with a clip pending (the clip's coefficient is not written), for grads read
+    through a copy (another layout than the param's, a strided view) and for a transposed
+    param; a step the scaler skips leaves them as they were. A scale that is
+    not a power of two, so unscaling rounds."""
+    cls, dtype, grad_dtype, options = UNSCALE_MODES[mode]
+    grad_dtype = grad_dtype or dtype
+    gen = torch.Generator().manual_seed(11)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    params = [nn.Parameter(draw(*s).to(device)) for s in ((7, 3), (1000,), (5,))]
+    params.append(nn.Parameter(draw(4, 6).to(device).t()))  # a transposed param
+    for p in params:
+        p.grad_dtype = grad_dtype  # torch refuses a grad of another dtype otherwise
+    opt = cls(params, lr=1e-2, **options, **LAUNCH)
+    scaler = torch.amp.GradScaler(device.type, init_scale=3000.0, growth_interval=1)
+    for step in range(4):
+        grads = [(draw(*p.shape).to(grad_dtype) * 3000).to(device) for p in params]
+        if step == 2:
+            grads[1][3] = float("inf")
+        grads[0] = grads[0].t().contiguous().t()  # another layout than its param's
+        wide = torch.stack([grads[2], torch.full_like(grads[2], 7.0)], 1)
+        grads[2] = wide[:, 0]  # a strided view of a wider buffer, whose other half stays as it is
+        for p, g in zip(params, grads):
+            p.grad = g
+        scaler.scale(torch.ones((), device=device))
+        if "explicit-clip" in mode:
+            opt.clip_grad_norm_(0.5, scaler=scaler)
+        taken = [g.detach().clone() for g in grads]
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        for i, (p, g) in enumerate(zip(params, taken)):
+            want = g if step == 2 else unscaled(g, torch.tensor(scale))
+            assert p.grad is grads[i]
+            assert same_bits(p.grad.cpu().contiguous(), want.cpu().contiguous()), (mode, step, i)
+        assert (wide[:, 1] == 7.0).all()
+    assert all(opt.state[p]["step"].item() == 3 for p in params)

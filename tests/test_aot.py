@@ -98,6 +98,8 @@ def _expected_16_byte_accesses(row):
     moments = 2 + amsgrad
     loads = wide(g) + wide(s) * moments + (wide(w) if w else 0) + (0 if master == 1 else wide(p))
     stores = wide(s) * moments + (wide(w) if w else 0) + wide(p)
+    if f.get("unscale_grads"):  # GradScaler's step writes the grads back unscaled
+        stores += wide(g)
     return loads, stores, block_per_thread // per_thread
 
 
@@ -235,6 +237,9 @@ def _expected_quant_widths(row):
             counter[1] += t if bits == 8 else t // 2
     ld[min(16, v * g)] += e // v
     ld[g] += t
+    if f.get("unscale_grads"):  # GradScaler's step writes the grads back unscaled
+        st[min(16, v * g)] += e // v
+        st[g] += t
     for _ in range(moments):
         if f.get("persistent") and bits == 4 and f.get("adamax"):
             ld[2 * v] += e // v  # the thread's VEC-group of scales (see load_moment)

@@ -195,7 +195,8 @@ def test_grad_scaler_unscales_and_skips(on_host, name, init_scale):
     """GradScaler's scale is taken out of the grads as torch takes it: divided in torch's
     fused AdamW step, multiplied by its fp32 reciprocal (GradScaler.unscale_) before
     torch's Adamax step (the two differ by an ulp for a scale not a power of two: the
-    moments did, divided); a found inf skips the step, counts included."""
+    moments did, divided); a found inf skips the step, counts included. A step leaves the
+    grads unscaled, as torch's fused step does."""
     params = make_params([(6, 5), (11,)], torch.float32, "cpu", seed=7)
     ref = clone_params(params)
     ours = getattr(tritonadam, name)(on_host(params), lr=0.01)
@@ -207,15 +208,23 @@ def test_grad_scaler_unscales_and_skips(on_host, name, init_scale):
         grads = random_grads(params, gen)
         if step == 2:
             grads[1][3] = float("inf")
+        left = []
         for opt, ps, scaler in ((ours, params, scalers[0]), (theirs, ref, scalers[1])):
             loss = sum((p * g).sum() for p, g in zip(ps, grads))
             scaler.scale(loss).backward()
             before = [p.detach().clone() for p in ps]
+            taken = [p.grad.clone() for p in ps]
             scaler.step(opt)
+            if opt is ours:  # the grads left unscaled by unscale_'s fp32 1/scale; a skip leaves them
+                inv = (1.0 / scaler._scale.double()).float()
+                assert all(torch.equal(p.grad, g if step == 2 else g * inv) for p, g in zip(ps, taken))
+            left.append([p.grad.clone() for p in ps])
             scaler.update()
             if step == 2:  # skipped
                 assert all(torch.equal(p, b) for p, b in zip(ps, before))
             opt.zero_grad()
+        if name == "AdamW" and init_scale == 2.0 ** 10:  # torch's fused step writes them back too
+            assert all(torch.equal(a, b) for a, b in zip(*left))
         for p, q in zip(params, ref):
             assert torch.equal(p, q)
             assert ours.state[p].keys() == theirs.state[q].keys()

@@ -5,7 +5,7 @@ device tables (one norm launch per grad dtype and one reduction launch; for shar
 DTensor grads, one reduction of this rank's partials, the all-reduce across ranks, then
 the final one), and leaves the clip coefficient in a small
 device buffer owned by the optimizer; the next step's prepare kernel multiplies every
-tensor's grad multiplier by it. ``.grad`` is never written. CPU params that torch's
+tensor's grad multiplier by it. The clip never writes ``.grad``. CPU params that torch's
 implementation steps (``tritonadam.host``) are measured with torch's norms and the
 coefficient left in a CPU buffer, which that step applies. Everything about clipping
 lives here: argument checks, that buffer and which grads its coefficient belongs to,

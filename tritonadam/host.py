@@ -11,7 +11,8 @@ into the param (from an fp32 master, a bf16 param's ties go away from zero, as i
 kernels); bf16 moments (``state_dtype=torch.bfloat16``) likewise, in fp32 and
 rounded back. Fused clipping (``clip_grad_norm_``, ``max_grad_norm=``) works as on the
 GPU when every param with a grad is stepped here: the norm is torch's, the coefficient
-scales the grads as this step reads them, and ``.grad`` is never written. The formats
+scales the grads as this step reads them, and the clip writes no ``.grad`` (a step
+GradScaler hands its scale leaves them unscaled, as the kernels do). The formats
 only the kernels implement (stochastic rounding, quantized moments),
 ``bias_correction=False`` and a clip over CPU and GPU params together are refused before
 anything is written.
@@ -191,7 +192,7 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | 
     fusable = [algorithm == "adam" and p.dtype in _FUSED_DTYPES and t.dtype == torch.float32
                and all(c[i].is_contiguous() for c in columns[:-1])
                for i, (p, t) in enumerate(zip(params, steps))]
-    for i, fused in enumerate(fusable):  # in the step's dtype, never in place: .grad keeps its values
+    for i, fused in enumerate(fusable):  # in the step's dtype, not in place (unscaled in place below)
         if scale is not None:
             # torch's fused step divides the scale out in its kernel; its other steps, and its
             # clip, see GradScaler.unscale_'s grads, multiplied by the reciprocal
@@ -203,6 +204,17 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | 
         if picked:
             p, g, *m, t = ([c[i] for i in picked] for c in columns)
             torch_step(algorithm, group, p, g, m, t, fused=fused)
+    if scale is not None:
+        # The grads left unscaled, as the kernels and torch's fused step leave them: times
+        # unscale_'s fp32 1/scale, fp16/bf16 ones in fp32 and rounded back.
+        for row in rows:
+            held = local_tensor(row.param.grad)
+            if torch._debug_has_internal_overlap(held) == 1:
+                continue
+            if held.dtype in LOW_PRECISION:
+                held.copy_(held.float() * scale[1])
+            else:
+                held.mul_(scale[1])
     for lp, target in writeback + stored:
         lp.copy_(target)  # to nearest, ties to even, as the kernels round
     for lp, master in masters:

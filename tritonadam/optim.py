@@ -601,7 +601,8 @@ class _TritonAdamBase(Optimizer):
         GradScaler: the norm must be of unscaled grads. Either call
         ``scaler.unscale_(opt)`` first (torch's recipe, for fp32 params; it rewrites the
         grads), or pass ``scaler=scaler`` here: the scale is folded into the norm and the
-        step unscales in its kernel, so the grads are never rewritten. A clip of scaled
+        step unscales in its kernel (and writes the grads back unscaled, not clipped, as
+        torch's fused step leaves them). A clip of scaled
         grads without either makes the step raise. Inf/NaN grads make the norm
         non-finite; GradScaler's ``found_inf`` then skips the whole step on the device as
         usual.

@@ -649,10 +649,13 @@ class StepCache:
                     launch_update(tables, item.bucket, block_size=item.config.block_size,
                                   num_warps=item.config.num_warps, persistent=item.config.persistent,
                                   adamax=self.algorithm == "adamax", decoupled_wd=decoupled,
-                                  coupled_wd=coupled, found_inf=inf, fusion=self.fusion)
+                                  coupled_wd=coupled, found_inf=inf, unscale_grads=scale is not None,
+                                  fusion=self.fusion)
         for row in self._revalidated:
             if row.staging is not None:
                 as_real(local_tensor(row.param)).copy_(row.staging)
+        if grad_scale is not None:
+            self._unscaled_back()
         if self.host:
             host.step(self.algorithm, self.host, param_groups, grad_scale=grad_scale, found_inf=found_inf,
                       clip=clip)
@@ -662,6 +665,26 @@ class StepCache:
         # ops bump them, a backward through a graph that saved a param before this step
         # raises instead of using the stepped values. One C call, ~0.2 us per param.
         torch.autograd.graph.increment_version(self._bumped)
+
+    def _unscaled_back(self) -> None:
+        """After a step GradScaler handed its scale: the kernels wrote each grad they read
+        back unscaled (skipped with the step if ``found_inf`` is set), as torch's fused
+        step does; a grad they read through a copy (another layout, a lazily negated
+        view) gets the copy's values. A grad whose elements share memory (an expanded
+        tensor, which torch's fused step refuses) keeps its scaled values."""
+        for row, read in zip(self._revalidated, self._revalidated_grads):
+            grad = row.param.grad
+            if grad is None:
+                continue
+            held = local_tensor(grad)
+            if (read.data_ptr() == held.data_ptr() and read.stride() == held.stride()) \
+                    or read.shape != held.shape or torch._debug_has_internal_overlap(held) == 1:
+                continue
+            with torch.no_grad():
+                held.copy_(read)  # a skipped step left the copy as it was taken
+        if self.taken:
+            # Written, as far as autograd can tell (torch's fused step marks grads mutated).
+            torch.autograd.graph.increment_version([g for g in self.taken if g is not None])
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they

@@ -36,6 +36,7 @@ from .layout import (
     S_GMUL,
     S_STEP,
     S_STEP_SIZE,
+    S_UNSCALE,
     S_W1,
     S_W2,
     S_WD,
@@ -197,7 +198,7 @@ def _update(
     CDTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, ADAMAX: tl.constexpr,
     AMSGRAD: tl.constexpr, MASTER: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     COUPLED_WD: tl.constexpr, SR: tl.constexpr, QUANT: tl.constexpr, TAIL: tl.constexpr,
-    VEC: tl.constexpr, PERSISTENT: tl.constexpr,
+    VEC: tl.constexpr, PERSISTENT: tl.constexpr, UNSCALE_GRADS: tl.constexpr,
 ):
     # Data loads first: the scalars below come from one row already in flight, and
     # nothing the loads need waits on arithmetic.
@@ -225,7 +226,14 @@ def _update(
     if AMSGRAD:
         vmax = _load_state(vmax_ptr, xs_ptr, offs, mask, n, CDTYPE, QUANT, False, TAIL, VEC, GROUP_SCALES)
 
-    g = widen(g, CDTYPE, QUANT) * _scalar(srow, S_GMUL, CDTYPE)
+    g = widen(g, CDTYPE, QUANT)
+    if UNSCALE_GRADS:
+        # A step GradScaler handed its scale leaves the grads unscaled, as torch's fused
+        # step and GradScaler.unscale_ leave them (times unscale_'s fp32 1/scale, rounded
+        # to the grad's dtype; before maximize's sign and any clip, which never write).
+        tl.store(g_ptr + offs, round_to(g * _scalar(srow, S_UNSCALE, CDTYPE), g_ptr.dtype.element_ty),
+                 mask=mask)
+    g = g * _scalar(srow, S_GMUL, CDTYPE)
     p = widen(p, CDTYPE, False)
     w1 = _scalar(srow, S_W1, CDTYPE)
     beta2 = _scalar(srow, S_BETA2, CDTYPE)
@@ -377,7 +385,7 @@ def _program(
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     QUANT: tl.constexpr, QVEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-    FULL: tl.constexpr, PERSISTENT: tl.constexpr,
+    FULL: tl.constexpr, PERSISTENT: tl.constexpr, UNSCALE_GRADS: tl.constexpr,
 ):
     # Two dependent trips before the data loads: block map -> (tensor row, grad pointer,
     # scalar row), all three addressed by the row index.
@@ -436,7 +444,7 @@ def _program(
                 p_full, g_full, m_full, v_full, x_full, w_full, ms_full, vs_full, xs_full,
                 offs, None, BLOCK, srow, start, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                QUANT, False, VEC, PERSISTENT,
+                QUANT, False, VEC, PERSISTENT, UNSCALE_GRADS,
             )
         else:
             # Stochastic rounding and quantized state: the block in a loop of FULL
@@ -454,7 +462,7 @@ def _program(
                     ms_full + cs, vs_full + cs, xs_full + cs,
                     chunk, None, FULL, srow, start + c, key,
                     CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                    QUANT, False, VEC, PERSISTENT,
+                    QUANT, False, VEC, PERSISTENT, UNSCALE_GRADS,
                 )
     else:
         # Tail blocks and misaligned views (FSDP shards, slices): masked, in sub-blocks of
@@ -481,7 +489,7 @@ def _program(
                 _scales(xs_addr, at, VEC, False),
                 sub, sub < left - first, left - first, srow, at, key,
                 CDTYPE, P_DTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR,
-                QUANT, True, VEC, PERSISTENT,
+                QUANT, True, VEC, PERSISTENT, UNSCALE_GRADS,
             )
             first += SUB
 
@@ -510,7 +518,7 @@ def _program_call(
     ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     QUANT: tl.constexpr, QVEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-    FULL: tl.constexpr,
+    FULL: tl.constexpr, UNSCALE_GRADS: tl.constexpr,
 ):
     """One block of a persistent grid; returns the program's next block, or -1 when it is
     done: the caller keeps nothing live across the call. A loop in the caller instead,
@@ -520,7 +528,7 @@ def _program_call(
     1024/2, sm_90, triton 3.9)."""
     _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE, G_DTYPE, CDTYPE,
              S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR, QUANT, QVEC, BLOCK,
-             SUB, FULL, True)
+             SUB, FULL, True, UNSCALE_GRADS)
     nxt = pid + tl.num_programs(0)
     return tl.where(nxt < num_blocks, nxt, -1)
 
@@ -534,6 +542,7 @@ def _adam_kernel(
     DECOUPLED_WD: tl.constexpr, COUPLED_WD: tl.constexpr, SR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, PERSISTENT: tl.constexpr, BLOCK: tl.constexpr,
     SUB: tl.constexpr, FULL: tl.constexpr, QUANT: tl.constexpr = 0, QVEC: tl.constexpr = 0,
+    UNSCALE_GRADS: tl.constexpr = False,
 ):
     skip = False
     if HAS_FOUND_INF:
@@ -552,16 +561,16 @@ def _adam_kernel(
                     pid = _program_call(pid, num_blocks, table_ptr, grads_ptr, scalars_ptr,
                                         block_map_ptr, P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX,
                                         AMSGRAD, MASTER, DECOUPLED_WD, COUPLED_WD, SR, QUANT,
-                                        QVEC, BLOCK, SUB, FULL)
+                                        QVEC, BLOCK, SUB, FULL, UNSCALE_GRADS)
             else:
                 # Unquantized twins keep the program inlined: called, they spilled more
                 # (sm_90, all 26 variants x 9 configs: triton 3.6 4 -> 7 of 234, 3.9 3 -> 4).
                 while pid < num_blocks:
                     _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                              G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                             COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT)
+                             COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, PERSISTENT, UNSCALE_GRADS)
                     pid += tl.num_programs(0)
         else:
             _program(tl.program_id(0), table_ptr, grads_ptr, scalars_ptr, block_map_ptr,
                      P_DTYPE, G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,
-                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, False)
+                     COUPLED_WD, SR, QUANT, QVEC, BLOCK, SUB, FULL, False, UNSCALE_GRADS)

@@ -147,8 +147,10 @@ def persistent_programs(device: torch.device) -> int:
 
 def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax: bool = False,
                       decoupled_wd: bool = False, coupled_wd: bool = False, found_inf: bool = False,
-                      persistent: bool = False) -> dict:
-    """The update kernel's constexpr arguments for one variant (torch dtypes as given)."""
+                      persistent: bool = False, unscale_grads: bool = False) -> dict:
+    """The update kernel's constexpr arguments for one variant (torch dtypes as given);
+    ``unscale_grads``: the step writes the grads back unscaled (GradScaler handed it its
+    scale)."""
     quant = key.quant
     if quant and key.param_dtype == torch.float64:
         raise ValueError("quantized state is for float32, float16 and bfloat16 params")
@@ -179,6 +181,8 @@ def update_constexprs(key: BucketKey, *, block_size: int, num_warps: int, adamax
         # Left out otherwise: the unquantized variants compile (and cache) as before.
         flags["QUANT"] = quant
         flags["QVEC"] = quant_vec(key.param_dtype, key.grad_dtype, key.master, full, num_warps)
+    if unscale_grads:
+        flags["UNSCALE_GRADS"] = True
     return flags
 
 
@@ -267,9 +271,10 @@ def launch_prepare(tables: DeviceTables, *, grad_scale=None, found_inf=None, cli
 
 def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_warps: int,
                   persistent: bool = False, adamax: bool = False, decoupled_wd: bool = False,
-                  coupled_wd: bool = False, found_inf=None, count=True,
+                  coupled_wd: bool = False, found_inf=None, unscale_grads: bool = False, count=True,
                   compile_only: bool = False, fusion=None):
-    """Step every tensor of ``bucket`` with one launch of the update kernel.
+    """Step every tensor of ``bucket`` with one launch of the update kernel
+    (``unscale_grads``: write the grads back unscaled, by the prepare launch's 1/scale).
 
     ``compile_only``: compile this launch's kernel and return it, launching nothing (the
     tuner reads the compiler's report before timing).
@@ -279,7 +284,7 @@ def launch_update(tables: DeviceTables, bucket: Bucket, *, block_size: int, num_
     flags = update_constexprs(
         bucket.key, block_size=block_size, num_warps=num_warps, adamax=adamax,
         decoupled_wd=decoupled_wd, coupled_wd=coupled_wd, found_inf=found_inf is not None,
-        persistent=persistent,
+        persistent=persistent, unscale_grads=unscale_grads,
     )
     flags = tl_flags(flags)
     args = (tables.table, tables.grads, tables.scalars, block_map,

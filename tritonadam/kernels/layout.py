@@ -44,6 +44,7 @@ S_BC2_SQRT = tl.constexpr(6)  # sqrt(1 - beta2**t), or 1
 S_DECAY = tl.constexpr(7)  # 1 - lr * weight_decay (decoupled), or 1
 S_WD = tl.constexpr(8)  # L2 weight decay added to the grad (coupled), or 0
 S_STEP = tl.constexpr(9)  # the step being taken (counts random draws)
+S_UNSCALE = tl.constexpr(10)  # GradScaler's 1/scale (fp32), for the grads a step writes back, or 1
 SCALAR_COLUMNS = tl.constexpr(16)  # padded: rows start on 128-byte boundaries
 
 # Group table (float64), one row per param group, written by the host when values change.

@@ -76,7 +76,9 @@ class StatePolicy:
             idle.append(f"master_weights={self.master_weights!r} changes nothing for these params "
                         "(float32/float64 params are their own master) unless they are cast to "
                         "fp16/bf16 later (model.half() or model.bfloat16() after building the "
-                        "optimizer, which it then follows); otherwise drop it")
+                        "optimizer, which it then follows) or fp16/bf16 params join later "
+                        "(add_param_group, e.g. base layers unfrozen in a LoRA fine-tune: the "
+                        "option is the optimizer's, set when it is built); otherwise drop it")
         if self.stochastic_rounding and not any(self.format_for(d).stochastic for d in dtypes):
             idle.append("stochastic_rounding=True changes nothing for these params (float32 params "
                         "with float32 state, and float64 or complex params, round nothing) unless "
