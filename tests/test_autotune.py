@@ -1385,7 +1385,8 @@ def test_scratch_mix_and_runner(options):
 @pytest.mark.parametrize("algorithm", ["adam", "adamw", "adamax"])
 def test_the_compiler_report_is_of_the_heaviest_launch_the_config_serves(algorithm, monkeypatch):
     """The tuner prunes a candidate by the compiler's report: of the launch with
-    GradScaler's found_inf and L2 weight decay (beside decoupled decay for AdamW), which a
+    GradScaler's found_inf and scale (the grads written back) and L2 weight decay (beside
+    decoupled decay for AdamW), which a
     step may launch with the tuned config, not only the timed launch's flags (with these
     the report was of a variant no step launched: fp32 params, bf16 grads, L2 decay, 4096/8
     persistent, sm_90, clean as timed, 8 bytes of stack as launched)."""
@@ -1408,6 +1409,7 @@ def test_the_compiler_report_is_of_the_heaviest_launch_the_config_serves(algorit
     assert run.compile() == {"registers": 72, "spills": 0, "shared": 0}
     (kw,) = compiled
     assert kw["compile_only"] and kw["found_inf"] is not None and kw["coupled_wd"]
+    assert kw["unscale_grads"]  # GradScaler's step writes the grads back: 25 registers more at 4096/8
     assert kw["decoupled_wd"] == (algorithm == "adamw")
     assert (kw["block_size"], kw["num_warps"], kw["persistent"]) == (4096, 8, True)
     assert kw["adamax"] == (algorithm == "adamax")

@@ -61,8 +61,9 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
     config serves and returns the compiler's report, ``{"registers", "spills",
     "shared"}`` (per thread, per thread, bytes per program), or None where the compiler
     cannot say (Triton's interpreter). A config tuned for ``variant.autotune_key()`` is
-    launched with GradScaler's ``found_inf`` and with L2 weight decay (AdamW's groups
-    beside Adam-style ones in one launch) too, which the timed launch has not: each takes
+    launched with GradScaler's ``found_inf`` and scale (the grads written back unscaled)
+    and with L2 weight decay (AdamW's groups beside Adam-style ones in one launch) too,
+    which the timed launch has not: each takes
     registers, and a candidate that compiled clean as timed spilled with them (fp32 params
     with bf16 grads and L2 decay at 4096/8 persistent, sm_90: 8 bytes of stack, a 2026-12-05
     review). Pruning on the heaviest keeps such a config from being chosen.
@@ -111,7 +112,8 @@ def make_scratch_runner(variant: Variant, *, config, numels: list[int],
         if interpreted():
             return None
         heaviest = dict(flags, coupled_wd=True, decoupled_wd=variant.decoupled)
-        kernel = launch_update(tables, bucket, compile_only=True, found_inf=steps[:1], **heaviest)
+        kernel = launch_update(tables, bucket, compile_only=True, found_inf=steps[:1], unscale_grads=True,
+                               **heaviest)
         kernel._init_handles()  # loads the binary: the driver reports registers and spills
         return {"registers": int(kernel.n_regs), "spills": int(kernel.n_spills),
                 "shared": int(kernel.metadata.shared)}
