@@ -379,7 +379,7 @@ class _TritonAdamBase(Optimizer):
 
         def own_keys(saved_id) -> set:
             p = params.get(saved_id)
-            return set() if p is None else self._policy.format(p).exported_keys(p, self.state.get(p, {}))
+            return set() if p is None else self._policy.format(p).exported_keys(self.state.get(p, {}))
 
         final, error = share_rank0_entries(final, own_keys, error)
         if error is not None:

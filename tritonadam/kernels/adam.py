@@ -564,7 +564,7 @@ def _adam_kernel(
                                         QVEC, BLOCK, SUB, FULL, UNSCALE_GRADS)
             else:
                 # Unquantized twins keep the program inlined: called, they spilled more
-                # (sm_90, all 26 variants x 9 configs: triton 3.6 4 -> 7 of 234, 3.9 3 -> 4).
+                # (sm_90, the 26 dense variants of the time x 9 configs: triton 3.6 4 -> 7 of 234, 3.9 3 -> 4).
                 while pid < num_blocks:
                     _program(pid, table_ptr, grads_ptr, scalars_ptr, block_map_ptr, P_DTYPE,
                              G_DTYPE, CDTYPE, S_DTYPE, ADAMAX, AMSGRAD, MASTER, DECOUPLED_WD,

@@ -200,7 +200,7 @@ class ParamFormat:
             out[REMAINDER_KEY] = remainder.to(torch.int32)
         return out
 
-    def exported_keys(self, p: Tensor, state: dict) -> set[str]:
+    def exported_keys(self, state: dict) -> set[str]:
         """The keys ``export`` gives this param's ``state`` (not an FSDP1 shard's)."""
         keys = set(state)
         if REMAINDER_KEY in state:
