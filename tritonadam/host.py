@@ -205,8 +205,9 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | 
             p, g, *m, t = ([c[i] for i in picked] for c in columns)
             torch_step(algorithm, group, p, g, m, t, fused=fused)
     if scale is not None:
-        # The grads left unscaled, as the kernels and torch's fused step leave them: times
-        # unscale_'s fp32 1/scale, fp16/bf16 ones in fp32 and rounded back.
+        # The grads left unscaled, as the kernels leave them: times unscale_'s fp32 1/scale
+        # (torch's fused step divides: the same for power-of-two scales), fp16/bf16 ones in
+        # fp32 and rounded back.
         for row in rows:
             held = local_tensor(row.param.grad)
             if torch._debug_has_internal_overlap(held) == 1:

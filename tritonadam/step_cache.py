@@ -669,7 +669,8 @@ class StepCache:
     def _unscaled_back(self) -> None:
         """After a step GradScaler handed its scale: the kernels wrote each grad they read
         back unscaled (skipped with the step if ``found_inf`` is set), as torch's fused
-        step does; a grad they read through a copy (another layout, a lazily negated
+        step does (torch's bumps no grad's version counter, nor do the kernels); a grad they
+        read through a copy (another layout, a lazily negated
         view) gets the copy's values. A grad whose elements share memory (an expanded
         tensor, which torch's fused step refuses) keeps its scaled values."""
         for row, read in zip(self._revalidated, self._revalidated_grads):
@@ -682,9 +683,6 @@ class StepCache:
                 continue
             with torch.no_grad():
                 held.copy_(read)  # a skipped step left the copy as it was taken
-        if self.taken:
-            # Written, as far as autograd can tell (torch's fused step marks grads mutated).
-            torch.autograd.graph.increment_version([g for g in self.taken if g is not None])
 
     def _group_pointers(self, device, hypers: list[GroupHyper]) -> tuple:
         """The group pointer table: tensor hyper-parameters are read in place where they
