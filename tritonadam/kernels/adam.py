@@ -228,9 +228,10 @@ def _update(
 
     g = widen(g, CDTYPE, QUANT)
     if UNSCALE_GRADS:
-        # A step GradScaler handed its scale leaves the grads unscaled, as torch's fused
-        # step and GradScaler.unscale_ leave them (times unscale_'s fp32 1/scale, rounded
-        # to the grad's dtype; before maximize's sign and any clip, which never write).
+        # A step GradScaler handed its scale leaves the grads unscaled, as
+        # GradScaler.unscale_ leaves them (times its fp32 1/scale, rounded to the grad's
+        # dtype; torch's fused step, which divides, stores the same bits for power-of-two
+        # scales), before maximize's sign and any clip coefficient, which are never written.
         tl.store(g_ptr + offs, round_to(g * _scalar(srow, S_UNSCALE, CDTYPE), g_ptr.dtype.element_ty),
                  mask=mask)
     g = g * _scalar(srow, S_GMUL, CDTYPE)
