@@ -670,9 +670,9 @@ class StepCache:
         """After a step GradScaler handed its scale: the kernels wrote each grad they read
         back unscaled (skipped with the step if ``found_inf`` is set), as torch's fused
         step does (torch's bumps no grad's version counter, nor do the kernels); a grad they
-        read through a copy (another layout, a lazily negated
-        view) gets the copy's values. A grad whose elements share memory (an expanded
-        tensor, which torch's fused step refuses) keeps its scaled values."""
+        read through a copy (another layout, a lazily negated view) gets the copy's
+        values. A grad whose elements share memory (an expanded tensor, which torch's fused
+        step refuses) keeps its scaled values."""
         for row, read in zip(self._revalidated, self._revalidated_grads):
             grad = row.param.grad
             if grad is None:

@@ -140,12 +140,11 @@ def _prepare_kernel(
     bc2 = _one_minus_power(beta2, t)
     step_size = tl.where(corrected, lr / bc1, lr)
     bc2_sqrt = tl.where(corrected, tl.sqrt(bc2), 1.0)
-    unscale = tl.full([BLOCK], 1.0, tl.float64)
+    unscale = 1.0
     if HAS_GRAD_SCALE:
         # What GradScaler.unscale_ multiplies by: 1/scale in double, rounded to fp32.
-        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
-        gmul = gmul * inv_scale.to(tl.float64)
-        unscale = unscale * inv_scale.to(tl.float64)
+        unscale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(tl.float64)
+        gmul = gmul * unscale
     if HAS_CLIP:
         # Gradient clipping without touching the grads: clip_grad_norm_ left its
         # coefficient in device memory, and every grad element is multiplied by gmul.

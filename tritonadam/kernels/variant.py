@@ -136,8 +136,9 @@ class Variant:
         reads and writes the master and only writes the param; with a remainder it reads
         and writes the param and the remainder. The grad is read (a step GradScaler hands
         its scale also writes it back unscaled: + grad bytes, not counted here; the bench
-        times no GradScaler step); each moment is read and written. Adam (L2 decay) and AdamW move the same bytes, and so does
-        AdaMax (``exp_inf`` instead of ``exp_avg_sq``).
+        times no GradScaler step); each moment is read and written. Adam (L2 decay) and
+        AdamW move the same bytes, and so does AdaMax (``exp_inf`` instead of
+        ``exp_avg_sq``).
         """
         k = self.key
         p, g = k.param_dtype.itemsize, k.grad_dtype.itemsize
