@@ -320,6 +320,47 @@ def test_sigterm_writes_partial_results(tmp_path):
     assert "interrupted" in out
 
 
+def test_a_signal_whose_exception_is_swallowed_still_ends_the_run(tmp_path, capsys, monkeypatch):
+    """SIGTERM can land in code that swallows its exception (a bare ``except:`` in a lazily
+    imported library): the run still stops before the next case and the next timed rep,
+    instead of timing on (it once kept timing a minute after the signal)."""
+    from tritonadam.bench.providers import TorchForLoop
+
+    build = TorchForLoop.build
+    builds = []
+
+    def build_and_swallow(self, *args, **kwargs):
+        builds.append(1)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, between bytecodes
+        except BaseException:  # noqa: BLE001 - what the library in the way does
+            pass
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchForLoop, "build", build_and_swallow)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    before = signal.getsignal(signal.SIGTERM)
+    j = tmp_path / "r.json"
+    rc = main(["--device", "cpu", "--profiles", "one-huge@4K", "--providers", "torch-forloop",
+               "--setups", "fp32,bf16", "--clip", "none", "--no-check", "--min-reps", "2",
+               "--max-reps", "2", "-q", "--out", str(j)])
+    assert rc == 0
+    rep = json.loads(j.read_text())
+    assert rep["interrupted"] is True and "interrupted" in capsys.readouterr().out
+    assert len(builds) == 1  # the second setup's case never started
+    assert all(r.get("device_ms") is None for r in rep["results"])
+    assert signal.getsignal(signal.SIGTERM) is before
+    # The next run in this process starts afresh.
+    monkeypatch.setattr(TorchForLoop, "build", build)
+    rc = main(["--device", "cpu", "--profiles", "one-huge@4K", "--providers", "torch-forloop",
+               "--setups", "fp32", "--clip", "none", "--no-check", "--min-reps", "2",
+               "--max-reps", "2", "-q", "--out", str(j)])
+    rep = json.loads(j.read_text())
+    assert rc == 0 and rep["interrupted"] is False
+    assert [r["status"] for r in rep["results"]] == ["ok"]
+
+
 # ----------------------------------------------------------------- in-process CLI parts
 
 @pytest.mark.parametrize("args,message", [

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -586,7 +585,8 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
 
     from .providers import HyperParams
     from .report import collect_header
-    from .runner import Interrupted, Options, run, stderr_progress
+    from .interrupt import stop_on_sigterm
+    from .runner import Options, run, stderr_progress
     from .workloads import make_workload
 
     tcfg = _timing_config(args, parser, cpu)
@@ -630,14 +630,10 @@ def _main(argv: list[str] | None, allow_reexec: bool) -> int:
     # Every finished case rewrites the --out files: a run killed later keeps what it measured.
     opts.on_row = lambda runner: _write_files(report_of(runner, final=False), args)
 
-    def on_term(signum, frame):
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGTERM, on_term)
     try:
-        runner = run(opts)
+        with stop_on_sigterm():
+            runner = run(opts)
     finally:
-        signal.signal(signal.SIGTERM, old)
         if progress is not None:
             progress.done()
     report = report_of(runner, final=True)

@@ -25,6 +25,7 @@ import torch
 
 from . import check as checkmod
 from . import tuning
+from .interrupt import Interrupted, stop_if_requested
 from .providers import (PROVIDERS, HyperParams, built_traffic, observed_layout, state_bytes,
                         tritonadam_held, with_clip)
 from .timing import (FIGURES, FLUSH_BYTES, GpuMonitor, GradFeed, Subject, Timer, TimingConfig,
@@ -49,11 +50,6 @@ def phase_of(case: Case) -> int:
     if case.provider in SLOW_PROVIDERS:
         return PHASE_SLOW
     return {"first-use": PHASE_FIRST_USE, "fixed": PHASE_SWEEP}.get(case.variant, PHASE_MAIN)
-
-
-class Interrupted(BaseException):
-    """Raised from a signal handler: stop starting cases, report what is done. Not an
-    Exception, so that code which turns errors into fallbacks (the tuner) lets it through."""
 
 
 @dataclass
@@ -327,6 +323,7 @@ class Runner:
             batches = self.batches(cases)
             done = 0
             for batch in batches:
+                stop_if_requested()
                 self.run_batch(batch, done, len(cases))
                 done += len(batch)
                 if o.on_row:
@@ -397,6 +394,7 @@ class Runner:
                     elif self._out_of_time():
                         entry.update(result="skipped", reason="time budget spent (--time-budget)")
                     else:
+                        stop_if_requested()
                         what = f"{pname} clip + step" if clip is not None else pname
                         self._progress(f"check {what} {sname} on {o.check_workload.name}")
                         self._check_one(entry, prov, s, clip)
@@ -620,6 +618,7 @@ class Runner:
         try:
             for k, case in enumerate(batch):
                 tag = f"[{done + k + 1}/{total}] {case_name(case)}"
+                stop_if_requested()
                 if self._out_of_time():
                     rows.append(self._skip_row(case, "time budget spent (--time-budget)"))
                     continue
@@ -664,6 +663,7 @@ class Runner:
     def _guarded(self, t: _Timed, fn, *args) -> bool:
         """``fn(*args)`` for one case; an error ends that case (its row says why), not the run."""
         try:
+            stop_if_requested()
             fn(*args)
             return True
         except (Interrupted, KeyboardInterrupt):

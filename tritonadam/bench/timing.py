@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from .interrupt import stop_if_requested
+
 FLUSH_BYTES = 256 * 1024 * 1024
 #: sleep before a timed step: this many times the case's host time, plus SLEEP_PAD_MS
 SLEEP_FACTOR = 1.5
@@ -248,6 +250,7 @@ class Timer:
 
     # ---------------------------------------------------------------- single reps
     def host_rep(self, s: Subject) -> float:
+        stop_if_requested()
         s.fresh_grads()
         self.sync()
         t0 = _now()
@@ -256,6 +259,7 @@ class Timer:
 
     def device_rep(self, s: Subject) -> tuple[float | None, float]:
         """(device ms or None when the sleep ran out, host ms of the call)."""
+        stop_if_requested()
         s.fresh_grads()
         if not self.cuda:
             t0 = _now()
@@ -322,6 +326,7 @@ class Timer:
         for _ in range(max(0, min(100, int(cfg.warmup_ms / est)) - 2)):
             if deadline is not None and time.monotonic() > deadline:
                 break
+            stop_if_requested()
             s.fresh_grads()
             s.step()
         self.sync()
