@@ -31,7 +31,7 @@ from .differentiable import torch_step
 from .kernels.layout import CLIP_COEF
 from .kernels.variant import Master
 from .state import LOW_PRECISION, MASTER_KEY, REMAINDER_KEY, DenseMoments, ParamFormat, join_master, split_master
-from .tensors import local_tensor
+from .tensors import local_tensor, overlaps_itself
 
 __all__ = ["HostRow", "check_format", "check_options", "mixed_clip_error", "step"]
 
@@ -210,7 +210,7 @@ def _step_rows(algorithm: str, group: dict, rows: list[HostRow], scale: tuple | 
         # fp32 and rounded back.
         for row in rows:
             held = local_tensor(row.param.grad)
-            if torch._debug_has_internal_overlap(held) == 1:
+            if overlaps_itself(held):
                 continue
             if held.dtype in LOW_PRECISION:
                 held.copy_(held.float() * scale[1])

@@ -30,7 +30,7 @@ from .kernels import Bucket, BucketKey, DeviceTables, Variant, device_guard, lau
 from .kernels.launch import fp_fusion, norm_config, norm_max_chunks
 from .kernels.plan import NormPlan, group_pointer_row
 from .kernels.scratch import make_scratch_runner, scaled_mix
-from .tensors import GRAD, LOCAL, as_real, local_tensor, on_device
+from .tensors import GRAD, LOCAL, as_real, local_tensor, on_device, overlaps_itself
 from .validate import check_grad
 
 __all__ = ["DeviceLaunches", "Row", "StepCache", "param_meta"]
@@ -679,7 +679,7 @@ class StepCache:
                 continue
             held = local_tensor(grad)
             if (read.data_ptr() == held.data_ptr() and read.stride() == held.stride()) \
-                    or read.shape != held.shape or torch._debug_has_internal_overlap(held) == 1:
+                    or read.shape != held.shape or overlaps_itself(held):
                 continue
             with torch.no_grad():
                 held.copy_(read)  # a skipped step left the copy as it was taken

@@ -120,6 +120,13 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def overlaps_itself(t: Tensor) -> bool:
+    """True when two of ``t``'s elements are one memory location (``x.expand(...)``): a
+    write through it lands twice. torch's own test for in-place ops (its answer "too hard
+    to tell", for odd strides, counts as no, as torch treats it)."""
+    return torch._debug_has_internal_overlap(t) == 1
+
+
 def same_layout(a: Tensor, b: Tensor) -> bool:
     """Same memory order for every element (strides of size-1 dims do not matter)."""
     if a.numel() <= 1:

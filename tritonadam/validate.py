@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 from .kernels.launch import interpreted
-from .tensors import addressable, is_dense, local_tensor, placed_unlike, same_layout, storage_problem
+from .tensors import (
+    addressable, is_dense, local_tensor, overlaps_itself, placed_unlike, same_layout, storage_problem,
+)
 
 __all__ = ["COMPLEX_DTYPES", "PARAM_DTYPES", "check_grad", "check_grad_dtype", "host_stepped"]
 
@@ -104,7 +106,7 @@ def check_grad(name: str, p: Tensor, g: Tensor, fused: bool | None = None) -> Te
     # The kernels write each element once through its address: a param whose elements
     # share memory (``x.expand(...)``) would fail only in the copy back, after every other
     # param and all state had been stepped. torch's words, before anything is written.
-    if torch._debug_has_internal_overlap(lp) == 1:
+    if overlaps_itself(lp):
         raise RuntimeError(
             f"tritonadam.{name}: unsupported operation: more than one element of the written-to "
             "tensor refers to a single memory location. Please clone() the tensor before "
