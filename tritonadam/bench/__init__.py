@@ -4,8 +4,9 @@ Modules: ``workloads`` (dtype setups, the other providers' byte formulas, shape 
 ``providers`` (the optimizers compared; tritonadam's bytes from ``tritonadam.state.variant``),
 ``check`` (float64 reference, quantized moments emulated), ``timing`` (events, flushes,
 launch counts), ``tuning`` (launch-config sweeps and first-use tuning: config lists,
-ranking), ``runner`` (the loop over cases), ``report`` (header, roofline, goals, table/md/
-csv/json/summary/plot). Data flows workloads/providers -> runner -> report; nothing imports
+ranking), ``runner`` (the loop over cases), ``interrupt`` (SIGTERM ends a run between
+cases and reps; the finished ones are reported), ``report`` (header, roofline, goals,
+table/md/csv/json/summary/plot). Data flows workloads/providers -> runner -> report; nothing imports
 back. Importing this package imports neither torch nor triton.
 
 Beside them, the bench's tools: ``host_time`` (``python -m tritonadam.bench.host_time``: the
