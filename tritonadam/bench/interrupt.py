@@ -1,7 +1,7 @@
 """Ending a bench run on SIGTERM (Ctrl-C is Python's KeyboardInterrupt, handled alike).
 
 The handler raises ``Interrupted`` wherever the main thread is, and also sets a flag that
-the runner tests before each case and the timer before each rep. The exception alone is not
+the runner tests before each case and check and the timer before each rep. The exception alone is not
 enough: the signal can land in code that swallows it (a library's bare ``except:`` during a
 lazy import, a ``__del__``), and the run then went on timing every rep it was given (the
 CLI test that signals a run once saw it still timing a minute after SIGTERM).

@@ -323,7 +323,6 @@ class Runner:
             batches = self.batches(cases)
             done = 0
             for batch in batches:
-                stop_if_requested()
                 self.run_batch(batch, done, len(cases))
                 done += len(batch)
                 if o.on_row:
